@@ -1,1 +1,39 @@
+"""hf_longmem: memory methods for LLMs as Hugging Face transformers components.
 
+Importing the package registers the ``hf_longmem`` attention functions with transformers (cheap, idempotent).
+"""
+
+from hf_longmem.attention import enable_longmem_attention, register_attention
+from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
+from hf_longmem.cache_classes.full import FullCache
+from hf_longmem.cache_classes.streaming import StreamingCache
+from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
+
+__version__ = "0.1.0"
+
+register_attention()
+register_cache("full", FullCache, summary="no compression (transformers DynamicCache)")
+register_cache("streaming", StreamingCache, summary="StreamingLLM: attention sinks + recent window")
+
+
+def load_default_model(*args, **kwargs):
+    """The embedded tiny long-context model and its tokenizer: ``(model, tokenizer)``."""
+    from hf_longmem.default_model import load_default_model as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = [
+    "CompressedLayer",
+    "FullCache",
+    "LongMemCache",
+    "StreamingCache",
+    "available_caches",
+    "cache_memory_bytes",
+    "enable_longmem_attention",
+    "get_cache_spec",
+    "load_default_model",
+    "make_cache",
+    "register_attention",
+    "register_cache",
+]

@@ -1,0 +1,297 @@
+"""Shared machinery of the hf_longmem caches.
+
+Every compressing method is a :class:`CompressedLayer` subclass inside a :class:`LongMemCache`. The layer keeps the
+transformers 5.x cache contract for caches that hold fewer tokens than they have seen:
+
+* ``get_seq_length()`` is the number of tokens SEEN (pads included, as the attention mask counts them); the stored
+  length may be smaller. ``get_mask_sizes(q)`` returns ``(stored + q, seen - stored)``: the stored tokens play the
+  role of the last ``stored`` columns of the 2-D attention mask.
+* ``update()`` returns the K/V this step attends to (everything stored plus the new tokens, so a step is exact) and
+  then compresses only what it stores. RoPE positions stay the true ones (``generate`` derives them from the
+  attention mask, not from the cache size) unless a method re-rotates on purpose.
+* Left padding is handled row by row: a row never keeps a pad in place of a real token. A row that has fewer real
+  tokens than the stored length keeps its last ``stored`` columns unchanged (pads included, and the mask hides
+  them); a row with more real tokens is compressed among its real tokens only, so every stored slot of it is real.
+  Either way slot ``j`` lines up with mask column ``seen - stored + j``, so HF's own mask stays correct and a row of
+  a padded batch gives what the row alone gives.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
+
+
+def _tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One attention layer of a cache that may hold fewer tokens than it has seen.
+
+    Stored state (all per row, so beam search and batch selection keep them aligned):
+
+    * ``keys``/``values``: ``[batch, kv_heads, stored, head_dim]``;
+    * ``positions``: ``[batch, kv_heads, stored]`` int32 true position of each slot, ``PAD_POSITION`` for a pad slot
+      (per head, since methods may keep different tokens per KV head);
+    * ``real_seen``: ``[batch]`` number of real (non-pad) tokens each row has seen.
+
+    Subclasses implement :meth:`select` (which slots to keep) or override :meth:`compress` entirely.
+    """
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+    #: Per-batch tensors that beam search / batch selection must reorder (subclasses extend the tuple).
+    batch_state: tuple[str, ...] = ("keys", "values", "positions", "real_seen")
+
+    def __init__(self):
+        super().__init__()
+        self.cumulative_length = 0  # tokens seen, pads included (name shared with transformers' reset())
+        self.positions: torch.Tensor | None = None
+        self.real_seen: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------- contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
+        self.values = value_states.new_zeros(batch, value_states.shape[1], 0, value_states.shape[-1])
+        self.positions = torch.zeros(batch, heads, 0, dtype=torch.int32, device=self.device)
+        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends ``[batch, kv_heads, q, head_dim]`` states, returns what this step attends to, then compresses."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, _, num_new, _ = key_states.shape
+        attn_kwargs = kwargs.get("kwargs") or {}
+        new_positions = new_token_positions(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
+        real_before = self.real_seen
+        self.real_seen = real_before + (new_positions != PAD_POSITION).sum(1)
+        self.cumulative_length += num_new
+
+        keys_view = self.keys_for_attention(self.keys, self.positions, real_before)
+        attend_keys = torch.cat((keys_view, key_states), dim=-2)
+        all_keys = attend_keys if keys_view is self.keys else torch.cat((self.keys, key_states), dim=-2)
+        all_values = torch.cat((self.values, value_states), dim=-2)
+        new_positions = new_positions.to(torch.int32)[:, None, :].expand(-1, key_states.shape[1], -1)
+        all_positions = torch.cat((self.positions, new_positions), dim=-1)
+        self.keys, self.values, self.positions = self.compress(all_keys, all_values, all_positions)
+        return attend_keys, all_values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_stored_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.get_stored_length()
+        return stored + query_length, self.cumulative_length - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def memory_bytes(self) -> int:
+        """Bytes really held: keys, values and per-slot metadata."""
+        return sum(_tensor_bytes(getattr(self, name, None)) for name in self.batch_state)
+
+    # ------------------------------------------------------------------------------------------ compression
+    def keys_for_attention(
+        self, keys: torch.Tensor, positions: torch.Tensor, real_before: torch.Tensor
+    ) -> torch.Tensor:
+        """The stored keys as this step's queries should see them (identity unless a method re-rotates)."""
+        return keys
+
+    def compress(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chooses what to store after this step.
+
+        Args:
+            keys, values: ``[batch, kv_heads, n, head_dim]`` stored + new states.
+            positions: ``[batch, kv_heads, n]`` true positions, ``PAD_POSITION`` for pads (pads are always left of
+                reals, and the same in every head).
+
+        Returns:
+            The stored ``(keys, values, positions)``.
+        """
+        n = keys.shape[-2]
+        target = self.target_length(n)
+        if target >= n:
+            return keys, values, positions
+        real = (positions[:, 0] != PAD_POSITION).sum(-1)  # [b]
+        first_real = n - real
+        index = self.select(keys, values, positions, target, first_real)  # [b, S] or [b, h, S], ascending
+        # Rows with no more real tokens than slots keep their last `target` columns (pads stay masked).
+        tail = torch.arange(n - target, n, device=keys.device)
+        short = (real <= target).view(-1, *([1] * (index.ndim - 1)))
+        index = torch.where(short, tail.expand_as(index), index)
+        return gather_slots(keys, values, positions, index)
+
+    def target_length(self, num_tokens: int) -> int:
+        """How many slots to keep out of ``num_tokens`` (stored + new)."""
+        raise NotImplementedError
+
+    def select(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        target: int,
+        first_real: torch.Tensor,
+    ) -> torch.Tensor:
+        """Indices of the slots to keep, ascending: ``[batch, target]`` (all heads) or ``[batch, kv_heads, target]``.
+
+        Only rows with more than ``target`` real tokens use the result; their real tokens are the columns
+        ``first_real[b]:`` and the indices must stay within them.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ batch operations
+    def _map_batch_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        for name in self.batch_state:
+            tensor = getattr(self, name, None)
+            if isinstance(tensor, torch.Tensor):
+                setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch_state(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = self.real_seen = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} drops tokens and cannot be cropped; copy the cache (copy.deepcopy) to roll back"
+        )
+
+    def offload(self):
+        self._map_batch_state(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized:
+            self._map_batch_state(lambda t: t.to(self.device, non_blocking=True))
+
+
+def gather_slots(
+    keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keeps the slots ``index``: ``[batch, S]`` (the same slots in every head) or ``[batch, kv_heads, S]``.
+
+    Args:
+        keys, values: ``[batch, kv_heads, n, head_dim]``.
+        positions: ``[batch, kv_heads, n]``.
+
+    Returns:
+        ``keys``/``values`` ``[batch, kv_heads, S, head_dim]`` and ``positions`` ``[batch, kv_heads, S]``.
+    """
+    batch, heads = keys.shape[:2]
+    if index.ndim == 2:
+        index = index[:, None, :].expand(batch, heads, -1)
+    key_index = index[..., None].expand(-1, -1, -1, keys.shape[-1])
+    value_index = index[..., None].expand(-1, -1, -1, values.shape[-1])
+    return keys.gather(2, key_index), values.gather(2, value_index), positions.gather(2, index)
+
+
+class LongMemCache(Cache):
+    """A transformers ``Cache`` whose attention layers are hf_longmem layers.
+
+    Args:
+        layer_factory: builds one compressed layer (called once per full-attention layer).
+        config: the model config. With it, layers are laid out from ``config.layer_types``: full-attention layers
+            are compressed, sliding-window layers keep transformers' own sliding layer (they are bounded already).
+            Without it, layers are created on first use and every layer is compressed.
+    """
+
+    def __init__(self, layer_factory: Callable[[], CacheLayerMixin], config=None):
+        if config is None:
+            super().__init__(layer_class_to_replicate=layer_factory)
+        else:
+            super().__init__(layers=build_layers(layer_factory, config))
+
+    def memory_bytes(self) -> int:
+        """Bytes held by every layer (keys, values, indices and metadata)."""
+        return sum(layer_memory_bytes(layer) for layer in self.layers)
+
+    def get_stored_length(self, layer_idx: int = 0) -> int:
+        """Tokens stored (not seen) in ``layer_idx``."""
+        if layer_idx >= len(self.layers):
+            return 0
+        layer = self.layers[layer_idx]
+        if hasattr(layer, "get_stored_length"):
+            return layer.get_stored_length()
+        return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
+
+
+def layer_memory_bytes(layer) -> int:
+    if hasattr(layer, "memory_bytes"):
+        return layer.memory_bytes()
+    if not getattr(layer, "is_initialized", False):
+        return 0
+    return _tensor_bytes(getattr(layer, "keys", None)) + _tensor_bytes(getattr(layer, "values", None))
+
+
+def build_layers(layer_factory: Callable[[], CacheLayerMixin], config) -> list[CacheLayerMixin]:
+    """One layer per decoder layer of ``config``: ``layer_factory()`` for full attention, HF's sliding layer else."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    layers: list[CacheLayerMixin] = []
+    for layer_type, kwargs in zip(layer_types, layer_kwargs):
+        if layer_type == "full_attention":
+            layers.append(layer_factory())
+        elif layer_type == "sliding_attention":
+            layers.append(DynamicSlidingWindowLayer(**kwargs))
+        else:
+            raise ValueError(
+                f"unsupported model: hf_longmem caches handle full and sliding-window attention layers, "
+                f"this config has a {layer_type!r} layer"
+            )
+    return layers
+
+
+def cache_memory_bytes(cache: Cache) -> int:
+    """Bytes held by any transformers cache (ours report their own, others are summed from their tensors)."""
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    return sum(layer_memory_bytes(layer) for layer in cache.layers)
+
+
+def check_options(cls: type, options: dict) -> None:
+    """Raises ``ValueError`` naming any option ``cls.__init__`` does not take."""
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [name for name in params if name not in ("self", "args", "kwargs")]
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; accepted: {accepted}")
+
+
+__all__ = [
+    "CompressedLayer",
+    "LongMemCache",
+    "build_layers",
+    "cache_memory_bytes",
+    "check_options",
+    "gather_slots",
+]

@@ -1,0 +1,111 @@
+"""StreamingLLM (Xiao et al., 2023): attention sinks + a recent window.
+
+Keeps the first ``sink_size`` real tokens of each row (the "attention sinks") and the most recent
+``budget - sink_size`` tokens; everything in between is evicted. One decision for all layers and heads.
+
+Positions. ``position_mode="true"`` (default) keeps every token at its original RoPE position, which needs no
+knowledge of the model's RoPE and makes a full budget identical to ``DynamicCache``. ``position_mode="shift"`` is
+the paper's scheme: positions are those *inside the cache*, so the kept tokens sit at contiguous positions right
+before the query, and no relative distance ever exceeds the budget — what lets a model run past its training
+length. The paper caches keys before RoPE and rotates them at every step; HF models hand the cache post-RoPE keys,
+so we re-rotate them by the position delta instead (RoPE rotations compose, the result is the same up to float
+rounding). Until the first eviction the deltas are zero and both modes are bit-identical.
+
+Budget semantics: between steps each layer stores at most ``budget`` tokens; a step attends to those plus its new
+tokens (a long prompt is prefilled with exact attention, then compressed), as transformers' sliding-window layer
+does. The paper's ``evict_for_space`` keeps ``budget`` including the new token; ours keeps one more during a decode
+step, which is what makes ``budget >= length`` exactly the full cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.memory.rope import RotaryShift
+
+from .base import CompressedLayer, LongMemCache
+
+POSITION_MODES = ("true", "shift")
+
+
+class StreamingLayer(CompressedLayer):
+    """Sinks + recent-window layer. See :class:`StreamingCache`."""
+
+    def __init__(self, budget: int, sink_size: int = 4, rotary: RotaryShift | None = None):
+        super().__init__()
+        self.budget = budget
+        self.sink_size = sink_size
+        self.rotary = rotary  # set => position shift
+        self._evicted = False
+
+    def target_length(self, num_tokens: int) -> int:
+        return min(self.budget, num_tokens)
+
+    def select(self, keys, values, positions, target, first_real):
+        """``[batch, target]``: the first ``sink_size`` real columns, then the last ``target - sink_size``."""
+        n = keys.shape[-2]
+        device = keys.device
+        sinks = first_real[:, None] + torch.arange(self.sink_size, device=device)  # [b, sink]
+        recent = torch.arange(n - (target - self.sink_size), n, device=device).expand(first_real.shape[0], -1)
+        self._evicted = True
+        return torch.cat((sinks, recent), dim=1)
+
+    def keys_for_attention(self, keys, positions, real_before):
+        if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
+            return keys
+        stored = keys.shape[-2]
+        # Slot j is moved to position real_before - stored + j: contiguous, right before the first new token.
+        target = real_before[:, None, None] - stored + torch.arange(stored, device=keys.device)
+        delta = torch.where(positions == PAD_POSITION, torch.zeros_like(target), target - positions.long())
+        return self.rotary.rotate(keys, delta)
+
+    def reset(self) -> None:
+        super().reset()
+        self._evicted = False
+
+
+class StreamingCache(LongMemCache):
+    """StreamingLLM cache: ``sink_size`` attention sinks + the most recent tokens, ``budget`` tokens in all.
+
+    Args:
+        budget: tokens stored per layer between steps (sinks included). Must exceed ``sink_size``.
+        sink_size: number of initial tokens kept as attention sinks (paper default 4).
+        position_mode: ``"true"`` (original positions) or ``"shift"`` (the paper's positions inside the cache;
+            needs ``rotary`` or a RoPE ``config``).
+        config: the model config; lays out sliding-window layers and provides RoPE for ``"shift"``.
+        rotary: an explicit :class:`RotaryShift` (``make_cache`` passes the model's own).
+
+    Example::
+
+        cache = StreamingCache(budget=256, sink_size=4)
+        model.generate(input_ids, cache=cache, max_new_tokens=64)
+    """
+
+    def __init__(
+        self,
+        budget: int = 256,
+        sink_size: int = 4,
+        position_mode: str = "true",
+        config=None,
+        rotary: RotaryShift | None = None,
+    ):
+        if not isinstance(sink_size, int) or sink_size < 0:
+            raise ValueError(f"`sink_size` must be a non-negative int, got {sink_size!r}")
+        if not isinstance(budget, int) or budget <= sink_size:
+            raise ValueError(f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
+        if position_mode == "shift" and rotary is None:
+            if config is None:
+                raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
+            rotary = RotaryShift.from_config(config)
+        self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
+        shift = rotary if position_mode == "shift" else None
+        super().__init__(lambda: StreamingLayer(budget, sink_size, shift), config=config)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> StreamingCache:
+        if kwargs.get("position_mode") == "shift" and "rotary" not in kwargs:
+            kwargs["rotary"] = RotaryShift.from_model(model)
+        return cls(config=model.config, **kwargs)

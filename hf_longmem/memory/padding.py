@@ -1,0 +1,51 @@
+"""Telling pad tokens from real tokens inside a cache layer.
+
+A cache layer only sees ``position_ids`` (generate builds them as ``attention_mask.cumsum(-1) - 1`` with pads set
+to 1). With left padding, the real tokens of a row are the trailing run of consecutive positions that continues
+the row's real-token count; everything before that run is padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD_POSITION = -1
+
+
+def new_token_positions(
+    position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
+) -> torch.Tensor:
+    """Returns the true position of each new token, ``PAD_POSITION`` for pads.
+
+    Args:
+        position_ids: ``[batch or 1, num_new]`` positions the model uses for the new tokens, or ``None`` (then no row
+            is padded and positions continue ``real_seen``).
+        real_seen: ``[batch]`` number of real (non-pad) tokens each row has seen before this step.
+        num_new: number of new tokens (the query length).
+        batch_size: batch size of the key states.
+
+    Returns:
+        ``[batch, num_new]`` int64 positions, ``PAD_POSITION`` where the token is a pad.
+
+    Raises:
+        ValueError: if a row has pads after real tokens (right padding), which a compressed cache cannot tell apart
+            from content.
+    """
+    device = real_seen.device
+    steps = torch.arange(num_new, device=device)
+    if position_ids is None:
+        return real_seen[:, None] + steps
+    pos = position_ids.to(device=device, dtype=torch.long).expand(batch_size, num_new)
+    # Length of the trailing run of +1 steps: consecutive[j] says pos[j+1] == pos[j] + 1.
+    consecutive = pos[:, 1:] - pos[:, :-1] == 1
+    ones = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+    run = torch.cat((consecutive, ones), dim=1).flip(1).to(torch.long).cumprod(1).sum(1)  # [b], >= 1
+    first = pos.gather(1, (num_new - run)[:, None]).squeeze(1)
+    num_real = torch.where(first == real_seen, run, torch.zeros_like(run))
+    if bool(((real_seen > 0) & (num_real < num_new)).any()):
+        raise ValueError(
+            "position_ids show pad tokens after real tokens (right padding or non-contiguous positions); "
+            "hf_longmem caches need left padding (tokenizer.padding_side='left'), as `generate` uses"
+        )
+    is_real = steps[None, :] >= (num_new - num_real)[:, None]
+    return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION))

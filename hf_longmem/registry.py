@@ -1,0 +1,80 @@
+"""Name -> cache class registry: ``make_cache("streaming", model, budget=256)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import Cache, PretrainedConfig, PreTrainedModel
+
+from hf_longmem.attention import enable_longmem_attention
+from hf_longmem.cache_classes.base import check_options
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A registered cache method.
+
+    Attributes:
+        name: registry name.
+        cls: the ``Cache`` subclass; takes its options plus ``config=`` and may define ``from_model(model, **opts)``.
+        needs_attention: the method reads queries/scores in hf_longmem's attention function.
+        summary: one line for ``--help`` and tables.
+    """
+
+    name: str
+    cls: type
+    needs_attention: bool = False
+    summary: str = ""
+
+
+_REGISTRY: dict[str, CacheSpec] = {}
+
+
+def register_cache(name: str, cls: type, *, needs_attention: bool = False, summary: str = "") -> None:
+    """Adds a cache method under ``name`` (replacing any previous one of that name)."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"`name` must be a non-empty identifier, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Cache)):
+        raise ValueError(f"`cls` must be a transformers Cache subclass, got {cls!r}")
+    _REGISTRY[name] = CacheSpec(name, cls, needs_attention, summary)
+
+
+def available_caches() -> list[str]:
+    """Names of the finished cache methods, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_cache_spec(name: str) -> CacheSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown cache {name!r}; available: {', '.join(available_caches())}") from None
+
+
+def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | None = None, **options) -> Cache:
+    """Builds a fresh cache of method ``name`` for a model.
+
+    Args:
+        name: a name from :func:`available_caches`.
+        model_or_config: the model (preferred: its layer layout and RoPE are read, and methods that need queries
+            get hf_longmem attention switched on) or just its config.
+        **options: the method's options (e.g. ``budget=256``); unknown options raise ``ValueError``.
+
+    Returns:
+        A ``transformers.Cache`` to pass as ``model.generate(..., cache=cache)``. Build a new one per generation.
+    """
+    spec = get_cache_spec(name)
+    check_options(spec.cls, options)
+    if "config" in options:
+        raise ValueError("pass the model or config as `model_or_config`, not as `config=`")
+    if isinstance(model_or_config, PreTrainedModel):
+        if spec.needs_attention:
+            enable_longmem_attention(model_or_config)
+        if hasattr(spec.cls, "from_model"):
+            return spec.cls.from_model(model_or_config, **options)
+        return spec.cls(config=model_or_config.config, **options)
+    if model_or_config is not None and not isinstance(model_or_config, PretrainedConfig):
+        raise ValueError(
+            f"`model_or_config` must be a transformers PreTrainedModel or PretrainedConfig, got {type(model_or_config).__name__}"
+        )
+    return spec.cls(config=model_or_config, **options)
