@@ -42,10 +42,13 @@ def new_token_positions(
     run = torch.cat((consecutive, ones), dim=1).flip(1).to(torch.long).cumprod(1).sum(1)  # [b], >= 1
     first = pos.gather(1, (num_new - run)[:, None]).squeeze(1)
     num_real = torch.where(first == real_seen, run, torch.zeros_like(run))
-    if bool(((real_seen > 0) & (num_real < num_new)).any()):
-        raise ValueError(
-            "position_ids show pad tokens after real tokens (right padding or non-contiguous positions); "
-            "hf_longmem caches need left padding (tokenizer.padding_side='left'), as `generate` uses"
-        )
     is_real = steps[None, :] >= (num_new - num_real)[:, None]
+    # Pads come before any real token of the row and carry a fill position (generate uses 1, clamped cumsums 0).
+    bad_pad = ~is_real & ((real_seen[:, None] > 0) | (pos > 1))
+    if bool(bad_pad.any()):
+        raise ValueError(
+            "position_ids do not look like left padding (pads after real tokens, or positions that do not continue "
+            "the tokens seen); hf_longmem caches need left padding (tokenizer.padding_side='left'), as `generate` "
+            "uses, and position_ids that count the real tokens of each row"
+        )
     return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION))

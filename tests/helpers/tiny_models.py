@@ -44,6 +44,7 @@ def tiny_model(shape: str = "llama_gqa", attn_impl: str = "sdpa", seed: int = 0,
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.2)
+    model.generation_config.eos_token_id = None  # fixed-length generations compare step by step
     return model.eval()
 
 

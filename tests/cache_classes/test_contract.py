@@ -1,0 +1,158 @@
+"""The cache contract of DESIGN.md, checked on every shipped compressing cache (full budget, padding, beams...)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_longmem import make_cache
+from tests.helpers.reference import greedy
+from tests.helpers.tiny_models import random_ids, tiny_model
+
+# name -> options at a budget that holds every token of these tests (prompt <= 40, + 12 new)
+FULL_BUDGET = {
+    "full": {},
+    "streaming": {"budget": 64, "sink_size": 4},
+    "streaming_shift": {"budget": 64, "sink_size": 4, "position_mode": "shift"},
+}
+SMALL_BUDGET = {
+    "streaming": {"budget": 12, "sink_size": 4},
+    "streaming_shift": {"budget": 12, "sink_size": 4, "position_mode": "shift"},
+}
+
+
+def build(label: str, model, options: dict):
+    return make_cache(label.split("_")[0], model, **options)
+
+
+@pytest.mark.parametrize("label", sorted(FULL_BUDGET))
+def test_full_budget_equals_dynamic_cache(label, shape_name, attn_impl):
+    model = tiny_model(shape_name, attn_impl)
+    ids = random_ids(1, 40)
+    ref_seq, ref_logits = greedy(model, ids, DynamicCache(config=model.config))
+    cache = build(label, model, FULL_BUDGET[label])
+    seq, logits = greedy(model, ids, cache)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == seq.shape[1] - 1
+
+
+@pytest.mark.parametrize("label", sorted(FULL_BUDGET))
+def test_chunked_prefill_and_continuation_at_full_budget(label):
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 30)
+    ref_cache = DynamicCache(config=model.config)
+    ref_seq, ref_logits = greedy(model, ids, ref_cache, prefill_chunk_size=8)
+    cache = build(label, model, FULL_BUDGET[label])
+    seq, logits = greedy(model, ids, cache, prefill_chunk_size=8)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    # Multi-turn: the full history plus a new turn, generated on the same cache.
+    turn = torch.cat((seq, random_ids(1, 5, seed=3)), dim=1)
+    ref2, _ = greedy(model, turn, ref_cache, max_new_tokens=6)
+    seq2, _ = greedy(model, turn, cache, max_new_tokens=6)
+    assert torch.equal(seq2, ref2)
+
+
+@pytest.mark.parametrize("label", sorted(SMALL_BUDGET) + ["full"])
+@pytest.mark.parametrize("budget_case", ["evicting", "holding"])
+def test_left_padded_batch_equals_rows_alone(label, budget_case, attn_impl):
+    model = tiny_model("llama_gqa", attn_impl)
+    long_row, short_row = random_ids(1, 30, seed=1), random_ids(1, 9, seed=2)
+    pad = torch.zeros(1, 21, dtype=torch.long)
+    batch = torch.cat((long_row, torch.cat((pad, short_row), dim=1)))
+    mask = torch.cat((torch.ones(1, 30), torch.cat((torch.zeros(1, 21), torch.ones(1, 9)), dim=1))).long()
+    options = dict(SMALL_BUDGET.get(label, {}))
+    if budget_case == "holding" and options:
+        options["budget"] = 64
+    seq, logits = greedy(model, batch, build(label, model, options), attention_mask=mask, pad_token_id=0)
+    for row, ids in enumerate((long_row, short_row)):
+        row_seq, row_logits = greedy(model, ids, build(label, model, options))
+        assert torch.equal(seq[row, 30:], row_seq[0, ids.shape[1]:])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
+def test_pads_are_never_kept_when_evicting(label):
+    model = tiny_model("llama_gqa")
+    batch = torch.cat((random_ids(1, 30, seed=1), torch.cat((torch.zeros(1, 10, dtype=torch.long), random_ids(1, 20)), 1)))
+    mask = (batch != 0).long()
+    cache = build(label, model, SMALL_BUDGET[label])
+    greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == SMALL_BUDGET[label]["budget"]
+        assert (layer.positions >= 0).all()
+        # the short row keeps its first real tokens as sinks (true positions 0..3)
+        assert layer.positions[1, 0, :4].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("label", sorted(FULL_BUDGET))
+def test_beam_search_at_full_budget_equals_dynamic(label):
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 20)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    out = model.generate(ids, cache=build(label, model, FULL_BUDGET[label]), **kwargs)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
+def test_beam_search_reorders_all_per_row_state(label):
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 20)
+    cache = build(label, model, SMALL_BUDGET[label])
+    out = model.generate(ids, cache=cache, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert out.shape == (1, 28)
+    layer = cache.layers[0]
+    assert layer.keys.shape[0] == layer.positions.shape[0] == layer.real_seen.shape[0] == 3
+    assert layer.keys.shape[-2] == SMALL_BUDGET[label]["budget"]
+
+
+@pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
+def test_seen_vs_stored_and_memory_bytes(label):
+    model = tiny_model("llama_gqa")
+    cache = build(label, model, SMALL_BUDGET[label])
+    seq, _ = greedy(model, random_ids(1, 30), cache, max_new_tokens=5)
+    assert cache.get_seq_length() == seq.shape[1] - 1
+    assert cache.get_stored_length() == SMALL_BUDGET[label]["budget"]
+    assert cache.get_mask_sizes(1, 0) == (12 + 1, cache.get_seq_length() - 12)
+    layer = cache.layers[0]
+    expected = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values, layer.positions, layer.real_seen))
+    assert cache.memory_bytes() == expected * len(cache.layers)
+    full = make_cache("full", model)
+    greedy(model, random_ids(1, 30), full, max_new_tokens=5)
+    assert cache.memory_bytes() < full.memory_bytes()
+
+
+def test_cache_cannot_be_cropped_but_can_be_copied():
+    model = tiny_model("llama_gqa")
+    cache = make_cache("streaming", model, budget=8)
+    greedy(model, random_ids(1, 12), cache, max_new_tokens=2)
+    assert not cache.is_croppable
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+    snapshot = copy.deepcopy(cache)
+    greedy(model, random_ids(1, 15), cache, max_new_tokens=2)
+    assert snapshot.get_seq_length() == 13
+
+
+def test_right_padding_is_refused():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, -3:] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = make_cache("streaming", model, budget=8)
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=mask, position_ids=position_ids, cache=cache)
+
+
+def test_positions_that_skip_ahead_are_refused():
+    model = tiny_model("llama_gqa")
+    cache = make_cache("streaming", model, budget=8)
+    model(random_ids(1, 10), cache=cache)
+    with pytest.raises(ValueError, match="left padding"):
+        model(random_ids(1, 1), position_ids=torch.tensor([[20]]), cache=cache)

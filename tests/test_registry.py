@@ -1,0 +1,56 @@
+"""make_cache / available_caches / register_cache."""
+
+from __future__ import annotations
+
+import pytest
+from hf_longmem.cache_classes.streaming import StreamingLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+import hf_longmem
+from hf_longmem import StreamingCache, available_caches, make_cache, register_cache
+from tests.helpers.tiny_models import tiny_config, tiny_model
+
+
+def test_available_caches_lists_the_finished_methods():
+    names = available_caches()
+    assert names[:2] == ["full", "streaming"]
+    for name in names:
+        assert hf_longmem.get_cache_spec(name).summary
+
+
+def test_make_cache_from_model_config_or_nothing():
+    model = tiny_model("llama_gqa")
+    for source in (model, model.config, None):
+        cache = make_cache("streaming", source, budget=32)
+        assert isinstance(cache, StreamingCache)
+    assert len(make_cache("streaming", model, budget=32).layers) == model.config.num_hidden_layers
+    assert isinstance(make_cache("full", model), DynamicCache)
+
+
+def test_hybrid_models_keep_their_sliding_layers():
+    config = tiny_config("qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=8, use_sliding_window=True)
+    cache = make_cache("streaming", config, budget=32)
+    assert isinstance(cache.layers[0], DynamicSlidingWindowLayer)
+    assert isinstance(cache.layers[1], StreamingLayer)
+
+
+def test_unsupported_layer_types_are_refused():
+    config = tiny_config("llama_gqa")
+    config.layer_types = ["full_attention", "chunked_attention"]
+    config.attention_chunk_size = 8
+    with pytest.raises(ValueError, match="unsupported model"):
+        make_cache("streaming", config, budget=32)
+
+
+def test_bad_names_and_options_are_clear():
+    with pytest.raises(ValueError, match="unknown cache 'snapkvv'.*streaming"):
+        make_cache("snapkvv")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['budgte'\]"):
+        make_cache("streaming", None, budgte=3)
+    with pytest.raises(ValueError, match="model_or_config"):
+        make_cache("streaming", "llama", budget=16)
+    with pytest.raises(ValueError, match="cls"):
+        register_cache("mine", dict)
+    with pytest.raises(ValueError, match="name"):
+        register_cache("bad name", StreamingCache)
