@@ -1,0 +1,144 @@
+"""Answer metrics of the evaluation harness (hand-checked; no downloads, unlike HF ``evaluate``).
+
+Every metric has the signature ``metric(prediction: str, answers: Sequence[str]) -> float`` with a score in
+``[0, 1]``, where ``answers`` are the accepted answers of a :class:`~hf_longmem.evals.schema.Turn` (the first one is
+canonical). :func:`score` looks a metric up by name and :func:`metric_for` picks the one a task is scored with.
+
+>>> exact_match(" 71432\\n", ["71432"])
+1.0
+>>> string_match_all("The variables are Q, K and M", ["Q K M"], whole_words=True)
+1.0
+>>> first_int_match("The pass key is 71432.", ["71432"])
+1.0
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "METRICS",
+    "TASK_METRICS",
+    "exact_match",
+    "first_int",
+    "first_int_match",
+    "metric_for",
+    "score",
+    "string_match_all",
+]
+
+_INT_PATTERN = re.compile(r"[-+]?\d+")
+_WORD_PATTERN = re.compile(r"\w+")
+
+
+def _check_answers(answers: Sequence[str]) -> list[str]:
+    if isinstance(answers, str):
+        return [answers]
+    answers = list(answers)
+    if not answers:
+        raise ValueError("`answers` must hold at least one accepted answer, got an empty list")
+    return answers
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when ``prediction`` equals any accepted answer once both are stripped of surrounding whitespace.
+
+    Args:
+        prediction: generated text.
+        answers: accepted answers (a single string is taken as one answer).
+
+    Returns:
+        ``1.0`` or ``0.0``.
+    """
+    stripped = prediction.strip()
+    return float(any(stripped == answer.strip() for answer in _check_answers(answers)))
+
+
+def string_match_all(prediction: str, answers: Sequence[str], *, whole_words: bool = False) -> float:
+    """RULER's ``string_match_all``: the fraction of the references found in the prediction (case-insensitive).
+
+    The references are the words of the canonical answer ``answers[0]`` when ``whole_words`` is set (variable
+    tracking: ``"Q K M"`` -> ``["Q", "K", "M"]``, each matched as a whole word so that ``"Q"`` is not found inside
+    ``"Question"``); otherwise every accepted answer is a reference matched as a substring, as RULER does.
+
+    Args:
+        prediction: generated text.
+        answers: references (a single string is taken as one reference).
+        whole_words: split ``answers[0]`` into words and match words instead of substrings.
+
+    Returns:
+        A score in ``[0, 1]``.
+    """
+    answers = _check_answers(answers)
+    text = prediction.lower()
+    if whole_words:
+        references = [word.lower() for word in _WORD_PATTERN.findall(answers[0])]
+        if not references:
+            raise ValueError(f"`answers[0]` has no words to match: {answers[0]!r}")
+        found = set(_WORD_PATTERN.findall(text))
+        return sum(ref in found for ref in references) / len(references)
+    return sum(answer.lower() in text for answer in answers) / len(answers)
+
+
+def first_int(text: str) -> int | None:
+    """The first integer written in ``text`` (optional sign, decimal digits), or ``None``."""
+    match = _INT_PATTERN.search(text)
+    return None if match is None else int(match.group())
+
+
+def first_int_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the first integer of the prediction equals the first integer of any accepted answer.
+
+    SCBench's math-find metric and the passkey "exact integer match": surrounding words, punctuation and leading
+    zeros do not matter (``"The key is 0042."`` matches ``"42"``). A prediction without an integer scores 0.
+    """
+    value = first_int(prediction)
+    if value is None:
+        return 0.0
+    return float(any(first_int(answer) == value for answer in _check_answers(answers)))
+
+
+def _string_match_all_words(prediction: str, answers: Sequence[str]) -> float:
+    return string_match_all(prediction, answers, whole_words=True)
+
+
+#: Metric name -> ``metric(prediction, answers) -> float``.
+METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "exact_match": exact_match,
+    "string_match_all": string_match_all,
+    "string_match_all_words": _string_match_all_words,
+    "first_int": first_int_match,
+}
+
+#: Default metric of each task generator of :mod:`hf_longmem.evals.tasks` (others use ``"exact_match"``).
+TASK_METRICS: dict[str, str] = {
+    "passkey": "first_int",
+    "multikey_needle": "string_match_all",
+    "variable_tracking": "string_match_all_words",
+}
+
+
+def metric_for(task: str, meta: Mapping[str, Any] | None = None, turn: Any = None) -> str:
+    """Name of the metric a turn is scored with.
+
+    Looked up in this order: ``turn.metric`` (when the turn defines one), ``meta["metric"]``, the metric of
+    ``meta["generator"]`` (shared-context samples name the generator of their facts), :data:`TASK_METRICS` of
+    ``task``, and finally ``"exact_match"``.
+    """
+    meta = meta or {}
+    for name in (getattr(turn, "metric", None), meta.get("metric")):
+        if name:
+            return name
+    generator = meta.get("generator")
+    if generator in TASK_METRICS:
+        return TASK_METRICS[generator]
+    return TASK_METRICS.get(task, "exact_match")
+
+
+def score(prediction: str, answers: Sequence[str], metric: str = "exact_match") -> float:
+    """Scores ``prediction`` against ``answers`` with the metric named ``metric`` (a key of :data:`METRICS`)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown `metric` {metric!r}; available: {', '.join(METRICS)}")
+    return float(METRICS[metric](prediction, answers))
