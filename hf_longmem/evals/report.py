@@ -1,0 +1,306 @@
+"""Results files, text tables and accuracy-vs-memory plots of benchmark rows.
+
+A results file is JSON ``{"meta": {...}, "rows": [...], "records": [...]?}``: ``meta`` says what produced it
+(:func:`collect_meta`), ``rows`` are :func:`hf_longmem.evals.runner.run_benchmark` rows (read by
+``hf_longmem.hub``), ``records`` optionally keeps the per-turn records. Files are written atomically (a temporary
+file in the same folder, then ``os.replace``), so a reader never sees half a file.
+
+Example::
+
+    rows = run_benchmark(model, tok, ["passkey"], [512, 1024], caches)
+    save_results("results.json", rows, collect_meta(model_name="tiny"))
+    print(format_table(load_results("results.json")["rows"]))
+    plot(rows, "accuracy_vs_kv.png")
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "collect_meta",
+    "format_bytes",
+    "format_table",
+    "load_results",
+    "plot",
+    "save_results",
+]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_meta(
+    model_name: str | None = None,
+    command: str | Sequence[str] | None = None,
+    device: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What produced a results file.
+
+    Args:
+        model_name: the evaluated model.
+        command: the command line (default: this process's ``sys.argv``).
+        device: the device the model ran on (e.g. ``"cpu"``, ``"cuda:0"``).
+        **extra: more entries (seed, dtype, options, ...).
+
+    Returns:
+        ``{"model", "date" (ISO 8601, UTC), "versions": {package: version}, "command": str, "machine": {...}, **extra}``.
+    """
+    import torch
+
+    if command is None:
+        command = sys.argv
+    if not isinstance(command, str):
+        command = shlex.join(str(part) for part in command)
+    machine: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    versions = {name: _version(name) for name in ("hf-longmem", "torch", "transformers", "tokenizers")}
+    versions["python"] = platform.python_version()
+    return {
+        "model": model_name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "command": command,
+        "machine": machine,
+        **extra,
+    }
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def save_results(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any] | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
+) -> Path:
+    """Writes ``{"meta", "rows"[, "records"]}`` to ``path`` atomically (creating parent folders).
+
+    Non-finite floats (NaN, inf) are written as ``null`` so the file is strict JSON.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    payload: dict[str, Any] = {"meta": dict(meta or {}), "rows": [dict(r) for r in rows]}
+    if records is not None:
+        payload["records"] = [dict(r) for r in records]
+    text = json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a results file written by :func:`save_results` (a bare list of rows is accepted too).
+
+    Returns:
+        ``{"meta": dict, "rows": list[dict], ...}``.
+
+    Raises:
+        ValueError: the file is missing, not JSON, or has no ``rows`` list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"results file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"results file {str(path)!r} is not valid JSON: {error}") from None
+    if isinstance(data, list):
+        data = {"meta": {}, "rows": data}
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"results file {str(path)!r} must hold {{'meta': ..., 'rows': [...]}}")
+    data.setdefault("meta", {})
+    return data
+
+
+def format_bytes(num_bytes: float | None) -> str:
+    """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"-"``."""
+    if num_bytes is None:
+        return "-"
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _cache_label(row: Mapping[str, Any]) -> str:
+    kwargs = row.get("cache_kwargs") or {}
+    label = str(row.get("cache", "?"))
+    if kwargs:
+        label += "(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    return label
+
+
+def _number(value: Any, fmt: str, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(float(value) * scale, fmt)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain-text table of benchmark rows, one line per row in the given order.
+
+    Columns: task, length, cache (with its options), accuracy, KV bytes (human-readable), prefill ms (time to first
+    token), decode tokens/s, then top-1 agreement and KL when any row has them, and the model when rows hold
+    several models.
+
+    Returns:
+        The table without a trailing newline; ``"(no rows)"`` when ``rows`` is empty.
+    """
+    if not rows:
+        return "(no rows)"
+    columns: list[tuple[str, Any]] = []
+    if len({row.get("model") for row in rows}) > 1:
+        columns.append(("model", lambda r: str(r.get("model"))))
+    columns += [
+        ("task", lambda r: str(r.get("task", "?"))),
+        ("length", lambda r: str(r.get("context_length", "?"))),
+        ("cache", _cache_label),
+        ("accuracy", lambda r: _number(r.get("accuracy"), ".3f")),
+        ("KV", lambda r: format_bytes(r.get("kv_bytes"))),
+        ("prefill ms", lambda r: _number(r.get("prefill_s"), ".1f", 1000.0)),
+        ("decode tok/s", lambda r: _number(r.get("decode_tokens_per_s"), ".1f")),
+    ]
+    if any(row.get("top1_agreement") is not None for row in rows):
+        columns.append(("top-1", lambda r: _number(r.get("top1_agreement"), ".3f")))
+    if any(row.get("kl") is not None for row in rows):
+        columns.append(("KL", lambda r: _number(r.get("kl"), ".4f")))
+    cells = [[fn(row) for _, fn in columns] for row in rows]
+    widths = [max(len(name), *(len(line[i]) for line in cells)) for i, (name, _) in enumerate(columns)]
+    numeric = {"length", "accuracy", "KV", "prefill ms", "decode tok/s", "top-1", "KL"}
+
+    def render(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if name in numeric else v.ljust(w) for v, w, (name, _) in zip(values, widths, columns)]
+        return "  ".join(parts).rstrip()
+
+    lines = [render([name for name, _ in columns]), "  ".join("-" * w for w in widths)]
+    lines += [render(line) for line in cells]
+    return "\n".join(lines)
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def plot(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    lines: str = "length",
+    title: str | None = None,
+) -> Path:
+    """Accuracy against KV bytes: one marker shape per cache, one line per context length (or task).
+
+    With ``lines="length"`` there is one panel per task and, in it, one line per context length joining that
+    length's caches in order of KV bytes; with ``lines="task"`` one panel per length and one line per task. The
+    x axis is logarithmic. Needs matplotlib (``pip install 'hf-longmem[plot]'``).
+
+    Args:
+        rows: benchmark rows (``task``, ``cache``, ``context_length``, ``accuracy``, ``kv_bytes``).
+        path: image file to write (format from the suffix, e.g. ``.png``, ``.pdf``).
+        lines: ``"length"`` or ``"task"``.
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    if lines not in ("length", "task"):
+        raise ValueError(f"`lines` must be 'length' or 'task', got {lines!r}")
+    points = [r for r in rows if r.get("kv_bytes") is not None and r.get("accuracy") is not None]
+    if not points:
+        raise ValueError("`rows` has no row with both 'accuracy' and 'kv_bytes' to plot")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed: pip install 'hf-longmem[plot]' (or matplotlib)"
+        ) from None
+
+    panel_key, line_key = ("task", "context_length") if lines == "length" else ("context_length", "task")
+    panels = list(dict.fromkeys(r[panel_key] for r in points))
+    caches = list(dict.fromkeys(str(r["cache"]) for r in points))
+    marker = {cache: _MARKERS[i % len(_MARKERS)] for i, cache in enumerate(caches)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        in_panel = [r for r in points if r[panel_key] == panel]
+        for index, group in enumerate(dict.fromkeys(r[line_key] for r in in_panel)):
+            series = sorted((r for r in in_panel if r[line_key] == group), key=lambda r: r["kv_bytes"])
+            color = f"C{index % 10}"
+            ax.plot([r["kv_bytes"] for r in series], [r["accuracy"] for r in series], "-", color=color, alpha=0.6,
+                    label=f"{line_key.replace('context_', '')} {group}")  # fmt: skip
+            for r in series:
+                ax.plot(r["kv_bytes"], r["accuracy"], marker[str(r["cache"])], color=color, markersize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV cache bytes")
+        ax.set_title(f"{panel_key.replace('context_', '')}: {panel}")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0][0].set_ylabel("accuracy")
+    handles = [plt.Line2D([], [], linestyle="", marker=marker[c], color="0.3", label=c, markersize=7) for c in caches]
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="cache")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,121 @@
+"""The ``hf-longmem`` command, in-process through ``main([...])`` on a tiny random model saved to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hf_longmem import available_caches
+from hf_longmem.cli import main, parse_option
+from tests.helpers.tiny_models import tiny_model
+from tests.helpers.tiny_tokenizer import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama_gqa", "sdpa").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _bench_args(model_dir, *extra):
+    return ["bench", "--model", model_dir, "--tasks", "passkey,variable_tracking", "--lengths", "300,360",
+            "--num-samples", "1", "--no-progress", *extra]  # fmt: skip
+
+
+def test_bench_writes_results_and_plot(model_dir, tmp_path, capsys):
+    out, png = tmp_path / "results.json", tmp_path / "plot.png"
+    args = _bench_args(model_dir, "--caches", "full,streaming", "--budget", "64", "--fidelity", "--records",
+                       "--out", str(out), "--plot", str(png), "--cache-option", "streaming.sink_size=2")  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "streaming(budget=64,sink_size=2)" in printed and "KL" in printed
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert len(rows) == 2 * 2 * 2
+    assert {r["cache"] for r in rows} == {"full", "streaming"}
+    assert all(r["cache_kwargs"] == {} for r in rows if r["cache"] == "full")
+    assert all(r["cache_kwargs"] == {"budget": 64, "sink_size": 2} for r in rows if r["cache"] == "streaming")
+    assert all(r["model"] == model_dir and r["top1_agreement"] is not None for r in rows)
+    assert results["meta"]["model"] == model_dir and results["meta"]["budget"] == 64
+    assert len(results["records"]) == len(rows)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # `report` re-prints the same table.
+    assert main(["report", str(out)]) == 0
+    assert "streaming(budget=64,sink_size=2)" in capsys.readouterr().out
+
+
+def test_bench_default_budget_ratio_skips_full(model_dir, capsys):
+    assert main(_bench_args(model_dir, "--caches", "full,streaming", "--tasks", "passkey")) == 0
+    printed = capsys.readouterr().out
+    assert "streaming(budget=75)" in printed and "streaming(budget=90)" in printed
+    assert "full(" not in printed
+
+
+def test_bench_errors(model_dir, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")
+    assert main(["bench", "--model", missing]) == 2
+    assert missing in capsys.readouterr().err
+    assert main(_bench_args(model_dir, "--caches", "full,nope")) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and all(name in err for name in available_caches())
+    assert main(_bench_args(model_dir, "--caches", "streaming", "--budget", "2")) == 2  # budget <= sink_size
+    assert "budget" in capsys.readouterr().err
+    assert main(_bench_args(model_dir, "--caches", "full", "--budget", "64")) == 2  # no selected cache takes it
+    assert "'budget' is not accepted" in capsys.readouterr().err
+    assert main(_bench_args(model_dir, "--cache-option", "position_mode=sideways", "--caches", "streaming")) == 2
+    assert "position_mode" in capsys.readouterr().err
+    assert main(_bench_args(model_dir, "--tasks", "unknown_task")) == 2
+    assert "unknown_task" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects malformed values itself
+        main(["bench", "--lengths", "abc"])
+    assert exit_info.value.code == 2
+
+
+def test_generate(model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The grass is green. The pass key is")
+    args = ["generate", "--model", model_dir, "--cache", "streaming", "--cache-option", "budget=16",
+            "--prompt-file", str(prompt), "--max-new-tokens", "5"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() != "" or "new" in captured.err
+    assert "[streaming]" in captured.err and "KV" in captured.err
+    assert main(["generate", "--model", model_dir, "--cache", "nope", "--prompt", "x"]) == 2
+    assert "available" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir, "--prompt-file", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    assert (
+        main(["generate", "--model", model_dir, "--cache", "full", "--cache-option", "budget=3", "--prompt", "x"]) == 2
+    )
+    assert "budget" in capsys.readouterr().err
+
+
+def test_caches_and_report_errors(tmp_path, capsys):
+    assert main(["caches"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"{name}:" in listing for name in available_caches())
+    assert "budget (default: 256)" in listing and "rotary" not in listing
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_parse_option():
+    assert parse_option("budget=256") == (None, "budget", 256)
+    assert parse_option("streaming.position_mode=shift") == ("streaming", "position_mode", "shift")
+    assert parse_option("ratio=0.5") == (None, "ratio", 0.5)
+    assert parse_option("flag=true") == (None, "flag", True)
+
+
+def test_help_subprocess():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_longmem.cli", "bench", "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "--budget-ratio" in result.stdout
