@@ -49,6 +49,8 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     #: Per-batch tensors that beam search / batch selection must reorder (subclasses extend the tuple).
     batch_state: tuple[str, ...] = ("keys", "values", "positions", "real_seen")
+    #: Extra per-slot tensors ``[batch, kv_heads, n]`` that :meth:`compress` gathers along with the keys.
+    slot_state: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
@@ -117,6 +119,11 @@ class CompressedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chooses what to store after this step.
 
+        Each row keeps its ``target`` highest-:meth:`priority` real slots (in position order). A row with no more
+        real tokens than its target keeps them all. The stored length is the largest row's need; a row that keeps
+        fewer real slots than that is filled on the left with pad slots (``PAD_POSITION``; only layers that build
+        their own mask may return per-row targets, see :class:`~hf_longmem.cache_classes.scored.ScoredLayer`).
+
         Args:
             keys, values: ``[batch, kv_heads, n, head_dim]`` stored + new states.
             positions: ``[batch, kv_heads, n]`` true positions, ``PAD_POSITION`` for pads (pads are always left of
@@ -125,35 +132,42 @@ class CompressedLayer(CacheLayerMixin):
         Returns:
             The stored ``(keys, values, positions)``.
         """
-        n = keys.shape[-2]
+        batch, heads, n, _ = keys.shape
         target = self.target_length(n)
-        if target >= n:
+        if isinstance(target, int) and target >= n:
             return keys, values, positions
         real = (positions[:, 0] != PAD_POSITION).sum(-1)  # [b]
-        first_real = n - real
-        index = self.select(keys, values, positions, target, first_real)  # [b, S] or [b, h, S], ascending
-        # Rows with no more real tokens than slots keep their last `target` columns (pads stay masked).
-        tail = torch.arange(n - target, n, device=keys.device)
-        short = (real <= target).view(-1, *([1] * (index.ndim - 1)))
-        index = torch.where(short, tail.expand_as(index), index)
-        return gather_slots(keys, values, positions, index)
+        targets = torch.as_tensor(target, device=keys.device).clamp(max=n).expand(batch)
+        evicting = real > targets
+        if not bool(evicting.any()):
+            return keys, values, positions
+        stored = int(torch.where(evicting, targets, real).max())
+        # Rows that keep everything keep their last `stored` columns: reals are right-aligned, the rest are pads.
+        tail = torch.arange(n - stored, n, device=keys.device).expand(batch, heads, stored)
+        priority = self.priority(keys, values, positions).expand(batch, heads, n)
+        priority = priority.masked_fill(positions == PAD_POSITION, float("-inf"))
+        ranked = priority.topk(stored, dim=-1).indices  # [b, h, stored], best first
+        keep = torch.arange(stored, device=keys.device) < targets[:, None, None]
+        # Fillers (rank beyond the row's target) sort first and become pad slots.
+        index = torch.where(keep, ranked, -1).sort(dim=-1).values
+        filler = index < 0
+        index = torch.where(evicting[:, None, None], index.clamp(min=0), tail)
+        filler = filler & evicting[:, None, None]
+        for name in self.slot_state:
+            setattr(self, name, getattr(self, name).gather(2, index))
+        keys, values, positions = gather_slots(keys, values, positions, index)
+        if bool(filler.any()):
+            positions = positions.masked_fill(filler, PAD_POSITION)
+        return keys, values, positions
 
-    def target_length(self, num_tokens: int) -> int:
-        """How many slots to keep out of ``num_tokens`` (stored + new)."""
+    def target_length(self, num_tokens: int) -> int | torch.Tensor:
+        """Slots to keep out of ``num_tokens`` (stored + new): an int, or ``[batch]`` per-row targets."""
         raise NotImplementedError
 
-    def select(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        positions: torch.Tensor,
-        target: int,
-        first_real: torch.Tensor,
-    ) -> torch.Tensor:
-        """Indices of the slots to keep, ascending: ``[batch, target]`` (all heads) or ``[batch, kv_heads, target]``.
+    def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Keep-priority of every slot, ``[batch, 1 or kv_heads, n]`` (higher is kept first; ``inf`` = always).
 
-        Only rows with more than ``target`` real tokens use the result; their real tokens are the columns
-        ``first_real[b]:`` and the indices must stay within them.
+        Pads are excluded by the caller. Ties are broken arbitrarily, so forced slots should use ``inf``.
         """
         raise NotImplementedError
 
@@ -217,15 +231,15 @@ class LongMemCache(Cache):
     """A transformers ``Cache`` whose attention layers are hf_longmem layers.
 
     Args:
-        layer_factory: builds one compressed layer (called once per full-attention layer).
+        layer_factory: ``layer_factory(layer_idx)`` builds the compressed layer of one full-attention layer.
         config: the model config. With it, layers are laid out from ``config.layer_types``: full-attention layers
             are compressed, sliding-window layers keep transformers' own sliding layer (they are bounded already).
             Without it, layers are created on first use and every layer is compressed.
     """
 
-    def __init__(self, layer_factory: Callable[[], CacheLayerMixin], config=None):
+    def __init__(self, layer_factory: Callable[[int], CacheLayerMixin], config=None):
         if config is None:
-            super().__init__(layer_class_to_replicate=layer_factory)
+            super().__init__(layer_class_to_replicate=_CountingFactory(layer_factory))
         else:
             super().__init__(layers=build_layers(layer_factory, config))
 
@@ -243,6 +257,19 @@ class LongMemCache(Cache):
         return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
 
 
+class _CountingFactory:
+    """Adapts ``layer_factory(layer_idx)`` to transformers' argument-less ``layer_class_to_replicate``."""
+
+    def __init__(self, layer_factory: Callable[[int], CacheLayerMixin]):
+        self.layer_factory = layer_factory
+        self.count = 0
+
+    def __call__(self) -> CacheLayerMixin:
+        layer = self.layer_factory(self.count)
+        self.count += 1
+        return layer
+
+
 def layer_memory_bytes(layer) -> int:
     if hasattr(layer, "memory_bytes"):
         return layer.memory_bytes()
@@ -251,16 +278,16 @@ def layer_memory_bytes(layer) -> int:
     return _tensor_bytes(getattr(layer, "keys", None)) + _tensor_bytes(getattr(layer, "values", None))
 
 
-def build_layers(layer_factory: Callable[[], CacheLayerMixin], config) -> list[CacheLayerMixin]:
-    """One layer per decoder layer of ``config``: ``layer_factory()`` for full attention, HF's sliding layer else."""
+def build_layers(layer_factory: Callable[[int], CacheLayerMixin], config) -> list[CacheLayerMixin]:
+    """One layer per decoder layer of ``config``: ``layer_factory(i)`` for full attention, HF's sliding layer else."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     layers: list[CacheLayerMixin] = []
-    for layer_type, kwargs in zip(layer_types, layer_kwargs):
+    for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type == "full_attention":
-            layers.append(layer_factory())
+            layers.append(layer_factory(layer_idx))
         elif layer_type == "sliding_attention":
             layers.append(DynamicSlidingWindowLayer(**kwargs))
         else:

@@ -42,14 +42,13 @@ class StreamingLayer(CompressedLayer):
     def target_length(self, num_tokens: int) -> int:
         return min(self.budget, num_tokens)
 
-    def select(self, keys, values, positions, target, first_real):
-        """``[batch, target]``: the first ``sink_size`` real columns, then the last ``target - sink_size``."""
+    def priority(self, keys, values, positions):
+        """Sinks first (``inf``), then recency: the ``sink_size`` oldest real tokens and the newest ones win."""
         n = keys.shape[-2]
-        device = keys.device
-        sinks = first_real[:, None] + torch.arange(self.sink_size, device=device)  # [b, sink]
-        recent = torch.arange(n - (target - self.sink_size), n, device=device).expand(first_real.shape[0], -1)
+        first_real = (positions[:, :1] == PAD_POSITION).sum(-1, keepdim=True)  # [b, 1, 1]
+        cols = torch.arange(n, device=keys.device, dtype=torch.float32).expand(positions.shape[0], 1, n)
         self._evicted = True
-        return torch.cat((sinks, recent), dim=1)
+        return cols.masked_fill(cols < first_real + self.sink_size, float("inf"))
 
     def keys_for_attention(self, keys, positions, real_before):
         if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
@@ -102,7 +101,7 @@ class StreamingCache(LongMemCache):
             rotary = RotaryShift.from_config(config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
         shift = rotary if position_mode == "shift" else None
-        super().__init__(lambda: StreamingLayer(budget, sink_size, shift), config=config)
+        super().__init__(lambda layer_idx: StreamingLayer(budget, sink_size, shift), config=config)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> StreamingCache:

@@ -6,6 +6,8 @@ Importing the package registers the ``hf_longmem`` attention functions with tran
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
 from hf_longmem.cache_classes.full import FullCache
+from hf_longmem.cache_classes.h2o import H2OCache
+from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
 from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
 
@@ -14,6 +16,9 @@ __version__ = "0.1.0"
 register_attention()
 register_cache("full", FullCache, summary="no compression (transformers DynamicCache)")
 register_cache("streaming", StreamingCache, summary="StreamingLLM: attention sinks + recent window")
+register_cache("h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window")
+register_cache("snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window")
+register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer")
 
 
 def load_default_model(*args, **kwargs):
@@ -26,6 +31,9 @@ def load_default_model(*args, **kwargs):
 __all__ = [
     "CompressedLayer",
     "FullCache",
+    "H2OCache",
+    "PyramidKVCache",
+    "SnapKVCache",
     "LongMemCache",
     "StreamingCache",
     "available_caches",

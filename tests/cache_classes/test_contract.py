@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_longmem import make_cache
+from hf_longmem.cache_classes.snapkv import pyramid_budgets
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
@@ -17,8 +18,14 @@ FULL_BUDGET = {
     "full": {},
     "streaming": {"budget": 64, "sink_size": 4},
     "streaming_shift": {"budget": 64, "sink_size": 4, "position_mode": "shift"},
+    "h2o": {"budget": 64},
+    "snapkv": {"budget": 64, "window_size": 4},
+    "pyramidkv": {"budget": 64, "window_size": 4},
 }
 SMALL_BUDGET = {
+    "h2o": {"budget": 12},
+    "snapkv": {"budget": 12, "window_size": 4},
+    "pyramidkv": {"budget": 12, "window_size": 4},
     "streaming": {"budget": 12, "sink_size": 4},
     "streaming_shift": {"budget": 12, "sink_size": 4, "position_mode": "shift"},
 }
@@ -75,6 +82,17 @@ def test_left_padded_batch_equals_rows_alone(label, budget_case, attn_impl):
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
+def kept_real_tokens(label: str, layer_idx: int, num_layers: int, prompt: int, decoded: int) -> int:
+    """How many real tokens a row of ``prompt`` tokens keeps after ``decoded`` decoding steps."""
+    options = SMALL_BUDGET[label]
+    if label == "snapkv":
+        return options["budget"] + decoded  # prompt compressed once, generated tokens appended
+    if label == "pyramidkv":
+        budgets = pyramid_budgets(options["budget"], options["window_size"], num_layers, prompt, beta=20)
+        return budgets[layer_idx] + decoded
+    return options["budget"]
+
+
 @pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
 def test_pads_are_never_kept_when_evicting(label):
     model = tiny_model("llama_gqa")
@@ -82,11 +100,13 @@ def test_pads_are_never_kept_when_evicting(label):
     mask = (batch != 0).long()
     cache = build(label, model, SMALL_BUDGET[label])
     greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
-    for layer in cache.layers:
-        assert layer.keys.shape[-2] == SMALL_BUDGET[label]["budget"]
-        assert (layer.positions >= 0).all()
-        # the short row keeps its first real tokens as sinks (true positions 0..3)
-        assert layer.positions[1, 0, :4].tolist() == [0, 1, 2, 3]
+    for layer_idx, layer in enumerate(cache.layers):
+        real_slots = (layer.positions >= 0).sum(-1)  # [batch, kv_heads]
+        for row, prompt in enumerate((30, 20)):
+            expected = kept_real_tokens(label, layer_idx, len(cache.layers), prompt, decoded=2)
+            assert (real_slots[row] == expected).all()
+        # the shorter row's kept positions are its own tokens: 0..prompt+1, never one of the 10 pads
+        assert layer.positions[1].max() <= 21
 
 
 @pytest.mark.parametrize("label", sorted(FULL_BUDGET))
@@ -108,7 +128,7 @@ def test_beam_search_reorders_all_per_row_state(label):
     assert out.shape == (1, 28)
     layer = cache.layers[0]
     assert layer.keys.shape[0] == layer.positions.shape[0] == layer.real_seen.shape[0] == 3
-    assert layer.keys.shape[-2] == SMALL_BUDGET[label]["budget"]
+    assert layer.keys.shape[-2] == kept_real_tokens(label, 0, len(cache.layers), 20, decoded=7)
 
 
 @pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
@@ -117,11 +137,16 @@ def test_seen_vs_stored_and_memory_bytes(label):
     cache = build(label, model, SMALL_BUDGET[label])
     seq, _ = greedy(model, random_ids(1, 30), cache, max_new_tokens=5)
     assert cache.get_seq_length() == seq.shape[1] - 1
-    assert cache.get_stored_length() == SMALL_BUDGET[label]["budget"]
-    assert cache.get_mask_sizes(1, 0) == (12 + 1, cache.get_seq_length() - 12)
-    layer = cache.layers[0]
-    expected = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values, layer.positions, layer.real_seen))
-    assert cache.memory_bytes() == expected * len(cache.layers)
+    stored = kept_real_tokens(label, 0, len(cache.layers), 30, decoded=4)
+    assert cache.get_stored_length() == stored
+    assert cache.get_mask_sizes(1, 0) == (stored + 1, cache.get_seq_length() - stored)
+    expected = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (getattr(layer, name) for name in layer.batch_state)
+        if t is not None
+    )
+    assert cache.memory_bytes() == expected
     full = make_cache("full", model)
     greedy(model, random_ids(1, 30), full, max_new_tokens=5)
     assert cache.memory_bytes() < full.memory_bytes()

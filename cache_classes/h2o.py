@@ -1,0 +1,70 @@
+"""H2O (Zhang et al., 2023): heavy hitters + a recent window, scored by accumulated attention.
+
+Every key accumulates the attention it receives from every query, at prefill and at each decoding step. After each
+forward, a layer holding more than ``budget`` tokens keeps its ``budget - recent`` heaviest hitters plus the
+``recent`` newest tokens; scores of evicted tokens are dropped. The step itself still attends to everything held
+before eviction (as in the official ``utils_real_drop``).
+
+Deviations from the official code: scores are per row (the official code sums them over the batch) and per KV head
+(query heads of a GQA group averaged; the official code is MHA-only); the budget is given in tokens, not as ratios
+of the prompt length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_longmem.memory.scoring import column_scores
+
+from .base import LongMemCache
+from .scored import ScoredLayer
+
+
+class H2OLayer(ScoredLayer):
+    """H2O layer; ``scores`` ``[batch, kv_heads, stored]`` is the accumulated attention of each kept token."""
+
+    batch_state = (*ScoredLayer.batch_state, "scores")
+    slot_state = ("scores",)
+
+    def __init__(self, budget: int, recent_size: int):
+        super().__init__()
+        self.budget, self.recent_size = budget, recent_size
+        self.scores: torch.Tensor | None = None
+
+    def observe(self, query, keys, attention_mask, scaling):
+        num_keys = keys.shape[-2]
+        received = column_scores(query, keys, attention_mask, scaling)  # [b, hkv, n]
+        previous = self.scores if self.scores is not None else received.new_zeros(*received.shape[:2], 0)
+        padded = torch.nn.functional.pad(previous, (0, num_keys - previous.shape[-1]))
+        self.scores = padded + received
+
+    def target_length(self, num_tokens: int) -> int:
+        return min(self.budget, num_tokens)
+
+    def priority(self, keys, values, positions):
+        """Accumulated attention; the ``recent_size`` newest slots are always kept."""
+        n = keys.shape[-2]
+        return self.scores.masked_fill(torch.arange(n, device=keys.device) >= n - self.recent_size, float("inf"))
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores = None
+
+
+class H2OCache(LongMemCache):
+    """H2O: keep the tokens with the largest accumulated attention, plus a recent window.
+
+    Args:
+        budget: tokens kept per layer and KV head between steps.
+        recent_ratio: share of the budget given to the most recent tokens (paper: half, ``heavy == recent``).
+        config: the model config (layer layout).
+    """
+
+    def __init__(self, budget: int = 256, recent_ratio: float = 0.5, config=None):
+        if not isinstance(budget, int) or budget < 2:
+            raise ValueError(f"`budget` must be an int >= 2, got {budget!r}")
+        if not 0.0 < recent_ratio < 1.0:
+            raise ValueError(f"`recent_ratio` must be in (0, 1), got {recent_ratio!r}")
+        recent = min(budget - 1, max(1, round(budget * recent_ratio)))
+        self.budget, self.recent_size = budget, recent
+        super().__init__(lambda layer_idx: H2OLayer(budget, recent), config=config)

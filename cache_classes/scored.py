@@ -1,0 +1,96 @@
+"""Layers that decide what to keep from attention scores (H2O, SnapKV, PyramidKV, ...).
+
+Such a layer needs the queries, which only the attention function sees. During ``update()`` it stores the new
+states uncompressed and puts itself into the attention kwargs; hf_longmem's registered attention function then
+calls :meth:`ScoredLayer.attend`, which computes the attention output exactly as the model's fallback attention
+would (SDPA or eager), scores the keys, and compresses the storage. ``make_cache(name, model)`` switches the model
+to hf_longmem attention; a cache built by hand needs ``hf_longmem.enable_longmem_attention(model)``, and a missed
+call is reported at the next step instead of silently keeping every token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.memory.masks import slot_mask
+from hf_longmem.memory.padding import PAD_POSITION
+
+from .base import CompressedLayer
+
+NEEDS_ATTENTION_MESSAGE = (
+    "{name} needs hf_longmem attention to see the queries: build the cache with "
+    "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
+)
+
+
+class ScoredLayer(CompressedLayer):
+    """Base of the attention-scored layers: defers compression to :meth:`attend`."""
+
+    def __init__(self):
+        super().__init__()
+        self._pending = False
+        self._deferring = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._pending:
+            raise RuntimeError(NEEDS_ATTENTION_MESSAGE.format(name=type(self).__name__))
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: this model does not pass its attention kwargs to Cache.update, "
+                "so attention-scored compression cannot run (unsupported model)"
+            )
+        self._deferring = True
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # stores, compress() deferred
+        self._pending = True
+        attn_kwargs[LAYER_KWARG] = self
+        return keys, values
+
+    def compress(self, keys, values, positions):
+        if self._deferring:
+            return keys, values, positions
+        return super().compress(keys, values, positions)
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """Attention output for ``query`` ``[batch, q_heads, q, head_dim]``, then scoring and compression."""
+        implementation = module.config._attn_implementation
+        eager = implementation == EAGER_ATTENTION_NAME
+        attention_mask = self.mask_for_this_layer(query, key, eager)
+        output, weights = fallback_attention(module, implementation)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
+        self._pending = False
+        self._deferring = False
+        self.keys, self.values, self.positions = self.compress(self.keys, self.values, self.positions)
+        return output, weights
+
+    def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
+        """This layer's own mask, built from its slots.
+
+        The model's mask is sized for the first layer; a scored layer may store a different number of tokens
+        (PyramidKV) or per-row pad slots, so it always uses its own (same pattern where the sizes agree).
+        """
+        num_new, num_keys = query.shape[-2], key.shape[-2]
+        positions = self.positions[:, 0]
+        plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
+        if plain and not bool((positions == PAD_POSITION).any()):
+            return None
+        return slot_mask(positions, num_new, query.dtype if eager else None)
+
+    def observe(self, query: torch.Tensor, keys: torch.Tensor, attention_mask, scaling: float) -> None:
+        """Records what :meth:`priority` will rank by.
+
+        Args:
+            query: ``[batch, q_heads, q, head_dim]``.
+            keys: ``[batch, kv_heads, n, head_dim]`` (stored + new).
+            attention_mask: ``[batch, 1, q, n]`` bool; a pad query sees only itself (it adds no score to real keys).
+        """
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = False
+        self._deferring = True

@@ -1,0 +1,96 @@
+"""Attention statistics the eviction methods rank tokens by (torch reference implementations).
+
+All functions take the keys NOT repeated for GQA and reduce the query heads of a group onto their KV head (mean),
+so decisions are made per KV head — where the memory is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Queries scored at once; bounds the ``[batch, heads, chunk, kv]`` probability block of long prefills.
+QUERY_CHUNK = 512
+
+
+def allowed_mask(attention_mask: torch.Tensor | None, num_queries: int, num_keys: int, device) -> torch.Tensor:
+    """``[batch or 1, 1, q, kv]`` True where query ``i`` may attend key ``j``.
+
+    Uses the model's mask when given (boolean, or additive float), else causal with the queries as the last
+    ``num_queries`` positions of the ``num_keys`` keys.
+    """
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask[..., -num_queries:, -num_keys:]
+    q_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    return (torch.arange(num_keys, device=device)[None, :] <= q_pos)[None, None]
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention probabilities in float32.
+
+    Args:
+        query: ``[batch, q_heads, q, head_dim]``.
+        keys: ``[batch, kv_heads, kv, head_dim]``.
+        allowed: ``[batch or 1, 1, q, kv]`` bool.
+
+    Returns:
+        ``[batch, kv_heads, group, q, kv]`` with ``group = q_heads // kv_heads``.
+    """
+    batch, q_heads, num_q, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.float().view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * scaling
+    logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # fully masked rows (pad queries) give zeros
+
+
+def column_scores(
+    query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Attention each key receives, summed over the queries, averaged over the heads of a GQA group.
+
+    Args:
+        query: ``[batch, q_heads, q, head_dim]`` (the last ``q`` positions).
+        keys: ``[batch, kv_heads, kv, head_dim]``.
+        attention_mask: the model's mask for these queries (``[batch, 1, q, kv]``) or ``None`` (causal).
+
+    Returns:
+        ``[batch, kv_heads, kv]`` float32.
+    """
+    num_q, num_k = query.shape[-2], keys.shape[-2]
+    allowed = allowed_mask(attention_mask, num_q, num_k, query.device)
+    total = query.new_zeros(keys.shape[0], keys.shape[1], num_k, dtype=torch.float32)
+    for start in range(0, num_q, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, num_q)
+        probs = attention_probs(query[:, :, start:stop], keys, allowed[:, :, start:stop], scaling)
+        total += probs.sum(dim=3).mean(dim=2)
+    return total
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """SnapKV's 1-D pooling over the key axis (stride 1, same length): ``[batch, heads, kv]`` -> same shape."""
+    if kernel_size <= 1:
+        return scores
+    batch, heads, n = scores.shape
+    flat = scores.reshape(batch * heads, 1, n)
+    pad = kernel_size // 2
+    if pooling == "max":
+        pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    else:
+        pooled = torch.nn.functional.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    return pooled[..., :n].reshape(batch, heads, n)
+
+
+def top_slots(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best candidate slots, ascending.
+
+    Args:
+        scores: ``[batch, heads, n]``.
+        candidates: ``[batch, 1 or heads, n]`` bool, at least ``k`` True per row.
+
+    Returns:
+        ``[batch, heads, k]`` int64.
+    """
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    return masked.topk(k, dim=-1).indices.sort(dim=-1).values
