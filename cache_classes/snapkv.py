@@ -39,13 +39,15 @@ def pyramid_budgets(budget: int, window_size: int, num_layers: int, prompt_lengt
         prompt_length: tokens being compressed.
         beta: ratio between the largest and smallest non-window budgets (paper: 20).
     """
+    if num_layers == 1:
+        return [budget]  # a one-layer pyramid is the mean budget (the formula would divide by zero)
     mean = budget - window_size
     smallest = mean // beta
     largest = 2 * mean - smallest
     if largest >= prompt_length - window_size:
         largest = prompt_length - window_size
         smallest = 2 * mean - largest
-    step = (largest - smallest) // (num_layers - 1) if num_layers > 1 else 0
+    step = (largest - smallest) // (num_layers - 1)
     return [max(1, largest - layer * step) + window_size for layer in range(num_layers)]
 
 
