@@ -9,6 +9,7 @@ from hf_longmem.cache_classes.full import FullCache
 from hf_longmem.cache_classes.h2o import H2OCache
 from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
+from hf_longmem.cache_classes.think import ThinKCache
 from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ register_cache("streaming", StreamingCache, summary="StreamingLLM: attention sin
 register_cache("h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window")
 register_cache("snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window")
 register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer")
+register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-driven key-channel pruning over SnapKV")
 
 
 def load_default_model(*args, **kwargs):
@@ -36,6 +38,7 @@ __all__ = [
     "SnapKVCache",
     "LongMemCache",
     "StreamingCache",
+    "ThinKCache",
     "available_caches",
     "cache_memory_bytes",
     "enable_longmem_attention",

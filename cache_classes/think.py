@@ -1,0 +1,259 @@
+"""ThinK (Xu et al., 2024): query-driven pruning of key channels, stacked on a token cache.
+
+After the prefill has been compressed by the base token cache (SnapKV, PyramidKV, or none), each KV head ranks the
+``head_dim`` channels of its kept keys by ``mean_t(Q_w[t, c]^2) * mean_s(K[s, c]^2)`` — proportional to the
+squared Frobenius norm of the rank-1 term ``Q_w[:, c] K[:, c]^T`` of the attention logits — with ``Q_w`` the last
+``window_size`` queries, and drops the ``key_channel_ratio`` share with the smallest scores. The kept channels are
+**stored packed** (``[batch, kv_heads, tokens, head_dim - pruned]`` plus the channel indices), so the memory saving
+is real, and attention computes ``q . k`` on the gathered query channels, still scaled by ``1/sqrt(head_dim)``.
+Tokens that arrive after the pruning (generated tokens, later turns) are kept full width, as in the paper.
+
+Deviations, on purpose:
+
+* every prompt key is pruned, the observation window included (the official code keeps the last 32 keys full
+  width; ``recent_size=32`` restores that). kvpress, reviewed by ThinK's first author, prunes all as well;
+* per KV head (the squared queries of a GQA group are averaged), not per query head after ``repeat_kv`` (ThinK#4);
+* unlike the official flash path and kvpress, pruned channels are never zero-filled back: nothing is re-expanded.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from hf_longmem.attention import LAYER_KWARG
+from hf_longmem.memory.masks import slot_mask
+from hf_longmem.memory.padding import PAD_POSITION
+
+from .base import CompressedLayer, LongMemCache
+from .scored import NEEDS_ATTENTION_MESSAGE
+from .snapkv import PyramidKVCache, SnapKVCache
+
+BASES = ("full", "snapkv", "pyramidkv")
+
+
+def channel_scores(query_window: torch.Tensor, keys: torch.Tensor, query_real: torch.Tensor, key_real: torch.Tensor):
+    """ThinK's channel importance per KV head.
+
+    Args:
+        query_window: ``[batch, q_heads, w, head_dim]`` the last queries.
+        keys: ``[batch, kv_heads, n, head_dim]`` the kept keys.
+        query_real: ``[batch, w]`` bool, False for pad queries.
+        key_real: ``[batch, kv_heads, n]`` bool, False for pad slots.
+
+    Returns:
+        ``[batch, kv_heads, head_dim]`` float32 scores (higher = more important).
+    """
+    batch, q_heads, window, head_dim = query_window.shape
+    kv_heads = keys.shape[1]
+    q_weight = query_real.float()[:, None, :, None]
+    q_sq = (query_window.float().square() * q_weight).sum(2) / q_weight.sum(2).clamp(min=1)  # [b, Hq, d]
+    q_sq = q_sq.view(batch, kv_heads, q_heads // kv_heads, head_dim).mean(2)
+    k_weight = key_real.float()[..., None]
+    k_sq = (keys.float().square() * k_weight).sum(2) / k_weight.sum(2).clamp(min=1)  # [b, Hkv, d]
+    return q_sq * k_sq
+
+
+def gather_query_channels(query: torch.Tensor, channel_index: torch.Tensor) -> torch.Tensor:
+    """``[batch, q_heads, q, d]`` -> ``[batch, kv_heads, group, q, d_keep]``, each group reading its KV head's channels."""
+    batch, q_heads, num_q, head_dim = query.shape
+    kv_heads, d_keep = channel_index.shape[1], channel_index.shape[2]
+    grouped = query.view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
+    index = channel_index.long()[:, :, None, None, :].expand(-1, -1, grouped.shape[2], num_q, d_keep)
+    return grouped.gather(-1, index)
+
+
+class ThinKLayer(CompressedLayer):
+    """ThinK over an optional base token layer. Before pruning, the base layer (or this layer, keeping every token)
+    holds the cache; after, ``pruned_*`` hold the packed prompt and ``keys``/``values`` the full-width later tokens."""
+
+    batch_state = (*CompressedLayer.batch_state, "pruned_keys", "pruned_values", "pruned_positions", "channel_index")
+
+    def __init__(self, base: CompressedLayer | None, key_channel_ratio: float, window_size: int, recent_size: int):
+        super().__init__()
+        self.base = base
+        self.key_channel_ratio, self.window_size, self.recent_size = key_channel_ratio, window_size, recent_size
+        self.pruned_keys = self.pruned_values = self.pruned_positions = self.channel_index = None
+        self._pending = False
+        self._new_real: torch.Tensor | None = None
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.pruned_keys is not None
+
+    # ------------------------------------------------------------------------------------------------ update
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._pending:
+            raise RuntimeError(NEEDS_ATTENTION_MESSAGE.format(name=type(self).__name__))
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is None:
+            raise RuntimeError("ThinK: this model does not pass its attention kwargs to Cache.update (unsupported model)")
+        holder = self.base if (self.base is not None and not self.is_pruned) else None
+        if holder is not None:
+            keys, values = holder.update(key_states, value_states, *args, **kwargs)
+            positions = holder.positions
+        else:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            positions = self.positions
+        self._new_real = positions[:, 0, -key_states.shape[-2] :] != PAD_POSITION  # [b, q]
+        attn_kwargs[LAYER_KWARG] = self  # take the attention call (the base layer gets it from us)
+        self._pending = True
+        return keys, values
+
+    def target_length(self, num_tokens: int) -> int:
+        return num_tokens  # ThinK drops channels, not tokens; the base layer drops tokens
+
+    # ------------------------------------------------------------------------------------------------ attend
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        self._pending = False
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if self.is_pruned:
+            return self._attend_pruned(query, scale), None
+        if self.base is not None:
+            output = self.base.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            keys, values, positions = self.base.keys, self.base.values, self.base.positions
+        else:
+            from hf_longmem.attention import fallback_attention
+
+            output = fallback_attention(module, module.config._attn_implementation)(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+            keys, values, positions = self.keys, self.values, self.positions
+        if query.shape[-2] > 1:  # prefill: prune the (token-compressed) prompt
+            self._prune(query, keys, values, positions)
+        return output
+
+    def _prune(self, query, keys, values, positions) -> None:
+        window = min(self.window_size, query.shape[-2])
+        head_dim = keys.shape[-1]
+        d_keep = head_dim - int(head_dim * self.key_channel_ratio)
+        recent = min(self.recent_size, keys.shape[-2])
+        packed = keys.shape[-2] - recent
+        scores = channel_scores(query[:, :, -window:], keys[..., :packed, :], self._new_real[:, -window:], positions[..., :packed] != PAD_POSITION)
+        index = scores.topk(d_keep, dim=-1).indices.sort(dim=-1).values  # [b, Hkv, d_keep]
+        self.channel_index = index.to(torch.int16 if head_dim <= torch.iinfo(torch.int16).max else torch.int32)
+        self.pruned_keys = keys[..., :packed, :].gather(-1, index[:, :, None, :].expand(-1, -1, packed, -1)).contiguous()
+        self.pruned_values = values[..., :packed, :].contiguous()
+        self.pruned_positions = positions[..., :packed].contiguous()
+        if self.base is not None:
+            self.cumulative_length, self.real_seen = self.base.cumulative_length, self.base.real_seen
+            self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+            self.base = None
+        self.keys = keys[..., packed:, :].contiguous()
+        self.values = values[..., packed:, :].contiguous()
+        self.positions = positions[..., packed:].contiguous()
+
+    def _attend_pruned(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention over the packed prompt (gathered channels) and the full-width tail, one softmax.
+
+        Returns ``[batch, q, q_heads, dv]``.
+        """
+        batch, q_heads, num_q, head_dim = query.shape
+        kv_heads = self.keys.shape[1]
+        group = q_heads // kv_heads
+        q_full = query.view(batch, kv_heads, group, num_q, head_dim)
+        q_packed = gather_query_channels(query, self.channel_index)
+        logits_packed = torch.einsum("bhgqc,bhkc->bhgqk", q_packed.float(), self.pruned_keys.float()) * scaling
+        logits_tail = torch.einsum("bhgqd,bhkd->bhgqk", q_full.float(), self.keys.float()) * scaling
+        packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, None, :]  # older than every query
+        tail_allowed = slot_mask(self.positions[:, 0], num_q)[:, :, None]  # [b, 1, 1, q, R]
+        logits = torch.cat(
+            (logits_packed.masked_fill(~packed_real, float("-inf")), logits_tail.masked_fill(~tail_allowed, float("-inf"))),
+            dim=-1,
+        )
+        probs = torch.softmax(logits, dim=-1)
+        split = self.pruned_keys.shape[-2]
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs[..., :split], self.pruned_values.float())
+        out = out + torch.einsum("bhgqk,bhkd->bhgqd", probs[..., split:], self.values.float())
+        return out.reshape(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def get_seq_length(self) -> int:
+        return self.base.get_seq_length() if self.base is not None else self.cumulative_length
+
+    def get_stored_length(self) -> int:
+        if self.base is not None:
+            return self.base.get_stored_length()
+        pruned = 0 if self.pruned_keys is None else self.pruned_keys.shape[-2]
+        return pruned + super().get_stored_length()
+
+    def memory_bytes(self) -> int:
+        return self.base.memory_bytes() if self.base is not None else super().memory_bytes()
+
+    def reorder_cache(self, beam_idx):
+        (self.base.reorder_cache if self.base is not None else super().reorder_cache)(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        (self.base.batch_repeat_interleave if self.base is not None else super().batch_repeat_interleave)(repeats)
+
+    def batch_select_indices(self, indices):
+        (self.base.batch_select_indices if self.base is not None else super().batch_select_indices)(indices)
+
+
+class ThinKCache(LongMemCache):
+    """ThinK key-channel pruning on top of a token cache.
+
+    Args:
+        key_channel_ratio: fraction of key channels PRUNED per KV head, in (0, 1) (paper default 0.4).
+        base: the token cache underneath: ``"snapkv"`` (default, as in the paper's main results), ``"pyramidkv"``,
+            ``"full"`` (no token eviction), or a fresh :class:`SnapKVCache` / :class:`PyramidKVCache` instance.
+        budget: the base cache's token budget (with a base given by name).
+        window_size: queries that score the channels (and the base's observation window; official 32).
+        recent_size: newest prompt keys kept full width (official code 32; default 0 prunes them all).
+        config: the model config.
+
+    Example::
+
+        cache = ThinKCache(base=SnapKVCache(budget=512, config=model.config), key_channel_ratio=0.4)
+        hf_longmem.enable_longmem_attention(model)
+        model.generate(input_ids, cache=cache)
+    """
+
+    def __init__(
+        self,
+        key_channel_ratio: float = 0.4,
+        base: str | Cache = "snapkv",
+        budget: int | None = None,
+        window_size: int = 32,
+        recent_size: int = 0,
+        config=None,
+    ):
+        if not 0.0 < key_channel_ratio < 1.0:
+            raise ValueError(f"`key_channel_ratio` must be in (0, 1), got {key_channel_ratio!r}")
+        if not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"`window_size` must be a positive int, got {window_size!r}")
+        if not isinstance(recent_size, int) or recent_size < 0:
+            raise ValueError(f"`recent_size` must be a non-negative int, got {recent_size!r}")
+        base_factory = _base_layer_factory(base, budget, window_size, config)
+        self.key_channel_ratio = key_channel_ratio
+        super().__init__(
+            lambda layer_idx: ThinKLayer(base_factory(layer_idx), key_channel_ratio, window_size, recent_size), config
+        )
+
+
+def _base_layer_factory(base, budget, window_size, config):
+    if isinstance(base, str):
+        if base not in BASES:
+            raise ValueError(f"`base` must be one of {BASES} or a SnapKV/PyramidKV cache, got {base!r}")
+        if base == "full":
+            if budget is not None:
+                raise ValueError("`budget` is an option of the base token cache; base='full' keeps every token")
+            return lambda layer_idx: None
+        cls = SnapKVCache if base == "snapkv" else PyramidKVCache
+        options = {"window_size": window_size, "config": config}
+        if budget is not None:
+            options["budget"] = budget
+        base = cls(**options)
+    elif budget is not None:
+        raise ValueError("`budget` is for a base given by name; set it on the base cache instance instead")
+    if not isinstance(base, (SnapKVCache, PyramidKVCache)):
+        raise ValueError(
+            f"`base` must be one of {BASES} or a SnapKVCache/PyramidKVCache instance (prefill-time token caches), "
+            f"got {type(base).__name__}"
+        )
+    if base.get_seq_length() > 0:
+        raise ValueError("`base` must be a fresh cache (it has already seen tokens)")
+    if base.layers:
+        layers = list(base.layers)
+        return lambda layer_idx: layers[layer_idx]
+    return lambda layer_idx: base.layer_class_to_replicate()
