@@ -198,9 +198,7 @@ def _decode_attention_fwd_kernel(
     # partial buffers: o_part [b, Hq, q, splits, dv], lse_part [b, Hq, q, splits], contiguous
     part_row = ((batch * num_kv_heads * GROUP + head) * num_queries + qi) * num_splits + pid_s
     tl.store(lse_part_ptr + part_row, lse, mask=row_ok)
-    tl.store(
-        o_part_ptr + part_row[:, None] * VALUE_DIM + offs_dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :]
-    )
+    tl.store(o_part_ptr + part_row[:, None] * VALUE_DIM + offs_dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -362,6 +360,4 @@ def triton_decode_attention(
         valid = valid[:, None]
     num_q, num_keys = query.shape[-2], keys.shape[-2]
     offset = num_keys - num_q if causal_new else None
-    return decode_attention_fwd(
-        query, keys, values, scaling, valid, offset, block_n=block_n, num_splits=num_splits
-    )
+    return decode_attention_fwd(query, keys, values, scaling, valid, offset, block_n=block_n, num_splits=num_splits)
