@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own modeling code")
         p.add_argument(
-            "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+            "--threads",
+            type=_positive_int,
+            default=None,
+            help="torch CPU threads (default: 1 for the embedded tiny model on CPU, whose matmuls are too small "
+            "to gain from more threads while idle OpenMP threads spin on a busy machine; torch's default otherwise)",
         )
 
     bench = sub.add_parser(
@@ -233,9 +237,11 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """``(model, tokenizer, model_name)`` from ``--model`` (a local folder) or the embedded model."""
     import torch
 
+    device = _resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
+    elif args.model is None and device.type == "cpu":
+        torch.set_num_threads(1)  # see --threads: the tiny model's matmuls do not gain from more threads
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model is None:
         from hf_longmem import load_default_model

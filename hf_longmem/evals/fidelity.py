@@ -28,7 +28,7 @@ from transformers import Cache
 
 from hf_longmem.registry import make_cache
 
-from .profiling import greedy_generate
+from .profiling import greedy_generate, prefill
 
 __all__ = [
     "FidelityResult",
@@ -131,15 +131,32 @@ def reference_continuation(
     return Reference(input_ids=input_ids, tokens=out.sequences[0, :length], logprobs=out.logprobs[0, :length])
 
 
-def compare_to_reference(model: torch.nn.Module, reference: Reference, cache: Cache) -> FidelityResult:
+def compare_to_reference(
+    model: torch.nn.Module, reference: Reference, cache: Cache, *, context_length: int | None = None
+) -> FidelityResult:
     """Teacher-forces the reference continuation through a fresh ``cache`` and compares the distributions.
 
-    The prompt is prefilled in one forward (so the cache compresses it as in generation), then the continuation is
-    fed one token per step (so decode-time eviction happens as in generation).
+    The prompt is prefilled in one forward (so the cache compresses it as in generation), or, with
+    ``context_length``, as two forwards: the first ``context_length`` tokens (the context, compressed without seeing
+    the question, as in the harness's rollback/append modes), then the rest. The continuation is then fed one token
+    per step (so decode-time eviction happens as in generation).
+
+    Args:
+        model: the causal LM.
+        reference: the full cache's :func:`reference_continuation` of the prompt.
+        cache: an empty cache.
+        context_length: split point of the prompt, ``0 < context_length < n``; ``None`` prefills it at once.
     """
-    forced = reference.tokens[None].to(reference.input_ids.device)
-    out = greedy_generate(model, reference.input_ids, cache, max_new_tokens=forced.shape[1], forced_tokens=forced,
-                          eos_token_id=[], return_logprobs=True)  # fmt: skip
+    prompt = reference.input_ids
+    forced = reference.tokens[None].to(prompt.device)
+    past = 0
+    if context_length is not None:
+        if not 0 < context_length < prompt.shape[1]:
+            raise ValueError(f"`context_length` must be in (0, {prompt.shape[1]}), got {context_length}")
+        prefill(model, prompt[:, :context_length], cache)
+        prompt, past = prompt[:, context_length:], context_length
+    out = greedy_generate(model, prompt, cache, max_new_tokens=forced.shape[1], forced_tokens=forced,
+                          eos_token_id=[], return_logprobs=True, past_length=past)  # fmt: skip
     logprobs = out.logprobs[0].to(reference.logprobs.device)
     kl = kl_divergence(reference.logprobs, logprobs)
     agree = (logprobs.argmax(-1) == reference.logprobs.argmax(-1)).float()

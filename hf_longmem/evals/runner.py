@@ -315,7 +315,8 @@ def evaluate(
         metric: metric name for every turn (default: per task, see :func:`hf_longmem.evals.metrics.metric_for`).
         cache_label: the name recorded as ``"cache"`` (default: ``cache_name``).
         fidelity: also compare against the full cache on ``context + turns[0].query`` of each sample (top-1
-            agreement and KL over the full cache's greedy answer, see :mod:`hf_longmem.evals.fidelity`).
+            agreement and KL over the full cache's greedy answer, see :mod:`hf_longmem.evals.fidelity`); in the
+            shared-context modes the context is prefilled (and compressed) before the query, as those modes do.
         references: memo of full-cache references by sample id, filled and reused (share it between calls on the
             same samples so the full cache runs once per sample).
         progress: show a tqdm bar.
@@ -400,7 +401,7 @@ def evaluate(
             bar.update(1)
     bar.close()
     if fidelity:
-        _add_fidelity(model, samples, encoded, records, cache_name, options, decoder, references, progress, label)
+        _add_fidelity(model, samples, encoded, records, cache_name, options, decoder, references, progress, label, mode)
     return records
 
 
@@ -428,8 +429,10 @@ def _add_fidelity(
     references: dict[str, Reference] | None,
     progress: bool,
     label: str,
+    mode: str,
 ) -> None:
-    """Adds ``top1_agreement`` and ``kl`` to the first record of each sample."""
+    """Adds ``top1_agreement`` and ``kl`` to the first record of each sample (the compressed cache is filled as the
+    mode fills it: context and first query in one forward in single mode, the context first otherwise)."""
     memo = references if references is not None else {}
     first_record = {}
     for record in records:
@@ -443,7 +446,8 @@ def _add_fidelity(
                 model, prompt, max_new_tokens=sample.turns[0].max_new_tokens, eos_token_id=decoder.eos
             )
             memo[sample.id] = reference
-        result = compare_to_reference(model, reference, make_cache(cache_name, model, **options))
+        split = len(context_ids) if mode != "single" else None
+        result = compare_to_reference(model, reference, make_cache(cache_name, model, **options), context_length=split)
         first_record[sample.id].update(top1_agreement=result.top1_agreement, kl=result.kl)
 
 

@@ -78,3 +78,14 @@ def test_bad_arguments(model):
         prompt_fidelity(model, random_ids(1, 12), "full", reference=reference)
     with pytest.raises(ValueError, match="cache_options"):
         prompt_fidelity(model, random_ids(1, 10), make_cache("full", model), cache_options={"budget": 4})
+
+
+def test_context_split_prefill(model):
+    ids = random_ids(1, 60, seed=5)
+    reference = reference_continuation(model, ids, max_new_tokens=6, eos_token_id=[])
+    dense = compare_to_reference(model, reference, make_cache("full", model), context_length=50)
+    assert dense.top1_agreement == 1.0 and dense.kl == pytest.approx(0.0, abs=1e-5)
+    small = compare_to_reference(model, reference, make_cache("streaming", model, budget=8), context_length=50)
+    assert small.kl > 1e-3
+    with pytest.raises(ValueError, match="context_length"):
+        compare_to_reference(model, reference, make_cache("full", model), context_length=60)
