@@ -132,31 +132,17 @@ class CompressedLayer(CacheLayerMixin):
         Returns:
             The stored ``(keys, values, positions)``.
         """
-        batch, heads, n, _ = keys.shape
-        target = self.target_length(n)
-        if isinstance(target, int) and target >= n:
+        target = self.target_length(keys.shape[-2])
+        if isinstance(target, int) and target >= keys.shape[-2]:
             return keys, values, positions
-        real = (positions[:, 0] != PAD_POSITION).sum(-1)  # [b]
-        targets = torch.as_tensor(target, device=keys.device).clamp(max=n).expand(batch)
-        evicting = real > targets
-        if not bool(evicting.any()):
+        plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
+        if plan is None:
             return keys, values, positions
-        stored = int(torch.where(evicting, targets, real).max())
-        # Rows that keep everything keep their last `stored` columns: reals are right-aligned, the rest are pads.
-        tail = torch.arange(n - stored, n, device=keys.device).expand(batch, heads, stored)
-        priority = self.priority(keys, values, positions).expand(batch, heads, n)
-        priority = priority.masked_fill(positions == PAD_POSITION, float("-inf"))
-        ranked = priority.topk(stored, dim=-1).indices  # [b, h, stored], best first
-        keep = torch.arange(stored, device=keys.device) < targets[:, None, None]
-        # Fillers (rank beyond the row's target) sort first and become pad slots.
-        index = torch.where(keep, ranked, -1).sort(dim=-1).values
-        filler = index < 0
-        index = torch.where(evicting[:, None, None], index.clamp(min=0), tail)
-        filler = filler & evicting[:, None, None]
+        index, filler = plan
         for name in self.slot_state:
             setattr(self, name, getattr(self, name).gather(2, index))
         keys, values, positions = gather_slots(keys, values, positions, index)
-        if bool(filler.any()):
+        if filler is not None:
             positions = positions.masked_fill(filler, PAD_POSITION)
         return keys, values, positions
 
@@ -205,6 +191,39 @@ class CompressedLayer(CacheLayerMixin):
     def prefetch(self):
         if self.is_initialized:
             self._map_batch_state(lambda t: t.to(self.device, non_blocking=True))
+
+
+def keep_plan(
+    positions: torch.Tensor, target: int | torch.Tensor, priority_fn: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Which slots each row keeps (see :meth:`CompressedLayer.compress`).
+
+    Args:
+        positions: ``[batch, kv_heads, n]``, ``PAD_POSITION`` for pads (left of the reals, same in every head).
+        target: slots to keep, an int or ``[batch]`` per-row targets.
+        priority_fn: returns ``[batch, 1 or kv_heads, n]`` keep-priorities (only called if some row evicts).
+
+    Returns:
+        ``None`` if no row evicts, else ``(index [batch, kv_heads, stored] ascending, filler mask or None)``.
+    """
+    batch, heads, n = positions.shape
+    device = positions.device
+    real = (positions[:, 0] != PAD_POSITION).sum(-1)  # [b]
+    targets = torch.as_tensor(target, device=device).clamp(max=n).expand(batch)
+    evicting = real > targets
+    if not bool(evicting.any()):
+        return None
+    stored = int(torch.where(evicting, targets, real).max())
+    # Rows that keep everything keep their last `stored` columns: reals are right-aligned, the rest are pads.
+    tail = torch.arange(n - stored, n, device=device).expand(batch, heads, stored)
+    priority = priority_fn().expand(batch, heads, n).masked_fill(positions == PAD_POSITION, float("-inf"))
+    ranked = priority.topk(stored, dim=-1).indices  # [b, h, stored], best first
+    keep = torch.arange(stored, device=device) < targets[:, None, None]
+    # Fillers (rank beyond the row's target) sort first and become pad slots.
+    index = torch.where(keep, ranked, -1).sort(dim=-1).values
+    filler = (index < 0) & evicting[:, None, None]
+    index = torch.where(evicting[:, None, None], index.clamp(min=0), tail)
+    return index, (filler if bool(filler.any()) else None)
 
 
 def gather_slots(
