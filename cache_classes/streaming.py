@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.memory.rope import RotaryShift, shift_to_cache_positions
 
 from .base import CompressedLayer, LongMemCache
 
@@ -53,11 +53,7 @@ class StreamingLayer(CompressedLayer):
     def keys_for_attention(self, keys, positions, real_before):
         if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
             return keys
-        stored = keys.shape[-2]
-        # Slot j is moved to position real_before - stored + j: contiguous, right before the first new token.
-        target = real_before[:, None, None] - stored + torch.arange(stored, device=keys.device)
-        delta = torch.where(positions == PAD_POSITION, torch.zeros_like(target), target - positions.long())
-        return self.rotary.rotate(keys, delta)
+        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
 
     def reset(self) -> None:
         super().reset()

@@ -5,8 +5,10 @@ Importing the package registers the ``hf_longmem`` attention functions with tran
 
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
+from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
 from hf_longmem.cache_classes.full import FullCache
 from hf_longmem.cache_classes.h2o import H2OCache
+from hf_longmem.cache_classes.sirllm import SirLLMCache
 from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
 from hf_longmem.cache_classes.think import ThinKCache
@@ -20,7 +22,9 @@ register_cache("streaming", StreamingCache, summary="StreamingLLM: attention sin
 register_cache("h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window")
 register_cache("snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window")
 register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer")
+register_cache("sirllm", SirLLMCache, summary="SirLLM: start + high token-entropy + recent tokens, decaying per turn")
 register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-driven key-channel pruning over SnapKV")
+register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
 
 
 def load_default_model(*args, **kwargs):
@@ -32,9 +36,11 @@ def load_default_model(*args, **kwargs):
 
 __all__ = [
     "CompressedLayer",
+    "DuoAttentionCache",
     "FullCache",
     "H2OCache",
     "PyramidKVCache",
+    "SirLLMCache",
     "SnapKVCache",
     "LongMemCache",
     "StreamingCache",

@@ -93,3 +93,22 @@ class RotaryShift:
         if rot == keys.shape[-1]:
             return out
         return torch.cat((out, keys[..., rot:]), dim=-1)
+
+
+def shift_to_cache_positions(
+    rotary: RotaryShift, keys: torch.Tensor, positions: torch.Tensor, real_before: torch.Tensor
+) -> torch.Tensor:
+    """The StreamingLLM/SirLLM "position shift": stored keys moved to contiguous positions before the query.
+
+    Slot ``j`` of ``stored`` slots is moved to position ``real_before - stored + j``, right before the first new
+    token (which the model places at ``real_before``); pad slots are left alone (they are masked).
+
+    Args:
+        keys: ``[batch, kv_heads, stored, head_dim]`` post-RoPE keys at their true positions.
+        positions: ``[batch, kv_heads, stored]`` true positions, negative for pad slots.
+        real_before: ``[batch]`` real tokens seen before this step.
+    """
+    stored = keys.shape[-2]
+    target = real_before[:, None, None] - stored + torch.arange(stored, device=keys.device)
+    delta = torch.where(positions < 0, torch.zeros_like(target), target - positions.long())
+    return rotary.rotate(keys, delta)

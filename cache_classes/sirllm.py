@@ -1,0 +1,256 @@
+"""SirLLM (Yao et al., 2024): streaming multi-turn dialogue with token-entropy memory and decay.
+
+Each token's score is its self-information ``-log p(x_i | x_<i)`` under the model's own next-token distribution
+(the paper's "token entropy"); the first token of a turn gets the turn's largest score, as in the official code.
+Before a new turn of ``n`` tokens, if the cache would exceed ``capacity = start_size + recent_size + entropy_size``,
+it keeps the ``start_size`` first tokens, the ``entropy_size - n`` highest-scoring tokens, and fills the remaining
+room with the most recent ones, down to ``capacity - n``. Then every kept score is multiplied by ``decay_ratio``
+(once per turn: memory decay) and the new turn's scores are appended. The same tokens are kept in every layer and
+head. Decoding steps inside a turn do not evict (the paper's evaluation scores choices, it never generates long).
+
+Positions follow the paper (pos-shift, ``position_mode="shift"``): the kept keys are re-rotated to contiguous
+positions inside the cache; ``"true"`` keeps original positions. Keys are cached post-RoPE by HF models, so the
+shift is an extra rotation by the position delta (exact up to float rounding).
+
+The scores need the model's logits over each new input, which ``generate`` does not compute (it keeps only the
+last position). :meth:`SirLLMCache.from_model` (used by ``make_cache``) therefore attaches a forward hook to the
+decoder that projects its last hidden states with the model's LM head; the hook ignores forwards that use another
+cache and is removed by :meth:`SirLLMCache.close` or when the cache is garbage-collected.
+
+Deviations from the official code: per-row scores for batches (the official code is batch-1); a turn longer than
+``entropy_size`` keeps only start + recent tokens instead of tripping an assertion; a turn longer than the whole
+capacity keeps the start tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.memory.rope import RotaryShift, shift_to_cache_positions
+
+from .base import CompressedLayer, LongMemCache, gather_slots, keep_plan
+
+POSITION_MODES = ("shift", "true")
+
+
+class SirLLMLayer(CompressedLayer):
+    """One layer of a :class:`SirLLMCache`; the eviction plan is shared by all layers and made by the cache."""
+
+    def __init__(self, owner: SirLLMCache, rotary: RotaryShift | None):
+        super().__init__()
+        self._owner = weakref.ref(owner)
+        self.rotary = rotary
+        self._evicted = False
+
+    @property
+    def owner(self) -> SirLLMCache:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("SirLLMLayer outlived its SirLLMCache")
+        return owner
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        plan = self.owner.eviction_plan(self.cumulative_length, key_states.shape[-2], self.positions)
+        if plan is not None:
+            index, filler = plan
+            self.keys, self.values, self.positions = gather_slots(self.keys, self.values, self.positions, index)
+            if filler is not None:
+                self.positions = self.positions.masked_fill(filler, PAD_POSITION)
+            self._evicted = True
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.get_stored_length()
+        if self.is_initialized:
+            plan = self.owner.eviction_plan(self.cumulative_length, query_length, self.positions)
+            if plan is not None:
+                stored = plan[0].shape[-1]
+        return stored + query_length, self.cumulative_length - stored
+
+    def target_length(self, num_tokens: int) -> int:
+        return num_tokens  # eviction happens before a turn, in update()
+
+    def keys_for_attention(self, keys, positions, real_before):
+        if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
+            return keys
+        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
+
+    def reset(self) -> None:
+        super().reset()
+        self._evicted = False
+
+
+class SirLLMCache(LongMemCache):
+    """SirLLM: keep start tokens, high self-information tokens (decaying per turn) and recent tokens.
+
+    Args:
+        entropy_size: slots for high-score tokens (official DailyDialog 508, Grocery 1020).
+        start_size: first tokens always kept (official 4).
+        recent_size: slots reserved for the most recent tokens (official 0; recency still fills spare room).
+        decay_ratio: per-turn multiplier of the kept scores (official 0.7 DailyDialog, 0.9 RPS, 1.0 Grocery).
+        position_mode: ``"shift"`` (paper) or ``"true"``.
+        config: the model config (layer layout, RoPE for ``"shift"``).
+        rotary: explicit :class:`RotaryShift` (``from_model`` passes the model's).
+
+    Build it with ``make_cache("sirllm", model, ...)`` (or :meth:`from_model`), which attaches the scoring hook.
+    """
+
+    def __init__(
+        self,
+        entropy_size: int = 1020,
+        start_size: int = 4,
+        recent_size: int = 0,
+        decay_ratio: float = 1.0,
+        position_mode: str = "shift",
+        config=None,
+        rotary: RotaryShift | None = None,
+    ):
+        for name, value, low in (("entropy_size", entropy_size, 1), ("start_size", start_size, 0), ("recent_size", recent_size, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if not 0.0 < decay_ratio <= 1.0:
+            raise ValueError(f"`decay_ratio` must be in (0, 1], got {decay_ratio!r}")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
+        if position_mode == "shift" and rotary is None:
+            if config is None:
+                raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
+            rotary = RotaryShift.from_config(config)
+        self.entropy_size, self.start_size, self.recent_size = entropy_size, start_size, recent_size
+        self.capacity = start_size + recent_size + entropy_size
+        self.decay_ratio, self.position_mode = decay_ratio, position_mode
+        self.scores: torch.Tensor | None = None  # [batch, stored] self-information of each kept slot
+        self._last_logprobs: torch.Tensor | None = None  # [batch, vocab] of the last position seen
+        self._plan_key: tuple[int, int] | None = None
+        self._plan = None
+        self._hook = None
+        shift = rotary if position_mode == "shift" else None
+        super().__init__(lambda layer_idx: SirLLMLayer(self, shift), config=config)
+
+    # ----------------------------------------------------------------------------------------------- model hook
+    @classmethod
+    def from_model(cls, model, **kwargs) -> SirLLMCache:
+        if kwargs.get("position_mode", "shift") == "shift" and "rotary" not in kwargs:
+            kwargs["rotary"] = RotaryShift.from_model(model)
+        cache = cls(config=model.config, **kwargs)
+        cache.attach(model)
+        return cache
+
+    def attach(self, model) -> None:
+        """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        lm_head = model.get_output_embeddings()
+        if lm_head is None:
+            raise ValueError("SirLLM needs a causal LM with an output embedding (lm_head) to score tokens")
+        self.close()
+        cache_ref = weakref.ref(self)
+
+        def hook(module, args, kwargs, output):
+            cache = cache_ref()
+            if cache is None or kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
+                return
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ValueError("SirLLM scores tokens by id: call the model with input_ids, not inputs_embeds")
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            with torch.no_grad():
+                cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
+
+        self._hook = decoder.register_forward_hook(hook, with_kwargs=True)
+        weakref.finalize(self, self._hook.remove)
+
+    def close(self) -> None:
+        """Removes the scoring hook from the model."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # ------------------------------------------------------------------------------------------------- scores
+    def record_turn(self, input_ids: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """Appends the self-information of ``input_ids`` ``[batch, q]`` given ``logprobs`` ``[batch, q, vocab]``."""
+        batch, num_new = input_ids.shape
+        ids = input_ids.to(logprobs.device)
+        within = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, q-1]: token i from logits i-1
+        if num_new == 1 and self._last_logprobs is not None:
+            first = -self._last_logprobs.gather(-1, ids[:, :1])  # a decoded token: its own probability
+        elif num_new > 1:
+            first = within.max(dim=-1, keepdim=True).values  # official: the turn's max
+        else:
+            first = logprobs.new_zeros(batch, 1)
+        new_scores = torch.cat((first, within), dim=-1)
+        layer = self.layers[0]
+        pad = layer.positions[:, 0, -num_new:] == PAD_POSITION
+        new_scores = new_scores.masked_fill(pad, float("-inf"))
+        self.scores = new_scores if self.scores is None else torch.cat((self.scores, new_scores), dim=-1)
+        self._last_logprobs = logprobs[:, -1]
+
+    def eviction_plan(self, seen: int, num_new: int, positions: torch.Tensor):
+        """The slots every layer keeps before a forward of ``num_new`` tokens (memoised per forward)."""
+        key = (seen, num_new)
+        if self._plan_key == key:
+            return self._plan
+        plan = None
+        stored = positions.shape[-1]
+        if num_new > 1 and self.scores is not None:  # a new turn
+            if stored + num_new > self.capacity:
+                plan = self._plan_eviction(positions, num_new)
+                if plan is not None:
+                    self.scores = self.scores.gather(1, plan[0][:, 0])
+                    if plan[1] is not None:
+                        self.scores = self.scores.masked_fill(plan[1][:, 0], float("-inf"))
+            self.scores = self.scores * self.decay_ratio
+        self._plan_key, self._plan = key, plan
+        return plan
+
+    def _plan_eviction(self, positions: torch.Tensor, num_new: int):
+        if self.scores.shape[-1] != positions.shape[-1]:
+            raise RuntimeError(
+                "SirLLM has no scores for some cached tokens: build the cache with make_cache('sirllm', model) "
+                "(or SirLLMCache.from_model) so that every forward is scored"
+            )
+        n = positions.shape[-1]
+        target = max(self.capacity - num_new, self.start_size)
+        real = positions[:, 0] != PAD_POSITION  # [b, n]
+        first_real = (~real).sum(-1, keepdim=True)
+        cols = torch.arange(n, device=positions.device).expand_as(real)
+        is_start = (cols >= first_real) & (cols < first_real + self.start_size)
+        top = max(0, self.entropy_size - num_new)
+        in_top = torch.zeros_like(real)
+        if top > 0:
+            ranked = self.scores.masked_fill(~real, float("-inf")).topk(min(top, n), dim=-1).indices
+            in_top.scatter_(1, ranked, True)
+        # start tokens first, then the top scores, then recency fills the room
+        priority = cols.float() + in_top.float() * (n + 1)
+        priority = priority.masked_fill(is_start, float("inf"))
+        return keep_plan(positions, target, lambda: priority[:, None, :])
+
+    def reset(self):
+        super().reset()
+        self.scores = self._last_logprobs = self._plan_key = self._plan = None
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self._reorder_own(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._reorder_own(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self._reorder_own(lambda t: t[indices])
+
+    def _reorder_own(self, fn) -> None:
+        if self.scores is not None:
+            self.scores = fn(self.scores)
+        if self._last_logprobs is not None:
+            self._last_logprobs = fn(self._last_logprobs)
+
+    def memory_bytes(self) -> int:
+        extra = 0 if self.scores is None else self.scores.numel() * self.scores.element_size()
+        return super().memory_bytes() + extra
