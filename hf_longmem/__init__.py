@@ -14,6 +14,8 @@ from hf_longmem.cache_classes.streaming import StreamingCache
 from hf_longmem.cache_classes.think import ThinKCache
 from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
 
+from hf_longmem import hub  # noqa: E402  (publish(), LocalFolderApi)
+
 __version__ = "0.1.0"
 
 register_attention()
@@ -49,6 +51,7 @@ __all__ = [
     "cache_memory_bytes",
     "enable_longmem_attention",
     "get_cache_spec",
+    "hub",
     "load_default_model",
     "make_cache",
     "register_attention",
