@@ -3,6 +3,7 @@
 Importing the package registers the ``hf_longmem`` attention functions with transformers (cheap, idempotent).
 """
 
+from hf_longmem import hub  # noqa: E402  (publish(), LocalFolderApi)
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
@@ -13,8 +14,6 @@ from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
 from hf_longmem.cache_classes.think import ThinKCache
 from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
-
-from hf_longmem import hub  # noqa: E402  (publish(), LocalFolderApi)
 
 __version__ = "0.1.0"
 
