@@ -108,12 +108,16 @@ def check_query_keys_values(
     return batch, q_heads, kv_heads, num_q, num_keys
 
 
-def check_valid(valid, batch: int, kv_heads: int, num_keys: int, name: str = "valid") -> torch.Tensor | None:
+def check_valid(
+    valid, batch: int, kv_heads: int, num_keys: int, name: str = "valid", device=None
+) -> torch.Tensor | None:
     """Validates a slot mask and returns it as ``[batch, 1 or kv_heads, n]`` bool (a view), or ``None``."""
     if valid is None:
         return None
     if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
         raise ValueError(f"`{name}` must be a bool tensor (False = pad slot), got {getattr(valid, 'dtype', valid)!r}")
+    if device is not None and valid.device != torch.device(device):
+        raise ValueError(f"`{name}` is on {valid.device}, the attention inputs on {device}")
     if valid.dim() == 2 and tuple(valid.shape) == (batch, num_keys):
         return valid[:, None, :]
     if valid.dim() == 3 and tuple(valid.shape) == (batch, kv_heads, num_keys):

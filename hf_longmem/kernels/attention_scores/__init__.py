@@ -67,14 +67,17 @@ def attention_column_scores(
     if num_q < 1:
         raise ValueError("`query` must hold at least one query (q >= 1)")
     scaling = check_scaling(scaling)
-    valid = check_valid(valid, batch, kv_heads, num_keys)
+    valid = check_valid(valid, batch, kv_heads, num_keys, device=query.device)
     if query_valid is not None and (
         not isinstance(query_valid, torch.Tensor)
         or query_valid.dtype != torch.bool
         or tuple(query_valid.shape) != (batch, num_q)
+        or query_valid.device != query.device
     ):
         got = (query_valid.dtype, tuple(query_valid.shape)) if isinstance(query_valid, torch.Tensor) else query_valid
-        raise ValueError(f"`query_valid` must be a bool tensor [batch, q] = {(batch, num_q)}, got {got}")
+        raise ValueError(
+            f"`query_valid` must be a bool tensor [batch, q] = {(batch, num_q)} on {query.device}, got {got}"
+        )
     check_causal(causal_new, num_q, num_keys)
     if resolve_backend(backend, query, keys) == "torch":
         return naive_attention_column_scores(query, keys, scaling, valid, causal_new, query_valid)

@@ -97,7 +97,7 @@ def channel_attention(
     head_dim = query.shape[-1]
     _check_channel_index(channel_index, batch, kv_heads, keys_pruned.shape[-1], head_dim, query.device)
     scaling = check_scaling(scaling)
-    valid = check_valid(valid, batch, kv_heads, num_pruned)
+    valid = check_valid(valid, batch, kv_heads, num_pruned, device=query.device)
     num_full = 0
     if (keys_full is None) != (values_full is None):
         raise ValueError("`keys_full` and `values_full` must be given together")
@@ -113,7 +113,7 @@ def channel_attention(
                 f"`keys_full`/`values_full` {tuple(keys_full.shape)}/{tuple(values_full.shape)} must have the "
                 f"kv_heads ({kv_heads}) and v_head_dim ({values.shape[-1]}) of `keys_pruned`/`values`"
             )
-        valid_full = check_valid(valid_full, batch, kv_heads, num_full, name="valid_full")
+        valid_full = check_valid(valid_full, batch, kv_heads, num_full, name="valid_full", device=query.device)
     check_causal(causal_new, num_q, num_pruned + num_full)
     args = (query, keys_pruned, channel_index, values, scaling, valid, causal_new, keys_full, values_full, valid_full)
     tensors = [t for t in (query, keys_pruned, values, keys_full, values_full) if t is not None]

@@ -53,7 +53,7 @@ def decode_attention(
     """
     batch, _, kv_heads, num_q, num_keys = check_query_keys_values(query, keys, values)
     scaling = check_scaling(scaling)
-    valid = check_valid(valid, batch, kv_heads, num_keys)
+    valid = check_valid(valid, batch, kv_heads, num_keys, device=query.device)
     check_causal(causal_new, num_q, num_keys)
     if resolve_backend(backend, query, keys, values) == "torch":
         return naive_decode_attention(query, keys, values, scaling, valid, causal_new)
