@@ -3,7 +3,7 @@
 Importing the package registers the ``hf_longmem`` attention functions with transformers (cheap, idempotent).
 """
 
-from hf_longmem import hub  # noqa: E402  (publish(), LocalFolderApi)
+from hf_longmem import hub  # publish(), LocalFolderApi
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
