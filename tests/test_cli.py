@@ -8,11 +8,21 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_longmem import available_caches
 from hf_longmem.cli import main, parse_option
 from tests.helpers.tiny_models import tiny_model
 from tests.helpers.tiny_tokenizer import tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (idle OpenMP threads spin and slow a shared machine down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,15 @@ from hf_longmem.evals.fidelity import (
 from tests.helpers.tiny_models import random_ids, tiny_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (idle OpenMP threads spin and slow a shared machine down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama_gqa", "sdpa")

@@ -35,6 +35,15 @@ def fake_generator(name, tokenizer, length, num_samples, seed=0, **options):
     return fake_task(name, tokenizer, length, num_samples, seed, num_turns=3 if name == "multi" else 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (idle OpenMP threads spin and slow a shared machine down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama_gqa", "sdpa")
