@@ -66,6 +66,14 @@ def check_4d(name: str, tensor, layout: str) -> None:
         raise ValueError(f"`{name}` must be a floating-point tensor, got {tensor.dtype}")
 
 
+def check_same(name: str, tensor: torch.Tensor, query: torch.Tensor) -> None:
+    """``tensor`` must share the query's device and dtype (the kernels multiply them without casting)."""
+    if tensor.device != query.device:
+        raise ValueError(f"`{name}` is on {tensor.device}, `query` on {query.device}")
+    if tensor.dtype != query.dtype:
+        raise ValueError(f"`{name}` is {tensor.dtype}, `query` is {query.dtype}: pass one dtype")
+
+
 def check_query_keys_values(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -103,8 +111,7 @@ def check_query_keys_values(
     if keys.shape[-1] != expected:
         raise ValueError(f"`{keys_name}` head_dim {keys.shape[-1]} must be {expected}")
     for name, tensor in ((keys_name, keys), (values_name, values)):
-        if tensor.device != query.device:
-            raise ValueError(f"`{name}` is on {tensor.device}, `query` on {query.device}")
+        check_same(name, tensor, query)
     return batch, q_heads, kv_heads, num_q, num_keys
 
 

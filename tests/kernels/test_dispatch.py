@@ -69,10 +69,11 @@ def _decode_errors(query, keys, values):
         ({"valid": bool_valid[:, :5]}, "`valid` must be \\[batch, n\\]"),
         ({"query": rand(B, HQ, N + 1, D)}, "causal_new=True"),
         ({"backend": "cuda"}, "`backend`"),
+        ({"keys": keys.half()}, "`keys` is torch.float16, `query` is torch.float32"),
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(13))
 def test_decode_attention_errors(qkv, index):
     query, keys, values = qkv
     overrides, message = _decode_errors(query, keys, values)[index]

@@ -7,6 +7,7 @@ import torch
 from hf_longmem.kernels.utils import (
     check_4d,
     check_causal,
+    check_same,
     check_scaling,
     check_valid,
     resolve_backend,
@@ -62,8 +63,7 @@ def attention_column_scores(
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads}) of `keys`")
     if keys.shape[-1] != head_dim:
         raise ValueError(f"`keys` head_dim {keys.shape[-1]} must be the query's {head_dim}")
-    if keys.device != query.device:
-        raise ValueError(f"`keys` is on {keys.device}, `query` on {query.device}")
+    check_same("keys", keys, query)
     if num_q < 1:
         raise ValueError("`query` must hold at least one query (q >= 1)")
     scaling = check_scaling(scaling)

@@ -13,7 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_longmem.kernels.decode_attention.triton import _allowed_block, _autotune_configs, _block_size, _load_query_rows
+from hf_longmem.kernels.decode_attention.triton import (
+    _allowed_block,
+    _autotune_configs,
+    _block_size,
+    _dot,
+    _load_query_rows,
+)
 
 
 @triton.autotune(configs=_autotune_configs(), key=["GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D"])
@@ -46,7 +52,7 @@ def _row_lse_kernel(
     BLOCK_D: tl.constexpr,
     HAS_VALID: tl.constexpr,
     CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -91,7 +97,7 @@ def _row_lse_kernel(
             mask=col_ok[None, :] & d_ok[:, None],
             other=0.0,
         )
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = _dot(q, k, IEEE_DOT) * qk_scale
         allowed = _allowed_block(valid_base, stride_mn, cols, col_ok, qi, row_ok, causal_offset, HAS_VALID, CAUSAL)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -138,7 +144,7 @@ def _column_scores_kernel(
     HAS_VALID: tl.constexpr,
     HAS_QUERY_VALID: tl.constexpr,
     CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -188,7 +194,7 @@ def _column_scores_kernel(
             False,
         )
         lse2 = tl.load(lse_base + group_head * num_queries + qi, mask=row_ok, other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = _dot(q, k, IEEE_DOT) * qk_scale
         allowed = _allowed_block(valid_base, stride_mn, cols, col_ok, qi, row_ok, causal_offset, HAS_VALID, CAUSAL)
         p = tl.where(allowed, tl.exp2(s - tl.where(allowed, lse2[:, None], 0.0)), 0.0)
         acc += tl.sum(p, 0)
@@ -233,7 +239,7 @@ def triton_attention_column_scores(
         "BLOCK_D": block_d,
         "HAS_VALID": valid is not None,
         "CAUSAL": causal_new,
-        "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
+        "IEEE_DOT": query.dtype == torch.float32,
     }
 
     lse2 = torch.empty(batch, q_heads, num_q, device=query.device, dtype=torch.float32)

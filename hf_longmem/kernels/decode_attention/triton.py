@@ -28,6 +28,16 @@ def _autotune_configs():
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` accumulated in float32; exact float32 products when ``IEEE`` (float32 inputs), else the default."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
 def _allowed_block(
     valid_ptr,
     stride_vn,
@@ -122,7 +132,7 @@ def _decode_attention_fwd_kernel(
     HAS_VALID: tl.constexpr,
     HAS_CHANNEL_INDEX: tl.constexpr,
     CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -176,7 +186,7 @@ def _decode_attention_fwd_kernel(
             mask=col_ok[None, :] & d_ok[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = _dot(q, k, IEEE_DOT) * qk_scale
         allowed = _allowed_block(valid_base, stride_mn, cols, col_ok, qi, row_ok, causal_offset, HAS_VALID, CAUSAL)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -189,7 +199,7 @@ def _decode_attention_fwd_kernel(
             mask=col_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_DV]
-        acc = acc * alpha[:, None] + tl.dot(tl.cast(p, v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(tl.cast(p, v.dtype), v, IEEE_DOT)
         m_i = m_new
 
     seen = l_i > 0
@@ -297,7 +307,6 @@ def decode_attention_fwd(
         valid_strides = (valid_strides[0], 0, valid_strides[2])
     cidx_arg = channel_index if channel_index is not None else query
     cidx_strides = channel_index.stride() if channel_index is not None else (0, 0, 0)
-    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
 
     grid = (batch * kv_heads, m_blocks, num_splits)
     _decode_attention_fwd_kernel[grid](
@@ -331,12 +340,19 @@ def decode_attention_fwd(
         HAS_VALID=valid is not None,
         HAS_CHANNEL_INDEX=channel_index is not None,
         CAUSAL=causal_offset is not None,
-        DOT_PRECISION=dot_precision,
+        IEEE_DOT=query.dtype == torch.float32,
     )
     out = torch.empty(batch, q_heads, num_q, value_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, q_heads, num_q, device=query.device, dtype=torch.float32)
     _merge_splits_kernel[(batch * q_heads * num_q,)](
-        o_part, lse_part, out, lse, num_splits, value_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv
+        o_part,
+        lse_part,
+        out,
+        lse,
+        num_splits,
+        value_dim,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_DV=block_dv,
     )
     return out, lse
 
