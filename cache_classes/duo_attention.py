@@ -1,0 +1,578 @@
+"""DuoAttention (Xiao et al., 2024, arXiv 2410.10819): retrieval heads keep every token, streaming heads keep
+attention sinks + a recent window.
+
+Each (layer, KV head) is either a *retrieval* head, which keeps the whole KV cache, or a *streaming* head, which
+keeps its first ``sink_size`` tokens and its ``recent_size`` most recent ones (StreamingLLM per head). Which heads
+are which comes from gates ``α ∈ [0, 1]`` per (layer, KV head), learned offline
+(``recipes/duo_identify_heads.py``) or loaded from the official ``full_attention_heads.tsv``; a ``sparsity``
+target (the fraction of STREAMING heads) turns them into a pattern.
+
+Storage is real: each layer holds two tensors, retrieval ``[batch, Hr, n, head_dim]`` and streaming
+``[batch, Hs, <= S + R, head_dim]``, each with its own position metadata, so :meth:`memory_bytes` shows the saving
+(about ``1 - sparsity`` of the full cache at long contexts). The attention of a step is computed per group: the
+query heads of each group are gathered with one ``index_select`` on the head axis (GQA-aware: a KV head's whole
+query group goes with it), attention runs with the model's fallback kernel (SDPA or eager) and a mask built from
+the group's own slots, and the outputs are put back in head order with one more ``index_select``.
+
+Positions are the true ones (no re-rotation), as in the official code. A step attends to what is stored plus the
+new tokens (exact attention for every head during a single-chunk prefill, as the official ``q_len == kv_seq_len``
+path; ``S + R + chunk`` for streaming heads in a chunked prefill or a decoding step), then the streaming heads are
+truncated back to ``S + R`` (the official ``cache[S:S+R] <- last R``).
+
+Deviations from the official code (mit-han-lab/duo-attention), on purpose:
+
+* no weight permutation: the official deployment permutes the q/k/v/o weights so that retrieval heads come first
+  and slices contiguous head ranges; we gather heads with ``index_select`` instead (same math, no model surgery);
+* per-row decisions: each row of a left-padded batch keeps its own first ``S`` real tokens and last ``R`` real
+  tokens and never a pad (the official code is batch-1 and truncates every row at the same columns);
+* deterministic thresholding: the official ``sparsify_attention_heads`` breaks ties with ``U(0, 1e-6)`` noise; we
+  keep its quantile rule (``ceil(sparsity * (N - 1))`` streaming heads, which is what ``gates >= quantile`` gives
+  for distinct gates) and break ties by (layer, head) order; ``sparsity=None`` uses the fixed threshold 0.5 (the
+  official function crashes on ``sparsity=None``);
+* ``recent_size`` must be at least 1 (the official ``[-recent_size:]`` slice keeps everything when it is 0);
+* attention weights are not returned (the two groups attend to different numbers of keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.memory.masks import slot_mask
+from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
+
+from .base import CompressedLayer, LongMemCache
+from .scored import NEEDS_ATTENTION_MESSAGE
+
+#: ``format`` field of our JSON / safetensors pattern files.
+PATTERN_FORMAT = "hf_longmem.duo_attention.head_pattern"
+PATTERN_VERSION = 1
+#: File names searched in a folder (a model folder or an official ``attn_patterns/...`` folder), in this order.
+PATTERN_FILE_NAMES = ("duo_attention_heads.json", "duo_attention_heads.safetensors", "full_attention_heads.tsv")
+PATTERN_SUFFIXES = (".json", ".safetensors", ".tsv")
+
+HeadPattern = str | os.PathLike | torch.Tensor | Sequence | bool | None
+
+
+# ------------------------------------------------------------------------------------------------ pattern files
+def load_head_pattern(path: str | os.PathLike) -> torch.Tensor:
+    """Reads head gates or a boolean head pattern, ``[num_layers, num_kv_heads]``.
+
+    Args:
+        path: a ``.tsv`` file in the official ``full_attention_heads.tsv`` format (tab-separated gates, one row
+            per layer), a ``.json`` / ``.safetensors`` file written by :func:`save_head_pattern`, or a folder
+            holding one of :data:`PATTERN_FILE_NAMES` (a model folder, or an official ``attn_patterns/...`` folder).
+
+    Returns:
+        float32 gates clipped to ``[0, 1]`` (as the official loader does), or a bool tensor (True = retrieval
+        head) if the file holds a pattern rather than gates.
+
+    Raises:
+        ValueError: if the file is missing, has an unknown suffix or does not hold a 2-D pattern.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in PATTERN_FILE_NAMES if (path / name).is_file()]
+        if not found:
+            raise ValueError(f"`head_pattern` folder {path} holds none of {list(PATTERN_FILE_NAMES)}")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"`head_pattern` file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".tsv":
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            pattern = torch.tensor([[float(value) for value in row] for row in rows], dtype=torch.float32)
+        except ValueError as error:  # ragged rows or non-numbers
+            raise ValueError(
+                f"`head_pattern` file {path} is not a tab-separated [layers x kv_heads] table: {error}"
+            ) from None
+    elif suffix == ".json":
+        content = json.loads(path.read_text())
+        if isinstance(content, dict):
+            if "retrieval" in content and "gates" not in content:
+                pattern = torch.tensor(content["retrieval"], dtype=torch.bool)
+            elif "gates" in content:
+                pattern = torch.tensor(content["gates"], dtype=torch.float32)
+            else:
+                raise ValueError(f"`head_pattern` file {path} has neither 'gates' nor 'retrieval'")
+        else:
+            pattern = torch.tensor(content, dtype=torch.float32)
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        key = "gates" if "gates" in tensors else "retrieval"
+        if key not in tensors:
+            raise ValueError(f"`head_pattern` file {path} has neither a 'gates' nor a 'retrieval' tensor")
+        pattern = tensors[key]
+    else:
+        raise ValueError(f"`head_pattern` file {path} must end with one of {PATTERN_SUFFIXES}")
+    return _check_pattern_tensor(pattern, f"file {path}")
+
+
+def load_head_pattern_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` dict saved with a JSON / safetensors pattern (empty for the official tsv)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        content = json.loads(path.read_text())
+        return dict(content.get("metadata", {})) if isinstance(content, dict) else {}
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get("metadata", "{}"))
+    return {}
+
+
+def save_head_pattern(
+    path: str | os.PathLike, gates: torch.Tensor | Sequence, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Writes gates (float) or a boolean pattern ``[num_layers, num_kv_heads]`` atomically.
+
+    The format follows the suffix: ``.tsv`` (the official format; a bool pattern is written as 0/1 gates, reload it
+    with ``sparsity=None`` to keep it exactly; ``metadata`` is not stored), ``.json`` or ``.safetensors`` (ours:
+    gates or pattern plus ``metadata``). The file is written to a temporary name in the same folder and renamed,
+    so a reader never sees a partial file.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PATTERN_SUFFIXES:
+        raise ValueError(f"`path` must end with one of {PATTERN_SUFFIXES}, got {str(path)!r}")
+    pattern = _check_pattern_tensor(torch.as_tensor(gates).detach().cpu(), "`gates`", name="gates")
+    is_bool = pattern.dtype == torch.bool
+    metadata = dict(metadata or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle.close()
+    tmp = Path(handle.name)
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".tsv":
+            rows = pattern.to(torch.float64).tolist()
+            tmp.write_text("".join("\t".join(f"{value:.18e}" for value in row) + "\n" for row in rows))
+        elif suffix == ".json":
+            key = "retrieval" if is_bool else "gates"
+            content = {
+                "format": PATTERN_FORMAT,
+                "version": PATTERN_VERSION,
+                key: pattern.tolist(),
+                "metadata": metadata,
+            }
+            tmp.write_text(json.dumps(content, indent=1) + "\n")
+        else:
+            from safetensors.torch import save_file
+
+            key = "retrieval" if is_bool else "gates"
+            header = {"format": PATTERN_FORMAT, "version": str(PATTERN_VERSION), "metadata": json.dumps(metadata)}
+            save_file({key: pattern.contiguous()}, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_pattern_tensor(pattern: torch.Tensor, where: str, name: str = "head_pattern") -> torch.Tensor:
+    if pattern.ndim != 2 or pattern.numel() == 0:
+        raise ValueError(
+            f"`{name}` ({where}) must be a non-empty 2-D [num_layers, num_kv_heads] table, got shape {tuple(pattern.shape)}"
+        )
+    if pattern.dtype == torch.bool:
+        return pattern
+    if not (pattern.is_floating_point() or pattern.dtype in (torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"`{name}` ({where}) must hold float gates or booleans, got {pattern.dtype}")
+    pattern = pattern.to(torch.float32)
+    if not bool(torch.isfinite(pattern).all()):
+        raise ValueError(f"`{name}` ({where}) holds NaN or infinite gates")
+    return pattern.clamp(0.0, 1.0)
+
+
+# -------------------------------------------------------------------------------------------------- thresholding
+def num_streaming_heads(num_heads: int, sparsity: float) -> int:
+    """Streaming heads chosen out of ``num_heads`` at ``sparsity``: ``ceil(sparsity * (num_heads - 1))``.
+
+    That is the count ``gates >= quantile(gates, sparsity)`` leaves below the threshold when gates are distinct
+    (the official rule), within one head of ``sparsity * num_heads``.
+    """
+    return min(num_heads, math.ceil(round(sparsity * (num_heads - 1), 9)))
+
+
+def select_retrieval_heads(gates: torch.Tensor, sparsity: float | None = 0.5) -> torch.Tensor:
+    """Turns gates ``[num_layers, num_kv_heads]`` into a retrieval pattern (True = retrieval head).
+
+    Args:
+        gates: float gates in ``[0, 1]`` (higher = needs full attention).
+        sparsity: fraction of STREAMING heads in ``[0, 1)``: the :func:`num_streaming_heads` lowest gates stream,
+            ties broken by (layer, head) order (earlier heads stream first). ``None``: gates ``>= 0.5`` are retrieval.
+
+    Returns:
+        ``[num_layers, num_kv_heads]`` bool.
+    """
+    gates = _check_pattern_tensor(torch.as_tensor(gates), "gates", name="gates")
+    if gates.dtype == torch.bool:
+        return gates
+    if sparsity is None:
+        return gates >= 0.5
+    _check_sparsity(sparsity)
+    flat = gates.flatten()
+    order = flat.sort(stable=True).indices
+    retrieval = torch.ones_like(flat, dtype=torch.bool)
+    retrieval[order[: num_streaming_heads(flat.numel(), sparsity)]] = False
+    return retrieval.view(gates.shape)
+
+
+def _check_sparsity(sparsity) -> None:
+    if sparsity is None:
+        return
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` (fraction of streaming heads) must be in [0, 1) or None, got {sparsity!r}")
+
+
+def resolve_head_pattern(head_pattern: HeadPattern, sparsity: float | None, config=None) -> torch.Tensor | bool:
+    """``head_pattern`` as a retrieval pattern: a bool ``[num_layers, num_kv_heads]`` tensor, or one bool for all.
+
+    Args:
+        head_pattern: a file or folder (see :func:`load_head_pattern`); gates or a bool pattern as a tensor / array /
+            nested list; ``True`` (every head retrieval: the full cache) or ``False`` (every head streaming);
+            ``None``: the pattern file saved in the model's folder (``config._name_or_path``).
+        sparsity: see :func:`select_retrieval_heads` (ignored for bool patterns).
+        config: the model config; the pattern's shape is checked against it.
+    """
+    _check_sparsity(sparsity)
+    if isinstance(head_pattern, bool):
+        return head_pattern
+    if head_pattern is None:
+        folder = getattr(config, "_name_or_path", "") if config is not None else ""
+        if not folder or not Path(folder).is_dir() or not any((Path(folder) / n).is_file() for n in PATTERN_FILE_NAMES):
+            raise ValueError(
+                "`head_pattern` is required: pass a pattern file (official full_attention_heads.tsv or one written by "
+                "recipes/duo_identify_heads.py), gates / a bool tensor [num_layers, num_kv_heads], or True/False; "
+                f"no {' / '.join(PATTERN_FILE_NAMES)} was found in the model folder {folder!r}"
+            )
+        head_pattern = folder
+    if isinstance(head_pattern, (str, os.PathLike)):
+        pattern = load_head_pattern(head_pattern)
+    else:
+        try:
+            pattern = torch.as_tensor(head_pattern).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"`head_pattern` must be a path, a tensor/nested list or a bool, got {type(head_pattern).__name__}: {error}"
+            ) from None
+        pattern = _check_pattern_tensor(pattern, "tensor")
+    retrieval = select_retrieval_heads(pattern, sparsity)
+    if config is not None:
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        expected = (
+            text_config.num_hidden_layers,
+            getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+        )
+        if tuple(retrieval.shape) != expected:
+            raise ValueError(
+                f"`head_pattern` has shape {tuple(retrieval.shape)} but the model has [num_layers, num_kv_heads] = "
+                f"{list(expected)}"
+            )
+    return retrieval
+
+
+# --------------------------------------------------------------------------------------------------------- layer
+class DuoAttentionLayer(CompressedLayer):
+    """One layer of a :class:`DuoAttentionCache`: two groups of KV heads stored separately.
+
+    Stored state (every tensor per row, so beam search and batch selection keep them aligned):
+
+    * ``keys``/``values``: retrieval heads ``[batch, Hr, n, head_dim]`` (``None`` if the layer has none);
+    * ``positions``: ``[batch, 1, n]`` int32 true position of each retrieval slot (shared by the group's heads),
+      ``PAD_POSITION`` for pad slots;
+    * ``streaming_keys``/``streaming_values``: streaming heads ``[batch, Hs, m, head_dim]`` with
+      ``m <= sink_size + recent_size`` between steps (``None`` if the layer has none);
+    * ``streaming_positions``: ``[batch, 1, m]`` int32;
+    * ``real_seen``: ``[batch]`` real tokens seen.
+
+    ``get_stored_length()`` is the longest group (retrieval when present); :meth:`update` returns that group's K/V,
+    so ``get_mask_sizes`` matches it, but :meth:`attend` builds each group's mask from its own slots anyway.
+
+    Args:
+        retrieval: ``[num_kv_heads]`` bool (True = retrieval head), or one bool for every head.
+        sink_size, recent_size: what a streaming head keeps.
+        layer_idx: the decoder layer index (for error messages).
+    """
+
+    batch_state = (
+        "keys", "values", "positions", "streaming_keys", "streaming_values", "streaming_positions", "real_seen",
+    )  # fmt: skip
+
+    def __init__(self, retrieval: torch.Tensor | bool, sink_size: int, recent_size: int, layer_idx: int = 0):
+        super().__init__()
+        self.retrieval = retrieval
+        self.sink_size, self.recent_size, self.layer_idx = sink_size, recent_size, layer_idx
+        self.streaming_keys: torch.Tensor | None = None
+        self.streaming_values: torch.Tensor | None = None
+        self.streaming_positions: torch.Tensor | None = None
+        self.retrieval_heads: torch.Tensor | None = None  # [Hr] kv-head indices
+        self.streaming_heads: torch.Tensor | None = None  # [Hs]
+        self.num_kv_heads = 0
+        self._query_index: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pending = False
+
+    # ----------------------------------------------------------------------------------------------- contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        if isinstance(self.retrieval, bool):
+            retrieval = torch.full((heads,), self.retrieval, dtype=torch.bool)
+        else:
+            retrieval = self.retrieval
+            if retrieval.shape != (heads,):
+                raise ValueError(
+                    f"`head_pattern` gives {retrieval.numel()} KV heads for layer {self.layer_idx}, the model has {heads}"
+                )
+        retrieval = retrieval.to(self.device)
+        self.num_kv_heads = heads
+        self.retrieval_heads = retrieval.nonzero().flatten()
+        self.streaming_heads = (~retrieval).nonzero().flatten()
+        positions = torch.zeros(batch, 1, 0, dtype=torch.int32, device=self.device)
+
+        def empty(states: torch.Tensor, count: int) -> torch.Tensor:
+            return states.new_zeros(batch, count, 0, states.shape[-1])
+
+        if self.retrieval_heads.numel():
+            self.keys = empty(key_states, self.retrieval_heads.numel())
+            self.values = empty(value_states, self.retrieval_heads.numel())
+            self.positions = positions
+        if self.streaming_heads.numel():
+            self.streaming_keys = empty(key_states, self.streaming_heads.numel())
+            self.streaming_values = empty(value_states, self.streaming_heads.numel())
+            self.streaming_positions = positions.clone()
+        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends ``[batch, kv_heads, q, head_dim]`` states to both groups; :meth:`attend` then truncates.
+
+        Returns the retrieval group's ``[batch, Hr, stored + q, head_dim]`` K/V (the streaming group's if the
+        layer has no retrieval head), or the new states of every head at the first step.
+        """
+        if self._pending:
+            raise RuntimeError(NEEDS_ATTENTION_MESSAGE.format(name=type(self).__name__))
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: this model does not pass its attention kwargs to Cache.update, "
+                "so per-head-group attention cannot run (unsupported model)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, _, num_new, _ = key_states.shape
+        first_step = self.get_stored_length() == 0
+        new_positions = new_token_positions(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
+        self.real_seen = self.real_seen + (new_positions != PAD_POSITION).sum(1)
+        self.cumulative_length += num_new
+        new_positions = new_positions.to(torch.int32)[:, None, :]
+        if self.keys is not None:
+            keys, values = self._heads(key_states, value_states, self.retrieval_heads)
+            self.keys = torch.cat((self.keys, keys), dim=-2)
+            self.values = torch.cat((self.values, values), dim=-2)
+            self.positions = torch.cat((self.positions, new_positions), dim=-1)
+        if self.streaming_keys is not None:
+            keys, values = self._heads(key_states, value_states, self.streaming_heads)
+            self.streaming_keys = torch.cat((self.streaming_keys, keys), dim=-2)
+            self.streaming_values = torch.cat((self.streaming_values, values), dim=-2)
+            self.streaming_positions = torch.cat((self.streaming_positions, new_positions), dim=-1)
+        self._pending = True
+        attn_kwargs[LAYER_KWARG] = self
+        if first_step:  # every head sees the same tokens: a model on plain attention is exact at this step
+            return key_states, value_states
+        if self.keys is not None:
+            return self.keys, self.values
+        return self.streaming_keys, self.streaming_values
+
+    def get_stored_length(self) -> int:
+        primary = self.keys if self.keys is not None else self.streaming_keys
+        return 0 if primary is None else primary.shape[-2]
+
+    def get_streaming_length(self) -> int:
+        """Slots held by the streaming heads (0 if the layer has none)."""
+        return 0 if self.streaming_keys is None else self.streaming_keys.shape[-2]
+
+    # ----------------------------------------------------------------------------------------------- attention
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """Attention of ``query`` ``[batch, q_heads, q, head_dim]`` per head group, in head order.
+
+        ``key``/``value``/``attention_mask`` (the model's) are ignored: each group attends to its own stored slots
+        with a mask built from its positions. Returns ``([batch, q, q_heads, head_dim], None)``.
+        """
+        implementation = module.config._attn_implementation
+        eager = implementation == EAGER_ATTENTION_NAME
+        attention = fallback_attention(module, implementation)
+        retrieval_q, streaming_q, order = self._query_heads(query.shape[1])
+        groups = (
+            (self.keys, self.values, self.positions, retrieval_q),
+            (self.streaming_keys, self.streaming_values, self.streaming_positions, streaming_q),
+        )
+        outputs = []
+        for keys, values, positions, query_heads in groups:  # two head groups, not a loop over heads
+            if keys is None:
+                continue
+            group_query = query if query_heads.numel() == query.shape[1] else query.index_select(1, query_heads)
+            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager)
+            output, _ = attention(module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **kwargs)
+            outputs.append(output)  # [batch, q, group_q_heads, head_dim]
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2).index_select(2, order)
+        self._pending = False
+        self._truncate_streaming()
+        return output, None
+
+    def _query_heads(self, num_query_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query-head indices of each group and the order that puts ``cat(retrieval, streaming)`` back."""
+        if num_query_heads not in self._query_index:
+            if num_query_heads % self.num_kv_heads:
+                raise ValueError(f"{num_query_heads} query heads do not split into {self.num_kv_heads} KV-head groups")
+            group = num_query_heads // self.num_kv_heads
+            offsets = torch.arange(group, device=self.device)
+
+            def expand(kv_heads: torch.Tensor) -> torch.Tensor:
+                return (kv_heads[:, None] * group + offsets).flatten()
+
+            retrieval_q, streaming_q = expand(self.retrieval_heads), expand(self.streaming_heads)
+            order = torch.cat((retrieval_q, streaming_q)).argsort()
+            self._query_index[num_query_heads] = (retrieval_q, streaming_q, order)
+        return self._query_index[num_query_heads]
+
+    @staticmethod
+    def _mask(positions: torch.Tensor, num_new: int, num_keys: int, dtype: torch.dtype, eager: bool):
+        """The group's own mask ``[batch, 1, q, n]`` (``None`` where the kernel's causal default is exact)."""
+        plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
+        if plain and not bool((positions == PAD_POSITION).any()):
+            return None
+        return slot_mask(positions[:, 0], num_new, dtype if eager else None)
+
+    @staticmethod
+    def _heads(key_states: torch.Tensor, value_states: torch.Tensor, heads: torch.Tensor):
+        if heads.numel() == key_states.shape[1]:
+            return key_states, value_states
+        return key_states.index_select(1, heads), value_states.index_select(1, heads)
+
+    # ------------------------------------------------------------------------------------------- compression
+    def _truncate_streaming(self) -> None:
+        """Keeps, per row, the first ``sink_size`` and last ``recent_size`` real slots of the streaming heads.
+
+        Rows with fewer real slots than the longest row's kept count are filled on the left with pad slots.
+        """
+        if self.streaming_keys is None:
+            return
+        positions = self.streaming_positions[:, 0]  # [b, n]
+        batch, n = positions.shape
+        if n <= self.sink_size + self.recent_size:
+            return
+        real = positions != PAD_POSITION
+        rank = real.cumsum(-1) - 1  # index among the row's real slots
+        count = real.sum(-1, keepdim=True)
+        keep = real & ((rank < self.sink_size) | (rank >= count - self.recent_size))
+        stored = int(keep.sum(-1).max())
+        if stored == n:
+            return
+        slots = torch.arange(n, device=positions.device).expand(batch, n)
+        index = torch.where(keep, slots, -1).sort(dim=-1).values[:, n - stored :]  # [b, stored], fillers first
+        filler = index < 0
+        index = index.clamp(min=0)
+        heads = self.streaming_keys.shape[1]
+        key_index = index[:, None, :, None].expand(batch, heads, stored, self.streaming_keys.shape[-1])
+        value_index = index[:, None, :, None].expand(batch, heads, stored, self.streaming_values.shape[-1])
+        self.streaming_keys = self.streaming_keys.gather(2, key_index)
+        self.streaming_values = self.streaming_values.gather(2, value_index)
+        self.streaming_positions = positions.gather(1, index).masked_fill(filler, PAD_POSITION)[:, None, :]
+
+    # ------------------------------------------------------------------------------------------------- misc
+    def reset(self) -> None:
+        super().reset()
+        self.streaming_keys = self.streaming_values = self.streaming_positions = None
+        self._pending = False
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+class DuoAttentionCache(LongMemCache):
+    """DuoAttention: retrieval heads keep the full KV cache, streaming heads keep sinks + a recent window.
+
+    Args:
+        head_pattern: which KV heads are retrieval heads, ``[num_layers, num_kv_heads]``: a pattern file or folder
+            (the official ``full_attention_heads.tsv``, or ``.json`` / ``.safetensors`` from
+            :func:`save_head_pattern` / ``recipes/duo_identify_heads.py``), gates (floats in ``[0, 1]``) or a bool
+            pattern as a tensor / nested list, or ``True`` / ``False`` for every head retrieval / streaming.
+            ``None`` looks for a pattern file in the model's folder.
+        sparsity: fraction of STREAMING heads in ``[0, 1)`` when ``head_pattern`` holds gates (the lowest gates
+            stream, see :func:`select_retrieval_heads`); ``None`` streams the heads with gates below 0.5. Ignored for
+            bool patterns. Paper settings: 0.5 for GQA models (Llama-3), 0.75 for MHA (Llama-2).
+        sink_size: initial tokens a streaming head keeps (official eval default 64).
+        recent_size: most recent tokens a streaming head keeps (official default 256).
+        config: the model config: checks the pattern's shape and lays out sliding-window layers.
+
+    Memory: at a context of ``T`` tokens, a layer holds ``Hr * T + Hs * (S + R)`` token slots instead of
+    ``(Hr + Hs) * T`` (plus 4 bytes of position per slot and group).
+
+    Example::
+
+        cache = hf_longmem.make_cache("duo_attention", model, head_pattern="full_attention_heads.tsv", sparsity=0.5)
+        model.generate(input_ids, cache=cache, max_new_tokens=64)
+    """
+
+    def __init__(
+        self,
+        head_pattern: HeadPattern = None,
+        sparsity: float | None = 0.5,
+        sink_size: int = 64,
+        recent_size: int = 256,
+        config=None,
+    ):
+        if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
+            raise ValueError(f"`sink_size` must be a non-negative int, got {sink_size!r}")
+        if isinstance(recent_size, bool) or not isinstance(recent_size, int) or recent_size < 1:
+            raise ValueError(f"`recent_size` must be a positive int, got {recent_size!r}")
+        pattern = resolve_head_pattern(head_pattern, sparsity, config)
+        self.retrieval_pattern = pattern
+        self.sparsity, self.sink_size, self.recent_size = sparsity, sink_size, recent_size
+
+        def factory(layer_idx: int) -> DuoAttentionLayer:
+            if isinstance(pattern, bool):
+                return DuoAttentionLayer(pattern, sink_size, recent_size, layer_idx)
+            if layer_idx >= pattern.shape[0]:
+                raise ValueError(f"`head_pattern` has {pattern.shape[0]} layers, the model has more")
+            return DuoAttentionLayer(pattern[layer_idx], sink_size, recent_size, layer_idx)
+
+        super().__init__(factory, config=config)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> DuoAttentionCache:
+        return cls(config=model.config, **kwargs)
+
+    @property
+    def streaming_fraction(self) -> float:
+        """Fraction of KV heads that stream (1.0 / 0.0 for a bool ``head_pattern``)."""
+        if isinstance(self.retrieval_pattern, bool):
+            return 0.0 if self.retrieval_pattern else 1.0
+        return float((~self.retrieval_pattern).float().mean())
+
+
+__all__ = [
+    "DuoAttentionCache",
+    "DuoAttentionLayer",
+    "load_head_pattern",
+    "load_head_pattern_metadata",
+    "num_streaming_heads",
+    "resolve_head_pattern",
+    "save_head_pattern",
+    "select_retrieval_heads",
+]
