@@ -7,7 +7,6 @@ from hf_longmem import hub  # publish(), LocalFolderApi
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
-from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
 from hf_longmem.cache_classes.full import FullCache
 from hf_longmem.cache_classes.h2o import H2OCache
 from hf_longmem.cache_classes.sirllm import SirLLMCache
@@ -27,7 +26,6 @@ register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="Pyram
 register_cache("sirllm", SirLLMCache, summary="SirLLM: start + high token-entropy + recent tokens, decaying per turn")
 register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-driven key-channel pruning over SnapKV")
 register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
-register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
 
 
 def load_default_model(*args, **kwargs):
@@ -39,7 +37,6 @@ def load_default_model(*args, **kwargs):
 
 __all__ = [
     "CompressedLayer",
-    "DuoAttentionCache",
     "DuoAttentionCache",
     "FullCache",
     "H2OCache",
