@@ -9,7 +9,7 @@ import torch
 from hf_longmem.cache_classes.snapkv import pyramid_budgets
 from transformers import DynamicCache
 
-from hf_longmem import make_cache
+from hf_longmem import available_caches, make_cache
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
@@ -21,6 +21,7 @@ FULL_BUDGET = {
     "h2o": {"budget": 64},
     "snapkv": {"budget": 64, "window_size": 4},
     "pyramidkv": {"budget": 64, "window_size": 4},
+    "duo_attention": {"head_pattern": False, "sink_size": 4, "recent_size": 60},  # every head streams, S + R >= 52
 }
 SMALL_BUDGET = {
     "h2o": {"budget": 12},
@@ -28,11 +29,14 @@ SMALL_BUDGET = {
     "pyramidkv": {"budget": 12, "window_size": 4},
     "streaming": {"budget": 12, "sink_size": 4},
     "streaming_shift": {"budget": 12, "sink_size": 4, "position_mode": "shift"},
+    # half the KV heads stream (one per layer of llama_gqa); `keys`/`positions` are the retrieval heads
+    "duo_attention": {"head_pattern": [[True, False], [False, True]], "sink_size": 4, "recent_size": 8},
 }
 
 
 def build(label: str, model, options: dict):
-    return make_cache(label.split("_")[0], model, **options)
+    name = label if label in available_caches() else label.rsplit("_", 1)[0]  # "streaming_shift" -> "streaming"
+    return make_cache(name, model, **options)
 
 
 @pytest.mark.parametrize("label", sorted(FULL_BUDGET))
@@ -74,7 +78,7 @@ def test_left_padded_batch_equals_rows_alone(label, budget_case, attn_impl):
     mask = torch.cat((torch.ones(1, 30), torch.cat((torch.zeros(1, 21), torch.ones(1, 9)), dim=1))).long()
     options = dict(SMALL_BUDGET.get(label, {}))
     if budget_case == "holding" and options:
-        options["budget"] = 64
+        options.update({"recent_size": 64} if "recent_size" in options else {"budget": 64})
     seq, logits = greedy(model, batch, build(label, model, options), attention_mask=mask, pad_token_id=0)
     for row, ids in enumerate((long_row, short_row)):
         row_seq, row_logits = greedy(model, ids, build(label, model, options))
@@ -90,6 +94,8 @@ def kept_real_tokens(label: str, layer_idx: int, num_layers: int, prompt: int, d
     if label == "pyramidkv":
         budgets = pyramid_budgets(options["budget"], options["window_size"], num_layers, prompt, beta=20)
         return budgets[layer_idx] + decoded
+    if label == "duo_attention":
+        return prompt + decoded  # retrieval heads keep every token (streaming heads are checked in test_duo_attention)
     return options["budget"]
 
 
