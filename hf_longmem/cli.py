@@ -337,13 +337,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     caches = {name: (name, options_for(name)) for name in names}
     model, tokenizer, model_name = load_model(args)
-    for name, (_, options) in caches.items():  # bad option values fail here, before any work
+    for name, (_, options) in list(caches.items()):  # bad option values fail here, before any work
         for length in args.lengths:
             opts = options(length) if callable(options) else options
             try:
                 make_cache(name, model, **opts)
             except (ValueError, TypeError) as error:
-                raise CLIError(f"bad options {opts} for cache {name!r} at length {length}: {error}") from None
+                if args.caches is not None:
+                    raise CLIError(f"bad options {opts} for cache {name!r} at length {length}: {error}") from None
+                # Implicit "every cache": one that cannot run with these options (or on this model) is skipped.
+                print(f"{PROG}: warning: skipping cache {name!r} (options {opts}, length {length}): {error}",
+                      file=sys.stderr)  # fmt: skip
+                del caches[name]
+                break
+    if not caches:
+        raise CLIError("no cache can run with these options; pick some with --caches")
     records: list[dict[str, Any]] | None = [] if args.records else None
     start = time.perf_counter()
     rows = run_benchmark(

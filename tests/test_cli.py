@@ -129,3 +129,12 @@ def test_help_subprocess():
     )
     assert result.returncode == 0
     assert "examples:" in result.stdout and "--budget-ratio" in result.stdout
+
+
+def test_bench_skips_caches_that_cannot_run_when_none_are_named(model_dir, capsys):
+    args = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
+            "--no-progress", "--budget", "64", "--cache-option", "streaming.sink_size=100"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "skipping cache 'streaming'" in captured.err
+    assert "streaming(" not in captured.out and "full" in captured.out

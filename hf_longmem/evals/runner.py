@@ -363,13 +363,12 @@ def evaluate(
                 sample, turn = samples[si], samples[si].turns[ti]
                 tokens = out.tokens(row)[: turn.max_new_tokens]
                 record = _turn_record(decoder, sample, ti, turn, tokens, metric)
-                decode_s = out.decode_s
                 record.update(
                     common,
                     num_prompt_tokens=len(prompts[row]),
                     num_cached_tokens=0,
                     prefill_s=out.prefill_s,
-                    decode_s=decode_s,
+                    decode_s=out.decode_s,
                     decode_tokens_per_s=out.decode_tokens_per_s,
                     context_prefill_s=None,
                     kv_bytes=int(round(kv_bytes)),
