@@ -12,6 +12,8 @@ head's kept channels before the dot product, so pruned keys are never re-expande
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -248,10 +250,20 @@ def _block_size(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
+def device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device), a no-op on CPU (interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(device: torch.device, programs: int, num_keys: int, block_n: int) -> int:
     """Enough splits of the key axis to fill the GPU (about two programs per SM), at least one block each."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     else:  # interpreter: a few splits, so the merge path is exercised
         target = 4
     return max(1, min(math.ceil(target / max(programs, 1)), math.ceil(num_keys / block_n)))
@@ -308,52 +320,53 @@ def decode_attention_fwd(
     cidx_arg = channel_index if channel_index is not None else query
     cidx_strides = channel_index.stride() if channel_index is not None else (0, 0, 0)
 
-    grid = (batch * kv_heads, m_blocks, num_splits)
-    _decode_attention_fwd_kernel[grid](
-        query,
-        keys,
-        values,
-        valid_arg,
-        cidx_arg,
-        o_part,
-        lse_part,
-        *query.stride(),
-        *keys.stride(),
-        *values.stride(),
-        *valid_strides,
-        *cidx_strides,
-        scaling,
-        causal_offset if causal_offset is not None else 0,
-        kv_heads,
-        num_q,
-        num_keys,
-        num_splits,
-        split_len,
-        query_dim,
-        key_dim,
-        value_dim,
-        GROUP=group,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        HAS_VALID=valid is not None,
-        HAS_CHANNEL_INDEX=channel_index is not None,
-        CAUSAL=causal_offset is not None,
-        IEEE_DOT=query.dtype == torch.float32,
-    )
     out = torch.empty(batch, q_heads, num_q, value_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, q_heads, num_q, device=query.device, dtype=torch.float32)
-    _merge_splits_kernel[(batch * q_heads * num_q,)](
-        o_part,
-        lse_part,
-        out,
-        lse,
-        num_splits,
-        value_dim,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        BLOCK_DV=block_dv,
-    )
+    with device_guard(query):
+        grid = (batch * kv_heads, m_blocks, num_splits)
+        _decode_attention_fwd_kernel[grid](
+            query,
+            keys,
+            values,
+            valid_arg,
+            cidx_arg,
+            o_part,
+            lse_part,
+            *query.stride(),
+            *keys.stride(),
+            *values.stride(),
+            *valid_strides,
+            *cidx_strides,
+            scaling,
+            causal_offset if causal_offset is not None else 0,
+            kv_heads,
+            num_q,
+            num_keys,
+            num_splits,
+            split_len,
+            query_dim,
+            key_dim,
+            value_dim,
+            GROUP=group,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
+            HAS_VALID=valid is not None,
+            HAS_CHANNEL_INDEX=channel_index is not None,
+            CAUSAL=causal_offset is not None,
+            IEEE_DOT=query.dtype == torch.float32,
+        )
+        _merge_splits_kernel[(batch * q_heads * num_q,)](
+            o_part,
+            lse_part,
+            out,
+            lse,
+            num_splits,
+            value_dim,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_DV=block_dv,
+        )
     return out, lse
 
 
