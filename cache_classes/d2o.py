@@ -1,0 +1,387 @@
+"""D2O (Wan et al., ICLR 2025): dynamic layer budgets, H2O eviction, and merging of evicted KVs.
+
+Faithful to the official code (AIoT-MLSys-Lab/d2o ``12c99d8``, ``modeling_llama3_7b_13b_d2o.py`` and
+``modeling_llama3_new.py``):
+
+* **Layer level.** From each layer's prefill attention ``A [q_heads, q, k]``: column sums over the queries, their
+  (unbiased) variance over the keys per head, min-max normalised over the heads and averaged: ``v_l``. The layer
+  ratios are ``clamp(softmax(-v)_l * L * rho, 0.01, 1)`` (softmax over the ``L`` layers), so denser (lower-variance)
+  layers keep more. A layer keeps ``int(N ratio_l (1 - recent_ratio))`` heavy hitters and
+  ``int(N ratio_l recent_ratio)`` recent tokens, with ``N`` the tokens held at the first decoding step (prompt + 1).
+  Layers 0, 1 and ``L - 1`` are never compressed.
+* **Token level.** Nothing is evicted during the prefill. From the first decoding step on, every step accumulates
+  H2O scores (prefill column sums + each new query's attention) and keeps the top heavy hitters, the recent window
+  and the first ``num_sink`` tokens (forced, as the official ``+inf`` scores).
+* **Merging.** Each evicted token ``e`` finds its most cosine-similar kept key ``c`` (``s_e``); the threshold is an
+  EMA, ``tau = mean(s)`` the first time, then ``tau <- alpha tau + beta mean(s)`` (means over every evicted token and
+  head of the step), and ``e`` is merged into ``c`` if ``s_e >= tau``; keys and values both use the key similarity.
+  Merged slots keep their own position (merged keys mix post-RoPE keys of different positions, as in the paper).
+
+``budget`` is the average tokens kept per layer, in tokens: at the first decoding step it becomes the paper's ratio
+``rho = budget / N`` of each row's length.
+
+Deviations from the official code, on purpose:
+
+* merge weights sum to one: ``x_c <- (x_c + sum_e s_e x_e) / (1 + sum_e s_e)``. The official
+  ``scatter_reduce(mean, include_self=True)`` of ``s_e x_e`` divides by ``1 + n_c`` instead, which shrinks merged
+  keys and values whenever ``s_e < 1`` (a merged copy of a key is not even that key);
+* the merge decision is per (head, evicted token). The official code averages ``s`` over the heads at the same *rank*
+  of each head's evicted list, which are different tokens once heads keep different tokens; the EMA statistic
+  ``mean(s)`` is the official one (over all heads and evicted tokens). Only ``s_e > 0`` merges, so a negative
+  threshold never produces negative (non-convex) weights;
+* any head count, head size and batch size (the official code hard-codes 32 heads, 128 dims, batch 1); decisions
+  per KV head (the query heads of a GQA group averaged, as in our H2O) instead of per query head after
+  ``repeat_kv``; the layer statistic ``v_l`` is still computed per query head, as in the paper;
+* per row: each row of a batch has its own statistic ``v`` (over its real tokens), ratios, sizes (from its own real
+  length), H2O scores and threshold, so a left-padded batch gives what each row gives alone. The official code is
+  batch-1 only (``squeeze``); its formulas would average ``v`` over the batch and sum the scores over it;
+* a layer whose ratio reaches 1 keeps every token (in the official code such a layer is never compressed again
+  after the first step either, up to an off-by-one rounding), every other layer keeps its fixed size at every step
+  and at every later forward (the official code only compresses while the cache is shorter than the prompt);
+  at least ``num_sink`` heavy and 1 recent slot are kept;
+* the prefill statistic is exact under chunked prefill (column sums are accumulated over the chunks; the official
+  code keeps the last chunk's); ``uncompressed_layers`` (default: 0, 1 and ``L - 1``) can be changed, e.g. for
+  2-layer test models; ``L`` counts the full-attention layers (sliding-window layers keep transformers' own layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
+from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, column_scores
+
+from .base import LongMemCache, gather_slots, keep_plan
+from .h2o import H2OLayer
+from .scored import ScoredLayer
+
+#: ``layer_budget`` of a row that keeps every token.
+UNLIMITED = torch.iinfo(torch.int64).max
+MIN_RATIO, MAX_RATIO = 0.01, 1.0
+
+
+def query_head_column_sums(
+    query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Attention each key receives from the queries, per query head (D2O's layer statistic).
+
+    Args:
+        query: ``[batch, q_heads, q, head_dim]``.
+        keys: ``[batch, kv_heads, n, head_dim]`` (not repeated for GQA).
+        attention_mask: ``[batch, 1, q, n]`` mask of these queries, or ``None`` (causal).
+
+    Returns:
+        ``[batch, q_heads, n]`` float32.
+    """
+    batch, q_heads, num_q, _ = query.shape
+    num_k = keys.shape[-2]
+    allowed = allowed_mask(attention_mask, num_q, num_k, query.device)
+    total = query.new_zeros(batch, q_heads, num_k, dtype=torch.float32)
+    for start in range(0, num_q, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, num_q)
+        probs = attention_probs(query[:, :, start:stop], keys, allowed[:, :, start:stop], scaling)
+        total += probs.sum(dim=3).reshape(batch, q_heads, num_k)
+    return total
+
+
+def attention_density(column_sums: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """D2O's layer statistic ``v`` (lower = denser attention = larger budget).
+
+    Per head, the unbiased variance of the column sums over the row's real keys; min-max normalised over the heads
+    (``(v - min) / (max - min + 1e-6)``, as the official code) and averaged over them.
+
+    Args:
+        column_sums: ``[batch, heads, n]`` prefill attention received by each key.
+        real: ``[batch, n]`` bool, False for pad keys.
+
+    Returns:
+        ``[batch]`` float64 in ``[0, 1)``.
+    """
+    x = column_sums.double()
+    weight = real[:, None, :].double()
+    count = weight.sum(-1)  # [b, 1]
+    mean = (x * weight).sum(-1) / count.clamp(min=1)
+    var = ((x - mean[..., None]).square() * weight).sum(-1) / (count - 1).clamp(min=1)  # [b, h]
+    low, high = var.amin(-1, keepdim=True), var.amax(-1, keepdim=True)
+    return ((var - low) / (high - low + 1e-6)).mean(-1)
+
+
+def layer_ratios(density: torch.Tensor, rho: torch.Tensor | float) -> torch.Tensor:
+    """D2O's layer ratios ``clamp(softmax(-v) * L * rho, 0.01, 1)``.
+
+    Args:
+        density: ``[..., L]`` the statistic ``v`` of every layer.
+        rho: ``[...]`` (or a float) the average ratio of tokens kept.
+
+    Returns:
+        ``[..., L]`` float64 ratios of the tokens held at the first decoding step.
+    """
+    density = density.double()
+    rho = torch.as_tensor(rho, dtype=torch.float64, device=density.device)
+    weights = torch.softmax(-density, dim=-1)
+    return (weights * density.shape[-1] * rho[..., None]).clamp(MIN_RATIO, MAX_RATIO)
+
+
+def d2o_merge(
+    kept_keys: torch.Tensor,
+    kept_values: torch.Tensor,
+    kept_valid: torch.Tensor,
+    evicted_keys: torch.Tensor,
+    evicted_values: torch.Tensor,
+    evicted_valid: torch.Tensor,
+    tau: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One D2O merge step: EMA threshold, then evicted KVs merged into their most similar kept KV.
+
+    Args:
+        kept_keys, kept_values: ``[batch, heads, S, d]`` the slots kept this step.
+        kept_valid: ``[batch, 1 or heads, S]`` bool, False for pad slots (they receive nothing).
+        evicted_keys, evicted_values: ``[batch, heads, E, d]`` the slots evicted this step.
+        evicted_valid: ``[batch, heads, E]`` bool, False for padding of the evicted list.
+        tau: ``[batch]`` float32 threshold of each row, NaN before its first eviction.
+        alpha, beta: EMA weights, ``tau <- alpha tau + beta mean(s)``.
+
+    Returns:
+        ``(keys, values, tau, merged)``: the kept slots after merging, the updated ``[batch]`` threshold (rows that
+        evicted nothing keep theirs) and ``merged`` ``[batch, heads, E]`` bool.
+    """
+    sim, match = cosine_best_match(evicted_keys, kept_keys, kept_valid)
+    valid = evicted_valid & torch.isfinite(sim)
+    s = torch.where(valid, sim, torch.zeros_like(sim))
+    count = valid.sum(dim=(1, 2))
+    mean = s.sum(dim=(1, 2)) / count.clamp(min=1)
+    updated = torch.where(torch.isnan(tau), mean, alpha * tau + beta * mean)
+    tau = torch.where(count > 0, updated, tau)
+    merged = valid & (sim >= tau[:, None, None]) & (sim > 0)
+    weights = torch.where(merged, sim, torch.zeros_like(sim))
+    keys = weighted_merge_into(kept_keys, evicted_keys, match, weights)
+    values = weighted_merge_into(kept_values, evicted_values, match, weights)
+    return keys, values, tau, merged
+
+
+class _D2OGroup:
+    """Cache-level state: the D2O layers (in order) and the options every layer needs to size itself."""
+
+    def __init__(self, budget: int, recent_ratio: float, num_sink: int, alpha: float, beta: float):
+        self.budget, self.recent_ratio, self.num_sink = budget, recent_ratio, num_sink
+        self.alpha, self.beta = alpha, beta
+        self.layers: list[D2OLayer] = []
+
+
+class D2OLayer(H2OLayer):
+    """One D2O layer.
+
+    Per-row state (reordered with the batch):
+
+    * ``scores`` ``[batch, kv_heads, stored]``: accumulated attention (from the first decoding step on);
+    * ``prefill_sums`` ``[batch, q_heads, n]``: prefill column sums per query head (freed at the first decoding
+      step), ``density`` ``[batch]``: the layer statistic ``v``;
+    * ``ratio`` ``[batch]`` float64, ``layer_budget`` ``[batch]`` int64 (heavy + recent slots, ``UNLIMITED`` if the
+      row keeps everything), ``recent_budget`` ``[batch]``: fixed at the first decoding step;
+    * ``tau`` ``[batch]``: the merge threshold (NaN before the first eviction).
+    """
+
+    batch_state = (
+        *ScoredLayer.batch_state,
+        "scores",
+        "prefill_sums",
+        "density",
+        "ratio",
+        "layer_budget",
+        "recent_budget",
+        "tau",
+    )
+    slot_state = ("scores",)
+
+    def __init__(self, group: _D2OGroup, layer_idx: int, uncompressed: bool):
+        super().__init__(budget=group.budget, recent_size=0)
+        self.group, self.layer_idx, self.uncompressed = group, layer_idx, uncompressed
+        self.group_index = len(group.layers)
+        group.layers.append(self)
+        self._clear_state()
+
+    def _clear_state(self) -> None:
+        self.scores = self.prefill_sums = self.density = None
+        self.ratio = self.layer_budget = self.recent_budget = self.tau = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.tau = torch.full((key_states.shape[0],), float("nan"), device=key_states.device)
+
+    # ------------------------------------------------------------------------------------------- statistics
+    def observe(self, query, keys, attention_mask, scaling):
+        num_new, num_keys = query.shape[-2], keys.shape[-2]
+        if self.layer_budget is None:
+            if num_new > 1 or num_keys == num_new:  # prefill (or a chunk of it): statistics only
+                sums = query_head_column_sums(query, keys, attention_mask, scaling)
+                previous = self.prefill_sums if self.prefill_sums is not None else sums.new_zeros(*sums.shape[:2], 0)
+                self.prefill_sums = F.pad(previous, (0, num_keys - previous.shape[-1])) + sums
+                return
+            self.fix_budget()
+        if not self.compresses():
+            self.scores = None
+            return
+        received = column_scores(query, keys, attention_mask, scaling)  # [b, hkv, n]
+        self.scores = F.pad(self.scores, (0, num_keys - self.scores.shape[-1])) + received
+
+    def prefill_density(self) -> torch.Tensor:
+        """``[batch]`` statistic ``v`` of this layer's prefill (computed once, when first asked)."""
+        if self.density is None:
+            if self.prefill_sums is None:
+                raise RuntimeError(f"D2O layer {self.layer_idx} has no prefill statistics yet")
+            real = self.positions[:, 0, : self.prefill_sums.shape[-1]] != PAD_POSITION
+            self.density = attention_density(self.prefill_sums, real)
+        return self.density
+
+    def fix_budget(self) -> None:
+        """Sizes this layer at the first decoding step, from every layer's prefill statistic."""
+        group = self.group
+        density = torch.stack([layer.prefill_density().to(self.device) for layer in group.layers], dim=-1)
+        held = self.real_seen.double()  # [b] tokens at the first decoding step (prompt + 1), as the official N
+        ratio = layer_ratios(density, group.budget / held.clamp(min=1))[:, self.group_index]
+        heavy = torch.floor(held * ratio * (1 - group.recent_ratio)).long().clamp(min=group.num_sink)
+        recent = torch.floor(held * ratio * group.recent_ratio).long().clamp(min=1)
+        keeps_all = (ratio >= MAX_RATIO) | self.uncompressed
+        self.ratio = ratio
+        self.layer_budget = torch.where(keeps_all, torch.full_like(heavy, UNLIMITED), heavy + recent)
+        self.recent_budget = recent
+        if self.compresses():
+            batch, q_heads, prefill = self.prefill_sums.shape
+            kv_heads = self.keys.shape[1]
+            self.scores = self.prefill_sums.view(batch, kv_heads, q_heads // kv_heads, prefill).mean(2)
+        self.prefill_sums = None
+
+    def compresses(self) -> bool:
+        """Whether some row of this layer evicts (budgets fixed, not an uncompressed layer, a ratio below 1)."""
+        return self.layer_budget is not None and bool((self.layer_budget != UNLIMITED).any())
+
+    # ------------------------------------------------------------------------------------------ compression
+    def target_length(self, num_tokens: int) -> int | torch.Tensor:
+        if self.layer_budget is None:
+            return num_tokens
+        return self.layer_budget.clamp(max=num_tokens)
+
+    def priority(self, keys, values, positions):
+        """Accumulated attention; each row's recent window and the first ``num_sink`` tokens are forced."""
+        n = keys.shape[-2]
+        recent = torch.arange(n, device=keys.device) >= n - self.recent_budget[:, None]  # [b, n]
+        sink = (positions >= 0) & (positions < self.group.num_sink)
+        return self.scores.masked_fill(recent[:, None, :] | sink, float("inf"))
+
+    def compress(self, keys, values, positions):
+        """H2O selection to each row's budget, then the evicted KVs are merged into the kept ones.
+
+        Args:
+            keys, values: ``[batch, kv_heads, n, head_dim]``; positions: ``[batch, kv_heads, n]``.
+        """
+        if self._deferring or self.scores is None or not self.compresses():
+            return keys, values, positions
+        plan = keep_plan(positions, self.target_length(keys.shape[-2]), lambda: self.priority(keys, values, positions))
+        if plan is None:
+            return keys, values, positions
+        index, filler = plan
+        kept_slot = torch.ones_like(index, dtype=torch.long) if filler is None else (~filler).long()
+        hit = torch.zeros_like(positions, dtype=torch.long).scatter_add_(2, index, kept_slot)
+        evicted = (positions != PAD_POSITION) & (hit == 0)  # [b, h, n]
+        self.scores = self.scores.gather(2, index)
+        kept_keys, kept_values, kept_positions = gather_slots(keys, values, positions, index)
+        if filler is not None:
+            kept_positions = kept_positions.masked_fill(filler, PAD_POSITION)
+        num_evicted = int(evicted.sum(-1).max())
+        if num_evicted:
+            # the evicted slots of each (row, head), compacted to the front in slot order
+            order = torch.sort(evicted.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :num_evicted]
+            evicted_keys, evicted_values, _ = gather_slots(keys, values, positions, order)
+            kept_keys, kept_values, self.tau, _ = d2o_merge(
+                kept_keys,
+                kept_values,
+                kept_positions != PAD_POSITION,
+                evicted_keys,
+                evicted_values,
+                evicted.gather(2, order),
+                self.tau,
+                self.group.alpha,
+                self.group.beta,
+            )
+        return kept_keys, kept_values, kept_positions
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear_state()
+
+
+class D2OCache(LongMemCache):
+    """D2O: per-layer budgets from prefill attention density, H2O eviction, merging of evicted KVs.
+
+    Args:
+        budget: average tokens kept per layer (heavy hitters + recent window + sinks); becomes the paper's ratio
+            ``rho = budget / N`` of each row's length ``N`` at the first decoding step. Layers get
+            ``clamp(softmax(-v)_l * L * rho, 0.01, 1) * N`` tokens.
+        recent_ratio: share of each layer's budget given to the recent window (paper: ``hh_ratio = recent_ratio``,
+            i.e. 0.5).
+        alpha, beta: EMA of the merge threshold, ``tau <- alpha tau + beta mean(s)`` (paper: 0.5, 0.5).
+        num_sink: first tokens always kept (official: 4).
+        uncompressed_layers: decoder layer indices that keep every token (negative indices count from the end);
+            ``None`` = the paper's ``(0, 1, L - 1)``.
+        config: the model config (required: every layer's statistic enters every layer's budget).
+
+    Example::
+
+        cache = hf_longmem.make_cache("d2o", model, budget=512)
+        model.generate(input_ids, cache=cache, max_new_tokens=64)
+    """
+
+    def __init__(
+        self,
+        budget: int = 256,
+        recent_ratio: float = 0.5,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        num_sink: int = 4,
+        uncompressed_layers: Iterable[int] | None = None,
+        config=None,
+    ):
+        if not isinstance(num_sink, int) or isinstance(num_sink, bool) or num_sink < 0:
+            raise ValueError(f"`num_sink` must be a non-negative int, got {num_sink!r}")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= num_sink:
+            raise ValueError(f"`budget` must be an int larger than num_sink={num_sink}, got {budget!r}")
+        if not isinstance(recent_ratio, (int, float)) or not 0.0 < recent_ratio < 1.0:
+            raise ValueError(f"`recent_ratio` must be in (0, 1), got {recent_ratio!r}")
+        if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
+        if not isinstance(beta, (int, float)) or not beta >= 0.0:
+            raise ValueError(f"`beta` must be a non-negative number, got {beta!r}")
+        if config is None:
+            raise ValueError(
+                "D2OCache needs `config=` (every layer's statistic sets every layer's budget); or use make_cache"
+            )
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        uncompressed = _uncompressed_layers(uncompressed_layers, num_layers)
+        self.budget, self.recent_ratio, self.num_sink = budget, recent_ratio, num_sink
+        self.alpha, self.beta, self.uncompressed_layers = alpha, beta, uncompressed
+        group = _D2OGroup(budget, float(recent_ratio), num_sink, float(alpha), float(beta))
+        super().__init__(lambda layer_idx: D2OLayer(group, layer_idx, layer_idx in uncompressed), config=config)
+
+
+def _uncompressed_layers(layers: Iterable[int] | None, num_layers: int) -> frozenset[int]:
+    if layers is None:
+        return frozenset({0, 1, num_layers - 1})
+    try:
+        items = list(layers)
+    except TypeError:
+        raise ValueError(f"`uncompressed_layers` must be a list of layer indices, got {layers!r}") from None
+    for idx in items:
+        if not isinstance(idx, int) or isinstance(idx, bool) or not -num_layers <= idx < num_layers:
+            raise ValueError(
+                f"`uncompressed_layers` must hold layer indices in [-{num_layers}, {num_layers}), got {layers!r}"
+            )
+    return frozenset(idx % num_layers for idx in items)
+
+
+__all__ = ["D2OCache", "D2OLayer", "attention_density", "d2o_merge", "layer_ratios", "query_head_column_sums"]

@@ -1,0 +1,196 @@
+"""D2O: layer statistic and ratios, H2O selection with sinks, EMA-thresholded merging with weights summing to one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hf_longmem.cache_classes.d2o import (
+    UNLIMITED,
+    attention_density,
+    d2o_merge,
+    layer_ratios,
+    query_head_column_sums,
+)
+from transformers import DynamicCache
+
+from hf_longmem import D2OCache, make_cache
+from tests.helpers.reference import greedy
+from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
+
+
+def test_layer_statistic_equals_eager_attention_variance():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 24)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions  # per layer [1, q_heads, T, T]
+    model.set_attn_implementation("sdpa")
+    cache = make_cache("d2o", model, budget=8)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    for layer, attention in zip(cache.layers, attentions):
+        column = attention.sum(2)  # [1, q_heads, T]
+        torch.testing.assert_close(layer.prefill_sums, column, rtol=1e-4, atol=1e-5)
+        var = column.double().var(-1)[0]  # per query head, unbiased as torch.var
+        expected = ((var - var.min()) / (var.max() - var.min() + 1e-6)).mean()
+        torch.testing.assert_close(layer.prefill_density()[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_ratios_formula_and_clamping():
+    density = torch.tensor([[0.1, 0.7, 0.3, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    rho = torch.tensor([0.4, 0.2])
+    expected = (torch.softmax(-density.double(), -1) * 4 * rho.double()[:, None]).clamp(0.01, 1.0)
+    torch.testing.assert_close(layer_ratios(density, rho), expected)
+    assert torch.allclose(layer_ratios(density[1:], 0.2), torch.full((1, 4), 0.2, dtype=torch.float64))
+    clamped = layer_ratios(torch.tensor([0.0, 1.0, 1.0]), 0.9)
+    assert clamped[0] == 1.0 and clamped[1] < 1.0
+    assert layer_ratios(torch.tensor([0.0, 30.0]), 0.001)[1] == 0.01
+
+
+def test_the_denser_of_two_synthetic_layers_gets_more_budget():
+    """Zero queries attend uniformly (dense); queries aligned with key 0 peak on it, more in some heads than others."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 32, 16, generator=g)
+    uniform = torch.zeros(1, 4, 32, 16)
+    peaked = keys[:, [0, 0, 1, 1], :1].expand(-1, -1, 32, -1) * torch.tensor([0.0, 2.0, 8.0, 30.0])[None, :, None, None]
+    dense = attention_density(query_head_column_sums(uniform, keys, None, 0.25), torch.ones(1, 32, dtype=torch.bool))
+    sparse = attention_density(query_head_column_sums(peaked, keys, None, 0.25), torch.ones(1, 32, dtype=torch.bool))
+    assert dense.item() < sparse.item()
+    ratios = layer_ratios(torch.stack((dense, sparse), -1), 0.3)[0]
+    assert ratios[0] > ratios[1]
+
+
+def test_budgets_are_fixed_at_the_first_decoding_step_from_every_layer():
+    model = tiny_model("llama_gqa", num_hidden_layers=4)
+    prompt, new = 30, 6
+    cache = make_cache("d2o", model, budget=10)  # default: layers 0, 1 and 3 are never compressed
+    greedy(model, random_ids(1, prompt), cache, max_new_tokens=new)
+    held = prompt + 1  # tokens held at the first decoding step
+    density = torch.stack([layer.density for layer in cache.layers], -1)
+    ratios = layer_ratios(density, 10 / held)[0]
+    for idx, layer in enumerate(cache.layers):
+        assert layer.prefill_sums is None  # freed once the budgets are fixed
+        torch.testing.assert_close(layer.ratio[0], ratios[idx])
+        heavy = max(4, math.floor(held * ratios[idx].item() * 0.5))
+        recent = max(1, math.floor(held * ratios[idx].item() * 0.5))
+        if idx == 2:
+            assert layer.layer_budget.tolist() == [heavy + recent]
+            assert layer.keys.shape[-2] == heavy + recent < prompt
+        else:
+            assert layer.layer_budget.tolist() == [UNLIMITED]
+            assert layer.keys.shape[-2] == prompt + new - 1
+
+
+def test_sinks_and_recent_window_survive_and_the_size_stays_fixed():
+    model = tiny_model("llama_gqa")
+    prompt, new = 30, 8
+    cache = make_cache("d2o", model, budget=10, uncompressed_layers=[])
+    seq, _ = greedy(model, random_ids(1, prompt), cache, max_new_tokens=new)
+    seen = seq.shape[1] - 1
+    for layer in cache.layers:
+        budget, recent = int(layer.layer_budget), int(layer.recent_budget)
+        assert layer.keys.shape[-2] == budget < prompt
+        assert (layer.positions[0, :, :4] == torch.arange(4, dtype=torch.int32)).all()  # the first 4 tokens
+        assert (layer.positions[0, :, -recent:] == torch.arange(seen - recent, seen, dtype=torch.int32)).all()
+        assert layer.scores.shape == layer.positions.shape
+        assert torch.isfinite(layer.tau).all()
+
+
+def test_evicted_kvs_are_merged_into_kept_slots_during_generation():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 30)
+    reference = DynamicCache(config=model.config)
+    greedy(model, ids, reference, max_new_tokens=4)
+    cache = make_cache("d2o", model, budget=10, uncompressed_layers=[], alpha=0.5, beta=0.0)
+    greedy(model, ids, cache, max_new_tokens=4)
+    for layer, full in zip(cache.layers, reference.layers):
+        # prompt keys are the same in both runs (same prefill); a kept prompt slot that changed received a merge
+        prompt = layer.positions < 30
+        original = full.keys.gather(2, layer.positions.long()[..., None].expand(-1, -1, -1, 16))
+        changed = ~torch.isclose(layer.keys, original, atol=1e-6).all(-1) & prompt
+        assert changed.any() and not changed.all()
+
+
+def test_duplicate_of_a_kept_key_is_merged_and_an_orthogonal_one_dropped():
+    eye = torch.eye(4)
+    kept_keys = eye[:3][None, None]  # [1, 1, 3, 4]
+    kept_values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])[None, None]
+    evicted_keys = torch.stack((eye[0], eye[3]))[None, None]  # a duplicate of kept key 0, and an orthogonal key
+    evicted_values = torch.tensor([[9.0, 9.0], [-7.0, -7.0]])[None, None]
+    keys, values, tau, merged = d2o_merge(
+        kept_keys,
+        kept_values,
+        torch.ones(1, 1, 3, dtype=torch.bool),
+        evicted_keys,
+        evicted_values,
+        torch.ones(1, 1, 2, dtype=torch.bool),
+        torch.tensor([float("nan")]),
+        0.5,
+        0.5,
+    )
+    assert merged.tolist() == [[[True, False]]]
+    assert tau.tolist() == [0.5]  # first time: mean(s) = (1 + 0) / 2
+    torch.testing.assert_close(
+        keys, kept_keys
+    )  # merging a key with its duplicate leaves it unchanged (weights sum to 1)
+    torch.testing.assert_close(values[0, 0, 0], torch.tensor([5.0, 5.5]))  # (v_c + 1 * v_e) / (1 + 1)
+    torch.testing.assert_close(values[0, 0, 1:], kept_values[0, 0, 1:])
+
+
+def test_merge_threshold_is_an_ema_of_the_mean_similarity():
+    g = torch.Generator().manual_seed(5)
+    alpha, beta = 0.3, 0.6
+    kept, kept_values = torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 2, 4, 8, generator=g)
+    valid_kept = torch.ones(2, 1, 4, dtype=torch.bool)
+    tau = torch.full((2,), float("nan"))
+    expected = [None, None]
+    for step in range(3):
+        evicted = torch.randn(2, 2, 3, 8, generator=g)
+        valid = torch.ones(2, 2, 3, dtype=torch.bool)
+        valid[1] = step != 1  # row 1 evicts nothing at step 1: its threshold is left alone
+        sim = torch.nn.functional.cosine_similarity(evicted[:, :, :, None], kept[:, :, None], dim=-1).amax(-1)
+        for row in range(2):
+            if valid[row].any():
+                mean = sim[row].mean().item()
+                expected[row] = mean if expected[row] is None else alpha * expected[row] + beta * mean
+        merged_keys, _, tau, merged = d2o_merge(
+            kept, kept_values, valid_kept, evicted, evicted, valid, tau, alpha, beta
+        )
+        torch.testing.assert_close(tau, torch.tensor(expected, dtype=torch.float32))
+        assert torch.equal(merged, valid & (sim >= tau[:, None, None]) & (sim > 0))
+
+
+def test_chunked_prefill_gives_the_same_statistics_and_budgets():
+    model = tiny_model("llama_gqa", num_hidden_layers=3)
+    ids = random_ids(1, 30)
+    whole, chunked = (make_cache("d2o", model, budget=9, uncompressed_layers=[]) for _ in range(2))
+    greedy(model, ids, whole, max_new_tokens=2)
+    greedy(model, ids, chunked, max_new_tokens=2, prefill_chunk_size=8)
+    for a, b in zip(whole.layers, chunked.layers):
+        torch.testing.assert_close(a.density, b.density)
+        assert torch.equal(a.layer_budget, b.layer_budget)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(budget=4), "budget"),
+        (dict(budget=12.5), "budget"),
+        (dict(budget=12, recent_ratio=1.0), "recent_ratio"),
+        (dict(budget=12, alpha=1.5), "alpha"),
+        (dict(budget=12, beta=-0.1), "beta"),
+        (dict(budget=12, num_sink=-1), "num_sink"),
+        (dict(budget=12, uncompressed_layers=[2]), "uncompressed_layers"),
+        (dict(budget=12, uncompressed_layers=3), "uncompressed_layers"),
+    ],
+)
+def test_bad_arguments_name_the_argument(options, match):
+    with pytest.raises(ValueError, match=match):
+        D2OCache(config=tiny_config("llama_gqa"), **options)
+
+
+def test_config_is_required():
+    with pytest.raises(ValueError, match="config"):
+        D2OCache(budget=16)
