@@ -61,7 +61,8 @@ class ScoredLayer(CompressedLayer):
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
+        if self.wants_scores(query.shape[-2]):
+            self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
         self._pending = False
         self._deferring = False
         self.keys, self.values, self.positions = self.compress(self.keys, self.values, self.positions)
@@ -79,6 +80,10 @@ class ScoredLayer(CompressedLayer):
         if plain and not bool((positions == PAD_POSITION).any()):
             return None
         return slot_mask(positions, num_new, query.dtype if eager else None)
+
+    def wants_scores(self, num_new: int) -> bool:
+        """Whether a step of ``num_new`` queries is scored (SnapKV scores prefills only)."""
+        return True
 
     def observe(self, query: torch.Tensor, keys: torch.Tensor, attention_mask, scaling: float) -> None:
         """Records what :meth:`priority` will rank by.

@@ -63,15 +63,21 @@ class SnapKVLayer(ScoredLayer):
         self._scores: torch.Tensor | None = None
         self._num_new = 0
 
+    def wants_scores(self, num_new: int) -> bool:
+        self._num_new = num_new
+        self._scores = None
+        return num_new > 1  # decoding: SnapKV leaves generated tokens alone
+
     def observe(self, query, keys, attention_mask, scaling):
         num_new = query.shape[-2]
-        self._num_new = num_new
-        if num_new == 1:  # decoding: SnapKV leaves generated tokens alone
-            self._scores = None
-            return
         window = min(self.window_size, num_new)
         scores = column_scores(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
         self._scores = pool_scores(scores, self.kernel_size, self.pooling)
+
+    def compress(self, keys, values, positions):
+        stored = super().compress(keys, values, positions)
+        self._scores = None  # [b, h, n] scores are only needed for this step's selection
+        return stored
 
     def target_length(self, num_tokens: int) -> int | torch.Tensor:
         if self._scores is None:

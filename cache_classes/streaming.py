@@ -42,6 +42,18 @@ class StreamingLayer(CompressedLayer):
     def target_length(self, num_tokens: int) -> int:
         return min(self.budget, num_tokens)
 
+    def compress(self, keys, values, positions):
+        n, target = keys.shape[-2], self.target_length(keys.shape[-2])
+        if target < n and bool((positions[:, 0, 0] != PAD_POSITION).all()):
+            # No row has pads: sinks + recent window are two slices (the decode hot path, no top-k or gather).
+            recent = target - self.sink_size
+            self._evicted = True
+            return tuple(
+                torch.cat((t[..., : self.sink_size, :], t[..., n - recent :, :]), dim=-2)
+                for t in (keys, values)
+            ) + (torch.cat((positions[..., : self.sink_size], positions[..., n - recent :]), dim=-1),)
+        return super().compress(keys, values, positions)
+
     def priority(self, keys, values, positions):
         """Sinks first (``inf``), then recency: the ``sink_size`` oldest real tokens and the newest ones win."""
         n = keys.shape[-2]

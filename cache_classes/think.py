@@ -22,6 +22,9 @@ import torch
 from transformers.cache_utils import Cache
 
 from hf_longmem.attention import LAYER_KWARG
+from hf_longmem.kernels import channel_attention
+from hf_longmem.kernels.channel_attention.reference import gather_query_channels
+from hf_longmem.kernels.utils import resolve_backend
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
 
@@ -54,20 +57,13 @@ def channel_scores(query_window: torch.Tensor, keys: torch.Tensor, query_real: t
     return q_sq * k_sq
 
 
-def gather_query_channels(query: torch.Tensor, channel_index: torch.Tensor) -> torch.Tensor:
-    """``[batch, q_heads, q, d]`` -> ``[batch, kv_heads, group, q, d_keep]``, each group reading its KV head's channels."""
-    batch, q_heads, num_q, head_dim = query.shape
-    kv_heads, d_keep = channel_index.shape[1], channel_index.shape[2]
-    grouped = query.view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
-    index = channel_index.long()[:, :, None, None, :].expand(-1, -1, grouped.shape[2], num_q, d_keep)
-    return grouped.gather(-1, index)
-
-
 class ThinKLayer(CompressedLayer):
     """ThinK over an optional base token layer. Before pruning, the base layer (or this layer, keeping every token)
     holds the cache; after, ``pruned_*`` hold the packed prompt and ``keys``/``values`` the full-width later tokens."""
 
     batch_state = (*CompressedLayer.batch_state, "pruned_keys", "pruned_values", "pruned_positions", "channel_index")
+    #: ``None`` dispatches by device (Triton on CUDA); tests force ``"triton"`` under the interpreter.
+    kernel_backend: str | None = None
 
     def __init__(self, base: CompressedLayer | None, key_channel_ratio: float, window_size: int, recent_size: int):
         super().__init__()
@@ -76,6 +72,7 @@ class ThinKLayer(CompressedLayer):
         self.pruned_keys = self.pruned_values = self.pruned_positions = self.channel_index = None
         self._pending = False
         self._new_real: torch.Tensor | None = None
+        self._packed_has_pads: bool | None = None
 
     @property
     def is_pruned(self) -> bool:
@@ -133,39 +130,66 @@ class ThinKLayer(CompressedLayer):
         index = scores.topk(d_keep, dim=-1).indices.sort(dim=-1).values  # [b, Hkv, d_keep]
         self.channel_index = index.to(torch.int16 if head_dim <= torch.iinfo(torch.int16).max else torch.int32)
         self.pruned_keys = keys[..., :packed, :].gather(-1, index[:, :, None, :].expand(-1, -1, packed, -1)).contiguous()
-        self.pruned_values = values[..., :packed, :].contiguous()
-        self.pruned_positions = positions[..., :packed].contiguous()
+        self.pruned_values = values[..., :packed, :] if recent == 0 else values[..., :packed, :].clone()
+        self.pruned_positions = positions[..., :packed] if recent == 0 else positions[..., :packed].clone()
         if self.base is not None:
             self.cumulative_length, self.real_seen = self.base.cumulative_length, self.base.real_seen
             self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
             self.base = None
-        self.keys = keys[..., packed:, :].contiguous()
-        self.values = values[..., packed:, :].contiguous()
-        self.positions = positions[..., packed:].contiguous()
+        # clone: a (possibly empty) view would keep the whole full-width prompt storage alive
+        self.keys = keys[..., packed:, :].clone()
+        self.values = values[..., packed:, :].clone()
+        self.positions = positions[..., packed:].clone()
 
     def _attend_pruned(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention over the packed prompt (gathered channels) and the full-width tail, one softmax.
 
-        Returns ``[batch, q, q_heads, dv]``.
+        Triton's ``channel_attention`` on CUDA, batched matmuls elsewhere. Returns ``[batch, q, q_heads, dv]``.
         """
+        if resolve_backend(self.kernel_backend, query) == "triton":
+            out, _ = channel_attention(
+                query,
+                self.pruned_keys,
+                self.channel_index,
+                self.pruned_values,
+                scaling,
+                valid=self.pruned_positions != PAD_POSITION,
+                keys_full=self.keys,
+                values_full=self.values,
+                valid_full=self.positions != PAD_POSITION,
+                backend="triton",
+            )
+            return out.transpose(1, 2).contiguous()
         batch, q_heads, num_q, head_dim = query.shape
         kv_heads = self.keys.shape[1]
         group = q_heads // kv_heads
-        q_full = query.view(batch, kv_heads, group, num_q, head_dim)
-        q_packed = gather_query_channels(query, self.channel_index)
-        logits_packed = torch.einsum("bhgqc,bhkc->bhgqk", q_packed.float(), self.pruned_keys.float()) * scaling
-        logits_tail = torch.einsum("bhgqd,bhkd->bhgqk", q_full.float(), self.keys.float()) * scaling
-        packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, None, :]  # older than every query
-        tail_allowed = slot_mask(self.positions[:, 0], num_q)[:, :, None]  # [b, 1, 1, q, R]
-        logits = torch.cat(
-            (logits_packed.masked_fill(~packed_real, float("-inf")), logits_tail.masked_fill(~tail_allowed, float("-inf"))),
-            dim=-1,
-        )
-        probs = torch.softmax(logits, dim=-1)
+        rows = group * num_q  # a KV head's query group folded into the query axis: plain batched matmuls
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        q_full = query.reshape(batch, kv_heads, rows, head_dim).to(dtype)
+        q_packed = gather_query_channels(query, self.channel_index).reshape(batch, kv_heads, rows, -1).to(dtype)
+        logits_packed = (q_packed @ self.pruned_keys.to(dtype).transpose(-1, -2)) * scaling  # [b, h, rows, P]
+        logits_tail = (q_full @ self.keys.to(dtype).transpose(-1, -2)) * scaling  # [b, h, rows, R]
+        if self._packed_pads():
+            packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query
+            logits_packed = logits_packed.masked_fill(~packed_real, float("-inf"))
+        tail_positions = self.positions[:, 0]
+        if num_q > 1 or bool((tail_positions == PAD_POSITION).any()):
+            tail_allowed = slot_mask(tail_positions, num_q)  # [b, 1, q, R] -> one row per (group head, query)
+            tail_allowed = tail_allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, -1)
+            logits_tail = logits_tail.masked_fill(~tail_allowed, float("-inf"))
+        probs = torch.softmax(torch.cat((logits_packed, logits_tail), dim=-1), dim=-1)
         split = self.pruned_keys.shape[-2]
-        out = torch.einsum("bhgqk,bhkd->bhgqd", probs[..., :split], self.pruned_values.float())
-        out = out + torch.einsum("bhgqk,bhkd->bhgqd", probs[..., split:], self.values.float())
+        out = probs[..., :split] @ self.pruned_values.to(dtype) + probs[..., split:] @ self.values.to(dtype)
         return out.reshape(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+
+    def _packed_pads(self) -> bool:
+        if self._packed_has_pads is None:
+            self._packed_has_pads = bool((self.pruned_positions == PAD_POSITION).any())
+        return self._packed_has_pads
+
+    def _map_batch_state(self, fn) -> None:
+        super()._map_batch_state(fn)
+        self._packed_has_pads = None
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def get_seq_length(self) -> int:

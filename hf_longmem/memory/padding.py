@@ -11,6 +11,12 @@ import torch
 
 PAD_POSITION = -1
 
+_NOT_LEFT_PADDED = (
+    "position_ids do not look like left padding (pads after real tokens, or positions that do not continue "
+    "the tokens seen); hf_longmem caches need left padding (tokenizer.padding_side='left'), as `generate` "
+    "uses, and position_ids that count the real tokens of each row"
+)
+
 
 def new_token_positions(
     position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
@@ -36,6 +42,11 @@ def new_token_positions(
     if position_ids is None:
         return real_seen[:, None] + steps
     pos = position_ids.to(device=device, dtype=torch.long).expand(batch_size, num_new)
+    if num_new == 1:  # decoding: a token is real iff it continues its row's count (the hot path, kept cheap)
+        is_real = pos[:, 0] == real_seen
+        if not bool(is_real.all()) and bool(((~is_real) & ((real_seen > 0) | (pos[:, 0] > 1))).any()):
+            raise ValueError(_NOT_LEFT_PADDED)
+        return torch.where(is_real[:, None], pos, torch.full_like(pos, PAD_POSITION))
     # Length of the trailing run of +1 steps: consecutive[j] says pos[j+1] == pos[j] + 1.
     consecutive = pos[:, 1:] - pos[:, :-1] == 1
     ones = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
@@ -46,9 +57,5 @@ def new_token_positions(
     # Pads come before any real token of the row and carry a fill position (generate uses 1, clamped cumsums 0).
     bad_pad = ~is_real & ((real_seen[:, None] > 0) | (pos > 1))
     if bool(bad_pad.any()):
-        raise ValueError(
-            "position_ids do not look like left padding (pads after real tokens, or positions that do not continue "
-            "the tokens seen); hf_longmem caches need left padding (tokenizer.padding_side='left'), as `generate` "
-            "uses, and position_ids that count the real tokens of each row"
-        )
+        raise ValueError(_NOT_LEFT_PADDED)
     return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION))

@@ -138,3 +138,24 @@ def test_beam_search_reorders_the_packed_state():
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ThinKCache(**kwargs)
+
+
+def test_triton_channel_attention_matches_the_torch_path():
+    pytest.importorskip("triton")
+    from hf_longmem.cache_classes.think import ThinKLayer
+
+    model = tiny_model("llama_gqa")
+    ids = random_ids(2, 20)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    cache = make_cache("think", model, base="snapkv", budget=12, window_size=4, key_channel_ratio=0.4)
+    greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
+    layer = cache.layers[0]
+    query = torch.randn(2, 4, 1, 16)
+    torch_out = layer._attend_pruned(query, 0.25)
+    ThinKLayer.kernel_backend = "triton"
+    try:
+        triton_out = layer._attend_pruned(query, 0.25)
+    finally:
+        ThinKLayer.kernel_backend = None
+    torch.testing.assert_close(triton_out, torch_out, rtol=1e-4, atol=1e-4)
