@@ -6,9 +6,11 @@ Importing the package registers the ``hf_longmem`` attention functions with tran
 from hf_longmem import hub  # publish(), LocalFolderApi
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
+from hf_longmem.cache_classes.d2o import D2OCache
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
 from hf_longmem.cache_classes.full import FullCache
 from hf_longmem.cache_classes.h2o import H2OCache
+from hf_longmem.cache_classes.kvmerger import KVMergerCache
 from hf_longmem.cache_classes.sirllm import SirLLMCache
 from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
@@ -26,6 +28,8 @@ register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="Pyram
 register_cache("sirllm", SirLLMCache, summary="SirLLM: start + high token-entropy + recent tokens, decaying per turn")
 register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-driven key-channel pruning over SnapKV")
 register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
+register_cache("d2o", D2OCache, needs_attention=True, summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones")
+register_cache("kvmerger", KVMergerCache, needs_attention=True, summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights")
 
 
 def load_default_model(*args, **kwargs):
@@ -37,9 +41,11 @@ def load_default_model(*args, **kwargs):
 
 __all__ = [
     "CompressedLayer",
+    "D2OCache",
     "DuoAttentionCache",
     "FullCache",
     "H2OCache",
+    "KVMergerCache",
     "PyramidKVCache",
     "SirLLMCache",
     "SnapKVCache",

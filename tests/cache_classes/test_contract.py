@@ -22,6 +22,9 @@ FULL_BUDGET = {
     "snapkv": {"budget": 64, "window_size": 4},
     "pyramidkv": {"budget": 64, "window_size": 4},
     "duo_attention": {"head_pattern": False, "sink_size": 4, "recent_size": 60},  # every head streams, S + R >= 52
+    # D2O's budget is a layer average: on 2 layers each gets >= 0.54 x budget / length of the prompt, clamped to 1
+    "d2o": {"budget": 128, "uncompressed_layers": []},
+    "kvmerger": {"budget": 64, "window_size": 4, "sim_threshold": 0.5},  # merges only to meet the budget
 }
 SMALL_BUDGET = {
     "h2o": {"budget": 12},
@@ -31,6 +34,8 @@ SMALL_BUDGET = {
     "streaming_shift": {"budget": 12, "sink_size": 4, "position_mode": "shift"},
     # half the KV heads stream (one per layer of llama_gqa); `keys`/`positions` are the retrieval heads
     "duo_attention": {"head_pattern": [[True, False], [False, True]], "sink_size": 4, "recent_size": 8},
+    "d2o": {"budget": 12, "uncompressed_layers": []},  # by default layers 0, 1 and L-1 (all of these models) keep all
+    "kvmerger": {"budget": 12, "window_size": 4, "sim_threshold": 0.5},
 }
 
 
@@ -86,9 +91,15 @@ def test_left_padded_batch_equals_rows_alone(label, budget_case, attn_impl):
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
-def kept_real_tokens(label: str, layer_idx: int, num_layers: int, prompt: int, decoded: int) -> int:
+def kept_real_tokens(
+    label: str, layer_idx: int, num_layers: int, prompt: int, decoded: int, cache=None, row: int = 0
+) -> int:
     """How many real tokens a row of ``prompt`` tokens keeps after ``decoded`` decoding steps."""
     options = SMALL_BUDGET[label]
+    if label == "kvmerger":
+        return options["budget"] + decoded  # prompt merged once, generated tokens appended
+    if label == "d2o":  # per layer and row, fixed at the first decoding step from every layer's prefill density
+        return min(prompt + decoded, int(cache.layers[layer_idx].layer_budget[row]))
     if label == "snapkv":
         return options["budget"] + decoded  # prompt compressed once, generated tokens appended
     if label == "pyramidkv":
@@ -109,7 +120,7 @@ def test_pads_are_never_kept_when_evicting(label):
     for layer_idx, layer in enumerate(cache.layers):
         real_slots = (layer.positions >= 0).sum(-1)  # [batch, kv_heads]
         for row, prompt in enumerate((30, 20)):
-            expected = kept_real_tokens(label, layer_idx, len(cache.layers), prompt, decoded=2)
+            expected = kept_real_tokens(label, layer_idx, len(cache.layers), prompt, decoded=2, cache=cache, row=row)
             assert (real_slots[row] == expected).all()
         # the shorter row's kept positions are its own tokens: 0..prompt+1, never one of the 10 pads
         assert layer.positions[1].max() <= 21
@@ -134,7 +145,7 @@ def test_beam_search_reorders_all_per_row_state(label):
     assert out.shape == (1, 28)
     layer = cache.layers[0]
     assert layer.keys.shape[0] == layer.positions.shape[0] == layer.real_seen.shape[0] == 3
-    assert layer.keys.shape[-2] == kept_real_tokens(label, 0, len(cache.layers), 20, decoded=7)
+    assert layer.keys.shape[-2] == kept_real_tokens(label, 0, len(cache.layers), 20, decoded=7, cache=cache)
 
 
 @pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
@@ -143,7 +154,7 @@ def test_seen_vs_stored_and_memory_bytes(label):
     cache = build(label, model, SMALL_BUDGET[label])
     seq, _ = greedy(model, random_ids(1, 30), cache, max_new_tokens=5)
     assert cache.get_seq_length() == seq.shape[1] - 1
-    stored = kept_real_tokens(label, 0, len(cache.layers), 30, decoded=4)
+    stored = kept_real_tokens(label, 0, len(cache.layers), 30, decoded=4, cache=cache)
     assert cache.get_stored_length() == stored
     assert cache.get_mask_sizes(1, 0) == (stored + 1, cache.get_seq_length() - stored)
     expected = sum(
