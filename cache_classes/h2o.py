@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from hf_longmem.memory.scoring import column_scores
-
 from .base import LongMemCache
 from .scored import ScoredLayer
 
@@ -33,7 +31,7 @@ class H2OLayer(ScoredLayer):
 
     def observe(self, query, keys, attention_mask, scaling):
         num_keys = keys.shape[-2]
-        received = column_scores(query, keys, attention_mask, scaling)  # [b, hkv, n]
+        received = self.received_attention(query, keys, attention_mask, scaling)  # [b, hkv, n]
         previous = self.scores if self.scores is not None else received.new_zeros(*received.shape[:2], 0)
         padded = torch.nn.functional.pad(previous, (0, num_keys - previous.shape[-1]))
         self.scores = padded + received

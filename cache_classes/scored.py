@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.kernels import attention_column_scores
+from hf_longmem.kernels.utils import resolve_backend
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.memory.scoring import column_scores
 
 from .base import CompressedLayer
 
@@ -26,6 +29,9 @@ NEEDS_ATTENTION_MESSAGE = (
 
 class ScoredLayer(CompressedLayer):
     """Base of the attention-scored layers: defers compression to :meth:`attend`."""
+
+    #: ``None`` dispatches kernels by device (Triton on CUDA); tests force ``"triton"`` under the interpreter.
+    kernel_backend: str | None = None
 
     def __init__(self):
         super().__init__()
@@ -94,6 +100,27 @@ class ScoredLayer(CompressedLayer):
             attention_mask: ``[batch, 1, q, n]`` bool; a pad query sees only itself (it adds no score to real keys).
         """
         raise NotImplementedError
+
+    def received_attention(
+        self, query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention each key receives from ``query`` (the last ``q`` slots), summed over queries, group-averaged.
+
+        ``[batch, kv_heads, n]`` float32. On CUDA the Triton kernel computes it from the slot metadata without a
+        ``[q, n]`` probability matrix; elsewhere the chunked torch reference uses ``attention_mask``.
+        """
+        if resolve_backend(self.kernel_backend, query, keys) == "triton":
+            num_q = query.shape[-2]
+            return attention_column_scores(
+                query,
+                keys,
+                scaling,
+                valid=self.positions != PAD_POSITION,
+                causal_new=True,
+                query_valid=self.positions[:, 0, -num_q:] != PAD_POSITION,
+                backend="triton",
+            )
+        return column_scores(query, keys, attention_mask, scaling)
 
     def reset(self) -> None:
         super().reset()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import column_scores, pool_scores
+from hf_longmem.memory.scoring import pool_scores
 
 from .base import LongMemCache
 from .scored import ScoredLayer
@@ -71,7 +71,7 @@ class SnapKVLayer(ScoredLayer):
     def observe(self, query, keys, attention_mask, scaling):
         num_new = query.shape[-2]
         window = min(self.window_size, num_new)
-        scores = column_scores(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
+        scores = self.received_attention(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
         self._scores = pool_scores(scores, self.kernel_size, self.pooling)
 
     def compress(self, keys, values, positions):

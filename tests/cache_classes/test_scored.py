@@ -141,3 +141,23 @@ def test_scored_caches_report_a_missing_attention_hook():
 def test_bad_arguments_name_the_argument(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+@pytest.mark.parametrize("name, options", [("h2o", {"budget": 10}), ("snapkv", {"budget": 10, "window_size": 3})])
+def test_triton_score_kernel_keeps_the_same_tokens(name, options):
+    pytest.importorskip("triton")
+    from hf_longmem.cache_classes.scored import ScoredLayer
+
+    model = tiny_model("llama_gqa")
+    batch = torch.cat((random_ids(1, 16, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 12)), 1)))
+    mask = (batch != 0).long()
+    ref = make_cache(name, model, **options)
+    greedy(model, batch, ref, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+    ScoredLayer.kernel_backend = "triton"
+    try:
+        cache = make_cache(name, model, **options)
+        greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+    finally:
+        ScoredLayer.kernel_backend = None
+    for layer, ref_layer in zip(cache.layers, ref.layers):
+        assert torch.equal(layer.positions, ref_layer.positions)
