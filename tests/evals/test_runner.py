@@ -211,3 +211,19 @@ def test_run_benchmark_rows(model, tokenizer):
     assert [r["num_turns"] for r in rows] == [2] * 4 + [6] * 4
     assert len(records) == sum(r["num_turns"] for r in rows)
     assert all(r["model"] == "tiny" for r in records)
+
+
+def test_peak_memory_and_profile_generation(model):
+    from hf_longmem.evals.profiling import PeakMemory, profile_generation
+
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        del block
+    assert peak.kind in ("cpu_rss_peak_delta", "cpu_maxrss_growth", "unavailable")
+    if peak.kind == "cpu_rss_peak_delta":
+        assert peak.peak_bytes >= 48 * 1024 * 1024
+    cache = make_cache("streaming", model, budget=8, sink_size=2)
+    stats = profile_generation(model, random_ids(1, 30, seed=3)[0], cache, max_new_tokens=4, eos_token_id=[])
+    assert stats["num_new_tokens"] == 4 and len(stats["tokens"]) == 4
+    assert stats["kv_bytes"] == cache.memory_bytes() > 0
+    assert stats["prefill_s"] > 0 and stats["decode_tokens_per_s"] > 0
