@@ -13,13 +13,16 @@ from __future__ import annotations
 import torch
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
-from hf_longmem.kernels import attention_column_scores
+from hf_longmem.kernels import attention_column_scores, decode_attention
 from hf_longmem.kernels.utils import resolve_backend
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import column_scores
 
 from .base import CompressedLayer
+
+#: Steps with at most this many new queries use the flash-decoding kernel on CUDA (prefills use the fallback).
+DECODE_KERNEL_MAX_QUERIES = 16
 
 NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
@@ -61,12 +64,19 @@ class ScoredLayer(CompressedLayer):
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """Attention output for ``query`` ``[batch, q_heads, q, head_dim]``, then scoring and compression."""
         implementation = module.config._attn_implementation
-        eager = implementation == EAGER_ATTENTION_NAME
-        attention_mask = self.mask_for_this_layer(query, key, eager)
-        output, weights = fallback_attention(module, implementation)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and resolve_backend(self.kernel_backend, query, key) == "triton":
+            # flash-decoding over this layer's own slots (pads masked per KV head), GQA without repeat_kv
+            out, _ = decode_attention(
+                query, key, value, scale, valid=self.positions != PAD_POSITION, causal_new=True, backend="triton"
+            )
+            output, weights = out.transpose(1, 2).contiguous(), None
+        else:
+            eager = implementation == EAGER_ATTENTION_NAME
+            attention_mask = self.mask_for_this_layer(query, key, eager)
+            output, weights = fallback_attention(module, implementation)(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         if self.wants_scores(query.shape[-2]):
             self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
         self._pending = False

@@ -161,3 +161,20 @@ def test_triton_score_kernel_keeps_the_same_tokens(name, options):
         ScoredLayer.kernel_backend = None
     for layer, ref_layer in zip(cache.layers, ref.layers):
         assert torch.equal(layer.positions, ref_layer.positions)
+
+
+def test_triton_decode_attention_gives_the_same_generation():
+    pytest.importorskip("triton")
+    from hf_longmem.cache_classes.scored import ScoredLayer
+
+    model = tiny_model("llama_gqa")
+    batch = torch.cat((random_ids(1, 16, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 12)), 1)))
+    mask = (batch != 0).long()
+    ref_seq, ref_logits = greedy(model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3)
+    ScoredLayer.kernel_backend = "triton"
+    try:
+        seq, logits = greedy(model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3)
+    finally:
+        ScoredLayer.kernel_backend = None
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
