@@ -215,6 +215,10 @@ class D2OLayer(H2OLayer):
         self.tau = torch.full((key_states.shape[0],), float("nan"), device=key_states.device)
 
     # ------------------------------------------------------------------------------------------- statistics
+    def wants_scores(self, num_new: int) -> bool:
+        """Prefill statistics, the first decoding step, then only while some row of this layer evicts."""
+        return self.layer_budget is None or self.compresses()
+
     def observe(self, query, keys, attention_mask, scaling):
         num_new, num_keys = query.shape[-2], keys.shape[-2]
         if self.layer_budget is None:

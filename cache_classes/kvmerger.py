@@ -128,6 +128,10 @@ class KVMergerLayer(ScoredLayer):
         self._scores: torch.Tensor | None = None
         self._window = 0
 
+    def wants_scores(self, num_new: int) -> bool:
+        """Multi-token forwards only: generated tokens are appended."""
+        return num_new > 1
+
     def observe(self, query, keys, attention_mask, scaling):
         num_new = query.shape[-2]
         self._scores = None
