@@ -400,6 +400,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     if not text:
         raise CLIError("the prompt is empty")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the output to the generation and one stats line
     model, tokenizer, _ = load_model(args)
     try:
         cache = make_cache(args.cache, model, **options)

@@ -268,6 +268,7 @@ def plot(
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise ImportError(
             "plotting needs matplotlib, which is not installed: pip install 'hf-longmem[plot]' (or matplotlib)"
@@ -287,12 +288,14 @@ def plot(
                     label=f"{line_key.replace('context_', '')} {group}")  # fmt: skip
             for r in series:
                 ax.plot(r["kv_bytes"], r["accuracy"], marker[str(r["cache"])], color=color, markersize=7)
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)  # ticks at powers of two: 128 KiB, 256 KiB, ...
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_bytes(value).replace(".0 ", " ")))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("KV cache bytes")
         ax.set_title(f"{panel_key.replace('context_', '')}: {panel}")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     axes[0][0].set_ylabel("accuracy")
     handles = [plt.Line2D([], [], linestyle="", marker=marker[c], color="0.3", label=c, markersize=7) for c in caches]
     if title:
