@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, column_scores
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs
 
 from .base import LongMemCache, gather_slots, keep_plan
 from .h2o import H2OLayer
@@ -231,7 +231,7 @@ class D2OLayer(H2OLayer):
         if not self.compresses():
             self.scores = None
             return
-        received = column_scores(query, keys, attention_mask, scaling)  # [b, hkv, n]
+        received = self.received_attention(query, keys, attention_mask, scaling)  # [b, hkv, n]
         self.scores = F.pad(self.scores, (0, num_keys - self.scores.shape[-1])) + received
 
     def prefill_density(self) -> torch.Tensor:

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 
 from hf_longmem.memory.merging import consecutive_merge_sets, merge_runs
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import column_scores
 
 from .base import LongMemCache
 from .scored import ScoredLayer
@@ -141,7 +140,7 @@ class KVMergerLayer(ScoredLayer):
             return  # nothing to compress
         self._window = min(self.window_size, num_new)
         queries = query[:, :, -self._window :]
-        self._scores = column_scores(queries, keys, attention_mask[..., -self._window :, :], scaling)
+        self._scores = self.received_attention(queries, keys, attention_mask[..., -self._window :, :], scaling)
 
     def compress(self, keys, values, positions):
         if self._deferring or self._scores is None:
