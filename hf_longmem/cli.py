@@ -82,7 +82,7 @@ def parse_option(text: str) -> tuple[str | None, str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise CLIError(f"--cache-option must look like KEY=VALUE or CACHE.KEY=VALUE, got {text!r}")
+        raise CLIError(f"options must look like KEY=VALUE or NAME.KEY=VALUE, got {text!r}")
     cache, _, key = key.rpartition(".")
     try:
         value = json.loads(raw)
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"budget as a fraction of each context length (default: {DEFAULT_BUDGET_RATIO})")  # fmt: skip
     bench.add_argument("--cache-option", action="append", default=[], metavar="[CACHE.]KEY=VALUE",
                        help="extra cache option (repeatable); CACHE. limits it to one cache")  # fmt: skip
+    bench.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
+                       help="task generator option (repeatable), e.g. multikey_needle.num_needles=2")  # fmt: skip
     bench.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES,
                        help=f"samples per task and length (default: {DEFAULT_NUM_SAMPLES}: a quick demo; raise it for tighter numbers)")  # fmt: skip
     bench.add_argument("--seed", type=int, default=0, help="task generator seed (default: 0)")
@@ -298,6 +300,27 @@ def _cache_options(names: Sequence[str], raw: Sequence[str], budget: int | None)
     return options
 
 
+def _task_options(tasks: Sequence[str], raw: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--task-option TASK.KEY=VALUE`` -> options per selected task, checked against the generator's signature."""
+    from hf_longmem.evals.tasks import TASKS
+
+    options: dict[str, dict[str, Any]] = {task: {} for task in tasks}
+    for text in raw:
+        task, key, value = parse_option(text)
+        if task is None or task not in options:
+            raise CLIError(
+                f"--task-option {text!r} must name one of the selected tasks {list(tasks)} as TASK.KEY=VALUE"
+            )
+        options[task][key] = value
+    for task, opts in options.items():
+        if task in TASKS and opts:
+            try:
+                inspect.signature(TASKS[task]).bind(None, 1, 1, 0, **opts)
+            except TypeError as error:
+                raise CLIError(f"bad --task-option for {task!r}: {error}") from None
+    return options
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,6 +335,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown_tasks = [t for t in args.tasks if t not in TASKS]
     if unknown_tasks:
         raise CLIError(f"unknown task(s) {', '.join(map(repr, unknown_tasks))}; available: {', '.join(TASKS)}")
+    task_options = _task_options(args.tasks, args.task_option)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_file():
+        raise CLIError(f"--out {args.out!r} exists and is not a regular file")
     bad_lengths = [n for n in args.lengths if n < 1]
     if bad_lengths:
         raise CLIError(f"--lengths must be positive, got {bad_lengths}")
@@ -352,10 +378,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 break
     if not caches:
         raise CLIError("no cache can run with these options; pick some with --caches")
+    from hf_longmem.evals.tasks import generate_task
+
+    for task, opts in task_options.items():  # bad option values or a too short length fail here, before any work
+        try:
+            generate_task(task, tokenizer, min(args.lengths), 1, args.seed, **opts)
+        except ValueError as error:
+            raise CLIError(f"task {task!r} at length {min(args.lengths)}: {error}") from None
     records: list[dict[str, Any]] | None = [] if args.records else None
     start = time.perf_counter()
     rows = run_benchmark(
-        model, tokenizer, args.tasks, args.lengths, caches, num_samples=args.num_samples, seed=args.seed,
+        model, tokenizer, task_options, args.lengths, caches, num_samples=args.num_samples, seed=args.seed,
         fidelity=args.fidelity, mode=None if args.mode == "auto" else args.mode, batch_size=args.batch_size,
         model_name=model_name, records=records, progress=not args.no_progress,
     )  # fmt: skip
@@ -364,7 +397,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"\n{len(rows)} rows in {elapsed:.1f} s; model: {model_name}; device: {model.device}")
     if args.out:
         meta = collect_meta(
-            model_name=model_name, device=str(model.device), seed=args.seed, tasks=args.tasks, lengths=args.lengths,
+            model_name=model_name, device=str(model.device), seed=args.seed, tasks=task_options, lengths=args.lengths,
             budget=args.budget, budget_ratio=ratio, num_samples=args.num_samples, fidelity=args.fidelity,
             wall_time_s=round(elapsed, 3),
         )  # fmt: skip

@@ -138,3 +138,20 @@ def test_bench_skips_caches_that_cannot_run_when_none_are_named(model_dir, capsy
     captured = capsys.readouterr()
     assert "skipping cache 'streaming'" in captured.err
     assert "streaming(" not in captured.out and "full" in captured.out
+
+
+def test_bench_task_options(model_dir, tmp_path, capsys):
+    base = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
+            "--caches", "full", "--no-progress"]  # fmt: skip
+    assert main([*base, "--task-option", "passkey.depth=0.5", "--out", str(tmp_path / "r.json")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--task-option", "passkey.depth=2"]) == 2  # bad value
+    assert "depth" in capsys.readouterr().err
+    assert main([*base, "--task-option", "passkey.colour=1"]) == 2  # unknown option
+    assert "colour" in capsys.readouterr().err
+    assert main([*base, "--task-option", "depth=0.5"]) == 2  # no task named
+    assert "TASK.KEY=VALUE" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path)]) == 2  # a folder, not a file
+    assert "--out" in capsys.readouterr().err
+    assert main([*base, "--lengths", "20"]) == 2  # too short for the task
+    assert "length" in capsys.readouterr().err

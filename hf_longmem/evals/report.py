@@ -113,6 +113,9 @@ def save_results(
         The path written.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"`path` {str(path)!r} exists and is not a regular file; results are written atomically by "
+                         "replacing a regular file")  # fmt: skip
     payload: dict[str, Any] = {"meta": dict(meta or {}), "rows": [dict(r) for r in rows]}
     if records is not None:
         payload["records"] = [dict(r) for r in records]

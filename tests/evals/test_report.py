@@ -57,6 +57,11 @@ def test_json_round_trip_is_atomic_and_strict(tmp_path):
     assert len(json.loads(path.read_text())["rows"]) == 1
 
 
+def test_save_results_refuses_non_regular_files(tmp_path):
+    with pytest.raises(ValueError, match="not a regular file"):
+        save_results(tmp_path, make_rows())  # a folder
+
+
 def test_load_results_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_results(tmp_path / "missing.json")
