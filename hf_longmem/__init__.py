@@ -10,6 +10,7 @@ from hf_longmem.cache_classes.d2o import D2OCache
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
 from hf_longmem.cache_classes.full import FullCache
 from hf_longmem.cache_classes.h2o import H2OCache
+from hf_longmem.cache_classes.infllm import InfLLMCache
 from hf_longmem.cache_classes.kvmerger import KVMergerCache
 from hf_longmem.cache_classes.sirllm import SirLLMCache
 from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
@@ -30,6 +31,7 @@ register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-
 register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
 register_cache("d2o", D2OCache, needs_attention=True, summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones")
 register_cache("kvmerger", KVMergerCache, needs_attention=True, summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights")
+register_cache("infllm", InfLLMCache, needs_attention=True, summary="InfLLM: initial tokens + top-k memory blocks by representative keys (constant distance) + local window, CPU offload")
 
 
 def load_default_model(*args, **kwargs):
@@ -45,6 +47,7 @@ __all__ = [
     "DuoAttentionCache",
     "FullCache",
     "H2OCache",
+    "InfLLMCache",
     "KVMergerCache",
     "PyramidKVCache",
     "SirLLMCache",

@@ -1,0 +1,533 @@
+"""InfLLM (Xiao et al., 2024): training-free long context with a block memory retrieved by representative keys.
+
+Per layer the context is ``[n_init initial tokens | memory blocks of block_size | local window of n_local]``:
+
+* **Local window**: each query attends to itself and the ``n_local - 1`` tokens before it, at their true relative
+  positions (the keys HF caches are post-RoPE, so this is ordinary attention over the window).
+* **Memory** (regime (c) of the positions notes): the initial tokens, the retrieved blocks and the tokens that left
+  the window but do not fill a block yet (the "remainder") are all seen at ONE constant distance: memory keys are
+  stored unrotated (rotated back to position 0, ``RotaryShift.rotate(keys, -position)``) and the query is rotated
+  to position ``n_local - 1``. A query sees exactly the tokens that are not in its own window (complementary masks).
+* **Merge**: the local and memory parts are computed separately with their log-sum-exp and merged exactly
+  (:func:`~hf_longmem.kernels.merge_attention`), which equals one softmax over both.
+* **Retrieval**: the memory part's query is the chunk-mean query (rotated as above, all heads concatenated); each
+  block's representative is the mean of its ``repr_topk`` keys that received the most local-window attention while
+  they were in the window (per query head, as the official code). The ``topk`` best blocks (all blocks when there
+  are at most ``topk``) are chosen per chunk and per decoding step, shared by the heads of the layer
+  (:func:`~hf_longmem.kernels.block_topk.block_topk`).
+* **Memory formation**: after each chunk, tokens that left the window first fill the ``n_init`` initial tokens,
+  then form blocks of ``block_size`` that go to a :class:`~hf_longmem.memory.block_store.BlockStore` (CPU with a
+  device LRU of ``max_cached_blocks`` per row on CUDA; prefetched on a side stream while the local part runs).
+* **Chunking**: a forward of ``q`` tokens (``generate`` hands the whole prompt to one forward) is processed in
+  execution blocks of ``exc_block_size`` queries inside :meth:`InfLLMLayer.attend`, updating the memory between
+  chunks, so a long prompt never needs a ``[q, q]`` attention matrix. Splitting the prompt in the caller
+  (``generate(..., prefill_chunk_size=exc_block_size)``) gives the same result.
+
+``get_seq_length()`` counts the tokens seen. With ``n_local`` at least the sequence length nothing leaves the
+window and the cache equals ``DynamicCache`` (up to float rounding of the attention kernels).
+
+Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
+
+* HF caches see post-RoPE keys/queries, so memory keys are unrotated by a rotation of ``-position`` and the memory
+  query rotated by ``n_local - 1 - position`` (exact up to float rounding; the official code keeps pre-RoPE states).
+  The model's own RoPE is used; the official configs override the RoPE base (``base: 1e6``/``5e5``).
+* Fixed: within a chunk the official memory mask uses an offset that lets every query of the chunk see the whole
+  remainder, so the remainder tokens that are also in an early query's window are counted twice (once at their true
+  position, once at the constant distance). Here each query sees the remainder tokens outside its own window only.
+* Block scores and representatives are computed in float32 (the official code uses the model dtype).
+* Batches: rows of equal length are supported (the official code is effectively batch 1); each row retrieves its
+  own blocks. Left-padded batches are refused with a ``ValueError`` (padding would shift the block boundaries of
+  a row relative to its batch-1 run).
+* Only the default ``cache_strategy="lru"`` is implemented (not ``"lru-s"``), and no faiss index.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from hf_longmem.attention import LAYER_KWARG
+from hf_longmem.kernels.block_topk import block_topk
+from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
+from hf_longmem.kernels.decode_attention.reference import grouped_logits, softmax_attend
+from hf_longmem.memory.block_store import BlockStore
+from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
+from hf_longmem.memory.rope import RotaryShift
+
+from .base import LongMemCache
+
+NEEDS_ATTENTION_MESSAGE = (
+    "{name} needs hf_longmem attention to see the queries: build the cache with "
+    "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
+)
+LEFT_PADDING_MESSAGE = (
+    "{name} supports batches of equal-length rows only: this batch is left-padded (a padded row would form "
+    "memory blocks at other boundaries than the row alone). Run padded prompts one at a time."
+)
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    return value
+
+
+def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, model=None) -> RotaryShift:
+    """The model's RoPE as a :class:`RotaryShift` (InfLLM/EM-LLM place memory at a constant distance)."""
+    if rotary is not None:
+        return rotary
+    try:
+        if model is not None:
+            return RotaryShift.from_model(model)
+        if config is not None:
+            return RotaryShift.from_config(config)
+    except ValueError as error:
+        raise ValueError(
+            f"unsupported model: {cls_name} needs a RoPE whose angle is linear in the position ({error})"
+        ) from None
+    raise ValueError(f"{cls_name} needs the model's RoPE: pass `config=` (or `rotary=`), or use make_cache(..., model)")
+
+
+def block_representatives(
+    keys: torch.Tensor, scores: torch.Tensor, sizes: list[int], repr_topk: int
+) -> torch.Tensor:
+    """Representative key of each block: the mean of its ``repr_topk`` best-scored keys, per query head.
+
+    Args:
+        keys: ``[b, kv_heads, T, d]`` keys of consecutive blocks (``T = sum(sizes)``), unrotated.
+        scores: ``[b, q_heads, T]`` local-window attention each token received (per query head).
+        sizes: block sizes in order; a block smaller than ``repr_topk`` averages all its keys.
+        repr_topk: keys per representative.
+
+    Returns:
+        ``[b, len(sizes), q_heads, d]`` in the keys' dtype (computed in float32).
+    """
+    batch, kv_heads, total, dim = keys.shape
+    q_heads = scores.shape[1]
+    group = q_heads // kv_heads
+    device = keys.device
+    size_t = torch.tensor(sizes, device=device)
+    starts = torch.cumsum(size_t, 0) - size_t
+    width = max(sizes)
+    offsets = torch.arange(width, device=device)
+    inside = offsets[None, :] < size_t[:, None]  # [blocks, width]
+    token = (starts[:, None] + offsets[None, :]).clamp(max=total - 1)  # [blocks, width]
+    block_scores = scores.float()[:, :, token].masked_fill(~inside, float("-inf"))  # [b, H, blocks, width]
+    take = min(repr_topk, width)
+    best = block_scores.topk(take, dim=-1).indices  # [b, H, blocks, take]
+    chosen_ok = inside[torch.arange(len(sizes), device=device)[:, None], best]  # [b, H, blocks, take]
+    chosen = token[torch.arange(len(sizes), device=device)[:, None], best]  # token ids
+    flat = chosen.reshape(batch, kv_heads, group, -1)  # head h = kv_head * group + j (repeat_kv order)
+    expanded = keys.unsqueeze(2).expand(batch, kv_heads, group, total, dim)
+    picked = expanded.gather(3, flat[..., None].expand(-1, -1, -1, -1, dim)).float()
+    picked = picked.reshape(batch, q_heads, len(sizes), take, dim)
+    weight = chosen_ok.float()[..., None]
+    reprs = (picked * weight).sum(-2) / weight.sum(-2).clamp(min=1.0)  # [b, H, blocks, d]
+    return reprs.permute(0, 2, 1, 3).to(keys.dtype)
+
+
+class InfLLMLayer(CacheLayerMixin):
+    """One attention layer of an :class:`InfLLMCache`.
+
+    State (``b`` rows of equal length):
+
+    * ``keys``/``values``: ``[b, kv_heads, R, d]`` post-RoPE states of the ``R`` most recent tokens not yet in
+      memory (the local window plus the remainder), ``positions`` ``[b, R]`` their positions and
+      ``local_scores`` ``[b, q_heads, R]`` float32 the window attention each received (representative scores);
+    * ``init_keys``/``init_values``: ``[b, kv_heads, <= n_init, d]`` the initial tokens, unrotated;
+    * ``store``: the memory blocks (unrotated keys) and their representatives.
+    """
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+    #: ``None`` dispatches kernels by device (Triton on CUDA); tests force a backend.
+    kernel_backend: str | None = None
+
+    def __init__(
+        self,
+        rotary: RotaryShift,
+        n_init: int,
+        n_local: int,
+        block_size: int,
+        topk: int,
+        repr_topk: int,
+        max_cached_blocks: int,
+        exc_block_size: int,
+        offload: bool | None = None,
+        pin_memory: bool | None = None,
+    ):
+        super().__init__()
+        self.rotary = rotary
+        self.n_init, self.n_local, self.block_size = n_init, n_local, block_size
+        self.topk, self.repr_topk, self.max_cached_blocks = topk, repr_topk, max_cached_blocks
+        self.exc_block_size = exc_block_size
+        self.offload, self.pin_memory = offload, pin_memory
+        self.cumulative_length = 0
+        self.positions: torch.Tensor | None = None
+        self.local_scores: torch.Tensor | None = None
+        self.init_keys: torch.Tensor | None = None
+        self.init_values: torch.Tensor | None = None
+        self.real_seen: torch.Tensor | None = None
+        self.store: BlockStore | None = None
+        self._pending = None
+
+    # ----------------------------------------------------------------------------------------------- contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, kv_heads, _, dim = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(batch, kv_heads, 0, dim)
+        self.values = value_states.new_zeros(batch, kv_heads, 0, value_states.shape[-1])
+        self.init_keys, self.init_values = self.keys.clone(), self.values.clone()
+        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
+        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.store = BlockStore(self.device, self.max_cached_blocks, self.offload, self.pin_memory)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Takes the new ``[b, kv_heads, q, d]`` states; :meth:`attend` (called next by hf_longmem attention) uses them."""
+        name = type(self).__name__
+        if self._pending is not None:
+            raise RuntimeError(NEEDS_ATTENTION_MESSAGE.format(name=name))
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is None:
+            raise RuntimeError(f"{name}: this model does not pass its attention kwargs to Cache.update (unsupported model)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, _, num_new, _ = key_states.shape
+        positions = new_token_positions(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
+        if bool((positions == PAD_POSITION).any()):
+            raise ValueError(LEFT_PADDING_MESSAGE.format(name=name))
+        self.check_batch(batch)
+        self.real_seen = self.real_seen + num_new
+        self.cumulative_length += num_new
+        self._pending = (key_states, value_states, positions)
+        attn_kwargs[LAYER_KWARG] = self
+        return key_states, value_states
+
+    def check_batch(self, batch: int) -> None:
+        """Hook for methods with batch limits (EM-LLM)."""
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_stored_length(self) -> int:
+        """Tokens held: recent + initial + memory blocks (of row 0)."""
+        if not self.is_initialized:
+            return 0
+        memory = sum(self.store.block_sizes(0)) if self.store.batch_size else 0
+        return self.keys.shape[-2] + self.init_keys.shape[-2] + memory
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # attend() builds its own masks; a [q, q] causal mask is all transformers needs to build
+        return query_length, self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # ------------------------------------------------------------------------------------------- attention
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """Attention of ``query`` ``[b, q_heads, q, d]`` (post-RoPE) over window + memory, chunk by chunk.
+
+        Returns ``([b, q, q_heads, d], None)`` as transformers attention functions do.
+        """
+        if self._pending is None:
+            raise RuntimeError(f"{type(self).__name__}.attend called without a preceding update()")
+        new_keys, new_values, positions = self._pending
+        self._pending = None
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if self.local_scores is None:
+            self.local_scores = torch.zeros(query.shape[0], query.shape[1], 0, device=self.device)
+        outputs = []
+        for start in range(0, query.shape[-2], self.exc_block_size):  # execution blocks of queries
+            stop = min(start + self.exc_block_size, query.shape[-2])
+            outputs.append(
+                self._attend_chunk(
+                    query[:, :, start:stop],
+                    new_keys[:, :, start:stop],
+                    new_values[:, :, start:stop],
+                    positions[:, start:stop],
+                    scale,
+                )
+            )
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return output.transpose(1, 2).contiguous(), None
+
+    def _attend_chunk(self, query, keys, values, positions, scale: float) -> torch.Tensor:
+        """One execution block: ``query [b, H, c, d]``, new ``keys``/``values`` ``[b, Hkv, c, d]``, ``positions [b, c]``.
+
+        Returns ``[b, H, c, dv]``.
+        """
+        batch, q_heads, num_q, _ = query.shape
+        kv_heads = keys.shape[1]
+        group = q_heads // kv_heads
+        # memory query: rotated to position n_local - 1 (memory keys sit at 0); retrieval starts early so the
+        # host->device copies of the chosen blocks overlap the local attention
+        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions)
+        selected = self.select_blocks(memory_query)
+        if selected is not None:
+            self.store.prefetch(selected)
+
+        self.keys = torch.cat((self.keys, keys), dim=-2)
+        self.values = torch.cat((self.values, values), dim=-2)
+        self.positions = torch.cat((self.positions, positions), dim=-1)
+        self.local_scores = torch.cat((self.local_scores, self.local_scores.new_zeros(batch, q_heads, num_q)), dim=-1)
+        recent = self.keys.shape[-2]
+
+        # local part: the window of each query (itself + n_local - 1 before), true relative positions
+        window = min(recent - num_q, self.n_local - 1)
+        first = recent - num_q - window
+        local_keys, local_values = self.keys[:, :, first:], self.values[:, :, first:]
+        q_index = torch.arange(num_q, device=query.device)[:, None]
+        k_index = torch.arange(window + num_q, device=query.device)[None, :]
+        allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
+        logits = grouped_logits(query, local_keys, scale).masked_fill(~allowed, float("-inf"))  # [b,Hkv,g,c,w+c]
+        out, lse = softmax_attend(logits, allowed, local_values, query.dtype)
+
+        # memory part: [retrieved blocks | initial tokens | pad | remainder beyond the window], constant distance
+        memory = self._memory_states(selected, num_q)
+        if memory is not None:
+            mem_keys, mem_values, mem_valid = memory
+            mem_out, mem_lse = decode_attention(
+                memory_query, mem_keys, mem_values, scale, valid=mem_valid, causal_new=True, backend=self.kernel_backend
+            )
+            out, lse = merge_attention(out, lse, mem_out, mem_lse)
+
+        # representative scores: window attention under the joint softmax (as the official single softmax)
+        probs = torch.exp(logits - lse.view(batch, kv_heads, group, num_q, 1))
+        self.local_scores[:, :, first:] += probs.sum(dim=3).reshape(batch, q_heads, window + num_q)
+        self.after_chunk()
+        return out
+
+    def _memory_states(self, selected, num_q: int):
+        """Keys/values/valid ``[b, n]`` of the memory part, or ``None`` when it is empty.
+
+        The remainder (recent tokens older than the last query's window) is last, so that ``causal_new`` gives
+        query ``i`` exactly the remainder tokens outside its own window; a pad of ``max(0, c - r)`` masked slots
+        in front of it keeps blocks and initial tokens visible to every query.
+        """
+        batch = self.keys.shape[0]
+        device = self.device
+        remainder = max(0, self.keys.shape[-2] - self.n_local)
+        keys, values, valid = [], [], []
+        if selected is not None:
+            block_keys, block_values, block_valid = self.store.gather(selected)
+            keys.append(block_keys)
+            values.append(block_values)
+            valid.append(
+                block_valid
+                if block_valid is not None
+                else torch.ones(batch, block_keys.shape[-2], dtype=torch.bool, device=device)
+            )
+        if self.init_keys.shape[-2]:
+            keys.append(self.init_keys)
+            values.append(self.init_values)
+            valid.append(torch.ones(batch, self.init_keys.shape[-2], dtype=torch.bool, device=device))
+        if not keys and remainder == 0:
+            return None
+        pad = max(0, num_q - remainder)
+        if pad:
+            keys.append(self.keys.new_zeros(batch, self.keys.shape[1], pad, self.keys.shape[-1]))
+            values.append(self.values.new_zeros(batch, self.values.shape[1], pad, self.values.shape[-1]))
+            valid.append(torch.zeros(batch, pad, dtype=torch.bool, device=device))
+        if remainder:
+            keys.append(self.unrotate(self.keys[:, :, :remainder], self.positions[:, :remainder]))
+            values.append(self.values[:, :, :remainder])
+            valid.append(torch.ones(batch, remainder, dtype=torch.bool, device=device))
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(valid, dim=-1)
+
+    def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
+        return self.rotary.rotate(keys, -positions)
+
+    # ------------------------------------------------------------------------------------ retrieval, memory
+    def select_blocks(self, memory_query: torch.Tensor) -> list[list[int]] | None:
+        """Block ids per row for this chunk: all blocks if at most ``topk``, else the ``topk`` best (ascending ids).
+
+        Args:
+            memory_query: ``[b, H, c, d]`` chunk queries rotated to position ``n_local - 1``.
+        """
+        counts = self.store.num_blocks() if self.store.batch_size else []
+        if not counts or max(counts) == 0:
+            return None
+        if max(counts) <= self.topk:
+            return [list(range(count)) for count in counts]
+        query_mean = memory_query.float().mean(dim=2)  # [b, H, d]
+        index = block_topk(query_mean, self.store.representatives(), self.topk, self.store.counts(), backend=self.kernel_backend)
+        return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
+
+    def after_chunk(self) -> None:
+        """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size``."""
+        self.fill_initial()
+        blocks = (self.keys.shape[-2] - self.n_local) // self.block_size
+        if blocks > 0:
+            self.form_blocks([self.block_size] * blocks)
+
+    def fill_initial(self) -> None:
+        """The oldest tokens beyond the window fill the ``n_init`` initial tokens first."""
+        room = self.n_init - self.init_keys.shape[-2]
+        beyond = self.keys.shape[-2] - self.n_local
+        take = min(room, beyond)
+        if take <= 0:
+            return
+        self.init_keys = torch.cat((self.init_keys, self.unrotate(self.keys[:, :, :take], self.positions[:, :take])), -2)
+        self.init_values = torch.cat((self.init_values, self.values[:, :, :take]), dim=-2)
+        self._drop_oldest(take)
+
+    def form_blocks(self, sizes: list[int]) -> None:
+        """The oldest ``sum(sizes)`` recent tokens become memory blocks of ``sizes`` (in order)."""
+        total = sum(sizes)
+        keys = self.unrotate(self.keys[:, :, :total], self.positions[:, :total])
+        reprs = block_representatives(keys, self.local_scores[:, :, :total], sizes, self.repr_topk)
+        self.store.add_blocks(keys, self.values[:, :, :total], sizes, reprs)
+        self._drop_oldest(total)
+
+    def _drop_oldest(self, count: int) -> None:
+        self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
+        self.positions, self.local_scores = self.positions[:, count:], self.local_scores[:, :, count:]
+
+    # ------------------------------------------------------------------------------------- batch and bytes
+    def _map_rows(self, fn, index) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "positions", "local_scores", "init_keys", "init_values", "real_seen"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+        self.store.reorder(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        index = beam_idx.to(self.device)
+        self._map_rows(lambda t: t.index_select(0, index), index)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            index = torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats)
+            self._map_rows(lambda t: t.index_select(0, index), index)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            index = torch.arange(self.keys.shape[0], device=self.device)[indices]
+            self._map_rows(lambda t: t.index_select(0, index), index)
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = self.local_scores = None
+        self.init_keys = self.init_values = self.real_seen = None
+        if self.store is not None:
+            self.store.clear()
+        self.store = None
+        self._pending = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} moves tokens to memory and cannot be cropped; copy the cache (copy.deepcopy) to roll back"
+        )
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held: ``resident`` (on the compute device) and ``offloaded`` (memory blocks in CPU memory)."""
+        if not self.is_initialized:
+            return {"resident": 0, "offloaded": 0}
+        tensors = (self.keys, self.values, self.positions, self.local_scores, self.init_keys, self.init_values, self.real_seen)
+        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        store = self.store.memory_bytes()
+        return {"resident": own + store["resident"], "offloaded": store["offloaded"]}
+
+    def memory_bytes(self) -> int:
+        return sum(self.memory_breakdown().values())
+
+
+class InfLLMCache(LongMemCache):
+    """InfLLM: initial tokens + retrieved memory blocks (constant distance) + local window, per layer.
+
+    Args:
+        n_init: initial tokens kept for every query (official 128).
+        n_local: local window, the query included (official 4096).
+        block_size: tokens per memory block (official 128).
+        topk: blocks retrieved per chunk / decoding step (official 16).
+        repr_topk: keys averaged into a block's representative (official 4).
+        max_cached_blocks: blocks per row resident on the device when offloading (official ``max_cached_block``
+            32), at least ``topk``.
+        exc_block_size: queries per execution block (official 512), at most ``n_local``.
+        offload: keep memory blocks in CPU memory with a device LRU; ``None``: when the model runs on CUDA.
+        pin_memory: pin the CPU blocks; ``None``: when offloading from CUDA.
+        config: the model config (layer layout and RoPE).
+        rotary: the model's RoPE (``from_model``/``make_cache`` read it from the model).
+
+    Build it with ``make_cache("infllm", model, ...)``, which also switches the model to hf_longmem attention.
+
+    Examples::
+
+        >>> cache = make_cache("infllm", model, n_local=2048, topk=8)  # doctest: +SKIP
+        >>> model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        n_init: int = 128,
+        n_local: int = 4096,
+        block_size: int = 128,
+        topk: int = 16,
+        repr_topk: int = 4,
+        max_cached_blocks: int = 32,
+        exc_block_size: int = 512,
+        offload: bool | None = None,
+        pin_memory: bool | None = None,
+        config=None,
+        rotary: RotaryShift | None = None,
+    ):
+        _check_int("n_init", n_init, 0)
+        _check_int("n_local", n_local, 1)
+        _check_int("block_size", block_size, 1)
+        _check_int("topk", topk, 1)
+        _check_int("repr_topk", repr_topk, 1)
+        _check_int("max_cached_blocks", max_cached_blocks, 1)
+        _check_int("exc_block_size", exc_block_size, 1)
+        if repr_topk > block_size:
+            raise ValueError(f"`repr_topk` ({repr_topk}) must be at most `block_size` ({block_size})")
+        if max_cached_blocks < topk:
+            raise ValueError(f"`max_cached_blocks` ({max_cached_blocks}) must be at least `topk` ({topk})")
+        if exc_block_size > n_local:
+            raise ValueError(f"`exc_block_size` ({exc_block_size}) must be at most `n_local` ({n_local})")
+        self.n_init, self.n_local, self.block_size, self.topk = n_init, n_local, block_size, topk
+        self.repr_topk, self.max_cached_blocks, self.exc_block_size = repr_topk, max_cached_blocks, exc_block_size
+        self.offload, self.pin_memory = offload, pin_memory
+        self.rotary = rotary_for(type(self).__name__, config, rotary)
+        options = dict(
+            n_init=n_init,
+            n_local=n_local,
+            block_size=block_size,
+            topk=topk,
+            repr_topk=repr_topk,
+            max_cached_blocks=max_cached_blocks,
+            exc_block_size=exc_block_size,
+            offload=offload,
+            pin_memory=pin_memory,
+        )
+        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> InfLLMCache:
+        if "rotary" not in kwargs:
+            kwargs["rotary"] = rotary_for(cls.__name__, model=model)
+        return cls(config=model.config, **kwargs)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """``{"resident": bytes on the compute device, "offloaded": bytes of memory blocks in CPU memory}``."""
+        total = {"resident": 0, "offloaded": 0}
+        for layer in self.layers:
+            if hasattr(layer, "memory_breakdown"):
+                for key, value in layer.memory_breakdown().items():
+                    total[key] += value
+            elif getattr(layer, "is_initialized", False):
+                total["resident"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return total
+
+    def memory_bytes(self) -> int:
+        """Every byte held (resident + offloaded)."""
+        return sum(self.memory_breakdown().values())
+
+
+__all__ = ["InfLLMCache", "InfLLMLayer", "block_representatives"]

@@ -1,0 +1,266 @@
+"""InfLLM: identity with a large window, brute-force equality with every block retrieved, retrieval, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_longmem.cache_classes.infllm import InfLLMCache, InfLLMLayer, block_representatives
+from transformers import DynamicCache
+
+from hf_longmem import available_caches, enable_longmem_attention, make_cache
+from hf_longmem.memory.rope import RotaryShift
+from tests.helpers.reference import greedy
+from tests.helpers.tiny_models import random_ids, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (idle OpenMP threads spin and slow a shared machine down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = dict(n_init=4, n_local=16, block_size=8, topk=2, repr_topk=2, max_cached_blocks=2, exc_block_size=8)
+
+
+def infllm(model, **options):
+    enable_longmem_attention(model)
+    return InfLLMCache.from_model(model, **options)
+
+
+# ------------------------------------------------------------------------------------------- contract
+def test_large_window_equals_dynamic_cache(shape_name, attn_impl):
+    model = tiny_model(shape_name, attn_impl)
+    ids = random_ids(1, 40)
+    ref_seq, ref_logits = greedy(model, ids, DynamicCache(config=model.config))
+    cache = infllm(model, n_init=4, n_local=64, block_size=8, topk=2, exc_block_size=16)
+    seq, logits = greedy(model, ids, cache)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=2e-5)
+    assert cache.get_seq_length() == seq.shape[1] - 1
+    assert cache.layers[0].store.batch_size == 0  # nothing left the window
+
+
+def test_chunked_prefill_and_continuation_without_eviction():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 30)
+    ref_cache = DynamicCache(config=model.config)
+    ref_seq, ref_logits = greedy(model, ids, ref_cache, prefill_chunk_size=8)
+    cache = infllm(model, n_init=4, n_local=64, block_size=8, topk=2, exc_block_size=16)
+    seq, logits = greedy(model, ids, cache, prefill_chunk_size=8)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=2e-5)
+    turn = torch.cat((seq, random_ids(1, 5, seed=3)), dim=1)
+    ref2, _ = greedy(model, turn, ref_cache, max_new_tokens=6)
+    seq2, _ = greedy(model, turn, cache, max_new_tokens=6)
+    assert torch.equal(seq2, ref2)
+
+
+def test_prefill_in_execution_blocks_equals_one_forward_with_eviction():
+    """One long forward is split in exc_block_size chunks inside attend: same as feeding the chunks one by one."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 90)
+    single_seq, single_logits = greedy(model, ids, infllm(model, **SMALL), max_new_tokens=8)
+    cache = infllm(model, **SMALL)
+    chunked_seq, chunked_logits = greedy(model, ids, cache, max_new_tokens=8, prefill_chunk_size=8)
+    assert torch.equal(single_seq, chunked_seq)
+    torch.testing.assert_close(single_logits, chunked_logits, rtol=1e-5, atol=1e-5)
+    assert cache.layers[0].store.num_blocks(0) > SMALL["topk"]  # retrieval really chose among blocks
+
+
+def test_equal_length_rows_equal_batch_one():
+    model = tiny_model("llama_gqa")
+    rows = [random_ids(1, 50, seed=1), random_ids(1, 50, seed=2)]
+    seq, logits = greedy(model, torch.cat(rows), infllm(model, **SMALL), max_new_tokens=6)
+    for row, ids in enumerate(rows):
+        row_seq, row_logits = greedy(model, ids, infllm(model, **SMALL), max_new_tokens=6)
+        assert torch.equal(seq[row], row_seq[0])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_at_large_window_equals_dynamic():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 20)
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    out = model.generate(ids, cache=infllm(model, n_local=64, block_size=8, topk=2, exc_block_size=16), **kwargs)
+    assert torch.equal(out, ref)
+    cache = infllm(model, **SMALL)  # with memory blocks: reordering keeps every row's state aligned
+    out = model.generate(random_ids(1, 40), cache=cache, **kwargs)
+    layer = cache.layers[0]
+    assert out.shape == (1, 46) and layer.keys.shape[0] == layer.store.batch_size == 3
+
+
+# ----------------------------------------------------------------------------------- brute force, layer level
+def brute_force(query, keys, values, rotary, n_local, scale):
+    """Every past token visible: the window at true relative positions, all older tokens at one distance.
+
+    ``query [1, H, T, d]``, ``keys``/``values`` ``[1, Hkv, T, d]`` post-RoPE at positions ``0..T-1``.
+    """
+    heads, total = query.shape[1], query.shape[2]
+    group = heads // keys.shape[1]
+    pos = torch.arange(total)[None]
+    keys_rep, values_rep = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    local = query @ keys_rep.transpose(-1, -2)
+    memory_query = rotary.rotate(query, (n_local - 1) - pos)
+    memory_keys = rotary.rotate(keys_rep, -pos)
+    memory = memory_query @ memory_keys.transpose(-1, -2)
+    i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    logits = torch.where(i - j < n_local, local, memory) * scale
+    logits = logits.masked_fill(j > i, float("-inf"))
+    return torch.softmax(logits, -1) @ values_rep  # [1, H, T, d]
+
+
+def run_layer(layer, query, keys, values, splits, scale):
+    """Feeds ``[1, *, T, d]`` states through update + attend in forwards of ``splits`` tokens."""
+    outputs, start = [], 0
+    for size in splits:
+        stop = start + size
+        kwargs = {"position_ids": torch.arange(start, stop)[None]}
+        layer.update(keys[:, :, start:stop], values[:, :, start:stop], kwargs=kwargs)
+        out, _ = layer.attend(None, query[:, :, start:stop], None, None, None, scaling=scale)
+        outputs.append(out.transpose(1, 2))
+        start = stop
+    return torch.cat(outputs, dim=2)
+
+
+@pytest.mark.parametrize(
+    "n_init,n_local,block_size,exc,splits",
+    [
+        (4, 12, 8, 5, [61, 1, 1, 1, 9, 1]),  # long forward in 5-query chunks, decoding, a second turn
+        (0, 9, 4, 9, [30, 1, 17, 1]),  # no initial tokens, chunk = window
+        (5, 16, 3, 1, [40, 1, 1]),  # one query per execution block
+    ],
+)
+def test_all_blocks_retrieved_equals_brute_force(n_init, n_local, block_size, exc, splits):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, total = 4, 2, 16, sum(splits)
+    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
+    pos = torch.arange(total)[None]
+    query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
+    keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
+    values = torch.randn(1, kv_heads, total, dim)
+    layer = InfLLMLayer(rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc)
+    out = run_layer(layer, query, keys, values, splits, dim**-0.5)
+    expected = brute_force(query, keys, values, rotary, n_local, dim**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert layer.init_keys.shape[-2] == n_init
+    assert layer.store.num_blocks(0) == (total - n_local - n_init) // block_size
+    assert layer.keys.shape[-2] == total - n_init - block_size * layer.store.num_blocks(0)
+
+
+def test_representatives_are_the_top_scored_keys():
+    torch.manual_seed(0)
+    keys, scores = torch.randn(2, 2, 12, 4), torch.rand(2, 4, 12)
+    reprs = block_representatives(keys, scores, [5, 4, 3], repr_topk=2)
+    assert reprs.shape == (2, 3, 4, 4)
+    for b in range(2):
+        for head in range(4):
+            for block, (start, size) in enumerate([(0, 5), (5, 4), (9, 3)]):
+                best = scores[b, head, start : start + size].topk(2).indices + start
+                expected = keys[b, head // 2, best].mean(0)
+                torch.testing.assert_close(reprs[b, block, head], expected)
+    small = block_representatives(keys[:, :, :3], scores[:, :, :3], [1, 2], repr_topk=3)  # blocks < repr_topk
+    torch.testing.assert_close(small[:, 1, 0], keys[:, 0, 1:3].mean(1))
+
+
+def test_needle_block_is_retrieved_first():
+    """A query aligned with one block's keys (in slow-rotating channels) ranks that block first."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size = 4, 2, 16, 4
+    rotary = RotaryShift(1.0 / (1e4 ** (torch.arange(0, dim, 2).float() / dim)))
+    total = 80
+    pos = torch.arange(total)[None]
+    raw_keys = 0.1 * torch.randn(1, kv_heads, total, dim)
+    needle = torch.zeros(dim)
+    needle[[7, 15]] = 3.0  # the lowest-frequency channel pair: almost no rotation at any position used here
+    raw_keys[:, :, 20:24] = needle
+    keys = rotary.rotate(raw_keys, pos)
+    query = rotary.rotate(0.1 * torch.randn(1, heads, total, dim), pos)
+    layer = InfLLMLayer(rotary, 0, 16, block_size, topk=2, repr_topk=2, max_cached_blocks=2, exc_block_size=16)
+    run_layer(layer, query, keys, torch.randn(1, kv_heads, total, dim), [total], dim**-0.5)
+    assert layer.store.num_blocks(0) > 10
+    probe = rotary.rotate(needle.expand(1, heads, 1, dim), torch.tensor([[total]]))
+    memory_query = rotary.rotate(probe, torch.tensor([[16 - 1 - total]]))
+    assert layer.select_blocks(memory_query) == [[5, layer.select_blocks(memory_query)[0][1]]]
+    scores = torch.einsum("hd,nhd->n", memory_query[0, :, 0], layer.store.representatives()[0])
+    assert int(scores.argmax()) == 5  # block 5 holds tokens 20..23
+
+
+# ------------------------------------------------------------------------------------------- memory, errors
+def test_offload_lru_and_memory_breakdown():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 80)
+    plain = infllm(model, **SMALL)
+    seq, logits = greedy(model, ids, plain, max_new_tokens=6)
+    offloaded = infllm(model, **SMALL, offload=True)
+    seq_off, logits_off = greedy(model, ids, offloaded, max_new_tokens=6)
+    assert torch.equal(seq, seq_off) and torch.equal(logits, logits_off)
+    for layer in offloaded.layers:
+        assert len(layer.store.resident_blocks(0)) <= SMALL["max_cached_blocks"]
+    breakdown = offloaded.memory_breakdown()
+    assert breakdown["offloaded"] > 0 and offloaded.memory_bytes() == sum(breakdown.values())
+    assert plain.memory_breakdown()["offloaded"] == 0
+    lru_copies = sum(
+        k.numel() * k.element_size() + v.numel() * v.element_size()
+        for layer in offloaded.layers
+        for lru in layer.store._resident
+        for k, v in lru.values()
+    )
+    assert plain.memory_bytes() == offloaded.memory_bytes() - lru_copies  # the same bytes, elsewhere
+    full = DynamicCache(config=model.config)
+    greedy(model, ids, full, max_new_tokens=6)
+    assert offloaded.memory_breakdown()["resident"] < sum(
+        layer.keys.numel() * layer.keys.element_size() * 2 for layer in full.layers
+    )
+    layer = plain.layers[0]
+    memory_tokens = sum(layer.store.block_sizes(0))
+    assert layer.get_stored_length() == layer.keys.shape[-2] + SMALL["n_init"] + memory_tokens
+    assert plain.get_seq_length() == seq.shape[1] - 1 == layer.get_stored_length()
+
+
+def test_make_cache_registration_and_needs_attention():
+    assert "infllm" in available_caches()
+    model = tiny_model("llama_gqa")
+    cache = make_cache("infllm", model, **SMALL)
+    assert isinstance(cache, InfLLMCache) and cache.n_local == 16
+    plain = tiny_model("llama_gqa")  # still on sdpa: the layer never sees its queries
+    manual = InfLLMCache(config=plain.config, **SMALL)
+    plain(random_ids(1, 5), cache=manual)
+    with pytest.raises(RuntimeError, match="hf_longmem attention"):
+        plain(random_ids(1, 1), cache=manual)
+
+
+def test_left_padding_is_refused():
+    model = tiny_model("llama_gqa")
+    batch = torch.cat((random_ids(1, 12, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 8)), 1)))
+    with pytest.raises(ValueError, match="equal-length rows"):
+        greedy(model, batch, infllm(model, **SMALL), attention_mask=(batch != 0).long(), pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"n_local": 0}, "n_local"),
+        ({"block_size": 1.5}, "block_size"),
+        ({"topk": 0}, "topk"),
+        ({"n_init": -1}, "n_init"),
+        ({"repr_topk": 9, "block_size": 8}, "repr_topk"),
+        ({"max_cached_blocks": 4, "topk": 8}, "max_cached_blocks"),
+        ({"exc_block_size": 32, "n_local": 16}, "exc_block_size"),
+    ],
+)
+def test_bad_arguments(options, match):
+    with pytest.raises(ValueError, match=match):
+        InfLLMCache(config=tiny_model("llama_gqa").config, **options)
+
+
+def test_needs_rope():
+    with pytest.raises(ValueError, match="RoPE"):
+        InfLLMCache()
+    with pytest.raises(ValueError, match="unknown option"):
+        make_cache("infllm", tiny_model("llama_gqa"), window=3)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        infllm(tiny_model("llama_gqa"), **SMALL).crop(1)
