@@ -529,6 +529,15 @@ class DuoAttentionCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=64)
     """
 
+    @classmethod
+    def options_for_budget(cls, budget: int) -> dict:
+        """Streaming heads hold ``budget`` tokens: an eighth of it (at most 64, the paper's) as sinks, the rest recent.
+
+        Retrieval heads keep every token whatever the budget; ``sparsity`` sets how many heads stream.
+        """
+        sink = min(64, budget // 8)
+        return {"sink_size": sink, "recent_size": max(1, budget - sink)}
+
     def __init__(
         self,
         head_pattern: HeadPattern = None,

@@ -132,6 +132,12 @@ class SirLLMCache(LongMemCache):
         shift = rotary if position_mode == "shift" else None
         super().__init__(lambda layer_idx: SirLLMLayer(self, shift), config=config)
 
+    @classmethod
+    def options_for_budget(cls, budget: int) -> dict:
+        """Options holding ``budget`` tokens before a turn: 4 start tokens (fewer for tiny budgets), the rest by score."""
+        start = min(4, max(0, budget - 1))
+        return {"start_size": start, "entropy_size": max(1, budget - start)}
+
     # ----------------------------------------------------------------------------------------------- model hook
     @classmethod
     def from_model(cls, model, **kwargs) -> SirLLMCache:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import Cache, PretrainedConfig, PreTrainedModel
@@ -19,24 +21,47 @@ class CacheSpec:
         cls: the ``Cache`` subclass; takes its options plus ``config=`` and may define ``from_model(model, **opts)``.
         needs_attention: the method reads queries/scores in hf_longmem's attention function.
         summary: one line for ``--help`` and tables.
+        budget_options: maps a token budget to this method's options (``None``: the class's own
+            ``options_for_budget`` classmethod if it has one, else ``{"budget": b}`` when it takes a ``budget``, else
+            the method has no budget).
     """
 
     name: str
     cls: type
     needs_attention: bool = False
     summary: str = ""
+    budget_options: Callable[[int], dict] | None = None
+
+    def options_for_budget(self, budget: int) -> dict:
+        """The options that make this method hold about ``budget`` tokens per layer (``{}`` if it has no budget)."""
+        if self.budget_options is not None:
+            return self.budget_options(budget)
+        if hasattr(self.cls, "options_for_budget"):
+            return self.cls.options_for_budget(budget)
+        return {"budget": budget} if "budget" in inspect.signature(self.cls.__init__).parameters else {}
 
 
 _REGISTRY: dict[str, CacheSpec] = {}
 
 
-def register_cache(name: str, cls: type, *, needs_attention: bool = False, summary: str = "") -> None:
-    """Adds a cache method under ``name`` (replacing any previous one of that name)."""
+def register_cache(
+    name: str,
+    cls: type,
+    *,
+    needs_attention: bool = False,
+    summary: str = "",
+    budget_options: Callable[[int], dict] | None = None,
+) -> None:
+    """Adds a cache method under ``name`` (replacing any previous one of that name).
+
+    ``budget_options(budget) -> dict`` tells harnesses how a token budget maps onto the method's own options (for
+    methods whose size is not a ``budget`` argument, e.g. SirLLM's ``entropy_size``).
+    """
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"`name` must be a non-empty identifier, got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Cache)):
         raise ValueError(f"`cls` must be a transformers Cache subclass, got {cls!r}")
-    _REGISTRY[name] = CacheSpec(name, cls, needs_attention, summary)
+    _REGISTRY[name] = CacheSpec(name, cls, needs_attention, summary, budget_options)
 
 
 def available_caches() -> list[str]:

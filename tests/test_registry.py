@@ -54,3 +54,15 @@ def test_bad_names_and_options_are_clear():
         register_cache("mine", dict)
     with pytest.raises(ValueError, match="name"):
         register_cache("bad name", StreamingCache)
+
+
+def test_budgets_map_onto_each_method_s_own_options():
+    from hf_longmem import get_cache_spec
+
+    assert get_cache_spec("full").options_for_budget(128) == {}
+    assert get_cache_spec("snapkv").options_for_budget(128) == {"budget": 128}
+    assert get_cache_spec("sirllm").options_for_budget(128) == {"start_size": 4, "entropy_size": 124}
+    assert get_cache_spec("duo_attention").options_for_budget(128) == {"sink_size": 16, "recent_size": 112}
+    for name in available_caches():
+        options = get_cache_spec(name).options_for_budget(64)
+        hf_longmem.cache_classes.base.check_options(get_cache_spec(name).cls, options)
