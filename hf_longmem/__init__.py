@@ -8,6 +8,7 @@ from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
 from hf_longmem.cache_classes.d2o import D2OCache
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
+from hf_longmem.cache_classes.emllm import EMLLMCache
 from hf_longmem.cache_classes.full import FullCache
 from hf_longmem.cache_classes.h2o import H2OCache
 from hf_longmem.cache_classes.infllm import InfLLMCache
@@ -32,6 +33,7 @@ register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary
 register_cache("d2o", D2OCache, needs_attention=True, summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones")
 register_cache("kvmerger", KVMergerCache, needs_attention=True, summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights")
 register_cache("infllm", InfLLMCache, needs_attention=True, summary="InfLLM: initial tokens + top-k memory blocks by representative keys (constant distance) + local window, CPU offload")
+register_cache("emllm", EMLLMCache, needs_attention=True, summary="EM-LLM: InfLLM memory with surprise-segmented, graph-refined events, similarity + contiguity retrieval")
 
 
 def load_default_model(*args, **kwargs):
@@ -45,6 +47,7 @@ __all__ = [
     "CompressedLayer",
     "D2OCache",
     "DuoAttentionCache",
+    "EMLLMCache",
     "FullCache",
     "H2OCache",
     "InfLLMCache",

@@ -1,0 +1,612 @@
+"""EM-LLM (Fountas et al., ICLR 2025): InfLLM's memory with events segmented by surprise.
+
+EM-LLM shares InfLLM's layout, positions, attention path and block store (:mod:`.infllm`); what changes is how
+memory blocks are formed and retrieved:
+
+* **Surprise.** ``s_t = -log p(x_{t+1} | x_<=t)`` from the model's own logits. A token is an event boundary (a new
+  event starts at it) when ``s_t > mean + gamma * std`` of the surprise of the up to ``n_local`` tokens before its
+  execution block (the block's own values for the first one). As in the official code, the boundary is placed at
+  the token that *predicts* the surprising token, one position before the surprising token itself.
+* **Refinement** (``similarity_refinement``, on by default): each surprise boundary keeps its count but moves
+  within ``[previous boundary + min_block_size, boundary]`` to the split that maximises the modularity
+  (``similarity_metric="modularity"``) or minimises the conductance (``"conductance"``) of the two-community
+  partition of the key-similarity graph ``A = sum over layers >= refine_from_layer and KV heads of K K^T`` (keys at
+  position 0), restricted to a window of half the event size on each side.
+* **Events -> blocks.** Tokens that left the local window are cut at the boundaries into blocks clamped to
+  ``[min_block_size, max_block_size]``: longer events are split, shorter ones absorbed into the next; the event in
+  progress (after the last boundary) waits in the remainder, seen at the constant distance, until it is closed or
+  reaches ``max_block_size`` (official ``update_memory``).
+* **Retrieval** (two stages): blocks by descending ``q_mean . r_b`` until a token budget is filled (``n_mem`` plus
+  the execution block and initial-token allowance of the official ``global_context_cap``, the crossing block kept
+  if that lands closer to the budget), plus a contiguity buffer (``use_contiguity_buffer``, ``contiguity_buffer_size``
+  of the budget) of the +-1 neighbour events of the retrieved ones, kept as a queue across steps.
+
+The surprise needs the model's logits over each new input, which ``generate`` does not compute (it keeps only the
+last position). :meth:`EMLLMCache.from_model` (used by ``make_cache``) attaches a forward hook to the decoder that
+projects its last hidden states with the LM head in chunks of ``exc_block_size`` and forms the events of every layer
+after each forward. Events can only form between forwards, so long prompts must be fed in execution blocks (the
+official code asserts it): ``from_model`` sets ``model.generation_config.prefill_chunk_size = exc_block_size`` when it
+is unset (restored by :meth:`EMLLMCache.close` or when the cache is garbage-collected; pass ``chunk_prefill=False`` to leave
+it alone). A longer forward still
+works (its queries are processed in execution blocks), but tokens that leave the window during it wait in the
+remainder, all seen at the constant distance, until the forward ends.
+
+Deviations from the official code (em-llm/EM-LLM-model ``context_manager.py``, ``em_llm.py``,
+``similarity_refinement``):
+
+* Defaults follow the paper/README variant: refinement and contiguity buffer on (the shipped yamls turn both off).
+  ``refine_from_layer=None`` picks ``5/8`` of the layers (20 of 32, the official value for 32-layer models).
+* Generated tokens are segmented too (the official generation loop passes no labels, so they never start events).
+* Fixed: the official refinement never considers the original boundary itself (its candidate range excludes it);
+  here the candidates include it. Conductance uses the standard volume (sum of degrees) of the paper's formula; the
+  official code uses the sum of edges inside each side and takes the smaller of the two sides' values.
+* Fixed: a contiguity-buffer block that is also retrieved by similarity is attended once (the official code may
+  load it twice).
+* Batch size 1 only, as the official code (events differ per row); a larger batch raises ``ValueError``.
+* No disk offload; memory blocks use the CPU store with a device LRU as InfLLM.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from hf_longmem.kernels.block_topk import block_topk
+from hf_longmem.memory.rope import RotaryShift
+
+from .base import LongMemCache
+from .infllm import InfLLMLayer, _check_int, rotary_for
+
+METRICS = ("modularity", "conductance")
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def surprise_boundaries(surprise: torch.Tensor, history: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``[n]`` bool: ``surprise > mean + gamma * std`` of ``history`` (of ``surprise`` itself if fewer than 2 values).
+
+    ``std`` is the unbiased estimate (``torch.std``), as the official code.
+    """
+    reference = history if history.numel() >= 2 else surprise
+    if reference.numel() < 2:
+        return torch.zeros_like(surprise, dtype=torch.bool)
+    return surprise > reference.mean() + gamma * reference.std()
+
+
+def event_sizes(boundaries: torch.Tensor, min_size: int, max_size: int) -> list[int]:
+    """Blocks cut from tokens that left the window (official ``update_memory``).
+
+    Args:
+        boundaries: ``[L]`` bool, True where an event starts.
+        min_size, max_size: block size limits; shorter events are absorbed into the next, longer ones split.
+
+    Returns:
+        Sizes of the blocks to form from the first tokens, in order. The last event (after the last boundary) is
+        left out (it may still grow) unless it exceeds ``max_size``.
+    """
+    length = boundaries.numel()
+    if length == 0:
+        return []
+    cuts = torch.nonzero(boundaries).flatten().tolist()
+    if not cuts:
+        cuts = list(range(0, length, max_size)) if length > max_size else [length]
+    edges = sorted(set([0] + cuts + [length]))
+    segments = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    sizes, carried = [], 0
+    for index, segment in enumerate(segments):  # a loop over events (several tokens each)
+        carried += segment
+        while carried >= max_size:
+            sizes.append(max_size)
+            carried -= max_size
+        if carried < min(min_size, length):
+            continue
+        if carried > 0 and index != len(segments) - 1:
+            sizes.append(carried)
+        carried = 0
+    return sizes
+
+
+def _prefix2d(matrix: torch.Tensor) -> torch.Tensor:
+    """``P[a, b] = sum(matrix[:a, :b])`` with a zero first row/column: ``[T + 1, T + 1]``."""
+    padded = torch.nn.functional.pad(matrix, (1, 0, 1, 0))
+    return padded.cumsum(0).cumsum(1)
+
+
+def modularity_scores(adjacency: torch.Tensor) -> torch.Tensor:
+    """Modularity of every two-community split ``{0..t-1}, {t..T-1}`` of a graph, for ``t = 0..T``.
+
+    ``Q(t) = 1/(4m) sum_{i,j same side} (A_ij - k_i k_j / 2m)`` with ``m = sum(A) / 2`` (official ``modularity``),
+    all splits from one 2-D prefix sum (``O(T^2)`` instead of ``O(T^3)``).
+
+    Args:
+        adjacency: ``[T, T]`` (symmetric) similarity graph.
+
+    Returns:
+        ``[T + 1]`` float64.
+    """
+    adjacency = adjacency.double()
+    total = adjacency.sum()
+    if total == 0:
+        return torch.zeros(adjacency.shape[0] + 1, dtype=torch.float64, device=adjacency.device)
+    m = total / 2
+    degree_i, degree_j = adjacency.sum(dim=-2), adjacency.sum(dim=-1)
+    prefix = _prefix2d(adjacency - torch.outer(degree_i, degree_j) / (2 * m))
+    t = torch.arange(adjacency.shape[0] + 1, device=adjacency.device)
+    end = adjacency.shape[0]
+    inside = prefix[t, t] + (prefix[end, end] - prefix[t, end] - prefix[end, t] + prefix[t, t])
+    return inside / (4 * m)
+
+
+def conductance_scores(adjacency: torch.Tensor) -> torch.Tensor:
+    """Conductance ``cut(S, S') / min(vol S, vol S')`` of every split ``S = {0..t-1}``, ``t = 0..T``.
+
+    ``vol`` is the sum of degrees; an empty side gives ``inf`` (never the minimum).
+
+    Returns:
+        ``[T + 1]`` float64.
+    """
+    adjacency = adjacency.double()
+    end = adjacency.shape[0]
+    prefix = _prefix2d(adjacency)
+    t = torch.arange(end + 1, device=adjacency.device)
+    cut = prefix[t, end] - prefix[t, t]
+    volume = torch.nn.functional.pad(adjacency.sum(-1).cumsum(0), (1, 0))
+    smaller = torch.minimum(volume, volume[-1] - volume)
+    return torch.where(smaller != 0, cut / torch.where(smaller != 0, smaller, 1.0), torch.inf)
+
+
+def refine_boundaries(
+    boundaries: list[int],
+    adjacency: torch.Tensor,
+    min_size: int,
+    metric: str = "modularity",
+    first_movable: int = 0,
+) -> list[int]:
+    """Moves each boundary to the best graph split near it, keeping their number (official ``segmentation.py``).
+
+    Boundary ``b`` (after the refined previous one ``p``, initially 0) moves to the ``t`` in
+    ``[max(p, first_movable) + min_size, b]`` that maximises modularity (minimises conductance) of the split at
+    ``t`` of the window ``[p - h, b + h)``, ``h = (b - p) // 2``. A boundary with no room stays.
+
+    Args:
+        boundaries: increasing token indices into ``adjacency`` (events start there).
+        adjacency: ``[T, T]`` key-similarity graph of the tokens.
+        min_size: the smallest event.
+        metric: ``"modularity"`` or ``"conductance"``.
+        first_movable: no boundary moves before this index (tokens before it belong to closed events).
+
+    Returns:
+        The refined boundaries (same count, increasing).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"`similarity_metric` must be one of {METRICS}, got {metric!r}")
+    score_fn = modularity_scores if metric == "modularity" else conductance_scores
+    refined, previous = [], 0
+    size = adjacency.shape[0]
+    for boundary in boundaries:  # one window per boundary (an event of several tokens)
+        low = max(previous, first_movable) + min_size
+        if boundary - previous > min_size and low <= boundary:
+            half = (boundary - previous) // 2
+            start, stop = max(0, previous - half), min(size, boundary + half)
+            scores = score_fn(adjacency[start:stop, start:stop])[low - start : boundary - start + 1]
+            best = int(scores.argmax() if metric == "modularity" else scores.argmin())
+            refined.append(low + best)
+        else:
+            refined.append(boundary)
+        previous = refined[-1]
+    return refined
+
+
+# ------------------------------------------------------------------------------------------------- layer
+class EMLLMLayer(InfLLMLayer):
+    """One attention layer of an :class:`EMLLMCache` (InfLLM's layer with event blocks and budget retrieval)."""
+
+    def __init__(self, owner: EMLLMCache, rotary: RotaryShift, layer_idx: int, **options):
+        super().__init__(rotary, **options)
+        self._owner = weakref.ref(owner)
+        self.layer_idx = layer_idx
+        self.contiguity: list[int] = []  # the contiguity buffer (block ids, a queue across steps)
+
+    @property
+    def owner(self) -> EMLLMCache:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("EMLLMLayer outlived its EMLLMCache")
+        return owner
+
+    def check_batch(self, batch: int) -> None:
+        if batch != 1:
+            raise ValueError(
+                f"EMLLMCache supports batch size 1 (events differ per row; the official code is batch 1), got {batch}"
+            )
+        if self.owner._hook is None and not self.owner.manual_surprise:
+            raise RuntimeError(
+                "EMLLMCache needs the model's logits to segment events: build it with "
+                "hf_longmem.make_cache('emllm', model, ...) or EMLLMCache.from_model(model)"
+            )
+
+    def after_chunk(self) -> None:
+        self.fill_initial()  # events form after the forward, once their surprise is known (EMLLMCache.observe)
+
+    def select_blocks(self, memory_query: torch.Tensor) -> list[list[int]] | None:
+        """Similarity blocks until the token budget is filled, plus the contiguity buffer (ascending ids)."""
+        count = self.store.num_blocks(0)
+        if count == 0:
+            return None
+        owner = self.owner
+        remainder = max(0, self.keys.shape[-2] + memory_query.shape[2] - self.n_local)
+        budget = owner.n_init + self.exc_block_size + owner.n_mem - remainder - self.init_keys.shape[-2]
+        contiguity_cap = 0
+        if owner.use_contiguity_buffer:
+            ratio = owner.contiguity_buffer_size
+            contiguity_cap = int(ratio * budget + 1) if ratio < 1 else int(ratio)
+        cap = budget - contiguity_cap
+        sizes = torch.tensor(self.store.block_sizes(0), device=self.device)
+        if int(sizes.sum()) <= cap:
+            return [list(range(count))]
+        query_mean = memory_query.float().mean(dim=2)  # [1, H, d]
+        k = min(count, max(cap, 0) // max(int(sizes.min()), 1) + 1)
+        order = block_topk(query_mean, self.store.representatives(), k, backend=self.kernel_backend)[0]
+        chosen = sizes[order]
+        total = chosen.cumsum(0)
+        full = int((total < cap).sum())
+        if full < k and abs(cap - int(total[full] - chosen[full])) > abs(int(total[full]) - cap):
+            full += 1  # the block crossing the budget, when that lands closer to it (official)
+        similar = order[:full].tolist()
+        if owner.use_contiguity_buffer:
+            self._update_contiguity(similar, contiguity_cap)
+            taken = set(similar)
+            similar = [b for b in self.contiguity if b not in taken] + similar
+        return [sorted(similar)] if similar else None
+
+    def _update_contiguity(self, similar: list[int], cap: int) -> None:
+        """The +-1 neighbours of the retrieved blocks, queued across steps (official ``_update_contiguity_buffer``)."""
+        sizes = self.store.block_sizes(0)
+        count, taken = len(sizes), set(similar)
+        new, filled, total = [], False, 0
+        for block in similar:  # loop over retrieved blocks
+            for neighbour in (block + 1, block - 1):
+                if neighbour in taken or neighbour in new or not 0 <= neighbour < count:
+                    continue
+                new.append(neighbour)
+                before, total = total, total + sizes[neighbour]
+                if total >= cap:
+                    if abs(cap - before) <= abs(total - cap):
+                        new.pop()
+                        total = before
+                    filled = True
+                    break
+            if filled:
+                break
+        new.reverse()
+        if not new:
+            return
+        if not self.contiguity or filled:
+            self.contiguity = new
+        elif sum(sizes[b] for b in self.contiguity if b < count) + total < cap:
+            self.contiguity = self.contiguity + new
+        else:
+            past, self.contiguity = list(reversed(self.contiguity)), new
+            for block in past:
+                if block in new or block in taken or not 0 <= block < count:
+                    continue
+                self.contiguity.insert(0, block)
+                before, total = total, total + sizes[block]
+                if total >= cap:
+                    if abs(cap - before) <= abs(total - cap):
+                        self.contiguity.pop(0)
+                    break
+
+    def reset(self) -> None:
+        super().reset()
+        self.contiguity = []
+
+
+# ------------------------------------------------------------------------------------------------- cache
+def _restore_prefill_chunking(config_ref, chunk_size: int) -> None:
+    """Unsets the ``prefill_chunk_size`` that :meth:`EMLLMCache.attach` set (if nobody changed it since)."""
+    generation_config = config_ref()
+    if generation_config is not None and generation_config.prefill_chunk_size == chunk_size:
+        generation_config.prefill_chunk_size = None
+
+
+class EMLLMCache(LongMemCache):
+    """EM-LLM: InfLLM's memory with surprise-segmented, graph-refined events and two-stage retrieval.
+
+    Args:
+        n_init: initial tokens (official 128).
+        n_local: local window, the query included (official 4096).
+        n_mem: retrieved-token budget (official 4096 for Llama-3, 2048 for Mistral).
+        min_block_size, max_block_size: event size limits (official 8 and 128).
+        repr_topk: keys averaged into an event's representative (official 4).
+        max_cached_blocks: events per row resident on the device when offloading (official 520).
+        exc_block_size: queries per execution block (official 512), at most ``n_local``.
+        surprise_gamma: threshold ``mean + gamma * std`` (official ``surprisal_threshold_gamma`` 1.0).
+        similarity_refinement: refine surprise boundaries on the key-similarity graph (default True).
+        similarity_metric: ``"modularity"`` (official default) or ``"conductance"``.
+        refine_from_layer: first layer whose keys build the similarity graph (``None``: ``5/8`` of the layers).
+        use_contiguity_buffer: add the +-1 neighbour events of the retrieved ones (default True).
+        contiguity_buffer_size: share of the budget for them (``< 1``) or a token count (official 0.3).
+        offload, pin_memory: as :class:`~hf_longmem.cache_classes.infllm.InfLLMCache`.
+        config: the model config (layer layout and RoPE).
+        rotary: the model's RoPE (``from_model`` reads it).
+        manual_surprise: feed surprise yourself with :meth:`record_surprise` instead of the model hook (tests,
+            custom segmentations).
+        chunk_prefill: let :meth:`attach` set ``model.generation_config.prefill_chunk_size = exc_block_size`` when
+            it is unset, so that ``generate`` feeds prompts in execution blocks (see the module notes).
+
+    Build it with ``make_cache("emllm", model, ...)`` (or :meth:`from_model`), which attaches the surprise hook.
+    """
+
+    def __init__(
+        self,
+        n_init: int = 128,
+        n_local: int = 4096,
+        n_mem: int = 4096,
+        min_block_size: int = 8,
+        max_block_size: int = 128,
+        repr_topk: int = 4,
+        max_cached_blocks: int = 520,
+        exc_block_size: int = 512,
+        surprise_gamma: float = 1.0,
+        similarity_refinement: bool = True,
+        similarity_metric: str = "modularity",
+        refine_from_layer: int | None = None,
+        use_contiguity_buffer: bool = True,
+        contiguity_buffer_size: float = 0.3,
+        offload: bool | None = None,
+        pin_memory: bool | None = None,
+        config=None,
+        rotary: RotaryShift | None = None,
+        manual_surprise: bool = False,
+        chunk_prefill: bool = True,
+    ):
+        _check_int("n_init", n_init, 0)
+        _check_int("n_local", n_local, 1)
+        _check_int("n_mem", n_mem, 1)
+        _check_int("min_block_size", min_block_size, 1)
+        _check_int("max_block_size", max_block_size, 1)
+        _check_int("repr_topk", repr_topk, 1)
+        _check_int("max_cached_blocks", max_cached_blocks, 1)
+        _check_int("exc_block_size", exc_block_size, 1)
+        if min_block_size > max_block_size:
+            raise ValueError(f"`min_block_size` ({min_block_size}) must be at most `max_block_size` ({max_block_size})")
+        if exc_block_size > n_local:
+            raise ValueError(f"`exc_block_size` ({exc_block_size}) must be at most `n_local` ({n_local})")
+        if isinstance(surprise_gamma, bool) or not isinstance(surprise_gamma, (int, float)):
+            raise ValueError(f"`surprise_gamma` must be a number, got {surprise_gamma!r}")
+        if similarity_metric not in METRICS:
+            raise ValueError(f"`similarity_metric` must be one of {METRICS}, got {similarity_metric!r}")
+        if isinstance(contiguity_buffer_size, bool) or not (
+            isinstance(contiguity_buffer_size, (int, float)) and contiguity_buffer_size > 0
+        ):
+            raise ValueError(f"`contiguity_buffer_size` must be a positive number, got {contiguity_buffer_size!r}")
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_layers = getattr(text_config, "num_hidden_layers", None)
+        if refine_from_layer is not None:
+            _check_int("refine_from_layer", refine_from_layer, 0)
+            if num_layers is not None and refine_from_layer >= num_layers:
+                raise ValueError(f"`refine_from_layer` ({refine_from_layer}) must be below the {num_layers} layers")
+        self.n_init, self.n_local, self.n_mem = n_init, n_local, n_mem
+        self.min_block_size, self.max_block_size = min_block_size, max_block_size
+        self.exc_block_size, self.surprise_gamma = exc_block_size, float(surprise_gamma)
+        self.similarity_refinement, self.similarity_metric = bool(similarity_refinement), similarity_metric
+        self.refine_from_layer = refine_from_layer
+        self.use_contiguity_buffer, self.contiguity_buffer_size = bool(use_contiguity_buffer), contiguity_buffer_size
+        self.manual_surprise, self.chunk_prefill = manual_surprise, bool(chunk_prefill)
+        self.rotary = rotary_for(type(self).__name__, config, rotary)
+        self._hook = None
+        self._restore_chunking = None
+        self._init_surprise_state()
+        options = dict(
+            n_init=n_init,
+            n_local=n_local,
+            block_size=max_block_size,
+            topk=1,
+            repr_topk=repr_topk,
+            max_cached_blocks=max_cached_blocks,
+            exc_block_size=exc_block_size,
+            offload=offload,
+            pin_memory=pin_memory,
+        )
+        super().__init__(lambda layer_idx: EMLLMLayer(self, self.rotary, layer_idx, **options), config=config)
+
+    def _init_surprise_state(self) -> None:
+        self._known = 0  # tokens whose surprise is known (positions 0.._known-1)
+        self._history = torch.zeros(0)  # surprise of the last <= n_local known tokens (threshold statistics)
+        self._flags = torch.zeros(0, dtype=torch.bool)  # boundary flags of known tokens from _flags_start on
+        self._flags_start = 0
+        self._last_logits: torch.Tensor | None = None  # [vocab] of the last token seen (its next id unknown)
+
+    # ----------------------------------------------------------------------------------------------- model hook
+    @classmethod
+    def from_model(cls, model, **kwargs) -> EMLLMCache:
+        """Builds the cache for ``model`` and attaches the surprise hook."""
+        if "rotary" not in kwargs:
+            kwargs["rotary"] = rotary_for(cls.__name__, model=model)
+        cache = cls(config=model.config, **kwargs)
+        cache.attach(model)
+        return cache
+
+    def attach(self, model) -> None:
+        """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        lm_head = model.get_output_embeddings()
+        if lm_head is None:
+            raise ValueError("EM-LLM needs a causal LM with an output embedding (lm_head) to compute surprise")
+        self.close()
+        cache_ref = weakref.ref(self)
+
+        def hook(module, args, kwargs, output):
+            cache = cache_ref()
+            if cache is None or kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
+                return
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ValueError("EM-LLM computes surprise by token id: call the model with input_ids, not inputs_embeds")
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            with torch.no_grad():
+                cache.observe(input_ids, hidden, lm_head)
+
+        self._hook = decoder.register_forward_hook(hook, with_kwargs=True)
+        weakref.finalize(self, self._hook.remove)
+        generation_config = getattr(model, "generation_config", None)
+        if self.chunk_prefill and generation_config is not None and generation_config.prefill_chunk_size is None:
+            generation_config.prefill_chunk_size = self.exc_block_size
+            self._restore_chunking = weakref.ref(generation_config)
+            weakref.finalize(self, _restore_prefill_chunking, self._restore_chunking, self.exc_block_size)
+
+    def close(self) -> None:
+        """Removes the surprise hook (and the prefill chunking ``from_model`` set)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._restore_chunking is not None:
+            _restore_prefill_chunking(self._restore_chunking, self.exc_block_size)
+        self._restore_chunking = None
+
+    def observe(self, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
+        """Surprise of the tokens whose next token is now known, from ``hidden`` ``[1, q, hidden]``, then events."""
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"EMLLMCache supports batch size 1, got {input_ids.shape[0]}")
+        ids = input_ids[0].to(hidden.device)
+        values = []
+        if self._last_logits is not None:  # the previous forward's last token, now that its next token is known
+            values.append((torch.logsumexp(self._last_logits, -1) - self._last_logits[ids[0]]).reshape(1))
+        for start in range(0, ids.shape[0] - 1, self.exc_block_size):  # LM head in chunks of queries
+            stop = min(start + self.exc_block_size, ids.shape[0] - 1)
+            logits = lm_head(hidden[0, start:stop]).float()
+            picked = logits.gather(-1, ids[start + 1 : stop + 1, None]).squeeze(-1)
+            values.append(torch.logsumexp(logits, dim=-1) - picked)
+        self._last_logits = lm_head(hidden[0, -1:]).float()[0]
+        if values:
+            self.record_surprise(torch.cat(values))
+        else:
+            self.form_events()
+
+    # ----------------------------------------------------------------------------------------- segmentation
+    def record_surprise(self, surprise: torch.Tensor) -> None:
+        """Surprise ``[n]`` of the next ``n`` tokens (positions ``known..known+n-1``): boundaries, then events."""
+        surprise = surprise.detach().float().flatten().cpu()
+        start = self._known
+        flags = []
+        for begin in range(0, surprise.numel(), self.exc_block_size):  # statistics per execution block
+            group = surprise[begin : begin + self.exc_block_size]
+            flags.append(surprise_boundaries(group, self._history, self.surprise_gamma))
+            self._history = torch.cat((self._history, group))[-self.n_local :]
+        new_flags = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+        self._known += surprise.numel()
+        self._flags = torch.cat((self._flags, new_flags))
+        if self.similarity_refinement and bool(new_flags.any()):
+            self._refine(start)
+        self.form_events()
+
+    def _em_layers(self) -> list[EMLLMLayer]:
+        return [layer for layer in self.layers if isinstance(layer, EMLLMLayer) and layer.is_initialized]
+
+    def _refine(self, first_new: int) -> None:
+        """Refines the boundaries of the tokens from ``first_new`` on, in the context of the event they continue."""
+        layers = self._em_layers()
+        if not layers:
+            return
+        offset, flags, end = self._flags_start, self._flags, self._known
+        recent_start = int(layers[0].positions[0, 0])
+        low = max(recent_start, offset, first_new - self.max_block_size)
+        earlier = torch.nonzero(flags[low - offset : first_new - offset]).flatten()
+        context = low + int(earlier[-1]) if earlier.numel() else low  # start of the event in progress
+        boundaries = torch.nonzero(flags[first_new - offset : end - offset]).flatten() + (first_new - context)
+        kept, previous = [], 0
+        for boundary in boundaries.tolist():  # drop boundaries closer than min_block_size (official)
+            if boundary - previous >= self.min_block_size:
+                kept.append(boundary)
+                previous = boundary
+        flags[first_new - offset : end - offset] = False
+        if not kept:
+            return
+        adjacency = self.similarity_graph(context, end)
+        refined = refine_boundaries(
+            kept, adjacency, self.min_block_size, self.similarity_metric, first_movable=first_new - context
+        )
+        flags[torch.tensor(refined, dtype=torch.long) + (context - offset)] = True
+
+    def similarity_graph(self, start: int, stop: int) -> torch.Tensor:
+        """``[T, T]`` float32 ``sum_{layers >= refine_from_layer} sum_{kv heads} K K^T`` of positions ``[start, stop)``.
+
+        Keys are taken at position 0 (unrotated), as the official code's pre-RoPE keys.
+        """
+        layers = self._em_layers()
+        first = self.refine_from_layer
+        if first is None:
+            first = (len(self.layers) * 5) // 8
+        chosen = [layer for layer in layers if layer.layer_idx >= first] or layers[-1:]
+        adjacency = None
+        for layer in chosen:  # loop over layers
+            offset = int(layer.positions[0, 0])
+            keys = layer.keys[:, :, start - offset : stop - offset]
+            keys = layer.unrotate(keys, layer.positions[:, start - offset : stop - offset]).float()[0]
+            part = torch.einsum("htd,hsd->ts", keys, keys)
+            adjacency = part if adjacency is None else adjacency + part
+        return adjacency.cpu()
+
+    def form_events(self) -> None:
+        """Cuts the tokens that left every layer's window into event blocks (shared by all layers)."""
+        layers = self._em_layers()
+        if not layers:
+            return
+        layer = layers[0]
+        recent = layer.keys.shape[-2]
+        if recent == 0:
+            return
+        recent_start = int(layer.positions[0, 0])
+        if recent_start > self._flags_start:  # tokens that went to the initial tokens
+            self._flags = self._flags[recent_start - self._flags_start :]
+            self._flags_start = recent_start
+        region = recent - self.n_local
+        if region < self.min_block_size:
+            return
+        region = min(region, self._known - recent_start)  # boundaries are decided for these
+        sizes = event_sizes(self._flags[:region], self.min_block_size, self.max_block_size)
+        if not sizes:
+            return
+        for em_layer in layers:  # loop over layers
+            em_layer.form_blocks(sizes)
+        formed = sum(sizes)
+        self._flags = self._flags[formed:]
+        self._flags_start += formed
+
+    # ------------------------------------------------------------------------------------------ cache API
+    def reset(self):
+        super().reset()
+        self._init_surprise_state()
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (segmentation state
+        counted as resident)."""
+        total = {"resident": 0, "offloaded": 0}
+        for layer in self.layers:
+            if hasattr(layer, "memory_breakdown"):
+                for key, value in layer.memory_breakdown().items():
+                    total[key] += value
+            elif getattr(layer, "is_initialized", False):
+                total["resident"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        extra = (self._history, self._flags, self._last_logits)
+        total["resident"] += sum(t.numel() * t.element_size() for t in extra if t is not None)
+        return total
+
+    def memory_bytes(self) -> int:
+        return sum(self.memory_breakdown().values())
+
+    def batch_repeat_interleave(self, repeats: int):
+        if repeats != 1:
+            raise ValueError("EMLLMCache supports batch size 1 (no beam search or num_return_sequences > 1)")
+
+
+__all__ = [
+    "EMLLMCache",
+    "EMLLMLayer",
+    "conductance_scores",
+    "event_sizes",
+    "modularity_scores",
+    "refine_boundaries",
+    "surprise_boundaries",
+]

@@ -1,0 +1,236 @@
+"""EM-LLM: identity with a large window, surprise boundaries at planted tokens, graph refinement, retrieval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_longmem.cache_classes.emllm import (
+    EMLLMCache,
+    conductance_scores,
+    event_sizes,
+    modularity_scores,
+    refine_boundaries,
+    surprise_boundaries,
+)
+from transformers import DynamicCache
+
+from hf_longmem import available_caches, enable_longmem_attention, make_cache
+from tests.helpers.reference import greedy
+from tests.helpers.tiny_models import VOCAB, random_ids, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (idle OpenMP threads spin and slow a shared machine down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = dict(n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=16, exc_block_size=8)
+
+
+def emllm(model, **options):
+    enable_longmem_attention(model)
+    return EMLLMCache.from_model(model, **options)
+
+
+class ExpectTokenHead(torch.nn.Module):
+    """A stub LM head that always predicts ``token``: every other token is maximally surprising."""
+
+    def __init__(self, token: int):
+        super().__init__()
+        self.token = token
+
+    def forward(self, hidden):
+        logits = hidden.new_zeros(*hidden.shape[:-1], VOCAB)
+        logits[..., self.token] = 10.0
+        return logits
+
+
+# ------------------------------------------------------------------------------------------- contract
+@pytest.mark.parametrize("shape", ["llama_gqa", "llama_mha"])
+def test_large_window_equals_dynamic_cache(shape, attn_impl):
+    model = tiny_model(shape, attn_impl)
+    ids = random_ids(1, 40)
+    ref_seq, ref_logits = greedy(model, ids, DynamicCache(config=model.config))
+    cache = emllm(model, n_init=4, n_local=64, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=16)
+    seq, logits = greedy(model, ids, cache)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=2e-5)
+    assert cache.get_seq_length() == seq.shape[1] - 1
+    cache.close()
+
+
+def test_surprise_is_the_models_next_token_information():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    expected = -logprobs[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # token t: -log p(x_{t+1} | x_<=t)
+    cache = emllm(model, n_init=4, n_local=64, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=8)
+    model(ids[:, :13], cache=cache)
+    model(ids[:, 13:], cache=cache)  # the first forward's last token is scored by the second one
+    assert cache._known == 29
+    torch.testing.assert_close(cache._history, expected, rtol=1e-4, atol=1e-4)
+    cache.close()
+
+
+def test_planted_surprising_tokens_start_events():
+    model = tiny_model("llama_gqa")
+    model.lm_head = ExpectTokenHead(5)
+    ids = torch.full((1, 130), 5)
+    planted = [40, 67, 95]
+    ids[0, planted] = 7
+    cache = emllm(model, **{**SMALL, "max_block_size": 64}, similarity_refinement=False)
+    greedy(model, ids, cache, max_new_tokens=10)
+    layer = cache.layers[0]
+    starts = SMALL["n_init"] + torch.tensor([0] + layer.store.block_sizes(0)).cumsum(0)
+    # events start at the token that predicts the surprising one (official convention); the last one is open
+    assert layer.store.block_sizes(0) == [35, 27, 28]
+    assert starts[1:3].tolist() == [p - 1 for p in planted[:2]] and int(starts[3]) == planted[2] - 1
+    assert all(cache.layers[1].store.block_sizes(0) == layer.store.block_sizes(0) for _ in range(1))
+    refined = emllm(model, **{**SMALL, "max_block_size": 64}, similarity_refinement=True)
+    greedy(model, ids, refined, max_new_tokens=10)
+    assert len(refined.layers[0].store.block_sizes(0)) == 3  # refinement moves boundaries, keeps their count
+    cache.close()
+    refined.close()
+
+
+def test_contiguity_buffer_holds_neighbours_of_retrieved_events():
+    model = tiny_model("llama_gqa")
+    cache = emllm(model, **SMALL)
+    greedy(model, random_ids(1, 150), cache, max_new_tokens=4)
+    layer = cache.layers[1]
+    count = layer.store.num_blocks(0)
+    assert count > 6
+    layer.contiguity = []
+    query = torch.randn(1, 4, 1, 16)
+    selected = layer.select_blocks(query)[0]
+    buffer = set(layer.contiguity)
+    similar = [b for b in selected if b not in buffer]
+    assert buffer and len(selected) == len(set(selected)) < count
+    assert all(b - 1 in similar or b + 1 in similar for b in buffer)
+    sizes = layer.store.block_sizes(0)
+    budget = SMALL["n_init"] + SMALL["exc_block_size"] + SMALL["n_mem"] - (layer.keys.shape[-2] + 1 - 16) - 4
+    cap = budget - int(0.3 * budget + 1)
+    largest = max(sizes)
+    assert sum(sizes[b] for b in similar) <= cap + largest // 2 + 1  # the crossing block only if closer to cap
+    cache.close()
+
+
+# ----------------------------------------------------------------------------------- segmentation functions
+def test_surprise_threshold():
+    history = torch.tensor([1.0, 2.0, 3.0])  # mean 2, std 1
+    assert surprise_boundaries(torch.tensor([2.5, 3.5, 2.9]), history, 1.0).tolist() == [False, True, False]
+    assert surprise_boundaries(torch.tensor([1.0, 1.0, 9.0]), torch.zeros(0), 1.0).tolist() == [False, False, True]
+
+
+def test_event_sizes_follow_the_official_walk():
+    flags = torch.zeros(40, dtype=torch.bool)
+    flags[[5, 6, 20]] = True
+    assert event_sizes(flags, 3, 10) == [5, 10, 5, 10, 10]  # 1-token event absorbed, long events split
+    assert event_sizes(torch.zeros(9, dtype=torch.bool), 3, 10) == []  # one open event: waits
+    assert event_sizes(torch.zeros(25, dtype=torch.bool), 3, 10) == [10, 10]  # no boundary, too long: split
+    flags = torch.zeros(12, dtype=torch.bool)
+    flags[4] = True
+    assert event_sizes(flags, 3, 10) == [4]  # the event after the last boundary stays open
+
+
+def brute_modularity(adjacency, t):
+    total = adjacency.sum()
+    m = total / 2
+    k = adjacency.sum(0)
+    q = 0.0
+    for community in (range(0, t), range(t, adjacency.shape[0])):
+        for i in community:
+            for j in community:
+                q += adjacency[i, j] - k[i] * k[j] / (2 * m)
+    return q / (4 * m)
+
+
+def brute_conductance(adjacency, t):
+    side = range(0, t)
+    other = range(t, adjacency.shape[0])
+    cut = sum(adjacency[i, j] for i in side for j in other)
+    volume = [sum(adjacency[i].sum() for i in part) for part in (side, other)]
+    return cut / min(volume) if min(volume) != 0 else float("inf")
+
+
+def random_graph(size=9, seed=0):
+    keys = torch.randn(size, 4, generator=torch.Generator().manual_seed(seed)).double()
+    return keys @ keys.T + 5.0  # positive similarities
+
+
+def test_modularity_and_conductance_match_brute_force():
+    adjacency = random_graph()
+    modularity, conductance = modularity_scores(adjacency), conductance_scores(adjacency)
+    for t in range(adjacency.shape[0] + 1):
+        assert float(modularity[t]) == pytest.approx(float(brute_modularity(adjacency, t)), rel=1e-9, abs=1e-12)
+        assert float(conductance[t]) == pytest.approx(float(brute_conductance(adjacency, t)), rel=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["modularity", "conductance"])
+def test_refinement_moves_boundaries_to_the_best_split_and_keeps_their_count(metric):
+    clusters = torch.zeros(24, 24, dtype=torch.float64)
+    for start, stop in ((0, 7), (7, 16), (16, 24)):  # three communities
+        clusters[start:stop, start:stop] = 1.0
+    adjacency = clusters + 0.05
+    refined = refine_boundaries([9, 19], adjacency, min_size=2, metric=metric)
+    assert refined == [7, 16]
+    graph = random_graph(20, seed=3)
+    boundaries = [6, 11, 17]
+    refined = refine_boundaries(boundaries, graph, min_size=3, metric=metric)
+    assert len(refined) == 3 and refined == sorted(refined)
+    previous = 0
+    brute = brute_modularity if metric == "modularity" else brute_conductance
+    for boundary, got in zip(boundaries, refined):  # each one is the brute-force best split in its window
+        half = (boundary - previous) // 2
+        start, stop = max(0, previous - half), min(20, boundary + half)
+        window = graph[start:stop, start:stop]
+        candidates = range(previous + 3, boundary + 1)
+        values = [float(brute(window, t - start)) for t in candidates]
+        best = max(values) if metric == "modularity" else min(values)
+        assert float(brute(window, got - start)) == pytest.approx(best) and got in candidates
+        previous = got
+    assert refine_boundaries([4], graph, min_size=3, first_movable=3) == [4]  # no room: stays
+
+
+# ------------------------------------------------------------------------------------------- errors, API
+def test_batches_and_missing_hook_are_refused():
+    model = tiny_model("llama_gqa")
+    with pytest.raises(ValueError, match="batch size 1"):
+        greedy(model, random_ids(2, 10), emllm(model, **SMALL))
+    manual = EMLLMCache(config=model.config, **SMALL)
+    with pytest.raises(RuntimeError, match="make_cache"):
+        model(random_ids(1, 5), cache=manual)
+
+
+def test_registration_and_prefill_chunking_is_restored():
+    assert "emllm" in available_caches()
+    model = tiny_model("llama_gqa")
+    cache = make_cache("emllm", model, **SMALL)
+    assert isinstance(cache, EMLLMCache) and model.generation_config.prefill_chunk_size == SMALL["exc_block_size"]
+    cache.close()
+    assert model.generation_config.prefill_chunk_size is None
+    kept = make_cache("emllm", model, chunk_prefill=False, **SMALL)
+    assert model.generation_config.prefill_chunk_size is None
+    kept.close()
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"n_mem": 0}, "n_mem"),
+        ({"min_block_size": 9, "max_block_size": 8}, "min_block_size"),
+        ({"exc_block_size": 32, "n_local": 16}, "exc_block_size"),
+        ({"similarity_metric": "cosine"}, "similarity_metric"),
+        ({"refine_from_layer": 5}, "refine_from_layer"),
+        ({"contiguity_buffer_size": 0}, "contiguity_buffer_size"),
+        ({"surprise_gamma": "high"}, "surprise_gamma"),
+    ],
+)
+def test_bad_arguments(options, match):
+    with pytest.raises(ValueError, match=match):
+        EMLLMCache(config=tiny_model("llama_gqa").config, **options)
