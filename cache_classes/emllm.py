@@ -418,6 +418,27 @@ class EMLLMCache(LongMemCache):
         self._flags_start = 0
         self._last_logits: torch.Tensor | None = None  # [vocab] of the last token seen (its next id unknown)
 
+    @classmethod
+    def options_for_budget(cls, budget: int) -> dict:
+        """Options attending to about ``budget`` tokens per step: ``n_init + n_mem + n_local``.
+
+        The split follows the official Llama-3 configuration (``budget = 8320`` gives 128 initial tokens,
+        ``n_mem = n_local = 4096`` and events of 8 to 128 tokens); every past token is still held.
+        """
+        budget = max(3, int(budget))
+        n_init = min(128, budget // 16)
+        n_mem = max(1, (budget - n_init) // 2)
+        n_local = max(1, budget - n_init - n_mem)
+        max_block = min(128, max(2, n_mem // 8))
+        return {
+            "n_init": n_init,
+            "n_local": n_local,
+            "n_mem": n_mem,
+            "min_block_size": max(1, min(8, max_block // 16)),
+            "max_block_size": max_block,
+            "exc_block_size": min(512, n_local),
+        }
+
     # ----------------------------------------------------------------------------------------------- model hook
     @classmethod
     def from_model(cls, model, **kwargs) -> EMLLMCache:

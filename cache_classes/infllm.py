@@ -264,8 +264,13 @@ class InfLLMLayer(CacheLayerMixin):
         group = q_heads // kv_heads
         # memory query: rotated to position n_local - 1 (memory keys sit at 0); retrieval starts early so the
         # host->device copies of the chosen blocks overlap the local attention
-        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions)
-        selected = self.select_blocks(memory_query)
+        has_memory = (
+            self.store.batch_size > 0
+            or self.init_keys.shape[-2] > 0
+            or self.keys.shape[-2] + num_q > self.n_local
+        )
+        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions) if has_memory else None
+        selected = self.select_blocks(memory_query) if has_memory else None
         if selected is not None:
             self.store.prefetch(selected)
 
@@ -286,7 +291,7 @@ class InfLLMLayer(CacheLayerMixin):
         out, lse = softmax_attend(logits, allowed, local_values, query.dtype)
 
         # memory part: [retrieved blocks | initial tokens | pad | remainder beyond the window], constant distance
-        memory = self._memory_states(selected, num_q)
+        memory = self._memory_states(selected, num_q) if has_memory else None
         if memory is not None:
             mem_keys, mem_values, mem_valid = memory
             mem_out, mem_lse = decode_attention(
@@ -507,6 +512,28 @@ class InfLLMCache(LongMemCache):
             pin_memory=pin_memory,
         )
         super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
+
+    @classmethod
+    def options_for_budget(cls, budget: int) -> dict:
+        """Options attending to about ``budget`` tokens per step: ``n_init + topk * block_size + n_local``.
+
+        The split follows the official configuration (``budget = 6272`` gives exactly 128 initial tokens, 16 blocks
+        of 128 and a 4096-token window); every past token is still held (the memory blocks, offloaded on CUDA).
+        """
+        budget = max(3, int(budget))
+        n_init = min(128, budget // 16)
+        block_size = min(128, max(1, budget // 16))
+        topk = max(1, (budget // 3) // block_size)
+        n_local = max(1, budget - n_init - topk * block_size)
+        return {
+            "n_init": n_init,
+            "n_local": n_local,
+            "block_size": block_size,
+            "topk": topk,
+            "repr_topk": min(4, block_size),
+            "max_cached_blocks": max(32, topk),
+            "exc_block_size": min(512, n_local),
+        }
 
     @classmethod
     def from_model(cls, model, **kwargs) -> InfLLMCache:

@@ -234,3 +234,17 @@ def test_registration_and_prefill_chunking_is_restored():
 def test_bad_arguments(options, match):
     with pytest.raises(ValueError, match=match):
         EMLLMCache(config=tiny_model("llama_gqa").config, **options)
+
+
+def test_options_for_budget():
+    from hf_longmem import get_cache_spec
+
+    official = get_cache_spec("emllm").options_for_budget(8320)
+    assert official == {
+        "n_init": 128, "n_local": 4096, "n_mem": 4096, "min_block_size": 8, "max_block_size": 128, "exc_block_size": 512
+    }
+    model = tiny_model("llama_gqa")
+    for budget in (3, 24, 64):
+        options = EMLLMCache.options_for_budget(budget)
+        make_cache("emllm", model, **options).close()
+        assert options["n_init"] + options["n_mem"] + options["n_local"] <= budget

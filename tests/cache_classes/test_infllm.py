@@ -11,6 +11,7 @@ from hf_longmem import available_caches, enable_longmem_attention, make_cache
 from hf_longmem.memory.rope import RotaryShift
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
+from tests.kernels.common import needs_triton
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,3 +265,33 @@ def test_needs_rope():
         make_cache("infllm", tiny_model("llama_gqa"), window=3)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         infllm(tiny_model("llama_gqa"), **SMALL).crop(1)
+
+
+def test_options_for_budget():
+    from hf_longmem import get_cache_spec
+
+    official = get_cache_spec("infllm").options_for_budget(6272)
+    assert {k: official[k] for k in ("n_init", "n_local", "block_size", "topk")} == {
+        "n_init": 128, "n_local": 4096, "block_size": 128, "topk": 16
+    }
+    model = tiny_model("llama_gqa")
+    for budget in (3, 24, 64, 1000):
+        options = InfLLMCache.options_for_budget(budget)
+        cache = make_cache("infllm", model, **options)
+        assert options["n_init"] + options["topk"] * options["block_size"] + options["n_local"] <= budget + 2
+        assert cache.n_local == options["n_local"]
+
+
+@needs_triton
+def test_triton_kernels_give_the_torch_result(monkeypatch):
+    """decode_attention (memory part) and block_topk on the Triton path, under the interpreter on CPU."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 44)
+    options = dict(SMALL, topk=1, max_cached_blocks=2)
+    seq, logits = greedy(model, ids, infllm(model, **options), max_new_tokens=2)
+    monkeypatch.setattr(InfLLMLayer, "kernel_backend", "triton")
+    cache = infllm(model, **options)
+    seq_triton, logits_triton = greedy(model, ids, cache, max_new_tokens=2)
+    assert cache.layers[0].store.num_blocks(0) > 1  # top-1 of several blocks
+    assert torch.equal(seq, seq_triton)
+    torch.testing.assert_close(logits_triton, logits, rtol=1e-4, atol=1e-4)
