@@ -1,4 +1,4 @@
-"""The ``hf-longmem`` command: benchmark caches, generate through a cache, list caches, print result tables.
+"""The ``hf-longmem`` command: benchmark caches, generate through a cache, list caches, print result tables, edit.
 
 Everything runs offline (``HF_HUB_OFFLINE=1``); models load from local folders only (``local_files_only=True``).
 Without ``--model`` the embedded tiny model (``hf_longmem.load_default_model``) is used. Errors in the arguments
@@ -110,7 +110,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``hf-longmem`` (subcommands ``bench``, ``generate``, ``caches``, ``report``)."""
+    """The argument parser of ``hf-longmem`` (subcommands ``bench``, ``generate``, ``caches``, ``report``, ``edit``)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="hf_longmem: memory methods (compressed KV caches, ...) for Hugging Face transformers.",
@@ -204,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--lines", choices=["length", "task"], default="length", help="one plot line per length or task"
     )
+
+    from hf_longmem.editing.command import EPILOG as EDIT_EPILOG
+    from hf_longmem.editing.command import add_edit_arguments
+
+    edit = sub.add_parser("edit", help="write WISE knowledge edits from a file and save the side memories",
+                          description="Edit facts into a model with WISE side memories and save them.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EDIT_EPILOG)  # fmt: skip
+    add_model_args(edit)
+    add_edit_arguments(edit)
     return parser
 
 
@@ -507,7 +516,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "generate": cmd_generate, "caches": cmd_caches, "report": cmd_report}
+def cmd_edit(args: argparse.Namespace) -> int:
+    from hf_longmem.editing.command import run_edit
+
+    return run_edit(args, load_model, CLIError)
+
+
+COMMANDS = {"bench": cmd_bench, "generate": cmd_generate, "caches": cmd_caches, "report": cmd_report, "edit": cmd_edit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
