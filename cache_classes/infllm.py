@@ -49,7 +49,7 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.block_topk import block_topk
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
-from hf_longmem.kernels.decode_attention.reference import grouped_logits, softmax_attend
+from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.memory.block_store import BlockStore
 from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
 from hf_longmem.memory.rope import RotaryShift
@@ -287,8 +287,12 @@ class InfLLMLayer(CacheLayerMixin):
         q_index = torch.arange(num_q, device=query.device)[:, None]
         k_index = torch.arange(window + num_q, device=query.device)[None, :]
         allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
-        logits = grouped_logits(query, local_keys, scale).masked_fill(~allowed, float("-inf"))  # [b,Hkv,g,c,w+c]
-        out, lse = softmax_attend(logits, allowed, local_values, query.dtype)
+        probs = grouped_logits(query, local_keys, scale).masked_fill_(~allowed, float("-inf"))  # [b,Hkv,g,c,w+c]
+        local_lse = torch.logsumexp(probs, dim=-1)  # finite: a query always sees itself
+        probs = probs.sub_(local_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
+        out = torch.einsum("bhgqn,bhnd->bhgqd", probs, local_values.float())
+        out = out.reshape(batch, q_heads, num_q, -1).to(query.dtype)
+        lse = local_lse.reshape(batch, q_heads, num_q)
 
         # memory part: [retrieved blocks | initial tokens | pad | remainder beyond the window], constant distance
         memory = self._memory_states(selected, num_q) if has_memory else None
@@ -299,9 +303,11 @@ class InfLLMLayer(CacheLayerMixin):
             )
             out, lse = merge_attention(out, lse, mem_out, mem_lse)
 
-        # representative scores: window attention under the joint softmax (as the official single softmax)
-        probs = torch.exp(logits - lse.view(batch, kv_heads, group, num_q, 1))
-        self.local_scores[:, :, first:] += probs.sum(dim=3).reshape(batch, q_heads, window + num_q)
+        # representative scores: window attention under the joint softmax (as the official single softmax):
+        # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
+        weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q))
+        received = torch.einsum("bhgqn,bhgq->bhgn", probs, weight)
+        self.local_scores[:, :, first:] += received.reshape(batch, q_heads, window + num_q)
         self.after_chunk()
         return out
 

@@ -152,6 +152,26 @@ def test_all_blocks_retrieved_equals_brute_force(n_init, n_local, block_size, ex
     assert layer.keys.shape[-2] == total - n_init - block_size * layer.store.num_blocks(0)
 
 
+def test_local_scores_are_the_window_attention_under_the_joint_softmax():
+    """Representative scores: the attention each token received while in a query's window (joint softmax)."""
+    torch.manual_seed(1)
+    heads, kv_heads, dim, total, n_local = 4, 2, 8, 30, 7
+    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
+    pos = torch.arange(total)[None]
+    query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
+    keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
+    layer = InfLLMLayer(rotary, 0, n_local, 1000, topk=1, repr_topk=1, max_cached_blocks=1, exc_block_size=5)
+    run_layer(layer, query, keys, torch.randn(1, kv_heads, total, dim), [23, 1, 6], dim**-0.5)  # no block forms
+    keys_rep = keys.repeat_interleave(2, 1)
+    local = query @ keys_rep.transpose(-1, -2)
+    memory = rotary.rotate(query, (n_local - 1) - pos) @ rotary.rotate(keys_rep, -pos).transpose(-1, -2)
+    i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    in_window = (i - j < n_local) & (j <= i)
+    logits = torch.where(i - j < n_local, local, memory).masked_fill(j > i, float("-inf")) * dim**-0.5
+    expected = (torch.softmax(logits, -1) * in_window).sum(-2)  # [1, H, T]
+    torch.testing.assert_close(layer.local_scores, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_representatives_are_the_top_scored_keys():
     torch.manual_seed(0)
     keys, scores = torch.randn(2, 2, 12, 4), torch.rand(2, 4, 12)
