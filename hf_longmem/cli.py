@@ -98,8 +98,10 @@ examples:
   hf-longmem bench --budget-ratio 0.1 --cache-option streaming.sink_size=8 --fidelity --out res.json --plot res.png
   hf-longmem bench --model ./my-llama --device cuda --dtype bfloat16 --tasks passkey --lengths 4096,8192
 
-Options given with --budget/--budget-ratio/--cache-option apply to every selected cache that accepts them
-(e.g. not `budget` for `full`); an option that no selected cache accepts is an error.
+--budget/--budget-ratio give every selected cache that has a token budget about that many tokens per layer; each
+method maps it onto its own options (e.g. SirLLM's entropy_size, see `hf-longmem caches`), caches without one (full)
+run as they are. --cache-option values go to every selected cache that accepts them and override the budget's; an
+option that no selected cache accepts is an error.
 """
 
 _EPILOG_GENERATE = """\
@@ -155,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated cache names (default: every cache of `hf-longmem caches`)")  # fmt: skip
     budget = bench.add_mutually_exclusive_group()
     budget.add_argument(
-        "--budget", type=_positive_int, default=None, help="tokens kept per layer by compressing caches"
+        "--budget",
+        type=_positive_int,
+        default=None,
+        help="tokens kept per layer by every cache that has a budget (see below)",
     )
     budget.add_argument("--budget-ratio", type=_ratio, default=None,
                         help=f"budget as a fraction of each context length (default: {DEFAULT_BUDGET_RATIO})")  # fmt: skip
@@ -287,15 +292,12 @@ def _check_cache_names(names: Sequence[str]) -> None:
         raise CLIError(f"unknown cache(s) {', '.join(map(repr, unknown))}; available: {', '.join(available_caches())}")
 
 
-def _cache_options(names: Sequence[str], raw: Sequence[str], budget: int | None) -> dict[str, dict[str, Any]]:
-    """Per cache name, the options of ``--budget`` and ``--cache-option`` that it accepts."""
+def _cache_options(names: Sequence[str], raw: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per cache name, the ``--cache-option`` values that it accepts (an option no targeted cache takes is an error)."""
     from hf_longmem.evals.runner import cache_accepts
 
-    parsed = [parse_option(text) for text in raw]
-    if budget is not None:
-        parsed.insert(0, (None, "budget", budget))
     options: dict[str, dict[str, Any]] = {name: {} for name in names}
-    for target, key, value in parsed:
+    for target, key, value in (parse_option(text) for text in raw):
         if target is not None and target not in names:
             raise CLIError(
                 f"--cache-option {target}.{key}: cache {target!r} is not among the selected caches {list(names)}"
@@ -307,6 +309,25 @@ def _cache_options(names: Sequence[str], raw: Sequence[str], budget: int | None)
         for name in takers:
             options[name][key] = value
     return options
+
+
+def _budget_options(name: str, budget: int) -> dict[str, Any]:
+    """The options that give cache ``name`` a budget of ``budget`` tokens per layer (``{}``: it has no budget)."""
+    from hf_longmem import get_cache_spec
+
+    spec = get_cache_spec(name)
+    if hasattr(spec, "options_for_budget"):
+        return dict(spec.options_for_budget(budget))
+    from hf_longmem.evals.runner import cache_accepts
+
+    return {"budget": budget} if cache_accepts(name, "budget") else {}
+
+
+def _has_budget(name: str) -> bool:
+    try:
+        return bool(_budget_options(name, 256))
+    except ValueError:
+        return True  # it has a budget, just not this one
 
 
 def _task_options(tasks: Sequence[str], raw: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -338,7 +359,7 @@ def _task_options(tasks: Sequence[str], raw: Sequence[str]) -> dict[str, dict[st
 def cmd_bench(args: argparse.Namespace) -> int:
     from hf_longmem import available_caches, make_cache
     from hf_longmem.evals.report import collect_meta, format_table, plot, save_results
-    from hf_longmem.evals.runner import cache_accepts, run_benchmark
+    from hf_longmem.evals.runner import run_benchmark
     from hf_longmem.evals.tasks import TASKS
 
     unknown_tasks = [t for t in args.tasks if t not in TASKS]
@@ -354,28 +375,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_cache_names(names)
     if len(set(names)) != len(names):
         raise CLIError(f"--caches lists a cache twice: {names}")
-    fixed = _cache_options(names, args.cache_option, args.budget)
-    ratio = args.budget_ratio
-    if ratio is None and args.budget is None and not any("budget" in o for o in fixed.values()):
+    fixed = _cache_options(names, args.cache_option)
+    budgeted = [name for name in names if _has_budget(name)]
+    if (args.budget is not None or args.budget_ratio is not None) and not budgeted:
+        flag = "--budget" if args.budget is not None else "--budget-ratio"
+        raise CLIError(f"{flag}: no selected cache ({', '.join(names)}) has a token budget; see `hf-longmem caches`")
+    ratio = args.budget_ratio if args.budget is None else None
+    if ratio is None and args.budget is None:
         ratio = DEFAULT_BUDGET_RATIO
-    if ratio is not None and not any(cache_accepts(n, "budget") for n in names):
-        if args.budget_ratio is not None:
-            raise CLIError(f"--budget-ratio: no selected cache ({', '.join(names)}) accepts a budget")
-        ratio = None
     if args.plot:
         _require_matplotlib()
 
     def options_for(name: str):
-        if ratio is None or not cache_accepts(name, "budget") or "budget" in fixed[name]:
+        # The budget maps onto each method's own options (registry `options_for_budget`); --cache-option wins.
+        if name not in budgeted:
             return dict(fixed[name])
-        return lambda length: {"budget": max(1, round(ratio * length)), **fixed[name]}
+        if args.budget is not None:
+            return lambda length: {**_budget_options(name, args.budget), **fixed[name]}
+        return lambda length: {**_budget_options(name, max(1, round(ratio * length))), **fixed[name]}
 
     caches = {name: (name, options_for(name)) for name in names}
     model, tokenizer, model_name = load_model(args)
     for name, (_, options) in list(caches.items()):  # bad option values fail here, before any work
         for length in args.lengths:
-            opts = options(length) if callable(options) else options
+            opts: Any = "?"
             try:
+                opts = options(length) if callable(options) else options
                 make_cache(name, model, **opts)
             except (ValueError, TypeError) as error:
                 if args.caches is not None:
@@ -430,7 +455,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hf_longmem.evals.profiling import greedy_generate
 
     _check_cache_names([args.cache])
-    options = _cache_options([args.cache], args.cache_option, None)[args.cache]
+    options = _cache_options([args.cache], args.cache_option)[args.cache]
     if args.prompt is not None:
         text = args.prompt
     elif args.prompt_file == "-":
@@ -491,6 +516,12 @@ def cmd_caches(args: argparse.Namespace) -> int:
         for p in options:
             default = "" if p.default is inspect.Parameter.empty else f" (default: {p.default!r})"
             print(f"    {p.name}{default}")
+        try:
+            mapped = _budget_options(name, 256)
+        except ValueError:
+            mapped = {}
+        if mapped:
+            print(f"    --budget 256 sets: {', '.join(f'{k}={v}' for k, v in mapped.items())}")
         if not options:
             print("    (no options)")
     return 0

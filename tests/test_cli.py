@@ -77,6 +77,8 @@ def test_bench_errors(model_dir, tmp_path, capsys):
     assert main(_bench_args(model_dir, "--caches", "streaming", "--budget", "2")) == 2  # budget <= sink_size
     assert "budget" in capsys.readouterr().err
     assert main(_bench_args(model_dir, "--caches", "full", "--budget", "64")) == 2  # no selected cache takes it
+    assert "--budget: no selected cache" in capsys.readouterr().err
+    assert main(_bench_args(model_dir, "--caches", "full", "--cache-option", "budget=64")) == 2
     assert "'budget' is not accepted" in capsys.readouterr().err
     assert main(_bench_args(model_dir, "--cache-option", "position_mode=sideways", "--caches", "streaming")) == 2
     assert "position_mode" in capsys.readouterr().err
@@ -155,3 +157,19 @@ def test_bench_task_options(model_dir, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main([*base, "--lengths", "20"]) == 2  # too short for the task
     assert "length" in capsys.readouterr().err
+
+
+def test_budget_maps_onto_each_method_options(model_dir, tmp_path):
+    from hf_longmem import get_cache_spec
+
+    mapped = [n for n in available_caches() if set(get_cache_spec(n).options_for_budget(64)) - {"budget"}]
+    if not mapped:
+        pytest.skip("no registered cache maps a budget onto other options")
+    name = mapped[0]
+    out = tmp_path / "r.json"
+    args = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
+            "--caches", f"full,{name}", "--budget", "64", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = {r["cache"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[name]["cache_kwargs"] == get_cache_spec(name).options_for_budget(64)
+    assert rows["full"]["cache_kwargs"] == {}
