@@ -556,6 +556,8 @@ class WISEEditor:
             generator = torch.Generator().manual_seed(self.wise_config.seed * 1_000_003 + shard)
             mask = torch.rand(self.layer.weight.shape, generator=generator) < self.wise_config.mask_ratio
             self._mask, self._mask_shard = mask.to(self.device), shard
+        elif self._mask.device != self.device:  # the model moved since
+            self._mask = self._mask.to(self.device)
         return self._mask
 
     def _merge_generator(self) -> torch.Generator:
