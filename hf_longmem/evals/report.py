@@ -181,11 +181,17 @@ def format_bytes(num_bytes: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+_MAX_CACHE_LABEL = 48
+
+
 def _cache_label(row: Mapping[str, Any]) -> str:
+    """``"name(k=v,...)"``, cut to :data:`_MAX_CACHE_LABEL` characters (the JSON keeps every option)."""
     kwargs = row.get("cache_kwargs") or {}
     label = str(row.get("cache", "?"))
     if kwargs:
         label += "(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"
+    if len(label) > _MAX_CACHE_LABEL:
+        label = label[: _MAX_CACHE_LABEL - 4] + "...)"
     return label
 
 

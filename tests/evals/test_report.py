@@ -98,6 +98,9 @@ def test_format_table():
     rows = make_rows() + [dict(make_rows()[0], model="other")]
     assert format_table(rows).splitlines()[0].startswith("model")
     assert format_table([]) == "(no rows)"
+    long = dict(make_rows()[0], cache="infllm", cache_kwargs={f"option_{i}": i for i in range(10)})
+    label = format_table([long]).splitlines()[2].split()[2]
+    assert label.startswith("infllm(option_0=0,") and label.endswith("...)") and len(label) == 48
 
 
 def test_plot_writes_png(tmp_path):
