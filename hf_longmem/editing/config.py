@@ -82,7 +82,9 @@ class WISEConfig:
         max_pool_above: at inference, sequences with more valid tokens than this are scored by the max over tokens
             instead of the mean (EasyEdit uses 100); ``None`` always uses the mean.
         route_on_generate: ``"prompt"``: during generation the route decided on the prompt (when the cache is
-            empty) is kept for the generated tokens; ``"every_step"``: every forward is routed again (EasyEdit).
+            empty) is kept for the generated tokens, i.e. for every later forward that extends the same cache
+            object; ``"every_step"``: every forward is routed again on its own tokens (EasyEdit, where a decode step
+            is routed on one token). With ``use_cache=False`` each forward sees the whole sequence and is routed on it.
 
     Knowledge sharding and merging (paper Sec. 3.3):
 

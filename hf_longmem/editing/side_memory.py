@@ -104,6 +104,8 @@ def default_layer(model: nn.Module, num_layers: int) -> int:
     EasyEdit's layer for the checkpoints it ships a YAML file for (:data:`EASYEDIT_LAYERS`, matched on the config's
     model type, depth, hidden and intermediate sizes), else ``min(num_layers - 1, floor(0.85 * num_layers))``:
     a late layer, which gives EasyEdit's choice for Llama-2-7B / Mistral-7B (27 of 32) and Qwen2.5-7B (23 of 28).
+    For GPT-2 XL EasyEdit edits ``mlp.c_fc`` (the FFN *input* projection) of layer 8; we keep the layer but edit the
+    output projection ``mlp.c_proj``, the value matrix the paper duplicates.
     """
     config = getattr(model, "config", None)
     if config is not None:
