@@ -176,6 +176,7 @@ def save_head_pattern(
             key = "retrieval" if is_bool else "gates"
             header = {"format": PATTERN_FORMAT, "version": str(PATTERN_VERSION), "metadata": json.dumps(metadata)}
             save_file({key: pattern.contiguous()}, str(tmp), metadata=header)
+        os.chmod(tmp, 0o644)  # temp files are created 0600; the pattern is an ordinary shareable file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
