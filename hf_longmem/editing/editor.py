@@ -737,8 +737,8 @@ class WISEEditor:
         events = layer.finish_edit(self._merge_generator())
         layer.memo.clear()
         return EditStats(
-            index=index, prompt=prompt, target=target, steps=steps, loss=float(loss), edit_loss=float(edit_loss),
-            act_loss=float(act_loss), score=score, seconds=time.perf_counter() - start, shard=shard, events=events,
+            index=index, prompt=prompt, target=target, steps=steps, loss=float(loss.detach()), edit_loss=float(edit_loss.detach()),
+            act_loss=float(act_loss.detach()), score=score, seconds=time.perf_counter() - start, shard=shard, events=events,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------------------------
