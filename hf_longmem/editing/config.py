@@ -97,7 +97,12 @@ class WISEConfig:
         merge_alg: one of :data:`MERGE_ALGORITHMS` (EasyEdit default ``"ties"``).
         densities: fraction of each shard's task vector kept by magnitude (or at random for ``dare_*``) when merging.
         weights: total weight of a merge group (each shard gets ``weights / k``).
-        seed: seeds the gradient masks and the random merges (``dare_*``); fixed seed, reproducible edits.
+        replay: WISE-Retrieve only (paper App. B.3, EasyEdit ``replay``): once a merge happened, each step also
+            pushes the activation of the shard being edited below ``replay_margins[0]`` on one past edit of every
+            earlier merge group (taken in turn) and above ``replay_margins[1]`` on a random edit of the current
+            group, so that a new memory does not claim older edits. Costs two more forwards per step.
+        replay_margins: ``(ceiling on past edits, floor on current edits)``; EasyEdit hard-codes ``(5, 20)``.
+        seed: seeds the gradient masks, the random merges (``dare_*``) and replay's choices: reproducible edits.
     """
 
     target_module: str | None = None
@@ -123,11 +128,15 @@ class WISEConfig:
     context_templates: list[str] | None = None
     target_separator: str = " "
     train_on_paraphrases: bool = False
+    replay: bool = False
+    replay_margins: tuple[float, float] = (5.0, 20.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.act_margin, list):
             self.act_margin = tuple(self.act_margin)
+        if isinstance(self.replay_margins, list):
+            self.replay_margins = tuple(self.replay_margins)
         if isinstance(self.context_templates, tuple):
             self.context_templates = list(self.context_templates)
         self.validate()
@@ -194,9 +203,18 @@ class WISEConfig:
                     raise ValueError(f"context_templates: each template needs exactly one '{{}}', got {template!r}.")
         if not isinstance(self.target_separator, str):
             raise ValueError(f"target_separator must be a string, got {self.target_separator!r}.")
-        for name in ("retrieve", "train_on_paraphrases"):
+        if (
+            not isinstance(self.replay_margins, tuple)
+            or len(self.replay_margins) != 2
+            or not all(_is_number(v) and v >= 0 for v in self.replay_margins)
+        ):
+            raise ValueError(f"replay_margins must be two non-negative numbers, got {self.replay_margins!r}.")
+        self.replay_margins = tuple(float(v) for v in self.replay_margins)
+        for name in ("retrieve", "train_on_paraphrases", "replay"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.replay and not self.retrieve:
+            raise ValueError("replay=True applies to WISE-Retrieve: set retrieve=True (EasyEdit ignores it otherwise).")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}.")
 
@@ -231,6 +249,7 @@ class WISEConfig:
         """JSON-ready dict of the fields (``act_margin`` as a list)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["act_margin"] = list(self.act_margin)
+        out["replay_margins"] = list(self.replay_margins)
         if self.context_templates is not None:
             out["context_templates"] = list(self.context_templates)
         return out
@@ -254,8 +273,8 @@ class WISEConfig:
         ``edit_lr``, ``n_iter``, ``act_margin``, ``act_ratio``, ``mask_ratio``, ``save_freq``, ``merge_freq``,
         ``merge_alg``, ``densities``, ``weights``, ``norm_constraint``, ``retrieve``. Ignored: device, model/
         tokenizer names, ``alg_name``, ``batch_size`` (1), ``sequential_edit``, ``model_parallel``, paths,
-        ``use_chat_template``. ``replay: true`` and ``objective_optimization`` other than ``only_label`` are not
-        supported (``ValueError``).
+        ``use_chat_template``. ``replay`` is kept (it applies with ``retrieve: true``); ``objective_optimization``
+        other than ``only_label`` is not supported (``ValueError``).
 
         Args:
             path: the YAML file.
@@ -267,8 +286,6 @@ class WISEConfig:
             data = yaml.safe_load(handle) or {}
         if not isinstance(data, Mapping):
             raise ValueError(f"{str(path)!r} is not a YAML mapping.")
-        if data.get("replay"):
-            raise ValueError(f"{str(path)!r}: replay=True (paper App. B.3) is not supported.")
         objective = data.get("objective_optimization", "only_label")
         if objective != "only_label":
             raise ValueError(f"{str(path)!r}: objective_optimization={objective!r}; only 'only_label' is supported.")
@@ -282,7 +299,7 @@ class WISEConfig:
                     name = name[: -len(suffix)]
             kwargs["target_module"] = name
         for key in ("edit_lr", "n_iter", "act_ratio", "mask_ratio", "save_freq", "merge_freq", "merge_alg",
-                    "densities", "weights", "retrieve"):  # fmt: skip
+                    "densities", "weights", "retrieve", "replay"):  # fmt: skip
             if data.get(key) is not None:
                 kwargs[key] = data[key]
         if data.get("act_margin") is not None:
@@ -294,6 +311,8 @@ class WISEConfig:
             if key in kwargs:
                 kwargs[key] = float(kwargs[key])
         kwargs.update(overrides)
+        if kwargs.get("replay") and kwargs.get("retrieve") is False and "replay" not in overrides:
+            kwargs["replay"] = False  # EasyEdit ignores replay in merge mode
         if "layer" in overrides and "target_module" not in overrides:
             kwargs.pop("target_module", None)
         return cls(**kwargs)

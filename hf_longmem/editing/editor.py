@@ -42,8 +42,10 @@ import inspect
 import json
 import math
 import os
+import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +149,25 @@ def build_edit_batch(
     return {"input_ids": ids, "attention_mask": mask, "target_mask": target_mask}
 
 
+def _edit_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The in-scope rows of an edit batch (its irrelevant last row dropped, trailing padding trimmed)."""
+    mask = batch["attention_mask"][:-1]
+    width = int(mask.sum(-1).max())
+    return {"input_ids": batch["input_ids"][:-1, :width], "attention_mask": mask[:, :width]}
+
+
+def _stack_rows(parts: Sequence[dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Concatenate the rows of several edits (right padded); returns the batch and each row's edit index ``(R,)``."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+    ids, masks, owner = [], [], []
+    for index, part in enumerate(parts):
+        extra = width - part["input_ids"].shape[1]
+        ids.append(F.pad(part["input_ids"], (0, extra), value=pad_id))
+        masks.append(F.pad(part["attention_mask"], (0, extra), value=0))
+        owner += [index] * part["input_ids"].shape[0]
+    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}, torch.tensor(owner)
+
+
 def target_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the mean cross-entropy of each row's target tokens.
 
@@ -236,7 +257,7 @@ def generate_context_templates(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _Replay(nn.Module):
+class _Recorded(nn.Module):
     """Stands in for a decoder layer below the side memory during an edit: returns the recorded output of the last
     of them (their inputs and outputs do not depend on the side memory). Other attributes (``attention_type``, ...)
     are read from the layer it replaces."""
@@ -260,7 +281,7 @@ class _LowerLayerCache:
     """Runs the decoder layers below the edited one once per edit instead of once per optimisation step.
 
     The side memory sits in layer ``L``; layers ``0..L-1`` see the same input at every step of an edit, so their
-    output is recorded on the first forward and replayed afterwards. Results are identical (checked once per
+    output is recorded on the first forward and reused afterwards. Results are identical (checked once per
     editor against a full forward; on any mismatch or error the editor falls back to full forwards).
     """
 
@@ -300,12 +321,12 @@ class _LowerLayerCache:
             handle.remove()
 
     @contextlib.contextmanager
-    def replay(self, output: Any) -> Iterator[None]:
-        """Replace layers ``0..L-1`` by replays of ``output`` inside the block."""
+    def reuse(self, output: Any) -> Iterator[None]:
+        """Replace layers ``0..L-1`` by stand-ins returning ``output`` inside the block."""
         originals = [self.layers[i] for i in range(self.index)]
         try:
             for i, layer in enumerate(originals):
-                self.layers[i] = _Replay(layer, output)
+                self.layers[i] = _Recorded(layer, output)
             yield
         finally:
             for i, layer in enumerate(originals):
@@ -387,7 +408,8 @@ class EditStats:
         index: position of the edit in the editor's whole history (0-based).
         prompt, target: the edit.
         steps: optimisation steps taken (at most ``n_iter``).
-        loss, edit_loss, act_loss: final total loss and its parts (target CE, routing margins).
+        loss, edit_loss, act_loss: final total loss and its parts (target CE; routing margins, plus the replay
+            losses while training with ``replay``).
         score: in-scope activation score of the edit after training (sets the routing threshold).
         seconds: wall time of the edit.
         shard: index of the shard the edit went into.
@@ -469,6 +491,12 @@ class WISEEditor:
         self._hooks: list[Any] = []
         self._install_hooks()
         self._lower = _LowerLayerCache(model, name)
+        # replay (paper App. B.3): in-scope rows of the edits of each finished merge group and of the current one
+        self._replay_groups: list[list[dict[str, torch.Tensor]]] = []
+        self._replay_cursor: list[int] = []
+        self._replay_current: list[dict[str, torch.Tensor]] = []
+        self._replay_ready = True
+        self._replay_rng = random.Random(config.seed)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Plumbing
@@ -632,9 +660,17 @@ class WISEEditor:
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc=f"{config.variant} edits", unit="edit")
+        if config.replay and not self._replay_ready:
+            self._rebuild_replay_history()
         results = []
         for i in iterator:
+            if config.replay:
+                self._replay_current.append(_edit_rows(batches[i]))
             stats = self._edit_one(prompts[i], targets[i], batches[i])
+            if config.replay and "merged" in stats.events:
+                self._replay_groups.append(self._replay_current)
+                self._replay_cursor.append(0)
+                self._replay_current = []
             results.append(stats)
             self.edit_log.append(
                 {**asdict(stats), "paraphrases": paraphrase_lists[i], "locality_prompt": localities[i], "source": source}
@@ -642,34 +678,84 @@ class WISEEditor:
         return results
 
     def _forward_scores(
-        self, batch: dict[str, torch.Tensor], replay: Any = None
+        self, batch: dict[str, torch.Tensor], lower: Any = None, *, last_is_irrelevant: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training forward: ``(logits (R, L, V), in-scope scores (R - 1,), irrelevant score (1,))``."""
-        context = self._lower.replay(replay[0]) if replay else contextlib.nullcontext()
+        """Training forward: ``(logits (R, L, V), in-scope scores (R - 1,), irrelevant score (1,))``, or with
+        ``last_is_irrelevant=False`` ``(logits, scores (R,), empty)``. ``lower`` reuses the lower layers' output."""
+        context = self._lower.reuse(lower[0]) if lower else contextlib.nullcontext()
         with context:
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         main, side = self.layer.recorded
         self.layer.recorded = None
         scores = activation_scores(token_scores(main, side, self.layer.act_fn), batch["attention_mask"])
+        if not last_is_irrelevant:
+            return out.logits, scores, scores[:0]
         return out.logits, scores[:-1], scores[-1:]
 
     def _first_forward(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, Any]:
-        """Full forward that records the lower layers' output; checks the replay once per editor."""
+        """Full forward that records the lower layers' output; checks their reuse once per editor."""
         lower = self._lower
         with lower.record() as box:
             result = self._forward_scores(batch)
-        replay = box if (lower.enabled and box) else None
-        if replay is not None and not lower.verified:
+        recorded = box if (lower.enabled and box) else None
+        if recorded is not None and not lower.verified:
             try:
                 with torch.no_grad():
-                    check = self._forward_scores(batch, replay)
+                    check = self._forward_scores(batch, recorded)
                 same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(result, check))
-            except Exception:  # noqa: BLE001 - an architecture the replay does not fit: use full forwards
+            except Exception:  # noqa: BLE001 - an architecture the reuse does not fit: use full forwards
                 same = False
             lower.verified, lower.enabled = True, same
             if not same:
-                replay = None
-        return result, replay
+                recorded = None
+        return result, recorded
+
+    def _replay_loss(self) -> torch.Tensor | None:
+        """Paper App. B.3 / EasyEdit ``replay``: ``mean_g mean+(d_g - m_neg) + mean+(m_pos - d_cur)`` where ``d_g``
+        are the scores of the shard being edited on one past edit of merge group ``g`` (taken in turn) and
+        ``d_cur`` on a random edit of the current group; ``None`` before the first merge."""
+        config = self.wise_config
+        if not (config.replay and self._replay_groups and self._replay_current):
+            return None
+        ceiling, floor = config.replay_margins
+        past = []
+        for g, group in enumerate(self._replay_groups):
+            past.append(group[self._replay_cursor[g] % len(group)])
+            self._replay_cursor[g] += 1
+        current = self._replay_rng.choice(self._replay_current)
+        pad = _pad_id(self.tokenizer)
+        batch, owner = _stack_rows([*past, current], pad)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        owner = owner.to(self.device)
+        _, scores, _ = self._forward_scores(batch, last_is_irrelevant=False)
+        negative = torch.stack([_mean_positive(scores[owner == i] - ceiling) for i in range(len(past))]).mean()
+        positive = _mean_positive(floor - scores[owner == len(past)])
+        return negative + positive
+
+    def _rebuild_replay_history(self) -> None:
+        """Re-tokenize the logged edits into replay groups (after :meth:`from_pretrained`)."""
+        self._replay_ready = True
+        config, layer = self.wise_config, self.layer
+        logged = {e.get("index"): e for e in self.edit_log}
+        if any(i not in logged for i in range(layer.num_edits)):
+            warnings.warn(
+                "replay=True but the edit log of the loaded side memories is incomplete: replay only covers the edits "
+                "it holds and those made from now on (save with include_edit_log=True to keep them).",
+                stacklevel=3,
+            )
+        templates = self.get_context_templates()
+        groups: dict[int, list[dict[str, torch.Tensor]]] = {}
+        for index in sorted(i for i in logged if isinstance(i, int) and i < layer.num_edits):
+            entry = logged[index]
+            batch = build_edit_batch(
+                self.tokenizer, entry["prompt"], entry["target"], templates=templates,
+                irrelevant=entry.get("locality_prompt") or entry["prompt"], separator=config.target_separator,
+            )  # fmt: skip
+            groups.setdefault(index // config.merge_freq, []).append(_edit_rows(batch))
+        finished = layer.num_merges
+        self._replay_groups = [groups[g] for g in range(finished) if g in groups]
+        self._replay_cursor = [0] * len(self._replay_groups)
+        self._replay_current = groups.get(finished, [])
 
     def _edit_one(self, prompt: str, target: str, cpu_batch: dict[str, torch.Tensor]) -> EditStats:
         config, layer = self.wise_config, self.layer
@@ -686,7 +772,7 @@ class WISEEditor:
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         self.model.eval()
         layer.editing, layer.train_weight = True, weight
-        steps, previous, replay = 0, None, None
+        steps, previous, lower_out = 0, None, None
         loss = edit_loss = act_loss = in_scores = None
         fresh = False
         try:
@@ -695,11 +781,14 @@ class WISEEditor:
             with torch.enable_grad():
                 for step in range(config.n_iter):
                     if step == 0:
-                        (logits, in_scores, out_scores), replay = self._first_forward(batch)
+                        (logits, in_scores, out_scores), lower_out = self._first_forward(batch)
                     else:
-                        logits, in_scores, out_scores = self._forward_scores(batch, replay)
+                        logits, in_scores, out_scores = self._forward_scores(batch, lower_out)
                     edit_loss = target_cross_entropy(logits, batch["input_ids"], batch["target_mask"])
                     act_loss = margin_losses(in_scores, out_scores, config)
+                    replay_loss = self._replay_loss()
+                    if replay_loss is not None:
+                        act_loss = act_loss + replay_loss
                     loss = edit_loss + act_loss
                     value = float(loss.detach())
                     fresh = True
@@ -721,7 +810,7 @@ class WISEEditor:
                     fresh = False
             with torch.no_grad():
                 if not fresh:  # the loop ended with a step: score the final weights
-                    logits, in_scores, out_scores = self._forward_scores(batch, replay)
+                    logits, in_scores, out_scores = self._forward_scores(batch, lower_out)
                     edit_loss = target_cross_entropy(logits, batch["input_ids"], batch["target_mask"])
                     act_loss = margin_losses(in_scores, out_scores, config)
                     loss = edit_loss + act_loss
@@ -934,6 +1023,7 @@ class WISEEditor:
         if EDIT_LOG_NAME in meta["files"] and log_path.is_file():
             lines = log_path.read_text(encoding="utf-8").splitlines()
             editor.edit_log = [json.loads(line) for line in lines if line.strip()]
+        editor._replay_ready = not (config.replay and editor.layer.num_edits)  # rebuilt from the log on next edit
         return editor
 
     # ------------------------------------------------------------------------------------------------------------------

@@ -331,7 +331,8 @@ def run_sequential(
     if irrelevant is not None and len(irrelevant) < total:
         raise ValueError(f"irrelevant holds {len(irrelevant)} texts, fewer than max(checkpoints)={total}.")
     config = WISEConfig() if config is None else config
-    config = WISEConfig.from_dict({**config.to_dict(), "retrieve": method != "WISE-Merge"})
+    retrieve = method != "WISE-Merge"
+    config = WISEConfig.from_dict({**config.to_dict(), "retrieve": retrieve, "replay": config.replay and retrieve})
     separator = config.target_separator
     records = list(records[:total])
     model.eval()

@@ -212,3 +212,23 @@ def test_unknown_activation_needs_paper_scores(word_tokenizer):
     editor = WISEEditor(model, word_tokenizer, WISEConfig(context_templates=["{}"], routing_score="paper"))
     assert editor.target_module == "layers.1.mlp.down_proj"
     editor.unload()
+
+
+def test_replay_trains_against_past_groups_and_survives_reload(word_tokenizer, tmp_path):
+    facts = fictional_facts(word_tokenizer, 4, seed=3)
+    model = make_model(word_tokenizer)
+    config = fast_config(save_freq=1, merge_freq=1, replay=True, n_iter=8)
+    editor = WISEEditor(model, word_tokenizer, config)
+    stats = editor.edit([f.prompt for f in facts[:3]], [f.target for f in facts[:3]])
+    assert [len(g) for g in editor._replay_groups] == [1, 1, 1] and editor._replay_current == []
+    assert [c[0] for c in editor.layer.candidates()] == ["memory.0", "memory.1", "memory.2"]
+    assert all(s.events == ["saved shard", "merged"] for s in stats)
+    editor.save_pretrained(tmp_path / "replay")
+    fresh = make_model(word_tokenizer)
+    loaded = WISEEditor.from_pretrained(fresh, word_tokenizer, tmp_path / "replay")
+    loaded.edit(facts[3].prompt, facts[3].target)  # rebuilds the history from the edit log first
+    assert [g[0]["input_ids"].tolist() for g in loaded._replay_groups[:3]] == [
+        g[0]["input_ids"].tolist() for g in editor._replay_groups
+    ]
+    with pytest.raises(ValueError, match="replay=True applies to WISE-Retrieve"):
+        WISEConfig(replay=True, retrieve=False)
