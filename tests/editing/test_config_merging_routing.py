@@ -62,8 +62,11 @@ def test_from_easyedit_yaml(tmp_path):
     assert config.target_module == "model.layers.29.mlp.down_proj"
     assert (config.edit_lr, config.n_iter, config.act_margin, config.act_ratio) == (0.9, 30, (2.0, 20.0, 10.0), 0.5)
     assert config.retrieve is False
-    path.write_text("replay: True\n")
-    with pytest.raises(ValueError, match="replay"):
+    path.write_text("replay: True\nretrieve: True\n")
+    assert WISEConfig.from_easyedit_yaml(path).replay is True
+    assert WISEConfig.from_easyedit_yaml(path, retrieve=False).replay is False  # EasyEdit ignores it in merge mode
+    path.write_text("objective_optimization: 'target_new'\n")
+    with pytest.raises(ValueError, match="only_label"):
         WISEConfig.from_easyedit_yaml(path)
 
 
