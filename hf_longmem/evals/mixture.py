@@ -82,10 +82,11 @@ class TaskMixture:
         self._rng = random.Random(self.seed)
         self._counter = 0
 
-    def sample(self, length: int, max_tries: int = 20) -> EncodedSample:
+    def sample(self, length: int, max_tries: int = 500) -> EncodedSample:
         """Draw a task and its options, generate a fresh sample fitted to ``length`` and encode it.
 
-        A draw whose facts and question alone exceed ``length`` (e.g. six needles in 128 tokens) is redrawn.
+        A draw whose facts and question alone exceed ``length`` (e.g. six needles in 128 tokens) is redrawn, up
+        to ``max_tries`` times (a failed draw costs one tokenization).
         """
         names = list(self.weights)
         for _ in range(max_tries):

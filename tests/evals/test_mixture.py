@@ -1,0 +1,53 @@
+"""Training-sequence encoding and the seeded task mixture used by recipes/train_tiny.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_longmem.evals import tasks
+from hf_longmem.evals.mixture import TaskMixture, collate, encode_sample
+from hf_longmem.evals.vocab import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_encode_sample_marks_every_answer_and_eos(tok):
+    (sample,) = tasks.shared_context(tok, 400, 1, num_questions=3)
+    encoded = encode_sample(tok, sample)
+    text = sample.context + "".join(t.query + " " + t.answers[0] + tok.eos_token for t in sample.turns)
+    assert encoded.input_ids == tok(text)["input_ids"]
+    answer_ids = [i for i, a in zip(encoded.input_ids, encoded.answer_mask) if a]
+    expected = []
+    for turn in sample.turns:
+        expected += tok(" " + turn.answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert answer_ids == expected
+
+
+def test_collate_weights_and_padding(tok):
+    mixture = TaskMixture(tok, {"passkey": 1.0})
+    batch = collate([mixture.sample(96), mixture.sample(128)], tok.pad_token_id, answer_weight=4.0)
+    ids, weights, answer = batch["input_ids"], batch["loss_weights"], batch["answer_mask"]
+    assert ids.shape[1] == weights.shape[1] + 1 == answer.shape[1] + 1
+    assert set(weights[answer].tolist()) == {4.0} and set(weights[~answer].tolist()) <= {0.0, 1.0}
+    assert (weights[0] == 0).sum() == (ids[0] == tok.pad_token_id).sum()
+    assert answer.sum(1).tolist() == [6, 6]  # five digits + EOS
+
+
+def test_mixture_is_seeded_and_redraws_what_does_not_fit(tok):
+    weights = {"passkey": 1.0, "multikey_needle": 1.0}
+    options = {"multikey_needle": {"num_needles": [4, 5]}}
+    first = next(TaskMixture(tok, weights, options, seed=3).batches(iter([(72, 6)])))
+    again = next(TaskMixture(tok, weights, options, seed=3).batches(iter([(72, 6)])))
+    assert [s.input_ids for s in first] == [s.input_ids for s in again]
+    assert {s.task for s in first} == {"passkey"}  # four or five needles never fit in 72 tokens
+    with pytest.raises(ValueError, match="too short"):
+        TaskMixture(tok, {"multikey_needle": 1.0}).sample(40, max_tries=3)
+
+
+@pytest.mark.parametrize("weights", [{}, {"essay": 1.0}, {"passkey": -1.0}, {"passkey": 0.0}])
+def test_bad_weights(tok, weights):
+    with pytest.raises(ValueError, match="weights"):
+        TaskMixture(tok, weights)
