@@ -100,7 +100,8 @@ class WISEConfig:
         replay: WISE-Retrieve only (paper App. B.3, EasyEdit ``replay``): once a merge happened, each step also
             pushes the activation of the shard being edited below ``replay_margins[0]`` on one past edit of every
             earlier merge group (taken in turn) and above ``replay_margins[1]`` on a random edit of the current
-            group, so that a new memory does not claim older edits. Costs two more forwards per step.
+            group, so that a new memory does not claim older edits. Costs one more forward per step over one edit
+            per earlier merge group (its template rows), so time per edit grows with the number of merges.
         replay_margins: ``(ceiling on past edits, floor on current edits)``; EasyEdit hard-codes ``(5, 20)``.
         seed: seeds the gradient masks, the random merges (``dare_*``) and replay's choices: reproducible edits.
     """
