@@ -53,6 +53,7 @@ import weakref
 import torch
 
 from hf_longmem.kernels.block_topk import block_topk
+from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache
@@ -310,6 +311,10 @@ def _restore_prefill_chunking(config_ref, chunk_size: int) -> None:
         generation_config.prefill_chunk_size = None
 
 
+def _observe(cache: EMLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
+    cache.observe(input_ids, hidden, lm_head)
+
+
 class EMLLMCache(LongMemCache):
     """EM-LLM: InfLLM's memory with surprise-segmented, graph-refined events and two-stage retrieval.
 
@@ -451,26 +456,8 @@ class EMLLMCache(LongMemCache):
 
     def attach(self, model) -> None:
         """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-        lm_head = model.get_output_embeddings()
-        if lm_head is None:
-            raise ValueError("EM-LLM needs a causal LM with an output embedding (lm_head) to compute surprise")
         self.close()
-        cache_ref = weakref.ref(self)
-
-        def hook(module, args, kwargs, output):
-            cache = cache_ref()
-            if cache is None or kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
-                return
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if input_ids is None:
-                raise ValueError("EM-LLM computes surprise by token id: call the model with input_ids, not inputs_embeds")
-            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-            with torch.no_grad():
-                cache.observe(input_ids, hidden, lm_head)
-
-        self._hook = decoder.register_forward_hook(hook, with_kwargs=True)
-        weakref.finalize(self, self._hook.remove)
+        self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
         generation_config = getattr(model, "generation_config", None)
         if self.chunk_prefill and generation_config is not None and generation_config.prefill_chunk_size is None:
             generation_config.prefill_chunk_size = self.exc_block_size

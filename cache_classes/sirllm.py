@@ -28,6 +28,7 @@ import weakref
 
 import torch
 
+from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift, shift_to_cache_positions
 
@@ -83,6 +84,10 @@ class SirLLMLayer(CompressedLayer):
     def reset(self) -> None:
         super().reset()
         self._evicted = False
+
+
+def _record_turn(cache: SirLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
+    cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
 
 
 class SirLLMCache(LongMemCache):
@@ -149,26 +154,8 @@ class SirLLMCache(LongMemCache):
 
     def attach(self, model) -> None:
         """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-        lm_head = model.get_output_embeddings()
-        if lm_head is None:
-            raise ValueError("SirLLM needs a causal LM with an output embedding (lm_head) to score tokens")
         self.close()
-        cache_ref = weakref.ref(self)
-
-        def hook(module, args, kwargs, output):
-            cache = cache_ref()
-            if cache is None or kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
-                return
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if input_ids is None:
-                raise ValueError("SirLLM scores tokens by id: call the model with input_ids, not inputs_embeds")
-            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-            with torch.no_grad():
-                cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
-
-        self._hook = decoder.register_forward_hook(hook, with_kwargs=True)
-        weakref.finalize(self, self._hook.remove)
+        self._hook = attach_output_hook(model, self, _record_turn, "SirLLM")
 
     def close(self) -> None:
         """Removes the scoring hook from the model."""
