@@ -30,21 +30,18 @@ import torch
 
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.rope import RotaryShift, shift_to_cache_positions
+from hf_longmem.memory.rope import RotaryShift
 
-from .base import CompressedLayer, LongMemCache, gather_slots, keep_plan
+from .base import LongMemCache, gather_slots, keep_plan
+from .streaming import ShiftedLayer, shift_rotary
 
-POSITION_MODES = ("shift", "true")
 
-
-class SirLLMLayer(CompressedLayer):
+class SirLLMLayer(ShiftedLayer):
     """One layer of a :class:`SirLLMCache`; the eviction plan is shared by all layers and made by the cache."""
 
     def __init__(self, owner: SirLLMCache, rotary: RotaryShift | None):
-        super().__init__()
+        super().__init__(rotary)
         self._owner = weakref.ref(owner)
-        self.rotary = rotary
-        self._evicted = False
 
     @property
     def owner(self) -> SirLLMCache:
@@ -75,16 +72,6 @@ class SirLLMLayer(CompressedLayer):
 
     def target_length(self, num_tokens: int) -> int:
         return num_tokens  # eviction happens before a turn, in update()
-
-    def keys_for_attention(self, keys, positions, real_before):
-        if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
-            return keys
-        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
-
-    def reset(self) -> None:
-        super().reset()
-        self._evicted = False
-
 
 def _record_turn(cache: SirLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
     cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
@@ -120,12 +107,7 @@ class SirLLMCache(LongMemCache):
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         if not 0.0 < decay_ratio <= 1.0:
             raise ValueError(f"`decay_ratio` must be in (0, 1], got {decay_ratio!r}")
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
-        if position_mode == "shift" and rotary is None:
-            if config is None:
-                raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
-            rotary = RotaryShift.from_config(config)
+        shift = shift_rotary(position_mode, rotary, config)
         self.entropy_size, self.start_size, self.recent_size = entropy_size, start_size, recent_size
         self.capacity = start_size + recent_size + entropy_size
         self.decay_ratio, self.position_mode = decay_ratio, position_mode
@@ -134,7 +116,6 @@ class SirLLMCache(LongMemCache):
         self._plan_key: tuple[int, int] | None = None
         self._plan = None
         self._hook = None
-        shift = rotary if position_mode == "shift" else None
         super().__init__(lambda layer_idx: SirLLMLayer(self, shift), config=config)
 
     @classmethod

@@ -29,15 +29,44 @@ from .base import CompressedLayer, LongMemCache
 POSITION_MODES = ("true", "shift")
 
 
-class StreamingLayer(CompressedLayer):
+def shift_rotary(position_mode: str, rotary: RotaryShift | None, config) -> RotaryShift | None:
+    """The rotation a pos-shift cache applies (``None`` for true positions); validates ``position_mode``."""
+    if position_mode not in POSITION_MODES:
+        raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
+    if position_mode != "shift":
+        return None
+    if rotary is None:
+        if config is None:
+            raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
+        rotary = RotaryShift.from_config(config)
+    return rotary
+
+
+class ShiftedLayer(CompressedLayer):
+    """A layer whose kept keys may be moved to contiguous positions inside the cache (StreamingLLM, SirLLM)."""
+
+    def __init__(self, rotary: RotaryShift | None):
+        super().__init__()
+        self.rotary = rotary  # set => position shift
+        self._evicted = False
+
+    def keys_for_attention(self, keys, positions, real_before):
+        if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
+            return keys  # nothing evicted yet: positions are already contiguous
+        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
+
+    def reset(self) -> None:
+        super().reset()
+        self._evicted = False
+
+
+class StreamingLayer(ShiftedLayer):
     """Sinks + recent-window layer. See :class:`StreamingCache`."""
 
     def __init__(self, budget: int, sink_size: int = 4, rotary: RotaryShift | None = None):
-        super().__init__()
+        super().__init__(rotary)
         self.budget = budget
         self.sink_size = sink_size
-        self.rotary = rotary  # set => position shift
-        self._evicted = False
 
     def target_length(self, num_tokens: int) -> int:
         return min(self.budget, num_tokens)
@@ -61,16 +90,6 @@ class StreamingLayer(CompressedLayer):
         cols = torch.arange(n, device=keys.device, dtype=torch.float32).expand(positions.shape[0], 1, n)
         self._evicted = True
         return cols.masked_fill(cols < first_real + self.sink_size, float("inf"))
-
-    def keys_for_attention(self, keys, positions, real_before):
-        if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
-            return keys
-        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
-
-    def reset(self) -> None:
-        super().reset()
-        self._evicted = False
-
 
 class StreamingCache(LongMemCache):
     """StreamingLLM cache: ``sink_size`` attention sinks + the most recent tokens, ``budget`` tokens in all.
@@ -101,14 +120,8 @@ class StreamingCache(LongMemCache):
             raise ValueError(f"`sink_size` must be a non-negative int, got {sink_size!r}")
         if not isinstance(budget, int) or budget <= sink_size:
             raise ValueError(f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}")
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
-        if position_mode == "shift" and rotary is None:
-            if config is None:
-                raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
-            rotary = RotaryShift.from_config(config)
+        shift = shift_rotary(position_mode, rotary, config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
-        shift = rotary if position_mode == "shift" else None
         super().__init__(lambda layer_idx: StreamingLayer(budget, sink_size, shift), config=config)
 
     @classmethod
