@@ -46,6 +46,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
+from hf_longmem.evals.report import format_bytes
+
 __all__ = [
     "HarnessResults",
     "HubApi",
@@ -273,14 +275,8 @@ def eval_results_from_harness(
 
 
 def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """Card cells: the harness table's byte format, with an en dash for a missing value."""
+    return "–" if n is None else format_bytes(n)
 
 
 def _human_count(n: int) -> str:
