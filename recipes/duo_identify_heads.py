@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 import yaml
-from hf_longmem.cache_classes.duo_attention import save_head_pattern, select_retrieval_heads
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from hf_longmem.cache_classes.duo_attention import save_head_pattern, select_retrieval_heads
 from hf_longmem.evals.tasks import generate_task
 
 #: Name the temporary gated attention is registered under.

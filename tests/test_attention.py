@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_longmem.cache_classes.streaming import StreamingLayer
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from hf_longmem import enable_longmem_attention
 from hf_longmem.attention import ATTENTION_NAME, EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.cache_classes.streaming import StreamingLayer
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from hf_longmem import enable_longmem_attention
 from hf_longmem.cache_classes.duo_attention import (
     DuoAttentionCache,
     load_head_pattern,
     load_head_pattern_metadata,
     num_streaming_heads,
 )
-
-from hf_longmem import enable_longmem_attention
 from tests.helpers.tiny_models import random_ids, tiny_model
 from tests.helpers.tiny_tokenizer import tiny_tokenizer
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hf_longmem.cache_classes.streaming import StreamingLayer
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import hf_longmem
 from hf_longmem import StreamingCache, available_caches, make_cache, register_cache
+from hf_longmem.cache_classes.streaming import StreamingLayer
 from tests.helpers.tiny_models import tiny_config, tiny_model
 
 

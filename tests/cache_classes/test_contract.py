@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from hf_longmem.cache_classes.snapkv import pyramid_budgets
 from transformers import DynamicCache
 
 from hf_longmem import available_caches, make_cache
+from hf_longmem.cache_classes.snapkv import pyramid_budgets
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 

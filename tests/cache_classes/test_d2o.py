@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
+
+from hf_longmem import D2OCache, make_cache
 from hf_longmem.cache_classes.d2o import (
     UNLIMITED,
     attention_density,
@@ -13,9 +16,6 @@ from hf_longmem.cache_classes.d2o import (
     layer_ratios,
     query_head_column_sums,
 )
-from transformers import DynamicCache
-
-from hf_longmem import D2OCache, make_cache
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
 

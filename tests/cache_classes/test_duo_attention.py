@@ -6,6 +6,10 @@ import math
 
 import pytest
 import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+from hf_longmem import enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.duo_attention import (
     DuoAttentionCache,
     load_head_pattern,
@@ -14,10 +18,6 @@ from hf_longmem.cache_classes.duo_attention import (
     save_head_pattern,
     select_retrieval_heads,
 )
-from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface
-
-from hf_longmem import enable_longmem_attention, make_cache
 from tests.helpers.reference import greedy, streaming_visibility
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
+
+from hf_longmem import available_caches, enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.emllm import (
     EMLLMCache,
     conductance_scores,
@@ -12,9 +15,6 @@ from hf_longmem.cache_classes.emllm import (
     refine_boundaries,
     surprise_boundaries,
 )
-from transformers import DynamicCache
-
-from hf_longmem import available_caches, enable_longmem_attention, make_cache
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import VOCAB, random_ids, tiny_model
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_longmem.cache_classes.kvmerger import kvmerger_compress
 
 from hf_longmem import KVMergerCache, make_cache
+from hf_longmem.cache_classes.kvmerger import kvmerger_compress
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 

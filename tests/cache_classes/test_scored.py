@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_longmem.cache_classes.snapkv import pyramid_budgets
 
 from hf_longmem import H2OCache, PyramidKVCache, SnapKVCache, make_cache
+from hf_longmem.cache_classes.snapkv import pyramid_budgets
 from hf_longmem.memory.scoring import column_scores, pool_scores
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_longmem.cache_classes.think import channel_scores
 from transformers import DynamicCache
 
 from hf_longmem import SnapKVCache, ThinKCache, enable_longmem_attention, make_cache
+from hf_longmem.cache_classes.think import channel_scores
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
