@@ -1,0 +1,1 @@
+from hf_longmem.modeling import mom as _mom  # noqa: F401  (registers model_type "mom_gdn" with the Auto classes)

@@ -129,6 +129,8 @@ def ensure_registered(model_type: str) -> None:
     try:
         importlib.import_module(f"hf_longmem.modeling.{model_type}")
     except ModuleNotFoundError as err:
+        if model_type in CONFIG_MAPPING:  # registered by hf_longmem.modeling's __init__ (type != folder, e.g. mom_gdn)
+            return
         raise ValueError(f"model.model_type {model_type!r} is not a registered architecture") from err
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"model.model_type {model_type!r} is not a registered architecture")
