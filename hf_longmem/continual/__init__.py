@@ -1,1 +1,39 @@
-"""continual."""
+"""Continual training on accelerate: strategies at fixed hooks, LR schedules, replay and continual evaluation.
+
+    from hf_longmem.continual import ContinualTrainer, TrainerConfig, fact_domains, build_strategy
+    trainer = ContinualTrainer(model, tokenizer, fact_domains(3), [build_strategy({"name": "ewc", "lam": 100})],
+                               TrainerConfig(steps_per_task=150))
+    results = trainer.train()     # accuracy matrix, forgetting, min-ACC / WC-ACC, periodic evaluations
+
+Recipes: ``recipes/continual_pretrain.py`` and ``recipes/continual_finetune.py``; see ``docs/continual.md``.
+"""
+
+from . import ilora, migu, regularizers, replay  # noqa: F401 (registry)
+from .base import STRATEGIES, Strategy, build_strategy, register_strategy
+from .data import ContinualTask, Example, fact_domains, tokenize_task
+from .evaluation import ContinualEvaluator, matrix_metrics, plot_results, stability_metrics
+from .schedules import ConstantSchedule, InfiniteSchedule, Position, RewarmCosineSchedule, build_schedule
+from .trainer import ContinualTrainer, TrainerConfig, latest_checkpoint
+
+__all__ = [
+    "STRATEGIES",
+    "ConstantSchedule",
+    "ContinualEvaluator",
+    "ContinualTask",
+    "ContinualTrainer",
+    "Example",
+    "InfiniteSchedule",
+    "Position",
+    "RewarmCosineSchedule",
+    "Strategy",
+    "TrainerConfig",
+    "build_schedule",
+    "build_strategy",
+    "fact_domains",
+    "latest_checkpoint",
+    "matrix_metrics",
+    "plot_results",
+    "register_strategy",
+    "stability_metrics",
+    "tokenize_task",
+]

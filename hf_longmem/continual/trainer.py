@@ -1,0 +1,421 @@
+"""``ContinualTrainer``: a raw accelerate loop over a task sequence, with stackable strategies and continual evaluation.
+
+The loop follows transformers' ``run_clm_no_trainer.py``: ``Accelerator`` -> AdamW (no weight decay on biases and
+norms) -> ``accelerator.prepare(model, optimizer)`` -> ``accelerator.backward`` / ``clip_grad_norm_`` / ``step`` ->
+``save_state`` / ``load_state``. Differences, each for continual training:
+
+- the learning rate is a pure function of the position in the stream (:mod:`.schedules`), written into the param
+  groups each step; no scheduler goes through ``accelerator.prepare`` (it would step once per process);
+- batches are drawn by :func:`.data.epoch_rows` from ``(seed, task, step)``: the global batch (``batch_size`` rows per
+  process) is the same on every process, each takes its contiguous slice; this is the data order a resumed run
+  reproduces exactly, so no ``skip_first_batches`` is needed;
+- the position in the stream, the evaluator and every strategy's state are a checkpointed object
+  (``accelerator.register_for_checkpointing``), next to the model, optimizer and RNG states of ``save_state``.
+  Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete.
+
+After each task the accuracy on **all** tasks (seen and future) becomes a row of the accuracy matrix; every
+``eval_every`` steps the tasks seen so far are evaluated (stability gap). Results go to ``results.json`` and
+``stability_gap.png`` in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .base import Row, Strategy
+from .data import ContinualTask, collate, epoch_rows, tokenize_task
+from .evaluation import ContinualEvaluator, plot_results, write_json_atomic
+from .schedules import Position, build_schedule
+
+__all__ = ["ContinualTrainer", "TrainerConfig", "latest_checkpoint"]
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerConfig:
+    """Training-loop options.
+
+    Attributes:
+        steps_per_task: optimizer steps per task (one int, or one per task).
+        batch_size: training rows per process and step.
+        learning_rate: peak learning rate (``eta_max`` of the schedule).
+        schedule: schedule spec for :func:`.schedules.build_schedule` (default: constant).
+        weight_decay / betas / eps: AdamW options (no decay on biases and norm weights).
+        grad_clip: max gradient norm (``None`` or 0: no clipping).
+        loss_on: ``"answer"`` (fine-tuning) or ``"all"`` (continual pre-training: loss on every token).
+        eval_every: evaluate all seen tasks every N optimizer steps (0: only at task boundaries).
+        eval_max_examples: evaluation subset per task (``None``: all).
+        eval_batch_size: evaluation batch size.
+        checkpoint_every: ``save_state`` every N optimizer steps (0: never).
+        keep_checkpoints: newest checkpoints kept (older ones are deleted).
+        seed: seed of the data order, replay draws and ``set_seed``.
+        output_dir: where checkpoints, ``results.json``, ``metrics.jsonl`` and the plot go.
+    """
+
+    steps_per_task: int | list[int] = 100
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "constant"})
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    loss_on: str = "answer"
+    eval_every: int = 10
+    eval_max_examples: int | None = None
+    eval_batch_size: int = 64
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    output_dir: str = "runs/continual"
+
+    def task_steps(self, num_tasks: int) -> list[int]:
+        steps = self.steps_per_task
+        steps = [steps] * num_tasks if isinstance(steps, int) else list(steps)
+        if len(steps) != num_tasks or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+            raise ValueError(
+                f"steps_per_task must be a positive int or {num_tasks} positive ints, got {self.steps_per_task!r}"
+            )
+        return steps
+
+    def validate(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.loss_on not in ("answer", "all"):
+            raise ValueError(f"loss_on must be 'answer' or 'all', got {self.loss_on!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if (
+            isinstance(self.keep_checkpoints, bool)
+            or not isinstance(self.keep_checkpoints, int)
+            or self.keep_checkpoints < 1
+        ):
+            raise ValueError(f"keep_checkpoints must be a positive integer, got {self.keep_checkpoints!r}")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the largest step in ``output_dir/checkpoints`` (``None`` if none)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
+    return max(found)[1] if found else None
+
+
+class _TrainerState:
+    """What ``save_state`` does not cover: position in the stream, evaluator, strategies."""
+
+    def __init__(self, trainer: ContinualTrainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        t = self.trainer
+        return {
+            "global_step": t.global_step,
+            "task_index": t.task_index,
+            "step_in_task": t.step_in_task,
+            "task_done": t.task_done,
+            "evaluator": t.evaluator.state_dict(),
+            "strategies": [s.state_dict() for s in t.strategies],
+            "train_log": t.train_log,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        t = self.trainer
+        t.global_step, t.task_index, t.step_in_task = state["global_step"], state["task_index"], state["step_in_task"]
+        t.task_done = state["task_done"]
+        t.evaluator.load_state_dict(state["evaluator"])
+        if len(state["strategies"]) != len(t.strategies):
+            raise ValueError("the checkpoint was written with a different list of strategies")
+        for s, st in zip(t.strategies, state["strategies"]):
+            s.load_state_dict(st)
+        t.train_log = list(state["train_log"])
+
+
+class ContinualTrainer:
+    """Train ``model`` on ``tasks`` in order, with ``strategies`` stacked at fixed hooks (see :mod:`.base`).
+
+    Args:
+        model: a causal LM (optionally a peft model). Its trainable parameters are those with ``requires_grad``.
+        tokenizer: the model's tokenizer (tasks are tokenized with it if they are not yet).
+        tasks: the task sequence.
+        strategies: strategies, applied in list order at every hook.
+        config: :class:`TrainerConfig`.
+        accelerator: an ``Accelerator`` (default: a new one).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        tasks: Sequence[ContinualTask],
+        strategies: Sequence[Strategy] = (),
+        config: TrainerConfig | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.config = config or TrainerConfig()
+        self.config.validate()
+        if not tasks:
+            raise ValueError("tasks must not be empty")
+        for s in strategies:
+            if not isinstance(s, Strategy):
+                raise ValueError(f"strategies must be Strategy instances, got {type(s).__name__}")
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.tasks = [t if t.prompt_ids else tokenize_task(t, tokenizer) for t in tasks]
+        self.steps = self.config.task_steps(len(self.tasks))
+        self.total_steps = sum(self.steps)
+        self.schedule = build_schedule(self.config.schedule, self.config.learning_rate)
+        self.strategies = list(strategies)
+        self.accelerator = accelerator or Accelerator()
+        self.evaluator = ContinualEvaluator(
+            self.tasks, self.config.eval_every, self.config.eval_max_examples, self.config.eval_batch_size
+        )
+        self.global_step = self.task_index = self.step_in_task = 0
+        self.task_done = False
+        self.train_log: list[dict[str, Any]] = []
+        self.output_dir = Path(self.config.output_dir)
+        set_seed(self.config.seed)
+        self.unwrapped = model
+        self.model = model
+        for s in self.strategies:
+            s.setup(self)
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(model), lr=self.config.learning_rate, betas=tuple(self.config.betas), eps=self.config.eps
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.accelerator.register_for_checkpointing(_TrainerState(self))
+        self.needs_hidden_states = any(s.needs_hidden_states for s in self.strategies)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError("model has no trainable parameters")
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay, "lr_scale": 1.0}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0})
+        return groups
+
+    def position(self) -> Position:
+        return Position(
+            self.global_step, self.task_index, self.step_in_task, self.steps[self.task_index], self.total_steps,
+            self.steps[0],
+        )  # fmt: skip
+
+    def local_rows(self, rows: list[Row]) -> list[Row]:
+        """This process's contiguous share of each row group of the global batch."""
+        n, i = self.accelerator.num_processes, self.accelerator.process_index
+        out: list[Row] = []
+        for group in sorted({r[2] for r in rows}):
+            g = [r for r in rows if r[2] == group]
+            size = -(-len(g) // n)
+            out.extend(g[i * size : (i + 1) * size])
+        return out
+
+    def make_batch(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        """Collate ``rows`` (training examples) into tensors on the accelerator's device, plus ``groups`` ``(B,)``."""
+        pairs = [(self.tasks[t].prompt_ids[i], self.tasks[t].answer_ids[i]) for t, i, _ in rows]
+        batch = collate(pairs, self.pad_token_id, self.config.loss_on)
+        batch["groups"] = torch.tensor([g for *_, g in rows], dtype=torch.long)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    @staticmethod
+    def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross entropy ``(B, T-1)`` and its mask, from unshifted ``labels`` (``-100`` ignored)."""
+        targets = labels[:, 1:]
+        mask = targets != -100
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+        return ce * mask, mask
+
+    def grouped_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over row groups of each group's token-mean cross entropy."""
+        ce, mask = self.token_losses(logits, batch["labels"])
+        losses = []
+        for g in batch["groups"].unique().tolist():
+            rows = batch["groups"] == g
+            losses.append(ce[rows].sum() / mask[rows].sum().clamp_min(1))
+        return torch.stack(losses).mean()
+
+    def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None, **kwargs) -> Any:
+        model = model or self.model
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def evaluate(self, task_indices: Sequence[int]) -> dict[str, dict]:
+        with contextlib.ExitStack() as stack:
+            for s in self.strategies:
+                stack.enter_context(s.eval_context())
+            return self.evaluator.evaluate(self.unwrapped, task_indices, self.accelerator, self.pad_token_id)
+
+    def save_checkpoint(self) -> Path:
+        """``save_state`` into ``checkpoints/checkpoint-<step>`` (atomically: written as ``.tmp`` then renamed)."""
+        root = self.output_dir / "checkpoints"
+        final = root / f"checkpoint-{self.global_step}"
+        tmp = root / f"checkpoint-{self.global_step}.tmp"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            found = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT.match(p.name)))
+            for _, old in found[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.global_step)
+
+    def train_step(self) -> float:
+        """One optimizer step on the current task; returns the loss."""
+        task = self.task_index
+        cfg = self.config
+        global_batch = cfg.batch_size * self.accelerator.num_processes
+        rows: list[Row] = [
+            (task, i, 0)
+            for i in epoch_rows(len(self.tasks[task].examples), global_batch, self.step_in_task, cfg.seed, task)
+        ]
+        for s in self.strategies:
+            rows = s.select_rows(rows)
+        batch = self.make_batch(self.local_rows(rows))
+        for s in self.strategies:
+            s.before_forward(batch)
+        outputs = self.forward(batch, output_hidden_states=self.needs_hidden_states)
+        loss = self.grouped_loss(outputs.logits, batch)
+        for s in self.strategies:
+            extra = s.extra_loss(batch, outputs)
+            if extra is not None:
+                loss = loss + extra
+        self.accelerator.backward(loss)
+        for s in self.strategies:
+            s.after_backward()
+        if cfg.grad_clip:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        lr = self.schedule(self.position())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.step_in_task += 1
+        for s in self.strategies:
+            s.after_step(rows)
+        self.last_lr = lr
+        return float(loss.detach())
+
+    def train(self, resume_from: str | os.PathLike | None = None, stop_after_steps: int | None = None):
+        """Run (or resume) the stream.
+
+        Args:
+            resume_from: a checkpoint folder, ``"latest"`` (newest in ``output_dir``; a fresh start if none), or
+                ``None``.
+            stop_after_steps: stop once ``global_step`` reaches this value (simulates an interrupted run; returns
+                ``None``).
+
+        Returns:
+            The results dict (also written to ``output_dir/results.json``), or ``None`` when stopped early.
+        """
+        acc = self.accelerator
+        resumed = False
+        if resume_from is not None:
+            path = latest_checkpoint(self.output_dir) if str(resume_from) == "latest" else Path(resume_from)
+            if path is not None:
+                if not Path(path).is_dir():
+                    raise ValueError(f"resume_from must be a checkpoint folder or 'latest', got {resume_from!r}")
+                acc.load_state(str(path))
+                resumed = True
+        start = time.time()
+        if not resumed:
+            self.evaluator.record_initial(self.evaluate(range(len(self.tasks))))
+        for s in self.strategies:
+            s.on_stream_start()
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            disable=not acc.is_main_process,
+            desc="continual",
+            mininterval=10,
+        )
+        while self.task_index < len(self.tasks):
+            task = self.task_index
+            if self.step_in_task == 0 and not self.task_done:
+                for s in self.strategies:
+                    s.on_task_start(task)
+            while self.step_in_task < self.steps[task]:
+                loss = self.train_step()
+                progress.update(1)
+                self.train_log.append({"step": self.global_step, "loss": round(loss, 5), "lr": self.last_lr})
+                cfg = self.config
+                if cfg.eval_every and self.global_step % cfg.eval_every == 0 and self.step_in_task < self.steps[task]:
+                    row = self.evaluator.record(self.global_step, task, self.evaluate(range(task + 1)))
+                    self._log({**row, "train_loss": loss, "lr": self.last_lr})
+                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if stop_after_steps is not None and self.global_step >= stop_after_steps:
+                    progress.close()
+                    return None
+            for s in self.strategies:
+                s.on_task_end(task)
+            self.task_done = True
+            results = self.evaluate(range(len(self.tasks)))
+            self.evaluator.record_task_end(self.global_step, task, results)
+            self._log(
+                {"step": self.global_step, "task_end": task, "accuracy": {j: r["accuracy"] for j, r in results.items()}}
+            )
+            self.task_index += 1
+            self.step_in_task = 0
+            self.task_done = False
+        progress.close()
+        return self.finish(time.time() - start)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        meta = {
+            "tasks": [t.name for t in self.tasks],
+            "steps_per_task": self.steps,
+            "strategies": [s.name for s in self.strategies],
+            "config": asdict(self.config),
+            "num_processes": self.accelerator.num_processes,
+            "train_seconds_this_session": round(seconds, 1),
+            "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad),
+        }
+        results = self.evaluator.results(meta)
+        results["train_log"] = self.train_log
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.output_dir / "results.json", results)
+            plot_results(results, self.output_dir / "stability_gap.png")
+        self.accelerator.wait_for_everyone()
+        return results
