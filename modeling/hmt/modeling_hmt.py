@@ -1,0 +1,377 @@
+"""HMT (Hierarchical Memory Transformer, He et al., NAACL 2025) around any Hugging Face causal LM.
+
+The math follows the paper and the official code (OswaldHe/HMT-pytorch, ``modeling_rmt/language_modeling.py`` and
+``long_mem_cross_attn.py``); :class:`~hf_longmem.modeling.hmt.configuration_hmt.HMTConfig` states the recurrence.
+One forward over a long input and the same input fed in pieces (``cache=`` / ``generate``) compute the same thing:
+
+- every finished segment ``n`` contributes its memory embedding ``m_n`` (the last output of the backbone pass over
+  ``[P_n ‖ sensory ‖ H_n ‖ P_n]``) to the bank, whatever the pieces were;
+- a position ``t`` of the current segment is computed from ``P_n`` recalled with the summary of the first
+  ``min(r, j)`` tokens of the segment, where ``r`` is the number of segment tokens given so far. While ``r < j`` a
+  new piece therefore changes ``P_n``: we recompute the summary and re-encode the segment's tokens (at most
+  ``sensory_length + j`` of them), so token-by-token decoding equals the last-position logits of one forward over
+  the same prefix. Once ``r >= j`` pieces just extend the segment's key/value cache.
+
+Deviations from the official code (each a bug or an inconsistency there):
+
+- the official ``generate`` freezes ``P_n`` of the last segment at the prompt's summary although its training
+  forward recomputes it from the segment's first ``j`` tokens; we recompute as above, so ``generate`` continues
+  exactly what the forward computes;
+- the recall scale is always ``1/√h`` (the official training path uses ``1/h`` for ``h, d >= 4096``);
+- ``manage_gradients`` (truncated BPTT) is a no-op in the official code, so its gradients flow through every
+  segment; so do ours (full BPTT);
+- the official code feeds the final-norm output ``m_n`` back as an input embedding; we do the same (faithful).
+
+Note the summary pass of the paper looks ahead: ``P_n`` at the first positions of segment ``n`` depends on tokens up
+to ``j - 1`` of it (through which memory is recalled, a softmax over at most ``N`` stored embeddings). We keep
+this, as both the paper and the code define it; the forward above makes it exact for incremental decoding.
+
+Rows of a batch share segment boundaries: padded batches (``attention_mask`` with zeros) raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from hf_longmem.modeling.backbone import (
+    BackboneWrapperMixin,
+    build_backbone,
+    check_backbone_matches,
+)
+from hf_longmem.modeling.hmt.cache import HMTCache
+from hf_longmem.modeling.hmt.configuration_hmt import HMTConfig
+from hf_longmem.modeling.hmt.memory import HMTMemory, append_to_bank
+from hf_longmem.modeling.remote_code import RemoteCodeMixin
+
+
+def _plan_pieces(length: int, segment_position: int, segment_length: int) -> list[tuple[int, int, int]]:
+    """Split ``length`` new tokens at segment boundaries: ``(start, size, segment_position_before)`` per piece."""
+    pieces, start, position = [], 0, segment_position
+    while start < length:
+        size = min(length - start, segment_length - position)
+        pieces.append((start, size, position))
+        start, position = start + size, (position + size) % segment_length
+    return pieces
+
+
+class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
+    """Shared parts of :class:`HMTModel` and :class:`HMTForCausalLM`: the backbone, HMT's memory and the recurrence.
+
+    Attributes:
+        backbone: the wrapped causal LM (with LoRA adapters when ``config.lora_rank > 0``).
+        memory: :class:`~hf_longmem.modeling.hmt.memory.HMTMemory`, the parameters HMT adds.
+    """
+
+    config_class = HMTConfig
+    base_model_prefix = "hmt"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(self, config: HMTConfig):
+        super().__init__(config)
+        self.backbone = build_backbone(config)
+        hidden_size = self.backbone.get_input_embeddings().embedding_dim
+        if getattr(config.backbone_config, "hidden_size", hidden_size) != hidden_size:
+            raise ValueError(
+                "backbone_config: HMT feeds output hidden states back as input embeddings, so the backbone's "
+                f"embedding size ({hidden_size}) must equal its hidden_size ({config.backbone_config.hidden_size})"
+            )
+        self.memory = HMTMemory(hidden_size, config.recall_hidden_size or hidden_size, config.use_recall)
+        self.post_init()
+        if config.lora_rank:
+            self._inject_lora()
+        self.apply_trainability()
+
+    # ---- parameters ------------------------------------------------------------------------------------------------
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, HMTMemory):
+            std = self.config.memory_init_std or getattr(self.config.backbone_config, "initializer_range", 0.02)
+            module.reset_parameters(std)
+
+    def _inject_lora(self) -> None:
+        """Insert peft LoRA adapters into the backbone (in place: parameter names gain ``base_layer``/``lora_*``)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_target_modules),
+        )
+        try:
+            inject_adapter_in_model(lora, self.backbone)
+        except ValueError as error:
+            raise ValueError(f"lora_target_modules {self.config.lora_target_modules} do not fit the backbone: {error}") from error
+        for name, module in self.backbone.named_modules():
+            if "lora_" in name:  # peft initialised them (B = 0): keep transformers' init passes off them
+                module._is_hf_initialized = True
+                for parameter in module.parameters(recurse=False):
+                    parameter._is_hf_initialized = True
+
+    def apply_trainability(self) -> None:
+        """``requires_grad`` from the config: HMT's memory and LoRA adapters train; the backbone's own weights only
+        when ``freeze_backbone`` is off."""
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad_(not self.config.freeze_backbone or "lora_" in name)
+        for parameter in self.memory.parameters():
+            parameter.requires_grad_(True)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then ``requires_grad`` from the config (loading resets it)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.apply_trainability()
+        return model
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel | str, **config_kwargs):
+        """Wrap a pretrained causal LM (a model, a local path or a repo id): copy its weights in, initialise the
+        memory and summary embeddings with the std of its input embeddings (official init), inject LoRA if asked.
+
+        Raises:
+            ValueError: ``backbone`` is not a model, its weights do not fit, or a config field is invalid.
+        """
+        name_or_path = None
+        if isinstance(backbone, str):
+            name_or_path = backbone
+            backbone = AutoModelForCausalLM.from_pretrained(backbone)
+        if not isinstance(backbone, PreTrainedModel):
+            raise ValueError(f"backbone must be a PreTrainedModel or a path/repo id, got {type(backbone).__name__}")
+        config_kwargs.setdefault("backbone_name_or_path", name_or_path or getattr(backbone, "name_or_path", None))
+        config = cls.config_class(backbone_config=backbone.config.to_dict(), **config_kwargs)
+        check_backbone_matches(config.backbone_config, backbone)
+        model = cls(config)
+        source = backbone.state_dict()
+        target = model.backbone.state_dict()
+        mapped = {key: source[key.replace(".base_layer.", ".")] for key in target if "lora_" not in key
+                  and key.replace(".base_layer.", ".") in source}  # fmt: skip
+        missing = [k for k in target if "lora_" not in k and k not in mapped and not k.endswith("lm_head.weight")]
+        unexpected = sorted(set(source) - {k.replace(".base_layer.", ".") for k in target})
+        if missing or unexpected:
+            raise ValueError(f"backbone weights do not fit: missing {missing}, unexpected {unexpected}")
+        model.backbone.load_state_dict(mapped, strict=False)
+        parameter = next(backbone.parameters())
+        model.to(dtype=parameter.dtype, device=parameter.device)
+        std = config.memory_init_std or float(backbone.get_input_embeddings().weight.detach().float().std())
+        model.memory.reset_parameters(std)
+        model.apply_trainability()
+        return model
+
+    # ---- the recurrence --------------------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(ids)
+
+    def _backbone_pass(self, embeds: torch.Tensor, kv=None) -> torch.Tensor:
+        """Backbone decoder over ``embeds`` ``[B, S, d]`` at positions ``past..past+S-1`` -> final hidden ``[B, S, d]``."""
+        past = 0 if kv is None else kv.get_seq_length()
+        positions = torch.arange(past, past + embeds.shape[1], device=embeds.device).unsqueeze(0)
+        out = self.backbone.get_decoder()(
+            inputs_embeds=embeds, position_ids=positions.expand(embeds.shape[0], -1), cache=kv, use_cache=kv is not None
+        )
+        return out.last_hidden_state
+
+    def _summaries(self, prefixes: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Summary pass ``S = backbone([T ‖ ids ‖ T])[-1]`` for each ``[B, s]`` id tensor; equal-length prefixes run
+        as one batch (the passes do not depend on the memory, so all segments of an input summarise at once).
+
+        Returns:
+            the same keys -> ``[B, 1, d]``.
+        """
+        out: dict[int, torch.Tensor] = {}
+        by_length: dict[int, list[int]] = {}
+        for key, ids in prefixes.items():
+            by_length.setdefault(ids.shape[1], []).append(key)
+        for keys in by_length.values():
+            ids = torch.cat([prefixes[key] for key in keys], dim=0)  # [G*B, s]
+            token = self.memory.summary_embedding.to(self.dtype).expand(ids.shape[0], 1, -1)
+            hidden = self._backbone_pass(torch.cat([token, self._embed(ids), token], dim=1))[:, -1:]
+            for key, part in zip(keys, hidden.split(prefixes[keys[0]].shape[0], dim=0)):
+                out[key] = part
+        return out
+
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds, cache) -> None:
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds is not supported by HMT: pass input_ids (sensory memory keeps token ids)")
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError("input_ids must be a [batch, seq] tensor of token ids")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token")
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            raise ValueError(
+                "attention_mask has padding: HMT segments every row at the same boundaries, so padded batches are "
+                "not supported; pass rows of equal length (or batch size 1)"
+            )
+        if cache is not None:
+            if not isinstance(cache, HMTCache):
+                raise ValueError(f"cache must be an HMTCache (the model's own memory state), got {type(cache).__name__}")
+            cache_hidden = getattr(cache.backbone_config, "hidden_size", None)
+            if cache_hidden != self.config.backbone_config.hidden_size or cache.hmt_config.segment_length != (
+                self.config.segment_length
+            ):
+                raise ValueError("cache was built for a different HMT config (hidden_size or segment_length differ)")
+
+    def hmt_forward(self, input_ids: torch.Tensor, cache: HMTCache | None, keep_state: bool) -> torch.Tensor:
+        """Run the HMT recurrence over new tokens, continuing ``cache`` when given (it is updated in place).
+
+        Args:
+            input_ids: ``[B, T]``, the tokens following those ``cache`` has seen.
+            cache: the state to continue and update, or ``None`` (start from an empty memory).
+            keep_state: keep the unfinished segment's key/values in ``cache`` (for later pieces).
+
+        Returns:
+            the backbone's final hidden states at the new tokens, ``[B, T, d]``.
+        """
+        config = self.config
+        state = cache if cache is not None else HMTCache(config)
+        batch = input_ids.shape[0]
+        state.check_batch(batch)
+        L, j, k = config.segment_length, config.summary_length, config.sensory_length
+        pieces = _plan_pieces(input_ids.shape[1], state.segment_position, L)
+
+        # Summary passes needed by the pieces (those of segments that recall and whose summary grows).
+        prefixes: dict[int, torch.Tensor] = {}
+        finished = state.num_segments
+        for index, (start, size, position) in enumerate(pieces):
+            covered = state.summary_tokens if position > 0 else 0
+            wanted = min(position + size, j)
+            if config.use_recall and finished > 0 and wanted > covered:
+                ids = input_ids[:, start : start + size]
+                if position > 0:
+                    ids = torch.cat([state.segment_ids, ids], dim=1)
+                prefixes[index] = ids[:, :wanted]
+            finished += position + size == L
+        summaries = self._summaries(prefixes) if prefixes else {}
+
+        outputs = []
+        for index, (start, size, position) in enumerate(pieces):
+            ids = input_ids[:, start : start + size]
+            completes = position + size == L
+            memory, fresh = state.segment_memory, state.segment_cache is None or position == 0
+            if position == 0:
+                memory, state.summary_tokens = None, 0
+            if state.num_segments == 0:
+                memory = memory if memory is not None else self.memory.memory_init.to(self.dtype).expand(batch, 1, -1)
+            elif not config.use_recall:
+                memory = memory if memory is not None else state.bank[:, -1:]
+            elif index in summaries:
+                memory = self.memory.recall(summaries[index], state.bank)
+                state.summary_tokens = prefixes[index].shape[1]
+                fresh = True
+            tail = [memory] if completes else []
+            if fresh:
+                prefix = [memory]
+                if state.num_segments > 0 and state.sensory_ids is not None:
+                    prefix.append(self._embed(state.sensory_ids))
+                if position > 0:
+                    prefix.append(self._embed(state.segment_ids))
+                offset = sum(part.shape[1] for part in prefix)
+                kv = state.new_segment_cache() if keep_state and not completes else None
+                hidden = self._backbone_pass(torch.cat([*prefix, self._embed(ids), *tail], dim=1), kv)
+            else:
+                offset, kv = 0, state.segment_cache
+                hidden = self._backbone_pass(torch.cat([self._embed(ids), *tail], dim=1), kv)
+            outputs.append(hidden[:, offset : offset + size])
+            segment_ids = ids if position == 0 else torch.cat([state.segment_ids, ids], dim=1)
+            if completes:
+                state.bank = append_to_bank(state.bank, hidden[:, -1:], state.capacity if config.use_recall else 1)
+                state.sensory_ids = segment_ids[:, L - k :] if k > 0 else None
+                state.num_segments += 1
+                state.segment_ids = state.segment_memory = state.segment_cache = None
+                state.summary_tokens = 0
+            else:
+                state.segment_ids, state.segment_memory = segment_ids, memory
+                state.segment_cache = kv if keep_state else None
+            state.seen_tokens += size
+        return torch.cat(outputs, dim=1)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """``generate`` builds an :class:`HMTCache` by default and honours a user-supplied one."""
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:
+            if not isinstance(user_cache, HMTCache):
+                raise ValueError(f"cache must be an HMTCache for an HMT model, got {type(user_cache).__name__}")
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = HMTCache(self.config)
+
+    def make_cache(self, num_memories: int | None = None) -> HMTCache:
+        """An empty :class:`HMTCache` for this model (``num_memories`` overrides the bank capacity)."""
+        return HMTCache(self.config, num_memories=num_memories)
+
+
+class HMTModel(HMTPreTrainedModel):
+    """HMT returning the backbone's final hidden states (no LM head applied)."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: HMTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Args as :meth:`HMTForCausalLM.forward`. Returns ``last_hidden_state`` ``[B, T, d]`` and ``cache``."""
+        self._check_inputs(input_ids, attention_mask, inputs_embeds, cache)
+        keep = bool(use_cache) or cache is not None
+        if keep and cache is None:
+            cache = HMTCache(self.config)
+        hidden = self.hmt_forward(input_ids, cache, keep)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if keep else None)
+
+
+class HMTForCausalLM(HMTPreTrainedModel, GenerationMixin):
+    """HMT with the backbone's LM head: ``AutoModelForCausalLM`` class of ``model_type="hmt"``."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: HMTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Process ``input_ids`` with HMT, continuing ``cache`` when given.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (rows of equal length; they follow the tokens ``cache`` has seen).
+            attention_mask: ``[B, T + seen]`` or ``None``; must be all ones (no padding).
+            position_ids: ignored: HMT restarts positions in every segment.
+            cache: an :class:`HMTCache` to continue (updated in place); ``generate`` makes one by default.
+            inputs_embeds: not supported (``ValueError``).
+            labels: ``[B, T]`` next-token targets (shifted inside; ``-100`` ignored).
+            use_cache: return the state as ``cache`` (always when a cache was given).
+            logits_to_keep: as in transformers (``0``: all positions).
+
+        Returns:
+            ``logits`` ``[B, T or logits_to_keep, vocab]``, ``loss`` when ``labels``, ``cache``.
+        """
+        self._check_inputs(input_ids, attention_mask, inputs_embeds, cache)
+        keep = bool(use_cache) or cache is not None
+        if keep and cache is None:
+            cache = HMTCache(self.config)
+        hidden = self.hmt_forward(input_ids, cache, keep)
+        keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.backbone.get_output_embeddings()(hidden[:, keep_slice])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if keep else None)
+
+
+__all__ = ["HMTForCausalLM", "HMTModel", "HMTPreTrainedModel"]
