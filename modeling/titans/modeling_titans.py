@@ -1,0 +1,157 @@
+"""Titans for transformers: ``TitansModel`` / ``TitansForCausalLM`` (HF boilerplate; the layers are in
+:mod:`hf_longmem.modeling.titans.layers`, the memory math in :mod:`hf_longmem.kernels.titans_memory`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from hf_longmem.modeling.remote_code import RemoteCodeMixin
+from hf_longmem.modeling.titans.cache import TitansCache
+from hf_longmem.modeling.titans.configuration_titans import TitansConfig
+from hf_longmem.modeling.titans.layers import RMSNorm, TitansBlock, gather_time
+
+
+class TitansPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+    config_class = TitansConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["TitansBlock"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear) and not getattr(module, "_titans_keep_init", False):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None and module.out_features != 3 * self.config.memory_heads:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+
+
+class TitansModel(TitansPreTrainedModel):
+    """Embeddings, ``num_hidden_layers`` :class:`TitansBlock` and a final RMSNorm.
+
+    Padding: tokens whose ``attention_mask`` is 0 are moved to the end of their row before the layers (and the
+    hidden states moved back after), so they never enter the memory, the attention or the positions: a padded row
+    gives exactly what the same row gives unpadded.
+    """
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(TitansBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: TitansCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Args: ``input_ids [batch, T]`` (or ``inputs_embeds [batch, T, hidden]``); ``attention_mask`` ``[batch, T]``
+        or ``[batch, past + T]`` (1 = real token); ``cache``: a :class:`TitansCache` to continue (a new one is made
+        when ``use_cache`` and none is given). ``position_ids`` is accepted for API compatibility and ignored:
+        positions are counted per row from the real tokens."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, T, _ = h.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and not isinstance(cache, TitansCache):
+            raise ValueError(f"cache must be a TitansCache (or None), got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = TitansCache(self.config)
+        if attention_mask is None:
+            valid = torch.ones(b, T, dtype=torch.bool, device=h.device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must be [batch, >= {T}], got {tuple(attention_mask.shape)}")
+            valid = attention_mask[:, -T:].bool()
+        order = torch.argsort((~valid).int(), dim=1, stable=True)  # real tokens first, in order
+        lengths = valid.sum(1)
+        h = gather_time(h, order, 1)
+        start = cache.row_positions if cache is not None and cache.row_positions is not None else lengths.new_zeros(b)
+        positions = start[:, None] + torch.arange(T, device=h.device)
+        states = cache.layers if cache is not None else [None] * len(self.layers)
+        from hf_longmem.modeling.titans.cache import TitansLayerState
+
+        for layer, state in zip(self.layers, states):
+            h = layer(h, positions, lengths, state if state is not None else TitansLayerState())
+        h = self.norm(h)
+        h = torch.empty_like(h).scatter_(1, order[..., None].expand_as(h), h)  # back to the input order
+        if cache is not None:
+            cache.seen_tokens += T
+            cache.row_positions = start + lengths
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None)
+
+
+class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
+    """Titans language model. ``generate`` builds a :class:`TitansCache` by default and honours a given ``cache=``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.model = TitansModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give ``generate`` our own cache (memory state + bounded KV) unless the user passed one."""
+        if model_kwargs.get("cache") is not None:
+            if not isinstance(model_kwargs["cache"], TitansCache):
+                raise ValueError(f"cache must be a TitansCache, got {type(model_kwargs['cache']).__name__}")
+            model_kwargs["cache"]._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = TitansCache(self.config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: TitansCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``logits [batch, T, vocab]``; ``labels`` (``-100`` ignored) give the shifted next-token loss."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
