@@ -1,0 +1,365 @@
+"""LongMem as transformers models: ``LongMemModel`` (SideNet features) and ``LongMemForCausalLM``.
+
+Forward pass over an input of any length (official ``TransformerDecoderSideNetBase.extract_features``):
+
+1. the input is cut at multiples of ``segment_length`` of the sequence position (a segment may be split across calls);
+2. for each piece, the frozen backbone encodes it with the current segment's KV cache only, at segment-local
+   positions; hidden states ``h_0 .. h_L`` are captured by hooks (``h_L`` before the final norm);
+3. the SideNet runs from ``x_0 = h_0`` with the cross-network residuals; its memory layer retrieves the top-k chunks
+   of the bank, which holds the EARLIER segments only;
+4. the retrieval layer's un-rotated keys/values of the piece are recorded; when the segment is complete they are
+   written to the bank (after the segment's forward, as in LongMem) and the local state is cleared.
+
+Logits are the backbone's ``lm_head`` of the SideNet's normed output. All of it lives in a
+:class:`LongMemBankCache`; ``generate`` builds one by default and honours a user-supplied one (e.g. from
+:meth:`LongMemForCausalLM.memorize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from hf_longmem.modeling.backbone import BackboneWrapperMixin, build_backbone, freeze_backbone
+from hf_longmem.modeling.longmem.cache_longmem import LongMemBankCache
+from hf_longmem.modeling.longmem.configuration_longmem import LongMemConfig
+from hf_longmem.modeling.longmem.sidenet import SideNetLayer, SideNetRMSNorm, check_supported_backbone
+from hf_longmem.modeling.remote_code import RemoteCodeMixin
+
+
+@contextmanager
+def _capture_layer_outputs(backbone):
+    """Collect the output of every decoder layer (``h_1 .. h_L``, before the final norm) during a forward."""
+    states: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [layer.register_forward_hook(keep) for layer in backbone.model.layers]
+    try:
+        yield states
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def backbone_hidden_states(backbone, input_ids, inputs_embeds, **kwargs) -> list[torch.Tensor]:
+    """``[h_0, h_1, ..., h_L]``: the embeddings and every decoder layer's output, each ``[b, T, D]``.
+
+    ``kwargs`` go to ``backbone.model`` (mask, positions, cache).
+    """
+    if inputs_embeds is None:
+        inputs_embeds = backbone.get_input_embeddings()(input_ids)
+    with _capture_layer_outputs(backbone) as states:
+        backbone.model(inputs_embeds=inputs_embeds, **kwargs)
+    if len(states) != len(backbone.model.layers):
+        raise ValueError(f"captured {len(states)} layer outputs for {len(backbone.model.layers)} backbone layers")
+    return [inputs_embeds, *states]
+
+
+class LongMemPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+    config_class = LongMemConfig
+    base_model_prefix = "longmem"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, SideNetRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class LongMemModel(LongMemPreTrainedModel):
+    """Frozen backbone + residual SideNet with a memory-augmented layer; returns the SideNet's normed features.
+
+    Attributes:
+        backbone: the wrapped causal LM (its ``lm_head`` is used by :class:`LongMemForCausalLM`).
+        layers: the SideNet layers; ``layers[config.memory_layer_index]`` reads the memory bank.
+        norm: the SideNet's final norm (initialised from the backbone's).
+    """
+
+    def __init__(self, config: LongMemConfig):
+        super().__init__(config)
+        self.backbone = build_backbone(config)
+        check_supported_backbone(self.backbone)
+        bc = config.backbone_config
+        source = self.backbone.model.layers
+        self.layers = nn.ModuleList(
+            SideNetLayer(bc, source[config.sidenet_source_layer(i)], i == config.memory_layer_index,
+                         config.memory_gate_init)
+            for i in range(config.num_sidenet_layers)
+        )  # fmt: skip
+        self.norm = SideNetRMSNorm(bc.hidden_size, getattr(bc, "rms_norm_eps", 1e-6))
+        self.post_init()
+        self.init_sidenet_from_backbone()
+        if config.freeze_backbone:
+            freeze_backbone(self.backbone)
+
+    @torch.no_grad()
+    def init_sidenet_from_backbone(self) -> None:
+        """Copy backbone layer ``r * i + r - 1`` into SideNet layer ``i`` and the final norm (``sidenet_init``).
+
+        ``"zero_output"`` then zeroes ``o_proj`` and ``down_proj`` (weights and biases): every SideNet update is 0,
+        the cross-network residuals telescope to ``h_L`` and the wrapper's logits equal the backbone's.
+        """
+        source_layers = self.backbone.model.layers
+        for index, layer in enumerate(self.layers):
+            source = source_layers[self.config.sidenet_source_layer(index)].state_dict()
+            missing, unexpected = layer.load_state_dict(source, strict=False)
+            if unexpected or [name for name in missing if not name.endswith("memory_gate")]:
+                raise ValueError(f"backbone layer does not fit the SideNet: missing {missing}, unexpected {unexpected}")
+            if self.config.sidenet_init == "zero_output":
+                for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    linear.weight.zero_()
+                    if linear.bias is not None:
+                        linear.bias.zero_()
+            if layer.self_attn.memory:
+                layer.self_attn.memory_gate.fill_(self.config.memory_gate_init)
+        self.norm.load_state_dict(self.backbone.model.norm.state_dict())
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def make_cache(self) -> LongMemBankCache:
+        """A fresh, empty :class:`LongMemBankCache` for this model."""
+        return LongMemBankCache(self.config)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def retrieval_keys_values(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated keys/values ``[b, Hkv, T, d]`` of the retrieval layer for its input ``hidden [b, T, D]``."""
+        layer = self.backbone.model.layers[self.config.retrieval_layer_index]
+        normed = layer.input_layernorm(hidden)
+        b, t, _ = hidden.shape
+        keys = layer.self_attn.k_proj(normed).view(b, t, -1, self.layers[0].self_attn.head_dim).transpose(1, 2)
+        values = layer.self_attn.v_proj(normed).view(b, t, -1, self.layers[0].self_attn.head_dim).transpose(1, 2)
+        return keys, values
+
+    def _backbone_context(self):
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        return torch.no_grad() if frozen else nullcontext()
+
+    def _forward_piece(self, input_ids, inputs_embeds, mask, cache: LongMemBankCache) -> torch.Tensor:
+        """One piece inside one segment: ``[b, T]`` -> SideNet features ``[b, T, D]`` (pre-norm); updates ``cache``."""
+        past_mask = cache.segment_mask
+        full_mask = mask if past_mask is None else torch.cat((past_mask, mask), dim=1)  # [b, fill + T]
+        # Segment-local positions count real tokens only (left padding starts at 0).
+        before = 0 if past_mask is None else past_mask.long().sum(dim=1, keepdim=True)
+        positions = (before + mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        with self._backbone_context():
+            hidden = backbone_hidden_states(
+                self.backbone, input_ids, inputs_embeds, attention_mask=full_mask.long(), position_ids=positions,
+                cache=cache.backbone_cache, use_cache=True,
+            )  # fmt: skip
+            mem_keys, mem_values = self.retrieval_keys_values(hidden[self.config.retrieval_layer_index])
+        r = self.config.layer_reduction_factor
+        fill, t = full_mask.shape[1] - mask.shape[1], mask.shape[1]
+        # Local causal mask over the segment so far; a query may always see itself (padding rows stay finite).
+        causal = torch.ones(t, fill + t, dtype=torch.bool, device=mask.device).tril(diagonal=fill)
+        local_mask = causal[None] & full_mask[:, None, :].bool()
+        columns = torch.arange(fill + t, device=mask.device)
+        local_mask |= (columns[None, :] == torch.arange(t, device=mask.device)[:, None] + fill)[None]
+        local_mask = local_mask[:, None]  # [b, 1, T, fill + T]
+        x = hidden[0]
+        position_embeddings = self.backbone.model.rotary_emb(x, positions)
+        for index, layer in enumerate(self.layers):
+            update, cache.sidenet_kv[index] = layer(
+                x, position_embeddings, local_mask, cache.sidenet_kv[index], cache.bank, self.config.topk_chunks
+            )
+            x = x + update + (hidden[r * (index + 1)] - hidden[r * index])
+        cache.append_segment(mem_keys, mem_values, mask.bool())
+        if cache.segment_fill == self.config.segment_length:
+            cache.finish_segment()
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LongMemBankCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """SideNet features of ``input_ids`` ``[b, T]`` (any ``T``; segmented internally).
+
+        Args:
+            input_ids: ``[b, T]`` token ids (or ``inputs_embeds`` ``[b, T, D]``).
+            attention_mask: ``[b, T]`` or ``[b, past + T]`` (its last ``T`` columns are used), 1 for real tokens.
+            position_ids: ignored: positions are segment-local and derived from the mask.
+            cache: a :class:`LongMemBankCache` to continue from (and update); ``None``: a fresh one.
+            use_cache: return the cache (default ``config.use_cache``).
+
+        Returns:
+            ``last_hidden_state`` ``[b, T, D]`` (after the SideNet's norm) and ``cache``.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        if length == 0:
+            raise ValueError("input_ids must hold at least one token")
+        if cache is None:
+            cache = self.make_cache()
+        elif not isinstance(cache, LongMemBankCache):
+            raise ValueError(f"cache must be a LongMemBankCache (model.make_cache()), got {type(cache).__name__}")
+        if attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+                raise ValueError(f"attention_mask must be [b, past + T] 2D, got {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, -length:].bool()
+        if cache.batch_size not in (-1, batch):
+            raise ValueError(f"cache holds batch {cache.batch_size}, input has batch {batch}")
+        outputs, start = [], 0
+        while start < length:
+            stop = min(length, start + self.config.segment_length - cache.segment_fill)
+            piece_ids = input_ids[:, start:stop] if input_ids is not None else None
+            piece_embeds = inputs_embeds[:, start:stop] if inputs_embeds is not None else None
+            outputs.append(self._forward_piece(piece_ids, piece_embeds, mask[:, start:stop], cache))
+            start = stop
+        hidden = self.norm(torch.cat(outputs, dim=1))
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+
+
+class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, GenerationMixin):
+    """LongMem language model: :class:`LongMemModel` + the backbone's ``lm_head``.
+
+    Build one around a pretrained backbone with :meth:`from_backbone` (copies the backbone weights and initialises
+    the SideNet from them), then train only the SideNet (the backbone is frozen by ``config.freeze_backbone``).
+    """
+
+    def __init__(self, config: LongMemConfig):
+        super().__init__(config)
+        self.model = LongMemModel(config)
+        self.post_init()
+        self.model.init_sidenet_from_backbone()  # post_init re-initialised every submodule
+
+    @property
+    def backbone(self):
+        return self.model.backbone
+
+    @classmethod
+    def from_backbone(cls, backbone, **config_kwargs):
+        """Wrap ``backbone`` (a model, path or repo id); the SideNet starts from its layers (``sidenet_init``)."""
+        model = super().from_backbone(backbone, **config_kwargs)
+        model.model.init_sidenet_from_backbone()
+        return model
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.backbone.get_output_embeddings()
+
+    def make_cache(self) -> LongMemBankCache:
+        """A fresh, empty :class:`LongMemBankCache` (what ``generate`` uses when no cache is passed)."""
+        return self.model.make_cache()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:
+            if not isinstance(user_cache, LongMemBankCache):
+                raise ValueError(f"cache must be a LongMemBankCache, got {type(user_cache).__name__}")
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = self.make_cache()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LongMemBankCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits ``[b, T, V]`` (see :meth:`LongMemModel.forward`); ``labels`` ``[b, T]`` give the shifted LM loss."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )  # fmt: skip
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.backbone.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.backbone_config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+    # ------------------------------------------------------------------------------------------------ memorize
+    @torch.no_grad()
+    def memorize(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[int]] | Sequence[torch.Tensor],
+        tokenizer=None,
+        cache: LongMemBankCache | None = None,
+        batch_size: int = 1,
+        add_special_tokens: bool = True,
+    ) -> LongMemBankCache:
+        """Fill a cache's memory bank with documents ahead of time (e.g. many-shot demonstrations).
+
+        Each document is encoded by the backbone alone, segment by segment (``segment_length`` tokens, positions
+        restarting per segment as during generation), and the retrieval layer's keys/values of all its tokens are
+        written to the bank (a final partial chunk is stored too). Documents go in the given order, oldest first, so
+        the FIFO evicts the earliest documents first when the bank is full.
+
+        Args:
+            texts: documents as strings (``tokenizer`` required) or token id lists/1-D tensors.
+            tokenizer: tokenizes string documents.
+            cache: a cache to add to (it must not be in the middle of a sequence); ``None``: a fresh one.
+            batch_size: rows of the returned cache (every row holds the same memory), the batch ``generate`` gets.
+            add_special_tokens: passed to the tokenizer.
+
+        Returns:
+            the cache, ready for ``generate(..., cache=cache)``.
+        """
+        if isinstance(texts, (str, torch.Tensor)) or not isinstance(texts, Sequence) or len(texts) == 0:
+            raise ValueError("texts must be a non-empty list of documents (strings or token id lists)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        cache = self.make_cache() if cache is None else cache
+        if not isinstance(cache, LongMemBankCache):
+            raise ValueError(f"cache must be a LongMemBankCache, got {type(cache).__name__}")
+        if cache.seen_tokens:
+            raise ValueError("cache is in the middle of a sequence; memorize into a fresh cache (model.make_cache())")
+        bank = cache.bank
+        if bank.batch_size > 1:
+            raise ValueError("memorize adds to a one-row bank; this cache's bank holds several rows")
+        device = self.backbone.device
+        for number, text in enumerate(texts):
+            if isinstance(text, str):
+                if tokenizer is None:
+                    raise ValueError("texts holds strings: pass the tokenizer")
+                ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+            else:
+                ids = text.tolist() if isinstance(text, torch.Tensor) else list(text)
+            if len(ids) == 0:
+                raise ValueError(f"texts[{number}] is an empty document")
+            ids = torch.tensor([ids], dtype=torch.long, device=device)
+            for start in range(0, ids.shape[1], self.config.segment_length):
+                piece = ids[:, start : start + self.config.segment_length]
+                positions = torch.arange(piece.shape[1], device=device)[None]
+                states = backbone_hidden_states(self.backbone, piece, None, position_ids=positions, use_cache=False)
+                keys, values = self.model.retrieval_keys_values(states[self.config.retrieval_layer_index])
+                bank.write(keys, values)
+        bank.flush()
+        if batch_size > 1:
+            bank.repeat_rows(batch_size)
+        return cache
