@@ -206,7 +206,11 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        """Causal LM forward. With ``labels``: ``loss = CE + aux_loss_scale * load_balancing_loss`` (``aux_loss``)."""
+        """Causal LM forward.
+
+        ``aux_loss`` (with ``labels`` or in training mode) is the load-balancing loss already times
+        ``aux_loss_scale``; with ``labels``, ``loss = next-token CE + aux_loss``.
+        """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -219,14 +223,15 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = aux_loss = None
+        if labels is not None or self.training:
+            valid = _valid_tokens(attention_mask, hidden.shape[1])
+            balance = load_balancing_loss(outputs.router_logits, self.config.topk, valid)
+            aux_loss = self.config.aux_loss_scale * balance
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-            valid = _valid_tokens(attention_mask, hidden.shape[1])
-            aux_loss = load_balancing_loss(outputs.router_logits, self.config.topk, valid)
-            if self.config.aux_loss_scale:
-                loss = loss + self.config.aux_loss_scale * aux_loss
+            loss = loss + aux_loss
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,

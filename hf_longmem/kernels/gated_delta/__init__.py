@@ -2,7 +2,9 @@
 
 Public ops (``backend="torch"|"triton"|None``; ``None`` = Triton on CUDA when triton is installed, else torch):
 
-* :func:`chunk_gated_delta_rule` — training / prefill, chunk-parallel, linear in length, forward and backward;
+* :func:`chunk_gated_delta_rule` — training / prefill, forward and backward, linear in length: chunk-parallel in
+  torch; on CUDA the Triton recurrent kernel with checkpointed backward (a chunked WY Triton kernel is not written
+  yet, see ``docs/mom.md``);
 * :func:`fused_recurrent_gated_delta_rule` — decode and short sequences, one pass over the tokens;
 * :func:`fused_recurrent_mom_gated_delta_rule` — MoM decode: ``M`` memories per row, a token updates only the
   memories it is routed to and the output mixes their reads by the routing weights (routing fused in the kernel);
@@ -102,7 +104,8 @@ def chunk_gated_delta_rule(
         scale: output scale, default ``K ** -0.5``.
         initial_state: ``[batch, heads, K, V]`` or ``None``.
         output_final_state: also return the final state.
-        chunk_size: tokens per chunk (torch path; the Triton kernel uses 16/32/64 by ``K``).
+        chunk_size: tokens per chunk of the torch path (the Triton path is the recurrent kernel, which checkpoints
+            its state every 64 tokens for the backward).
         backend: ``"torch"``, ``"triton"`` or ``None``.
 
     Returns:
@@ -123,9 +126,9 @@ def chunk_gated_delta_rule(
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     if resolve_backend(backend, q, k, v, g, beta) == "torch":
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
-    from .triton import triton_chunk_gated_delta_rule
+    from .triton import triton_fused_recurrent_gated_delta_rule
 
-    return triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return triton_fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
 
 
 @torch.compiler.disable
@@ -141,7 +144,8 @@ def fused_recurrent_gated_delta_rule(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent gated delta rule in one pass (decode, short sequences); same arguments as
-    :func:`chunk_gated_delta_rule`. The Triton kernel keeps the ``[K, V]`` state tile in registers over the tokens.
+    :func:`chunk_gated_delta_rule`. The Triton kernel keeps the ``[K, V]`` state tile in registers over the tokens;
+    it is differentiable (checkpointed backward kernel).
     """
     _check_inputs(q, k, v, g, beta, initial_state, lead=1)
     scale = _check_scale(scale, q.shape[-1])
