@@ -228,7 +228,9 @@ class ChunkMemoryBank:
 
     # ------------------------------------------------------------------------------------------------ read
     def chunk_scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """``[b, Hq, T, max_chunks]`` float32 scores ``q . chunk_key``; ``-inf`` for empty slots.
+        """``[b, Hq, T, n]`` float32 scores ``q . chunk_key`` of the first ``n`` slots; ``-inf`` for empty ones.
+
+        ``n`` is the largest number of chunks a row holds (slots fill from 0, so later slots are empty in every row).
 
         Args:
             queries: ``[b, Hq, T, d]`` with ``Hq`` a multiple of ``num_heads``.
@@ -245,9 +247,11 @@ class ChunkMemoryBank:
                 f"with Hq a multiple of {self.num_heads}"
             )
         groups = hq // self.num_heads
+        held = self.num_chunks()
+        n = max(int(held.max()), 1)
         q = queries.float().reshape(b, self.num_heads, groups * t, d)
-        scores = torch.matmul(q, self.chunk_keys.float().transpose(-1, -2)).view(b, hq, t, self.max_chunks)
-        empty = torch.arange(self.max_chunks, device=queries.device)[None, :] >= self.num_chunks()[:, None]
+        scores = torch.matmul(q, self.chunk_keys[:, :, :n].float().transpose(-1, -2)).view(b, hq, t, n)
+        empty = torch.arange(n, device=queries.device)[None, :] >= held[:, None]
         return scores.masked_fill(empty[:, None, None, :], float("-inf"))
 
     def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

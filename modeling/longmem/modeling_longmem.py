@@ -130,6 +130,10 @@ class LongMemModel(LongMemPreTrainedModel):
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
+    def memory_gate_logits(self) -> torch.Tensor:
+        """``[heads]`` gate logits ``g`` of the memory layer (detached); ``sigmoid(g)`` weighs the memory."""
+        return self.layers[self.config.memory_layer_index].self_attn.memory_gate.detach()
+
     def make_cache(self) -> LongMemBankCache:
         """A fresh, empty :class:`LongMemBankCache` for this model."""
         return LongMemBankCache(self.config)
