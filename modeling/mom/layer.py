@@ -181,7 +181,7 @@ class MomMixer(nn.Module):
         if valid is not None:
             routed &= valid[:, :, None]
         xt = x[:, 0]
-        proj = torch.einsum("bd,mrd->bmr", xt, self.memory_proj.to(x.dtype))  # [b, M', rows]
+        proj = F.linear(xt, self.memory_proj.to(x.dtype).flatten(0, 1)).unflatten(-1, (mems, self.memory_rows))
         k_pre, v_pre, beta_logits, decay_logits = proj.split(
             [self.key_width, self.value_width, self.num_heads, self.num_heads], dim=-1
         )
@@ -201,7 +201,7 @@ class MomMixer(nn.Module):
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gated RMSNorm per head, then the output projection: ``o [b, T, H, V]`` -> ``[b, T, D]``."""
         of = o.float()
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm_weight.float()
+        of = of * torch.rsqrt((of * of).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm_weight.float()
         if self.use_output_gate:
             gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.value_dim))
             of = of * F.silu(gate.float())

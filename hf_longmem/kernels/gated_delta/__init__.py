@@ -81,6 +81,19 @@ def _check_scale(scale, key_dim: int) -> float:
     return float(scale)
 
 
+def _torch_single_step(q, k, v, g, beta, scale, initial_state, output_final_state):
+    """One token (decoding): the naive recurrence's step with broadcasts instead of einsums (fewer small ops)."""
+    qf, kf, vf = q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float()
+    state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32)
+    if initial_state is not None:
+        state = state + initial_state.float()
+    state = state * g[:, :, 0, None, None].float().exp()
+    error = vf - (state * kf[..., None]).sum(-2)
+    state = state + kf[..., None] * (beta[:, :, 0, None].float() * error)[..., None, :]
+    o = (state * qf[..., None]).sum(-2) * scale
+    return o[:, :, None].to(v.dtype), (state if output_final_state else None)
+
+
 @torch.compiler.disable
 def chunk_gated_delta_rule(
     q: torch.Tensor,
@@ -150,6 +163,8 @@ def fused_recurrent_gated_delta_rule(
     _check_inputs(q, k, v, g, beta, initial_state, lead=1)
     scale = _check_scale(scale, q.shape[-1])
     if resolve_backend(backend, q, k, v, g, beta) == "torch":
+        if q.shape[2] == 1:
+            return _torch_single_step(q, k, v, g, beta, scale, initial_state, output_final_state)
         if q.shape[2] <= _TORCH_LOOP_MAX:
             return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum(x**2) + eps)`` over the last axis (fla's ``use_qk_l2norm_in_kernel``), in ``x``'s dtype."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def naive_recurrent_gated_delta_rule(
