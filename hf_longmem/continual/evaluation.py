@@ -13,7 +13,7 @@ Definitions (``R[i][j]``: accuracy on task ``j`` after training task ``i``; ``b[
   ``WC-ACC = (1/T) R[T-1][T-1] + (1 - 1/T) avg_min_acc`` (worst-case accuracy, their Eq. 3 at the end of the
   stream; ``wc_acc_per_task`` gives it after each task ``k`` with ``T`` replaced by ``k + 1``);
 - ``WF^w`` (windowed forgetting): the largest drop ``a(t1) - a(t2)`` with ``0 < t2 - t1 <= w`` evaluations on any
-  task after it was learned, for ``w`` in ``windows`` (the paper uses 10 and 100).
+  task, from its evaluation at the end of its training on, for ``w`` in ``windows`` (the paper uses 10 and 100).
 
 Accuracy is teacher-forced exact match of each example's answer tokens (all argmax-correct), evaluated by sharding
 the examples over processes and gathering the results (``accelerate.utils.gather_object``).
@@ -163,7 +163,10 @@ def stability_metrics(
     series: dict[int, list[float]] = {}
     for j in range(k):
         after = [h["accuracy"][str(j)] for h in history if h["step"] > task_end_steps[j] and str(j) in h["accuracy"]]
-        series[j] = after
+        # windowed forgetting starts from the evaluation at the end of the task (the learned accuracy)
+        series[j] = [
+            h["accuracy"][str(j)] for h in history if h["step"] >= task_end_steps[j] and str(j) in h["accuracy"]
+        ]
         if after:
             out["min_acc"][str(j)] = min(after)
     wc_per_task = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,34 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from .base import build_strategy
 from .data import fact_domains, tokenize_task
 from .trainer import ContinualTrainer, TrainerConfig
 
 __all__ = ["build_model", "card_description", "load_config", "main", "parse_args", "publish_result", "run"]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` (no dot, YAML 1.2 style) as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that parses ``1e-3`` as a float (PyYAML follows YAML 1.1, which needs ``1.0e-3``)."""
+    return yaml.load(text, Loader=_Loader)
+
 
 _TOP_KEYS = {"output_dir", "seed", "num_threads", "model", "peft", "tasks", "train", "strategies", "publish"}
 
@@ -52,7 +74,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
     """Read the YAML ``path`` over ``defaults`` and apply ``key.sub=value`` overrides."""
     config = copy.deepcopy(defaults or {})
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = yaml_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config {path} must be a YAML mapping")
         for key, value in loaded.items():
@@ -64,13 +86,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
         if "=" not in item:
             raise ValueError(f"--set needs key=value, got {item!r}")
         key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        _set(config, key, parsed)
+        _set(config, key, yaml_load(value))
     unknown = sorted(set(config) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(_TOP_KEYS)}")
@@ -216,6 +232,10 @@ def run(
     except TypeError as error:
         raise ValueError(f"bad train options: {error}") from error
     strategies = [build_strategy(s) for s in config.get("strategies") or []]
+    if accelerator is None:
+        # cpu=True on CPU-only hosts: under `accelerate launch --multi_gpu --num_processes N` (torchrun) this gives
+        # DistributedType.MULTI_CPU with the gloo backend instead of N independent single-process runs
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
     trainer = ContinualTrainer(model, tokenizer, tasks, strategies, trainer_config, accelerator=accelerator)
     start = time.time()
     results = trainer.train(resume_from="latest" if resume else None, stop_after_steps=stop_after_steps)
@@ -255,7 +275,7 @@ def main(argv: list[str] | None = None, *, loss_on: str, description: str = "") 
     overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_config(args.config, overrides)
     results = run(config, loss_on=loss_on, resume=args.resume, stop_after_steps=args.stop_after_steps)
-    if results is not None and Accelerator().is_main_process:
+    if results is not None and PartialState().is_main_process:
         m = results["metrics"]
         print(
             f"ACC {m['acc']:.3f}  forgetting {m.get('forgetting', 0):.3f}  BWT {m.get('bwt', 0):.3f}  "

@@ -1,0 +1,114 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_longmem.continual import TrainerConfig, build_strategy, latest_checkpoint
+from hf_longmem.continual.recipe import load_config, run
+
+from .util import TINY_MODEL, make_trainer, tiny_lora
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STACK = [
+    {"name": "replay", "ratio": 0.25, "source": "reservoir", "buffer_size": 6},
+    {"name": "ewc", "lam": 10.0, "fisher_samples": 2},
+    {"name": "migu", "threshold": 0.5},
+]
+
+
+def _comparable(results):
+    return {k: results[k] for k in ("accuracy_matrix", "loss_matrix", "history", "metrics", "train_log")}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full+replay+ewc+migu", "lora+ilora"])
+def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, lora):
+    def trainer(out):
+        strategies = [{"name": "ilora", "buffer_size": 6}] if lora else STACK
+        return make_trainer(
+            [build_strategy(s) for s in strategies],
+            model=tiny_lora() if lora else None,
+            tmp_path=out,
+            checkpoint_every=2,
+            keep_checkpoints=1,
+            schedule={"kind": "rewarm_cosine", "warmup": 1},
+        )
+
+    full = trainer(tmp_path / "a").train()
+    assert trainer(tmp_path / "b").train(stop_after_steps=5) is None  # "killed" after step 5; last checkpoint: 4
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-4"
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["checkpoint-4"]  # keep_checkpoints=1
+    resumed = trainer(tmp_path / "b").train(resume_from="latest")
+    assert _comparable(resumed) == _comparable(full)
+    assert len(full["accuracy_matrix"]) == 3 and (tmp_path / "a" / "stability_gap.png").stat().st_size > 0
+
+
+def test_trainer_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainerConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="steps_per_task"):
+        make_trainer(steps_per_task=[1, 2])
+    with pytest.raises(ValueError, match="strategies"):
+        make_trainer(["ewc"])
+    with pytest.raises(ValueError, match="resume_from"):
+        make_trainer(tmp_path=tmp_path).train(resume_from=tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(None, ["bogus=1"])
+
+
+def test_recipe_lora_publish_writes_card_with_matrix(tmp_path):
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"model={{config: {json.dumps(TINY_MODEL)}}}",
+            "peft={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}",
+            "tasks={num_tasks: 3, facts_per_task: 3, num_digits: 2}",
+            "train={steps_per_task: 2, batch_size: 2, learning_rate: 1e-2, eval_every: 1}",
+            "strategies=[{name: ilora, infer_with: ema}]",
+            f"publish={{repo_id: me/tiny-ilora, local_dir: {tmp_path / 'hub'}}}",
+        ],
+    )
+    results = run(config, loss_on="answer")
+    repo = Path(results["published_to"])
+    assert (repo / "adapter_model.safetensors").is_file() and (repo / "adapter_config.json").is_file()
+    card = (repo / "README.md").read_text()
+    assert "## Accuracy matrix" in card and "| magic | var | passkey |" in card.replace("after \\ on | ", "")
+    assert "continual-learning" in card and "ilora" in card
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["accuracy_matrix"] == results["accuracy_matrix"] and on_disk["meta"]["task_sizes"] == [3, 3, 3]
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
+    reason="no accelerate CLI",
+)
+def test_accelerate_launch_two_processes_on_cpu(tmp_path):
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "num_threads": 1,
+        "model": {"config": TINY_MODEL},
+        "tasks": {"num_tasks": 3, "facts_per_task": 4, "num_digits": 2},
+        "train": {"steps_per_task": 2, "batch_size": 2, "learning_rate": 1e-2, "eval_every": 1, "checkpoint_every": 3},
+        "strategies": STACK,
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    exe = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", "29613",
+        str(ROOT / "recipes" / "continual_finetune.py"), "--config", str(tmp_path / "tiny.yaml"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["meta"]["num_processes"] == 2
+    assert len(results["accuracy_matrix"]) == 3 and results["history"][-1]["step"] == 6
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
