@@ -50,6 +50,10 @@ class HMTConfig(BackboneWrapperConfig):
         lora_alpha, lora_dropout: LoRA scaling and dropout.
         lora_target_modules: backbone module names that get LoRA adapters. The official recipe also adapts
             ``embed_tokens``; we leave it out by default because most small backbones tie it to the LM head.
+        memory_scale: factor applied to each memory embedding ``m_n`` before it enters the bank (official: 1.0).
+            ``m_n`` is a final-norm output (rms ≈ the final norm's weight, e.g. 1.4 for the embedded model) fed back as
+            an input embedding (rms ≈ 0.12 there); a factor of about their ratio puts recalled memories on the scale of
+            the token embeddings and of the initial memory ``P_0``. A deviation when not 1.0.
         memory_init_std: std of the learned memory and summary embeddings at initialisation (``None``: the
             backbone's ``initializer_range``); :meth:`HMTForCausalLM.from_backbone` uses the std of the pretrained
             input embeddings instead, as the official code does.
@@ -72,6 +76,7 @@ class HMTConfig(BackboneWrapperConfig):
         lora_alpha: float = 32.0,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | tuple[str, ...] | None = None,
+        memory_scale: float = 1.0,
         memory_init_std: float | None = None,
         **kwargs,
     ):
@@ -103,6 +108,9 @@ class HMTConfig(BackboneWrapperConfig):
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}")
         self.lora_target_modules = targets
+        if isinstance(memory_scale, bool) or not isinstance(memory_scale, (int, float)) or memory_scale <= 0:
+            raise ValueError(f"memory_scale must be a positive number, got {memory_scale!r}")
+        self.memory_scale = float(memory_scale)
         if memory_init_std is not None and (not isinstance(memory_init_std, (int, float)) or memory_init_std <= 0):
             raise ValueError(f"memory_init_std must be a positive number or None, got {memory_init_std!r}")
         self.memory_init_std = memory_init_std

@@ -279,7 +279,8 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             outputs.append(hidden[:, offset : offset + size])
             segment_ids = ids if position == 0 else torch.cat([state.segment_ids, ids], dim=1)
             if completes:
-                state.bank = append_to_bank(state.bank, hidden[:, -1:], state.capacity if config.use_recall else 1)
+                written = hidden[:, -1:] * config.memory_scale if config.memory_scale != 1.0 else hidden[:, -1:]
+                state.bank = append_to_bank(state.bank, written, state.capacity if config.use_recall else 1)
                 state.sensory_ids = segment_ids[:, L - k :] if k > 0 else None
                 state.num_segments += 1
                 state.segment_ids = state.segment_memory = state.segment_cache = None

@@ -52,7 +52,7 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         hidden = run(torch.cat(parts, 1))
         offset = 1 + (k if n > 0 and k > 0 else 0)
         logits.append(head(hidden[:, offset : offset + segment.shape[1]]))
-        bank.append(hidden[:, -1:])
+        bank.append(hidden[:, -1:] * config.memory_scale)
         previous = segment
     return torch.cat(logits, 1)
 
@@ -72,6 +72,7 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         (dict(lora_dropout=1.0), "lora_dropout"),
         (dict(lora_target_modules=[]), "lora_target_modules"),
         (dict(recall_hidden_size=0), "recall_hidden_size"),
+        (dict(memory_scale=0.0), "memory_scale"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):
@@ -122,14 +123,14 @@ def test_lora_adapters_start_as_identity_and_train():
 
 @pytest.mark.parametrize("shape", ["llama_mha", "llama_gqa", "mistral", "qwen2"])
 def test_forward_equals_reference_recurrence(shape):
-    model = _hmt(shape)
+    model = _hmt(shape, memory_scale=0.25 if shape == "qwen2" else 1.0)
     ids = random_ids(2, 37)  # 4 full segments + 5 tokens: bank of 3 evicts the oldest, sensory memory used
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference_logits(model, ids), atol=ATOL, rtol=1e-4)
 
 
 def test_stage_one_recurrence_without_recall():
-    model = _hmt(use_recall=False)
+    model = _hmt(use_recall=False, memory_scale=0.5)
     assert not hasattr(model.memory, "recall_query")
     ids = random_ids(1, 29)
     with torch.no_grad():
