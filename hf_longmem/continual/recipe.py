@@ -161,6 +161,21 @@ def card_description(results: dict[str, Any], config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_final(trainer: ContinualTrainer, path: Path) -> Path:
+    """``save_pretrained`` of the final model (the evaluated weights; a LoRA model saves its adapter) and tokenizer,
+    written to ``path.tmp`` and renamed."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib_exit([s for s in trainer.strategies if s.name == "ilora"]):
+        trainer.unwrapped.save_pretrained(tmp, safe_serialization=True)
+    trainer.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
 def publish_result(trainer: ContinualTrainer, results: dict[str, Any], config: dict[str, Any], base_name: str) -> str:
     """Publish the trained model (or LoRA adapter) with a card stating the task sequence and accuracy matrix."""
     from hf_longmem.hub import LocalFolderApi, publish
@@ -250,6 +265,7 @@ def run(
         from .evaluation import write_json_atomic
 
         write_json_atomic(Path(trainer_config.output_dir) / "results.json", results)
+        save_final(trainer, Path(trainer_config.output_dir) / "final")
     if config.get("publish") and trainer.accelerator.is_main_process:
         results["published_to"] = publish_result(trainer, results, config, base_name)
     trainer.accelerator.wait_for_everyone()
