@@ -184,3 +184,12 @@ def test_fresh_process_roundtrip(tmp_path):
     model = tiny()
     info = assert_fresh_process_roundtrip(model, tmp_path, ids(2, 21))
     assert info["model_module"].startswith("hf_longmem.modeling.mom")
+
+
+def test_decode_scaling_benchmark_runs(tmp_path):
+    from benchmarks.decode_scaling import main
+
+    result = main(["--models", "mom", "--contexts", "16", "40", "--new_tokens", "2", "--repeats", "1",
+                   "--out", str(tmp_path / "scaling.json")])
+    assert [row["context_length"] for row in result["rows"]] == [16, 40]
+    assert all(row["ms_per_token"] > 0 for row in result["rows"]) and (tmp_path / "scaling.json").exists()
