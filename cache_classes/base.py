@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
+from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 
 
 def _tensor_bytes(tensor: torch.Tensor | None) -> int:
@@ -58,6 +58,33 @@ class CompressedLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None
         self.real_seen: torch.Tensor | None = None
 
+    # Whether any stored slot is a pad, kept across steps that only append real tokens, so that the decoding hot
+    # path needs no O(n) scan and device sync per layer. Assigning ``positions`` forgets it (recomputed on demand).
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: torch.Tensor | None) -> None:
+        self._positions = value
+        self._no_pads: bool | None = None
+
+    def has_pad_slots(self) -> bool:
+        """Whether any stored slot (of any row and head) is a pad."""
+        if self._no_pads is None:
+            self._no_pads = self._positions is None or not bool((self._positions == PAD_POSITION).any())
+        return not self._no_pads
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, *, no_pads: bool | None = None):
+        """Sets the stored state; ``no_pads`` is what is known about pads in ``positions`` (``None``: unknown).
+
+        Storing the same ``positions`` object again keeps what was known about it.
+        """
+        if positions is self._positions and no_pads is None:
+            no_pads = self._no_pads
+        self.keys, self.values, self.positions = keys, values, positions
+        self._no_pads = no_pads
+
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -76,9 +103,9 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
         attn_kwargs = kwargs.get("kwargs") or {}
-        new_positions = new_token_positions(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
+        new_positions, new_pads = positions_and_padding(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
         real_before = self.real_seen
-        self.real_seen = real_before + (new_positions != PAD_POSITION).sum(1)
+        self.real_seen = real_before + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
         self.cumulative_length += num_new
 
         keys_view = self.keys_for_attention(self.keys, self.positions, real_before)
@@ -87,7 +114,10 @@ class CompressedLayer(CacheLayerMixin):
         all_values = torch.cat((self.values, value_states), dim=-2)
         new_positions = new_positions.to(torch.int32)[:, None, :].expand(-1, key_states.shape[1], -1)
         all_positions = torch.cat((self.positions, new_positions), dim=-1)
-        self.keys, self.values, self.positions = self.compress(all_keys, all_values, all_positions)
+        stored = self.compress(all_keys, all_values, all_positions)
+        # appending real tokens to pad-free slots keeps them pad-free; anything compress() changed is rescanned
+        no_pads = (False if new_pads else self._no_pads) if stored[2] is all_positions else None
+        self.store(*stored, no_pads=no_pads)
         return attend_keys, all_values
 
     def get_seq_length(self) -> int:

@@ -47,7 +47,7 @@ import torch
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
+from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
@@ -324,8 +324,16 @@ class DuoAttentionLayer(CompressedLayer):
         self.retrieval_heads: torch.Tensor | None = None  # [Hr] kv-head indices
         self.streaming_heads: torch.Tensor | None = None  # [Hs]
         self.num_kv_heads = 0
-        self._query_index: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._query_index: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._pending = False
+        # Whether a group holds pad slots (then attention needs a mask); kept from the padding checks update() runs
+        # anyway, so the decoding hot path needs no extra device sync.
+        self._padded = False
+        self._streaming_padded = False
+        # Decoding ring buffer of the streaming heads: when not None, the streaming tensors hold S sinks and a ring of
+        # R + 1 recent slots, and ``_oldest`` is the ring slot the next token overwrites (the token that left the
+        # window, its position set to PAD_POSITION).
+        self._oldest: int | None = None
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -379,8 +387,8 @@ class DuoAttentionLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
         first_step = self.get_stored_length() == 0
-        new_positions = new_token_positions(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
-        self.real_seen = self.real_seen + (new_positions != PAD_POSITION).sum(1)
+        new_positions, new_pads = positions_and_padding(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
+        self.real_seen = self.real_seen + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
         self.cumulative_length += num_new
         new_positions = new_positions.to(torch.int32)[:, None, :]
         if self.keys is not None:
@@ -388,11 +396,17 @@ class DuoAttentionLayer(CompressedLayer):
             self.keys = torch.cat((self.keys, keys), dim=-2)
             self.values = torch.cat((self.values, values), dim=-2)
             self.positions = torch.cat((self.positions, new_positions), dim=-1)
+            self._padded |= new_pads
         if self.streaming_keys is not None:
             keys, values = self._heads(key_states, value_states, self.streaming_heads)
-            self.streaming_keys = torch.cat((self.streaming_keys, keys), dim=-2)
-            self.streaming_values = torch.cat((self.streaming_values, values), dim=-2)
-            self.streaming_positions = torch.cat((self.streaming_positions, new_positions), dim=-1)
+            if num_new == 1 and not new_pads and not self._streaming_padded and self._ring_ready():
+                self._ring_write(keys, values, new_positions)
+            else:
+                self._unroll_ring()
+                self.streaming_keys = torch.cat((self.streaming_keys, keys), dim=-2)
+                self.streaming_values = torch.cat((self.streaming_values, values), dim=-2)
+                self.streaming_positions = torch.cat((self.streaming_positions, new_positions), dim=-1)
+                self._streaming_padded |= new_pads
         self._pending = True
         attn_kwargs[LAYER_KWARG] = self
         if first_step:  # every head sees the same tokens: a model on plain attention is exact at this step
@@ -402,12 +416,15 @@ class DuoAttentionLayer(CompressedLayer):
         return self.streaming_keys, self.streaming_values
 
     def get_stored_length(self) -> int:
-        primary = self.keys if self.keys is not None else self.streaming_keys
-        return 0 if primary is None else primary.shape[-2]
+        if self.keys is not None:
+            return self.keys.shape[-2]
+        return self.get_streaming_length()
 
     def get_streaming_length(self) -> int:
-        """Slots held by the streaming heads (0 if the layer has none)."""
-        return 0 if self.streaming_keys is None else self.streaming_keys.shape[-2]
+        """Tokens held by the streaming heads (0 if the layer has none; the ring's free slot is not counted)."""
+        if self.streaming_keys is None:
+            return 0
+        return self.streaming_keys.shape[-2] - (self._oldest is not None and not self._pending)
 
     # ----------------------------------------------------------------------------------------------- attention
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -429,12 +446,18 @@ class DuoAttentionLayer(CompressedLayer):
             if keys is None:
                 continue
             group_query = query if query_heads.numel() == query.shape[1] else query.index_select(1, query_heads)
-            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager)
+            padded = self._padded if keys is self.keys else self._streaming_padded
+            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager, padded)
             output, _ = attention(module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **kwargs)
             outputs.append(output)  # [batch, q, group_q_heads, head_dim]
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2).index_select(2, order)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        if order is not None and len(outputs) > 1:
+            output = output.index_select(2, order)
         self._pending = False
-        self._truncate_streaming()
+        if self._oldest is not None:  # the ring's oldest token leaves the window now that this step has seen it
+            self.streaming_positions[:, :, self._oldest] = PAD_POSITION
+        else:
+            self._truncate_streaming()
         return output, None
 
     def _query_heads(self, num_query_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -450,14 +473,15 @@ class DuoAttentionLayer(CompressedLayer):
 
             retrieval_q, streaming_q = expand(self.retrieval_heads), expand(self.streaming_heads)
             order = torch.cat((retrieval_q, streaming_q)).argsort()
-            self._query_index[num_query_heads] = (retrieval_q, streaming_q, order)
+            identity = bool((order == torch.arange(num_query_heads, device=order.device)).all())
+            self._query_index[num_query_heads] = (retrieval_q, streaming_q, None if identity else order)
         return self._query_index[num_query_heads]
 
     @staticmethod
-    def _mask(positions: torch.Tensor, num_new: int, num_keys: int, dtype: torch.dtype, eager: bool):
+    def _mask(positions: torch.Tensor, num_new: int, num_keys: int, dtype: torch.dtype, eager: bool, padded: bool):
         """The group's own mask ``[batch, 1, q, n]`` (``None`` where the kernel's causal default is exact)."""
         plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
-        if plain and not bool((positions == PAD_POSITION).any()):
+        if plain and not padded:
             return None
         return slot_mask(positions[:, 0], num_new, dtype if eager else None)
 
@@ -468,6 +492,62 @@ class DuoAttentionLayer(CompressedLayer):
         return key_states.index_select(1, heads), value_states.index_select(1, heads)
 
     # ------------------------------------------------------------------------------------------- compression
+    def _ring_ready(self) -> bool:
+        """Whether a decoding token can go into the ring (creating it when the window has just filled up)."""
+        if self._oldest is not None:
+            return True
+        if self.streaming_keys.shape[-2] != self.sink_size + self.recent_size:
+            return False
+        # The window is full and in token order: appending one slot makes the ring; slot S is the oldest recent token.
+        batch, heads, _, head_dim = self.streaming_keys.shape
+        self.streaming_keys = torch.cat((self.streaming_keys, self.streaming_keys.new_empty(batch, heads, 1, head_dim)), 2)
+        self.streaming_values = torch.cat(
+            (self.streaming_values, self.streaming_values.new_empty(batch, heads, 1, self.streaming_values.shape[-1])), 2
+        )
+        self.streaming_positions = torch.cat(
+            (self.streaming_positions, self.streaming_positions.new_full((batch, 1, 1), PAD_POSITION)), 2
+        )
+        self._oldest = self.sink_size + self.recent_size  # the new, free slot
+        return True
+
+    def _ring_write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Writes one decoding token ``[batch, Hs, 1, head_dim]`` over the ring's free slot, in place.
+
+        The step then attends to all ``S + R + 1`` slots: the sinks, the ``R`` previous recent tokens and this one,
+        exactly what appending and truncating gives, without moving the window (order does not matter to attention;
+        positions were applied by RoPE before the cache).
+        """
+        slot = self._oldest
+        self.streaming_keys[:, :, slot : slot + 1] = keys
+        self.streaming_values[:, :, slot : slot + 1] = values
+        self.streaming_positions[:, :, slot : slot + 1] = positions
+        ring = self.recent_size + 1
+        self._oldest = self.sink_size + (slot - self.sink_size + 1) % ring
+
+    def streaming_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The streaming heads' tokens in token order: ``(keys, values, positions)``, or ``None`` without any.
+
+        While decoding, the stored tensors are a ring (see :meth:`_ring_write`); this gives the sinks followed by the
+        recent tokens oldest first, ``[batch, Hs, S + R, head_dim]`` (and ``[batch, 1, S + R]`` positions).
+        """
+        if self.streaming_keys is None:
+            return None
+        if self._oldest is None or self._pending:
+            return self.streaming_keys, self.streaming_values, self.streaming_positions
+        ring = self.recent_size + 1
+        start = self._oldest - self.sink_size + 1  # the oldest token still in the window
+        order = [*range(self.sink_size), *(self.sink_size + (start + j) % ring for j in range(self.recent_size))]
+        index = torch.tensor(order, device=self.streaming_keys.device)
+        return tuple(t.index_select(2, index) for t in (self.streaming_keys, self.streaming_values,
+                                                         self.streaming_positions))
+
+    def _unroll_ring(self) -> None:
+        """Puts the ring back in token order (sinks, then the ``R`` recent tokens oldest first) for a general step."""
+        if self._oldest is None:
+            return
+        self.streaming_keys, self.streaming_values, self.streaming_positions = self.streaming_state()
+        self._oldest = None
+
     def _truncate_streaming(self) -> None:
         """Keeps, per row, the first ``sink_size`` and last ``recent_size`` real slots of the streaming heads.
 
@@ -496,12 +576,14 @@ class DuoAttentionLayer(CompressedLayer):
         self.streaming_keys = self.streaming_keys.gather(2, key_index)
         self.streaming_values = self.streaming_values.gather(2, value_index)
         self.streaming_positions = positions.gather(1, index).masked_fill(filler, PAD_POSITION)[:, None, :]
+        self._streaming_padded = bool(filler.any())
 
     # ------------------------------------------------------------------------------------------------- misc
     def reset(self) -> None:
         super().reset()
         self.streaming_keys = self.streaming_values = self.streaming_positions = None
-        self._pending = False
+        self._pending = self._padded = self._streaming_padded = False
+        self._oldest = None
 
 
 # --------------------------------------------------------------------------------------------------------- cache

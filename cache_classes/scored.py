@@ -81,7 +81,7 @@ class ScoredLayer(CompressedLayer):
             self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
         self._pending = False
         self._deferring = False
-        self.keys, self.values, self.positions = self.compress(self.keys, self.values, self.positions)
+        self.store(*self.compress(self.keys, self.values, self.positions))
         return output, weights
 
     def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
@@ -91,11 +91,10 @@ class ScoredLayer(CompressedLayer):
         (PyramidKV) or per-row pad slots, so it always uses its own (same pattern where the sizes agree).
         """
         num_new, num_keys = query.shape[-2], key.shape[-2]
-        positions = self.positions[:, 0]
         plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
-        if plain and not bool((positions == PAD_POSITION).any()):
+        if plain and not self.has_pad_slots():
             return None
-        return slot_mask(positions, num_new, query.dtype if eager else None)
+        return slot_mask(self.positions[:, 0], num_new, query.dtype if eager else None)
 
     def wants_scores(self, num_new: int) -> bool:
         """Whether a step of ``num_new`` queries is scored (SnapKV scores prefills only)."""

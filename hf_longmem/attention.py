@@ -57,11 +57,14 @@ def _make_attention(implementation: str):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
         dropout: float = 0.0,
+        scaling: float | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query ``[batch, q_heads, q, head_dim]``; key/value ``[batch, kv_heads, kv, head_dim]``.
+
+        The parameter order is ``sdpa_attention_forward``'s (``dropout`` before ``scaling``), so wrappers that pass
+        ``dropout`` positionally, as kvpress's attention patch does, keep working.
 
         Returns ``([batch, q, q_heads, head_dim], weights or None)`` as every transformers attention does.
         """

@@ -21,7 +21,14 @@ _NOT_LEFT_PADDED = (
 def new_token_positions(
     position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
 ) -> torch.Tensor:
-    """Returns the true position of each new token, ``PAD_POSITION`` for pads.
+    """Returns the true position of each new token, ``PAD_POSITION`` for pads (see :func:`positions_and_padding`)."""
+    return positions_and_padding(position_ids, real_seen, num_new, batch_size)[0]
+
+
+def positions_and_padding(
+    position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
+) -> tuple[torch.Tensor, bool]:
+    """Returns the true position of each new token, ``PAD_POSITION`` for pads, and whether any token is a pad.
 
     Args:
         position_ids: ``[batch or 1, num_new]`` positions the model uses for the new tokens, or ``None`` (then no row
@@ -31,22 +38,25 @@ def new_token_positions(
         batch_size: batch size of the key states.
 
     Returns:
-        ``[batch, num_new]`` int64 positions, ``PAD_POSITION`` where the token is a pad.
+        ``[batch, num_new]`` int64 positions, ``PAD_POSITION`` where the token is a pad, and ``True`` if any token
+        is a pad (known without another device sync: the checks below synchronise anyway).
 
     Raises:
         ValueError: if a row has pads after real tokens (right padding), which a compressed cache cannot tell apart
             from content.
     """
     device = real_seen.device
-    steps = torch.arange(num_new, device=device)
     if position_ids is None:
-        return real_seen[:, None] + steps
+        return real_seen[:, None] + torch.arange(num_new, device=device), False
     pos = position_ids.to(device=device, dtype=torch.long).expand(batch_size, num_new)
     if num_new == 1:  # decoding: a token is real iff it continues its row's count (the hot path, kept cheap)
         is_real = pos[:, 0] == real_seen
-        if not bool(is_real.all()) and bool(((~is_real) & ((real_seen > 0) | (pos[:, 0] > 1))).any()):
+        if bool(is_real.all()):
+            return pos, False
+        if bool(((~is_real) & ((real_seen > 0) | (pos[:, 0] > 1))).any()):
             raise ValueError(_NOT_LEFT_PADDED)
-        return torch.where(is_real[:, None], pos, torch.full_like(pos, PAD_POSITION))
+        return torch.where(is_real[:, None], pos, torch.full_like(pos, PAD_POSITION)), True
+    steps = torch.arange(num_new, device=device)
     # Length of the trailing run of +1 steps: consecutive[j] says pos[j+1] == pos[j] + 1.
     consecutive = pos[:, 1:] - pos[:, :-1] == 1
     ones = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
@@ -58,4 +68,4 @@ def new_token_positions(
     bad_pad = ~is_real & ((real_seen[:, None] > 0) | (pos > 1))
     if bool(bad_pad.any()):
         raise ValueError(_NOT_LEFT_PADDED)
-    return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION))
+    return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION)), not bool(is_real.all())

@@ -12,12 +12,14 @@ from transformers.masking_utils import AttentionMaskInterface
 from hf_longmem import enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.duo_attention import (
     DuoAttentionCache,
+    DuoAttentionLayer,
     load_head_pattern,
     load_head_pattern_metadata,
     num_streaming_heads,
     save_head_pattern,
     select_retrieval_heads,
 )
+from hf_longmem.memory.padding import PAD_POSITION
 from tests.helpers.reference import greedy, streaming_visibility
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
 
@@ -66,8 +68,9 @@ def test_all_streaming_equals_streaming_llm(attn_impl, chunk):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for layer, ref_layer in zip(cache.layers, ref.layers):
         assert layer.keys is None
-        assert torch.equal(layer.streaming_positions[:, 0], ref_layer.positions[:, 0])
-        torch.testing.assert_close(layer.streaming_keys, ref_layer.keys)
+        keys, _, positions = layer.streaming_state()
+        assert torch.equal(positions[:, 0], ref_layer.positions[:, 0])
+        torch.testing.assert_close(keys, ref_layer.keys)
 
 
 # ------------------------------------------------------------------------------------- per-head reference
@@ -121,9 +124,13 @@ def test_streaming_heads_hold_exactly_sink_plus_recent_and_the_right_tokens():
     seq, _ = greedy(model, random_ids(1, 20), cache, max_new_tokens=4)
     seen = seq.shape[1] - 1
     for layer in cache.layers:
-        assert layer.streaming_keys.shape == (1, 1, sink + recent, 16)
+        keys, _, positions = layer.streaming_state()
+        assert keys.shape == (1, 1, sink + recent, 16) and layer.get_streaming_length() == sink + recent
         expected = list(range(sink)) + list(range(seen - recent, seen))
-        assert layer.streaming_positions[0, 0].tolist() == expected
+        assert positions[0, 0].tolist() == expected
+        # decoding writes into a ring of R + 1 recent slots: one spare slot, marked as a pad, nothing else
+        assert layer.streaming_keys.shape == (1, 1, sink + recent + 1, 16)
+        assert sorted(layer.streaming_positions[0, 0].tolist()) == [PAD_POSITION, *expected]
         assert layer.keys.shape == (1, 1, seen, 16) and layer.positions[0, 0].tolist() == list(range(seen))
     assert cache.get_seq_length() == seen == cache.get_stored_length()
     assert cache.get_mask_sizes(1, 0) == (seen + 1, 0)
@@ -146,9 +153,10 @@ def test_left_padded_mixed_batch_equals_rows_alone_and_never_keeps_pads():
         assert torch.equal(seq[row, 30:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
     for layer in cache.layers:
-        real = (layer.streaming_positions >= 0).sum(-1)[:, 0]
+        positions = layer.streaming_state()[2]
+        real = (positions >= 0).sum(-1)[:, 0]
         assert real.tolist() == [12, 12]  # both rows saw more than sink + recent real tokens (35 and 14)
-        short_kept = layer.streaming_positions[1, 0]
+        short_kept = positions[1, 0]
         assert short_kept[short_kept >= 0].tolist() == [0, 1, 2, 3] + list(range(6, 14))
 
 
@@ -160,7 +168,7 @@ def test_beam_search_reorders_both_groups():
     layer = cache.layers[0]
     for name in layer.batch_state:
         assert getattr(layer, name).shape[0] == 3
-    assert layer.streaming_keys.shape[-2] == 6 and layer.keys.shape[-2] == 21
+    assert layer.get_streaming_length() == 6 and layer.keys.shape[-2] == 21
 
 
 def test_missing_attention_hook_is_reported():
@@ -274,3 +282,29 @@ def test_pattern_without_config_is_checked_at_the_first_step():
     with pytest.raises(ValueError, match="head_pattern"):
         model(random_ids(1, 4), cache=cache)
     assert math.isclose(DuoAttentionCache(head_pattern=MIXED).streaming_fraction, 0.5)
+
+
+def test_decoding_ring_equals_append_and_truncate_across_a_later_chunk(monkeypatch):
+    """The decoding ring buffer is a storage detail: decode, then a multi-token chunk (which unrolls the ring), then
+    decode again gives what appending + truncating at every step gives."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 40, seed=3)
+
+    def run():
+        cache = duo(model, MIXED, sink_size=3, recent_size=5)
+        logits = []
+        with torch.no_grad():
+            for start, stop in ((0, 14), *((t, t + 1) for t in range(14, 25)), (25, 31), *((t, t + 1) for t in range(31, 40))):
+                position_ids = torch.arange(start, stop)[None]
+                out = model(ids[:, start:stop], cache=cache, position_ids=position_ids)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1), cache
+
+    ring_logits, ring_cache = run()
+    assert ring_cache.layers[0]._oldest is not None  # the ring was in use at the end
+    monkeypatch.setattr(DuoAttentionLayer, "_ring_ready", lambda self: False)
+    plain_logits, plain_cache = run()
+    torch.testing.assert_close(ring_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for ring_layer, plain_layer in zip(ring_cache.layers, plain_cache.layers):
+        for ring_state, plain_state in zip(ring_layer.streaming_state(), plain_layer.streaming_state()):
+            torch.testing.assert_close(ring_state, plain_state)
