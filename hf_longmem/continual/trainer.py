@@ -66,6 +66,7 @@ class TrainerConfig:
         keep_checkpoints: newest checkpoints kept (older ones are deleted).
         seed: seed of the data order, replay draws and ``set_seed``.
         output_dir: where checkpoints, ``results.json``, ``metrics.jsonl`` and the plot go.
+        plot: write ``stability_gap.png`` at the end.
     """
 
     steps_per_task: int | list[int] = 100
@@ -84,6 +85,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     output_dir: str = "runs/continual"
+    plot: bool = True
 
     def task_steps(self, num_tasks: int) -> list[int]:
         steps = self.steps_per_task
@@ -416,6 +418,7 @@ class ContinualTrainer:
         results["train_log"] = self.train_log
         if self.accelerator.is_main_process:
             write_json_atomic(self.output_dir / "results.json", results)
-            plot_results(results, self.output_dir / "stability_gap.png")
+            if self.config.plot:
+                plot_results(results, self.output_dir / "stability_gap.png")
         self.accelerator.wait_for_everyone()
         return results

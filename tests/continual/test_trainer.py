@@ -28,7 +28,7 @@ def _comparable(results):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full+replay+ewc+migu", "lora+ilora"])
 def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, lora):
-    def trainer(out):
+    def trainer(out, plot=False):
         strategies = [{"name": "ilora", "buffer_size": 6}] if lora else STACK
         return make_trainer(
             [build_strategy(s) for s in strategies],
@@ -37,15 +37,17 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, lora):
             checkpoint_every=2,
             keep_checkpoints=1,
             schedule={"kind": "rewarm_cosine", "warmup": 1},
+            plot=plot,
         )
 
-    full = trainer(tmp_path / "a").train()
+    full = trainer(tmp_path / "a", plot=not lora).train()
     assert trainer(tmp_path / "b").train(stop_after_steps=5) is None  # "killed" after step 5; last checkpoint: 4
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-4"
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["checkpoint-4"]  # keep_checkpoints=1
     resumed = trainer(tmp_path / "b").train(resume_from="latest")
     assert _comparable(resumed) == _comparable(full)
-    assert len(full["accuracy_matrix"]) == 3 and (tmp_path / "a" / "stability_gap.png").stat().st_size > 0
+    assert len(full["accuracy_matrix"]) == 3
+    assert lora or (tmp_path / "a" / "stability_gap.png").stat().st_size > 0
 
 
 def test_trainer_bad_arguments(tmp_path):
