@@ -321,6 +321,8 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         qa_labels: torch.Tensor,
         top_k: int | None = None,
         retrieval_weight: float = 1.0,
+        document_weight: float = 0.0,
+        distill_weight: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """CMT's training objective on a batch of (documents, question, answer) samples; only memory parts learn.
@@ -331,7 +333,15 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
           memories (the gold memory and the ``k-1`` best-scoring other memories of the sample, in a random order);
           gradients reach the compressor through the memory keys/values;
         - **self-matching**: ``retrieval_weight`` times the cross entropy of the question key's cosine scores
-          (over the temperature) against the sample's memory keys, the gold memory being the target.
+          (over the temperature) against the sample's memory keys, the gold memory being the target;
+        - **memory-aware document loss** (our reading of the paper's memory-aware objective, see ``docs/cmt.md``):
+          ``document_weight`` times the frozen LM's next-token loss on each gold document given only that document's
+          memory as prefix. Every token of the document is a target, so the memory is pushed to hold what the LM
+          cannot predict on its own (a pass key, a needle's value) long before the sparse QA loss finds it;
+        - **memory-aware distillation** (ours as well): ``distill_weight`` times the normalised squared distance
+          between the frozen LM's hidden states (every layer) on the question + answer after the memory prefix and
+          its hidden states when the gold document itself precedes them in context: reading the memory should act
+          on the LM as reading the document does. The teacher is the same frozen LM (no extra model).
 
         Args:
             document_ids: ``[n, T]`` left-padded documents; ``document_mask`` ``[n, T]``.
@@ -342,10 +352,13 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
                 ``qa_labels`` the ids on answer tokens and ``-100`` elsewhere (unshifted, as HF labels).
             top_k: memories in the prefix (``None``: ``config.memory_top_k``), capped by the smallest sample's documents.
             retrieval_weight: weight of the self-matching loss.
+            document_weight: weight of the memory-aware document loss (``0``: not computed).
+            distill_weight: weight of the memory-aware distillation loss (``0``: not computed).
             generator: RNG for the order of the memories in the prefix.
 
         Returns:
-            ``{"loss", "qa_loss", "retrieval_loss", "retrieval_accuracy"}`` (the last is the top-1 hit rate).
+            ``{"loss", "qa_loss", "retrieval_loss", "document_loss", "distill_loss", "retrieval_accuracy"}`` (the last is the top-1
+            hit rate).
         """
         batch = question_ids.shape[0]
         if gold_document.shape != (batch,) or document_owner.shape != (document_ids.shape[0],):
@@ -372,14 +385,58 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         cache = CMTCache(config=self.config.backbone_config)
         cache.prime(keys, values)
         mask = torch.cat([qa_mask.new_ones(batch, keys.shape[-2]), qa_mask], dim=1)
-        out = self.backbone(input_ids=qa_ids, attention_mask=mask, cache=cache, labels=qa_labels, use_cache=True)
+        out = self.backbone(input_ids=qa_ids, attention_mask=mask, cache=cache, labels=qa_labels, use_cache=True,
+                            output_hidden_states=bool(distill_weight))  # fmt: skip
         qa_loss = out.loss
+        loss = qa_loss + retrieval_weight * retrieval_loss
+        document_loss = torch.zeros((), device=loss.device)
+        if document_weight:
+            document_loss = self._document_loss(memories[gold_document], document_ids[gold_document],
+                                                document_mask[gold_document])  # fmt: skip
+            loss = loss + document_weight * document_loss
+        distill_loss = torch.zeros((), device=loss.device)
+        if distill_weight:
+            teacher = self._teacher_hidden_states(document_ids[gold_document], document_mask[gold_document], qa_ids,
+                                                  qa_mask)  # fmt: skip
+            student = torch.stack(out.hidden_states[1:])  # [layers, batch, Ta, hidden]
+            weight = qa_mask.to(student.dtype).view(1, batch, -1, 1)
+            error = ((student - teacher) ** 2 * weight).sum() / (teacher**2 * weight).sum().clamp_min(1e-6)
+            distill_loss = error
+            loss = loss + distill_weight * distill_loss
         return {
-            "loss": qa_loss + retrieval_weight * retrieval_loss,
+            "loss": loss,
             "qa_loss": qa_loss.detach(),
             "retrieval_loss": retrieval_loss.detach(),
+            "document_loss": document_loss.detach(),
+            "distill_loss": distill_loss.detach(),
             "retrieval_accuracy": accuracy.detach(),
         }
+
+    @torch.no_grad()
+    def _teacher_hidden_states(
+        self, doc_ids: torch.Tensor, doc_mask: torch.Tensor, qa_ids: torch.Tensor, qa_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[layers, batch, Ta, hidden]`` hidden states of the frozen LM on ``qa_ids`` right after the documents."""
+        ids = torch.cat([doc_ids, qa_ids], dim=1)
+        mask = torch.cat([doc_mask, qa_mask], dim=1).to(torch.long)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+                            use_cache=False, logits_to_keep=1)  # fmt: skip
+        return torch.stack(out.hidden_states[1:])[:, :, doc_ids.shape[1] :]
+
+    def _document_loss(self, memories: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of left-padded documents ``[b, T]`` after their own memories ``[b, layers, 2, H, m, d]``."""
+        keys, values = assemble_prefix(self.compressor.rotary, memories.unsqueeze(1))
+        cache = CMTCache(config=self.config.backbone_config)
+        cache.prime(keys, values)
+        prefix = keys.shape[-2]
+        mask = mask.to(torch.long)
+        position_ids = prefix + (mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([mask.new_ones(mask.shape[0], prefix), mask], dim=1)
+        labels = ids.masked_fill(mask == 0, -100)
+        out = self.backbone(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, cache=cache,
+                            labels=labels, use_cache=True)  # fmt: skip
+        return out.loss
 
 
 __all__ = ["CMTForCausalLM", "CMTPreTrainedModel"]
