@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from .evaluation import ContinualEvaluator, plot_results, write_json_atomic
 from .schedules import Position, build_schedule
 
 __all__ = ["ContinualTrainer", "TrainerConfig", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -419,6 +422,9 @@ class ContinualTrainer:
         if self.accelerator.is_main_process:
             write_json_atomic(self.output_dir / "results.json", results)
             if self.config.plot:
-                plot_results(results, self.output_dir / "stability_gap.png")
+                try:
+                    plot_results(results, self.output_dir / "stability_gap.png")
+                except ImportError:  # matplotlib is the optional `plot` extra
+                    logger.warning("matplotlib is not installed: no stability_gap.png (pip install hf-longmem[plot])")
         self.accelerator.wait_for_everyone()
         return results
