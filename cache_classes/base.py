@@ -26,6 +26,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 
+#: Spare slots allocated behind the stored states once a layer decodes without compressing (1/32 of the stored
+#: length, within these bounds): appending then writes in place instead of copying everything stored (``torch.cat``
+#: is O(stored) per step, the write O(new)), and a reallocation every ``n / 32`` steps keeps the copies amortised.
+APPEND_HEADROOM = (8, 256)
+
 
 def _tensor_bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
@@ -57,6 +62,8 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0  # tokens seen, pads included (name shared with transformers' reset())
         self.positions: torch.Tensor | None = None
         self.real_seen: torch.Tensor | None = None
+        self._append_buffers: dict[str, torch.Tensor] = {}  # name -> buffer whose prefix is that stored tensor
+        self._steady_appends = 0  # steps in a row that appended without compressing
 
     # Whether any stored slot is a pad, kept across steps that only append real tokens, so that the decoding hot
     # path needs no O(n) scan and device sync per layer. Assigning ``positions`` forgets it (recomputed on demand).
@@ -84,6 +91,53 @@ class CompressedLayer(CacheLayerMixin):
             no_pads = self._no_pads
         self.keys, self.values, self.positions = keys, values, positions
         self._no_pads = no_pads
+        self._drop_stale_buffers()
+
+    # ------------------------------------------------------------------------------------------------ appending
+    def append_slots(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """``torch.cat((self.<name>, new), dim=2)``, written in place into spare capacity when the layer has some.
+
+        A layer that keeps appending without compressing (decoding with SnapKV, ThinK's tail, the retrieval heads of
+        DuoAttention, ...) gets a buffer with spare slots (:data:`APPEND_HEADROOM`) on the sequence axis; the stored
+        tensor is then a prefix view of it and the next appends only write the new slots. Nothing else references
+        the spare slots, and a compressed (gathered) tensor simply stops using the buffer.
+
+        Args:
+            name: the stored tensor's attribute (``"keys"``, ``"values"``, ``"positions"``, ...), ``[batch, heads, n, ...]``.
+            new: ``[batch, heads, q, ...]`` slots to append.
+
+        Returns:
+            ``[batch, heads, n + q, ...]`` (not assigned: the caller stores it).
+        """
+        current = getattr(self, name)
+        n, q = current.shape[2], new.shape[2]
+        buffer = self._append_buffers.get(name)
+        if (
+            buffer is not None
+            and current.data_ptr() == buffer.data_ptr()
+            and current.shape[:2] == buffer.shape[:2]
+            and current.stride() == buffer.stride()
+            and n + q <= buffer.shape[2]
+        ):
+            buffer.narrow(2, n, q).copy_(new)
+            return buffer.narrow(2, 0, n + q)
+        tracked = torch.is_grad_enabled() and (current.requires_grad or new.requires_grad)
+        if self._steady_appends < 2 or tracked:  # compressing every step (H2O, ...) or autograd: a plain cat
+            self._append_buffers.pop(name, None)
+            return torch.cat((current, new), dim=2)
+        headroom = min(max(APPEND_HEADROOM[0], (n + q) // 32), APPEND_HEADROOM[1])
+        buffer = current.new_empty(*current.shape[:2], n + q + headroom, *current.shape[3:])
+        buffer.narrow(2, 0, n).copy_(current)
+        buffer.narrow(2, n, q).copy_(new)
+        self._append_buffers[name] = buffer
+        return buffer.narrow(2, 0, n + q)
+
+    def _drop_stale_buffers(self) -> None:
+        """Forgets the append buffers whose stored tensor was replaced (compressed, reordered, reset)."""
+        for name, buffer in list(self._append_buffers.items()):
+            current = getattr(self, name, None)
+            if current is None or current.data_ptr() != buffer.data_ptr():
+                del self._append_buffers[name]
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -109,14 +163,19 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length += num_new
 
         keys_view = self.keys_for_attention(self.keys, self.positions, real_before)
-        attend_keys = torch.cat((keys_view, key_states), dim=-2)
-        all_keys = attend_keys if keys_view is self.keys else torch.cat((self.keys, key_states), dim=-2)
-        all_values = torch.cat((self.values, value_states), dim=-2)
+        if keys_view is self.keys:
+            attend_keys = all_keys = self.append_slots("keys", key_states)
+        else:  # re-rotated keys for this step, the stored ones unchanged
+            attend_keys = torch.cat((keys_view, key_states), dim=-2)
+            all_keys = self.append_slots("keys", key_states)
+        all_values = self.append_slots("values", value_states)
         new_positions = new_positions.to(torch.int32)[:, None, :].expand(-1, key_states.shape[1], -1)
-        all_positions = torch.cat((self.positions, new_positions), dim=-1)
+        all_positions = self.append_slots("positions", new_positions)
         stored = self.compress(all_keys, all_values, all_positions)
+        unchanged = stored[2] is all_positions
+        self._steady_appends = self._steady_appends + 1 if unchanged and stored[0] is all_keys else 0
         # appending real tokens to pad-free slots keeps them pad-free; anything compress() changed is rescanned
-        no_pads = (False if new_pads else self._no_pads) if stored[2] is all_positions else None
+        no_pads = (False if new_pads else self._no_pads) if unchanged else None
         self.store(*stored, no_pads=no_pads)
         return attend_keys, all_values
 
@@ -134,8 +193,10 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def memory_bytes(self) -> int:
-        """Bytes really held: keys, values and per-slot metadata."""
-        return sum(_tensor_bytes(getattr(self, name, None)) for name in self.batch_state)
+        """Bytes really held: keys, values and per-slot metadata (append buffers with their spare slots)."""
+        return sum(
+            _tensor_bytes(self._append_buffers.get(name, getattr(self, name, None))) for name in self.batch_state
+        )
 
     # ------------------------------------------------------------------------------------------ compression
     def keys_for_attention(
@@ -195,6 +256,7 @@ class CompressedLayer(CacheLayerMixin):
             tensor = getattr(self, name, None)
             if isinstance(tensor, torch.Tensor):
                 setattr(self, name, fn(tensor))
+        self._drop_stale_buffers()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -209,6 +271,8 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.values = self.positions = self.real_seen = None
         self.is_initialized = False
         self.cumulative_length = 0
+        self._append_buffers.clear()
+        self._steady_appends = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(

@@ -391,11 +391,12 @@ class DuoAttentionLayer(CompressedLayer):
         self.real_seen = self.real_seen + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
         self.cumulative_length += num_new
         new_positions = new_positions.to(torch.int32)[:, None, :]
-        if self.keys is not None:
+        if self.keys is not None:  # retrieval heads never drop a token: append into spare capacity (base class)
             keys, values = self._heads(key_states, value_states, self.retrieval_heads)
-            self.keys = torch.cat((self.keys, keys), dim=-2)
-            self.values = torch.cat((self.values, values), dim=-2)
-            self.positions = torch.cat((self.positions, new_positions), dim=-1)
+            self._steady_appends = 0 if first_step else self._steady_appends + 1
+            self.keys = self.append_slots("keys", keys)
+            self.values = self.append_slots("values", values)
+            self.positions = self.append_slots("positions", new_positions)
             self._padded |= new_pads
         if self.streaming_keys is not None:
             keys, values = self._heads(key_states, value_states, self.streaming_heads)

@@ -81,7 +81,10 @@ class ScoredLayer(CompressedLayer):
             self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
         self._pending = False
         self._deferring = False
-        self.store(*self.compress(self.keys, self.values, self.positions))
+        stored = self.compress(self.keys, self.values, self.positions)
+        if stored[0] is not self.keys:
+            self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation
+        self.store(*stored)
         return output, weights
 
     def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):

@@ -172,9 +172,8 @@ class ThinKLayer(CompressedLayer):
         if self._packed_pads():
             packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query
             logits_packed = logits_packed.masked_fill(~packed_real, float("-inf"))
-        tail_positions = self.positions[:, 0]
-        if num_q > 1 or bool((tail_positions == PAD_POSITION).any()):
-            tail_allowed = slot_mask(tail_positions, num_q)  # [b, 1, q, R] -> one row per (group head, query)
+        if num_q > 1 or self.has_pad_slots():
+            tail_allowed = slot_mask(self.positions[:, 0], num_q)  # [b, 1, q, R] -> one row per (group head, query)
             tail_allowed = tail_allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, -1)
             logits_tail = logits_tail.masked_fill(~tail_allowed, float("-inf"))
         probs = torch.softmax(torch.cat((logits_packed, logits_tail), dim=-1), dim=-1)
