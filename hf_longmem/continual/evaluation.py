@@ -318,7 +318,17 @@ def plot_results(results: dict[str, Any] | Sequence[tuple[str, dict[str, Any]]],
     for ax, (label, res) in zip(axes[0], runs):
         names = res["tasks"]
         for j, name in enumerate(names):
-            pts = [(h["step"], h["accuracy"][str(j)]) for h in res["history"] if str(j) in h["accuracy"]]
+            # from the start of task j on: its accuracy-matrix entry before training it, then every evaluation
+            pts = [
+                (h["step"], h["accuracy"][str(j)])
+                for h in res["history"]
+                if str(j) in h["accuracy"] and h.get("task", 0) >= j
+            ]
+            if j == 0 or j - 1 < len(res["accuracy_matrix"]):
+                before = res["initial_accuracy"] if j == 0 else res["accuracy_matrix"][j - 1]
+                start = 0 if j == 0 else res["task_end_steps"][j - 1]
+                if before is not None:
+                    pts.append((start, before[j]))
             pts = sorted(set(pts))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"task {j} ({name})", lw=1.3)
