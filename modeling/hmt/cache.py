@@ -17,11 +17,11 @@ class HMTCache(Cache):
 
     State (all per batch row; ``None`` where empty):
 
-    - ``bank`` ``[B, N, d]``: memory embeddings ``m_n`` of the last ``N <= capacity`` finished segments, oldest first;
-      appending to a full bank evicts the oldest.
+    - ``bank`` ``[B, N, T, d]``: memory embeddings ``m_n`` (``T = num_memory_tokens`` each) of the last
+      ``N <= capacity`` finished segments, oldest first; appending to a full bank evicts the oldest.
     - ``sensory_ids`` ``[B, k']``: the last ``k' <= sensory_length`` tokens of the previous segment.
     - ``segment_ids`` ``[B, r]``: tokens of the current segment seen so far (``0 <= r < segment_length``).
-    - ``segment_memory`` ``[B, 1, d]``: ``P_n`` of the current segment, recalled from a summary of its first
+    - ``segment_memory`` ``[B, T, d]``: ``P_n`` of the current segment, recalled from a summary of its first
       ``summary_tokens`` tokens (0 for the initial memory of segment 0 or a ``use_recall=False`` model).
     - ``segment_cache``: a ``DynamicCache`` with the backbone key/values of ``[P_n ‖ sensory ‖ segment_ids]``.
 

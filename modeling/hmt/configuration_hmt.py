@@ -41,6 +41,11 @@ class HMTConfig(BackboneWrapperConfig):
             (official default 0.5).
         sensory_length: ``k``, tokens of the previous segment prepended to the next one (official default 0).
         num_memories: ``N``, memory embeddings kept in the bank for recall; the oldest is evicted (official 100).
+        num_memory_tokens: ``M``, memory embeddings read and written per segment (official HMT: 1; the official
+            ``MemoryCell`` of RMT, which HMT builds on, takes any number). With ``M > 1`` segment ``n`` reads the ``M``
+            embeddings ``P_n`` at its start and writes the last ``M`` outputs ``m_n`` at its end; recall weights whole
+            segments: keys are ``W_k`` of the mean of a segment's ``M`` memories, and ``P_n`` is the weighted sum of
+            the segments' memories (exactly HMT's recall for ``M = 1``).
         recall_hidden_size: width ``h`` of the recall projections ``W_q``, ``W_k`` (default: the backbone's hidden
             size, as the official recipe's 4096 for 4096-wide backbones).
         use_recall: ``False`` is the official stage 1 (plain memory-token recurrence, ``P_n = m_{n-1}``, no summary
@@ -70,6 +75,7 @@ class HMTConfig(BackboneWrapperConfig):
         summary_fraction: float = 0.5,
         sensory_length: int = 0,
         num_memories: int = 100,
+        num_memory_tokens: int = 1,
         recall_hidden_size: int | None = None,
         use_recall: bool = True,
         lora_rank: int = 0,
@@ -93,6 +99,7 @@ class HMTConfig(BackboneWrapperConfig):
                 "memory is the tail of one previous segment"
             )
         self.num_memories = _check_int("num_memories", num_memories, 1)
+        self.num_memory_tokens = _check_int("num_memory_tokens", num_memory_tokens, 1)
         self.recall_hidden_size = None if recall_hidden_size is None else _check_int(
             "recall_hidden_size", recall_hidden_size, 1
         )

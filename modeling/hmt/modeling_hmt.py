@@ -80,7 +80,9 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
                 "backbone_config: HMT feeds output hidden states back as input embeddings, so the backbone's "
                 f"embedding size ({hidden_size}) must equal its hidden_size ({config.backbone_config.hidden_size})"
             )
-        self.memory = HMTMemory(hidden_size, config.recall_hidden_size or hidden_size, config.use_recall)
+        self.memory = HMTMemory(
+            hidden_size, config.recall_hidden_size or hidden_size, config.use_recall, config.num_memory_tokens
+        )
         self.post_init()
         if config.lora_rank:
             self._inject_lora()
@@ -256,9 +258,9 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             if position == 0:
                 memory, state.summary_tokens = None, 0
             if state.num_segments == 0:
-                memory = memory if memory is not None else self.memory.memory_init.to(self.dtype).expand(batch, 1, -1)
+                memory = memory if memory is not None else self.memory.memory_init.to(self.dtype).expand(batch, -1, -1)
             elif not config.use_recall:
-                memory = memory if memory is not None else state.bank[:, -1:]
+                memory = memory if memory is not None else state.bank[:, -1]
             elif index in summaries:
                 memory = self.memory.recall(summaries[index], state.bank)
                 state.summary_tokens = prefixes[index].shape[1]
@@ -279,7 +281,8 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             outputs.append(hidden[:, offset : offset + size])
             segment_ids = ids if position == 0 else torch.cat([state.segment_ids, ids], dim=1)
             if completes:
-                written = hidden[:, -1:] * config.memory_scale if config.memory_scale != 1.0 else hidden[:, -1:]
+                written = hidden[:, -config.num_memory_tokens :]
+                written = written * config.memory_scale if config.memory_scale != 1.0 else written
                 state.bank = append_to_bank(state.bank, written, state.capacity if config.use_recall else 1)
                 state.sensory_ids = segment_ids[:, L - k :] if k > 0 else None
                 state.num_segments += 1

@@ -27,6 +27,7 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """HMT written out segment by segment as in the paper / official RecurrentWrapper (no caches, no pieces)."""
     config = model.config
     L, j, k, N = config.segment_length, config.summary_length, config.sensory_length, config.num_memories
+    T = config.num_memory_tokens
     embed = model.backbone.get_input_embeddings()
     head = model.backbone.get_output_embeddings()
 
@@ -34,7 +35,7 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         return model.backbone.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
     batch, bank, previous, logits = ids.shape[0], [], None, []
-    init = model.memory.memory_init.expand(batch, 1, -1)
+    init = model.memory.memory_init.expand(batch, -1, -1)
     for n, start in enumerate(range(0, ids.shape[1], L)):
         segment = ids[:, start : start + L]
         if n == 0:
@@ -44,15 +45,16 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         else:
             token = model.memory.summary_embedding.expand(batch, 1, -1)
             summary = run(torch.cat([token, embed(segment[:, :j]), token], 1))[:, -1:]
-            bank_tensor = torch.cat(bank[-N:], 1)
-            q, key = model.memory.recall_query(summary), model.memory.recall_key(bank_tensor)
-            weights = torch.softmax(q @ key.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)
-            memory = weights @ bank_tensor
+            recent = bank[-N:]  # each [B, T, d]
+            keys = torch.stack([model.memory.recall_key(m.mean(1)) for m in recent], 1)  # [B, n, h]
+            q = model.memory.recall_query(summary)  # [B, 1, h]
+            weights = torch.softmax(q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)  # [B, 1, n]
+            memory = sum(weights[:, :, i : i + 1] * m for i, m in enumerate(recent))
         parts = [memory] + ([embed(previous[:, -k:])] if n > 0 and k > 0 else []) + [embed(segment), memory]
         hidden = run(torch.cat(parts, 1))
-        offset = 1 + (k if n > 0 and k > 0 else 0)
+        offset = T + (k if n > 0 and k > 0 else 0)
         logits.append(head(hidden[:, offset : offset + segment.shape[1]]))
-        bank.append(hidden[:, -1:] * config.memory_scale)
+        bank.append(hidden[:, -T:] * config.memory_scale)
         previous = segment
     return torch.cat(logits, 1)
 
@@ -73,6 +75,7 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         (dict(lora_target_modules=[]), "lora_target_modules"),
         (dict(recall_hidden_size=0), "recall_hidden_size"),
         (dict(memory_scale=0.0), "memory_scale"),
+        (dict(num_memory_tokens=0), "num_memory_tokens"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):
@@ -123,14 +126,14 @@ def test_lora_adapters_start_as_identity_and_train():
 
 @pytest.mark.parametrize("shape", ["llama_mha", "llama_gqa", "mistral", "qwen2"])
 def test_forward_equals_reference_recurrence(shape):
-    model = _hmt(shape, memory_scale=0.25 if shape == "qwen2" else 1.0)
+    model = _hmt(shape, memory_scale=0.25 if shape == "qwen2" else 1.0, num_memory_tokens=3 if shape == "mistral" else 1)
     ids = random_ids(2, 37)  # 4 full segments + 5 tokens: bank of 3 evicts the oldest, sensory memory used
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference_logits(model, ids), atol=ATOL, rtol=1e-4)
 
 
 def test_stage_one_recurrence_without_recall():
-    model = _hmt(use_recall=False, memory_scale=0.5)
+    model = _hmt(use_recall=False, memory_scale=0.5, num_memory_tokens=2)
     assert not hasattr(model.memory, "recall_query")
     ids = random_ids(1, 29)
     with torch.no_grad():
@@ -143,7 +146,7 @@ def test_first_segment_is_the_backbone_with_the_memory_embedding_prefixed():
     model = _hmt()
     ids = random_ids(2, 8)
     with torch.no_grad():
-        embeds = torch.cat([model.memory.memory_init.expand(2, 1, -1), model.backbone.get_input_embeddings()(ids)], 1)
+        embeds = torch.cat([model.memory.memory_init.expand(2, -1, -1), model.backbone.get_input_embeddings()(ids)], 1)
         expected = model.backbone(inputs_embeds=embeds).logits[:, 1:]
         torch.testing.assert_close(model(ids).logits, expected, atol=ATOL, rtol=1e-4)
 
@@ -172,7 +175,7 @@ def test_segment_by_segment_equals_one_call(use_recall):
 
 
 def test_token_by_token_decode_equals_prefix_forward():
-    model = _hmt()
+    model = _hmt(num_memory_tokens=2)
     ids = random_ids(1, 26)
     cache = model.make_cache()
     with torch.no_grad():
@@ -216,24 +219,28 @@ def test_bank_is_bounded_and_evicts_the_oldest():
     # the large bank holds every m_n; m_n does not depend on the capacity for the first 4 segments (bank <= 3)
     torch.testing.assert_close(small.bank[:, :1], large.bank[:, 3:4], atol=ATOL, rtol=1e-4)
     assert small.memory_bytes() > 0 and "memories=3/3" in repr(small)
-    bank = torch.randn(2, 3, 4)
+    bank = torch.randn(2, 3, 1, 4)
     grown = append_to_bank(bank, torch.ones(2, 1, 4), capacity=3)
-    assert grown.shape == (2, 3, 4) and torch.equal(grown[:, :2], bank[:, 1:]) and torch.equal(grown[:, 2], torch.ones(2, 4))
+    assert grown.shape == (2, 3, 1, 4) and torch.equal(grown[:, :2], bank[:, 1:]) and torch.equal(grown[:, 2], torch.ones(2, 1, 4))
     with pytest.raises(ValueError, match="capacity"):
         append_to_bank(bank, torch.ones(2, 1, 4), capacity=0)
     with pytest.raises(ValueError, match="num_memories"):
         model.make_cache(num_memories=0)
     with pytest.raises(ValueError, match="bank"):
-        recall(torch.ones(1, 1, 4), torch.ones(1, 0, 4), torch.ones(2, 4), torch.ones(2, 4))
+        recall(torch.ones(1, 1, 4), torch.ones(1, 0, 1, 4), torch.ones(2, 4), torch.ones(2, 4))
 
 
 def test_recall_is_a_convex_combination_of_the_bank():
-    bank = torch.randn(2, 5, 6)
+    bank = torch.randn(2, 5, 2, 6)
     out = recall(torch.randn(2, 1, 6), bank, torch.randn(3, 6), torch.randn(3, 6))
-    assert out.shape == (2, 1, 6)
+    assert out.shape == (2, 2, 6)
     # identical memories -> the recall returns that memory whatever the weights
-    same = torch.randn(1, 1, 6).expand(2, 5, 6)
-    torch.testing.assert_close(recall(torch.randn(2, 1, 6), same, torch.randn(3, 6), torch.randn(3, 6)), same[:, :1])
+    same = torch.randn(1, 1, 2, 6).expand(2, 5, 2, 6)
+    torch.testing.assert_close(recall(torch.randn(2, 1, 6), same, torch.randn(3, 6), torch.randn(3, 6)), same[:, 0])
+    # one memory token per segment: HMT's P = softmax((S W_q)(M W_k)^T / sqrt(h)) M
+    flat, query, w_q, w_k = torch.randn(2, 5, 6), torch.randn(2, 1, 6), torch.randn(3, 6), torch.randn(3, 6)
+    expected = torch.softmax((query @ w_q.T) @ (flat @ w_k.T).transpose(1, 2) / math.sqrt(3), -1) @ flat
+    torch.testing.assert_close(recall(query, flat.unsqueeze(2), w_q, w_k), expected)
 
 
 def test_beam_search_reorders_the_state():
