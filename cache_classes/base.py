@@ -62,7 +62,8 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0  # tokens seen, pads included (name shared with transformers' reset())
         self.positions: torch.Tensor | None = None
         self.real_seen: torch.Tensor | None = None
-        self._append_buffers: dict[str, torch.Tensor] = {}  # name -> buffer whose prefix is that stored tensor
+        # name -> (buffer, the prefix view of it that is stored under that name)
+        self._append_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steady_appends = 0  # steps in a row that appended without compressing
 
     # Whether any stored slot is a pad, kept across steps that only append real tokens, so that the decoding hot
@@ -111,32 +112,28 @@ class CompressedLayer(CacheLayerMixin):
         """
         current = getattr(self, name)
         n, q = current.shape[2], new.shape[2]
-        buffer = self._append_buffers.get(name)
-        if (
-            buffer is not None
-            and current.data_ptr() == buffer.data_ptr()
-            and current.shape[:2] == buffer.shape[:2]
-            and current.stride() == buffer.stride()
-            and n + q <= buffer.shape[2]
-        ):
+        entry = self._append_buffers.get(name)
+        if entry is not None and entry[1] is current and n + q <= entry[0].shape[2]:
+            # the stored tensor is the prefix view handed out last time: nothing else sees the spare slots
+            buffer = entry[0]
             buffer.narrow(2, n, q).copy_(new)
-            return buffer.narrow(2, 0, n + q)
-        tracked = torch.is_grad_enabled() and (current.requires_grad or new.requires_grad)
-        if self._steady_appends < 2 or tracked:  # compressing every step (H2O, ...) or autograd: a plain cat
-            self._append_buffers.pop(name, None)
-            return torch.cat((current, new), dim=2)
-        headroom = min(max(APPEND_HEADROOM[0], (n + q) // 32), APPEND_HEADROOM[1])
-        buffer = current.new_empty(*current.shape[:2], n + q + headroom, *current.shape[3:])
-        buffer.narrow(2, 0, n).copy_(current)
-        buffer.narrow(2, n, q).copy_(new)
-        self._append_buffers[name] = buffer
-        return buffer.narrow(2, 0, n + q)
+        else:
+            tracked = torch.is_grad_enabled() and (current.requires_grad or new.requires_grad)
+            if self._steady_appends < 2 or tracked:  # compressing every step (H2O, ...) or autograd: a plain cat
+                self._append_buffers.pop(name, None)
+                return torch.cat((current, new), dim=2)
+            headroom = min(max(APPEND_HEADROOM[0], (n + q) // 32), APPEND_HEADROOM[1])
+            buffer = current.new_empty(*current.shape[:2], n + q + headroom, *current.shape[3:])
+            buffer.narrow(2, 0, n).copy_(current)
+            buffer.narrow(2, n, q).copy_(new)
+        view = buffer.narrow(2, 0, n + q)
+        self._append_buffers[name] = (buffer, view)
+        return view
 
     def _drop_stale_buffers(self) -> None:
         """Forgets the append buffers whose stored tensor was replaced (compressed, reordered, reset)."""
-        for name, buffer in list(self._append_buffers.items()):
-            current = getattr(self, name, None)
-            if current is None or current.data_ptr() != buffer.data_ptr():
+        for name, (_, view) in list(self._append_buffers.items()):
+            if getattr(self, name, None) is not view:
                 del self._append_buffers[name]
 
     # ----------------------------------------------------------------------------------------------- contract
@@ -195,7 +192,7 @@ class CompressedLayer(CacheLayerMixin):
     def memory_bytes(self) -> int:
         """Bytes really held: keys, values and per-slot metadata (append buffers with their spare slots)."""
         return sum(
-            _tensor_bytes(self._append_buffers.get(name, getattr(self, name, None))) for name in self.batch_state
+            _tensor_bytes(self._append_buffers.get(name, (getattr(self, name, None),))[0]) for name in self.batch_state
         )
 
     # ------------------------------------------------------------------------------------------ compression

@@ -161,7 +161,7 @@ def test_seen_vs_stored_and_memory_bytes(label):
     expected = sum(
         t.numel() * t.element_size()
         for layer in cache.layers
-        for t in (getattr(layer, "_append_buffers", {}).get(name, getattr(layer, name)) for name in layer.batch_state)
+        for t in (getattr(layer, "_append_buffers", {}).get(name, (getattr(layer, name),))[0] for name in layer.batch_state)
         if t is not None
     )
     assert cache.memory_bytes() == expected
