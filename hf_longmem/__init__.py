@@ -1,9 +1,11 @@
 """hf_longmem: memory methods for LLMs as Hugging Face transformers components.
 
-Importing the package registers the ``hf_longmem`` attention functions with transformers (cheap, idempotent).
+Importing the package registers the ``hf_longmem`` attention functions with transformers (cheap, idempotent), the
+caches with :func:`make_cache`, and the memory architectures (Titans, MoM, LongMem, HMT, CMT) with the transformers
+Auto classes.
 """
 
-from hf_longmem import hub  # publish(), LocalFolderApi
+from hf_longmem import hub, modeling  # noqa: F401  (hub: publish(); modeling: registers the architectures)
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes
 from hf_longmem.cache_classes.d2o import D2OCache

@@ -1,4 +1,8 @@
-from hf_longmem.modeling import cmt as _cmt  # noqa: F401  (registers model_type "cmt" with the Auto classes)
-from hf_longmem.modeling import hmt  # noqa: F401  (registers model_type "hmt" with the Auto classes)
-from hf_longmem.modeling import mom as _mom  # noqa: F401  (registers model_type "mom_gdn" with the Auto classes)
-from hf_longmem.modeling import longmem  # noqa: F401  (registers model_type "longmem")
+"""hf_longmem's memory architectures (installed as ``hf_longmem.modeling``).
+
+Importing this package registers every architecture with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``
+(``import hf_longmem`` does it): Titans (``titans``), MoM (``mom_gdn``), LongMem (``longmem``), HMT (``hmt``) and
+CMT (``cmt``). ``remote_code`` and ``backbone`` hold the plumbing they share.
+"""
+
+from hf_longmem.modeling import cmt, hmt, longmem, mom, titans  # noqa: F401  (registration on import)
