@@ -75,6 +75,8 @@ class SnapKVLayer(ScoredLayer):
         self._scores = pool_scores(scores, self.kernel_size, self.pooling)
 
     def compress(self, keys, values, positions):
+        if self._scores is None:  # decoding (or deferred): SnapKV keeps every generated token
+            return keys, values, positions
         stored = super().compress(keys, values, positions)
         self._scores = None  # [b, h, n] scores are only needed for this step's selection
         return stored

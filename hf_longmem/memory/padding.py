@@ -50,9 +50,9 @@ def positions_and_padding(
         return real_seen[:, None] + torch.arange(num_new, device=device), False
     pos = position_ids.to(device=device, dtype=torch.long).expand(batch_size, num_new)
     if num_new == 1:  # decoding: a token is real iff it continues its row's count (the hot path, kept cheap)
-        is_real = pos[:, 0] == real_seen
-        if bool(is_real.all()):
+        if torch.equal(pos[:, 0], real_seen):  # every row continues its count: no pad (one op, no temporaries)
             return pos, False
+        is_real = pos[:, 0] == real_seen
         if bool(((~is_real) & ((real_seen > 0) | (pos[:, 0] > 1))).any()):
             raise ValueError(_NOT_LEFT_PADDED)
         return torch.where(is_real[:, None], pos, torch.full_like(pos, PAD_POSITION)), True
