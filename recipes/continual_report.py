@@ -41,9 +41,12 @@ def matrices(runs: list[tuple[str, dict]]) -> str:
     out = []
     for label, res in runs:
         names = res["tasks"]
-        rows = ["after \\ on | " + " | ".join(names), "---|" + "---:|" * len(names)]
-        rows += [f"{names[i]} | " + " | ".join(f"{a:.2f}" for a in row) for i, row in enumerate(res["accuracy_matrix"])]
-        out.append(f"**{label}**\n\n| " + " |\n| ".join(rows) + " |")
+        rows = ["| after \\ on | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        rows += [
+            f"| {names[i]} | " + " | ".join(f"{a:.2f}" for a in row) + " |"
+            for i, row in enumerate(res["accuracy_matrix"])
+        ]
+        out.append(f"**{label}**\n\n" + "\n".join(rows))
     return "\n\n".join(out)
 
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> str:
     for item in args.run:
         if "=" not in item:
             raise ValueError(f"--run needs LABEL=DIR, got {item!r}")
-        label, folder = item.split("=", 1)
+        label, folder = item.rsplit("=", 1)
         runs.append((label, json.loads((Path(folder) / "results.json").read_text())))
     text = table(runs) + "\n\n" + matrices(runs)
     print(text)

@@ -53,6 +53,9 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -314,8 +317,12 @@ def plot_results(results: dict[str, Any] | Sequence[tuple[str, dict[str, Any]]],
     import matplotlib.pyplot as plt
 
     runs = [("", results)] if isinstance(results, dict) else list(results)
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), sharey=True, squeeze=False)
-    for ax, (label, res) in zip(axes[0], runs):
+    ncols = min(3, len(runs))
+    nrows = -(-len(runs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(runs) :]:
+        ax.axis("off")
+    for ax, (label, res) in zip(axes.flat, runs):
         names = res["tasks"]
         for j, name in enumerate(names):
             # from the start of task j on: its accuracy-matrix entry before training it, then every evaluation
@@ -339,8 +346,9 @@ def plot_results(results: dict[str, Any] | Sequence[tuple[str, dict[str, Any]]],
         ax.set_title(title.strip(), fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("exact-match accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    for row in axes:
+        row[0].set_ylabel("exact-match accuracy")
+    axes.flat[len(runs) - 1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
