@@ -152,6 +152,8 @@ def card_description(results: dict[str, Any], config: dict[str, Any]) -> str:
         lines.append("| (initial) | " + " | ".join(f"{a:.3f}" for a in results["initial_accuracy"]) + " |")
     for i, row in enumerate(results["accuracy_matrix"]):
         lines.append(f"| {names[i]} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
+    lines += ["", "Accuracy of every task during training (the stability gap): `continual/stability_gap.png`;", ""]
+    lines += ["all periodic evaluations: `continual/results.json`."]
     m = results["metrics"]
     lines += ["", "## Continual metrics", ""]
     for key in ("acc", "forgetting", "bwt", "fwt", "avg_min_acc", "wc_acc", "wf_10"):
@@ -189,6 +191,10 @@ def publish_result(trainer: ContinualTrainer, results: dict[str, Any], config: d
         if config.get("peft") and spec.get("merge_lora", False):
             model = copy.deepcopy(model).merge_and_unload()  # not unload(): that would discard what was learned
         api = LocalFolderApi(spec["local_dir"]) if spec.get("local_dir") else None
+        out = Path(trainer.config.output_dir)
+        extra = {
+            f"continual/{name}": out / name for name in ("results.json", "stability_gap.png") if (out / name).is_file()
+        }
         return publish(
             model,
             spec["repo_id"],
@@ -199,6 +205,7 @@ def publish_result(trainer: ContinualTrainer, results: dict[str, Any], config: d
             api=api,
             dry_run=bool(spec.get("dry_run", False)),
             staging_dir=spec.get("staging_dir"),
+            extra_files=extra,
         )
 
 

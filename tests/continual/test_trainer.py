@@ -82,6 +82,7 @@ def test_recipe_lora_publish_writes_card_with_matrix(tmp_path):
     card = (repo / "README.md").read_text()
     assert "## Accuracy matrix" in card and "| magic | var | passkey |" in card.replace("after \\ on | ", "")
     assert "continual-learning" in card and "ilora" in card
+    assert (repo / "continual" / "results.json").is_file()
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["accuracy_matrix"] == results["accuracy_matrix"] and on_disk["meta"]["task_sizes"] == [3, 3, 3]
 
