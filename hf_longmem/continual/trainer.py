@@ -407,6 +407,18 @@ class ContinualTrainer:
         progress.close()
         return self.finish(time.time() - start)
 
+    @torch.no_grad()
+    def replicas_in_sync(self) -> bool:
+        """Whether every process holds the same weights (strategies that update parameters outside the optimizer
+        must do it identically on all processes); compares a float64 checksum of all parameters."""
+        if self.accelerator.num_processes == 1:
+            return True
+        total = torch.zeros(1, dtype=torch.float64, device=self.accelerator.device)
+        for i, p in enumerate(self.unwrapped.parameters()):
+            total += (i + 1) * p.detach().double().sum()
+        sums = self.accelerator.gather(total)
+        return bool(torch.all(sums == sums[0]))
+
     def finish(self, seconds: float) -> dict[str, Any]:
         meta = {
             "tasks": [t.name for t in self.tasks],
@@ -417,6 +429,7 @@ class ContinualTrainer:
             "train_seconds_this_session": round(seconds, 1),
             "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad),
         }
+        meta["replicas_in_sync"] = self.replicas_in_sync()
         results = self.evaluator.results(meta)
         results["train_log"] = self.train_log
         if self.accelerator.is_main_process:

@@ -111,7 +111,7 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["meta"]["num_processes"] == 2
+    assert results["meta"]["num_processes"] == 2 and results["meta"]["replicas_in_sync"]
     assert len(results["accuracy_matrix"]) == 3 and results["history"][-1]["step"] == 6
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-6"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
