@@ -102,7 +102,7 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     exe = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", "29613",
