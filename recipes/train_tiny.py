@@ -52,6 +52,13 @@ class TrainConfig:
     (loss on the repeat only, weighted ``copy_loss_weight``; 0 turns it off). Dense copy targets grow the
     induction heads retrieval needs within ~100 steps; without them the needle tasks sat on a loss plateau for
     1000+ steps in our pilots (their answers are a few tokens in hundreds of predictable filler tokens).
+
+    ``recall_*``: every step also trains on ``recall_batch_size`` dense multi-key recall sequences (0 weight turns it
+    off, the default): ``recall_pairs`` records ``key v_1..v_L`` (distinct random keys, ``L = recall_value_length``
+    random value tokens), then every key once more in shuffled order as a query ``key g_1..g_G v_1..v_L`` with the
+    same ``G = recall_gap`` random gap tokens after each key (loss on the queried values only, weighted
+    ``recall_loss_weight``). Plain induction cannot answer the first value (the key is ``G`` tokens back), which is
+    what the multi-key needle asks ("... for KEY mentioned in the provided text is").
     """
 
     output_dir: str = "runs/tiny-longmem"
@@ -69,6 +76,11 @@ class TrainConfig:
     copy_batch_size: int = 16
     copy_length: int = 24
     copy_loss_weight: float = 1.0
+    recall_batch_size: int = 8
+    recall_pairs: int = 8
+    recall_value_length: int = 4
+    recall_gap: int = 3
+    recall_loss_weight: float = 0.0
     log_every: int = 25
     save_every: int = 0
     model: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +185,31 @@ def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.
     return F.cross_entropy(logits.flatten(0, 1), ids[:, config.copy_length + 1 :].flatten())
 
 
+def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device) -> torch.Tensor:
+    """Cross entropy of the queried values of dense multi-key recall sequences (see :class:`TrainConfig`)."""
+    special = set(tokenizer.all_special_ids)
+    choices = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    b, n, v, g = config.recall_batch_size, config.recall_pairs, config.recall_value_length, config.recall_gap
+
+    def draw(*shape: int) -> torch.Tensor:
+        return choices[torch.randint(len(choices), shape, generator=generator)]
+
+    keys = choices[torch.rand(b, len(choices), generator=generator).argsort(-1)[:, :n]]  # distinct per row
+    values = draw(b, n, v)
+    order = torch.rand(b, n, generator=generator).argsort(-1)
+    query_keys, query_values = keys.gather(1, order), values.gather(1, order[..., None].expand(b, n, v))
+    gaps = draw(b, 1, g).expand(b, n, g)
+    records = torch.cat((keys[..., None], values), dim=-1).flatten(1)
+    queries = torch.cat((query_keys[..., None], gaps, query_values), dim=-1)
+    bos = torch.full((b, 1), tokenizer.bos_token_id)
+    ids = torch.cat((bos, records, queries.flatten(1)), dim=1).to(device)
+    is_value = torch.zeros(n, 1 + g + v, dtype=torch.bool)
+    is_value[:, 1 + g :] = True
+    target = torch.cat((torch.zeros(1 + records.shape[1], dtype=torch.bool), is_value.flatten()))[1:].to(device)
+    logits = model(input_ids=ids).logits[:, :-1][:, target].float()
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:][:, target].flatten())
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe; returns the metadata written next to the model."""
     torch.set_num_threads(config.num_threads)
@@ -190,6 +227,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
     recent: dict[str, deque[bool]] = {name: deque(maxlen=200) for name in config.tasks}
     copy_generator = torch.Generator().manual_seed(config.seed + 1)
+    recall_generator = torch.Generator().manual_seed(config.seed + 2)
     history: list[dict[str, Any]] = []
     tokens_seen, start = 0, time.time()
     progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_tiny")
@@ -201,7 +239,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         }
         loss, exact, answer_loss = weighted_loss(model(input_ids=batch["input_ids"]).logits, batch)
         copy = copy_loss(model, config, tokenizer, copy_generator, accelerator.device) if config.copy_loss_weight else None
-        accelerator.backward(loss if copy is None else loss + config.copy_loss_weight * copy)
+        recall = (
+            recall_loss(model, config, tokenizer, recall_generator, accelerator.device)
+            if config.recall_loss_weight
+            else None
+        )
+        total = loss if copy is None else loss + config.copy_loss_weight * copy
+        accelerator.backward(total if recall is None else total + config.recall_loss_weight * recall)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -216,6 +260,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "loss": round(loss.item(), 4),
                 "answer_loss": round(answer_loss, 4),
                 "copy_loss": None if copy is None else round(copy.item(), 4),
+                "recall_loss": None if recall is None else round(recall.item(), 4),
                 "lr": scheduler.get_last_lr()[0],
                 "length": batch["input_ids"].shape[1],
                 "elapsed_s": round(time.time() - start, 1),

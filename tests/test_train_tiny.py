@@ -51,3 +51,32 @@ def test_tiny_run_saves_a_loadable_model(tmp_path):
     generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, ids["input_ids"].shape[1] + 4) or generated[0, -1] == tokenizer.eos_token_id
     assert torch.equal(generated[:, : ids["input_ids"].shape[1]], ids["input_ids"])
+
+
+def test_v2_config_parses_and_recall_loss_targets_the_queried_values():
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import train_tiny
+    finally:
+        sys.path.remove(str(RECIPE.parent))
+    config = train_tiny.parse_config(["--config", str(CONFIG.with_name("train_tiny_v2.yaml")), "--max_steps", "2"])
+    assert config.recall_loss_weight > 0 and train_tiny.parse_config(["--config", str(CONFIG)]).recall_loss_weight == 0
+    tokenizer = train_tiny.build_tokenizer()
+    seen = {}
+
+    class Spy(torch.nn.Module):  # records the ids and returns logits that put all mass on the true next token
+        def forward(self, input_ids):
+            seen["ids"] = input_ids
+            logits = torch.full((*input_ids.shape, len(tokenizer)), -1e4)
+            logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1e4)
+            return type("Out", (), {"logits": logits})
+
+    loss = train_tiny.recall_loss(Spy(), config, tokenizer, torch.Generator().manual_seed(0), "cpu")
+    assert loss.item() == 0.0
+    ids, n, v, g = seen["ids"], config.recall_pairs, config.recall_value_length, config.recall_gap
+    records = ids[:, 1 : 1 + n * (1 + v)].view(len(ids), n, 1 + v)
+    queries = ids[:, 1 + n * (1 + v) :].view(len(ids), n, 1 + g + v)
+    for row in range(len(ids)):
+        table = {int(r[0]): r[1:].tolist() for r in records[row]}
+        assert len(table) == n and sorted(table) == sorted(queries[row, :, 0].tolist())
+        assert all(table[int(q[0])] == q[1 + g :].tolist() for q in queries[row])
