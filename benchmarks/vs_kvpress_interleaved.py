@@ -11,16 +11,15 @@ Each round gives a ratio of two runs taken seconds apart; the table reports the 
 Timing uses the shared harness's ``run_once`` (prefill, then greedy decoding with the same loop as kvpress's
 pipeline). Bytes are ``cache_storage_bytes`` after prefill (every tensor storage reachable from the cache).
 
-Setup (once)::
-
-    pip install --target .venv-kvpress-overlay --no-deps kvpress==0.5.5 cachetools requests urllib3 certifi \\
-        charset_normalizer idna datasets dill multiprocess xxhash pyarrow fsspec pandas python-dateutil pytz \\
-        tzdata six fire termcolor
+On first use the script installs kvpress and the modules it imports (without their dependencies, so our torch and
+transformers stay as they are) into an overlay folder, ``.venv-kvpress-overlay`` (``--overlay``), and re-runs itself
+with that folder on ``PYTHONPATH``. kvpress 0.5.5 reads the 4.x ``past_key_values``/``cache_position`` attention
+kwargs; :func:`alias_cache_kwarg` passes them on kvpress's model copy (nothing else changes).
 
 Example::
 
-    PYTHONPATH=.venv-kvpress-overlay python benchmarks/vs_kvpress_interleaved.py --context 2048 --ratio 0.5 \\
-        --rounds 7 --out benchmarks/results/vs_kvpress_interleaved.json
+    python benchmarks/vs_kvpress_interleaved.py --context 2048 --ratio 0.5 --rounds 11 \\
+        --out benchmarks/results/vs_kvpress_interleaved.json
 """
 
 from __future__ import annotations
@@ -28,9 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +42,11 @@ import hf_longmem  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HARNESS = REPO.parent / "shared" / "tools" / "kvpress_baseline.py"
+OVERLAY_PACKAGES = (  # kvpress and what it imports at import time; installed with --no-deps next to our environment
+    "kvpress==0.5.5", "cachetools", "requests", "urllib3", "certifi", "charset_normalizer", "idna", "datasets", "dill",
+    "multiprocess", "xxhash", "pyarrow", "fsspec", "pandas", "python-dateutil", "pytz", "tzdata", "six", "fire",
+    "termcolor",
+)
 PAIRS = {  # hf_longmem method -> kvpress press (names of the harness registry)
     "hf_longmem:snapkv": "kvpress:snapkv",
     "hf_longmem:think": "kvpress:think",
@@ -54,6 +61,19 @@ def load_harness(path: Path):
     sys.modules["kvpress_baseline"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def reexec_with_overlay(overlay: Path) -> None:
+    """Installs kvpress into ``overlay`` if needed, then runs this script again with the overlay on PYTHONPATH."""
+    if not (overlay / "kvpress").is_dir():
+        print(f"installing kvpress into {overlay} (no dependencies: our torch/transformers are used)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(overlay), "--no-deps",
+                        *OVERLAY_PACKAGES], check=True)
+    if os.environ.get("HF_LONGMEM_KVPRESS_OVERLAY") == str(overlay):
+        raise SystemExit(f"kvpress is still not importable with {overlay} on PYTHONPATH")
+    path = os.pathsep.join(p for p in (str(overlay), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_LONGMEM_KVPRESS_OVERLAY=str(overlay))
+    raise SystemExit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
 
 
 def alias_cache_kwarg(model) -> None:
@@ -93,15 +113,20 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS)
+    parser.add_argument("--overlay", type=Path, default=REPO / ".venv-kvpress-overlay",
+                        help="folder with kvpress and its import-time modules (installed here on first use)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.attn, args.decode_interval = "sdpa", 16
     if importlib.util.find_spec("kvpress") is None:
-        parser.error("kvpress is not importable: put it on PYTHONPATH (see the module docstring)")
+        reexec_with_overlay(args.overlay)
     if not 0 < args.ratio < 1:
         parser.error("--ratio must be in (0, 1)")
 
     torch.set_num_threads(args.threads)
+    # the harness's `past_key_values=` and the aliases for kvpress are deprecated names: one warning per call otherwise
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sys.path.insert(0, str(REPO))  # the plugin module benchmarks.hf_longmem_methods
     harness = load_harness(args.harness)
     registry = harness.build_registry("benchmarks.hf_longmem_methods", with_kvpress=True)  # kvpress imported first
     kvpress_model, our_model = harness.build_model(args), harness.build_model(args)

@@ -56,6 +56,10 @@ class CompressedLayer(CacheLayerMixin):
     batch_state: tuple[str, ...] = ("keys", "values", "positions", "real_seen")
     #: Extra per-slot tensors ``[batch, kv_heads, n]`` that :meth:`compress` gathers along with the keys.
     slot_state: tuple[str, ...] = ()
+    #: Decoding appends into spare capacity (:meth:`append_slots`): ``None`` = on CUDA only. On CPU it measured
+    #: neutral (SnapKV 1.01x, ThinK 0.99x decode at 2k context): CPU SDPA/matmul copy the strided views back to
+    #: contiguous memory, which costs what the saved ``torch.cat`` did.
+    append_in_place: bool | None = None
 
     def __init__(self):
         super().__init__()
@@ -119,7 +123,9 @@ class CompressedLayer(CacheLayerMixin):
             buffer.narrow(2, n, q).copy_(new)
         else:
             tracked = torch.is_grad_enabled() and (current.requires_grad or new.requires_grad)
-            if self._steady_appends < 2 or tracked:  # compressing every step (H2O, ...) or autograd: a plain cat
+            enabled = current.is_cuda if self.append_in_place is None else self.append_in_place
+            # compressing every step (H2O, ...), autograd, or switched off: a plain cat
+            if not enabled or self._steady_appends < 2 or tracked:
                 self._append_buffers.pop(name, None)
                 return torch.cat((current, new), dim=2)
             headroom = min(max(APPEND_HEADROOM[0], (n + q) // 32), APPEND_HEADROOM[1])

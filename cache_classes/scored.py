@@ -84,7 +84,9 @@ class ScoredLayer(CompressedLayer):
         stored = self.compress(self.keys, self.values, self.positions)
         if stored[0] is not self.keys:
             self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation
-        self.store(*stored)
+            self.store(*stored)
+        elif stored[1] is not self.values or stored[2] is not self.positions:
+            self.store(*stored)
         return output, weights
 
     def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):

@@ -48,10 +48,12 @@ def positions_and_padding(
     device = real_seen.device
     if position_ids is None:
         return real_seen[:, None] + torch.arange(num_new, device=device), False
+    if num_new == 1 and position_ids.shape == (batch_size, 1) and position_ids.dtype == real_seen.dtype:
+        # decoding, the hot path: every row continues its count, so no pad (one comparison, no temporaries)
+        if position_ids.device == device and torch.equal(position_ids.view(batch_size), real_seen):
+            return position_ids, False
     pos = position_ids.to(device=device, dtype=torch.long).expand(batch_size, num_new)
-    if num_new == 1:  # decoding: a token is real iff it continues its row's count (the hot path, kept cheap)
-        if torch.equal(pos[:, 0], real_seen):  # every row continues its count: no pad (one op, no temporaries)
-            return pos, False
+    if num_new == 1:  # decoding: a token is real iff it continues its row's count
         is_real = pos[:, 0] == real_seen
         if bool(((~is_real) & ((real_seen > 0) | (pos[:, 0] > 1))).any()):
             raise ValueError(_NOT_LEFT_PADDED)

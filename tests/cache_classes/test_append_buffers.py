@@ -1,7 +1,11 @@
-"""Append buffers (CompressedLayer.append_slots): in-place decoding appends are a storage detail only."""
+"""Append buffers (CompressedLayer.append_slots): in-place decoding appends are a storage detail only.
+
+They are on for CUDA tensors by default; the tests switch them on for CPU.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hf_longmem import make_cache
@@ -10,8 +14,21 @@ from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def _in_place_on_cpu(monkeypatch):
+    monkeypatch.setattr(CompressedLayer, "append_in_place", True)
+
+
 def _plain_append(self, name, new):
     return torch.cat((getattr(self, name), new), dim=2)
+
+
+def test_off_on_cpu_by_default(monkeypatch):
+    monkeypatch.setattr(CompressedLayer, "append_in_place", None)
+    model = tiny_model("llama_gqa")
+    cache = make_cache("snapkv", model, budget=12, window_size=4)
+    greedy(model, random_ids(1, 30), cache, max_new_tokens=6)
+    assert all(not layer._append_buffers for layer in cache.layers)
 
 
 def test_decoding_writes_in_place_and_equals_concatenation(monkeypatch):
