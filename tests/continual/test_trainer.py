@@ -42,8 +42,11 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, lora):
 
     full = trainer(tmp_path / "a", plot=not lora).train()
     assert trainer(tmp_path / "b").train(stop_after_steps=5) is None  # "killed" after step 5; last checkpoint: 4
+    partial = tmp_path / "b" / "checkpoints" / "checkpoint-6.tmp"  # a save interrupted by the kill
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-4"
-    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["checkpoint-4"]  # keep_checkpoints=1
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6.tmp"]
     resumed = trainer(tmp_path / "b").train(resume_from="latest")
     assert _comparable(resumed) == _comparable(full)
     assert len(full["accuracy_matrix"]) == 3
