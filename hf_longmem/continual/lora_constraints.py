@@ -22,7 +22,7 @@ import torch
 
 from .base import Strategy, check_number, register_strategy
 
-__all__ = ["OLoRA"]
+__all__ = ["OLoRA", "RegLoRA"]
 
 
 @register_strategy
@@ -107,3 +107,69 @@ class OLoRA(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+@register_strategy
+class RegLoRA(OLoRA):
+    """RegLoRA of SEFE (Chen et al., "SEFE: Superficial and Essential Forgetting Eliminator for Multimodal Continual
+    Instruction Tuning", ICML 2025, arXiv 2505.02486; reference jinpeng0528/SEFE).
+
+    After each task, the key elements of that task's LoRA update ``dW_t = B_t A_t`` — the top ``top_p`` (2%) entries of
+    ``|dW_t|`` per module — join a per-module set kept across tasks; while training a later task the loss adds
+    ``lam * mean_modules mean |dW_current[key elements]|`` (``lam = 2.5e3`` in the reference), so the new update leaves
+    the earlier tasks' most important weight entries alone. SEFE merges each task's LoRA into the base before the next
+    task; the per-task blocks of :class:`OLoRA` (frozen after their task, summed in the forward) are that merge without
+    changing the parameter set. ``dW`` is taken without peft's ``alpha / r`` scaling (a constant absorbed by ``lam``).
+    ASD, SEFE's data-side answer-style rewriting, is not part of this strategy.
+
+    Args:
+        top_p: fraction of each module's entries kept as key elements per task.
+        lam: weight of the regularizer.
+        lambda_orth: O-LoRA's orthogonality weight, 0 by default (not part of RegLoRA).
+    """
+
+    name = "reglora"
+
+    def __init__(self, top_p: float = 0.02, lam: float = 2.5e3, lambda_orth: float = 0.0):
+        super().__init__(lambda_orth=lambda_orth, lambda_l2=0.0)
+        self.top_p = check_number("top_p", top_p, low=0.0, high=1.0, strict_low=True)
+        self.lam = check_number("lam", lam, low=0.0)
+        self.key_masks: dict[str, torch.Tensor] = {}
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor, task: int) -> torch.Tensor:
+        """``dW_task = B[:, block] A[block]`` of one module, ``(out, in)``."""
+        rows = self.rows(task)
+        return b[:, rows] @ a[rows]
+
+    @torch.no_grad()
+    def on_task_end(self, task: int) -> None:
+        for name, a, _, b in self.pairs:
+            d = self.delta(a, b, task).abs().flatten()
+            k = max(1, int(round(self.top_p * d.numel())))
+            mask = torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
+            mask[d.topk(k).indices] = True
+            mask = mask.view(b.shape[0], a.shape[1]).cpu()
+            self.key_masks[name] = self.key_masks[name] | mask if name in self.key_masks else mask
+
+    def regularizer(self, task: int) -> torch.Tensor | None:
+        """``mean_modules mean |dW_task[key elements]|`` (``None`` before the first task end)."""
+        if not self.key_masks:
+            return None
+        terms = []
+        for name, a, _, b in self.pairs:
+            mask = self.key_masks[name].to(a.device)
+            terms.append(self.delta(a, b, task)[mask].abs().mean())
+        return torch.stack(terms).mean()
+
+    def extra_loss(self, batch, outputs):
+        loss = super().extra_loss(batch, outputs)
+        reg = self.regularizer(self.trainer.task_index)
+        if reg is not None and self.lam:
+            loss = self.lam * reg if loss is None else loss + self.lam * reg
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key_masks": self.key_masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.key_masks = dict(state["key_masks"])

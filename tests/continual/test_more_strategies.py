@@ -105,3 +105,27 @@ def test_refresh_unlearn_step_follows_its_formula():
     refresh.on_task_end(0)
     name = next(iter(first))
     assert torch.allclose(refresh.fisher[name], first[name] * (1 + refresh.tau))
+
+
+def test_reglora_key_elements_and_penalty():
+    from hf_longmem.continual.lora_constraints import RegLoRA
+
+    trainer = make_trainer([RegLoRA(top_p=0.1, lam=10.0)], model=_lora(rank=6), grad_clip=None)
+    reg = trainer.strategies[0]
+    trainer.train_step()
+    trainer.train_step()
+    assert reg.regularizer(1) is None
+    reg.on_task_end(0)
+    name, a, _, b = reg.pairs[0]
+    mask = reg.key_masks[name]
+    d0 = (b[:, :2] @ a[:2]).detach().abs()
+    k = round(0.1 * d0.numel())
+    assert int(mask.sum()) == k and d0[mask].min() >= d0[~mask].max()  # the top 10% entries of |B_0 A_0|
+    assert reg.regularizer(1).item() == 0.0  # task 1's block has B = 0
+    with torch.no_grad():
+        b[:, 2:4].normal_()
+    expected = torch.stack([(q[:, 2:4] @ p[2:4])[reg.key_masks[n]].abs().mean() for n, p, _, q in reg.pairs]).mean()
+    trainer.task_index = 1
+    assert reg.extra_loss(None, None).item() == pytest.approx(10.0 * expected.item(), rel=1e-5)
+    reg.on_task_end(1)
+    assert int(reg.key_masks[name].sum()) >= k  # union across tasks
