@@ -50,9 +50,13 @@ class TrainConfig:
     Training draws, per step, a length uniformly in ``[min_length, max_length]`` (multiples of 16) and
     ``max(1, tokens_per_batch // length)`` samples of that length from ``tasks`` (weights) with ``task_options``.
     Training stops at ``max_steps`` or after ``max_train_seconds`` (0: no limit), whichever comes first.
+    ``curriculum`` (optional) is a list of stages ``{until, min_length, max_length, task_options}``: a step uses the
+    first stage with ``progress < until``, where progress is the larger of the step and time fractions; a stage's
+    keys default to the top-level ones.
     ``hmt`` holds :class:`~hf_longmem.modeling.hmt.HMTConfig` fields. The evaluation runs ``eval_tasks`` at
     ``eval_lengths`` with ``eval_num_samples`` fresh samples each (seed ``eval_seed``), for HMT and, if
-    ``eval_backbone``, for the backbone alone.
+    ``eval_backbone``, for the backbone alone. An ``eval_tasks`` entry is a task name of
+    ``hf_longmem.evals.tasks`` or ``{label, task, options, num_samples}`` (e.g. a 1-digit passkey).
     """
 
     output_dir: str = "runs/hmt-tiny"
@@ -76,7 +80,8 @@ class TrainConfig:
     hmt: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=lambda: {"passkey": 1.0})
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eval_tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
+    eval_tasks: list[Any] = field(default_factory=lambda: ["passkey"])
     eval_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
     eval_num_samples: int = 50
     eval_seed: int = 1234
@@ -137,18 +142,28 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
+    stages = config.curriculum or [{"until": 1.0}]
+    mixtures = [
+        TaskMixture(
+            tokenizer, config.tasks, stage.get("task_options", config.task_options),
+            seed=config.seed + 1000 * index + accelerator.process_index,
+        )
+        for index, stage in enumerate(stages)
+    ]  # fmt: skip
     rng = random.Random(config.seed)
-    schedule = (
-        (length, max(1, config.tokens_per_batch // length))
-        for length in (16 * rng.randint(-(-config.min_length // 16), config.max_length // 16) for _ in range(config.max_steps))
-    )  # fmt: skip
     history: list[dict[str, Any]] = []
     recent: list[bool] = []
     tokens_seen, start, steps = 0, time.time(), 0
     progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_hmt")
     model.train()
-    for step, samples in enumerate(mixture.batches(schedule), start=1):
+    for step in range(1, config.max_steps + 1):
+        fraction = (step - 1) / config.max_steps
+        if config.max_train_seconds:
+            fraction = max(fraction, (time.time() - start) / config.max_train_seconds)
+        index = next((i for i, stage in enumerate(stages) if fraction < stage["until"]), len(stages) - 1)
+        low, high = stages[index].get("min_length", config.min_length), stages[index].get("max_length", config.max_length)
+        length = 16 * rng.randint(-(-low // 16), high // 16)
+        samples = [mixtures[index].sample(length) for _ in range(max(1, config.tokens_per_batch // length))]
         batch = {
             k: v.to(accelerator.device)
             for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
@@ -171,6 +186,7 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
                 "loss": round(loss.item(), 4),
                 "answer_exact_recent": round(sum(recent) / len(recent), 3),
                 "length": batch["input_ids"].shape[1],
+                "stage": index,
                 "lr": scheduler.get_last_lr()[0],
                 "elapsed_s": round(elapsed, 1),
             }
@@ -202,10 +218,12 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, task: str, length: int, num_samples: int, seed: int) -> dict[str, Any]:
+def evaluate(
+    model: Any, tokenizer: Any, task: str, length: int, num_samples: int, seed: int, options: dict | None = None
+) -> dict[str, Any]:
     """Greedy exact-match accuracy of ``model.generate`` on fresh samples (batch size 1, no padding)."""
     model.eval()
-    samples = generate_task(task, tokenizer, length, num_samples, seed)
+    samples = generate_task(task, tokenizer, length, num_samples, seed, **(options or {}))
     correct, start = 0, time.time()
     for sample in tqdm(samples, desc=f"{task}@{length}", leave=False):
         turn = sample.turns[0]
@@ -233,16 +251,21 @@ def evaluate_all(model: Any, tokenizer: Any, config: TrainConfig, backbone: Any 
     """Rows for HMT (``cache="hmt"``) and, when given, the backbone alone (``cache="none"``, full attention)."""
     hmt_kwargs = {
         key: getattr(model.config, key)
-        for key in ("segment_length", "sensory_length", "num_memories", "summary_fraction", "lora_rank")
+        for key in ("segment_length", "sensory_length", "num_memories", "num_memory_tokens", "lora_rank")
     }
     rows = []
-    for task in config.eval_tasks:
+    for entry in config.eval_tasks:
+        spec = {"label": entry, "task": entry} if isinstance(entry, str) else dict(entry)
+        num_samples = int(spec.get("num_samples", config.eval_num_samples))
         for length in config.eval_lengths:
             for name, candidate, kwargs in (("hmt", model, hmt_kwargs), ("none", backbone, {})):
                 if candidate is None:
                     continue
-                row = evaluate(candidate, tokenizer, task, length, config.eval_num_samples, config.eval_seed)
-                row.update({"model": "hmt-tiny-longmem", "cache": name, "cache_kwargs": kwargs})
+                row = evaluate(
+                    candidate, tokenizer, spec["task"], length, num_samples, config.eval_seed, spec.get("options")
+                )
+                row.update({"task": spec.get("label", spec["task"]), "model": "hmt-tiny-longmem"})
+                row.update({"cache": name, "cache_kwargs": kwargs, "task_options": spec.get("options", {})})
                 rows.append(row)
                 tqdm.write(json.dumps(row))
     return rows

@@ -58,13 +58,17 @@ def test_tiny_run_evaluates_and_publishes_offline(recipe, tmp_path):
         output_dir=str(tmp_path / "model"), results=str(tmp_path / "results.json"), max_steps=2, max_train_seconds=0,
         tokens_per_batch=400, min_length=160, max_length=192, log_every=1, eval_lengths=[200], eval_num_samples=1,
     )  # fmt: skip
-    config["hmt"].update(segment_length=64, sensory_length=8, lora_rank=2)
+    config["hmt"].update(segment_length=64, sensory_length=8, lora_rank=2, num_memory_tokens=2)
+    config["eval_tasks"] = [{"label": "passkey_1digit", "task": "passkey", "options": {"num_digits": 1}}, "passkey"]
     path = tmp_path / "hmt.yaml"
     path.write_text(yaml.safe_dump(config))
     results = recipe.main(["--config", str(path), "--publish", "me/hmt-tiny", "--publish_root", str(tmp_path / "hub")])
 
     rows = load_harness_results(tmp_path / "results.json").rows
-    assert {(r["cache"], r["context_length"]) for r in rows} == {("hmt", 200), ("none", 200)}
+    assert {(r["task"], r["cache"], r["context_length"]) for r in rows} == {
+        (task, cache, 200) for task in ("passkey_1digit", "passkey") for cache in ("hmt", "none")
+    }
+    assert all(r["num_samples"] == 1 for r in rows)
     assert results["meta"]["train_steps"] == 2 and results["meta"]["trainable_parameters"] > 0
     metadata = json.loads((tmp_path / "model" / "training_metadata.json").read_text())
     assert metadata["trainable_parameters"] < sum(p.numel() for p in HMTForCausalLM.from_pretrained(tmp_path / "model").parameters())
