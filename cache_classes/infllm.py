@@ -14,7 +14,12 @@ Per layer the context is ``[n_init initial tokens | memory blocks of block_size 
   block's representative is the mean of its ``repr_topk`` keys that received the most local-window attention while
   they were in the window (per query head, as the official code). The ``topk`` best blocks (all blocks when there
   are at most ``topk``) are chosen per chunk and per decoding step, shared by the heads of the layer
-  (:func:`~hf_longmem.kernels.block_topk.block_topk`).
+  (:func:`~hf_longmem.kernels.block_topk.block_topk`). With ``perhead=True`` (the official ``perhead`` option of
+  ``ContextManager``) every query head instead retrieves its own ``topk`` blocks by its own score
+  ``q_h . r_{b,h}``; the union of a row's blocks is gathered once and each head attends to its own blocks (plus the
+  shared initial tokens and remainder). On the embedded 4-layer model this matters: the passkey is copied by one
+  head of layer 1 (forcing the needle block into that head alone restores 100% at 2048 tokens) while the summed
+  score of the other heads ranks the needle block last at some decoding steps.
 * **Memory formation**: after each chunk, tokens that left the window first fill the ``n_init`` initial tokens,
   then form blocks of ``block_size`` that go to a :class:`~hf_longmem.memory.block_store.BlockStore` (CPU with a
   device LRU of ``max_cached_blocks`` per row on CUDA; prefetched on a side stream while the local part runs).
@@ -126,6 +131,18 @@ def block_representatives(
     return reprs.permute(0, 2, 1, 3).to(keys.dtype)
 
 
+def _is_per_head(selected: list) -> bool:
+    """Whether a selection is ``[row][head] -> ids`` (``perhead``) rather than ``[row] -> ids``."""
+    return any(isinstance(entry, list) for row in selected for entry in row)
+
+
+def _row_union(selected: list) -> list[list[int]]:
+    """Per row, the sorted block ids that any head of the row selected (a shared selection is returned as is)."""
+    if not _is_per_head(selected):
+        return selected
+    return [sorted({block for ids in heads for block in ids}) for heads in selected]
+
+
 class InfLLMLayer(CacheLayerMixin):
     """One attention layer of an :class:`InfLLMCache`.
 
@@ -156,12 +173,14 @@ class InfLLMLayer(CacheLayerMixin):
         exc_block_size: int,
         offload: bool | None = None,
         pin_memory: bool | None = None,
+        perhead: bool = False,
     ):
         super().__init__()
         self.rotary = rotary
         self.n_init, self.n_local, self.block_size = n_init, n_local, block_size
         self.topk, self.repr_topk, self.max_cached_blocks = topk, repr_topk, max_cached_blocks
         self.exc_block_size = exc_block_size
+        self.perhead = bool(perhead)
         self.offload, self.pin_memory = offload, pin_memory
         self.cumulative_length = 0
         self.positions: torch.Tensor | None = None
@@ -272,7 +291,7 @@ class InfLLMLayer(CacheLayerMixin):
         memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions) if has_memory else None
         selected = self.select_blocks(memory_query) if has_memory else None
         if selected is not None:
-            self.store.prefetch(selected)
+            self.store.prefetch(_row_union(selected))
 
         self.keys = torch.cat((self.keys, keys), dim=-2)
         self.values = torch.cat((self.values, values), dim=-2)
@@ -298,9 +317,13 @@ class InfLLMLayer(CacheLayerMixin):
         memory = self._memory_states(selected, num_q) if has_memory else None
         if memory is not None:
             mem_keys, mem_values, mem_valid = memory
+            per_head = mem_keys.shape[0] != batch  # one unit per (row, query head): [b * H, 1, n, d]
+            mem_query = memory_query.reshape(batch * q_heads, 1, num_q, -1) if per_head else memory_query
             mem_out, mem_lse = decode_attention(
-                memory_query, mem_keys, mem_values, scale, valid=mem_valid, causal_new=True, backend=self.kernel_backend
+                mem_query, mem_keys, mem_values, scale, valid=mem_valid, causal_new=True, backend=self.kernel_backend
             )
+            if per_head:
+                mem_out, mem_lse = mem_out.view(batch, q_heads, num_q, -1), mem_lse.view(batch, q_heads, num_q)
             out, lse = merge_attention(out, lse, mem_out, mem_lse)
 
         # representative scores: window attention under the joint softmax (as the official single softmax):
@@ -312,7 +335,11 @@ class InfLLMLayer(CacheLayerMixin):
         return out
 
     def _memory_states(self, selected, num_q: int):
-        """Keys/values/valid ``[b, n]`` of the memory part, or ``None`` when it is empty.
+        """Keys/values/valid of the memory part, or ``None`` when it is empty.
+
+        Layout ``[retrieved blocks | initial tokens | pad | remainder]``, ``[b, Hkv, n, d]`` with valid ``[b, n]``;
+        with a per-head selection (``perhead``) every query head is a unit of its own: ``[b * H, 1, n, d]`` and
+        ``[b * H, n]`` (unit ``r * H + h`` reads KV head ``h // group`` of row ``r``).
 
         The remainder (recent tokens older than the last query's window) is last, so that ``causal_new`` gives
         query ``i`` exactly the remainder tokens outside its own window; a pad of ``max(0, c - r)`` masked slots
@@ -322,39 +349,92 @@ class InfLLMLayer(CacheLayerMixin):
         device = self.device
         remainder = max(0, self.keys.shape[-2] - self.n_local)
         keys, values, valid = [], [], []
+        per_head = selected is not None and _is_per_head(selected)
         if selected is not None:
-            block_keys, block_values, block_valid = self.store.gather(selected)
+            block_keys, block_values, block_valid = (
+                self._gather_per_head(selected) if per_head else self.store.gather(selected)
+            )
             keys.append(block_keys)
             values.append(block_values)
             valid.append(
                 block_valid
                 if block_valid is not None
-                else torch.ones(batch, block_keys.shape[-2], dtype=torch.bool, device=device)
+                else torch.ones(block_keys.shape[0], block_keys.shape[-2], dtype=torch.bool, device=device)
             )
+        tail_keys, tail_values, tail_valid = [], [], []
         if self.init_keys.shape[-2]:
-            keys.append(self.init_keys)
-            values.append(self.init_values)
-            valid.append(torch.ones(batch, self.init_keys.shape[-2], dtype=torch.bool, device=device))
-        if not keys and remainder == 0:
+            tail_keys.append(self.init_keys)
+            tail_values.append(self.init_values)
+            tail_valid.append(torch.ones(batch, self.init_keys.shape[-2], dtype=torch.bool, device=device))
+        if not keys and not tail_keys and remainder == 0:
             return None
         pad = max(0, num_q - remainder)
         if pad:
-            keys.append(self.keys.new_zeros(batch, self.keys.shape[1], pad, self.keys.shape[-1]))
-            values.append(self.values.new_zeros(batch, self.values.shape[1], pad, self.values.shape[-1]))
-            valid.append(torch.zeros(batch, pad, dtype=torch.bool, device=device))
+            tail_keys.append(self.keys.new_zeros(batch, self.keys.shape[1], pad, self.keys.shape[-1]))
+            tail_values.append(self.values.new_zeros(batch, self.values.shape[1], pad, self.values.shape[-1]))
+            tail_valid.append(torch.zeros(batch, pad, dtype=torch.bool, device=device))
         if remainder:
-            keys.append(self.unrotate(self.keys[:, :, :remainder], self.positions[:, :remainder]))
-            values.append(self.values[:, :, :remainder])
-            valid.append(torch.ones(batch, remainder, dtype=torch.bool, device=device))
+            tail_keys.append(self.unrotate(self.keys[:, :, :remainder], self.positions[:, :remainder]))
+            tail_values.append(self.values[:, :, :remainder])
+            tail_valid.append(torch.ones(batch, remainder, dtype=torch.bool, device=device))
+        tail_k, tail_v, tail_ok = torch.cat(tail_keys, -2), torch.cat(tail_values, -2), torch.cat(tail_valid, -1)
+        if per_head:  # the shared tail, repeated for every query head of its KV head
+            q_heads = self.local_scores.shape[1]
+            group = q_heads // tail_k.shape[1]
+            tail_k = tail_k.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *tail_k.shape[-2:])
+            tail_v = tail_v.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *tail_v.shape[-2:])
+            tail_ok = tail_ok.repeat_interleave(q_heads, dim=0)
+        keys.append(tail_k)
+        values.append(tail_v)
+        valid.append(tail_ok)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(valid, dim=-1)
+
+    def _gather_per_head(self, selected: list[list[list[int]]]):
+        """``selected[row][head]`` block ids -> ``keys [b * H, 1, L, d]``, ``values``, ``valid [b * H, L]``.
+
+        The union of a row's blocks is gathered once from the store; each query head then takes its own blocks
+        (in ascending id order) from its KV head, zero-padded to the longest selection and marked invalid there.
+        """
+        union = _row_union(selected)
+        keys, values, _ = self.store.gather(union)  # [b, Hkv, U, d]
+        batch, kv_heads, _, dim = keys.shape
+        q_heads = len(selected[0])
+        group = q_heads // kv_heads
+        index_rows = []
+        for row, heads in enumerate(selected):  # loop over rows and heads: a few dozen block ids each
+            sizes = self.store.block_sizes(row)
+            offset, start = 0, {}
+            for block in union[row]:
+                start[block] = offset
+                offset += sizes[block]
+            for ids in heads:
+                index_rows.append(
+                    [t for block in ids for t in range(start[block], start[block] + sizes[block])]
+                )
+        width = max(1, max(len(ids) for ids in index_rows))
+        index = torch.zeros(len(index_rows), width, dtype=torch.long)
+        ok = torch.zeros(len(index_rows), width, dtype=torch.bool)
+        for unit, ids in enumerate(index_rows):
+            index[unit, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            ok[unit, : len(ids)] = True
+        index, ok = index.to(self.device), ok.to(self.device)
+        kv_of_head = torch.arange(q_heads, device=self.device) // group
+        per_head_keys = keys[:, kv_of_head].reshape(batch * q_heads, *keys.shape[-2:])
+        per_head_values = values[:, kv_of_head].reshape(batch * q_heads, *values.shape[-2:])
+        take_keys = per_head_keys.gather(1, index[..., None].expand(-1, -1, dim))
+        take_values = per_head_values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+        return take_keys[:, None], take_values[:, None], ok
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
         return self.rotary.rotate(keys, -positions)
 
     # ------------------------------------------------------------------------------------ retrieval, memory
-    def select_blocks(self, memory_query: torch.Tensor) -> list[list[int]] | None:
-        """Block ids per row for this chunk: all blocks if at most ``topk``, else the ``topk`` best (ascending ids).
+    def select_blocks(self, memory_query: torch.Tensor) -> list | None:
+        """Blocks for this chunk: all blocks if at most ``topk``, else the ``topk`` best (ascending ids).
+
+        Returns ``selected[row]`` block ids shared by the layer's heads (the official default), or with
+        ``perhead`` ``selected[row][head]`` chosen by each query head's own score ``q_h . r_{b,h}``.
 
         Args:
             memory_query: ``[b, H, c, d]`` chunk queries rotated to position ``n_local - 1``.
@@ -365,8 +445,22 @@ class InfLLMLayer(CacheLayerMixin):
         if max(counts) <= self.topk:
             return [list(range(count)) for count in counts]
         query_mean = memory_query.float().mean(dim=2)  # [b, H, d]
-        index = block_topk(query_mean, self.store.representatives(), self.topk, self.store.counts(), backend=self.kernel_backend)
-        return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
+        if not self.perhead:
+            index = block_topk(
+                query_mean, self.store.representatives(), self.topk, self.store.counts(), backend=self.kernel_backend
+            )
+            return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
+        batch, q_heads, dim = query_mean.shape
+        reprs = self.store.representatives().transpose(1, 2).reshape(batch * q_heads, -1, dim)  # [b*H, n, d]
+        index = block_topk(
+            query_mean.reshape(batch * q_heads, dim),
+            reprs,
+            self.topk,
+            self.store.counts().repeat_interleave(q_heads),
+            backend=self.kernel_backend,
+        )
+        units = [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
+        return [units[row * q_heads : (row + 1) * q_heads] for row in range(batch)]
 
     def after_chunk(self) -> None:
         """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size``."""
@@ -464,6 +558,8 @@ class InfLLMCache(LongMemCache):
         exc_block_size: queries per execution block (official 512), at most ``n_local``.
         offload: keep memory blocks in CPU memory with a device LRU; ``None``: when the model runs on CUDA.
         pin_memory: pin the CPU blocks; ``None``: when offloading from CUDA.
+        perhead: each query head retrieves its own ``topk`` blocks by its own score ``q_h . r_{b,h}`` (the official
+            ``perhead`` option); ``False`` (official default): one choice per layer, scored with the heads summed.
         config: the model config (layer layout and RoPE).
         rotary: the model's RoPE (``from_model``/``make_cache`` read it from the model).
 
@@ -486,6 +582,7 @@ class InfLLMCache(LongMemCache):
         exc_block_size: int = 512,
         offload: bool | None = None,
         pin_memory: bool | None = None,
+        perhead: bool = False,
         config=None,
         rotary: RotaryShift | None = None,
     ):
@@ -504,7 +601,7 @@ class InfLLMCache(LongMemCache):
             raise ValueError(f"`exc_block_size` ({exc_block_size}) must be at most `n_local` ({n_local})")
         self.n_init, self.n_local, self.block_size, self.topk = n_init, n_local, block_size, topk
         self.repr_topk, self.max_cached_blocks, self.exc_block_size = repr_topk, max_cached_blocks, exc_block_size
-        self.offload, self.pin_memory = offload, pin_memory
+        self.offload, self.pin_memory, self.perhead = offload, pin_memory, bool(perhead)
         self.rotary = rotary_for(type(self).__name__, config, rotary)
         options = dict(
             n_init=n_init,
@@ -516,6 +613,7 @@ class InfLLMCache(LongMemCache):
             exc_block_size=exc_block_size,
             offload=offload,
             pin_memory=pin_memory,
+            perhead=self.perhead,
         )
         super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
 

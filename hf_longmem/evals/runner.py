@@ -267,6 +267,7 @@ def answer_turns(
                 "num_prompt_tokens": len(fed),
                 "num_cached_tokens": seen,
                 "kv_bytes": cache_memory_bytes(work),
+                **_memory_split(work),
                 "peak_memory_bytes": max(peak.peak_bytes, context["peak_memory_bytes"]),
                 "peak_memory_kind": peak.kind,
             }
@@ -359,6 +360,7 @@ def evaluate(
                     pad_token_id=decoder.pad, attention_mask=mask,
                 )  # fmt: skip
             kv_bytes = cache_memory_bytes(cache) / len(batch)
+            split = _memory_split(cache, len(batch))
             for row, (si, ti) in enumerate(batch):
                 sample, turn = samples[si], samples[si].turns[ti]
                 tokens = out.tokens(row)[: turn.max_new_tokens]
@@ -372,6 +374,7 @@ def evaluate(
                     decode_tokens_per_s=out.decode_tokens_per_s,
                     context_prefill_s=None,
                     kv_bytes=int(round(kv_bytes)),
+                    **split,
                     peak_memory_bytes=peak.peak_bytes,
                     peak_memory_kind=peak.kind,
                     batch_size=len(batch),
@@ -455,6 +458,18 @@ def _add_fidelity(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _memory_split(cache: Any, rows: int = 1) -> dict[str, int]:
+    """``kv_resident_bytes``/``kv_offloaded_bytes`` of a cache that splits its bytes (``memory_breakdown()``:
+    InfLLM/EM-LLM memory blocks offloaded to CPU vs held on the compute device), per row; ``{}`` for other caches."""
+    if not hasattr(cache, "memory_breakdown"):
+        return {}
+    split = cache.memory_breakdown()
+    return {
+        "kv_resident_bytes": int(round(split.get("resident", 0) / rows)),
+        "kv_offloaded_bytes": int(round(split.get("offloaded", 0) / rows)),
+    }
+
+
 def aggregate_records(
     records: Sequence[Mapping[str, Any]],
     *,
@@ -470,8 +485,9 @@ def aggregate_records(
 
     ``accuracy``, ``kv_bytes``, ``prefill_s``, ``decode_tokens_per_s``, ``top1_agreement`` and ``kl`` are means over
     the records that have them (``None`` when none has), ``peak_memory_bytes`` is the maximum. Extra keys:
-    ``mode``, ``num_turns``, ``mean_prompt_tokens``, ``context_prefill_s`` (shared-context modes) and
-    ``peak_memory_kind``.
+    ``mode``, ``num_turns``, ``mean_prompt_tokens``, ``context_prefill_s`` (shared-context modes),
+    ``peak_memory_kind`` and, for caches with a ``memory_breakdown()`` (InfLLM, EM-LLM), ``kv_resident_bytes`` and
+    ``kv_offloaded_bytes`` (means; their sum is ``kv_bytes``).
     """
     if not records:
         raise ValueError(f"no records to aggregate for task={task!r}, cache={cache!r}, length={context_length}")
@@ -497,6 +513,11 @@ def aggregate_records(
         "mean_prompt_tokens": _mean([r["num_prompt_tokens"] + r["num_cached_tokens"] for r in records]),
         "context_prefill_s": _mean([r.get("context_prefill_s") for r in records]),
         "peak_memory_kind": ",".join(kinds),
+        **{
+            key: int(round(_mean([r[key] for r in records])))
+            for key in ("kv_resident_bytes", "kv_offloaded_bytes")
+            if all(r.get(key) is not None for r in records)
+        },
     }
 
 

@@ -210,6 +210,82 @@ def test_needle_block_is_retrieved_first():
     assert int(scores.argmax()) == 5  # block 5 holds tokens 20..23
 
 
+def _forced(layer, pick):
+    """Replaces ``layer.select_blocks`` by ``pick(num_blocks, head)`` (per head) or ``pick(num_blocks, None)``."""
+
+    def select(memory_query):
+        count = layer.store.num_blocks(0) if layer.store.batch_size else 0
+        if count == 0:
+            return None
+        if not layer.perhead:
+            return [pick(count, None)]
+        return [[pick(count, head) for head in range(memory_query.shape[1])]]
+
+    layer.select_blocks = select
+
+
+def _head_pick(head_of_run):
+    def pick(count, head):
+        head = head_of_run if head is None else head
+        chosen = [b for b in range(count) if (b + head) % 3 != 0]
+        return chosen or [count - 1]
+
+    return pick
+
+
+def test_perhead_output_of_each_head_is_the_shared_output_with_its_blocks():
+    """Heads attend independently: with ``perhead`` head h's output equals a shared run that retrieves h's blocks."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, total = 4, 2, 16, 70
+    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
+    pos = torch.arange(total)[None]
+    query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
+    keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
+    values = torch.randn(1, kv_heads, total, dim)
+    splits = [50, 1, 1, 9, 1, 8]
+    options = dict(n_init=4, n_local=12, block_size=4, topk=3, repr_topk=2, max_cached_blocks=3, exc_block_size=6)
+    layer = InfLLMLayer(rotary, **options, perhead=True)
+    _forced(layer, _head_pick(None))
+    out = run_layer(layer, query, keys, values, splits, dim**-0.5)
+    for head in range(heads):
+        shared = InfLLMLayer(rotary, **options)
+        _forced(shared, _head_pick(head))
+        expected = run_layer(shared, query, keys, values, splits, dim**-0.5)
+        torch.testing.assert_close(out[:, head], expected[:, head], rtol=1e-5, atol=1e-6)
+
+
+def test_perhead_selection_is_each_heads_top_k():
+    torch.manual_seed(0)
+    heads, kv_heads, dim, total = 4, 2, 16, 80
+    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
+    pos = torch.arange(total)[None]
+    query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
+    keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
+    layer = InfLLMLayer(rotary, 0, 16, 4, topk=3, repr_topk=2, max_cached_blocks=3, exc_block_size=16, perhead=True)
+    run_layer(layer, query, keys, torch.randn(1, kv_heads, total, dim), [total], dim**-0.5)
+    probe = torch.randn(1, heads, 2, dim)
+    selected = layer.select_blocks(probe)
+    reprs = layer.store.representatives()[0]  # [n, H, d]
+    for head in range(heads):
+        scores = reprs[:, head] @ probe[0, head].mean(0)
+        assert selected[0][head] == sorted(scores.topk(3).indices.tolist())
+    assert len({tuple(ids) for ids in selected[0]}) > 1  # the heads really differ here
+
+
+def test_perhead_runs_on_a_model_with_offload():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 80)
+    plain = infllm(model, **SMALL, perhead=True)
+    seq, logits = greedy(model, ids, plain, max_new_tokens=6)
+    offloaded = infllm(model, **SMALL, perhead=True, offload=True)
+    seq_off, logits_off = greedy(model, ids, offloaded, max_new_tokens=6)
+    assert torch.equal(seq, seq_off)
+    torch.testing.assert_close(logits, logits_off)
+    large = infllm(model, n_init=4, n_local=128, block_size=8, topk=2, exc_block_size=16, perhead=True)
+    ref_seq, _ = greedy(model, ids, DynamicCache(config=model.config), max_new_tokens=6)
+    assert torch.equal(greedy(model, ids, large, max_new_tokens=6)[0], ref_seq)
+
+
 # ------------------------------------------------------------------------------------------- memory, errors
 def test_offload_lru_and_memory_breakdown():
     model = tiny_model("llama_gqa")

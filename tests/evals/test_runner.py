@@ -213,6 +213,22 @@ def test_run_benchmark_rows(model, tokenizer):
     assert all(r["model"] == "tiny" for r in records)
 
 
+def test_rows_split_offloaded_memory_bytes(model, tokenizer):
+    """InfLLM reports resident vs offloaded bytes (summing to kv_bytes); caches without a split do not."""
+    options = dict(n_init=4, n_local=16, block_size=8, topk=2, repr_topk=2, max_cached_blocks=2, exc_block_size=8)
+    caches = {"full": ("full", {}), "infllm": ("infllm", {**options, "offload": True})}
+    rows = run_benchmark(
+        model, tokenizer, ["one", "multi"], [64], caches, num_samples=1, task_generator=fake_generator,
+        progress=False,
+    )  # fmt: skip
+    for row in rows:
+        if row["cache"] == "full":
+            assert "kv_resident_bytes" not in row
+            continue
+        assert row["kv_offloaded_bytes"] > 0 and row["kv_resident_bytes"] > 0
+        assert abs(row["kv_resident_bytes"] + row["kv_offloaded_bytes"] - row["kv_bytes"]) <= 1
+
+
 def test_peak_memory_and_profile_generation(model):
     from hf_longmem.evals.profiling import PeakMemory, profile_generation
 
