@@ -11,14 +11,18 @@ Interface (stable; every architecture uses the same recipe, only its YAML differ
   ``hf_longmem`` architecture is imported (``hf_longmem.modeling.<model_type>``) when its type is not registered
   yet. The model is built with ``AutoModelForCausalLM.from_config`` after ``set_seed(seed)``.
 - ``tasks``: training mixture, ``{task: {weight: w, <option>: value or list}}`` over
-  :data:`hf_longmem.evals.recall.RECALL_TASKS` (``mqar``, ``fact_recall``); a list is sampled per batch.
+  :data:`hf_longmem.evals.recall.RECALL_TASKS` (``mqar``, ``fact_recall``); a list is sampled per batch. The option
+  ``length`` (int or list) overrides ``seq_length`` for that task (a length mixture); ``mqar`` also takes
+  ``num_pairs``, ``num_queries`` and ``query_placement`` (``end``: all queries after the filler; ``spread``:
+  Zoology's random query places, short- and long-range).
 - ``eval``: ``{num_samples, batch_size, tasks: [{task, length, **options}, ...]}``: teacher-forced answer
   accuracy (:func:`hf_longmem.evals.recall.evaluate_recall`) after training, on seeds disjoint from training.
 - ``publish`` (optional): ``{repo_id, local_root (a folder: offline LocalFolderApi; omit for the Hub), private,
   license, tags}``: pushes the checkpoint with the ``architecture`` model card via :func:`hf_longmem.hub.publish`.
 - Every scalar key can be overridden on the command line (``--learning_rate 1e-3 --max_steps 50``).
 
-The loss is next-token cross entropy on the tasks' targets (answers weighted ``answer_loss_weight``); if the model's
+The loss is next-token cross entropy on the tasks' targets (for ``mqar`` only the answers, i.e. the value after each
+query key; for ``fact_recall`` every token, answers weighted ``answer_loss_weight``); if the model's
 output has an ``aux_loss`` (e.g. a router's load-balancing loss, already scaled by the model), it is added times
 ``aux_loss_weight``. Outputs in ``output_dir``: the checkpoint (``save_pretrained``: safetensors, config with
 ``auto_map`` for hf_longmem architectures, tokenizer) and ``results.json``, written atomically::
@@ -227,12 +231,14 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     mixture = RecallMixture(tokenizer, config.tasks, seed=config.seed + accelerator.process_index)
     batches = mixture.batches(config.batch_size, config.seq_length)
     recent_hits: deque[tuple[int, int]] = deque(maxlen=max(1, config.log_every))
+    training_tokens = 0
     history: list[dict[str, Any]] = []
     start = time.time()
     progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_memory_model")
     model.train()
     for step in range(1, config.max_steps + 1):
         batch = {k: v.to(accelerator.device) for k, v in collate_recall(next(batches), config.answer_loss_weight).items()}
+        training_tokens += batch["input_ids"].numel()
         output = model(input_ids=batch["input_ids"])
         loss, hits, answers = recall_loss(output, batch)
         aux = getattr(output, "aux_loss", None)
@@ -269,7 +275,7 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
             "training_data": "generated recall tasks (hf_longmem.evals.recall): "
             + ", ".join(f"{name} {json.dumps(spec, sort_keys=True)}" for name, spec in config.tasks.items()),
             "training_steps": config.max_steps,
-            "training_tokens": config.max_steps * config.batch_size * config.seq_length * accelerator.num_processes,
+            "training_tokens": training_tokens * accelerator.num_processes,
             "seq_length": config.seq_length,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,

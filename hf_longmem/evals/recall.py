@@ -87,17 +87,24 @@ def _check(length: int, needed: int, what: str) -> None:
 
 
 def mqar(
-    vocab: RecallVocabulary, length: int, rng: random.Random, *, num_pairs: int = 8, num_queries: int | None = None
+    vocab: RecallVocabulary, length: int, rng: random.Random, *, num_pairs: int = 8, num_queries: int | None = None,
+    query_placement: str = "end",
 ) -> RecallSample:
     """One multi-query associative recall sample of exactly ``length`` tokens.
 
-    Layout: ``BOS k_1 v_1 ... k_N v_N <filler> k_a v_a k_b v_b ...`` with distinct keys, values drawn with
-    replacement, queries a random subset (``num_queries``, default all ``num_pairs``) in random order at the end.
+    Layout (``query_placement="end"``): ``BOS k_1 v_1 ... k_N v_N <filler> k_a v_a k_b v_b ...`` with distinct keys,
+    values drawn with replacement, queries a random subset (``num_queries``, default all ``num_pairs``) in random
+    order at the end: every query is at least ``length - 2 * (num_pairs + num_queries)`` tokens after every pair.
+    ``query_placement="spread"`` (Zoology's layout) puts each query pair ``k_a v_a`` at a uniformly random place in
+    the filler after the pairs instead, so query distances range from 1 token to the whole gap; it gives short-range
+    training signal, while ``"end"`` measures recall across the full gap.
 
     Raises:
-        ValueError: ``num_pairs`` outside ``[1, 64]``, ``num_queries`` outside ``[1, num_pairs]``, or ``length``
-            shorter than the pairs and queries.
+        ValueError: ``num_pairs`` outside ``[1, 64]``, ``num_queries`` outside ``[1, num_pairs]``, an unknown
+            ``query_placement``, or ``length`` shorter than the pairs and queries.
     """
+    if query_placement not in ("end", "spread"):
+        raise ValueError(f"query_placement must be 'end' or 'spread', got {query_placement!r}")
     if not 1 <= num_pairs <= len(vocab.keys):
         raise ValueError(f"num_pairs must be in [1, {len(vocab.keys)}], got {num_pairs}")
     num_queries = num_pairs if num_queries is None else num_queries
@@ -108,10 +115,18 @@ def mqar(
     values = [rng.choice(vocab.values) for _ in keys]
     pairs = [t for kv in zip(keys, values) for t in kv]
     asked = rng.sample(range(num_pairs), num_queries)
-    queries = [t for i in asked for t in (keys[i], values[i])]
+    queries = [t for i in asked for t in (keys[i], values[i])]  # only counted here; laid out below
     gap = length - 1 - len(pairs) - len(queries)
-    ids = [vocab.bos, *pairs, *vocab.filler_tokens(rng, gap), *queries]
-    answer = [False] * (length - len(queries)) + [i % 2 == 1 for i in range(len(queries))]
+    filler = vocab.filler_tokens(rng, gap)
+    # filler tokens before each query pair: all of them before the first ("end"), or random cut points ("spread")
+    cuts = [gap] * num_queries if query_placement == "end" else sorted(rng.randint(0, gap) for _ in asked)
+    ids, answer, start = [vocab.bos, *pairs], [False] * (1 + len(pairs)), 0
+    for cut, i in zip(cuts, asked):
+        ids += [*filler[start:cut], keys[i], values[i]]
+        answer += [False] * (cut - start) + [False, True]
+        start = cut
+    ids += filler[start:]
+    answer += [False] * (gap - start)
     return RecallSample(ids, answer, list(answer), "mqar")
 
 
@@ -204,8 +219,10 @@ class RecallMixture:
 
     Args:
         tokenizer: a tokenizer of :mod:`hf_longmem.evals.vocab`.
-        tasks: task name -> ``{"weight": float, <generator option>: value or list of values}``; a list is
-            sampled uniformly per batch (each batch holds one task with one option set, so it has one length).
+        tasks: task name -> ``{"weight": float, "length": int or list (optional), <generator option>: value or
+            list of values}``; a list is sampled uniformly per batch (each batch holds one task with one option set,
+            so it has one length). ``length`` overrides the ``length`` given to :meth:`batches` for that task (a list
+            of lengths is a length mixture, e.g. short sequences that teach the binding fast next to long ones).
         seed: stream seed (training seeds never collide with the evaluation seeds of :func:`evaluate_recall`,
             which use string seeds).
     """
@@ -222,14 +239,15 @@ class RecallMixture:
         self.rng = random.Random(seed)
 
     def batches(self, batch_size: int, length: int) -> Iterator[list[RecallSample]]:
-        """Yield lists of ``batch_size`` fresh samples of ``length`` tokens forever."""
+        """Yield lists of ``batch_size`` fresh samples of ``length`` tokens (or the task's ``length`` option) forever."""
         if batch_size < 1 or length < 2:
             raise ValueError(f"batch_size must be >= 1 and length >= 2, got {batch_size}, {length}")
         names = list(self.weights)
         while True:
             name = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
             options = {k: self.rng.choice(v) if isinstance(v, list) else v for k, v in self.options[name].items()}
-            yield [RECALL_TASKS[name](self.vocab, length, self.rng, **options) for _ in range(batch_size)]
+            size = int(options.pop("length", length))
+            yield [RECALL_TASKS[name](self.vocab, size, self.rng, **options) for _ in range(batch_size)]
 
 
 @torch.no_grad()

@@ -35,6 +35,24 @@ def test_mqar_layout(tokenizer, length):
         assert sample.loss_mask == sample.answer_mask
 
 
+def test_mqar_spread_queries(tokenizer):
+    vocab = RecallVocabulary(tokenizer)
+    ends = generate_recall("mqar", vocab, 64, 40, seed=2, num_pairs=4)
+    spread = generate_recall("mqar", vocab, 64, 40, seed=2, num_pairs=4, query_placement="spread")
+    first_answers = set()
+    for end, sample in zip(ends, spread):
+        ids = sample.input_ids
+        assert len(ids) == len(sample.answer_mask) == 64 and ids[:9] == end.input_ids[:9]  # same pairs
+        pairs = dict(zip(ids[1:9:2], ids[2:9:2]))
+        answers = [i for i, a in enumerate(sample.answer_mask) if a]
+        assert len(answers) == 4 and sample.loss_mask == sample.answer_mask
+        for i in answers:
+            assert pairs[ids[i - 1]] == ids[i]
+        assert sorted(ids[9:]) == sorted(end.input_ids[9:])  # the same filler and queries, rearranged
+        first_answers.add(answers[0])
+    assert min(first_answers) < 20 and max(first_answers) > 40  # short- and long-range queries
+
+
 def test_fact_recall_is_language_with_answers(tokenizer):
     for sample in generate_recall("fact_recall", tokenizer, 120, 6, seed=1, num_facts=3):
         assert len(sample.input_ids) == 120 and sum(sample.answer_mask) == 3
@@ -62,6 +80,8 @@ def test_mixture_stream(tokenizer):
     batches = mixture.batches(3, 96)
     seen = {s.task for _ in range(8) for s in next(batches)}
     assert seen == {"mqar", "fact_recall"}
+    lengths = RecallMixture(tokenizer, {"mqar": {"num_pairs": 2, "length": [16, 40]}}, 0).batches(2, 96)
+    assert {len(s.input_ids) for _ in range(12) for s in next(lengths)} == {16, 40}  # per-task length mixture
 
 
 def test_evaluate_recall_counts_answers(tokenizer):
@@ -85,6 +105,8 @@ def test_bad_arguments(tokenizer):
         generate_recall("mqar", tokenizer, 64, 1, num_pairs=2, num_queries=3)
     with pytest.raises(ValueError, match="length"):
         generate_recall("mqar", tokenizer, 10, 1, num_pairs=8)
+    with pytest.raises(ValueError, match="query_placement"):
+        generate_recall("mqar", tokenizer, 64, 1, num_pairs=2, query_placement="middle")
     with pytest.raises(ValueError, match="name"):
         generate_recall("nope", tokenizer, 64, 1)
     with pytest.raises(ValueError, match="tasks"):
