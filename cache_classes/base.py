@@ -70,20 +70,38 @@ class CompressedLayer(CacheLayerMixin):
         self._append_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steady_appends = 0  # steps in a row that appended without compressing
 
-    # Whether any stored slot is a pad, kept across steps that only append real tokens, so that the decoding hot
-    # path needs no O(n) scan and device sync per layer. Assigning ``positions`` forgets it (recomputed on demand).
+    # ``positions`` is materialised on read. Decoding steps of a layer that only appends (see :meth:`appends_only`)
+    # record the new tokens' positions as a count from ``_tail_start`` (each row's first one, ``[batch]``): their
+    # positions are consecutive and real, so nothing per step is needed until something reads them.
+    # Also kept: whether any stored slot is a pad, across steps that only append real tokens, so that the decoding
+    # hot path needs no O(n) scan and device sync per layer. Assigning ``positions`` forgets it (rescanned on demand).
     @property
     def positions(self) -> torch.Tensor | None:
+        if self._tail_count:
+            count, start = self._tail_count, self._tail_start
+            self._tail_count, self._tail_start = 0, None
+            tail = (start[:, None] + torch.arange(count, device=start.device)).to(torch.int32)  # [b, count]
+            heads = self._positions.shape[1]
+            self._positions = torch.cat((self._positions, tail[:, None, :].expand(-1, heads, -1)), dim=-1)
         return self._positions
 
     @positions.setter
     def positions(self, value: torch.Tensor | None) -> None:
         self._positions = value
+        self._tail_count, self._tail_start = 0, None
         self._no_pads: bool | None = None
+
+    def appends_only(self) -> bool:
+        """Whether :meth:`update` never compresses nor re-rotates (compression deferred to the attention call).
+
+        Such a layer keeps decoding positions lazily; a layer that returns ``True`` must read ``self.positions``
+        (not ``self._positions``) wherever it needs them.
+        """
+        return False
 
     def has_pad_slots(self) -> bool:
         """Whether any stored slot (of any row and head) is a pad."""
-        if self._no_pads is None:
+        if self._no_pads is None:  # the lazy tail holds no pad: the materialised part decides
             self._no_pads = self._positions is None or not bool((self._positions == PAD_POSITION).any())
         return not self._no_pads
 
@@ -164,6 +182,16 @@ class CompressedLayer(CacheLayerMixin):
         real_before = self.real_seen
         self.real_seen = real_before + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
         self.cumulative_length += num_new
+
+        if num_new == 1 and not new_pads and self._positions is not None and self.appends_only():
+            # decoding a real token into a layer that does not compress here: position = the row's count, kept lazily
+            self.keys = self.append_slots("keys", key_states)
+            self.values = self.append_slots("values", value_states)
+            if not self._tail_count:
+                self._tail_start = real_before
+            self._tail_count += 1
+            self._steady_appends += 1
+            return self.keys, self.values
 
         keys_view = self.keys_for_attention(self.keys, self.positions, real_before)
         if keys_view is self.keys:

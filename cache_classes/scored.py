@@ -56,6 +56,13 @@ class ScoredLayer(CompressedLayer):
         attn_kwargs[LAYER_KWARG] = self
         return keys, values
 
+    def appends_only(self) -> bool:
+        return True  # compression happens in attend(), after the attention call
+
+    def compresses_now(self) -> bool:
+        """Whether :meth:`attend` compresses after this step's attention (SnapKV: only after a scored prefill)."""
+        return True
+
     def compress(self, keys, values, positions):
         if self._deferring:
             return keys, values, positions
@@ -81,6 +88,8 @@ class ScoredLayer(CompressedLayer):
             self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
         self._pending = False
         self._deferring = False
+        if not self.compresses_now():
+            return output, weights
         stored = self.compress(self.keys, self.values, self.positions)
         if stored[0] is not self.keys:
             self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation

@@ -74,6 +74,9 @@ class SnapKVLayer(ScoredLayer):
         scores = self.received_attention(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
         self._scores = pool_scores(scores, self.kernel_size, self.pooling)
 
+    def compresses_now(self) -> bool:
+        return self._scores is not None  # only a scored (prefill) step selects; generated tokens are appended
+
     def compress(self, keys, values, positions):
         if self._scores is None:  # decoding (or deferred): SnapKV keeps every generated token
             return keys, values, positions

@@ -37,11 +37,12 @@ def test_decoding_writes_in_place_and_equals_concatenation(monkeypatch):
     cache = make_cache("snapkv", model, budget=12, window_size=4)
     seq, logits = greedy(model, ids, cache, max_new_tokens=10)
     for layer in cache.layers:
-        assert set(layer._append_buffers) == {"keys", "values", "positions"}
+        assert set(layer._append_buffers) == {"keys", "values"}  # decoding positions are kept lazily
         buffer, view = layer._append_buffers["keys"]
         assert layer.keys is view and layer.keys.data_ptr() == buffer.data_ptr()
         assert buffer.shape[2] > layer.keys.shape[2]  # spare slots behind the stored ones
         assert layer.memory_bytes() > sum(t.nbytes for t in (layer.keys, layer.values, layer.positions, layer.real_seen))
+        assert layer.positions.shape == layer.keys.shape[:3]
 
     monkeypatch.setattr(CompressedLayer, "append_slots", _plain_append)
     plain = make_cache("snapkv", model, budget=12, window_size=4)
@@ -70,3 +71,21 @@ def test_beam_reorder_drops_the_buffer():
     for layer in cache.layers:
         for name, (_, view) in layer._append_buffers.items():
             assert getattr(layer, name) is view
+
+
+def test_lazy_decoding_positions_equal_eager_ones(monkeypatch):
+    """Scored layers keep decoding positions as a count; reading them gives what appending them would."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 30)
+    cache = make_cache("snapkv", model, budget=12, window_size=4)
+    greedy(model, ids, cache, max_new_tokens=7)
+    assert all(layer._tail_count == 6 for layer in cache.layers)  # the last generated token is never fed back
+    lazy = [layer.positions.clone() for layer in cache.layers]
+    assert all(layer._tail_count == 0 for layer in cache.layers)
+
+    monkeypatch.setattr(type(cache.layers[0]), "appends_only", lambda self: False)
+    eager = make_cache("snapkv", model, budget=12, window_size=4)
+    greedy(model, ids, eager, max_new_tokens=7)
+    for positions, layer in zip(lazy, eager.layers):
+        assert torch.equal(positions, layer.positions)
+        assert positions[0, 0, -6:].tolist() == list(range(30, 36))
