@@ -55,10 +55,11 @@ class HMTConfig(BackboneWrapperConfig):
         lora_alpha, lora_dropout: LoRA scaling and dropout.
         lora_target_modules: backbone module names that get LoRA adapters. The official recipe also adapts
             ``embed_tokens``; we leave it out by default because most small backbones tie it to the LM head.
-        memory_scale: factor applied to each memory embedding ``m_n`` before it enters the bank (official: 1.0).
-            ``m_n`` is a final-norm output (rms ≈ the final norm's weight, e.g. 1.4 for the embedded model) fed back as
-            an input embedding (rms ≈ 0.12 there); a factor of about their ratio puts recalled memories on the scale of
-            the token embeddings and of the initial memory ``P_0``. A deviation when not 1.0.
+        memory_scale: factor on a recalled memory ``P_n`` (``n > 0``) where the backbone reads it (official: 1.0; the
+            bank and the recall keep the unscaled ``m_n``). ``m_n`` is a final-norm output (rms ≈ the final norm's
+            weight, e.g. 1.4 for the embedded model) fed back as an input embedding (rms ≈ 0.12 there); a factor of
+            about their ratio puts recalled memories on the scale of the token embeddings and of the learned ``P_0``.
+            A deviation when not 1.0.
         memory_init_std: std of the learned memory and summary embeddings at initialisation (``None``: the
             backbone's ``initializer_range``); :meth:`HMTForCausalLM.from_backbone` uses the std of the pretrained
             input embeddings instead, as the official code does.

@@ -260,9 +260,9 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             if state.num_segments == 0:
                 memory = memory if memory is not None else self.memory.memory_init.to(self.dtype).expand(batch, -1, -1)
             elif not config.use_recall:
-                memory = memory if memory is not None else state.bank[:, -1]
+                memory = memory if memory is not None else state.bank[:, -1] * config.memory_scale
             elif index in summaries:
-                memory = self.memory.recall(summaries[index], state.bank)
+                memory = self.memory.recall(summaries[index], state.bank) * config.memory_scale
                 state.summary_tokens = prefixes[index].shape[1]
                 fresh = True
             tail = [memory] if completes else []
@@ -282,7 +282,6 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             segment_ids = ids if position == 0 else torch.cat([state.segment_ids, ids], dim=1)
             if completes:
                 written = hidden[:, -config.num_memory_tokens :]
-                written = written * config.memory_scale if config.memory_scale != 1.0 else written
                 state.bank = append_to_bank(state.bank, written, state.capacity if config.use_recall else 1)
                 state.sensory_ids = segment_ids[:, L - k :] if k > 0 else None
                 state.num_segments += 1

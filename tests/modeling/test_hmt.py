@@ -41,7 +41,7 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         if n == 0:
             memory = init
         elif not config.use_recall:
-            memory = bank[-1]
+            memory = bank[-1] * config.memory_scale
         else:
             token = model.memory.summary_embedding.expand(batch, 1, -1)
             summary = run(torch.cat([token, embed(segment[:, :j]), token], 1))[:, -1:]
@@ -49,12 +49,12 @@ def reference_logits(model: HMTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
             keys = torch.stack([model.memory.recall_key(m.mean(1)) for m in recent], 1)  # [B, n, h]
             q = model.memory.recall_query(summary)  # [B, 1, h]
             weights = torch.softmax(q @ keys.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)  # [B, 1, n]
-            memory = sum(weights[:, :, i : i + 1] * m for i, m in enumerate(recent))
+            memory = sum(weights[:, :, i : i + 1] * m for i, m in enumerate(recent)) * config.memory_scale
         parts = [memory] + ([embed(previous[:, -k:])] if n > 0 and k > 0 else []) + [embed(segment), memory]
         hidden = run(torch.cat(parts, 1))
         offset = T + (k if n > 0 and k > 0 else 0)
         logits.append(head(hidden[:, offset : offset + segment.shape[1]]))
-        bank.append(hidden[:, -T:] * config.memory_scale)
+        bank.append(hidden[:, -T:])
         previous = segment
     return torch.cat(logits, 1)
 
