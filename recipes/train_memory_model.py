@@ -20,6 +20,9 @@ Interface (stable; every architecture uses the same recipe, only its YAML differ
 - ``publish`` (optional): ``{repo_id, local_root (a folder: offline LocalFolderApi; omit for the Hub), private,
   license, tags}``: pushes the checkpoint with the ``architecture`` model card via :func:`hf_longmem.hub.publish`.
 - Every scalar key can be overridden on the command line (``--learning_rate 1e-3 --max_steps 50``).
+- ``--eval_only true``: no training; loads the checkpoint a previous run saved in ``output_dir``, runs the ``eval``
+  section on it and rewrites ``rows`` of its ``results.json`` (training ``meta``/``history`` kept; ``meta.eval_command``
+  records the re-evaluation).
 
 The loss is next-token cross entropy on the tasks' targets (for ``mqar`` only the answers, i.e. the value after each
 query key; for ``fact_recall`` every token, answers weighted ``answer_loss_weight``); if the model's
@@ -80,6 +83,7 @@ class MemoryTrainConfig:
     aux_loss_weight: float = 1.0
     log_every: int = 25
     save_checkpoint: bool = True
+    eval_only: bool = False
     model: dict[str, Any] = field(default_factory=lambda: {"model_type": "llama"})
     tasks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"mqar": {"weight": 1.0}})
     eval: dict[str, Any] = field(default_factory=dict)
@@ -212,9 +216,31 @@ def evaluate(model: Any, tokenizer: Any, config: MemoryTrainConfig, label: str) 
     return rows
 
 
+def reevaluate(config: MemoryTrainConfig) -> dict[str, Any]:
+    """``eval_only``: the ``eval`` section on the checkpoint in ``output_dir``; rewrites the rows of its results.json."""
+    output_dir = Path(config.output_dir)
+    torch.set_num_threads(config.num_threads)
+    ensure_registered(config.model["model_type"])
+    tokenizer = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    path = output_dir / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"meta": {"model_type": config.model["model_type"]}}
+    start = time.time()
+    label = config.eval.get("label") or output_dir.name
+    results["rows"] = evaluate(model, tokenizer, config, label)
+    results["meta"].update(eval_time_s=round(time.time() - start, 1), eval_command=" ".join(sys.argv))
+    results["config"] = {**results.get("config", {}), "eval": config.eval}
+    write_json_atomic(path, results)
+    for row in results["rows"]:
+        tqdm.write(json.dumps({k: row[k] for k in ("task", "context_length", "accuracy", "exact", "options")}))
+    return results
+
+
 def train(config: MemoryTrainConfig) -> dict[str, Any]:
-    """Run the recipe; returns the ``results.json`` content."""
+    """Run the recipe (or only its evaluation, ``eval_only``); returns the ``results.json`` content."""
     validate(config)
+    if config.eval_only:
+        return reevaluate(config)
     torch.set_num_threads(config.num_threads)
     accelerator = Accelerator()
     set_seed(config.seed)

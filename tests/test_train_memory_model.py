@@ -50,6 +50,19 @@ def test_recipe_trains_evaluates_saves_and_publishes(tmp_path):
     assert "## Measured results" in card and "| mqar |" in card and "training_data" in card
 
 
+def test_eval_only_reevaluates_the_saved_checkpoint(tmp_path):
+    config = _config(tmp_path, tasks={"mqar": {"num_pairs": 2, "length": [16, 24], "query_placement": "spread"}})
+    trained = recipe.train(config)
+    assert trained["meta"]["training_tokens"] in range(3 * 2 * 16, 3 * 2 * 24 + 1)  # counted over the length mixture
+    spec = {"task": "mqar", "length": 40, "num_pairs": 3, "num_queries": 1}
+    again = _config(tmp_path, eval={"num_samples": 6, "batch_size": 3, "tasks": [spec]}, eval_only=True)
+    results = recipe.train(again)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    (row,) = saved["rows"]
+    assert row["context_length"] == 40 and row["num_samples"] == 6 and row["options"] == {"num_pairs": 3, "num_queries": 1}
+    assert saved["history"] == trained["history"] and "eval_command" in saved["meta"] and results["rows"] == saved["rows"]
+
+
 def test_cli_overrides_and_bad_config(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": TINY_MISTRAL, "max_steps": 5}))
