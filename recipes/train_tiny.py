@@ -59,6 +59,9 @@ class TrainConfig:
     same ``G = recall_gap`` random gap tokens after each key (loss on the queried values only, weighted
     ``recall_loss_weight``). Plain induction cannot answer the first value (the key is ``G`` tokens back), which is
     what the multi-key needle asks ("... for KEY mentioned in the provided text is").
+
+    ``init_from``: a saved model directory (e.g. the v1 embedded model) to fine-tune instead of a fresh
+    ``model`` (whose keys are then ignored); its vocabulary must be the tokenizer's.
     """
 
     output_dir: str = "runs/tiny-longmem"
@@ -83,6 +86,7 @@ class TrainConfig:
     recall_loss_weight: float = 0.0
     log_every: int = 25
     save_every: int = 0
+    init_from: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=lambda: {"passkey": 1.0})
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -136,6 +140,11 @@ def build_model(config: TrainConfig, tokenizer: Any) -> LlamaForCausalLM:
         **config.model,
     )
     set_seed(config.seed)
+    if config.init_from:
+        model = LlamaForCausalLM.from_pretrained(config.init_from, local_files_only=True)
+        if model.config.vocab_size != len(tokenizer):
+            raise ValueError(f"init_from={config.init_from} has vocab {model.config.vocab_size}, not {len(tokenizer)}")
+        return model
     return LlamaForCausalLM(model_config)
 
 

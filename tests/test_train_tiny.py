@@ -59,8 +59,11 @@ def test_v2_config_parses_and_recall_loss_targets_the_queried_values():
         import train_tiny
     finally:
         sys.path.remove(str(RECIPE.parent))
-    config = train_tiny.parse_config(["--config", str(CONFIG.with_name("train_tiny_v2.yaml")), "--max_steps", "2"])
-    assert config.recall_loss_weight > 0 and train_tiny.parse_config(["--config", str(CONFIG)]).recall_loss_weight == 0
+    v1 = train_tiny.parse_config(["--config", str(CONFIG)])
+    assert v1.recall_loss_weight == 0 and v1.init_from == ""  # v1 trains from scratch without the recall task
+    v2 = CONFIG.with_name("train_tiny_v2.yaml")
+    config = train_tiny.parse_config(["--config", str(v2), "--max_steps", "2", "--recall_loss_weight", "1"])
+    assert config.recall_loss_weight == 1 and (RECIPE.parents[1] / config.init_from / "config.json").is_file()
     tokenizer = train_tiny.build_tokenizer()
     seen = {}
 
