@@ -221,12 +221,15 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
 def evaluate(
     model: Any, tokenizer: Any, task: str, length: int, num_samples: int, seed: int, options: dict | None = None
 ) -> dict[str, Any]:
-    """Greedy exact-match accuracy of ``model.generate`` on fresh samples (batch size 1, no padding)."""
+    """Greedy exact-match accuracy of ``model.generate`` on fresh samples (batch size 1, no padding), and the share
+    of samples whose first generated token is the answer's first token (e.g. the key's first digit: a backbone
+    trained on 5-digit keys that finds a 1-digit key still appends more digits)."""
     model.eval()
     samples = generate_task(task, tokenizer, length, num_samples, seed, **(options or {}))
-    correct, start = 0, time.time()
+    correct, first_correct, start = 0, 0, time.time()
     for sample in tqdm(samples, desc=f"{task}@{length}", leave=False):
         turn = sample.turns[0]
+        first = tokenizer(" " + turn.answers[0], add_special_tokens=False)["input_ids"][0]
         ids = tokenizer(sample.context + turn.query, return_tensors="pt")["input_ids"].to(model.device)
         out = model.generate(
             ids,
@@ -237,11 +240,13 @@ def evaluate(
         )
         text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         correct += text.strip() in [a.strip() for a in turn.answers]
+        first_correct += out.shape[1] > ids.shape[1] and int(out[0, ids.shape[1]]) == first
     return {
         "task": task,
         "context_length": length,
         "num_samples": num_samples,
         "accuracy": correct / max(1, num_samples),
+        "first_token_accuracy": first_correct / max(1, num_samples),
         "mean_num_tokens": sum(s.meta["num_tokens"] for s in samples) / max(1, len(samples)),
         "seconds": round(time.time() - start, 1),
     }
@@ -271,15 +276,22 @@ def evaluate_all(model: Any, tokenizer: Any, config: TrainConfig, backbone: Any 
     return rows
 
 
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    first = row.get("first_token_accuracy")
+    return f"{100 * row['accuracy']:.0f}" + ("" if first is None else f" ({100 * first:.0f})")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Accuracy (%) by (task, method) and context length."""
+    """Exact-match accuracy (%) by (task, method) and context length; first-token accuracy in parentheses."""
     lengths = sorted({r["context_length"] for r in rows})
     label = {"hmt": "HMT (trained memory)", "none": "backbone alone"}
     keys = list(dict.fromkeys((r["task"], r["cache"]) for r in rows))
-    cell = {(r["task"], r["cache"], r["context_length"]): r["accuracy"] for r in rows}
+    cell = {(r["task"], r["cache"], r["context_length"]): r for r in rows}
     lines = ["| task | model | " + " | ".join(str(n) for n in lengths) + " |", "|---|---" + "|---" * len(lengths) + "|"]
     for task, cache in keys:
-        values = [f"{100 * cell[task, cache, n]:.0f}" if (task, cache, n) in cell else "" for n in lengths]
+        values = [_cell(cell.get((task, cache, n))) for n in lengths]
         lines.append(f"| {task} | {label.get(cache, cache)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 

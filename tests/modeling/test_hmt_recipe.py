@@ -68,7 +68,8 @@ def test_tiny_run_evaluates_and_publishes_offline(recipe, tmp_path):
     assert {(r["task"], r["cache"], r["context_length"]) for r in rows} == {
         (task, cache, 200) for task in ("passkey_1digit", "passkey") for cache in ("hmt", "none")
     }
-    assert all(r["num_samples"] == 1 for r in rows)
+    assert all(r["num_samples"] == 1 and 0 <= r["first_token_accuracy"] <= 1 for r in rows)
+    assert "| passkey_1digit | HMT (trained memory) |" in recipe.markdown_table(rows)
     assert results["meta"]["train_steps"] == 2 and results["meta"]["trainable_parameters"] > 0
     metadata = json.loads((tmp_path / "model" / "training_metadata.json").read_text())
     assert metadata["trainable_parameters"] < sum(p.numel() for p in HMTForCausalLM.from_pretrained(tmp_path / "model").parameters())
