@@ -297,16 +297,19 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def publish_model(model: Any, tokenizer: Any, repo_id: str, results: Path, root: Path | None) -> str:
-    """``hub.publish`` with the HMT card (``model_cards/architecture.md`` if present, else ``hmt.md``)."""
-    from hf_longmem.hub import LocalFolderApi, list_card_templates, publish
+    """``hub.publish`` with the HMT card (``model_cards/hmt.md``).
 
-    template = "architecture" if "architecture" in list_card_templates() else "hmt"
+    The generic ``architecture`` card describes models trained from scratch and scored teacher-forced; HMT wraps a
+    pretrained backbone and is scored with ``generate`` against that backbone, which its own card says.
+    """
+    from hf_longmem.hub import LocalFolderApi, publish
+
     return publish(
         model,
         repo_id,
         tokenizer=tokenizer,
         eval_results=results,
-        template=template,
+        template="hmt",
         tags=["hmt", "memory", "long-context"],
         license="apache-2.0",
         api=LocalFolderApi(root) if root is not None else None,
