@@ -40,19 +40,14 @@ import transformers  # noqa: F401  (import transformers fully before kvpress pat
 
 import hf_longmem  # noqa: F401
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_HARNESS = REPO.parent / "shared" / "tools" / "kvpress_baseline.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
+from benchmarks.vs_kvpress import DEFAULT_HARNESS, PAIRS, REPO  # noqa: E402  (one pairing for both benchmarks)
+
 OVERLAY_PACKAGES = (  # kvpress and what it imports at import time; installed with --no-deps next to our environment
     "kvpress==0.5.5", "cachetools", "requests", "urllib3", "certifi", "charset_normalizer", "idna", "datasets", "dill",
     "multiprocess", "xxhash", "pyarrow", "fsspec", "pandas", "python-dateutil", "pytz", "tzdata", "six", "fire",
     "termcolor",
 )
-PAIRS = {  # hf_longmem method -> kvpress press (names of the harness registry)
-    "hf_longmem:snapkv": "kvpress:snapkv",
-    "hf_longmem:think": "kvpress:think",
-    "hf_longmem:duo_attention": "kvpress:duo_attention",
-    "hf_longmem:streaming": "kvpress:streaming_llm",
-}
 
 
 def load_harness(path: Path):
@@ -126,7 +121,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     # the harness's `past_key_values=` and the aliases for kvpress are deprecated names: one warning per call otherwise
     warnings.filterwarnings("ignore", category=FutureWarning)
-    sys.path.insert(0, str(REPO))  # the plugin module benchmarks.hf_longmem_methods
     harness = load_harness(args.harness)
     registry = harness.build_registry("benchmarks.hf_longmem_methods", with_kvpress=True)  # kvpress imported first
     kvpress_model, our_model = harness.build_model(args), harness.build_model(args)

@@ -326,9 +326,8 @@ class DuoAttentionLayer(CompressedLayer):
         self.num_kv_heads = 0
         self._query_index: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._pending = False
-        # Whether a group holds pad slots (then attention needs a mask); kept from the padding checks update() runs
-        # anyway, so the decoding hot path needs no extra device sync.
-        self._padded = False
+        # Whether the streaming group holds pad slots (then attention needs a mask), kept from the padding checks
+        # update() runs anyway (the retrieval group uses the base class's ``has_pad_slots``).
         self._streaming_padded = False
         # Decoding ring buffer of the streaming heads: when not None, the streaming tensors hold S sinks and a ring of
         # R + 1 recent slots, and ``_oldest`` is the ring slot the next token overwrites (the token that left the
@@ -396,8 +395,9 @@ class DuoAttentionLayer(CompressedLayer):
             self._steady_appends = 0 if first_step else self._steady_appends + 1
             self.keys = self.append_slots("keys", keys)
             self.values = self.append_slots("values", values)
+            known = self._no_pads  # retrieval heads never drop a slot: appending real tokens keeps what is known
             self.positions = self.append_slots("positions", new_positions)
-            self._padded |= new_pads
+            self._no_pads = False if new_pads else known
         if self.streaming_keys is not None:
             keys, values = self._heads(key_states, value_states, self.streaming_heads)
             if num_new == 1 and not new_pads and not self._streaming_padded and self._ring_ready():
@@ -447,7 +447,7 @@ class DuoAttentionLayer(CompressedLayer):
             if keys is None:
                 continue
             group_query = query if query_heads.numel() == query.shape[1] else query.index_select(1, query_heads)
-            padded = self._padded if keys is self.keys else self._streaming_padded
+            padded = self.has_pad_slots() if keys is self.keys else self._streaming_padded
             mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager, padded)
             output, _ = attention(module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **kwargs)
             outputs.append(output)  # [batch, q, group_q_heads, head_dim]
@@ -583,7 +583,7 @@ class DuoAttentionLayer(CompressedLayer):
     def reset(self) -> None:
         super().reset()
         self.streaming_keys = self.streaming_values = self.streaming_positions = None
-        self._pending = self._padded = self._streaming_padded = False
+        self._pending = self._streaming_padded = False
         self._oldest = None
 
 

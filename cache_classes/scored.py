@@ -90,11 +90,11 @@ class ScoredLayer(CompressedLayer):
         self._deferring = False
         if not self.compresses_now():
             return output, weights
-        stored = self.compress(self.keys, self.values, self.positions)
-        if stored[0] is not self.keys:
+        current = (self.keys, self.values, self.positions)
+        stored = self.compress(*current)
+        if stored[0] is not current[0]:
             self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation
-            self.store(*stored)
-        elif stored[1] is not self.values or stored[2] is not self.positions:
+        if any(new is not old for new, old in zip(stored, current)):
             self.store(*stored)
         return output, weights
 

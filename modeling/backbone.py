@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
@@ -122,8 +121,3 @@ class BackboneWrapperMixin:
     def trainable_parameter_count(self) -> int:
         """Number of parameters that receive gradients."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def backbone_dtype(backbone: torch.nn.Module) -> torch.dtype:
-    """The floating dtype of the backbone's parameters."""
-    return next(backbone.parameters()).dtype
