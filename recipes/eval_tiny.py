@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--tokens_per_batch", type=int, default=4096)
     parser.add_argument("--num_threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (the model is evaluated in fp32)")
     parser.add_argument("--output", type=Path, default=Path("runs/eval_tiny.json"))
     parser.add_argument("--card", type=Path, default=None, help="also write the model card (README.md) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(args.device).eval()
     grid = [(task, length) for length in args.lengths for task in args.tasks]
     rows = []
     for task, length in tqdm(grid, desc="eval_tiny"):
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "num_samples": args.num_samples,
         "decoding": "greedy",
+        "device": args.device,
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,12 @@ tokenizer and ``training_metadata.json`` into ``output_dir``.
     python recipes/train_tiny.py --config recipes/configs/train_tiny.yaml --max_steps 3 --output_dir /tmp/x
 
 Every scalar config key can be overridden on the command line (``--learning_rate 1e-3``).
+
+On a GPU set ``num_workers`` (batches are generated and collated in background processes),
+``mixed_precision: bf16`` and optionally ``max_time_s`` (a wall-time budget: the LR schedule and the length
+curriculum follow ``progress = max(step / max_steps, elapsed / max_time_s)``, so a run stopped by the clock has
+fully decayed its learning rate and visited every curriculum stage). ``recipes/device_train_tiny.sh`` is the GPU run.
+
 The log shows, per task, the fraction of recent training samples whose answer tokens are all predicted
 (argmax, teacher forced): that equals greedy exact match on these fresh samples.
 """
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -32,9 +40,9 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.vocab import build_tokenizer
@@ -59,6 +67,21 @@ class TrainConfig:
     same ``G = recall_gap`` random gap tokens after each key (loss on the queried values only, weighted
     ``recall_loss_weight``). Plain induction cannot answer the first value (the key is ``G`` tokens back), which is
     what the multi-key needle asks ("... for KEY mentioned in the provided text is").
+
+    ``num_workers``: background processes generating and collating the task batches (``torch.utils.data``
+    ``DataLoader`` over :class:`BatchStream`; ``prefetch_batches`` each); 0 generates them in the training process
+    (bit-for-bit the historical stream). Worker ``w`` produces the steps ``s`` with ``s % num_workers == w`` from
+    its own seeds (``1000 * (w + 1) + seed + process_index``), so a run is reproducible for a fixed
+    ``num_workers`` up to the wall-clock curriculum of ``max_time_s``.
+
+    ``mixed_precision``: ``"no"`` or ``"bf16"`` / ``"fp16"``, passed to ``Accelerator`` (autocast; weights and
+    the saved model stay fp32). ``num_threads`` sets the training process's CPU threads (workers use 1 each).
+
+    ``max_time_s``: wall-time budget of the training loop in seconds (0 = none). Training stops after the first
+    step that ends past it, then saves as usual (``training_metadata.json`` records ``steps`` done and
+    ``stopped_by``). The learning rate (linear warm-up over ``warmup_steps``, then cosine to ``min_lr_rate``) and
+    the curriculum follow ``progress = max(step / max_steps, elapsed / max_time_s)`` instead of ``step / max_steps``,
+    so whichever budget ends first ends the schedule; with ``max_time_s = 0`` this is the step-based schedule.
 
     ``init_from``: a saved model directory (e.g. the v1 embedded model) to fine-tune instead of a fresh
     ``model`` (whose keys are then ignored); its vocabulary must be the tokenizer's.
@@ -86,6 +109,10 @@ class TrainConfig:
     recall_loss_weight: float = 0.0
     log_every: int = 25
     save_every: int = 0
+    num_workers: int = 0
+    prefetch_batches: int = 4
+    mixed_precision: str = "no"
+    max_time_s: float = 0.0
     init_from: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=lambda: {"passkey": 1.0})
@@ -116,18 +143,131 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         raise ValueError(
             f"max_steps and tokens_per_batch must be >= 1, got {config.max_steps}, {config.tokens_per_batch}"
         )
+    if config.num_workers < 0 or config.prefetch_batches < 1:
+        raise ValueError(
+            f"num_workers must be >= 0 and prefetch_batches >= 1, got {config.num_workers}, {config.prefetch_batches}"
+        )
+    if config.max_time_s < 0:
+        raise ValueError(f"max_time_s must be >= 0 (0 = no time budget), got {config.max_time_s}")
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     return config
+
+
+class Progress:
+    """Training progress in ``[0, 1]``: ``max(step / max_steps, elapsed / max_time_s)`` (see :class:`TrainConfig`).
+
+    ``value`` is the progress at the last :meth:`update`; it lives in shared memory (``multiprocessing.Value``) when
+    ``shared`` so that :class:`BatchStream` workers follow the same curriculum as the training loop.
+    """
+
+    def __init__(self, config: TrainConfig, shared: bool = False) -> None:
+        self.max_steps, self.max_time_s = config.max_steps, config.max_time_s
+        self._shared = torch.multiprocessing.get_context("fork").Value("d", 0.0, lock=False) if shared else None
+        self._value, self.start = 0.0, time.time()
+
+    @property
+    def value(self) -> float:
+        return self._shared.value if self._shared is not None else self._value
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def update(self, step: int) -> float:
+        """Set and return the progress after ``step`` completed steps."""
+        value = step / self.max_steps
+        if self.max_time_s:
+            value = max(value, self.elapsed() / self.max_time_s)
+        value = min(value, 1.0)
+        if self._shared is not None:
+            self._shared.value = value
+        self._value = value
+        return value
+
+
+def lr_factor(step: int, progress: float, config: TrainConfig) -> float:
+    """Multiplier of ``learning_rate`` after ``step`` steps at ``progress`` (linear warm-up, cosine to min).
+
+    With ``max_time_s = 0`` (``progress = step / max_steps``) this is transformers'
+    ``get_cosine_with_min_lr_schedule_with_warmup``; with a time budget the cosine runs over the progress after
+    warm-up, ``(progress - w) / (1 - w)`` with ``w = warmup_steps / max_steps``.
+    """
+    if step < config.warmup_steps:
+        return step / max(1, config.warmup_steps)
+    warm = config.warmup_steps / config.max_steps
+    if config.max_time_s:
+        fraction = (progress - warm) / max(1e-9, 1 - warm)
+    else:
+        fraction = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    fraction = min(max(fraction, 0.0), 1.0)
+    return config.min_lr_rate + (1 - config.min_lr_rate) * 0.5 * (1 + math.cos(math.pi * fraction))
+
+
+def stage_length(config: TrainConfig, progress: float, rng: random.Random) -> tuple[int, int]:
+    """``(length, batch_size)`` of one step at ``progress``, drawn from the curriculum stage it falls in."""
+    m = config.length_multiple
+    stage = next((s for s in config.curriculum if progress < s["until"]), config.curriculum[-1])
+    length = m * rng.randint(-(-stage["min_length"] // m), stage["max_length"] // m)
+    return length, max(1, config.tokens_per_batch // length)
 
 
 def length_schedule(config: TrainConfig) -> Iterator[tuple[int, int]]:
     """``(length, batch_size)`` per step, following the curriculum (seeded)."""
     rng = random.Random(config.seed)
-    m = config.length_multiple
     for step in range(config.max_steps):
-        progress = step / config.max_steps
-        stage = next((s for s in config.curriculum if progress < s["until"]), config.curriculum[-1])
-        length = m * rng.randint(-(-stage["min_length"] // m), stage["max_length"] // m)
-        yield length, max(1, config.tokens_per_batch // length)
+        yield stage_length(config, step / config.max_steps, rng)
+
+
+class BatchStream(IterableDataset):
+    """Infinite stream of collated task batches (``dict`` of tensors plus ``"tasks"``: the samples' task names).
+
+    Without a DataLoader worker it is the historical in-process stream: lengths drawn with
+    ``random.Random(seed)``, samples from ``TaskMixture(seed=seed + process_index)``, the curriculum following
+    ``progress.value`` (equal to ``step / max_steps`` without a time budget). In DataLoader worker ``w`` of ``n``
+    it yields the batches of steps ``w, w + n, ...`` from seeds ``1000 * (w + 1) + seed + process_index``;
+    the DataLoader interleaves workers round-robin, so step order is preserved.
+    """
+
+    def __init__(self, config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress) -> None:
+        self.config, self.tokenizer, self.process_index, self.progress = config, tokenizer, process_index, progress
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        config, info = self.config, get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is None:
+            length_seed, mixture_seed = config.seed, config.seed + self.process_index
+        else:
+            torch.set_num_threads(1)
+            length_seed = mixture_seed = 1000 * (worker + 1) + config.seed + self.process_index
+        rng = random.Random(length_seed)
+        mixture = TaskMixture(self.tokenizer, config.tasks, config.task_options, seed=mixture_seed)
+        step = worker
+        while True:
+            progress = self.progress.value if info is not None else step / config.max_steps
+            if info is None and config.max_time_s:
+                progress = max(progress, self.progress.value)
+            length, batch_size = stage_length(config, progress, rng)
+            samples = [mixture.sample(length) for _ in range(batch_size)]
+            batch = collate(samples, self.tokenizer.pad_token_id, config.answer_loss_weight)
+            batch["tasks"] = [sample.task for sample in samples]
+            yield batch
+            step += num_workers
+
+
+def batch_loader(config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress, pin: bool) -> Any:
+    """The batches of :class:`BatchStream`: in process (``num_workers = 0``) or from a ``DataLoader``."""
+    stream = BatchStream(config, tokenizer, process_index, progress)
+    if config.num_workers == 0:
+        return iter(stream)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=config.num_workers,
+        prefetch_factor=config.prefetch_batches,
+        pin_memory=pin,
+        multiprocessing_context="fork",
+    )
+    return iter(loader)
 
 
 def build_model(config: TrainConfig, tokenizer: Any) -> LlamaForCausalLM:
@@ -148,7 +288,9 @@ def build_model(config: TrainConfig, tokenizer: Any) -> LlamaForCausalLM:
     return LlamaForCausalLM(model_config)
 
 
-def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def weighted_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted next-token cross entropy, per-sample answer exactness and the mean answer-token loss.
 
     Args:
@@ -157,7 +299,8 @@ def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple
 
     Returns:
         ``(loss, exact, answer_loss)``: scalar loss; ``exact`` ``(B,)`` bool, True where every answer target
-        is the argmax; ``answer_loss`` the mean cross entropy over answer targets (for logging).
+        is the argmax; ``answer_loss`` the mean cross entropy over answer targets (a detached scalar tensor, for
+        logging; not read back each step, so a GPU run does not synchronize).
     """
     logits = logits[:, :-1].float()
     targets = batch["input_ids"][:, 1:]
@@ -165,7 +308,8 @@ def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple
     weights, answer = batch["loss_weights"], batch["answer_mask"]
     loss = (ce * weights).sum() / weights.sum()
     exact = ((logits.argmax(-1) == targets) | ~answer).all(-1)
-    return loss, exact, ce[answer].mean().item()
+    answer_loss = (ce.detach() * answer).sum() / answer.sum().clamp(min=1)  # no boolean indexing: no sync
+    return loss, exact, answer_loss
 
 
 def save(model: Any, tokenizer: Any, output_dir: Path, metadata: dict[str, Any]) -> None:
@@ -214,40 +358,49 @@ def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torc
     ids = torch.cat((bos, records, queries.flatten(1)), dim=1).to(device)
     is_value = torch.zeros(n, 1 + g + v, dtype=torch.bool)
     is_value[:, 1 + g :] = True
-    target = torch.cat((torch.zeros(1 + records.shape[1], dtype=torch.bool), is_value.flatten()))[1:].to(device)
-    logits = model(input_ids=ids).logits[:, :-1][:, target].float()
-    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:][:, target].flatten())
+    target = torch.cat((torch.zeros(1 + records.shape[1], dtype=torch.bool), is_value.flatten()))[1:]
+    positions = target.nonzero()[:, 0].to(device)  # index on the host: no device synchronization
+    logits = model(input_ids=ids).logits[:, :-1][:, positions].float()
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:][:, positions].flatten())
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe; returns the metadata written next to the model."""
     torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers fork after the tokenizer was used
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
     tokenizer = build_tokenizer()
     model = build_model(config, tokenizer)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
-    )
+    progress = Progress(config, shared=config.num_workers > 0)
+    state = {"step": 0}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(state["step"], progress.value, config))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
     recent: dict[str, deque[bool]] = {name: deque(maxlen=200) for name in config.tasks}
+    pending: list[tuple[list[str], torch.Tensor]] = []  # (tasks, exact) not yet read back (no per-step sync)
     copy_generator = torch.Generator().manual_seed(config.seed + 1)
     recall_generator = torch.Generator().manual_seed(config.seed + 2)
     history: list[dict[str, Any]] = []
-    tokens_seen, start = 0, time.time()
-    progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_tiny")
+    pin = accelerator.device.type == "cuda"
+    batches = batch_loader(config, tokenizer, accelerator.process_index, progress, pin)
+    tokens_seen, stopped_by = 0, "max_steps"
+    bar = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_tiny", mininterval=5)
+    progress.start = time.time()
+    last_log = (0, 0, progress.start)  # step, tokens, time
     model.train()
-    for step, samples in enumerate(mixture.batches(length_schedule(config)), start=1):
-        batch = {
-            k: v.to(accelerator.device)
-            for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
-        }
+    step = 0
+    while step < config.max_steps:
+        host = next(batches)
+        step += 1
+        tasks = host.pop("tasks")
+        batch = {k: v.to(accelerator.device, non_blocking=pin) for k, v in host.items()}
         loss, exact, answer_loss = weighted_loss(model(input_ids=batch["input_ids"]).logits, batch)
-        copy = copy_loss(model, config, tokenizer, copy_generator, accelerator.device) if config.copy_loss_weight else None
+        copy = (
+            copy_loss(model, config, tokenizer, copy_generator, accelerator.device) if config.copy_loss_weight else None
+        )
         recall = (
             recall_loss(model, config, tokenizer, recall_generator, accelerator.device)
             if config.recall_loss_weight
@@ -257,38 +410,57 @@ def train(config: TrainConfig) -> dict[str, Any]:
         accelerator.backward(total if recall is None else total + config.recall_loss_weight * recall)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        state["step"] = step
+        progress.update(step)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += int(batch["input_ids"].numel())
-        for sample, ok in zip(samples, exact.tolist()):
-            recent[sample.task].append(ok)
-        progress.update(1)
-        if step % config.log_every == 0 or step == config.max_steps:
+        pending.append((tasks, exact))
+        bar.update(1)
+        out_of_time = bool(config.max_time_s) and progress.elapsed() >= config.max_time_s
+        if step % config.log_every == 0 or step == config.max_steps or out_of_time:
+            for names, flags in pending:
+                for name, ok in zip(names, flags.tolist()):
+                    recent[name].append(ok)
+            pending.clear()
+            now = time.time()
+            rate = (step - last_log[0]) / max(now - last_log[2], 1e-9)
             row = {
                 "step": step,
                 "loss": round(loss.item(), 4),
-                "answer_loss": round(answer_loss, 4),
+                "answer_loss": round(answer_loss.item(), 4),
                 "copy_loss": None if copy is None else round(copy.item(), 4),
                 "recall_loss": None if recall is None else round(recall.item(), 4),
                 "lr": scheduler.get_last_lr()[0],
+                "progress": round(progress.value, 4),
                 "length": batch["input_ids"].shape[1],
-                "elapsed_s": round(time.time() - start, 1),
+                "elapsed_s": round(now - progress.start, 1),
+                "steps_per_s": round(rate, 2),
+                "tokens_per_s": round((tokens_seen - last_log[1]) / max(now - last_log[2], 1e-9)),
                 "answer_exact": {k: round(sum(v) / len(v), 3) for k, v in recent.items() if v},
             }
+            last_log = (step, tokens_seen, now)
             history.append(row)
-            progress.set_postfix(loss=row["loss"])
+            bar.set_postfix(loss=row["loss"])
             if accelerator.is_main_process:
-                tqdm.write(json.dumps(row))
+                tqdm.write(json.dumps(row), file=sys.stdout)
+                sys.stdout.flush()
         if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
             save(accelerator.unwrap_model(model), tokenizer, Path(config.output_dir), {"step": step, "partial": True})
-    progress.close()
+        if out_of_time:
+            stopped_by = "max_time_s"
+            break
+    bar.close()
+    del batches  # stops the DataLoader workers
     metadata = {
         "config": asdict(config),
-        "steps": config.max_steps,
+        "steps": step,
+        "stopped_by": stopped_by,
         "tokens_seen": tokens_seen * accelerator.num_processes,
-        "wall_time_s": round(time.time() - start, 1),
+        "wall_time_s": round(time.time() - progress.start, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "command": " ".join(sys.argv),
+        "device": str(accelerator.device) + ("" if not pin else f" ({torch.cuda.get_device_name()})"),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "history": history,
     }

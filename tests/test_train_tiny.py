@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,3 +84,72 @@ def test_v2_config_parses_and_recall_loss_targets_the_queried_values():
         table = {int(r[0]): r[1:].tolist() for r in records[row]}
         assert len(table) == n and sorted(table) == sorted(queries[row, :, 0].tolist())
         assert all(table[int(q[0])] == q[1 + g :].tolist() for q in queries[row])
+
+
+def _recipe():
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import train_tiny
+    finally:
+        sys.path.remove(str(RECIPE.parent))
+    return train_tiny
+
+
+def test_lr_factor_matches_transformers_schedule_without_time_budget():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--max_steps", "40", "--warmup_steps", "5"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 5, 40, min_lr_rate=config.min_lr_rate)
+    for step in range(41):
+        assert abs(train_tiny.lr_factor(step, step / 40, config) - reference.lr_lambdas[0](step)) < 1e-9
+    timed = train_tiny.parse_config(["--config", str(CONFIG), "--max_steps", "40", "--max_time_s", "10"])
+    assert train_tiny.lr_factor(35, 1.0, timed) == timed.min_lr_rate  # the clock ran out: fully decayed
+    with pytest.raises(ValueError, match="max_time_s"):
+        train_tiny.parse_config(["--config", str(CONFIG), "--max_time_s", "-1"])
+    with pytest.raises(ValueError, match="mixed_precision"):
+        train_tiny.parse_config(["--config", str(CONFIG), "--mixed_precision", "int8"])
+
+
+def test_worker_batches_are_valid_and_follow_the_shared_progress():
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--tokens_per_batch", "256", "--num_workers", "2", "--prefetch_batches", "1"])
+    config.curriculum = [
+        {"until": 0.5, "min_length": 64, "max_length": 64},
+        {"until": 1.0, "min_length": 128, "max_length": 128},
+    ]
+    tokenizer = train_tiny.build_tokenizer()
+    progress = train_tiny.Progress(config, shared=True)
+    batches = train_tiny.batch_loader(config, tokenizer, 0, progress, pin=False)
+    seen = [next(batches) for _ in range(4)]
+    progress._shared.value = 0.9  # what the training loop publishes; workers read it for the next batches
+    later = [next(batches) for _ in range(12)]
+    del batches
+    for batch in seen + later:
+        ids, weights, answer = batch["input_ids"], batch["loss_weights"], batch["answer_mask"]
+        assert ids.shape[0] == len(batch["tasks"]) and set(batch["tasks"]) <= set(config.tasks)
+        assert weights.shape == answer.shape == (ids.shape[0], ids.shape[1] - 1) and answer.any(-1).all()
+        assert torch.equal(weights == 0, ids[:, 1:] == tokenizer.pad_token_id)  # right padding, no loss there
+        assert (ids[:, 0] == tokenizer.bos_token_id).all()
+    assert {b["input_ids"].shape[1] <= 64 + 40 for b in seen} == {True}  # first stage (+ answer tokens)
+    assert max(b["input_ids"].shape[1] for b in later[-4:]) > 120  # second stage once progress moved
+    first_rows = [b["input_ids"][0].tolist() for b in seen[:2]]
+    assert first_rows[0] != first_rows[1]  # the two workers draw distinct samples
+
+
+def test_time_budget_stops_and_saves(tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    config["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config.update(tokens_per_batch=256, curriculum=[{"until": 1.0, "min_length": 96, "max_length": 128}])
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "model"
+    cmd = [sys.executable, str(RECIPE), "--config", str(config_path), "--max_steps", "100000", "--max_time_s", "3"]
+    cmd += ["--output_dir", str(out), "--save_every", "0", "--num_workers", "1", "--log_every", "1000"]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    metadata = json.loads((out / "training_metadata.json").read_text())
+    assert metadata["stopped_by"] == "max_time_s" and 0 < metadata["steps"] < 100000
+    assert 3 <= metadata["wall_time_s"] < 30 and metadata["history"][-1]["step"] == metadata["steps"]
+    assert metadata["history"][-1]["progress"] > 0.99 and metadata["history"][-1]["steps_per_s"] > 0
+    assert (out / "model.safetensors").is_file()
