@@ -1,7 +1,9 @@
 """Decode-attention kernel benchmark: Triton flash-decoding vs the torch reference vs PyTorch SDPA.
 
-    python benchmarks/kernels.py                       # GPU: full sweep; CPU: the torch path on small shapes
-    python benchmarks/kernels.py --batch 1 8 --lengths 4096 32768 --out runs/kernels.json
+(Not named ``kernels.py``: run as a script, that file would shadow the ``kernels`` package transformers probes.)
+
+    python benchmarks/kernel_speed.py                       # GPU: full sweep; CPU: the torch path on small shapes
+    python benchmarks/kernel_speed.py --batch 1 8 --lengths 4096 32768 --out runs/kernels.json
 
 Rows (one new query per sequence, ``Hq=32``, ``Hkv=8``, ``d=128``, bf16 by default):
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/kernels.json"))
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/kernel_speed.json"))
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "command": " ".join(["python", "benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "benchmarks/kernel_speed.py", *(sys.argv[1:] if argv is None else argv)]),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

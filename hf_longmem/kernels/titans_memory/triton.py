@@ -17,6 +17,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b):
+    """``a @ b`` with exact float32 products. The default on GPUs (TF32, 10-bit mantissa) would compound over the
+    chunk-by-chunk memory updates and break parity with the float32 reference (the kernel computes in float32
+    whatever the input dtype)."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def _load2(ptr, rows, cols, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -52,14 +60,14 @@ def _memory_step_fwd_kernel(
     v = _load2(V + pid * C * D, rc, rd, C, D)
     cw = tl.load(CW + pid * C + rc, mask=rc < C, other=0.0).to(tl.float32)
     cs = tl.load(CS + pid * C + rc, mask=rc < C, other=0.0).to(tl.float32)
-    z = tl.dot(k, w1)
+    z = _dot(k, w1)
     a, sp, _ = _silu_parts(z)
-    e = k + tl.dot(a, w2) - v
-    delta = tl.dot(e, tl.trans(w2)) * sp
-    g1w = tl.dot(tl.trans(k * cw[:, None]), delta)
-    g2w = tl.dot(tl.trans(a * cw[:, None]), e)
-    g1s = tl.dot(tl.trans(k * cs[:, None]), delta)
-    g2s = tl.dot(tl.trans(a * cs[:, None]), e)
+    e = k + _dot(a, w2) - v
+    delta = _dot(e, tl.trans(w2)) * sp
+    g1w = _dot(tl.trans(k * cw[:, None]), delta)
+    g2w = _dot(tl.trans(a * cw[:, None]), e)
+    g1s = _dot(tl.trans(k * cs[:, None]), delta)
+    g2s = _dot(tl.trans(a * cs[:, None]), e)
     dw = tl.load(DW + pid).to(tl.float32)
     ds = tl.load(DS + pid).to(tl.float32)
     mx = tl.load(MX + pid).to(tl.float32)
@@ -104,37 +112,37 @@ def _memory_step_bwd_kernel(
     _store2(dS1 + pid * D * HID, mx * gw1 + ds * gs1, rd, rh, D, HID)
     _store2(dS2 + pid * HID * D, mx * gw2 + ds * gs2, rh, rd, HID, D)
     # recompute the forward intermediates
-    z = tl.dot(k, w1)
+    z = _dot(k, w1)
     a, sp, spp = _silu_parts(z)
-    e = k + tl.dot(a, w2) - v
-    ew = tl.dot(e, tl.trans(w2))
+    e = k + _dot(a, w2) - v
+    ew = _dot(e, tl.trans(w2))
     delta = ew * sp
     # the gradient sums enter W' and S' with a minus sign: cotangents of G(coef_w) and G(coef_s)
     c1w = -gw1
     c2w = -gw2
     c1s = -gs1
     c2s = -gs2
-    kc1w = tl.dot(k, c1w)  # [C, HID]
-    kc1s = tl.dot(k, c1s)
-    ac2w = tl.dot(a, c2w)  # [C, D]
-    ac2s = tl.dot(a, c2s)
+    kc1w = _dot(k, c1w)  # [C, HID]
+    kc1s = _dot(k, c1s)
+    ac2w = _dot(a, c2w)  # [C, D]
+    ac2s = _dot(a, c2s)
     tl.store(dCW + pid * C + rc, tl.sum(ac2w * e, 1) + tl.sum(kc1w * delta, 1), mask=rc < C)
     tl.store(dCS + pid * C + rc, tl.sum(ac2s * e, 1) + tl.sum(kc1s * delta, 1), mask=rc < C)
-    d_a = tl.dot(e * cw[:, None], tl.trans(c2w)) + tl.dot(e * cs[:, None], tl.trans(c2s))  # [C, HID]
+    d_a = _dot(e * cw[:, None], tl.trans(c2w)) + _dot(e * cs[:, None], tl.trans(c2s))  # [C, HID]
     d_e = ac2w * cw[:, None] + ac2s * cs[:, None]  # [C, D]
-    d_k = tl.dot(delta * cw[:, None], tl.trans(c1w)) + tl.dot(delta * cs[:, None], tl.trans(c1s))  # [C, D]
+    d_k = _dot(delta * cw[:, None], tl.trans(c1w)) + _dot(delta * cs[:, None], tl.trans(c1s))  # [C, D]
     d_delta = kc1w * cw[:, None] + kc1s * cs[:, None]  # [C, HID]
     d_ew = d_delta * sp
-    d_e += tl.dot(d_ew, w2)
-    d_w2 = tl.dot(tl.trans(d_ew), e)  # [HID, D]
+    d_e += _dot(d_ew, w2)
+    d_w2 = _dot(tl.trans(d_ew), e)  # [HID, D]
     d_z = d_delta * ew * spp
     # E = K + A W2 - V
     d_k += d_e
-    d_a += tl.dot(d_e, tl.trans(w2))
-    d_w2 += tl.dot(tl.trans(a), d_e)
+    d_a += _dot(d_e, tl.trans(w2))
+    d_w2 += _dot(tl.trans(a), d_e)
     d_z += d_a * sp
-    d_k += tl.dot(d_z, tl.trans(w1))
-    d_w1 = tl.dot(tl.trans(k), d_z)  # [D, HID]
+    d_k += _dot(d_z, tl.trans(w1))
+    d_w1 = _dot(tl.trans(k), d_z)  # [D, HID]
     _store2(dW1 + pid * D * HID, d_w1 + dw * gw1, rd, rh, D, HID)
     _store2(dW2 + pid * HID * D, d_w2 + dw * gw2, rh, rd, HID, D)
     _store2(dK + pid * C * D, d_k, rc, rd, C, D)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU-machine call (the `device` tool): compiled Triton kernels and end-to-end checks, GPU figures, and (when
+# recipes/device_train_tiny.sh exists and TRAIN=1) the embedded model's GPU training in the background.
+#   bash benchmarks/device_check.sh          # from the repo root, with $OUT set (results land there)
+# The machine has torch/triton/transformers of its own and no network: the transformers this package needs travels
+# as a wheel in .whl/ (carried), and the package is used from the checkout (links stand in for package-dir).
+set -u
+OUT=${OUT:-runs/device}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device.log") 2>&1
+start=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
+
+stamp setup
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+for d in cache_classes modeling model_cards; do [ -e "hf_longmem/$d" ] || ln -s "../$d" "hf_longmem/$d"; done
+export PYTHONPATH="/tmp/site:$PWD" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 -c "import torch, triton, transformers, hf_longmem.cache_classes as c
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, c.__file__)"
+
+stamp "speed (clean GPU)"
+timeout "${SPEED_TIMEOUT:-150}" python3 benchmarks/gpu_check.py --sections speed --context "${CONTEXT:-16384}" \
+  --new-tokens "${NEW_TOKENS:-32}" --out "$OUT/gpu_speed.json"
+stamp "kernel speed"
+timeout 60 python3 benchmarks/kernel_speed.py --out "$OUT/kernel_speed.json"
+
+train_pid=
+if [ "${TRAIN:-0}" = 1 ] && [ -f recipes/device_train_tiny.sh ]; then
+  stamp "training in the background"
+  (timeout "${TRAIN_TIMEOUT:-330}" bash recipes/device_train_tiny.sh > "$OUT/train.log" 2>&1; echo "train rc=$?" >> "$OUT/train.log") &
+  train_pid=$!
+fi
+
+stamp "kernel tests, compiled"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels -rfE --timeout 150 2>&1 | tail -40
+stamp "end-to-end parity"
+timeout 150 python3 benchmarks/gpu_check.py --sections parity models --out "$OUT/gpu_parity.json"
+
+if [ -n "$train_pid" ]; then stamp "waiting for training"; wait "$train_pid"; tail -30 "$OUT/train.log"; fi
+stamp done

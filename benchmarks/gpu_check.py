@@ -1,0 +1,329 @@
+"""End-to-end checks and figures of the Triton paths on a GPU: every cache and memory architecture, compiled.
+
+The kernel tests (``TRITON_INTERPRET=0 pytest tests/kernels`` on a GPU machine) compare each kernel with its torch
+reference; this script checks what the kernels are used for, on CUDA:
+
+* ``parity``: each cache generates with the Triton kernels (the default on CUDA) and with the torch path forced
+  (``kernel_backend = "torch"``) on a small random Llama in float32, batch 2 with left padding: the greedy tokens
+  must be equal and the logits close. Caches at a budget above the prompt must also give
+  :class:`~transformers.DynamicCache`'s tokens (the "full budget is exact" contract, on the GPU path).
+* ``models``: Titans (MAC/MAG/MAL) and MoM with ``memory_backend``/``kernel_backend`` ``"triton"`` vs ``"torch"``:
+  logits and the gradients of one training step.
+* ``speed``: a random model of Llama-3.2-1B's shape in bfloat16, a ``--context``-token prompt and ``--new-tokens``
+  greedy steps per cache at a quarter of the context as budget, Triton vs torch path in the same process: prefill
+  seconds, decode milliseconds per token, peak GPU memory and the cache's bytes.
+
+    TRITON_INTERPRET=0 python benchmarks/gpu_check.py --out runs/gpu_check.json            # GPU
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json      # CPU smoke test
+
+Random weights: the figures are about speed, memory and agreement between the two paths, not about accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+import hf_longmem
+from hf_longmem.cache_classes.base import cache_memory_bytes
+from hf_longmem.cache_classes.infllm import InfLLMLayer
+from hf_longmem.cache_classes.scored import ScoredLayer
+from hf_longmem.cache_classes.think import ThinKLayer
+from hf_longmem.kernels import triton_available
+
+#: Layer classes whose kernels follow a ``kernel_backend`` class attribute (``None``: Triton on CUDA).
+BACKEND_CLASSES = (ScoredLayer, ThinKLayer, InfLLMLayer)
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str | None):
+    """Forces the kernels of every cache layer class to ``name`` ("torch", "triton" or None = automatic)."""
+    saved = [cls.__dict__.get("kernel_backend") for cls in BACKEND_CLASSES]
+    for cls in BACKEND_CLASSES:
+        cls.kernel_backend = name
+    try:
+        yield
+    finally:
+        for cls, value in zip(BACKEND_CLASSES, saved):
+            cls.kernel_backend = value
+
+
+def cache_options(name: str, budget: int, model) -> dict[str, Any]:
+    """Options of cache ``name`` attending to about ``budget`` tokens per step."""
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    window = max(4, min(64, budget // 8))
+    if name == "full":
+        return {}
+    if name in ("streaming",):
+        return {"budget": budget, "sink_size": 4}
+    if name in ("h2o", "d2o"):
+        return {"budget": budget}
+    if name in ("snapkv", "pyramidkv"):
+        return {"budget": budget, "window_size": window}
+    if name == "kvmerger":
+        return {"budget": budget, "window_size": window}
+    if name == "sirllm":
+        return {"entropy_size": budget - 4, "start_size": 4}
+    if name == "think":
+        return {"base": "snapkv", "budget": budget, "window_size": window, "key_channel_ratio": 0.5}
+    if name == "duo_attention":
+        gates = torch.tensor(np.random.default_rng(0).random((layers, kv_heads)))
+        return {"head_pattern": gates, "sparsity": 0.5, **hf_longmem.DuoAttentionCache.options_for_budget(budget)}
+    if name == "infllm":
+        return hf_longmem.InfLLMCache.options_for_budget(budget)
+    if name == "emllm":
+        return hf_longmem.EMLLMCache.options_for_budget(budget)
+    raise ValueError(f"no options for cache {name!r}")
+
+
+def random_llama(device, dtype, *, hidden, layers, heads, kv_heads, intermediate, vocab, max_positions, std=None):
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        rope_theta=500000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: a 1B model's init on the CPU takes a while
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    if std is not None:  # peaked attention, so greedy tokens depend on every kept token
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.normal_(0.0, std)
+    model.generation_config.eos_token_id = None
+    return model.to(device).eval()
+
+
+def greedy(model, ids, cache, new_tokens, mask=None):
+    out = model.generate(
+        ids, attention_mask=mask, cache=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
+
+
+def parity(device, smoke: bool) -> list[dict]:
+    """Triton vs torch kernels, and full budget vs DynamicCache, for every cache on a float32 model."""
+    size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
+        hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1024, vocab=512
+    )
+    model = random_llama(device, torch.float32, max_positions=4096, std=0.2 * (64 / size["hidden"]) ** 0.5, **size)
+    length, pad, new = (48, 6, 3) if smoke else (700, 60, 8)
+    full_ids = torch.randint(3, size["vocab"], (2, length), generator=torch.Generator().manual_seed(1)).to(device)
+    full_mask = torch.ones_like(full_ids)
+    full_ids[1, :pad], full_mask[1, :pad] = 0, 0
+    budget = 24 if smoke else 256
+    with torch.no_grad():
+        dense_tokens, dense_logits = greedy(model, full_ids, DynamicCache(config=model.config), new, full_mask)
+    rows = []
+    for name in hf_longmem.available_caches():
+        row: dict[str, Any] = {"section": "parity", "cache": name}
+        try:
+            options = cache_options(name, budget, model)
+            if name in ("infllm", "emllm"):  # equal-length rows only: the unpadded row
+                row["rows"] = 1
+                ids, mask, dense = full_ids[:1], full_mask[:1], (dense_tokens[:1], dense_logits[:, :1])
+            else:
+                ids, mask, dense = full_ids, full_mask, (dense_tokens, dense_logits)
+            with torch.no_grad(), kernel_backend("torch"):
+                ref_tokens, ref_logits = greedy(model, ids, hf_longmem.make_cache(name, model, **options), new, mask)
+            with torch.no_grad(), kernel_backend(None if device.type == "cuda" else "triton"):  # CPU: interpreter
+                tokens, logits = greedy(model, ids, hf_longmem.make_cache(name, model, **options), new, mask)
+            row.update(
+                tokens_equal=bool(torch.equal(tokens, ref_tokens)),
+                max_logit_diff=float((logits - ref_logits).abs().max()),
+            )
+            full = full_budget_options(name, length + new, model)
+            if full is not None:
+                with torch.no_grad():
+                    tokens, logits = greedy(model, ids, hf_longmem.make_cache(name, model, **full), new, mask)
+                row.update(
+                    full_budget_tokens_equal=bool(torch.equal(tokens, dense[0])),
+                    full_budget_max_logit_diff=float((logits - dense[1]).abs().max()),
+                )
+        except Exception as error:  # one broken method must not hide the others' results
+            row["error"] = f"{type(error).__name__}: {error}"
+            row["traceback"] = traceback.format_exc(limit=6)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    return rows
+
+
+def full_budget_options(name: str, total: int, model) -> dict | None:
+    """Options under which cache ``name`` keeps every token (``None`` where no such setting is exact)."""
+    if name in ("streaming", "h2o", "d2o", "snapkv", "kvmerger"):
+        return {**cache_options(name, total + 8, model), "budget": total + 8}
+    if name == "duo_attention":
+        return {"head_pattern": True, "sparsity": None}  # every head retrieval
+    if name == "full":
+        return {}
+    return None
+
+
+def models(device, smoke: bool) -> list[dict]:
+    """Titans and MoM: Triton vs torch memory kernels, logits and one step's gradients."""
+    from hf_longmem.modeling.mom import MomConfig, MomForCausalLM
+    from hf_longmem.modeling.titans import TitansConfig, TitansForCausalLM
+
+    length = 40 if smoke else 512
+    titans = dict(
+        vocab_size=97, hidden_size=32 if smoke else 256, intermediate_size=64 if smoke else 512, num_hidden_layers=2,
+        num_attention_heads=2 if smoke else 4, sliding_window=8 if smoke else 64, segment_size=16 if smoke else 128,
+        memory_chunk_size=8 if smoke else 32, memory_heads=2 if smoke else 4, num_persistent_tokens=2,
+    )
+    mom = dict(
+        vocab_size=97, hidden_size=32 if smoke else 256, num_hidden_layers=2, num_heads=2 if smoke else 4,
+        head_dim=8 if smoke else 64, num_memories=4, topk=2, shared_mem=True, intermediate_size=64 if smoke else 512,
+        chunk_size=8 if smoke else 64, pad_token_id=0,
+    )
+    builds = [(f"titans_{v}", TitansConfig, TitansForCausalLM, "memory_backend", {**titans, "variant": v})
+              for v in ("mac", "mag", "mal")]
+    builds.append(("mom", MomConfig, MomForCausalLM, "kernel_backend", mom))
+    ids = torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(2)).to(device)
+    rows = []
+    for name, config_cls, model_cls, option, kwargs in builds:
+        row: dict[str, Any] = {"section": "models", "model": name}
+        try:
+            outputs = {}
+            for backend in ("torch", "triton"):
+                torch.manual_seed(0)
+                model = model_cls(config_cls(**kwargs, **{option: backend})).to(device)
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                loss = loss.detach()
+                grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+                with torch.no_grad():
+                    logits = model(ids).logits.float()
+                    tokens = model.generate(ids[:, :32], max_new_tokens=8, do_sample=False, pad_token_id=0)
+                outputs[backend] = (logits, grads, tokens, float(loss))
+            (ref_logits, ref_grads, ref_tokens, ref_loss), (logits, grads, tokens, loss) = outputs["torch"], outputs[
+                "triton"]
+            row.update(
+                max_logit_diff=float((logits - ref_logits).abs().max()),
+                loss_torch=ref_loss,
+                loss_triton=loss,
+                grad_rel_diff=float((grads - ref_grads).norm() / ref_grads.norm().clamp_min(1e-12)),
+                generate_tokens_equal=bool(torch.equal(tokens, ref_tokens)),
+            )
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {error}"
+            row["traceback"] = traceback.format_exc(limit=6)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str]) -> list[dict]:
+    """Prefill and decode time, peak memory and cache bytes per cache, Triton vs torch kernels, bfloat16."""
+    size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
+        hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000
+    )
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = random_llama(device, dtype, max_positions=max(131072, context * 2), **size)
+    ids = torch.randint(3, size["vocab"], (1, context), generator=torch.Generator().manual_seed(3)).to(device)
+    budget = context // 4
+    rows = []
+    for name in caches:
+        for backend in ("triton", "torch"):
+            if backend == "triton" and (device.type != "cuda" or not triton_available()):
+                continue
+            row: dict[str, Any] = {"section": "speed", "cache": name, "backend": backend, "context": context,
+                                   "budget": None if name == "full" else budget, "new_tokens": new_tokens}
+            try:
+                options = cache_options(name, budget, model)
+                with torch.no_grad(), kernel_backend("torch" if backend == "torch" else None):
+                    greedy(model, ids[:, :256], hf_longmem.make_cache(name, model, **cache_options(name, 64, model)), 2)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    cache = hf_longmem.make_cache(name, model, **options)
+                    model.generate(ids, cache=cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
+                    _sync(device)
+                    t1 = time.perf_counter()
+                    cache = hf_longmem.make_cache(name, model, **options)
+                    model.generate(ids, cache=cache, max_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0)
+                    _sync(device)
+                    t2 = time.perf_counter()
+                prefill = t1 - t0
+                row.update(
+                    prefill_s=round(prefill, 4),
+                    decode_ms_per_token=round(1e3 * max(0.0, (t2 - t1) - prefill) / new_tokens, 3),
+                    cache_bytes=int(cache_memory_bytes(cache)),
+                    peak_gpu_bytes_over_weights=(torch.cuda.max_memory_allocated() - base) if device.type == "cuda"
+                    else None,
+                )
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {error}"
+                row["traceback"] = traceback.format_exc(limit=6)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["parity", "models", "speed"],
+                        choices=["parity", "models", "speed"])
+    parser.add_argument("--context", type=int, default=16384, help="prompt tokens of the speed section")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps of the speed section")
+    parser.add_argument("--caches", nargs="+", default=None, help="caches of the speed section (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_check.json"))
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():  # as tests/conftest.py: no autotune timing
+        from triton.runtime.autotuner import Autotuner
+
+        Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "rows": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    caches = args.caches or hf_longmem.available_caches()
+    for section in args.sections:
+        if section == "parity":
+            report["rows"] += parity(device, args.smoke)
+        elif section == "models":
+            report["rows"] += models(device, args.smoke)
+        else:
+            context = min(args.context, 512) if args.smoke else args.context
+            report["rows"] += speed(device, args.smoke, context, min(args.new_tokens, 4) if args.smoke else
+                                    args.new_tokens, caches)
+        args.out.write_text(json.dumps(report, indent=1))  # after each section: a timeout keeps what was done
+    return report
+
+
+def _version(name: str) -> str | None:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
