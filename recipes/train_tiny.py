@@ -372,8 +372,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     set_seed(config.seed)
     tokenizer = build_tokenizer()
     model = build_model(config, tokenizer)
+    fused = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel per step on a GPU
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
+        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay, **fused
     )
     progress = Progress(config, shared=config.num_workers > 0)
     state = {"step": 0}

@@ -114,7 +114,9 @@ def test_lr_factor_matches_transformers_schedule_without_time_budget():
 
 def test_worker_batches_are_valid_and_follow_the_shared_progress():
     train_tiny = _recipe()
-    config = train_tiny.parse_config(["--config", str(CONFIG), "--tokens_per_batch", "256", "--num_workers", "2", "--prefetch_batches", "1"])
+    config = train_tiny.parse_config(
+        ["--config", str(CONFIG), "--tokens_per_batch", "256", "--num_workers", "2", "--prefetch_batches", "1"]
+    )
     config.curriculum = [
         {"until": 0.5, "min_length": 64, "max_length": 64},
         {"until": 1.0, "min_length": 128, "max_length": 128},
