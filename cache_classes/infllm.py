@@ -131,6 +131,14 @@ def block_representatives(
     return reprs.permute(0, 2, 1, 3).to(keys.dtype)
 
 
+class _PerHeadSelection(list):
+    """``selected[row][head]`` block ids, carrying the same ids as ``tensor`` ``[b, H, k]`` int64 (``-1`` padded)."""
+
+    def __init__(self, rows: list, index: torch.Tensor):
+        super().__init__(rows)
+        self.tensor = index
+
+
 def _is_per_head(selected: list) -> bool:
     """Whether a selection is ``[row][head] -> ids`` (``perhead``) rather than ``[row] -> ids``."""
     return any(isinstance(entry, list) for row in selected for entry in row)
@@ -393,36 +401,43 @@ class InfLLMLayer(CacheLayerMixin):
         """``selected[row][head]`` block ids -> ``keys [b * H, 1, L, d]``, ``values``, ``valid [b * H, L]``.
 
         The union of a row's blocks is gathered once from the store; each query head then takes its own blocks
-        (in ascending id order) from its KV head, zero-padded to the longest selection and marked invalid there.
+        (in ascending id order) from its KV head. Slot ``j * S + t`` of a head (``S`` = the largest block) is token
+        ``t`` of its ``j``-th block, marked invalid past that block's size or past the head's selection. The token
+        index is built with tensor ops (no Python loop over heads or tokens: this runs at every decoding step).
         """
-        union = _row_union(selected)
-        keys, values, _ = self.store.gather(union)  # [b, Hkv, U, d]
-        batch, kv_heads, _, dim = keys.shape
-        q_heads = len(selected[0])
+        index = getattr(selected, "tensor", None)  # [b, H, k] int64, -1 padded (from select_blocks)
+        if index is None:
+            width = max(1, max(len(ids) for heads in selected for ids in heads))
+            index = torch.tensor(
+                [[list(ids) + [-1] * (width - len(ids)) for ids in heads] for heads in selected], dtype=torch.long
+            )
+        index = index.to(self.device)
+        batch, q_heads, _ = index.shape
+        unions = [torch.unique(index[row][index[row] >= 0]) for row in range(batch)]  # sorted, per row
+        keys, values, _ = self.store.gather([union.tolist() for union in unions])  # [b, Hkv, U, d]
+        kv_heads, dim = keys.shape[1], keys.shape[-1]
         group = q_heads // kv_heads
-        index_rows = []
-        for row, heads in enumerate(selected):  # loop over rows and heads: a few dozen block ids each
-            sizes = self.store.block_sizes(row)
-            offset, start = 0, {}
-            for block in union[row]:
-                start[block] = offset
-                offset += sizes[block]
-            for ids in heads:
-                index_rows.append(
-                    [t for block in ids for t in range(start[block], start[block] + sizes[block])]
-                )
-        width = max(1, max(len(ids) for ids in index_rows))
-        index = torch.zeros(len(index_rows), width, dtype=torch.long)
-        ok = torch.zeros(len(index_rows), width, dtype=torch.bool)
-        for unit, ids in enumerate(index_rows):
-            index[unit, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            ok[unit, : len(ids)] = True
-        index, ok = index.to(self.device), ok.to(self.device)
+        span = max(int(self.store.block_sizes_tensor(row).max()) for row in range(batch))
+        slots, oks = [], []
+        for row, union in enumerate(unions):  # loop over rows only
+            sizes = self.store.block_sizes_tensor(row)  # [n]
+            union_sizes = sizes[union]
+            where = torch.full_like(sizes, -1)
+            where[union] = torch.cumsum(union_sizes, 0) - union_sizes  # block id -> its offset in the gather
+            ids = index[row]  # [H, k]
+            chosen = ids >= 0
+            safe = ids.clamp(min=0)
+            offsets = torch.arange(span, device=self.device)
+            ok = chosen[..., None] & (offsets < sizes[safe][..., None])  # [H, k, S]
+            slot = (where[safe][..., None] + offsets).masked_fill(~ok, 0)
+            slots.append(slot.reshape(q_heads, -1))
+            oks.append(ok.reshape(q_heads, -1))
+        slot, ok = torch.cat(slots), torch.cat(oks)  # [b * H, k * S]
         kv_of_head = torch.arange(q_heads, device=self.device) // group
         per_head_keys = keys[:, kv_of_head].reshape(batch * q_heads, *keys.shape[-2:])
         per_head_values = values[:, kv_of_head].reshape(batch * q_heads, *values.shape[-2:])
-        take_keys = per_head_keys.gather(1, index[..., None].expand(-1, -1, dim))
-        take_values = per_head_values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+        take_keys = per_head_keys.gather(1, slot[..., None].expand(-1, -1, dim))
+        take_values = per_head_values.gather(1, slot[..., None].expand(-1, -1, values.shape[-1]))
         return take_keys[:, None], take_values[:, None], ok
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -459,8 +474,11 @@ class InfLLMLayer(CacheLayerMixin):
             self.store.counts().repeat_interleave(q_heads),
             backend=self.kernel_backend,
         )
-        units = [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
-        return [units[row * q_heads : (row + 1) * q_heads] for row in range(batch)]
+        index = index.sort(dim=-1).values  # -1 (fewer blocks than topk) first
+        units = [[i for i in row if i >= 0] for row in index.tolist()]
+        return _PerHeadSelection(
+            [units[row * q_heads : (row + 1) * q_heads] for row in range(batch)], index.view(batch, q_heads, -1)
+        )
 
     def after_chunk(self) -> None:
         """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size``."""

@@ -61,6 +61,8 @@ class BlockStore:
         self.pin_memory = bool(pin_memory)
         self._stream = torch.cuda.Stream(self.device) if self.offload and self.device.type == "cuda" else None
         self._blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # [row][block] -> (keys, values) at home
+        self._sizes: list[list[int]] = []  # [row][block] -> tokens (kept alongside: read every step)
+        self._sizes_tensor: dict[int, torch.Tensor] = {}  # row -> [blocks] int64 on the device, built on demand
         self._resident: list[OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # [row] LRU, oldest first
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}  # pending host->device copies
         self.reprs: torch.Tensor | None = None  # [b, capacity, q_heads, head_dim] on device
@@ -83,7 +85,15 @@ class BlockStore:
         return torch.tensor(self.num_blocks(), dtype=torch.long, device=self.device)
 
     def block_sizes(self, row: int) -> list[int]:
-        return [keys.shape[1] for keys, _ in self._blocks[row]]
+        return list(self._sizes[row])
+
+    def block_sizes_tensor(self, row: int) -> torch.Tensor:
+        """``[blocks]`` int64 tokens per block of ``row``, on the device (cached until blocks are added)."""
+        cached = self._sizes_tensor.get(row)
+        if cached is None or cached.shape[0] != len(self._sizes[row]):
+            cached = torch.tensor(self._sizes[row], dtype=torch.long, device=self.device)
+            self._sizes_tensor[row] = cached
+        return cached
 
     def representatives(self) -> torch.Tensor | None:
         """``[b, max blocks, q_heads, head_dim]`` (rows with fewer blocks are zero-filled past their count)."""
@@ -101,6 +111,7 @@ class BlockStore:
     def _ensure_rows(self, batch: int) -> None:
         if self.batch_size == 0:
             self._blocks = [[] for _ in range(batch)]
+            self._sizes = [[] for _ in range(batch)]
             self._resident = [OrderedDict() for _ in range(batch)]
         elif self.batch_size != batch:
             raise ValueError(f"the store holds {self.batch_size} rows, got blocks for {batch}")
@@ -159,6 +170,7 @@ class BlockStore:
                     block_keys = self._to_home(keys[i, :, start : start + size])
                     block_values = self._to_home(values[i, :, start : start + size])
                     self._blocks[row].append((block_keys, block_values))
+                    self._sizes[row].append(size)
         self._append_reprs(reprs, rows)
 
     def _append_reprs(self, reprs: torch.Tensor, rows: list[int]) -> None:
@@ -256,8 +268,8 @@ class BlockStore:
             raise ValueError(f"`blocks` must list block ids for each of the {self.batch_size} rows, got {len(blocks)}")
         for row, ids in enumerate(blocks):
             count = len(self._blocks[row])
-            bad = [int(i) for i in ids if int(i) >= count]
-            if bad:
+            if len(ids) and max(ids) >= count:  # one C-level scan per row (this runs at every step)
+                bad = [int(i) for i in ids if int(i) >= count]
                 raise ValueError(f"row {row} has {count} blocks, asked for {bad}")
 
     def _load(self, row: int, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,6 +307,8 @@ class BlockStore:
         index = [int(i) for i in (index.tolist() if isinstance(index, torch.Tensor) else index)]
         self._sync()
         self._blocks = [list(self._blocks[i]) for i in index]
+        self._sizes = [list(self._sizes[i]) for i in index]
+        self._sizes_tensor = {}
         self._resident = [OrderedDict(self._resident[i]) for i in index]
         if self.reprs is not None:
             self.reprs = self.reprs.index_select(0, torch.tensor(index, device=self.device))
@@ -311,7 +325,8 @@ class BlockStore:
 
     def clear(self) -> None:
         self._sync()
-        self._blocks, self._resident, self.reprs, self.loads = [], [], None, 0
+        self._blocks, self._sizes, self._resident, self.reprs, self.loads = [], [], [], None, 0
+        self._sizes_tensor = {}
 
     def memory_bytes(self) -> dict[str, int]:
         """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""

@@ -391,3 +391,27 @@ def test_triton_kernels_give_the_torch_result(monkeypatch):
     assert cache.layers[0].store.num_blocks(0) > 1  # top-1 of several blocks
     assert torch.equal(seq, seq_triton)
     torch.testing.assert_close(logits_triton, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_perhead_gather_from_tensor_selection_equals_list_selection():
+    """The vectorised per-head gather (tensor ids from ``select_blocks``) equals the same ids given as lists."""
+    from hf_longmem.cache_classes.infllm import _PerHeadSelection
+    from hf_longmem.memory.block_store import BlockStore
+
+    torch.manual_seed(0)
+    layer = InfLLMLayer(RotaryShift(torch.ones(2)), 0, 4, 3, 2, 1, 8, 4, offload=False, perhead=True)
+    keys = torch.randn(1, 2, 12, 4)
+    layer.store = BlockStore("cpu", 8, offload=False)
+    layer.device = torch.device("cpu")
+    layer.store.add_blocks(keys, keys + 1, [3, 3, 3, 3], torch.randn(1, 4, 4, 4))
+    lists = [[[0, 2], [1], [0, 3], [2, 3]]]
+    index = torch.tensor([[[0, 2], [-1, 1], [0, 3], [2, 3]]])
+    by_list = layer._gather_per_head(lists)
+    by_tensor = layer._gather_per_head(_PerHeadSelection(lists, index))
+    for unit in range(4):  # the valid slots of every head hold the same tokens in the same order
+        for part in (0, 1):
+            torch.testing.assert_close(
+                by_list[part][unit, 0][by_list[2][unit]], by_tensor[part][unit, 0][by_tensor[2][unit]]
+            )
+    head2 = by_tensor[0][2, 0][by_tensor[2][2]]  # head 2 reads KV head 1: blocks 0 and 3
+    torch.testing.assert_close(head2, torch.cat((keys[0, 1, 0:3], keys[0, 1, 9:12])))

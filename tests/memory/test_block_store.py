@@ -122,3 +122,16 @@ def test_bad_arguments():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pin_memory"):
             BlockStore("cpu", offload=True, pin_memory=True)
+
+
+def test_block_sizes_follow_reorder_and_tensor_view_matches():
+    store = BlockStore("cpu", max_cached_blocks=4, offload=False)
+    keys = torch.randn(2, 1, 7, 3)
+    store.add_blocks(keys, keys.clone(), [3, 4], torch.randn(2, 2, 2, 3))
+    store.add_blocks(keys[:, :, :2], keys[:, :, :2].clone(), [2], torch.randn(2, 1, 2, 3))
+    assert store.block_sizes(0) == [3, 4, 2]
+    assert store.block_sizes_tensor(1).tolist() == [3, 4, 2]
+    store.reorder([1, 1])
+    assert store.block_sizes(1) == [3, 4, 2] and store.block_sizes_tensor(0).tolist() == [3, 4, 2]
+    store.clear()
+    assert store.batch_size == 0
