@@ -43,7 +43,7 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 echo "training done after $(( $(date +%s) - $(cat "$WORK/start") )) s (status $status)"
-for name in $NAMES; do grep '^{"step"' "$OUT/train_${name}.log" | tail -2 || true; done
+for name in $NAMES; do grep -o '{"step".*' "$OUT/train_${name}.log" | tail -2 || true; done
 
 pids=()
 for name in $NAMES; do
