@@ -16,28 +16,34 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
+mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH="/tmp/bin:$PATH"  # scripts call python
 for d in cache_classes modeling model_cards; do [ -e "hf_longmem/$d" ] || ln -s "../$d" "hf_longmem/$d"; done
 export PYTHONPATH="/tmp/site:$PWD" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, triton, transformers, hf_longmem.cache_classes as c
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, c.__file__)"
 
 stamp "speed (clean GPU)"
-timeout "${SPEED_TIMEOUT:-150}" python3 benchmarks/gpu_check.py --sections speed --context "${CONTEXT:-16384}" \
+timeout "${SPEED_TIMEOUT:-120}" python3 benchmarks/gpu_check.py --sections speed --context "${CONTEXT:-16384}" \
   --new-tokens "${NEW_TOKENS:-32}" --out "$OUT/gpu_speed.json"
 stamp "kernel speed"
-timeout 60 python3 benchmarks/kernel_speed.py --out "$OUT/kernel_speed.json"
+timeout 45 python3 benchmarks/kernel_speed.py --out "$OUT/kernel_speed.json"
 
 train_pid=
 if [ "${TRAIN:-0}" = 1 ] && [ -f recipes/device_train_tiny.sh ]; then
   stamp "training in the background"
-  (timeout "${TRAIN_TIMEOUT:-330}" bash recipes/device_train_tiny.sh > "$OUT/train.log" 2>&1; echo "train rc=$?" >> "$OUT/train.log") &
+  # At most 8 files come back: the models' two tarballs go to $OUT, the logs and evaluations into one tar.
+  (mkdir -p /tmp/train_out
+   OUT=/tmp/train_out timeout "${TRAIN_TIMEOUT:-330}" bash recipes/device_train_tiny.sh > /tmp/train_out/run.log 2>&1
+   echo "train rc=$?" >> /tmp/train_out/run.log
+   mv /tmp/train_out/*.tar.gz "$OUT/" 2>/dev/null
+   tar -cf "$OUT/train_logs.tar" -C /tmp train_out) &
   train_pid=$!
 fi
 
 stamp "kernel tests, compiled"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels -rfE --timeout 150 2>&1 | tail -40
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/kernels -rfE --timeout 120 2>&1 | tail -40
 stamp "end-to-end parity"
 timeout 150 python3 benchmarks/gpu_check.py --sections parity models --out "$OUT/gpu_parity.json"
 
-if [ -n "$train_pid" ]; then stamp "waiting for training"; wait "$train_pid"; tail -30 "$OUT/train.log"; fi
+if [ -n "$train_pid" ]; then stamp "waiting for training"; wait "$train_pid"; tail -40 /tmp/train_out/run.log; fi
 stamp done

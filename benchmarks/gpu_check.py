@@ -42,6 +42,9 @@ from hf_longmem.cache_classes.scored import ScoredLayer
 from hf_longmem.cache_classes.think import ThinKLayer
 from hf_longmem.kernels import triton_available
 
+#: Speed-section order: the most used first (a timeout cuts the tail).
+SPEED_ORDER = ["full", "snapkv", "think", "duo_attention", "infllm", "emllm", "streaming", "h2o", "d2o", "kvmerger",
+               "pyramidkv", "sirllm"]
 #: Layer classes whose kernels follow a ``kernel_backend`` class attribute (``None``: Triton on CUDA).
 BACKEND_CLASSES = (ScoredLayer, ThinKLayer, InfLLMLayer)
 
@@ -113,7 +116,7 @@ def greedy(model, ids, cache, new_tokens, mask=None):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
 
 
-def parity(device, smoke: bool) -> list[dict]:
+def parity(device, smoke: bool, emit) -> None:
     """Triton vs torch kernels, and full budget vs DynamicCache, for every cache on a float32 model."""
     size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
         hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1024, vocab=512
@@ -126,7 +129,6 @@ def parity(device, smoke: bool) -> list[dict]:
     budget = 24 if smoke else 256
     with torch.no_grad():
         dense_tokens, dense_logits = greedy(model, full_ids, DynamicCache(config=model.config), new, full_mask)
-    rows = []
     for name in hf_longmem.available_caches():
         row: dict[str, Any] = {"section": "parity", "cache": name}
         try:
@@ -155,9 +157,7 @@ def parity(device, smoke: bool) -> list[dict]:
         except Exception as error:  # one broken method must not hide the others' results
             row["error"] = f"{type(error).__name__}: {error}"
             row["traceback"] = traceback.format_exc(limit=6)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
-    return rows
+        emit(row)
 
 
 def full_budget_options(name: str, total: int, model) -> dict | None:
@@ -171,7 +171,7 @@ def full_budget_options(name: str, total: int, model) -> dict | None:
     return None
 
 
-def models(device, smoke: bool) -> list[dict]:
+def models(device, smoke: bool, emit) -> None:
     """Titans and MoM: Triton vs torch memory kernels, logits and one step's gradients."""
     from hf_longmem.modeling.mom import MomConfig, MomForCausalLM
     from hf_longmem.modeling.titans import TitansConfig, TitansForCausalLM
@@ -191,7 +191,6 @@ def models(device, smoke: bool) -> list[dict]:
               for v in ("mac", "mag", "mal")]
     builds.append(("mom", MomConfig, MomForCausalLM, "kernel_backend", mom))
     ids = torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(2)).to(device)
-    rows = []
     for name, config_cls, model_cls, option, kwargs in builds:
         row: dict[str, Any] = {"section": "models", "model": name}
         try:
@@ -219,9 +218,7 @@ def models(device, smoke: bool) -> list[dict]:
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {error}"
             row["traceback"] = traceback.format_exc(limit=6)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
-    return rows
+        emit(row)
 
 
 def _sync(device):
@@ -229,7 +226,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str]) -> list[dict]:
+def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str], emit) -> None:
     """Prefill and decode time, peak memory and cache bytes per cache, Triton vs torch kernels, bfloat16."""
     size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
         hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000
@@ -238,7 +235,6 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str])
     model = random_llama(device, dtype, max_positions=max(131072, context * 2), **size)
     ids = torch.randint(3, size["vocab"], (1, context), generator=torch.Generator().manual_seed(3)).to(device)
     budget = context // 4
-    rows = []
     for name in caches:
         for backend in ("triton", "torch"):
             if backend == "triton" and (device.type != "cuda" or not triton_available()):
@@ -274,11 +270,9 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str])
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"
                 row["traceback"] = traceback.format_exc(limit=6)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+            emit(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -304,17 +298,22 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    caches = args.caches or hf_longmem.available_caches()
+    caches = args.caches or SPEED_ORDER
+
+    def emit(row: dict) -> None:  # written after every row: a timeout keeps what was done
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+        report["rows"].append(row)
+        args.out.write_text(json.dumps(report, indent=1))
+
     for section in args.sections:
         if section == "parity":
-            report["rows"] += parity(device, args.smoke)
+            parity(device, args.smoke, emit)
         elif section == "models":
-            report["rows"] += models(device, args.smoke)
+            models(device, args.smoke, emit)
         else:
             context = min(args.context, 512) if args.smoke else args.context
-            report["rows"] += speed(device, args.smoke, context, min(args.new_tokens, 4) if args.smoke else
-                                    args.new_tokens, caches)
-        args.out.write_text(json.dumps(report, indent=1))  # after each section: a timeout keeps what was done
+            new_tokens = min(args.new_tokens, 4) if args.smoke else args.new_tokens
+            speed(device, args.smoke, context, new_tokens, caches, emit)
     return report
 
 
