@@ -12,15 +12,7 @@ start=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
 
 stamp setup
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH="/tmp/bin:$PATH"  # scripts call python
-for d in cache_classes modeling model_cards; do [ -e "hf_longmem/$d" ] || ln -s "../$d" "hf_longmem/$d"; done
-export PYTHONPATH="/tmp/site:$PWD" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -c "import torch, triton, transformers, hf_longmem.cache_classes as c
-print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, c.__file__)"
+source benchmarks/device_env.sh
 
 stamp "speed (clean GPU)"
 timeout "${SPEED_TIMEOUT:-120}" python3 benchmarks/gpu_check.py --sections speed --context "${CONTEXT:-16384}" \

@@ -10,8 +10,8 @@ reference; this script checks what the kernels are used for, on CUDA:
 * ``models``: Titans (MAC/MAG/MAL) and MoM with ``memory_backend``/``kernel_backend`` ``"triton"`` vs ``"torch"``:
   logits and the gradients of one training step.
 * ``speed``: a random model of Llama-3.2-1B's shape in bfloat16, a ``--context``-token prompt and ``--new-tokens``
-  greedy steps per cache at a quarter of the context as budget, Triton vs torch path in the same process: prefill
-  seconds, decode milliseconds per token, peak GPU memory and the cache's bytes.
+  greedy steps per cache at a quarter of the context as budget, Triton vs torch path in the same process, against
+  transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU memory and the cache's bytes.
 
     TRITON_INTERPRET=0 python benchmarks/gpu_check.py --out runs/gpu_check.json            # GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json      # CPU smoke test
@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StoppingCriteria, StoppingCriteriaList
 
 import hf_longmem
 from hf_longmem.cache_classes.base import cache_memory_bytes
@@ -43,7 +44,7 @@ from hf_longmem.cache_classes.think import ThinKLayer
 from hf_longmem.kernels import triton_available
 
 #: Speed-section order: the most used first (a timeout cuts the tail).
-SPEED_ORDER = ["full", "snapkv", "think", "duo_attention", "infllm", "emllm", "streaming", "h2o", "d2o", "kvmerger",
+SPEED_ORDER = ["dynamic", "snapkv", "think", "duo_attention", "infllm", "emllm", "streaming", "h2o", "d2o", "kvmerger",
                "pyramidkv", "sirllm"]
 #: Layer classes whose kernels follow a ``kernel_backend`` class attribute (``None``: Triton on CUDA).
 BACKEND_CLASSES = (ScoredLayer, ThinKLayer, InfLLMLayer)
@@ -226,8 +227,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+class StepClock(StoppingCriteria):
+    """Wall time at every generation step (after a device sync): step 0 ends the prefill and first token."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def timed_generate(model, ids, make_cache, new_tokens, device) -> tuple[float, list[float], Any]:
+    """(prefill seconds, decode step milliseconds, cache) of one greedy generation."""
+    clock = StepClock(device)
+    cache = make_cache()
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(ids, cache=cache, max_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0,
+                   stopping_criteria=StoppingCriteriaList([clock]))
+    steps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
+    return clock.times[0] - start, steps, cache
+
+
 def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str], emit) -> None:
-    """Prefill and decode time, peak memory and cache bytes per cache, Triton vs torch kernels, bfloat16."""
+    """Prefill time, median decode step, peak memory and cache bytes per cache, Triton vs torch kernels, bfloat16.
+
+    Each (cache, backend) generates twice and the second, warm run is reported (the first compiles kernels and
+    grows the allocator); ``dynamic`` is transformers' own ``DynamicCache``, the reference for every row.
+    """
     size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
         hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000
     )
@@ -236,34 +265,34 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
     ids = torch.randint(3, size["vocab"], (1, context), generator=torch.Generator().manual_seed(3)).to(device)
     budget = context // 4
     for name in caches:
-        for backend in ("triton", "torch"):
+        backends = ("torch",) if name in ("dynamic", "full") else ("triton", "torch")
+        for backend in backends:
             if backend == "triton" and (device.type != "cuda" or not triton_available()):
                 continue
             row: dict[str, Any] = {"section": "speed", "cache": name, "backend": backend, "context": context,
-                                   "budget": None if name == "full" else budget, "new_tokens": new_tokens}
+                                   "budget": None if name in ("dynamic", "full") else budget,
+                                   "new_tokens": new_tokens}
             try:
-                options = cache_options(name, budget, model)
+                if name == "dynamic":
+                    def make(model=model):
+                        return DynamicCache(config=model.config)
+                else:
+                    options = cache_options(name, budget, model)
+
+                    def make(name=name, options=options):
+                        return hf_longmem.make_cache(name, model, **options)
                 with torch.no_grad(), kernel_backend("torch" if backend == "torch" else None):
-                    greedy(model, ids[:, :256], hf_longmem.make_cache(name, model, **cache_options(name, 64, model)), 2)
+                    timed_generate(model, ids, make, new_tokens, device)  # warm-up: compiles, grows the allocator
                     if device.type == "cuda":
-                        torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    cache = hf_longmem.make_cache(name, model, **options)
-                    model.generate(ids, cache=cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
-                    _sync(device)
-                    t1 = time.perf_counter()
-                    cache = hf_longmem.make_cache(name, model, **options)
-                    model.generate(ids, cache=cache, max_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0)
-                    _sync(device)
-                    t2 = time.perf_counter()
-                prefill = t1 - t0
+                    prefill, steps, cache = timed_generate(model, ids, make, new_tokens, device)
                 row.update(
                     prefill_s=round(prefill, 4),
-                    decode_ms_per_token=round(1e3 * max(0.0, (t2 - t1) - prefill) / new_tokens, 3),
-                    cache_bytes=int(cache_memory_bytes(cache)),
+                    decode_ms_median=round(statistics.median(steps), 3),
+                    decode_ms_max=round(max(steps), 3),
+                    cache_bytes=int(cache.memory_bytes() if hasattr(cache, "memory_bytes") else
+                                    cache_memory_bytes(cache)),
                     peak_gpu_bytes_over_weights=(torch.cuda.max_memory_allocated() - base) if device.type == "cuda"
                     else None,
                 )
@@ -271,17 +300,53 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
                 row["error"] = f"{type(error).__name__}: {error}"
                 row["traceback"] = traceback.format_exc(limit=6)
             emit(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+
+
+def profile(device, smoke: bool, context: int, caches: list[str], emit) -> None:
+    """Top operators (self device time and self CPU time) of 8 decode steps per (cache, backend): where the time of
+    a decode step goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
+        hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000
+    )
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = random_llama(device, dtype, max_positions=max(131072, context * 2), **size)
+    ids = torch.randint(3, size["vocab"], (1, context), generator=torch.Generator().manual_seed(3)).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name in caches:
+        for backend in ("triton", "torch") if device.type == "cuda" else ("torch",):
+            row: dict[str, Any] = {"section": "profile", "cache": name, "backend": backend, "context": context}
+            try:
+                options = cache_options(name, context // 4, model)
+                with torch.no_grad(), kernel_backend("torch" if backend == "torch" else None):
+                    for _ in range(2):  # second pass: warm
+                        cache = hf_longmem.make_cache(name, model, **options)
+                        out = model(ids, cache=cache)
+                        token = out.logits[:, -1:].argmax(-1)
+                        _sync(device)
+                    with torch_profile(activities=activities) as prof:
+                        for _ in range(8):
+                            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+                        _sync(device)
+                row["table"] = prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60)
+                print(f"== profile {name} {backend}\n{row['table']}", flush=True)
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {error}"
+                row["traceback"] = traceback.format_exc(limit=6)
+            emit(row)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["parity", "models", "speed"],
-                        choices=["parity", "models", "speed"])
+                        choices=["parity", "models", "speed", "profile"])
     parser.add_argument("--context", type=int, default=16384, help="prompt tokens of the speed section")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps of the speed section")
     parser.add_argument("--caches", nargs="+", default=None, help="caches of the speed section (default: all)")
+    parser.add_argument("--profile-caches", nargs="+", default=["snapkv"], help="caches of the profile section")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check.json"))
     args = parser.parse_args(argv)
@@ -301,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     caches = args.caches or SPEED_ORDER
 
     def emit(row: dict) -> None:  # written after every row: a timeout keeps what was done
-        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("traceback", "table")}), flush=True)
         report["rows"].append(row)
         args.out.write_text(json.dumps(report, indent=1))
 
@@ -310,6 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
             parity(device, args.smoke, emit)
         elif section == "models":
             models(device, args.smoke, emit)
+        elif section == "profile":
+            profile(device, args.smoke, min(args.context, 512) if args.smoke else args.context, args.profile_caches,
+                    emit)
         else:
             context = min(args.context, 512) if args.smoke else args.context
             new_tokens = min(args.new_tokens, 4) if args.smoke else args.new_tokens

@@ -93,7 +93,7 @@ def test_routing_pack_unpack():
 def test_fused_recurrent_mom_torch_matches_spec():
     q, k, v, g, beta, h0 = inputs(2, 2, 9, 4, 6, lead=(3,))
     gen = torch.Generator().manual_seed(3)
-    weights, mask = torch.rand(2, 9, 3, generator=gen), torch.rand(2, 9, 3, generator=gen) > 0.4
+    weights, mask = torch.rand(2, 9, 3, generator=gen).to(DEVICE), (torch.rand(2, 9, 3, generator=gen) > 0.4).to(DEVICE)
     ref = naive_recurrent_mom_gated_delta_rule(q, k, v, g, beta, weights, mask, initial_state=h0,
                                                output_final_state=True)
     got = fused_recurrent_mom_gated_delta_rule(q, k, v, g, beta, weights, mask, initial_state=h0,

@@ -103,6 +103,8 @@ def test_triton_step_equals_torch_forward_and_backward(shape):
 @needs_triton
 def test_triton_backend_in_chunk_loop():
     q, k, v, lr, le, lk, w, s = _inputs(1, 2, 10, 4, 8, 2, seed=5)
+    q, k, v, lr, le, lk = (t.to(DEVICE) for t in (q, k, v, lr, le, lk))
+    w, s = tuple(t.to(DEVICE) for t in w), tuple(t.to(DEVICE) for t in s)
     ref = chunk_titans_memory(q, k, v, lr, le, lk, w, s, chunk_size=4, backend="torch")
     tri = chunk_titans_memory(q, k, v, lr, le, lk, w, s, chunk_size=4, backend="triton")
     torch.testing.assert_close(tri[0], ref[0], atol=2e-5, rtol=1e-4)
