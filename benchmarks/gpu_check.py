@@ -141,7 +141,7 @@ def parity(device, smoke: bool, emit) -> None:
                 ids, mask, dense = full_ids, full_mask, (dense_tokens, dense_logits)
             with torch.no_grad(), kernel_backend("torch"):
                 ref_tokens, ref_logits = greedy(model, ids, hf_longmem.make_cache(name, model, **options), new, mask)
-            with torch.no_grad(), kernel_backend(None if device.type == "cuda" else "triton"):  # CPU: interpreter
+            with torch.no_grad(), kernel_backend("triton"):  # CPU: interpreter
                 tokens, logits = greedy(model, ids, hf_longmem.make_cache(name, model, **options), new, mask)
             row.update(
                 tokens_equal=bool(torch.equal(tokens, ref_tokens)),
@@ -281,7 +281,7 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
 
                     def make(name=name, options=options):
                         return hf_longmem.make_cache(name, model, **options)
-                with torch.no_grad(), kernel_backend("torch" if backend == "torch" else None):
+                with torch.no_grad(), kernel_backend(backend):
                     timed_generate(model, ids, make, new_tokens, device)  # warm-up: compiles, grows the allocator
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
@@ -321,7 +321,7 @@ def profile(device, smoke: bool, context: int, caches: list[str], emit) -> None:
             row: dict[str, Any] = {"section": "profile", "cache": name, "backend": backend, "context": context}
             try:
                 options = cache_options(name, context // 4, model)
-                with torch.no_grad(), kernel_backend("torch" if backend == "torch" else None):
+                with torch.no_grad(), kernel_backend(backend):
                     for _ in range(2):  # second pass: warm
                         cache = hf_longmem.make_cache(name, model, **options)
                         out = model(ids, cache=cache)

@@ -33,7 +33,10 @@ NEEDS_ATTENTION_MESSAGE = (
 class ScoredLayer(CompressedLayer):
     """Base of the attention-scored layers: defers compression to :meth:`attend`."""
 
-    #: ``None`` dispatches kernels by device (Triton on CUDA); tests force ``"triton"`` under the interpreter.
+    #: ``None``: the prefill scoring kernel runs Triton on CUDA, decode attention runs the model's attention
+    #: (SDPA/eager) everywhere; ``"triton"`` also decodes with the Triton flash-decoding kernel; ``"torch"`` uses no
+    #: Triton. Decode defaults to SDPA because it measured faster end to end on an H200 (1B-shape bfloat16 model,
+    #: 16k context, batch 1, ``benchmarks/gpu_check.py``: SnapKV 14.9 ms per token vs 21.0 with the kernel).
     kernel_backend: str | None = None
 
     def __init__(self):
@@ -72,11 +75,11 @@ class ScoredLayer(CompressedLayer):
         """Attention output for ``query`` ``[batch, q_heads, q, head_dim]``, then scoring and compression."""
         implementation = module.config._attn_implementation
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and resolve_backend(self.kernel_backend, query, key) == "triton":
-            # flash-decoding over this layer's own slots (pads masked per KV head), GQA without repeat_kv
-            out, _ = decode_attention(
-                query, key, value, scale, valid=self.positions != PAD_POSITION, causal_new=True, backend="triton"
-            )
+        if query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and self.kernel_backend == "triton":
+            # flash-decoding over this layer's own slots (pads masked per KV head), GQA without repeat_kv; no mask
+            # (and no position materialisation) when the layer holds no pad
+            valid = self.positions != PAD_POSITION if self.has_pad_slots() else None
+            out, _ = decode_attention(query, key, value, scale, valid=valid, causal_new=True, backend="triton")
             output, weights = out.transpose(1, 2).contiguous(), None
         else:
             eager = implementation == EAGER_ATTENTION_NAME

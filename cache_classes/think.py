@@ -24,7 +24,6 @@ from transformers.cache_utils import Cache
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels import channel_attention
 from hf_longmem.kernels.channel_attention.reference import gather_query_channels
-from hf_longmem.kernels.utils import resolve_backend
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
 
@@ -62,7 +61,10 @@ class ThinKLayer(CompressedLayer):
     holds the cache; after, ``pruned_*`` hold the packed prompt and ``keys``/``values`` the full-width later tokens."""
 
     batch_state = (*CompressedLayer.batch_state, "pruned_keys", "pruned_values", "pruned_positions", "channel_index")
-    #: ``None`` dispatches by device (Triton on CUDA); tests force ``"triton"`` under the interpreter.
+    #: ``"triton"``: attention over the packed prompt with the Triton ``channel_attention`` kernel (CUDA, or CPU
+    #: under ``TRITON_INTERPRET=1``); ``None``/``"torch"``: batched matmuls over the gathered query channels, the
+    #: default because it measured faster end to end on an H200 (1B-shape bfloat16 model, 16k context, batch 1,
+    #: ``benchmarks/gpu_check.py``: 22.8 ms per token vs 38.4 with the kernel).
     kernel_backend: str | None = None
 
     def __init__(self, base: CompressedLayer | None, key_channel_ratio: float, window_size: int, recent_size: int):
@@ -144,19 +146,20 @@ class ThinKLayer(CompressedLayer):
     def _attend_pruned(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention over the packed prompt (gathered channels) and the full-width tail, one softmax.
 
-        Triton's ``channel_attention`` on CUDA, batched matmuls elsewhere. Returns ``[batch, q, q_heads, dv]``.
+        Batched matmuls, or Triton's ``channel_attention`` with ``kernel_backend="triton"``. Returns
+        ``[batch, q, q_heads, dv]``.
         """
-        if resolve_backend(self.kernel_backend, query) == "triton":
+        if self.kernel_backend == "triton":
             out, _ = channel_attention(
                 query,
                 self.pruned_keys,
                 self.channel_index,
                 self.pruned_values,
                 scaling,
-                valid=self.pruned_positions != PAD_POSITION,
+                valid=self.pruned_positions != PAD_POSITION if self._packed_pads() else None,
                 keys_full=self.keys,
                 values_full=self.values,
-                valid_full=self.positions != PAD_POSITION,
+                valid_full=self.positions != PAD_POSITION if self.has_pad_slots() else None,
                 backend="triton",
             )
             return out.transpose(1, 2).contiguous()

@@ -178,3 +178,22 @@ def test_triton_decode_attention_gives_the_same_generation():
         ScoredLayer.kernel_backend = None
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_decode_without_pads_skips_the_mask_and_gives_the_same_generation():
+    """An unpadded batch decodes through the kernel with no mask (``valid=None``): same tokens as the torch path."""
+    pytest.importorskip("triton")
+    from hf_longmem.cache_classes.scored import ScoredLayer
+
+    model = tiny_model("llama_gqa")
+    batch = random_ids(2, 16, seed=3)
+    ref_seq, ref_logits = greedy(model, batch, make_cache("snapkv", model, budget=10, window_size=3), max_new_tokens=3)
+    ScoredLayer.kernel_backend = "triton"
+    try:
+        cache = make_cache("snapkv", model, budget=10, window_size=3)
+        seq, logits = greedy(model, batch, cache, max_new_tokens=3)
+    finally:
+        ScoredLayer.kernel_backend = None
+    assert not any(layer.has_pad_slots() for layer in cache.layers)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
