@@ -30,12 +30,12 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from _config import parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -81,25 +81,17 @@ class CMTRecipeConfig:
 
 def parse_args(argv: list[str] | None = None) -> tuple[CMTRecipeConfig, argparse.Namespace]:
     """``--config`` YAML, scalar ``--key value`` overrides, and the run options (``--eval_only``, ``--publish``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML file with CMTRecipeConfig keys")
-    parser.add_argument("--eval_only", type=Path, default=None, help="evaluate this saved CMT model, do not train")
-    parser.add_argument("--publish", default=None, help="repo id to publish the trained model to")
-    parser.add_argument("--publish_folder", type=Path, default=None, help="publish into this local folder instead")
-    scalars = [f for f in fields(CMTRecipeConfig) if f.type in ("str", "int", "float", "bool")]
-    for f in scalars:
-        kind = {"str": str, "int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes")}[f.type]
-        parser.add_argument(f"--{f.name}", type=kind, default=None)
-    parser.add_argument("--eval_lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--eval_tasks", nargs="+", default=None)
-    args = parser.parse_args(argv)
-    values = yaml.safe_load(args.config.read_text()) if args.config else {}
-    unknown = sorted(set(values) - {f.name for f in fields(CMTRecipeConfig)})
-    if unknown:
-        raise ValueError(f"unknown keys in --config {args.config}: {unknown}")
-    overrides = [f.name for f in scalars] + ["eval_lengths", "eval_tasks"]
-    values.update({name: getattr(args, name) for name in overrides if getattr(args, name) is not None})
-    config = CMTRecipeConfig(**values)
+
+    def run_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--eval_only", type=Path, default=None, help="evaluate this saved CMT model, do not train")
+        parser.add_argument("--publish", default=None, help="repo id to publish the trained model to")
+        parser.add_argument("--publish_folder", type=Path, default=None, help="publish into this local folder instead")
+        parser.add_argument("--eval_lengths", type=int, nargs="+", default=None)
+        parser.add_argument("--eval_tasks", nargs="+", default=None)
+
+    config, args = parse_recipe_config(
+        CMTRecipeConfig, argv, __doc__.split("\n\n")[0], run_options, extra_overrides=("eval_lengths", "eval_tasks")
+    )
     if not 0 < config.train_min_length <= config.train_max_length:
         raise ValueError(f"need 0 < train_min_length <= train_max_length, got {config.train_min_length}, "
                          f"{config.train_max_length}")  # fmt: skip

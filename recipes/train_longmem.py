@@ -28,13 +28,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
+from _config import parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -96,22 +96,14 @@ EVAL_DEFAULTS: dict[str, Any] = {
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """``--config`` YAML, scalar ``--key value`` overrides and the run options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML file with TrainConfig keys")
-    parser.add_argument("--eval_only", type=Path, default=None, help="evaluate this saved LongMem folder, no training")
-    parser.add_argument("--publish", default=None, help="publish the trained model with its card to this repo id")
-    parser.add_argument("--publish_root", type=Path, default=None, help="publish into this local folder (offline)")
-    parser.add_argument("--results", type=Path, default=None, help="also copy the results JSON here")
-    scalars = [f for f in fields(TrainConfig) if f.type in ("str", "int", "float")]
-    for f in scalars:
-        parser.add_argument(f"--{f.name}", type={"str": str, "int": int, "float": float}[f.type], default=None)
-    args = parser.parse_args(argv)
-    values = yaml.safe_load(args.config.read_text()) if args.config else {}
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ValueError(f"unknown keys in --config {args.config}: {unknown}")
-    values.update({f.name: getattr(args, f.name) for f in scalars if getattr(args, f.name) is not None})
-    config = TrainConfig(**values)
+
+    def run_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--eval_only", type=Path, default=None, help="evaluate this saved LongMem folder, no training")
+        parser.add_argument("--publish", default=None, help="publish the trained model with its card to this repo id")
+        parser.add_argument("--publish_root", type=Path, default=None, help="publish into this local folder (offline)")
+        parser.add_argument("--results", type=Path, default=None, help="also copy the results JSON here")
+
+    config, args = parse_recipe_config(TrainConfig, argv, __doc__.split("\n\n")[0], run_options)
     if not 0 < config.min_length <= config.max_length:
         raise ValueError(f"need 0 < min_length <= max_length, got {config.min_length}, {config.max_length}")
     if config.max_steps < 1 or config.tokens_per_batch < 1:

@@ -22,7 +22,6 @@ The log shows, per task, the fraction of recent training samples whose answer to
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,13 +30,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
+from _config import parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -124,18 +123,7 @@ class TrainConfig:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Read ``--config`` YAML, then apply scalar ``--key value`` overrides."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML file with TrainConfig keys")
-    scalars = [f for f in fields(TrainConfig) if f.type in ("str", "int", "float")]
-    for f in scalars:
-        parser.add_argument(f"--{f.name}", type={"str": str, "int": int, "float": float}[f.type], default=None)
-    args = parser.parse_args(argv)
-    values = yaml.safe_load(args.config.read_text()) if args.config else {}
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ValueError(f"unknown keys in --config {args.config}: {unknown}")
-    values.update({f.name: getattr(args, f.name) for f in scalars if getattr(args, f.name) is not None})
-    config = TrainConfig(**values)
+    config, _ = parse_recipe_config(TrainConfig, argv, __doc__.split("\n\n")[0])
     for stage in config.curriculum:
         if not 0 < stage["min_length"] <= stage["max_length"]:
             raise ValueError(f"curriculum stage needs 0 < min_length <= max_length, got {stage}")
