@@ -7,7 +7,6 @@ Each block is ``x + MomMixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))`` (fla'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -15,6 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from hf_longmem.modeling.causal_lm import causal_lm_logits, shifted_cross_entropy
 from hf_longmem.modeling.mom.cache import MomCache
 from hf_longmem.modeling.mom.configuration_mom import MomConfig
 from hf_longmem.modeling.mom.layer import MomMixer
@@ -170,18 +170,6 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate`` without ``cache=`` builds a :class:`MomCache`; a user-supplied cache is used as given."""
         if (
@@ -220,18 +208,14 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = causal_lm_logits(self.lm_head, hidden, logits_to_keep)
         loss = aux_loss = None
         if labels is not None or self.training:
             valid = _valid_tokens(attention_mask, hidden.shape[1])
             balance = load_balancing_loss(outputs.router_logits, self.config.topk, valid)
             aux_loss = self.config.aux_loss_scale * balance
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
-            loss = loss + aux_loss
+            loss = shifted_cross_entropy(logits, labels) + aux_loss
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from hf_longmem.modeling.causal_lm import causal_lm_logits, shifted_cross_entropy
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 from hf_longmem.modeling.titans.cache import TitansCache
 from hf_longmem.modeling.titans.configuration_titans import TitansConfig
@@ -110,18 +110,6 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Give ``generate`` our own cache (memory state + bounded KV) unless the user passed one."""
         if model_kwargs.get("cache") is not None:
@@ -148,10 +136,6 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         """``logits [batch, T, vocab]``; ``labels`` (``-100`` ignored) give the shifted next-token loss."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache)
-        h = out.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        logits = causal_lm_logits(self.lm_head, out.last_hidden_state, logits_to_keep)
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
