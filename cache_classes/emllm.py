@@ -28,8 +28,12 @@ after each forward. Events can only form between forwards, so long prompts must 
 official code asserts it): ``from_model`` sets ``model.generation_config.prefill_chunk_size = exc_block_size`` when it
 is unset (restored by :meth:`EMLLMCache.close` or when the cache is garbage-collected; pass ``chunk_prefill=False`` to leave
 it alone). A longer forward still
-works (its queries are processed in execution blocks), but tokens that leave the window during it wait in the
-remainder, all seen at the constant distance, until the forward ends.
+works (its queries are processed in execution blocks), but the surprise of its tokens is known only when it ends:
+tokens that leave the window during it wait in the remainder (seen at the constant distance) up to
+``exc_block_size + max_block_size`` tokens, beyond which the oldest form fixed blocks of ``max_block_size`` (as
+InfLLM's), with a warning. Before this bound the whole prompt waited there: a 16k-token prompt fed in one forward
+had every query of its last chunks attend to ~16k remainder tokens at one distance (passkey 20%, quadratic
+prefill, a ``[16k, 16k]`` similarity graph); fed in execution blocks the same prompts score 100%.
 
 Deviations from the official code (em-llm/EM-LLM-model ``context_manager.py``, ``em_llm.py``,
 ``similarity_refinement``):
@@ -48,16 +52,16 @@ Deviations from the official code (em-llm/EM-LLM-model ``context_manager.py``, `
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
 
-from hf_longmem.kernels.block_topk import block_topk
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache
-from .infllm import InfLLMLayer, _check_int, rotary_for
+from .infllm import InfLLMCache, InfLLMLayer, _check_int, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -227,7 +231,29 @@ class EMLLMLayer(InfLLMLayer):
             )
 
     def after_chunk(self) -> None:
-        self.fill_initial()  # events form after the forward, once their surprise is known (EMLLMCache.observe)
+        """Initial tokens; events form after the forward, once their surprise is known (:meth:`EMLLMCache.observe`).
+
+        Inside a forward longer than an execution block the remainder is bounded: beyond
+        ``exc_block_size + max_block_size`` tokens past the window (more than a forward of one execution block can
+        leave: the event in progress plus the block), its oldest tokens form fixed blocks of ``max_block_size``.
+        Every layer sees the same token counts, so every layer forms the same blocks.
+        """
+        self.fill_initial()
+        owner = self.owner
+        beyond = self.keys.shape[-2] - self.n_local
+        if beyond <= self.exc_block_size + owner.max_block_size:
+            return
+        blocks = (beyond - self.exc_block_size) // owner.max_block_size
+        if not owner._warned_long_forward:
+            owner._warned_long_forward = True
+            warnings.warn(
+                "EMLLMCache got a forward longer than exc_block_size: events need the surprise of each execution "
+                "block before the next one, so tokens that left the window during this forward form fixed blocks of "
+                "max_block_size. Feed prompts in execution blocks (generate(..., prefill_chunk_size=exc_block_size), "
+                "which make_cache('emllm', model) sets as the model's default) to segment them into events.",
+                stacklevel=2,
+            )
+        self.form_blocks([owner.max_block_size] * blocks)
 
     def select_blocks(self, memory_query: torch.Tensor) -> list[list[int]] | None:
         """Similarity blocks until the token budget is filled, plus the contiguity buffer (ascending ids)."""
@@ -242,12 +268,12 @@ class EMLLMLayer(InfLLMLayer):
             ratio = owner.contiguity_buffer_size
             contiguity_cap = int(ratio * budget + 1) if ratio < 1 else int(ratio)
         cap = budget - contiguity_cap
-        sizes = torch.tensor(self.store.block_sizes(0), device=self.device)
+        sizes = torch.tensor(self.store.block_sizes(0))  # host: the selection below is host logic
         if int(sizes.sum()) <= cap:
             return [list(range(count))]
         query_mean = memory_query.float().mean(dim=2)  # [1, H, d]
         k = min(count, max(cap, 0) // max(int(sizes.min()), 1) + 1)
-        order = block_topk(query_mean, self.store.representatives(), k, backend=self.kernel_backend)[0]
+        order = self.store.topk(query_mean, k, backend=self.kernel_backend)[0].cpu()  # where the reprs live
         chosen = sizes[order]
         total = chosen.cumsum(0)
         full = int((total < cap).sum())
@@ -332,7 +358,7 @@ class EMLLMCache(LongMemCache):
         refine_from_layer: first layer whose keys build the similarity graph (``None``: ``5/8`` of the layers).
         use_contiguity_buffer: add the +-1 neighbour events of the retrieved ones (default True).
         contiguity_buffer_size: share of the budget for them (``< 1``) or a token count (official 0.3).
-        offload, pin_memory: as :class:`~hf_longmem.cache_classes.infllm.InfLLMCache`.
+        offload, pin_memory, offload_representatives: as :class:`~hf_longmem.cache_classes.infllm.InfLLMCache`.
         config: the model config (layer layout and RoPE).
         rotary: the model's RoPE (``from_model`` reads it).
         manual_surprise: feed surprise yourself with :meth:`record_surprise` instead of the model hook (tests,
@@ -361,6 +387,7 @@ class EMLLMCache(LongMemCache):
         contiguity_buffer_size: float = 0.3,
         offload: bool | None = None,
         pin_memory: bool | None = None,
+        offload_representatives: bool = False,
         config=None,
         rotary: RotaryShift | None = None,
         manual_surprise: bool = False,
@@ -413,6 +440,7 @@ class EMLLMCache(LongMemCache):
             exc_block_size=exc_block_size,
             offload=offload,
             pin_memory=pin_memory,
+            offload_representatives=bool(offload_representatives),
         )
         super().__init__(lambda layer_idx: EMLLMLayer(self, self.rotary, layer_idx, **options), config=config)
 
@@ -422,6 +450,7 @@ class EMLLMCache(LongMemCache):
         self._flags = torch.zeros(0, dtype=torch.bool)  # boundary flags of known tokens from _flags_start on
         self._flags_start = 0
         self._last_logits: torch.Tensor | None = None  # [vocab] of the last token seen (its next id unknown)
+        self._warned_long_forward = False
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
@@ -519,10 +548,11 @@ class EMLLMCache(LongMemCache):
             return
         offset, flags, end = self._flags_start, self._flags, self._known
         recent_start = int(layers[0].positions[0, 0])
-        low = max(recent_start, offset, first_new - self.max_block_size)
-        earlier = torch.nonzero(flags[low - offset : first_new - offset]).flatten()
+        first = max(first_new, recent_start)  # tokens before it already went to blocks (a long forward)
+        low = max(recent_start, offset, first - self.max_block_size)
+        earlier = torch.nonzero(flags[low - offset : first - offset]).flatten()
         context = low + int(earlier[-1]) if earlier.numel() else low  # start of the event in progress
-        boundaries = torch.nonzero(flags[first_new - offset : end - offset]).flatten() + (first_new - context)
+        boundaries = torch.nonzero(flags[first - offset : end - offset]).flatten() + (first - context)
         kept, previous = [], 0
         for boundary in boundaries.tolist():  # drop boundaries closer than min_block_size (official)
             if boundary - previous >= self.min_block_size:
@@ -533,7 +563,7 @@ class EMLLMCache(LongMemCache):
             return
         adjacency = self.similarity_graph(context, end)
         refined = refine_boundaries(
-            kept, adjacency, self.min_block_size, self.similarity_metric, first_movable=first_new - context
+            kept, adjacency, self.min_block_size, self.similarity_metric, first_movable=first - context
         )
         flags[torch.tensor(refined, dtype=torch.long) + (context - offset)] = True
 
@@ -587,18 +617,19 @@ class EMLLMCache(LongMemCache):
         super().reset()
         self._init_surprise_state()
 
-    def memory_breakdown(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (segmentation state
-        counted as resident)."""
-        total = {"resident": 0, "offloaded": 0}
-        for layer in self.layers:
-            if hasattr(layer, "memory_breakdown"):
-                for key, value in layer.memory_breakdown().items():
-                    total[key] += value
-            elif getattr(layer, "is_initialized", False):
-                total["resident"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    def memory_parts(self) -> dict[str, tuple[str, int]]:
+        """``{part: (where, bytes)}`` as :meth:`InfLLMCache.memory_parts`, plus ``segmentation`` (surprise history,
+        pending boundary flags, last logits; counted as resident)."""
+        parts = InfLLMCache.memory_parts(self)
         extra = (self._history, self._flags, self._last_logits)
-        total["resident"] += sum(t.numel() * t.element_size() for t in extra if t is not None)
+        parts["segmentation"] = ("resident", sum(t.numel() * t.element_size() for t in extra if t is not None))
+        return parts
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
+        total = {"resident": 0, "offloaded": 0}
+        for where, size in self.memory_parts().values():
+            total[where] += size
         return total
 
     def memory_bytes(self) -> int:

@@ -23,6 +23,12 @@ Per layer the context is ``[n_init initial tokens | memory blocks of block_size 
 * **Memory formation**: after each chunk, tokens that left the window first fill the ``n_init`` initial tokens,
   then form blocks of ``block_size`` that go to a :class:`~hf_longmem.memory.block_store.BlockStore` (CPU with a
   device LRU of ``max_cached_blocks`` per row on CUDA; prefetched on a side stream while the local part runs).
+* **Resident memory**: the device holds the window (plus the remainder, less than a block), the initial tokens,
+  the LRU and, by default (official), every block's representative, which grows with the context. With
+  ``offload_representatives=True`` the representatives stay with the offloaded blocks and are scored there (only
+  the chunk's mean query goes to the host, only the chosen ids come back): the resident bytes are then constant
+  in the context length; the outputs are the same (the scores are the same float32 dot products).
+  :meth:`InfLLMCache.memory_parts` names each part and where it lives.
 * **Chunking**: a forward of ``q`` tokens (``generate`` hands the whole prompt to one forward) is processed in
   execution blocks of ``exc_block_size`` queries inside :meth:`InfLLMLayer.attend`, updating the memory between
   chunks, so a long prompt never needs a ``[q, q]`` attention matrix. Splitting the prompt in the caller
@@ -52,7 +58,6 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
-from hf_longmem.kernels.block_topk import block_topk
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.memory.block_store import BlockStore
@@ -182,6 +187,7 @@ class InfLLMLayer(CacheLayerMixin):
         offload: bool | None = None,
         pin_memory: bool | None = None,
         perhead: bool = False,
+        offload_representatives: bool = False,
     ):
         super().__init__()
         self.rotary = rotary
@@ -190,6 +196,7 @@ class InfLLMLayer(CacheLayerMixin):
         self.exc_block_size = exc_block_size
         self.perhead = bool(perhead)
         self.offload, self.pin_memory = offload, pin_memory
+        self.offload_representatives = bool(offload_representatives)
         self.cumulative_length = 0
         self.positions: torch.Tensor | None = None
         self.local_scores: torch.Tensor | None = None
@@ -209,7 +216,9 @@ class InfLLMLayer(CacheLayerMixin):
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.store = BlockStore(self.device, self.max_cached_blocks, self.offload, self.pin_memory)
+        self.store = BlockStore(
+            self.device, self.max_cached_blocks, self.offload, self.pin_memory, self.offload_representatives
+        )
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -460,25 +469,13 @@ class InfLLMLayer(CacheLayerMixin):
         if max(counts) <= self.topk:
             return [list(range(count)) for count in counts]
         query_mean = memory_query.float().mean(dim=2)  # [b, H, d]
-        if not self.perhead:
-            index = block_topk(
-                query_mean, self.store.representatives(), self.topk, self.store.counts(), backend=self.kernel_backend
-            )
+        if not self.perhead:  # scored where the representatives live (the store's topk)
+            index = self.store.topk(query_mean, self.topk, backend=self.kernel_backend)
             return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
-        batch, q_heads, dim = query_mean.shape
-        reprs = self.store.representatives().transpose(1, 2).reshape(batch * q_heads, -1, dim)  # [b*H, n, d]
-        index = block_topk(
-            query_mean.reshape(batch * q_heads, dim),
-            reprs,
-            self.topk,
-            self.store.counts().repeat_interleave(q_heads),
-            backend=self.kernel_backend,
-        )
+        index = self.store.topk(query_mean, self.topk, per_head=True, backend=self.kernel_backend)  # [b, H, k]
         index = index.sort(dim=-1).values  # -1 (fewer blocks than topk) first
-        units = [[i for i in row if i >= 0] for row in index.tolist()]
-        return _PerHeadSelection(
-            [units[row * q_heads : (row + 1) * q_heads] for row in range(batch)], index.view(batch, q_heads, -1)
-        )
+        units = index.tolist()
+        return _PerHeadSelection([[[i for i in ids if i >= 0] for ids in heads] for heads in units], index)
 
     def after_chunk(self) -> None:
         """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size``."""
@@ -549,14 +546,28 @@ class InfLLMLayer(CacheLayerMixin):
             f"{type(self).__name__} moves tokens to memory and cannot be cropped; copy the cache (copy.deepcopy) to roll back"
         )
 
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes held: ``resident`` (on the compute device) and ``offloaded`` (memory blocks in CPU memory)."""
+    def memory_parts(self) -> dict[str, tuple[str, int]]:
+        """``{part: (where, bytes)}``, ``where`` ``"resident"`` (compute device) or ``"offloaded"`` (CPU home).
+
+        ``window``: the recent tokens (window + remainder) with their positions and scores; ``initial``: the initial
+        tokens; ``blocks``, ``lru``, ``representatives``: the store's (:meth:`BlockStore.memory_parts`).
+        """
         if not self.is_initialized:
-            return {"resident": 0, "offloaded": 0}
-        tensors = (self.keys, self.values, self.positions, self.local_scores, self.init_keys, self.init_values, self.real_seen)
-        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        store = self.store.memory_bytes()
-        return {"resident": own + store["resident"], "offloaded": store["offloaded"]}
+            return {}
+        window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen)
+        parts = {
+            "window": ("resident", sum(t.numel() * t.element_size() for t in window if t is not None)),
+            "initial": ("resident", sum(t.numel() * t.element_size() for t in (self.init_keys, self.init_values))),
+        }
+        parts.update(self.store.memory_parts())
+        return parts
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held: ``resident`` (on the compute device) and ``offloaded`` (in CPU memory)."""
+        total = {"resident": 0, "offloaded": 0}
+        for where, size in self.memory_parts().values():
+            total[where] += size
+        return total
 
     def memory_bytes(self) -> int:
         return sum(self.memory_breakdown().values())
@@ -578,6 +589,9 @@ class InfLLMCache(LongMemCache):
         pin_memory: pin the CPU blocks; ``None``: when offloading from CUDA.
         perhead: each query head retrieves its own ``topk`` blocks by its own score ``q_h . r_{b,h}`` (the official
             ``perhead`` option); ``False`` (official default): one choice per layer, scored with the heads summed.
+        offload_representatives: keep the block representatives with the offloaded blocks (CPU) and score them
+            there, so that the device-resident bytes do not grow with the context; ``False`` (official): on the
+            device. Same outputs either way.
         config: the model config (layer layout and RoPE).
         rotary: the model's RoPE (``from_model``/``make_cache`` read it from the model).
 
@@ -601,6 +615,7 @@ class InfLLMCache(LongMemCache):
         offload: bool | None = None,
         pin_memory: bool | None = None,
         perhead: bool = False,
+        offload_representatives: bool = False,
         config=None,
         rotary: RotaryShift | None = None,
     ):
@@ -620,6 +635,7 @@ class InfLLMCache(LongMemCache):
         self.n_init, self.n_local, self.block_size, self.topk = n_init, n_local, block_size, topk
         self.repr_topk, self.max_cached_blocks, self.exc_block_size = repr_topk, max_cached_blocks, exc_block_size
         self.offload, self.pin_memory, self.perhead = offload, pin_memory, bool(perhead)
+        self.offload_representatives = bool(offload_representatives)
         self.rotary = rotary_for(type(self).__name__, config, rotary)
         options = dict(
             n_init=n_init,
@@ -632,6 +648,7 @@ class InfLLMCache(LongMemCache):
             offload=offload,
             pin_memory=pin_memory,
             perhead=self.perhead,
+            offload_representatives=self.offload_representatives,
         )
         super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
 
@@ -663,15 +680,26 @@ class InfLLMCache(LongMemCache):
             kwargs["rotary"] = rotary_for(cls.__name__, model=model)
         return cls(config=model.config, **kwargs)
 
-    def memory_breakdown(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes of memory blocks in CPU memory}``."""
-        total = {"resident": 0, "offloaded": 0}
+    def memory_parts(self) -> dict[str, tuple[str, int]]:
+        """``{part: (where, bytes)}`` summed over layers (see :meth:`InfLLMLayer.memory_parts`); layers of other
+        kinds (a model mixing attention types) are counted as ``other_layers``, resident."""
+        parts: dict[str, tuple[str, int]] = {}
         for layer in self.layers:
-            if hasattr(layer, "memory_breakdown"):
-                for key, value in layer.memory_breakdown().items():
-                    total[key] += value
+            if hasattr(layer, "memory_parts"):
+                items = layer.memory_parts().items()
             elif getattr(layer, "is_initialized", False):
-                total["resident"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                items = [("other_layers", ("resident", sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))))]
+            else:
+                items = []
+            for name, (where, size) in items:
+                parts[name] = (where, parts.get(name, (where, 0))[1] + size)
+        return parts
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
+        total = {"resident": 0, "offloaded": 0}
+        for where, size in self.memory_parts().values():
+            total[where] += size
         return total
 
     def memory_bytes(self) -> int:

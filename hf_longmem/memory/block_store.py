@@ -2,7 +2,9 @@
 
 A :class:`BlockStore` holds the memory of one attention layer: blocks of consecutive past tokens (keys
 ``[kv_heads, size, head_dim]`` and values ``[kv_heads, size, v_dim]``) plus one representative key per block
-(``[q_heads, head_dim]``, used to score the block against a query).
+(``[q_heads, head_dim]``, used to score the block against a query). Representatives are per *query* head, as the
+official ``VectorTensor`` (``dim_head * num_heads``, filled by ``get_block_k`` from the GQA-expanded keys and the
+per-query-head window scores): the query heads of one KV group pick different keys of the block.
 
 * **Where blocks live.** With ``offload=True`` (the default on CUDA) a block's home is CPU memory (pinned when
   CUDA is available, so copies are asynchronous) and at most ``max_cached_blocks`` blocks per row are also resident
@@ -10,13 +12,19 @@ A :class:`BlockStore` holds the memory of one attention layer: blocks of consecu
   copies on a side CUDA stream (:meth:`prefetch`), which :meth:`gather` waits for. A selection larger than the LRU
   is served, but the blocks that do not fit are copied for that step only, so the LRU never exceeds its size.
   With ``offload=False`` (the default on CPU) the home is the compute device and nothing is copied.
-* **Representatives** stay on the compute device (as the official ``VectorTensor``): retrieval reads all of them.
+* **Representatives** stay on the compute device by default (as the official ``VectorTensor``): retrieval reads
+  all of them, so they grow with the context (``q_heads * head_dim`` values per block, half the bytes of a block
+  of 2 tokens with GQA 4/2). With ``offload_representatives=True`` they live with the blocks (CPU when
+  offloading) and :meth:`topk` scores them there: only the ``[b, H, d]`` query goes to the host and only the
+  block ids come back, so the device holds a bounded amount of memory however long the context.
 * **Batches.** Each row of the batch has its own list of blocks, LRU and representatives (the official code keeps
   one "unit" per row the same way), so rows may hold different numbers of blocks of different sizes. Rows are
   always complete sequences: the caches that use the store refuse left-padded batches.
 
-``memory_bytes()`` splits the bytes held into ``resident`` (on the compute device: representatives, LRU copies or,
-without offload, the blocks themselves) and ``offloaded`` (the blocks' CPU home).
+``memory_bytes()`` splits the bytes held into ``resident`` (on the compute device) and ``offloaded`` (in the CPU
+home); :meth:`memory_parts` names the parts (blocks, LRU copies, representatives) and where each one is. The split
+follows the store's roles, not the tensors' devices, so ``offload=True`` on a CPU device reports what would be
+resident on an accelerator.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+
+from hf_longmem.kernels.block_topk import block_topk
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:
@@ -39,6 +49,8 @@ class BlockStore:
         offload: keep blocks in CPU memory with a device LRU; ``None``: only when ``device`` is CUDA. ``True`` on a
             CPU device exercises the same LRU (copies are clones).
         pin_memory: pin the CPU copies; ``None``: when offloading from a CUDA device.
+        offload_representatives: keep the representatives where the blocks live (the CPU home when offloading)
+            and score them there (:meth:`topk`); ``False`` (official): on the compute device.
     """
 
     def __init__(
@@ -47,6 +59,7 @@ class BlockStore:
         max_cached_blocks: int = 32,
         offload: bool | None = None,
         pin_memory: bool | None = None,
+        offload_representatives: bool = False,
     ):
         if isinstance(max_cached_blocks, bool) or not isinstance(max_cached_blocks, int) or max_cached_blocks < 1:
             raise ValueError(f"`max_cached_blocks` must be an int >= 1, got {max_cached_blocks!r}")
@@ -59,13 +72,15 @@ class BlockStore:
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("`pin_memory=True` needs CUDA")
         self.pin_memory = bool(pin_memory)
+        self.offload_representatives = bool(offload_representatives)
+        self.reprs_device = self.home if self.offload_representatives else self.device
         self._stream = torch.cuda.Stream(self.device) if self.offload and self.device.type == "cuda" else None
         self._blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # [row][block] -> (keys, values) at home
         self._sizes: list[list[int]] = []  # [row][block] -> tokens (kept alongside: read every step)
         self._sizes_tensor: dict[int, torch.Tensor] = {}  # row -> [blocks] int64 on the device, built on demand
         self._resident: list[OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # [row] LRU, oldest first
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}  # pending host->device copies
-        self.reprs: torch.Tensor | None = None  # [b, capacity, q_heads, head_dim] on device
+        self.reprs: torch.Tensor | None = None  # [b, capacity, q_heads, head_dim] on reprs_device
         self.loads = 0  # blocks copied to the device so far (a cache-miss counter)
 
     # ------------------------------------------------------------------------------------------------ sizes
@@ -80,9 +95,9 @@ class BlockStore:
             return counts
         return counts[row] if counts else 0
 
-    def counts(self) -> torch.Tensor:
-        """``[b]`` int64 number of blocks per row (on the device)."""
-        return torch.tensor(self.num_blocks(), dtype=torch.long, device=self.device)
+    def counts(self, device: torch.device | None = None) -> torch.Tensor:
+        """``[b]`` int64 number of blocks per row (on ``device``, default the compute device)."""
+        return torch.tensor(self.num_blocks(), dtype=torch.long, device=device or self.device)
 
     def block_sizes(self, row: int) -> list[int]:
         return list(self._sizes[row])
@@ -96,7 +111,8 @@ class BlockStore:
         return cached
 
     def representatives(self) -> torch.Tensor | None:
-        """``[b, max blocks, q_heads, head_dim]`` (rows with fewer blocks are zero-filled past their count)."""
+        """``[b, max blocks, q_heads, head_dim]`` on ``reprs_device`` (rows with fewer blocks are zero-filled past
+        their count)."""
         if self.reprs is None:
             return None
         return self.reprs[:, : max(self.num_blocks(), default=0)]
@@ -179,15 +195,45 @@ class BlockStore:
         batch = self.batch_size
         if self.reprs is None or self.reprs.shape[1] < needed:
             capacity = max(16, needed, 2 * (0 if self.reprs is None else self.reprs.shape[1]))
-            grown = reprs.new_zeros(batch, capacity, *reprs.shape[2:], device=self.device)
+            grown = reprs.new_zeros(batch, capacity, *reprs.shape[2:], device=self.reprs_device)
             if self.reprs is not None:
                 grown[:, : self.reprs.shape[1]] = self.reprs
             self.reprs = grown
         added = reprs.shape[1]
         for i, row in enumerate(rows):
-            self.reprs[row, counts[row] - added : counts[row]] = reprs[i].to(self.device, self.reprs.dtype)
+            self.reprs[row, counts[row] - added : counts[row]] = reprs[i].to(self.reprs_device, self.reprs.dtype)
 
     # ------------------------------------------------------------------------------------------- retrieving
+    def topk(self, query: torch.Tensor, k: int, per_head: bool = False, backend: str | None = None) -> torch.Tensor:
+        """The ``k`` blocks whose representatives best match ``query``, scored where the representatives live.
+
+        Args:
+            query: ``[b, H, d]`` (the chunk-mean query, rotated as the memory keys are).
+            k: blocks to return (may exceed the number of blocks: the missing ones are ``-1``).
+            per_head: one choice per query head by ``q_h . r_{b,h}`` (InfLLM ``perhead``) instead of one per row
+                by the heads' summed score.
+            backend: kernel backend (:func:`~hf_longmem.kernels.block_topk.block_topk`) when the representatives
+                are on the compute device; representatives kept in the CPU home of an accelerator are scored with
+                torch there.
+
+        Returns:
+            ``[b, k]`` (or ``[b, H, k]`` with ``per_head``) int64 block ids by descending score, ``-1`` padded, on
+            ``reprs_device``: only the query crosses to the representatives and only these ids come back.
+        """
+        reprs = self.representatives()
+        if reprs is None:
+            raise ValueError("the store holds no blocks to score")
+        if reprs.device != self.device:
+            backend = None  # host scoring: the kernels run on the compute device
+        query = query.to(reprs.device)
+        counts = self.counts(reprs.device)
+        if not per_head:
+            return block_topk(query, reprs, k, counts, backend=backend)
+        batch, heads, dim = query.shape
+        flat = reprs.transpose(1, 2).reshape(batch * heads, -1, dim)  # [b * H, n, d]
+        index = block_topk(query.reshape(batch * heads, dim), flat, k, counts.repeat_interleave(heads), backend=backend)
+        return index.view(batch, heads, -1)
+
     def prefetch(self, blocks: list[list[int]]) -> None:
         """Starts copying the blocks ``blocks[row]`` that are not resident (non-blocking; no-op without offload).
 
@@ -311,7 +357,7 @@ class BlockStore:
         self._sizes_tensor = {}
         self._resident = [OrderedDict(self._resident[i]) for i in index]
         if self.reprs is not None:
-            self.reprs = self.reprs.index_select(0, torch.tensor(index, device=self.device))
+            self.reprs = self.reprs.index_select(0, torch.tensor(index, device=self.reprs.device))
 
     def _sync(self) -> None:
         """Waits for every pending copy (host reads of pinned blocks, reordering)."""
@@ -328,14 +374,27 @@ class BlockStore:
         self._blocks, self._sizes, self._resident, self.reprs, self.loads = [], [], [], None, 0
         self._sizes_tensor = {}
 
-    def memory_bytes(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
+    def memory_parts(self) -> dict[str, tuple[str, int]]:
+        """``{part: (where, bytes)}`` with ``where`` ``"resident"`` (compute device) or ``"offloaded"`` (CPU home).
+
+        Parts: ``blocks`` (every block's keys and values at home), ``lru`` (device copies of offloaded blocks, at
+        most ``max_cached_blocks`` per row) and ``representatives`` (the allocated buffer, which grows by doubling).
+        """
         home = sum(_nbytes(k) + _nbytes(v) for blocks in self._blocks for k, v in blocks)
-        reprs = _nbytes(self.reprs)
-        if not self.offload:
-            return {"resident": home + reprs, "offloaded": 0}
-        cached = sum(_nbytes(k) + _nbytes(v) for lru in self._resident for k, v in lru.values())
-        return {"resident": cached + reprs, "offloaded": home}
+        cached = sum(_nbytes(k) + _nbytes(v) for lru in self._resident for k, v in lru.values()) if self.offload else 0
+        return {
+            "blocks": ("offloaded" if self.offload else "resident", home),
+            "lru": ("resident", cached),
+            "representatives": ("offloaded" if self.offload and self.offload_representatives else "resident",
+                                _nbytes(self.reprs)),
+        }  # fmt: skip
+
+    def memory_bytes(self) -> dict[str, int]:
+        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (see :meth:`memory_parts`)."""
+        total = {"resident": 0, "offloaded": 0}
+        for where, size in self.memory_parts().values():
+            total[where] += size
+        return total
 
     def __deepcopy__(self, memo):
         import copy
