@@ -268,7 +268,7 @@ class EMLLMLayer(InfLLMLayer):
             ratio = owner.contiguity_buffer_size
             contiguity_cap = int(ratio * budget + 1) if ratio < 1 else int(ratio)
         cap = budget - contiguity_cap
-        sizes = torch.tensor(self.store.block_sizes(0))  # host: the selection below is host logic
+        sizes = self.store.block_sizes_tensor(0, "cpu")  # host: the selection below is host logic
         if int(sizes.sum()) <= cap:
             return [list(range(count))]
         query_mean = memory_query.float().mean(dim=2)  # [1, H, d]

@@ -77,7 +77,7 @@ class BlockStore:
         self._stream = torch.cuda.Stream(self.device) if self.offload and self.device.type == "cuda" else None
         self._blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # [row][block] -> (keys, values) at home
         self._sizes: list[list[int]] = []  # [row][block] -> tokens (kept alongside: read every step)
-        self._sizes_tensor: dict[int, torch.Tensor] = {}  # row -> [blocks] int64 on the device, built on demand
+        self._sizes_tensor: dict[tuple, torch.Tensor] = {}  # (row, device) -> [blocks] int64, built on demand
         self._resident: list[OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # [row] LRU, oldest first
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}  # pending host->device copies
         self.reprs: torch.Tensor | None = None  # [b, capacity, q_heads, head_dim] on reprs_device
@@ -102,12 +102,14 @@ class BlockStore:
     def block_sizes(self, row: int) -> list[int]:
         return list(self._sizes[row])
 
-    def block_sizes_tensor(self, row: int) -> torch.Tensor:
-        """``[blocks]`` int64 tokens per block of ``row``, on the device (cached until blocks are added)."""
-        cached = self._sizes_tensor.get(row)
+    def block_sizes_tensor(self, row: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[blocks]`` int64 tokens per block of ``row``, on ``device`` (default the compute device; cached until
+        blocks are added: read at every step, it is not rebuilt from the list each time)."""
+        device = torch.device(device) if device is not None else self.device
+        cached = self._sizes_tensor.get((row, device))
         if cached is None or cached.shape[0] != len(self._sizes[row]):
-            cached = torch.tensor(self._sizes[row], dtype=torch.long, device=self.device)
-            self._sizes_tensor[row] = cached
+            cached = torch.tensor(self._sizes[row], dtype=torch.long, device=device)
+            self._sizes_tensor[(row, device)] = cached
         return cached
 
     def representatives(self) -> torch.Tensor | None:

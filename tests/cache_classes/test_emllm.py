@@ -120,6 +120,31 @@ def test_contiguity_buffer_holds_neighbours_of_retrieved_events():
     cache.close()
 
 
+def test_long_forward_keeps_the_remainder_bounded():
+    """A prompt in one forward: the remainder stays bounded (fixed blocks, warned); in execution blocks: no warning."""
+    import warnings
+
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 150)
+    cache = emllm(model, **SMALL, offload=True, offload_representatives=True)
+    with pytest.warns(UserWarning, match="longer than exc_block_size"):
+        model(ids, cache=cache)
+    bound = SMALL["n_local"] + SMALL["exc_block_size"] + SMALL["max_block_size"]
+    sizes = cache.layers[0].store.block_sizes(0)
+    assert sizes and all(layer.keys.shape[-2] <= bound for layer in cache.layers)
+    assert all(layer.store.block_sizes(0) == sizes for layer in cache.layers)
+    assert cache.get_seq_length() == 150 == cache.layers[0].get_stored_length()
+    seq, _ = greedy(model, torch.cat((ids, random_ids(1, 3, seed=2)), 1), cache, max_new_tokens=3)
+    assert seq.shape[1] == 156 and cache.layers[0].get_stored_length() == 155
+    chunked = emllm(model, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy(model, ids, chunked, max_new_tokens=3)  # generate feeds execution blocks (prefill_chunk_size)
+    assert chunked.layers[0].store.num_blocks(0) > 0
+    cache.close()
+    chunked.close()
+
+
 # ----------------------------------------------------------------------------------- segmentation functions
 def test_surprise_threshold():
     history = torch.tensor([1.0, 2.0, 3.0])  # mean 2, std 1

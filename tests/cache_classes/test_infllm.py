@@ -318,6 +318,48 @@ def test_offload_lru_and_memory_breakdown():
     assert plain.get_seq_length() == seq.shape[1] - 1 == layer.get_stored_length()
 
 
+@pytest.mark.parametrize("perhead", [False, True])
+def test_offload_representatives_keeps_resident_bytes_constant(perhead):
+    """Representatives with the offloaded blocks: same outputs, resident bytes independent of the length."""
+    model = tiny_model("llama_gqa")
+    options = dict(SMALL, offload=True, perhead=perhead)
+    resident, offloaded, resident_official = [], [], []
+    for length in (80, 160):  # same phase modulo block_size and exc_block_size: same window and remainder
+        ids = random_ids(1, length, seed=length)
+        official = infllm(model, **options)
+        seq, logits = greedy(model, ids, official, max_new_tokens=6)
+        cache = infllm(model, **options, offload_representatives=True)
+        seq_host, logits_host = greedy(model, ids, cache, max_new_tokens=6)
+        assert torch.equal(seq, seq_host) and torch.equal(logits, logits_host)
+        parts = cache.memory_parts()
+        assert parts["representatives"][0] == "offloaded" and official.memory_parts()["representatives"][0] == "resident"
+        assert parts["representatives"][1] == official.memory_parts()["representatives"][1] > 0
+        for layer in cache.layers:
+            assert layer.store.reprs.device == layer.store.home
+            assert len(layer.store.resident_blocks(0)) == SMALL["max_cached_blocks"]  # the LRU is full, bounded
+        breakdown = cache.memory_breakdown()
+        assert breakdown == {
+            where: sum(size for place, size in parts.values() if place == where) for where in ("resident", "offloaded")
+        }
+        assert cache.memory_bytes() == official.memory_bytes()  # the same bytes, elsewhere
+        resident.append(breakdown["resident"])
+        offloaded.append(breakdown["offloaded"])
+        resident_official.append(official.memory_breakdown()["resident"])
+    assert resident[0] == resident[1]
+    assert offloaded[1] > offloaded[0]
+    assert resident_official[1] > resident_official[0]  # official: the representatives grow on the device
+
+
+def test_offload_representatives_without_offload_keeps_them_with_the_blocks():
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 60)
+    cache = infllm(model, **SMALL, offload=False, offload_representatives=True)
+    greedy(model, ids, cache, max_new_tokens=3)
+    parts = cache.memory_parts()
+    assert parts["blocks"][0] == parts["representatives"][0] == "resident" and parts["lru"][1] == 0
+    assert cache.memory_breakdown()["offloaded"] == 0
+
+
 def test_make_cache_registration_and_needs_attention():
     assert "infllm" in available_caches()
     model = tiny_model("llama_gqa")

@@ -69,6 +69,30 @@ def test_memory_bytes_split():
     assert offloaded.memory_bytes()["resident"] == repr_capacity + block_bytes // 2
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_topk_scores_representatives_where_they_live(per_head):
+    from hf_longmem.kernels.block_topk import naive_block_topk
+
+    keys, values, reprs = blocks(2, [2] * 20)
+    query = torch.randn(2, H, D, generator=torch.Generator().manual_seed(1))
+    device_side = BlockStore("cpu", max_cached_blocks=2, offload=True)
+    host_side = BlockStore("cpu", max_cached_blocks=2, offload=True, offload_representatives=True)
+    for store in (device_side, host_side):
+        store.add_blocks(keys, values, [2] * 20, reprs)
+    assert host_side.reprs_device == host_side.home and device_side.reprs_device == device_side.device
+    got = host_side.topk(query, 5, per_head=per_head)
+    assert torch.equal(got, device_side.topk(query, 5, per_head=per_head))
+    if per_head:
+        expected = naive_block_topk(query.reshape(2 * H, D), reprs.transpose(1, 2).reshape(2 * H, 20, D), 5)[0]
+        assert torch.equal(got, expected.view(2, H, 5))
+    else:
+        assert torch.equal(got, naive_block_topk(query.flatten(1), reprs.flatten(2), 5)[0])
+    assert host_side.memory_parts()["representatives"] == ("offloaded", 2 * 20 * H * D * 4)  # capacity: 20 blocks
+    assert host_side.memory_bytes()["resident"] == 0  # nothing gathered yet: the LRU is empty
+    host_side.gather([[0], [3]])
+    assert host_side.memory_bytes()["resident"] == (keys.numel() + values.numel()) * 4 // 20  # one block per row
+
+
 def test_rows_with_different_blocks_are_padded_and_masked():
     store = BlockStore("cpu", offload=False)
     keys, values, reprs = blocks(2, [3, 5])
