@@ -224,11 +224,42 @@ class _Forward:
         return self.model(input_ids=ids, **kwargs).logits[:, -1, :].float()
 
 
+def _chunk_size(model: torch.nn.Module, prefill_chunk_size: int | None) -> int | None:
+    """``prefill_chunk_size``, else the model's ``generation_config.prefill_chunk_size`` (checked)."""
+    if prefill_chunk_size is None:
+        prefill_chunk_size = getattr(getattr(model, "generation_config", None), "prefill_chunk_size", None)
+    if prefill_chunk_size is not None and (
+        isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1
+    ):
+        raise ValueError(f"`prefill_chunk_size` must be a positive int or None, got {prefill_chunk_size!r}")
+    return prefill_chunk_size
+
+
+def _prefill_in_chunks(
+    step: _Forward,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Feeds the prompt ``[batch, n]`` in chunks of ``chunk_size`` tokens (``None``: one forward), as ``generate``'s
+    chunked prefill does (the mask grows with the chunks); returns the last position's logits ``[batch, vocab]``."""
+    num_prompt = input_ids.shape[1]
+    chunk = num_prompt if chunk_size is None else chunk_size
+    last = ((num_prompt - 1) // chunk) * chunk  # start of the last chunk
+    for begin in range(0, last, chunk):  # every chunk but the last only fills the cache
+        mask = None if attention_mask is None else attention_mask[:, : past_length + begin + chunk]
+        step(input_ids[:, begin : begin + chunk], positions[:, begin : begin + chunk], mask)
+    return step(input_ids[:, last:], positions[:, last:], attention_mask)
+
+
 @torch.inference_mode()
 def prefill(
     model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, *, past_length: int = 0
 ) -> tuple[torch.Tensor, float]:
-    """Feeds ``input_ids`` (``[1, n]``) through ``cache`` in one forward, without generating.
+    """Feeds ``input_ids`` (``[1, n]``) through ``cache`` without generating (in chunks when the model's
+    ``generation_config.prefill_chunk_size`` is set, as ``generate`` does).
 
     Args:
         model: the causal LM.
@@ -245,7 +276,8 @@ def prefill(
     positions = torch.arange(past_length, past_length + input_ids.shape[1], device=device)[None]
     synchronize(device)
     start = time.perf_counter()
-    logits = _Forward(model, cache)(input_ids.to(device), positions, None)
+    step, chunk = _Forward(model, cache), _chunk_size(model, None)
+    logits = _prefill_in_chunks(step, input_ids.to(device), positions, None, past_length, chunk)
     synchronize(device)
     return logits, time.perf_counter() - start
 
@@ -263,8 +295,9 @@ def greedy_generate(
     past_length: int = 0,
     forced_tokens: torch.Tensor | None = None,
     return_logprobs: bool = False,
+    prefill_chunk_size: int | None = None,
 ) -> GenerationOutput:
-    """Greedy decoding through ``cache``: one prefill forward over ``input_ids``, then one forward per new token.
+    """Greedy decoding through ``cache``: the prefill over ``input_ids``, then one forward per new token.
 
     Equivalent to ``model.generate(input_ids, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)`` for
     an empty cache, with separate prefill and decode timings. The last generated token is not fed back (as in
@@ -283,6 +316,9 @@ def greedy_generate(
             ``T`` positions are produced and EOS does not stop the loop). ``sequences`` still holds the greedy
             choices, so ``sequences == forced_tokens`` measures agreement.
         return_logprobs: also return the next-token log-probabilities of every generated position.
+        prefill_chunk_size: feed the prompt in chunks of this many tokens, as ``generate`` does (``None``: the
+            model's ``generation_config.prefill_chunk_size``, which some caches set, e.g. EM-LLM; unset: one
+            forward).
 
     Returns:
         A :class:`GenerationOutput`.
@@ -299,6 +335,7 @@ def greedy_generate(
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
     if past_length < 0:
         raise ValueError(f"`past_length` must be >= 0, got {past_length}")
+    prefill_chunk_size = _chunk_size(model, prefill_chunk_size)
     device = model_device(model)
     batch, num_prompt = input_ids.shape
     input_ids = input_ids.to(device)
@@ -337,7 +374,7 @@ def greedy_generate(
 
     synchronize(device)
     start = time.perf_counter()
-    token = choose(step(input_ids, positions, attention_mask))
+    token = choose(_prefill_in_chunks(step, input_ids, positions, attention_mask, past_length, prefill_chunk_size))
     synchronize(device)
     prefill_end = time.perf_counter()
     last_position = positions[:, -1:]

@@ -44,6 +44,9 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+SMALL_INFLLM = {"n_init": 2, "n_local": 8, "block_size": 4, "topk": 2, "repr_topk": 2, "exc_block_size": 8}
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama_gqa", "sdpa")
@@ -69,6 +72,34 @@ def test_decode_loop_matches_generate(model, name, options):
     assert out.tokens(0) == expected
     assert out.prefill_s > 0 and out.decode_s >= 0
     assert out.stopped_at_eos == [bool(expected) and expected[-1] == 2]
+
+
+@pytest.mark.parametrize(("name", "options"), [("streaming", {"budget": 12, "sink_size": 2}), ("infllm", SMALL_INFLLM)])
+def test_chunked_prefill_matches_generate(model, name, options):
+    """``prefill_chunk_size`` feeds the prompt as ``generate(..., prefill_chunk_size=...)`` does (a chunk boundary
+    changes what a bounded cache keeps, so the tokens tell whether the chunks were the same)."""
+    ids = random_ids(1, 45, seed=6)
+    expected = model.generate(
+        ids, cache=make_cache(name, model, **options), max_new_tokens=8, do_sample=False, eos_token_id=2,
+        pad_token_id=0, prefill_chunk_size=8,
+    )[0, 45:].tolist()  # fmt: skip
+    out = greedy_generate(
+        model, ids, make_cache(name, model, **options), max_new_tokens=8, eos_token_id=2, prefill_chunk_size=8
+    )
+    assert out.tokens(0) == expected
+
+
+def test_chunked_prefill_with_left_padding_equals_one_forward(model):
+    ids = random_ids(2, 30, seed=7)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    whole = greedy_generate(model, ids, make_cache("full", model), max_new_tokens=6, attention_mask=mask)
+    chunked = greedy_generate(
+        model, ids, make_cache("full", model), max_new_tokens=6, attention_mask=mask, prefill_chunk_size=4
+    )
+    assert chunked.sequences.tolist() == whole.sequences.tolist()
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        greedy_generate(model, ids, make_cache("full", model), max_new_tokens=1, prefill_chunk_size=0)
 
 
 def test_batched_left_padding_matches_batch_of_one(model, tokenizer):
