@@ -330,9 +330,39 @@ class EMLLMLayer(InfLLMLayer):
 
 
 # ------------------------------------------------------------------------------------------------- cache
-def _restore_prefill_chunking(config_ref, chunk_size: int) -> None:
-    """Unsets the ``prefill_chunk_size`` that :meth:`EMLLMCache.attach` set (if nobody changed it since)."""
-    generation_config = config_ref()
+#: ``id(generation_config) -> [weakref to it, chunk size, live caches using it]``: the ``prefill_chunk_size`` that
+#: EM-LLM caches set on a model stays while any of them lives (a runner builds the next cache before the last one
+#: is collected; unsetting on the first one's collection would leave the next one without chunking).
+_CHUNKING_USERS: dict[int, list] = {}
+
+
+def _acquire_prefill_chunking(generation_config, chunk_size: int) -> bool:
+    """Sets ``generation_config.prefill_chunk_size = chunk_size`` (when unset) or joins the EM-LLM caches that set
+    it; ``False`` when someone else chose another value (left alone)."""
+    key = id(generation_config)
+    entry = _CHUNKING_USERS.get(key)
+    if entry is not None and entry[0]() is generation_config and generation_config.prefill_chunk_size == entry[1]:
+        if entry[1] != chunk_size:
+            return False
+        entry[2] += 1
+        return True
+    if generation_config.prefill_chunk_size is not None:
+        return False
+    generation_config.prefill_chunk_size = chunk_size
+    _CHUNKING_USERS[key] = [weakref.ref(generation_config), chunk_size, 1]
+    return True
+
+
+def _release_prefill_chunking(key: int, chunk_size: int) -> None:
+    """One EM-LLM cache is done; the last one unsets the ``prefill_chunk_size`` (if nobody changed it since)."""
+    entry = _CHUNKING_USERS.get(key)
+    if entry is None or entry[1] != chunk_size:
+        return
+    entry[2] -= 1
+    if entry[2] > 0:
+        return
+    del _CHUNKING_USERS[key]
+    generation_config = entry[0]()
     if generation_config is not None and generation_config.prefill_chunk_size == chunk_size:
         generation_config.prefill_chunk_size = None
 
@@ -488,10 +518,14 @@ class EMLLMCache(LongMemCache):
         self.close()
         self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
         generation_config = getattr(model, "generation_config", None)
-        if self.chunk_prefill and generation_config is not None and generation_config.prefill_chunk_size is None:
-            generation_config.prefill_chunk_size = self.exc_block_size
-            self._restore_chunking = weakref.ref(generation_config)
-            weakref.finalize(self, _restore_prefill_chunking, self._restore_chunking, self.exc_block_size)
+        if (
+            self.chunk_prefill
+            and generation_config is not None
+            and _acquire_prefill_chunking(generation_config, self.exc_block_size)
+        ):
+            self._restore_chunking = weakref.finalize(
+                self, _release_prefill_chunking, id(generation_config), self.exc_block_size
+            )
 
     def close(self) -> None:
         """Removes the surprise hook (and the prefill chunking ``from_model`` set)."""
@@ -499,7 +533,7 @@ class EMLLMCache(LongMemCache):
             self._hook.remove()
             self._hook = None
         if self._restore_chunking is not None:
-            _restore_prefill_chunking(self._restore_chunking, self.exc_block_size)
+            self._restore_chunking()  # a finalizer runs once: calling it now releases this cache's share
         self._restore_chunking = None
 
     def observe(self, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:

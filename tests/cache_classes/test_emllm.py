@@ -244,6 +244,21 @@ def test_registration_and_prefill_chunking_is_restored():
     kept.close()
 
 
+def test_prefill_chunking_stays_while_any_cache_lives():
+    """A runner builds the next cache before the previous one is collected: the chunking must outlive the first."""
+    import gc
+
+    model = tiny_model("llama_gqa")
+    first = make_cache("emllm", model, **SMALL)
+    second = make_cache("emllm", model, **SMALL)
+    del first
+    gc.collect()
+    assert model.generation_config.prefill_chunk_size == SMALL["exc_block_size"]
+    del second
+    gc.collect()
+    assert model.generation_config.prefill_chunk_size is None
+
+
 @pytest.mark.parametrize(
     "options,match",
     [
