@@ -39,20 +39,19 @@ output has an ``aux_loss`` (e.g. a router's load-balancing loss, already scaled 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
+from _config import parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -92,19 +91,7 @@ class MemoryTrainConfig:
 
 def parse_config(argv: list[str] | None = None) -> MemoryTrainConfig:
     """Read ``--config`` YAML, then apply scalar ``--key value`` overrides; validates the sections."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML file with MemoryTrainConfig keys")
-    types = {"str": str, "int": int, "float": float, "bool": lambda s: s.lower() in ("1", "true", "yes")}
-    scalars = [f for f in fields(MemoryTrainConfig) if f.type in types]
-    for f in scalars:
-        parser.add_argument(f"--{f.name}", type=types[f.type], default=None)
-    args = parser.parse_args(argv)
-    values = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
-    unknown = sorted(set(values) - {f.name for f in fields(MemoryTrainConfig)})
-    if unknown:
-        raise ValueError(f"unknown keys in --config {args.config}: {unknown}")
-    values.update({f.name: getattr(args, f.name) for f in scalars if getattr(args, f.name) is not None})
-    config = MemoryTrainConfig(**values)
+    config, _ = parse_recipe_config(MemoryTrainConfig, argv, __doc__.split("\n\n")[0])
     validate(config)
     return config
 

@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "recipes") not in sys.path:  # recipes import their shared _config module
+    sys.path.insert(0, str(ROOT / "recipes"))
 _spec = importlib.util.spec_from_file_location("train_memory_model", ROOT / "recipes" / "train_memory_model.py")
 recipe = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("train_memory_model", recipe)

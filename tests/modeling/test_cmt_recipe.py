@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe():
+    if str(ROOT / "recipes") not in sys.path:  # recipes import their shared _config module
+        sys.path.insert(0, str(ROOT / "recipes"))
     spec = importlib.util.spec_from_file_location("train_cmt", ROOT / "recipes" / "train_cmt.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["train_cmt"] = module  # dataclasses look their module up

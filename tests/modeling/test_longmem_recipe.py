@@ -20,6 +20,8 @@ CONFIG = ROOT / "recipes" / "configs" / "longmem_tiny.yaml"
 
 
 def _recipe():
+    if str(ROOT / "recipes") not in sys.path:  # recipes import their shared _config module
+        sys.path.insert(0, str(ROOT / "recipes"))
     spec = importlib.util.spec_from_file_location("train_longmem", ROOT / "recipes" / "train_longmem.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["train_longmem"] = module  # dataclasses look their module up there
