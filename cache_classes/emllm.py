@@ -332,38 +332,42 @@ class EMLLMLayer(InfLLMLayer):
 # ------------------------------------------------------------------------------------------------- cache
 #: ``id(generation_config) -> [weakref to it, chunk size, live caches using it]``: the ``prefill_chunk_size`` that
 #: EM-LLM caches set on a model stays while any of them lives (a runner builds the next cache before the last one
-#: is collected; unsetting on the first one's collection would leave the next one without chunking).
+#: is collected; unsetting on the first one's collection would leave the next one without chunking). Each cache
+#: releases the entry it joined: a newer entry under the same key (the value was unset and set again, or the id
+#: was reused by another config) is not counted down by older caches.
 _CHUNKING_USERS: dict[int, list] = {}
 
 
-def _acquire_prefill_chunking(generation_config, chunk_size: int) -> bool:
+def _acquire_prefill_chunking(generation_config, chunk_size: int) -> list | None:
     """Sets ``generation_config.prefill_chunk_size = chunk_size`` (when unset) or joins the EM-LLM caches that set
-    it; ``False`` when someone else chose another value (left alone)."""
+    it; returns the entry joined (for :func:`_release_prefill_chunking`), ``None`` when someone else chose another
+    value (left alone)."""
     key = id(generation_config)
     entry = _CHUNKING_USERS.get(key)
     if entry is not None and entry[0]() is generation_config and generation_config.prefill_chunk_size == entry[1]:
         if entry[1] != chunk_size:
-            return False
+            return None
         entry[2] += 1
-        return True
+        return entry
     if generation_config.prefill_chunk_size is not None:
-        return False
+        return None
     generation_config.prefill_chunk_size = chunk_size
-    _CHUNKING_USERS[key] = [weakref.ref(generation_config), chunk_size, 1]
-    return True
+    entry = [weakref.ref(generation_config), chunk_size, 1]
+    _CHUNKING_USERS[key] = entry
+    return entry
 
 
-def _release_prefill_chunking(key: int, chunk_size: int) -> None:
-    """One EM-LLM cache is done; the last one unsets the ``prefill_chunk_size`` (if nobody changed it since)."""
-    entry = _CHUNKING_USERS.get(key)
-    if entry is None or entry[1] != chunk_size:
+def _release_prefill_chunking(key: int, entry: list) -> None:
+    """One EM-LLM cache is done with ``entry``; the last one unsets the ``prefill_chunk_size`` (if nobody changed it
+    since)."""
+    if _CHUNKING_USERS.get(key) is not entry:  # replaced by a newer entry: not ours to count down
         return
     entry[2] -= 1
     if entry[2] > 0:
         return
     del _CHUNKING_USERS[key]
     generation_config = entry[0]()
-    if generation_config is not None and generation_config.prefill_chunk_size == chunk_size:
+    if generation_config is not None and generation_config.prefill_chunk_size == entry[1]:
         generation_config.prefill_chunk_size = None
 
 
@@ -518,14 +522,13 @@ class EMLLMCache(LongMemCache):
         self.close()
         self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
         generation_config = getattr(model, "generation_config", None)
-        if (
-            self.chunk_prefill
-            and generation_config is not None
-            and _acquire_prefill_chunking(generation_config, self.exc_block_size)
-        ):
-            self._restore_chunking = weakref.finalize(
-                self, _release_prefill_chunking, id(generation_config), self.exc_block_size
-            )
+        entry = (
+            _acquire_prefill_chunking(generation_config, self.exc_block_size)
+            if self.chunk_prefill and generation_config is not None
+            else None
+        )
+        if entry is not None:
+            self._restore_chunking = weakref.finalize(self, _release_prefill_chunking, id(generation_config), entry)
 
     def close(self) -> None:
         """Removes the surprise hook (and the prefill chunking ``from_model`` set)."""

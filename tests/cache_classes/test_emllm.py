@@ -259,6 +259,18 @@ def test_prefill_chunking_stays_while_any_cache_lives():
     assert model.generation_config.prefill_chunk_size is None
 
 
+def test_an_older_cache_does_not_release_a_newer_chunking():
+    """Chunking unset by hand, then set again by a new cache: closing the older cache must leave the new one's."""
+    model = tiny_model("llama_gqa")
+    first = make_cache("emllm", model, **SMALL)
+    model.generation_config.prefill_chunk_size = None  # the user turns it off; the next cache sets it again
+    second = make_cache("emllm", model, **SMALL)
+    first.close()
+    assert model.generation_config.prefill_chunk_size == SMALL["exc_block_size"]
+    second.close()
+    assert model.generation_config.prefill_chunk_size is None
+
+
 @pytest.mark.parametrize(
     "options,match",
     [
