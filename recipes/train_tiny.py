@@ -210,10 +210,12 @@ class BatchStream(IterableDataset):
     """Infinite stream of collated task batches (``dict`` of tensors plus ``"tasks"``: the samples' task names).
 
     Without a DataLoader worker it is the historical in-process stream: lengths drawn with
-    ``random.Random(seed)``, samples from ``TaskMixture(seed=seed + process_index)``, the curriculum following
-    ``progress.value`` (equal to ``step / max_steps`` without a time budget). In DataLoader worker ``w`` of ``n``
-    it yields the batches of steps ``w, w + n, ...`` from seeds ``1000 * (w + 1) + seed + process_index``;
-    the DataLoader interleaves workers round-robin, so step order is preserved.
+    ``random.Random(seed)``, samples from ``TaskMixture(seed=seed + process_index)``. In DataLoader worker ``w`` of
+    ``n`` it yields the batches of steps ``w, w + n, ...`` from seeds ``1000 * (w + 1) + seed + process_index``;
+    the DataLoader interleaves workers round-robin, so step order is preserved. The curriculum of step ``s``
+    follows ``s / max_steps``, or with a time budget ``max(s / max_steps, progress.value)`` (the shared progress
+    the training loop published last; workers run up to ``n * prefetch_batches`` steps ahead of it). Without a
+    time budget the stream thus depends on the seeds and ``n`` only, not on how fast the loop consumes it.
     """
 
     def __init__(self, config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress) -> None:
@@ -231,8 +233,8 @@ class BatchStream(IterableDataset):
         mixture = TaskMixture(self.tokenizer, config.tasks, config.task_options, seed=mixture_seed)
         step = worker
         while True:
-            progress = self.progress.value if info is not None else step / config.max_steps
-            if info is None and config.max_time_s:
+            progress = step / config.max_steps  # the step this batch is for: reproducible
+            if config.max_time_s:  # the clock, as the training loop last published it
                 progress = max(progress, self.progress.value)
             length, batch_size = stage_length(config, progress, rng)
             samples = [mixture.sample(length) for _ in range(batch_size)]

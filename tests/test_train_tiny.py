@@ -116,6 +116,7 @@ def test_worker_batches_are_valid_and_follow_the_shared_progress():
     train_tiny = _recipe()
     config = train_tiny.parse_config(
         ["--config", str(CONFIG), "--tokens_per_batch", "256", "--num_workers", "2", "--prefetch_batches", "1"]
+        + ["--max_time_s", "3600"]  # a time budget: the workers follow the progress the loop publishes
     )
     config.curriculum = [
         {"until": 0.5, "min_length": 64, "max_length": 64},
@@ -138,6 +139,30 @@ def test_worker_batches_are_valid_and_follow_the_shared_progress():
     assert max(b["input_ids"].shape[1] for b in later[-4:]) > 120  # second stage once progress moved
     first_rows = [b["input_ids"][0].tolist() for b in seen[:2]]
     assert first_rows[0] != first_rows[1]  # the two workers draw distinct samples
+
+
+def test_worker_stream_without_time_budget_ignores_the_published_progress():
+    """Without ``max_time_s`` the curriculum of step ``s`` is ``s / max_steps`` in the workers too: the stream must
+    not depend on how far the training loop got when a worker drew a batch (it prefetches ahead)."""
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(
+        ["--config", str(CONFIG), "--tokens_per_batch", "256", "--num_workers", "2", "--prefetch_batches", "1"]
+        + ["--max_steps", "100"]
+    )
+    config.curriculum = [
+        {"until": 0.5, "min_length": 64, "max_length": 64},
+        {"until": 1.0, "min_length": 128, "max_length": 128},
+    ]
+    tokenizer = train_tiny.build_tokenizer()
+    streams = []
+    for published in (0.0, 0.9):
+        progress = train_tiny.Progress(config, shared=True)
+        progress._shared.value = published
+        batches = train_tiny.batch_loader(config, tokenizer, 0, progress, pin=False)
+        streams.append([next(batches)["input_ids"] for _ in range(4)])
+        del batches
+    assert all(torch.equal(a, b) for a, b in zip(*streams))
+    assert max(ids.shape[1] for ids in streams[0]) <= 64 + 40  # steps 0-3 of 100: the first stage
 
 
 def test_time_budget_stops_and_saves(tmp_path):
