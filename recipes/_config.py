@@ -1,8 +1,8 @@
 """YAML + command-line configuration shared by the training recipes.
 
-A recipe describes its settings as a dataclass (annotations as strings: ``from __future__ import annotations``);
-``--config file.yaml`` fills it, and every scalar field (``str``, ``int``, ``float``, ``bool``) can be overridden
-as ``--name value``. Recipes import this module as ``_config`` (they run as scripts, and tests put ``recipes/`` on
+A recipe describes its settings as a dataclass; ``--config file.yaml`` fills it, and every scalar field (``str``,
+``int``, ``float``, ``bool``, annotated as a type or as a string under ``from __future__ import annotations``) can
+be overridden as ``--name value``. Recipes import this module as ``_config`` (they run as scripts, and tests put ``recipes/`` on
 the path).
 """
 
@@ -31,6 +31,11 @@ def _parse_bool(text: str) -> bool:
 SCALAR_TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "bool": _parse_bool}
 
 
+def _scalar_parser(annotation: Any) -> Callable[[str], Any] | None:
+    """The command-line parser of a field annotated ``annotation`` (``int`` or ``"int"``), ``None`` if not scalar."""
+    return SCALAR_TYPES.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+
+
 def parse_recipe_config(
     config_cls: type[ConfigT],
     argv: list[str] | None,
@@ -55,10 +60,10 @@ def parse_recipe_config(
     parser.add_argument("--config", type=Path, help=f"YAML file with {config_cls.__name__} keys")
     if add_arguments is not None:
         add_arguments(parser)
-    scalars = [f.name for f in fields(config_cls) if f.type in SCALAR_TYPES]
+    scalars = [f.name for f in fields(config_cls) if _scalar_parser(f.type) is not None]
     for f in fields(config_cls):
-        if f.type in SCALAR_TYPES:
-            parser.add_argument(f"--{f.name}", type=SCALAR_TYPES[f.type], default=None)
+        if f.name in scalars:
+            parser.add_argument(f"--{f.name}", type=_scalar_parser(f.type), default=None)
     args = parser.parse_args(argv)
     values = yaml.safe_load(args.config.read_text()) if args.config else {}
     values = values or {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 import pytest
@@ -52,3 +52,10 @@ def test_unknown_yaml_key_and_bad_boolean_are_errors(tmp_path):
 def test_no_config_gives_the_defaults():
     config, _ = parse_recipe_config(Settings, [], "d")
     assert config == Settings()
+
+
+def test_fields_annotated_with_types_are_overridable():
+    """Without ``from __future__ import annotations`` the field types are classes, not strings: still scalars."""
+    plain = make_dataclass("Plain", [("steps", int, 1), ("flag", bool, False), ("name", str, "x")])
+    config, _ = parse_recipe_config(plain, ["--steps", "5", "--flag", "true", "--name", "y"], "d")
+    assert (config.steps, config.flag, config.name) == (5, True, "y")
