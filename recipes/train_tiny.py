@@ -27,6 +27,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -303,7 +304,12 @@ def weighted_loss(
 
 
 def save(model: Any, tokenizer: Any, output_dir: Path, metadata: dict[str, Any]) -> None:
-    """Write model (safetensors), generation config, tokenizer and ``training_metadata.json``."""
+    """Write model (safetensors), generation config, tokenizer and ``training_metadata.json``.
+
+    Atomically per file: everything is written to a temporary folder next to ``output_dir``, then each file is
+    moved in with ``os.replace`` (``training_metadata.json`` last), so a run stopped during a (partial, ``save_every``)
+    save never leaves a truncated file, and the metadata names a checkpoint whose files are all in place.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -312,9 +318,16 @@ def save(model: Any, tokenizer: Any, output_dir: Path, metadata: dict[str, Any])
         do_sample=False,
         max_new_tokens=16,
     )
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.saving-") as staging:
+        staging = Path(staging)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        written = sorted(staging.iterdir(), key=lambda path: path.name == "training_metadata.json")
+        if any(not path.is_file() for path in written):
+            raise RuntimeError(f"save expected files only, got folders in {[p.name for p in written]}")
+        for path in written:
+            os.replace(path, output_dir / path.name)
 
 
 def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device) -> torch.Tensor:

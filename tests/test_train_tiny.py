@@ -180,3 +180,27 @@ def test_time_budget_stops_and_saves(tmp_path):
     assert 3 <= metadata["wall_time_s"] < 30 and metadata["history"][-1]["step"] == metadata["steps"]
     assert metadata["history"][-1]["progress"] > 0.99 and metadata["history"][-1]["steps_per_s"] > 0
     assert (out / "model.safetensors").is_file()
+
+
+def test_save_is_atomic_per_file(tmp_path, monkeypatch):
+    """A save that fails midway leaves the previous checkpoint whole and no temporary folder behind."""
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG)])
+    config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    tokenizer = train_tiny.build_tokenizer()
+    model = train_tiny.build_model(config, tokenizer)
+    out = tmp_path / "model"
+    train_tiny.save(model, tokenizer, out, {"step": 1})
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert "model.safetensors" in before and json.loads(before["training_metadata.json"]) == {"step": 1}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", fail)  # the model file is already written by then
+    with pytest.raises(OSError, match="disk full"):
+        train_tiny.save(model, tokenizer, out, {"step": 2})
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
