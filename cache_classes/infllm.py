@@ -27,7 +27,9 @@ Per layer the context is ``[n_init initial tokens | memory blocks of block_size 
   the LRU and, by default (official), every block's representative, which grows with the context. With
   ``offload_representatives=True`` the representatives stay with the offloaded blocks and are scored there (only
   the chunk's mean query goes to the host, only the chosen ids come back): the resident bytes are then constant
-  in the context length; the outputs are the same (the scores are the same float32 dot products).
+  in the context length. The outputs are the same on CPU (the same float32 dot products); on CUDA the device path
+  scores with the Triton kernel and the host path with a torch einsum, so blocks whose scores tie to rounding may
+  be picked differently.
   :meth:`InfLLMCache.memory_parts` names each part and where it lives.
 * **Chunking**: a forward of ``q`` tokens (``generate`` hands the whole prompt to one forward) is processed in
   execution blocks of ``exc_block_size`` queries inside :meth:`InfLLMLayer.attend`, updating the memory between
