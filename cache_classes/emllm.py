@@ -57,10 +57,11 @@ import weakref
 
 import torch
 
+from hf_longmem.memory.block_store import bytes_by_location
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.rope import RotaryShift
 
-from .base import LongMemCache
+from .base import LongMemCache, _tensor_bytes
 from .infllm import InfLLMCache, InfLLMLayer, _check_int, rotary_for
 
 METRICS = ("modularity", "conductance")
@@ -659,15 +660,12 @@ class EMLLMCache(LongMemCache):
         pending boundary flags, last logits; counted as resident)."""
         parts = InfLLMCache.memory_parts(self)
         extra = (self._history, self._flags, self._last_logits)
-        parts["segmentation"] = ("resident", sum(t.numel() * t.element_size() for t in extra if t is not None))
+        parts["segmentation"] = ("resident", sum(map(_tensor_bytes, extra)))
         return parts
 
     def memory_breakdown(self) -> dict[str, int]:
         """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
-        total = {"resident": 0, "offloaded": 0}
-        for where, size in self.memory_parts().values():
-            total[where] += size
-        return total
+        return bytes_by_location(self.memory_parts())
 
     def memory_bytes(self) -> int:
         return sum(self.memory_breakdown().values())

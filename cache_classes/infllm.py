@@ -62,11 +62,11 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
-from hf_longmem.memory.block_store import BlockStore
+from hf_longmem.memory.block_store import BlockStore, bytes_by_location
 from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
 from hf_longmem.memory.rope import RotaryShift
 
-from .base import LongMemCache
+from .base import LongMemCache, _tensor_bytes
 
 NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
@@ -558,18 +558,15 @@ class InfLLMLayer(CacheLayerMixin):
             return {}
         window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen)
         parts = {
-            "window": ("resident", sum(t.numel() * t.element_size() for t in window if t is not None)),
-            "initial": ("resident", sum(t.numel() * t.element_size() for t in (self.init_keys, self.init_values))),
+            "window": ("resident", sum(map(_tensor_bytes, window))),
+            "initial": ("resident", _tensor_bytes(self.init_keys) + _tensor_bytes(self.init_values)),
         }
         parts.update(self.store.memory_parts())
         return parts
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held: ``resident`` (on the compute device) and ``offloaded`` (in CPU memory)."""
-        total = {"resident": 0, "offloaded": 0}
-        for where, size in self.memory_parts().values():
-            total[where] += size
-        return total
+        return bytes_by_location(self.memory_parts())
 
     def memory_bytes(self) -> int:
         return sum(self.memory_breakdown().values())
@@ -690,7 +687,7 @@ class InfLLMCache(LongMemCache):
             if hasattr(layer, "memory_parts"):
                 items = layer.memory_parts().items()
             elif getattr(layer, "is_initialized", False):
-                items = [("other_layers", ("resident", sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))))]
+                items = [("other_layers", ("resident", _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)))]
             else:
                 items = []
             for name, (where, size) in items:
@@ -699,10 +696,7 @@ class InfLLMCache(LongMemCache):
 
     def memory_breakdown(self) -> dict[str, int]:
         """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
-        total = {"resident": 0, "offloaded": 0}
-        for where, size in self.memory_parts().values():
-            total[where] += size
-        return total
+        return bytes_by_location(self.memory_parts())
 
     def memory_bytes(self) -> int:
         """Every byte held (resident + offloaded)."""

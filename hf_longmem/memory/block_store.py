@@ -40,6 +40,14 @@ def _nbytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
+def bytes_by_location(parts: dict[str, tuple[str, int]]) -> dict[str, int]:
+    """Sums ``{part: (where, bytes)}`` (a ``memory_parts()`` result) into ``{"resident": ..., "offloaded": ...}``."""
+    total = {"resident": 0, "offloaded": 0}
+    for where, size in parts.values():
+        total[where] += size
+    return total
+
+
 class BlockStore:
     """Blocks of one layer, per row of the batch.
 
@@ -393,10 +401,7 @@ class BlockStore:
 
     def memory_bytes(self) -> dict[str, int]:
         """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (see :meth:`memory_parts`)."""
-        total = {"resident": 0, "offloaded": 0}
-        for where, size in self.memory_parts().values():
-            total[where] += size
-        return total
+        return bytes_by_location(self.memory_parts())
 
     def __deepcopy__(self, memo):
         import copy
