@@ -30,16 +30,24 @@ def test_shipped_config_parses():
     assert len(schedule) == 7 and all(n * b >= min(config.tokens_per_batch, n) for n, b in schedule)
 
 
-def test_tiny_run_saves_a_loadable_model(tmp_path):
+def _run_shrunk_recipe(tmp_path, tokens_per_batch: int, min_length: int, max_length: int, *args: str):
+    """Runs the recipe in a subprocess on a 2-layer, 32-wide version of the shipped config; returns the output dir."""
     config = yaml.safe_load(CONFIG.read_text())
     config["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config.update(tokens_per_batch=512, curriculum=[{"until": 1.0, "min_length": 192, "max_length": 256}])
+    config.update(
+        tokens_per_batch=tokens_per_batch,
+        curriculum=[{"until": 1.0, "min_length": min_length, "max_length": max_length}],
+    )
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "model"
-    cmd = [sys.executable, str(RECIPE), "--config", str(config_path), "--max_steps", "3", "--log_every", "1"]
-    cmd += ["--output_dir", str(out), "--save_every", "0"]
-    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    cmd = [sys.executable, str(RECIPE), "--config", str(config_path), "--output_dir", str(out), "--save_every", "0"]
+    subprocess.run([*cmd, *args], check=True, timeout=120, capture_output=True)
+    return out
+
+
+def test_tiny_run_saves_a_loadable_model(tmp_path):
+    out = _run_shrunk_recipe(tmp_path, 512, 192, 256, "--max_steps", "3", "--log_every", "1")
 
     metadata = json.loads((out / "training_metadata.json").read_text())
     assert metadata["steps"] == 3 and len(metadata["history"]) == 3 and metadata["wall_time_s"] > 0
@@ -166,15 +174,9 @@ def test_worker_stream_without_time_budget_ignores_the_published_progress():
 
 
 def test_time_budget_stops_and_saves(tmp_path):
-    config = yaml.safe_load(CONFIG.read_text())
-    config["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config.update(tokens_per_batch=256, curriculum=[{"until": 1.0, "min_length": 96, "max_length": 128}])
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "model"
-    cmd = [sys.executable, str(RECIPE), "--config", str(config_path), "--max_steps", "100000", "--max_time_s", "3"]
-    cmd += ["--output_dir", str(out), "--save_every", "0", "--num_workers", "1", "--log_every", "1000"]
-    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    out = _run_shrunk_recipe(
+        tmp_path, 256, 96, 128, "--max_steps", "100000", "--max_time_s", "3", "--num_workers", "1", "--log_every", "1000"
+    )
     metadata = json.loads((out / "training_metadata.json").read_text())
     assert metadata["stopped_by"] == "max_time_s" and 0 < metadata["steps"] < 100000
     assert 3 <= metadata["wall_time_s"] < 30 and metadata["history"][-1]["step"] == metadata["steps"]

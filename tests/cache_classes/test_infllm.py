@@ -233,14 +233,20 @@ def _head_pick(head_of_run):
     return pick
 
 
-def test_perhead_output_of_each_head_is_the_shared_output_with_its_blocks():
-    """Heads attend independently: with ``perhead`` head h's output equals a shared run that retrieves h's blocks."""
-    torch.manual_seed(0)
-    heads, kv_heads, dim, total = 4, 2, 16, 70
+def _rotated_query_and_keys(heads: int, kv_heads: int, dim: int, total: int):
+    """A RoPE and random rotated query ``[1, heads, total, dim]`` / keys ``[1, kv_heads, total, dim]`` (global RNG)."""
     rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
     pos = torch.arange(total)[None]
     query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
     keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
+    return rotary, query, keys
+
+
+def test_perhead_output_of_each_head_is_the_shared_output_with_its_blocks():
+    """Heads attend independently: with ``perhead`` head h's output equals a shared run that retrieves h's blocks."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, total = 4, 2, 16, 70
+    rotary, query, keys = _rotated_query_and_keys(heads, kv_heads, dim, total)
     values = torch.randn(1, kv_heads, total, dim)
     splits = [50, 1, 1, 9, 1, 8]
     options = dict(n_init=4, n_local=12, block_size=4, topk=3, repr_topk=2, max_cached_blocks=3, exc_block_size=6)
@@ -257,10 +263,7 @@ def test_perhead_output_of_each_head_is_the_shared_output_with_its_blocks():
 def test_perhead_selection_is_each_heads_top_k():
     torch.manual_seed(0)
     heads, kv_heads, dim, total = 4, 2, 16, 80
-    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
-    pos = torch.arange(total)[None]
-    query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
-    keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
+    rotary, query, keys = _rotated_query_and_keys(heads, kv_heads, dim, total)
     layer = InfLLMLayer(rotary, 0, 16, 4, topk=3, repr_topk=2, max_cached_blocks=3, exc_block_size=16, perhead=True)
     run_layer(layer, query, keys, torch.randn(1, kv_heads, total, dim), [total], dim**-0.5)
     probe = torch.randn(1, heads, 2, dim)
