@@ -165,3 +165,59 @@ def test_triton_public_dispatch_and_mom_step():
     o_ref, state_ref = naive_recurrent_gated_delta_rule(*flat, initial_state=h0[:, 0], output_final_state=True)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)
+
+
+CHUNK_TRITON_CASES = [  # (batch, heads, seq, K, V, chunk, block_v, with h0, output_final_state)
+    (1, 2, 37, 16, 32, 16, 16, True, True),  # two value blocks, two full chunks and a tail
+    (2, 1, 37, 20, 16, 16, None, False, True),  # K padded to 32
+    (1, 1, 45, 32, 12, 32, None, True, False),  # V padded to 16, no final state (no dht)
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CHUNK_TRITON_CASES,
+                         ids=lambda c: f"B{c[0]}-H{c[1]}-T{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-bv{c[6]}-h0{c[7]:d}-ht{c[8]:d}")
+def test_triton_chunk_matches_reference_fwd_bwd(case):
+    from hf_longmem.kernels.gated_delta.triton_chunk import triton_chunk_gated_delta_rule
+
+    b, h, t, kd, vd, chunk, block_v, with_h0, final = case
+    tensors = inputs(b, h, t, kd, vd, seed=13, strong_decay=True)  # g down to -8, beta in (0, 1)
+    if not with_h0:
+        tensors = tensors[:5]
+
+    def run(fn):
+        leaves = [x.detach().clone().requires_grad_(True) for x in tensors]
+        o, state = fn(*leaves[:5], initial_state=leaves[5] if with_h0 else None, output_final_state=final)
+        gen = torch.Generator().manual_seed(5)
+        loss = (o * torch.randn(o.shape, generator=gen).to(o.device)).sum()
+        if final:
+            loss = loss + (state * torch.randn(state.shape, generator=gen).to(o.device)).sum()
+        loss.backward()
+        return o.detach(), state, [leaf.grad for leaf in leaves]
+
+    ref = run(naive_recurrent_gated_delta_rule)
+    got = run(lambda *x, **kw: triton_chunk_gated_delta_rule(*x, kd**-0.5, chunk_size=chunk, block_v=block_v, **kw))
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
+    assert (got[1] is None) == (not final)
+    if final:
+        torch.testing.assert_close(got[1].detach(), ref[1].detach(), atol=1e-5, rtol=1e-4)
+    for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), got[2], ref[2]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_triton
+def test_triton_chunk_dispatch_and_checks():
+    from hf_longmem.kernels.gated_delta import _triton_chunk_size
+    from hf_longmem.kernels.gated_delta.triton_chunk import triton_chunk_gated_delta_rule
+
+    assert [_triton_chunk_size(c) for c in (1, 16, 48, 64, 100)] == [16, 16, 32, 64, 64]
+    q, k, v, g, beta, h0 = inputs(1, 2, 21, 8, 8, seed=17)
+    o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=24,
+                                      backend="triton")
+    o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        triton_chunk_gated_delta_rule(q, k, v, g, beta, 1.0, chunk_size=24)
+    with pytest.raises(ValueError, match="K, V <= 256"):
+        triton_chunk_gated_delta_rule(q, k, v.new_zeros(1, 2, 21, 257), g, beta, 1.0)

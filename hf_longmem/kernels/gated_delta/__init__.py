@@ -3,8 +3,8 @@
 Public ops (``backend="torch"|"triton"|None``; ``None`` = Triton on CUDA when triton is installed, else torch):
 
 * :func:`chunk_gated_delta_rule` — training / prefill, forward and backward, linear in length: chunk-parallel in
-  torch; on CUDA the Triton recurrent kernel with checkpointed backward (a chunked WY Triton kernel is not written
-  yet, see ``docs/mom.md``);
+  torch; on CUDA the chunked WY Triton kernel (:mod:`~hf_longmem.kernels.gated_delta.triton_chunk`: within a chunk
+  every product is a ``tl.dot``, the state is carried across chunks in registers);
 * :func:`fused_recurrent_gated_delta_rule` — decode and short sequences, one pass over the tokens;
 * :func:`fused_recurrent_mom_gated_delta_rule` — MoM decode: ``M`` memories per row, a token updates only the
   memories it is routed to and the output mixes their reads by the routing weights (routing fused in the kernel);
@@ -117,8 +117,8 @@ def chunk_gated_delta_rule(
         scale: output scale, default ``K ** -0.5``.
         initial_state: ``[batch, heads, K, V]`` or ``None``.
         output_final_state: also return the final state.
-        chunk_size: tokens per chunk of the torch path (the Triton path is the recurrent kernel, which checkpoints
-            its state every 64 tokens for the backward).
+        chunk_size: tokens per chunk. The Triton kernel takes the largest power of two ``<= chunk_size`` clamped
+            to ``[16, 64]`` (:func:`_triton_chunk_size`); the torch path takes it as given.
         backend: ``"torch"``, ``"triton"`` or ``None``.
 
     Returns:
@@ -139,9 +139,16 @@ def chunk_gated_delta_rule(
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     if resolve_backend(backend, q, k, v, g, beta) == "torch":
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
-    from .triton import triton_fused_recurrent_gated_delta_rule
+    from .triton_chunk import triton_chunk_gated_delta_rule
 
-    return triton_fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                         _triton_chunk_size(chunk_size))
+
+
+def _triton_chunk_size(chunk_size: int) -> int:
+    """Chunk length of the Triton kernel for a requested ``chunk_size``: the largest power of two ``<= chunk_size``,
+    clamped to ``[16, 64]`` (``tl.dot`` needs 16 rows; past 64 the ``BT x BT`` tiles cost more than they save)."""
+    return min(64, max(16, 1 << (chunk_size.bit_length() - 1)))
 
 
 @torch.compiler.disable

@@ -1,0 +1,200 @@
+"""Chunked (WY / UT-transform) Triton kernel of the gated delta rule: every within-chunk product is a ``tl.dot``.
+
+One program per (row = batch x head, block of ``BV`` value columns) walks the ``ceil(T / BT)`` chunks in order
+with its ``[K, BV]`` slice of the state in registers (the columns of ``S`` never mix, so value blocks are
+independent; ``A``, ``T`` and ``W`` below only involve keys and are recomputed by each block). Per chunk of ``BT``
+tokens (notation of :mod:`~hf_longmem.kernels.gated_delta.reference`; ``G`` the in-chunk cumulative sum of ``g``,
+``D_ij = exp(G_i - G_j)`` for ``j <= i`` else 0, ``G_L`` the last ``G`` of the chunk, ``S`` the state at its
+start)::
+
+    A  = strict_lower(diag(beta) K K^T * D)        T = (I + A)^-1   (forward substitution over the BT rows)
+    W  = T diag(beta exp(G)) K                     Ut = T diag(beta) V
+    U  = Ut - W S
+    O  = scale * (diag(exp(G)) Q S + lower_incl(Q K^T * D) U)
+    S <- exp(G_L) S + (diag(exp(G_L - G)) K)^T U
+
+Every ``exp`` is of a non-positive number (masked before the ``exp``). A sequence that is not a multiple of ``BT``
+is read with masked loads: the tail reads ``q = k = v = 0`` and ``g = beta = 0``, tokens that leave the state
+unchanged. The forward stores ``S`` at each chunk start (``[rows, NC, K, V]`` float32) for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import chunk_gated_delta_rule_torch
+
+CHUNK_SIZES = (16, 32, 64)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` in float32; exact float32 products when ``IEEE`` (TF32, the GPU default, breaks float32 parity:
+    its error compounds through ``T = (I + A)^-1`` and the state carried over the chunks)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, i_v):
+    """The chunk's ``q, k [BT, BK]``, ``v [BT, BV]`` (value block ``i_v``), ``g, beta [BT]`` in float32; rows past
+    ``T`` and padded columns read 0."""
+    offs_t = t0 + tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_t = offs_t < T
+    mask_tk = mask_t[:, None] & (offs_k < K)[None, :]
+    mask_tv = mask_t[:, None] & (offs_v < V)[None, :]
+    b_q = tl.load(q_ptr + (i_nh * T + offs_t[:, None]) * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k_ptr + (i_nh * T + offs_t[:, None]) * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+    b_v = tl.load(v_ptr + (i_nh * T + offs_t[:, None]) * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+    b_g = tl.load(g_ptr + i_nh * T + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + i_nh * T + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+    return b_q, b_k, b_v, b_g, b_beta
+
+
+@triton.jit
+def _chunk_factors(b_k, b_v, b_g, b_beta, BT: tl.constexpr, IEEE: tl.constexpr):
+    """``G [BT]``, ``D [BT, BT]``, ``A [BT, BT]``, ``T = (I + A)^-1``, ``W [BT, BK]``, ``Ut [BT, BV]`` of a chunk."""
+    offs_t = tl.arange(0, BT)
+    incl = offs_t[:, None] >= offs_t[None, :]
+    strict = offs_t[:, None] > offs_t[None, :]
+    b_G = tl.cumsum(b_g, 0)
+    b_D = tl.where(incl, tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
+    b_kb = b_k * b_beta[:, None]
+    b_A = tl.where(strict, _dot(b_kb, tl.trans(b_k), IEEE) * b_D, 0.0)
+    # T - I, row by row: (T - I)_i = -A_i - sum_{j<i} A_ij (T - I)_j (rows j < i are final; A_ij = 0 for j >= i)
+    b_T = -b_A
+    for i in range(1, BT):
+        b_a = tl.sum(tl.where(offs_t[:, None] == i, b_T, 0.0), 0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_T, 0)
+        b_T = tl.where(offs_t[:, None] == i, b_a[None, :], b_T)
+    b_T = b_T + tl.where(offs_t[:, None] == offs_t[None, :], 1.0, 0.0)
+    b_w = _dot(b_T, b_kb * tl.exp(b_G)[:, None], IEEE)
+    b_ut = _dot(b_T, b_v * b_beta[:, None], IEEE)
+    return b_G, b_D, b_A, b_T, b_w, b_ut
+
+
+@triton.jit
+def _chunk_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, ckpt_ptr,
+    T, NC, scale,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CKPT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_nh = tl.cast(tl.program_id(0), tl.int64)
+    i_v = tl.program_id(1)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    kv_offs = offs_k[:, None] * V + offs_v[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_S += tl.load(h0_ptr + i_nh * K * V + kv_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    for c in range(0, NC):
+        c64 = tl.cast(c, tl.int64)
+        t0 = c64 * BT
+        if STORE_CKPT:
+            tl.store(ckpt_ptr + (i_nh * NC + c64) * K * V + kv_offs, b_S, mask=mask_kv)
+        b_q, b_k, b_v, b_g, b_beta = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T, K, V, BT, BK, BV,
+                                                 i_v)
+        b_G, b_D, b_A, b_T, b_w, b_ut = _chunk_factors(b_k, b_v, b_g, b_beta, BT, IEEE)
+        b_u = b_ut - _dot(b_w, b_S, IEEE)
+        b_P = _dot(b_q, tl.trans(b_k), IEEE) * b_D
+        b_o = (_dot(b_q * tl.exp(b_G)[:, None], b_S, IEEE) + _dot(b_P, b_u, IEEE)) * scale
+        offs_tt = t0 + offs_t
+        mask_tv = (offs_tt < T)[:, None] & (offs_v < V)[None, :]
+        tl.store(o_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                 mask=mask_tv)
+        b_gl = tl.sum(tl.where(offs_t == BT - 1, b_G, 0.0), 0)
+        b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
+        b_S = b_S * tl.exp(b_gl) + _dot(tl.trans(b_kd), b_u, IEEE)
+    if STORE_HT:
+        tl.store(ht_ptr + i_nh * K * V + kv_offs, b_S, mask=mask_kv)
+
+
+def _check_chunk_args(key_dim: int, value_dim: int, chunk_size, block_v) -> tuple[int, int, int]:
+    """``(BT, BK, BV)``; ``tl.dot`` needs every dimension ``>= 16``, so ``K`` and ``V`` are padded (masked)."""
+    if key_dim > 256 or value_dim > 256:
+        raise ValueError(f"the chunked Triton gated delta kernel holds [K, V] state tiles: K, V <= 256, got K = "
+                         f"{key_dim}, V = {value_dim}")
+    if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"`chunk_size` of the chunked Triton kernel must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    bk = max(16, triton.next_power_of_2(key_dim))
+    if block_v is None:
+        block_v = min(max(16, triton.next_power_of_2(value_dim)), 64)
+    if isinstance(block_v, bool) or block_v not in (16, 32, 64, 128, 256):
+        raise ValueError(f"`block_v` must be a power of two in [16, 256] or None, got {block_v!r}")
+    return chunk_size, bk, block_v
+
+
+class _ChunkGatedDeltaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, block_v):
+        batch, heads, seq, key_dim = q.shape
+        value_dim = v.shape[-1]
+        bt, bk, bv = _check_chunk_args(key_dim, value_dim, chunk_size, block_v)
+        rows = batch * heads
+        chunks = triton.cdiv(seq, bt)
+        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6))
+        f32 = dict(dtype=torch.float32, device=q.device)
+        o = torch.empty_like(v)
+        ht = torch.empty(batch, heads, key_dim, value_dim, **f32) if output_final_state else o
+        ckpt = torch.empty(rows, chunks, key_dim, value_dim, **f32) if need_grad else o
+        h0 = initial_state.float().contiguous() if initial_state is not None else o
+        ieee = all(x.dtype == torch.float32 for x in (q, k, v))
+        _chunk_fwd_kernel[(rows, triton.cdiv(value_dim, bv))](
+            q, k, v, g, beta, h0, o, ht, ckpt, seq, chunks, scale,
+            K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv,
+            USE_H0=initial_state is not None, STORE_HT=output_final_state, STORE_CKPT=need_grad, IEEE=ieee,
+        )
+        if need_grad:
+            ctx.save_for_backward(q, k, v, g, beta, initial_state)
+            ctx.meta = (scale, bt)
+        return o, (ht if output_final_state else None)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        # Recomputation through the torch chunk path (autograd), until the backward kernel lands.
+        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        scale, bt = ctx.meta
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta)]
+            h0 = initial_state.detach().requires_grad_(True) if initial_state is not None else None
+            o, ht = chunk_gated_delta_rule_torch(*leaves, scale, h0, True, bt)
+            outputs, grads_out = [o], [do]
+            if dht is not None:
+                outputs.append(ht)
+                grads_out.append(dht)
+            inputs = leaves + ([h0] if h0 is not None else [])
+            grads = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
+        dh0 = grads[5] if h0 is not None else None
+        return (*grads[:5], None, dh0, None, None, None)
+
+
+def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
+                                  chunk_size: int = 64, block_v: int | None = None):
+    """Chunked Triton gated delta rule, forward and backward (see the module docstring).
+
+    Args:
+        q, k: ``[batch, heads, seq, K]``; v: ``[batch, heads, seq, V]``; g, beta: ``[batch, heads, seq]``
+            (``K, V <= 256``).
+        scale: output scale (a float).
+        initial_state: ``[batch, heads, K, V]`` or ``None``.
+        output_final_state: also return the final state.
+        chunk_size: tokens per chunk ``BT``, one of 16, 32, 64.
+        block_v: value columns per program (power of two in ``[16, 256]``; default ``min(64, V)`` rounded up).
+
+    Returns:
+        ``o [batch, heads, seq, V]`` in ``v``'s dtype and the final state ``[batch, heads, K, V]`` float32 (or None).
+    """
+    return _ChunkGatedDeltaFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size,
+                                          block_v)
