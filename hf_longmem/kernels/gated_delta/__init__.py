@@ -4,7 +4,7 @@ Public ops (``backend="torch"|"triton"|None``; ``None`` = Triton on CUDA when tr
 
 * :func:`chunk_gated_delta_rule` — training / prefill, forward and backward, linear in length: chunk-parallel in
   torch; on CUDA the chunked WY Triton kernel (:mod:`~hf_longmem.kernels.gated_delta.triton_chunk`: within a chunk
-  every product is a ``tl.dot``, the state is carried across chunks in registers);
+  every product is a ``tl.dot``, the state is carried across chunks in registers; hand-written backward);
 * :func:`fused_recurrent_gated_delta_rule` — decode and short sequences, one pass over the tokens;
 * :func:`fused_recurrent_mom_gated_delta_rule` — MoM decode: ``M`` memories per row, a token updates only the
   memories it is routed to and the output mixes their reads by the routing weights (routing fused in the kernel);

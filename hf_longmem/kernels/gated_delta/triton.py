@@ -11,8 +11,9 @@
   (gather of the routed states, masking and the weighted mix fused in one kernel).
 
 Every program owns a whole ``[K, V]`` state (``K, V <= 256``), so reductions over ``K`` or ``V`` stay in registers.
-This is the recurrent form; the chunked WY form of fla's ``chunk`` kernels (tensor-core GEMMs within a chunk) is
-the torch path here (:func:`~hf_longmem.kernels.gated_delta.reference.chunk_gated_delta_rule_torch`).
+This is the recurrent form (``fused_recurrent_gated_delta_rule`` and MoM's decode step); the chunked WY form
+(``tl.dot`` products within a chunk, used by ``chunk_gated_delta_rule``) is
+:mod:`~hf_longmem.kernels.gated_delta.triton_chunk`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,34 @@ start)::
 Every ``exp`` is of a non-positive number (masked before the ``exp``). A sequence that is not a multiple of ``BT``
 is read with masked loads: the tail reads ``q = k = v = 0`` and ``g = beta = 0``, tokens that leave the state
 unchanged. The forward stores ``S`` at each chunk start (``[rows, NC, K, V]`` float32) for the backward.
+
+Backward (hand-derived; newest chunk first, carrying ``dS'``, the gradient of the chunk's end state, which starts
+at ``dht``). Each chunk recomputes ``A, T, W, Ut, U`` from its checkpoint; with ``Qg = diag(exp(G)) Q``,
+``P = lower_incl(Q K^T * D)``, ``Kd = diag(exp(G_L - G)) K``, ``Kb = diag(beta) K``, ``Kbg = diag(exp(G)) Kb``,
+``Vb = diag(beta) V`` (so ``O = scale (Qg S + P U)``, ``U = T (Vb - Kbg S)``, ``S' = exp(G_L) S + Kd^T U``)::
+
+    dU   = scale P^T dO + Kd dS'
+    dS   = scale Qg^T dO + exp(G_L) dS' - W^T dU          (carried to the previous chunk; dh0 after the first)
+    dP   = scale dO U^T     dQg = scale dO S^T     dKd = U dS'^T     dW = -dU S^T
+    dT   = dW Kbg^T + dU Vb^T     dKbg = T^T dW     dVb = T^T dU
+    dA   = strict_lower(-T^T dT T^T)                        (d(X^-1) = -X^-1 dX X^-1 with X = I + A)
+    dq   = diag(exp(G)) dQg + (dP * D) K
+    dk   = (dP * D)^T Q + (dA * D)^T Kb + diag(beta) (dA * D) K + diag(beta exp(G)) dKbg + diag(exp(G_L - G)) dKd
+    dv   = diag(beta) dVb
+    dbeta = rowsum(((dA * D) K + diag(exp(G)) dKbg) * K) + rowsum(dVb * V)
+    dG   = rowsum(dQg * Qg + dKbg * Kbg - dKd * Kd) + rowsum(E) - colsum(E) + [i = last] dG_L,
+           E = dP * P + dA * A   (D_ij = exp(G_i - G_j): dD * D adds to row i, subtracts from column j),
+           dG_L = sum(dKd * Kd) + exp(G_L) sum(dS' * S)
+    dg   = reverse cumulative sum of dG within the chunk    (G = cumsum(g))
+
+``dv`` and ``dS`` are per value column; ``dq, dk, dg, dbeta`` sum over the columns, so each value block writes its
+partial sums (``[blocks, ...]``) and the wrapper adds them. Memory: the checkpoints, nothing per token but the
+gradients.
+
+Precision: float32 inputs use exact float32 products (``input_precision="ieee"``); TF32, the GPU default, breaks
+float32 parity because its error compounds through ``T = (I + A)^-1`` and the state carried over the chunks, so
+float32 runs without tensor cores; bfloat16/float16 inputs use the default (TF32 tensor cores). Everything is
+computed and accumulated in float32 either way.
 """
 
 from __future__ import annotations
@@ -23,8 +51,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .reference import chunk_gated_delta_rule_torch
 
 CHUNK_SIZES = (16, 32, 64)
 
@@ -120,6 +146,89 @@ def _chunk_fwd_kernel(
         tl.store(ht_ptr + i_nh * K * V + kv_offs, b_S, mask=mask_kv)
 
 
+@triton.jit
+def _chunk_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ckpt_ptr, do_ptr, dht_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dh0_ptr,
+    T, NC, scale,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_nh = tl.cast(tl.program_id(0), tl.int64)
+    i_v = tl.program_id(1)
+    part = tl.cast(i_v, tl.int64) * tl.num_programs(0) + i_nh  # this value block's slice of the partial sums
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < K
+    mask_kv = mask_k[:, None] & (offs_v < V)[None, :]
+    kv_offs = offs_k[:, None] * V + offs_v[None, :]
+    strict = offs_t[:, None] > offs_t[None, :]
+    last = offs_t == BT - 1
+    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dS += tl.load(dht_ptr + i_nh * K * V + kv_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    for cc in range(0, NC):
+        c64 = tl.cast(NC - 1 - cc, tl.int64)
+        t0 = c64 * BT
+        offs_tt = t0 + offs_t
+        mask_t = offs_tt < T
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        mask_tv = mask_t[:, None] & (offs_v < V)[None, :]
+        # recompute the chunk's forward from the state checkpointed at its start
+        b_S = tl.load(ckpt_ptr + (i_nh * NC + c64) * K * V + kv_offs, mask=mask_kv, other=0.0)
+        b_q, b_k, b_v, b_g, b_beta = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T, K, V, BT, BK, BV,
+                                                 i_v)
+        b_do = tl.load(do_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], mask=mask_tv,
+                       other=0.0).to(tl.float32)
+        b_G, b_D, b_A, b_T, b_w, b_ut = _chunk_factors(b_k, b_v, b_g, b_beta, BT, IEEE)
+        b_eG = tl.exp(b_G)
+        b_u = b_ut - _dot(b_w, b_S, IEEE)
+        b_P = _dot(b_q, tl.trans(b_k), IEEE) * b_D
+        b_gl = tl.sum(tl.where(last, b_G, 0.0), 0)
+        b_tail = tl.exp(b_gl - b_G)
+        b_kd = b_k * b_tail[:, None]
+        b_kb = b_k * b_beta[:, None]
+        b_kbg = b_kb * b_eG[:, None]
+        b_Tt = tl.trans(b_T)
+        # adjoints of O = scale (Qg S + P U) and S' = exp(G_L) S + Kd^T U, then of U = T (Vb - Kbg S)
+        b_du = _dot(tl.trans(b_P), b_do, IEEE) * scale + _dot(b_kd, b_dS, IEEE)
+        b_dqg = _dot(b_do, tl.trans(b_S), IEEE) * scale
+        b_dP = _dot(b_do, tl.trans(b_u), IEEE) * scale
+        b_dkd = _dot(b_u, tl.trans(b_dS), IEEE)
+        b_dw = -_dot(b_du, tl.trans(b_S), IEEE)
+        b_dT = _dot(b_dw, tl.trans(b_kbg), IEEE) + _dot(b_du, tl.trans(b_v * b_beta[:, None]), IEEE)
+        b_dkbg = _dot(b_Tt, b_dw, IEEE)
+        b_dvb = _dot(b_Tt, b_du, IEEE)
+        b_dA = tl.where(strict, -_dot(_dot(b_Tt, b_dT, IEEE), b_Tt, IEEE), 0.0)
+        b_dPD = b_dP * b_D
+        b_dAD = b_dA * b_D
+        b_dkb = _dot(b_dAD, b_k, IEEE)
+        b_dq = b_dqg * b_eG[:, None] + _dot(b_dPD, b_k, IEEE)
+        b_dk = (_dot(tl.trans(b_dPD), b_q, IEEE) + _dot(tl.trans(b_dAD), b_kb, IEEE) + b_dkb * b_beta[:, None]
+                + b_dkbg * (b_beta * b_eG)[:, None] + b_dkd * b_tail[:, None])
+        b_dv = b_dvb * b_beta[:, None]
+        b_dbeta = tl.sum(b_dkb * b_k, 1) + tl.sum(b_dkbg * b_k, 1) * b_eG + tl.sum(b_dvb * b_v, 1)
+        # d/dG: through exp(G) (Qg, Kbg), exp(G_L - G) (Kd), D_ij = exp(G_i - G_j) (in P and A), exp(G_L) S
+        b_E = b_dP * b_P + b_dA * b_A
+        b_kd_dot = tl.sum(b_dkd * b_kd, 1)
+        b_dgl = tl.sum(b_kd_dot, 0) + tl.exp(b_gl) * tl.sum(tl.sum(b_dS * b_S, 1), 0)
+        b_dG = (tl.sum(b_dqg * b_q, 1) * b_eG + tl.sum(b_dkbg * b_kbg, 1) - b_kd_dot + tl.sum(b_E, 1)
+                - tl.sum(b_E, 0) + tl.where(last, b_dgl, 0.0))
+        b_dg = tl.cumsum(b_dG, 0, reverse=True)  # G = cumsum(g)
+        # gradient of the chunk-start state, carried to the previous chunk
+        b_dS = (_dot(tl.trans(b_q * b_eG[:, None]), b_do, IEEE) * scale + tl.exp(b_gl) * b_dS
+                - _dot(tl.trans(b_w), b_du, IEEE))
+        tk_offs = (part * T + offs_tt[:, None]) * K + offs_k[None, :]
+        tl.store(dq_ptr + tk_offs, b_dq, mask=mask_tk)
+        tl.store(dk_ptr + tk_offs, b_dk, mask=mask_tk)
+        tl.store(dg_ptr + part * T + offs_tt, b_dg, mask=mask_t)
+        tl.store(dbeta_ptr + part * T + offs_tt, b_dbeta, mask=mask_t)
+        tl.store(dv_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], b_dv, mask=mask_tv)
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_nh * K * V + kv_offs, b_dS, mask=mask_kv)
+
+
 def _check_chunk_args(key_dim: int, value_dim: int, chunk_size, block_v) -> tuple[int, int, int]:
     """``(BT, BK, BV)``; ``tl.dot`` needs every dimension ``>= 16``, so ``K`` and ``V`` are padded (masked)."""
     if key_dim > 256 or value_dim > 256:
@@ -129,10 +238,15 @@ def _check_chunk_args(key_dim: int, value_dim: int, chunk_size, block_v) -> tupl
         raise ValueError(f"`chunk_size` of the chunked Triton kernel must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     bk = max(16, triton.next_power_of_2(key_dim))
     if block_v is None:
-        block_v = min(max(16, triton.next_power_of_2(value_dim)), 64)
+        block_v = min(max(16, triton.next_power_of_2(value_dim)), 64 if bk <= 64 else 32)
     if isinstance(block_v, bool) or block_v not in (16, 32, 64, 128, 256):
         raise ValueError(f"`block_v` must be a power of two in [16, 256] or None, got {block_v!r}")
     return chunk_size, bk, block_v
+
+
+def _num_warps(bt: int, bk: int) -> int:
+    """More warps for the larger tiles (the backward holds a dozen ``[BT, BK]`` tiles); not tuned on a GPU."""
+    return 4 if bt * bk <= 64 * 64 else 8
 
 
 class _ChunkGatedDeltaFunction(torch.autograd.Function):
@@ -155,29 +269,37 @@ class _ChunkGatedDeltaFunction(torch.autograd.Function):
             q, k, v, g, beta, h0, o, ht, ckpt, seq, chunks, scale,
             K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv,
             USE_H0=initial_state is not None, STORE_HT=output_final_state, STORE_CKPT=need_grad, IEEE=ieee,
+            num_warps=_num_warps(bt, bk),
         )
         if need_grad:
-            ctx.save_for_backward(q, k, v, g, beta, initial_state)
-            ctx.meta = (scale, bt)
+            ctx.save_for_backward(q, k, v, g, beta, ckpt)
+            ctx.meta = (scale, bt, bk, bv, initial_state.dtype if initial_state is not None else None)
+            ctx.ieee = ieee
         return o, (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        # Recomputation through the torch chunk path (autograd), until the backward kernel lands.
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
-        scale, bt = ctx.meta
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta)]
-            h0 = initial_state.detach().requires_grad_(True) if initial_state is not None else None
-            o, ht = chunk_gated_delta_rule_torch(*leaves, scale, h0, True, bt)
-            outputs, grads_out = [o], [do]
-            if dht is not None:
-                outputs.append(ht)
-                grads_out.append(dht)
-            inputs = leaves + ([h0] if h0 is not None else [])
-            grads = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
-        dh0 = grads[5] if h0 is not None else None
-        return (*grads[:5], None, dh0, None, None, None)
+        q, k, v, g, beta, ckpt = ctx.saved_tensors
+        scale, bt, bk, bv, h0_dtype = ctx.meta
+        batch, heads, seq, key_dim = q.shape
+        value_dim = v.shape[-1]
+        rows, chunks = ckpt.shape[:2]
+        blocks = triton.cdiv(value_dim, bv)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        # dq, dk, dg, dbeta sum over the value columns: one partial per value block, added here
+        dq, dk = torch.empty(blocks, *q.shape, **f32), torch.empty(blocks, *k.shape, **f32)
+        dg, dbeta = torch.empty(blocks, *g.shape, **f32), torch.empty(blocks, *beta.shape, **f32)
+        dv = torch.empty(v.shape, **f32)
+        dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if h0_dtype is not None else dv
+        dht_arg = dht.float().contiguous() if dht is not None else dv
+        _chunk_bwd_kernel[(rows, blocks)](
+            q, k, v, g, beta, ckpt, do.contiguous(), dht_arg, dq, dk, dv, dg, dbeta, dh0, seq, chunks, scale,
+            K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv, USE_DHT=dht is not None, STORE_DH0=h0_dtype is not None,
+            IEEE=ctx.ieee, num_warps=_num_warps(bt, bk),
+        )
+        dq, dk, dg, dbeta = (x[0] if blocks == 1 else x.sum(0) for x in (dq, dk, dg, dbeta))
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None,
+                dh0.to(h0_dtype) if h0_dtype is not None else None, None, None, None)
 
 
 def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
@@ -191,7 +313,8 @@ def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, o
         initial_state: ``[batch, heads, K, V]`` or ``None``.
         output_final_state: also return the final state.
         chunk_size: tokens per chunk ``BT``, one of 16, 32, 64.
-        block_v: value columns per program (power of two in ``[16, 256]``; default ``min(64, V)`` rounded up).
+        block_v: value columns per program (power of two in ``[16, 256]``; default ``V`` rounded up to a power of
+            two ``>= 16``, at most 64, or 32 when ``K > 64``).
 
     Returns:
         ``o [batch, heads, seq, V]`` in ``v``'s dtype and the final state ``[batch, heads, K, V]`` float32 (or None).
