@@ -424,13 +424,14 @@ class InfLLMLayer(CacheLayerMixin):
             )
         index = index.to(self.device)
         batch, q_heads, _ = index.shape
-        unions = [torch.unique(index[row][index[row] >= 0]) for row in range(batch)]  # sorted, per row
-        keys, values, _ = self.store.gather([union.tolist() for union in unions])  # [b, Hkv, U, d]
+        union_ids = _row_union(selected)  # sorted, per row, from the host lists (no device sync per row)
+        keys, values, _ = self.store.gather(union_ids)  # [b, Hkv, U, d]
         kv_heads, dim = keys.shape[1], keys.shape[-1]
         group = q_heads // kv_heads
-        span = max(int(self.store.block_sizes_tensor(row).max()) for row in range(batch))
+        span = self.store.max_block_size()
         slots, oks = [], []
-        for row, union in enumerate(unions):  # loop over rows only
+        for row, ids_of_row in enumerate(union_ids):  # loop over rows only
+            union = torch.tensor(ids_of_row, dtype=torch.long, device=self.device)
             sizes = self.store.block_sizes_tensor(row)  # [n]
             union_sizes = sizes[union]
             where = torch.full_like(sizes, -1)

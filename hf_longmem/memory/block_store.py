@@ -86,6 +86,7 @@ class BlockStore:
         self._blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # [row][block] -> (keys, values) at home
         self._sizes: list[list[int]] = []  # [row][block] -> tokens (kept alongside: read every step)
         self._sizes_tensor: dict[tuple, torch.Tensor] = {}  # (row, device) -> [blocks] int64, built on demand
+        self._max_size: list[int] = []  # [row] -> tokens of the row's largest block (0 without blocks)
         self._resident: list[OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # [row] LRU, oldest first
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}  # pending host->device copies
         self.reprs: torch.Tensor | None = None  # [b, capacity, q_heads, head_dim] on reprs_device
@@ -109,6 +110,13 @@ class BlockStore:
 
     def block_sizes(self, row: int) -> list[int]:
         return list(self._sizes[row])
+
+    def max_block_size(self, row: int | None = None) -> int:
+        """Tokens of the largest block of ``row`` (of any row when ``None``); 0 without blocks. Kept up to date
+        as blocks are added, so reading it costs neither a scan nor a device sync."""
+        if row is not None:
+            return self._max_size[row] if self._max_size else 0
+        return max(self._max_size, default=0)
 
     def block_sizes_tensor(self, row: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[blocks]`` int64 tokens per block of ``row``, on ``device`` (default the compute device; cached until
@@ -138,6 +146,7 @@ class BlockStore:
         if self.batch_size == 0:
             self._blocks = [[] for _ in range(batch)]
             self._sizes = [[] for _ in range(batch)]
+            self._max_size = [0] * batch
             self._resident = [OrderedDict() for _ in range(batch)]
         elif self.batch_size != batch:
             raise ValueError(f"the store holds {self.batch_size} rows, got blocks for {batch}")
@@ -197,6 +206,7 @@ class BlockStore:
                     block_values = self._to_home(values[i, :, start : start + size])
                     self._blocks[row].append((block_keys, block_values))
                     self._sizes[row].append(size)
+                self._max_size[row] = max(self._max_size[row], max(sizes))
         self._append_reprs(reprs, rows)
 
     def _append_reprs(self, reprs: torch.Tensor, rows: list[int]) -> None:
@@ -364,6 +374,7 @@ class BlockStore:
         self._sync()
         self._blocks = [list(self._blocks[i]) for i in index]
         self._sizes = [list(self._sizes[i]) for i in index]
+        self._max_size = [self._max_size[i] for i in index]
         self._sizes_tensor = {}
         self._resident = [OrderedDict(self._resident[i]) for i in index]
         if self.reprs is not None:
@@ -382,6 +393,7 @@ class BlockStore:
     def clear(self) -> None:
         self._sync()
         self._blocks, self._sizes, self._resident, self.reprs, self.loads = [], [], [], None, 0
+        self._max_size = []
         self._sizes_tensor = {}
 
     def memory_parts(self) -> dict[str, tuple[str, int]]:

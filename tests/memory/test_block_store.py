@@ -157,5 +157,10 @@ def test_block_sizes_follow_reorder_and_tensor_view_matches():
     assert store.block_sizes_tensor(1).tolist() == [3, 4, 2]
     store.reorder([1, 1])
     assert store.block_sizes(1) == [3, 4, 2] and store.block_sizes_tensor(0).tolist() == [3, 4, 2]
+    store.add_blocks(keys[:1, :, :6], keys[:1, :, :6].clone(), [6], torch.randn(1, 1, 2, 3), rows=[1])
+    assert [store.max_block_size(0), store.max_block_size(1), store.max_block_size()] == [4, 6, 6]
+    store.reorder([1, 0])
+    assert [store.max_block_size(0), store.max_block_size(1)] == [6, 4]
+    assert copy.deepcopy(store).max_block_size(0) == 6
     store.clear()
-    assert store.batch_size == 0
+    assert store.batch_size == 0 and store.max_block_size() == 0
