@@ -12,9 +12,10 @@ Interface (stable; every architecture uses the same recipe, only its YAML differ
   yet. The model is built with ``AutoModelForCausalLM.from_config`` after ``set_seed(seed)``.
 - ``tasks``: training mixture, ``{task: {weight: w, <option>: value or list}}`` over
   :data:`hf_longmem.evals.recall.RECALL_TASKS` (``mqar``, ``fact_recall``); a list is sampled per batch. The option
-  ``length`` (int or list) overrides ``seq_length`` for that task (a length mixture); ``mqar`` also takes
-  ``num_pairs``, ``num_queries`` and ``query_placement`` (``end``: all queries after the filler; ``spread``:
-  Zoology's random query places, short- and long-range).
+  ``length`` (int or list) overrides ``seq_length`` for that task (a length mixture); ``variants`` (a list of option
+  mappings, one drawn per batch) ties options together, e.g. a length to a number of pairs; ``mqar`` also takes
+  ``num_pairs``, ``num_queries``, ``num_groups`` (keys and values in topic groups) and ``query_placement`` (``end``:
+  all queries after the filler; ``spread``: Zoology's random query places, short- and long-range).
 - ``eval``: ``{num_samples, batch_size, tasks: [{task, length, **options}, ...]}``: teacher-forced answer
   accuracy (:func:`hf_longmem.evals.recall.evaluate_recall`) after training, on seeds disjoint from training.
 - ``publish`` (optional): ``{repo_id, local_root (a folder: offline LocalFolderApi; omit for the Hub), private,
@@ -266,7 +267,7 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
         if step % config.log_every == 0 or step == config.max_steps:
             right, asked = map(sum, zip(*recent_hits))
             row = {
-                "step": step, "loss": round(loss.item(), 4), "aux_loss": None if aux is None else round(float(aux), 4),
+                "step": step, "loss": round(loss.item(), 4), "aux_loss": None if aux is None else round(float(aux.detach()), 4),
                 "train_answer_accuracy": round(right / max(asked, 1), 4), "lr": scheduler.get_last_lr()[0],
                 "elapsed_s": round(time.time() - start, 1),
             }

@@ -88,7 +88,7 @@ def _check(length: int, needed: int, what: str) -> None:
 
 def mqar(
     vocab: RecallVocabulary, length: int, rng: random.Random, *, num_pairs: int = 8, num_queries: int | None = None,
-    query_placement: str = "end",
+    query_placement: str = "end", num_groups: int = 1,
 ) -> RecallSample:
     """One multi-query associative recall sample of exactly ``length`` tokens.
 
@@ -99,8 +99,15 @@ def mqar(
     the filler after the pairs instead, so query distances range from 1 token to the whole gap; it gives short-range
     training signal, while ``"end"`` measures recall across the full gap.
 
+    ``num_groups > 1`` gives the pairs a topic structure: the key pool and the value pool are each cut into
+    ``num_groups`` contiguous groups, pair ``i`` belongs to group ``i % num_groups`` (so the groups are balanced), draws
+    its key and value from that group's pools, and the pairs are shuffled. A key's group is visible from the key
+    token alone, which is what a mixture-of-memories router can use to give each group its own memory.
+    ``num_groups=1`` is plain MQAR (the same samples as before the option existed).
+
     Raises:
-        ValueError: ``num_pairs`` outside ``[1, 64]``, ``num_queries`` outside ``[1, num_pairs]``, an unknown
+        ValueError: ``num_pairs`` outside ``[1, 64]`` (or more pairs of a group than its keys), ``num_queries``
+            outside ``[1, num_pairs]``, ``num_groups`` outside ``[1, number of values]``, an unknown
             ``query_placement``, or ``length`` shorter than the pairs and queries.
     """
     if query_placement not in ("end", "spread"):
@@ -110,9 +117,28 @@ def mqar(
     num_queries = num_pairs if num_queries is None else num_queries
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"num_queries must be in [1, num_pairs={num_pairs}], got {num_queries}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or not 1 <= num_groups <= len(vocab.values):
+        raise ValueError(f"num_groups must be an int in [1, {len(vocab.values)}], got {num_groups!r}")
+    keys_per_group = len(vocab.keys) // num_groups
+    if -(-num_pairs // num_groups) > keys_per_group:
+        raise ValueError(
+            f"num_pairs={num_pairs} needs more than the {keys_per_group} keys of each of the num_groups={num_groups} "
+            "groups"
+        )
     _check(length, 1 + 2 * num_pairs + 2 * num_queries, f"mqar with {num_pairs} pairs")
-    keys = rng.sample(vocab.keys, num_pairs)
-    values = [rng.choice(vocab.values) for _ in keys]
+    if num_groups == 1:
+        keys = rng.sample(vocab.keys, num_pairs)
+        values = [rng.choice(vocab.values) for _ in keys]
+    else:
+        values_per_group = len(vocab.values) // num_groups
+        groups = [i % num_groups for i in range(num_pairs)]
+        rng.shuffle(groups)
+        group_keys = [
+            iter(rng.sample(vocab.keys[g * keys_per_group : (g + 1) * keys_per_group], groups.count(g)))
+            for g in range(num_groups)
+        ]
+        keys = [next(group_keys[g]) for g in groups]
+        values = [rng.choice(vocab.values[g * values_per_group : (g + 1) * values_per_group]) for g in groups]
     pairs = [t for kv in zip(keys, values) for t in kv]
     asked = rng.sample(range(num_pairs), num_queries)
     queries = [t for i in asked for t in (keys[i], values[i])]  # only counted here; laid out below
@@ -220,9 +246,12 @@ class RecallMixture:
     Args:
         tokenizer: a tokenizer of :mod:`hf_longmem.evals.vocab`.
         tasks: task name -> ``{"weight": float, "length": int or list (optional), <generator option>: value or
-            list of values}``; a list is sampled uniformly per batch (each batch holds one task with one option set,
-            so it has one length). ``length`` overrides the ``length`` given to :meth:`batches` for that task (a list
-            of lengths is a length mixture, e.g. short sequences that teach the binding fast next to long ones).
+            list of values, "variants": list of option mappings (optional)}``; a list is sampled uniformly per batch
+            (each batch holds one task with one option set, so it has one length). ``length`` overrides the
+            ``length`` given to :meth:`batches` for that task (a list of lengths is a length mixture, e.g. short
+            sequences that teach the binding fast next to long ones). Options sampled independently cannot tie a
+            length to a number of pairs; ``variants`` can: one mapping is drawn per batch and overrides the task's
+            other options (e.g. ``[{num_pairs: 4, length: 17}, {num_pairs: 32, length: 129}]``).
         seed: stream seed (training seeds never collide with the evaluation seeds of :func:`evaluate_recall`,
             which use string seeds).
     """
@@ -234,7 +263,15 @@ class RecallMixture:
         self.weights = {name: float(spec.get("weight", 1.0)) for name, spec in tasks.items()}
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ValueError(f"task weights must be non-negative with a positive sum, got {self.weights}")
-        self.options = {name: {k: v for k, v in spec.items() if k != "weight"} for name, spec in tasks.items()}
+        self.options = {
+            name: {k: v for k, v in spec.items() if k not in ("weight", "variants")} for name, spec in tasks.items()
+        }
+        self.variants: dict[str, list[dict[str, Any]]] = {}
+        for name, spec in tasks.items():
+            variants = spec.get("variants", [{}])
+            if not isinstance(variants, list) or not variants or not all(isinstance(v, Mapping) for v in variants):
+                raise ValueError(f"tasks[{name!r}]['variants'] must be a non-empty list of mappings, got {variants!r}")
+            self.variants[name] = [dict(v) for v in variants]
         self.vocab = RecallVocabulary(tokenizer)
         self.rng = random.Random(seed)
 
@@ -245,7 +282,9 @@ class RecallMixture:
         names = list(self.weights)
         while True:
             name = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
-            options = {k: self.rng.choice(v) if isinstance(v, list) else v for k, v in self.options[name].items()}
+            variants = self.variants[name]  # drawn only when there is a choice: streams without variants unchanged
+            options = {**self.options[name], **(self.rng.choice(variants) if len(variants) > 1 else variants[0])}
+            options = {k: self.rng.choice(v) if isinstance(v, list) else v for k, v in options.items()}
             size = int(options.pop("length", length))
             yield [RECALL_TASKS[name](self.vocab, size, self.rng, **options) for _ in range(batch_size)]
 

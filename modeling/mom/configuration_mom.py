@@ -23,6 +23,9 @@ class MomConfig(RemoteCodeMixin, PretrainedConfig):
         vocab_size, hidden_size, num_hidden_layers: the usual.
         num_heads: heads per memory; head_dim: key width ``K`` per head; expand_v: value width ``V = K * expand_v``.
         num_memories: routed memories ``M``; topk: memories per token; shared_mem: add a memory every token updates.
+        norm_topk_prob: renormalise the chosen memories' router probabilities to sum to 1 (the official code).
+            ``False`` mixes the reads by the probabilities themselves, which gives a ``topk=1`` router a gradient
+            from the language-model loss (renormalised top-1 weights are constant 1).
         conv_size: short causal depthwise conv on q/k/v (run over each memory's own token stream, as in the official
             code); at least 2.
         use_output_gate: gated RMSNorm on the mixed memory output (``norm(o) * silu(x W_g)``), else plain RMSNorm.
@@ -47,6 +50,7 @@ class MomConfig(RemoteCodeMixin, PretrainedConfig):
         num_memories: int = 4,
         topk: int = 2,
         shared_mem: bool = True,
+        norm_topk_prob: bool = True,
         conv_size: int = 4,
         use_output_gate: bool = True,
         hidden_ratio: int | None = 4,
@@ -90,6 +94,7 @@ class MomConfig(RemoteCodeMixin, PretrainedConfig):
         self.num_memories = num_memories
         self.topk = topk
         self.shared_mem = bool(shared_mem)
+        self.norm_topk_prob = bool(norm_topk_prob)
         self.conv_size = conv_size
         self.use_output_gate = bool(use_output_gate)
         self.hidden_ratio = hidden_ratio

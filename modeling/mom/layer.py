@@ -3,7 +3,8 @@
 Per layer (``x [batch, seq, D]``, ``H`` heads, key width ``K``, value width ``V``, ``M`` routed memories and
 ``M' = M + shared_mem`` memories with a state):
 
-1. router: ``softmax(x W_g)``, top-k memories, weights renormalised; the shared memory is one more slot with weight 1;
+1. router: ``softmax(x W_g)``, top-k memories, weights renormalised (unless ``norm_topk_prob=False``); the shared
+   memory is one more slot with weight 1;
 2. memory ``m`` sees only its routed tokens, in order: ``q = x W_q`` (shared), ``k = x W_k^m``, ``v = x W_v^m``, each
    through the short causal conv + SiLU over that memory's token stream, then ``q, k`` L2-normalised;
    ``beta = sigmoid(x W_b^m)``, ``g = -exp(A_log) * softplus(x W_a^m + dt_bias)``;
@@ -61,7 +62,7 @@ class MomMixer(nn.Module):
         hidden = config.hidden_size
         self.key_width = self.num_heads * self.head_dim
         self.value_width = self.num_heads * self.value_dim
-        self.router = MomRouter(hidden, config.num_memories, config.topk)
+        self.router = MomRouter(hidden, config.num_memories, config.topk, config.norm_topk_prob)
         self.q_proj = nn.Linear(hidden, self.key_width, bias=False)
         # per memory, rows: [k (H*K) | v (H*V) | beta logits (H) | decay logits (H)]
         self.memory_rows = self.key_width + self.value_width + 2 * self.num_heads

@@ -1,4 +1,4 @@
-"""MoM router (top-k of softmax, renormalised) and the Switch-style load-balancing loss."""
+"""MoM router (top-k of softmax, renormalised by default) and the Switch-style load-balancing loss."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ from torch import nn
 
 
 class MomRouter(nn.Module):
-    """``softmax(x W_g)`` over ``M`` memories, top-k, weights renormalised to sum to 1 (as in the official code).
+    """``softmax(x W_g)`` over ``M`` memories, top-k; the chosen weights renormalised to sum to 1 (as in the
+    official code) unless ``norm_topk_prob=False``.
+
+    With ``topk=1`` and renormalisation the weight is always 1, so the language-model loss gives the router no
+    gradient (only the load-balancing loss trains it). ``norm_topk_prob=False`` keeps the softmax probabilities as
+    weights (Switch Transformer's gate; transformers' ``norm_topk_prob`` of Qwen-MoE), which trains the router
+    through the output.
 
     Args:
-        hidden_size: ``D``; num_memories: ``M``; topk: ``k``.
+        hidden_size: ``D``; num_memories: ``M``; topk: ``k``; norm_topk_prob: renormalise the top-k weights.
     """
 
-    def __init__(self, hidden_size: int, num_memories: int, topk: int):
+    def __init__(self, hidden_size: int, num_memories: int, topk: int, norm_topk_prob: bool = True):
         super().__init__()
         self.num_memories = num_memories
         self.topk = topk
+        self.norm_topk_prob = norm_topk_prob
         self.gate = nn.Linear(hidden_size, num_memories, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,7 +32,8 @@ class MomRouter(nn.Module):
         logits = self.gate(x)
         probs = logits.float().softmax(-1)
         weights, index = probs.topk(self.topk, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
         return logits, index, weights
 
 

@@ -53,6 +53,27 @@ def test_mqar_spread_queries(tokenizer):
     assert min(first_answers) < 20 and max(first_answers) > 40  # short- and long-range queries
 
 
+def test_mqar_groups(tokenizer):
+    vocab = RecallVocabulary(tokenizer)
+    key_group = {key: i // 16 for i, key in enumerate(vocab.keys)}  # 64 keys -> 4 groups of 16
+    value_group = {value: i // 8 for i, value in enumerate(vocab.values[:32])}  # 34 values -> 4 groups of 8
+    for sample in generate_recall("mqar", vocab, 99, 20, seed=5, num_pairs=48, num_queries=1, num_groups=4):
+        ids = sample.input_ids
+        pairs = list(zip(ids[1:97:2], ids[2:97:2]))
+        assert len({k for k, _ in pairs}) == 48
+        assert all(value in value_group and key_group[key] == value_group[value] for key, value in pairs)
+        assert sorted(key_group[key] for key, _ in pairs) == sorted(list(range(4)) * 12)  # balanced groups
+        (answer,) = [i for i, a in enumerate(sample.answer_mask) if a]
+        assert dict(pairs)[ids[answer - 1]] == ids[answer]
+    plain = generate_recall("mqar", vocab, 40, 3, seed=1, num_pairs=6)
+    assert [s.input_ids for s in plain] == [s.input_ids for s in generate_recall(
+        "mqar", vocab, 40, 3, seed=1, num_pairs=6, num_groups=1)]
+    with pytest.raises(ValueError, match="num_groups"):
+        generate_recall("mqar", vocab, 40, 1, num_pairs=4, num_groups=0)
+    with pytest.raises(ValueError, match="num_groups=3"):
+        generate_recall("mqar", vocab, 200, 1, num_pairs=64, num_groups=3)  # 21 keys per group
+
+
 def test_fact_recall_is_language_with_answers(tokenizer):
     for sample in generate_recall("fact_recall", tokenizer, 120, 6, seed=1, num_facts=3):
         assert len(sample.input_ids) == 120 and sum(sample.answer_mask) == 3
@@ -82,6 +103,12 @@ def test_mixture_stream(tokenizer):
     assert seen == {"mqar", "fact_recall"}
     lengths = RecallMixture(tokenizer, {"mqar": {"num_pairs": 2, "length": [16, 40]}}, 0).batches(2, 96)
     assert {len(s.input_ids) for _ in range(12) for s in next(lengths)} == {16, 40}  # per-task length mixture
+    variants = [{"num_pairs": 2, "length": 9}, {"num_pairs": 6, "length": 25}]
+    tied = RecallMixture(tokenizer, {"mqar": {"num_queries": None, "variants": variants}}, 0).batches(2, 96)
+    shapes = {(len(s.input_ids), sum(s.answer_mask)) for _ in range(12) for s in next(tied)}
+    assert shapes == {(9, 2), (25, 6)}  # length tied to the number of pairs (dense: no filler)
+    with pytest.raises(ValueError, match="variants"):
+        RecallMixture(tokenizer, {"mqar": {"variants": []}}, 0)
 
 
 def test_evaluate_recall_counts_answers(tokenizer):

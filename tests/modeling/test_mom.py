@@ -63,8 +63,9 @@ def test_registered_with_auto_classes():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"shared_mem": False, "topk": 1}, {"num_memories": 1, "topk": 1}],
-    ids=["M4-top2-shared", "M4-top1", "M1"],
+    [{}, {"shared_mem": False, "topk": 1}, {"shared_mem": False, "topk": 1, "norm_topk_prob": False},
+     {"num_memories": 1, "topk": 1}],
+    ids=["M4-top2-shared", "M4-top1", "M4-top1-unnormalised", "M1"],
 )
 def test_full_forward_equals_prefill_plus_decode(overrides):
     """Prefill crosses chunk boundaries (chunk 8, streams > 8 tokens); decoding crosses routing changes."""
@@ -139,6 +140,23 @@ def test_training_step_gradients_and_aux_loss():
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_top1_router_gradient_from_the_output(norm_topk_prob):
+    """Renormalised top-1 weights are constant 1: only ``norm_topk_prob=False`` trains the router through the LM
+    loss (with ``aux_loss_scale=0`` nothing else reaches it)."""
+    model = tiny(shared_mem=False, topk=1, norm_topk_prob=norm_topk_prob, aux_loss_scale=0.0).train()
+    input_ids = ids(2, 20)
+    model(input_ids, labels=input_ids).loss.backward()
+    largest = [float(layer.attn.router.gate.weight.grad.abs().max()) for layer in model.model.layers]
+    if norm_topk_prob:  # d(w / w) / dw = 0 up to rounding
+        assert max(largest) < 1e-6, largest
+    else:
+        assert min(largest) > 1e-3, largest
+    with torch.no_grad():
+        _, _, weights = model.model.layers[0].attn.router(torch.randn(1, 5, 32))
+    assert torch.equal(weights == 1.0, torch.full_like(weights, norm_topk_prob, dtype=torch.bool))
 
 
 def test_layer_matches_mixture_of_memories_spec():
