@@ -656,11 +656,15 @@ class EMLLMCache(LongMemCache):
         self._init_surprise_state()
 
     def memory_parts(self) -> dict[str, tuple[str, int]]:
-        """``{part: (where, bytes)}`` as :meth:`InfLLMCache.memory_parts`, plus ``segmentation`` (surprise history,
-        pending boundary flags, last logits; counted as resident)."""
+        """``{part: (where, bytes)}`` as :meth:`InfLLMCache.memory_parts`, plus ``segmentation`` (surprise history
+        and pending boundary flags, kept in CPU memory: offloaded when the model runs on an accelerator) and
+        ``last_logits`` (the last token's logits, on the compute device)."""
         parts = InfLLMCache.memory_parts(self)
-        extra = (self._history, self._flags, self._last_logits)
-        parts["segmentation"] = ("resident", sum(map(_tensor_bytes, extra)))
+        device = next((layer.device for layer in self.layers if getattr(layer, "device", None) is not None), None)
+        on_accelerator = device is not None and device.type != "cpu"
+        for name, tensors in (("segmentation", (self._history, self._flags)), ("last_logits", (self._last_logits,))):
+            host = all(t is None or t.device.type == "cpu" for t in tensors)
+            parts[name] = ("offloaded" if host and on_accelerator else "resident", sum(map(_tensor_bytes, tensors)))
         return parts
 
     def memory_breakdown(self) -> dict[str, int]:

@@ -141,6 +141,10 @@ def test_long_forward_keeps_the_remainder_bounded():
         warnings.simplefilter("error")
         greedy(model, ids, chunked, max_new_tokens=3)  # generate feeds execution blocks (prefill_chunk_size)
     assert chunked.layers[0].store.num_blocks(0) > 0
+    parts = chunked.memory_parts()  # on a CPU model everything is on the compute device
+    assert parts["segmentation"][0] == parts["last_logits"][0] == "resident"
+    assert parts["segmentation"][1] > 0 and parts["last_logits"][1] == VOCAB * 4
+    assert chunked.memory_breakdown()["resident"] == sum(size for _, size in parts.values())
     cache.close()
     chunked.close()
 
