@@ -10,7 +10,15 @@ Rows (one new query per sequence, ``Hq=32``, ``Hkv=8``, ``d=128``, bf16 by defau
 * ``decode``: :func:`hf_longmem.kernels.decode_attention` (Triton, keys not repeated) vs its torch reference vs
   ``scaled_dot_product_attention(..., enable_gqa=True)``;
 * ``channel``: :func:`hf_longmem.kernels.channel_attention` with ThinK keys keeping ``--keep`` of the channels
-  (default 0.6) vs full-width SDPA over the unpruned keys.
+  (default 0.6) vs full-width SDPA over the unpruned keys;
+* ``gdn_fwd`` / ``gdn_fwd_bwd`` (only with ``--gated-delta``: the first call compiles the backward kernels, which
+  takes minutes): the gated delta rule over ``n`` tokens (``--gdn-heads`` heads, ``K = V = --gdn-head-dim``), forward
+  alone and forward + backward, for the chunked Triton kernel (``triton_chunk``,
+  :func:`hf_longmem.kernels.gated_delta.chunk_gated_delta_rule`), the recurrent Triton kernel
+  (``triton_recurrent``, :func:`~hf_longmem.kernels.gated_delta.fused_recurrent_gated_delta_rule`) and the chunked
+  torch path (``torch_chunk``). Its GB/s counts reading q, k, v and writing o once.
+
+    python benchmarks/kernel_speed.py --gated-delta --batch 1 4 --lengths 4096 16384
 
 Prints a table (median ms, and the effective K/V read bandwidth in GB/s) and writes JSON.
 """
@@ -108,6 +116,47 @@ def _bench_shape(batch: int, n: int, args, device: torch.device, dtype: torch.dt
     return rows
 
 
+def _bench_gated_delta(batch: int, n: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from hf_longmem.kernels.gated_delta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm
+
+    heads, d = args.gdn_heads, args.gdn_head_dim
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+
+    q, k = l2norm(randn(batch, heads, n, d)).to(dtype), l2norm(randn(batch, heads, n, d)).to(dtype)
+    v = randn(batch, heads, n, d).to(dtype)
+    g, beta = F.logsigmoid(randn(batch, heads, n) + 4).to(dtype), torch.sigmoid(randn(batch, heads, n)).to(dtype)
+    do = randn(batch, heads, n, d).to(dtype)
+    ops = {"torch_chunk": lambda *x: chunk_gated_delta_rule(*x, backend="torch")}
+    if device.type == "cuda" and triton_available():
+        ops["triton_chunk"] = lambda *x: chunk_gated_delta_rule(*x, backend="triton")
+        ops["triton_recurrent"] = lambda *x: fused_recurrent_gated_delta_rule(*x, backend="triton")
+        ref = ops["torch_chunk"](q, k, v, g, beta)[0].float()
+        for name in ("triton_chunk", "triton_recurrent"):  # correctness guard before timing
+            err = (ops[name](q, k, v, g, beta)[0].float() - ref).abs().max().item()
+            if err > 5e-2:
+                raise AssertionError(f"gated delta {name} b={batch} n={n}: differs from torch by {err:.3g}")
+
+    def fwd_bwd(op):
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta)]
+        op(*leaves)[0].backward(do)
+
+    elem = torch.finfo(dtype).bits // 8
+    nbytes = 4 * batch * heads * n * d * elem
+    rows = []
+    for provider, op in ops.items():
+        for kind, fn in (("gdn_fwd", lambda op=op: op(q, k, v, g, beta)), ("gdn_fwd_bwd", lambda op=op: fwd_bwd(op))):
+            ms = _time_ms(fn, device, args.warmup, args.iters)
+            rows.append({
+                "op": kind, "provider": provider, "batch": batch, "n": n, "q_heads": heads, "kv_heads": heads,
+                "head_dim": d, "d_keep": d, "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 4),
+                "gb_per_s": round(nbytes / ms / 1e6, 1),
+            })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (GPU default 1 4 8)")
@@ -119,6 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--gated-delta", action="store_true", help="also time the gated delta rule kernels")
+    parser.add_argument("--gdn-heads", type=int, default=8)
+    parser.add_argument("--gdn-head-dim", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/kernel_speed.json"))
     args = parser.parse_args(argv)
 
@@ -136,13 +188,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for batch in args.batch:
         for n in args.lengths:
             rows += _bench_shape(batch, n, args, device, dtype)
+            if args.gated_delta:
+                rows += _bench_gated_delta(batch, n, args, device, dtype)
 
-    header = f"{'op':<8} {'provider':<16} {'b':>3} {'n':>6} {'d_keep':>6} {'ms':>9} {'GB/s':>8}"
+    header = f"{'op':<12} {'provider':<16} {'b':>3} {'n':>6} {'d_keep':>6} {'ms':>9} {'GB/s':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['op']:<8} {r['provider']:<16} {r['batch']:>3} {r['n']:>6} {r['d_keep']:>6} {r['ms']:>9.3f} "
+            f"{r['op']:<12} {r['provider']:<16} {r['batch']:>3} {r['n']:>6} {r['d_keep']:>6} {r['ms']:>9.3f} "
             f"{r['gb_per_s']:>8.1f}"
         )
     report = {

@@ -217,7 +217,15 @@ def test_triton_chunk_dispatch_and_checks():
     o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)
+    # forward alone (no backward to come) keeps 64-token chunks: two chunks, the second a 6-token tail
+    q, k, v, g, beta, h0 = inputs(1, 1, 70, 16, 20, seed=19, strong_decay=True)
+    with torch.no_grad():
+        o, state = triton_chunk_gated_delta_rule(q, k, v, g, beta, 0.3, initial_state=h0, output_final_state=True)
+    o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, 0.3, initial_state=h0,
+                                                        output_final_state=True)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="`chunk_size`"):
         triton_chunk_gated_delta_rule(q, k, v, g, beta, 1.0, chunk_size=24)
     with pytest.raises(ValueError, match="K, V <= 256"):
-        triton_chunk_gated_delta_rule(q, k, v.new_zeros(1, 2, 21, 257), g, beta, 1.0)
+        triton_chunk_gated_delta_rule(q, k, v.new_zeros(1, 1, 70, 257), g, beta, 1.0)

@@ -118,7 +118,9 @@ def chunk_gated_delta_rule(
         initial_state: ``[batch, heads, K, V]`` or ``None``.
         output_final_state: also return the final state.
         chunk_size: tokens per chunk. The Triton kernel takes the largest power of two ``<= chunk_size`` clamped
-            to ``[16, 64]`` (:func:`_triton_chunk_size`); the torch path takes it as given.
+            to ``[16, 64]`` (:func:`_triton_chunk_size`) and lowers it further to fit shared memory (32 when
+            training or ``K > 64``, 16 when ``K > 128``; see ``triton_chunk._tiles``); the torch path takes it as
+            given. The result does not depend on it beyond rounding.
         backend: ``"torch"``, ``"triton"`` or ``None``.
 
     Returns:

@@ -229,24 +229,35 @@ def _chunk_bwd_kernel(
         tl.store(dh0_ptr + i_nh * K * V + kv_offs, b_dS, mask=mask_kv)
 
 
-def _check_chunk_args(key_dim: int, value_dim: int, chunk_size, block_v) -> tuple[int, int, int]:
-    """``(BT, BK, BV)``; ``tl.dot`` needs every dimension ``>= 16``, so ``K`` and ``V`` are padded (masked)."""
+def _tiles(key_dim: int, value_dim: int, chunk_size, block_v, need_grad: bool) -> tuple[int, int, int]:
+    """``(BT, BK, BV)``. ``tl.dot`` needs every dimension ``>= 16``, so ``K`` and ``V`` are padded (masked).
+
+    ``chunk_size`` is an upper bound: ``BT`` and ``BV`` are capped by shared memory, where Triton stages the
+    float32 ``tl.dot`` operands and the transposes. Measured with ``triton.compile`` for sm_90 (Triton 3.9, no GPU
+    needed): the backward holds about ten ``[BT, BT]`` tiles and needs 140-224 KiB at ``BT = 64`` whatever ``K``;
+    with the caps below, TF32 dots (bf16/fp16 inputs) need at most 96 KiB in either kernel (every GPU from sm_80 on,
+    sm_86/89's 99 KiB included) and exact float32 dots 108-132 KiB in the backward (sm_80 / sm_90 only). The caps:
+    ``BT <= 32`` when a backward will run or ``K > 64``, ``BT = 16`` for ``K > 128`` (the forward alone keeps
+    ``BT = 64`` for ``K <= 64``: at most 68 KiB); ``BV <= 64``, 32 for ``K > 64``, 16 for ``K > 128``. The result does
+    not depend on ``BT``. Register use is not tuned on a GPU (ptxas reports spills at these tiles).
+    """
     if key_dim > 256 or value_dim > 256:
         raise ValueError(f"the chunked Triton gated delta kernel holds [K, V] state tiles: K, V <= 256, got K = "
                          f"{key_dim}, V = {value_dim}")
     if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
         raise ValueError(f"`chunk_size` of the chunked Triton kernel must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     bk = max(16, triton.next_power_of_2(key_dim))
+    bt = min(chunk_size, 16 if bk > 128 else 32 if need_grad or bk > 64 else 64)
     if block_v is None:
-        block_v = min(max(16, triton.next_power_of_2(value_dim)), 64 if bk <= 64 else 32)
+        block_v = min(max(16, triton.next_power_of_2(value_dim)), 16 if bk > 128 else 32 if bk > 64 else 64)
     if isinstance(block_v, bool) or block_v not in (16, 32, 64, 128, 256):
         raise ValueError(f"`block_v` must be a power of two in [16, 256] or None, got {block_v!r}")
-    return chunk_size, bk, block_v
+    return bt, bk, block_v
 
 
-def _num_warps(bt: int, bk: int) -> int:
-    """More warps for the larger tiles (the backward holds a dozen ``[BT, BK]`` tiles); not tuned on a GPU."""
-    return 4 if bt * bk <= 64 * 64 else 8
+def _num_warps(bk: int) -> int:
+    """8 warps from ``K = 64`` on (ptxas spills less than with 4); not timed on a GPU."""
+    return 8 if bk >= 64 else 4
 
 
 class _ChunkGatedDeltaFunction(torch.autograd.Function):
@@ -254,11 +265,11 @@ class _ChunkGatedDeltaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, block_v):
         batch, heads, seq, key_dim = q.shape
         value_dim = v.shape[-1]
-        bt, bk, bv = _check_chunk_args(key_dim, value_dim, chunk_size, block_v)
+        need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6))
+        bt, bk, bv = _tiles(key_dim, value_dim, chunk_size, block_v, need_grad)
         rows = batch * heads
         chunks = triton.cdiv(seq, bt)
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-        need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6))
         f32 = dict(dtype=torch.float32, device=q.device)
         o = torch.empty_like(v)
         ht = torch.empty(batch, heads, key_dim, value_dim, **f32) if output_final_state else o
@@ -269,7 +280,7 @@ class _ChunkGatedDeltaFunction(torch.autograd.Function):
             q, k, v, g, beta, h0, o, ht, ckpt, seq, chunks, scale,
             K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv,
             USE_H0=initial_state is not None, STORE_HT=output_final_state, STORE_CKPT=need_grad, IEEE=ieee,
-            num_warps=_num_warps(bt, bk),
+            num_warps=_num_warps(bk),
         )
         if need_grad:
             ctx.save_for_backward(q, k, v, g, beta, ckpt)
@@ -295,7 +306,7 @@ class _ChunkGatedDeltaFunction(torch.autograd.Function):
         _chunk_bwd_kernel[(rows, blocks)](
             q, k, v, g, beta, ckpt, do.contiguous(), dht_arg, dq, dk, dv, dg, dbeta, dh0, seq, chunks, scale,
             K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv, USE_DHT=dht is not None, STORE_DH0=h0_dtype is not None,
-            IEEE=ctx.ieee, num_warps=_num_warps(bt, bk),
+            IEEE=ctx.ieee, num_warps=_num_warps(bk),
         )
         dq, dk, dg, dbeta = (x[0] if blocks == 1 else x.sum(0) for x in (dq, dk, dg, dbeta))
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None,
@@ -312,9 +323,10 @@ def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, o
         scale: output scale (a float).
         initial_state: ``[batch, heads, K, V]`` or ``None``.
         output_final_state: also return the final state.
-        chunk_size: tokens per chunk ``BT``, one of 16, 32, 64.
+        chunk_size: largest chunk ``BT``, one of 16, 32, 64 (the kernel caps it by shared memory, see
+            :func:`_tiles`: 32 when gradients are needed or ``K > 64``, 16 when ``K > 128``).
         block_v: value columns per program (power of two in ``[16, 256]``; default ``V`` rounded up to a power of
-            two ``>= 16``, at most 64, or 32 when ``K > 64``).
+            two ``>= 16``, at most 64, or 32 when ``K > 64``, 16 when ``K > 128``).
 
     Returns:
         ``o [batch, heads, seq, V]`` in ``v``'s dtype and the final state ``[batch, heads, K, V]`` float32 (or None).
