@@ -32,7 +32,8 @@ class MomConfig(RemoteCodeMixin, PretrainedConfig):
         hidden_ratio / intermediate_size: SwiGLU MLP width (``intermediate_size`` wins when given; otherwise
             ``hidden_size * hidden_ratio * 2 / 3`` rounded up to a multiple of 256, as in fla).
         aux_loss_scale: weight of the Switch-style load-balancing loss added to the LM loss (per layer, averaged).
-        chunk_size: tokens per chunk of the chunked gated delta rule (torch path).
+        chunk_size: tokens per chunk of the chunked gated delta rule (the Triton kernel uses at most this, capped to
+            16-64 by its shared memory; the result does not depend on it).
         kernel_backend: ``None`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
     """
 
