@@ -33,7 +33,8 @@ if [ "${TRAIN:-0}" = 1 ] && [ -f recipes/device_train_tiny.sh ]; then
 fi
 
 stamp "kernel tests, compiled"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels -rfE --timeout 200  # chunked gated-delta backward compiles slowly 2>&1 | tail -40
+# 240 s: the chunked gated-delta backward kernel compiles slowly
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels -rfE --timeout 200 2>&1 | tail -40
 stamp "end-to-end parity"
 timeout 150 python3 benchmarks/gpu_check.py --sections parity models --out "$OUT/gpu_parity.json"
 
