@@ -11,7 +11,7 @@ from hf_longmem.kernels.gated_delta import naive_recurrent_mom_gated_delta_rule
 from hf_longmem.modeling.mom import MomCache, MomConfig, MomForCausalLM
 from hf_longmem.modeling.mom.conv import stream_short_conv
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
-from tests.kernels.common import needs_triton
+from tests.kernels.common import DEVICE, needs_triton
 
 VOCAB = 61
 
@@ -164,8 +164,8 @@ def test_top1_router_gradient_from_the_output(norm_topk_prob):
 def test_triton_backend_matches_torch_end_to_end():
     """The model on the Triton kernels (chunked kernel for the packed streams, routed recurrent kernel for decoding;
     run by the interpreter here) equals the torch path: logits, every gradient, and prefill + decode."""
-    ref, tri = tiny().train(), tiny(kernel_backend="triton").train()
-    input_ids = ids(2, 21)
+    ref, tri = tiny().to(DEVICE).train(), tiny(kernel_backend="triton").to(DEVICE).train()
+    input_ids = ids(2, 21).to(DEVICE)
     out_ref, out_tri = ref(input_ids, labels=input_ids), tri(input_ids, labels=input_ids)
     out_ref.loss.backward()
     out_tri.loss.backward()
