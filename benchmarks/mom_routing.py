@@ -3,8 +3,9 @@
 
 For each layer, on ``num_samples`` grouped MQAR samples (:func:`hf_longmem.evals.recall.mqar` with ``num_groups``):
 
-* ``group_purity``: over the key tokens of the pairs, the share routed (top-1 memory) to the memory their group
-  sends most of its keys to; 1.0 means one memory per group, ``1 / M`` an even spread;
+* ``group_purity``: over the key tokens of the pairs, the share routed (top-1 memory) to their group's memory, the
+  groups matched to different memories (the best one-to-one matching, :func:`group_purity`); 1.0 means one memory
+  per group, about ``1 / M`` an even spread or a router that sends every key to one memory;
 * ``pair_shares_memory``: share of pairs whose key and value tokens have a routed memory in common (then that
   memory's short convolution sees the key right before the value, which is how the binding is written).
 
@@ -40,6 +41,30 @@ def no_binding_level(vocab: RecallVocabulary, num_pairs: int, num_groups: int, n
     return total / num_samples
 
 
+def group_purity(memory: torch.Tensor, groups: torch.Tensor, num_memories: int, num_groups: int) -> float:
+    """Share of key tokens routed to their group's memory, each memory serving at most ``ceil(G / M)`` groups.
+
+    The groups are matched to memories one-to-one (when ``G <= M``) by the matching that keeps the most tokens, so
+    a router that sends every key to the same memory scores about ``1 / G``, not 1.0 (taking each group's most
+    frequent memory independently would let all groups claim that one memory).
+
+    Args:
+        memory: ``[...]`` the memory (top-1) each key token is routed to; groups: ``[...]`` its group.
+    """
+    counts = [torch.bincount(memory[groups == g], minlength=num_memories).tolist() for g in range(num_groups)]
+    slots = [m for m in range(num_memories) for _ in range(-(-num_groups // num_memories))]
+    best = {0: 0}  # bitmask of used slots -> most tokens kept by the groups matched so far
+    for row in counts:  # exact matching, dynamic programming over the used slots (G, M are small)
+        step: dict[int, int] = {}
+        for used, kept in best.items():
+            for s, m in enumerate(slots):
+                if not used >> s & 1:
+                    key = used | 1 << s
+                    step[key] = max(step.get(key, -1), kept + row[m])
+        best = step
+    return max(best.values()) / max(memory.numel(), 1)
+
+
 @torch.no_grad()
 def routing_stats(model, vocab: RecallVocabulary, num_pairs: int, num_groups: int, num_samples: int) -> list[dict]:
     samples = generate_recall("mqar", vocab, 1 + 4 * num_pairs, num_samples, seed=7, num_pairs=num_pairs,
@@ -54,13 +79,9 @@ def routing_stats(model, vocab: RecallVocabulary, num_pairs: int, num_groups: in
     for layer, logits in enumerate(out.router_logits):
         chosen = logits.float().topk(topk, dim=-1).indices  # [n, seq, k]
         key_mem, value_mem = chosen[:, key_pos], chosen[:, key_pos + 1]  # [n, pairs, k]
-        first = key_mem[..., 0]
-        pure = 0
-        for g in range(num_groups):
-            counts = torch.bincount(first[groups == g], minlength=logits.shape[-1])
-            pure += int(counts.max())
+        purity = group_purity(key_mem[..., 0], groups, logits.shape[-1], num_groups)
         shares = (key_mem[..., :, None] == value_mem[..., None, :]).any(-1).any(-1)
-        rows.append({"layer": layer, "group_purity": pure / first.numel(), "pair_shares_memory": float(shares.float().mean())})
+        rows.append({"layer": layer, "group_purity": purity, "pair_shares_memory": float(shares.float().mean())})
     return rows
 
 

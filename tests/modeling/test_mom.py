@@ -229,3 +229,16 @@ def test_decode_scaling_benchmark_runs(tmp_path):
                    "--out", str(tmp_path / "scaling.json")])
     assert [row["context_length"] for row in result["rows"]] == [16, 40]
     assert all(row["ms_per_token"] > 0 for row in result["rows"]) and (tmp_path / "scaling.json").exists()
+
+
+def test_routing_benchmark_group_purity_matches_groups_to_distinct_memories():
+    """``benchmarks/mom_routing.py``: 1.0 only when each group has its own memory; a router that sends every key to
+    one memory scores 1 / G (each group's most frequent memory taken independently would give it 1.0)."""
+    from benchmarks.mom_routing import group_purity
+
+    groups = torch.arange(4).repeat_interleave(5)  # 4 groups x 5 keys
+    assert group_purity(torch.tensor([2, 0, 3, 1]).repeat_interleave(5), groups, 4, 4) == 1.0  # a permutation
+    assert group_purity(torch.full((20,), 3), groups, 4, 4) == 0.25  # collapsed onto memory 3
+    mixed = torch.tensor([0, 0, 0, 1, 1] + [0] * 5 + [2] * 5 + [3] * 5)  # groups 0 and 1 both prefer memory 0
+    assert group_purity(mixed, groups, 4, 4) == (2 + 5 + 5 + 5) / 20  # best: g1 -> 0, g0 -> 1 (its 2 keys there)
+    assert group_purity(torch.tensor([0, 1, 0, 1]).repeat_interleave(5), groups, 2, 4) == 1.0  # 2 groups a memory
