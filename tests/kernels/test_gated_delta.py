@@ -229,3 +229,22 @@ def test_triton_chunk_dispatch_and_checks():
         triton_chunk_gated_delta_rule(q, k, v, g, beta, 1.0, chunk_size=24)
     with pytest.raises(ValueError, match="K, V <= 256"):
         triton_chunk_gated_delta_rule(q, k, v.new_zeros(1, 1, 70, 257), g, beta, 1.0)
+
+
+@needs_triton
+def test_triton_chunk_under_no_grad_stores_no_checkpoints(monkeypatch):
+    """Inputs that require grad, run under ``no_grad`` (inference): the forward-only tiles, no checkpoints."""
+    from hf_longmem.kernels.gated_delta import triton_chunk
+
+    asked = []
+    tiles = triton_chunk._tiles
+    monkeypatch.setattr(triton_chunk, "_tiles", lambda *a: asked.append(a[-1]) or tiles(*a))
+    q = torch.randn(1, 1, 20, 16, device=DEVICE, requires_grad=True)
+    k = l2norm(torch.randn(1, 1, 20, 16, device=DEVICE))
+    v = torch.randn(1, 1, 20, 16, device=DEVICE)
+    g, beta = -torch.rand(1, 1, 20, device=DEVICE), torch.rand(1, 1, 20, device=DEVICE)
+    with torch.no_grad():
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, backend="triton")
+    assert not o.requires_grad and asked == [False]
+    chunk_gated_delta_rule(q, k, v, g, beta, backend="triton")[0].sum().backward()
+    assert asked == [False, True] and q.grad is not None

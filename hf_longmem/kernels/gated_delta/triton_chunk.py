@@ -331,5 +331,8 @@ def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, o
     Returns:
         ``o [batch, heads, seq, V]`` in ``v``'s dtype and the final state ``[batch, heads, K, V]`` float32 (or None).
     """
+    if not torch.is_grad_enabled():  # no checkpoints and the forward-only chunk size under no_grad / inference
+        q, k, v, g, beta = (x.detach() for x in (q, k, v, g, beta))
+        initial_state = initial_state.detach() if initial_state is not None else None
     return _ChunkGatedDeltaFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size,
                                           block_v)
