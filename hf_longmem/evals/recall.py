@@ -271,6 +271,8 @@ class RecallMixture:
             variants = spec.get("variants", [{}])
             if not isinstance(variants, list) or not variants or not all(isinstance(v, Mapping) for v in variants):
                 raise ValueError(f"tasks[{name!r}]['variants'] must be a non-empty list of mappings, got {variants!r}")
+            if any({"weight", "variants"} & set(v) for v in variants):
+                raise ValueError(f"tasks[{name!r}]['variants'] entries hold generator options, not weight/variants")
             self.variants[name] = [dict(v) for v in variants]
         self.vocab = RecallVocabulary(tokenizer)
         self.rng = random.Random(seed)

@@ -109,6 +109,8 @@ def test_mixture_stream(tokenizer):
     assert shapes == {(9, 2), (25, 6)}  # length tied to the number of pairs (dense: no filler)
     with pytest.raises(ValueError, match="variants"):
         RecallMixture(tokenizer, {"mqar": {"variants": []}}, 0)
+    with pytest.raises(ValueError, match="weight"):
+        RecallMixture(tokenizer, {"mqar": {"variants": [{"weight": 2.0}]}}, 0)
 
 
 def test_evaluate_recall_counts_answers(tokenizer):
