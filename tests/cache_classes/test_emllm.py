@@ -145,6 +145,9 @@ def test_long_forward_keeps_the_remainder_bounded():
     assert parts["segmentation"][0] == parts["last_logits"][0] == "resident"
     assert parts["segmentation"][1] > 0 and parts["last_logits"][1] == VOCAB * 4
     assert chunked.memory_breakdown()["resident"] == sum(size for _, size in parts.values())
+    for layer in chunked.layers:  # as if the model ran on an accelerator: the CPU-side history is offloaded
+        layer.device = torch.device("cuda")
+    assert chunked.memory_parts()["segmentation"] == ("offloaded", parts["segmentation"][1])
     cache.close()
     chunked.close()
 
