@@ -21,8 +21,8 @@ per-query-head window scores): the query heads of one KV group pick different ke
   one "unit" per row the same way), so rows may hold different numbers of blocks of different sizes. Rows are
   always complete sequences: the caches that use the store refuse left-padded batches.
 
-``memory_bytes()`` splits the bytes held into ``resident`` (on the compute device) and ``offloaded`` (in the CPU
-home); :meth:`memory_parts` names the parts (blocks, LRU copies, representatives) and where each one is. The split
+``memory_breakdown()`` splits the bytes held into ``resident`` (on the compute device) and ``offloaded`` (in the CPU
+home; ``memory_bytes()`` is their sum, as for the caches); :meth:`memory_parts` names the parts (blocks, LRU copies, representatives) and where each one is. The split
 follows the store's roles, not the tensors' devices, so ``offload=True`` on a CPU device reports what would be
 resident on an accelerator.
 """
@@ -411,9 +411,14 @@ class BlockStore:
                                 _nbytes(self.reprs)),
         }  # fmt: skip
 
-    def memory_bytes(self) -> dict[str, int]:
+    def memory_breakdown(self) -> dict[str, int]:
         """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (see :meth:`memory_parts`)."""
         return bytes_by_location(self.memory_parts())
+
+    def memory_bytes(self) -> int:
+        """All bytes the store holds, resident and offloaded (as every cache's ``memory_bytes``; the split is
+        :meth:`memory_breakdown`)."""
+        return sum(self.memory_breakdown().values())
 
     def __deepcopy__(self, memo):
         import copy

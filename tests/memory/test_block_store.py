@@ -61,12 +61,13 @@ def test_memory_bytes_split():
     repr_capacity = 16 * H * D * 4  # the representative buffer grows by doubling from 16 blocks
     plain = BlockStore("cpu", offload=False)
     plain.add_blocks(keys, values, [4, 4], reprs)
-    assert plain.memory_bytes() == {"resident": block_bytes + repr_capacity, "offloaded": 0}
+    assert plain.memory_breakdown() == {"resident": block_bytes + repr_capacity, "offloaded": 0}
+    assert plain.memory_bytes() == block_bytes + repr_capacity
     offloaded = BlockStore("cpu", max_cached_blocks=1, offload=True)
     offloaded.add_blocks(keys, values, [4, 4], reprs)
-    assert offloaded.memory_bytes() == {"resident": repr_capacity, "offloaded": block_bytes}
+    assert offloaded.memory_breakdown() == {"resident": repr_capacity, "offloaded": block_bytes}
     offloaded.gather([[1]])
-    assert offloaded.memory_bytes()["resident"] == repr_capacity + block_bytes // 2
+    assert offloaded.memory_breakdown()["resident"] == repr_capacity + block_bytes // 2
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -88,9 +89,9 @@ def test_topk_scores_representatives_where_they_live(per_head):
     else:
         assert torch.equal(got, naive_block_topk(query.flatten(1), reprs.flatten(2), 5)[0])
     assert host_side.memory_parts()["representatives"] == ("offloaded", 2 * 20 * H * D * 4)  # capacity: 20 blocks
-    assert host_side.memory_bytes()["resident"] == 0  # nothing gathered yet: the LRU is empty
+    assert host_side.memory_breakdown()["resident"] == 0  # nothing gathered yet: the LRU is empty
     host_side.gather([[0], [3]])
-    assert host_side.memory_bytes()["resident"] == (keys.numel() + values.numel()) * 4 // 20  # one block per row
+    assert host_side.memory_breakdown()["resident"] == (keys.numel() + values.numel()) * 4 // 20  # one block per row
 
 
 def test_rows_with_different_blocks_are_padded_and_masked():
