@@ -52,18 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
+# float32 ``a @ b``, exact products when IEEE (TF32 error compounds through T = (I + A)^-1 and the carried state)
+from hf_longmem.kernels.decode_attention.triton import _dot
+
 CHUNK_SIZES = (16, 32, 64)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` in float32; exact float32 products when ``IEEE`` (TF32, the GPU default, breaks float32 parity:
-    its error compounds through ``T = (I + A)^-1`` and the state carried over the chunks)."""
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
 
 
 @triton.jit
