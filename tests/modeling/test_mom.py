@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from hf_longmem.kernels.gated_delta import naive_recurrent_mom_gated_delta_rule
 from hf_longmem.modeling.mom import MomCache, MomConfig, MomForCausalLM
 from hf_longmem.modeling.mom.conv import stream_short_conv
+from tests.helpers.parity import assert_same_training_step
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
 
@@ -166,15 +167,10 @@ def test_triton_backend_matches_torch_end_to_end():
     run by the interpreter here) equals the torch path: logits, every gradient, and prefill + decode."""
     ref, tri = tiny().to(DEVICE).train(), tiny(kernel_backend="triton").to(DEVICE).train()
     input_ids = ids(2, 21).to(DEVICE)
-    out_ref, out_tri = ref(input_ids, labels=input_ids), tri(input_ids, labels=input_ids)
-    out_ref.loss.backward()
-    out_tri.loss.backward()
-    torch.testing.assert_close(out_tri.logits, out_ref.logits, atol=1e-5, rtol=1e-4)
-    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    reference_logits = assert_same_training_step(ref, tri, input_ids, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         incremental = prefill_then_decode(tri.eval(), input_ids, split=17)
-    torch.testing.assert_close(incremental, out_ref.logits.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(incremental, reference_logits, atol=1e-5, rtol=1e-4)
 
 
 def test_layer_matches_mixture_of_memories_spec():

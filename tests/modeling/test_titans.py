@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_longmem.modeling.titans import TitansCache, TitansConfig, TitansForCausalLM
+from tests.helpers.parity import assert_same_training_step
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
 
@@ -54,17 +55,12 @@ def test_triton_memory_matches_torch_end_to_end():
     ref = _model("mac", memory_backend="torch").to(DEVICE).train()
     tri = _model("mac", memory_backend="triton").to(DEVICE).train()
     ids = _ids(length=19).to(DEVICE)
-    out_ref, out_tri = ref(ids, labels=ids), tri(ids, labels=ids)
-    out_ref.loss.backward()
-    out_tri.loss.backward()
-    torch.testing.assert_close(out_tri.logits, out_ref.logits, atol=2e-5, rtol=1e-4)
-    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=name)
+    reference_logits = assert_same_training_step(ref, tri, ids, atol=2e-5, rtol=1e-4)
     tri.eval()
     with torch.no_grad():
         cache = TitansCache(tri.config)
         pieces = [tri(ids[:, :9], cache=cache).logits] + [tri(ids[:, t : t + 1], cache=cache).logits for t in range(9, 19)]
-    torch.testing.assert_close(torch.cat(pieces, 1), out_ref.logits.detach(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(pieces, 1), reference_logits, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
