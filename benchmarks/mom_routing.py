@@ -34,7 +34,7 @@ def no_binding_level(vocab: RecallVocabulary, num_pairs: int, num_groups: int, n
                                   num_queries=1, num_groups=num_groups):  # fmt: skip
         ids = sample.input_ids
         pairs = list(zip(ids[1 : 1 + 2 * num_pairs : 2], ids[2 : 2 + 2 * num_pairs : 2]))
-        group_of = {key: vocab.keys.index(key) // (len(vocab.keys) // num_groups) for key, _ in pairs}
+        group_of = {key: vocab.key_group(key, num_groups) for key, _ in pairs}
         asked = ids[-2]
         distinct = {value for key, value in pairs if group_of[key] == group_of[asked]}
         total += 1.0 / len(distinct)
@@ -73,7 +73,7 @@ def routing_stats(model, vocab: RecallVocabulary, num_pairs: int, num_groups: in
     out = model(input_ids=ids)
     key_pos = torch.arange(1, 1 + 2 * num_pairs, 2)
     keys = ids[:, key_pos]  # [n, pairs]
-    groups = torch.tensor([[vocab.keys.index(int(k)) // (len(vocab.keys) // num_groups) for k in row] for row in keys])
+    groups = torch.tensor([[vocab.key_group(int(k), num_groups) for k in row] for row in keys])
     topk = model.config.topk
     rows = []
     for layer, logits in enumerate(out.router_logits):

@@ -73,6 +73,10 @@ class RecallVocabulary:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def key_group(self, key_id: int, num_groups: int) -> int:
+        """The group of key token ``key_id`` in :func:`mqar` with ``num_groups`` (contiguous slices of the key pool)."""
+        return self.keys.index(key_id) // (len(self.keys) // num_groups)
+
     def filler_tokens(self, rng: random.Random, n: int) -> list[int]:
         """``n`` tokens of filler sentences drawn at random (cut at ``n``)."""
         out: list[int] = []

@@ -63,6 +63,7 @@ def test_mqar_groups(tokenizer):
         assert len({k for k, _ in pairs}) == 48
         assert all(value in value_group and key_group[key] == value_group[value] for key, value in pairs)
         assert sorted(key_group[key] for key, _ in pairs) == sorted(list(range(4)) * 12)  # balanced groups
+        assert all(vocab.key_group(key, 4) == key_group[key] for key, _ in pairs)
         (answer,) = [i for i, a in enumerate(sample.answer_mask) if a]
         assert dict(pairs)[ids[answer - 1]] == ids[answer]
     plain = generate_recall("mqar", vocab, 40, 3, seed=1, num_pairs=6)
