@@ -1,0 +1,139 @@
+"""Train memory-model configs over several seeds in parallel and summarise the evaluation across seeds.
+
+One architecture beating another on a small recall task can be a property of one seed (docs/mom.md, "(c)"), so a
+claim needs several seeds. This runs ``recipes/train_memory_model.py --config C --seed S --output_dir
+<runs>/<name>_seed<S>`` for every config x seed, ``--jobs`` at a time (one torch thread each, on the CPU unless
+``--device-visible``), and writes one JSON with every run's rows plus, per config and evaluation column, the mean,
+the standard error over seeds, and the per-seed accuracies.
+
+    python benchmarks/memory_seed_sweep.py --configs recipes/configs/memory_mom_m4_grouped.yaml \\
+        recipes/configs/memory_mom_m1_grouped.yaml --seeds 0 1 2 3 --jobs 8 \\
+        --out benchmarks/results/memory_recall/mom_grouped_seeds.json
+
+Runs whose ``results.json`` already exists are not retrained (``--retrain`` forces it), so an interrupted sweep
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_name(config: Path) -> str:
+    """``memory_mom_m4_grouped.yaml`` -> ``mom_m4_grouped`` (the recipe's own output-dir naming)."""
+    stem = config.stem
+    return stem[len("memory_"):] if stem.startswith("memory_") else stem
+
+
+def column_label(row: dict) -> str:
+    """One evaluation column: task, context length and the task options (e.g. ``mqar@67 num_pairs=32``)."""
+    options = " ".join(f"{k}={v}" for k, v in sorted(row.get("options", {}).items()) if v is not None)
+    return f"{row['task']}@{row['context_length']} {options}".strip()
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
+    """``{config: {seed: results.json}}`` -> ``{config: {column: {mean, sem, n, per_seed}}}`` (sem = std / sqrt(n),
+    sample std; 0 for one seed)."""
+    summary: dict[str, dict[str, dict]] = {}
+    for name, by_seed in results.items():
+        columns: dict[str, dict[int, float]] = {}
+        for seed, result in sorted(by_seed.items()):
+            for row in result["rows"]:
+                columns.setdefault(column_label(row), {})[seed] = row["accuracy"]
+        summary[name] = {}
+        for label, per_seed in columns.items():
+            values = list(per_seed.values())
+            n = len(values)
+            mean = sum(values) / n
+            var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+            summary[name][label] = {
+                "mean": round(mean, 4), "sem": round(math.sqrt(var / n), 4), "n": n,
+                "per_seed": {str(s): v for s, v in per_seed.items()},
+            }
+    return summary
+
+
+def train_one(config: Path, seed: int, runs: Path, args) -> tuple[Path, int, float]:
+    out_dir = runs / f"{run_name(config)}_seed{seed}"
+    if (out_dir / "results.json").exists() and not args.retrain:
+        return out_dir, 0, 0.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "recipes" / "train_memory_model.py"), "--config", str(config),
+           "--seed", str(seed), "--output_dir", str(out_dir)]
+    if args.max_steps is not None:
+        cmd += ["--max_steps", str(args.max_steps)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    if not args.device_visible:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    start = time.perf_counter()
+    with open(out_dir / "train.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return out_dir, rc, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", type=Path, required=True, help="recipe YAML configs")
+    parser.add_argument("--seeds", nargs="+", type=int, required=True)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/memory"), help="parent of the runs' output dirs")
+    parser.add_argument("--max_steps", type=int, default=None, help="override the configs' max_steps")
+    parser.add_argument("--retrain", action="store_true", help="train again even where results.json exists")
+    parser.add_argument("--device-visible", action="store_true", help="let runs see the GPU (default: CPU only)")
+    parser.add_argument("--out", type=Path, required=True, help="summary JSON")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    for config in args.configs:
+        if not config.is_file():
+            parser.error(f"--configs: no such file {config}")
+        yaml.safe_load(config.read_text())  # fail early on a broken config
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds has duplicates: {args.seeds}")
+
+    jobs = [(config, seed) for seed in args.seeds for config in args.configs]
+    results: dict[str, dict[int, dict]] = {}
+    failed = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(train_one, config, seed, args.runs, args) for config, seed in jobs]
+        for (config, seed), future in zip(jobs, futures):
+            out_dir, rc, seconds = future.result()
+            result_file = out_dir / "results.json"
+            if rc != 0 or not result_file.exists():
+                failed.append(f"{config} seed {seed}: rc={rc}, log {out_dir / 'train.log'}")
+                continue
+            results.setdefault(run_name(config), {})[seed] = json.loads(result_file.read_text())
+            print(f"{run_name(config)} seed {seed}: done ({seconds:.0f} s)", flush=True)
+
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "summary": summarise(results),
+        "runs": {name: {str(s): r for s, r in by_seed.items()} for name, by_seed in results.items()},
+        "failed": failed,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(args.out)
+    for name, columns in report["summary"].items():
+        for label, stats in columns.items():
+            print(f"{name:32s} {label:40s} {stats['mean']:.3f} ± {stats['sem']:.3f} (n={stats['n']})")
+    if failed:
+        print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
