@@ -24,16 +24,15 @@ if [ -n "${SWEEP_CONFIGS:-}" ]; then
 fi
 
 stamp "gated-delta kernel tests, compiled"
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -p no:cacheprovider tests/kernels/test_gated_delta.py -rfE \
-  --timeout 200 2>&1 | tail -30
+timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -p no:cacheprovider tests/kernels/test_gated_delta.py -rfE 2>&1 | tail -30
 stamp "gated-delta kernel speed"
-timeout "${SPEED_TIMEOUT:-150}" python benchmarks/kernel_speed.py --gated-delta --out "$OUT/kernel_speed_gdn.json" \
-  2>&1 | tail -30
+timeout "${SPEED_TIMEOUT:-150}" python benchmarks/kernel_speed.py --gated-delta --batch 1 4 --lengths 4096 16384 \
+  --out "$OUT/kernel_speed_gdn.json" 2>&1 | tail -30
 
 if [ -n "$sweep_pid" ]; then
   stamp "waiting for the sweep"
   wait "$sweep_pid"
   tail -60 /tmp/sweep.log
-  tar -czf "$OUT/sweep_logs.tar.gz" -C /tmp sweep_runs --exclude='*.safetensors' 2>/dev/null
+  tar -czf "$OUT/sweep_logs.tar.gz" --exclude="*.safetensors" -C /tmp sweep_runs 2>/dev/null
 fi
 stamp done
