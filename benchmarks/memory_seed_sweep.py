@@ -66,7 +66,9 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]
 
 
 def train_one(config: Path, seed: int, runs: Path, args) -> tuple[Path, int, float]:
-    out_dir = runs / f"{run_name(config)}_seed{seed}"
+    # an overridden step count gets its own folder: resuming must never mix runs of different lengths
+    suffix = "" if args.max_steps is None else f"_{args.max_steps}steps"
+    out_dir = runs / f"{run_name(config)}_seed{seed}{suffix}"
     if (out_dir / "results.json").exists() and not args.retrain:
         return out_dir, 0, 0.0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, required=True)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--runs", type=Path, default=Path("runs/memory"), help="parent of the runs' output dirs")
-    parser.add_argument("--max_steps", type=int, default=None, help="override the configs' max_steps")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the configs' max_steps")
     parser.add_argument("--retrain", action="store_true", help="train again even where results.json exists")
     parser.add_argument("--device-visible", action="store_true", help="let runs see the GPU (default: CPU only)")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON")

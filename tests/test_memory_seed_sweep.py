@@ -57,6 +57,10 @@ def test_sweep_trains_every_seed_and_resumes(tmp_path):
     stamp = (tmp_path / "runs" / "tiny_seed0" / "results.json").stat().st_mtime_ns
     main(args)  # resumes: nothing retrained
     assert (tmp_path / "runs" / "tiny_seed0" / "results.json").stat().st_mtime_ns == stamp
+    main([*args[:2], "--seeds", "0", *args[5:], "--max-steps", "1"])  # another length: its own folder
+    shorter = json.loads((tmp_path / "runs" / "tiny_seed0_1steps" / "results.json").read_text())
+    assert shorter["meta"]["training_steps"] == 1
+    assert (tmp_path / "runs" / "tiny_seed0" / "results.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize(
