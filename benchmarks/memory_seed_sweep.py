@@ -10,6 +10,11 @@ the standard error over seeds, and the per-seed accuracies.
         recipes/configs/memory_mom_m1_grouped.yaml --seeds 0 1 2 3 --jobs 8 \\
         --out benchmarks/results/memory_recall/mom_grouped_seeds.json
 
+``--compare A B`` (run names, e.g. ``mom_m3_shared_grouped mom_m1_grouped``) adds, per column, the difference of the
+mean accuracies, Welch's t, a two-sided permutation p-value (seeds of A and B relabelled at random, 100,000 times,
+fixed generator) and the chance that a seed of A beats a seed of B. Different seeds of two architectures are
+independent samples, not pairs.
+
 Runs whose ``results.json`` already exists are not retrained (``--retrain`` forces it), so an interrupted sweep
 continues where it stopped.
 """
@@ -65,6 +70,36 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]
     return summary
 
 
+def compare(summary: dict[str, dict[str, dict]], first: str, second: str, permutations: int = 100_000,
+            seed: int = 0) -> dict[str, dict]:
+    """Per column shared by runs ``first`` and ``second``: ``difference`` (mean first - mean second), Welch's ``t``,
+    a two-sided permutation ``p`` (how often relabelling the seeds gives a difference at least as large in size),
+    and ``superiority``, the chance that a seed of first beats a seed of second (Mann-Whitney ``U / (n_a n_b)``, ties
+    count half)."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    out = {}
+    for label in summary[first]:
+        if label not in summary[second]:
+            continue
+        a = np.array(list(summary[first][label]["per_seed"].values()))
+        b = np.array(list(summary[second][label]["per_seed"].values()))
+        difference = a.mean() - b.mean()
+        var = (a.var(ddof=1) / len(a) if len(a) > 1 else 0.0) + (b.var(ddof=1) / len(b) if len(b) > 1 else 0.0)
+        pooled = np.concatenate([a, b])
+        shuffled = generator.permuted(np.broadcast_to(pooled, (permutations, len(pooled))), axis=1)
+        null = shuffled[:, : len(a)].mean(1) - shuffled[:, len(a):].mean(1)
+        out[label] = {
+            "difference": round(float(difference), 4),
+            "welch_t": round(float(difference / np.sqrt(var)), 2) if var > 0 else None,
+            "permutation_p": round(float((np.abs(null) >= abs(difference) - 1e-12).mean()), 4),
+            "superiority": round(float((a[:, None] > b).mean() + 0.5 * (a[:, None] == b).mean()), 3),
+            "n": [len(a), len(b)],
+        }
+    return out
+
+
 def train_one(config: Path, seed: int, runs: Path, args) -> tuple[Path, int, float]:
     # an overridden step count gets its own folder: resuming must never mix runs of different lengths
     suffix = "" if args.max_steps is None else f"_{args.max_steps}steps"
@@ -95,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain", action="store_true", help="train again even where results.json exists")
     parser.add_argument("--device-visible", action="store_true", help="let runs see the GPU (default: CPU only)")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="two run names (config stems without 'memory_') to test A against B per column")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -104,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         yaml.safe_load(config.read_text())  # fail early on a broken config
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has duplicates: {args.seeds}")
+    names = [run_name(config) for config in args.configs]
+    if args.compare and not set(args.compare) <= set(names):
+        parser.error(f"--compare takes two of the configs' run names {names}, got {args.compare}")
 
     jobs = [(config, seed) for seed in args.seeds for config in args.configs]
     results: dict[str, dict[int, dict]] = {}
@@ -125,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         "runs": {name: {str(s): r for s, r in by_seed.items()} for name, by_seed in results.items()},
         "failed": failed,
     }
+    if args.compare and all(name in report["summary"] for name in args.compare):
+        report["compare"] = {"a": args.compare[0], "b": args.compare[1],
+                             "columns": compare(report["summary"], *args.compare)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
@@ -132,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, columns in report["summary"].items():
         for label, stats in columns.items():
             print(f"{name:32s} {label:40s} {stats['mean']:.3f} ± {stats['sem']:.3f} (n={stats['n']})")
+    for label, stats in report.get("compare", {}).get("columns", {}).items():
+        print(f"{args.compare[0]} - {args.compare[1]} {label:40s} {stats['difference']:+.3f}  t={stats['welch_t']}  "
+              f"p={stats['permutation_p']}  P(A>B)={stats['superiority']}")
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
         sys.exit(1)

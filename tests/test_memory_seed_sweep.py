@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from benchmarks.memory_seed_sweep import column_label, main, run_name, summarise
+from benchmarks.memory_seed_sweep import column_label, compare, main, run_name, summarise
 
 
 def _result(accuracies: list[float]) -> dict:
@@ -26,6 +26,19 @@ def test_summary_mean_and_standard_error_per_column():
     assert first["per_seed"] == {"0": 0.7, "1": 0.1, "2": 0.4}
     assert summary["m4"]["mqar@67 num_pairs=32"]["mean"] == pytest.approx(0.4)
     assert summarise({"m1": {5: _result([0.2])}})["m1"]["mqar@35 num_pairs=16"]["sem"] == 0.0
+
+
+def test_compare_separated_and_overlapping_seeds():
+    high = {s: _result([0.8 + 0.01 * s]) for s in range(6)}
+    low = {s: _result([0.2 + 0.01 * s]) for s in range(6)}
+    summary = summarise({"a": high, "b": low, "c": {s: _result([0.2 + 0.01 * (5 - s)]) for s in range(6)}})
+    (separated,) = compare(summary, "a", "b", permutations=20_000).values()
+    assert separated["difference"] == pytest.approx(0.6) and separated["superiority"] == 1.0
+    assert separated["permutation_p"] == pytest.approx(2 / 924, abs=0.003)  # 2 of C(12, 6) labellings this extreme
+    assert separated["n"] == [6, 6] and separated["welch_t"] > 10
+    (same,) = compare(summary, "b", "c", permutations=20_000).values()  # the same values, other seeds
+    assert same["difference"] == pytest.approx(0.0) and same["permutation_p"] == 1.0
+    assert same["superiority"] == 0.5
 
 
 def test_names_follow_the_recipe():
@@ -57,6 +70,8 @@ def test_sweep_trains_every_seed_and_resumes(tmp_path):
     stamp = (tmp_path / "runs" / "tiny_seed0" / "results.json").stat().st_mtime_ns
     main(args)  # resumes: nothing retrained
     assert (tmp_path / "runs" / "tiny_seed0" / "results.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit):  # --compare names runs of the sweep
+        main([*args, "--compare", "tiny", "other"])
     main([*args[:2], "--seeds", "0", *args[5:], "--max-steps", "1"])  # another length: its own folder
     shorter = json.loads((tmp_path / "runs" / "tiny_seed0_1steps" / "results.json").read_text())
     assert shorter["meta"]["training_steps"] == 1
