@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "summary": summarise(results),
-        "runs": {name: {str(s): r for s, r in by_seed.items()} for name, by_seed in results.items()},
+        # each run's meta and evaluation rows (its training history stays in its own results.json)
+        "runs": {name: {str(s): {"meta": r["meta"], "rows": r["rows"]} for s, r in by_seed.items()}
+                 for name, by_seed in results.items()},
         "failed": failed,
     }
     if args.compare and all(name in report["summary"] for name in args.compare):
