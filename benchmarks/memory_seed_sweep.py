@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has duplicates: {args.seeds}")
     names = [run_name(config) for config in args.configs]
+    if len(set(names)) != len(names):
+        parser.error(f"--configs must have distinct file names (they name the runs' folders), got {names}")
     if args.compare and not set(args.compare) <= set(names):
         parser.error(f"--compare takes two of the configs' run names {names}, got {args.compare}")
 

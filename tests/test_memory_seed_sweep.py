@@ -81,10 +81,14 @@ def test_sweep_trains_every_seed_and_resumes(tmp_path):
 @pytest.mark.parametrize(
     ("config_name", "extra", "message"),
     [("missing.yaml", [], "--configs: no such file"), ("ok.yaml", ["--seeds", "0", "0"], "--seeds has duplicates"),
-     ("ok.yaml", ["--jobs", "0"], "--jobs must be >= 1")],
+     ("ok.yaml", ["--jobs", "0"], "--jobs must be >= 1"),
+     ("ok.yaml", ["--configs", "ok.yaml", "sub/ok.yaml"], "--configs must have distinct file names")],
 )
 def test_bad_arguments_are_named(tmp_path, capsys, config_name, extra, message):
     (tmp_path / "ok.yaml").write_text("max_steps: 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ok.yaml").write_text("max_steps: 1\n")
+    extra = [str(tmp_path / word) if word.endswith(".yaml") else word for word in extra]
     args = ["--configs", str(tmp_path / config_name), "--seeds", "0", "--out", str(tmp_path / "o.json"), *extra]
     with pytest.raises(SystemExit):
         main(args)
