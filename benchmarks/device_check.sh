@@ -5,11 +5,7 @@
 # The machine has torch/triton/transformers of its own and no network: the transformers this package needs travels
 # as a wheel in .whl/ (carried), and the package is used from the checkout (links stand in for package-dir).
 set -u
-OUT=${OUT:-runs/device}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/device.log") 2>&1
-start=$(date +%s)
-stamp() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
+source benchmarks/device_log.sh  # $OUT, device.log, stamp
 
 stamp setup
 source benchmarks/device_env.sh

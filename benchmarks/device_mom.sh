@@ -6,11 +6,7 @@
 # add minutes: the recurrent kernel's backward takes 0.4 s per call at 4k); its 16 cores train a 4,000-step grouped
 # MQAR run in ~6 min (M=1) to over 9 min (3 routed + shared) with 10 runs at once, no faster than one core here.
 set -u
-OUT=${OUT:-runs/device}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/device.log") 2>&1
-start=$(date +%s)
-stamp() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
+source benchmarks/device_log.sh  # $OUT, device.log, stamp
 
 stamp setup
 source benchmarks/device_env.sh
