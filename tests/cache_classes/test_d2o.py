@@ -169,7 +169,11 @@ def test_chunked_prefill_gives_the_same_statistics_and_budgets():
     greedy(model, ids, whole, max_new_tokens=2)
     greedy(model, ids, chunked, max_new_tokens=2, prefill_chunk_size=8)
     for a, b in zip(whole.layers, chunked.layers):
-        torch.testing.assert_close(a.density, b.density)
+        # The column sums are float32 sums over <= 30 queries, in chunks of 8 or at once: each may differ by up to
+        # 30 * 2**-24 relative (the bound for a sum in another order). `density` is a min-max normalised variance of
+        # them; perturbing every sum of this data by that relative amount moves it by at most 3.6e-6 (measured over
+        # 300 random perturbations, all three layers), so 1e-5 bounds the arithmetic. The budgets must be identical.
+        torch.testing.assert_close(a.density, b.density, atol=1e-5, rtol=0)
         assert torch.equal(a.layer_budget, b.layer_budget)
 
 

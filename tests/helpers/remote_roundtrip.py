@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.fresh_process import assert_float32_close, same_threads_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _LOADER = r"""
@@ -33,8 +35,15 @@ json.dump({"model_module": type(model).__module__, "config_module": type(config)
 """
 
 
-def assert_fresh_process_roundtrip(model, folder: Path, input_ids: torch.Tensor, *, atol: float = 1e-5) -> dict:
+def assert_fresh_process_roundtrip(
+    model, folder: Path, input_ids: torch.Tensor, *, sequential_ops: int | None = None
+) -> dict:
     """Save ``model`` to ``folder``, reload it in a fresh process with ``trust_remote_code=True``, compare logits.
+
+    The child runs with this process's thread count; the logits may still differ by a float32 summation order
+    (:func:`~tests.helpers.fresh_process.assert_float32_close`): ``sequential_ops`` dependent dot products (default:
+    twice the model's linear layers, for the attention products between them) as wide as its widest linear layer.
+    Recurrent models pass more (one chain per segment).
 
     Returns:
         ``{"model_module", "config_module"}`` of the classes the fresh process loaded.
@@ -45,7 +54,7 @@ def assert_fresh_process_roundtrip(model, folder: Path, input_ids: torch.Tensor,
     assert "AutoConfig" in config.get("auto_map", {}), "save_pretrained wrote no auto_map for the config"
     ids_file, out_file = folder / "_ids.pt", folder / "_logits.pt"
     torch.save(input_ids, ids_file)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(folder / "_modules")}
+    env = {**same_threads_env(dict(os.environ)), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(folder / "_modules")}
     result = subprocess.run(
         [sys.executable, "-c", _LOADER, str(folder), str(ids_file), str(out_file)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
@@ -54,5 +63,7 @@ def assert_fresh_process_roundtrip(model, folder: Path, input_ids: torch.Tensor,
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
-    torch.testing.assert_close(torch.load(out_file), expected, atol=atol, rtol=1e-4)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    width = max(m.in_features for m in linears)
+    assert_float32_close(torch.load(out_file), expected, sequential_ops=sequential_ops or 2 * len(linears), width=width)
     return json.loads(Path(str(out_file) + ".json").read_text())
