@@ -232,6 +232,7 @@ def run(
     *,
     loss_on: str,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after_steps: int | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any] | None:
@@ -260,7 +261,9 @@ def run(
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     trainer = ContinualTrainer(model, tokenizer, tasks, strategies, trainer_config, accelerator=accelerator)
     start = time.time()
-    results = trainer.train(resume_from="latest" if resume else None, stop_after_steps=stop_after_steps)
+    results = trainer.train(
+        resume_from="latest" if resume else None, stop_after_steps=stop_after_steps, overwrite=overwrite
+    )
     if results is None:
         return None
     results["meta"]["wall_seconds"] = round(time.time() - start, 1)
@@ -287,7 +290,12 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.batch_size=8"
     )
     parser.add_argument("--output_dir", default=None, help="override output_dir")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in output_dir")
+    parser.add_argument(
+        "--resume", action="store_true", help="resume from the newest checkpoint in output_dir (of this same run)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run's files"
+    )
     parser.add_argument("--stop_after_steps", type=int, default=None, help="stop after this many steps (testing)")
     return parser.parse_args(argv)
 
@@ -297,7 +305,11 @@ def main(argv: list[str] | None = None, *, loss_on: str, description: str = "") 
     args = parse_args(argv, description)
     overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_config(args.config, overrides)
-    results = run(config, loss_on=loss_on, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite exclude each other")
+    results = run(
+        config, loss_on=loss_on, resume=args.resume, overwrite=args.overwrite, stop_after_steps=args.stop_after_steps
+    )
     if results is not None and PartialState().is_main_process:
         m = results["metrics"]
         print(

@@ -9,9 +9,13 @@ norms) -> ``accelerator.prepare(model, optimizer)`` -> ``accelerator.backward`` 
 - batches are drawn by :func:`.data.epoch_rows` from ``(seed, task, step)``: the global batch (``batch_size`` rows per
   process) is the same on every process, each takes its contiguous slice; this is the data order a resumed run
   reproduces exactly, so no ``skip_first_batches`` is needed;
-- the position in the stream, the evaluator and every strategy's state are a checkpointed object
-  (``accelerator.register_for_checkpointing``), next to the model, optimizer and RNG states of ``save_state``.
-  Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete.
+- the position in the stream, the evaluator and every strategy's state are saved as JSON + safetensors
+  (:mod:`.state_io`) next to the model, optimizer and RNG states of ``save_state``, never pickled: loading a checkpoint
+  runs no code (accelerate's own files are read with ``weights_only=True``; a checkpoint holding a pickle of custom
+  state is refused). Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete;
+- every checkpoint records the run's fingerprint (:func:`run_fingerprint`: training options, task data, strategies
+  and model layout). A run resumes only a checkpoint of its own fingerprint, and a fresh run refuses an
+  ``output_dir`` that holds checkpoints unless told to overwrite, so runs never mix their checkpoints or metrics.
 
 After each task the accuracy on **all** tasks (seen and future) becomes a row of the accuracy matrix; every
 ``eval_every`` steps the tasks seen so far are evaluated (stability gap). Results go to ``results.json`` and
@@ -21,11 +25,13 @@ After each task the accuracy on **all** tasks (seen and future) becomes a row of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,12 +48,17 @@ from .base import Row, Strategy
 from .data import ContinualTask, collate, epoch_rows, tokenize_task
 from .evaluation import ContinualEvaluator, plot_results, write_json_atomic
 from .schedules import Position, build_schedule
+from .state_io import load_tree, save_tree
 
-__all__ = ["ContinualTrainer", "TrainerConfig", "latest_checkpoint"]
+__all__ = ["ContinualTrainer", "TrainerConfig", "latest_checkpoint", "run_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+#: Name of the trainer-state files (``.json`` + ``.safetensors``) and of the fingerprint file in a checkpoint.
+STATE_STEM, RUN_FILE = "trainer_state", "run.json"
+#: Options that change where and how often results are written, not what is trained.
+_OUTPUT_ONLY_OPTIONS = ("output_dir", "plot", "keep_checkpoints", "checkpoint_every")
 
 
 @dataclass
@@ -127,34 +138,48 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-class _TrainerState:
-    """What ``save_state`` does not cover: position in the stream, evaluator, strategies."""
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
-    def __init__(self, trainer: ContinualTrainer):
-        self.trainer = trainer
 
-    def state_dict(self) -> dict[str, Any]:
-        t = self.trainer
-        return {
-            "global_step": t.global_step,
-            "task_index": t.task_index,
-            "step_in_task": t.step_in_task,
-            "task_done": t.task_done,
-            "evaluator": t.evaluator.state_dict(),
-            "strategies": [s.state_dict() for s in t.strategies],
-            "train_log": t.train_log,
+def run_fingerprint(
+    config: TrainerConfig, tasks: Sequence[ContinualTask], strategies: Sequence[Strategy], model: torch.nn.Module
+) -> dict[str, Any]:
+    """What makes two runs the same run: ``{key: value}``, compared key by key on resume.
+
+    Training options (all but :data:`_OUTPUT_ONLY_OPTIONS`), each task's name and a digest of its token ids, each
+    strategy's name and its scalar options, and the model's class and parameter layout (names, shapes, trainable).
+    Call it before the strategies' ``setup`` (which may change the model).
+    """
+    fingerprint: dict[str, Any] = {
+        f"train.{k}": v for k, v in asdict(config).items() if k not in _OUTPUT_ONLY_OPTIONS
+    }
+    fingerprint = json.loads(json.dumps(fingerprint, default=repr))  # tuples -> lists, as they come back from JSON
+    for i, task in enumerate(tasks):
+        ids = [task.prompt_ids, task.answer_ids, task.eval_prompt_ids, task.eval_answer_ids]
+        fingerprint[f"tasks[{i}]"] = f"{task.name} ({_digest(ids)})"
+    fingerprint["tasks.count"] = len(tasks)
+    for i, strategy in enumerate(strategies):
+        options = {
+            k: v
+            for k, v in sorted(vars(strategy).items())
+            if not k.startswith("_") and isinstance(v, (type(None), bool, int, float, str))
         }
+        fingerprint[f"strategies[{i}]"] = json.loads(json.dumps({"name": strategy.name, **options}))
+    fingerprint["strategies.count"] = len(strategies)
+    layout = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+    fingerprint["model"] = f"{type(model).__name__} ({_digest(layout)})"
+    return fingerprint
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        t = self.trainer
-        t.global_step, t.task_index, t.step_in_task = state["global_step"], state["task_index"], state["step_in_task"]
-        t.task_done = state["task_done"]
-        t.evaluator.load_state_dict(state["evaluator"])
-        if len(state["strategies"]) != len(t.strategies):
-            raise ValueError("the checkpoint was written with a different list of strategies")
-        for s, st in zip(t.strategies, state["strategies"]):
-            s.load_state_dict(st)
-        t.train_log = list(state["train_log"])
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: checkpoint X, now Y"`` for every key whose value differs."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {current.get(k, '(absent)')!r}"
+        for k in keys
+        if saved.get(k, "(absent)") != current.get(k, "(absent)")
+    ]
 
 
 class ContinualTrainer:
@@ -203,6 +228,7 @@ class ContinualTrainer:
         set_seed(self.config.seed)
         self.unwrapped = model
         self.model = model
+        self.fingerprint = run_fingerprint(self.config, self.tasks, self.strategies, model)
         for s in self.strategies:
             s.setup(self)
         self.optimizer = torch.optim.AdamW(
@@ -210,7 +236,6 @@ class ContinualTrainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        self.accelerator.register_for_checkpointing(_TrainerState(self))
         self.needs_hidden_states = any(s.needs_hidden_states for s in self.strategies)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -278,8 +303,32 @@ class ContinualTrainer:
                 stack.enter_context(s.eval_context())
             return self.evaluator.evaluate(self.unwrapped, task_indices, self.accelerator, self.pad_token_id)
 
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What ``save_state`` does not cover: position in the stream, evaluator, strategies (no pickle needed)."""
+        return {
+            "global_step": self.global_step,
+            "task_index": self.task_index,
+            "step_in_task": self.step_in_task,
+            "task_done": self.task_done,
+            "evaluator": self.evaluator.state_dict(),
+            "strategies": [s.state_dict() for s in self.strategies],
+            "train_log": self.train_log,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step, self.task_index = int(state["global_step"]), int(state["task_index"])
+        self.step_in_task, self.task_done = int(state["step_in_task"]), bool(state["task_done"])
+        self.evaluator.load_state_dict(state["evaluator"])
+        if len(state["strategies"]) != len(self.strategies):
+            raise ValueError("the checkpoint was written with a different list of strategies")
+        for s, st in zip(self.strategies, state["strategies"]):
+            s.load_state_dict(st)
+        self.train_log = list(state["train_log"])
+
     def save_checkpoint(self) -> Path:
-        """``save_state`` into ``checkpoints/checkpoint-<step>`` (atomically: written as ``.tmp`` then renamed)."""
+        """``save_state`` into ``checkpoints/checkpoint-<step>`` (atomically: written as ``.tmp`` then renamed),
+        with the trainer state (JSON + safetensors) and the run's fingerprint."""
         root = self.output_dir / "checkpoints"
         final = root / f"checkpoint-{self.global_step}"
         tmp = root / f"checkpoint-{self.global_step}.tmp"
@@ -288,6 +337,9 @@ class ContinualTrainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            save_tree(self.state_dict(), tmp, STATE_STEM)
+            write_json_atomic(tmp / RUN_FILE, {"fingerprint": self.fingerprint})
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -297,6 +349,56 @@ class ContinualTrainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
+
+    def check_checkpoint(self, path: Path) -> None:
+        """Refuses a checkpoint that would need pickle or belongs to another run (``ValueError`` naming why)."""
+        pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+        if pickled:
+            raise ValueError(
+                f"{path} holds pickled state ({', '.join(pickled)}), which hf_longmem no longer loads: unpickling "
+                "can run arbitrary code. It was written by an older version; start the run again with --overwrite"
+            )
+        run_file = path / RUN_FILE
+        if not run_file.is_file():
+            raise ValueError(f"{path} has no {RUN_FILE}: it was not written by this version of the trainer")
+        saved = json.loads(run_file.read_text()).get("fingerprint", {})
+        differences = fingerprint_differences(saved, self.fingerprint)
+        if differences:
+            raise ValueError(
+                f"{path} belongs to another run; differing: " + "; ".join(differences)
+                + ". Resume with the checkpoint's settings, or start over with --overwrite (or another output_dir)"
+            )
+
+    def existing_run_files(self) -> list[Path]:
+        """Files of an earlier run in ``output_dir`` that a fresh run would mix with its own."""
+        found = [self.output_dir / name for name in ("metrics.jsonl", "results.json")]
+        found = [p for p in found if p.exists()]
+        root = self.output_dir / "checkpoints"
+        if root.is_dir():
+            found.extend(sorted(p for p in root.iterdir() if p.name.startswith("checkpoint-")))
+        return found
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drops the ``metrics.jsonl`` rows written after the checkpoint at ``step`` (the resumed run writes them
+        again): rows of later steps, and the task-end row of ``step`` itself (logged after its checkpoint)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if isinstance(row, dict) and (row.get("step", 0) < step or (row.get("step") == step and "task_end" not in row)):
+                kept.append(line)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.jsonl.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -342,12 +444,19 @@ class ContinualTrainer:
         self.last_lr = lr
         return float(loss.detach())
 
-    def train(self, resume_from: str | os.PathLike | None = None, stop_after_steps: int | None = None):
+    def train(
+        self,
+        resume_from: str | os.PathLike | None = None,
+        stop_after_steps: int | None = None,
+        overwrite: bool = False,
+    ):
         """Run (or resume) the stream.
 
         Args:
             resume_from: a checkpoint folder, ``"latest"`` (newest in ``output_dir``; a fresh start if none), or
-                ``None``.
+                ``None``. The checkpoint must be of this run (same fingerprint) and free of pickles.
+            overwrite: a fresh start deletes an earlier run's checkpoints and metrics in ``output_dir`` (without it,
+                a fresh start into such a folder raises ``ValueError``).
             stop_after_steps: stop once ``global_step`` reaches this value (simulates an interrupted run; returns
                 ``None``).
 
@@ -356,13 +465,32 @@ class ContinualTrainer:
         """
         acc = self.accelerator
         resumed = False
+        path = None
         if resume_from is not None:
             path = latest_checkpoint(self.output_dir) if str(resume_from) == "latest" else Path(resume_from)
-            if path is not None:
-                if not Path(path).is_dir():
-                    raise ValueError(f"resume_from must be a checkpoint folder or 'latest', got {resume_from!r}")
-                acc.load_state(str(path))
-                resumed = True
+            if path is not None and not Path(path).is_dir():
+                raise ValueError(f"resume_from must be a checkpoint folder or 'latest', got {resume_from!r}")
+        if path is None:
+            earlier = self.existing_run_files()
+            if earlier and not overwrite:
+                raise ValueError(
+                    f"{self.output_dir} holds another run's files ({', '.join(p.name for p in earlier[:4])}): "
+                    "pass --resume to continue it, --overwrite to replace it, or choose another output_dir"
+                )
+            acc.wait_for_everyone()
+            if earlier and acc.is_main_process:
+                for p in earlier:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            acc.wait_for_everyone()
+        else:
+            path = Path(path)
+            self.check_checkpoint(path)
+            acc.load_state(str(path), load_kwargs={"weights_only": True})
+            self.load_state_dict(load_tree(path, STATE_STEM))
+            acc.wait_for_everyone()
+            self.truncate_metrics(self.global_step)
+            acc.wait_for_everyone()
+            resumed = True
         start = time.time()
         if not resumed:
             self.evaluator.record_initial(self.evaluate(range(len(self.tasks))))

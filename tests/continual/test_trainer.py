@@ -49,8 +49,72 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(tmp_path, lora):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6.tmp"]
     resumed = trainer(tmp_path / "b").train(resume_from="latest")
     assert _comparable(resumed) == _comparable(full)
+    # the rows logged after checkpoint-4 by the killed run are not repeated
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
     assert len(full["accuracy_matrix"]) == 3
     assert lora or (tmp_path / "a" / "stability_gap.png").stat().st_size > 0
+
+
+def _killed_run(out, **config):
+    options = dict(checkpoint_every=2, keep_checkpoints=2, plot=False)
+    options.update(config)
+    assert make_trainer([build_strategy(s) for s in STACK], tmp_path=out, **options).train(stop_after_steps=5) is None
+    return latest_checkpoint(out)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    checkpoint = _killed_run(tmp_path, learning_rate=1e-2)
+    other = make_trainer([build_strategy(s) for s in STACK], tmp_path=tmp_path, learning_rate=5e-2, plot=False)
+    with pytest.raises(ValueError, match=r"another run.*train\.learning_rate: checkpoint 0\.01, now 0\.05"):
+        other.train(resume_from="latest")
+    fewer = make_trainer([build_strategy(s) for s in STACK[:2]], tmp_path=tmp_path, plot=False)
+    with pytest.raises(ValueError, match=r"strategies\.count"):
+        fewer.train(resume_from=checkpoint)
+    assert latest_checkpoint(tmp_path) == checkpoint  # nothing was pruned or replaced
+
+
+def test_fresh_run_into_a_used_folder_needs_overwrite(tmp_path):
+    _killed_run(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    fresh = make_trainer([build_strategy(s) for s in STACK], tmp_path=tmp_path, learning_rate=5e-2, plot=False)
+    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+        fresh.train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    results = fresh.train(overwrite=True)
+    assert results["meta"]["config"]["learning_rate"] == 5e-2
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # one run's rows only
+
+
+class _RunsCode:
+    """Unpickling this creates a marker file: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_never_unpickles(tmp_path):
+    import pickle
+
+    import torch
+
+    checkpoint = _killed_run(tmp_path / "run")
+    marker = tmp_path / "code_ran"
+    # accelerate's custom-state file: refused before anything is read
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    trainer = make_trainer([build_strategy(s) for s in STACK], tmp_path=tmp_path / "run", plot=False)
+    with pytest.raises(ValueError, match="pickle"):
+        trainer.train(resume_from="latest")
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    # optimizer state is read with weights_only=True: a crafted file fails to load instead of running
+    torch.save({"state": _RunsCode(marker)}, checkpoint / "optimizer.bin")
+    with pytest.raises(pickle.UnpicklingError):
+        trainer.train(resume_from="latest")
+    assert not marker.exists()
 
 
 def test_trainer_bad_arguments(tmp_path):
