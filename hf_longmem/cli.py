@@ -244,6 +244,8 @@ def _resolve_device(device: str | None):
         resolved = torch.device(device)
     except RuntimeError:
         raise CLIError(f"--device {device!r} is not a torch device") from None
+    if resolved.type == "meta":
+        raise CLIError("--device meta holds no data and cannot run a model; use cpu or cuda")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device!r}: CUDA is not available on this machine")
     return resolved
@@ -358,7 +360,7 @@ def _task_options(tasks: Sequence[str], raw: Sequence[str]) -> dict[str, dict[st
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from hf_longmem import available_caches, make_cache
-    from hf_longmem.evals.report import collect_meta, format_table, plot, save_results
+    from hf_longmem.evals.report import collect_meta, format_table, plot
     from hf_longmem.evals.runner import run_benchmark
     from hf_longmem.evals.tasks import TASKS
 
@@ -366,8 +368,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown_tasks:
         raise CLIError(f"unknown task(s) {', '.join(map(repr, unknown_tasks))}; available: {', '.join(TASKS)}")
     task_options = _task_options(args.tasks, args.task_option)
-    if args.out and Path(args.out).exists() and not Path(args.out).is_file():
-        raise CLIError(f"--out {args.out!r} exists and is not a regular file")
+    _check_output(args.out, "--out")
+    if args.plot:
+        _check_plot_path(args.plot)
     bad_lengths = [n for n in args.lengths if n < 1]
     if bad_lengths:
         raise CLIError(f"--lengths must be positive, got {bad_lengths}")
@@ -383,8 +386,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ratio = args.budget_ratio if args.budget is None else None
     if ratio is None and args.budget is None:
         ratio = DEFAULT_BUDGET_RATIO
-    if args.plot:
-        _require_matplotlib()
 
     def options_for(name: str):
         # The budget maps onto each method's own options (registry `options_for_budget`); --cache-option wins.
@@ -403,9 +404,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 opts = options(length) if callable(options) else options
                 make_cache(name, model, **opts)
             except (ValueError, TypeError) as error:
-                if args.caches is not None:
+                if args.caches is not None or fixed[name]:
                     raise CLIError(f"bad options {opts} for cache {name!r} at length {length}: {error}") from None
-                # Implicit "every cache": one that cannot run with these options (or on this model) is skipped.
+                # Implicit "every cache", no option given for it: one that cannot run on this model is skipped.
                 print(f"{PROG}: warning: skipping cache {name!r} (options {opts}, length {length}): {error}",
                       file=sys.stderr)  # fmt: skip
                 del caches[name]
@@ -420,25 +421,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CLIError(f"task {task!r} at length {min(args.lengths)}: {error}") from None
     records: list[dict[str, Any]] | None = [] if args.records else None
+    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    rows = run_benchmark(
-        model, tokenizer, task_options, args.lengths, caches, num_samples=args.num_samples, seed=args.seed,
-        fidelity=args.fidelity, mode=None if args.mode == "auto" else args.mode, batch_size=args.batch_size,
-        model_name=model_name, records=records, progress=not args.no_progress,
-    )  # fmt: skip
+
+    def meta(**extra):
+        return collect_meta(
+            model_name=model_name, device=str(model.device), seed=args.seed, tasks=task_options, lengths=args.lengths,
+            budget=args.budget, budget_ratio=ratio, num_samples=args.num_samples, fidelity=args.fidelity,
+            wall_time_s=round(time.perf_counter() - start, 3), **extra,
+        )  # fmt: skip
+
+    try:
+        run_benchmark(
+            model, tokenizer, task_options, args.lengths, caches, num_samples=args.num_samples, seed=args.seed,
+            fidelity=args.fidelity, mode=None if args.mode == "auto" else args.mode, batch_size=args.batch_size,
+            model_name=model_name, records=records, progress=not args.no_progress, completed_rows=rows,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        target = args.out or f"hf-longmem-bench-{time.strftime('%Y%m%d-%H%M%S')}.partial.json"
+        where = _save_rows(target, rows, meta(interrupted=True), records) if rows else None
+        kept = f"{len(rows)} finished rows saved to {where}" if where else "no row had finished"
+        print(f"\n{PROG}: interrupted; {kept}", file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     print(f"\n{len(rows)} rows in {elapsed:.1f} s; model: {model_name}; device: {model.device}")
     if args.out:
-        meta = collect_meta(
-            model_name=model_name, device=str(model.device), seed=args.seed, tasks=task_options, lengths=args.lengths,
-            budget=args.budget, budget_ratio=ratio, num_samples=args.num_samples, fidelity=args.fidelity,
-            wall_time_s=round(elapsed, 3),
-        )  # fmt: skip
-        print(f"results: {save_results(args.out, rows, meta, records)}")
+        print(f"results: {_save_rows(args.out, rows, meta(), records)}")
     if args.plot:
-        print(f"plot: {plot(rows, args.plot)}")
+        try:
+            print(f"plot: {plot(rows, args.plot)}")
+        except OSError as error:
+            raise CLIError(f"--plot {args.plot!r} could not be written ({error}); the rows are printed above") from None
     return 0
+
+
+def _save_rows(path: str, rows, meta, records) -> Path:
+    """Saves the results at ``path``; if that fails after the run, next to it in the temp folder (never lost)."""
+    from hf_longmem.evals.report import save_results
+
+    try:
+        return save_results(path, rows, meta, records)
+    except (OSError, ValueError) as error:
+        import tempfile
+
+        fallback = Path(tempfile.gettempdir()) / f"{Path(path).name or 'results.json'}.{os.getpid()}.json"
+        saved = save_results(fallback, rows, meta, records)
+        print(f"{PROG}: warning: could not write {path!r} ({error}); results saved to {saved}", file=sys.stderr)
+        return saved
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """A results file can be written at ``path`` (checked before any work)."""
+    if not path:
+        return
+    from hf_longmem.files import check_writable
+
+    try:
+        check_writable(path, flag)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+
+
+def _check_plot_path(path: str) -> None:
+    """matplotlib is installed, knows the image format of ``path``'s suffix, and the file can be written."""
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise CLIError(
+            f"--plot {path!r}: unknown image format {suffix or '(no suffix)'!r}; use one of {', '.join(sorted(formats))}"
+        )
+    _check_output(path, "--plot")
 
 
 def _require_matplotlib() -> None:
@@ -462,9 +518,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = sys.stdin.read()
     else:
         path = Path(args.prompt_file)
+        if path.is_dir():
+            raise CLIError(f"--prompt-file {str(path)!r} is a folder, not a text file")
         if not path.is_file():
             raise CLIError(f"--prompt-file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CLIError(f"--prompt-file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not text:
         raise CLIError("the prompt is empty")
     from transformers.utils import logging as hf_logging

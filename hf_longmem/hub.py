@@ -47,6 +47,7 @@ from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
 from hf_longmem.evals.report import format_bytes
+from hf_longmem.files import atomic_write_bytes
 
 __all__ = [
     "HarnessResults",
@@ -789,7 +790,7 @@ class LocalFolderApi:
             )
         dst = repo_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(dst, data)
+        atomic_write_bytes(dst, data)
         return str(dst)
 
     @staticmethod
@@ -816,19 +817,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _atomic_write_bytes(dst: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -135,11 +135,97 @@ def test_help_subprocess():
 
 def test_bench_skips_caches_that_cannot_run_when_none_are_named(model_dir, capsys):
     args = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
-            "--no-progress", "--budget", "64", "--cache-option", "streaming.sink_size=100"]  # fmt: skip
-    assert main(args) == 0
+            "--no-progress", "--budget", "4"]  # fmt: skip
+    assert main(args) == 0  # streaming's budget must exceed its 4 sink tokens: that cache is skipped, with a warning
     captured = capsys.readouterr()
     assert "skipping cache 'streaming'" in captured.err
     assert "streaming(" not in captured.out and "full" in captured.out
+
+
+def test_explicit_cache_options_are_never_downgraded_to_warnings(model_dir, capsys):
+    base = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
+            "--no-progress"]  # fmt: skip
+    assert main([*base, "--cache-option", "budget=-1"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert main([*base, "--budget", "64", "--cache-option", "streaming.sink_size=100"]) == 2
+    assert "sink_size" in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    import hf_longmem.cli as cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the benchmark ran although an output cannot be written")
+
+    monkeypatch.setattr(cli, "load_model", no_work)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    args = _bench_args(model_dir, "--caches", "full")
+    assert main([*args, "--out", str(blocker / "results.json")]) == 2  # parent is a file
+    assert "not a folder" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path)]) == 2  # a folder
+    assert "is a folder" in capsys.readouterr().err
+    assert main([*args, "--plot", str(tmp_path / "plot.unknownformat")]) == 2
+    assert "unknown image format" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main([*args, "--out", str(locked / "results.json")]) == 2
+        assert "cannot be written" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_finished_rows(model_dir, tmp_path, capsys, monkeypatch):
+    import hf_longmem.evals.runner as runner
+
+    real_evaluate, calls = runner.evaluate, []
+
+    def interrupt_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", interrupt_third)
+    out = tmp_path / "partial.json"
+    assert main(_bench_args(model_dir, "--caches", "full,streaming", "--budget", "64", "--out", str(out))) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; 2 finished rows saved to" in err and "Traceback" not in err
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == 2 and saved["meta"]["interrupted"] is True
+
+
+def test_result_files_respect_the_umask(tmp_path):
+    from hf_longmem.evals.report import save_results
+
+    old = os.umask(0o022)
+    try:
+        path = save_results(tmp_path / "r.json", [{"task": "t", "accuracy": 1.0}])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_bad_inputs_give_one_line_errors(model_dir, tmp_path, capsys):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert main(["generate", "--model", model_dir, "--prompt-file", str(latin)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir, "--prompt-file", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir, "--device", "meta", "--prompt", "x"]) == 2
+    assert "meta" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    for content, match in [
+        ({"rows": [1, "x", None]}, "row 0 must be an object"),
+        ({"rows": [{"task": "t", "accuracy": "high"}]}, "non-numeric 'accuracy'"),
+        ({"meta": "notadict", "rows": []}, "'meta' must be an object"),
+    ]:
+        bad = tmp_path / "odd.json"
+        bad.write_text(json.dumps(content))
+        assert main(["report", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_task_options(model_dir, tmp_path, capsys):

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from hf_longmem.files import atomic_write
 
 __all__ = ["load_tree", "save_tree"]
 
@@ -76,21 +77,6 @@ def _hashable(key: Any) -> Any:
     return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
 
 
-def _replace_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_tree(state: Any, folder: str | os.PathLike, stem: str) -> None:
     """Writes ``state`` as ``folder/stem.json`` (+ ``folder/stem.safetensors`` if it holds tensors), atomically."""
     folder = Path(folder)
@@ -98,9 +84,9 @@ def save_tree(state: Any, folder: str | os.PathLike, stem: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, tensors, stem)
     if tensors:
-        _replace_atomically(folder / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
+        atomic_write(folder / f"{stem}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     text = json.dumps({"format": 1, "state": encoded}, allow_nan=False)
-    _replace_atomically(folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / f"{stem}.json", lambda tmp: tmp.write_text(text))
 
 
 def load_tree(folder: str | os.PathLike, stem: str) -> Any:

@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+
+from hf_longmem.files import atomic_write_text
 
 from .base import Row, Strategy
 from .data import ContinualTask, collate, epoch_rows, tokenize_task
@@ -392,13 +393,7 @@ class ContinualTrainer:
                 continue
             if isinstance(row, dict) and (row.get("step", 0) < step or (row.get("step") == step and "task_end" not in row)):
                 kept.append(line)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.jsonl.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write("".join(line + "\n" for line in kept))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,12 @@ def run_edit(args: argparse.Namespace, load_model: Any, error: type[Exception]) 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise error(f"--out {str(out)!r} exists and is not a folder")
+    from hf_longmem.files import check_writable
+
+    try:  # before any edit: a folder that cannot be written is found now, not after the edits
+        check_writable(out / "wise_config.json", "--out")
+    except ValueError as exc:
+        raise error(str(exc)) from None
     config = build_config(args, error)
     model, tokenizer, name = load_model(args)
     try:
@@ -146,7 +153,15 @@ def run_edit(args: argparse.Namespace, load_model: Any, error: type[Exception]) 
     except ValueError as exc:
         raise error(f"edit {len(stats)}: {exc}") from None
     elapsed = time.perf_counter() - start
-    editor.save_pretrained(out, include_edit_log=not args.no_edit_log)
+    try:
+        editor.save_pretrained(out, include_edit_log=not args.no_edit_log)
+    except OSError as exc:  # the edits took time: keep them
+        import tempfile
+
+        fallback = Path(tempfile.mkdtemp(prefix=f"{out.name}-"))
+        editor.save_pretrained(fallback, include_edit_log=not args.no_edit_log)
+        print(f"hf-longmem: warning: could not write {str(out)!r} ({exc}); edits saved to {fallback}", file=sys.stderr)
+        out = fallback
     print(f"{len(stats)} edits ({config.variant}, {editor.target_module}) into {name} in {elapsed:.1f} s "
           f"({elapsed / len(stats):.2f} s/edit); saved to {out}")  # fmt: skip
     if args.evaluate:

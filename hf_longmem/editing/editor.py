@@ -43,10 +43,9 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from hf_longmem.files import atomic_write
 
 from .config import WISEConfig
 from .data import encode_pair, known_text, unrelated_prompts
@@ -336,22 +337,6 @@ class _LowerLayerCache:
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 def _file_digest(path: Path) -> str:
@@ -869,7 +854,7 @@ class WISEEditor:
             raise ValueError(f"save_directory={str(directory)!r} exists and is not a folder.")
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.layer.memory_tensors().items()}
-        _atomic_write(
+        atomic_write(
             directory / MEMORY_NAME,
             lambda p: save_file(tensors, str(p), metadata={"format": "pt", "hf_longmem": FORMAT}),
         )
@@ -877,7 +862,7 @@ class WISEEditor:
                                "sha256": _file_digest(directory / MEMORY_NAME)}}  # fmt: skip
         if include_edit_log:
             text = "".join(json.dumps(entry, default=_json_default) + "\n" for entry in self.edit_log)
-            _atomic_write(directory / EDIT_LOG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+            atomic_write(directory / EDIT_LOG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
             files[EDIT_LOG_NAME] = {"size": (directory / EDIT_LOG_NAME).stat().st_size,
                                     "sha256": _file_digest(directory / EDIT_LOG_NAME)}  # fmt: skip
         elif (directory / EDIT_LOG_NAME).exists():
@@ -903,7 +888,7 @@ class WISEEditor:
             "files": files,
         }
         text = json.dumps(meta, indent=2, default=_json_default) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
 
     @staticmethod
     def _resolve_files(pretrained: str | os.PathLike, token: Any = None) -> Path:

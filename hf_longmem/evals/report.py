@@ -22,11 +22,12 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from hf_longmem.files import atomic_write_text
 
 __all__ = [
     "collect_meta",
@@ -120,18 +121,7 @@ def save_results(
     if records is not None:
         payload["records"] = [dict(r) for r in records]
     text = json.dumps(_finite(payload), indent=2, default=_json_default, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text + "\n")
     return path
 
 
@@ -155,18 +145,38 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
         ValueError: the file is missing, not JSON, or has no ``rows`` list.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"results file {str(path)!r} is a folder; give the JSON file written by `bench --out`")
     if not path.is_file():
         raise ValueError(f"results file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"results file {str(path)!r} is not valid JSON: {error}") from None
     if isinstance(data, list):
         data = {"meta": {}, "rows": data}
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"results file {str(path)!r} must hold {{'meta': ..., 'rows': [...]}}")
     data.setdefault("meta", {})
+    if not isinstance(data["meta"], dict):
+        raise ValueError(f"results file {str(path)!r}: 'meta' must be an object, got {type(data['meta']).__name__}")
+    for index, row in enumerate(data["rows"]):
+        if not isinstance(row, dict):
+            raise ValueError(f"results file {str(path)!r}: row {index} must be an object, got {row!r}")
+        for key in NUMERIC_ROW_KEYS:
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"results file {str(path)!r}: row {index} has a non-numeric {key!r}: {value!r}")
+        if row.get("cache_kwargs") is not None and not isinstance(row["cache_kwargs"], dict):
+            raise ValueError(f"results file {str(path)!r}: row {index} has a 'cache_kwargs' that is not an object")
     return data
+
+
+#: Row fields that must be numbers (or null) for the table and the plot.
+NUMERIC_ROW_KEYS = (
+    "accuracy", "kv_bytes", "prefill_s", "decode_tokens_per_s", "top1_agreement", "kl", "context_length",
+    "num_samples", "peak_memory_bytes",
+)  # fmt: skip
 
 
 def format_bytes(num_bytes: float | None) -> str:

@@ -538,6 +538,7 @@ def run_benchmark(
     task_generator: Callable[..., list[Sample]] | None = None,
     records: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    completed_rows: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy vs KV bytes vs latency (and optionally fidelity) of several caches over tasks and lengths.
 
@@ -562,6 +563,8 @@ def run_benchmark(
             :func:`hf_longmem.evals.tasks.generate_task`.
         records: if given, every per-turn record is appended to it (with ``"model"`` added).
         progress: show tqdm bars.
+        completed_rows: if given, each row is appended to it as soon as it is complete, so that a caller keeps the
+            finished rows when the run is interrupted (Ctrl-C).
 
     Returns:
         One row per (task, length, cache) in that nesting order, with the keys of :data:`ROW_KEYS` (see
@@ -590,7 +593,7 @@ def run_benchmark(
     if task_generator is None:
         from .tasks import generate_task as task_generator
     name = model_name or model_name_of(model)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [] if completed_rows is None else completed_rows
     combos = [(task, length) for task in task_options for length in lengths]
     outer = tqdm(total=len(combos) * len(caches), desc="benchmark", unit="run", disable=not progress)
     for task, length in combos:
