@@ -20,8 +20,7 @@ from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
 from hf_longmem.cache_classes.think import ThinKCache
 from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
-
-__version__ = "0.1.0"
+from hf_longmem.version import __version__  # noqa: F401
 
 register_attention()
 register_cache("full", FullCache, summary="no compression (transformers DynamicCache)")

@@ -21,21 +21,38 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-SHIM_HEADER = '''"""Remote-code shim written by hf_longmem.
+SHIM_HEADER = '''"""Remote-code shim written by hf_longmem {version}.
 
-The implementation lives in the installed ``hf_longmem`` package (``pip install hf-longmem``); this file only
-re-exports its classes so that ``from_pretrained(..., trust_remote_code=True)`` finds them.
+The implementation lives in the installed ``hf_longmem`` package; this file only re-exports its classes so that
+``from_pretrained(..., trust_remote_code=True)`` finds them.
 """
 
 '''
 
+#: Where users are sent when the package is missing.
+INSTALL_URL = "https://github.com/hf-longmem/hf_longmem#install"
+
 
 def shim_source(module_name: str, class_names: Iterable[str]) -> str:
-    """The text of a shim module that re-exports ``class_names`` from ``module_name``."""
+    """The text of a shim module that re-exports ``class_names`` from ``module_name``.
+
+    Without ``hf_longmem`` installed the shim raises an ``ImportError`` naming the version that wrote the checkpoint
+    and where the install instructions are.
+    """
+    from hf_longmem.version import __version__
+
     names = sorted(set(class_names))
     if not names:
         raise ValueError("class_names must name at least one class")
-    return SHIM_HEADER + f"from {module_name} import {', '.join(names)}  # noqa: F401\n"
+    return SHIM_HEADER.format(version=__version__) + (
+        "try:\n"
+        f"    from {module_name} import {', '.join(names)}  # noqa: F401\n"
+        "except ImportError as error:\n"
+        "    raise ImportError(\n"
+        f"        \"this checkpoint was written with hf_longmem {__version__} and needs that package: \"\n"
+        f"        \"pip install 'hf-longmem>={__version__}' (CPU or CUDA torch first: see {INSTALL_URL})\"\n"
+        "    ) from error\n"
+    )
 
 
 def _registered_classes(module_name: str) -> list[str]:
@@ -80,6 +97,11 @@ class RemoteCodeMixin:
     """
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        from hf_longmem.version import __version__
+
+        config = self if isinstance(self, PretrainedConfig) else getattr(self, "config", None)
+        if isinstance(config, PretrainedConfig):  # recorded in config.json, as transformers records its own version
+            config.hf_longmem_version = __version__
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if getattr(type(self), "_auto_class", None) is not None:
             classes: list[type] = [type(self)]
