@@ -133,6 +133,31 @@ def test_help_subprocess():
     assert "examples:" in result.stdout and "--budget-ratio" in result.stdout
 
 
+def test_the_command_parses_and_fails_without_importing_torch():
+    """`hf-longmem --help` and argument errors answer without torch or transformers (they take seconds to import)."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['hf-longmem', *sys.argv[1:]]\n"
+        "from hf_longmem.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
+        "    print('HEAVY', heavy, 'CODE', exit.code)\n"
+    )
+    for args in (["--help"], ["bench", "--help"], ["edit", "--help"], ["bench", "--lengths", "abc"]):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert "HEAVY [] CODE" in result.stdout, (args, result.stdout[-500:], result.stderr[-2000:])
+
+
+def test_public_names_are_the_api_module_names():
+    import hf_longmem
+    from hf_longmem import api
+
+    assert sorted(hf_longmem.__all__) == sorted([*api.__all__, "__version__"])
+    assert all(getattr(hf_longmem, name) is getattr(api, name) for name in api.__all__)
+
+
 def test_bench_skips_caches_that_cannot_run_when_none_are_named(model_dir, capsys):
     args = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
             "--no-progress", "--budget", "4"]  # fmt: skip
