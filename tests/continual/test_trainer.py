@@ -182,3 +182,12 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     assert len(results["accuracy_matrix"]) == 3 and results["history"][-1]["step"] == 6
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-6"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+
+
+def test_shipped_tiny_config_shows_learning_and_forgetting(tmp_path):
+    """The example config learns each task; training on later tasks costs the earlier ones (plain fine-tuning)."""
+    config = load_config(ROOT / "recipes/configs/continual_tiny.yaml", [f"output_dir={tmp_path}", "strategies=[]"])
+    matrix = run(config, loss_on="answer")["accuracy_matrix"]
+    learned = [matrix[t][t] for t in range(len(matrix))]
+    assert min(learned) >= 0.75, matrix  # each task is learned when trained (0 before: facts are random)
+    assert matrix[-1][0] <= learned[0] - 0.5, matrix  # and the first one is largely forgotten by the end
