@@ -7,12 +7,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from hf_longmem.modeling.backbone import BackboneWrapperConfig
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+from hf_longmem.validation import check_int
 
 
 def _check_float(name: str, value: Any, low: float, high: float | None = None, *, open_low: bool = True) -> float:
@@ -22,6 +17,11 @@ def _check_float(name: str, value: Any, low: float, high: float | None = None, *
         bound = f"> {low}" if open_low else f">= {low}"
         raise ValueError(f"{name} must be a number {bound}{'' if high is None else f' and <= {high}'}, got {value!r}")
     return float(value)
+
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    return check_int(name, value, low=low)
 
 
 class CMTConfig(BackboneWrapperConfig):
@@ -64,17 +64,17 @@ class CMTConfig(BackboneWrapperConfig):
     ):
         if not freeze_backbone:
             raise ValueError("freeze_backbone must be True for CMT: the LLM's own weights never change")
-        self.num_memory_tokens = _check_int("num_memory_tokens", num_memory_tokens, 1)
-        self.lora_rank = _check_int("lora_rank", lora_rank, 1)
+        self.num_memory_tokens = _int("num_memory_tokens", num_memory_tokens, 1)
+        self.lora_rank = _int("lora_rank", lora_rank, 1)
         self.lora_alpha = _check_float("lora_alpha", lora_alpha, 0.0)
         targets = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
         if not targets or not all(isinstance(name, str) and name for name in targets):
             raise ValueError(f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}")
         self.lora_target_modules = targets
         self.retrieval_temperature = _check_float("retrieval_temperature", retrieval_temperature, 0.0)
-        self.memory_top_k = _check_int("memory_top_k", memory_top_k, 0)
-        self.max_memories = _check_int("max_memories", max_memories, 1)
-        self.max_document_tokens = _check_int("max_document_tokens", max_document_tokens, 1)
+        self.memory_top_k = _int("memory_top_k", memory_top_k, 0)
+        self.max_memories = _int("max_memories", max_memories, 1)
+        self.max_document_tokens = _int("max_document_tokens", max_document_tokens, 1)
         super().__init__(
             backbone_config=backbone_config,
             backbone_name_or_path=backbone_name_or_path,
@@ -83,4 +83,4 @@ class CMTConfig(BackboneWrapperConfig):
         )
         if retrieval_dim is None and self.backbone_config is not None:
             retrieval_dim = self.backbone_config.hidden_size
-        self.retrieval_dim = None if retrieval_dim is None else _check_int("retrieval_dim", retrieval_dim, 1)
+        self.retrieval_dim = None if retrieval_dim is None else _int("retrieval_dim", retrieval_dim, 1)

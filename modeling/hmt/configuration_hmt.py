@@ -7,15 +7,15 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from hf_longmem.modeling.backbone import BackboneWrapperConfig
+from hf_longmem.validation import check_int
 
 #: LoRA targets of the official recipe (``hmt_src/main.py``) minus ``embed_tokens`` (see :class:`HMTConfig`).
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+
+def _int(name: str, value: Any, low: int) -> int:
+    return check_int(name, value, low=low)
 
 
 class HMTConfig(BackboneWrapperConfig):
@@ -87,25 +87,25 @@ class HMTConfig(BackboneWrapperConfig):
         memory_init_std: float | None = None,
         **kwargs,
     ):
-        self.segment_length = _check_int("segment_length", segment_length, 1)
+        self.segment_length = _int("segment_length", segment_length, 1)
         if isinstance(summary_fraction, bool) or not isinstance(summary_fraction, (int, float)):
             raise ValueError(f"summary_fraction must be a number in (0, 1], got {summary_fraction!r}")
         if not 0 < summary_fraction <= 1:
             raise ValueError(f"summary_fraction must be in (0, 1], got {summary_fraction!r}")
         self.summary_fraction = float(summary_fraction)
-        self.sensory_length = _check_int("sensory_length", sensory_length, 0)
+        self.sensory_length = _int("sensory_length", sensory_length, 0)
         if self.sensory_length > self.segment_length:
             raise ValueError(
                 f"sensory_length ({sensory_length}) must not exceed segment_length ({segment_length}): the sensory "
                 "memory is the tail of one previous segment"
             )
-        self.num_memories = _check_int("num_memories", num_memories, 1)
-        self.num_memory_tokens = _check_int("num_memory_tokens", num_memory_tokens, 1)
-        self.recall_hidden_size = None if recall_hidden_size is None else _check_int(
+        self.num_memories = _int("num_memories", num_memories, 1)
+        self.num_memory_tokens = _int("num_memory_tokens", num_memory_tokens, 1)
+        self.recall_hidden_size = None if recall_hidden_size is None else _int(
             "recall_hidden_size", recall_hidden_size, 1
         )
         self.use_recall = bool(use_recall)
-        self.lora_rank = _check_int("lora_rank", lora_rank, 0)
+        self.lora_rank = _int("lora_rank", lora_rank, 0)
         if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         self.lora_alpha = float(lora_alpha)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
+from hf_longmem.validation import check_choice, check_int, check_optional_int, check_real
 
 VARIANTS = ("mac", "mag", "mal")
 
@@ -68,29 +69,34 @@ class TitansConfig(RemoteCodeMixin, PretrainedConfig):
         eos_token_id: int | None = None,
         **kwargs,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        head_dim = head_dim or hidden_size // num_attention_heads
-        memory_head_dim = memory_head_dim or hidden_size // memory_heads
-        for name, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+        check_choice("variant", variant, VARIANTS)
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
                             ("num_attention_heads", num_attention_heads), ("sliding_window", sliding_window),
                             ("segment_size", segment_size), ("memory_heads", memory_heads),
-                            ("memory_head_dim", memory_head_dim), ("memory_chunk_size", memory_chunk_size),
-                            ("memory_conv_size", memory_conv_size), ("memory_expansion", memory_expansion)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if num_persistent_tokens < 0:
-            raise ValueError(f"num_persistent_tokens must be >= 0, got {num_persistent_tokens}")
-        if memory_depth not in (1, 2):
-            raise ValueError(f"memory_depth must be 1 or 2, got {memory_depth}")
+                            ("memory_chunk_size", memory_chunk_size), ("memory_conv_size", memory_conv_size),
+                            ("memory_expansion", memory_expansion), ("max_position_embeddings", max_position_embeddings)):
+            check_int(name, value, low=1)
+        check_optional_int("head_dim", head_dim, low=1)
+        check_optional_int("memory_head_dim", memory_head_dim, low=1)
+        head_dim = head_dim or hidden_size // num_attention_heads
+        memory_head_dim = memory_head_dim or hidden_size // memory_heads
+        for name, value in (("head_dim", head_dim), ("memory_head_dim", memory_head_dim)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1 (hidden_size / heads is below 1), got {value}")
+        check_int("num_persistent_tokens", num_persistent_tokens, low=0)
+        check_choice("memory_depth", memory_depth, (1, 2))
+        check_real("memory_max_lr", memory_max_lr, low=0.0, strict_low=True)
+        check_real("rope_theta", rope_theta, low=0.0, strict_low=True)
+        check_real("rms_norm_eps", rms_norm_eps, low=0.0, strict_low=True)
         if variant == "mac" and segment_size % memory_chunk_size:
             raise ValueError(
                 f"segment_size ({segment_size}) must be a multiple of memory_chunk_size ({memory_chunk_size}) for MAC"
             )
-        if memory_layers is not None and any(not 0 <= i < num_hidden_layers for i in memory_layers):
+        if memory_layers is not None and any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_hidden_layers for i in memory_layers
+        ):
             raise ValueError(f"memory_layers must index layers in [0, {num_hidden_layers}), got {memory_layers}")
-        if memory_max_lr <= 0:
-            raise ValueError(f"memory_max_lr must be > 0, got {memory_max_lr}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
