@@ -25,10 +25,13 @@ from typing import Any  # noqa: E402
 __all__ = ["build_parser", "main"]
 
 PROG = "hf-longmem"
-DEFAULT_TASKS = ("passkey", "multikey_needle", "variable_tracking")
-DEFAULT_LENGTHS = (256, 512, 1024, 2048)
+# The default run answers "which cache keeps accuracy at which memory" on what the embedded model can do: pass-key
+# retrieval, at lengths where the full cache succeeds (512, 1024: its training length) and where it fails (2048).
+# Multi-key needle and variable tracking are left out: the embedded model scores ~0 on them with any cache.
+DEFAULT_TASKS = ("passkey",)
+DEFAULT_LENGTHS = (512, 1024, 2048)
 DEFAULT_BUDGET_RATIO = 0.25
-DEFAULT_NUM_SAMPLES = 1
+DEFAULT_NUM_SAMPLES = 20
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
@@ -169,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
                        help="task generator option (repeatable), e.g. multikey_needle.num_needles=2")  # fmt: skip
     bench.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES,
-                       help=f"samples per task and length (default: {DEFAULT_NUM_SAMPLES}: a quick demo; raise it for tighter numbers)")  # fmt: skip
+                       help=f"samples per task and length (default: {DEFAULT_NUM_SAMPLES}; the table shows the 95%% interval)")  # fmt: skip
     bench.add_argument("--seed", type=int, default=0, help="task generator seed (default: 0)")
     bench.add_argument("--mode", choices=["auto", "single", "rollback", "append"], default="auto",
                        help="how turns are answered (default: single for one-question tasks, rollback otherwise)")  # fmt: skip

@@ -14,6 +14,7 @@ canonical). :func:`score` looks a metric up by name and :func:`metric_for` picks
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -142,3 +143,20 @@ def score(prediction: str, answers: Sequence[str], metric: str = "exact_match") 
     if metric not in METRICS:
         raise ValueError(f"unknown `metric` {metric!r}; available: {', '.join(METRICS)}")
     return float(METRICS[metric](prediction, answers))
+
+
+def wilson_interval(mean_score: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate ``mean_score`` over ``n`` trials (``z`` for other levels).
+
+    Unlike the normal approximation it stays inside ``[0, 1]`` and is not zero-width at 0 or 1 accuracy: 20 of 20
+    correct gives ``(0.839, 1.0)``. Scores in ``[0, 1]`` that are not 0/1 (partial matches) are treated as that
+    many successes, an approximation that is exact for exact-match tasks.
+    """
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1, got {n}")
+    if not 0.0 <= mean_score <= 1.0:
+        raise ValueError(f"`mean_score` must be in [0, 1], got {mean_score}")
+    denominator = 1 + z * z / n
+    centre = (mean_score + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(mean_score * (1 - mean_score) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -174,8 +174,8 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 #: Row fields that must be numbers (or null) for the table and the plot.
 NUMERIC_ROW_KEYS = (
-    "accuracy", "kv_bytes", "prefill_s", "decode_tokens_per_s", "top1_agreement", "kl", "context_length",
-    "num_samples", "peak_memory_bytes",
+    "accuracy", "accuracy_low", "accuracy_high", "kv_bytes", "prefill_s", "decode_tokens_per_s", "top1_agreement",
+    "kl", "context_length", "num_samples", "num_turns", "peak_memory_bytes",
 )  # fmt: skip
 
 
@@ -211,27 +211,73 @@ def _number(value: Any, fmt: str, scale: float = 1.0) -> str:
     return format(float(value) * scale, fmt)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A plain-text table of benchmark rows, one line per row in the given order.
+def _interval(row: Mapping[str, Any]) -> str:
+    low, high = row.get("accuracy_low"), row.get("accuracy_high")
+    if low is None or high is None:
+        return "-"
+    return f"[{low:.2f}, {high:.2f}]"
 
-    Columns: task, length, cache (with its options), accuracy, KV bytes (human-readable), prefill ms (time to first
-    token), decode tokens/s, then top-1 agreement and KL when any row has them, and the model when rows hold
-    several models.
+
+def full_cache_bytes(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, float]:
+    """``(model, task, length) -> kv_bytes`` of the rows that ran without compression (cache ``full``)."""
+    return {
+        (r.get("model"), r.get("task"), r.get("context_length")): r["kv_bytes"]
+        for r in rows
+        if r.get("cache_name", r.get("cache")) == "full" and r.get("kv_bytes") is not None
+    }
+
+
+def holds_full_cache(row: Mapping[str, Any], full: Mapping[tuple, float]) -> bool:
+    """Whether a compressing cache's row held at least as many bytes as the full cache of the same cell."""
+    if row.get("cache_name", row.get("cache")) == "full" or row.get("kv_bytes") is None:
+        return False
+    reference = full.get((row.get("model"), row.get("task"), row.get("context_length")))
+    return reference is not None and row["kv_bytes"] >= reference
+
+
+#: What each column of :func:`format_table` means (printed under the table).
+COLUMN_LEGEND = {
+    "n": "answers scored (samples x questions)",
+    "accuracy": "mean score of those answers (exact match for passkey)",
+    "95% CI": "Wilson score interval of the accuracy: a difference inside it is not evidence",
+    "KV": "bytes the cache holds at the end of an answer (keys, values and metadata; mean over samples)",
+    "peak": "peak memory during the answer (CUDA: allocator peak; CPU: growth of the resident set, a lower bound)",
+    "prefill ms": "time to prefill the context, mean",
+    "decode tok/s": "greedy decoding speed, mean",
+    "top-1": "share of next-token predictions equal to the full cache's",
+    "KL": "KL divergence of the next-token distribution from the full cache's",
+}
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], *, legend: bool = True) -> str:
+    """A plain-text table of benchmark rows, one line per row in the given order, then the legend.
+
+    Columns: task, length, cache (with its options), n (answers scored), accuracy and its 95% Wilson interval, KV
+    bytes held, peak memory, prefill ms, decode tokens/s, then top-1 agreement and KL when any row has them, and
+    the model when rows hold several models. A row whose cache holds at least the full cache's bytes in the same
+    (task, length) is marked ``!``, and the notes say why (the cache's ``memory_note``).
+
+    Args:
+        legend: append the meaning of the columns and the notes of marked rows.
 
     Returns:
-        The table without a trailing newline; ``"(no rows)"`` when ``rows`` is empty.
+        The text without a trailing newline; ``"(no rows)"`` when ``rows`` is empty.
     """
     if not rows:
         return "(no rows)"
+    full = full_cache_bytes(rows)
     columns: list[tuple[str, Any]] = []
     if len({row.get("model") for row in rows}) > 1:
         columns.append(("model", lambda r: str(r.get("model"))))
     columns += [
         ("task", lambda r: str(r.get("task", "?"))),
         ("length", lambda r: str(r.get("context_length", "?"))),
-        ("cache", _cache_label),
+        ("cache", lambda r: _cache_label(r) + (" !" if holds_full_cache(r, full) else "")),
+        ("n", lambda r: str(r.get("num_turns", r.get("num_samples", "?")))),
         ("accuracy", lambda r: _number(r.get("accuracy"), ".3f")),
+        ("95% CI", _interval),
         ("KV", lambda r: format_bytes(r.get("kv_bytes"))),
+        ("peak", lambda r: format_bytes(r.get("peak_memory_bytes"))),
         ("prefill ms", lambda r: _number(r.get("prefill_s"), ".1f", 1000.0)),
         ("decode tok/s", lambda r: _number(r.get("decode_tokens_per_s"), ".1f")),
     ]
@@ -241,7 +287,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         columns.append(("KL", lambda r: _number(r.get("kl"), ".4f")))
     cells = [[fn(row) for _, fn in columns] for row in rows]
     widths = [max(len(name), *(len(line[i]) for line in cells)) for i, (name, _) in enumerate(columns)]
-    numeric = {"length", "accuracy", "KV", "prefill ms", "decode tok/s", "top-1", "KL"}
+    numeric = {"length", "n", "accuracy", "KV", "peak", "prefill ms", "decode tok/s", "top-1", "KL"}
 
     def render(values: Sequence[str]) -> str:
         parts = [v.rjust(w) if name in numeric else v.ljust(w) for v, w, (name, _) in zip(values, widths, columns)]
@@ -249,6 +295,17 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
     lines = [render([name for name, _ in columns]), "  ".join("-" * w for w in widths)]
     lines += [render(line) for line in cells]
+    if legend:
+        shown = [name for name, _ in columns if name in COLUMN_LEGEND]
+        lines += ["", "columns:"] + [f"  {name}: {COLUMN_LEGEND[name]}" for name in shown]
+        marked = {}
+        for row in rows:
+            if holds_full_cache(row, full):
+                name = str(row.get("cache_name", row.get("cache")))
+                marked.setdefault(name, row.get("memory_note") or "its options do not reach below the full cache here")
+        if marked:
+            lines += ["", "! holds at least the full cache's bytes at this length, so it saves no memory here:"]
+            lines += [f"  {name}: {note}" for name, note in marked.items()]
     return "\n".join(lines)
 
 
@@ -262,7 +319,8 @@ def plot(
     lines: str = "length",
     title: str | None = None,
 ) -> Path:
-    """Accuracy against KV bytes: one marker shape per cache, one line per context length (or task).
+    """Accuracy against KV bytes: one marker shape per cache, one line per context length (or task), with the
+    95% interval of each accuracy as an error bar when the rows have it.
 
     With ``lines="length"`` there is one panel per task and, in it, one line per context length joining that
     length's caches in order of KV bytes; with ``lines="task"`` one panel per length and one line per task. The
@@ -306,6 +364,12 @@ def plot(
             ax.plot([r["kv_bytes"] for r in series], [r["accuracy"] for r in series], "-", color=color, alpha=0.6,
                     label=f"{line_key.replace('context_', '')} {group}")  # fmt: skip
             for r in series:
+                if r.get("accuracy_low") is not None and r.get("accuracy_high") is not None:
+                    ax.errorbar(
+                        r["kv_bytes"], r["accuracy"],
+                        yerr=[[r["accuracy"] - r["accuracy_low"]], [r["accuracy_high"] - r["accuracy"]]],
+                        color=color, alpha=0.5, capsize=3, linewidth=1,
+                    )  # fmt: skip
                 ax.plot(r["kv_bytes"], r["accuracy"], marker[str(r["cache"])], color=color, markersize=7)
         ax.set_xscale("log", base=2)  # ticks at powers of two: 128 KiB, 256 KiB, ...
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_bytes(value).replace(".0 ", " ")))

@@ -43,7 +43,7 @@ from hf_longmem.cache_classes.base import cache_memory_bytes
 from hf_longmem.registry import get_cache_spec, make_cache
 
 from .fidelity import Reference, compare_to_reference, reference_continuation
-from .metrics import metric_for, score
+from .metrics import metric_for, score, wilson_interval
 from .profiling import PeakMemory, eos_token_ids, greedy_generate, model_device, prefill
 from .schema import Sample, Turn
 
@@ -73,6 +73,8 @@ ROW_KEYS = (
     "context_length",
     "num_samples",
     "accuracy",
+    "accuracy_low",
+    "accuracy_high",
     "kv_bytes",
     "prefill_s",
     "decode_tokens_per_s",
@@ -484,7 +486,9 @@ def aggregate_records(
     """One benchmark row from the records of one (task, length, cache).
 
     ``accuracy``, ``kv_bytes``, ``prefill_s``, ``decode_tokens_per_s``, ``top1_agreement`` and ``kl`` are means over
-    the records that have them (``None`` when none has), ``peak_memory_bytes`` is the maximum. Extra keys:
+    the records that have them (``None`` when none has), ``peak_memory_bytes`` is the maximum;
+    ``accuracy_low``/``accuracy_high`` bound the 95% Wilson interval of the accuracy over the ``num_turns`` scored
+    answers (:func:`~hf_longmem.evals.metrics.wilson_interval`). Extra keys:
     ``mode``, ``num_turns``, ``mean_prompt_tokens``, ``context_prefill_s`` (shared-context modes),
     ``peak_memory_kind`` and, for caches with a ``memory_breakdown()`` (InfLLM, EM-LLM), ``kv_resident_bytes`` and
     ``kv_offloaded_bytes`` (means; their sum is ``kv_bytes``).
@@ -493,6 +497,8 @@ def aggregate_records(
         raise ValueError(f"no records to aggregate for task={task!r}, cache={cache!r}, length={context_length}")
     kv = _mean([r["kv_bytes"] for r in records])
     kinds = sorted({r["peak_memory_kind"] for r in records})
+    accuracy = _mean([r["score"] for r in records])
+    low, high = (None, None) if accuracy is None else wilson_interval(accuracy, len(records))
     return {
         "model": model,
         "task": task,
@@ -501,7 +507,9 @@ def aggregate_records(
         "cache_kwargs": dict(cache_kwargs),
         "context_length": int(context_length),
         "num_samples": int(num_samples),
-        "accuracy": _mean([r["score"] for r in records]),
+        "accuracy": accuracy,
+        "accuracy_low": low,
+        "accuracy_high": high,
         "kv_bytes": None if kv is None else int(round(kv)),
         "prefill_s": _mean([r["prefill_s"] for r in records]),
         "decode_tokens_per_s": _mean([r["decode_tokens_per_s"] for r in records]),
@@ -612,18 +620,14 @@ def run_benchmark(
             )  # fmt: skip
             if records is not None:
                 records.extend({"model": name, **r} for r in recs)
-            rows.append(
-                aggregate_records(
-                    recs,
-                    model=name,
-                    task=task,
-                    cache=label,
-                    cache_name=cache_name,
-                    cache_kwargs=opts,
-                    context_length=length,
-                    num_samples=len(samples),
-                )  # fmt: skip
-            )
+            row = aggregate_records(
+                recs, model=name, task=task, cache=label, cache_name=cache_name, cache_kwargs=opts,
+                context_length=length, num_samples=len(samples),
+            )  # fmt: skip
+            note = getattr(get_cache_spec(cache_name).cls, "memory_note", None)
+            if note:  # why this method may hold as much as the full cache (shown when it does)
+                row["memory_note"] = note
+            rows.append(row)
             outer.update(1)
     outer.close()
     return rows

@@ -104,3 +104,15 @@ def test_metric_for():
         metric = "first_int"
 
     assert metric_for("multikey_needle", {}, TurnWithMetric("q", ["1"])) == "first_int"
+
+
+def test_wilson_interval():
+    from hf_longmem.evals.metrics import wilson_interval
+
+    low, high = wilson_interval(1.0, 20)
+    assert high == 1.0 and abs(low - 0.8389) < 1e-3  # 20/20 is not "certainly 1"
+    low, high = wilson_interval(0.5, 20)
+    assert abs(low - 0.2993) < 1e-3 and abs(high - 0.7007) < 1e-3  # symmetric around 1/2
+    assert wilson_interval(0.0, 1) == (0.0, wilson_interval(0.0, 1)[1]) and wilson_interval(0.0, 1)[1] > 0.7
+    with pytest.raises(ValueError, match="n"):
+        wilson_interval(0.5, 0)

@@ -88,11 +88,14 @@ def test_format_bytes():
 def test_format_table():
     table = format_table(make_rows())
     lines = table.splitlines()
-    assert lines[0].split() == ["task", "length", "cache", "accuracy", "KV", "prefill", "ms", "decode", "tok/s"]
-    assert len(lines) == 2 + 4
+    assert lines[0].split() == [
+        "task", "length", "cache", "n", "accuracy", "95%", "CI", "KV", "peak", "prefill", "ms", "decode", "tok/s",
+    ]  # fmt: skip
     assert "streaming(budget=64)" in lines[3]
     assert "39.1 KiB" in lines[2] and "12.3" in lines[2] and "456.7" in lines[2]
     assert "KL" not in table and "top-1" not in table
+    assert "columns:" in table and "Wilson" in table  # the legend
+    assert format_table(make_rows(), legend=False).count("\n") == 2 + 4 - 1
     with_fidelity = format_table(make_rows(fidelity=True))
     assert "top-1" in with_fidelity.splitlines()[0] and "0.4321" in with_fidelity
     rows = make_rows() + [dict(make_rows()[0], model="other")]
@@ -101,6 +104,17 @@ def test_format_table():
     long = dict(make_rows()[0], cache="infllm", cache_kwargs={f"option_{i}": i for i in range(10)})
     label = format_table([long]).splitlines()[2].split()[2]
     assert label.startswith("infllm(option_0=0,") and label.endswith("...)") and len(label) == 48
+
+
+def test_table_shows_interval_and_marks_caches_that_hold_the_full_cache():
+    rows = make_rows()
+    rows[1].update(accuracy_low=0.2, accuracy_high=0.8, num_turns=20)
+    # at length 512 the "streaming" row holds as much as the full one
+    rows[3].update(cache="sirllm", cache_name="sirllm", kv_bytes=rows[2]["kv_bytes"], memory_note="compresses between turns")
+    lines = format_table(rows).splitlines()
+    assert "[0.20, 0.80]" in lines[3] and lines[3].split()[3] == "20"
+    assert lines[5].split()[2:4] == ["sirllm(budget=64)", "!"] and "!" not in lines[3]
+    assert "  sirllm: compresses between turns" in lines
 
 
 def test_plot_writes_png(tmp_path):
