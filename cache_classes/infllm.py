@@ -95,7 +95,7 @@ def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, mo
             return RotaryShift.from_config(config)
     except ValueError as error:
         raise ValueError(
-            f"unsupported model: {cls_name} needs a RoPE whose angle is linear in the position ({error})"
+            f"unsupported model: {cls_name} re-rotates keys, which needs a RoPE it can reproduce exactly ({error})"
         ) from None
     raise ValueError(f"{cls_name} needs the model's RoPE: pass `config=` (or `rotary=`), or use make_cache(..., model)")
 
@@ -650,7 +650,7 @@ class InfLLMCache(LongMemCache):
             perhead=self.perhead,
             offload_representatives=self.offload_representatives,
         )
-        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
+        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary.for_layer(layer_idx), **options), config=config)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:

@@ -283,7 +283,7 @@ class ModelRotary:
                 model = AutoModelForCausalLM.from_config(text_config)
         except Exception as error:  # noqa: BLE001 - any failure to build means the config cannot be used alone
             raise ValueError(
-                f"position shift: cannot build a {getattr(text_config, 'model_type', '?')} model from its config "
+                f"key re-rotation: cannot build a {getattr(text_config, 'model_type', '?')} model from its config "
                 f"to derive its RoPE ({type(error).__name__}: {error}); build the cache from the model instead "
                 "(make_cache(name, model))"
             ) from None
@@ -300,7 +300,7 @@ class ModelRotary:
                 rotary, call_kwargs = _rotary_for(decoder, attention, layer_idx, text_config)
                 if rotary is not None:
                     if id(rotary) not in rebuilt:
-                        rebuilt[id(rotary)] = _rebuild_rotary(rotary)
+                        rebuilt[id(rotary)] = _rebuild_rotary(rotary, text_config)
                     rotary = rebuilt[id(rotary)]
                 rotations.append(_probe_layer(attention, rotary, call_kwargs, layer_idx, text_config))
                 attention.to_empty(device="meta")
@@ -323,27 +323,26 @@ def _same_rotation(a: LayerRotation, b: LayerRotation) -> bool:
 def _decoder_layers(model: nn.Module, config) -> tuple[nn.Module, nn.ModuleList]:
     """The decoder (the module that owns the layers and the shared rotary) and its ``[num_hidden_layers]`` layers."""
     num_layers = getattr(config, "num_hidden_layers", None)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "base_model", model)
-    for candidate in (decoder, model):
+    for candidate in model.modules():  # the shallowest module holding a ModuleList of the decoder layers
         for child in candidate.children():
             if isinstance(child, nn.ModuleList) and len(child) == num_layers:
                 return candidate, child
     raise ValueError(
-        f"position shift: cannot find the {num_layers} decoder layers of {type(model).__name__} to derive its RoPE"
+        f"key re-rotation: cannot find the {num_layers} decoder layers of {type(model).__name__} to derive its RoPE"
     )
 
 
 def _attention_of(layer: nn.Module, layer_idx: int, config) -> nn.Module:
-    for name, module in layer.named_modules():
+    for module in layer.modules():
         if module is not layer and type(module).__name__.endswith("Attention"):
             if hasattr(module, "kv_lora_rank") or hasattr(module, "qk_rope_head_dim"):
                 raise ValueError(
-                    f"unsupported model: position shift cannot re-rotate multi-head latent attention (MLA) keys of "
+                    f"unsupported model: key re-rotation cannot re-rotate multi-head latent attention (MLA) keys of "
                     f"{config.model_type} (layer {layer_idx}, {type(module).__name__}: its keys hold a rotary part "
                     "after a latent part)"
                 )
             return module
-    raise ValueError(f"position shift: layer {layer_idx} of {config.model_type} has no attention module")
+    raise ValueError(f"key re-rotation: layer {layer_idx} of {config.model_type} has no attention module")
 
 
 def _is_rotary(module: nn.Module) -> bool:
@@ -369,34 +368,34 @@ def _rotary_for(decoder: nn.Module, attention: nn.Module, layer_idx: int, config
             rotary = others[0]
         else:
             raise ValueError(
-                f"unsupported model: position shift cannot tell which of the rotary embeddings {sorted(shared)} of "
+                f"unsupported model: key re-rotation cannot tell which of the rotary embeddings {sorted(shared)} of "
                 f"{config.model_type} layer {layer_idx} uses"
             )
     call_kwargs = {}
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         layer_types = getattr(config, "layer_types", None)
         if not layer_types:
-            raise ValueError(f"position shift: {type(rotary).__name__} needs a layer type, the config has none")
+            raise ValueError(f"key re-rotation: {type(rotary).__name__} needs a layer type, the config has none")
         call_kwargs["layer_type"] = layer_types[layer_idx]
     rope_type = getattr(rotary, "rope_type", "default")
     if isinstance(rope_type, dict):
         rope_type = rope_type.get(call_kwargs.get("layer_type"), "default")
     if rope_type not in SHIFTABLE_ROPE_TYPES:
         raise ValueError(
-            f"unsupported model: position shift needs a RoPE whose angle is linear in the position "
+            f"unsupported model: key re-rotation needs a RoPE whose angle is linear in the position "
             f"({', '.join(SHIFTABLE_ROPE_TYPES)}); {config.model_type} layer {layer_idx} uses rope_type={rope_type!r}"
         )
     return rotary, call_kwargs
 
 
-def _rebuild_rotary(rotary: nn.Module) -> nn.Module:
+def _rebuild_rotary(rotary: nn.Module, config) -> nn.Module:
     """A CPU copy of a meta-device rotary module, built again from its config (its buffers are computed there)."""
     try:
         with torch.device("cpu"):
-            return type(rotary)(rotary.config)
+            return type(rotary)(getattr(rotary, "config", config))
     except Exception as error:  # noqa: BLE001
         raise ValueError(
-            f"position shift: cannot rebuild {type(rotary).__name__} from the config ({error}); build the cache "
+            f"key re-rotation: cannot rebuild {type(rotary).__name__} from the config ({error}); build the cache "
             "from the model instead (make_cache(name, model))"
         ) from None
 
@@ -448,14 +447,14 @@ def _probe_layer(attention, rotary, call_kwargs, layer_idx, config) -> LayerRota
     model_type = config.model_type
     if rotary is None:
         raise ValueError(
-            f"unsupported model: position shift needs RoPE, {model_type} has no rotary embedding "
+            f"unsupported model: key re-rotation needs RoPE, {model_type} has no rotary embedding "
             "(absolute or ALiBi positions)"
         )
     module = sys.modules[type(attention).__module__]
     apply_fn = getattr(module, "apply_rotary_pos_emb", None)
     if apply_fn is None:
         raise ValueError(
-            f"unsupported model: position shift needs the attention's `apply_rotary_pos_emb`; "
+            f"unsupported model: key re-rotation needs the attention's `apply_rotary_pos_emb`; "
             f"{module.__name__} has none (a RoPE of another form, e.g. complex-valued)"
         )
     param = next(attention.parameters(), None)
@@ -471,14 +470,14 @@ def _probe_layer(attention, rotary, call_kwargs, layer_idx, config) -> LayerRota
         embeddings = rotary(hidden, positions, **call_kwargs)
         keys, values = _cached_keys(attention, embeddings, hidden, positions)
     except ValueError as error:
-        raise ValueError(f"position shift: cannot probe {model_type} layer {layer_idx}'s RoPE: {error}") from None
+        raise ValueError(f"key re-rotation: cannot probe {model_type} layer {layer_idx}'s RoPE: {error}") from None
     except Exception as error:  # noqa: BLE001 - the model's own code failed on the probe
         raise ValueError(
-            f"position shift: cannot probe {model_type} layer {layer_idx}'s RoPE ({type(error).__name__}: {error})"
+            f"key re-rotation: cannot probe {model_type} layer {layer_idx}'s RoPE ({type(error).__name__}: {error})"
         ) from None
     if keys.ndim != 4 or keys.shape[0] != count or keys.shape[2] != 1:
         raise ValueError(
-            f"unsupported model: position shift needs [batch, kv_heads, seq, head_dim] keys; {model_type} layer "
+            f"unsupported model: key re-rotation needs [batch, kv_heads, seq, head_dim] keys; {model_type} layer "
             f"{layer_idx} caches keys of shape {tuple(keys.shape)} for {count} single tokens"
         )
     keys = keys.to(torch.float32)
@@ -495,7 +494,7 @@ def _probe_layer(attention, rotary, call_kwargs, layer_idx, config) -> LayerRota
         raise
     except Exception as error:  # noqa: BLE001
         raise ValueError(
-            f"unsupported model: position shift cannot apply {model_type}'s RoPE to cached keys "
+            f"unsupported model: key re-rotation cannot apply {model_type}'s RoPE to cached keys "
             f"(layer {layer_idx}, {type(error).__name__}: {error})"
         ) from None
     if not (
@@ -503,7 +502,7 @@ def _probe_layer(attention, rotary, call_kwargs, layer_idx, config) -> LayerRota
         and torch.allclose(backward.float(), keys[:1].expand_as(keys), rtol=0, atol=tol * magnitude)
     ):
         raise ValueError(
-            f"unsupported model: position shift cannot reproduce {model_type}'s RoPE on cached keys (layer "
+            f"unsupported model: key re-rotation cannot reproduce {model_type}'s RoPE on cached keys (layer "
             f"{layer_idx}: rotating the position-0 key does not give the keys the model caches at other positions)"
         )
     return rotation
