@@ -67,7 +67,8 @@ class ShiftedLayer(CompressedLayer):
     def keys_for_attention(self, keys, positions, real_before):
         if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
             return keys  # nothing evicted yet: positions are already contiguous
-        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
+        # the same slots in every head (StreamingLLM and SirLLM decide per row): one rotary table per row
+        return shift_to_cache_positions(self.rotary, keys, positions[:, :1], real_before)
 
     def reset(self) -> None:
         super().reset()
