@@ -10,7 +10,13 @@ head. Decoding steps inside a turn do not evict (the paper's evaluation scores c
 
 Positions follow the paper (pos-shift, ``position_mode="shift"``): the kept keys are re-rotated to contiguous
 positions inside the cache; ``"true"`` keeps original positions. Keys are cached post-RoPE by HF models, so the
-shift is an extra rotation by the position delta (exact up to float rounding).
+shift is an extra rotation by the position delta (exact up to float rounding), derived per layer from the model's own
+RoPE (:class:`~hf_longmem.memory.rope.ModelRotary`: any layout, per-layer-type frequencies, none on NoPE layers);
+models whose RoPE cannot be re-rotated exactly are refused when the cache is built (use ``"true"`` there).
+
+Hybrid models (Gemma-2/3, GPT-OSS, EXAONE-4): sliding-window layers stay transformers' sliding layers (true positions,
+their own window); the full-attention layers evict and shift. Pads and scores are read from the first SirLLM layer,
+wherever it is (layer 0 may be sliding).
 
 The scores need the model's logits over each new input, which ``generate`` does not compute (it keeps only the
 last position). :meth:`SirLLMCache.from_model` (used by ``make_cache``) therefore attaches a forward hook to the

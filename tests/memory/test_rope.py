@@ -142,3 +142,20 @@ def test_rotary_shift_partial_rotary_leaves_the_other_channels():
     out = rotary.rotate(keys, torch.tensor([[1, 2, 3]]))
     assert torch.equal(out[..., 4:], keys[..., 4:])
     assert not torch.allclose(out[..., :4], keys[..., :4])
+
+
+def test_infllm_and_emllm_place_memory_with_each_layers_own_rotation():
+    from hf_longmem import make_cache
+
+    model = arch_model("smollm3", 3, no_rope_layers=[1, 0, 1])
+    options = dict(n_init=4, n_local=16, block_size=8, topk=2, repr_topk=2, max_cached_blocks=2, exc_block_size=8)
+    cache = make_cache("infllm", model, **options)
+    assert [type(layer.rotary) for layer in cache.layers] == [ModuleRotation, NoRotation, ModuleRotation]
+    em = make_cache("emllm", model, n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=16, exc_block_size=8)
+    assert [type(layer.rotary) for layer in em.layers] == [ModuleRotation, NoRotation, ModuleRotation]
+    with pytest.raises(ValueError, match="latent attention"):
+        make_cache("infllm", AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "deepseek_v3", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        )), **options)
