@@ -67,6 +67,21 @@ def test_shift_equals_the_model_on_the_kept_tokens_at_the_shifted_positions(arch
     torch.testing.assert_close(step2, fresh2, rtol=1e-4, atol=1e-4)
 
 
+def test_each_cache_layer_rotates_with_its_own_decoder_layers_rotation():
+    """Deeper models (where a fresh run on the kept tokens is not a reference): layer ``i`` gets layer ``i``'s RoPE."""
+    smol = make_cache(
+        "streaming", arch_model("smollm3", 3, no_rope_layers=[1, 0, 1]), budget=8, sink_size=2, position_mode="shift"
+    )
+    assert [layer.rotary is None for layer in smol.layers] == [False, True, False]  # NoPE: nothing to rotate
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    gemma = arch_model("gemma3", 4, layer_types=types)
+    cache = make_cache("streaming", gemma, budget=8, sink_size=2, position_mode="shift")
+    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicSlidingWindowLayer", "StreamingLayer"] * 2
+    assert cache.layers[1].rotary.call_kwargs == {"layer_type": "full_attention"}
+    seq, logits = greedy(gemma, random_ids(1, 20), cache, max_new_tokens=4)
+    assert torch.isfinite(logits).all() and cache.get_stored_length(1) == 8
+
+
 def test_shift_from_a_config_alone_uses_the_same_rotation_as_from_the_model():
     model = arch_model("cohere", 1)
     by_config = StreamingCache(budget=8, sink_size=2, position_mode="shift", config=model.config)
