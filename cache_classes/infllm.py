@@ -307,7 +307,7 @@ class InfLLMLayer(CacheLayerMixin):
             or self.init_keys.shape[-2] > 0
             or self.keys.shape[-2] + num_q > self.n_local
         )
-        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions) if has_memory else None
+        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
         selected = self.select_blocks(memory_query) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
