@@ -221,8 +221,11 @@ class ModuleRotation(LayerRotation):
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False) -> torch.Tensor:
         batch, heads, seq, head_dim = keys.shape
-        if delta.ndim == 2 or delta.shape[1] == 1:  # one delta per row and slot: tables [b, s], heads broadcast
-            positions = delta.reshape(batch, seq)
+        if delta.ndim == 2:
+            delta = delta[:, None, :]
+        delta = delta.expand(batch, delta.shape[1], seq)  # [b, 1 or h, s] (a broadcast delta is expanded)
+        if delta.shape[1] == 1:  # one delta per row and slot: tables [b, s], heads broadcast
+            positions = delta[:, 0]
             states = keys
         else:  # per-head deltas: every (row, head) is its own "batch" of the rotary call
             positions = delta.reshape(batch * heads, seq)

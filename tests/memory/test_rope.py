@@ -159,3 +159,11 @@ def test_infllm_and_emllm_place_memory_with_each_layers_own_rotation():
             num_attention_heads=4, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         )), **options)
+
+
+def test_a_delta_broadcast_over_rows_rotates_every_row():
+    rotation = ModelRotary.from_model(arch_model("glm", 1)).for_layer(0)
+    keys = torch.randn(3, 2, 4, 16)
+    delta = torch.tensor([[1, -2, 3, 40]])
+    torch.testing.assert_close(rotation.rotate(keys, delta), rotation.rotate(keys, delta.expand(3, -1)))
+    torch.testing.assert_close(rotation.rotate(keys, delta[:, None]), rotation.rotate(keys, delta.expand(3, -1)))
