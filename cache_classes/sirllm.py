@@ -39,7 +39,7 @@ from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import LayerRotation, ModelRotary
 
 from .base import LongMemCache, gather_slots, keep_plan
-from .streaming import ShiftedLayer, layer_rotation, shift_rotary
+from .streaming import ShiftedLayer, layer_rotation, shift_rotary, shift_rotation_of
 
 
 class SirLLMLayer(ShiftedLayer):
@@ -135,7 +135,7 @@ class SirLLMCache(LongMemCache):
     @classmethod
     def from_model(cls, model, **kwargs) -> SirLLMCache:
         if kwargs.get("position_mode", "shift") == "shift" and "rotary" not in kwargs:
-            kwargs["rotary"] = ModelRotary.from_model(model)
+            kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
         cache = cls(config=model.config, **kwargs)
         cache.attach(model)
         return cache

@@ -44,8 +44,16 @@ def shift_rotary(
     if rotary is None:
         if config is None:
             raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
-        rotary = ModelRotary.from_config(config)
+        rotary = shift_rotation_of(config, ModelRotary.from_config)
     return rotary
+
+
+def shift_rotation_of(model_or_config, derive) -> ModelRotary:
+    """``derive(model_or_config)``, with a refusal that says what to do instead."""
+    try:
+        return derive(model_or_config)
+    except ValueError as error:
+        raise ValueError(f"position_mode='shift': {error}. position_mode='true' needs no re-rotation") from None
 
 
 def layer_rotation(shift: LayerRotation | ModelRotary | None, layer_idx: int) -> LayerRotation | None:
@@ -145,5 +153,5 @@ class StreamingCache(LongMemCache):
     @classmethod
     def from_model(cls, model, **kwargs) -> StreamingCache:
         if kwargs.get("position_mode") == "shift" and "rotary" not in kwargs:
-            kwargs["rotary"] = ModelRotary.from_model(model)
+            kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
         return cls(config=model.config, **kwargs)

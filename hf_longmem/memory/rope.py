@@ -381,9 +381,9 @@ def _attention_of(layer: nn.Module, layer_idx: int, config) -> nn.Module:
         if module is not layer and type(module).__name__.endswith("Attention"):
             if hasattr(module, "kv_lora_rank") or hasattr(module, "qk_rope_head_dim"):
                 raise ValueError(
-                    f"unsupported model: key re-rotation cannot re-rotate multi-head latent attention (MLA) keys of "
-                    f"{config.model_type} (layer {layer_idx}, {type(module).__name__}: its keys hold a rotary part "
-                    "after a latent part)"
+                    f"unsupported model: key re-rotation does not handle multi-head latent attention (MLA): "
+                    f"{config.model_type} layer {layer_idx} ({type(module).__name__}) caches keys whose rotary part "
+                    "follows a non-rotary part, with values of another width"
                 )
             return module
     raise ValueError(f"key re-rotation: layer {layer_idx} of {config.model_type} has no attention module")
