@@ -377,6 +377,12 @@ def _layer_key(attention: nn.Module, rotary: nn.Module | None, call_kwargs: dict
 
 
 def _attention_of(layer: nn.Module, layer_idx: int, config) -> nn.Module:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer_types[layer_idx] not in ("full_attention", "sliding_attention"):
+        raise ValueError(
+            f"unsupported model: hf_longmem caches handle full and sliding-window attention layers, {config.model_type} "
+            f"layer {layer_idx} is a {layer_types[layer_idx]!r} layer"
+        )
     for module in layer.modules():
         if module is not layer and type(module).__name__.endswith("Attention"):
             if hasattr(module, "kv_lora_rank") or hasattr(module, "qk_rope_head_dim"):
