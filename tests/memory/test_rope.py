@@ -167,3 +167,8 @@ def test_a_delta_broadcast_over_rows_rotates_every_row():
     delta = torch.tensor([[1, -2, 3, 40]])
     torch.testing.assert_close(rotation.rotate(keys, delta), rotation.rotate(keys, delta.expand(3, -1)))
     torch.testing.assert_close(rotation.rotate(keys, delta[:, None]), rotation.rotate(keys, delta.expand(3, -1)))
+
+
+def test_layers_that_are_not_attention_layers_are_refused_with_their_type():
+    _refused("minimax", "'linear_attention' layer", head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+             layer_types=["full_attention", "linear_attention"])
