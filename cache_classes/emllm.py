@@ -477,7 +477,7 @@ class EMLLMCache(LongMemCache):
             pin_memory=pin_memory,
             offload_representatives=bool(offload_representatives),
         )
-        super().__init__(lambda layer_idx: EMLLMLayer(self, self.rotary, layer_idx, **options), config=config)
+        super().__init__(lambda layer_idx: EMLLMLayer(self, self.rotary.for_layer(layer_idx), layer_idx, **options), config=config)
 
     def _init_surprise_state(self) -> None:
         self._known = 0  # tokens whose surprise is known (positions 0.._known-1)

@@ -95,7 +95,7 @@ def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, mo
             return RotaryShift.from_config(config)
     except ValueError as error:
         raise ValueError(
-            f"unsupported model: {cls_name} needs a RoPE whose angle is linear in the position ({error})"
+            f"unsupported model: {cls_name} re-rotates keys, which needs a RoPE it can reproduce exactly ({error})"
         ) from None
     raise ValueError(f"{cls_name} needs the model's RoPE: pass `config=` (or `rotary=`), or use make_cache(..., model)")
 
@@ -307,7 +307,7 @@ class InfLLMLayer(CacheLayerMixin):
             or self.init_keys.shape[-2] > 0
             or self.keys.shape[-2] + num_q > self.n_local
         )
-        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions) if has_memory else None
+        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
         selected = self.select_blocks(memory_query) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
@@ -650,7 +650,7 @@ class InfLLMCache(LongMemCache):
             perhead=self.perhead,
             offload_representatives=self.offload_representatives,
         )
-        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
+        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary.for_layer(layer_idx), **options), config=config)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:

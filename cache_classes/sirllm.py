@@ -10,7 +10,13 @@ head. Decoding steps inside a turn do not evict (the paper's evaluation scores c
 
 Positions follow the paper (pos-shift, ``position_mode="shift"``): the kept keys are re-rotated to contiguous
 positions inside the cache; ``"true"`` keeps original positions. Keys are cached post-RoPE by HF models, so the
-shift is an extra rotation by the position delta (exact up to float rounding).
+shift is an extra rotation by the position delta (exact up to float rounding), derived per layer from the model's own
+RoPE (:class:`~hf_longmem.memory.rope.ModelRotary`: any layout, per-layer-type frequencies, none on NoPE layers);
+models whose RoPE cannot be re-rotated exactly are refused when the cache is built (use ``"true"`` there).
+
+Hybrid models (Gemma-2/3, GPT-OSS, EXAONE-4): sliding-window layers stay transformers' sliding layers (true positions,
+their own window); the full-attention layers evict and shift. Pads and scores are read from the first SirLLM layer,
+wherever it is (layer 0 may be sliding).
 
 The scores need the model's logits over each new input, which ``generate`` does not compute (it keeps only the
 last position). :meth:`SirLLMCache.from_model` (used by ``make_cache``) therefore attaches a forward hook to the
@@ -30,16 +36,16 @@ import torch
 
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.memory.rope import LayerRotation, ModelRotary
 
 from .base import LongMemCache, gather_slots, keep_plan
-from .streaming import ShiftedLayer, shift_rotary
+from .streaming import ShiftedLayer, layer_rotation, shift_rotary, shift_rotation_of
 
 
 class SirLLMLayer(ShiftedLayer):
     """One layer of a :class:`SirLLMCache`; the eviction plan is shared by all layers and made by the cache."""
 
-    def __init__(self, owner: SirLLMCache, rotary: RotaryShift | None):
+    def __init__(self, owner: SirLLMCache, rotary: LayerRotation | None):
         super().__init__(rotary)
         self._owner = weakref.ref(owner)
 
@@ -87,7 +93,8 @@ class SirLLMCache(LongMemCache):
         decay_ratio: per-turn multiplier of the kept scores (official 0.7 DailyDialog, 0.9 RPS, 1.0 Grocery).
         position_mode: ``"shift"`` (paper) or ``"true"``.
         config: the model config (layer layout, RoPE for ``"shift"``).
-        rotary: explicit :class:`RotaryShift` (``from_model`` passes the model's).
+        rotary: the model's rotations, a :class:`~hf_longmem.memory.rope.ModelRotary` (``from_model`` derives it
+            from the model) or one :class:`~hf_longmem.memory.rope.LayerRotation` for every layer.
 
     Build it with ``make_cache("sirllm", model, ...)`` (or :meth:`from_model`), which attaches the scoring hook.
     """
@@ -100,7 +107,7 @@ class SirLLMCache(LongMemCache):
         decay_ratio: float = 1.0,
         position_mode: str = "shift",
         config=None,
-        rotary: RotaryShift | None = None,
+        rotary: LayerRotation | ModelRotary | None = None,
     ):
         for name, value, low in (("entropy_size", entropy_size, 1), ("start_size", start_size, 0), ("recent_size", recent_size, 0)):
             if not isinstance(value, int) or value < low:
@@ -116,7 +123,7 @@ class SirLLMCache(LongMemCache):
         self._plan_key: tuple[int, int] | None = None
         self._plan = None
         self._hook = None
-        super().__init__(lambda layer_idx: SirLLMLayer(self, shift), config=config)
+        super().__init__(lambda layer_idx: SirLLMLayer(self, layer_rotation(shift, layer_idx)), config=config)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
@@ -128,7 +135,7 @@ class SirLLMCache(LongMemCache):
     @classmethod
     def from_model(cls, model, **kwargs) -> SirLLMCache:
         if kwargs.get("position_mode", "shift") == "shift" and "rotary" not in kwargs:
-            kwargs["rotary"] = RotaryShift.from_model(model)
+            kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
         cache = cls(config=model.config, **kwargs)
         cache.attach(model)
         return cache
@@ -157,9 +164,11 @@ class SirLLMCache(LongMemCache):
         else:
             first = logprobs.new_zeros(batch, 1)
         new_scores = torch.cat((first, within), dim=-1)
-        layer = self.layers[0]
-        pad = layer.positions[:, 0, -num_new:] == PAD_POSITION
-        new_scores = new_scores.masked_fill(pad, float("-inf"))
+        # pads from the first SirLLM layer: transformers' sliding layers (e.g. layer 0 of Gemma-2/3) keep no positions
+        layer = next((layer for layer in self.layers if isinstance(layer, SirLLMLayer) and layer.is_initialized), None)
+        if layer is not None:
+            pad = layer.positions[:, 0, -num_new:] == PAD_POSITION
+            new_scores = new_scores.masked_fill(pad, float("-inf"))
         self.scores = new_scores if self.scores is None else torch.cat((self.scores, new_scores), dim=-1)
         self._last_logprobs = logprobs[:, -1]
 

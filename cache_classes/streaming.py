@@ -22,15 +22,21 @@ from __future__ import annotations
 import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.rope import RotaryShift, shift_to_cache_positions
+from hf_longmem.memory.rope import LayerRotation, ModelRotary, shift_to_cache_positions
 
 from .base import CompressedLayer, LongMemCache
 
 POSITION_MODES = ("true", "shift")
 
 
-def shift_rotary(position_mode: str, rotary: RotaryShift | None, config) -> RotaryShift | None:
-    """The rotation a pos-shift cache applies (``None`` for true positions); validates ``position_mode``."""
+def shift_rotary(
+    position_mode: str, rotary: LayerRotation | ModelRotary | None, config
+) -> LayerRotation | ModelRotary | None:
+    """The rotation a pos-shift cache applies (``None`` for true positions); validates ``position_mode``.
+
+    Without an explicit ``rotary``, the rotation is derived from ``config`` (:meth:`ModelRotary.from_config`, exact:
+    the model is built on the meta device and probed); ``ValueError`` where it cannot be done exactly.
+    """
     if position_mode not in POSITION_MODES:
         raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
     if position_mode != "shift":
@@ -38,22 +44,39 @@ def shift_rotary(position_mode: str, rotary: RotaryShift | None, config) -> Rota
     if rotary is None:
         if config is None:
             raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
-        rotary = RotaryShift.from_config(config)
+        rotary = shift_rotation_of(config, ModelRotary.from_config)
     return rotary
+
+
+def shift_rotation_of(model_or_config, derive) -> ModelRotary:
+    """``derive(model_or_config)``, with a refusal that says what to do instead."""
+    try:
+        return derive(model_or_config)
+    except ValueError as error:
+        raise ValueError(f"position_mode='shift': {error}. position_mode='true' needs no re-rotation") from None
+
+
+def layer_rotation(shift: LayerRotation | ModelRotary | None, layer_idx: int) -> LayerRotation | None:
+    """Decoder layer ``layer_idx``'s rotation (``None``: true positions, or a NoPE layer, where a shift is a no-op)."""
+    if shift is None:
+        return None
+    rotation = shift.for_layer(layer_idx)
+    return None if rotation.is_identity else rotation
 
 
 class ShiftedLayer(CompressedLayer):
     """A layer whose kept keys may be moved to contiguous positions inside the cache (StreamingLLM, SirLLM)."""
 
-    def __init__(self, rotary: RotaryShift | None):
+    def __init__(self, rotary: LayerRotation | None):
         super().__init__()
-        self.rotary = rotary  # set => position shift
+        self.rotary = rotary  # set => position shift (this layer's rotation)
         self._evicted = False
 
     def keys_for_attention(self, keys, positions, real_before):
         if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
             return keys  # nothing evicted yet: positions are already contiguous
-        return shift_to_cache_positions(self.rotary, keys, positions, real_before)
+        # the same slots in every head (StreamingLLM and SirLLM decide per row): one rotary table per row
+        return shift_to_cache_positions(self.rotary, keys, positions[:, :1], real_before)
 
     def reset(self) -> None:
         super().reset()
@@ -63,7 +86,7 @@ class ShiftedLayer(CompressedLayer):
 class StreamingLayer(ShiftedLayer):
     """Sinks + recent-window layer. See :class:`StreamingCache`."""
 
-    def __init__(self, budget: int, sink_size: int = 4, rotary: RotaryShift | None = None):
+    def __init__(self, budget: int, sink_size: int = 4, rotary: LayerRotation | None = None):
         super().__init__(rotary)
         self.budget = budget
         self.sink_size = sink_size
@@ -98,9 +121,10 @@ class StreamingCache(LongMemCache):
         budget: tokens stored per layer between steps (sinks included). Must exceed ``sink_size``.
         sink_size: number of initial tokens kept as attention sinks (paper default 4).
         position_mode: ``"true"`` (original positions) or ``"shift"`` (the paper's positions inside the cache;
-            needs ``rotary`` or a RoPE ``config``).
+            needs ``rotary``, or a ``config`` from which the model's RoPE is derived).
         config: the model config; lays out sliding-window layers and provides RoPE for ``"shift"``.
-        rotary: an explicit :class:`RotaryShift` (``make_cache`` passes the model's own).
+        rotary: the model's rotations, a :class:`~hf_longmem.memory.rope.ModelRotary` (``make_cache`` derives it
+            from the model) or one :class:`~hf_longmem.memory.rope.LayerRotation` for every layer.
 
     Example::
 
@@ -114,7 +138,7 @@ class StreamingCache(LongMemCache):
         sink_size: int = 4,
         position_mode: str = "true",
         config=None,
-        rotary: RotaryShift | None = None,
+        rotary: LayerRotation | ModelRotary | None = None,
     ):
         if not isinstance(sink_size, int) or sink_size < 0:
             raise ValueError(f"`sink_size` must be a non-negative int, got {sink_size!r}")
@@ -122,10 +146,12 @@ class StreamingCache(LongMemCache):
             raise ValueError(f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}")
         shift = shift_rotary(position_mode, rotary, config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
-        super().__init__(lambda layer_idx: StreamingLayer(budget, sink_size, shift), config=config)
+        super().__init__(
+            lambda layer_idx: StreamingLayer(budget, sink_size, layer_rotation(shift, layer_idx)), config=config
+        )
 
     @classmethod
     def from_model(cls, model, **kwargs) -> StreamingCache:
         if kwargs.get("position_mode") == "shift" and "rotary" not in kwargs:
-            kwargs["rotary"] = RotaryShift.from_model(model)
+            kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
         return cls(config=model.config, **kwargs)

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from hf_longmem import SirLLMCache, make_cache
 from tests.helpers.reference import greedy
+from tests.helpers.rope_models import SHIFT_ARCHS, arch_model
 from tests.helpers.tiny_models import random_ids, tiny_model
 
 
@@ -63,8 +64,10 @@ def test_the_highest_self_information_tokens_survive_and_scores_decay_per_turn()
     torch.testing.assert_close(cache.scores[0, :6], before[0, kept] * 0.5)
 
 
-def test_shift_places_kept_tokens_at_contiguous_positions():
-    model = tiny_model("llama_gqa", num_hidden_layers=1)
+@pytest.mark.parametrize("arch", list(SHIFT_ARCHS))
+def test_shift_places_kept_tokens_at_contiguous_positions(arch):
+    """Rule (g) of issue 15 on every RoPE layout: after eviction, a fresh run over the kept tokens at 0..S."""
+    model = arch_model(arch, 1, **SHIFT_ARCHS[arch])
     cache = make_cache("sirllm", model, entropy_size=6, start_size=2)
     ids = random_ids(1, 20)
     with torch.no_grad():
@@ -74,6 +77,32 @@ def test_shift_places_kept_tokens_at_contiguous_positions():
         kept = cache.layers[0].positions[0, 0, :5].tolist()
         fresh = model(torch.cat((ids[:, kept], turn), dim=1)).logits[0, -3:]
     torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("gemma3", dict(layer_types=["sliding_attention", "full_attention"])),  # layer 0 sliding
+        ("exaone4", dict(sliding_window_pattern=2)),  # sliding, NoPE full
+        ("llama", dict(num_hidden_layers=2)),
+    ],
+)
+def test_a_sliding_first_layer_is_not_read_for_positions(arch, overrides):
+    """Issue 15: SirLLM read ``layers[0].positions``, which transformers' sliding layer does not have."""
+    model = arch_model(arch, 2, **overrides)
+    cache = make_cache("sirllm", model, entropy_size=8, start_size=2)
+    seq, logits = two_turns(model, cache, first=12, second=4)
+    assert torch.isfinite(logits).all()
+    full = [layer for layer in cache.layers if hasattr(layer, "positions")]
+    assert full and cache.scores.shape[-1] == full[0].get_stored_length()
+    assert full[0].get_stored_length() < seq.shape[1] - 1  # the full layer did evict
+
+
+def test_a_model_with_only_sliding_layers_runs():
+    model = tiny_model("mistral", sliding_window=8)
+    cache = make_cache("sirllm", model, entropy_size=8, start_size=2)
+    seq, logits = two_turns(model, cache, first=12, second=4)
+    assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])

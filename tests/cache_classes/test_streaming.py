@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_longmem import StreamingCache, make_cache
-from hf_longmem.memory.rope import RotaryShift
 from tests.helpers.reference import greedy, masked_logits, streaming_visibility
+from tests.helpers.rope_models import SHIFT_ARCHS, arch_model
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
 
 
@@ -47,30 +47,67 @@ def test_shift_lets_generation_run_past_the_position_range_with_bounded_distance
     assert layer.positions[0, 0].tolist() == [0, 1] + list(range(seq.shape[1] - 1 - 6, seq.shape[1] - 1))
 
 
-def test_rotary_shift_matches_rope_at_the_new_position():
-    config = tiny_config("llama_gqa")
-    rotary = RotaryShift.from_config(config)
-    model = tiny_model("llama_gqa")
-    rotary_from_model = RotaryShift.from_model(model)
-    torch.testing.assert_close(rotary.inv_freq, rotary_from_model.inv_freq)
-    head_dim = config.hidden_size // config.num_attention_heads
-    raw = torch.randn(2, 3, 5, head_dim)
-    pos = torch.tensor([[0, 3, 7, 9, 11], [2, 4, 6, 8, 10]])
-    delta = torch.tensor([[5, 0, 2, 1, 40], [0, 0, 1, 3, 7]])
+@pytest.mark.parametrize("arch", list(SHIFT_ARCHS))
+def test_shift_equals_the_model_on_the_kept_tokens_at_the_shifted_positions(arch):
+    """Rule (g) of issue 15: after eviction, the logits equal a fresh run over the kept tokens at 0..S."""
+    model = arch_model(arch, 1, **SHIFT_ARCHS[arch])
+    prompt, budget, sink = 24, 10, 3
+    ids = random_ids(1, prompt)
+    cache = make_cache("streaming", model, budget=budget, sink_size=sink, position_mode="shift")
+    with torch.no_grad():
+        model(ids, cache=cache)  # prefill, then compress to sinks + last 7
+        nxt = random_ids(1, 2, seed=5)
+        step = model(nxt[:, :1], cache=cache, position_ids=torch.tensor([[prompt]])).logits[0, -1]
+        step2 = model(nxt[:, 1:], cache=cache, position_ids=torch.tensor([[prompt + 1]])).logits[0, -1]
+        kept = torch.cat((ids[:, :sink], ids[:, prompt - (budget - sink) :], nxt[:, :1]), dim=1)
+        fresh = model(kept).logits[0, -1]
+        kept2 = torch.cat((ids[:, :sink], ids[:, prompt - (budget - sink) + 1 :], nxt), dim=1)  # evicted again
+        fresh2 = model(kept2).logits[0, -1]
+    torch.testing.assert_close(step, fresh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step2, fresh2, rtol=1e-4, atol=1e-4)
 
-    def rope(x, p):
-        cos, sin = model.model.rotary_emb(x, p)
-        return apply_rotary_pos_emb(x, x, cos, sin)[0]
 
-    torch.testing.assert_close(rotary.rotate(rope(raw, pos), delta), rope(raw, pos + delta), rtol=1e-5, atol=1e-5)
+def test_each_cache_layer_rotates_with_its_own_decoder_layers_rotation():
+    """Deeper models (where a fresh run on the kept tokens is not a reference): layer ``i`` gets layer ``i``'s RoPE."""
+    smol = make_cache(
+        "streaming", arch_model("smollm3", 3, no_rope_layers=[1, 0, 1]), budget=8, sink_size=2, position_mode="shift"
+    )
+    assert [layer.rotary is None for layer in smol.layers] == [False, True, False]  # NoPE: nothing to rotate
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    gemma = arch_model("gemma3", 4, layer_types=types)
+    cache = make_cache("streaming", gemma, budget=8, sink_size=2, position_mode="shift")
+    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicSlidingWindowLayer", "StreamingLayer"] * 2
+    assert cache.layers[1].rotary.call_kwargs == {"layer_type": "full_attention"}
+    seq, logits = greedy(gemma, random_ids(1, 20), cache, max_new_tokens=4)
+    assert torch.isfinite(logits).all() and cache.get_stored_length(1) == 8
 
 
-def test_rotary_shift_partial_rotary_leaves_the_other_channels():
-    rotary = RotaryShift(torch.tensor([1.0, 0.5]))  # rotary_dim 4 of head_dim 6
-    keys = torch.randn(1, 1, 3, 6)
-    out = rotary.rotate(keys, torch.tensor([[1, 2, 3]]))
-    assert torch.equal(out[..., 4:], keys[..., 4:])
-    assert not torch.allclose(out[..., :4], keys[..., :4])
+def test_shift_from_a_config_alone_uses_the_same_rotation_as_from_the_model():
+    model = arch_model("cohere", 1)
+    by_config = StreamingCache(budget=8, sink_size=2, position_mode="shift", config=model.config)
+    by_model = make_cache("streaming", model, budget=8, sink_size=2, position_mode="shift")
+    ids = random_ids(1, 20)
+    seq_config, logits_config = greedy(model, ids, by_config, max_new_tokens=4)
+    seq_model, logits_model = greedy(model, ids, by_model, max_new_tokens=4)
+    assert torch.equal(seq_config, seq_model)
+    torch.testing.assert_close(logits_config, logits_model)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, match",
+    [
+        ("gpt2", dict(n_embd=64, n_head=4, n_layer=1), "no rotary embedding"),
+        ("deepseek_v3", dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "latent attention"),
+    ],
+)
+def test_shift_refuses_what_it_cannot_rotate_exactly_when_the_cache_is_built(model_type, overrides, match):
+    config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=match):
+        make_cache("streaming", model, budget=8, sink_size=2, position_mode="shift")
+    make_cache("streaming", model, budget=8, sink_size=2)  # true positions need no RoPE
 
 
 @pytest.mark.parametrize(
