@@ -227,6 +227,14 @@ def full_cache_bytes(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, float]:
     }
 
 
+def share_of_full(row: Mapping[str, Any], full: Mapping[tuple, float]) -> float | None:
+    """``kv_bytes`` of ``row`` as a share of the full cache's in the same (model, task, length), or ``None``."""
+    reference = full.get((row.get("model"), row.get("task"), row.get("context_length")))
+    if not reference or row.get("kv_bytes") is None:
+        return None
+    return row["kv_bytes"] / reference
+
+
 def holds_full_cache(row: Mapping[str, Any], full: Mapping[tuple, float]) -> bool:
     """Whether a compressing cache's row held at least as many bytes as the full cache of the same cell."""
     if row.get("cache_name", row.get("cache")) == "full" or row.get("kv_bytes") is None:
@@ -241,6 +249,7 @@ COLUMN_LEGEND = {
     "accuracy": "mean score of those answers (exact match for passkey)",
     "95% CI": "Wilson score interval of the accuracy: a difference inside it is not evidence",
     "KV": "bytes the cache holds at the end of an answer (keys, values and metadata; mean over samples)",
+    "vs full": "KV as a share of the full cache's at the same task and length (a budget of 25% should give ~0.25)",
     "peak": "peak memory during the answer (CUDA: allocator peak; CPU: growth of the resident set, a lower bound)",
     "prefill ms": "time to prefill the context, mean",
     "decode tok/s": "greedy decoding speed, mean",
@@ -277,6 +286,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, legend: bool = True) -> s
         ("accuracy", lambda r: _number(r.get("accuracy"), ".3f")),
         ("95% CI", _interval),
         ("KV", lambda r: format_bytes(r.get("kv_bytes"))),
+        ("vs full", lambda r: _number(share_of_full(r, full), ".2f")),
         ("peak", lambda r: format_bytes(r.get("peak_memory_bytes"))),
         ("prefill ms", lambda r: _number(r.get("prefill_s"), ".1f", 1000.0)),
         ("decode tok/s", lambda r: _number(r.get("decode_tokens_per_s"), ".1f")),
@@ -287,7 +297,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, legend: bool = True) -> s
         columns.append(("KL", lambda r: _number(r.get("kl"), ".4f")))
     cells = [[fn(row) for _, fn in columns] for row in rows]
     widths = [max(len(name), *(len(line[i]) for line in cells)) for i, (name, _) in enumerate(columns)]
-    numeric = {"length", "n", "accuracy", "KV", "peak", "prefill ms", "decode tok/s", "top-1", "KL"}
+    numeric = {"length", "n", "accuracy", "KV", "vs full", "peak", "prefill ms", "decode tok/s", "top-1", "KL"}
 
     def render(values: Sequence[str]) -> str:
         parts = [v.rjust(w) if name in numeric else v.ljust(w) for v, w, (name, _) in zip(values, widths, columns)]
