@@ -624,9 +624,9 @@ def test_local_folder_api_failed_upload_keeps_old_revision(tmp_path, monkeypatch
     (src / "a.txt").write_text("v2")
     (src / "b.txt").write_text("v2")
 
-    import hf_longmem.hub as hub
+    import shutil
 
-    real_copy2 = hub.shutil.copy2
+    real_copy2 = shutil.copy2
     calls = []
 
     def flaky_copy2(s, d, *a, **k):
@@ -635,7 +635,7 @@ def test_local_folder_api_failed_upload_keeps_old_revision(tmp_path, monkeypatch
             raise OSError("disk full")
         return real_copy2(s, d, *a, **k)
 
-    monkeypatch.setattr(hub.shutil, "copy2", flaky_copy2)
+    monkeypatch.setattr(shutil, "copy2", flaky_copy2)
     with pytest.raises(OSError, match="disk full"):
         api.upload_folder(repo_id="org/repo", folder_path=src)
     assert (repo / "a.txt").read_text() == "v1" and (repo / "b.txt").read_text() == "v1"
