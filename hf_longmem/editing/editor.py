@@ -37,27 +37,28 @@ Deviations from EasyEdit (each fixes a bug or a side effect; see also :mod:`.rou
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
-import math
 import os
 import random
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from hf_longmem.files import atomic_write
 
+from .batching import build_edit_batch, edit_rows, generate_context_templates, pad_id, right_pad, stack_rows
 from .config import WISEConfig
-from .data import encode_pair, known_text, unrelated_prompts
+from .data import unrelated_prompts
+from .integrity import file_digest, json_default, same_base, weight_fingerprint
+from .layer_replay import LowerLayerCache
+from .losses import margin_losses, mean_positive, target_cross_entropy
 from .routing import MAIN, RouteContext, activation_scores, context_from_call, token_scores
 from .side_memory import WISELayer, resolve_act_fn, resolve_target_module
 
@@ -76,312 +77,9 @@ MEMORY_NAME = "wise_memory.safetensors"
 EDIT_LOG_NAME = "wise_edits.jsonl"
 FORMAT = "hf_longmem.wise"
 FORMAT_VERSION = 1
-#: Seeds of EasyEdit's generated context templates, then fallbacks used when the tokenizer does not know them.
-TEMPLATE_SEEDS: tuple[str, ...] = ("I", "You", "Because", "Yes", "Q: ")
-FALLBACK_TEMPLATE_SEEDS: tuple[str, ...] = ("The", "A", "In", "There", "Here", "What", "One", "Some", "It", "We")
-#: (max new tokens, templates per seed) of the generated context templates (EasyEdit: [[5, 5], [10, 5]] / 5 seeds).
-TEMPLATE_LENGTHS: tuple[int, ...] = (5, 10)
 _DEFAULT_LOCALITY_POOL = 1000
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Batches
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids (R, L), attention_mask (R, L))`` with right padding."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
-def build_edit_batch(
-    tokenizer: Any,
-    prompt: str,
-    target: str,
-    *,
-    templates: Sequence[str],
-    irrelevant: str,
-    paraphrases: Sequence[str] = (),
-    separator: str = " ",
-) -> dict[str, torch.Tensor]:
-    """The training rows of one edit: ``prompt`` through each template (+ paraphrases), then the irrelevant text.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        prompt, target: the edit.
-        templates: templates with one ``"{}"`` (the prompt goes there; the target follows the whole template).
-        irrelevant: unrelated text (last row; only its activation score is used).
-        paraphrases: extra in-scope prompts (``train_on_paraphrases``).
-        separator: text between prompt and target.
-
-    Returns:
-        ``input_ids`` ``(R, L)`` (right padded), ``attention_mask`` ``(R, L)`` and ``target_mask`` ``(R, L)`` bool,
-        True at the target tokens of the ``R - 1`` edit rows (all False on the last, irrelevant row).
-    """
-    if not isinstance(irrelevant, str) or not irrelevant.strip():
-        raise ValueError(f"locality prompt (irrelevant sample) must be a non-empty string, got {irrelevant!r}.")
-    rows: list[tuple[list[int], int]] = []
-    for template in templates:
-        prefix, suffix = template.split("{}")
-        rows.append(encode_pair(tokenizer, prefix + prompt + suffix, target, separator))
-    for paraphrase in paraphrases:
-        rows.append(encode_pair(tokenizer, paraphrase, target, separator))
-    irrelevant_ids = list(tokenizer(irrelevant)["input_ids"])
-    if not irrelevant_ids:
-        raise ValueError(f"locality prompt {irrelevant!r} gives no token.")
-    ids, mask = _right_pad([r[0] for r in rows] + [irrelevant_ids], _pad_id(tokenizer))
-    target_mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (row, num_prompt) in enumerate(rows):
-        target_mask[i, num_prompt : len(row)] = True
-    return {"input_ids": ids, "attention_mask": mask, "target_mask": target_mask}
-
-
-def _edit_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The in-scope rows of an edit batch (its irrelevant last row dropped, trailing padding trimmed)."""
-    mask = batch["attention_mask"][:-1]
-    width = int(mask.sum(-1).max())
-    return {"input_ids": batch["input_ids"][:-1, :width], "attention_mask": mask[:, :width]}
-
-
-def _stack_rows(parts: Sequence[dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Concatenate the rows of several edits (right padded); returns the batch and each row's edit index ``(R,)``."""
-    width = max(p["input_ids"].shape[1] for p in parts)
-    ids, masks, owner = [], [], []
-    for index, part in enumerate(parts):
-        extra = width - part["input_ids"].shape[1]
-        ids.append(F.pad(part["input_ids"], (0, extra), value=pad_id))
-        masks.append(F.pad(part["attention_mask"], (0, extra), value=0))
-        owner += [index] * part["input_ids"].shape[0]
-    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}, torch.tensor(owner)
-
-
-def target_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of the mean cross-entropy of each row's target tokens.
-
-    Args:
-        logits: ``(R, L, V)``.
-        input_ids: ``(R, L)``.
-        target_mask: ``(R, L)`` bool, True at target tokens (rows without any are skipped).
-
-    Returns:
-        scalar.
-    """
-    labels = input_ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
-    counts = target_mask[:, 1:].sum(-1)
-    keep = counts > 0
-    return (ce.sum(-1)[keep] / counts[keep]).mean()
-
-
-def _mean_positive(values: torch.Tensor) -> torch.Tensor:
-    positive = values[values > 0]
-    return positive.mean() if positive.numel() else values.new_zeros(())
-
-
-def margin_losses(in_scores: torch.Tensor, out_scores: torch.Tensor, config: WISEConfig) -> torch.Tensor:
-    """Paper Eq. 5 / EasyEdit ``__cal_activation_loss``: routing margins on sequence scores.
-
-    Args:
-        in_scores: ``(R_in,)`` scores of the edit rows.
-        out_scores: ``(R_out,)`` scores of the irrelevant rows.
-        config: gives ``alpha``, ``beta``, ``gamma``.
-
-    Returns:
-        scalar ``mean+(out - alpha) + mean+(beta - in) + mean+(out - in + gamma)``.
-    """
-    margin = out_scores.view(-1, 1) - in_scores.view(1, -1) + config.gamma
-    return _mean_positive(out_scores - config.alpha) + _mean_positive(config.beta - in_scores) + _mean_positive(margin)
-
-
-def generate_context_templates(
-    model: nn.Module,
-    tokenizer: Any,
-    *,
-    seeds: Sequence[str] = TEMPLATE_SEEDS,
-    fallback_seeds: Sequence[str] = FALLBACK_TEMPLATE_SEEDS,
-    lengths: Sequence[int] = TEMPLATE_LENGTHS,
-    num_seeds: int = 5,
-) -> list[str]:
-    """EasyEdit's context templates: ``"{}"`` plus ``"<greedy continuation of a seed> {}"`` per seed and length.
-
-    Seeds the tokenizer does not know (see :func:`~hf_longmem.editing.data.known_text`) are replaced by known
-    fallback seeds, up to ``num_seeds``; with none known, only ``"{}"`` is returned. Braces in generated text are
-    dropped so that each template has exactly one ``"{}"``.
-
-    Returns:
-        ``1 + num_seeds * len(lengths)`` templates (11 with the defaults).
-    """
-    chosen = [s for s in seeds if known_text(tokenizer, s.strip())]
-    for seed in fallback_seeds:
-        if len(chosen) >= num_seeds:
-            break
-        if seed not in chosen and known_text(tokenizer, seed):
-            chosen.append(seed)
-    chosen = chosen[:num_seeds]
-    if not chosen:
-        return ["{}"]
-    device = next(model.parameters()).device
-    encoded = [list(tokenizer(seed)["input_ids"]) for seed in chosen]
-    pad = _pad_id(tokenizer)
-    width = max(len(e) for e in encoded)
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-    templates = ["{}"]
-    for length in lengths:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=int(length), min_new_tokens=int(length),
-                do_sample=False, num_beams=1, pad_token_id=pad,
-            )  # fmt: skip
-        for text in tokenizer.batch_decode(out, skip_special_tokens=True):
-            text = text.replace("{", "").replace("}", "")
-            templates.append(text + " {}")
-    return templates
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Replaying the layers below the side memory
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _Recorded(nn.Module):
-    """Stands in for a decoder layer below the side memory during an edit: returns the recorded output of the last
-    of them (their inputs and outputs do not depend on the side memory). Other attributes (``attention_type``, ...)
-    are read from the layer it replaces."""
-
-    def __init__(self, layer: nn.Module, output: Any):
-        super().__init__()
-        self._replaced = (layer,)
-        self._output = output
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._output
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._replaced[0], name)
-
-
-class _LowerLayerCache:
-    """Runs the decoder layers below the edited one once per edit instead of once per optimisation step.
-
-    The side memory sits in layer ``L``; layers ``0..L-1`` see the same input at every step of an edit, so their
-    output is recorded on the first forward and reused afterwards. Results are identical (checked once per
-    editor against a full forward; on any mismatch or error the editor falls back to full forwards).
-    """
-
-    def __init__(self, model: nn.Module, target_module: str):
-        from .side_memory import _LAYER_PATTERN
-
-        self.layers: nn.ModuleList | None = None
-        self.index = 0
-        self.enabled = True
-        self.verified = False
-        match = _LAYER_PATTERN.match(target_module)
-        if match is not None:
-            try:
-                layers = model.get_submodule(match["prefix"])
-            except AttributeError:
-                layers = None
-            if isinstance(layers, nn.ModuleList) and int(match["index"]) > 0:
-                self.layers, self.index = layers, int(match["index"])
-        if self.layers is None:
-            self.enabled = False
-
-    @contextlib.contextmanager
-    def record(self) -> Iterator[list[Any]]:
-        """Record the output of layer ``L - 1`` during the forwards inside the block."""
-        box: list[Any] = []
-        if not self.enabled:
-            yield box
-            return
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            box[:] = [output]
-
-        handle = self.layers[self.index - 1].register_forward_hook(hook)
-        try:
-            yield box
-        finally:
-            handle.remove()
-
-    @contextlib.contextmanager
-    def reuse(self, output: Any) -> Iterator[None]:
-        """Replace layers ``0..L-1`` by stand-ins returning ``output`` inside the block."""
-        originals = [self.layers[i] for i in range(self.index)]
-        try:
-            for i, layer in enumerate(originals):
-                self.layers[i] = _Recorded(layer, output)
-            yield
-        finally:
-            for i, layer in enumerate(originals):
-                self.layers[i] = layer
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _weight_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
-    """sha256 of the bytes plus dtype-independent samples, to recognise the base weight the edits were made on."""
-    data = weight.detach().to("cpu").contiguous().reshape(-1)
-    digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
-    flat = data.float()
-    index = torch.linspace(0, flat.numel() - 1, min(64, flat.numel())).long()
-    return {
-        "sha256": digest,
-        "dtype": str(weight.dtype).replace("torch.", ""),
-        "samples": [float(v) for v in flat[index]],
-        "abs_mean": float(flat.abs().mean()),
-    }
-
-
-def _same_base(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    if saved.get("sha256") == current["sha256"]:
-        return True
-    if saved.get("dtype") == current["dtype"]:
-        return False  # same dtype, different bytes: another base
-    samples = torch.tensor(saved.get("samples") or [], dtype=torch.float64)
-    now = torch.tensor(current["samples"], dtype=torch.float64)
-    if samples.shape != now.shape:
-        return False
-    scale = max(float(saved.get("abs_mean") or 0.0), 1e-12)
-    return bool(torch.allclose(samples, now, rtol=1e-2, atol=1e-2 * scale))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Editor
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -475,7 +173,7 @@ class WISEEditor:
         setattr(self._parent, child, self.layer)
         self._hooks: list[Any] = []
         self._install_hooks()
-        self._lower = _LowerLayerCache(model, name)
+        self._lower = LowerLayerCache(model, name)
         # replay (paper App. B.3): in-scope rows of the edits of each finished merge group and of the current one
         self._replay_groups: list[list[dict[str, torch.Tensor]]] = []
         self._replay_cursor: list[int] = []
@@ -650,7 +348,7 @@ class WISEEditor:
         results = []
         for i in iterator:
             if config.replay:
-                self._replay_current.append(_edit_rows(batches[i]))
+                self._replay_current.append(edit_rows(batches[i]))
             stats = self._edit_one(prompts[i], targets[i], batches[i])
             if config.replay and "merged" in stats.events:
                 self._replay_groups.append(self._replay_current)
@@ -708,13 +406,13 @@ class WISEEditor:
             past.append(group[self._replay_cursor[g] % len(group)])
             self._replay_cursor[g] += 1
         current = self._replay_rng.choice(self._replay_current)
-        pad = _pad_id(self.tokenizer)
-        batch, owner = _stack_rows([*past, current], pad)
+        pad = pad_id(self.tokenizer)
+        batch, owner = stack_rows([*past, current], pad)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         owner = owner.to(self.device)
         _, scores, _ = self._forward_scores(batch, last_is_irrelevant=False)
-        negative = torch.stack([_mean_positive(scores[owner == i] - ceiling) for i in range(len(past))]).mean()
-        positive = _mean_positive(floor - scores[owner == len(past)])
+        negative = torch.stack([mean_positive(scores[owner == i] - ceiling) for i in range(len(past))]).mean()
+        positive = mean_positive(floor - scores[owner == len(past)])
         return negative + positive
 
     def _rebuild_replay_history(self) -> None:
@@ -736,7 +434,7 @@ class WISEEditor:
                 self.tokenizer, entry["prompt"], entry["target"], templates=templates,
                 irrelevant=entry.get("locality_prompt") or entry["prompt"], separator=config.target_separator,
             )  # fmt: skip
-            groups.setdefault(index // config.merge_freq, []).append(_edit_rows(batch))
+            groups.setdefault(index // config.merge_freq, []).append(edit_rows(batch))
         finished = layer.num_merges
         self._replay_groups = [groups[g] for g in range(finished) if g in groups]
         self._replay_cursor = [0] * len(self._replay_groups)
@@ -822,7 +520,7 @@ class WISEEditor:
         """Which memory each text is routed to, batched: ``"main"``, ``"shard"``, ``"memory.0"``, ``"merged"``, ..."""
         self._check_active()
         texts = _as_str_list(texts, "texts")
-        ids, mask = _right_pad([list(self.tokenizer(t)["input_ids"]) for t in texts], _pad_id(self.tokenizer))
+        ids, mask = right_pad([list(self.tokenizer(t)["input_ids"]) for t in texts], pad_id(self.tokenizer))
         labels = [c[0] for c in self.layer.candidates()]
         with torch.no_grad():
             self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
@@ -859,12 +557,12 @@ class WISEEditor:
             lambda p: save_file(tensors, str(p), metadata={"format": "pt", "hf_longmem": FORMAT}),
         )
         files = {MEMORY_NAME: {"size": (directory / MEMORY_NAME).stat().st_size,
-                               "sha256": _file_digest(directory / MEMORY_NAME)}}  # fmt: skip
+                               "sha256": file_digest(directory / MEMORY_NAME)}}  # fmt: skip
         if include_edit_log:
-            text = "".join(json.dumps(entry, default=_json_default) + "\n" for entry in self.edit_log)
+            text = "".join(json.dumps(entry, default=json_default) + "\n" for entry in self.edit_log)
             atomic_write(directory / EDIT_LOG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
             files[EDIT_LOG_NAME] = {"size": (directory / EDIT_LOG_NAME).stat().st_size,
-                                    "sha256": _file_digest(directory / EDIT_LOG_NAME)}  # fmt: skip
+                                    "sha256": file_digest(directory / EDIT_LOG_NAME)}  # fmt: skip
         elif (directory / EDIT_LOG_NAME).exists():
             (directory / EDIT_LOG_NAME).unlink()
         config = self.wise_config.to_dict()
@@ -883,11 +581,11 @@ class WISEEditor:
             "weight_layout": "conv1d" if self.layer.transposed else "linear",
             "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
             "base_model_type": getattr(model_config, "model_type", None),
-            "base_weight": _weight_fingerprint(self.layer.weight),
+            "base_weight": weight_fingerprint(self.layer.weight),
             "routing_state": self.layer.routing_state(),
             "files": files,
         }
-        text = json.dumps(meta, indent=2, default=_json_default) + "\n"
+        text = json.dumps(meta, indent=2, default=json_default) + "\n"
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
 
     @staticmethod
@@ -962,7 +660,7 @@ class WISEEditor:
                     f"{str(file)!r} has {size} bytes but {expected.get('size')} were saved: the file is truncated "
                     "or was replaced."
                 )
-            if _file_digest(file) != expected.get("sha256"):
+            if file_digest(file) != expected.get("sha256"):
                 raise ValueError(f"{str(file)!r} does not match the sha256 recorded when it was saved (corrupted).")
         if MEMORY_NAME not in meta["files"]:
             raise ValueError(f"{str(config_path)!r} lists no {MEMORY_NAME}.")
@@ -983,7 +681,7 @@ class WISEEditor:
                 f"{name!r} has weight shape {shape} in this model but {meta['weight_shape']} in the saved side "
                 f"memory: the edits were made on another model ({meta.get('base_model_name_or_path')!r})."
             )
-        if check_base and "base_weight" in meta and not _same_base(meta["base_weight"], _weight_fingerprint(weight)):
+        if check_base and "base_weight" in meta and not same_base(meta["base_weight"], weight_fingerprint(weight)):
             raise ValueError(
                 f"the weight of {name!r} differs from the one the edits were made on "
                 f"({meta.get('base_model_name_or_path')!r}): load the same base model (or pass check_base=False)."

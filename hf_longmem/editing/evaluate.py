@@ -27,18 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batching import build_edit_batch, generate_context_templates, pad_id, right_pad
 from .config import WISEConfig
 from .data import EditRecord, encode_pair
-from .editor import (
-    EditStats,
-    WISEEditor,
-    _as_str_list,
-    _pad_id,
-    _right_pad,
-    build_edit_batch,
-    generate_context_templates,
-    target_cross_entropy,
-)
+from .editor import EditStats, WISEEditor, _as_str_list
+from .losses import target_cross_entropy
 from .side_memory import resolve_target_module
 
 __all__ = [
@@ -74,7 +67,7 @@ def _teacher_forced(
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            ids, mask = _right_pad([e[0] for e in chunk], _pad_id(tokenizer))
+            ids, mask = right_pad([e[0] for e in chunk], pad_id(tokenizer))
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             predicted = logits.argmax(-1).cpu()
             for row, (tokens, num_prompt) in enumerate(chunk):

@@ -12,8 +12,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from eval_wise import load
 
 from hf_longmem.editing import WISEConfig, WISEEditor, fictional_facts, unrelated_prompts
+from hf_longmem.editing.batching import pad_id as _pad_id
+from hf_longmem.editing.batching import right_pad as _right_pad
 from hf_longmem.editing.data import encode_pair
-from hf_longmem.editing.editor import _pad_id, _right_pad
 from hf_longmem.editing.evaluate import predicted_tokens, token_accuracy
 from hf_longmem.editing.routing import activation_scores, token_scores
 

@@ -10,9 +10,11 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from eval_wise import load
 
 from hf_longmem.editing import fictional_facts
+from hf_longmem.editing.batching import pad_id as _pad_id
+from hf_longmem.editing.batching import right_pad as _right_pad
 from hf_longmem.editing.data import encode_pair
-from hf_longmem.editing.editor import _pad_id, _right_pad, target_cross_entropy
 from hf_longmem.editing.evaluate import token_accuracy
+from hf_longmem.editing.losses import target_cross_entropy
 
 torch.set_num_threads(1)
 mname = sys.argv[1] if sys.argv[1] != "default" else None
