@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -77,10 +76,3 @@ def build_tokenizer(texts: Iterable[str] | None = None, model_max_length: int = 
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
     )
-
-
-def save_tokenizer(path: str | Path, texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
-    """Build the tokenizer and ``save_pretrained`` it into ``path``; returns it."""
-    tokenizer = build_tokenizer(texts)
-    tokenizer.save_pretrained(str(path))
-    return tokenizer
