@@ -6,6 +6,11 @@ calls :meth:`ScoredLayer.attend`, which computes the attention output exactly as
 would (SDPA or eager), scores the keys, and compresses the storage. ``make_cache(name, model)`` switches the model
 to hf_longmem attention; a cache built by hand needs ``hf_longmem.enable_longmem_attention(model)``, and a missed
 call is reported at the next step instead of silently keeping every token.
+
+The output is the model's own attention function over the layer's slots (softcap, sinks, scaling and dropout as the
+model applies them; the sliding window through the layer's own mask). The Triton decode path applies softcap and
+sinks itself and leaves windowed or dropout steps to the model's function. Deviation: the eviction *scores*
+(:meth:`ScoredLayer.observe`) are plain scaled-softmax attention, without softcap or sinks (a score, not an output).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.kernels import attention_column_scores, decode_attention
 from hf_longmem.kernels.utils import resolve_backend
+from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import column_scores
@@ -74,16 +80,22 @@ class ScoredLayer(CompressedLayer):
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """Attention output for ``query`` ``[batch, q_heads, q, head_dim]``, then scoring and compression."""
         implementation = module.config._attn_implementation
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and self.kernel_backend == "triton":
+        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+        scale = features.scaling
+        kernel = query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and self.kernel_backend == "triton"
+        if kernel and features.sliding_window is None and not features.dropout:
             # flash-decoding over this layer's own slots (pads masked per KV head), GQA without repeat_kv; no mask
-            # (and no position materialisation) when the layer holds no pad
+            # (and no position materialisation) when the layer holds no pad. Softcap in the kernel, sinks merged
+            # from its log-sum-exp (a window or dropout goes to the model's attention below).
             valid = self.positions != PAD_POSITION if self.has_pad_slots() else None
-            out, _ = decode_attention(query, key, value, scale, valid=valid, causal_new=True, backend="triton")
+            out, lse = decode_attention(
+                query, key, value, scale, valid=valid, causal_new=True, backend="triton", softcap=features.softcap
+            )
+            out, _ = features.add_sinks(out, lse)
             output, weights = out.transpose(1, 2).contiguous(), None
         else:
             eager = implementation == EAGER_ATTENTION_NAME
-            attention_mask = self.mask_for_this_layer(query, key, eager)
+            attention_mask = self.mask_for_this_layer(query, key, eager, features.sliding_window)
             output, weights = fallback_attention(module, implementation)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
@@ -101,17 +113,19 @@ class ScoredLayer(CompressedLayer):
             self.store(*stored)
         return output, weights
 
-    def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
-        """This layer's own mask, built from its slots.
+    def mask_for_this_layer(
+        self, query: torch.Tensor, key: torch.Tensor, eager: bool, sliding_window: int | None = None
+    ):
+        """This layer's own mask, built from its slots (with the model's sliding window by true positions).
 
         The model's mask is sized for the first layer; a scored layer may store a different number of tokens
         (PyramidKV) or per-row pad slots, so it always uses its own (same pattern where the sizes agree).
         """
         num_new, num_keys = query.shape[-2], key.shape[-2]
         plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
-        if plain and not self.has_pad_slots():
+        if plain and not self.has_pad_slots() and sliding_window is None:
             return None
-        return slot_mask(self.positions[:, 0], num_new, query.dtype if eager else None)
+        return slot_mask(self.positions[:, 0], num_new, query.dtype if eager else None, sliding_window)
 
     def wants_scores(self, num_new: int) -> bool:
         """Whether a step of ``num_new`` queries is scored (SnapKV scores prefills only)."""
