@@ -1,0 +1,187 @@
+"""Caches that compute attention themselves honour the model's attention features (issue 15, item 2).
+
+Tiny random Gemma-2 (logit softcap 1.0 that the logits reach, ``query_pre_attn_scalar`` scaling, sliding layers) and
+GPT-OSS (attention sinks of a few units, sliding layers): at full budget ThinK, InfLLM, EM-LLM, DuoAttention (two
+head groups per layer) and SnapKV give the greedy tokens and logits of ``DynamicCache``. With every layer ours
+(``config=None``), the sliding layers' window reaches our own paths too (ThinK's packed prompt, DuoAttention's
+group masks); InfLLM refuses a sliding window with a ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, Gemma2Config, GptOssConfig
+
+import hf_longmem
+from hf_longmem import make_cache
+from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
+from hf_longmem.cache_classes.think import ThinKCache
+
+VOCAB, PROMPT, NEW = 97, 12, 6
+#: float32 logits: a few ulps of a 2-layer model's O(10) logits after a different summation order
+ATOL, RTOL = 2e-4, 1e-4
+
+
+def _common(**overrides):
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_gemma2(sliding_window: int = 5, softcap: float | None = 1.0):
+    """Gemma-2 with a logit softcap the logits reach (1.0), scaling ``query_pre_attn_scalar ** -0.5`` != ``d ** -0.5``."""
+    config = Gemma2Config(
+        **_common(sliding_window=sliding_window),
+        attn_logit_softcapping=softcap,
+        final_logit_softcapping=None,
+        query_pre_attn_scalar=8,
+    )
+    return _build(config)
+
+
+def tiny_gpt_oss(sliding_window: int = 5):
+    """GPT-OSS with sink logits of a few units (``normal_(0, 3)``) and a small MoE; plain RoPE."""
+    config = GptOssConfig(
+        **_common(sliding_window=sliding_window),
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = _build(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 3.0)
+    return model
+
+
+def _build(config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+MODELS = {"gemma2": tiny_gemma2, "gpt_oss": tiny_gpt_oss}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, cache):
+    out = model.generate(
+        _ids(), cache=cache, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
+def _assert_same_as_dynamic(model, cache):
+    ref_tokens, ref_logits = _generate(model, DynamicCache(config=model.config))
+    tokens, logits = _generate(model, cache)
+    assert torch.equal(tokens, ref_tokens), f"greedy tokens differ: {tokens.tolist()} vs {ref_tokens.tolist()}"
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=RTOL)
+
+
+def _duo_pattern(model):
+    # two groups in every layer: query heads of KV head 0 retrieval, of KV head 1 streaming (and the reverse)
+    return torch.tensor([[True, False], [False, True]])
+
+
+FULL_BUDGET = {
+    # ratio 0.05 of 16 channels prunes none: the packed-prompt path runs with every channel
+    "think": lambda model: make_cache("think", model, base="full", key_channel_ratio=0.05),
+    "think_snapkv": lambda model: make_cache("think", model, base="snapkv", budget=64, key_channel_ratio=0.05),
+    "infllm": lambda model: make_cache(
+        "infllm", model, n_init=2, n_local=64, block_size=4, topk=2, repr_topk=2, max_cached_blocks=4, exc_block_size=5
+    ),
+    "emllm": lambda model: make_cache(
+        "emllm", model, n_init=2, n_local=64, n_mem=16, min_block_size=2, max_block_size=4, exc_block_size=5
+    ),
+    "duo_attention": lambda model: make_cache(
+        "duo_attention", model, head_pattern=_duo_pattern(model), sink_size=2, recent_size=64
+    ),
+    "snapkv": lambda model: make_cache("snapkv", model, budget=64),
+}
+
+
+@pytest.mark.parametrize("method", list(FULL_BUDGET))
+def test_full_budget_equals_dynamic_cache(model, method):
+    _assert_same_as_dynamic(model, FULL_BUDGET[method](model))
+
+
+def test_features_matter_on_these_models(model):
+    """The cap / sinks change the tokens' logits here (else the parity above would prove nothing)."""
+    ids = _ids()
+    with torch.no_grad():
+        reference = model(ids).logits
+        if hasattr(model.model.layers[0].self_attn, "sinks"):
+            saved = [layer.self_attn.sinks.clone() for layer in model.model.layers]
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(-1e4)
+            plain = model(ids).logits
+            for layer, sinks in zip(model.model.layers, saved):
+                layer.self_attn.sinks.copy_(sinks)
+        else:
+            for layer in model.model.layers:
+                layer.self_attn.attn_logit_softcapping = None
+            plain = model(ids).logits
+            for layer in model.model.layers:
+                layer.self_attn.attn_logit_softcapping = model.config.attn_logit_softcapping
+    assert (plain - reference).abs().max() > 0.1
+
+
+# ------------------------------------------------------------------ every layer ours: the sliding window reaches us
+def test_think_on_sliding_layers_applies_the_window(model):
+    """``config=None``: every layer (sliding ones too) is a ThinK layer; the prompt (12) exceeds the window (5)."""
+    hf_longmem.enable_longmem_attention(model)
+    _assert_same_as_dynamic(model, ThinKCache(base="full", key_channel_ratio=0.05))
+
+
+def test_duo_attention_on_sliding_layers_applies_the_window(model):
+    hf_longmem.enable_longmem_attention(model)
+    _assert_same_as_dynamic(model, DuoAttentionCache(head_pattern=_duo_pattern(model), sink_size=2, recent_size=64))
+
+
+def test_infllm_refuses_a_sliding_window(model):
+    from hf_longmem.cache_classes.infllm import InfLLMCache
+
+    hf_longmem.enable_longmem_attention(model)
+    options = dict(n_init=2, n_local=64, block_size=4, topk=2, repr_topk=2, max_cached_blocks=4, exc_block_size=5)
+    rotary = InfLLMCache.from_model(model, **options).rotary
+    cache_all_layers = InfLLMCache(**options, rotary=rotary)
+    with pytest.raises(ValueError, match="sliding window"):
+        model(_ids(), cache=cache_all_layers)
+
+
+def test_think_triton_path_applies_softcap_and_sinks(model, monkeypatch):
+    """ThinK's Triton kernel (interpreted on CPU): softcap in the kernel, sinks merged from its log-sum-exp."""
+    pytest.importorskip("triton")
+    from hf_longmem.cache_classes.think import ThinKLayer
+
+    monkeypatch.setattr(ThinKLayer, "kernel_backend", "triton")
+    _assert_same_as_dynamic(model, FULL_BUDGET["think"](model))
