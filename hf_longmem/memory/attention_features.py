@@ -63,6 +63,8 @@ REFUSED_KWARGS = {
     "max_length_k": "packed sequences (flash-attention varlen kwargs)",
     "position_bias": "an additive attention position bias",
     "is_causal": "non-causal (bidirectional) attention",
+    "indices": "sparse attention over selected key indices",
+    "block_indices": "sparse attention over selected key blocks",
     "sinks": "attention sinks passed as `sinks` (only GPT-OSS-style `s_aux` / `module.sinks` are applied)",
 }
 #: Every kwarg with a known meaning.
