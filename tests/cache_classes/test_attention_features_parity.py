@@ -185,3 +185,16 @@ def test_think_triton_path_applies_softcap_and_sinks(model, monkeypatch):
 
     monkeypatch.setattr(ThinKLayer, "kernel_backend", "triton")
     _assert_same_as_dynamic(model, FULL_BUDGET["think"](model))
+
+
+def test_infllm_refuses_attention_dropout_in_training():
+    model = tiny_gemma2()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    cache = FULL_BUDGET["infllm"](model)
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(_ids(), cache=cache)
+    model.eval()  # no dropout at inference: the same cache type runs
+    model(_ids(), cache=FULL_BUDGET["infllm"](model))
