@@ -251,3 +251,70 @@ def test_features_of_a_gemma2_and_gpt_oss_call():
     with pytest.raises(ValueError, match="per query head|one per query"):
         AttentionFeatures.of_call(types.SimpleNamespace(training=False, sinks=torch.ones(3)), query, None, 0.0, {})
 
+
+
+# ----------------------------------------------------------------------------- what really reaches the function
+#: Architectures whose tiny forward covers every kind of kwarg seen at run time across transformers' causal LMs
+#: (``**kwargs`` pass-through flags, softcap, sinks, sliding windows, MoE router flags, explicit ``position_ids``,
+#: cross-attention and position-bias kwargs).
+RUNTIME_SURVEY = ("llama", "gemma2", "gpt_oss", "granite_swa", "qwen2_moe", "stablelm", "bert", "inkling_text")
+TINY_SIZES = dict(
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    vocab_size=64,
+    max_position_embeddings=64,
+    num_local_experts=2,
+    num_experts=2,
+    num_experts_per_tok=1,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+)
+
+
+def _tiny_config(model_type: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model_type]()
+    text = config.get_text_config(decoder=True)
+    for name, value in TINY_SIZES.items():
+        if hasattr(text, name) and not isinstance(getattr(text, name), (list, dict)):
+            setattr(text, name, value)
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:2]
+    return config
+
+
+@pytest.mark.parametrize("model_type", RUNTIME_SURVEY)
+def test_runtime_kwargs_are_known(model_type):
+    """The kwargs a tiny forward really passes to the attention function (``**kwargs`` included) are all known;
+    a cache layer accepts them, or refuses a feature it cannot run by name."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        pytest.skip(f"{model_type} is not in this transformers")
+    calls = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module, dict(kwargs)))
+        eager = inspect.getmodule(type(module)).eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hf_longmem_test_recording", recording)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(model_type), attn_implementation="hf_longmem_test_recording")
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5, 6]]))
+    assert calls
+    names = set().union(*(kwargs for _, kwargs in calls))
+    assert names <= KNOWN_KWARGS, f"{model_type} passes unknown attention kwargs {sorted(names - KNOWN_KWARGS)}"
+    if model_type == "inkling_text":  # an additive position bias: refused by name
+        with pytest.raises(ValueError, match="position bias"):
+            check_attention_kwargs(*calls[0])
+    else:
+        for module, kwargs in calls:
+            check_attention_kwargs(module, kwargs)
+            AttentionFeatures.of_call(module, torch.zeros(1, model.config.num_attention_heads, 1, 16), None, 0.0, kwargs)

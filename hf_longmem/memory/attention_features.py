@@ -53,6 +53,7 @@ INERT_KWARGS = frozenset(
         "position_embeddings",
         "layer_idx",
         "kernel_options",
+        "logits_to_keep",
     }
 )
 #: kwargs of features no hf_longmem attention path supports, with the reason shown to the user.
@@ -65,6 +66,7 @@ REFUSED_KWARGS = {
     "is_causal": "non-causal (bidirectional) attention",
     "indices": "sparse attention over selected key indices",
     "block_indices": "sparse attention over selected key blocks",
+    "encoder_hidden_states": "cross-attention over encoder states",
     "sinks": "attention sinks passed as `sinks` (only GPT-OSS-style `s_aux` / `module.sinks` are applied)",
 }
 #: Every kwarg with a known meaning.
