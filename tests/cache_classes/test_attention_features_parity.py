@@ -198,3 +198,12 @@ def test_infllm_refuses_attention_dropout_in_training():
         model(_ids(), cache=cache)
     model.eval()  # no dropout at inference: the same cache type runs
     model(_ids(), cache=FULL_BUDGET["infllm"](model))
+
+
+def test_scored_triton_decode_applies_softcap_and_sinks(model, monkeypatch):
+    """SnapKV decoding with the Triton flash-decoding kernel (interpreted on CPU) == DynamicCache."""
+    pytest.importorskip("triton")
+    from hf_longmem.cache_classes.scored import ScoredLayer
+
+    monkeypatch.setattr(ScoredLayer, "kernel_backend", "triton")
+    _assert_same_as_dynamic(model, FULL_BUDGET["snapkv"](model))
