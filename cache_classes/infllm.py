@@ -105,6 +105,24 @@ def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, mo
     raise ValueError(f"{cls_name} needs the model's RoPE: pass `config=` (or `rotary=`), or use make_cache(..., model)")
 
 
+def refuse_sliding_layers(cls_name: str, layers, config) -> None:
+    """``ValueError`` if a layer of ours sits where ``config`` has sliding-window attention (the window + memory
+    replace the model's attention span, so the window cannot be honoured)."""
+    if config is None:
+        return  # layers are built on first use; the attention call refuses a window then
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types, _ = get_layer_types_and_kwargs(text_config)
+    ours = [isinstance(layer, InfLLMLayer) for layer in layers]
+    sliding = [i for i, (mine, kind) in enumerate(zip(ours, layer_types)) if mine and kind == "sliding_attention"]
+    if sliding:
+        raise ValueError(
+            f"unsupported model: {cls_name} does not apply a sliding window (layers {sliding} of this "
+            f"{getattr(text_config, 'model_type', 'model')} use sliding-window attention)"
+        )
+
+
 def block_representatives(
     keys: torch.Tensor, scores: torch.Tensor, sizes: list[int], repr_topk: int
 ) -> torch.Tensor:
@@ -336,7 +354,8 @@ class InfLLMLayer(CacheLayerMixin):
         q_index = torch.arange(num_q, device=query.device)[:, None]
         k_index = torch.arange(window + num_q, device=query.device)[None, :]
         allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
-        probs = grouped_logits(query, local_keys, scale, softcap).masked_fill_(~allowed, float("-inf"))  # [b,Hkv,g,c,w+c]
+        probs = grouped_logits(query, local_keys, scale, softcap)  # [b, Hkv, g, c, w + c], capped before the mask
+        probs = probs.masked_fill_(~allowed, float("-inf"))
         local_lse = torch.logsumexp(probs, dim=-1)  # finite: a query always sees itself
         probs = probs.sub_(local_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
         out = torch.einsum("bhgqn,bhnd->bhgqd", probs, local_values.float())
@@ -670,6 +689,7 @@ class InfLLMCache(LongMemCache):
             offload_representatives=self.offload_representatives,
         )
         super().__init__(lambda layer_idx: InfLLMLayer(self.rotary, **options), config=config)
+        refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:

@@ -151,9 +151,10 @@ class ThinKLayer(CompressedLayer):
     def _attend_pruned(self, query: torch.Tensor, features: AttentionFeatures) -> torch.Tensor:
         """Attention over the packed prompt (gathered channels) and the full-width tail, one softmax.
 
-        Applies the model's attention features as its eager attention does (:mod:`~hf_longmem.memory.attention_features`):
-        scaling, logit softcap (before the mask), attention sinks (an extra softmax slot per query head), the
-        sliding window (by true positions) and dropout in training. Batched matmuls, or Triton's
+        Applies the model's attention features as its eager attention does
+        (:mod:`~hf_longmem.memory.attention_features`): scaling, logit softcap (before the mask), attention
+        sinks (an extra softmax slot per query head), the sliding window (by true positions) and dropout in
+        training. Batched matmuls, or Triton's
         ``channel_attention`` with ``kernel_backend="triton"`` (softcap in the kernel, sinks merged from its
         log-sum-exp; a window or dropout takes the torch path).
 
@@ -187,7 +188,7 @@ class ThinKLayer(CompressedLayer):
         scaling = features.scaling
         q_full = query.reshape(batch, kv_heads, rows, head_dim).to(dtype)
         q_packed = gather_query_channels(query, self.channel_index).reshape(batch, kv_heads, rows, -1).to(dtype)
-        logits_packed = features.cap((q_packed @ self.pruned_keys.to(dtype).transpose(-1, -2)) * scaling)  # [b,h,rows,P]
+        logits_packed = features.cap((q_packed @ self.pruned_keys.to(dtype).transpose(-1, -2)) * scaling)
         logits_tail = features.cap((q_full @ self.keys.to(dtype).transpose(-1, -2)) * scaling)  # [b, h, rows, R]
         if self._packed_pads():
             packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query

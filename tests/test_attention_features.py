@@ -109,14 +109,18 @@ def test_every_eager_attention_reads_only_known_module_attributes(modeling_modul
         parameters = set(inspect.signature(eager).parameters) - KNOWN_KWARGS - SIGNATURE
         if attributes or parameters:
             unknown[model_type] = sorted(attributes | parameters)
-    assert not unknown, f"eager attention reads module attributes / takes parameters hf_longmem does not know: {unknown}"
+    assert not unknown, (
+        f"eager attention reads module attributes / takes parameters hf_longmem does not know: {unknown}"
+    )
 
 
 def test_the_survey_sees_softcap_and_sinks(modeling_modules):
     """Guards the survey itself: Gemma-2's softcap and GPT-OSS's sinks are found where they are."""
     assert "softcap" in attention_call_keywords(inspect.getsource(modeling_modules["gemma2"]))
     assert "s_aux" in attention_call_keywords(inspect.getsource(modeling_modules["gpt_oss"]))
-    assert "sinks" in re.findall(r"\bmodule\.(\w+)", inspect.getsource(modeling_modules["gpt_oss"].eager_attention_forward))
+    assert "sinks" in re.findall(
+        r"\bmodule\.(\w+)", inspect.getsource(modeling_modules["gpt_oss"].eager_attention_forward)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run time
@@ -157,7 +161,14 @@ def test_refused_features_are_named():
     # the defaults of these kwargs are accepted, as are the applied, cache and inert ones
     check_attention_kwargs(
         _attention_module(),
-        {"is_causal": True, "position_bias": None, "softcap": 1.0, "s_aux": None, "position_ids": None, "use_cache": True},
+        {
+            "is_causal": True,
+            "position_bias": None,
+            "softcap": 1.0,
+            "s_aux": None,
+            "position_ids": None,
+            "use_cache": True,
+        },
     )
 
 
@@ -184,8 +195,10 @@ def test_features_softmax_with_sinks_equals_gpt_oss_eager():
     torch.manual_seed(0)
     batch, q_heads, kv_heads, num_q, n, dim = 2, 6, 2, 3, 7, 8
     group = q_heads // kv_heads
-    query, key, value = torch.randn(batch, q_heads, num_q, dim), torch.randn(batch, kv_heads, n, dim), torch.randn(
-        batch, kv_heads, n, dim
+    query, key, value = (
+        torch.randn(batch, q_heads, num_q, dim),
+        torch.randn(batch, kv_heads, n, dim),
+        torch.randn(batch, kv_heads, n, dim),
     )
     sinks = torch.randn(q_heads) * 3
     module = types.SimpleNamespace(num_key_value_groups=group, training=False, sinks=sinks)
@@ -209,7 +222,9 @@ def test_head_subset_module_slices_sinks_for_the_models_own_attention():
     module = types.SimpleNamespace(num_key_value_groups=2, training=False, sinks=sinks)
     full, _ = _gpt_oss_eager()(module, query, key, key, None, scaling=0.35)
     heads = torch.tensor([2, 3])  # the query group of KV head 1
-    part, _ = _gpt_oss_eager()(HeadSubsetModule(module, heads), query[:, heads], key[:, 1:], key[:, 1:], None, scaling=0.35)
+    part, _ = _gpt_oss_eager()(
+        HeadSubsetModule(module, heads), query[:, heads], key[:, 1:], key[:, 1:], None, scaling=0.35
+    )
     torch.testing.assert_close(part, full[:, :, heads])
     assert AttentionFeatures(scaling=1.0, sinks=sinks).head_subset(heads).sinks.tolist() == sinks[heads].tolist()
 
@@ -250,7 +265,6 @@ def test_features_of_a_gemma2_and_gpt_oss_call():
         features.refuse("Toy", oss, sinks=True)
     with pytest.raises(ValueError, match="per query head|one per query"):
         AttentionFeatures.of_call(types.SimpleNamespace(training=False, sinks=torch.ones(3)), query, None, 0.0, {})
-
 
 
 # ----------------------------------------------------------------------------- what really reaches the function
@@ -317,4 +331,6 @@ def test_runtime_kwargs_are_known(model_type):
     else:
         for module, kwargs in calls:
             check_attention_kwargs(module, kwargs)
-            AttentionFeatures.of_call(module, torch.zeros(1, model.config.num_attention_heads, 1, 16), None, 0.0, kwargs)
+            AttentionFeatures.of_call(
+                module, torch.zeros(1, model.config.num_attention_heads, 1, 16), None, 0.0, kwargs
+            )

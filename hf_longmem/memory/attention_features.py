@@ -73,7 +73,9 @@ REFUSED_KWARGS = {
 KNOWN_KWARGS = APPLIED_KWARGS | CACHE_KWARGS | INERT_KWARGS | frozenset(REFUSED_KWARGS)
 #: Module attributes that models' ``eager_attention_forward`` read, all honoured: ``sinks`` is applied (as
 #: ``s_aux``), the others describe shapes/mode that every path already follows.
-MODULE_ATTRIBUTES = frozenset({"training", "num_key_value_groups", "head_dim", "sinks", "scaling", "is_causal", "config"})
+MODULE_ATTRIBUTES = frozenset(
+    {"training", "num_key_value_groups", "head_dim", "sinks", "scaling", "is_causal", "config"}
+)
 
 
 def model_name(module: torch.nn.Module) -> str:
@@ -163,8 +165,9 @@ class AttentionFeatures:
         }
         return [name for name, on in present.items() if on]
 
-    def refuse(self, method: str, module: torch.nn.Module, *, softcap=False, sinks=False, sliding_window=False,
-               dropout=False) -> None:
+    def refuse(
+        self, method: str, module: torch.nn.Module, *, softcap=False, sinks=False, sliding_window=False, dropout=False
+    ) -> None:
         """Raises ``ValueError`` if a feature flagged ``True`` (one ``method`` cannot apply) is present."""
         cannot = {
             "logit softcapping (softcap)": softcap and self.softcap is not None,
@@ -181,7 +184,9 @@ class AttentionFeatures:
 
     def head_subset(self, heads: torch.Tensor) -> AttentionFeatures:
         """The features of a subset ``heads`` ``[h]`` of the query heads (sinks are per head)."""
-        return self if self.sinks is None else replace(self, sinks=self.sinks.index_select(0, heads.to(self.sinks.device)))
+        if self.sinks is None:
+            return self
+        return replace(self, sinks=self.sinks.index_select(0, heads.to(self.sinks.device)))
 
     # ----------------------------------------------------------------------------------------- application
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -257,7 +262,9 @@ class HeadSubsetModule:
     def __init__(self, module: torch.nn.Module, heads: torch.Tensor):
         object.__setattr__(self, "_module", module)
         sinks = getattr(module, "sinks", None)
-        object.__setattr__(self, "sinks", sinks.index_select(0, heads.to(sinks.device)) if isinstance(sinks, torch.Tensor) else sinks)
+        if isinstance(sinks, torch.Tensor):
+            sinks = sinks.index_select(0, heads.to(sinks.device))
+        object.__setattr__(self, "sinks", sinks)
 
     def __getattr__(self, name):
         return getattr(object.__getattribute__(self, "_module"), name)

@@ -44,7 +44,7 @@ def _common(**overrides):
 
 
 def tiny_gemma2(sliding_window: int = 5, softcap: float | None = 1.0):
-    """Gemma-2 with a logit softcap the logits reach (1.0), scaling ``query_pre_attn_scalar ** -0.5`` != ``d ** -0.5``."""
+    """Gemma-2, logit softcap 1.0 (the logits reach it), scaling ``query_pre_attn_scalar ** -0.5`` != ``d ** -0.5``."""
     config = Gemma2Config(
         **_common(sliding_window=sliding_window),
         attn_logit_softcapping=softcap,
@@ -207,3 +207,14 @@ def test_scored_triton_decode_applies_softcap_and_sinks(model, monkeypatch):
 
     monkeypatch.setattr(ScoredLayer, "kernel_backend", "triton")
     _assert_same_as_dynamic(model, FULL_BUDGET["snapkv"](model))
+
+
+def test_infllm_layers_on_sliding_layers_are_refused_at_construction():
+    from hf_longmem.cache_classes.infllm import InfLLMLayer, refuse_sliding_layers
+
+    config = tiny_gemma2().config  # layer 0 sliding, layer 1 full
+    options = dict(n_init=2, n_local=8, block_size=4, topk=1, repr_topk=1, max_cached_blocks=1, exc_block_size=4)
+    layers = [InfLLMLayer(None, **options), InfLLMLayer(None, **options)]
+    with pytest.raises(ValueError, match=r"sliding window \(layers \[0\]"):
+        refuse_sliding_layers("InfLLMCache", layers, config)
+    refuse_sliding_layers("InfLLMCache", [DynamicCache(config=config).layers[0], layers[1]], config)
