@@ -218,3 +218,15 @@ def test_infllm_layers_on_sliding_layers_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"sliding window \(layers \[0\]"):
         refuse_sliding_layers("InfLLMCache", layers, config)
     refuse_sliding_layers("InfLLMCache", [DynamicCache(config=config).layers[0], layers[1]], config)
+
+
+def test_h2o_scores_are_the_models_own_attention_probabilities(model):
+    """Eviction scores use the model's softcapped logits / sinks: H2O's prefill scores of the full layer equal the
+    column sums of the model's eager attention weights (group-averaged)."""
+    ids = _ids()
+    cache = make_cache("h2o", model, budget=64)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        attentions = model(ids, output_attentions=True).attentions[1]  # [1, Hq, T, T], layer 1 is full attention
+    expected = attentions.sum(2).view(1, 2, -1, attentions.shape[-1]).mean(2)
+    torch.testing.assert_close(cache.layers[1].scores, expected, rtol=1e-4, atol=1e-5)
