@@ -135,9 +135,12 @@ class ScoredLayer(CompressedLayer):
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         if self.wants_scores(query.shape[-2]):
+            mask = slot_mask(self.positions[:, 0], query.shape[-2], sliding_window=features.sliding_window)
             self._features = features  # received_attention() scores with the model's softcap and sinks
-            positions = self.positions[:, 0]
-            self.observe(query, key, slot_mask(positions, query.shape[-2], sliding_window=features.sliding_window), scale)
+            try:
+                self.observe(query, key, mask, scale)
+            finally:
+                self._features = None  # holds the model's sink parameter: not kept in the cache
         self._pending = False
         self._deferring = False
         if not self.compresses_now():
