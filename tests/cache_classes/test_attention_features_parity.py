@@ -230,3 +230,48 @@ def test_h2o_scores_are_the_models_own_attention_probabilities(model):
         attentions = model(ids, output_attentions=True).attentions[1]  # [1, Hq, T, T], layer 1 is full attention
     expected = attentions.sum(2).view(1, 2, -1, attentions.shape[-1]).mean(2)
     torch.testing.assert_close(cache.layers[1].scores, expected, rtol=1e-4, atol=1e-5)
+
+
+class _NoRotation:
+    """A RoPE-free model: memory placed "at a constant distance" is the tokens' own keys."""
+
+    def rotate(self, states, delta):
+        return states
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_infllm_memory_path_applies_softcap_and_sinks(backend, monkeypatch):
+    """Beyond full budget: window + initial tokens + every memory block (topk >= blocks) without RoPE is full
+    attention, so InfLLM's merged local/memory/sink softmax must equal eager attention with softcap and sinks."""
+    from hf_longmem.cache_classes.infllm import InfLLMLayer
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(InfLLMLayer, "kernel_backend", backend)
+    torch.manual_seed(0)
+    q_heads, kv_heads, dim, total, scaling, cap = 4, 2, 8, 14, 0.5, 1.5
+    queries, keys, values = (
+        torch.randn(1, q_heads, total, dim) * 3,
+        torch.randn(1, kv_heads, total, dim) * 3,
+        torch.randn(1, kv_heads, total, dim),
+    )
+    sinks = torch.randn(q_heads) * 3
+    module = type("Attention", (), {"training": False, "sinks": sinks})()
+    layer = InfLLMLayer(
+        _NoRotation(), n_init=2, n_local=4, block_size=2, topk=16, repr_topk=1, max_cached_blocks=16, exc_block_size=3
+    )
+    outputs = []
+    for start, stop in [(0, 9), *((t, t + 1) for t in range(9, total))]:  # a chunked prefill, then decoding
+        attn_kwargs = {"position_ids": torch.arange(start, stop)[None], "softcap": cap, "s_aux": sinks}
+        layer.update(keys[:, :, start:stop], values[:, :, start:stop], 0, kwargs=attn_kwargs)
+        attn_kwargs.pop("longmem_layer")
+        out, _ = layer.attend(module, queries[:, :, start:stop], None, None, None, scaling=scaling, **attn_kwargs)
+        outputs.append(out)
+    assert layer.store.num_blocks(0) > 0 and layer.init_keys.shape[-2] == 2  # memory really took part
+    from transformers.models.gpt_oss.modeling_gpt_oss import repeat_kv
+
+    logits = torch.tanh(queries @ repeat_kv(keys, 2).transpose(-1, -2) * scaling / cap) * cap
+    logits = logits.masked_fill(torch.ones(total, total, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(torch.cat((logits, sinks.view(1, -1, 1, 1).expand(1, -1, total, 1)), -1), -1)[..., :-1]
+    expected = (probs @ repeat_kv(values, 2)).transpose(1, 2)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=2e-5, rtol=1e-4)
