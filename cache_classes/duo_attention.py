@@ -31,6 +31,11 @@ Deviations from the official code (mit-han-lab/duo-attention), on purpose:
   official function crashes on ``sparsity=None``);
 * ``recent_size`` must be at least 1 (the official ``[-recent_size:]`` slice keeps everything when it is 0);
 * attention weights are not returned (the two groups attend to different numbers of keys).
+
+Model attention features: each group runs the model's own attention function (softcap, scaling, dropout as the
+model applies them); per-query-head state (GPT-OSS's ``module.sinks`` / ``s_aux``) is sliced to the group's query
+heads (:class:`~hf_longmem.memory.attention_features.HeadSubsetModule`), and a sliding window goes into the group's
+own mask.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from typing import Any
 import torch
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.memory.attention_features import HeadSubsetModule
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 
@@ -437,6 +443,8 @@ class DuoAttentionLayer(CompressedLayer):
         implementation = module.config._attn_implementation
         eager = implementation == EAGER_ATTENTION_NAME
         attention = fallback_attention(module, implementation)
+        window = kwargs.get("sliding_window")
+        sinks = kwargs.get("s_aux") is not None or isinstance(getattr(module, "sinks", None), torch.Tensor)
         retrieval_q, streaming_q, order = self._query_heads(query.shape[1])
         groups = (
             (self.keys, self.values, self.positions, retrieval_q),
@@ -446,10 +454,18 @@ class DuoAttentionLayer(CompressedLayer):
         for keys, values, positions, query_heads in groups:  # two head groups, not a loop over heads
             if keys is None:
                 continue
-            group_query = query if query_heads.numel() == query.shape[1] else query.index_select(1, query_heads)
+            whole = query_heads.numel() == query.shape[1]
+            group_query = query if whole else query.index_select(1, query_heads)
+            group_module, group_kwargs = module, kwargs
+            if sinks and not whole:  # per-query-head sinks (GPT-OSS): the model's attention sees this group's own
+                group_module = HeadSubsetModule(module, query_heads)
+                if kwargs.get("s_aux") is not None:
+                    group_kwargs = {**kwargs, "s_aux": kwargs["s_aux"].index_select(0, query_heads)}
             padded = self.has_pad_slots() if keys is self.keys else self._streaming_padded
-            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager, padded)
-            output, _ = attention(module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **kwargs)
+            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager, padded, window)
+            output, _ = attention(
+                group_module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **group_kwargs
+            )
             outputs.append(output)  # [batch, q, group_q_heads, head_dim]
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         if order is not None and len(outputs) > 1:
@@ -479,12 +495,21 @@ class DuoAttentionLayer(CompressedLayer):
         return self._query_index[num_query_heads]
 
     @staticmethod
-    def _mask(positions: torch.Tensor, num_new: int, num_keys: int, dtype: torch.dtype, eager: bool, padded: bool):
-        """The group's own mask ``[batch, 1, q, n]`` (``None`` where the kernel's causal default is exact)."""
+    def _mask(
+        positions: torch.Tensor,
+        num_new: int,
+        num_keys: int,
+        dtype: torch.dtype,
+        eager: bool,
+        padded: bool,
+        sliding_window: int | None = None,
+    ):
+        """The group's own mask ``[batch, 1, q, n]`` (``None`` where the kernel's causal default is exact), with the
+        model's sliding window by true positions (attention functions take the window from the mask)."""
         plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
-        if plain and not padded:
+        if plain and not padded and sliding_window is None:
             return None
-        return slot_mask(positions[:, 0], num_new, dtype if eager else None)
+        return slot_mask(positions[:, 0], num_new, dtype if eager else None, sliding_window)
 
     @staticmethod
     def _heads(key_states: torch.Tensor, value_states: torch.Tensor, heads: torch.Tensor):

@@ -62,7 +62,7 @@ from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, _check_int, rotary_for
+from .infllm import InfLLMCache, InfLLMLayer, _check_int, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -478,6 +478,7 @@ class EMLLMCache(LongMemCache):
             offload_representatives=bool(offload_representatives),
         )
         super().__init__(lambda layer_idx: EMLLMLayer(self, self.rotary.for_layer(layer_idx), layer_idx, **options), config=config)
+        refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     def _init_surprise_state(self) -> None:
         self._known = 0  # tokens whose surprise is known (positions 0.._known-1)

@@ -52,6 +52,10 @@ Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
   own blocks. Left-padded batches are refused with a ``ValueError`` (padding would shift the block boundaries of
   a row relative to its batch-1 run).
 * Only the default ``cache_strategy="lru"`` is implemented (not ``"lru-s"``), and no faiss index.
+* Model attention features (:mod:`hf_longmem.memory.attention_features`): the logit softcap (Gemma-2) applies to
+  local and memory logits, attention sinks (GPT-OSS) join the merged softmax; a layer whose attention has a sliding
+  window, or attention dropout in training, is refused at its first attention call (the window + memory replace the
+  model's attention span; the parts are merged by log-sum-exp, not one probability matrix).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
+from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
 from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
 from hf_longmem.memory.rope import RotaryShift
@@ -98,6 +103,24 @@ def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, mo
             f"unsupported model: {cls_name} re-rotates keys, which needs a RoPE it can reproduce exactly ({error})"
         ) from None
     raise ValueError(f"{cls_name} needs the model's RoPE: pass `config=` (or `rotary=`), or use make_cache(..., model)")
+
+
+def refuse_sliding_layers(cls_name: str, layers, config) -> None:
+    """``ValueError`` if a layer of ours sits where ``config`` has sliding-window attention (the window + memory
+    replace the model's attention span, so the window cannot be honoured)."""
+    if config is None:
+        return  # layers are built on first use; the attention call refuses a window then
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types, _ = get_layer_types_and_kwargs(text_config)
+    ours = [isinstance(layer, InfLLMLayer) for layer in layers]
+    sliding = [i for i, (mine, kind) in enumerate(zip(ours, layer_types)) if mine and kind == "sliding_attention"]
+    if sliding:
+        raise ValueError(
+            f"unsupported model: {cls_name} does not apply a sliding window (layers {sliding} of this "
+            f"{getattr(text_config, 'model_type', 'model')} use sliding-window attention)"
+        )
 
 
 def block_representatives(
@@ -274,7 +297,9 @@ class InfLLMLayer(CacheLayerMixin):
             raise RuntimeError(f"{type(self).__name__}.attend called without a preceding update()")
         new_keys, new_values, positions = self._pending
         self._pending = None
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+        # the window + memory replace the model's attention span, and probabilities are merged by log-sum-exp
+        features.refuse(type(self).__name__, module, sliding_window=True, dropout=True)
         if self.local_scores is None:
             self.local_scores = torch.zeros(query.shape[0], query.shape[1], 0, device=self.device)
         outputs = []
@@ -286,17 +311,21 @@ class InfLLMLayer(CacheLayerMixin):
                     new_keys[:, :, start:stop],
                     new_values[:, :, start:stop],
                     positions[:, start:stop],
-                    scale,
+                    features,
                 )
             )
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return output.transpose(1, 2).contiguous(), None
 
-    def _attend_chunk(self, query, keys, values, positions, scale: float) -> torch.Tensor:
+    def _attend_chunk(self, query, keys, values, positions, features: AttentionFeatures) -> torch.Tensor:
         """One execution block: ``query [b, H, c, d]``, new ``keys``/``values`` ``[b, Hkv, c, d]``, ``positions [b, c]``.
+
+        The model's logit softcap applies to the local and memory logits alike (before the masks), its attention
+        sinks join the merged softmax (:meth:`AttentionFeatures.add_sinks`), as in its eager attention.
 
         Returns ``[b, H, c, dv]``.
         """
+        scale, softcap = features.scaling, features.softcap
         batch, q_heads, num_q, _ = query.shape
         kv_heads = keys.shape[1]
         group = q_heads // kv_heads
@@ -325,7 +354,8 @@ class InfLLMLayer(CacheLayerMixin):
         q_index = torch.arange(num_q, device=query.device)[:, None]
         k_index = torch.arange(window + num_q, device=query.device)[None, :]
         allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
-        probs = grouped_logits(query, local_keys, scale).masked_fill_(~allowed, float("-inf"))  # [b,Hkv,g,c,w+c]
+        probs = grouped_logits(query, local_keys, scale, softcap)  # [b, Hkv, g, c, w + c], capped before the mask
+        probs = probs.masked_fill_(~allowed, float("-inf"))
         local_lse = torch.logsumexp(probs, dim=-1)  # finite: a query always sees itself
         probs = probs.sub_(local_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
         out = torch.einsum("bhgqn,bhnd->bhgqd", probs, local_values.float())
@@ -339,11 +369,19 @@ class InfLLMLayer(CacheLayerMixin):
             per_head = mem_keys.shape[0] != batch  # one unit per (row, query head): [b * H, 1, n, d]
             mem_query = memory_query.reshape(batch * q_heads, 1, num_q, -1) if per_head else memory_query
             mem_out, mem_lse = decode_attention(
-                mem_query, mem_keys, mem_values, scale, valid=mem_valid, causal_new=True, backend=self.kernel_backend
+                mem_query,
+                mem_keys,
+                mem_values,
+                scale,
+                valid=mem_valid,
+                causal_new=True,
+                backend=self.kernel_backend,
+                softcap=softcap,
             )
             if per_head:
                 mem_out, mem_lse = mem_out.view(batch, q_heads, num_q, -1), mem_lse.view(batch, q_heads, num_q)
             out, lse = merge_attention(out, lse, mem_out, mem_lse)
+        out, lse = features.add_sinks(out, lse)
 
         # representative scores: window attention under the joint softmax (as the official single softmax):
         # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
@@ -651,6 +689,7 @@ class InfLLMCache(LongMemCache):
             offload_representatives=self.offload_representatives,
         )
         super().__init__(lambda layer_idx: InfLLMLayer(self.rotary.for_layer(layer_idx), **options), config=config)
+        refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:

@@ -6,6 +6,12 @@ calls :meth:`ScoredLayer.attend`, which computes the attention output exactly as
 would (SDPA or eager), scores the keys, and compresses the storage. ``make_cache(name, model)`` switches the model
 to hf_longmem attention; a cache built by hand needs ``hf_longmem.enable_longmem_attention(model)``, and a missed
 call is reported at the next step instead of silently keeping every token.
+
+The output is the model's own attention function over the layer's slots (softcap, sinks, scaling and dropout as the
+model applies them; the sliding window through the layer's own mask). The Triton decode path applies softcap and
+sinks itself and leaves windowed or dropout steps to the model's function. The eviction scores
+(:meth:`ScoredLayer.received_attention`) are the model's attention probabilities too: softcapped logits, the sinks'
+share in the denominator, the window in the mask (no dropout: a score, not an output).
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import torch
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.kernels import attention_column_scores, decode_attention
+from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.kernels.utils import resolve_backend
+from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import column_scores
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, column_scores
 
 from .base import CompressedLayer
 
@@ -28,6 +36,38 @@ NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
     "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
 )
+
+
+def feature_column_scores(
+    query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, features: AttentionFeatures
+) -> torch.Tensor:
+    """:func:`~hf_longmem.memory.scoring.column_scores` with the model's softcap and attention sinks: the attention
+    each key receives (the sink's share is nobody's), summed over the queries, averaged over a GQA group.
+
+    Args:
+        query: ``[batch, q_heads, q, head_dim]`` (the last ``q`` positions).
+        keys: ``[batch, kv_heads, n, head_dim]``.
+        attention_mask: ``[batch, 1, q, n]`` (bool or additive) or ``None`` (causal).
+
+    Returns:
+        ``[batch, kv_heads, n]`` float32.
+    """
+    num_q, num_k = query.shape[-2], keys.shape[-2]
+    kv_heads = keys.shape[1]
+    allowed = allowed_mask(attention_mask, num_q, num_k, query.device)[:, :, None]  # [b, 1, 1, q, n]
+    sinks = None
+    if features.sinks is not None:
+        sinks = features.sinks.float().view(1, kv_heads, -1, 1, 1)  # [1, Hkv, g, 1, 1]
+    total = query.new_zeros(keys.shape[0], kv_heads, num_k, dtype=torch.float32)
+    for start in range(0, num_q, QUERY_CHUNK):  # chunks of queries bound the [chunk, n] probabilities
+        stop = min(start + QUERY_CHUNK, num_q)
+        logits = grouped_logits(query[:, :, start:stop], keys, features.scaling, features.softcap)  # [b,Hkv,g,c,n]
+        logits = logits.masked_fill(~allowed[..., start:stop, :], float("-inf"))
+        if sinks is not None:
+            logits = torch.cat((logits, sinks.expand(*logits.shape[:-1], 1)), dim=-1)
+        probs = torch.softmax(logits, dim=-1)[..., :num_k].nan_to_num(0.0)  # fully masked rows give zeros
+        total += probs.sum(dim=3).mean(dim=2)
+    return total
 
 
 class ScoredLayer(CompressedLayer):
@@ -43,6 +83,7 @@ class ScoredLayer(CompressedLayer):
         super().__init__()
         self._pending = False
         self._deferring = True
+        self._features: AttentionFeatures | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self._pending:
@@ -74,21 +115,32 @@ class ScoredLayer(CompressedLayer):
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """Attention output for ``query`` ``[batch, q_heads, q, head_dim]``, then scoring and compression."""
         implementation = module.config._attn_implementation
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and self.kernel_backend == "triton":
+        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+        scale = features.scaling
+        kernel = query.shape[-2] <= DECODE_KERNEL_MAX_QUERIES and self.kernel_backend == "triton"
+        if kernel and features.sliding_window is None and not features.dropout:
             # flash-decoding over this layer's own slots (pads masked per KV head), GQA without repeat_kv; no mask
-            # (and no position materialisation) when the layer holds no pad
+            # (and no position materialisation) when the layer holds no pad. Softcap in the kernel, sinks merged
+            # from its log-sum-exp (a window or dropout goes to the model's attention below).
             valid = self.positions != PAD_POSITION if self.has_pad_slots() else None
-            out, _ = decode_attention(query, key, value, scale, valid=valid, causal_new=True, backend="triton")
+            out, lse = decode_attention(
+                query, key, value, scale, valid=valid, causal_new=True, backend="triton", softcap=features.softcap
+            )
+            out, _ = features.add_sinks(out, lse)
             output, weights = out.transpose(1, 2).contiguous(), None
         else:
             eager = implementation == EAGER_ATTENTION_NAME
-            attention_mask = self.mask_for_this_layer(query, key, eager)
+            attention_mask = self.mask_for_this_layer(query, key, eager, features.sliding_window)
             output, weights = fallback_attention(module, implementation)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         if self.wants_scores(query.shape[-2]):
-            self.observe(query, key, slot_mask(self.positions[:, 0], query.shape[-2]), scale)
+            mask = slot_mask(self.positions[:, 0], query.shape[-2], sliding_window=features.sliding_window)
+            self._features = features  # received_attention() scores with the model's softcap and sinks
+            try:
+                self.observe(query, key, mask, scale)
+            finally:
+                self._features = None  # holds the model's sink parameter: not kept in the cache
         self._pending = False
         self._deferring = False
         if not self.compresses_now():
@@ -101,17 +153,19 @@ class ScoredLayer(CompressedLayer):
             self.store(*stored)
         return output, weights
 
-    def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
-        """This layer's own mask, built from its slots.
+    def mask_for_this_layer(
+        self, query: torch.Tensor, key: torch.Tensor, eager: bool, sliding_window: int | None = None
+    ):
+        """This layer's own mask, built from its slots (with the model's sliding window by true positions).
 
         The model's mask is sized for the first layer; a scored layer may store a different number of tokens
         (PyramidKV) or per-row pad slots, so it always uses its own (same pattern where the sizes agree).
         """
         num_new, num_keys = query.shape[-2], key.shape[-2]
         plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
-        if plain and not self.has_pad_slots():
+        if plain and not self.has_pad_slots() and sliding_window is None:
             return None
-        return slot_mask(self.positions[:, 0], num_new, query.dtype if eager else None)
+        return slot_mask(self.positions[:, 0], num_new, query.dtype if eager else None, sliding_window)
 
     def wants_scores(self, num_new: int) -> bool:
         """Whether a step of ``num_new`` queries is scored (SnapKV scores prefills only)."""
@@ -133,9 +187,17 @@ class ScoredLayer(CompressedLayer):
         """Attention each key receives from ``query`` (the last ``q`` slots), summed over queries, group-averaged.
 
         ``[batch, kv_heads, n]`` float32. On CUDA the Triton kernel computes it from the slot metadata without a
-        ``[q, n]`` probability matrix; elsewhere the chunked torch reference uses ``attention_mask``.
+        ``[q, n]`` probability matrix; elsewhere the chunked torch reference uses ``attention_mask``. With the
+        model's softcap, sinks or sliding window, the probabilities are the model's own (torch, chunked).
         """
-        if resolve_backend(self.kernel_backend, query, keys) == "triton":
+        features = getattr(self, "_features", None)
+        if features is not None and (features.softcap is not None or features.sinks is not None):
+            return feature_column_scores(query, keys, attention_mask, features)
+        if features is None or features.sliding_window is None:
+            backend = resolve_backend(self.kernel_backend, query, keys)
+        else:
+            backend = "torch"  # the kernel knows no window; the mask has it
+        if backend == "triton":
             num_q = query.shape[-2]
             return attention_column_scores(
                 query,

@@ -14,6 +14,10 @@ Deviations, on purpose:
   width; ``recent_size=32`` restores that). kvpress, reviewed by ThinK's first author, prunes all as well;
 * per KV head (the squared queries of a GQA group are averaged), not per query head after ``repeat_kv`` (ThinK#4);
 * unlike the official flash path and kvpress, pruned channels are never zero-filled back: nothing is re-expanded.
+
+The attention over the packed prompt is computed here, so it applies the model's attention features itself (logit
+softcap, attention sinks, sliding window, dropout in training; :mod:`hf_longmem.memory.attention_features`), as the
+model's eager attention would on the same slots.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers.cache_utils import Cache
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels import channel_attention
 from hf_longmem.kernels.channel_attention.reference import gather_query_channels
+from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
 
@@ -105,9 +110,9 @@ class ThinKLayer(CompressedLayer):
     # ------------------------------------------------------------------------------------------------ attend
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         self._pending = False
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if self.is_pruned:
-            return self._attend_pruned(query, scale), None
+            features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+            return self._attend_pruned(query, features), None
         if self.base is not None:
             output = self.base.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             keys, values, positions = self.base.keys, self.base.values, self.base.positions
@@ -143,35 +148,48 @@ class ThinKLayer(CompressedLayer):
         self.values = values[..., packed:, :].clone()
         self.positions = positions[..., packed:].clone()
 
-    def _attend_pruned(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def _attend_pruned(self, query: torch.Tensor, features: AttentionFeatures) -> torch.Tensor:
         """Attention over the packed prompt (gathered channels) and the full-width tail, one softmax.
 
-        Batched matmuls, or Triton's ``channel_attention`` with ``kernel_backend="triton"``. Returns
-        ``[batch, q, q_heads, dv]``.
+        Applies the model's attention features as its eager attention does
+        (:mod:`~hf_longmem.memory.attention_features`): scaling, logit softcap (before the mask), attention
+        sinks (an extra softmax slot per query head), the sliding window (by true positions) and dropout in
+        training. Batched matmuls, or Triton's
+        ``channel_attention`` with ``kernel_backend="triton"`` (softcap in the kernel, sinks merged from its
+        log-sum-exp; a window or dropout takes the torch path).
+
+        Args:
+            query: ``[batch, q_heads, q, head_dim]``, the last ``q`` slots of the tail.
+
+        Returns:
+            ``[batch, q, q_heads, dv]``.
         """
-        if self.kernel_backend == "triton":
-            out, _ = channel_attention(
+        if self.kernel_backend == "triton" and features.sliding_window is None and not features.dropout:
+            out, lse = channel_attention(
                 query,
                 self.pruned_keys,
                 self.channel_index,
                 self.pruned_values,
-                scaling,
+                features.scaling,
                 valid=self.pruned_positions != PAD_POSITION if self._packed_pads() else None,
                 keys_full=self.keys,
                 values_full=self.values,
                 valid_full=self.positions != PAD_POSITION if self.has_pad_slots() else None,
                 backend="triton",
+                softcap=features.softcap,
             )
+            out, _ = features.add_sinks(out, lse)
             return out.transpose(1, 2).contiguous()
         batch, q_heads, num_q, head_dim = query.shape
         kv_heads = self.keys.shape[1]
         group = q_heads // kv_heads
         rows = group * num_q  # a KV head's query group folded into the query axis: plain batched matmuls
         dtype = torch.promote_types(query.dtype, torch.float32)
+        scaling = features.scaling
         q_full = query.reshape(batch, kv_heads, rows, head_dim).to(dtype)
         q_packed = gather_query_channels(query, self.channel_index).reshape(batch, kv_heads, rows, -1).to(dtype)
-        logits_packed = (q_packed @ self.pruned_keys.to(dtype).transpose(-1, -2)) * scaling  # [b, h, rows, P]
-        logits_tail = (q_full @ self.keys.to(dtype).transpose(-1, -2)) * scaling  # [b, h, rows, R]
+        logits_packed = features.cap((q_packed @ self.pruned_keys.to(dtype).transpose(-1, -2)) * scaling)
+        logits_tail = features.cap((q_full @ self.keys.to(dtype).transpose(-1, -2)) * scaling)  # [b, h, rows, R]
         if self._packed_pads():
             packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query
             logits_packed = logits_packed.masked_fill(~packed_real, float("-inf"))
@@ -179,7 +197,17 @@ class ThinKLayer(CompressedLayer):
             tail_allowed = slot_mask(self.positions[:, 0], num_q)  # [b, 1, q, R] -> one row per (group head, query)
             tail_allowed = tail_allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, -1)
             logits_tail = logits_tail.masked_fill(~tail_allowed, float("-inf"))
-        probs = torch.softmax(torch.cat((logits_packed, logits_tail), dim=-1), dim=-1)
+        if features.sliding_window is not None:  # by true positions, per KV head: [b, h, q, n] -> [b, h, rows, n]
+            query_positions = self.positions[:, :, -num_q:]
+
+            def in_window(key_positions: torch.Tensor) -> torch.Tensor:
+                allowed = features.window_allows(query_positions, key_positions)
+                return allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, rows, -1)
+
+            logits_packed = logits_packed.masked_fill(~in_window(self.pruned_positions), float("-inf"))
+            logits_tail = logits_tail.masked_fill(~in_window(self.positions), float("-inf"))
+        sink_rows = None if features.sinks is None else features.sink_logits(kv_heads, num_q, dtype)
+        probs = features.softmax(torch.cat((logits_packed, logits_tail), dim=-1), sink_rows)
         split = self.pruned_keys.shape[-2]
         out = probs[..., :split] @ self.pruned_values.to(dtype) + probs[..., split:] @ self.values.to(dtype)
         return out.reshape(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()

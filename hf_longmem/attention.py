@@ -19,6 +19,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_longmem.memory.attention_features import check_attention_kwargs, model_name
+
 ATTENTION_NAME = "hf_longmem"
 EAGER_ATTENTION_NAME = "hf_longmem_eager"
 #: Key under which a cache layer puts itself into the attention kwargs.
@@ -69,7 +71,13 @@ def _make_attention(implementation: str):
         Returns ``([batch, q, q_heads, head_dim], weights or None)`` as every transformers attention does.
         """
         layer = kwargs.pop(LAYER_KWARG, None)
+        if _FALLBACK[implementation] == "sdpa" and _has_sinks(module, kwargs):
+            raise ValueError(
+                f"unsupported model: {model_name(module)} has attention sinks, which SDPA ignores; run it with "
+                f"attn_implementation='eager' (hf_longmem then uses {EAGER_ATTENTION_NAME!r})"
+            )
         if layer is not None:
+            check_attention_kwargs(module, kwargs, type(layer).__name__)
             return layer.attend(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
@@ -78,6 +86,10 @@ def _make_attention(implementation: str):
 
     longmem_attention_forward.__name__ = f"{implementation}_attention_forward"
     return longmem_attention_forward
+
+
+def _has_sinks(module: torch.nn.Module, kwargs: dict) -> bool:
+    return kwargs.get("s_aux") is not None or isinstance(getattr(module, "sinks", None), torch.Tensor)
 
 
 def _make_mask(implementation: str):
@@ -96,22 +108,25 @@ def register_attention() -> None:
         AttentionMaskInterface.register(name, _make_mask(name))
 
 
-def longmem_attention_name(current: str | None) -> str:
-    """The hf_longmem attention name that falls back to ``current``."""
+def longmem_attention_name(current: str | None, supports_sdpa: bool = True) -> str:
+    """The hf_longmem attention name that falls back to ``current`` (eager for models SDPA cannot run exactly:
+    ``_supports_sdpa = False``, e.g. Gemma-2's softcap, GPT-OSS's sinks)."""
     if current in _FALLBACK:
         return current
-    return EAGER_ATTENTION_NAME if current == "eager" else ATTENTION_NAME
+    return EAGER_ATTENTION_NAME if current == "eager" or not supports_sdpa else ATTENTION_NAME
 
 
 def enable_longmem_attention(model) -> str:
     """Routes ``model``'s attention through hf_longmem, keeping its current kind as the fallback.
 
-    A model on ``eager`` goes to ``"hf_longmem_eager"``; on ``sdpa`` (or anything else) to ``"hf_longmem"``. With a
-    cache that does not take part, outputs are unchanged. Returns the name now in use.
+    A model on ``eager`` goes to ``"hf_longmem_eager"``; on ``sdpa`` (or anything else) to ``"hf_longmem"``, except
+    models that declare ``_supports_sdpa = False`` (their attention does what SDPA cannot: softcap, sinks), which go
+    to ``"hf_longmem_eager"``. With a cache that does not take part, outputs are unchanged. Returns the name now in
+    use.
     """
     register_attention()
     current = getattr(model.config, "_attn_implementation", None)
-    name = longmem_attention_name(current)
+    name = longmem_attention_name(current, getattr(model, "_supports_sdpa", True) is not False)
     if current != name:
         model.set_attn_implementation(name)
         if model.config._attn_implementation != name:

@@ -58,6 +58,15 @@ def check_scaling(scaling) -> float:
     return float(scaling)
 
 
+def check_softcap(softcap) -> float | None:
+    """``None`` (no soft-capping) or a positive finite float."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"`softcap` must be None or a positive finite float, got {softcap!r}")
+    return float(softcap)
+
+
 def check_4d(name: str, tensor, layout: str) -> None:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
         got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__

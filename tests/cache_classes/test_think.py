@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from hf_longmem import SnapKVCache, ThinKCache, enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.think import channel_scores
+from hf_longmem.memory.attention_features import AttentionFeatures
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
@@ -152,10 +153,11 @@ def test_triton_channel_attention_matches_the_torch_path():
     greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
     layer = cache.layers[0]
     query = torch.randn(2, 4, 1, 16)
-    torch_out = layer._attend_pruned(query, 0.25)
+    features = AttentionFeatures(scaling=0.25)
+    torch_out = layer._attend_pruned(query, features)
     ThinKLayer.kernel_backend = "triton"
     try:
-        triton_out = layer._attend_pruned(query, 0.25)
+        triton_out = layer._attend_pruned(query, features)
     finally:
         ThinKLayer.kernel_backend = None
     torch.testing.assert_close(triton_out, torch_out, rtol=1e-4, atol=1e-4)

@@ -89,3 +89,17 @@ def test_reference_semantics(r):
     expected = decode_attention(query, zeroed, values, D**-0.5, valid)
     assert_close("out", expected[0], out, torch.float32)
     assert_close("lse", expected[1], lse, torch.float32)
+
+
+@needs_triton
+def test_softcap_triton_matches_reference():
+    from hf_longmem.kernels.channel_attention.triton import triton_channel_attention
+
+    query, _, values, index, pruned, valid, tail = _inputs(2, 6, 2, 3, 5, torch.int32, torch.float32, seed=1)
+    args = (query * 4, pruned, index, values[:, :, :N], D**-0.5, valid[..., :N], True)
+    ref_out, ref_lse = naive_channel_attention(*args, **tail, softcap=1.5)
+    out, lse = triton_channel_attention(*args, **tail, softcap=1.5, block_n=16, num_splits=2)
+    assert_close("out", ref_out, out, torch.float32)
+    assert_close("lse", ref_lse, lse, torch.float32)
+    plain, _ = naive_channel_attention(*args, **tail)
+    assert (plain - ref_out).abs().max() > 1e-2

@@ -105,3 +105,27 @@ def test_merge_with_empty_sides():
     assert torch.isneginf(both_lse).all() and (both == 0).all()
     with pytest.raises(ValueError, match="matching shapes"):
         merge_attention(out, lse, out[:, :2], lse[:, :2])
+
+
+@needs_triton
+@pytest.mark.parametrize("q", [1, 3])
+def test_softcap_triton_matches_reference_and_eager(q):
+    """Gemma-2 soft-capping: Triton == reference == ``tanh(s / cap) * cap`` before the mask (eager's order)."""
+    from hf_longmem.kernels.decode_attention.triton import triton_decode_attention
+
+    query, keys, values, mask = _inputs(2, 6, 2, q, "row", torch.float32)
+    query = query * 4  # logits well past the cap
+    cap = 1.5
+    ref_out, ref_lse = naive_decode_attention(query, keys, values, D**-0.5, mask, True, softcap=cap)
+    out, lse = triton_decode_attention(query, keys, values, D**-0.5, mask, True, softcap=cap, block_n=16, num_splits=3)
+    assert_close("out", ref_out, out, torch.float32)
+    assert_close("lse", ref_lse, lse, torch.float32)
+    group = 3
+    logits = query @ keys.repeat_interleave(group, 1).transpose(-1, -2) * D**-0.5
+    logits = torch.tanh(logits / cap) * cap
+    causal = torch.arange(N, device=DEVICE)[None, :] <= torch.arange(N - q, N, device=DEVICE)[:, None]
+    allowed = (causal[None] & mask[:, None, :])[:, None]
+    expected = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ values.repeat_interleave(group, 1)
+    assert_close("out", expected, ref_out, torch.float32)
+    plain, _ = naive_decode_attention(query, keys, values, D**-0.5, mask, True)
+    assert (plain - ref_out).abs().max() > 1e-2  # the cap matters on these logits

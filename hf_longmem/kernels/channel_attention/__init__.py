@@ -9,6 +9,7 @@ from hf_longmem.kernels.utils import (
     check_causal,
     check_query_keys_values,
     check_scaling,
+    check_softcap,
     check_valid,
     resolve_backend,
 )
@@ -55,6 +56,7 @@ def channel_attention(
     values_full: torch.Tensor | None = None,
     valid_full: torch.Tensor | None = None,
     backend: str | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with ThinK's channel-pruned keys, never re-expanded to full width.
 
@@ -78,6 +80,8 @@ def channel_attention(
         values_full: ``[b, Hkv, r, dv]``, given exactly when ``keys_full`` is.
         valid_full: ``[b, r]`` or ``[b, Hkv, r]`` bool for the full-width slots.
         backend: ``"torch"``, ``"triton"`` or ``None`` (Triton on CUDA when triton is installed, else torch).
+        softcap: ``tanh(s / softcap) * softcap`` of the scaled logits ``s`` (Gemma-2), or ``None``. Attention
+            sinks are merged from ``lse`` by the caller.
 
     Returns:
         ``out [b, Hq, q, dv]`` (query dtype) and ``lse [b, Hq, q]`` float32.
@@ -115,7 +119,11 @@ def channel_attention(
             )
         valid_full = check_valid(valid_full, batch, kv_heads, num_full, name="valid_full", device=query.device)
     check_causal(causal_new, num_q, num_pruned + num_full)
-    args = (query, keys_pruned, channel_index, values, scaling, valid, causal_new, keys_full, values_full, valid_full)
+    softcap = check_softcap(softcap)
+    args = (
+        query, keys_pruned, channel_index, values, scaling, valid, causal_new, keys_full, values_full, valid_full,
+        softcap,
+    )  # fmt: skip
     tensors = [t for t in (query, keys_pruned, values, keys_full, values_full) if t is not None]
     if resolve_backend(backend, *tensors) == "torch":
         return naive_channel_attention(*args)

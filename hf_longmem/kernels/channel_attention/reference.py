@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_longmem.kernels.decode_attention.reference import allowed_slots, grouped_logits, softmax_attend
+from hf_longmem.kernels.decode_attention.reference import allowed_slots, grouped_logits, softcap_logits, softmax_attend
 
 
 def gather_query_channels(query: torch.Tensor, channel_index: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,7 @@ def naive_channel_attention(
     keys_full: torch.Tensor | None = None,
     values_full: torch.Tensor | None = None,
     valid_full: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``n`` channel-pruned slots followed by ``r`` full-width slots, one softmax.
 
@@ -47,6 +48,7 @@ def naive_channel_attention(
         causal_new: the queries are the last ``q`` slots of the union ``[pruned; full]``.
         keys_full, values_full: ``[b, Hkv, r, d]`` / ``[b, Hkv, r, dv]`` full-width slots after the pruned ones.
         valid_full: ``[b, r]`` or ``[b, Hkv, r]`` bool for the full-width slots.
+        softcap: ``tanh(logits / softcap) * softcap`` on the scaled logits (Gemma-2), or ``None``.
 
     Returns:
         ``out [b, Hq, q, dv]`` (query dtype) and ``lse [b, Hq, q]`` float32.
@@ -54,10 +56,10 @@ def naive_channel_attention(
     batch, kv_heads = keys_pruned.shape[:2]
     num_q = query.shape[-2]
     q_kept = gather_query_channels(query.float(), channel_index)
-    logits = torch.einsum("bhgqc,bhnc->bhgqn", q_kept, keys_pruned.float()) * scaling
+    logits = softcap_logits(torch.einsum("bhgqc,bhnc->bhgqn", q_kept, keys_pruned.float()) * scaling, softcap)
     slots = _slot_mask(valid, batch, kv_heads, keys_pruned.shape[-2], query.device)
     if keys_full is not None:
-        logits = torch.cat((logits, grouped_logits(query, keys_full, scaling)), dim=-1)
+        logits = torch.cat((logits, grouped_logits(query, keys_full, scaling, softcap)), dim=-1)
         values = torch.cat((values, values_full), dim=-2)
         slots = torch.cat((slots, _slot_mask(valid_full, batch, kv_heads, keys_full.shape[-2], query.device)), -1)
     total = logits.shape[-1]

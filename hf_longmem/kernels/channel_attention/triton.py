@@ -27,6 +27,7 @@ def triton_channel_attention(
     keys_full: torch.Tensor | None = None,
     values_full: torch.Tensor | None = None,
     valid_full: torch.Tensor | None = None,
+    softcap: float | None = None,
     *,
     block_n: int | None = None,
     num_splits: int | None = None,
@@ -37,7 +38,7 @@ def triton_channel_attention(
     # Union slot j is visible to query i iff j <= n + r - q + i; per part, in its own slot numbering:
     offset = num_pruned + num_full - num_q
     pruned_offset = offset if causal_new and offset < num_pruned - 1 else None  # None: no pruned slot is cut
-    tiling = {"block_n": block_n, "num_splits": num_splits}
+    tiling = {"softcap": softcap, "block_n": block_n, "num_splits": num_splits}
     out, lse = decode_attention_fwd(
         query, keys_pruned, values, scaling, _as_3d(valid), pruned_offset, channel_index, **tiling
     )

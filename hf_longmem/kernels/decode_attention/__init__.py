@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from hf_longmem.kernels.utils import check_causal, check_query_keys_values, check_scaling, check_valid, resolve_backend
+from hf_longmem.kernels.utils import (
+    check_causal,
+    check_query_keys_values,
+    check_scaling,
+    check_softcap,
+    check_valid,
+    resolve_backend,
+)
 
 from .reference import merge_attention, naive_decode_attention
 
@@ -20,6 +27,7 @@ def decode_attention(
     valid: torch.Tensor | None = None,
     causal_new: bool = True,
     backend: str | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few new queries over ``n`` cached slots, returning the output and its log-sum-exp.
 
@@ -36,6 +44,9 @@ def decode_attention(
         causal_new: the ``q`` queries are the last ``q`` slots: query ``i`` sees slots ``<= n - q + i``. With
             ``False`` every (valid) slot is visible to every query.
         backend: ``"torch"``, ``"triton"`` or ``None`` (Triton on CUDA when triton is installed, else torch).
+        softcap: logit soft-capping ``tanh(s / softcap) * softcap`` of the scaled logits ``s`` (Gemma-2), or
+            ``None``. Attention sinks are not a kernel argument: merge them from ``lse``
+            (:meth:`~hf_longmem.memory.attention_features.AttentionFeatures.add_sinks`).
 
     Returns:
         ``out [b, Hq, q, dv]`` in the query dtype and ``lse [b, Hq, q]`` float32 (natural log). A query that may
@@ -55,8 +66,9 @@ def decode_attention(
     scaling = check_scaling(scaling)
     valid = check_valid(valid, batch, kv_heads, num_keys, device=query.device)
     check_causal(causal_new, num_q, num_keys)
+    softcap = check_softcap(softcap)
     if resolve_backend(backend, query, keys, values) == "torch":
-        return naive_decode_attention(query, keys, values, scaling, valid, causal_new)
+        return naive_decode_attention(query, keys, values, scaling, valid, causal_new, softcap)
     from .triton import triton_decode_attention
 
-    return triton_decode_attention(query, keys, values, scaling, valid, causal_new)
+    return triton_decode_attention(query, keys, values, scaling, valid, causal_new, softcap=softcap)

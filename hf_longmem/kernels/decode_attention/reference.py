@@ -46,12 +46,20 @@ def softmax_attend(
     return out.reshape(batch, q_heads, num_q, -1).to(out_dtype), lse.reshape(batch, q_heads, num_q)
 
 
-def grouped_logits(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``[b, Hq, q, d] x [b, Hkv, n, d] -> [b, Hkv, group, q, n]`` float32 scaled logits, keys not repeated."""
+def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2's logit soft-capping of scaled logits, ``tanh(logits / softcap) * softcap`` (identity for ``None``)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def grouped_logits(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """``[b, Hq, q, d] x [b, Hkv, n, d] -> [b, Hkv, group, q, n]`` float32 scaled (and soft-capped) logits, keys
+    not repeated."""
     batch, q_heads, num_q, head_dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.float().view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
-    return torch.einsum("bhgqd,bhnd->bhgqn", grouped, keys.float()) * scaling
+    return softcap_logits(torch.einsum("bhgqd,bhnd->bhgqn", grouped, keys.float()) * scaling, softcap)
 
 
 def naive_decode_attention(
@@ -61,6 +69,7 @@ def naive_decode_attention(
     scaling: float,
     valid: torch.Tensor | None = None,
     causal_new: bool = True,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` queries over ``n`` cached slots, with its log-sum-exp.
 
@@ -71,6 +80,7 @@ def naive_decode_attention(
         scaling: logit scale, usually ``d ** -0.5``.
         valid: ``[b, n]`` or ``[b, Hkv, n]`` bool, False for pad slots; ``None``: every slot is real.
         causal_new: the queries are the last ``q`` slots: query ``i`` sees slots ``<= n - q + i``.
+        softcap: ``tanh(logits / softcap) * softcap`` on the scaled logits (Gemma-2), or ``None``.
 
     Returns:
         ``out [b, Hq, q, dv]`` (query dtype) and ``lse [b, Hq, q]`` float32.
@@ -78,7 +88,7 @@ def naive_decode_attention(
     num_q, num_keys = query.shape[-2], keys.shape[-2]
     valid = valid[:, None] if valid is not None and valid.dim() == 2 else valid
     allowed = allowed_slots(valid, num_q, num_keys, num_keys - num_q if causal_new else None, query.device)
-    return softmax_attend(grouped_logits(query, keys, scaling), allowed, values, query.dtype)
+    return softmax_attend(grouped_logits(query, keys, scaling, softcap), allowed, values, query.dtype)
 
 
 def merge_attention(

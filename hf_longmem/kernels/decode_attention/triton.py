@@ -117,6 +117,7 @@ def _decode_attention_fwd_kernel(
     stride_ch,
     stride_cd,
     scaling,
+    softcap,
     causal_offset,
     num_kv_heads,
     num_queries,
@@ -135,6 +136,7 @@ def _decode_attention_fwd_kernel(
     HAS_CHANNEL_INDEX: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -188,7 +190,11 @@ def _decode_attention_fwd_kernel(
             mask=col_ok[None, :] & d_ok[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
-        s = _dot(q, k, IEEE_DOT) * qk_scale
+        if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 2 sigmoid(2x) - 1; then to base 2
+            s = _dot(q, k, IEEE_DOT) * scaling
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0) * 1.4426950408889634
+        else:
+            s = _dot(q, k, IEEE_DOT) * qk_scale
         allowed = _allowed_block(valid_base, stride_mn, cols, col_ok, qi, row_ok, causal_offset, HAS_VALID, CAUSAL)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -278,6 +284,7 @@ def decode_attention_fwd(
     causal_offset: int | None,
     channel_index: torch.Tensor | None = None,
     *,
+    softcap: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,6 +297,7 @@ def decode_attention_fwd(
         valid: ``[b, 1 or Hkv, n]`` bool or ``None``.
         causal_offset: query ``i`` sees slots ``<= causal_offset + i``; ``None``: no causal limit.
         channel_index: ``[b, Hkv, d_keep]`` integer, the query channels each KV head's keys kept.
+        softcap: ``tanh(s / softcap) * softcap`` of the scaled logits, or ``None``.
         block_n: keys per block (default 64, or 32 for wide heads); num_splits: key-axis splits (default: fill
             the device).
 
@@ -338,6 +346,7 @@ def decode_attention_fwd(
             *valid_strides,
             *cidx_strides,
             scaling,
+            softcap if softcap is not None else 1.0,
             causal_offset if causal_offset is not None else 0,
             kv_heads,
             num_q,
@@ -356,6 +365,7 @@ def decode_attention_fwd(
             HAS_CHANNEL_INDEX=channel_index is not None,
             CAUSAL=causal_offset is not None,
             IEEE_DOT=query.dtype == torch.float32,
+            HAS_SOFTCAP=softcap is not None,
         )
         _merge_splits_kernel[(batch * q_heads * num_q,)](
             o_part,
@@ -378,6 +388,7 @@ def triton_decode_attention(
     valid: torch.Tensor | None = None,
     causal_new: bool = True,
     *,
+    softcap: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,4 +400,6 @@ def triton_decode_attention(
         valid = valid[:, None]
     num_q, num_keys = query.shape[-2], keys.shape[-2]
     offset = num_keys - num_q if causal_new else None
-    return decode_attention_fwd(query, keys, values, scaling, valid, offset, block_n=block_n, num_splits=num_splits)
+    return decode_attention_fwd(
+        query, keys, values, scaling, valid, offset, softcap=softcap, block_n=block_n, num_splits=num_splits
+    )
