@@ -235,7 +235,7 @@ def test_h2o_scores_are_the_models_own_attention_probabilities(model):
 class _NoRotation:
     """A RoPE-free model: memory placed "at a constant distance" is the tokens' own keys."""
 
-    def rotate(self, states, delta):
+    def rotate(self, states, delta, *, query=False):
         return states
 
 
