@@ -275,7 +275,7 @@ class CompressedLayer(CacheLayerMixin):
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Keep-priority of every slot, ``[batch, 1 or kv_heads, n]`` (higher is kept first; ``inf`` = always).
 
-        Pads are excluded by the caller. Ties are broken arbitrarily, so forced slots should use ``inf``.
+        Pads are excluded by the caller. Ties go to the earlier slot; forced slots should use ``inf``.
         """
         raise NotImplementedError
 
@@ -342,7 +342,9 @@ def keep_plan(
     # Rows that keep everything keep their last `stored` columns: reals are right-aligned, the rest are pads.
     tail = torch.arange(n - stored, n, device=device).expand(batch, heads, stored)
     priority = priority_fn().expand(batch, heads, n).masked_fill(positions == PAD_POSITION, float("-inf"))
-    ranked = priority.topk(stored, dim=-1).indices  # [b, h, stored], best first
+    # best first; equal priorities (max-pooled plateaus, ...) in slot order, so a row ranks its real slots the same
+    # with or without pads in front (topk breaks ties by index arbitrarily)
+    ranked = priority.sort(dim=-1, descending=True, stable=True).indices[..., :stored]  # [b, h, stored]
     keep = torch.arange(stored, device=device) < targets[:, None, None]
     # Fillers (rank beyond the row's target) sort first and become pad slots.
     index = torch.where(keep, ranked, -1).sort(dim=-1).values

@@ -72,7 +72,8 @@ class SnapKVLayer(ScoredLayer):
         num_new = query.shape[-2]
         window = min(self.window_size, num_new)
         scores = self.received_attention(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
-        self._scores = pool_scores(scores, self.kernel_size, self.pooling)
+        real = self.positions[:, 0] != PAD_POSITION if self.has_pad_slots() else None  # [b, n]
+        self._scores = pool_scores(scores, self.kernel_size, self.pooling, real=real)
 
     def compresses_now(self) -> bool:
         return self._scores is not None  # only a scored (prefill) step selects; generated tokens are appended
