@@ -24,7 +24,9 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
+from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 
 #: Spare slots allocated behind the stored states once a layer decodes without compressing (1/32 of the stored
 #: length, within these bounds): appending then writes in place instead of copying everything stored (``torch.cat``
@@ -388,6 +390,62 @@ class LongMemCache(Cache):
             super().__init__(layer_class_to_replicate=_CountingFactory(layer_factory))
         else:
             super().__init__(layers=build_layers(layer_factory, config))
+        #: The decoder's position ids / mask of the forward in progress, when a model hook provides them
+        #: (:func:`~hf_longmem.memory.step_inputs.track_step_inputs`); ``None`` between forwards or without the hook.
+        self.step_inputs: StepInputs | None = None
+        self.handoff = AttentionHandoff()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Cache.update``, giving our layers the position ids the model's attention did not pass on.
+
+        Models that pass ``kwargs=`` with ``position_ids`` (Llama and most others) go straight to the layer. Where
+        the attention passes no kwargs (GPT-NeoX, Falcon) or keeps ``position_ids`` as a named parameter (StableLM),
+        they come from :attr:`step_inputs`; with neither, a batch of several rows is refused (its padding is unknown).
+        """
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is not None and "position_ids" in attn_kwargs:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        if not _reads_positions(self.layers[layer_idx]):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        step = self.step_inputs
+        if step is None:
+            if key_states.shape[0] > 1:
+                raise ValueError(
+                    "unsupported model for a batch without a model hook: its attention does not pass `position_ids` "
+                    "to Cache.update, so this cache cannot tell left padding from tokens. Build the cache with "
+                    "hf_longmem.make_cache(name, model, ...) (it watches the model's inputs), or call "
+                    "hf_longmem.memory.step_inputs.track_step_inputs(model) once, or generate one row at a time"
+                )
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        position_ids = step.position_ids_for(key_states.shape[-2])
+        if attn_kwargs is None:  # no kwargs at all (GPT-NeoX, Falcon): the layer gets a dict of its own
+            own = {} if position_ids is None else {"position_ids": position_ids}
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **{**kwargs, "kwargs": own})
+            layer = own.get(LAYER_KWARG)
+            if layer is not None:  # the layer asks for the attention call: hand it over through the pre-hook
+                if not self.handoff.armed:
+                    raise ValueError(
+                        f"{type(layer).__name__} cannot see the queries: this model's attention passes no kwargs to "
+                        "Cache.update, and either hf_longmem attention is off (hf_longmem.enable_longmem_attention"
+                        "(model); make_cache(name, model) does it) or the attention takes no extra kwargs "
+                        "(unsupported model: use a method that needs no attention scores, e.g. 'streaming')"
+                    )
+                self.handoff.layer = layer
+            return keys, values
+        if position_ids is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        # position_ids is a named parameter of the attention (StableLM): lend it to the layer, then take it back so
+        # the attention call does not get it twice
+        attn_kwargs["position_ids"] = position_ids
+        try:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        finally:
+            attn_kwargs.pop("position_ids", None)
 
     def memory_bytes(self) -> int:
         """Bytes held by every layer (keys, values, indices and metadata)."""
@@ -401,6 +459,11 @@ class LongMemCache(Cache):
         if hasattr(layer, "get_stored_length"):
             return layer.get_stored_length()
         return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
+
+
+def _reads_positions(layer) -> bool:
+    """Whether ``layer`` tells pads from tokens by position ids (ours do; transformers' own layers do not care)."""
+    return not type(layer).__module__.startswith("transformers.")
 
 
 class _CountingFactory:

@@ -10,6 +10,7 @@ from transformers import Cache, PretrainedConfig, PreTrainedModel
 
 from hf_longmem.attention import enable_longmem_attention
 from hf_longmem.cache_classes.base import check_options
+from hf_longmem.memory.step_inputs import track_step_inputs
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
     if isinstance(model_or_config, PreTrainedModel):
         if spec.needs_attention:
             enable_longmem_attention(model_or_config)
+        track_step_inputs(model_or_config)  # position ids / mask for models whose attention keeps them from the cache
         if hasattr(spec.cls, "from_model"):
             return spec.cls.from_model(model_or_config, **options)
         return spec.cls(config=model_or_config.config, **options)
