@@ -19,12 +19,14 @@ transformers 5.x cache contract for caches that hold fewer tokens than they have
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from hf_longmem.attention import LAYER_KWARG
+from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 
@@ -58,6 +60,10 @@ class CompressedLayer(CacheLayerMixin):
     batch_state: tuple[str, ...] = ("keys", "values", "positions", "real_seen")
     #: Extra per-slot tensors ``[batch, kv_heads, n]`` that :meth:`compress` gathers along with the keys.
     slot_state: tuple[str, ...] = ()
+    #: Whether the layer can stand in for a sliding-window attention layer (:func:`build_layers`): it must build its
+    #: own attention mask (:meth:`own_mask`), since the model's sliding mask works on columns, not on the positions
+    #: the kept slots hold.
+    supports_sliding_window = False
     #: Decoding appends into spare capacity (:meth:`append_slots`): ``None`` = on CUDA only. On CPU it measured
     #: neutral (SnapKV 1.01x, ThinK 0.99x decode at 2k context): CPU SDPA/matmul copy the strided views back to
     #: contiguous memory, which costs what the saved ``torch.cat`` did.
@@ -71,6 +77,8 @@ class CompressedLayer(CacheLayerMixin):
         # name -> (buffer, the prefix view of it that is stored under that name)
         self._append_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steady_appends = 0  # steps in a row that appended without compressing
+        #: The model's attention window when this layer replaces a sliding-window layer (``None``: full attention).
+        self.sliding_window: int | None = None
 
     # ``positions`` is materialised on read. Decoding steps of a layer that only appends (see :meth:`appends_only`)
     # record the new tokens' positions as a count from ``_tail_start`` (each row's first one, ``[batch]``): their
@@ -164,6 +172,12 @@ class CompressedLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.ndim != 4 or value_states.ndim != 4 or key_states.shape[:3] != value_states.shape[:3]:
+            raise ValueError(
+                f"unsupported cache layout: {type(self).__name__} stores per-head keys and values "
+                f"[batch, kv_heads, n, head_dim], this model caches {tuple(key_states.shape)} / "
+                f"{tuple(value_states.shape)} (latent or fused attention caches are not supported)"
+            )
         batch, heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
         self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
@@ -259,7 +273,7 @@ class CompressedLayer(CacheLayerMixin):
         target = self.target_length(keys.shape[-2])
         if isinstance(target, int) and target >= keys.shape[-2]:
             return keys, values, positions
-        plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
+        plan = keep_plan(positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions))
         if plan is None:
             return keys, values, positions
         index, filler = plan
@@ -280,6 +294,54 @@ class CompressedLayer(CacheLayerMixin):
         Pads are excluded by the caller. Ties go to the earlier slot; forced slots should use ``inf``.
         """
         raise NotImplementedError
+
+    def windowed(self, priority: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``priority`` with the slots no later query can see (sliding window) ranked below every other real slot.
+
+        Args:
+            priority: ``[batch, 1 or kv_heads, n]``.
+            positions: ``[batch, kv_heads, n]``.
+
+        Returns:
+            ``[batch, kv_heads, n]`` (``priority`` itself on a full-attention layer).
+        """
+        if self.sliding_window is None:
+            return priority
+        # the next query of a row is at its position real_seen: it sees keys at positions > real_seen - window
+        stale = positions <= (self.real_seen - self.sliding_window)[:, None, None]
+        return priority.expand_as(positions).masked_fill(stale, torch.finfo(priority.dtype).min)
+
+    def drop_stale(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On a sliding-window layer: keeps ``window - 1`` slots per head, the ones later queries can still see
+        first (at most ``window - 1`` can be: positions are distinct). ``[batch, kv_heads, n, ...]`` in and out."""
+        plan = keep_plan(
+            positions, self.sliding_window - 1, lambda: self.windowed(positions.new_zeros(positions.shape, dtype=torch.float32), positions)
+        )
+        if plan is None:
+            return keys, values, positions
+        index, filler = plan
+        for name in self.slot_state:
+            setattr(self, name, getattr(self, name).gather(2, index))
+        keys, values, positions = gather_slots(keys, values, positions, index)
+        if filler is not None:
+            positions = positions.masked_fill(filler, PAD_POSITION)
+        return keys, values, positions
+
+    def own_mask(self, num_new: int, additive_dtype: torch.dtype | None = None, query_heads: int | None = None):
+        """This layer's attention mask from its slots (:func:`~hf_longmem.memory.masks.slot_mask`).
+
+        On a sliding-window layer the window is applied to the true positions, per KV head (heads keep different
+        tokens): ``[batch, kv_heads, q, n]``, repeated to ``query_heads`` when given (the model's attention expects
+        one mask row per query head or a broadcast one). Else ``[batch, 1, q, n]``.
+        """
+        if self.sliding_window is None:
+            return slot_mask(self.positions[:, 0], num_new, additive_dtype)
+        mask = slot_mask(self.positions, num_new, additive_dtype, self.sliding_window)
+        if query_heads is not None and query_heads != mask.shape[1]:
+            mask = mask.repeat_interleave(query_heads // mask.shape[1], dim=1)
+        return mask
 
     # ------------------------------------------------------------------------------------ batch operations
     def _map_batch_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -318,6 +380,24 @@ class CompressedLayer(CacheLayerMixin):
     def prefetch(self):
         if self.is_initialized:
             self._map_batch_state(lambda t: t.to(self.device, non_blocking=True))
+
+
+class SlidingWindowScoring:
+    """Mixin (before :class:`~hf_longmem.cache_classes.scored.ScoredLayer`) for scored layers that may replace a
+    sliding-window layer: their own mask (attention and scoring) hides what the model's sliding mask hides, on true
+    positions. Scoring then runs the torch reference (the Triton kernels know no window)."""
+
+    supports_sliding_window = True
+
+    def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
+        if self.sliding_window is None:
+            return super().mask_for_this_layer(query, key, eager)
+        return self.own_mask(query.shape[-2], query.dtype if eager else None, query.shape[1])
+
+    def scoring_mask(self, attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """The mask scores are computed with: ``attention_mask`` (``[batch, 1, q, n]``) on full attention, else the
+        windowed per-head mask ``[batch, kv_heads, q, n]``."""
+        return attention_mask if self.sliding_window is None else self.own_mask(num_queries)
 
 
 def keep_plan(
@@ -385,11 +465,19 @@ class LongMemCache(Cache):
             Without it, layers are created on first use and every layer is compressed.
     """
 
+    #: Whether the layers of this method can replace sliding-window layers (:func:`build_layers`); they must
+    #: then have ``supports_sliding_window``.
+    compresses_sliding_layers = False
+
     def __init__(self, layer_factory: Callable[[int], CacheLayerMixin], config=None):
         if config is None:
             super().__init__(layer_class_to_replicate=_CountingFactory(layer_factory))
         else:
-            super().__init__(layers=build_layers(layer_factory, config))
+            # subclasses set `budget` before calling us: it decides whether sliding layers are compressed too
+            budget = getattr(self, "budget", None)
+            budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+            layers = build_layers(layer_factory, config, budget, sliding=self.compresses_sliding_layers)
+            super().__init__(layers=layers)
         #: The decoder's position ids / mask of the forward in progress, when a model hook provides them
         #: (:func:`~hf_longmem.memory.step_inputs.track_step_inputs`); ``None`` between forwards or without the hook.
         self.step_inputs: StepInputs | None = None
@@ -487,24 +575,83 @@ def layer_memory_bytes(layer) -> int:
     return _tensor_bytes(getattr(layer, "keys", None)) + _tensor_bytes(getattr(layer, "values", None))
 
 
-def build_layers(layer_factory: Callable[[int], CacheLayerMixin], config) -> list[CacheLayerMixin]:
-    """One layer per decoder layer of ``config``: ``layer_factory(i)`` for full attention, HF's sliding layer else."""
+def build_layers(
+    layer_factory: Callable[[int], CacheLayerMixin], config, budget: int | None = None, sliding: bool = False
+) -> list[CacheLayerMixin]:
+    """One layer per decoder layer of ``config``.
+
+    * Full-attention layers: ``layer_factory(i)``.
+    * Sliding-window layers of a model whose layers are ALL sliding (Mistral-7B-v0.1, Qwen2 with
+      ``use_sliding_window``, Phi-3-small...): ``layer_factory(i)`` too when ``budget`` is below what transformers'
+      sliding layer holds (``window - 1`` tokens) and the method supports it (``sliding``; its layers have
+      ``supports_sliding_window``). The
+      layer then keeps at most ``budget`` tokens by the method's rule, ranks the tokens that left the window below
+      all others, and its own mask hides them from the queries, exactly as the model's sliding mask does (see
+      :meth:`CompressedLayer.own_mask`). A method that does not support it keeps transformers' layer, with a warning.
+      At a budget of ``window - 1`` or more, transformers' layer holds no more than the method would.
+    * Sliding-window layers of a hybrid model (Gemma-2/3, GPT-OSS, EXAONE-4, ...: sliding and full layers): they
+      stay transformers' sliding layers (bounded by the window already); only the full layers are compressed.
+
+    Raises:
+        ValueError: for a layer that is neither full nor sliding-window attention (chunked, linear, ...), or a
+            multi-head latent attention model (see :func:`check_cache_layout`).
+    """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    check_cache_layout(text_config)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    all_sliding = bool(layer_types) and all(t == "sliding_attention" for t in layer_types)
     layers: list[CacheLayerMixin] = []
+    compress_sliding = False
     for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type == "full_attention":
             layers.append(layer_factory(layer_idx))
         elif layer_type == "sliding_attention":
-            layers.append(DynamicSlidingWindowLayer(**kwargs))
+            window = kwargs.get("sliding_window")
+            compress_sliding = all_sliding and budget is not None and isinstance(window, int) and budget < window - 1
+            if compress_sliding and sliding:
+                layer = layer_factory(layer_idx)
+                if not getattr(layer, "supports_sliding_window", False):
+                    raise TypeError(f"{type(layer).__name__} cannot replace a sliding-window layer")
+                layer.sliding_window = window
+                layer.kernel_backend = "torch"  # the Triton scoring / decoding kernels apply no window
+                layers.append(layer)
+            else:
+                layers.append(DynamicSlidingWindowLayer(**kwargs))
         else:
             raise ValueError(
                 f"unsupported model: hf_longmem caches handle full and sliding-window attention layers, "
                 f"this config has a {layer_type!r} layer"
             )
+    if compress_sliding and not sliding:
+        warnings.warn(
+            f"this method does not compress sliding-window attention layers, and every layer of this model is one: "
+            f"the cache holds what transformers' sliding-window cache holds (window - 1 tokens per layer), not the "
+            f"budget of {budget}",
+            stacklevel=3,
+        )
     return layers
+
+
+#: Config attributes of multi-head latent attention (DeepSeek-V2/V3, Kimi...): the cache holds a compressed latent
+#: and a shared rotary key per token, not ``[batch, kv_heads, n, head_dim]`` keys and values.
+MLA_CONFIG_KEYS = ("kv_lora_rank", "qk_rope_head_dim")
+
+
+def check_cache_layout(config) -> None:
+    """Raises ``ValueError`` when the model's cache does not hold per-head keys/values ``[batch, kv_heads, n, d]``.
+
+    Multi-head latent attention (``kv_lora_rank`` / ``qk_rope_head_dim`` in the config) caches latents whose
+    channels are not per-head keys: evicting or merging their slots with per-head scores is not implemented.
+    """
+    mla = [key for key in MLA_CONFIG_KEYS if getattr(config, key, None)]
+    if mla:
+        raise ValueError(
+            f"unsupported model: {getattr(config, 'model_type', type(config).__name__)} uses multi-head latent "
+            f"attention (config {', '.join(mla)}): its cache holds latents, not per-head keys/values, and hf_longmem "
+            "caches do not compress that layout"
+        )
 
 
 def cache_memory_bytes(cache: Cache) -> int:
@@ -528,6 +675,7 @@ __all__ = [
     "LongMemCache",
     "build_layers",
     "cache_memory_bytes",
+    "check_cache_layout",
     "check_options",
     "gather_slots",
 ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from transformers import Cache, PretrainedConfig, PreTrainedModel
 
 from hf_longmem.attention import enable_longmem_attention
-from hf_longmem.cache_classes.base import check_options
+from hf_longmem.cache_classes.base import LongMemCache, check_cache_layout, check_options
 from hf_longmem.memory.step_inputs import track_step_inputs
 
 
@@ -93,6 +93,9 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
     check_options(spec.cls, options)
     if "config" in options:
         raise ValueError("pass the model or config as `model_or_config`, not as `config=`")
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    if config is not None and issubclass(spec.cls, LongMemCache):  # before any method-specific requirement
+        check_cache_layout(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
     if isinstance(model_or_config, PreTrainedModel):
         if spec.needs_attention:
             enable_longmem_attention(model_or_config)
