@@ -460,9 +460,16 @@ class LongMemCache(Cache):
 
     Args:
         layer_factory: ``layer_factory(layer_idx)`` builds the compressed layer of one full-attention layer.
-        config: the model config. With it, layers are laid out from ``config.layer_types``: full-attention layers
-            are compressed, sliding-window layers keep transformers' own sliding layer (they are bounded already).
+        config: the model config. With it, layers are laid out from ``config.layer_types`` (:func:`build_layers`):
+            full-attention layers are compressed; on hybrid models (Gemma-2/3, GPT-OSS, EXAONE-4, ...) sliding-window
+            layers stay transformers' sliding layers (bounded by the window already); on models whose layers are all
+            sliding (Mistral-7B-v0.1), a ``budget`` below the window compresses them too, for the methods that
+            support it (``compresses_sliding_layers``; the others warn). Multi-head latent attention is refused.
             Without it, layers are created on first use and every layer is compressed.
+
+    Position ids: most models pass them to ``update``; for those that do not (GPT-NeoX, Falcon, StableLM, ...),
+    :attr:`step_inputs` carries them from a hook :func:`hf_longmem.make_cache` installs on the model; a cache used
+    on such a model without the hook refuses batches of several rows, whose padding it cannot see.
     """
 
     #: Whether the layers of this method can replace sliding-window layers (:func:`build_layers`); they must
