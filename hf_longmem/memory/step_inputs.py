@@ -131,7 +131,7 @@ class _Tracker:
 
     def _before_attention(self, module, args, kwargs):
         cache = self.cache()
-        if cache is None or not uses_longmem_attention(module.config) or LAYER_KWARG in kwargs:
+        if cache is None or not uses_longmem_attention(getattr(module, "config", None)) or LAYER_KWARG in kwargs:
             return None
         cache.handoff.armed = True
         return args, {**kwargs, LAYER_KWARG: cache.handoff}
