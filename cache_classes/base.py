@@ -647,11 +647,20 @@ MLA_CONFIG_KEYS = ("kv_lora_rank", "qk_rope_head_dim")
 
 
 def check_cache_layout(config) -> None:
-    """Raises ``ValueError`` when the model's cache does not hold per-head keys/values ``[batch, kv_heads, n, d]``.
+    """Raises ``ValueError`` when the model's cache does not hold per-head keys/values ``[batch, kv_heads, n, d]``,
+    or its attention needs every token seen.
 
-    Multi-head latent attention (``kv_lora_rank`` / ``qk_rope_head_dim`` in the config) caches latents whose
+    ALiBi (Bloom, MPT, Falcon with ``alibi=True``) adds a bias the model sizes from the attention mask, not from the
+    cache. Multi-head latent attention (``kv_lora_rank`` / ``qk_rope_head_dim`` in the config) caches latents whose
     channels are not per-head keys: evicting or merging their slots with per-head scores is not implemented.
     """
+    model_type = getattr(config, "model_type", type(config).__name__)
+    attn_config = getattr(config, "attn_config", None)
+    if model_type == "bloom" or getattr(config, "alibi", False) is True or getattr(attn_config, "alibi", False) is True:
+        raise ValueError(
+            f"unsupported model: {model_type} uses ALiBi position biases, which the model builds from the full "
+            "attention mask (every token seen), so they do not line up with a cache that holds fewer tokens"
+        )
     mla = [key for key in MLA_CONFIG_KEYS if getattr(config, key, None)]
     if mla:
         raise ValueError(

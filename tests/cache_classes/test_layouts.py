@@ -115,3 +115,12 @@ def test_unsupported_layer_types_keep_their_clear_error():
     config.attention_chunk_size = 4
     with pytest.raises(ValueError, match="chunked_attention"):
         make_cache("snapkv", config, budget=8, window_size=2)
+
+
+def test_alibi_models_are_refused_when_the_cache_is_built():
+    from transformers import BloomConfig, FalconConfig
+
+    for config in (BloomConfig(n_layer=2, hidden_size=32, n_head=2), FalconConfig(num_hidden_layers=2, alibi=True)):
+        with pytest.raises(ValueError, match="ALiBi"):
+            make_cache("streaming", config, budget=8)
+    make_cache("streaming", FalconConfig(num_hidden_layers=2, alibi=False), budget=8)  # rotary Falcon is fine
