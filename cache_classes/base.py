@@ -485,8 +485,8 @@ class LongMemCache(Cache):
             budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
             layers = build_layers(layer_factory, config, budget, sliding=self.compresses_sliding_layers)
             super().__init__(layers=layers)
-        #: The decoder's position ids / mask of the forward in progress, when a model hook provides them
-        #: (:func:`~hf_longmem.memory.step_inputs.track_step_inputs`); ``None`` between forwards or without the hook.
+        #: The decoder's position ids / mask of the latest forward, when a model hook provides them
+        #: (:func:`~hf_longmem.memory.step_inputs.track_step_inputs`); ``None`` without the hook.
         self.step_inputs: StepInputs | None = None
         self.handoff = AttentionHandoff()
 
@@ -505,9 +505,12 @@ class LongMemCache(Cache):
         if self.layer_class_to_replicate is not None:
             while len(self.layers) <= layer_idx:
                 self.layers.append(self.layer_class_to_replicate())
-        if not _reads_positions(self.layers[layer_idx]):
+        layer = self.layers[layer_idx]
+        if not _reads_positions(layer):
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         step = self.step_inputs
+        if step is not None and step.seen != getattr(layer, "cumulative_length", step.seen):
+            step = None  # recorded for an earlier forward: this one ran without the hook
         if step is None:
             if key_states.shape[0] > 1:
                 raise ValueError(
@@ -521,16 +524,16 @@ class LongMemCache(Cache):
         if attn_kwargs is None:  # no kwargs at all (GPT-NeoX, Falcon): the layer gets a dict of its own
             own = {} if position_ids is None else {"position_ids": position_ids}
             keys, values = super().update(key_states, value_states, layer_idx, *args, **{**kwargs, "kwargs": own})
-            layer = own.get(LAYER_KWARG)
-            if layer is not None:  # the layer asks for the attention call: hand it over through the pre-hook
+            taker = own.get(LAYER_KWARG)
+            if taker is not None:  # the layer asks for the attention call: hand it over through the pre-hook
                 if not self.handoff.armed:
                     raise ValueError(
-                        f"{type(layer).__name__} cannot see the queries: this model's attention passes no kwargs to "
+                        f"{type(taker).__name__} cannot see the queries: this model's attention passes no kwargs to "
                         "Cache.update, and either hf_longmem attention is off (hf_longmem.enable_longmem_attention"
                         "(model); make_cache(name, model) does it) or the attention takes no extra kwargs "
                         "(unsupported model: use a method that needs no attention scores, e.g. 'streaming')"
                     )
-                self.handoff.layer = layer
+                self.handoff.layer = taker
             return keys, values
         if position_ids is None:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)

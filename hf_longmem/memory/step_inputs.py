@@ -9,8 +9,9 @@ assume no padding and keep (and score) pads as real tokens.
 :func:`track_step_inputs` (``make_cache(name, model)`` calls it) registers, once per model:
 
 * a forward pre-hook on the decoder (the module that receives ``position_ids``/``attention_mask`` from
-  ``generate``), which hands them to an hf_longmem cache passed to that forward (:class:`StepInputs`), and drops them
-  when the forward ends; with any other cache it does nothing;
+  ``generate``), which hands them to an hf_longmem cache passed to that forward (:class:`StepInputs`, stamped with
+  the tokens the cache had seen, so a later forward without the hook cannot use them); with any other cache it does
+  nothing;
 * on attention modules whose ``update`` call passes no kwargs, a forward pre-hook that puts a :class:`AttentionHandoff`
   into the attention kwargs, so a cache layer that needs the queries (SnapKV, H2O, ...) still gets the attention
   call (the layer cannot put itself into kwargs it never receives). It is only added when the model runs hf_longmem
@@ -40,12 +41,14 @@ class StepInputs:
     Args:
         position_ids: ``[batch or 1, q]`` or ``None``.
         attention_mask: ``[batch, seen + q]`` (1 = real token) or ``None`` (other mask formats are ignored).
+        seen: tokens the cache had seen before this forward.
     """
 
-    __slots__ = ("position_ids", "attention_mask", "_from_mask")
+    __slots__ = ("position_ids", "attention_mask", "seen", "_from_mask")
 
-    def __init__(self, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
+    def __init__(self, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seen: int):
         self.position_ids = position_ids
+        self.seen = seen  # tokens the cache had seen when the forward began: the inputs are for the next ones
         is_2d = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
         self.attention_mask = attention_mask if is_2d else None
         self._from_mask: torch.Tensor | None = None
@@ -88,14 +91,11 @@ class AttentionHandoff:
 
 
 class _Tracker:
-    """The hooks of one model; holds the hf_longmem cache of the forward in progress (weakly, between forwards)."""
+    """The hooks of one model; holds the hf_longmem cache of the last forward (weakly)."""
 
     def __init__(self, decoder: torch.nn.Module):
         self.cache_ref = None
-        self.handles = [
-            decoder.register_forward_pre_hook(self._before, with_kwargs=True),
-            decoder.register_forward_hook(self._after, with_kwargs=True, always_call=True),
-        ]
+        self.handles = [decoder.register_forward_pre_hook(self._before, with_kwargs=True)]
         self.forward_params = list(inspect.signature(decoder.forward).parameters)
         self.handoff_modules = 0
         for module in decoder.modules():
@@ -117,16 +117,9 @@ class _Tracker:
         if not isinstance(cache, LongMemCache):
             self.cache_ref = None
             return None
-        cache.step_inputs = StepInputs(named.get("position_ids"), named.get("attention_mask"))
+        cache.step_inputs = StepInputs(named.get("position_ids"), named.get("attention_mask"), cache.get_seq_length())
+        cache.handoff.layer, cache.handoff.armed = None, False
         self.cache_ref = weakref.ref(cache)
-        return None
-
-    def _after(self, module, args, kwargs, output):
-        cache = self.cache()
-        if cache is not None:
-            cache.step_inputs = None
-            cache.handoff.layer, cache.handoff.armed = None, False
-        self.cache_ref = None
         return None
 
     def _before_attention(self, module, args, kwargs):

@@ -106,3 +106,17 @@ def test_models_that_pass_position_ids_get_no_attention_hooks():
     model = tiny_model("llama_gqa")
     make_cache("snapkv", model, budget=8, window_size=2)
     assert getattr(model.get_decoder(), TRACKER_ATTRIBUTE).handoff_modules == 0
+
+
+def test_inputs_of_an_earlier_forward_are_not_used_by_a_forward_without_the_hook():
+    from hf_longmem.memory.step_inputs import untrack_step_inputs
+
+    model = tiny("gpt_neox")
+    _, _, batch, mask = padded_pair()
+    cache = make_cache("streaming", model, **OPTIONS["streaming"])
+    with torch.no_grad():
+        model(batch[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+    untrack_step_inputs(model)
+    with pytest.raises(ValueError, match="position_ids"):  # the recorded inputs were for the previous forward
+        with torch.no_grad():
+            model(batch[:, -1:], attention_mask=mask, cache=cache)
