@@ -511,16 +511,14 @@ class LongMemCache(Cache):
         step = self.step_inputs
         if step is not None and step.seen != getattr(layer, "cumulative_length", step.seen):
             step = None  # recorded for an earlier forward: this one ran without the hook
-        if step is None:
-            if key_states.shape[0] > 1:
-                raise ValueError(
-                    "unsupported model for a batch without a model hook: its attention does not pass `position_ids` "
-                    "to Cache.update, so this cache cannot tell left padding from tokens. Build the cache with "
-                    "hf_longmem.make_cache(name, model, ...) (it watches the model's inputs), or call "
-                    "hf_longmem.memory.step_inputs.track_step_inputs(model) once, or generate one row at a time"
-                )
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        position_ids = step.position_ids_for(key_states.shape[-2])
+        if step is None and key_states.shape[0] > 1:
+            raise ValueError(
+                "unsupported model for a batch without a model hook: its attention does not pass `position_ids` "
+                "to Cache.update, so this cache cannot tell left padding from tokens. Build the cache with "
+                "hf_longmem.make_cache(name, model, ...) (it watches the model's inputs), or call "
+                "hf_longmem.memory.step_inputs.track_step_inputs(model) once, or generate one row at a time"
+            )
+        position_ids = None if step is None else step.position_ids_for(key_states.shape[-2])  # None: no pads
         if attn_kwargs is None:  # no kwargs at all (GPT-NeoX, Falcon): the layer gets a dict of its own
             own = {} if position_ids is None else {"position_ids": position_ids}
             keys, values = super().update(key_states, value_states, layer_idx, *args, **{**kwargs, "kwargs": own})

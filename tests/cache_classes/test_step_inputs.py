@@ -48,10 +48,11 @@ def padded_pair():
     return long_row, short_row, batch, mask
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_left_padded_batch_equals_rows_alone(arch, name):
-    model = tiny(arch)
+def test_left_padded_batch_equals_rows_alone(arch, name, attn_impl):
+    model = tiny(arch, attn_impl)
     long_row, short_row, batch, mask = padded_pair()
     batch_cache = make_cache(name, model, **OPTIONS[name])
     seq, logits = greedy(model, batch, batch_cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6)
@@ -120,3 +121,14 @@ def test_inputs_of_an_earlier_forward_are_not_used_by_a_forward_without_the_hook
     with pytest.raises(ValueError, match="position_ids"):  # the recorded inputs were for the previous forward
         with torch.no_grad():
             model(batch[:, -1:], attention_mask=mask, cache=cache)
+
+
+def test_a_scoring_cache_without_the_hook_is_refused_with_a_value_error():
+    from hf_longmem import enable_longmem_attention
+    from hf_longmem.cache_classes.snapkv import SnapKVCache
+
+    model = tiny("gpt_neox")
+    enable_longmem_attention(model)
+    ids = random_ids(1, 12)
+    with pytest.raises(ValueError, match="cannot see the queries"):
+        greedy(model, ids, SnapKVCache(config=model.config, **OPTIONS["snapkv"]), max_new_tokens=2)
