@@ -132,3 +132,15 @@ def test_a_scoring_cache_without_the_hook_is_refused_with_a_value_error():
     ids = random_ids(1, 12)
     with pytest.raises(ValueError, match="cannot see the queries"):
         greedy(model, ids, SnapKVCache(config=model.config, **OPTIONS["snapkv"]), max_new_tokens=2)
+
+
+def test_pads_are_told_from_the_mask_when_the_model_gets_no_position_ids():
+    model = tiny("gpt_neox")
+    _, _, batch, mask = padded_pair()
+    cache = make_cache("streaming", model, budget=16, sink_size=2)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, cache=cache)  # no position_ids: derived from the mask, as generate does
+    for layer in cache.layers:
+        assert (layer.positions[0] >= 0).all() and layer.positions[0, 0].tolist() == [0, 1, *range(6, 20)]
+        assert (layer.positions[1] >= 0).sum(-1).tolist() == [13] * 4  # per head: the short row's 13 tokens, no pad
+        assert layer.real_seen.tolist() == [20, 13]
