@@ -1,12 +1,12 @@
 """Models whose attention never hands the cache its position ids (GPT-NeoX, Falcon: ``update(k, v, layer_idx)``;
-StableLM: ``position_ids`` a named parameter, so not in the kwargs): the cache learns them from a forward pre-hook
+StableLM, Persimmon: ``position_ids`` a named parameter, so not in the kwargs): the cache learns them from a forward pre-hook
 that ``make_cache(name, model)`` installs, or refuses a batch it cannot check."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoXConfig, StableLmConfig
+from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoXConfig, PersimmonConfig, StableLmConfig
 
 from hf_longmem import make_cache
 from tests.helpers.reference import greedy
@@ -19,6 +19,7 @@ CONFIGS = {
     "falcon": lambda: FalconConfig(**{k: v for k, v in COMMON.items() if k != "max_position_embeddings"},
                                    new_decoder_architecture=True, num_kv_heads=2, alibi=False),
     "stablelm": lambda: StableLmConfig(**COMMON, intermediate_size=128, num_key_value_heads=2),
+    "persimmon": lambda: PersimmonConfig(**COMMON, intermediate_size=128),  # position_ids named, as StableLM
 }
 # tokens of these tests: 20-token prompts + 6 new
 OPTIONS = {
