@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from hf_longmem.attention import LAYER_KWARG
+from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
@@ -60,10 +60,6 @@ class CompressedLayer(CacheLayerMixin):
     batch_state: tuple[str, ...] = ("keys", "values", "positions", "real_seen")
     #: Extra per-slot tensors ``[batch, kv_heads, n]`` that :meth:`compress` gathers along with the keys.
     slot_state: tuple[str, ...] = ()
-    #: Whether the layer can stand in for a sliding-window attention layer (:func:`build_layers`): it must build its
-    #: own attention mask (:meth:`own_mask`), since the model's sliding mask works on columns, not on the positions
-    #: the kept slots hold.
-    supports_sliding_window = False
     #: Decoding appends into spare capacity (:meth:`append_slots`): ``None`` = on CUDA only. On CPU it measured
     #: neutral (SnapKV 1.01x, ThinK 0.99x decode at 2k context): CPU SDPA/matmul copy the strided views back to
     #: contiguous memory, which costs what the saved ``torch.cat`` did.
@@ -79,6 +75,7 @@ class CompressedLayer(CacheLayerMixin):
         self._steady_appends = 0  # steps in a row that appended without compressing
         #: The model's attention window when this layer replaces a sliding-window layer (``None``: full attention).
         self.sliding_window: int | None = None
+        self._attend_positions: torch.Tensor | None = None  # [b, h, n] of the K/V handed to the pending attention
 
     # ``positions`` is materialised on read. Decoding steps of a layer that only appends (see :meth:`appends_only`)
     # record the new tokens' positions as a count from ``_tail_start`` (each row's first one, ``[batch]``): their
@@ -100,6 +97,21 @@ class CompressedLayer(CacheLayerMixin):
         self._positions = value
         self._tail_count, self._tail_start = 0, None
         self._no_pads: bool | None = None
+
+    #: On a sliding-window layer, whether :meth:`compress` ranks the slots that left the window below all others
+    #: (:meth:`windowed`). Off by default: a method with its own selection rule (StreamingLLM's sinks) keeps
+    #: following it (what left the window stays hidden by :meth:`attend`'s mask), the same with or without pads.
+    ranks_stale_last = False
+
+    @property
+    def supports_sliding_window(self) -> bool:
+        """Whether the layer can stand in for a sliding-window attention layer (:func:`build_layers`).
+
+        It must apply the window itself (:meth:`own_mask`): the model's sliding mask works on columns, not on the
+        positions the kept slots hold. A layer that does not take the attention call itself gets :meth:`attend`,
+        which does; one that computes attention its own way must say so (:class:`SlidingWindowScoring`).
+        """
+        return type(self).attend is CompressedLayer.attend
 
     def appends_only(self) -> bool:
         """Whether :meth:`update` never compresses nor re-rotates (compression deferred to the attention call).
@@ -199,7 +211,11 @@ class CompressedLayer(CacheLayerMixin):
         self.real_seen = real_before + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
         self.cumulative_length += num_new
 
-        if num_new == 1 and not new_pads and self._positions is not None and self.appends_only():
+        # a sliding-window layer without an attention path of its own: the attention call comes to attend()
+        routed = self.sliding_window is not None and type(self).attend is CompressedLayer.attend
+        if routed:
+            self._route_attention(kwargs.get("kwargs"))
+        if num_new == 1 and not new_pads and self._positions is not None and self.appends_only() and not routed:
             # decoding a real token into a layer that does not compress here: position = the row's count, kept lazily
             self.keys = self.append_slots("keys", key_states)
             self.values = self.append_slots("values", value_states)
@@ -218,6 +234,8 @@ class CompressedLayer(CacheLayerMixin):
         all_values = self.append_slots("values", value_states)
         new_positions = new_positions.to(torch.int32)[:, None, :].expand(-1, key_states.shape[1], -1)
         all_positions = self.append_slots("positions", new_positions)
+        if routed:
+            self._attend_positions = all_positions
         stored = self.compress(all_keys, all_values, all_positions)
         unchanged = stored[2] is all_positions
         self._steady_appends = self._steady_appends + 1 if unchanged and stored[0] is all_keys else 0
@@ -225,6 +243,37 @@ class CompressedLayer(CacheLayerMixin):
         no_pads = (False if new_pads else self._no_pads) if unchanged else None
         self.store(*stored, no_pads=no_pads)
         return attend_keys, all_values
+
+    def _route_attention(self, attn_kwargs: dict | None) -> None:
+        """Puts this layer into the attention kwargs, so that :meth:`attend` applies the window on true positions."""
+        if self._attend_positions is not None:
+            raise ValueError(
+                f"{type(self).__name__} replaces a sliding-window layer and must apply the window itself: switch the "
+                "model to hf_longmem attention (hf_longmem.enable_longmem_attention(model); make_cache(name, model) "
+                "does it)"
+            )
+        if attn_kwargs is None:
+            raise ValueError(
+                f"unsupported model: its attention passes no kwargs to Cache.update, so {type(self).__name__} cannot "
+                "apply the sliding window to the tokens it keeps"
+            )
+        attn_kwargs[LAYER_KWARG] = self
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """The model's attention (SDPA or eager) over this step's K/V with this layer's own sliding-window mask.
+
+        query ``[batch, q_heads, q, head_dim]``; key/value ``[batch, kv_heads, n, head_dim]`` (what :meth:`update`
+        returned). Returns what the model's attention function returns.
+        """
+        positions, self._attend_positions = self._attend_positions, None
+        implementation = module.config._attn_implementation
+        eager = implementation == EAGER_ATTENTION_NAME
+        mask = slot_mask(positions, query.shape[-2], query.dtype if eager else None, self.sliding_window)
+        if mask.shape[1] != query.shape[1]:
+            mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)  # one row per query head
+        return fallback_attention(module, implementation)(
+            module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs
+        )
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -273,7 +322,10 @@ class CompressedLayer(CacheLayerMixin):
         target = self.target_length(keys.shape[-2])
         if isinstance(target, int) and target >= keys.shape[-2]:
             return keys, values, positions
-        plan = keep_plan(positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions))
+        if self.sliding_window is not None and self.ranks_stale_last:
+            plan = keep_plan(positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions))
+        else:
+            plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
         if plan is None:
             return keys, values, positions
         index, filler = plan
@@ -368,6 +420,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self._append_buffers.clear()
         self._steady_appends = 0
+        self._attend_positions = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -388,6 +441,7 @@ class SlidingWindowScoring:
     positions. Scoring then runs the torch reference (the Triton kernels know no window)."""
 
     supports_sliding_window = True
+    ranks_stale_last = True  # scores rank every slot anyway: a token no query can see again goes first
 
     def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
         if self.sliding_window is None:
@@ -472,9 +526,10 @@ class LongMemCache(Cache):
     on such a model without the hook refuses batches of several rows, whose padding it cannot see.
     """
 
-    #: Whether the layers of this method can replace sliding-window layers (:func:`build_layers`); they must
-    #: then have ``supports_sliding_window``.
-    compresses_sliding_layers = False
+    #: Whether the layers of this method replace sliding-window layers of all-sliding models (:func:`build_layers`):
+    #: ``None`` asks a layer (``supports_sliding_window``; the factory must then have no side effects), ``False``
+    #: keeps transformers' layers.
+    compresses_sliding_layers: bool | None = None
 
     def __init__(self, layer_factory: Callable[[int], CacheLayerMixin], config=None):
         if config is None:
@@ -584,15 +639,15 @@ def layer_memory_bytes(layer) -> int:
 
 
 def build_layers(
-    layer_factory: Callable[[int], CacheLayerMixin], config, budget: int | None = None, sliding: bool = False
+    layer_factory: Callable[[int], CacheLayerMixin], config, budget: int | None = None, sliding: bool | None = False
 ) -> list[CacheLayerMixin]:
     """One layer per decoder layer of ``config``.
 
     * Full-attention layers: ``layer_factory(i)``.
     * Sliding-window layers of a model whose layers are ALL sliding (Mistral-7B-v0.1, Qwen2 with
       ``use_sliding_window``, Phi-3-small...): ``layer_factory(i)`` too when ``budget`` is below what transformers'
-      sliding layer holds (``window - 1`` tokens) and the method supports it (``sliding``; its layers have
-      ``supports_sliding_window``). The
+      sliding layer holds (``window - 1`` tokens) and the method supports it (``sliding``: ``True``, or ``None`` to
+      ask the layer's ``supports_sliding_window``). The
       layer then keeps at most ``budget`` tokens by the method's rule, ranks the tokens that left the window below
       all others, and its own mask hides them from the queries, exactly as the model's sliding mask does (see
       :meth:`CompressedLayer.own_mask`). A method that does not support it keeps transformers' layer, with a warning.
@@ -611,28 +666,31 @@ def build_layers(
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     all_sliding = bool(layer_types) and all(t == "sliding_attention" for t in layer_types)
     layers: list[CacheLayerMixin] = []
-    compress_sliding = False
+    unsupported = False
     for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type == "full_attention":
             layers.append(layer_factory(layer_idx))
         elif layer_type == "sliding_attention":
             window = kwargs.get("sliding_window")
             compress_sliding = all_sliding and budget is not None and isinstance(window, int) and budget < window - 1
-            if compress_sliding and sliding:
-                layer = layer_factory(layer_idx)
-                if not getattr(layer, "supports_sliding_window", False):
+            layer = layer_factory(layer_idx) if compress_sliding and sliding is not False else None
+            if layer is not None and not getattr(layer, "supports_sliding_window", False):
+                if sliding:
                     raise TypeError(f"{type(layer).__name__} cannot replace a sliding-window layer")
-                layer.sliding_window = window
-                layer.kernel_backend = "torch"  # the Triton scoring / decoding kernels apply no window
-                layers.append(layer)
-            else:
+                layer = None
+            if layer is None:
                 layers.append(DynamicSlidingWindowLayer(**kwargs))
+                unsupported = unsupported or compress_sliding
+                continue
+            layer.sliding_window = window
+            layer.kernel_backend = "torch"  # the Triton scoring / decoding kernels apply no window
+            layers.append(layer)
         else:
             raise ValueError(
                 f"unsupported model: hf_longmem caches handle full and sliding-window attention layers, "
                 f"this config has a {layer_type!r} layer"
             )
-    if compress_sliding and not sliding:
+    if unsupported:
         warnings.warn(
             f"this method does not compress sliding-window attention layers, and every layer of this model is one: "
             f"the cache holds what transformers' sliding-window cache holds (window - 1 tokens per layer), not the "

@@ -344,6 +344,8 @@ class D2OCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=64)
     """
 
+    compresses_sliding_layers = False  # on an all-sliding model, transformers' sliding layers (with a warning)
+
     def __init__(
         self,
         budget: int = 256,

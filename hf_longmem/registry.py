@@ -101,8 +101,12 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
             enable_longmem_attention(model_or_config)
         track_step_inputs(model_or_config)  # position ids / mask for models whose attention keeps them from the cache
         if hasattr(spec.cls, "from_model"):
-            return spec.cls.from_model(model_or_config, **options)
-        return spec.cls(config=model_or_config.config, **options)
+            cache = spec.cls.from_model(model_or_config, **options)
+        else:
+            cache = spec.cls(config=model_or_config.config, **options)
+        if any(getattr(layer, "sliding_window", None) is not None for layer in getattr(cache, "layers", ())):
+            enable_longmem_attention(model_or_config)  # compressed sliding-window layers apply the window themselves
+        return cache
     if model_or_config is not None and not isinstance(model_or_config, PretrainedConfig):
         raise ValueError(
             f"`model_or_config` must be a transformers PreTrainedModel or PretrainedConfig, got {type(model_or_config).__name__}"

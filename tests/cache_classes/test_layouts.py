@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_longmem import make_cache
 from hf_longmem.cache_classes.base import cache_memory_bytes
-from tests.helpers.reference import greedy
+from tests.helpers.reference import greedy, masked_logits, streaming_visibility
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
 
 WINDOW = 8
@@ -22,7 +22,7 @@ WINDOW = 8
 def test_all_sliding_model_at_full_budget_equals_dynamic_cache(name):
     model = tiny_model("mistral", sliding_window=WINDOW)
     ids = random_ids(1, 14)
-    options = {"budget": 64, **({"window_size": 2} if "kv" in name else {})}
+    options = {"budget": 64, **({"window_size": 2} if "kv" in name else {})}  # >= window - 1: nothing to compress
     cache = make_cache(name, model, **options)
     assert all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)  # holds window - 1 already
     seq, logits = greedy(model, ids, cache, max_new_tokens=10)
@@ -78,10 +78,47 @@ def test_compressed_sliding_layers_padded_batch_equals_rows_alone(name):
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_streaming_on_sliding_layers_sees_its_sinks_and_recent_tokens_inside_the_window_only(attn_impl):
+    """Reference: one full forward where token i sees j iff StreamingLLM keeps j for i AND i - j < window."""
+    model = tiny_model("mistral", attn_impl, sliding_window=WINDOW)
+    prompt, new, budget, sink = 6, 10, 5, 1
+    cache = make_cache("streaming", model, budget=budget, sink_size=sink)
+    assert all(layer.sliding_window == WINDOW for layer in cache.layers)
+    seq, logits = greedy(model, random_ids(1, prompt), cache, max_new_tokens=new)
+    total = prompt + new - 1
+    i, j = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    allowed = streaming_visibility(total, prompt, budget, sink) & (i - j < WINDOW)
+    reference = masked_logits(model, seq[:, :total], allowed)[prompt - 1 :]
+    torch.testing.assert_close(logits[:, 0], reference, rtol=1e-4, atol=1e-4)
+    assert max(layer.get_stored_length() for layer in cache.layers) <= budget
+
+
+def test_streaming_on_sliding_layers_padded_batch_equals_rows_alone():
+    model = tiny_model("mistral", sliding_window=WINDOW)
+    long_row, short_row = random_ids(1, 20, seed=1), random_ids(1, 11, seed=2)
+    batch = torch.cat((long_row, torch.cat((torch.zeros(1, 9, dtype=torch.long), short_row), dim=1)))
+    options = {"budget": 5, "sink_size": 1}
+    seq, logits = greedy(model, batch, make_cache("streaming", model, **options), attention_mask=(batch != 0).long(), pad_token_id=0, max_new_tokens=8)
+    for row, ids in enumerate((long_row, short_row)):
+        row_seq, row_logits = greedy(model, ids, make_cache("streaming", model, **options), max_new_tokens=8)
+        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1]:])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_compressed_sliding_layer_without_hf_longmem_attention_is_refused_before_the_second_token():
+    from hf_longmem import StreamingCache
+
+    model = tiny_model("mistral", sliding_window=WINDOW)  # SDPA: the layer's own window never gets applied
+    cache = StreamingCache(budget=4, sink_size=1, config=model.config)
+    with pytest.raises(ValueError, match="enable_longmem_attention"):
+        greedy(model, random_ids(1, 12), cache, max_new_tokens=3)
+
+
 def test_methods_that_cannot_compress_sliding_layers_say_so():
     model = tiny_model("mistral", sliding_window=WINDOW)
     with pytest.warns(UserWarning, match="sliding-window"):
-        cache = make_cache("streaming", model, budget=4, sink_size=1)
+        cache = make_cache("kvmerger", model, budget=4, window_size=2)
     assert all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
 
 
