@@ -518,7 +518,8 @@ class LongMemCache(Cache):
             full-attention layers are compressed; on hybrid models (Gemma-2/3, GPT-OSS, EXAONE-4, ...) sliding-window
             layers stay transformers' sliding layers (bounded by the window already); on models whose layers are all
             sliding (Mistral-7B-v0.1), a ``budget`` below the window compresses them too, for the methods that
-            support it (``compresses_sliding_layers``; the others warn). Multi-head latent attention is refused.
+            support it (``compresses_sliding_layers``; the others warn). Multi-head latent attention and ALiBi are
+            refused.
             Without it, layers are created on first use and every layer is compressed.
 
     Position ids: most models pass them to ``update``; for those that do not (GPT-NeoX, Falcon, StableLM, ...),
@@ -647,11 +648,13 @@ def build_layers(
     * Sliding-window layers of a model whose layers are ALL sliding (Mistral-7B-v0.1, Qwen2 with
       ``use_sliding_window``, Phi-3-small...): ``layer_factory(i)`` too when ``budget`` is below what transformers'
       sliding layer holds (``window - 1`` tokens) and the method supports it (``sliding``: ``True``, or ``None`` to
-      ask the layer's ``supports_sliding_window``). The
-      layer then keeps at most ``budget`` tokens by the method's rule, ranks the tokens that left the window below
-      all others, and its own mask hides them from the queries, exactly as the model's sliding mask does (see
-      :meth:`CompressedLayer.own_mask`). A method that does not support it keeps transformers' layer, with a warning.
-      At a budget of ``window - 1`` or more, transformers' layer holds no more than the method would.
+      ask the layer's ``supports_sliding_window``): StreamingLLM, SnapKV, PyramidKV, H2O. The layer then keeps at
+      most ``budget`` tokens by the method's rule (scored methods rank the tokens that left the window below all
+      others; SnapKV's appended generated tokens stop at ``window - 1``), and its own mask hides what left the
+      window from the queries, exactly as the model's sliding mask does, on true positions (:meth:`CompressedLayer.
+      own_mask`, :meth:`CompressedLayer.attend`; the model must run hf_longmem attention, which ``make_cache``
+      switches on). A method that does not support it keeps transformers' layer, with a warning. At a budget of
+      ``window - 1`` or more, transformers' layer holds no more than the method would.
     * Sliding-window layers of a hybrid model (Gemma-2/3, GPT-OSS, EXAONE-4, ...: sliding and full layers): they
       stay transformers' sliding layers (bounded by the window already); only the full layers are compressed.
 
