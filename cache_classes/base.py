@@ -19,12 +19,16 @@ transformers 5.x cache contract for caches that hold fewer tokens than they have
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
+from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 
 #: Spare slots allocated behind the stored states once a layer decodes without compressing (1/32 of the stored
 #: length, within these bounds): appending then writes in place instead of copying everything stored (``torch.cat``
@@ -69,6 +73,9 @@ class CompressedLayer(CacheLayerMixin):
         # name -> (buffer, the prefix view of it that is stored under that name)
         self._append_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steady_appends = 0  # steps in a row that appended without compressing
+        #: The model's attention window when this layer replaces a sliding-window layer (``None``: full attention).
+        self.sliding_window: int | None = None
+        self._attend_positions: torch.Tensor | None = None  # [b, h, n] of the K/V handed to the pending attention
 
     # ``positions`` is materialised on read. Decoding steps of a layer that only appends (see :meth:`appends_only`)
     # record the new tokens' positions as a count from ``_tail_start`` (each row's first one, ``[batch]``): their
@@ -90,6 +97,21 @@ class CompressedLayer(CacheLayerMixin):
         self._positions = value
         self._tail_count, self._tail_start = 0, None
         self._no_pads: bool | None = None
+
+    #: On a sliding-window layer, whether :meth:`compress` ranks the slots that left the window below all others
+    #: (:meth:`windowed`). Off by default: a method with its own selection rule (StreamingLLM's sinks) keeps
+    #: following it (what left the window stays hidden by :meth:`attend`'s mask), the same with or without pads.
+    ranks_stale_last = False
+
+    @property
+    def supports_sliding_window(self) -> bool:
+        """Whether the layer can stand in for a sliding-window attention layer (:func:`build_layers`).
+
+        It must apply the window itself (:meth:`own_mask`): the model's sliding mask works on columns, not on the
+        positions the kept slots hold. A layer that does not take the attention call itself gets :meth:`attend`,
+        which does; one that computes attention its own way must say so (:class:`SlidingWindowScoring`).
+        """
+        return type(self).attend is CompressedLayer.attend
 
     def appends_only(self) -> bool:
         """Whether :meth:`update` never compresses nor re-rotates (compression deferred to the attention call).
@@ -162,6 +184,12 @@ class CompressedLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.ndim != 4 or value_states.ndim != 4 or key_states.shape[:3] != value_states.shape[:3]:
+            raise ValueError(
+                f"unsupported cache layout: {type(self).__name__} stores per-head keys and values "
+                f"[batch, kv_heads, n, head_dim], this model caches {tuple(key_states.shape)} / "
+                f"{tuple(value_states.shape)} (latent or fused attention caches are not supported)"
+            )
         batch, heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
         self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
@@ -183,7 +211,11 @@ class CompressedLayer(CacheLayerMixin):
         self.real_seen = real_before + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
         self.cumulative_length += num_new
 
-        if num_new == 1 and not new_pads and self._positions is not None and self.appends_only():
+        # a sliding-window layer without an attention path of its own: the attention call comes to attend()
+        routed = self.sliding_window is not None and type(self).attend is CompressedLayer.attend
+        if routed:
+            self._route_attention(kwargs.get("kwargs"))
+        if num_new == 1 and not new_pads and self._positions is not None and self.appends_only() and not routed:
             # decoding a real token into a layer that does not compress here: position = the row's count, kept lazily
             self.keys = self.append_slots("keys", key_states)
             self.values = self.append_slots("values", value_states)
@@ -202,6 +234,8 @@ class CompressedLayer(CacheLayerMixin):
         all_values = self.append_slots("values", value_states)
         new_positions = new_positions.to(torch.int32)[:, None, :].expand(-1, key_states.shape[1], -1)
         all_positions = self.append_slots("positions", new_positions)
+        if routed:
+            self._attend_positions = all_positions
         stored = self.compress(all_keys, all_values, all_positions)
         unchanged = stored[2] is all_positions
         self._steady_appends = self._steady_appends + 1 if unchanged and stored[0] is all_keys else 0
@@ -209,6 +243,37 @@ class CompressedLayer(CacheLayerMixin):
         no_pads = (False if new_pads else self._no_pads) if unchanged else None
         self.store(*stored, no_pads=no_pads)
         return attend_keys, all_values
+
+    def _route_attention(self, attn_kwargs: dict | None) -> None:
+        """Puts this layer into the attention kwargs, so that :meth:`attend` applies the window on true positions."""
+        if self._attend_positions is not None:
+            raise ValueError(
+                f"{type(self).__name__} replaces a sliding-window layer and must apply the window itself: switch the "
+                "model to hf_longmem attention (hf_longmem.enable_longmem_attention(model); make_cache(name, model) "
+                "does it)"
+            )
+        if attn_kwargs is None:
+            raise ValueError(
+                f"unsupported model: its attention passes no kwargs to Cache.update, so {type(self).__name__} cannot "
+                "apply the sliding window to the tokens it keeps"
+            )
+        attn_kwargs[LAYER_KWARG] = self
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """The model's attention (SDPA or eager) over this step's K/V with this layer's own sliding-window mask.
+
+        query ``[batch, q_heads, q, head_dim]``; key/value ``[batch, kv_heads, n, head_dim]`` (what :meth:`update`
+        returned). Returns what the model's attention function returns.
+        """
+        positions, self._attend_positions = self._attend_positions, None
+        implementation = module.config._attn_implementation
+        eager = implementation == EAGER_ATTENTION_NAME
+        mask = slot_mask(positions, query.shape[-2], query.dtype if eager else None, self.sliding_window)
+        if mask.shape[1] != query.shape[1]:
+            mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)  # one row per query head
+        return fallback_attention(module, implementation)(
+            module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs
+        )
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -257,7 +322,10 @@ class CompressedLayer(CacheLayerMixin):
         target = self.target_length(keys.shape[-2])
         if isinstance(target, int) and target >= keys.shape[-2]:
             return keys, values, positions
-        plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
+        if self.sliding_window is not None and self.ranks_stale_last:
+            plan = keep_plan(positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions))
+        else:
+            plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
         if plan is None:
             return keys, values, positions
         index, filler = plan
@@ -275,9 +343,57 @@ class CompressedLayer(CacheLayerMixin):
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Keep-priority of every slot, ``[batch, 1 or kv_heads, n]`` (higher is kept first; ``inf`` = always).
 
-        Pads are excluded by the caller. Ties are broken arbitrarily, so forced slots should use ``inf``.
+        Pads are excluded by the caller. Ties go to the earlier slot; forced slots should use ``inf``.
         """
         raise NotImplementedError
+
+    def windowed(self, priority: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``priority`` with the slots no later query can see (sliding window) ranked below every other real slot.
+
+        Args:
+            priority: ``[batch, 1 or kv_heads, n]``.
+            positions: ``[batch, kv_heads, n]``.
+
+        Returns:
+            ``[batch, kv_heads, n]`` (``priority`` itself on a full-attention layer).
+        """
+        if self.sliding_window is None:
+            return priority
+        # the next query of a row is at its position real_seen: it sees keys at positions > real_seen - window
+        stale = positions <= (self.real_seen - self.sliding_window)[:, None, None]
+        return priority.expand_as(positions).masked_fill(stale, torch.finfo(priority.dtype).min)
+
+    def drop_stale(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On a sliding-window layer: keeps ``window - 1`` slots per head, the ones later queries can still see
+        first (at most ``window - 1`` can be: positions are distinct). ``[batch, kv_heads, n, ...]`` in and out."""
+        plan = keep_plan(
+            positions, self.sliding_window - 1, lambda: self.windowed(positions.new_zeros(positions.shape, dtype=torch.float32), positions)
+        )
+        if plan is None:
+            return keys, values, positions
+        index, filler = plan
+        for name in self.slot_state:
+            setattr(self, name, getattr(self, name).gather(2, index))
+        keys, values, positions = gather_slots(keys, values, positions, index)
+        if filler is not None:
+            positions = positions.masked_fill(filler, PAD_POSITION)
+        return keys, values, positions
+
+    def own_mask(self, num_new: int, additive_dtype: torch.dtype | None = None, query_heads: int | None = None):
+        """This layer's attention mask from its slots (:func:`~hf_longmem.memory.masks.slot_mask`).
+
+        On a sliding-window layer the window is applied to the true positions, per KV head (heads keep different
+        tokens): ``[batch, kv_heads, q, n]``, repeated to ``query_heads`` when given (the model's attention expects
+        one mask row per query head or a broadcast one). Else ``[batch, 1, q, n]``.
+        """
+        if self.sliding_window is None:
+            return slot_mask(self.positions[:, 0], num_new, additive_dtype)
+        mask = slot_mask(self.positions, num_new, additive_dtype, self.sliding_window)
+        if query_heads is not None and query_heads != mask.shape[1]:
+            mask = mask.repeat_interleave(query_heads // mask.shape[1], dim=1)
+        return mask
 
     # ------------------------------------------------------------------------------------ batch operations
     def _map_batch_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -304,6 +420,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self._append_buffers.clear()
         self._steady_appends = 0
+        self._attend_positions = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -316,6 +433,25 @@ class CompressedLayer(CacheLayerMixin):
     def prefetch(self):
         if self.is_initialized:
             self._map_batch_state(lambda t: t.to(self.device, non_blocking=True))
+
+
+class SlidingWindowScoring:
+    """Mixin (before :class:`~hf_longmem.cache_classes.scored.ScoredLayer`) for scored layers that may replace a
+    sliding-window layer: their own mask (attention and scoring) hides what the model's sliding mask hides, on true
+    positions. Scoring then runs the torch reference (the Triton kernels know no window)."""
+
+    supports_sliding_window = True
+    ranks_stale_last = True  # scores rank every slot anyway: a token no query can see again goes first
+
+    def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
+        if self.sliding_window is None:
+            return super().mask_for_this_layer(query, key, eager)
+        return self.own_mask(query.shape[-2], query.dtype if eager else None, query.shape[1])
+
+    def scoring_mask(self, attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """The mask scores are computed with: ``attention_mask`` (``[batch, 1, q, n]``) on full attention, else the
+        windowed per-head mask ``[batch, kv_heads, q, n]``."""
+        return attention_mask if self.sliding_window is None else self.own_mask(num_queries)
 
 
 def keep_plan(
@@ -342,7 +478,9 @@ def keep_plan(
     # Rows that keep everything keep their last `stored` columns: reals are right-aligned, the rest are pads.
     tail = torch.arange(n - stored, n, device=device).expand(batch, heads, stored)
     priority = priority_fn().expand(batch, heads, n).masked_fill(positions == PAD_POSITION, float("-inf"))
-    ranked = priority.topk(stored, dim=-1).indices  # [b, h, stored], best first
+    # best first; equal priorities (max-pooled plateaus, ...) in slot order, so a row ranks its real slots the same
+    # with or without pads in front (topk breaks ties by index arbitrarily)
+    ranked = priority.sort(dim=-1, descending=True, stable=True).indices[..., :stored]  # [b, h, stored]
     keep = torch.arange(stored, device=device) < targets[:, None, None]
     # Fillers (rank beyond the row's target) sort first and become pad slots.
     index = torch.where(keep, ranked, -1).sort(dim=-1).values
@@ -376,16 +514,90 @@ class LongMemCache(Cache):
 
     Args:
         layer_factory: ``layer_factory(layer_idx)`` builds the compressed layer of one full-attention layer.
-        config: the model config. With it, layers are laid out from ``config.layer_types``: full-attention layers
-            are compressed, sliding-window layers keep transformers' own sliding layer (they are bounded already).
+        config: the model config. With it, layers are laid out from ``config.layer_types`` (:func:`build_layers`):
+            full-attention layers are compressed; on hybrid models (Gemma-2/3, GPT-OSS, EXAONE-4, ...) sliding-window
+            layers stay transformers' sliding layers (bounded by the window already); on models whose layers are all
+            sliding (Mistral-7B-v0.1), a ``budget`` below the window compresses them too, for the methods that
+            support it (``compresses_sliding_layers``; the others warn). Multi-head latent attention and ALiBi are
+            refused.
             Without it, layers are created on first use and every layer is compressed.
+
+    Position ids: most models pass them to ``update``; for those that do not (GPT-NeoX, Falcon, StableLM, ...),
+    :attr:`step_inputs` carries them from a hook :func:`hf_longmem.make_cache` installs on the model; a cache used
+    on such a model without the hook refuses batches of several rows, whose padding it cannot see.
     """
+
+    #: Whether the layers of this method replace sliding-window layers of all-sliding models (:func:`build_layers`):
+    #: ``None`` asks a layer (``supports_sliding_window``; the factory must then have no side effects), ``False``
+    #: keeps transformers' layers.
+    compresses_sliding_layers: bool | None = None
 
     def __init__(self, layer_factory: Callable[[int], CacheLayerMixin], config=None):
         if config is None:
             super().__init__(layer_class_to_replicate=_CountingFactory(layer_factory))
         else:
-            super().__init__(layers=build_layers(layer_factory, config))
+            # subclasses set `budget` before calling us: it decides whether sliding layers are compressed too
+            budget = getattr(self, "budget", None)
+            budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+            layers = build_layers(layer_factory, config, budget, sliding=self.compresses_sliding_layers)
+            super().__init__(layers=layers)
+        #: The decoder's position ids / mask of the latest forward, when a model hook provides them
+        #: (:func:`~hf_longmem.memory.step_inputs.track_step_inputs`); ``None`` without the hook.
+        self.step_inputs: StepInputs | None = None
+        self.handoff = AttentionHandoff()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Cache.update``, giving our layers the position ids the model's attention did not pass on.
+
+        Models that pass ``kwargs=`` with ``position_ids`` (Llama and most others) go straight to the layer. Where
+        the attention passes no kwargs (GPT-NeoX, Falcon) or keeps ``position_ids`` as a named parameter (StableLM),
+        they come from :attr:`step_inputs`; with neither, a batch of several rows is refused (its padding is unknown).
+        """
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is not None and "position_ids" in attn_kwargs:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        layer = self.layers[layer_idx]
+        if not _reads_positions(layer):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        step = self.step_inputs
+        if step is not None and step.seen != getattr(layer, "cumulative_length", step.seen):
+            step = None  # recorded for an earlier forward: this one ran without the hook
+        if step is None and key_states.shape[0] > 1:
+            raise ValueError(
+                "unsupported model for a batch without a model hook: its attention does not pass `position_ids` "
+                "to Cache.update, so this cache cannot tell left padding from tokens. Build the cache with "
+                "hf_longmem.make_cache(name, model, ...) (it watches the model's inputs), or call "
+                "hf_longmem.memory.step_inputs.track_step_inputs(model) once, or generate one row at a time"
+            )
+        position_ids = None if step is None else step.position_ids_for(key_states.shape[-2])  # None: no pads
+        if attn_kwargs is None:  # no kwargs at all (GPT-NeoX, Falcon): the layer gets a dict of its own
+            own = {} if position_ids is None else {"position_ids": position_ids}
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **{**kwargs, "kwargs": own})
+            taker = own.get(LAYER_KWARG)
+            if taker is not None:  # the layer asks for the attention call: hand it over through the pre-hook
+                if not self.handoff.armed:
+                    raise ValueError(
+                        f"{type(taker).__name__} cannot see the queries: this model's attention passes no kwargs to "
+                        "Cache.update, and either hf_longmem attention is off (hf_longmem.enable_longmem_attention"
+                        "(model); make_cache(name, model) does it) or the attention takes no extra kwargs "
+                        "(unsupported model: use a method that needs no attention scores, e.g. 'streaming')"
+                    )
+                self.handoff.layer = taker
+            return keys, values
+        if position_ids is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        # position_ids is a named parameter of the attention (StableLM): lend it to the layer, then take it back so
+        # the attention call does not get it twice
+        attn_kwargs["position_ids"] = position_ids
+        try:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        finally:
+            attn_kwargs.pop("position_ids", None)
 
     def memory_bytes(self) -> int:
         """Bytes held by every layer (keys, values, indices and metadata)."""
@@ -399,6 +611,11 @@ class LongMemCache(Cache):
         if hasattr(layer, "get_stored_length"):
             return layer.get_stored_length()
         return 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
+
+
+def _reads_positions(layer) -> bool:
+    """Whether ``layer`` tells pads from tokens by position ids (ours do; transformers' own layers do not care)."""
+    return not type(layer).__module__.startswith("transformers.")
 
 
 class _CountingFactory:
@@ -422,24 +639,97 @@ def layer_memory_bytes(layer) -> int:
     return _tensor_bytes(getattr(layer, "keys", None)) + _tensor_bytes(getattr(layer, "values", None))
 
 
-def build_layers(layer_factory: Callable[[int], CacheLayerMixin], config) -> list[CacheLayerMixin]:
-    """One layer per decoder layer of ``config``: ``layer_factory(i)`` for full attention, HF's sliding layer else."""
+def build_layers(
+    layer_factory: Callable[[int], CacheLayerMixin], config, budget: int | None = None, sliding: bool | None = False
+) -> list[CacheLayerMixin]:
+    """One layer per decoder layer of ``config``.
+
+    * Full-attention layers: ``layer_factory(i)``.
+    * Sliding-window layers of a model whose layers are ALL sliding (Mistral-7B-v0.1, Qwen2 with
+      ``use_sliding_window``, Phi-3-small...): ``layer_factory(i)`` too when ``budget`` is below what transformers'
+      sliding layer holds (``window - 1`` tokens) and the method supports it (``sliding``: ``True``, or ``None`` to
+      ask the layer's ``supports_sliding_window``): StreamingLLM, SnapKV, PyramidKV, H2O. The layer then keeps at
+      most ``budget`` tokens by the method's rule (scored methods rank the tokens that left the window below all
+      others; SnapKV's appended generated tokens stop at ``window - 1``), and its own mask hides what left the
+      window from the queries, exactly as the model's sliding mask does, on true positions (:meth:`CompressedLayer.
+      own_mask`, :meth:`CompressedLayer.attend`; the model must run hf_longmem attention, which ``make_cache``
+      switches on). A method that does not support it keeps transformers' layer, with a warning. At a budget of
+      ``window - 1`` or more, transformers' layer holds no more than the method would.
+    * Sliding-window layers of a hybrid model (Gemma-2/3, GPT-OSS, EXAONE-4, ...: sliding and full layers): they
+      stay transformers' sliding layers (bounded by the window already); only the full layers are compressed.
+
+    Raises:
+        ValueError: for a layer that is neither full nor sliding-window attention (chunked, linear, ...), or a
+            multi-head latent attention model (see :func:`check_cache_layout`).
+    """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    check_cache_layout(text_config)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    all_sliding = bool(layer_types) and all(t == "sliding_attention" for t in layer_types)
     layers: list[CacheLayerMixin] = []
+    unsupported = False
     for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type == "full_attention":
             layers.append(layer_factory(layer_idx))
         elif layer_type == "sliding_attention":
-            layers.append(DynamicSlidingWindowLayer(**kwargs))
+            window = kwargs.get("sliding_window")
+            compress_sliding = all_sliding and budget is not None and isinstance(window, int) and budget < window - 1
+            layer = layer_factory(layer_idx) if compress_sliding and sliding is not False else None
+            if layer is not None and not getattr(layer, "supports_sliding_window", False):
+                if sliding:
+                    raise TypeError(f"{type(layer).__name__} cannot replace a sliding-window layer")
+                layer = None
+            if layer is None:
+                layers.append(DynamicSlidingWindowLayer(**kwargs))
+                unsupported = unsupported or compress_sliding
+                continue
+            layer.sliding_window = window
+            layer.kernel_backend = "torch"  # the Triton scoring / decoding kernels apply no window
+            layers.append(layer)
         else:
             raise ValueError(
                 f"unsupported model: hf_longmem caches handle full and sliding-window attention layers, "
                 f"this config has a {layer_type!r} layer"
             )
+    if unsupported:
+        warnings.warn(
+            f"this method does not compress sliding-window attention layers, and every layer of this model is one: "
+            f"the cache holds what transformers' sliding-window cache holds (window - 1 tokens per layer), not the "
+            f"budget of {budget}",
+            stacklevel=3,
+        )
     return layers
+
+
+#: Config attributes of multi-head latent attention (DeepSeek-V2/V3, Kimi...): the cache holds a compressed latent
+#: and a shared rotary key per token, not ``[batch, kv_heads, n, head_dim]`` keys and values.
+MLA_CONFIG_KEYS = ("kv_lora_rank", "qk_rope_head_dim")
+
+
+def check_cache_layout(config) -> None:
+    """Raises ``ValueError`` when the model's cache does not hold per-head keys/values ``[batch, kv_heads, n, d]``,
+    or its attention needs every token seen.
+
+    ALiBi (Bloom, MPT, Falcon with ``alibi=True``) adds a bias the model sizes from the attention mask, not from the
+    cache. Multi-head latent attention (``kv_lora_rank`` / ``qk_rope_head_dim`` in the config) caches latents whose
+    channels are not per-head keys: evicting or merging their slots with per-head scores is not implemented.
+    """
+    model_type = getattr(config, "model_type", type(config).__name__)
+    attn_config = getattr(config, "attn_config", None)
+    if model_type == "bloom" or getattr(config, "alibi", False) is True or getattr(attn_config, "alibi", False) is True:
+        raise ValueError(
+            f"unsupported model: {model_type} uses ALiBi position biases, which the model builds from the full "
+            "attention mask (every token seen), so they do not line up with a cache that holds fewer tokens"
+        )
+    mla = [key for key in MLA_CONFIG_KEYS if getattr(config, key, None)]
+    if mla:
+        raise ValueError(
+            f"unsupported model: {getattr(config, 'model_type', type(config).__name__)} uses multi-head latent "
+            f"attention (config {', '.join(mla)}): its cache holds latents, not per-head keys/values, and hf_longmem "
+            "caches do not compress that layout"
+        )
 
 
 def cache_memory_bytes(cache: Cache) -> int:
@@ -463,6 +753,7 @@ __all__ = [
     "LongMemCache",
     "build_layers",
     "cache_memory_bytes",
+    "check_cache_layout",
     "check_options",
     "gather_slots",
 ]

@@ -46,6 +46,7 @@ Deviations from the official code, on purpose:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -332,7 +333,9 @@ class D2OCache(LongMemCache):
         alpha, beta: EMA of the merge threshold, ``tau <- alpha tau + beta mean(s)`` (paper: 0.5, 0.5).
         num_sink: first tokens always kept (official: 4).
         uncompressed_layers: decoder layer indices that keep every token (negative indices count from the end);
-            ``None`` = the paper's ``(0, 1, L - 1)``.
+            ``None`` = the paper's ``(0, 1, L - 1)``; ``"auto"`` = the paper's unless that leaves no full-attention
+            layer to compress (models of at most 3 layers), then none (what :meth:`options_for_budget` gives). A
+            setting that leaves nothing to compress warns: the cache then holds every token, whatever the budget.
         config: the model config (required: every layer's statistic enters every layer's budget).
 
     Example::
@@ -341,6 +344,8 @@ class D2OCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=64)
     """
 
+    compresses_sliding_layers = False  # on an all-sliding model, transformers' sliding layers (with a warning)
+
     def __init__(
         self,
         budget: int = 256,
@@ -348,7 +353,7 @@ class D2OCache(LongMemCache):
         alpha: float = 0.5,
         beta: float = 0.5,
         num_sink: int = 4,
-        uncompressed_layers: Iterable[int] | None = None,
+        uncompressed_layers: Iterable[int] | str | None = None,
         config=None,
     ):
         if not isinstance(num_sink, int) or isinstance(num_sink, bool) or num_sink < 0:
@@ -366,11 +371,39 @@ class D2OCache(LongMemCache):
                 "D2OCache needs `config=` (every layer's statistic sets every layer's budget); or use make_cache"
             )
         num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        uncompressed = _uncompressed_layers(uncompressed_layers, num_layers)
+        full_layers = _full_attention_layers(config)
+        if uncompressed_layers == "auto":
+            paper = _uncompressed_layers(None, num_layers)
+            uncompressed = paper if full_layers - paper else frozenset()
+        else:
+            uncompressed = _uncompressed_layers(uncompressed_layers, num_layers)
+        if full_layers and full_layers <= uncompressed:
+            warnings.warn(
+                f"D2OCache compresses nothing on this model: its full-attention layers {sorted(full_layers)} are all "
+                f"in uncompressed_layers={sorted(uncompressed)} (the paper's default keeps layers 0, 1 and L - 1 "
+                f"whole), so the cache holds every token, not a budget of {budget}; pass uncompressed_layers=[] "
+                "or 'auto' (hf_longmem.get_cache_spec('d2o').options_for_budget does)",
+                stacklevel=2,
+            )
         self.budget, self.recent_ratio, self.num_sink = budget, recent_ratio, num_sink
         self.alpha, self.beta, self.uncompressed_layers = alpha, beta, uncompressed
         group = _D2OGroup(budget, float(recent_ratio), num_sink, float(alpha), float(beta))
         super().__init__(lambda layer_idx: D2OLayer(group, layer_idx, layer_idx in uncompressed), config=config)
+
+
+    @classmethod
+    def options_for_budget(cls, budget: int) -> dict:
+        """``budget`` plus ``uncompressed_layers="auto"``: the paper's uncompressed layers where that leaves layers
+        to compress, none on models of at most 3 layers (where the paper's default compresses nothing)."""
+        return {"budget": budget, "uncompressed_layers": "auto"}
+
+
+def _full_attention_layers(config) -> frozenset[int]:
+    """Indices of the decoder layers that get a D2O layer (sliding-window layers keep transformers' own)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return frozenset(i for i, layer_type in enumerate(layer_types) if layer_type == "full_attention")
 
 
 def _uncompressed_layers(layers: Iterable[int] | None, num_layers: int) -> frozenset[int]:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import LongMemCache
+from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
 
 
-class H2OLayer(ScoredLayer):
+class H2OLayer(SlidingWindowScoring, ScoredLayer):
     """H2O layer; ``scores`` ``[batch, kv_heads, stored]`` is the accumulated attention of each kept token."""
 
     batch_state = (*ScoredLayer.batch_state, "scores")
@@ -31,6 +31,7 @@ class H2OLayer(ScoredLayer):
 
     def observe(self, query, keys, attention_mask, scaling):
         num_keys = keys.shape[-2]
+        attention_mask = self.scoring_mask(attention_mask, query.shape[-2])
         received = self.received_attention(query, keys, attention_mask, scaling)  # [b, hkv, n]
         previous = self.scores if self.scores is not None else received.new_zeros(*received.shape[:2], 0)
         padded = torch.nn.functional.pad(previous, (0, num_keys - previous.shape[-1]))
@@ -57,6 +58,8 @@ class H2OCache(LongMemCache):
         recent_ratio: share of the budget given to the most recent tokens (paper: half, ``heavy == recent``).
         config: the model config (layer layout).
     """
+
+    compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
 
     def __init__(self, budget: int = 256, recent_ratio: float = 0.5, config=None):
         if not isinstance(budget, int) or budget < 2:

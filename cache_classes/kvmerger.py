@@ -174,6 +174,8 @@ class KVMergerCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=64)
     """
 
+    compresses_sliding_layers = False  # on an all-sliding model, transformers' sliding layers (with a warning)
+
     def __init__(
         self,
         budget: int = 256,

@@ -23,7 +23,7 @@ import torch
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import pool_scores
 
-from .base import LongMemCache
+from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
 
 POOLINGS = ("avg", "max")
@@ -51,7 +51,7 @@ def pyramid_budgets(budget: int, window_size: int, num_layers: int, prompt_lengt
     return [max(1, largest - layer * step) + window_size for layer in range(num_layers)]
 
 
-class SnapKVLayer(ScoredLayer):
+class SnapKVLayer(SlidingWindowScoring, ScoredLayer):
     """SnapKV layer (see module docstring). ``layer_budget`` maps the prompt length to this layer's budget."""
 
     batch_state = (*ScoredLayer.batch_state,)
@@ -71,14 +71,22 @@ class SnapKVLayer(ScoredLayer):
     def observe(self, query, keys, attention_mask, scaling):
         num_new = query.shape[-2]
         window = min(self.window_size, num_new)
+        attention_mask = self.scoring_mask(attention_mask, num_new)
         scores = self.received_attention(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
-        self._scores = pool_scores(scores, self.kernel_size, self.pooling)
+        real = self.positions[:, 0] != PAD_POSITION if self.has_pad_slots() else None  # [b, n]
+        self._scores = pool_scores(scores, self.kernel_size, self.pooling, real=real)
 
     def compresses_now(self) -> bool:
-        return self._scores is not None  # only a scored (prefill) step selects; generated tokens are appended
+        # only a scored (prefill) step selects; generated tokens are appended (on a sliding-window layer, until the
+        # window is full: then the tokens that left it are dropped)
+        return self._scores is not None or (
+            self.sliding_window is not None and self.keys.shape[-2] >= self.sliding_window
+        )
 
     def compress(self, keys, values, positions):
         if self._scores is None:  # decoding (or deferred): SnapKV keeps every generated token
+            if self.sliding_window is not None and not self._deferring and keys.shape[-2] >= self.sliding_window:
+                return self.drop_stale(keys, values, positions)
             return keys, values, positions
         stored = super().compress(keys, values, positions)
         self._scores = None  # [b, h, n] scores are only needed for this step's selection
@@ -116,6 +124,8 @@ class SnapKVCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=32)
     """
 
+    compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
+
     def __init__(
         self, budget: int = 256, window_size: int = 32, kernel_size: int = 5, pooling: str = "avg", config=None
     ):
@@ -133,6 +143,8 @@ class PyramidKVCache(LongMemCache):
         beta: ratio between the top and bottom layer's non-window budgets (paper: 20).
         config: the model config (required: the number of layers sets the pyramid).
     """
+
+    compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
 
     def __init__(
         self,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from transformers import Cache, PretrainedConfig, PreTrainedModel
 
 from hf_longmem.attention import enable_longmem_attention
-from hf_longmem.cache_classes.base import check_options
+from hf_longmem.cache_classes.base import LongMemCache, check_cache_layout, check_options
+from hf_longmem.memory.step_inputs import track_step_inputs
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,20 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
     check_options(spec.cls, options)
     if "config" in options:
         raise ValueError("pass the model or config as `model_or_config`, not as `config=`")
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    if config is not None and issubclass(spec.cls, LongMemCache):  # before any method-specific requirement
+        check_cache_layout(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
     if isinstance(model_or_config, PreTrainedModel):
         if spec.needs_attention:
             enable_longmem_attention(model_or_config)
+        track_step_inputs(model_or_config)  # position ids / mask for models whose attention keeps them from the cache
         if hasattr(spec.cls, "from_model"):
-            return spec.cls.from_model(model_or_config, **options)
-        return spec.cls(config=model_or_config.config, **options)
+            cache = spec.cls.from_model(model_or_config, **options)
+        else:
+            cache = spec.cls(config=model_or_config.config, **options)
+        if any(getattr(layer, "sliding_window", None) is not None for layer in getattr(cache, "layers", ())):
+            enable_longmem_attention(model_or_config)  # compressed sliding-window layers apply the window themselves
+        return cache
     if model_or_config is not None and not isinstance(model_or_config, PretrainedConfig):
         raise ValueError(
             f"`model_or_config` must be a transformers PreTrainedModel or PretrainedConfig, got {type(model_or_config).__name__}"

@@ -68,18 +68,41 @@ def column_scores(
     return total
 
 
-def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """SnapKV's 1-D pooling over the key axis (stride 1, same length): ``[batch, heads, kv]`` -> same shape."""
+def pool_scores(
+    scores: torch.Tensor, kernel_size: int, pooling: str, real: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SnapKV's 1-D pooling over the key axis (stride 1, same length), over each row's real slots only.
+
+    A window reaching past the ends of the sequence, or onto pad slots, pools the real slots inside it only (as
+    ``avg_pool1d(count_include_pad=False)`` does at the ends), so a row of a left-padded batch gets the scores it
+    gets alone.
+
+    Args:
+        scores: ``[batch, heads, n]``.
+        kernel_size: odd pooling width (``<= 1``: no pooling).
+        pooling: ``"avg"`` or ``"max"``.
+        real: ``[batch, n]`` or ``[batch, 1 or heads, n]`` bool, True on real (non-pad) slots; ``None``: all real.
+
+    Returns:
+        ``[batch, heads, n]``; pad slots get 0 (avg) or ``-inf`` (max), and are never to be kept.
+    """
     if kernel_size <= 1:
         return scores
     batch, heads, n = scores.shape
-    flat = scores.reshape(batch * heads, 1, n)
     pad = kernel_size // 2
+    # One arithmetic for every row, padded or not (adding a pad's exact 0 changes no sum), so rows agree bit for bit.
+    if real is None:
+        real = torch.ones(batch, 1, n, dtype=torch.bool, device=scores.device)
+    real = (real[:, None] if real.ndim == 2 else real).expand(batch, heads, n)
     if pooling == "max":
-        pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=pad)
-    else:
-        pooled = torch.nn.functional.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
-    return pooled[..., :n].reshape(batch, heads, n)
+        masked = scores.masked_fill(~real, float("-inf")).reshape(batch * heads, 1, n)
+        pooled = torch.nn.functional.max_pool1d(masked, kernel_size, stride=1, padding=pad)
+        return pooled[..., :n].reshape(batch, heads, n)
+    weights = torch.stack((scores.masked_fill(~real, 0.0), real.to(scores.dtype)), dim=2)  # [b, h, 2, n]
+    sums = torch.nn.functional.avg_pool1d(
+        weights.reshape(batch * heads * 2, 1, n), kernel_size, stride=1, padding=pad, count_include_pad=True
+    )[..., :n].reshape(batch, heads, 2, n)
+    return (sums[:, :, 0] / sums[:, :, 1].clamp(min=1.0 / kernel_size)).masked_fill(~real, 0.0)
 
 
 def top_slots(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:

@@ -199,3 +199,35 @@ def test_positions_that_skip_ahead_are_refused():
     model(random_ids(1, 10), cache=cache)
     with pytest.raises(ValueError, match="left padding"):
         model(random_ids(1, 1), position_ids=torch.tensor([[20]]), cache=cache)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "think"])
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_left_padded_batch_equals_rows_alone_at_the_pooling_cut_off(name, pooling, seed):
+    """The short row's first real tokens are within ``kernel_size // 2`` of its pads and of the budget cut-off.
+
+    Pooling that counts the pads as zero-score slots (or lets them take part in a max) ranks those tokens lower in
+    the batch than alone, and the batch keeps other tokens.
+    """
+    model = tiny_model("llama_gqa")
+    long_row, short_row = random_ids(1, 24, seed=seed + 50), random_ids(1, 14, seed=seed + 10)
+    batch = torch.cat((long_row, torch.cat((torch.zeros(1, 10, dtype=torch.long), short_row), dim=1)))
+    mask = (torch.arange(24)[None] >= torch.tensor([[0], [10]])).long()
+    options = {"budget": 8, "window_size": 2}
+    if name != "think":
+        options.update(kernel_size=7, pooling=pooling)
+    elif pooling == "max":
+        pytest.skip("ThinK runs SnapKV with its default pooling")
+
+    def kept(cache, row):
+        return [layer.positions[row][layer.positions[row] >= 0].tolist() for layer in cache.layers]
+
+    batch_cache = make_cache(name, model, **options)
+    seq, logits = greedy(model, batch, batch_cache, attention_mask=mask, pad_token_id=0, max_new_tokens=4)
+    for row, ids in enumerate((long_row, short_row)):
+        row_cache = make_cache(name, model, **options)
+        row_seq, row_logits = greedy(model, ids, row_cache, max_new_tokens=4)
+        assert kept(batch_cache, row) == kept(row_cache, 0)
+        assert torch.equal(seq[row, 24:], row_seq[0, ids.shape[1]:])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)

@@ -198,3 +198,34 @@ def test_bad_arguments_name_the_argument(options, match):
 def test_config_is_required():
     with pytest.raises(ValueError, match="config"):
         D2OCache(budget=16)
+
+
+def test_shallow_models_warn_that_the_paper_default_compresses_nothing():
+    """Layers 0, 1 and L - 1 stay whole by default: on a model of at most 3 layers that is every layer."""
+    model = tiny_model("llama_gqa")  # 2 layers
+    with pytest.warns(UserWarning, match="compresses nothing"):
+        cache = make_cache("d2o", model, budget=8)
+    ids = random_ids(1, 30)
+    greedy(model, ids, cache, max_new_tokens=3)
+    assert all(layer.get_stored_length() == 32 for layer in cache.layers)
+
+
+def test_options_for_budget_reach_the_budget_on_shallow_and_keep_the_paper_on_deep_models():
+    import warnings
+
+    from hf_longmem import get_cache_spec
+    from hf_longmem.cache_classes.base import cache_memory_bytes
+
+    options = get_cache_spec("d2o").options_for_budget(8)
+    model = tiny_model("llama_gqa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = make_cache("d2o", model, **options)
+    assert cache.uncompressed_layers == frozenset()
+    ids = random_ids(1, 30)
+    greedy(model, ids, cache, max_new_tokens=3)
+    reference = DynamicCache(config=model.config)
+    greedy(model, ids, reference, max_new_tokens=3)
+    assert cache_memory_bytes(cache) < cache_memory_bytes(reference)
+    deep = make_cache("d2o", tiny_config("llama_gqa", num_hidden_layers=5), **options)
+    assert deep.uncompressed_layers == frozenset({0, 1, 4})

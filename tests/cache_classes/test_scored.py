@@ -197,3 +197,14 @@ def test_triton_decode_without_pads_skips_the_mask_and_gives_the_same_generation
     assert not any(layer.has_pad_slots() for layer in cache.layers)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_pool_scores_of_a_padded_row_equal_the_row_alone(pooling):
+    """Pads in front of a row take no part in pooling: the first real slots pool over real slots only."""
+    alone = torch.rand(2, 3, 9, generator=torch.Generator().manual_seed(0))
+    padded = torch.cat((torch.zeros(2, 3, 4), alone), dim=-1)  # pads score 0, as unattended slots do
+    real = torch.arange(13)[None].expand(2, 13) >= 4
+    pooled = pool_scores(padded, 5, pooling, real=real)
+    assert torch.equal(pooled[..., 4:], pool_scores(alone, 5, pooling))
+    assert torch.equal(pool_scores(alone, 5, pooling), pool_scores(alone, 5, pooling, real=torch.ones(2, 9, dtype=torch.bool)))
