@@ -443,9 +443,13 @@ class SlidingWindowScoring:
     supports_sliding_window = True
     ranks_stale_last = True  # scores rank every slot anyway: a token no query can see again goes first
 
-    def mask_for_this_layer(self, query: torch.Tensor, key: torch.Tensor, eager: bool):
+    def mask_for_this_layer(
+        self, query: torch.Tensor, key: torch.Tensor, eager: bool, sliding_window: int | None = None
+    ):
+        """The model's window (``sliding_window``, from the attention call) on full-attention layers; this layer's own
+        window, per KV head, where it replaces a sliding-window layer."""
         if self.sliding_window is None:
-            return super().mask_for_this_layer(query, key, eager)
+            return super().mask_for_this_layer(query, key, eager, sliding_window)
         return self.own_mask(query.shape[-2], query.dtype if eager else None, query.shape[1])
 
     def scoring_mask(self, attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
