@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs
+from hf_longmem.validation import check_int, check_ratio, check_real
 
 from .base import LongMemCache, gather_slots, keep_plan
 from .h2o import H2OLayer
@@ -356,16 +357,12 @@ class D2OCache(LongMemCache):
         uncompressed_layers: Iterable[int] | str | None = None,
         config=None,
     ):
-        if not isinstance(num_sink, int) or isinstance(num_sink, bool) or num_sink < 0:
-            raise ValueError(f"`num_sink` must be a non-negative int, got {num_sink!r}")
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= num_sink:
+        check_int("num_sink", num_sink, low=0)
+        if check_int("budget", budget, low=1) <= num_sink:
             raise ValueError(f"`budget` must be an int larger than num_sink={num_sink}, got {budget!r}")
-        if not isinstance(recent_ratio, (int, float)) or not 0.0 < recent_ratio < 1.0:
-            raise ValueError(f"`recent_ratio` must be in (0, 1), got {recent_ratio!r}")
-        if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
-        if not isinstance(beta, (int, float)) or not beta >= 0.0:
-            raise ValueError(f"`beta` must be a non-negative number, got {beta!r}")
+        check_ratio("recent_ratio", recent_ratio)
+        check_ratio("alpha", alpha, include_zero=True, include_one=True)
+        check_real("beta", beta, low=0.0)
         if config is None:
             raise ValueError(
                 "D2OCache needs `config=` (every layer's statistic sets every layer's budget); or use make_cache"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_longmem.validation import check_int, check_ratio
+
 from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
 
@@ -62,10 +64,8 @@ class H2OCache(LongMemCache):
     compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
 
     def __init__(self, budget: int = 256, recent_ratio: float = 0.5, config=None):
-        if not isinstance(budget, int) or budget < 2:
-            raise ValueError(f"`budget` must be an int >= 2, got {budget!r}")
-        if not 0.0 < recent_ratio < 1.0:
-            raise ValueError(f"`recent_ratio` must be in (0, 1), got {recent_ratio!r}")
+        check_int("budget", budget, low=2)
+        check_ratio("recent_ratio", recent_ratio)
         recent = min(budget - 1, max(1, round(budget * recent_ratio)))
         self.budget, self.recent_size = budget, recent
         super().__init__(lambda layer_idx: H2OLayer(budget, recent), config=config)

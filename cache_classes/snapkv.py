@@ -22,6 +22,7 @@ import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import pool_scores
+from hf_longmem.validation import check_int
 
 from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
@@ -173,11 +174,10 @@ class PyramidKVCache(LongMemCache):
 
 
 def _check_snapkv(budget, window_size, kernel_size, pooling) -> None:
-    if not isinstance(window_size, int) or window_size < 1:
-        raise ValueError(f"`window_size` must be a positive int, got {window_size!r}")
-    if not isinstance(budget, int) or budget <= window_size:
+    check_int("window_size", window_size, low=1)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= window_size:
         raise ValueError(f"`budget` must be an int larger than window_size={window_size}, got {budget!r}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"`kernel_size` must be a positive odd int, got {kernel_size!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}")

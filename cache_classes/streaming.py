@@ -23,6 +23,7 @@ import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import LayerRotation, ModelRotary, shift_to_cache_positions
+from hf_longmem.validation import check_int
 
 from .base import CompressedLayer, LongMemCache
 
@@ -140,9 +141,8 @@ class StreamingCache(LongMemCache):
         config=None,
         rotary: LayerRotation | ModelRotary | None = None,
     ):
-        if not isinstance(sink_size, int) or sink_size < 0:
-            raise ValueError(f"`sink_size` must be a non-negative int, got {sink_size!r}")
-        if not isinstance(budget, int) or budget <= sink_size:
+        check_int("sink_size", sink_size, low=0)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= sink_size:
             raise ValueError(f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}")
         shift = shift_rotary(position_mode, rotary, config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode

@@ -31,6 +31,7 @@ from hf_longmem.kernels.channel_attention.reference import gather_query_channels
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.validation import check_int, check_ratio
 
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
@@ -272,12 +273,9 @@ class ThinKCache(LongMemCache):
         recent_size: int = 0,
         config=None,
     ):
-        if not 0.0 < key_channel_ratio < 1.0:
-            raise ValueError(f"`key_channel_ratio` must be in (0, 1), got {key_channel_ratio!r}")
-        if not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"`window_size` must be a positive int, got {window_size!r}")
-        if not isinstance(recent_size, int) or recent_size < 0:
-            raise ValueError(f"`recent_size` must be a non-negative int, got {recent_size!r}")
+        check_ratio("key_channel_ratio", key_channel_ratio)
+        check_int("window_size", window_size, low=1)
+        check_int("recent_size", recent_size, low=0)
         base_factory = _base_layer_factory(base, budget, window_size, config)
         self.key_channel_ratio = key_channel_ratio
         super().__init__(

@@ -97,15 +97,16 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
     if config is not None and issubclass(spec.cls, LongMemCache):  # before any method-specific requirement
         check_cache_layout(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
     if isinstance(model_or_config, PreTrainedModel):
-        if spec.needs_attention:
-            enable_longmem_attention(model_or_config)
-        track_step_inputs(model_or_config)  # position ids / mask for models whose attention keeps them from the cache
+        # Build (and so validate) first; change the model only once the cache exists: a refused option leaves the
+        # model as it was.
         if hasattr(spec.cls, "from_model"):
             cache = spec.cls.from_model(model_or_config, **options)
         else:
             cache = spec.cls(config=model_or_config.config, **options)
-        if any(getattr(layer, "sliding_window", None) is not None for layer in getattr(cache, "layers", ())):
-            enable_longmem_attention(model_or_config)  # compressed sliding-window layers apply the window themselves
+        windowed = any(getattr(layer, "sliding_window", None) is not None for layer in getattr(cache, "layers", ()))
+        if spec.needs_attention or windowed:  # windowed: compressed sliding-window layers apply the window themselves
+            enable_longmem_attention(model_or_config)
+        track_step_inputs(model_or_config)  # position ids / mask for models whose attention keeps them from the cache
         return cache
     if model_or_config is not None and not isinstance(model_or_config, PretrainedConfig):
         raise ValueError(

@@ -66,3 +66,19 @@ def test_budgets_map_onto_each_method_s_own_options():
     for name in available_caches():
         options = get_cache_spec(name).options_for_budget(64)
         hf_longmem.cache_classes.base.check_options(get_cache_spec(name).cls, options)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("h2o", dict(budget=16, recent_ratio="x")), ("h2o", dict(budget=16, recent_ratio=None)),
+     ("snapkv", dict(budget="abc")), ("sirllm", dict(decay_ratio="x")), ("think", dict(key_channel_ratio=2.0))],
+)  # fmt: skip
+def test_a_refused_option_is_a_value_error_and_leaves_the_model_unchanged(name, options):
+    from tests.helpers.tiny_models import tiny_model
+
+    model = tiny_model("llama_gqa", "sdpa")
+    hooks = len(model.model._forward_pre_hooks)
+    with pytest.raises(ValueError, match=next(iter(k for k, v in options.items() if not isinstance(v, int) or k != "budget"))):
+        make_cache(name, model, **options)
+    assert model.config._attn_implementation == "sdpa"
+    assert len(model.model._forward_pre_hooks) == hooks
