@@ -229,7 +229,7 @@ def _generates(model) -> None:
         model.generate(ids, cache=DynamicCache(config=model.config), max_new_tokens=2, do_sample=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_overrides(model_type: str, attn_impl: str = "eager") -> tuple[dict | None, str | None]:
     """The overrides that build ``model_type`` into a tiny model generating with ``DynamicCache``, or why none does.
 
