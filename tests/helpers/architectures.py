@@ -96,6 +96,27 @@ OVERRIDES: dict[str, dict] = {
     "cohere2": dict(layer_types=["sliding_attention", "full_attention"]),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention"]),
     "exaone4": dict(layer_types=["sliding_attention", "full_attention"]),
+    # per-layer embeddings, KV sharing, wide defaults the generic names do not reach
+    "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16),
+    "gemma3n_text": dict(
+        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16, num_kv_shared_layers=0, laurel_rank=8,
+        layer_types=["sliding_attention", "full_attention"], altup_num_inputs=2,
+    ),
+    "cpmant": dict(dim_head=16, dim_ff=96),
+    "ergo": dict(first_dense_intermediate_size=96, shared_intermediate_size=32),
+    "kimi_linear": dict(linear_head_dim=16, linear_num_heads=4),
+    "inkling2_text": dict(unpadded_vocab_size=VOCAB, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16),
+    "inkling2_loop_text": dict(
+        unpadded_vocab_size=VOCAB, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16
+    ),
+    "qwen4_exp_text": dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+    "gpt_neo": dict(attention_types=[[["local", "global"], 1]], window_size=SLIDING_WINDOW),
+    "zaya": dict(num_experts_per_tok=1),
+    "lfm2_moe": dict(num_dense_layers=1),
+    "mamba2": dict(num_heads=8),
+    "xlnet": dict(d_head=16),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "recurrent_gemma": dict(block_types=("recurrent", "attention"), lru_width=64, attention_window_size=SLIDING_WINDOW),
 }
 
 #: Config classes whose sub-configs mark a multimodal wrapper (its text model is usually listed on its own).
