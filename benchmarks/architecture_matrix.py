@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,35 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _cause(verdict: str) -> str:
+    """A verdict with its numbers replaced by ``N``, so that one cause seen with different sizes is one note."""
+    return re.sub(r"(?<![A-Za-z_\d.])-?\d+(\.\d+)?(e-?\d+)?", "N", verdict)
+
+
+def _grouped(checks: dict, prefix: str, note) -> str:
+    """``"ac[3] b[5]"``: the checks whose verdict starts with ``prefix``, grouped by note."""
+    by_note: dict[int, str] = {}
+    for check, verdict in checks.items():
+        if verdict.startswith(prefix):
+            number = note(_cause(verdict))
+            by_note[number] = by_note.get(number, "") + check
+    return " ".join(f"{letters}[{number}]" for number, letters in by_note.items())
+
+
+def _cell_text(cell: dict, note) -> str:
+    """``✓``, ``refused abcdef[3]`` or ``✗ b[1] c[4]``: the checks that failed (or were refused), with their notes."""
+    checks = cell["checks"]
+    refused = _grouped(checks, "refused", note)
+    if cell["verdict"] == "pass":
+        return "✓" + (f" (refused {refused})" if refused else "")
+    if cell["verdict"].startswith("refused"):
+        return f"refused {refused}"
+    return "✗ " + _grouped(checks, "FAIL", note) + (f" (refused {refused})" if refused else "")
+
+
 def write_table(path: Path, results: dict, skipped: dict, caches: list[str], checks: str, meta: dict) -> None:
-    """``docs/support.md``: the support table with numbered footnotes for every distinct refusal / failure."""
+    """``docs/support.md``: the support table, each failing / refused check of a cell pointing to a numbered note
+    (one note per cause: the verdict with its numbers elided; the exact messages are in the JSON)."""
     notes: dict[str, int] = {}
 
     def note(text: str) -> int:
@@ -137,10 +165,11 @@ def write_table(path: Path, results: dict, skipped: dict, caches: list[str], che
         "Written by `python benchmarks/architecture_matrix.py` (do not edit by hand): a tiny random model of every",
         "decoder-only architecture of the installed transformers, run with every registered cache through the rule of",
         "issue 15. A cell is ✓ when every check passes, *refused* when the cache raises a `ValueError` when it is built",
-        "(at the latest before the first token), ✗ when any check gives wrong output or another error.",
+        "(at the latest before the first token), ✗ when any check gives wrong output or raises another error; the",
+        "letters are the checks, the numbers the notes below (exact messages: `benchmarks/results/architecture_matrix.json`).",
         "",
-        f"transformers {meta['transformers']}, torch {meta['torch']}, checks: "
-        + ", ".join(f"({c}) {CHECK_NAMES[c]}" for c in checks) + ".",
+        f"transformers {meta['transformers']}, torch {meta['torch']}. Checks: "
+        + "; ".join(f"({c}) {CHECK_NAMES[c]}" for c in checks) + ".",
         "",
         "| cache | ✓ pass | refused | ✗ fail |",
         "|---|---|---|---|",
@@ -149,17 +178,7 @@ def write_table(path: Path, results: dict, skipped: dict, caches: list[str], che
         lines.append(f"| {cache} | {count['pass']} | {count['refused']} | {count['fail']} |")
     lines += ["", "| architecture | " + " | ".join(caches) + " |", "|---" * (len(caches) + 1) + "|"]
     for arch, cells in results.items():
-        row = []
-        for cache in caches:
-            cell = cells.get(cache)
-            if cell is None:
-                row.append("")
-            elif cell["verdict"] == "pass":
-                row.append("✓")
-            elif cell["verdict"].startswith("refused"):
-                row.append(f"refused [{note(cell['verdict'])}]")
-            else:
-                row.append(f"✗ [{note(cell['verdict'])}]")
+        row = [_cell_text(cells[cache], note) if cache in cells else "" for cache in caches]
         lines.append(f"| {arch} | " + " | ".join(row) + " |")
     lines += ["", "## Notes", ""]
     lines += [f"{number}. {_md(text)}" for text, number in notes.items()]
@@ -194,6 +213,9 @@ def main(argv=None) -> int:
     if args.resume and args.out.exists():
         previous = json.loads(args.out.read_text())
         results = previous["results"]
+        for cells in results.values():
+            for cell in cells.values():
+                cell["verdict"] = cell_verdict(cell["checks"])
         meta["checks"] = "".join(c for c in CHECKS if c in checks + previous["meta"].get("checks", ""))
     start = time.perf_counter()
     rows, skipped = matrix_rows(args.archs.split(",") if args.archs else None)

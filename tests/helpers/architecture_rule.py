@@ -546,13 +546,21 @@ def run_check(case: Case, cache_name: str, check: str) -> str:
         return f"FAIL: {describe(error)}"
 
 
+#: Checks that run the cache with options of their own (not the method's defaults): their refusal alone (e.g.
+#: StreamingLLM's ``position_mode="shift"`` on a model without RoPE) does not make the cell refused.
+OPTION_CHECKS = ("g",)
+
+
 def cell_verdict(verdicts: dict[str, str]) -> str:
     """One verdict for a cell from its checks ``{check: verdict}``: the first failure (``"FAIL (c): ..."``), else the
-    first refusal (``"refused (a): ..."``), else ``"pass"`` (checks that are "n/a" count as passed)."""
-    for prefix in ("FAIL", "refused"):
-        for check, verdict in verdicts.items():
-            if verdict.startswith(prefix):
-                return f"{prefix} ({check}){verdict[len(prefix):]}"
+    first refusal of a check that runs the method's own options (``"refused (a): ..."``), else ``"pass"`` (checks
+    that are "n/a", and refusals of :data:`OPTION_CHECKS`, count as passed)."""
+    for check, verdict in verdicts.items():
+        if verdict.startswith("FAIL"):
+            return f"FAIL ({check}){verdict[4:]}"
+    for check, verdict in verdicts.items():
+        if verdict.startswith("refused") and check not in OPTION_CHECKS:
+            return f"refused ({check}){verdict[7:]}"
     return "pass"
 
 
