@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     if not checks or set(args.checks) - set(CHECKS):
         parser.error(f"--checks must be letters of {''.join(CHECKS)}")
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "checks": checks, "caches": caches}
-    results = {}
+    results, previous = {}, {"skipped": {}, "meta": {}}
     if args.resume and args.out.exists():
         previous = json.loads(args.out.read_text())
         results = previous["results"]
@@ -219,8 +219,10 @@ def main(argv=None) -> int:
         meta["checks"] = "".join(c for c in CHECKS if c in checks + previous["meta"].get("checks", ""))
     start = time.perf_counter()
     rows, skipped = matrix_rows(args.archs.split(",") if args.archs else None)
+    skipped = {**{k: v for k, v in previous["skipped"].items() if k not in rows}, **skipped}
     run_matrix(rows, caches, checks, results, args.out, skipped, meta, recheck=args.recheck)
-    meta["seconds"] = round(time.perf_counter() - start, 1)
+    meta["seconds"] = round(time.perf_counter() - start, 1)  # this run
+    meta["seconds_all_runs"] = round(meta["seconds"] + previous["meta"].get("seconds_all_runs", 0.0), 1)
     save(args.out, results, skipped, meta)
     write_table(args.table, results, skipped, caches, meta["checks"], meta)
     for cache, count in counts(results, caches).items():
