@@ -74,10 +74,11 @@ FULL_OVERRIDES: dict[str, dict] = {
 
 
 def _half_retrieval_heads(model) -> list[list[bool]]:
-    """DuoAttention pattern ``[layers][kv_heads]``: KV head 0 of each layer is a retrieval head, the rest stream."""
+    """DuoAttention pattern ``[layers][kv_heads]``: every other (layer, KV head) is a retrieval head, the rest stream
+    (with one KV head, as in multi-query attention, every other layer streams)."""
     config = model.config.get_text_config(decoder=True)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return [[head == 0 for head in range(heads)] for _ in range(config.num_hidden_layers)]
+    return [[(layer + head) % 2 == 0 for head in range(heads)] for layer in range(config.num_hidden_layers)]
 
 
 #: Per cache: options merged over ``options_for_budget(small)`` where that alone is refused or does not compress.
