@@ -223,9 +223,12 @@ def main(argv=None) -> int:
     run_matrix(rows, caches, checks, results, args.out, skipped, meta, recheck=args.recheck)
     meta["seconds"] = round(time.perf_counter() - start, 1)  # this run
     meta["seconds_all_runs"] = round(meta["seconds"] + previous["meta"].get("seconds_all_runs", 0.0), 1)
+    # the table and the counts cover every cache in the results (a run with --caches adds to them)
+    shown = [c for c in hf_longmem.available_caches() if any(c in cells for cells in results.values())]
+    meta["caches"] = shown
     save(args.out, results, skipped, meta)
-    write_table(args.table, results, skipped, caches, meta["checks"], meta)
-    for cache, count in counts(results, caches).items():
+    write_table(args.table, results, skipped, shown, meta["checks"], meta)
+    for cache, count in counts(results, shown).items():
         print(f"{cache:14s} pass {count['pass']:4d}  refused {count['refused']:4d}  fail {count['fail']:4d}")
     print(f"{len(rows)} architectures, {len(skipped)} skipped, {meta['seconds']} s -> {args.out}, {args.table}")
     return 0
