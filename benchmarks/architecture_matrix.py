@@ -177,7 +177,8 @@ def write_table(path: Path, results: dict, skipped: dict, caches: list[str], che
     for cache, count in counts(results, caches).items():
         lines.append(f"| {cache} | {count['pass']} | {count['refused']} | {count['fail']} |")
     lines += ["", "| architecture | " + " | ".join(caches) + " |", "|---" * (len(caches) + 1) + "|"]
-    for arch, cells in results.items():
+    for arch in sorted(results, key=lambda name: (name in HARD_FEATURES, name)):
+        cells = results[arch]
         row = [_cell_text(cells[cache], note) if cache in cells else "" for cache in caches]
         lines.append(f"| {arch} | " + " | ".join(row) + " |")
     lines += ["", "## Notes", ""]

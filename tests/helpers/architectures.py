@@ -10,7 +10,8 @@ What cannot be built from a config is skipped with a stated reason (:func:`skip_
 encoder (masked-LM) architectures whose causal LM is only an ``is_decoder`` mode, multimodal wrappers, models that
 do not run with transformers' ``DynamicCache`` (own cache classes: RWKV, xLSTM, ...) and models without any
 attention KV layer (pure state-space / recurrent: nothing for a KV cache to compress). Hybrid models whose
-``DynamicCache`` mixes attention and linear-attention/conv layers are kept: a cache must run on them or refuse them.
+``DynamicCache`` mixes attention with linear-attention/conv layers, or holds KV in other layer kinds (indexed sparse
+attention, hybrid layers), are kept: a cache must run on them or refuse them.
 
 :data:`HARD_FEATURES` adds variants where an attention feature that our own attention paths must honour is switched on
 hard enough to change the output: a Gemma-2 attention-logit softcap the logits reach, GPT-OSS sinks of a few units,
@@ -124,8 +125,11 @@ MULTIMODAL_SUBCONFIGS = ("vision", "audio", "vq", "patcher", "text_encoder", "de
 #: Largest tiny model built (parameters, counted on the meta device first): a config whose sizes the generic
 #: overrides do not reach is skipped rather than allocated.
 MAX_PARAMETERS = 3_000_000
-#: Cache layer classes of transformers' DynamicCache that hold per-token keys/values.
-KV_LAYER_NAMES = ("DynamicLayer", "DynamicSlidingWindowLayer")
+#: Cache layer classes of transformers' DynamicCache that hold no per-token keys/values (recurrent / conv state, or
+#: a layer reading another layer's KV). A model whose layers are all of these has nothing for a KV cache to compress;
+#: every other layer kind (plain, sliding, indexed, hybrid linear + attention, model-specific) is in the matrix, where
+#: a cache must handle it or refuse it.
+STATE_ONLY_LAYER_NAMES = ("LinearAttentionLayer", "DummyLayer")
 
 
 def architecture_names() -> list[str]:
@@ -278,7 +282,7 @@ def resolve_overrides(model_type: str, attn_impl: str = "eager") -> tuple[dict |
         if not model._supports_default_dynamic_cache():
             return None, f"uses its own cache class ({type(model).__name__} is excluded from DynamicCache by transformers)"
         kinds = kv_layer_kinds(model)
-        if not any(kind in KV_LAYER_NAMES for kind in kinds):
+        if all(kind in STATE_ONLY_LAYER_NAMES for kind in kinds):
             reason = f"no attention KV layer (DynamicCache layers: {', '.join(sorted(set(kinds)))})"
             continue
         try:
