@@ -460,12 +460,22 @@ def check_g(case: Case, cache_name: str) -> str:
     """
     if not rerotates_keys(cache_name):
         return "n/a: the cache does not re-rotate keys"
-    for label, model in g_models(case):
+    failures = []
+    for label, model in g_models(case):  # every layer kind, so that one failing kind does not hide another
         if isinstance(model, Exception):
             return f"n/a: a one-layer model ({label}) cannot be built: {describe(model)}"
-        result = _check_g_one(case, cache_name, model)
+        try:
+            result = _check_g_one(case, cache_name, model)
+        except Failed as failure:
+            result = str(failure)
+        except Refused:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported with the layer kind
+            result = describe(error)
         if result != "pass":
-            raise Failed(f"{label}: {result}")
+            failures.append(f"{label}: {result}")
+    if failures:
+        raise Failed("; ".join(failures))
     return "pass"
 
 
