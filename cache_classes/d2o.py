@@ -345,6 +345,9 @@ class D2OCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=64)
     """
 
+    #: Why this cache may hold more than its budget (shown next to benchmark rows).
+    memory_note = "keeps layers 0, 1 and L-1 whole (the paper's setting); the budget is the mean of the other layers"
+
     compresses_sliding_layers = False  # on an all-sliding model, transformers' sliding layers (with a warning)
 
     def __init__(
