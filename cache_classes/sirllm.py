@@ -105,6 +105,8 @@ class SirLLMCache(LongMemCache):
 
     #: Why this cache may hold as much as the full cache (shown next to benchmark rows where it does).
     memory_note = "evicts between turns only; one prompt and its answer are held whole"
+    #: What the budget bounds: the tokens kept once the next turn arrives (see the architecture matrix, check (b)).
+    memory_saving = "between_turns"
 
     def __init__(
         self,
