@@ -19,7 +19,6 @@ transformers 5.x cache contract for caches that hold fewer tokens than they have
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -522,7 +521,7 @@ class LongMemCache(Cache):
             full-attention layers are compressed; on hybrid models (Gemma-2/3, GPT-OSS, EXAONE-4, ...) sliding-window
             layers stay transformers' sliding layers (bounded by the window already); on models whose layers are all
             sliding (Mistral-7B-v0.1), a ``budget`` below the window compresses them too, for the methods that
-            support it (``compresses_sliding_layers``; the others warn). Multi-head latent attention and ALiBi are
+            support it (``compresses_sliding_layers``; the others are refused on such a model). Multi-head latent attention and ALiBi are
             refused.
             Without it, layers are created on first use and every layer is compressed.
 
@@ -543,7 +542,9 @@ class LongMemCache(Cache):
             # subclasses set `budget` before calling us: it decides whether sliding layers are compressed too
             budget = getattr(self, "budget", None)
             budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
-            layers = build_layers(layer_factory, config, budget, sliding=self.compresses_sliding_layers)
+            layers = build_layers(
+                layer_factory, config, budget, sliding=self.compresses_sliding_layers, method=type(self).__name__
+            )
             super().__init__(layers=layers)
         #: The decoder's position ids / mask of the latest forward, when a model hook provides them
         #: (:func:`~hf_longmem.memory.step_inputs.track_step_inputs`); ``None`` without the hook.
@@ -644,7 +645,11 @@ def layer_memory_bytes(layer) -> int:
 
 
 def build_layers(
-    layer_factory: Callable[[int], CacheLayerMixin], config, budget: int | None = None, sliding: bool | None = False
+    layer_factory: Callable[[int], CacheLayerMixin],
+    config,
+    budget: int | None = None,
+    sliding: bool | None = False,
+    method: str = "this method",
 ) -> list[CacheLayerMixin]:
     """One layer per decoder layer of ``config``.
 
@@ -657,8 +662,8 @@ def build_layers(
       others; SnapKV's appended generated tokens stop at ``window - 1``), and its own mask hides what left the
       window from the queries, exactly as the model's sliding mask does, on true positions (:meth:`CompressedLayer.
       own_mask`, :meth:`CompressedLayer.attend`; the model must run hf_longmem attention, which ``make_cache``
-      switches on). A method that does not support it keeps transformers' layer, with a warning. At a budget of
-      ``window - 1`` or more, transformers' layer holds no more than the method would.
+      switches on). A method that does not support it is refused (``ValueError``): its budget would not apply. At
+      a budget of ``window - 1`` or more, transformers' layer holds no more than the method would and is kept.
     * Sliding-window layers of a hybrid model (Gemma-2/3, GPT-OSS, EXAONE-4, ...: sliding and full layers): they
       stay transformers' sliding layers (bounded by the window already); only the full layers are compressed.
 
@@ -673,13 +678,14 @@ def build_layers(
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     all_sliding = bool(layer_types) and all(t == "sliding_attention" for t in layer_types)
     layers: list[CacheLayerMixin] = []
-    unsupported = False
+    unsupported, sliding_window = False, None
     for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type == "full_attention":
             layers.append(layer_factory(layer_idx))
         elif layer_type == "sliding_attention":
             window = kwargs.get("sliding_window")
-            compress_sliding = all_sliding and budget is not None and isinstance(window, int) and budget < window - 1
+            # an unknown budget (a method sized by other options) may be below the window: it must compress or refuse
+            compress_sliding = all_sliding and isinstance(window, int) and (budget is None or budget < window - 1)
             layer = layer_factory(layer_idx) if compress_sliding and sliding is not False else None
             if layer is not None and not getattr(layer, "supports_sliding_window", False):
                 if sliding:
@@ -688,6 +694,7 @@ def build_layers(
             if layer is None:
                 layers.append(DynamicSlidingWindowLayer(**kwargs))
                 unsupported = unsupported or compress_sliding
+                sliding_window = window
                 continue
             layer.sliding_window = window
             layer.kernel_backend = "torch"  # the Triton scoring / decoding kernels apply no window
@@ -698,11 +705,11 @@ def build_layers(
                 f"this config has a {layer_type!r} layer"
             )
     if unsupported:
-        warnings.warn(
-            f"this method does not compress sliding-window attention layers, and every layer of this model is one: "
-            f"the cache holds what transformers' sliding-window cache holds (window - 1 tokens per layer), not the "
-            f"budget of {budget}",
-            stacklevel=3,
+        larger = f", or a budget of at least {sliding_window - 1} tokens" if budget is not None else ""
+        raise ValueError(
+            f"unsupported model: every layer of this model is sliding-window attention (window {sliding_window}) and "
+            f"{method} does not compress sliding-window layers: it would hold what transformers' sliding-window cache "
+            f"holds, not its budget. Use streaming, snapkv, pyramidkv or h2o on this model{larger}"
         )
     return layers
 

@@ -348,7 +348,7 @@ class D2OCache(LongMemCache):
     #: Why this cache may hold more than its budget (shown next to benchmark rows).
     memory_note = "keeps layers 0, 1 and L-1 whole (the paper's setting); the budget is the mean of the other layers"
 
-    compresses_sliding_layers = False  # on an all-sliding model, transformers' sliding layers (with a warning)
+    compresses_sliding_layers = False  # an all-sliding model is refused below its window (build_layers)
 
     def __init__(
         self,

@@ -174,7 +174,7 @@ class KVMergerCache(LongMemCache):
         model.generate(input_ids, cache=cache, max_new_tokens=64)
     """
 
-    compresses_sliding_layers = False  # on an all-sliding model, transformers' sliding layers (with a warning)
+    compresses_sliding_layers = False  # an all-sliding model is refused below its window (build_layers)
 
     def __init__(
         self,

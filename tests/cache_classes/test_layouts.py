@@ -115,10 +115,18 @@ def test_a_compressed_sliding_layer_without_hf_longmem_attention_is_refused_befo
         greedy(model, random_ids(1, 12), cache, max_new_tokens=3)
 
 
-def test_methods_that_cannot_compress_sliding_layers_say_so():
+@pytest.mark.parametrize(
+    "name, options",
+    [("kvmerger", dict(budget=4, window_size=2)), ("d2o", dict(budget=6)), ("think", dict(budget=4, window_size=2)),
+     ("duo_attention", dict(head_pattern=False, sink_size=1, recent_size=3))],
+)  # fmt: skip
+def test_methods_that_cannot_compress_sliding_layers_are_refused_on_all_sliding_models(name, options):
+    """Their budget would not apply (the cache would hold what transformers' sliding cache holds): refused."""
     model = tiny_model("mistral", sliding_window=WINDOW)
-    with pytest.warns(UserWarning, match="sliding-window"):
-        cache = make_cache("kvmerger", model, budget=4, window_size=2)
+    with pytest.raises(ValueError, match="every layer of this model is sliding-window attention"):
+        make_cache(name, model, **options)
+    assert model.config._attn_implementation == "sdpa"  # the refusal left the model as it was
+    cache = make_cache("kvmerger", model, budget=WINDOW, window_size=2)  # a budget >= window - 1: nothing to do
     assert all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
 
 
