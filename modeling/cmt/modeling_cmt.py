@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_longmem.modeling.backbone import BackboneWrapperMixin, build_backbone, freeze_backbone
+from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple
 from hf_longmem.modeling.cmt.cache_cmt import CMTCache
 from hf_longmem.modeling.cmt.compressor import CMTCompressor, LoRADelta, assemble_prefix
 from hf_longmem.modeling.cmt.configuration_cmt import CMTConfig
@@ -40,8 +41,9 @@ from hf_longmem.modeling.cmt.documents import as_token_pieces, left_pad
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
-class CMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
+class CMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
     config_class = CMTConfig
+    base_model_prefix = "backbone"
     supports_gradient_checkpointing = False
     _supports_sdpa = True
 
@@ -88,15 +90,6 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
     # HF plumbing
     # ------------------------------------------------------------------------------------------------------------------
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.backbone.get_output_embeddings()
-
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
         bank = self.__dict__.get("memory_bank")
@@ -141,9 +134,15 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         pad = self.config.pad_token_id
         return 0 if pad is None else int(pad)
 
-    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Compress left-padded ``[n, T]`` ids: ``(memories [n, layers, 2, kv_heads, m, head_dim], keys [n, r])``."""
-        return self.compressor(self.backbone, input_ids, attention_mask)
+    def compress(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ):
+        """Compress left-padded ``[n, T]`` ids (or ``[n, T, hidden]`` ``inputs_embeds``):
+        ``(memories [n, layers, 2, kv_heads, m, head_dim], keys [n, r])``."""
+        return self.compressor(self.backbone, input_ids, attention_mask, inputs_embeds)
 
     @torch.no_grad()
     def memorize(
@@ -207,7 +206,11 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def retrieve(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, top_k: int | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        top_k: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Self-matching: the bank rows of the ``top_k`` memories for each question, best LAST (prefix order).
 
@@ -215,6 +218,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             input_ids: ``[batch, T]`` questions, left-padded.
             attention_mask: ``[batch, T]``.
             top_k: memories per question (``None``: ``config.memory_top_k``).
+            inputs_embeds: ``[batch, T, hidden]`` questions in place of ``input_ids``.
 
         Returns:
             ``(indices, scores)`` ``[batch, k]`` (``k = min(top_k, bank size)``), or ``None`` when nothing is read.
@@ -222,21 +226,24 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         top_k = self.config.memory_top_k if top_k is None else top_k
         if top_k == 0 or len(self.memory_bank) == 0:
             return None
-        _, keys = self.compress(input_ids, attention_mask)
+        _, keys = self.compress(input_ids, attention_mask, inputs_embeds)
         indices, scores = self.memory_bank.search(keys, top_k)
         return indices.flip(1), scores.flip(1)
 
     def prime_cache(
-        self, cache: CMTCache, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+        self,
+        cache: CMTCache,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> CMTCache:
-        """Retrieve the memories for the question ``input_ids`` and write them into ``cache`` as its prefix."""
+        """Retrieve the memories for the question (``input_ids`` ``[batch, T]`` or ``inputs_embeds``
+        ``[batch, T, hidden]``) and write them into ``cache`` as its prefix."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be 2-D [batch, T] on the first (question) call of a CMT model")
         found = None
-        if input_ids is not None:
-            found = self.retrieve(input_ids, attention_mask, cache.top_k)
-        elif len(self.memory_bank) and (self.config.memory_top_k if cache.top_k is None else cache.top_k):
-            raise ValueError("input_ids is required on the first call: CMT retrieves memories for the question's ids")
+        if input_ids is not None or inputs_embeds is not None:
+            found = self.retrieve(input_ids, attention_mask, cache.top_k, inputs_embeds=inputs_embeds)
         if found is None:
             cache.prime(None, None)
             return cache
@@ -252,6 +259,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
     # Forward
     # ------------------------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -269,6 +277,8 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         On a fresh (or absent) cache the input is the question: the top-k memories are retrieved for it and written
         into a :class:`CMTCache` first. ``position_ids`` and a 2-D ``attention_mask`` count the caller's tokens only;
         the prefix is added to both here. A user cache that is not a ``CMTCache`` is used as is, without memory.
+        ``output_hidden_states`` / ``output_attentions`` are the backbone's (attention keys include the prefix:
+        ``[batch, heads, T, prefix + past + T]``). ``return_dict=False``: ``(loss?, logits, cache?, ...)``.
         """
         use_cache = getattr(self.config.backbone_config, "use_cache", True) if use_cache is None else use_cache
         if cache is None:
@@ -276,7 +286,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         prefix = 0
         if isinstance(cache, CMTCache):
             if not cache.primed:
-                self.prime_cache(cache, input_ids, attention_mask)
+                self.prime_cache(cache, input_ids, attention_mask, inputs_embeds)
             prefix = cache.prefix_length
         if prefix:
             if attention_mask is not None:
@@ -294,6 +304,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            return_dict=True,
             **kwargs,
         )
         return CausalLMOutputWithPast(

@@ -19,13 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from hf_longmem.modeling.backbone import BackboneWrapperMixin, build_backbone, freeze_backbone
+from hf_longmem.modeling.backbone import (
+    BackboneEmbeddingsMixin,
+    BackboneWrapperMixin,
+    build_backbone,
+    freeze_backbone,
+)
+from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple, last_hidden_state_last
 from hf_longmem.modeling.longmem.cache_longmem import LongMemBankCache
 from hf_longmem.modeling.longmem.configuration_longmem import LongMemConfig
 from hf_longmem.modeling.longmem.sidenet import SideNetLayer, SideNetRMSNorm, check_supported_backbone
@@ -62,11 +69,29 @@ def backbone_hidden_states(backbone, input_ids, inputs_embeds, **kwargs) -> list
     return [inputs_embeds, *states]
 
 
-class LongMemPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+class LongMemPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel):
     config_class = LongMemConfig
-    base_model_prefix = "longmem"
-    supports_gradient_checkpointing = False
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _is_stateful = True  # the memory bank and the segment state cannot be cropped (no assisted decoding)
+    _unsupported_features = {
+        "output_attentions": (
+            "each SideNet layer attends per segment piece over the segment's local keys and (memory layer) the "
+            "retrieved chunks of the bank, mixed by a learned gate: there is no single [batch, heads, T, T] matrix"
+        ),
+    }
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        """transformers' switch, then off again for the backbone's layers: they run with the segment's KV cache,
+        which transformers' checkpointed layers drop (and the frozen backbone runs without gradients anyway).
+        Checkpointed are the SideNet layers (see :meth:`LongMemModel.forward`)."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, LongMemModel):
+                for inner in module.backbone.modules():
+                    if hasattr(inner, "gradient_checkpointing"):
+                        inner.gradient_checkpointing = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -79,7 +104,7 @@ class LongMemPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
-class LongMemModel(LongMemPreTrainedModel):
+class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
     """Frozen backbone + residual SideNet with a memory-augmented layer; returns the SideNet's normed features.
 
     Attributes:
@@ -100,6 +125,7 @@ class LongMemModel(LongMemPreTrainedModel):
             for i in range(config.num_sidenet_layers)
         )  # fmt: skip
         self.norm = SideNetRMSNorm(bc.hidden_size, getattr(bc, "rms_norm_eps", 1e-6))
+        self.gradient_checkpointing = False
         self.post_init()
         self.init_sidenet_from_backbone()
         if config.freeze_backbone:
@@ -127,9 +153,6 @@ class LongMemModel(LongMemPreTrainedModel):
                 layer.self_attn.memory_gate.fill_(self.config.memory_gate_init)
         self.norm.load_state_dict(self.backbone.model.norm.state_dict())
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
     def memory_gate_logits(self) -> torch.Tensor:
         """``[heads]`` gate logits ``g`` of the memory layer (detached); ``sigmoid(g)`` weighs the memory."""
         return self.layers[self.config.memory_layer_index].self_attn.memory_gate.detach()
@@ -152,8 +175,9 @@ class LongMemModel(LongMemPreTrainedModel):
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         return torch.no_grad() if frozen else nullcontext()
 
-    def _forward_piece(self, input_ids, inputs_embeds, mask, cache: LongMemBankCache) -> torch.Tensor:
-        """One piece inside one segment: ``[b, T]`` -> SideNet features ``[b, T, D]`` (pre-norm); updates ``cache``."""
+    def _forward_piece(self, input_ids, inputs_embeds, mask, cache: LongMemBankCache) -> list[torch.Tensor]:
+        """One piece inside one segment: ``[b, T]`` -> SideNet states ``x_0 .. x_S``, each ``[b, T, D]`` (pre-norm;
+        ``x_S`` is the output); updates ``cache``."""
         past_mask = cache.segment_mask
         full_mask = mask if past_mask is None else torch.cat((past_mask, mask), dim=1)  # [b, fill + T]
         # Segment-local positions count real tokens only (left padding starts at 0).
@@ -174,17 +198,24 @@ class LongMemModel(LongMemPreTrainedModel):
         local_mask |= (columns[None, :] == torch.arange(t, device=mask.device)[:, None] + fill)[None]
         local_mask = local_mask[:, None]  # [b, 1, T, fill + T]
         x = hidden[0]
+        states = [x]
         position_embeddings = self.backbone.model.rotary_emb(x, positions)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            update, cache.sidenet_kv[index] = layer(
+            # A SideNet layer is a pure function of its inputs (it returns the segment's keys/values instead of
+            # writing them), so the backward can recompute it as is.
+            run = partial(self._gradient_checkpointing_func, layer.__call__) if checkpointing else layer
+            update, cache.sidenet_kv[index] = run(
                 x, position_embeddings, local_mask, cache.sidenet_kv[index], cache.bank, self.config.topk_chunks
             )
             x = x + update + (hidden[r * (index + 1)] - hidden[r * index])
+            states.append(x)
         cache.append_segment(mem_keys, mem_values, mask.bool())
         if cache.segment_fill == self.config.segment_length:
             cache.finish_segment()
-        return x
+        return states
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -193,6 +224,8 @@ class LongMemModel(LongMemPreTrainedModel):
         cache: LongMemBankCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """SideNet features of ``input_ids`` ``[b, T]`` (any ``T``; segmented internally).
@@ -203,10 +236,14 @@ class LongMemModel(LongMemPreTrainedModel):
             position_ids: ignored: positions are segment-local and derived from the mask.
             cache: a :class:`LongMemBankCache` to continue from (and update); ``None``: a fresh one.
             use_cache: return the cache (default ``config.use_cache``).
+            output_hidden_states: also return the SideNet's states ``x_0 .. x_S`` (``num_sidenet_layers + 1``
+                tensors ``[b, T, D]``; ``x_0`` is the backbone's embedding output, the last one is final-normed).
+            output_attentions: refused (``_unsupported_features``).
 
         Returns:
-            ``last_hidden_state`` ``[b, T, D]`` (after the SideNet's norm) and ``cache``.
+            ``last_hidden_state`` ``[b, T, D]`` (after the SideNet's norm), ``cache`` and ``hidden_states``.
         """
+        _, output_hidden_states = self.resolve_output_flags(output_attentions, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -232,9 +269,14 @@ class LongMemModel(LongMemPreTrainedModel):
             piece_embeds = inputs_embeds[:, start:stop] if inputs_embeds is not None else None
             outputs.append(self._forward_piece(piece_ids, piece_embeds, mask[:, start:stop], cache))
             start = stop
-        hidden = self.norm(torch.cat(outputs, dim=1))
+        states = [torch.cat(per_layer, dim=1) for per_layer in zip(*outputs)]  # x_0 .. x_S over the whole input
+        hidden = self.norm(states[-1])
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=last_hidden_state_last(states, hidden) if output_hidden_states else None,
+        )
 
 
 class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, GenerationMixin):
@@ -261,12 +303,6 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
         model.model.init_sidenet_from_backbone()
         return model
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.backbone.get_output_embeddings()
-
     def make_cache(self) -> LongMemBankCache:
         """A fresh, empty :class:`LongMemBankCache` (what ``generate`` uses when no cache is passed)."""
         return self.model.make_cache()
@@ -282,6 +318,7 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
             return
         model_kwargs["cache"] = self.make_cache()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -291,21 +328,24 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[b, T, V]`` (see :meth:`LongMemModel.forward`); ``labels`` ``[b, T]`` give the shifted LM loss."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True,
         )  # fmt: skip
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.backbone.lm_head(hidden[:, keep, :])
+        logits = self.backbone.get_output_embeddings()(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.backbone_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     # ------------------------------------------------------------------------------------------------ memorize
     @torch.no_grad()

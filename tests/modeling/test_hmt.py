@@ -262,8 +262,8 @@ def test_bad_inputs_raise_clear_errors():
         model(ids[:, :0])
     with pytest.raises(ValueError, match="padding"):
         model(ids, attention_mask=torch.tensor([[0] + [1] * 9, [1] * 10]))
-    with pytest.raises(ValueError, match="inputs_embeds"):
-        model(inputs_embeds=torch.zeros(2, 10, 64))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=torch.zeros(2, 10, 64))
     with pytest.raises(ValueError, match="HMTCache"):
         model(ids, cache=DynamicCache())
     cache = model.make_cache()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_longmem.modeling.titans import TitansCache, TitansConfig, TitansForCausalLM
+from hf_longmem.modeling.titans import TitansCache, TitansConfig, TitansForCausalLM, TitansModel
+from tests.modeling.conformance import ConformanceSuite, ModelTester
 from tests.helpers.parity import assert_same_training_step
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
@@ -141,3 +142,35 @@ def test_bad_config_and_inputs():
         model(_ids(), cache=object())
     with pytest.raises(ValueError, match="attention_mask"):
         model(_ids(), attention_mask=torch.ones(2, 3))
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class TitansTester(ModelTester):
+    """MAC (the variant with per-segment attention over memory read-outs); 11 tokens cross a segment (8) and chunks."""
+
+    model_class = TitansForCausalLM
+    base_model_class = TitansModel
+    num_hidden_states = 3
+
+    def get_config(self, **overrides):
+        fields = dict(
+            vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            variant="mac", sliding_window=6, segment_size=8, memory_chunk_size=4, memory_heads=2,
+            num_persistent_tokens=2, memory_max_lr=0.5, memory_backend="torch", pad_token_id=0,
+        )  # fmt: skip
+        fields.update(overrides)
+        return TitansConfig(**fields)
+
+    def prepare_model(self, model):
+        with torch.no_grad():  # livelier gates than the initialisation, so that the memory matters
+            for layer in model.model.layers:
+                if layer.has_memory:
+                    layer.memory.gates.bias.normal_(0, 1.0)
+                    layer.memory.conv.weight.normal_(0, 0.5)
+        return model
+
+
+class TestTitansConformance(ConformanceSuite):
+    tester = TitansTester()
