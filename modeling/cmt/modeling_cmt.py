@@ -107,8 +107,10 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, plus the memory bank saved next to the weights, if any."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """``PreTrainedModel.from_pretrained``, plus the memory bank saved next to the weights, if any; returns
+        ``(model, loading_info)`` with ``output_loading_info=True``, as transformers does."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         from transformers.utils import cached_file
 
         bank_path = cached_file(
@@ -117,7 +119,19 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         )  # fmt: skip
         if bank_path is not None:
             model.load_memory(bank_path)
-        return model
+        return loaded
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
+        """transformers' preparation; when ``generate`` continues from a primed :class:`CMTCache` it slices off the
+        tokens the cache holds by ``cache.get_seq_length()``, which counts the memory prefix too: add it back."""
+        if is_first_iteration and next_sequence_length is not None and isinstance(cache, CMTCache):
+            next_sequence_length += cache.prefix_length
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration, **kwargs,
+        )  # fmt: skip
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate`` builds a :class:`CMTCache` by default (and keeps a user's ``cache=``)."""
@@ -280,6 +294,14 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         ``output_hidden_states`` / ``output_attentions`` are the backbone's (attention keys include the prefix:
         ``[batch, heads, T, prefix + past + T]``). ``return_dict=False``: ``(loss?, logits, cache?, ...)``.
         """
+        output_attentions, output_hidden_states = self.resolve_output_flags(
+            kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
+        )
+        if output_attentions and self.backbone.config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions needs the eager attention (SDPA computes no weights): load the model with "
+                "attn_implementation='eager' or call model.set_attn_implementation('eager')"
+            )
         use_cache = getattr(self.config.backbone_config, "use_cache", True) if use_cache is None else use_cache
         if cache is None:
             cache = CMTCache(config=self.config.backbone_config)
@@ -288,6 +310,10 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             if not cache.primed:
                 self.prime_cache(cache, input_ids, attention_mask, inputs_embeds)
             prefix = cache.prefix_length
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # positions count the caller's real tokens (left padding takes none), as generate computes them
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         if prefix:
             if attention_mask is not None:
                 if attention_mask.dim() != 2:
@@ -304,6 +330,8 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )

@@ -69,6 +69,35 @@ def backbone_hidden_states(backbone, input_ids, inputs_embeds, **kwargs) -> list
     return [inputs_embeds, *states]
 
 
+class _RetrievedChunks:
+    """A bank read taken ahead of a checkpointed SideNet layer: the layer's ``bank.retrieve(q, k)`` returns it.
+
+    The bank is written in place after each segment, so a backward recompute that read the bank itself would see a
+    different bank. The top-k selection is not differentiable and the bank holds constants, so reading it once, with
+    the query the layer computes from the same input by the same operations, gives the layer exactly what it reads.
+    """
+
+    def __init__(self, retrieved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        self.retrieved = retrieved
+
+    @classmethod
+    def read(cls, layer: SideNetLayer, x: torch.Tensor, bank, topk_chunks: int):
+        """The bank read of ``layer`` for its input ``x [b, T, D]`` (``None`` when the layer reads nothing now)."""
+        attention = layer.self_attn
+        if not attention.memory or bank is None or bank.is_empty():
+            return None
+        b, t, _ = x.shape
+        with torch.no_grad():
+            q = attention.q_proj(layer.input_layernorm(x)).view(b, t, attention.num_heads, attention.head_dim)
+            return cls(bank.retrieve(q.transpose(1, 2), topk_chunks))
+
+    def is_empty(self) -> bool:
+        return False
+
+    def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.retrieved
+
+
 class LongMemPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel):
     config_class = LongMemConfig
     base_model_prefix = "model"
@@ -202,11 +231,14 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         position_embeddings = self.backbone.model.rotary_emb(x, positions)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            # A SideNet layer is a pure function of its inputs (it returns the segment's keys/values instead of
-            # writing them), so the backward can recompute it as is.
-            run = partial(self._gradient_checkpointing_func, layer.__call__) if checkpointing else layer
+            bank, run = cache.bank, layer
+            if checkpointing:
+                # A SideNet layer returns the segment's keys/values instead of writing them, so the backward can
+                # recompute it; only its bank read must be taken now (the bank is written to later in the forward).
+                bank = _RetrievedChunks.read(layer, x, bank, self.config.topk_chunks)
+                run = partial(self._gradient_checkpointing_func, layer.__call__)
             update, cache.sidenet_kv[index] = run(
-                x, position_embeddings, local_mask, cache.sidenet_kv[index], cache.bank, self.config.topk_chunks
+                x, position_embeddings, local_mask, cache.sidenet_kv[index], bank, self.config.topk_chunks
             )
             x = x + update + (hidden[r * (index + 1)] - hidden[r * index])
             states.append(x)

@@ -69,6 +69,14 @@ class ModelTester:
         model = self.model_class(config if config is not None else self.get_config(**overrides))
         return self.prepare_model(model).eval()
 
+    def reference_logits(self, model: PreTrainedModel, prompt: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, S, vocab]`` of one full forward over ``sequences`` (``[rows, S]``, each row the continuation
+        of its ``prompt`` row, rows repeated as generate repeats them) without a cache: what cached generation must
+        reproduce. Override where the model defines the continuation of a prompt otherwise (CMT reads the memories
+        retrieved for the prompt)."""
+        with torch.no_grad():
+            return model(input_ids=sequences, use_cache=False).logits
+
     def input_ids(self, batch: int | None = None, length: int | None = None, seed: int = 1) -> torch.Tensor:
         """``[batch, length]`` random ids that avoid the special tokens (ids 0-3)."""
         vocab = self.get_config().get_text_config().vocab_size
@@ -117,11 +125,11 @@ def _close(actual, expected, what: str, atol: float = ATOL, rtol: float = RTOL) 
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def _no_cache_greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _no_cache_greedy(tester, model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy continuation by full forwards over the whole prefix (no cache): ``(sequences, last logits per step)``."""
-    logits = []
+    logits, prompt = [], ids
     for _ in range(steps):
-        last = _logits(model, input_ids=ids, use_cache=False)[:, -1]
+        last = tester.reference_logits(model, prompt, ids)[:, -1]
         logits.append(last)
         ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
     return ids, logits
@@ -290,6 +298,11 @@ class ConformanceSuite:
             self.expect_refusal(model, "output_attentions", lambda: _generate(
                 model, input_ids=ids, max_new_tokens=2, return_dict_in_generate=True, output_attentions=True))
             return
+        if type(model)._supports_sdpa:  # SDPA computes no weights: a clear error, never None; eager returns them
+            model.set_attn_implementation("sdpa")
+            with pytest.raises(ValueError, match="output_attentions"):
+                model(input_ids=ids, output_attentions=True)
+            model.set_attn_implementation("eager")
         with torch.no_grad():
             out = model(input_ids=ids, output_attentions=True)
         assert out.attentions is not None and len(out.attentions) >= 1
@@ -452,7 +465,7 @@ class ConformanceSuite:
             states = out.hidden_states[step]
             assert len(states) == self.tester.num_hidden_states
             assert states[-1].shape[1] == (ids.shape[1] if step == 0 else 1)
-        reference, reference_logits = _no_cache_greedy(model, ids, n)
+        reference, reference_logits = _no_cache_greedy(self.tester, model, ids, n)
         _exact(out.sequences, reference, "cached greedy vs full forwards")
         for step in range(n):
             _close(out.logits[step], reference_logits[step], f"step {step} logits: cache vs full forward")
@@ -482,7 +495,8 @@ class ConformanceSuite:
                         output_scores=True)  # fmt: skip
         assert out.sequences.shape == (ids.shape[0] * 2, ids.shape[1] + n)
         assert out.beam_indices is not None and len(out.scores) == n
-        logprobs = torch.log_softmax(_logits(model, input_ids=out.sequences, use_cache=False).float(), -1)
+        prompts = ids.repeat_interleave(2, dim=0)
+        logprobs = torch.log_softmax(self.tester.reference_logits(model, prompts, out.sequences).float(), -1)
         new = out.sequences[:, ids.shape[1] :]
         expected = logprobs[:, ids.shape[1] - 1 : -1].gather(-1, new[..., None]).squeeze(-1).sum(-1)
         _close(out.sequences_scores, expected, "beam scores vs full-forward log-probabilities", atol=1e-4)

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 
 from hf_longmem.modeling.hmt import HMTCache, HMTConfig, HMTForCausalLM, HMTModel, append_to_bank, recall
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.helpers.tiny_models import random_ids, tiny_model
+from tests.modeling.conformance import ConformanceSuite, ModelTester, randomize_, tiny_backbone_config
 
 ATOL = 1e-4
 
@@ -315,3 +316,29 @@ def test_fresh_process_roundtrip_with_lora(tmp_path):
     assert modules["config_module"] == "hf_longmem.modeling.hmt.configuration_hmt"
     loaded = HMTForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.lora_rank == 2 and loaded.trainable_parameter_count() == model.trainable_parameter_count()
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class HMTTester(ModelTester):
+    """A 2-layer Llama backbone; 11 tokens finish one segment (8), so the second recalls from the bank."""
+
+    model_class = HMTForCausalLM
+    base_model_class = LlamaForCausalLM
+    num_hidden_states = 3
+
+    def get_config(self, **overrides):
+        backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))
+        fields = dict(segment_length=8, sensory_length=2, num_memories=3)
+        fields.update(overrides)
+        return HMTConfig(backbone_config=backbone, **fields)
+
+    def prepare_model(self, model):
+        randomize_(model.backbone)
+        model.memory.reset_parameters(0.2)
+        return model
+
+
+class TestHMTConformance(ConformanceSuite):
+    tester = HMTTester()

@@ -8,10 +8,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 import hf_longmem.modeling.longmem as longmem_pkg
 from hf_longmem.memory.memory_bank import ChunkMemoryBank
-from hf_longmem.modeling.longmem import LongMemBankCache, LongMemConfig, LongMemForCausalLM
+from hf_longmem.modeling.longmem import LongMemBankCache, LongMemConfig, LongMemForCausalLM, LongMemModel
 from hf_longmem.modeling.longmem.sidenet import joint_memory_attention
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.helpers.tiny_models import random_ids, tiny_model
+from tests.modeling.conformance import ConformanceSuite, ModelTester, randomize_, tiny_backbone_config
 
 SMALL = dict(segment_length=16, chunk_size=4, memory_size=64, topk_chunks=3, layer_reduction_factor=1,
              memory_layer_index=1)  # fmt: skip
@@ -177,3 +178,33 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="middle of a sequence"):
         model.memorize([[5, 6, 7]], cache=cache)
     assert longmem_pkg.__all__
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class LongMemTester(ModelTester):
+    """A 2-layer Llama backbone, a 2-layer SideNet (memory in layer 1); 11 tokens fill one segment (8) and start the
+    next, so the second segment reads the bank."""
+
+    model_class = LongMemForCausalLM
+    base_model_class = LongMemModel
+    num_hidden_states = 3
+
+    def get_config(self, **overrides):
+        backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))
+        fields = dict(segment_length=8, chunk_size=2, memory_size=16, topk_chunks=2, layer_reduction_factor=1,
+                      memory_layer_index=1, sidenet_init="copy")  # fmt: skip
+        fields.update(overrides)
+        return LongMemConfig(backbone_config=backbone, **fields)
+
+    def prepare_model(self, model):
+        randomize_(model.backbone)
+        model.model.init_sidenet_from_backbone()
+        with torch.no_grad():  # a non-trivial gate, so both branches matter
+            model.model.layers[1].self_attn.memory_gate.copy_(torch.linspace(-1.0, 1.0, 4))
+        return model
+
+
+class TestLongMemConformance(ConformanceSuite):
+    tester = LongMemTester()

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_longmem.modeling.titans import TitansCache, TitansConfig, TitansForCausalLM, TitansModel
-from tests.modeling.conformance import ConformanceSuite, ModelTester
 from tests.helpers.parity import assert_same_training_step
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
+from tests.modeling.conformance import ConformanceSuite, ModelTester
 
 VARIANTS = ["mac", "mag", "mal"]
 
