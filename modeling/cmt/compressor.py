@@ -20,9 +20,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.modeling.cmt.cache_cmt import ReplayPrefixCache
 
 
 class LoRADelta(nn.Module):
@@ -140,7 +141,8 @@ class CMTCompressor(nn.Module):
         inputs_embeds = torch.cat([embeds, memory], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(n, m)], dim=1)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=backbone.config)
+        # a replay cache: the pass's own keys/values are read from it, and the backbone's layers may be checkpointed
+        cache = ReplayPrefixCache(backbone.config.num_hidden_layers)
         decoder = getattr(backbone, backbone.base_model_prefix)
         with self.adapters_enabled():
             out = decoder(
@@ -148,8 +150,8 @@ class CMTCompressor(nn.Module):
             )
         hidden = out.last_hidden_state[:, -m:]  # [n, m, hidden]
         keys = self.key_proj(hidden.mean(dim=1))
-        layer_keys = torch.stack([layer.keys[:, :, -m:] for layer in cache.layers])  # [L, n, H, m, d]
-        layer_values = torch.stack([layer.values[:, :, -m:] for layer in cache.layers])
+        layer_keys = torch.stack([layer.written[0][:, :, -m:] for layer in cache.layers])  # [L, n, H, m, d]
+        layer_values = torch.stack([layer.written[1][:, :, -m:] for layer in cache.layers])
         num_layers, _, heads, _, head_dim = layer_keys.shape
         lengths = attention_mask.sum(-1)  # [n]: the memory tokens sat at lengths .. lengths + m - 1
         delta = (-lengths).view(1, n, 1).expand(num_layers, n, m).reshape(num_layers * n, m)

@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_longmem.modeling.backbone import BackboneWrapperMixin, build_backbone, freeze_backbone
 from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple
-from hf_longmem.modeling.cmt.cache_cmt import CMTCache
+from hf_longmem.modeling.cmt.cache_cmt import CMTCache, ReplayPrefixCache
 from hf_longmem.modeling.cmt.compressor import CMTCompressor, LoRADelta, assemble_prefix
 from hf_longmem.modeling.cmt.configuration_cmt import CMTConfig
 from hf_longmem.modeling.cmt.document_bank import BANK_FILE, BankSignature, DocumentMemoryBank
@@ -44,8 +46,40 @@ from hf_longmem.modeling.remote_code import RemoteCodeMixin
 class CMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
     config_class = CMTConfig
     base_model_prefix = "backbone"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the backbone's decoder layers (see _set_gradient_checkpointing)
     _supports_sdpa = True
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
+        """Checkpoint the backbone's decoder layers, keeping two things the recompute in the backward needs:
+
+        - the cache: every training pass of CMT reads keys/values through a :class:`ReplayPrefixCache` (a fixed
+          prefix; the pass's own states replaced, never appended), so the layers may keep it
+          (``_can_checkpoint_with_cache``) and the recompute reads what the forward read;
+        - the LoRA adapters' state: they are on only while compressing (a flag read by forward hooks), so the
+          checkpointed function restores the flag it was called with before it is recomputed.
+        """
+        compressor = self.compressor
+
+        def with_adapter_state(function, *args, **kwargs):
+            active = compressor._active
+
+            def run(*inner_args, **inner_kwargs):
+                previous, compressor._active = compressor._active, active
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:
+                    compressor._active = previous
+
+            return gradient_checkpointing_func(run, *args, **kwargs)
+
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=with_adapter_state, every_n_layers=every_n_layers
+        )
+        for module in self.backbone.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = enable
 
     def _init_weights(self, module):
         if isinstance(module, LoRADelta):
@@ -310,6 +344,10 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             if not cache.primed:
                 self.prime_cache(cache, input_ids, attention_mask, inputs_embeds)
             prefix = cache.prefix_length
+        if self.training and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            # checkpointed layers recompute in the backward: read what the cache holds through a replay cache (the
+            # given cache is not updated, as transformers drops a cache under gradient checkpointing)
+            use_cache, cache = False, ReplayPrefixCache.holding(cache, self.config.backbone_config.num_hidden_layers)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # positions count the caller's real tokens (left padding takes none), as generate computes them
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -421,8 +459,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         order = torch.rand(batch, k, generator=generator).argsort(-1).to(chosen.device)
         chosen = chosen.gather(1, order)
         keys, values = assemble_prefix(self.compressor.rotary, memories[chosen])
-        cache = CMTCache(config=self.config.backbone_config)
-        cache.prime(keys, values)
+        cache = ReplayPrefixCache(self.config.backbone_config.num_hidden_layers, keys, values)  # one pass
         mask = torch.cat([qa_mask.new_ones(batch, keys.shape[-2]), qa_mask], dim=1)
         out = self.backbone(input_ids=qa_ids, attention_mask=mask, cache=cache, labels=qa_labels, use_cache=True,
                             output_hidden_states=bool(distill_weight))  # fmt: skip
@@ -466,8 +503,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
     def _document_loss(self, memories: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-token loss of left-padded documents ``[b, T]`` after their own memories ``[b, layers, 2, H, m, d]``."""
         keys, values = assemble_prefix(self.compressor.rotary, memories.unsqueeze(1))
-        cache = CMTCache(config=self.config.backbone_config)
-        cache.prime(keys, values)
+        cache = ReplayPrefixCache(self.config.backbone_config.num_hidden_layers, keys, values)  # one pass
         prefix = keys.shape[-2]
         mask = mask.to(torch.long)
         position_ids = prefix + (mask.cumsum(-1) - 1).clamp(min=0)

@@ -105,6 +105,11 @@ class LongMemPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel)
     _supports_sdpa = True
     _is_stateful = True  # the memory bank and the segment state cannot be cropped (no assisted decoding)
     _unsupported_features = {
+        "padded_batches": (
+            "segments are cut at the same columns for every row (the cache advances all rows in lockstep), so a "
+            "left-padded row would be segmented differently from the row alone; pass rows of equal length, or one "
+            "row at a time"
+        ),
         "output_attentions": (
             "each SideNet layer attends per segment piece over the segment's local keys and (memory layer) the "
             "retrieved chunks of the bank, mixed by a learned gate: there is no single [batch, heads, T, T] matrix"
@@ -291,6 +296,8 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         else:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
                 raise ValueError(f"attention_mask must be [b, past + T] 2D, got {tuple(attention_mask.shape)}")
+            if not bool(attention_mask.bool().all()):
+                self.refuse("padded_batches")
             mask = attention_mask[:, -length:].bool()
         if cache.batch_size not in (-1, batch):
             raise ValueError(f"cache holds batch {cache.batch_size}, input has batch {batch}")

@@ -77,6 +77,11 @@ class ModelTester:
         with torch.no_grad():
             return model(input_ids=sequences, use_cache=False).logits
 
+    def training_loss(self, model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+        """The loss of one training step on ``ids`` (default: the LM loss); override where the trainable parts
+        learn from another objective (CMT's memory training loss)."""
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
     def input_ids(self, batch: int | None = None, length: int | None = None, seed: int = 1) -> torch.Tensor:
         """``[batch, length]`` random ids that avoid the special tokens (ids 0-3)."""
         vocab = self.get_config().get_text_config().vocab_size
@@ -423,7 +428,7 @@ class ConformanceSuite:
 
         def step():
             model.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = self.tester.training_loss(model, ids)
             loss.backward()
             return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -375,5 +375,21 @@ class CMTTester(ModelTester):
             return model(input_ids=sequences, cache=cache).logits
 
 
+    def training_loss(self, model, ids):
+        """CMT's objective (the backbone is frozen; compressor, LoRA and key projection learn): 4 documents, two per
+        sample, questions = the first tokens of ``ids``, answers = the rest; every term on (document, distillation)."""
+        vocab = model.config.get_text_config().vocab_size
+        documents = torch.randint(4, vocab, (4, 9), generator=torch.Generator().manual_seed(4))
+        document_mask = torch.ones_like(documents)
+        document_mask[1, :3] = 0
+        qa_labels = ids.clone()
+        qa_labels[:, :5] = -100
+        return model.memory_training_loss(
+            documents, document_mask, torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2]), ids[:, :5],
+            torch.ones_like(ids[:, :5]), ids, torch.ones_like(ids), qa_labels, document_weight=0.5,
+            distill_weight=0.5, generator=torch.Generator().manual_seed(5),
+        )["loss"]  # fmt: skip
+
+
 class TestCMTConformance(ConformanceSuite):
     tester = CMTTester()
