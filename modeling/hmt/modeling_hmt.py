@@ -26,9 +26,11 @@ Note the summary pass of the paper looks ahead: ``P_n`` at the first positions o
 to ``j - 1`` of it (through which memory is recalled, a softmax over at most ``N`` stored embeddings). We keep
 this, as both the paper and the code define it; the forward above makes it exact for incremental decoding.
 
-Rows of a batch share segment boundaries: padded batches (``attention_mask`` with zeros) raise ``ValueError``
-(``_unsupported_features["padded_batches"]``). The state keeps input *embeddings* (sensory memory, the unfinished
-segment), so ``inputs_embeds`` work as ``input_ids`` do.
+Left-padded batches: every row is segmented from its own first real token, as it is alone. Rows with the same number
+of padding tokens form a group that runs as one unpadded batch with its own state (``HMTCache.row_groups``), so a row
+of a padded batch gives, row by row, exactly what it gives alone; outputs at padding positions are zeros. Only left
+padding is accepted (``generate``'s). The state keeps input *embeddings* (sensory memory, the unfinished segment), so
+``inputs_embeds`` work as ``input_ids`` do.
 """
 
 from __future__ import annotations
@@ -78,10 +80,6 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         "output_attentions": (
             "every segment is one backbone pass over [memory ‖ sensory ‖ segment ‖ memory] (and summary passes over "
             "[summary ‖ prefix ‖ summary]): there is no single [batch, heads, T, T] matrix over the input tokens"
-        ),
-        "padded_batches": (
-            "rows of a batch share segment boundaries (the recurrence segments every row at the same positions); "
-            "pass rows of equal length, or one row at a time"
         ),
     }
 
@@ -226,11 +224,8 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
             raise ValueError("inputs_embeds must be a [batch, seq, hidden] tensor")
         if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
             raise ValueError("input_ids must hold at least one token")
-        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-            raise ValueError(
-                "attention_mask has padding: padded_batches are not supported by HMT: "
-                + self._unsupported_features["padded_batches"]
-            )
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be a 2-D [batch, seen + T] padding mask, got {attention_mask.ndim}-D")
         if cache is not None:
             if not isinstance(cache, HMTCache):
                 raise ValueError(f"cache must be an HMTCache (the model's own memory state), got {type(cache).__name__}")
@@ -345,8 +340,82 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
             keep, cache = False, None
         if keep and cache is None:
             cache = HMTCache(self.config)
-        hidden, states = self.hmt_forward(embeds, cache, keep, output_hidden_states)
+        pads = self._left_padding(attention_mask, embeds.shape[1], cache)
+        if pads is None:
+            hidden, states = self.hmt_forward(embeds, cache, keep, output_hidden_states)
+        else:
+            hidden, states = self._padded_forward(embeds, pads, cache, keep, output_hidden_states)
         return hidden, states, cache if keep else None
+
+    @staticmethod
+    def _left_padding(attention_mask: torch.Tensor | None, length: int, cache: HMTCache | None) -> torch.Tensor | None:
+        """Padding tokens per row ``[B]`` of a left-padded batch (``None``: no padding, now or before).
+
+        ``attention_mask`` must cover every token so far (``[B, seen + T]``) once there is padding, and be zeros then
+        ones in every row (left padding, the same pads as on earlier calls).
+        """
+        seen = 0 if cache is None else cache.seen_tokens
+        recorded = None if cache is None or cache.row_groups is None else cache.row_groups
+        if attention_mask is None or bool(attention_mask.all()):
+            if recorded is None:
+                return None
+            if attention_mask is None:
+                raise ValueError("this cache holds a left-padded batch: pass its attention_mask ([batch, seen + T])")
+        if attention_mask.shape[1] != seen + length:
+            raise ValueError(
+                f"attention_mask of a padded batch must cover all {seen + length} tokens so far "
+                f"(seen {seen} + new {length}), got {attention_mask.shape[1]} columns"
+            )
+        mask = attention_mask.bool()
+        pads = (~mask).sum(dim=1)
+        columns = torch.arange(mask.shape[1], device=mask.device)
+        if not bool((mask == (columns[None, :] >= pads[:, None])).all()):
+            raise ValueError("attention_mask: HMT takes left padding only (zeros before the first real token of a row)")
+        if recorded is not None:
+            expected = torch.zeros_like(pads)
+            for rows, pad, _ in recorded:
+                expected[rows.to(pads.device)] = pad
+            if not torch.equal(pads, expected):
+                raise ValueError("attention_mask: the rows' padding differs from the earlier calls on this cache")
+        elif seen > 0:
+            raise ValueError("attention_mask has padding but this cache started without: pad the first call only")
+        return pads
+
+    def _padded_forward(
+        self, embeds: torch.Tensor, pads: torch.Tensor, cache: HMTCache | None, keep: bool, output_hidden_states: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """A left-padded batch ``[B, T, d]``: each group of rows with the same padding runs :meth:`hmt_forward` on its
+        real tokens only (its own state in ``cache.row_groups``), so every row is segmented as it is alone.
+
+        Returns:
+            as :meth:`hmt_forward`, with zeros at padding positions.
+        """
+        state = cache if cache is not None else HMTCache(self.config)
+        batch, length, _ = embeds.shape
+        seen = state.seen_tokens
+        if state.row_groups is None:
+            state.check_batch(batch)
+            state.row_groups = [
+                ((pads == pad).nonzero().flatten(), int(pad), HMTCache(self.config, num_memories=state.capacity))
+                for pad in torch.unique(pads).tolist()
+            ]
+        hidden = embeds.new_zeros(embeds.shape)
+        states = None
+        for rows, pad, group in state.row_groups:
+            skip = min(length, max(0, pad - seen))  # padding columns of this call for these rows
+            if skip == length:
+                continue
+            rows = rows.to(embeds.device)
+            group_hidden, group_states = self.hmt_forward(embeds[rows, skip:], group, keep, output_hidden_states)
+            hidden[rows, skip:] = group_hidden
+            if output_hidden_states:
+                states = states or tuple(embeds.new_zeros(embeds.shape) for _ in group_states)
+                for full, part in zip(states, group_states):
+                    full[rows, skip:] = part
+        state.seen_tokens += length
+        if output_hidden_states and states is None:
+            states = tuple(embeds.new_zeros(embeds.shape) for _ in range(self.config.backbone_config.num_hidden_layers + 1))
+        return hidden, states
 
     def make_cache(self, num_memories: int | None = None) -> HMTCache:
         """An empty :class:`HMTCache` for this model (``num_memories`` overrides the bank capacity)."""

@@ -261,8 +261,8 @@ def test_bad_inputs_raise_clear_errors():
     ids = random_ids(2, 10)
     with pytest.raises(ValueError, match="at least one token"):
         model(ids[:, :0])
-    with pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=torch.tensor([[0] + [1] * 9, [1] * 10]))
+    with pytest.raises(ValueError, match="left padding only"):
+        model(ids, attention_mask=torch.tensor([[1] * 9 + [0], [1] * 10]))
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         model(ids, inputs_embeds=torch.zeros(2, 10, 64))
     with pytest.raises(ValueError, match="HMTCache"):
@@ -342,3 +342,21 @@ class HMTTester(ModelTester):
 
 class TestHMTConformance(ConformanceSuite):
     tester = HMTTester()
+
+
+def test_left_padded_beam_search_equals_rows_alone():
+    """Padding longer than a segment (10 > 8) and beam search (the cache's row groups are reordered and repeated):
+    every row of the padded batch generates what it generates alone."""
+    model = HMTTester().create_model()
+    ids = HMTTester().input_ids(batch=3, length=19, seed=4)
+    pads = [0, 10, 3]
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    options = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, num_return_sequences=2, pad_token_id=0,
+                   eos_token_id=None, do_sample=False)  # fmt: skip
+    with torch.no_grad():
+        together = model.generate(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask, **options)
+        for row, pad in enumerate(pads):
+            alone = model.generate(input_ids=ids[row : row + 1, pad:], **options)
+            torch.testing.assert_close(together[2 * row : 2 * row + 2, pad:], alone, rtol=0, atol=0)
