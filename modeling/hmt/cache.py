@@ -10,9 +10,10 @@ import torch
 from transformers import Cache, DynamicCache, PretrainedConfig
 
 from hf_longmem.modeling.hmt.configuration_hmt import HMTConfig
+from hf_longmem.modeling.padding import RowGroupsMixin
 
 
-class HMTCache(Cache):
+class HMTCache(RowGroupsMixin, Cache):
     """Memory bank, sensory memory and the current segment's backbone key/values.
 
     State (all per batch row; ``None`` where empty):
@@ -60,9 +61,9 @@ class HMTCache(Cache):
         self.seen_tokens = 0
         self.num_segments = 0
         self.batch_size_: int | None = None
-        # Left-padded batches: rows grouped by their number of padding tokens, each group an unpadded batch with its
-        # own state (``(rows [g] sorted, pad, HMTCache)``); ``None`` for an unpadded batch (the fields above are used).
-        self.row_groups: list[tuple[torch.Tensor, int, HMTCache]] | None = None
+        # Left-padded batches (hf_longmem.modeling.padding): rows grouped by their padding, each group an unpadded
+        # batch with its own HMTCache; ``None`` for an unpadded batch (the fields above hold the state).
+        self.row_groups = None
 
     @property
     def is_compileable(self) -> bool:  # data-dependent control flow at segment boundaries
@@ -125,23 +126,12 @@ class HMTCache(Cache):
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
-    def _regroup(self, source: torch.Tensor) -> None:
-        """Padded batch: new row ``i`` is old row ``source[i]`` (beam reordering, row selection). Every row keeps
-        the group of its number of padding tokens, so each group's state is reordered within the group."""
-        groups = []
-        for rows, pad, group in self.row_groups:
-            rows = rows.to(source.device)
-            new_rows = torch.isin(source, rows).nonzero().flatten()
-            if new_rows.numel():
-                group.reorder_cache(torch.searchsorted(rows, source[new_rows]))
-                groups.append((new_rows, pad, group))
-        self.row_groups = groups
-        self.batch_size_ = int(source.numel())
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder every per-row tensor (beam search)."""
         if self.row_groups is not None:
-            return self._regroup(beam_idx)
+            self.regroup_rows(beam_idx)
+            self.batch_size_ = int(beam_idx.numel())
+            return
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
         if self.segment_cache is not None:
             self.segment_cache.reorder_cache(beam_idx)
@@ -150,10 +140,7 @@ class HMTCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.row_groups is not None:
-            for index, (rows, pad, group) in enumerate(self.row_groups):
-                group.batch_repeat_interleave(repeats)
-                rows = (rows[:, None] * repeats + torch.arange(repeats, device=rows.device)).flatten()
-                self.row_groups[index] = (rows, pad, group)
+            self.repeat_row_groups(repeats)
             self.batch_size_ = None if self.batch_size_ is None else self.batch_size_ * repeats
             return
         self._select(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -164,8 +151,9 @@ class HMTCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.row_groups is not None:
-            indices = torch.as_tensor(indices)
-            return self._regroup(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
+            self.regroup_rows(indices)
+            self.batch_size_ = sum(int(rows.numel()) for rows, _, _ in self.row_groups)
+            return
         self._select(lambda t: t[indices])
         if self.segment_cache is not None:
             self.segment_cache.batch_select_indices(indices)

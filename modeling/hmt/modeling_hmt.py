@@ -49,6 +49,7 @@ from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple, ca
 from hf_longmem.modeling.hmt.cache import HMTCache
 from hf_longmem.modeling.hmt.configuration_hmt import HMTConfig
 from hf_longmem.modeling.hmt.memory import HMTMemory, append_to_bank
+from hf_longmem.modeling.padding import left_padding, scatter_rows
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
@@ -340,46 +341,13 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
             keep, cache = False, None
         if keep and cache is None:
             cache = HMTCache(self.config)
-        pads = self._left_padding(attention_mask, embeds.shape[1], cache)
+        seen = 0 if cache is None else cache.seen_tokens
+        pads = left_padding(attention_mask, embeds.shape[1], seen, None if cache is None else cache.group_padding())
         if pads is None:
             hidden, states = self.hmt_forward(embeds, cache, keep, output_hidden_states)
         else:
             hidden, states = self._padded_forward(embeds, pads, cache, keep, output_hidden_states)
         return hidden, states, cache if keep else None
-
-    @staticmethod
-    def _left_padding(attention_mask: torch.Tensor | None, length: int, cache: HMTCache | None) -> torch.Tensor | None:
-        """Padding tokens per row ``[B]`` of a left-padded batch (``None``: no padding, now or before).
-
-        ``attention_mask`` must cover every token so far (``[B, seen + T]``) once there is padding, and be zeros then
-        ones in every row (left padding, the same pads as on earlier calls).
-        """
-        seen = 0 if cache is None else cache.seen_tokens
-        recorded = None if cache is None or cache.row_groups is None else cache.row_groups
-        if attention_mask is None or bool(attention_mask.all()):
-            if recorded is None:
-                return None
-            if attention_mask is None:
-                raise ValueError("this cache holds a left-padded batch: pass its attention_mask ([batch, seen + T])")
-        if attention_mask.shape[1] != seen + length:
-            raise ValueError(
-                f"attention_mask of a padded batch must cover all {seen + length} tokens so far "
-                f"(seen {seen} + new {length}), got {attention_mask.shape[1]} columns"
-            )
-        mask = attention_mask.bool()
-        pads = (~mask).sum(dim=1)
-        columns = torch.arange(mask.shape[1], device=mask.device)
-        if not bool((mask == (columns[None, :] >= pads[:, None])).all()):
-            raise ValueError("attention_mask: HMT takes left padding only (zeros before the first real token of a row)")
-        if recorded is not None:
-            expected = torch.zeros_like(pads)
-            for rows, pad, _ in recorded:
-                expected[rows.to(pads.device)] = pad
-            if not torch.equal(pads, expected):
-                raise ValueError("attention_mask: the rows' padding differs from the earlier calls on this cache")
-        elif seen > 0:
-            raise ValueError("attention_mask has padding but this cache started without: pad the first call only")
-        return pads
 
     def _padded_forward(
         self, embeds: torch.Tensor, pads: torch.Tensor, cache: HMTCache | None, keep: bool, output_hidden_states: bool
@@ -395,10 +363,7 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         seen = state.seen_tokens
         if state.row_groups is None:
             state.check_batch(batch)
-            state.row_groups = [
-                ((pads == pad).nonzero().flatten(), int(pad), HMTCache(self.config, num_memories=state.capacity))
-                for pad in torch.unique(pads).tolist()
-            ]
+            state.make_row_groups(pads, lambda rows: HMTCache(self.config, num_memories=state.capacity))
         hidden = embeds.new_zeros(embeds.shape)
         states = None
         for rows, pad, group in state.row_groups:
@@ -409,13 +374,12 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
             group_hidden, group_states = self.hmt_forward(embeds[rows, skip:], group, keep, output_hidden_states)
             hidden[rows, skip:] = group_hidden
             if output_hidden_states:
-                states = states or tuple(embeds.new_zeros(embeds.shape) for _ in group_states)
-                for full, part in zip(states, group_states):
-                    full[rows, skip:] = part
+                states = [scatter_rows(None if states is None else states[layer], rows, skip, part, embeds.shape)
+                          for layer, part in enumerate(group_states)]  # fmt: skip
         state.seen_tokens += length
-        if output_hidden_states and states is None:
-            states = tuple(embeds.new_zeros(embeds.shape) for _ in range(self.config.backbone_config.num_hidden_layers + 1))
-        return hidden, states
+        if output_hidden_states and states is None:  # only padding in this call
+            states = [embeds.new_zeros(embeds.shape) for _ in range(self.config.backbone_config.num_hidden_layers + 1)]
+        return hidden, tuple(states) if output_hidden_states else None
 
     def make_cache(self, num_memories: int | None = None) -> HMTCache:
         """An empty :class:`HMTCache` for this model (``num_memories`` overrides the bank capacity)."""
