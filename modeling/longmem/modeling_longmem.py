@@ -36,6 +36,7 @@ from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple, la
 from hf_longmem.modeling.longmem.cache_longmem import LongMemBankCache
 from hf_longmem.modeling.longmem.configuration_longmem import LongMemConfig
 from hf_longmem.modeling.longmem.sidenet import SideNetLayer, SideNetRMSNorm, check_supported_backbone
+from hf_longmem.modeling.padding import left_padding, scatter_rows
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
@@ -105,11 +106,6 @@ class LongMemPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel)
     _supports_sdpa = True
     _is_stateful = True  # the memory bank and the segment state cannot be cropped (no assisted decoding)
     _unsupported_features = {
-        "padded_batches": (
-            "segments are cut at the same columns for every row (the cache advances all rows in lockstep), so a "
-            "left-padded row would be segmented differently from the row alone; pass rows of equal length, or one "
-            "row at a time"
-        ),
         "output_attentions": (
             "each SideNet layer attends per segment piece over the segment's local keys and (memory layer) the "
             "retrieved chunks of the bank, mixed by a learned gate: there is no single [batch, heads, T, T] matrix"
@@ -291,16 +287,17 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
             cache = self.make_cache()
         elif not isinstance(cache, LongMemBankCache):
             raise ValueError(f"cache must be a LongMemBankCache (model.make_cache()), got {type(cache).__name__}")
-        if attention_mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
-        else:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-                raise ValueError(f"attention_mask must be [b, past + T] 2D, got {tuple(attention_mask.shape)}")
-            if not bool(attention_mask.bool().all()):
-                self.refuse("padded_batches")
-            mask = attention_mask[:, -length:].bool()
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
+        ):
+            raise ValueError(f"attention_mask must be [b, past + T] 2D, got {tuple(attention_mask.shape)}")
         if cache.batch_size not in (-1, batch):
             raise ValueError(f"cache holds batch {cache.batch_size}, input has batch {batch}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        pads = left_padding(attention_mask, length, cache.seen_tokens, cache.group_padding())
+        if pads is not None:
+            return self._forward_row_groups(input_ids, inputs_embeds, pads, cache, use_cache, output_hidden_states)
+        mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
         outputs, start = [], 0
         while start < length:
             stop = min(length, start + self.config.segment_length - cache.segment_fill)
@@ -310,11 +307,43 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
             start = stop
         states = [torch.cat(per_layer, dim=1) for per_layer in zip(*outputs)]  # x_0 .. x_S over the whole input
         hidden = self.norm(states[-1])
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             cache=cache if use_cache else None,
             hidden_states=last_hidden_state_last(states, hidden) if output_hidden_states else None,
+        )
+
+
+    def _forward_row_groups(self, input_ids, inputs_embeds, pads, cache, use_cache, output_hidden_states):
+        """A left-padded batch (``pads [b]`` padding tokens per row): each group of rows with the same padding runs as
+        an unpadded batch of its real tokens with its own cache (:mod:`hf_longmem.modeling.padding`), so every row is
+        segmented from its first real token, exactly as alone. Outputs at padding positions are zeros."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        seen = cache.seen_tokens
+        if cache.row_groups is None:  # first call: each group starts from its rows of the bank (e.g. memorize's)
+            cache.make_row_groups(pads, lambda rows: LongMemBankCache(self.config, bank=cache.bank_rows(rows)))
+        hidden = states = None
+        for rows, pad, group in cache.row_groups:
+            skip = min(length, max(0, pad - seen))  # padding columns of this call for these rows
+            if skip == length:
+                continue
+            rows = rows.to(reference.device)
+            out = self(
+                input_ids=None if input_ids is None else input_ids[rows, skip:],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows, skip:],
+                cache=group, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+            )  # fmt: skip
+            hidden = scatter_rows(hidden, rows, skip, out.last_hidden_state, (batch, length))
+            if output_hidden_states:
+                states = [scatter_rows(None if states is None else states[layer], rows, skip, part, (batch, length))
+                          for layer, part in enumerate(out.hidden_states)]  # fmt: skip
+        cache.seen_tokens += length
+        if hidden is None:  # only padding in this call
+            hidden = self.norm.weight.new_zeros(batch, length, self.norm.weight.shape[0])
+            states = [hidden.clone() for _ in range(len(self.layers) + 1)] if output_hidden_states else None
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=tuple(states) if states else None
         )
 
 

@@ -102,17 +102,36 @@ def test_generate_uses_its_memory_cache_by_default_and_matches_greedy():
     assert beams.shape == (1, 33)
 
 
-def test_padded_batches_are_refused_with_the_feature_named():
-    """Rows share segment boundaries: a left-padded row would be segmented unlike the row alone, so padding is
-    refused (``_unsupported_features["padded_batches"]``); an all-ones mask is fine."""
+def test_left_padded_rows_equal_rows_alone_with_memory_beams_and_a_memorized_bank():
+    """Padding longer than a segment, three segments, beam search (row groups reordered and repeated) and a bank
+    filled by ``memorize``: every row of the padded batch generates what it generates alone, and padding never enters
+    the bank (each group's bank holds exactly the row's own tokens)."""
     _, model = _longmem()
-    ids = random_ids(2, 20, seed=5)
-    mask = torch.ones(2, 20, dtype=torch.long)
+    ids = random_ids(3, 40, seed=5)
+    pads = [0, 18, 5]
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    padded = ids.masked_fill(mask == 0, 0)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits, model(ids).logits, rtol=0, atol=0)
-    mask[1, :6] = 0
-    with pytest.raises(ValueError, match="padded_batches"):
-        model(ids, attention_mask=mask)
+        out = model(padded, attention_mask=mask)
+        for row, pad in enumerate(pads):
+            alone = model(ids[row : row + 1, pad:])
+            torch.testing.assert_close(out.logits[row : row + 1, pad:], alone.logits, rtol=0, atol=0)
+            (group,) = [cache for rows, _, cache in out.cache.row_groups if row in rows.tolist()]
+            assert group.bank.num_tokens().tolist() == alone.cache.bank.num_tokens().tolist()
+    options = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False,
+                   pad_token_id=0, eos_token_id=None)  # fmt: skip
+    document = random_ids(1, 20, seed=8)[0]
+    with torch.no_grad():
+        # a user cache has the rows generate runs: batch x beams
+        together = model.generate(padded, attention_mask=mask, cache=model.memorize([document], batch_size=6),
+                                   **options)  # fmt: skip
+        for row, pad in enumerate(pads):
+            alone = model.generate(ids[row : row + 1, pad:], cache=model.memorize([document], batch_size=2), **options)
+            torch.testing.assert_close(together[2 * row : 2 * row + 2, pad:], alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="left padding only"):
+        model(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([39]), 0))
 
 
 def test_memorize_fills_the_bank_like_a_forward_and_feeds_generate():
