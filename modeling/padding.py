@@ -16,10 +16,13 @@ from transformers.cache_utils import Cache
 
 
 def left_padding(attention_mask: torch.Tensor | None, length: int, seen: int, recorded: torch.Tensor | None):
-    """Padding tokens per row ``[B]`` of a left-padded batch, or ``None`` for a batch without padding.
+    """Padding tokens per row ``[B]`` of a left-padded batch, or ``None`` for a batch without left padding.
+
+    Right padding (ones then zeros in every row, as training batches are padded) is not left padding: a causal model's
+    outputs at the real tokens do not depend on what follows them, so the caller runs such a batch as it is (``None``).
 
     Args:
-        attention_mask: ``[B, seen + T]`` (1 = real token) or ``None``; once there is padding it must cover every
+        attention_mask: ``[B, seen + T]`` (1 = real token) or ``None``; once there is left padding it must cover every
             token so far and be zeros then ones in every row (left padding, as ``generate`` pads).
         length: ``T``.
         seen: tokens the cache has seen (padding included).
@@ -34,6 +37,11 @@ def left_padding(attention_mask: torch.Tensor | None, length: int, seen: int, re
             return None
         if attention_mask is None:
             raise ValueError("this cache holds a left-padded batch: pass its attention_mask ([batch, seen + T])")
+    if recorded is None and attention_mask.dim() == 2 and bool(attention_mask[:, 0].bool().all()):
+        mask = attention_mask.bool()
+        if not bool((mask[:, 1:] <= mask[:, :-1]).all()):  # every row ones then zeros
+            raise ValueError("attention_mask: padding inside a row (only left or right padding is supported)")
+        return None
     if attention_mask.dim() != 2 or attention_mask.shape[1] != seen + length:
         raise ValueError(
             f"attention_mask of a padded batch must be [batch, {seen + length}] (seen {seen} + new {length} tokens), "
@@ -43,7 +51,10 @@ def left_padding(attention_mask: torch.Tensor | None, length: int, seen: int, re
     pads = (~mask).sum(dim=1)
     columns = torch.arange(mask.shape[1], device=mask.device)
     if not bool((mask == (columns[None, :] >= pads[:, None])).all()):
-        raise ValueError("attention_mask: left padding only (zeros before the first real token of a row)")
+        raise ValueError(
+            "attention_mask: a left-padded batch must be left padding only (zeros before the first real token of a "
+            "row, none after)"
+        )
     if recorded is not None:
         if not torch.equal(pads, recorded.to(pads.device)):
             raise ValueError("attention_mask: the rows' padding differs from the earlier calls on this cache")

@@ -297,7 +297,10 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         pads = left_padding(attention_mask, length, cache.seen_tokens, cache.group_padding())
         if pads is not None:
             return self._forward_row_groups(input_ids, inputs_embeds, pads, cache, use_cache, output_hidden_states)
-        mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        if attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        else:  # no padding, or right padding (trailing pads never enter the bank)
+            mask = attention_mask[:, -length:].bool()
         outputs, start = [], 0
         while start < length:
             stop = min(length, start + self.config.segment_length - cache.segment_fill)

@@ -261,8 +261,8 @@ def test_bad_inputs_raise_clear_errors():
     ids = random_ids(2, 10)
     with pytest.raises(ValueError, match="at least one token"):
         model(ids[:, :0])
-    with pytest.raises(ValueError, match="left padding only"):
-        model(ids, attention_mask=torch.tensor([[1] * 9 + [0], [1] * 10]))
+    with pytest.raises(ValueError, match="padding inside a row"):
+        model(ids, attention_mask=torch.tensor([[1] * 4 + [0] + [1] * 5, [1] * 10]))
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         model(ids, inputs_embeds=torch.zeros(2, 10, 64))
     with pytest.raises(ValueError, match="HMTCache"):
