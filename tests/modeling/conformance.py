@@ -409,10 +409,16 @@ class ConformanceSuite:
         _exact(_logits(loaded.eval(), input_ids=ids), _logits(model, input_ids=ids), "logits after reload")
 
     def test_fresh_process_trust_remote_code(self, tmp_path: Path):
-        """A new Python process loads the checkpoint with ``trust_remote_code=True`` and computes the same logits."""
+        """A new Python process loads the checkpoint with ``trust_remote_code=True`` through the shims written next
+        to the weights, gets the package's own classes and computes the same logits."""
         model = self.model()
-        modules = assert_fresh_process_roundtrip(model, tmp_path / "checkpoint", self.tester.input_ids(batch=1))
-        assert modules["model_module"].startswith("hf_longmem.")
+        folder = tmp_path / "checkpoint"
+        modules = assert_fresh_process_roundtrip(model, folder, self.tester.input_ids(batch=1))
+        assert modules["model_module"] == type(model).__module__
+        assert modules["config_module"] == type(model.config).__module__
+        for shim in folder.glob("*.py"):  # thin shims that import the installed package, never copies of the code
+            text = shim.read_text()
+            assert "class " not in text and "hf_longmem" in text, f"{shim.name} is not a shim"
 
     # ---- training --------------------------------------------------------------------------------------------------
 

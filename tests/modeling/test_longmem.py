@@ -10,7 +10,6 @@ import hf_longmem.modeling.longmem as longmem_pkg
 from hf_longmem.memory.memory_bank import ChunkMemoryBank
 from hf_longmem.modeling.longmem import LongMemBankCache, LongMemConfig, LongMemForCausalLM, LongMemModel
 from hf_longmem.modeling.longmem.sidenet import joint_memory_attention
-from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.helpers.tiny_models import random_ids, tiny_model
 from tests.modeling.conformance import ConformanceSuite, ModelTester, randomize_, tiny_backbone_config
 
@@ -166,14 +165,6 @@ def test_only_the_sidenet_trains():
     trained = [name for name, p in model.named_parameters() if p.grad is not None]
     assert trained and all(name.startswith(("model.layers.", "model.norm.")) for name in trained)
     assert model.trainable_parameter_count() == sum(p.numel() for p in model.model.layers.parameters()) + 64
-
-
-def test_fresh_process_roundtrip(tmp_path):
-    _, model = _longmem()
-    modules = assert_fresh_process_roundtrip(model, tmp_path, random_ids(1, 40, seed=8))
-    assert modules["model_module"] == "hf_longmem.modeling.longmem.modeling_longmem"
-    shim = (tmp_path / "modeling_longmem.py").read_text()
-    assert "class " not in shim and "hf_longmem.modeling.longmem.modeling_longmem" in shim
 
 
 def test_bad_inputs():

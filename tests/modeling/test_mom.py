@@ -11,7 +11,6 @@ from hf_longmem.kernels.gated_delta import naive_recurrent_mom_gated_delta_rule
 from hf_longmem.modeling.mom import MomCache, MomConfig, MomForCausalLM, MomModel
 from hf_longmem.modeling.mom.conv import stream_short_conv
 from tests.helpers.parity import assert_same_training_step
-from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
 from tests.modeling.conformance import ConformanceSuite, ModelTester
 
@@ -211,12 +210,6 @@ def test_bad_attention_mask_raises():
     model = tiny()
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids(1, 5), attention_mask=torch.ones(1, 1, 5, 5))
-
-
-def test_fresh_process_roundtrip(tmp_path):
-    model = tiny()
-    info = assert_fresh_process_roundtrip(model, tmp_path, ids(2, 21))
-    assert info["model_module"].startswith("hf_longmem.modeling.mom")
 
 
 def test_decode_scaling_benchmark_runs(tmp_path):
