@@ -43,6 +43,7 @@ class ModelTester:
             wrapper, the backbone's class); the suite loads such a checkpoint into ``model_class``.
         num_hidden_states: ``len(hidden_states)`` the model returns (its layers + 1).
         stateful: the model's memory cannot be rolled back (``_is_stateful``).
+        doc: its documentation page (``docs/<name>.md``), which must name every declared-unsupported feature.
         batch_size, seq_length: inputs of most checks (``seq_length`` should cross a segment/chunk boundary).
         max_new_tokens: tokens the generation checks produce.
     """
@@ -54,6 +55,7 @@ class ModelTester:
     batch_size: int = 2
     seq_length: int = 11
     max_new_tokens: int = 4
+    doc: str  # the architecture's doc, relative to the repository root (lists what is declared unsupported)
 
     def get_config(self, **overrides) -> PretrainedConfig:
         """A tiny config (1-2 layers, width 32-64); ``overrides`` are config fields (``tie_word_embeddings``, ...)."""
@@ -522,6 +524,22 @@ class ConformanceSuite:
         continued = _generate(model, input_ids=first.sequences, cache=first.cache, max_new_tokens=n)
         _exact(continued, _generate(model, input_ids=ids, max_new_tokens=2 * n), "continued generation")
 
+    def test_declared_refusals_are_documented(self):
+        """Every declared-unsupported feature is a known one, has a reason, and is named in the architecture's doc
+        (as are the transformers flags it leaves off)."""
+        from hf_longmem.modeling.causal_lm import KNOWN_FEATURES
+
+        cls = self.tester.model_class
+        text = (Path(__file__).resolve().parents[2] / self.tester.doc).read_text()
+        assert "## transformers conformance" in text
+        for feature, reason in cls._unsupported_features.items():
+            assert feature in KNOWN_FEATURES and len(reason) > 20, f"{feature}: {reason!r}"
+            assert f"`{feature}`" in text, f"{self.tester.doc} does not name the unsupported {feature}"
+        if not cls._supports_sdpa:
+            assert "_supports_sdpa = False" in text
+        if self.tester.stateful:
+            assert "_is_stateful = True" in text
+
     def test_stateful_models_refuse_assisted_decoding(self):
         """``_is_stateful`` is declared as the tester says; a stateful model refuses assisted decoding clearly."""
         model = self.model()
@@ -532,16 +550,4 @@ class ConformanceSuite:
             _generate(model, input_ids=self.tester.input_ids(batch=1), max_new_tokens=3, prompt_lookup_num_tokens=2)
 
 
-def conformance_counts(suite: type[ConformanceSuite], tester: ModelTester) -> dict[str, Any]:
-    """``{"checks": n, "declared_unsupported": {feature: reason}}`` for an architecture (for reports)."""
-    model_class = tester.model_class
-    declared = dict(model_class._unsupported_features)
-    if not model_class.supports_gradient_checkpointing:
-        declared["gradient_checkpointing"] = "supports_gradient_checkpointing = False"
-    if not model_class._supports_sdpa:
-        declared["sdpa"] = "_supports_sdpa = False"
-    checks = [name for name in dir(suite) if name.startswith("test_")]
-    return {"checks": len(checks), "declared_unsupported": declared}
-
-
-__all__ = ["ATOL", "RTOL", "ConformanceSuite", "ModelTester", "conformance_counts", "randomize_", "tiny_backbone_config"]
+__all__ = ["ATOL", "RTOL", "ConformanceSuite", "ModelTester", "randomize_", "tiny_backbone_config"]

@@ -350,6 +350,7 @@ class CMTTester(ModelTester):
     model_class = CMTForCausalLM
     base_model_class = LlamaForCausalLM
     num_hidden_states = 3
+    doc = "docs/cmt.md"
     stateful = False
 
     def get_config(self, **overrides):

@@ -327,6 +327,7 @@ class HMTTester(ModelTester):
     model_class = HMTForCausalLM
     base_model_class = LlamaForCausalLM
     num_hidden_states = 3
+    doc = "docs/hmt.md"
 
     def get_config(self, **overrides):
         backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))

@@ -208,6 +208,7 @@ class LongMemTester(ModelTester):
     model_class = LongMemForCausalLM
     base_model_class = LongMemModel
     num_hidden_states = 3
+    doc = "docs/longmem.md"
 
     def get_config(self, **overrides):
         backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))

@@ -243,6 +243,7 @@ class MomTester(ModelTester):
     model_class = MomForCausalLM
     base_model_class = MomModel
     num_hidden_states = 3
+    doc = "docs/mom.md"
 
     def get_config(self, **overrides):
         fields = dict(

@@ -150,6 +150,7 @@ class TitansTester(ModelTester):
     model_class = TitansForCausalLM
     base_model_class = TitansModel
     num_hidden_states = 3
+    doc = "docs/titans.md"
 
     def get_config(self, **overrides):
         fields = dict(
