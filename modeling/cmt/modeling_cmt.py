@@ -155,6 +155,14 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             model.load_memory(bank_path)
         return loaded
 
+    def _assisted_decoding(self, input_ids, *args, **kwargs):
+        """Retrieve for the prompt first: assisted decoding's first forward runs the prompt together with the first
+        draft tokens, and CMT retrieves for the tokens of the first call on a fresh cache (the question)."""
+        cache = kwargs.get("cache")
+        if isinstance(cache, CMTCache) and not cache.primed and input_ids.shape[1] > 0:
+            self.prime_cache(cache, input_ids, kwargs.get("attention_mask"))
+        return super()._assisted_decoding(input_ids, *args, **kwargs)
+
     def prepare_inputs_for_generation(
         self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
     ):

@@ -540,14 +540,21 @@ class ConformanceSuite:
         if self.tester.stateful:
             assert "_is_stateful = True" in text
 
-    def test_stateful_models_refuse_assisted_decoding(self):
-        """``_is_stateful`` is declared as the tester says; a stateful model refuses assisted decoding clearly."""
+    def test_assisted_decoding_matches_greedy_or_is_refused(self):
+        """``_is_stateful`` is declared as the tester says; a stateful model refuses assisted decoding clearly, any
+        other gives with prompt-lookup drafts (accepted and rejected ones) exactly the greedy tokens."""
         model = self.model()
         assert bool(getattr(model, "_is_stateful", False)) is self.tester.stateful
-        if not self.tester.stateful:
+        ids = self.tester.input_ids(batch=1)
+        ids = torch.cat([ids, ids[:, :6]], dim=1)  # a repeated span, so that prompt lookup drafts tokens
+        if self.tester.stateful:
+            with pytest.raises(ValueError, match="assisted decoding"):
+                _generate(model, input_ids=ids, max_new_tokens=3, prompt_lookup_num_tokens=2)
             return
-        with pytest.raises(ValueError, match="assisted decoding"):
-            _generate(model, input_ids=self.tester.input_ids(batch=1), max_new_tokens=3, prompt_lookup_num_tokens=2)
+        n = 2 * self.tester.max_new_tokens
+        greedy = _generate(model, input_ids=ids, max_new_tokens=n)
+        _exact(_generate(model, input_ids=ids, max_new_tokens=n, prompt_lookup_num_tokens=3), greedy,
+               "assisted decoding vs greedy")  # fmt: skip
 
 
 __all__ = ["ATOL", "RTOL", "ConformanceSuite", "ModelTester", "randomize_", "tiny_backbone_config"]
