@@ -304,6 +304,10 @@ class ConformanceSuite:
             self.expect_refusal(model, "output_attentions", lambda: model(input_ids=ids, output_attentions=True))
             self.expect_refusal(model, "output_attentions", lambda: _generate(
                 model, input_ids=ids, max_new_tokens=2, return_dict_in_generate=True, output_attentions=True))
+            if type(model)._supports_sdpa:  # transformers itself refuses the config flag under SDPA
+                model.set_attn_implementation("eager")
+            model.config.output_attentions = True  # the config default is refused the same way
+            self.expect_refusal(model, "output_attentions", lambda: model(input_ids=ids))
             return
         if type(model)._supports_sdpa:  # SDPA computes no weights: a clear error, never None; eager returns them
             model.set_attn_implementation("sdpa")
@@ -496,6 +500,9 @@ class ConformanceSuite:
         _exact(runs[0].sequences, runs[1].sequences, "same seed, same samples")
         assert len(runs[0].scores) == n
         assert runs[0].sequences.shape == (ids.shape[0], ids.shape[1] + n)
+        several = _generate(model, input_ids=ids, max_new_tokens=n, do_sample=True, num_return_sequences=3)
+        assert several.shape == (ids.shape[0] * 3, ids.shape[1] + n)
+        _exact(several[:, : ids.shape[1]], ids.repeat_interleave(3, dim=0), "prompts of num_return_sequences")
 
     def test_generate_beam_search(self):
         """Beam search reorders the model's state: each returned beam's ``sequences_scores`` (``length_penalty=0``:
