@@ -145,18 +145,19 @@ def test_bad_config_and_inputs():
 
 
 class TitansTester(ModelTester):
-    """MAC (the variant with per-segment attention over memory read-outs); 11 tokens cross a segment (8) and chunks."""
+    """One MAC block (the variant with per-segment attention over memory read-outs) with a neural memory; 11 tokens
+    cross a segment (8) and memory chunks (4). One block keeps the suite fast: the parity tests above run 2 and 3."""
 
     model_class = TitansForCausalLM
     base_model_class = TitansModel
-    num_hidden_states = 3
+    num_hidden_states = 2
     doc = "docs/titans.md"
 
     def get_config(self, **overrides):
         fields = dict(
-            vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-            variant="mac", sliding_window=6, segment_size=8, memory_chunk_size=4, memory_heads=2,
-            num_persistent_tokens=2, memory_max_lr=0.5, memory_backend="torch", pad_token_id=0,
+            vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1, memory_layers=[0],
+            num_attention_heads=2, variant="mac", sliding_window=6, segment_size=8, memory_chunk_size=4,
+            memory_heads=2, num_persistent_tokens=2, memory_max_lr=0.5, memory_backend="torch", pad_token_id=0,
         )  # fmt: skip
         fields.update(overrides)
         return TitansConfig(**fields)
