@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
@@ -53,12 +54,21 @@ class BackboneWrapperConfig(RemoteCodeMixin, PretrainedConfig):
         self.backbone_config = as_backbone_config(backbone_config)
         self.backbone_name_or_path = backbone_name_or_path
         self.freeze_backbone = bool(freeze_backbone)
+        tie = kwargs.pop("tie_word_embeddings", None)
         if self.backbone_config is not None:
+            if tie is not None:  # the wrapper's flag is the backbone's: it is the backbone that ties (or not)
+                self.backbone_config.tie_word_embeddings = bool(tie)
+            tie = getattr(self.backbone_config, "tie_word_embeddings", False)
             kwargs.setdefault("vocab_size", self.backbone_config.vocab_size)
             kwargs.setdefault("hidden_size", self.backbone_config.hidden_size)
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 kwargs.setdefault(name, getattr(self.backbone_config, name, None))
-        super().__init__(**kwargs)
+        super().__init__(tie_word_embeddings=bool(tie), **kwargs)
+
+    def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
+        """The backbone's config (its ``num_hidden_layers``, ``hidden_size``, ``vocab_size``, ...), as composite
+        transformers configs return their ``text_config``; ``self`` while no backbone config is set."""
+        return self.backbone_config if self.backbone_config is not None else self
 
     def require_backbone_config(self) -> PretrainedConfig:
         """The backbone config, or a ``ValueError`` naming ``backbone_config`` when it is missing."""
@@ -87,10 +97,39 @@ def freeze_backbone(backbone: PreTrainedModel) -> None:
         parameter.requires_grad_(False)
 
 
-class BackboneWrapperMixin:
-    """For wrapper ``PreTrainedModel`` classes that hold the wrapped LM as ``self.backbone``."""
+class BackboneEmbeddingsMixin:
+    """Embedding accessors and ``resize_token_embeddings`` of a model that holds the wrapped LM as ``self.backbone``:
+    its embeddings are the backbone's."""
 
     backbone: PreTrainedModel
+
+    # ---- embeddings: the backbone's -----------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
+        """The backbone's ``resize_token_embeddings`` (it re-ties its own head), then every ``vocab_size`` that
+        describes it (the wrapper config, its ``backbone_config``) follows."""
+        embeddings = self.backbone.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        vocab_size = embeddings.weight.shape[0]
+        for config in (self.config, self.config.backbone_config, self.backbone.config):
+            config.vocab_size = vocab_size
+        self.vocab_size = vocab_size
+        return embeddings
+
+
+class BackboneWrapperMixin(BackboneEmbeddingsMixin):
+    """For wrapper ``PreTrainedModel`` classes that hold the wrapped LM as ``self.backbone``."""
 
     @classmethod
     def from_backbone(cls, backbone: PreTrainedModel | str, **config_kwargs):

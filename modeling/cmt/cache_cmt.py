@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 class CMTCache(DynamicCache):
@@ -57,3 +58,54 @@ class CMTCache(DynamicCache):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
         return total
+
+
+class ReplayLayer(DynamicLayer):
+    """A cache layer for one training pass under gradient checkpointing.
+
+    ``keys`` / ``values`` hold a fixed prefix (``[batch, kv_heads, P, head_dim]``, possibly empty); :meth:`update`
+    returns ``prefix ‖ new`` and keeps the new states in :attr:`written`, *replacing* (never appending) them. A
+    checkpointed decoder layer that is recomputed in the backward therefore reads exactly what its forward read, which
+    an appending ``DynamicLayer`` would not (the recompute would see its own keys twice).
+    """
+
+    is_croppable = False
+
+    def __init__(self):
+        super().__init__()
+        self.written: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.written = (key_states, value_states)
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class ReplayPrefixCache(Cache):
+    """A one-call cache of :class:`ReplayLayer`: a fixed prefix per layer, the call's own states in ``written``.
+
+    CMT's training passes (compression, question answering after the memory prefix) read keys/values through it, so
+    that the backbone's layers can be checkpointed with a cache (``_can_checkpoint_with_cache``).
+
+    Args:
+        num_layers: the backbone's decoder layers.
+        keys, values: the prefix, ``[layers, batch, kv_heads, P, head_dim]`` each (``None``: no prefix).
+    """
+
+    def __init__(self, num_layers: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        layers = [ReplayLayer() for _ in range(num_layers)]
+        if keys is not None:
+            for layer, layer_keys, layer_values in zip(layers, keys, values):
+                layer.lazy_initialization(layer_keys, layer_values)
+                layer.keys, layer.values = layer_keys, layer_values
+        super().__init__(layers=layers)
+
+    @classmethod
+    def holding(cls, cache: Cache, num_layers: int) -> ReplayPrefixCache:
+        """A replay cache whose prefix is everything ``cache`` holds now (``cache`` itself is left unchanged)."""
+        if cache.get_seq_length() == 0:
+            return cls(num_layers)
+        return cls(
+            num_layers, torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])
+        )

@@ -20,9 +20,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.modeling.cmt.cache_cmt import ReplayPrefixCache
 
 
 class LoRADelta(nn.Module):
@@ -106,7 +107,11 @@ class CMTCompressor(nn.Module):
             self._active = previous
 
     def forward(
-        self, backbone: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        backbone: PreTrainedModel,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress a batch of documents (or questions).
 
@@ -114,25 +119,30 @@ class CMTCompressor(nn.Module):
             backbone: the wrapped causal LM.
             input_ids: ``[n, T]`` token ids, LEFT-padded (the memory tokens follow the last real token).
             attention_mask: ``[n, T]`` 1 on real tokens (``None``: all real).
+            inputs_embeds: ``[n, T, hidden]`` in place of ``input_ids`` (the backbone's input embeddings).
 
         Returns:
             ``(memories, keys)``: ``[n, layers, 2, kv_heads, m, head_dim]`` memory keys/values (keys rotated to
             positions ``0 .. m-1``) and ``[n, retrieval_dim]`` self-matching keys (not normalised).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [n, T] with T >= 1, got {tuple(input_ids.shape)}")
-        n, m = input_ids.shape[0], self.num_memory_tokens
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds to the compressor")
+        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+        if len(shape) != 2 or shape[1] == 0 or (inputs_embeds is not None and inputs_embeds.dim() != 3):
+            raise ValueError(f"input_ids must be [n, T] (inputs_embeds [n, T, hidden]) with T >= 1, got {shape}")
+        n, m = shape[0], self.num_memory_tokens
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(shape, dtype=torch.long, device=(inputs_embeds if input_ids is None else input_ids).device)
         attention_mask = attention_mask.to(torch.long)
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("input_ids must be left-padded: the last position of every row must be a real token")
-        embeds = backbone.get_input_embeddings()(input_ids)
+        embeds = backbone.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         memory = self.memory_embeddings.to(embeds.dtype).unsqueeze(0).expand(n, -1, -1)
         inputs_embeds = torch.cat([embeds, memory], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(n, m)], dim=1)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=backbone.config)
+        # a replay cache: the pass's own keys/values are read from it, and the backbone's layers may be checkpointed
+        cache = ReplayPrefixCache(backbone.config.num_hidden_layers)
         decoder = getattr(backbone, backbone.base_model_prefix)
         with self.adapters_enabled():
             out = decoder(
@@ -140,8 +150,8 @@ class CMTCompressor(nn.Module):
             )
         hidden = out.last_hidden_state[:, -m:]  # [n, m, hidden]
         keys = self.key_proj(hidden.mean(dim=1))
-        layer_keys = torch.stack([layer.keys[:, :, -m:] for layer in cache.layers])  # [L, n, H, m, d]
-        layer_values = torch.stack([layer.values[:, :, -m:] for layer in cache.layers])
+        layer_keys = torch.stack([layer.written[0][:, :, -m:] for layer in cache.layers])  # [L, n, H, m, d]
+        layer_values = torch.stack([layer.written[1][:, :, -m:] for layer in cache.layers])
         num_layers, _, heads, _, head_dim = layer_keys.shape
         lengths = attention_mask.sum(-1)  # [n]: the memory tokens sat at lengths .. lengths + m - 1
         delta = (-lengths).view(1, n, 1).expand(num_layers, n, m).reshape(num_layers * n, m)

@@ -26,13 +26,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_longmem.modeling.backbone import BackboneWrapperMixin, build_backbone, freeze_backbone
-from hf_longmem.modeling.cmt.cache_cmt import CMTCache
+from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple
+from hf_longmem.modeling.cmt.cache_cmt import CMTCache, ReplayPrefixCache
 from hf_longmem.modeling.cmt.compressor import CMTCompressor, LoRADelta, assemble_prefix
 from hf_longmem.modeling.cmt.configuration_cmt import CMTConfig
 from hf_longmem.modeling.cmt.document_bank import BANK_FILE, BankSignature, DocumentMemoryBank
@@ -40,10 +43,43 @@ from hf_longmem.modeling.cmt.documents import as_token_pieces, left_pad
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
-class CMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
+class CMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
     config_class = CMTConfig
-    supports_gradient_checkpointing = False
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True  # the backbone's decoder layers (see _set_gradient_checkpointing)
     _supports_sdpa = True
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
+        """Checkpoint the backbone's decoder layers, keeping two things the recompute in the backward needs:
+
+        - the cache: every training pass of CMT reads keys/values through a :class:`ReplayPrefixCache` (a fixed
+          prefix; the pass's own states replaced, never appended), so the layers may keep it
+          (``_can_checkpoint_with_cache``) and the recompute reads what the forward read;
+        - the LoRA adapters' state: they are on only while compressing (a flag read by forward hooks), so the
+          checkpointed function restores the flag it was called with before it is recomputed.
+        """
+        compressor = self.compressor
+
+        def with_adapter_state(function, *args, **kwargs):
+            active = compressor._active
+
+            def run(*inner_args, **inner_kwargs):
+                previous, compressor._active = compressor._active, active
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:
+                    compressor._active = previous
+
+            return gradient_checkpointing_func(run, *args, **kwargs)
+
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=with_adapter_state, every_n_layers=every_n_layers
+        )
+        for module in self.backbone.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = enable
 
     def _init_weights(self, module):
         if isinstance(module, LoRADelta):
@@ -88,15 +124,6 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
     # HF plumbing
     # ------------------------------------------------------------------------------------------------------------------
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.backbone.get_output_embeddings()
-
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
         bank = self.__dict__.get("memory_bank")
@@ -114,8 +141,10 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, plus the memory bank saved next to the weights, if any."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """``PreTrainedModel.from_pretrained``, plus the memory bank saved next to the weights, if any; returns
+        ``(model, loading_info)`` with ``output_loading_info=True``, as transformers does."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         from transformers.utils import cached_file
 
         bank_path = cached_file(
@@ -124,7 +153,27 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         )  # fmt: skip
         if bank_path is not None:
             model.load_memory(bank_path)
-        return model
+        return loaded
+
+    def _assisted_decoding(self, input_ids, *args, **kwargs):
+        """Retrieve for the prompt first: assisted decoding's first forward runs the prompt together with the first
+        draft tokens, and CMT retrieves for the tokens of the first call on a fresh cache (the question)."""
+        cache = kwargs.get("cache")
+        if isinstance(cache, CMTCache) and not cache.primed and input_ids.shape[1] > 0:
+            self.prime_cache(cache, input_ids, kwargs.get("attention_mask"))
+        return super()._assisted_decoding(input_ids, *args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
+        """transformers' preparation; when ``generate`` continues from a primed :class:`CMTCache` it slices off the
+        tokens the cache holds by ``cache.get_seq_length()``, which counts the memory prefix too: add it back."""
+        if is_first_iteration and next_sequence_length is not None and isinstance(cache, CMTCache):
+            next_sequence_length += cache.prefix_length
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration, **kwargs,
+        )  # fmt: skip
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate`` builds a :class:`CMTCache` by default (and keeps a user's ``cache=``)."""
@@ -141,9 +190,15 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         pad = self.config.pad_token_id
         return 0 if pad is None else int(pad)
 
-    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Compress left-padded ``[n, T]`` ids: ``(memories [n, layers, 2, kv_heads, m, head_dim], keys [n, r])``."""
-        return self.compressor(self.backbone, input_ids, attention_mask)
+    def compress(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ):
+        """Compress left-padded ``[n, T]`` ids (or ``[n, T, hidden]`` ``inputs_embeds``):
+        ``(memories [n, layers, 2, kv_heads, m, head_dim], keys [n, r])``."""
+        return self.compressor(self.backbone, input_ids, attention_mask, inputs_embeds)
 
     @torch.no_grad()
     def memorize(
@@ -207,7 +262,11 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def retrieve(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, top_k: int | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        top_k: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Self-matching: the bank rows of the ``top_k`` memories for each question, best LAST (prefix order).
 
@@ -215,6 +274,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             input_ids: ``[batch, T]`` questions, left-padded.
             attention_mask: ``[batch, T]``.
             top_k: memories per question (``None``: ``config.memory_top_k``).
+            inputs_embeds: ``[batch, T, hidden]`` questions in place of ``input_ids``.
 
         Returns:
             ``(indices, scores)`` ``[batch, k]`` (``k = min(top_k, bank size)``), or ``None`` when nothing is read.
@@ -222,21 +282,24 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         top_k = self.config.memory_top_k if top_k is None else top_k
         if top_k == 0 or len(self.memory_bank) == 0:
             return None
-        _, keys = self.compress(input_ids, attention_mask)
+        _, keys = self.compress(input_ids, attention_mask, inputs_embeds)
         indices, scores = self.memory_bank.search(keys, top_k)
         return indices.flip(1), scores.flip(1)
 
     def prime_cache(
-        self, cache: CMTCache, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+        self,
+        cache: CMTCache,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> CMTCache:
-        """Retrieve the memories for the question ``input_ids`` and write them into ``cache`` as its prefix."""
+        """Retrieve the memories for the question (``input_ids`` ``[batch, T]`` or ``inputs_embeds``
+        ``[batch, T, hidden]``) and write them into ``cache`` as its prefix."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be 2-D [batch, T] on the first (question) call of a CMT model")
         found = None
-        if input_ids is not None:
-            found = self.retrieve(input_ids, attention_mask, cache.top_k)
-        elif len(self.memory_bank) and (self.config.memory_top_k if cache.top_k is None else cache.top_k):
-            raise ValueError("input_ids is required on the first call: CMT retrieves memories for the question's ids")
+        if input_ids is not None or inputs_embeds is not None:
+            found = self.retrieve(input_ids, attention_mask, cache.top_k, inputs_embeds=inputs_embeds)
         if found is None:
             cache.prime(None, None)
             return cache
@@ -252,6 +315,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
     # Forward
     # ------------------------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -269,15 +333,33 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         On a fresh (or absent) cache the input is the question: the top-k memories are retrieved for it and written
         into a :class:`CMTCache` first. ``position_ids`` and a 2-D ``attention_mask`` count the caller's tokens only;
         the prefix is added to both here. A user cache that is not a ``CMTCache`` is used as is, without memory.
+        ``output_hidden_states`` / ``output_attentions`` are the backbone's (attention keys include the prefix:
+        ``[batch, heads, T, prefix + past + T]``). ``return_dict=False``: ``(loss?, logits, cache?, ...)``.
         """
+        output_attentions, output_hidden_states = self.resolve_output_flags(
+            kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
+        )
+        if output_attentions and self.backbone.config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions needs the eager attention (SDPA computes no weights): load the model with "
+                "attn_implementation='eager' or call model.set_attn_implementation('eager')"
+            )
         use_cache = getattr(self.config.backbone_config, "use_cache", True) if use_cache is None else use_cache
         if cache is None:
             cache = CMTCache(config=self.config.backbone_config)
         prefix = 0
         if isinstance(cache, CMTCache):
             if not cache.primed:
-                self.prime_cache(cache, input_ids, attention_mask)
+                self.prime_cache(cache, input_ids, attention_mask, inputs_embeds)
             prefix = cache.prefix_length
+        if self.training and torch.is_grad_enabled() and self.is_activation_checkpointing:
+            # checkpointed layers recompute in the backward: read what the cache holds through a replay cache (the
+            # given cache is not updated, as transformers drops a cache under gradient checkpointing)
+            use_cache, cache = False, ReplayPrefixCache.holding(cache, self.config.backbone_config.num_hidden_layers)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # positions count the caller's real tokens (left padding takes none), as generate computes them
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         if prefix:
             if attention_mask is not None:
                 if attention_mask.dim() != 2:
@@ -294,6 +376,9 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         return CausalLMOutputWithPast(
@@ -382,8 +467,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         order = torch.rand(batch, k, generator=generator).argsort(-1).to(chosen.device)
         chosen = chosen.gather(1, order)
         keys, values = assemble_prefix(self.compressor.rotary, memories[chosen])
-        cache = CMTCache(config=self.config.backbone_config)
-        cache.prime(keys, values)
+        cache = ReplayPrefixCache(self.config.backbone_config.num_hidden_layers, keys, values)  # one pass
         mask = torch.cat([qa_mask.new_ones(batch, keys.shape[-2]), qa_mask], dim=1)
         out = self.backbone(input_ids=qa_ids, attention_mask=mask, cache=cache, labels=qa_labels, use_cache=True,
                             output_hidden_states=bool(distill_weight))  # fmt: skip
@@ -427,8 +511,7 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
     def _document_loss(self, memories: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-token loss of left-padded documents ``[b, T]`` after their own memories ``[b, layers, 2, H, m, d]``."""
         keys, values = assemble_prefix(self.compressor.rotary, memories.unsqueeze(1))
-        cache = CMTCache(config=self.config.backbone_config)
-        cache.prime(keys, values)
+        cache = ReplayPrefixCache(self.config.backbone_config.num_hidden_layers, keys, values)  # one pass
         prefix = keys.shape[-2]
         mask = mask.to(torch.long)
         position_ids = prefix + (mask.cumsum(-1) - 1).clamp(min=0)

@@ -10,20 +10,23 @@ import torch
 from transformers import Cache, DynamicCache, PretrainedConfig
 
 from hf_longmem.modeling.hmt.configuration_hmt import HMTConfig
+from hf_longmem.modeling.padding import RowGroupsMixin
 
 
-class HMTCache(Cache):
+class HMTCache(RowGroupsMixin, Cache):
     """Memory bank, sensory memory and the current segment's backbone key/values.
 
     State (all per batch row; ``None`` where empty):
 
     - ``bank`` ``[B, N, T, d]``: memory embeddings ``m_n`` (``T = num_memory_tokens`` each) of the last
       ``N <= capacity`` finished segments, oldest first; appending to a full bank evicts the oldest.
-    - ``sensory_ids`` ``[B, k']``: the last ``k' <= sensory_length`` tokens of the previous segment.
-    - ``segment_ids`` ``[B, r]``: tokens of the current segment seen so far (``0 <= r < segment_length``).
+    - ``sensory_embeds`` ``[B, k', d]``: input embeddings of the last ``k' <= sensory_length`` tokens of the previous
+      segment (embeddings, not ids, so that ``inputs_embeds`` work as ``input_ids`` do).
+    - ``segment_embeds`` ``[B, r, d]``: input embeddings of the current segment's tokens seen so far
+      (``0 <= r < segment_length``).
     - ``segment_memory`` ``[B, T, d]``: ``P_n`` of the current segment, recalled from a summary of its first
       ``summary_tokens`` tokens (0 for the initial memory of segment 0 or a ``use_recall=False`` model).
-    - ``segment_cache``: a ``DynamicCache`` with the backbone key/values of ``[P_n ‖ sensory ‖ segment_ids]``.
+    - ``segment_cache``: a ``DynamicCache`` with the backbone key/values of ``[P_n ‖ sensory ‖ segment_embeds]``.
 
     ``get_seq_length()`` is the number of tokens seen (``generate`` slices its inputs with it); the backbone only
     ever holds the current segment's key/values, whose positions restart at 0 in every segment.
@@ -50,14 +53,17 @@ class HMTCache(Cache):
     def reset(self) -> None:
         """Forget everything (an empty bank, no segment)."""
         self.bank: torch.Tensor | None = None
-        self.sensory_ids: torch.Tensor | None = None
-        self.segment_ids: torch.Tensor | None = None
+        self.sensory_embeds: torch.Tensor | None = None  # [B, k, d] input embeddings of the previous segment's tail
+        self.segment_embeds: torch.Tensor | None = None  # [B, r, d] input embeddings of the unfinished segment
         self.segment_memory: torch.Tensor | None = None
         self.summary_tokens = 0
         self.segment_cache: DynamicCache | None = None
         self.seen_tokens = 0
         self.num_segments = 0
         self.batch_size_: int | None = None
+        # Left-padded batches (hf_longmem.modeling.padding): rows grouped by their padding, each group an unpadded
+        # batch with its own HMTCache; ``None`` for an unpadded batch (the fields above hold the state).
+        self.row_groups = None
 
     @property
     def is_compileable(self) -> bool:  # data-dependent control flow at segment boundaries
@@ -79,7 +85,7 @@ class HMTCache(Cache):
     @property
     def segment_position(self) -> int:
         """Tokens of the current segment seen so far."""
-        return 0 if self.segment_ids is None else self.segment_ids.shape[1]
+        return 0 if self.segment_embeds is None else self.segment_embeds.shape[1]
 
     def new_segment_cache(self) -> DynamicCache:
         """An empty key/value cache for one backbone pass over a segment."""
@@ -100,9 +106,9 @@ class HMTCache(Cache):
         return -1
 
     def memory_bytes(self) -> int:
-        """Bytes really held: bank, sensory and segment token ids, ``P_n`` and the segment's key/values."""
-        total = 0
-        for tensor in (self.bank, self.sensory_ids, self.segment_ids, self.segment_memory):
+        """Bytes really held: bank, sensory and segment embeddings, ``P_n`` and the segment's key/values."""
+        total = sum(group.memory_bytes() for _, _, group in self.row_groups or ())
+        for tensor in (self.bank, self.sensory_embeds, self.segment_embeds, self.segment_memory):
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
         if self.segment_cache is not None:
@@ -115,13 +121,17 @@ class HMTCache(Cache):
     # ---- generate helpers ------------------------------------------------------------------------------------------
 
     def _select(self, fn) -> None:
-        for name in ("bank", "sensory_ids", "segment_ids", "segment_memory"):
+        for name in ("bank", "sensory_embeds", "segment_embeds", "segment_memory"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder every per-row tensor (beam search)."""
+        if self.row_groups is not None:
+            self.regroup_rows(beam_idx)
+            self.batch_size_ = int(beam_idx.numel())
+            return
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
         if self.segment_cache is not None:
             self.segment_cache.reorder_cache(beam_idx)
@@ -129,6 +139,10 @@ class HMTCache(Cache):
             self.batch_size_ = int(beam_idx.shape[0])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.row_groups is not None:
+            self.repeat_row_groups(repeats)
+            self.batch_size_ = None if self.batch_size_ is None else self.batch_size_ * repeats
+            return
         self._select(lambda t: t.repeat_interleave(repeats, dim=0))
         if self.segment_cache is not None:
             self.segment_cache.batch_repeat_interleave(repeats)
@@ -136,6 +150,10 @@ class HMTCache(Cache):
             self.batch_size_ *= repeats
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.row_groups is not None:
+            self.regroup_rows(indices)
+            self.batch_size_ = sum(int(rows.numel()) for rows, _, _ in self.row_groups)
+            return
         self._select(lambda t: t[indices])
         if self.segment_cache is not None:
             self.segment_cache.batch_select_indices(indices)

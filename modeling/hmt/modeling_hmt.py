@@ -26,13 +26,16 @@ Note the summary pass of the paper looks ahead: ``P_n`` at the first positions o
 to ``j - 1`` of it (through which memory is recalled, a softmax over at most ``N`` stored embeddings). We keep
 this, as both the paper and the code define it; the forward above makes it exact for incremental decoding.
 
-Rows of a batch share segment boundaries: padded batches (``attention_mask`` with zeros) raise ``ValueError``.
+Left-padded batches: every row is segmented from its own first real token, as it is alone. Rows with the same number
+of padding tokens form a group that runs as one unpadded batch with its own state (``HMTCache.row_groups``), so a row
+of a padded batch gives, row by row, exactly what it gives alone; outputs at padding positions are zeros. Only left
+padding is accepted (``generate``'s). The state keeps input *embeddings* (sensory memory, the unfinished segment), so
+``inputs_embeds`` work as ``input_ids`` do.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -42,9 +45,11 @@ from hf_longmem.modeling.backbone import (
     build_backbone,
     check_backbone_matches,
 )
+from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple, causal_lm_logits, shifted_cross_entropy
 from hf_longmem.modeling.hmt.cache import HMTCache
 from hf_longmem.modeling.hmt.configuration_hmt import HMTConfig
 from hf_longmem.modeling.hmt.memory import HMTMemory, append_to_bank
+from hf_longmem.modeling.padding import left_padding, scatter_rows
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
@@ -58,7 +63,7 @@ def _plan_pieces(length: int, segment_position: int, segment_length: int) -> lis
     return pieces
 
 
-class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
+class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel):
     """Shared parts of :class:`HMTModel` and :class:`HMTForCausalLM`: the backbone, HMT's memory and the recurrence.
 
     Attributes:
@@ -67,9 +72,17 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
     """
 
     config_class = HMTConfig
-    base_model_prefix = "hmt"
+    base_model_prefix = "backbone"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # the backbone's layers; HMT then runs without a cache (see forward)
+    _is_stateful = True  # the memory bank is a recurrent state: no assisted decoding, no cache cropping
+    _unsupported_features = {
+        "output_attentions": (
+            "every segment is one backbone pass over [memory ‖ sensory ‖ segment ‖ memory] (and summary passes over "
+            "[summary ‖ prefix ‖ summary]): there is no single [batch, heads, T, T] matrix over the input tokens"
+        ),
+    }
 
     def __init__(self, config: HMTConfig):
         super().__init__(config)
@@ -125,10 +138,11 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, then ``requires_grad`` from the config (loading resets it)."""
-        model = super().from_pretrained(*args, **kwargs)
-        model.apply_trainability()
-        return model
+        """``PreTrainedModel.from_pretrained``, then ``requires_grad`` from the config (loading resets it); returns
+        ``(model, loading_info)`` with ``output_loading_info=True``, as transformers does."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_trainability()
+        return loaded
 
     @classmethod
     def from_backbone(cls, backbone: PreTrainedModel | str, **config_kwargs):
@@ -169,18 +183,22 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_input_embeddings()(ids)
 
-    def _backbone_pass(self, embeds: torch.Tensor, kv=None) -> torch.Tensor:
-        """Backbone decoder over ``embeds`` ``[B, S, d]`` at positions ``past..past+S-1`` -> final hidden ``[B, S, d]``."""
+    def _backbone_pass(self, embeds: torch.Tensor, kv=None, output_hidden_states: bool = False):
+        """Backbone decoder over ``embeds`` ``[B, S, d]`` at positions ``past..past+S-1`` -> final hidden ``[B, S, d]``
+        (and, with ``output_hidden_states``, the decoder's ``num_hidden_layers + 1`` states ``[B, S, d]``)."""
         past = 0 if kv is None else kv.get_seq_length()
         positions = torch.arange(past, past + embeds.shape[1], device=embeds.device).unsqueeze(0)
         out = self.backbone.get_decoder()(
-            inputs_embeds=embeds, position_ids=positions.expand(embeds.shape[0], -1), cache=kv, use_cache=kv is not None
-        )
+            inputs_embeds=embeds, position_ids=positions.expand(embeds.shape[0], -1), cache=kv,
+            use_cache=kv is not None, output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        if output_hidden_states:
+            return out.last_hidden_state, out.hidden_states
         return out.last_hidden_state
 
     def _summaries(self, prefixes: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Summary pass ``S = backbone([T ‖ ids ‖ T])[-1]`` for each ``[B, s]`` id tensor; equal-length prefixes run
-        as one batch (the passes do not depend on the memory, so all segments of an input summarise at once).
+        """Summary pass ``S = backbone([T ‖ x ‖ T])[-1]`` for each ``[B, s, d]`` embedding prefix ``x``; equal-length
+        prefixes run as one batch (the passes do not depend on the memory, so all segments summarise at once).
 
         Returns:
             the same keys -> ``[B, 1, d]``.
@@ -190,25 +208,25 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
         for key, ids in prefixes.items():
             by_length.setdefault(ids.shape[1], []).append(key)
         for keys in by_length.values():
-            ids = torch.cat([prefixes[key] for key in keys], dim=0)  # [G*B, s]
-            token = self.memory.summary_embedding.to(self.dtype).expand(ids.shape[0], 1, -1)
-            hidden = self._backbone_pass(torch.cat([token, self._embed(ids), token], dim=1))[:, -1:]
+            embeds = torch.cat([prefixes[key] for key in keys], dim=0)  # [G*B, s, d]
+            token = self.memory.summary_embedding.to(embeds.dtype).expand(embeds.shape[0], 1, -1)
+            hidden = self._backbone_pass(torch.cat([token, embeds, token], dim=1))[:, -1:]
             for key, part in zip(keys, hidden.split(prefixes[keys[0]].shape[0], dim=0)):
                 out[key] = part
         return out
 
-    def _check_inputs(self, input_ids, attention_mask, inputs_embeds, cache) -> None:
-        if inputs_embeds is not None:
-            raise ValueError("inputs_embeds is not supported by HMT: pass input_ids (sensory memory keeps token ids)")
-        if input_ids is None or input_ids.ndim != 2:
+    def _input_embeddings(self, input_ids, attention_mask, inputs_embeds, cache) -> torch.Tensor:
+        """Checked inputs as embeddings ``[B, T, d]``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.ndim != 2:
             raise ValueError("input_ids must be a [batch, seq] tensor of token ids")
-        if input_ids.shape[1] == 0:
+        if inputs_embeds is not None and inputs_embeds.ndim != 3:
+            raise ValueError("inputs_embeds must be a [batch, seq, hidden] tensor")
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
             raise ValueError("input_ids must hold at least one token")
-        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-            raise ValueError(
-                "attention_mask has padding: HMT segments every row at the same boundaries, so padded batches are "
-                "not supported; pass rows of equal length (or batch size 1)"
-            )
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be a 2-D [batch, seen + T] padding mask, got {attention_mask.ndim}-D")
         if cache is not None:
             if not isinstance(cache, HMTCache):
                 raise ValueError(f"cache must be an HMTCache (the model's own memory state), got {type(cache).__name__}")
@@ -217,24 +235,29 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
                 self.config.segment_length
             ):
                 raise ValueError("cache was built for a different HMT config (hidden_size or segment_length differ)")
+        return self._embed(input_ids) if inputs_embeds is None else inputs_embeds
 
-    def hmt_forward(self, input_ids: torch.Tensor, cache: HMTCache | None, keep_state: bool) -> torch.Tensor:
+    def hmt_forward(
+        self, embeds: torch.Tensor, cache: HMTCache | None, keep_state: bool, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the HMT recurrence over new tokens, continuing ``cache`` when given (it is updated in place).
 
         Args:
-            input_ids: ``[B, T]``, the tokens following those ``cache`` has seen.
+            embeds: ``[B, T, d]`` input embeddings of the tokens following those ``cache`` has seen.
             cache: the state to continue and update, or ``None`` (start from an empty memory).
             keep_state: keep the unfinished segment's key/values in ``cache`` (for later pieces).
+            output_hidden_states: also return the backbone's states at the new tokens.
 
         Returns:
-            the backbone's final hidden states at the new tokens, ``[B, T, d]``.
+            the backbone's final hidden states at the new tokens ``[B, T, d]``, and (``output_hidden_states``) its
+            ``num_hidden_layers + 1`` states at them, each ``[B, T, d]`` (from the segment passes, the last normed).
         """
         config = self.config
         state = cache if cache is not None else HMTCache(config)
-        batch = input_ids.shape[0]
+        batch = embeds.shape[0]
         state.check_batch(batch)
         L, j, k = config.segment_length, config.summary_length, config.sensory_length
-        pieces = _plan_pieces(input_ids.shape[1], state.segment_position, L)
+        pieces = _plan_pieces(embeds.shape[1], state.segment_position, L)
 
         # Summary passes needed by the pieces (those of segments that recall and whose summary grows).
         prefixes: dict[int, torch.Tensor] = {}
@@ -243,22 +266,22 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             covered = state.summary_tokens if position > 0 else 0
             wanted = min(position + size, j)
             if config.use_recall and finished > 0 and wanted > covered:
-                ids = input_ids[:, start : start + size]
+                piece = embeds[:, start : start + size]
                 if position > 0:
-                    ids = torch.cat([state.segment_ids, ids], dim=1)
-                prefixes[index] = ids[:, :wanted]
+                    piece = torch.cat([state.segment_embeds, piece], dim=1)
+                prefixes[index] = piece[:, :wanted]
             finished += position + size == L
         summaries = self._summaries(prefixes) if prefixes else {}
 
-        outputs = []
+        outputs, states = [], []
         for index, (start, size, position) in enumerate(pieces):
-            ids = input_ids[:, start : start + size]
+            piece = embeds[:, start : start + size]
             completes = position + size == L
             memory, fresh = state.segment_memory, state.segment_cache is None or position == 0
             if position == 0:
                 memory, state.summary_tokens = None, 0
             if state.num_segments == 0:
-                memory = memory if memory is not None else self.memory.memory_init.to(self.dtype).expand(batch, -1, -1)
+                memory = memory if memory is not None else self.memory.memory_init.to(embeds.dtype).expand(batch, -1, -1)
             elif not config.use_recall:
                 memory = memory if memory is not None else state.bank[:, -1] * config.memory_scale
             elif index in summaries:
@@ -268,30 +291,33 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             tail = [memory] if completes else []
             if fresh:
                 prefix = [memory]
-                if state.num_segments > 0 and state.sensory_ids is not None:
-                    prefix.append(self._embed(state.sensory_ids))
+                if state.num_segments > 0 and state.sensory_embeds is not None:
+                    prefix.append(state.sensory_embeds)
                 if position > 0:
-                    prefix.append(self._embed(state.segment_ids))
+                    prefix.append(state.segment_embeds)
                 offset = sum(part.shape[1] for part in prefix)
                 kv = state.new_segment_cache() if keep_state and not completes else None
-                hidden = self._backbone_pass(torch.cat([*prefix, self._embed(ids), *tail], dim=1), kv)
+                passed = self._backbone_pass(torch.cat([*prefix, piece, *tail], dim=1), kv, output_hidden_states)
             else:
                 offset, kv = 0, state.segment_cache
-                hidden = self._backbone_pass(torch.cat([self._embed(ids), *tail], dim=1), kv)
+                passed = self._backbone_pass(torch.cat([piece, *tail], dim=1), kv, output_hidden_states)
+            hidden, layer_states = passed if output_hidden_states else (passed, ())
             outputs.append(hidden[:, offset : offset + size])
-            segment_ids = ids if position == 0 else torch.cat([state.segment_ids, ids], dim=1)
+            states.append([layer[:, offset : offset + size] for layer in layer_states])
+            segment = piece if position == 0 else torch.cat([state.segment_embeds, piece], dim=1)
             if completes:
                 written = hidden[:, -config.num_memory_tokens :]
                 state.bank = append_to_bank(state.bank, written, state.capacity if config.use_recall else 1)
-                state.sensory_ids = segment_ids[:, L - k :] if k > 0 else None
+                state.sensory_embeds = segment[:, L - k :] if k > 0 else None
                 state.num_segments += 1
-                state.segment_ids = state.segment_memory = state.segment_cache = None
+                state.segment_embeds = state.segment_memory = state.segment_cache = None
                 state.summary_tokens = 0
             else:
-                state.segment_ids, state.segment_memory = segment_ids, memory
+                state.segment_embeds, state.segment_memory = segment, memory
                 state.segment_cache = kv if keep_state else None
             state.seen_tokens += size
-        return torch.cat(outputs, dim=1)
+        all_states = tuple(torch.cat(layer, dim=1) for layer in zip(*states)) if output_hidden_states else None
+        return torch.cat(outputs, dim=1), all_states
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """``generate`` builds an :class:`HMTCache` by default and honours a user-supplied one."""
@@ -305,6 +331,56 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
             return
         model_kwargs["cache"] = HMTCache(self.config)
 
+    def _run(self, input_ids, attention_mask, cache, inputs_embeds, use_cache, output_attentions, output_hidden_states):
+        """The shared body of both forwards: ``(hidden [B, T, d], hidden_states or None, cache or None)``."""
+        _, output_hidden_states = self.resolve_output_flags(output_attentions, output_hidden_states)
+        embeds = self._input_embeddings(input_ids, attention_mask, inputs_embeds, cache)
+        keep = bool(use_cache) or cache is not None
+        if self.is_activation_checkpointing and self.training and torch.is_grad_enabled():
+            # transformers' checkpointed layers drop a layer cache; the segment passes then run without one
+            keep, cache = False, None
+        if keep and cache is None:
+            cache = HMTCache(self.config)
+        seen = 0 if cache is None else cache.seen_tokens
+        pads = left_padding(attention_mask, embeds.shape[1], seen, None if cache is None else cache.group_padding())
+        if pads is None:
+            hidden, states = self.hmt_forward(embeds, cache, keep, output_hidden_states)
+        else:
+            hidden, states = self._padded_forward(embeds, pads, cache, keep, output_hidden_states)
+        return hidden, states, cache if keep else None
+
+    def _padded_forward(
+        self, embeds: torch.Tensor, pads: torch.Tensor, cache: HMTCache | None, keep: bool, output_hidden_states: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """A left-padded batch ``[B, T, d]``: each group of rows with the same padding runs :meth:`hmt_forward` on its
+        real tokens only (its own state in ``cache.row_groups``), so every row is segmented as it is alone.
+
+        Returns:
+            as :meth:`hmt_forward`, with zeros at padding positions.
+        """
+        state = cache if cache is not None else HMTCache(self.config)
+        batch, length, _ = embeds.shape
+        seen = state.seen_tokens
+        if state.row_groups is None:
+            state.check_batch(batch)
+            state.make_row_groups(pads, lambda rows: HMTCache(self.config, num_memories=state.capacity))
+        hidden = embeds.new_zeros(embeds.shape)
+        states = None
+        for rows, pad, group in state.row_groups:
+            skip = min(length, max(0, pad - seen))  # padding columns of this call for these rows
+            if skip == length:
+                continue
+            rows = rows.to(embeds.device)
+            group_hidden, group_states = self.hmt_forward(embeds[rows, skip:], group, keep, output_hidden_states)
+            hidden[rows, skip:] = group_hidden
+            if output_hidden_states:
+                states = [scatter_rows(None if states is None else states[layer], rows, skip, part, embeds.shape)
+                          for layer, part in enumerate(group_states)]  # fmt: skip
+        state.seen_tokens += length
+        if output_hidden_states and states is None:  # only padding in this call
+            states = [embeds.new_zeros(embeds.shape) for _ in range(self.config.backbone_config.num_hidden_layers + 1)]
+        return hidden, tuple(states) if output_hidden_states else None
+
     def make_cache(self, num_memories: int | None = None) -> HMTCache:
         """An empty :class:`HMTCache` for this model (``num_memories`` overrides the bank capacity)."""
         return HMTCache(self.config, num_memories=num_memories)
@@ -313,6 +389,7 @@ class HMTPreTrainedModel(RemoteCodeMixin, BackboneWrapperMixin, PreTrainedModel)
 class HMTModel(HMTPreTrainedModel):
     """HMT returning the backbone's final hidden states (no LM head applied)."""
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -321,20 +398,21 @@ class HMTModel(HMTPreTrainedModel):
         cache: HMTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Args as :meth:`HMTForCausalLM.forward`. Returns ``last_hidden_state`` ``[B, T, d]`` and ``cache``."""
-        self._check_inputs(input_ids, attention_mask, inputs_embeds, cache)
-        keep = bool(use_cache) or cache is not None
-        if keep and cache is None:
-            cache = HMTCache(self.config)
-        hidden = self.hmt_forward(input_ids, cache, keep)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if keep else None)
+        """Args as :meth:`HMTForCausalLM.forward`. Returns ``last_hidden_state`` ``[B, T, d]``, ``cache`` and
+        ``hidden_states``."""
+        hidden, states, cache = self._run(input_ids, attention_mask, cache, inputs_embeds, use_cache,
+                                          output_attentions, output_hidden_states)  # fmt: skip
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache, hidden_states=states)
 
 
 class HMTForCausalLM(HMTPreTrainedModel, GenerationMixin):
     """HMT with the backbone's LM head: ``AutoModelForCausalLM`` class of ``model_type="hmt"``."""
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -344,6 +422,8 @@ class HMTForCausalLM(HMTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -354,27 +434,22 @@ class HMTForCausalLM(HMTPreTrainedModel, GenerationMixin):
             attention_mask: ``[B, T + seen]`` or ``None``; must be all ones (no padding).
             position_ids: ignored: HMT restarts positions in every segment.
             cache: an :class:`HMTCache` to continue (updated in place); ``generate`` makes one by default.
-            inputs_embeds: not supported (``ValueError``).
+            inputs_embeds: ``[B, T, d]`` instead of ``input_ids`` (the state keeps embeddings either way).
             labels: ``[B, T]`` next-token targets (shifted inside; ``-100`` ignored).
             use_cache: return the state as ``cache`` (always when a cache was given).
+            output_hidden_states: the backbone's ``num_hidden_layers + 1`` states at the input tokens, ``[B, T, d]``
+                each (from the segment passes; the last is final-normed, what the LM head reads).
+            output_attentions: refused (``_unsupported_features``).
             logits_to_keep: as in transformers (``0``: all positions).
 
         Returns:
-            ``logits`` ``[B, T or logits_to_keep, vocab]``, ``loss`` when ``labels``, ``cache``.
+            ``logits`` ``[B, T or logits_to_keep, vocab]``, ``loss`` when ``labels``, ``cache``, ``hidden_states``.
         """
-        self._check_inputs(input_ids, attention_mask, inputs_embeds, cache)
-        keep = bool(use_cache) or cache is not None
-        if keep and cache is None:
-            cache = HMTCache(self.config)
-        hidden = self.hmt_forward(input_ids, cache, keep)
-        keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.backbone.get_output_embeddings()(hidden[:, keep_slice])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if keep else None)
+        hidden, states, cache = self._run(input_ids, attention_mask, cache, inputs_embeds, use_cache,
+                                          output_attentions, output_hidden_states)  # fmt: skip
+        logits = causal_lm_logits(self.backbone.get_output_embeddings(), hidden, logits_to_keep)
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=states)
 
 
 __all__ = ["HMTForCausalLM", "HMTModel", "HMTPreTrainedModel"]

@@ -22,9 +22,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from hf_longmem.memory.memory_bank import ChunkMemoryBank
+from hf_longmem.modeling.padding import RowGroupsMixin
 
 
-class LongMemBankCache(Cache):
+class LongMemBankCache(RowGroupsMixin, Cache):
     """LongMem's generation state (see the module docstring).
 
     Args:
@@ -50,7 +51,16 @@ class LongMemBankCache(Cache):
         self.backbone_config = backbone_config
         self.num_sidenet_layers = config.num_sidenet_layers
         self.seen_tokens = 0
+        # Left-padded batches (hf_longmem.modeling.padding): rows grouped by their padding, each group an unpadded
+        # batch with its own LongMemBankCache; ``None`` for an unpadded batch (the fields above hold the state).
+        self.row_groups = None
         self._new_segment()
+
+    def bank_rows(self, rows: torch.Tensor) -> ChunkMemoryBank:
+        """A copy of the bank restricted to the batch rows ``rows`` (an empty bank stays empty)."""
+        bank = ChunkMemoryBank.from_state_dict(self.bank.state_dict())
+        bank.index_select(rows)
+        return bank
 
     def _new_segment(self) -> None:
         self.backbone_cache = DynamicCache(config=self.backbone_config)
@@ -110,6 +120,8 @@ class LongMemBankCache(Cache):
 
     @property
     def batch_size(self) -> int:
+        if self.row_groups is not None:
+            return sum(int(rows.numel()) for rows, _, _ in self.row_groups)
         if self.segment_mask is not None:
             return self.segment_mask.shape[0]
         return self.bank.batch_size or -1
@@ -121,6 +133,7 @@ class LongMemBankCache(Cache):
         """Empty the bank and the current segment."""
         self.bank.reset()
         self.seen_tokens = 0
+        self.row_groups = None
         self._new_segment()
 
     def memory_bytes(self) -> int:
@@ -130,9 +143,12 @@ class LongMemBankCache(Cache):
         for layer in self.backbone_cache.layers:
             tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
         held = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        held += sum(group.memory_bytes() for _, _, group in self.row_groups or ())
         return held + self.bank.memory_bytes()
 
     def _select(self, rows: torch.Tensor) -> None:
+        if self.row_groups is not None:
+            return self.regroup_rows(rows)
         self.bank.index_select(rows)
         if self.segment_mask is not None:
             self.segment_keys = self.segment_keys.index_select(0, rows)
@@ -151,5 +167,7 @@ class LongMemBankCache(Cache):
         self._select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.row_groups is not None:
+            return self.repeat_row_groups(repeats)
         rows = torch.arange(max(self.batch_size, 1)).repeat_interleave(repeats)
         self._select(rows)

@@ -79,8 +79,7 @@ class LongMemConfig(BackboneWrapperConfig):
         self.memory_layer_index = memory_layer_index
         self.retrieval_layer_index = retrieval_layer_index
         self.use_cache = bool(use_cache)
-        # The backbone ties (or not) its own embeddings; the wrapper must not tie them again.
-        kwargs["tie_word_embeddings"] = False
+        # ``tie_word_embeddings`` is the backbone's (BackboneWrapperConfig passes it on); the wrapper ties nothing itself.
         super().__init__(backbone_config=backbone_config, **kwargs)
         if self.backbone_config is not None:
             self._resolve_layers()

@@ -19,16 +19,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from hf_longmem.modeling.backbone import BackboneWrapperMixin, build_backbone, freeze_backbone
+from hf_longmem.modeling.backbone import (
+    BackboneEmbeddingsMixin,
+    BackboneWrapperMixin,
+    build_backbone,
+    freeze_backbone,
+)
+from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple, last_hidden_state_last
 from hf_longmem.modeling.longmem.cache_longmem import LongMemBankCache
 from hf_longmem.modeling.longmem.configuration_longmem import LongMemConfig
 from hf_longmem.modeling.longmem.sidenet import SideNetLayer, SideNetRMSNorm, check_supported_backbone
+from hf_longmem.modeling.padding import left_padding, scatter_rows
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
@@ -62,11 +70,58 @@ def backbone_hidden_states(backbone, input_ids, inputs_embeds, **kwargs) -> list
     return [inputs_embeds, *states]
 
 
-class LongMemPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+class _RetrievedChunks:
+    """A bank read taken ahead of a checkpointed SideNet layer: the layer's ``bank.retrieve(q, k)`` returns it.
+
+    The bank is written in place after each segment, so a backward recompute that read the bank itself would see a
+    different bank. The top-k selection is not differentiable and the bank holds constants, so reading it once, with
+    the query the layer computes from the same input by the same operations, gives the layer exactly what it reads.
+    """
+
+    def __init__(self, retrieved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        self.retrieved = retrieved
+
+    @classmethod
+    def read(cls, layer: SideNetLayer, x: torch.Tensor, bank, topk_chunks: int):
+        """The bank read of ``layer`` for its input ``x [b, T, D]`` (``None`` when the layer reads nothing now)."""
+        attention = layer.self_attn
+        if not attention.memory or bank is None or bank.is_empty():
+            return None
+        b, t, _ = x.shape
+        with torch.no_grad():
+            q = attention.q_proj(layer.input_layernorm(x)).view(b, t, attention.num_heads, attention.head_dim)
+            return cls(bank.retrieve(q.transpose(1, 2), topk_chunks))
+
+    def is_empty(self) -> bool:
+        return False
+
+    def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.retrieved
+
+
+class LongMemPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel):
     config_class = LongMemConfig
-    base_model_prefix = "longmem"
-    supports_gradient_checkpointing = False
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _is_stateful = True  # the memory bank and the segment state cannot be cropped (no assisted decoding)
+    _unsupported_features = {
+        "output_attentions": (
+            "each SideNet layer attends per segment piece over the segment's local keys and (memory layer) the "
+            "retrieved chunks of the bank, mixed by a learned gate: there is no single [batch, heads, T, T] matrix"
+        ),
+    }
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        """transformers' switch, then off again for the backbone's layers: they run with the segment's KV cache,
+        which transformers' checkpointed layers drop (and the frozen backbone runs without gradients anyway).
+        Checkpointed are the SideNet layers (see :meth:`LongMemModel.forward`)."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, LongMemModel):
+                for inner in module.backbone.modules():
+                    if hasattr(inner, "gradient_checkpointing"):
+                        inner.gradient_checkpointing = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -79,7 +134,7 @@ class LongMemPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
-class LongMemModel(LongMemPreTrainedModel):
+class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
     """Frozen backbone + residual SideNet with a memory-augmented layer; returns the SideNet's normed features.
 
     Attributes:
@@ -100,6 +155,7 @@ class LongMemModel(LongMemPreTrainedModel):
             for i in range(config.num_sidenet_layers)
         )  # fmt: skip
         self.norm = SideNetRMSNorm(bc.hidden_size, getattr(bc, "rms_norm_eps", 1e-6))
+        self.gradient_checkpointing = False
         self.post_init()
         self.init_sidenet_from_backbone()
         if config.freeze_backbone:
@@ -127,9 +183,6 @@ class LongMemModel(LongMemPreTrainedModel):
                 layer.self_attn.memory_gate.fill_(self.config.memory_gate_init)
         self.norm.load_state_dict(self.backbone.model.norm.state_dict())
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
     def memory_gate_logits(self) -> torch.Tensor:
         """``[heads]`` gate logits ``g`` of the memory layer (detached); ``sigmoid(g)`` weighs the memory."""
         return self.layers[self.config.memory_layer_index].self_attn.memory_gate.detach()
@@ -152,8 +205,9 @@ class LongMemModel(LongMemPreTrainedModel):
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         return torch.no_grad() if frozen else nullcontext()
 
-    def _forward_piece(self, input_ids, inputs_embeds, mask, cache: LongMemBankCache) -> torch.Tensor:
-        """One piece inside one segment: ``[b, T]`` -> SideNet features ``[b, T, D]`` (pre-norm); updates ``cache``."""
+    def _forward_piece(self, input_ids, inputs_embeds, mask, cache: LongMemBankCache) -> list[torch.Tensor]:
+        """One piece inside one segment: ``[b, T]`` -> SideNet states ``x_0 .. x_S``, each ``[b, T, D]`` (pre-norm;
+        ``x_S`` is the output); updates ``cache``."""
         past_mask = cache.segment_mask
         full_mask = mask if past_mask is None else torch.cat((past_mask, mask), dim=1)  # [b, fill + T]
         # Segment-local positions count real tokens only (left padding starts at 0).
@@ -174,17 +228,27 @@ class LongMemModel(LongMemPreTrainedModel):
         local_mask |= (columns[None, :] == torch.arange(t, device=mask.device)[:, None] + fill)[None]
         local_mask = local_mask[:, None]  # [b, 1, T, fill + T]
         x = hidden[0]
+        states = [x]
         position_embeddings = self.backbone.model.rotary_emb(x, positions)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            update, cache.sidenet_kv[index] = layer(
-                x, position_embeddings, local_mask, cache.sidenet_kv[index], cache.bank, self.config.topk_chunks
+            bank, run = cache.bank, layer
+            if checkpointing:
+                # A SideNet layer returns the segment's keys/values instead of writing them, so the backward can
+                # recompute it; only its bank read must be taken now (the bank is written to later in the forward).
+                bank = _RetrievedChunks.read(layer, x, bank, self.config.topk_chunks)
+                run = partial(self._gradient_checkpointing_func, layer.__call__)
+            update, cache.sidenet_kv[index] = run(
+                x, position_embeddings, local_mask, cache.sidenet_kv[index], bank, self.config.topk_chunks
             )
             x = x + update + (hidden[r * (index + 1)] - hidden[r * index])
+            states.append(x)
         cache.append_segment(mem_keys, mem_values, mask.bool())
         if cache.segment_fill == self.config.segment_length:
             cache.finish_segment()
-        return x
+        return states
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -193,6 +257,8 @@ class LongMemModel(LongMemPreTrainedModel):
         cache: LongMemBankCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """SideNet features of ``input_ids`` ``[b, T]`` (any ``T``; segmented internally).
@@ -203,10 +269,14 @@ class LongMemModel(LongMemPreTrainedModel):
             position_ids: ignored: positions are segment-local and derived from the mask.
             cache: a :class:`LongMemBankCache` to continue from (and update); ``None``: a fresh one.
             use_cache: return the cache (default ``config.use_cache``).
+            output_hidden_states: also return the SideNet's states ``x_0 .. x_S`` (``num_sidenet_layers + 1``
+                tensors ``[b, T, D]``; ``x_0`` is the backbone's embedding output, the last one is final-normed).
+            output_attentions: refused (``_unsupported_features``).
 
         Returns:
-            ``last_hidden_state`` ``[b, T, D]`` (after the SideNet's norm) and ``cache``.
+            ``last_hidden_state`` ``[b, T, D]`` (after the SideNet's norm), ``cache`` and ``hidden_states``.
         """
+        _, output_hidden_states = self.resolve_output_flags(output_attentions, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -217,14 +287,20 @@ class LongMemModel(LongMemPreTrainedModel):
             cache = self.make_cache()
         elif not isinstance(cache, LongMemBankCache):
             raise ValueError(f"cache must be a LongMemBankCache (model.make_cache()), got {type(cache).__name__}")
-        if attention_mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
-        else:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-                raise ValueError(f"attention_mask must be [b, past + T] 2D, got {tuple(attention_mask.shape)}")
-            mask = attention_mask[:, -length:].bool()
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
+        ):
+            raise ValueError(f"attention_mask must be [b, past + T] 2D, got {tuple(attention_mask.shape)}")
         if cache.batch_size not in (-1, batch):
             raise ValueError(f"cache holds batch {cache.batch_size}, input has batch {batch}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        pads = left_padding(attention_mask, length, cache.seen_tokens, cache.group_padding())
+        if pads is not None:
+            return self._forward_row_groups(input_ids, inputs_embeds, pads, cache, use_cache, output_hidden_states)
+        if attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        else:  # no padding, or right padding (trailing pads never enter the bank)
+            mask = attention_mask[:, -length:].bool()
         outputs, start = [], 0
         while start < length:
             stop = min(length, start + self.config.segment_length - cache.segment_fill)
@@ -232,9 +308,46 @@ class LongMemModel(LongMemPreTrainedModel):
             piece_embeds = inputs_embeds[:, start:stop] if inputs_embeds is not None else None
             outputs.append(self._forward_piece(piece_ids, piece_embeds, mask[:, start:stop], cache))
             start = stop
-        hidden = self.norm(torch.cat(outputs, dim=1))
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+        states = [torch.cat(per_layer, dim=1) for per_layer in zip(*outputs)]  # x_0 .. x_S over the whole input
+        hidden = self.norm(states[-1])
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=last_hidden_state_last(states, hidden) if output_hidden_states else None,
+        )
+
+
+    def _forward_row_groups(self, input_ids, inputs_embeds, pads, cache, use_cache, output_hidden_states):
+        """A left-padded batch (``pads [b]`` padding tokens per row): each group of rows with the same padding runs as
+        an unpadded batch of its real tokens with its own cache (:mod:`hf_longmem.modeling.padding`), so every row is
+        segmented from its first real token, exactly as alone. Outputs at padding positions are zeros."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        seen = cache.seen_tokens
+        if cache.row_groups is None:  # first call: each group starts from its rows of the bank (e.g. memorize's)
+            cache.make_row_groups(pads, lambda rows: LongMemBankCache(self.config, bank=cache.bank_rows(rows)))
+        hidden = states = None
+        for rows, pad, group in cache.row_groups:
+            skip = min(length, max(0, pad - seen))  # padding columns of this call for these rows
+            if skip == length:
+                continue
+            rows = rows.to(reference.device)
+            out = self(
+                input_ids=None if input_ids is None else input_ids[rows, skip:],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows, skip:],
+                cache=group, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+            )  # fmt: skip
+            hidden = scatter_rows(hidden, rows, skip, out.last_hidden_state, (batch, length))
+            if output_hidden_states:
+                states = [scatter_rows(None if states is None else states[layer], rows, skip, part, (batch, length))
+                          for layer, part in enumerate(out.hidden_states)]  # fmt: skip
+        cache.seen_tokens += length
+        if hidden is None:  # only padding in this call
+            hidden = self.norm.weight.new_zeros(batch, length, self.norm.weight.shape[0])
+            states = [hidden.clone() for _ in range(len(self.layers) + 1)] if output_hidden_states else None
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=tuple(states) if states else None
+        )
 
 
 class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, GenerationMixin):
@@ -261,12 +374,6 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
         model.model.init_sidenet_from_backbone()
         return model
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.backbone.get_output_embeddings()
-
     def make_cache(self) -> LongMemBankCache:
         """A fresh, empty :class:`LongMemBankCache` (what ``generate`` uses when no cache is passed)."""
         return self.model.make_cache()
@@ -282,6 +389,7 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
             return
         model_kwargs["cache"] = self.make_cache()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -291,21 +399,24 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[b, T, V]`` (see :meth:`LongMemModel.forward`); ``labels`` ``[b, T]`` give the shifted LM loss."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True,
         )  # fmt: skip
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.backbone.lm_head(hidden[:, keep, :])
+        logits = self.backbone.get_output_embeddings()(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.backbone_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     # ------------------------------------------------------------------------------------------------ memorize
     @torch.no_grad()

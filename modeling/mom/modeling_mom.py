@@ -14,7 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from hf_longmem.modeling.causal_lm import causal_lm_logits, shifted_cross_entropy
+from hf_longmem.modeling.causal_lm import MemoryModelMixin, can_return_tuple, causal_lm_logits, shifted_cross_entropy
 from hf_longmem.modeling.mom.cache import MomCache
 from hf_longmem.modeling.mom.configuration_mom import MomConfig
 from hf_longmem.modeling.mom.layer import MomMixer
@@ -60,13 +60,19 @@ class MomBlock(GradientCheckpointingLayer):
         return hidden_states, router_logits
 
 
-class MomPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+class MomPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel):
     config_class = MomConfig
     config: MomConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MomBlock"]
     _is_stateful = True
+    _unsupported_features = {
+        "output_attentions": (
+            "MoM has no softmax attention: its token mixers are gated delta-rule memories (linear recurrences), "
+            "so there are no attention weights to return"
+        ),
+    }
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -116,6 +122,7 @@ class MomModel(MomPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -124,10 +131,17 @@ class MomModel(MomPreTrainedModel):
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
-        """``position_ids`` is accepted and ignored: MoM has no positional encoding (order lives in the states)."""
+        """``position_ids`` is accepted and ignored: MoM has no positional encoding (order lives in the states).
+
+        Returns ``last_hidden_state [batch, T, hidden]``, ``cache``, ``router_logits`` (per layer) and, with
+        ``output_hidden_states``, ``num_hidden_layers + 1`` states ``[batch, T, hidden]`` (the last final-normed).
+        ``output_attentions`` is refused (``_unsupported_features``: no softmax attention).
+        """
+        _, output_hidden_states = self.resolve_output_flags(output_attentions, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         if inputs_embeds is None:
@@ -181,6 +195,7 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -190,6 +205,7 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -205,7 +221,9 @@ class MomForCausalLM(MomPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         logits = causal_lm_logits(self.lm_head, hidden, logits_to_keep)

@@ -23,6 +23,7 @@ from hf_longmem.modeling.cmt import BankSignature, CMTCache, CMTConfig, CMTForCa
 from hf_longmem.modeling.cmt.document_bank import BANK_FILE
 from hf_longmem.modeling.cmt.documents import as_token_pieces, split_text
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
+from tests.modeling.conformance import ConformanceSuite, ModelTester, randomize_, tiny_backbone_config
 
 VOCAB = 64
 SHAPES = {
@@ -338,3 +339,58 @@ def test_training_loss_trains_the_compressor_only():
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="gold_document"):
         model.memory_training_loss(**{**batch, "gold_document": torch.tensor([4, 5])}, qa_labels=labels)
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class CMTTester(ModelTester):
+    """A 2-layer Llama backbone with 5 compressed documents in the bank (top-2 are read: the prefix matters)."""
+
+    model_class = CMTForCausalLM
+    base_model_class = LlamaForCausalLM
+    num_hidden_states = 3
+    doc = "docs/cmt.md"
+    stateful = False
+
+    def get_config(self, **overrides):
+        backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))
+        fields = dict(num_memory_tokens=3, memory_top_k=2, max_memories=16, max_document_tokens=12)
+        fields.update(overrides)
+        return CMTConfig(backbone_config=backbone, **fields)
+
+    def prepare_model(self, model):
+        randomize_(model.backbone)
+        randomize_(model.compressor)
+        vocab = model.config.get_text_config().vocab_size
+        generator = torch.Generator().manual_seed(3)
+        model.memorize([torch.randint(4, vocab, (n,), generator=generator).tolist() for n in (5, 9, 12, 7, 10)])
+        return model
+
+
+    def reference_logits(self, model, prompt, sequences):
+        """CMT continues a question with the memories retrieved for the question (the prompt), not for the whole
+        sequence: one full forward over ``sequences`` after that prefix."""
+        cache = model.prime_cache(CMTCache(config=model.config.backbone_config), prompt)
+        with torch.no_grad():
+            return model(input_ids=sequences, cache=cache).logits
+
+
+    def training_loss(self, model, ids):
+        """CMT's objective (the backbone is frozen; compressor, LoRA and key projection learn): 4 documents, two per
+        sample, questions = the first tokens of ``ids``, answers = the rest; every term on (document, distillation)."""
+        vocab = model.config.get_text_config().vocab_size
+        documents = torch.randint(4, vocab, (4, 9), generator=torch.Generator().manual_seed(4))
+        document_mask = torch.ones_like(documents)
+        document_mask[1, :3] = 0
+        qa_labels = ids.clone()
+        qa_labels[:, :5] = -100
+        return model.memory_training_loss(
+            documents, document_mask, torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2]), ids[:, :5],
+            torch.ones_like(ids[:, :5]), ids, torch.ones_like(ids), qa_labels, document_weight=0.5,
+            distill_weight=0.5, generator=torch.Generator().manual_seed(5),
+        )["loss"]  # fmt: skip
+
+
+class TestCMTConformance(ConformanceSuite):
+    tester = CMTTester()

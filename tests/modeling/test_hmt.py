@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 
 from hf_longmem.modeling.hmt import HMTCache, HMTConfig, HMTForCausalLM, HMTModel, append_to_bank, recall
 from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.helpers.tiny_models import random_ids, tiny_model
+from tests.modeling.conformance import ConformanceSuite, ModelTester, randomize_, tiny_backbone_config
 
 ATOL = 1e-4
 
@@ -260,10 +261,10 @@ def test_bad_inputs_raise_clear_errors():
     ids = random_ids(2, 10)
     with pytest.raises(ValueError, match="at least one token"):
         model(ids[:, :0])
-    with pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=torch.tensor([[0] + [1] * 9, [1] * 10]))
-    with pytest.raises(ValueError, match="inputs_embeds"):
-        model(inputs_embeds=torch.zeros(2, 10, 64))
+    with pytest.raises(ValueError, match="padding inside a row"):
+        model(ids, attention_mask=torch.tensor([[1] * 4 + [0] + [1] * 5, [1] * 10]))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=torch.zeros(2, 10, 64))
     with pytest.raises(ValueError, match="HMTCache"):
         model(ids, cache=DynamicCache())
     cache = model.make_cache()
@@ -315,3 +316,48 @@ def test_fresh_process_roundtrip_with_lora(tmp_path):
     assert modules["config_module"] == "hf_longmem.modeling.hmt.configuration_hmt"
     loaded = HMTForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.lora_rank == 2 and loaded.trainable_parameter_count() == model.trainable_parameter_count()
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class HMTTester(ModelTester):
+    """A 2-layer Llama backbone; 11 tokens finish one segment (8), so the second recalls from the bank."""
+
+    model_class = HMTForCausalLM
+    base_model_class = LlamaForCausalLM
+    num_hidden_states = 3
+    doc = "docs/hmt.md"
+
+    def get_config(self, **overrides):
+        backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))
+        fields = dict(segment_length=8, sensory_length=2, num_memories=3)
+        fields.update(overrides)
+        return HMTConfig(backbone_config=backbone, **fields)
+
+    def prepare_model(self, model):
+        randomize_(model.backbone)
+        model.memory.reset_parameters(0.2)
+        return model
+
+
+class TestHMTConformance(ConformanceSuite):
+    tester = HMTTester()
+
+
+def test_left_padded_beam_search_equals_rows_alone():
+    """Padding longer than a segment (10 > 8) and beam search (the cache's row groups are reordered and repeated):
+    every row of the padded batch generates what it generates alone."""
+    model = HMTTester().create_model()
+    ids = HMTTester().input_ids(batch=3, length=19, seed=4)
+    pads = [0, 10, 3]
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    options = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, num_return_sequences=2, pad_token_id=0,
+                   eos_token_id=None, do_sample=False)  # fmt: skip
+    with torch.no_grad():
+        together = model.generate(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask, **options)
+        for row, pad in enumerate(pads):
+            alone = model.generate(input_ids=ids[row : row + 1, pad:], **options)
+            torch.testing.assert_close(together[2 * row : 2 * row + 2, pad:], alone, rtol=0, atol=0)

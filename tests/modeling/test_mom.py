@@ -8,11 +8,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from hf_longmem.kernels.gated_delta import naive_recurrent_mom_gated_delta_rule
-from hf_longmem.modeling.mom import MomCache, MomConfig, MomForCausalLM
+from hf_longmem.modeling.mom import MomCache, MomConfig, MomForCausalLM, MomModel
 from hf_longmem.modeling.mom.conv import stream_short_conv
 from tests.helpers.parity import assert_same_training_step
-from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
+from tests.modeling.conformance import ConformanceSuite, ModelTester
 
 VOCAB = 61
 
@@ -212,12 +212,6 @@ def test_bad_attention_mask_raises():
         model(ids(1, 5), attention_mask=torch.ones(1, 1, 5, 5))
 
 
-def test_fresh_process_roundtrip(tmp_path):
-    model = tiny()
-    info = assert_fresh_process_roundtrip(model, tmp_path, ids(2, 21))
-    assert info["model_module"].startswith("hf_longmem.modeling.mom")
-
-
 def test_decode_scaling_benchmark_runs(tmp_path):
     from benchmarks.decode_scaling import main
 
@@ -238,3 +232,28 @@ def test_routing_benchmark_group_purity_matches_groups_to_distinct_memories():
     mixed = torch.tensor([0, 0, 0, 1, 1] + [0] * 5 + [2] * 5 + [3] * 5)  # groups 0 and 1 both prefer memory 0
     assert group_purity(mixed, groups, 4, 4) == (2 + 5 + 5 + 5) / 20  # best: g1 -> 0, g0 -> 1 (its 2 keys there)
     assert group_purity(torch.tensor([0, 1, 0, 1]).repeat_interleave(5), groups, 2, 4) == 1.0  # 2 groups a memory
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class MomTester(ModelTester):
+    """2 layers, 4 memories (top-2) + a shared one; 11 tokens cross a chunk (8) of the chunked delta rule."""
+
+    model_class = MomForCausalLM
+    base_model_class = MomModel
+    num_hidden_states = 3
+    doc = "docs/mom.md"
+
+    def get_config(self, **overrides):
+        fields = dict(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.5,
+            num_memories=4, topk=2, shared_mem=True, conv_size=3, intermediate_size=48, chunk_size=8,
+            initializer_range=0.2, pad_token_id=0, kernel_backend="torch",
+        )  # fmt: skip
+        fields.update(overrides)
+        return MomConfig(**fields)
+
+
+class TestMomConformance(ConformanceSuite):
+    tester = MomTester()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_longmem.modeling.titans import TitansCache, TitansConfig, TitansForCausalLM
+from hf_longmem.modeling.titans import TitansCache, TitansConfig, TitansForCausalLM, TitansModel
 from tests.helpers.parity import assert_same_training_step
-from tests.helpers.remote_roundtrip import assert_fresh_process_roundtrip
 from tests.kernels.common import DEVICE, needs_triton
+from tests.modeling.conformance import ConformanceSuite, ModelTester
 
 VARIANTS = ["mac", "mag", "mal"]
 
@@ -117,14 +117,12 @@ def test_training_step_reaches_every_parameter(variant):
     assert out.cache is None and not missing, missing
 
 
-def test_auto_classes_and_fresh_process_roundtrip(tmp_path):
+def test_auto_classes():
+    """(The fresh-process round trip is the conformance suite's ``test_fresh_process_trust_remote_code``.)"""
     config = AutoConfig.for_model("titans", vocab_size=40, hidden_size=32, num_attention_heads=2, variant="mac",
                                   segment_size=8, memory_chunk_size=4, num_hidden_layers=1, memory_layers=[0])
     assert isinstance(config, TitansConfig)
-    model = AutoModelForCausalLM.from_config(config)
-    assert type(model) is TitansForCausalLM
-    modules = assert_fresh_process_roundtrip(model, tmp_path, _ids(batch=1, length=11))
-    assert modules["model_module"] == "hf_longmem.modeling.titans.modeling_titans"
+    assert type(AutoModelForCausalLM.from_config(config)) is TitansForCausalLM
 
 
 def test_bad_config_and_inputs():
@@ -141,3 +139,37 @@ def test_bad_config_and_inputs():
         model(_ids(), cache=object())
     with pytest.raises(ValueError, match="attention_mask"):
         model(_ids(), attention_mask=torch.ones(2, 3))
+
+
+# ---- transformers conformance (tests/modeling/conformance.py) ---------------------------------------------------------
+
+
+class TitansTester(ModelTester):
+    """One MAC block (the variant with per-segment attention over memory read-outs) with a neural memory; 11 tokens
+    cross a segment (8) and memory chunks (4). One block keeps the suite fast: the parity tests above run 2 and 3."""
+
+    model_class = TitansForCausalLM
+    base_model_class = TitansModel
+    num_hidden_states = 2
+    doc = "docs/titans.md"
+
+    def get_config(self, **overrides):
+        fields = dict(
+            vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1, memory_layers=[0],
+            num_attention_heads=2, variant="mac", sliding_window=6, segment_size=8, memory_chunk_size=4,
+            memory_heads=2, num_persistent_tokens=2, memory_max_lr=0.5, memory_backend="torch", pad_token_id=0,
+        )  # fmt: skip
+        fields.update(overrides)
+        return TitansConfig(**fields)
+
+    def prepare_model(self, model):
+        with torch.no_grad():  # livelier gates than the initialisation, so that the memory matters
+            for layer in model.model.layers:
+                if layer.has_memory:
+                    layer.memory.gates.bias.normal_(0, 1.0)
+                    layer.memory.conv.weight.normal_(0, 0.5)
+        return model
+
+
+class TestTitansConformance(ConformanceSuite):
+    tester = TitansTester()
