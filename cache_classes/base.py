@@ -19,6 +19,7 @@ transformers 5.x cache contract for caches that hold fewer tokens than they have
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
 import torch
@@ -741,6 +742,62 @@ def check_cache_layout(config) -> None:
             f"attention (config {', '.join(mla)}): its cache holds latents, not per-head keys/values, and hf_longmem "
             "caches do not compress that layout"
         )
+
+
+def _attention_modules(model) -> list:
+    """The model's self-attention modules: modules with a ``layer_idx`` whose ``forward`` updates a cache."""
+    found = []
+    for module in model.modules():
+        if getattr(module, "layer_idx", None) is None or getattr(module, "is_cross_attention", False):
+            continue
+        try:
+            source = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        if ".update(" in source:
+            found.append((module, source))
+    return found
+
+
+#: ``key_states = key_states.repeat(...)`` after the cache update: the attention then sees other heads than the cache
+#: holds (JetMoE's mixture of attention heads tiles the KV heads across the experts' query heads).
+_KEYS_REARRANGED_AFTER_CACHE = re.compile(r"\.update\([\s\S]*key_states\s*=\s*key_states\.(repeat|expand|tile)\(")
+
+
+def check_model_attention(model, needs_attention: bool) -> None:
+    """Raises ``ValueError`` for attention our caches cannot serve exactly (checked before the cache is built).
+
+    * Bidirectional self-attention (``is_causal=False``: a BERT-style model not set up as a decoder): every cache
+      here keeps a causal past.
+    * A relative position bias passed into the attention (``position_bias``, CPM-Ant): the model sizes it from the
+      number of tokens seen, which a cache that drops tokens no longer holds.
+    * For methods that read the attention (``needs_attention``): an attention function called more than once per
+      cache update (DiffLlama's differential attention), or keys re-arranged after the cache (JetMoE).
+    """
+    name = getattr(model.config, "model_type", type(model).__name__)
+    for module, source in _attention_modules(model):
+        if getattr(module, "is_causal", True) is False:
+            raise ValueError(
+                f"unsupported model: {name}'s self-attention is bidirectional (is_causal=False); hf_longmem caches "
+                "keep a causal past (for a BERT-style decoder, build it with is_decoder=True)"
+            )
+        if "position_bias" in inspect.signature(type(module).forward).parameters:
+            raise ValueError(
+                f"unsupported model: {name}'s attention adds a relative position bias sized from every token seen "
+                "(position_bias), which does not line up with a cache that holds fewer tokens"
+            )
+        if not needs_attention:
+            continue
+        if source.count("attention_interface(") > 1:
+            raise ValueError(
+                f"unsupported model: {name} calls its attention function {source.count('attention_interface(')} "
+                "times per cache update (differential attention); methods that read the attention scores need one"
+            )
+        if _KEYS_REARRANGED_AFTER_CACHE.search(source):
+            raise ValueError(
+                f"unsupported model: {name} re-arranges the cached keys before its attention (a mixture of attention "
+                "heads over shared KV heads), so the scores would not be per cached head"
+            )
 
 
 def cache_memory_bytes(cache: Cache) -> int:

@@ -462,7 +462,8 @@ class DuoAttentionLayer(CompressedLayer):
                 if kwargs.get("s_aux") is not None:
                     group_kwargs = {**kwargs, "s_aux": kwargs["s_aux"].index_select(0, query_heads)}
             padded = self.has_pad_slots() if keys is self.keys else self._streaming_padded
-            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, eager, padded, window)
+            needs_mask = eager or not getattr(module, "is_causal", True)  # SDPA is causal only if the module is
+            mask = self._mask(positions, query.shape[-2], keys.shape[-2], query.dtype, needs_mask, padded, window)
             output, _ = attention(
                 group_module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **group_kwargs
             )
@@ -506,7 +507,9 @@ class DuoAttentionLayer(CompressedLayer):
     ):
         """The group's own mask ``[batch, 1, q, n]`` (``None`` where the kernel's causal default is exact), with the
         model's sliding window by true positions (attention functions take the window from the mask)."""
-        plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
+        # no mask where SDPA's own causal default is exact (the caller passes eager=True for a module that is not
+        # causal); an eager attention always gets one (some add the mask unconditionally, e.g. ModernBERT)
+        plain = not eager and (num_new == 1 or num_new == num_keys)
         if plain and not padded and sliding_window is None:
             return None
         return slot_mask(positions[:, 0], num_new, dtype if eager else None, sliding_window)

@@ -129,7 +129,8 @@ class ScoredLayer(CompressedLayer):
             out, _ = features.add_sinks(out, lse)
             output, weights = out.transpose(1, 2).contiguous(), None
         else:
-            eager = implementation == EAGER_ATTENTION_NAME
+            # SDPA applies causality only if the module says it is causal (BERT-style decoders may not)
+            eager = implementation == EAGER_ATTENTION_NAME or not getattr(module, "is_causal", True)
             attention_mask = self.mask_for_this_layer(query, key, eager, features.sliding_window)
             output, weights = fallback_attention(module, implementation)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -162,7 +163,9 @@ class ScoredLayer(CompressedLayer):
         (PyramidKV) or per-row pad slots, so it always uses its own (same pattern where the sizes agree).
         """
         num_new, num_keys = query.shape[-2], key.shape[-2]
-        plain = num_new == 1 or (num_new == num_keys and not eager)  # SDPA applies is_causal itself
+        # no mask where SDPA's own causal default is exact; an eager attention always gets one (some add the mask
+        # unconditionally, e.g. ModernBERT's)
+        plain = not eager and (num_new == 1 or num_new == num_keys)
         if plain and not self.has_pad_slots() and sliding_window is None:
             return None
         return slot_mask(self.positions[:, 0], num_new, query.dtype if eager else None, sliding_window)

@@ -276,6 +276,14 @@ class ThinKCache(LongMemCache):
         check_ratio("key_channel_ratio", key_channel_ratio)
         check_int("window_size", window_size, low=1)
         check_int("recent_size", recent_size, low=0)
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        if getattr(text_config, "num_kv_shared_layers", 0):
+            # Gemma-3n/4: the last layers attend to the keys an earlier layer's update returned; once ThinK packs a
+            # layer's keys, what it returns is no longer the full-width keys those layers expect
+            raise ValueError(
+                f"unsupported model: ThinK packs pruned key channels, and {text_config.num_kv_shared_layers} layers "
+                "of this model reuse another layer's keys and values (num_kv_shared_layers)"
+            )
         base_factory = _base_layer_factory(base, budget, window_size, config)
         self.key_channel_ratio = key_channel_ratio
         super().__init__(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from transformers import Cache, PretrainedConfig, PreTrainedModel
 
 from hf_longmem.attention import enable_longmem_attention
-from hf_longmem.cache_classes.base import LongMemCache, check_cache_layout, check_options
+from hf_longmem.cache_classes.base import LongMemCache, check_cache_layout, check_model_attention, check_options
 from hf_longmem.memory.step_inputs import track_step_inputs
 
 
@@ -97,6 +97,8 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
     if config is not None and issubclass(spec.cls, LongMemCache):  # before any method-specific requirement
         check_cache_layout(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
     if isinstance(model_or_config, PreTrainedModel):
+        if issubclass(spec.cls, LongMemCache):
+            check_model_attention(model_or_config, spec.needs_attention)
         # Build (and so validate) first; change the model only once the cache exists: a refused option leaves the
         # model as it was.
         if hasattr(spec.cls, "from_model"):
