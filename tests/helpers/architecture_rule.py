@@ -345,9 +345,11 @@ def check_b(case: Case, cache_name: str) -> str:
     cache = build_cache(cache_name, model, options)
     with cache_run(model):
         seq, _ = run_greedy(model, case.prompt, cache, sizes.new)
-        if saving == "between_turns":
+        if saving == "between_turns":  # the next turn: the tokens not yet cached, at their positions
+            seen = cache.get_seq_length()
             turn = torch.cat((seq, random_ids(1, sizes.turn, seed=12)), dim=1)
-            run_greedy(model, turn, cache, 1)
+            with torch.no_grad():
+                model(turn[:, seen:], cache=cache, position_ids=torch.arange(seen, turn.shape[1])[None])
     if saving == "resident":
         held, what = cache.memory_breakdown()["resident"], "keeps on the compute device"
     else:
@@ -355,7 +357,8 @@ def check_b(case: Case, cache_name: str) -> str:
     close_cache(cache)
     if saving == "between_turns":
         reference = DynamicCache(config=model.config)
-        run_greedy(model, turn, reference, 1)
+        with torch.no_grad():
+            model(turn, cache=reference)
         full_bytes, when = cache_memory_bytes(reference), " after a second turn"
     else:
         full_bytes, when = case.reference("bytes"), ""
@@ -518,7 +521,9 @@ def _check_g_one(case: Case, cache_name: str, model) -> str:
         logits = model(turn, cache=cache, position_ids=torch.arange(p, p + sizes.turn)[None]).logits[0]
     close_cache(cache)
     layer, positions = cache.layers[0], seen[0]
-    if positions is None or not (isinstance(layer, ShiftedLayer) and layer.rotary is not None):
+    # a ShiftedLayer without a rotation is a NoPE layer (shift mode refuses a RoPE layer it cannot rotate): positions
+    # do not enter its keys, and the reference below (kept tokens at the shifted positions) still applies
+    if positions is None or not isinstance(layer, ShiftedLayer):
         return (
             f"{type(layer).__name__} (window {getattr(layer, 'sliding_window', '-')}) is neither compressed nor "
             f"re-rotated at budget {sizes.small_budget}"
