@@ -14,6 +14,7 @@ otherwise be scored with a distribution that is not its own.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable
 
@@ -57,19 +58,28 @@ def logits_projection(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return project
 
 
-def _base_model(model):
-    """The module that runs the decoder stack and takes the cache (``model.<base_model_prefix>``)."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} has no base model under its causal-LM head to observe")
-    return base
+def decoder_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module of ``model`` that runs the decoder layers with the cache: ``get_decoder()`` when that module takes a
+    cache argument, else ``base_model``, else ``model`` itself.
+
+    ``get_decoder()`` is not always the decoder stack: on ModernBERT-decoder it returns the LM head's ``Linear``
+    (named ``decoder`` there), where a hook would never see a forward that uses the cache.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    candidates = [get_decoder() if callable(get_decoder) else None, getattr(model, "base_model", None), model]
+    for candidate in candidates:
+        if isinstance(candidate, torch.nn.Module):
+            params = inspect.signature(candidate.forward).parameters
+            if "cache" in params or "past_key_values" in params:
+                return candidate
+    return model
 
 
 def attach_output_hook(model, cache, callback: Callable[..., None], method: str) -> _Hooks:
-    """Calls ``callback(cache, input_ids, hidden, project)`` after every base-model forward that uses ``cache``.
+    """Calls ``callback(cache, input_ids, hidden, project)`` after every decoder forward that uses ``cache``.
 
     Args:
-        model: a causal LM (its ``base_model`` runs the decoder; ``get_output_embeddings()`` is its head).
+        model: a causal LM (its decoder stack, :func:`decoder_module`, and ``get_output_embeddings()``).
         cache: the cache whose forwards are observed (held weakly: the hooks are removed when it is collected).
         callback: receives ``input_ids`` ``[batch, q]``, ``hidden`` ``[batch, q, hidden_size]`` and ``project``
             (:func:`logits_projection`), under ``torch.no_grad()``.
@@ -80,7 +90,7 @@ def attach_output_hook(model, cache, callback: Callable[..., None], method: str)
     """
     if model.get_output_embeddings() is None:
         raise ValueError(f"{method} needs a causal LM with an output embedding (lm_head) to score tokens")
-    base = _base_model(model)
+    base = decoder_module(model)
     project = logits_projection(model)
     cache_ref = weakref.ref(cache)
     state = {"last": None, "verified": False}
