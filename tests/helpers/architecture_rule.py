@@ -66,11 +66,21 @@ SHIFT_OPTIONS = {"streaming": {"position_mode": "shift"}}
 #: be a function of the model.
 FULL_OVERRIDES: dict[str, dict] = {
     # ThinK prunes int(head_dim * ratio) key channels of every prompt token whatever the budget; the ratio must be
-    # in (0, 1): 0.01 prunes none for head_dim < 100, so the full budget is exact and runs ThinK's own attention path
-    "think": {"key_channel_ratio": 0.01},
+    # in (0, 1): half a channel of the widest head prunes none (Gemma-4's global layers have wider heads), so the full
+    # budget is exact and runs ThinK's own attention path
+    "think": {"key_channel_ratio": lambda model: 0.5 / _widest_head(model)},
     # no pattern is shipped for random models: every head a streaming head, sinks + recent window >= every sequence
     "duo_attention": {"head_pattern": False},
 }
+
+
+def _widest_head(model) -> int:
+    """The largest ``head_dim`` of the model's attention modules (the config's where no module says)."""
+    widths = [m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)]
+    if not widths:
+        config = model.config.get_text_config(decoder=True)
+        widths = [config.hidden_size // config.num_attention_heads]
+    return max(widths)
 
 
 def _half_retrieval_heads(model) -> list[list[bool]]:
@@ -134,14 +144,22 @@ def describe(error: BaseException) -> str:
 
 
 class ForwardCounter:
-    """Counts completed forwards of ``model`` (a ``ValueError`` before the first one is a refusal)."""
+    """Counts the forwards of ``model`` that completed before a ``ValueError`` (none: a refusal, no token produced).
+
+    Counted as forwards *started* minus the one that raised: a forward hook could run before a hook of the cache that
+    raises in the same forward (hooks run in registration order), and that forward produced no token.
+    """
 
     def __init__(self, model):
-        self.count = 0
-        self._handle = model.register_forward_hook(self._hook)
+        self.started = 0
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    @property
+    def count(self) -> int:
+        return max(0, self.started - 1)
 
     def _hook(self, *args):
-        self.count += 1
+        self.started += 1
 
     def close(self):
         self._handle.remove()
