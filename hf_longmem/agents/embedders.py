@@ -1,0 +1,153 @@
+"""Text embedders for the memory store: a model-free hashing embedder (the default) and any transformers model.
+
+Both map a list of ``N`` texts to an ``(N, dim)`` float32 tensor of unit rows, so that a dot product is the cosine
+similarity and :func:`top_k` is one matmul. An embedder describes itself with :meth:`config` (a JSON dict), which the
+store saves next to its records and checks when it is reopened: vectors from two different embedders never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Any
+
+import torch
+
+from hf_longmem.validation import check_int
+
+__all__ = ["Embedder", "HashingEmbedder", "LMEmbedder", "embedder_from_config", "top_k"]
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class Embedder:
+    """The interface: ``dim``, ``embed(texts) -> (N, dim)`` unit rows, ``config() -> dict`` (JSON)."""
+
+    dim: int
+
+    def embed(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class HashingEmbedder(Embedder):
+    """Signed feature hashing of lower-cased word n-grams (1..``ngram``), sublinear term frequency, L2-normalised.
+
+    Deterministic across processes and machines (BLAKE2b of the n-gram, not Python's salted ``hash``), needs no
+    weights and no fitting, and is fast: the default embedder of :class:`~hf_longmem.agents.MemoryStore`.
+
+    Args:
+        dim: vector size (>= 16). Collisions fall as ``dim`` grows.
+        ngram: longest word n-gram hashed (1..4).
+    """
+
+    def __init__(self, dim: int = 1024, ngram: int = 2):
+        self.dim = check_int("dim", dim, low=16)
+        self.ngram = check_int("ngram", ngram, low=1, high=4)
+
+    def _features(self, text: str) -> dict[int, float]:
+        words = _WORD.findall(text.lower())
+        counts: dict[tuple[int, float], int] = {}
+        for n in range(1, self.ngram + 1):
+            for i in range(len(words) - n + 1):
+                gram = " ".join(words[i : i + n]).encode("utf-8")
+                digest = int.from_bytes(hashlib.blake2b(gram, digest_size=8).digest(), "little")
+                key = (digest % self.dim, 1.0 if (digest >> 63) & 1 else -1.0)
+                counts[key] = counts.get(key, 0) + 1
+        features: dict[int, float] = {}
+        for (index, sign), count in counts.items():
+            features[index] = features.get(index, 0.0) + sign * (1.0 + math.log(count))
+        return features
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """``texts`` (N strings) -> ``(N, dim)`` float32, unit rows (an empty text gives a zero row)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("`texts` must be a list of strings")
+        out = torch.zeros(len(texts), self.dim, dtype=torch.float32)
+        for row, text in enumerate(texts):
+            for index, value in self._features(text).items():
+                out[row, index] = value
+        return torch.nn.functional.normalize(out, dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "hashing", "dim": self.dim, "ngram": self.ngram}
+
+
+class LMEmbedder(Embedder):
+    """Mean of one layer's hidden states (over the non-padding tokens) of any transformers model, L2-normalised.
+
+    Args:
+        model: a transformers model that returns ``hidden_states`` (``output_hidden_states=True``).
+        tokenizer: its tokenizer.
+        layer: index into ``hidden_states`` (``-1``: the last layer; ``0``: the embeddings).
+        max_length: texts are truncated to this many tokens.
+        batch_size: texts per forward pass.
+    """
+
+    def __init__(self, model, tokenizer, *, layer: int = -1, max_length: int = 512, batch_size: int = 8):
+        if not callable(tokenizer):
+            raise ValueError(f"`tokenizer` must be a callable Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        num_layers = int(getattr(model.config, "num_hidden_layers", 0))
+        self.layer = check_int("layer", layer, low=-(num_layers + 1), high=num_layers)
+        self.max_length = check_int("max_length", max_length, low=1)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.dim = int(model.config.hidden_size)
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """``texts`` (N strings) -> ``(N, hidden_size)`` float32, unit rows."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("`texts` must be a list of strings")
+        device = next(self.model.parameters()).device
+        rows = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start : start + self.batch_size]
+            # One text at a time when the tokenizer has no pad token; otherwise a padded batch with its mask.
+            for chunk in [batch] if self.tokenizer.pad_token_id is not None else [[t] for t in batch]:
+                enc = self.tokenizer(
+                    chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+                ).to(device)
+                hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]  # (B, T, H)
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+                rows.append(mean.float().cpu())
+        out = torch.cat(rows) if rows else torch.zeros(0, self.dim)
+        return torch.nn.functional.normalize(out, dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+        return {"type": "lm", "model": str(name), "layer": self.layer, "dim": self.dim}
+
+
+def embedder_from_config(config: dict[str, Any]) -> Embedder:
+    """Rebuilds a model-free embedder from its :meth:`~Embedder.config`; an LM embedder must be passed explicitly."""
+    if config.get("type") == "hashing":
+        return HashingEmbedder(dim=int(config["dim"]), ngram=int(config["ngram"]))
+    raise ValueError(
+        f"the store was written with the embedder {config!r}; pass `embedder=` (an embedder with this config) to open it"
+    )
+
+
+def top_k(query: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``keys @ query`` and the indices of the ``k`` best (ties: lower index first).
+
+    Args:
+        query: ``(dim,)`` unit vector.
+        keys: ``(N, dim)`` unit rows.
+        k: how many (clipped to ``N``).
+
+    Returns:
+        ``(scores (k,), indices (k,))``, best first.
+    """
+    if keys.shape[0] == 0:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    scores = keys @ query  # (N,)
+    k = min(k, scores.shape[0])
+    # Stable descending sort so that equal scores keep insertion order (deterministic ranking).
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return scores[order], order
