@@ -112,8 +112,16 @@ class LMEmbedder(Embedder):
                 enc = self.tokenizer(
                     chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
                 ).to(device)
-                hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]  # (B, T, H)
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                attention_mask = enc["attention_mask"]  # (B, T)
+                # Positions count real tokens only, so a left-padded row gets the positions it has alone.
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                hidden = self.model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    output_hidden_states=True,
+                ).hidden_states[self.layer]  # (B, T, H)
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
                 rows.append(mean.float().cpu())
         out = torch.cat(rows) if rows else torch.zeros(0, self.dim)
