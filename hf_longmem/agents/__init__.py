@@ -3,8 +3,8 @@
 Everything runs offline: SQLite (standard library) for records, safetensors for vectors, JSON for the rest.
 """
 
-from .embedders import Embedder, HashingEmbedder, LMEmbedder, top_k
+from .embedders import BM25Embedder, Embedder, HashingEmbedder, LMEmbedder, top_k
 from .records import MemoryRecord
 from .store import MemoryStore
 
-__all__ = ["Embedder", "HashingEmbedder", "LMEmbedder", "MemoryRecord", "MemoryStore", "top_k"]
+__all__ = ["BM25Embedder", "Embedder", "HashingEmbedder", "LMEmbedder", "MemoryRecord", "MemoryStore", "top_k"]

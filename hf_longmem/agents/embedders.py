@@ -16,7 +16,7 @@ import torch
 
 from hf_longmem.validation import check_int
 
-__all__ = ["Embedder", "HashingEmbedder", "LMEmbedder", "embedder_from_config", "top_k"]
+__all__ = ["BM25Embedder", "Embedder", "HashingEmbedder", "LMEmbedder", "embedder_from_config", "top_k"]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -31,6 +31,10 @@ class Embedder:
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``query (dim,)``, ``keys (N, dim)`` -> ``(N,)`` similarities (cosine: one matmul of unit rows)."""
+        return keys @ query
 
 
 class HashingEmbedder(Embedder):
@@ -74,6 +78,54 @@ class HashingEmbedder(Embedder):
 
     def config(self) -> dict[str, Any]:
         return {"type": "hashing", "dim": self.dim, "ngram": self.ngram}
+
+
+class BM25Embedder(Embedder):
+    """Okapi BM25 over hashed words: the model-free default of the store.
+
+    ``embed`` gives each text its raw word counts hashed (unsigned, BLAKE2b) into ``dim`` buckets; :meth:`score`
+    computes BM25 against the searched rows, with document frequencies, lengths and the average length taken over
+    those rows (as ``rank_bm25.BM25Okapi``, which LongMemEval's ``flat-bm25`` retriever uses, does over its corpus):
+    ``sum_t idf(t) * qtf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))`` with
+    ``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))``. Rare words (a name, a subject) outweigh common ones, which
+    plain hashing cannot do.
+
+    Args:
+        dim: hash buckets (collisions fall as it grows; stored rows are ``dim`` float32).
+        k1, b: BM25's term-saturation and length-normalisation constants.
+    """
+
+    def __init__(self, dim: int = 4096, k1: float = 1.5, b: float = 0.75):
+        self.dim = check_int("dim", dim, low=16)
+        if not isinstance(k1, (int, float)) or isinstance(k1, bool) or not k1 > 0:
+            raise ValueError(f"`k1` must be a number > 0, got {k1!r}")
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 <= b <= 1:
+            raise ValueError(f"`b` must be a number in [0, 1], got {b!r}")
+        self.k1, self.b = float(k1), float(b)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """``texts`` (N strings) -> ``(N, dim)`` float32 hashed word counts."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("`texts` must be a list of strings")
+        out = torch.zeros(len(texts), self.dim, dtype=torch.float32)
+        for row, text in enumerate(texts):
+            for word in _WORD.findall(text.lower()):
+                digest = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+                out[row, digest % self.dim] += 1.0
+        return out
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``query (dim,)`` counts, ``keys (N, dim)`` counts -> ``(N,)`` BM25 scores over these ``N`` rows."""
+        n = keys.shape[0]
+        df = (keys > 0).sum(0).to(torch.float32)  # (dim,)
+        idf = torch.log1p((n - df + 0.5) / (df + 0.5))  # (dim,)
+        length = keys.sum(1, keepdim=True)  # (N, 1)
+        norm = self.k1 * (1 - self.b + self.b * length / length.mean().clamp(min=1e-9))  # (N, 1)
+        saturated = keys * (self.k1 + 1) / (keys + norm)  # (N, dim)
+        return saturated @ (idf * query)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "bm25", "dim": self.dim, "k1": self.k1, "b": self.b}
 
 
 class LMEmbedder(Embedder):
@@ -136,25 +188,31 @@ def embedder_from_config(config: dict[str, Any]) -> Embedder:
     """Rebuilds a model-free embedder from its :meth:`~Embedder.config`; an LM embedder must be passed explicitly."""
     if config.get("type") == "hashing":
         return HashingEmbedder(dim=int(config["dim"]), ngram=int(config["ngram"]))
+    if config.get("type") == "bm25":
+        return BM25Embedder(dim=int(config["dim"]), k1=float(config["k1"]), b=float(config["b"]))
     raise ValueError(
         f"the store was written with the embedder {config!r}; pass `embedder=` (an embedder with this config) to open it"
     )
 
 
-def top_k(query: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores ``keys @ query`` and the indices of the ``k`` best (ties: lower index first).
+def top_k(
+    query: torch.Tensor, keys: torch.Tensor, k: int, embedder: Embedder | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (``embedder.score``, default ``keys @ query``) and the indices of the ``k`` best (ties: lower index
+    first).
 
     Args:
-        query: ``(dim,)`` unit vector.
-        keys: ``(N, dim)`` unit rows.
+        query: ``(dim,)`` vector.
+        keys: ``(N, dim)`` rows.
         k: how many (clipped to ``N``).
+        embedder: whose ``score`` to use (``None``: the dot product).
 
     Returns:
         ``(scores (k,), indices (k,))``, best first.
     """
     if keys.shape[0] == 0:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    scores = keys @ query  # (N,)
+    scores = keys @ query if embedder is None else embedder.score(query, keys)  # (N,)
     k = min(k, scores.shape[0])
     # Stable descending sort so that equal scores keep insertion order (deterministic ranking).
     order = torch.sort(scores, descending=True, stable=True).indices[:k]

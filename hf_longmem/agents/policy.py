@@ -54,7 +54,9 @@ class MemoryPolicy:
                 metadata[SUBJECT_KEY] = subject
                 current = store.get_all(filter={SUBJECT_KEY: subject, **({"user_id": user_id} if user_id else {})})
                 if current:
-                    store.update(current[-1].id, text_or_messages, timestamp=timestamp, metadata=metadata)
+                    store.update(
+                        current[-1].id, text_or_messages, timestamp=timestamp, metadata=metadata, session_id=session_id
+                    )
                     self.on_write(store, current[-1].id, to_seconds(timestamp))
                     return current[-1].id
         memory_id = store.add(

@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 
 from hf_longmem.files import atomic_write, atomic_write_text
 
-from .embedders import Embedder, HashingEmbedder, embedder_from_config, top_k
+from .embedders import BM25Embedder, Embedder, embedder_from_config, top_k
 from .records import MemoryRecord, to_seconds
 
 __all__ = ["MemoryStore"]
@@ -130,7 +130,7 @@ class MemoryStore:
 
     Args:
         path: SQLite file (created if missing; WAL mode) or ``None`` for a private in-memory store.
-        embedder: how texts become vectors (default :class:`HashingEmbedder`). A store remembers its embedder's
+        embedder: how texts become vectors and are scored (default :class:`BM25Embedder`). A store remembers its embedder's
             config; reopening with a different one is a ``ValueError`` (vectors of two embedders never mix).
         timeout: seconds to wait for another process's write lock.
     """
@@ -173,7 +173,7 @@ class MemoryStore:
         with self._write():
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'embedder'").fetchone()
             if row is None:
-                embedder = embedder or HashingEmbedder()
+                embedder = embedder or BM25Embedder()
                 self._conn.execute("INSERT INTO meta VALUES ('embedder', ?)", (json.dumps(embedder.config()),))
                 return embedder
         saved = json.loads(row[0])
@@ -251,7 +251,9 @@ class MemoryStore:
             self._conn.execute("INSERT INTO events (id, op, timestamp) VALUES (?, 'add', ?)", (memory_id, seconds))
         return memory_id
 
-    def _supersede(self, memory_id: str, op: str, text: str | None, seconds: float, metadata: dict | None) -> None:
+    def _supersede(
+        self, memory_id: str, op: str, text: str | None, seconds: float, metadata: dict | None, session_id=None
+    ) -> None:
         """Closes the current version at ``seconds`` and opens version+1 (inside the caller's transaction)."""
         current = self._record(self._current_row(memory_id))
         if op in ("update", "delete") and current.op == "delete":
@@ -271,19 +273,30 @@ class MemoryStore:
         self._conn.execute(
             "INSERT INTO versions (id, version, op, text, session_id, user_id, timestamp, valid_from, valid_to,"
             " metadata, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-            (memory_id, current.version + 1, op, text, current.session_id, current.user_id, seconds, seconds,
+            (memory_id, current.version + 1, op, text, session_id or current.session_id, current.user_id, seconds, seconds,
              json.dumps(new_metadata), blob),
         )  # fmt: skip
         self._conn.execute("INSERT INTO events (id, op, timestamp) VALUES (?, ?, ?)", (memory_id, op, seconds))
 
-    def update(self, id: str, text: str, *, timestamp: Any, metadata: dict[str, Any] | None = None) -> None:
-        """Supersedes memory ``id`` with ``text`` from ``timestamp`` on; the old version stays (see ``as_of``)."""
+    def update(
+        self,
+        id: str,
+        text: str,
+        *,
+        timestamp: Any,
+        metadata: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """Supersedes memory ``id`` with ``text`` from ``timestamp`` on; the old version stays (see ``as_of``).
+
+        ``metadata`` / ``session_id`` (where the new value was said): ``None`` keeps the current version's."""
         memory_id = self._check_id(id)
+        session_id = _check_optional_str("session_id", session_id)
         text, _ = _messages_to_text(text)
         seconds = to_seconds(timestamp)
         metadata = None if metadata is None else _check_metadata(metadata)
         with self._write():
-            self._supersede(memory_id, "update", text, seconds, metadata)
+            self._supersede(memory_id, "update", text, seconds, metadata, session_id)
 
     def delete(self, id: str, *, timestamp: Any) -> None:
         """Deletes memory ``id`` from ``timestamp`` on: recorded as a version; :meth:`restore` undoes it."""
@@ -401,8 +414,9 @@ class MemoryStore:
         filter: dict[str, Any] | None = None,
         include_archived: bool = False,
     ) -> list[MemoryRecord]:
-        """The ``k`` memories most similar to ``query`` (cosine, best first; ties: older first), as valid now or
-        at ``as_of``, among those matching ``filter``. Each hit carries its ``score``."""
+        """The ``k`` memories most similar to ``query`` (the embedder's score: BM25 over the searched memories by
+        default, cosine for dense embedders; best first, ties: older first), as valid now or at ``as_of``, among those
+        matching ``filter``. Each hit carries its ``score``."""
         if not isinstance(query, str) or not query.strip():
             raise ValueError("`query` must be a non-empty string")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -410,7 +424,7 @@ class MemoryStore:
         filter = self._check_filter(filter)
         rows = [row for row in self._select(as_of, include_archived) if self._matches(self._record(row), filter)]
         keys = self._vector_rows([row[0] for row in rows])  # (N, dim)
-        scores, order = top_k(self.embedder.embed([query])[0], keys, k)
+        scores, order = top_k(self.embedder.embed([query])[0], keys, k, self.embedder)
         return [self._record(rows[i], float(s)) for s, i in zip(scores.tolist(), order.tolist())]
 
     def history(self, id: str) -> list[MemoryRecord]:
