@@ -142,7 +142,7 @@ def synthetic_chat_history(
             turns.append(
                 {"role": "user", "content": FACT_TEMPLATE.format(subject=subject, value=v), "_tag": (kind, subject)}
             )
-            turns.append({"role": "assistant", "content": "I will remember it."})
+            turns.append({"role": "assistant", "content": "I will memorize it."})
 
         while _count_tokens(tokenizer, turns) < session_tokens:
             filler = " ".join(rng.choice(FILLER_SENTENCES) for _ in range(rng.randint(2, 4)))
