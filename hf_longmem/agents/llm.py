@@ -26,6 +26,10 @@ class LLM:
         """Tokens of ``text`` (whitespace words unless the backend has a tokenizer)."""
         return len(text.split())
 
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The first ``max_tokens`` tokens of ``text`` (whitespace words unless the backend has a tokenizer)."""
+        return " ".join(text.split()[:max_tokens])
+
 
 def _check_prompt(prompt, max_new_tokens) -> int:
     if not isinstance(prompt, str):
@@ -73,6 +77,10 @@ class TransformersLLM(LLM):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int) -> str:
