@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["retrieval", "full_history"], default="retrieval")
     parser.add_argument("--policy", choices=["retrieval", "memorybank"], default="retrieval")
+    parser.add_argument("--forget", action="store_true", help="memorybank: forget (archive) before each retrieval")
     parser.add_argument("--reconcile", choices=["supersede", "add-only"], default="supersede")
     parser.add_argument("--granularity", choices=["turn", "session"], default="turn")
     parser.add_argument("--k", type=int, default=1)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def factory() -> MemoryPolicy:
         if args.policy == "memorybank":
-            return MemoryBankPolicy(supersede_key=key, auto_forget=False)
+            return MemoryBankPolicy(supersede_key=key, auto_forget=args.forget, seed=args.seed)
         return RetrievalPolicy(supersede_key=key)
 
     reader = PASSKEY_READER if args.reader == "passkey" else {}

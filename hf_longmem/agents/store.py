@@ -380,10 +380,20 @@ class MemoryStore:
     def get(self, id: str, *, as_of: Any = None) -> MemoryRecord | None:
         """The version of memory ``id`` valid now (or at ``as_of``); ``None`` if deleted (or not yet written)."""
         memory_id = self._check_id(id)
-        for row in self._select(as_of, include_archived=True):
-            if row[1] == memory_id:
-                return self._record(row)
-        return None
+        if as_of is None:
+            where, params = "v.valid_to IS NULL", (memory_id,)
+        else:
+            seconds = to_seconds(as_of, "as_of")
+            where, params = (
+                "v.valid_from <= ? AND (v.valid_to IS NULL OR v.valid_to > ?)",
+                (memory_id, seconds, seconds),
+            )
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM versions v LEFT JOIN state s ON s.id = v.id WHERE v.id = ? AND {where}"
+            " AND v.op != 'delete'",
+            params,
+        ).fetchone()
+        return None if row is None else self._record(row)
 
     def get_all(
         self, filter: dict[str, Any] | None = None, *, as_of: Any = None, include_archived: bool = False

@@ -71,3 +71,19 @@ def test_function_llm_records_calls():
     assert llm.generate("abc", 2) == "cb" and llm.calls == [("abc", 2)]
     with pytest.raises(ValueError, match="`prompt`"):
         llm.generate(3, 2)
+
+
+def test_store_with_an_lm_embedder_round_trips_only_with_that_embedder(default_model, tmp_path):
+    from hf_longmem.agents import MemoryStore
+
+    model, tokenizer = default_model
+    emb = LMEmbedder(model, tokenizer)
+    store = MemoryStore(embedder=emb)
+    a = store.add("The pass key is 123", session_id="s", timestamp=0)
+    store.add("The grass is green", session_id="s", timestamp=0)
+    hits = store.search("The pass key is 123", k=2)
+    assert hits[0].id == a and hits[0].score == pytest.approx(1.0, abs=1e-5) and -1 <= hits[1].score <= 1
+    store.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="embedder"):
+        MemoryStore.from_pretrained(tmp_path)
+    assert MemoryStore.from_pretrained(tmp_path, embedder=emb).search("The pass key is 123", k=1)[0].id == a
