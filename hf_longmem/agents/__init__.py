@@ -8,12 +8,11 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 - Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`.
 - :class:`MemoryAgent` — ``chat(message, now=...)``: retrieve, prompt under a token budget, generate.
 - LongMemEval: :func:`load_longmemeval`, :func:`synthetic_chat_history`, metrics in :mod:`.metrics`,
-  :func:`evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
+  :func:`hf_longmem.agents.evaluate.evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
 """
 
 from .agent import AgentReply, MemoryAgent
 from .embedders import BM25Embedder, Embedder, HashingEmbedder, LMEmbedder, top_k
-from .evaluate import evaluate_agent
 from .llm import LLM, FunctionLLM, TransformersLLM
 from .longmemeval import ingest_haystack, is_abstention, load_longmemeval
 from .memorybank import MemoryBankPolicy, retention
@@ -39,7 +38,6 @@ __all__ = [
     "RetrievalPolicy",
     "SCMPolicy",
     "TransformersLLM",
-    "evaluate_agent",
     "fact_subject",
     "ingest_haystack",
     "is_abstention",

@@ -118,6 +118,8 @@ class MemoryAgent:
         self.time_aware = bool(time_aware)
         self.abstain_below = None if abstain_below is None else check_real("abstain_below", abstain_below)
         self.abstain_text = abstain_text
+        #: The :class:`AgentReply` of the last :meth:`chat` turn (retrieved memories, prompt, token count).
+        self.last_reply: AgentReply | None = None
 
     def remember(self, text_or_messages: Any, *, session_id: str | None, timestamp: Any, **kwargs) -> str:
         """Writes a memory through the policy; returns its id."""
@@ -147,7 +149,7 @@ class MemoryAgent:
     def answer(self, question: str, *, now: Any, as_of: Any = None, filter: dict[str, Any] | None = None) -> AgentReply:
         """Answers ``question`` from memory at time ``now`` without writing anything back."""
         if not isinstance(question, str) or not question.strip():
-            raise ValueError("`message` must be a non-empty string")
+            raise ValueError("`question` must be a non-empty string")
         seconds = to_seconds(now, "now")
         if as_of is None and self.time_aware:
             named = date_in_question(question)
@@ -162,6 +164,8 @@ class MemoryAgent:
 
     def chat(self, message: str, *, now: Any, session_id: str | None = None, user_id: str | None = None) -> str:
         """One turn: answer ``message`` from memory at ``now``; with ``write_back`` store the message and reply."""
+        if not isinstance(message, str) or not message.strip():
+            raise ValueError("`message` must be a non-empty string")
         reply = self.answer(message, now=now)
         if self.write_back:
             self.remember(message, session_id=session_id, timestamp=now, user_id=user_id, metadata={"role": "user"})

@@ -29,7 +29,7 @@ from .policy import MemoryPolicy, RetrievalPolicy
 from .store import MemoryStore
 from .synthetic import fact_subject, synthetic_chat_history
 
-__all__ = ["PASSKEY_READER", "evaluate_agent"]
+__all__ = ["PASSKEY_READER", "evaluate_agent", "results_table"]
 
 #: A reader prompt fitted to the embedded tiny model, which was trained on pass-key prompts only: the question
 #: reaches the retriever, and the model reads the retrieved memories followed by its training query.
@@ -141,9 +141,31 @@ def evaluate_agent(
     return {"summary": summary, "questions": rows}
 
 
+TABLE_TYPES = ("single-session-user", "knowledge-update", "temporal-reasoning", "abstention", "overall")
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per named result (``evaluate_agent``'s output), QA accuracy (%) per question type,
+    recall_any@1 and the mean / max prompt tokens."""
+    header = ["run", *TABLE_TYPES, "recall@1", "prompt tokens (mean / max)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in results.items():
+        summary = result["summary"]
+        cells = [name]
+        for qtype in TABLE_TYPES:
+            entry = summary["qa"].get(qtype)
+            cells.append("-" if entry is None else f"{100 * entry['accuracy']:.0f} ({entry['count']})")
+        recall = summary["retrieval"].get("recall_any@1")
+        cells.append("-" if recall is None else f"{recall:.2f}")
+        cells.append(f"{summary['mean_prompt_tokens']:.0f} / {summary['max_prompt_tokens']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of result files")
     source.add_argument("--synthetic", action="store_true", help="generate synthetic_chat_history")
     source.add_argument("--data", help="a local LongMemEval JSON file")
     parser.add_argument("--num-sessions", type=int, default=32)
@@ -162,6 +184,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="a local model folder (default: the embedded tiny model)")
     parser.add_argument("--output", default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
+    if args.table:
+        loaded = {}
+        for path in args.table:
+            with open(path, encoding="utf-8") as handle:
+                loaded[path.rsplit("/", 1)[-1].removesuffix(".json")] = json.load(handle)
+        print(results_table(loaded))
+        return loaded
 
     if args.model is None:
         from hf_longmem import load_default_model

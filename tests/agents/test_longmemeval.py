@@ -148,7 +148,11 @@ def test_evaluation_supersede_beats_add_only_on_updates(default_model):
     assert full["summary"]["mean_prompt_tokens"] > 4 * s["mean_prompt_tokens"]
 
 
-def test_command_line_writes_json(tmp_path):
+def test_command_line_writes_json_and_tables_it(tmp_path, capsys):
     out = tmp_path / "r.json"
     result = main(["--synthetic", "--num-sessions", "4", "--num-questions", "4", "--k", "1", "--output", str(out)])
     assert json.loads(out.read_text())["summary"] == result["summary"]
+    main(["--table", str(out)])
+    table = capsys.readouterr().out.splitlines()[-1]
+    overall = result["summary"]["qa"]["overall"]
+    assert table.startswith("| r |") and f"{100 * overall['accuracy']:.0f} ({overall['count']})" in table
