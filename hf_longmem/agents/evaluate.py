@@ -21,6 +21,7 @@ from hf_longmem.files import atomic_write_text
 from hf_longmem.validation import check_choice, check_int
 
 from .agent import MemoryAgent
+from .embedders import BM25Embedder, Embedder, HashingEmbedder
 from .llm import TransformersLLM
 from .longmemeval import ingest_haystack, is_abstention, load_longmemeval, parse_date
 from .memorybank import MemoryBankPolicy
@@ -55,6 +56,7 @@ def evaluate_agent(
     *,
     mode: str = "retrieval",
     policy_factory: Callable[[], MemoryPolicy] = RetrievalPolicy,
+    embedder_factory: Callable[[], Embedder] | None = None,
     k: int = 1,
     max_prompt_tokens: int = 512,
     max_new_tokens: int = 8,
@@ -71,6 +73,7 @@ def evaluate_agent(
         mode: ``"retrieval"`` (the agent: top-``k`` memories under ``max_prompt_tokens``) or ``"full_history"``
             (every turn of the haystack in the prompt, no budget).
         policy_factory: builds a fresh policy per haystack.
+        embedder_factory: builds the store's embedder (``None``: the store's default, BM25).
         granularity: ``"turn"`` or ``"session"`` memories (user turns, as upstream's retrieval corpus).
         system / prompt_template: the reader's prompt (defaults: :class:`MemoryAgent`'s).
         abstain_below: the agent abstains when its best score is below this.
@@ -93,7 +96,7 @@ def evaluate_agent(
     rows = []
     bar = tqdm(total=len(items), desc=f"agent-eval ({mode})", disable=not progress)
     for group in groups.values():
-        store = MemoryStore()
+        store = MemoryStore(embedder=None if embedder_factory is None else embedder_factory())
         policy = policy_factory()
         ingest_haystack(group[0], store, policy, granularity=granularity)
         agent = MemoryAgent(
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--policy", choices=["retrieval", "memorybank"], default="retrieval")
     parser.add_argument("--forget", action="store_true", help="memorybank: forget (archive) before each retrieval")
     parser.add_argument("--reconcile", choices=["supersede", "add-only"], default="supersede")
+    parser.add_argument("--embedder", choices=["bm25", "hashing"], default="bm25")
     parser.add_argument("--granularity", choices=["turn", "session"], default="turn")
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = evaluate_agent(
         items, model, tokenizer, mode=args.mode, policy_factory=factory, k=args.k,
         max_prompt_tokens=args.max_prompt_tokens, granularity=args.granularity, abstain_below=args.abstain_below,
-        **reader,
+        embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder, **reader,
     )  # fmt: skip
     result["config"] = vars(args)
     print(json.dumps(result["summary"], indent=2))
