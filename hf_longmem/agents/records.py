@@ -39,6 +39,7 @@ class MemoryRecord:
         metadata: JSON dict given at ``add`` (or ``update``).
         status: ``"active"`` or ``"archived"`` (a policy's forgetting archives; it never destroys).
         score: the similarity for a :meth:`MemoryStore.search` hit, else ``None``.
+        recorded_at: when the store wrote this version (wall clock, POSIX seconds): the transaction time.
     """
 
     id: str
@@ -53,6 +54,7 @@ class MemoryRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     status: str = "active"
     score: float | None = None
+    recorded_at: float | None = None
 
     @property
     def is_current(self) -> bool:

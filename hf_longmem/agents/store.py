@@ -10,7 +10,9 @@ API in the style of mem0 and LangGraph's ``BaseStore``::
     store.delete(mid, timestamp=...); store.restore(mid, timestamp=...)      # explicit, recorded, reversible
     store.history(mid)                                                        # every version, oldest first
 
-Every memory is a chain of versions; each version is valid over ``[valid_from, valid_to)``. An update closes the
+Every memory is a chain of versions; each version is valid over ``[valid_from, valid_to)`` (valid time: when it was
+true in the conversation) and carries ``recorded_at`` (transaction time: when the store wrote it), so the store is
+bi-temporal. An update closes the
 current version and opens a new one; a deletion closes it and opens a deletion marker. Nothing is overwritten, so an
 ``as_of`` query sees the store as it was. Each write is one ``BEGIN IMMEDIATE`` transaction with ``synchronous=FULL``:
 a crash (even SIGKILL) loses at most the write in progress, and several processes can open the same file (SQLite
@@ -59,6 +61,7 @@ CREATE TABLE IF NOT EXISTS versions (
     valid_to REAL,
     metadata TEXT NOT NULL,
     embedding BLOB,
+    recorded_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
     UNIQUE (id, version)
 );
 CREATE INDEX IF NOT EXISTS versions_open ON versions (valid_to);
@@ -68,13 +71,14 @@ CREATE TABLE IF NOT EXISTS state (
     data TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, op TEXT NOT NULL, timestamp REAL NOT NULL
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, op TEXT NOT NULL, timestamp REAL NOT NULL,
+    recorded_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 );
 """
 
 _COLUMNS = (
     "v.row, v.id, v.version, v.op, v.text, v.session_id, v.user_id, v.timestamp, v.valid_from, v.valid_to, "
-    "v.metadata, s.status"
+    "v.metadata, s.status, v.recorded_at"
 )
 
 
@@ -197,11 +201,13 @@ class MemoryStore:
         self._conn.execute("COMMIT")
 
     def _record(self, row: tuple, score: float | None = None) -> MemoryRecord:
-        _, mid, version, op, text, session_id, user_id, timestamp, valid_from, valid_to, metadata, status = row
+        _, mid, version, op, text, session_id, user_id, timestamp, valid_from, valid_to, metadata, status, recorded = (
+            row
+        )
         return MemoryRecord(
             id=mid, text=text, version=version, op=op, session_id=session_id, user_id=user_id, timestamp=timestamp,
             valid_from=valid_from, valid_to=valid_to, metadata=json.loads(metadata), status=status or "active",
-            score=score,
+            score=score, recorded_at=recorded,
         )  # fmt: skip
 
     def _current_row(self, memory_id: str) -> tuple:

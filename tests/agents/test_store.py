@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -46,6 +47,8 @@ def test_update_supersedes_and_as_of_sees_the_past(store):
     old, new = store.history(mid)
     assert (old.op, old.version, new.op, new.version) == ("add", 1, "update", 2)
     assert old.valid_to == new.valid_from == datetime(2024, 9, 1, tzinfo=timezone.utc).timestamp()
+    # Transaction time is the wall clock of the write, apart from the valid time of the facts.
+    assert time.time() - 60 < old.recorded_at <= new.recorded_at <= time.time() + 1
     with pytest.raises(ValueError, match="timestamp"):
         store.update(mid, "I live in Faro", timestamp=datetime(2024, 1, 1))  # before the current version
 
