@@ -5,13 +5,15 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 - :class:`MemoryStore` — add/search/get/get_all/update (supersede)/delete/restore/history, ``as_of`` queries.
 - :class:`BM25Embedder` (default), :class:`HashingEmbedder`, :class:`LMEmbedder` — texts to vectors, scored by top-k.
 - :class:`TransformersLLM` / :class:`FunctionLLM` — the one ``generate(prompt, max_new_tokens)`` interface.
-- Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`.
+- Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`,
+  :class:`AMemPolicy`.
 - :class:`MemoryAgent` — ``chat(message, now=...)``: retrieve, prompt under a token budget, generate.
 - LongMemEval: :func:`load_longmemeval`, :func:`synthetic_chat_history`, metrics in :mod:`.metrics`,
   :func:`hf_longmem.agents.evaluate.evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
 """
 
 from .agent import AgentReply, MemoryAgent
+from .amem import AMemPolicy
 from .embedders import BM25Embedder, Embedder, HashingEmbedder, LMEmbedder, top_k
 from .llm import LLM, FunctionLLM, TransformersLLM
 from .longmemeval import ingest_haystack, is_abstention, load_longmemeval
@@ -24,6 +26,7 @@ from .synthetic import fact_subject, synthetic_chat_history
 
 __all__ = [
     "LLM",
+    "AMemPolicy",
     "AgentReply",
     "BM25Embedder",
     "Embedder",
