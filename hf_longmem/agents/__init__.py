@@ -6,7 +6,7 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 - :class:`BM25Embedder` (default), :class:`HashingEmbedder`, :class:`LMEmbedder` — texts to vectors, scored by top-k.
 - :class:`TransformersLLM` / :class:`FunctionLLM` — the one ``generate(prompt, max_new_tokens)`` interface.
 - Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`,
-  :class:`AMemPolicy`.
+  :class:`AMemPolicy`; working memory for multi-step loops: :class:`HiAgentPolicy`, :class:`TMEPolicy`.
 - :class:`MemoryAgent` — ``chat(message, now=...)``: retrieve, prompt under a token budget, generate.
 - LongMemEval: :func:`load_longmemeval`, :func:`synthetic_chat_history`, metrics in :mod:`.metrics`,
   :func:`hf_longmem.agents.evaluate.evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
@@ -15,6 +15,7 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 from .agent import AgentReply, MemoryAgent
 from .amem import AMemPolicy
 from .embedders import BM25Embedder, Embedder, HashingEmbedder, LMEmbedder, top_k
+from .hiagent import HiAgentPolicy
 from .llm import LLM, FunctionLLM, TransformersLLM
 from .longmemeval import ingest_haystack, is_abstention, load_longmemeval
 from .memorybank import MemoryBankPolicy, retention
@@ -23,6 +24,7 @@ from .records import MemoryRecord
 from .scm import SCMPolicy
 from .store import MemoryStore
 from .synthetic import fact_subject, synthetic_chat_history
+from .tme import TMEPolicy
 
 __all__ = [
     "LLM",
@@ -32,6 +34,7 @@ __all__ = [
     "Embedder",
     "FunctionLLM",
     "HashingEmbedder",
+    "HiAgentPolicy",
     "LMEmbedder",
     "MemoryAgent",
     "MemoryBankPolicy",
@@ -40,6 +43,7 @@ __all__ = [
     "MemoryStore",
     "RetrievalPolicy",
     "SCMPolicy",
+    "TMEPolicy",
     "TransformersLLM",
     "fact_subject",
     "ingest_haystack",
