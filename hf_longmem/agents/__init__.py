@@ -6,7 +6,7 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 - :class:`BM25Embedder` (default), :class:`HashingEmbedder`, :class:`LMEmbedder` — texts to vectors, scored by top-k.
 - :class:`TransformersLLM` / :class:`FunctionLLM` — the one ``generate(prompt, max_new_tokens)`` interface.
 - Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`,
-  :class:`AMemPolicy`; working memory for multi-step loops: :class:`HiAgentPolicy`, :class:`TMEPolicy`.
+  :class:`AMemPolicy`, :class:`TiMPolicy`; working memory for multi-step loops: :class:`HiAgentPolicy`, :class:`TMEPolicy`.
 - :class:`MemoryAgent` — ``chat(message, now=...)``: retrieve, prompt under a token budget, generate.
 - LongMemEval: :func:`load_longmemeval`, :func:`synthetic_chat_history`, metrics in :mod:`.metrics`,
   :func:`hf_longmem.agents.evaluate.evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
@@ -24,6 +24,7 @@ from .records import MemoryRecord
 from .scm import SCMPolicy
 from .store import MemoryStore
 from .synthetic import fact_subject, synthetic_chat_history
+from .tim import TiMPolicy
 from .tme import TMEPolicy
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "RetrievalPolicy",
     "SCMPolicy",
     "TMEPolicy",
+    "TiMPolicy",
     "TransformersLLM",
     "fact_subject",
     "ingest_haystack",
