@@ -104,3 +104,18 @@ def test_even_summaries_over_budget_terminate_with_the_flash_memory_cut():
         SCMPolicy(policy.llm, max_history_tokens=0)
     with pytest.raises(ValueError, match="`llm`"):
         SCMPolicy(lambda p, n: "")
+
+
+def test_scm_drives_the_agent_prompt():
+    import hf_longmem
+    from hf_longmem.agents import MemoryAgent
+
+    model, tokenizer = hf_longmem.load_default_model()
+    store = MemoryStore()
+    policy = SCMPolicy(_scripted(3, {"tiger"}), max_history_tokens=200)
+    agent = MemoryAgent(model, tokenizer, store, policy, k=1, max_new_tokens=4, write_back=False)
+    for i, text in enumerate(["tiger : The pass key is 48213.", "The grass is green.", "The sky is blue."]):
+        agent.remember(text, session_id="s", timestamp=i)
+    reply = agent.answer("What is the pass key of tiger?", now=10)
+    assert [m.metadata["scm_choice"] for m in reply.shown] == ["raw", "flash"]
+    assert "tiger : The pass key is 48213.\nThe sky is blue." in reply.prompt  # chronological
