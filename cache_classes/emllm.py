@@ -62,7 +62,7 @@ from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, _check_int, refuse_sliding_layers, rotary_for
+from .infllm import LEFT_PADDING_MESSAGE, InfLLMCache, InfLLMLayer, _check_int, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -220,7 +220,9 @@ class EMLLMLayer(InfLLMLayer):
             raise RuntimeError("EMLLMLayer outlived its EMLLMCache")
         return owner
 
-    def check_batch(self, batch: int) -> None:
+    def check_batch(self, batch: int, padded: bool = False) -> None:
+        if padded:
+            raise ValueError(LEFT_PADDING_MESSAGE.format(name="EMLLMCache"))
         if batch != 1:
             raise ValueError(
                 f"EMLLMCache supports batch size 1 (events differ per row; the official code is batch 1), got {batch}"
@@ -256,7 +258,9 @@ class EMLLMLayer(InfLLMLayer):
             )
         self.form_blocks([owner.max_block_size] * blocks)
 
-    def select_blocks(self, memory_query: torch.Tensor) -> list[list[int]] | None:
+    def select_blocks(
+        self, memory_query: torch.Tensor, query_real: torch.Tensor | None = None
+    ) -> list[list[int]] | None:
         """Similarity blocks until the token budget is filled, plus the contiguity buffer (ascending ids)."""
         count = self.store.num_blocks(0)
         if count == 0:

@@ -213,7 +213,7 @@ def test_needle_block_is_retrieved_first():
 def _forced(layer, pick):
     """Replaces ``layer.select_blocks`` by ``pick(num_blocks, head)`` (per head) or ``pick(num_blocks, None)``."""
 
-    def select(memory_query):
+    def select(memory_query, query_real=None):
         count = layer.store.num_blocks(0) if layer.store.batch_size else 0
         if count == 0:
             return None
@@ -375,11 +375,79 @@ def test_make_cache_registration_and_needs_attention():
         plain(random_ids(1, 1), cache=manual)
 
 
-def test_left_padding_is_refused():
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[1, n_i]`` left-padded with token 0 into ``ids [b, T]`` and ``attention_mask [b, T]``."""
+    total = max(row.shape[1] for row in rows)
+    ids = torch.cat([torch.nn.functional.pad(row, (total - row.shape[1], 0)) for row in rows])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(row), (total - row.shape[1], 0)) for row in rows])
+    return ids, mask
+
+
+PADDED_ROWS = (70, 45, 23)  # 7, 4 and 1 memory blocks at SMALL: retrieval among blocks in the first two rows
+
+
+@pytest.mark.parametrize("perhead", [False, True])
+def test_left_padded_batch_equals_rows_alone(perhead):
+    """Each row of a left-padded batch forms its own initial tokens, blocks and retrievals: the tokens each row
+    gives alone, and its logits up to float rounding (the batched matmuls and softmax sums run over padded widths,
+    masked slots add exact zeros but the summation order of BLAS changes with the shapes: ~1e-6 here)."""
     model = tiny_model("llama_gqa")
-    batch = torch.cat((random_ids(1, 12, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 8)), 1)))
-    with pytest.raises(ValueError, match="equal-length rows"):
-        greedy(model, batch, infllm(model, **SMALL), attention_mask=(batch != 0).long(), pad_token_id=0)
+    rows = [random_ids(1, length, seed=i + 1) for i, length in enumerate(PADDED_ROWS)]
+    ids, mask = left_padded(rows)
+    cache = infllm(model, **SMALL, perhead=perhead)
+    seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=8)
+    layer = cache.layers[0]
+    for row, row_ids in enumerate(rows):
+        alone = infllm(model, **SMALL, perhead=perhead)
+        row_seq, row_logits = greedy(model, row_ids, alone, max_new_tokens=8)
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+        alone_layer = alone.layers[0]
+        assert layer.store.block_sizes(row) == alone_layer.store.block_sizes(0)  # no pad in any block
+        real = layer.positions[row] >= 0
+        assert torch.equal(layer.positions[row][real], alone_layer.positions[0])
+    assert layer.store.num_blocks(0) > SMALL["topk"] and layer.store.num_blocks(2) < layer.store.num_blocks(1)
+
+
+def test_left_padded_prompt_in_several_forwards_equals_the_rows_fed_the_same_tokens():
+    """Forwards that split rows unevenly (generate's prefill chunking of a padded prompt): each row gives what it
+    gives alone when fed the same real tokens per forward (execution blocks count each row's real tokens).
+
+    The shorter row has fewer pads than a chunk: a forward made only of pads carries position ids (0) that cannot
+    be told from one real token (``hf_longmem.memory.padding``), which the decoder pre-hook resolves."""
+    model = tiny_model("llama_gqa")
+    rows = [random_ids(1, 61, seed=1), random_ids(1, 55, seed=2)]
+    ids, mask = left_padded(rows)
+    cache = infllm(model, **SMALL)
+    seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6, prefill_chunk_size=8)
+    for row, row_ids in enumerate(rows):
+        alone = infllm(model, **SMALL)
+        first = (8 - (ids.shape[1] - row_ids.shape[1]) % 8) % 8  # real tokens of the row in its first padded chunk
+        if first:
+            model(row_ids[:, :first], cache=alone)
+        row_seq, row_logits = greedy(model, row_ids, alone, max_new_tokens=6, prefill_chunk_size=8)
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_on_a_left_padded_batch():
+    """Beams keep every per-row structure aligned (window, initial tokens, block store): at a large window they
+    are DynamicCache's beams; with memory blocks each row's beams are the beams of the row alone."""
+    model = tiny_model("llama_gqa")
+    rows = [random_ids(1, 40, seed=1), random_ids(1, 27, seed=2)]
+    ids, mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, attention_mask=mask, pad_token_id=0)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    large = infllm(model, n_init=4, n_local=64, block_size=8, topk=2, exc_block_size=16)
+    assert torch.equal(model.generate(ids, cache=large, **kwargs), ref)
+    cache = infllm(model, **SMALL)
+    out = model.generate(ids, cache=cache, **kwargs)
+    layer = cache.layers[0]
+    assert layer.keys.shape[0] == layer.store.batch_size == layer.init_keys.shape[0] == 6
+    assert layer.store.num_blocks(0) > layer.store.num_blocks(3) > 0
+    for row, row_ids in enumerate(rows):
+        alone = model.generate(row_ids, cache=infllm(model, **SMALL), max_new_tokens=6, num_beams=3, do_sample=False)
+        assert torch.equal(out[row, ids.shape[1] :], alone[0, row_ids.shape[1] :])
 
 
 @pytest.mark.parametrize(
@@ -436,6 +504,23 @@ def test_triton_kernels_give_the_torch_result(monkeypatch):
     assert cache.layers[0].store.num_blocks(0) > 1  # top-1 of several blocks
     assert torch.equal(seq, seq_triton)
     torch.testing.assert_close(logits_triton, logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("perhead", [False, True])
+def test_triton_path_on_a_left_padded_batch_equals_rows_alone(monkeypatch, perhead):
+    """The Triton memory attention (per-row valid slots, causal tail) and top-k, on a padded batch, under the
+    interpreter: each row gives the torch path's tokens alone (logits to kernel rounding)."""
+    model = tiny_model("llama_gqa")
+    options = dict(SMALL, topk=1, max_cached_blocks=2, perhead=perhead)
+    rows = [random_ids(1, 44, seed=1), random_ids(1, 29, seed=2)]
+    expected = [greedy(model, row, infllm(model, **options), max_new_tokens=2) for row in rows]
+    monkeypatch.setattr(InfLLMLayer, "kernel_backend", "triton")
+    ids, mask = left_padded(rows)
+    seq, logits = greedy(model, ids, infllm(model, **options), attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+    for row, (row_seq, row_logits) in enumerate(expected):
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, rows[row].shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_perhead_gather_from_tensor_selection_equals_list_selection():
