@@ -82,10 +82,6 @@ NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
     "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
 )
-LEFT_PADDING_MESSAGE = (
-    "{name} supports batches of equal-length rows only: this batch is left-padded (a padded row would form "
-    "memory blocks at other boundaries than the row alone). Run padded prompts one at a time."
-)  # EM-LLM's refusal (InfLLM supports left padding)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -672,6 +668,16 @@ class InfLLMLayer(CacheLayerMixin):
         if not self._state_pads:
             return [self.keys.shape[-2]] * self.keys.shape[0]
         return (self.positions != PAD_POSITION).sum(1).tolist()
+
+    def init_counts(self) -> list[int]:
+        """Initial tokens each row holds."""
+        if self.init_valid is None:
+            return [self.init_keys.shape[-2]] * self.init_keys.shape[0]
+        return self.init_valid.sum(1).tolist()
+
+    def first_slot(self, row: int) -> int:
+        """Slot of ``row``'s oldest recent token (its recent tokens are right-aligned in ``keys``)."""
+        return self.keys.shape[-2] - self.recent_counts()[row]
 
     def after_chunk(self) -> None:
         """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size`` (per row)."""
