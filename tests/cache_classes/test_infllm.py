@@ -386,19 +386,21 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 PADDED_ROWS = (70, 45, 23)  # 7, 4 and 1 memory blocks at SMALL: retrieval among blocks in the first two rows
 
 
-@pytest.mark.parametrize("perhead", [False, True])
-def test_left_padded_batch_equals_rows_alone(perhead):
+@pytest.mark.parametrize(
+    "extra", [{}, {"perhead": True}, {"offload": True, "offload_representatives": True}], ids=["shared", "perhead", "offload"]
+)
+def test_left_padded_batch_equals_rows_alone(extra):
     """Each row of a left-padded batch forms its own initial tokens, blocks and retrievals: the tokens each row
     gives alone, and its logits up to float rounding (the batched matmuls and softmax sums run over padded widths,
     masked slots add exact zeros but the summation order of BLAS changes with the shapes: ~1e-6 here)."""
     model = tiny_model("llama_gqa")
     rows = [random_ids(1, length, seed=i + 1) for i, length in enumerate(PADDED_ROWS)]
     ids, mask = left_padded(rows)
-    cache = infllm(model, **SMALL, perhead=perhead)
+    cache = infllm(model, **SMALL, **extra)
     seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=8)
     layer = cache.layers[0]
     for row, row_ids in enumerate(rows):
-        alone = infllm(model, **SMALL, perhead=perhead)
+        alone = infllm(model, **SMALL, **extra)
         row_seq, row_logits = greedy(model, row_ids, alone, max_new_tokens=8)
         assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
