@@ -540,11 +540,7 @@ class InfLLMLayer(CacheLayerMixin):
         zeros_k = self.keys.new_zeros(batch, kv_heads, num_q, dim)
         zeros_v = self.values.new_zeros(batch, kv_heads, num_q, self.values.shape[-1])
         never = torch.zeros(batch, num_q, dtype=torch.bool, device=device)
-        init_keep = (
-            self.init_valid
-            if self.init_valid is not None
-            else torch.ones(batch, self.init_keys.shape[-2], dtype=torch.bool, device=device)
-        )
+        init_keep = self._init_mask()
         # (keys, values, keep, valid) of the row-level parts after the blocks
         parts = [
             (self.init_keys, self.init_values, init_keep, init_keep),
@@ -697,21 +693,29 @@ class InfLLMLayer(CacheLayerMixin):
             self.init_values = torch.cat((self.init_values, self.values[:, :, :take]), dim=-2)
             self._keep_recent(None, drop=take)
             return
+        if self.init_valid is None and self.init_keys.shape[-2] == self.n_init:
+            return  # every row's initial tokens are complete
         real = self.positions != PAD_POSITION  # [b, R]
-        held = self.init_valid.sum(1) if self.init_valid is not None else torch.full_like(real[:, 0], self.init_keys.shape[-2], dtype=torch.long)
-        take = torch.minimum(self.n_init - held, real.sum(1) - self.n_local).clamp(min=0)  # [b]
+        held_mask = self._init_mask()  # [b, I]
+        take = torch.minimum(self.n_init - held_mask.sum(1), real.sum(1) - self.n_local).clamp(min=0)  # [b]
         if int(take.max()) == 0:
             return
         move = real & (real.cumsum(1) <= take[:, None])  # each row's oldest `take` tokens
         width = int(move.any(0).nonzero().max()) + 1
         moved = self.unrotate(self.keys[:, :, :width], self.positions[:, :width].clamp(min=0))
-        keep = torch.cat((self.init_valid if self.init_valid is not None else torch.ones_like(held[:, None].expand(-1, self.init_keys.shape[-2]), dtype=torch.bool), move[:, :width]), 1)
+        keep = torch.cat((held_mask, move[:, :width]), 1)
         index = _right_align(keep)
         self.init_keys = _take(torch.cat((self.init_keys, moved), -2), index)
         self.init_values = _take(torch.cat((self.init_values, self.values[:, :, :width]), -2), index)
         valid = keep.gather(1, index)
         self.init_valid = None if bool(valid.all()) else valid
         self._keep_recent(real & ~move)
+
+    def _init_mask(self) -> torch.Tensor:
+        """``[b, I]`` bool: the initial-token slots each row holds."""
+        if self.init_valid is not None:
+            return self.init_valid
+        return torch.ones(self.init_keys.shape[0], self.init_keys.shape[-2], dtype=torch.bool, device=self.device)
 
     def form_blocks(self, sizes: list[int]) -> None:
         """Every row's oldest ``sum(sizes)`` recent tokens become memory blocks of ``sizes`` (in order)."""

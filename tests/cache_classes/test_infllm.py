@@ -152,6 +152,51 @@ def test_all_blocks_retrieved_equals_brute_force(n_init, n_local, block_size, ex
     assert layer.keys.shape[-2] == total - n_init - block_size * layer.store.num_blocks(0)
 
 
+@pytest.mark.parametrize(
+    "n_init,n_local,block_size,exc,splits,pad",
+    [
+        (4, 12, 8, 5, [61, 1, 1, 1, 9, 1], 17),  # the padded row's real tokens end a chunk early
+        (0, 9, 4, 9, [30, 1, 17, 1], 12),
+        (5, 16, 3, 1, [40, 1, 1], 9),
+    ],
+)
+def test_left_padded_rows_equal_brute_force(n_init, n_local, block_size, exc, splits, pad):
+    """Layer level, every block retrieved: row 1 starts with ``pad`` pads (position 0, as generate fills them) and
+    gets exactly the brute-force attention of its real tokens; row 0 (no pads) its own; pads are never stored."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, total = 4, 2, 16, sum(splits)
+    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
+    rows = []
+    for length in (total, total - pad):
+        pos = torch.arange(length)[None]
+        rows.append((
+            rotary.rotate(torch.randn(1, heads, length, dim), pos),
+            rotary.rotate(torch.randn(1, kv_heads, length, dim), pos),
+            torch.randn(1, kv_heads, length, dim),
+        ))
+    padded = [  # row 1 left-padded with random states (they must not matter)
+        torch.cat((rows[0][i], torch.cat((torch.randn(1, rows[1][i].shape[1], pad, dim), rows[1][i]), 2)))
+        for i in range(3)
+    ]
+    position_ids = torch.stack((torch.arange(total), (torch.arange(total) - pad).clamp(min=0)))
+    layer = InfLLMLayer(rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc)
+    outputs, start = [], 0
+    for size in splits:
+        stop = start + size
+        layer.update(padded[1][:, :, start:stop], padded[2][:, :, start:stop], kwargs={"position_ids": position_ids[:, start:stop]})
+        out, _ = layer.attend(None, padded[0][:, :, start:stop], None, None, None, scaling=dim**-0.5)
+        outputs.append(out.transpose(1, 2))
+        start = stop
+    out = torch.cat(outputs, dim=2)
+    for row, (query, keys, values) in enumerate(rows):
+        expected = brute_force(query, keys, values, rotary, n_local, dim**-0.5)
+        torch.testing.assert_close(out[row : row + 1, :, total - query.shape[2] :], expected, rtol=1e-4, atol=1e-5)
+        length = query.shape[2]
+        assert layer.store.num_blocks(row) == (length - n_local - n_init) // block_size
+        assert int((layer.positions[row] >= 0).sum()) == length - n_init - block_size * layer.store.num_blocks(row)
+    assert layer.init_keys.shape[-2] == n_init and layer.get_seq_length() == total
+
+
 def test_local_scores_are_the_window_attention_under_the_joint_softmax():
     """Representative scores: the attention each token received while in a query's window (joint softmax)."""
     torch.manual_seed(1)
