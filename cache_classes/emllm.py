@@ -69,7 +69,7 @@ from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, _check_int, refuse_sliding_layers, rotary_for
+from .infllm import InfLLMCache, InfLLMLayer, _check_int, attach_padding_hook, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -217,6 +217,7 @@ class EMLLMLayer(InfLLMLayer):
     def __init__(self, owner: EMLLMCache, rotary: RotaryShift, layer_idx: int, **options):
         super().__init__(rotary, **options)
         self._owner = weakref.ref(owner)
+        self.padding_source = self._owner  # pads told from the model's mask (attach_padding_hook in attach)
         self.layer_idx = layer_idx
         self.contiguity: list[list[int]] = []  # per row, the contiguity buffer (block ids, a queue across steps)
 
@@ -589,6 +590,7 @@ class EMLLMCache(LongMemCache):
         """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
         self.close()
         self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
+        self._padding_hook = attach_padding_hook(model, self)
         generation_config = getattr(model, "generation_config", None)
         entry = (
             _acquire_prefill_chunking(generation_config, self.exc_block_size)
@@ -603,6 +605,9 @@ class EMLLMCache(LongMemCache):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if getattr(self, "_padding_hook", None) is not None:
+            self._padding_hook.remove()
+            self._padding_hook = None
         if self._restore_chunking is not None:
             self._restore_chunking()  # a finalizer runs once: calling it now releases this cache's share
         self._restore_chunking = None

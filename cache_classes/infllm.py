@@ -55,7 +55,9 @@ Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
   and decoding). Rows differ in length: the window and initial tokens are right-aligned ``[b, ..., R]`` tensors
   whose empty slots carry ``PAD_POSITION``, masks are built from positions, and the memory part is laid out per
   row with one stable sort (:meth:`InfLLMLayer._memory_states_per_row`); blocks are formed per group of rows with
-  the same block sizes. Beam search reorders every per-row structure, block store included.
+  the same block sizes. Beam search reorders every per-row structure, block store included. Pads are told from the
+  model's 2-D attention mask by a decoder pre-hook (:func:`attach_padding_hook`, attached by ``from_model``), since
+  a forward made only of pads carries position ids that read as a real token.
 * Only the default ``cache_strategy="lru"`` is implemented (not ``"lru-s"``), and no faiss index.
 * Model attention features (:mod:`hf_longmem.memory.attention_features`): the logit softcap (Gemma-2) applies to
   local and memory logits, attention sinks (GPT-OSS) join the merged softmax; a layer whose attention has a sliding
@@ -65,7 +67,10 @@ Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
@@ -122,6 +127,38 @@ def refuse_sliding_layers(cls_name: str, layers, config) -> None:
             f"unsupported model: {cls_name} does not apply a sliding window (layers {sliding} of this "
             f"{getattr(text_config, 'model_type', 'model')} use sliding-window attention)"
         )
+
+
+def attach_padding_hook(model, cache) -> RemovableHandle:
+    """A forward pre-hook on ``model``'s decoder that tells ``cache`` which new tokens of each forward are pads.
+
+    Position ids alone cannot always tell: transformers fills the positions of pads with 0, so a forward made only of
+    pads for some row (``generate``'s prefill chunks of a row padded by more than a chunk) reads as one real token at
+    position 0. The decoder receives the 2-D ``attention_mask``; the hook keeps ``(tokens seen, real [b, q] bool)``
+    on ``cache._forward_padding`` (``real`` is ``None`` when no new token is a pad), which :class:`InfLLMLayer` uses
+    for the forward that follows. Held weakly: removed when the cache is collected.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    cache_ref = weakref.ref(cache)
+
+    def hook(module, args, kwargs):
+        observed = cache_ref()
+        if observed is None or kwargs.get("cache", kwargs.get("past_key_values")) is not observed:
+            return None
+        mask = kwargs.get("attention_mask")
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        real = None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and inputs is not None and mask.shape[-1] >= inputs.shape[1]:
+            new = mask[:, -inputs.shape[1] :] != 0  # [b, q]
+            real = None if bool(new.all()) else new
+        observed._forward_padding = (observed.get_seq_length(), real)
+        return None
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    weakref.finalize(cache, handle.remove)
+    return handle
 
 
 def block_representatives(
@@ -266,7 +303,9 @@ class InfLLMLayer(CacheLayerMixin):
         self.init_valid: torch.Tensor | None = None
         self.store: BlockStore | None = None
         self._pending = None
-        self._state_pads = False  # whether some row of keys/values holds fewer tokens than the others
+        self._state_pads = False
+        #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
+        self.padding_source: weakref.ref | None = None  # whether some row of keys/values holds fewer tokens than the others
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -296,13 +335,26 @@ class InfLLMLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
-        positions, padded = positions_and_padding(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
+        position_ids = attn_kwargs.get("position_ids")
+        real = self._told_real(batch, num_new)
+        if real is not None:  # pads known from the mask: positions that cannot be mistaken (pads at 1, as generate)
+            position_ids = torch.where(real, self.real_seen[:, None] + real.long().cumsum(1) - 1, 1)
+        positions, padded = positions_and_padding(position_ids, self.real_seen, num_new, batch)
         self.check_batch(batch, padded)
         self.real_seen = self.real_seen + ((positions != PAD_POSITION).sum(1) if padded else num_new)
         self.cumulative_length += num_new
         self._pending = (key_states, value_states, positions, padded)
         attn_kwargs[LAYER_KWARG] = self
         return key_states, value_states
+
+    def _told_real(self, batch: int, num_new: int) -> torch.Tensor | None:
+        """``[b, q]`` bool real new tokens from the model's mask (:func:`attach_padding_hook`), when this forward has
+        pads and the hook saw it; ``None`` otherwise (the position ids decide)."""
+        cache = self.padding_source() if self.padding_source is not None else None
+        told = getattr(cache, "_forward_padding", None)
+        if told is None or told[0] != self.cumulative_length or told[1] is None or told[1].shape != (batch, num_new):
+            return None
+        return told[1].to(self.device)
 
     def check_batch(self, batch: int, padded: bool = False) -> None:
         """Hook for methods with batch limits (EM-LLM); ``padded``: some new token is a pad."""
@@ -908,7 +960,7 @@ class InfLLMCache(LongMemCache):
             perhead=self.perhead,
             offload_representatives=self.offload_representatives,
         )
-        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary.for_layer(layer_idx), **options), config=config)
+        super().__init__(lambda layer_idx: self._watched(InfLLMLayer(self.rotary.for_layer(layer_idx), **options)), config=config)
         refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     @classmethod
@@ -933,11 +985,19 @@ class InfLLMCache(LongMemCache):
             "exc_block_size": min(512, n_local),
         }
 
+    def _watched(self, layer: InfLLMLayer) -> InfLLMLayer:
+        """``layer`` reading this cache's ``_forward_padding`` (see :func:`attach_padding_hook`)."""
+        layer.padding_source = weakref.ref(self)
+        return layer
+
     @classmethod
     def from_model(cls, model, **kwargs) -> InfLLMCache:
+        """Builds the cache for ``model`` and attaches :func:`attach_padding_hook` (pads told from the mask)."""
         if "rotary" not in kwargs:
             kwargs["rotary"] = rotary_for(cls.__name__, model=model)
-        return cls(config=model.config, **kwargs)
+        cache = cls(config=model.config, **kwargs)
+        attach_padding_hook(model, cache)
+        return cache
 
     def memory_parts(self) -> dict[str, tuple[str, int]]:
         """``{part: (where, bytes)}`` summed over layers (see :meth:`InfLLMLayer.memory_parts`); layers of other

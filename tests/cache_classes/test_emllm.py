@@ -249,6 +249,7 @@ def rows_alone(model, rows, total, options, chunk=None, max_new_tokens=8):
     "lengths,chunk_prefill",
     [
         ((150, 146, 143), True),  # generate feeds execution blocks; rows of different events and block counts
+        ((150, 112, 97), True),  # the shorter rows' first forwards are only pads (told from the mask by the hook)
         ((120, 80, 45), False),  # one prompt forward: fixed blocks beyond the bound, events after it (per row)
     ],
 )

@@ -460,10 +460,11 @@ def test_left_padded_prompt_in_several_forwards_equals_the_rows_fed_the_same_tok
     """Forwards that split rows unevenly (generate's prefill chunking of a padded prompt): each row gives what it
     gives alone when fed the same real tokens per forward (execution blocks count each row's real tokens).
 
-    The shorter row has fewer pads than a chunk: a forward made only of pads carries position ids (0) that cannot
-    be told from one real token (``hf_longmem.memory.padding``), which the decoder pre-hook resolves."""
+    The short row is padded by more than two chunks: its first forwards are only pads, whose position ids (0) read
+    as one real token; ``from_model``'s decoder pre-hook tells them apart from the mask. A cache built without it
+    refuses such a forward (``ValueError``), never stores a pad."""
     model = tiny_model("llama_gqa")
-    rows = [random_ids(1, 61, seed=1), random_ids(1, 55, seed=2)]
+    rows = [random_ids(1, 61, seed=1), random_ids(1, 38, seed=2)]
     ids, mask = left_padded(rows)
     cache = infllm(model, **SMALL)
     seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6, prefill_chunk_size=8)
@@ -475,6 +476,10 @@ def test_left_padded_prompt_in_several_forwards_equals_the_rows_fed_the_same_tok
         row_seq, row_logits = greedy(model, row_ids, alone, max_new_tokens=6, prefill_chunk_size=8)
         assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+    enable_longmem_attention(model)
+    unhooked = InfLLMCache(config=model.config, **SMALL)  # no decoder hook: position ids only
+    with pytest.raises(ValueError, match="left padding"):
+        greedy(model, ids, unhooked, attention_mask=mask, pad_token_id=0, max_new_tokens=2, prefill_chunk_size=8)
 
 
 def test_beam_search_on_a_left_padded_batch():
