@@ -78,6 +78,7 @@ from hf_longmem.kernels.decode_attention import decode_attention, merge_attentio
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
+from hf_longmem.memory.output_hook import decoder_module
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.rope import RotaryShift
 
@@ -138,7 +139,7 @@ def attach_padding_hook(model, cache) -> RemovableHandle:
     on ``cache._forward_padding`` (``real`` is ``None`` when no new token is a pad), which :class:`InfLLMLayer` uses
     for the forward that follows. Held weakly: removed when the cache is collected.
     """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    decoder = decoder_module(model)
     cache_ref = weakref.ref(cache)
 
     def hook(module, args, kwargs):
