@@ -516,6 +516,7 @@ class EMLLMCache(LongMemCache):
         self.manual_surprise, self.chunk_prefill = manual_surprise, bool(chunk_prefill)
         self.rotary = rotary_for(type(self).__name__, config, rotary)
         self._hook = None
+        self._padding_hook = None  # attach_padding_hook: pads told from the model's 2-D mask
         self._restore_chunking = None
         self._init_surprise_state()
         options = dict(
@@ -605,7 +606,7 @@ class EMLLMCache(LongMemCache):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if getattr(self, "_padding_hook", None) is not None:
+        if self._padding_hook is not None:
             self._padding_hook.remove()
             self._padding_hook = None
         if self._restore_chunking is not None:
