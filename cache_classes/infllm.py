@@ -338,8 +338,11 @@ class InfLLMLayer(CacheLayerMixin):
         batch, _, num_new, _ = key_states.shape
         position_ids = attn_kwargs.get("position_ids")
         real = self._told_real(batch, num_new)
-        if real is not None:  # pads known from the mask: positions that cannot be mistaken (pads at 1, as generate)
-            position_ids = torch.where(real, self.real_seen[:, None] + real.long().cumsum(1) - 1, 1)
+        if real is not None:  # pads known from the mask: pads at 1 (as generate), never mistaken for a token
+            if position_ids is None:  # the real tokens continue each row's count
+                position_ids = self.real_seen[:, None] + real.long().cumsum(1) - 1
+            # the model's own positions for real tokens (checked against each row's count below)
+            position_ids = torch.where(real, position_ids.to(real.device).expand(batch, num_new), 1)
         positions, padded = positions_and_padding(position_ids, self.real_seen, num_new, batch)
         self.check_batch(batch, padded)
         self.real_seen = self.real_seen + ((positions != PAD_POSITION).sum(1) if padded else num_new)
