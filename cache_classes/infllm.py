@@ -67,6 +67,7 @@ Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -78,7 +79,6 @@ from hf_longmem.kernels.decode_attention import decode_attention, merge_attentio
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
-from hf_longmem.memory.output_hook import decoder_module
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.rope import RotaryShift
 
@@ -130,6 +130,19 @@ def refuse_sliding_layers(cls_name: str, layers, config) -> None:
         )
 
 
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The module of ``model`` that runs the decoder layers with the cache: ``get_decoder()`` when that module takes a
+    cache argument, else ``base_model``, else ``model`` itself (on ModernBERT-decoder ``get_decoder()`` is the LM
+    head's ``Linear``, where a hook would never see a forward that uses the cache)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    for candidate in (get_decoder() if callable(get_decoder) else None, getattr(model, "base_model", None), model):
+        if isinstance(candidate, torch.nn.Module):
+            params = inspect.signature(candidate.forward).parameters
+            if "cache" in params or "past_key_values" in params:
+                return candidate
+    return model
+
+
 def attach_padding_hook(model, cache) -> RemovableHandle:
     """A forward pre-hook on ``model``'s decoder that tells ``cache`` which new tokens of each forward are pads.
 
@@ -139,7 +152,7 @@ def attach_padding_hook(model, cache) -> RemovableHandle:
     on ``cache._forward_padding`` (``real`` is ``None`` when no new token is a pad), which :class:`InfLLMLayer` uses
     for the forward that follows. Held weakly: removed when the cache is collected.
     """
-    decoder = decoder_module(model)
+    decoder = decoder_stack(model)
     cache_ref = weakref.ref(cache)
 
     def hook(module, args, kwargs):

@@ -7,29 +7,11 @@ that uses a given cache to a callback, together with the model's LM head to proj
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Callable
 
 import torch
 from torch.utils.hooks import RemovableHandle
-
-
-def decoder_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of ``model`` that runs the decoder layers with the cache: ``get_decoder()`` when that module takes a
-    cache argument, else ``base_model``, else ``model`` itself.
-
-    ``get_decoder()`` is not always the decoder stack: on ModernBERT-decoder it returns the LM head's ``Linear``
-    (named ``decoder`` there), where a hook would never see a forward that uses the cache.
-    """
-    get_decoder = getattr(model, "get_decoder", None)
-    candidates = [get_decoder() if callable(get_decoder) else None, getattr(model, "base_model", None), model]
-    for candidate in candidates:
-        if isinstance(candidate, torch.nn.Module):
-            params = inspect.signature(candidate.forward).parameters
-            if "cache" in params or "past_key_values" in params:
-                return candidate
-    return model
 
 
 def attach_output_hook(
@@ -38,7 +20,7 @@ def attach_output_hook(
     """Calls ``callback(cache, input_ids, hidden, lm_head)`` after every decoder forward that uses ``cache``.
 
     Args:
-        model: a causal LM (its decoder, :func:`decoder_module`, and ``get_output_embeddings()``).
+        model: a causal LM (``get_decoder()``/``base_model`` and ``get_output_embeddings()``).
         cache: the cache whose forwards are observed (held weakly: the hook is removed when it is collected).
         callback: receives ``input_ids`` ``[batch, q]``, ``hidden`` ``[batch, q, hidden_size]`` and the LM head,
             under ``torch.no_grad()``.
@@ -47,7 +29,7 @@ def attach_output_hook(
     Returns:
         The hook handle (``.remove()`` detaches it).
     """
-    decoder = decoder_module(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise ValueError(f"{method} needs a causal LM with an output embedding (lm_head) to score tokens")

@@ -421,18 +421,18 @@ def test_options_for_budget():
         assert options["n_init"] + options["n_mem"] + options["n_local"] <= budget
 
 
-def test_hooks_sit_on_the_decoder_stack():
-    """The surprise and padding hooks go on the module that takes the cache; ModernBERT-decoder's ``get_decoder()``
-    is its LM head (a ``Linear``), where they would never fire (no surprise: no events, silently)."""
+def test_padding_hook_sits_on_the_decoder_stack():
+    """The padding hook goes on the module that takes the cache; ModernBERT-decoder's ``get_decoder()`` is its LM head
+    (a ``Linear``), where it would never fire."""
     from transformers import ModernBertDecoderConfig, ModernBertDecoderForCausalLM
 
-    from hf_longmem.memory.output_hook import decoder_module
+    from hf_longmem.cache_classes.infllm import decoder_stack
 
     config = ModernBertDecoderConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, cls_token_id=1,
     )
     model = ModernBertDecoderForCausalLM(config)
-    assert isinstance(model.get_decoder(), torch.nn.Linear) and decoder_module(model) is model.model
+    assert isinstance(model.get_decoder(), torch.nn.Linear) and decoder_stack(model) is model.model
     llama = tiny_model("llama_gqa")
-    assert decoder_module(llama) is llama.get_decoder()
+    assert decoder_stack(llama) is llama.get_decoder()
