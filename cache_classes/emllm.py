@@ -46,7 +46,13 @@ Deviations from the official code (em-llm/EM-LLM-model ``context_manager.py``, `
   official code uses the sum of edges inside each side and takes the smaller of the two sides' values.
 * Fixed: a contiguity-buffer block that is also retrieved by similarity is attended once (the official code may
   load it twice).
-* Batch size 1 only, as the official code (events differ per row); a larger batch raises ``ValueError``.
+* Batches (the official code is batch 1): every row has its own surprise history, boundary flags, refinement
+  (on its own keys), events, retrieval budget and contiguity buffer; left-padded rows hold only their real tokens
+  (the window/memory layout of :mod:`.infllm`). A row gives what it gives alone when fed the same real tokens per
+  forward: ``generate``'s prefill chunks split a padded prompt at the padded offsets, so a row whose pads are not a
+  multiple of ``exc_block_size`` gets a first forward shorter than an execution block (as if the row alone was fed
+  that many tokens first). The LM head runs on all rows at once; the per-row segmentation is host logic, a loop
+  over rows once per forward. Beam search reorders every per-row structure (layers, store, segmentation).
 * No disk offload; memory blocks use the CPU store with a device LRU as InfLLM.
 """
 
@@ -59,10 +65,11 @@ import torch
 
 from hf_longmem.memory.block_store import bytes_by_location
 from hf_longmem.memory.output_hook import attach_output_hook
+from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, _check_int, refuse_sliding_layers, rotary_for
+from .infllm import InfLLMCache, InfLLMLayer, _check_int, attach_padding_hook, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -210,8 +217,9 @@ class EMLLMLayer(InfLLMLayer):
     def __init__(self, owner: EMLLMCache, rotary: RotaryShift, layer_idx: int, **options):
         super().__init__(rotary, **options)
         self._owner = weakref.ref(owner)
+        self.padding_source = self._owner  # pads told from the model's mask (attach_padding_hook in attach)
         self.layer_idx = layer_idx
-        self.contiguity: list[int] = []  # the contiguity buffer (block ids, a queue across steps)
+        self.contiguity: list[list[int]] = []  # per row, the contiguity buffer (block ids, a queue across steps)
 
     @property
     def owner(self) -> EMLLMCache:
@@ -220,11 +228,14 @@ class EMLLMLayer(InfLLMLayer):
             raise RuntimeError("EMLLMLayer outlived its EMLLMCache")
         return owner
 
-    def check_batch(self, batch: int) -> None:
-        if batch != 1:
-            raise ValueError(
-                f"EMLLMCache supports batch size 1 (events differ per row; the official code is batch 1), got {batch}"
-            )
+    def update(self, key_states, value_states, *args, **kwargs):
+        """InfLLM's update; also tells the cache which new tokens are real (for the surprise of each row)."""
+        result = super().update(key_states, value_states, *args, **kwargs)
+        positions, padded = self._pending[2], self._pending[3]
+        self.owner._forward_real = (positions != PAD_POSITION) if padded else None
+        return result
+
+    def check_batch(self, batch: int, padded: bool = False) -> None:
         if self.owner._hook is None and not self.owner.manual_surprise:
             raise RuntimeError(
                 "EMLLMCache needs the model's logits to segment events: build it with "
@@ -241,10 +252,13 @@ class EMLLMLayer(InfLLMLayer):
         """
         self.fill_initial()
         owner = self.owner
-        beyond = self.keys.shape[-2] - self.n_local
-        if beyond <= self.exc_block_size + owner.max_block_size:
+        sizes = []
+        for count in self.recent_counts():  # per row (a row of a padded batch may hold fewer tokens)
+            beyond = count - self.n_local
+            blocks = (beyond - self.exc_block_size) // owner.max_block_size
+            sizes.append([owner.max_block_size] * blocks if beyond > self.exc_block_size + owner.max_block_size else [])
+        if not any(sizes):
             return
-        blocks = (beyond - self.exc_block_size) // owner.max_block_size
         if not owner._warned_long_forward:
             owner._warned_long_forward = True
             warnings.warn(
@@ -254,42 +268,74 @@ class EMLLMLayer(InfLLMLayer):
                 "which make_cache('emllm', model) sets as the model's default) to segment them into events.",
                 stacklevel=2,
             )
-        self.form_blocks([owner.max_block_size] * blocks)
+        self.form_row_blocks(sizes)
 
-    def select_blocks(self, memory_query: torch.Tensor) -> list[list[int]] | None:
-        """Similarity blocks until the token budget is filled, plus the contiguity buffer (ascending ids)."""
-        count = self.store.num_blocks(0)
-        if count == 0:
+    def select_blocks(
+        self, memory_query: torch.Tensor, query_real: torch.Tensor | None = None
+    ) -> list[list[int]] | None:
+        """Per row: similarity blocks until the token budget is filled, plus the contiguity buffer (ascending ids).
+
+        Each row has its own blocks, budget (its remainder and initial tokens), contiguity buffer and mean query
+        (over its real queries, ``query_real [b, c]``); the representatives of all rows are scored in one
+        :meth:`~hf_longmem.memory.block_store.BlockStore.topk` call, the budget walk is host logic per row.
+        """
+        counts = self.store.num_blocks() if self.store.batch_size else []
+        if not counts or max(counts) == 0:
             return None
         owner = self.owner
-        remainder = max(0, self.keys.shape[-2] + memory_query.shape[2] - self.n_local)
-        budget = owner.n_init + self.exc_block_size + owner.n_mem - remainder - self.init_keys.shape[-2]
-        contiguity_cap = 0
-        if owner.use_contiguity_buffer:
-            ratio = owner.contiguity_buffer_size
-            contiguity_cap = int(ratio * budget + 1) if ratio < 1 else int(ratio)
-        cap = budget - contiguity_cap
-        sizes = self.store.block_sizes_tensor(0, "cpu")  # host: the selection below is host logic
-        if int(sizes.sum()) <= cap:
-            return [list(range(count))]
-        query_mean = memory_query.float().mean(dim=2)  # [1, H, d]
-        k = min(count, max(cap, 0) // max(int(sizes.min()), 1) + 1)
-        order = self.store.topk(query_mean, k, backend=self.kernel_backend)[0].cpu()  # where the reprs live
-        chosen = sizes[order]
-        total = chosen.cumsum(0)
-        full = int((total < cap).sum())
-        if full < k and abs(cap - int(total[full] - chosen[full])) > abs(int(total[full]) - cap):
-            full += 1  # the block crossing the budget, when that lands closer to it (official)
-        similar = order[:full].tolist()
-        if owner.use_contiguity_buffer:
-            self._update_contiguity(similar, contiguity_cap)
-            taken = set(similar)
-            similar = [b for b in self.contiguity if b not in taken] + similar
-        return [sorted(similar)] if similar else None
+        batch, _, num_q, _ = memory_query.shape
+        while len(self.contiguity) < batch:
+            self.contiguity.append([])
+        recent, initial = self.recent_counts(), self.init_counts()
+        queries = query_real.sum(1).tolist() if query_real is not None else [num_q] * batch
+        plans: list = []
+        for row in range(batch):  # host logic per row (sizes are host lists)
+            count = counts[row]
+            if count == 0:
+                plans.append(None)
+                continue
+            remainder = max(0, recent[row] + queries[row] - self.n_local)
+            budget = owner.n_init + self.exc_block_size + owner.n_mem - remainder - initial[row]
+            contiguity_cap = 0
+            if owner.use_contiguity_buffer:
+                ratio = owner.contiguity_buffer_size
+                contiguity_cap = int(ratio * budget + 1) if ratio < 1 else int(ratio)
+            cap = budget - contiguity_cap
+            sizes = self.store.block_sizes_tensor(row, "cpu")  # host: the selection below is host logic
+            if int(sizes.sum()) <= cap:
+                plans.append(count)
+                continue
+            plans.append((cap, contiguity_cap, sizes, min(count, max(cap, 0) // max(int(sizes.min()), 1) + 1)))
+        ranked = [plan for plan in plans if isinstance(plan, tuple)]
+        orders = None
+        if ranked:
+            query_mean = self.mean_query(memory_query, query_real)  # [b, H, d]
+            k_most = max(plan[3] for plan in ranked)
+            orders = self.store.topk(query_mean, k_most, backend=self.kernel_backend).cpu()  # where the reprs live
+        selected: list[list[int]] = []
+        for row, plan in enumerate(plans):
+            if plan is None or isinstance(plan, int):
+                selected.append([] if plan is None else list(range(plan)))
+                continue
+            cap, contiguity_cap, sizes, k = plan
+            order = orders[row, :k]
+            chosen = sizes[order]
+            total = chosen.cumsum(0)
+            full = int((total < cap).sum())
+            if full < k and abs(cap - int(total[full] - chosen[full])) > abs(int(total[full]) - cap):
+                full += 1  # the block crossing the budget, when that lands closer to it (official)
+            similar = order[:full].tolist()
+            if owner.use_contiguity_buffer:
+                self._update_contiguity(similar, contiguity_cap, row)
+                taken = set(similar)
+                similar = [b for b in self.contiguity[row] if b not in taken] + similar
+            selected.append(sorted(similar))
+        return selected if any(selected) else None
 
-    def _update_contiguity(self, similar: list[int], cap: int) -> None:
-        """The +-1 neighbours of the retrieved blocks, queued across steps (official ``_update_contiguity_buffer``)."""
-        sizes = self.store.block_sizes(0)
+    def _update_contiguity(self, similar: list[int], cap: int, row: int = 0) -> None:
+        """The +-1 neighbours of ``row``'s retrieved blocks, queued across steps (official
+        ``_update_contiguity_buffer``)."""
+        sizes = self.store.block_sizes(row)
         count, taken = len(sizes), set(similar)
         new, filled, total = [], False, 0
         for block in similar:  # loop over retrieved blocks
@@ -309,21 +355,28 @@ class EMLLMLayer(InfLLMLayer):
         new.reverse()
         if not new:
             return
-        if not self.contiguity or filled:
-            self.contiguity = new
-        elif sum(sizes[b] for b in self.contiguity if b < count) + total < cap:
-            self.contiguity = self.contiguity + new
+        buffer = self.contiguity[row]
+        if not buffer or filled:
+            buffer = new
+        elif sum(sizes[b] for b in buffer if b < count) + total < cap:
+            buffer = buffer + new
         else:
-            past, self.contiguity = list(reversed(self.contiguity)), new
+            past, buffer = list(reversed(buffer)), new
             for block in past:
                 if block in new or block in taken or not 0 <= block < count:
                     continue
-                self.contiguity.insert(0, block)
+                buffer.insert(0, block)
                 before, total = total, total + sizes[block]
                 if total >= cap:
                     if abs(cap - before) <= abs(total - cap):
-                        self.contiguity.pop(0)
+                        buffer.pop(0)
                     break
+        self.contiguity[row] = buffer
+
+    def _map_rows(self, fn, index) -> None:
+        super()._map_rows(fn, index)
+        if self.contiguity:  # per-row contiguity buffers follow their rows
+            self.contiguity = [list(self.contiguity[i]) for i in index.tolist()]
 
     def reset(self) -> None:
         super().reset()
@@ -463,6 +516,7 @@ class EMLLMCache(LongMemCache):
         self.manual_surprise, self.chunk_prefill = manual_surprise, bool(chunk_prefill)
         self.rotary = rotary_for(type(self).__name__, config, rotary)
         self._hook = None
+        self._padding_hook = None  # attach_padding_hook: pads told from the model's 2-D mask
         self._restore_chunking = None
         self._init_surprise_state()
         options = dict(
@@ -481,12 +535,26 @@ class EMLLMCache(LongMemCache):
         refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     def _init_surprise_state(self) -> None:
-        self._known = 0  # tokens whose surprise is known (positions 0.._known-1)
-        self._history = torch.zeros(0)  # surprise of the last <= n_local known tokens (threshold statistics)
-        self._flags = torch.zeros(0, dtype=torch.bool)  # boundary flags of known tokens from _flags_start on
-        self._flags_start = 0
-        self._last_logits: torch.Tensor | None = None  # [vocab] of the last token seen (its next id unknown)
+        # per row of the batch (lists sized at the first forward, see _ensure_rows)
+        self._known: list[int] = []  # real tokens whose surprise is known (positions 0.._known-1)
+        self._history: list[torch.Tensor] = []  # surprise of the last <= n_local known tokens (threshold statistics)
+        self._flags: list[torch.Tensor] = []  # boundary flags of known tokens from _flags_start on
+        self._flags_start: list[int] = []
+        self._last_logits: list[torch.Tensor | None] = []  # [vocab] of the row's last token (its next id unknown)
+        self._forward_real: torch.Tensor | None = None  # [b, q] real tokens of the current forward (None: all)
         self._warned_long_forward = False
+
+    def _ensure_rows(self, batch: int) -> None:
+        """Per-row segmentation state for ``batch`` rows (created at the first forward)."""
+        if len(self._known) == batch:
+            return
+        if any(self._known):
+            raise ValueError(f"EMLLMCache holds {len(self._known)} rows, got a forward of {batch}")
+        self._known = [0] * batch
+        self._history = [torch.zeros(0) for _ in range(batch)]
+        self._flags = [torch.zeros(0, dtype=torch.bool) for _ in range(batch)]
+        self._flags_start = [0] * batch
+        self._last_logits = [None] * batch
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
@@ -523,6 +591,7 @@ class EMLLMCache(LongMemCache):
         """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
         self.close()
         self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
+        self._padding_hook = attach_padding_hook(model, self)
         generation_config = getattr(model, "generation_config", None)
         entry = (
             _acquire_prefill_chunking(generation_config, self.exc_block_size)
@@ -537,56 +606,80 @@ class EMLLMCache(LongMemCache):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._padding_hook is not None:
+            self._padding_hook.remove()
+            self._padding_hook = None
         if self._restore_chunking is not None:
             self._restore_chunking()  # a finalizer runs once: calling it now releases this cache's share
         self._restore_chunking = None
 
     def observe(self, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
-        """Surprise of the tokens whose next token is now known, from ``hidden`` ``[1, q, hidden]``, then events."""
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"EMLLMCache supports batch size 1, got {input_ids.shape[0]}")
-        ids = input_ids[0].to(hidden.device)
-        values = []
-        if self._last_logits is not None:  # the previous forward's last token, now that its next token is known
-            values.append((torch.logsumexp(self._last_logits, -1) - self._last_logits[ids[0]]).reshape(1))
-        for start in range(0, ids.shape[0] - 1, self.exc_block_size):  # LM head in chunks of queries
-            stop = min(start + self.exc_block_size, ids.shape[0] - 1)
-            logits = lm_head(hidden[0, start:stop]).float()
-            picked = logits.gather(-1, ids[start + 1 : stop + 1, None]).squeeze(-1)
-            values.append(torch.logsumexp(logits, dim=-1) - picked)
-        self._last_logits = lm_head(hidden[0, -1:]).float()[0]
-        if values:
-            self.record_surprise(torch.cat(values))
-        else:
-            self.form_events()
+        """Surprise of each row's tokens whose next token is now known, from ``hidden`` ``[b, q, hidden]``, then
+        events.
+
+        The LM head runs on all rows at once (chunks of ``exc_block_size`` queries); a row's real tokens are the
+        last ones of the forward (left padding), its pads are not scored. The threshold statistics, refinement and
+        event cuts are per row (host logic, a loop over rows once per forward).
+        """
+        batch, num_new = input_ids.shape
+        self._ensure_rows(batch)
+        real = self._forward_real
+        self._forward_real = None
+        counts = real.sum(1).tolist() if real is not None and real.shape == input_ids.shape else [num_new] * batch
+        ids = input_ids.to(hidden.device)
+        parts = []
+        for start in range(0, num_new - 1, self.exc_block_size):  # LM head in chunks of queries, every row
+            stop = min(start + self.exc_block_size, num_new - 1)
+            logits = lm_head(hidden[:, start:stop]).float()  # [b, c, vocab]
+            picked = logits.gather(-1, ids[:, start + 1 : stop + 1, None]).squeeze(-1)
+            parts.append(torch.logsumexp(logits, dim=-1) - picked)
+        surprise = torch.cat(parts, dim=1) if parts else hidden.new_zeros(batch, 0, dtype=torch.float32)  # [b, q - 1]
+        last = lm_head(hidden[:, -1:]).float()[:, 0]  # [b, vocab]
+        for row in range(batch):  # per-row segmentation (host logic, once per forward)
+            count = counts[row]
+            if count == 0:
+                continue
+            values = []
+            previous = self._last_logits[row]
+            if previous is not None:  # the row's last token, now that its next token is known
+                values.append((torch.logsumexp(previous, -1) - previous[ids[row, num_new - count]]).reshape(1))
+            values.append(surprise[row, num_new - count :])
+            self._last_logits[row] = last[row]
+            self.record_surprise(torch.cat(values), row=row, form=False)
+        self.form_events()
 
     # ----------------------------------------------------------------------------------------- segmentation
-    def record_surprise(self, surprise: torch.Tensor) -> None:
-        """Surprise ``[n]`` of the next ``n`` tokens (positions ``known..known+n-1``): boundaries, then events."""
+    def record_surprise(self, surprise: torch.Tensor, row: int = 0, form: bool = True) -> None:
+        """Surprise ``[n]`` of ``row``'s next ``n`` tokens (positions ``known..known+n-1``): boundaries, then events
+        (of every row, unless ``form=False``)."""
+        layers = self._em_layers()
+        self._ensure_rows(layers[0].keys.shape[0] if layers else max(1, len(self._known)))
         surprise = surprise.detach().float().flatten().cpu()
-        start = self._known
+        start = self._known[row]
         flags = []
         for begin in range(0, surprise.numel(), self.exc_block_size):  # statistics per execution block
             group = surprise[begin : begin + self.exc_block_size]
-            flags.append(surprise_boundaries(group, self._history, self.surprise_gamma))
-            self._history = torch.cat((self._history, group))[-self.n_local :]
+            flags.append(surprise_boundaries(group, self._history[row], self.surprise_gamma))
+            self._history[row] = torch.cat((self._history[row], group))[-self.n_local :]
         new_flags = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
-        self._known += surprise.numel()
-        self._flags = torch.cat((self._flags, new_flags))
+        self._known[row] += surprise.numel()
+        self._flags[row] = torch.cat((self._flags[row], new_flags))
         if self.similarity_refinement and bool(new_flags.any()):
-            self._refine(start)
-        self.form_events()
+            self._refine(start, row)
+        if form:
+            self.form_events()
 
     def _em_layers(self) -> list[EMLLMLayer]:
         return [layer for layer in self.layers if isinstance(layer, EMLLMLayer) and layer.is_initialized]
 
-    def _refine(self, first_new: int) -> None:
-        """Refines the boundaries of the tokens from ``first_new`` on, in the context of the event they continue."""
+    def _refine(self, first_new: int, row: int = 0) -> None:
+        """Refines ``row``'s boundaries of the tokens from ``first_new`` on, in the context of the event they
+        continue."""
         layers = self._em_layers()
         if not layers:
             return
-        offset, flags, end = self._flags_start, self._flags, self._known
-        recent_start = int(layers[0].positions[0, 0])
+        offset, flags, end = self._flags_start[row], self._flags[row], self._known[row]
+        recent_start = int(layers[0].positions[row, layers[0].first_slot(row)])
         first = max(first_new, recent_start)  # tokens before it already went to blocks (a long forward)
         low = max(recent_start, offset, first - self.max_block_size)
         earlier = torch.nonzero(flags[low - offset : first - offset]).flatten()
@@ -600,14 +693,15 @@ class EMLLMCache(LongMemCache):
         flags[first_new - offset : end - offset] = False
         if not kept:
             return
-        adjacency = self.similarity_graph(context, end)
+        adjacency = self.similarity_graph(context, end, row)
         refined = refine_boundaries(
             kept, adjacency, self.min_block_size, self.similarity_metric, first_movable=first - context
         )
         flags[torch.tensor(refined, dtype=torch.long) + (context - offset)] = True
 
-    def similarity_graph(self, start: int, stop: int) -> torch.Tensor:
-        """``[T, T]`` float32 ``sum_{layers >= refine_from_layer} sum_{kv heads} K K^T`` of positions ``[start, stop)``.
+    def similarity_graph(self, start: int, stop: int, row: int = 0) -> torch.Tensor:
+        """``[T, T]`` float32 ``sum_{layers >= refine_from_layer} sum_{kv heads} K K^T`` of ``row``'s positions
+        ``[start, stop)``.
 
         Keys are taken at position 0 (unrotated), as the official code's pre-RoPE keys.
         """
@@ -618,38 +712,48 @@ class EMLLMCache(LongMemCache):
         chosen = [layer for layer in layers if layer.layer_idx >= first] or layers[-1:]
         adjacency = None
         for layer in chosen:  # loop over layers
-            offset = int(layer.positions[0, 0])
-            keys = layer.keys[:, :, start - offset : stop - offset]
-            keys = layer.unrotate(keys, layer.positions[:, start - offset : stop - offset]).float()[0]
+            first_slot = layer.first_slot(row)
+            offset = int(layer.positions[row, first_slot])
+            begin, end = first_slot + start - offset, first_slot + stop - offset
+            keys = layer.keys[row : row + 1, :, begin:end]
+            keys = layer.unrotate(keys, layer.positions[row : row + 1, begin:end]).float()[0]
             part = torch.einsum("htd,hsd->ts", keys, keys)
             adjacency = part if adjacency is None else adjacency + part
         return adjacency.cpu()
 
     def form_events(self) -> None:
-        """Cuts the tokens that left every layer's window into event blocks (shared by all layers)."""
+        """Cuts the tokens that left every layer's window into event blocks, per row (shared by all layers)."""
         layers = self._em_layers()
         if not layers:
             return
         layer = layers[0]
-        recent = layer.keys.shape[-2]
-        if recent == 0:
-            return
-        recent_start = int(layer.positions[0, 0])
-        if recent_start > self._flags_start:  # tokens that went to the initial tokens
-            self._flags = self._flags[recent_start - self._flags_start :]
-            self._flags_start = recent_start
-        region = recent - self.n_local
-        if region < self.min_block_size:
-            return
-        region = min(region, self._known - recent_start)  # boundaries are decided for these
-        sizes = event_sizes(self._flags[:region], self.min_block_size, self.max_block_size)
-        if not sizes:
+        batch = layer.keys.shape[0]
+        self._ensure_rows(batch)
+        counts = layer.recent_counts()
+        all_sizes: list[list[int]] = []
+        for row in range(batch):  # host logic per row (the boundary flags are host tensors)
+            recent = counts[row]
+            if recent == 0:
+                all_sizes.append([])
+                continue
+            recent_start = int(layer.positions[row, layer.keys.shape[-2] - recent])
+            if recent_start > self._flags_start[row]:  # tokens that went to the initial tokens
+                self._flags[row] = self._flags[row][recent_start - self._flags_start[row] :]
+                self._flags_start[row] = recent_start
+            region = recent - self.n_local
+            if region < self.min_block_size:
+                all_sizes.append([])
+                continue
+            region = min(region, self._known[row] - recent_start)  # boundaries are decided for these
+            all_sizes.append(event_sizes(self._flags[row][:region], self.min_block_size, self.max_block_size))
+        if not any(all_sizes):
             return
         for em_layer in layers:  # loop over layers
-            em_layer.form_blocks(sizes)
-        formed = sum(sizes)
-        self._flags = self._flags[formed:]
-        self._flags_start += formed
+            em_layer.form_row_blocks(all_sizes)
+        for row, sizes in enumerate(all_sizes):
+            formed = sum(sizes)
+            self._flags[row] = self._flags[row][formed:]
+            self._flags_start[row] += formed
 
     # ------------------------------------------------------------------------------------------ cache API
     def reset(self):
@@ -663,7 +767,7 @@ class EMLLMCache(LongMemCache):
         parts = InfLLMCache.memory_parts(self)
         device = next((layer.device for layer in self.layers if getattr(layer, "device", None) is not None), None)
         on_accelerator = device is not None and device.type != "cpu"
-        for name, tensors in (("segmentation", (self._history, self._flags)), ("last_logits", (self._last_logits,))):
+        for name, tensors in (("segmentation", (*self._history, *self._flags)), ("last_logits", tuple(self._last_logits))):
             host = all(t is None or t.device.type == "cpu" for t in tensors)
             parts[name] = ("offloaded" if host and on_accelerator else "resident", sum(map(_tensor_bytes, tensors)))
         return parts
@@ -675,9 +779,29 @@ class EMLLMCache(LongMemCache):
     def memory_bytes(self) -> int:
         return sum(self.memory_breakdown().values())
 
+    # -------------------------------------------------------------------------- rows (beams, batch selection)
+    def _reindex_rows(self, index: list[int]) -> None:
+        """Rows ``index`` become the rows of the per-row segmentation state (copies: boundary flags are edited in
+        place by the refinement, so beams that share a past must not share a tensor)."""
+        if not self._known:
+            return
+        self._known = [self._known[i] for i in index]
+        self._history = [self._history[i].clone() for i in index]
+        self._flags = [self._flags[i].clone() for i in index]
+        self._flags_start = [self._flags_start[i] for i in index]
+        self._last_logits = [self._last_logits[i] for i in index]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._reindex_rows(beam_idx.tolist())
+
     def batch_repeat_interleave(self, repeats: int):
-        if repeats != 1:
-            raise ValueError("EMLLMCache supports batch size 1 (no beam search or num_return_sequences > 1)")
+        super().batch_repeat_interleave(repeats)
+        self._reindex_rows([row for row in range(len(self._known)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._reindex_rows(torch.arange(len(self._known))[indices.cpu()].tolist())
 
 
 __all__ = [

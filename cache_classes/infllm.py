@@ -48,9 +48,16 @@ Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
   remainder, so the remainder tokens that are also in an early query's window are counted twice (once at their true
   position, once at the constant distance). Here each query sees the remainder tokens outside its own window only.
 * Block scores and representatives are computed in float32 (the official code uses the model dtype).
-* Batches: rows of equal length are supported (the official code is effectively batch 1); each row retrieves its
-  own blocks. Left-padded batches are refused with a ``ValueError`` (padding would shift the block boundaries of
-  a row relative to its batch-1 run).
+* Batches (the official code is effectively batch 1): every row keeps its own initial tokens, blocks,
+  representatives, window and retrievals, and left-padded batches are supported: pads are never stored nor
+  attended, and a forward's execution blocks are counted from each row's first real token, so a row gives what
+  it gives alone when fed the same real tokens per forward (one prefill forward, as ``generate`` does by default,
+  and decoding). Rows differ in length: the window and initial tokens are right-aligned ``[b, ..., R]`` tensors
+  whose empty slots carry ``PAD_POSITION``, masks are built from positions, and the memory part is laid out per
+  row with one stable sort (:meth:`InfLLMLayer._memory_states_per_row`); blocks are formed per group of rows with
+  the same block sizes. Beam search reorders every per-row structure, block store included. Pads are told from the
+  model's 2-D attention mask by a decoder pre-hook (:func:`attach_padding_hook`, attached by ``from_model``), since
+  a forward made only of pads carries position ids that read as a real token.
 * Only the default ``cache_strategy="lru"`` is implemented (not ``"lru-s"``), and no faiss index.
 * Model attention features (:mod:`hf_longmem.memory.attention_features`): the logit softcap (Gemma-2) applies to
   local and memory logits, attention sinks (GPT-OSS) join the merged softmax; a layer whose attention has a sliding
@@ -60,7 +67,11 @@ Deviations from the official code (thunlp/InfLLM ``context_manager.py``):
 
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
@@ -68,7 +79,7 @@ from hf_longmem.kernels.decode_attention import decode_attention, merge_attentio
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
-from hf_longmem.memory.padding import PAD_POSITION, new_token_positions
+from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.rope import RotaryShift
 
 from .base import LongMemCache, _tensor_bytes
@@ -76,10 +87,6 @@ from .base import LongMemCache, _tensor_bytes
 NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
     "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
-)
-LEFT_PADDING_MESSAGE = (
-    "{name} supports batches of equal-length rows only: this batch is left-padded (a padded row would form "
-    "memory blocks at other boundaries than the row alone). Run padded prompts one at a time."
 )
 
 
@@ -121,6 +128,51 @@ def refuse_sliding_layers(cls_name: str, layers, config) -> None:
             f"unsupported model: {cls_name} does not apply a sliding window (layers {sliding} of this "
             f"{getattr(text_config, 'model_type', 'model')} use sliding-window attention)"
         )
+
+
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The module of ``model`` that runs the decoder layers with the cache: ``get_decoder()`` when that module takes a
+    cache argument, else ``base_model``, else ``model`` itself (on ModernBERT-decoder ``get_decoder()`` is the LM
+    head's ``Linear``, where a hook would never see a forward that uses the cache)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    for candidate in (get_decoder() if callable(get_decoder) else None, getattr(model, "base_model", None), model):
+        if isinstance(candidate, torch.nn.Module):
+            params = inspect.signature(candidate.forward).parameters
+            if "cache" in params or "past_key_values" in params:
+                return candidate
+    return model
+
+
+def attach_padding_hook(model, cache) -> RemovableHandle:
+    """A forward pre-hook on ``model``'s decoder that tells ``cache`` which new tokens of each forward are pads.
+
+    Position ids alone cannot always tell: transformers fills the positions of pads with 0, so a forward made only of
+    pads for some row (``generate``'s prefill chunks of a row padded by more than a chunk) reads as one real token at
+    position 0. The decoder receives the 2-D ``attention_mask``; the hook keeps ``(tokens seen, real [b, q] bool)``
+    on ``cache._forward_padding`` (``real`` is ``None`` when no new token is a pad), which :class:`InfLLMLayer` uses
+    for the forward that follows. Held weakly: removed when the cache is collected.
+    """
+    decoder = decoder_stack(model)
+    cache_ref = weakref.ref(cache)
+
+    def hook(module, args, kwargs):
+        observed = cache_ref()
+        if observed is None or kwargs.get("cache", kwargs.get("past_key_values")) is not observed:
+            return None
+        mask = kwargs.get("attention_mask")
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        real = None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and inputs is not None and mask.shape[-1] >= inputs.shape[1]:
+            new = mask[:, -inputs.shape[1] :] != 0  # [b, q]
+            real = None if bool(new.all()) else new
+        observed._forward_padding = (observed.get_seq_length(), real)
+        return None
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    weakref.finalize(cache, handle.remove)
+    return handle
 
 
 def block_representatives(
@@ -181,16 +233,50 @@ def _row_union(selected: list) -> list[list[int]]:
     return [sorted({block for ids in heads for block in ids}) for heads in selected]
 
 
+def _right_align(keep: torch.Tensor) -> torch.Tensor:
+    """Slots to gather so that the kept slots of every unit are right-aligned, in order.
+
+    Args:
+        keep: ``[units, n]`` bool.
+
+    Returns:
+        ``index [units, m]`` int64 (``m`` = the most slots any unit keeps): the dropped slots of a unit that keeps
+        fewer come first (gather ``keep`` with it to know which), then its kept slots in their original order.
+    """
+    width = int(keep.sum(1).max()) if keep.numel() else 0
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # dropped (0) first, stable
+    return order[:, keep.shape[1] - width :]
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor [units, h, n, ...]`` (or ``[units, n]``) gathered on the slot axis with ``index [units, m]``."""
+    if tensor.dim() == 2:
+        return tensor.gather(1, index)
+    shape = list(tensor.shape)
+    shape[2] = index.shape[1]
+    expanded = index.view(index.shape[0], 1, index.shape[1], *([1] * (tensor.dim() - 3))).expand(shape)
+    return tensor.gather(2, expanded)
+
+
 class InfLLMLayer(CacheLayerMixin):
     """One attention layer of an :class:`InfLLMCache`.
 
-    State (``b`` rows of equal length):
+    State (per row of the batch; rows may hold different numbers of tokens in every part):
 
-    * ``keys``/``values``: ``[b, kv_heads, R, d]`` post-RoPE states of the ``R`` most recent tokens not yet in
-      memory (the local window plus the remainder), ``positions`` ``[b, R]`` their positions and
-      ``local_scores`` ``[b, q_heads, R]`` float32 the window attention each received (representative scores);
-    * ``init_keys``/``init_values``: ``[b, kv_heads, <= n_init, d]`` the initial tokens, unrotated;
-    * ``store``: the memory blocks (unrotated keys) and their representatives.
+    * ``keys``/``values``: ``[b, kv_heads, R, d]`` post-RoPE states of the most recent tokens not yet in
+      memory (the local window plus the remainder), right-aligned: row ``r`` holds ``R_r <= R`` tokens in its last
+      ``R_r`` slots, the slots before are empty (``positions == PAD_POSITION``); ``positions`` ``[b, R]`` their
+      positions and ``local_scores`` ``[b, q_heads, R]`` float32 the window attention each received
+      (representative scores);
+    * ``init_keys``/``init_values``: ``[b, kv_heads, I, d]`` the initial tokens, unrotated, right-aligned likewise
+      with ``init_valid`` ``[b, I]`` bool (``None`` when every row holds ``I``);
+    * ``store``: the memory blocks (unrotated keys) and their representatives, per row.
+
+    Left-padded batches: pads are never stored nor attended. A forward's real tokens of each row are processed in
+    execution blocks counted from the row's first real token of the forward (the forward is rearranged with every
+    row's real tokens first, then pads), so a row forms its initial tokens, blocks and retrievals exactly as it does
+    alone when it is fed the same real tokens per forward (``generate``'s one prefill forward and its decoding
+    steps). Masks are built from the stored positions; nothing loops over tokens or heads.
     """
 
     is_sliding = False
@@ -228,8 +314,12 @@ class InfLLMLayer(CacheLayerMixin):
         self.init_keys: torch.Tensor | None = None
         self.init_values: torch.Tensor | None = None
         self.real_seen: torch.Tensor | None = None
+        self.init_valid: torch.Tensor | None = None
         self.store: BlockStore | None = None
         self._pending = None
+        self._state_pads = False
+        #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
+        self.padding_source: weakref.ref | None = None  # whether some row of keys/values holds fewer tokens than the others
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -238,6 +328,8 @@ class InfLLMLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(batch, kv_heads, 0, dim)
         self.values = value_states.new_zeros(batch, kv_heads, 0, value_states.shape[-1])
         self.init_keys, self.init_values = self.keys.clone(), self.values.clone()
+        self.init_valid = None
+        self._state_pads = False
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -257,28 +349,44 @@ class InfLLMLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
-        positions = new_token_positions(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
-        if bool((positions == PAD_POSITION).any()):
-            raise ValueError(LEFT_PADDING_MESSAGE.format(name=name))
-        self.check_batch(batch)
-        self.real_seen = self.real_seen + num_new
+        position_ids = attn_kwargs.get("position_ids")
+        real = self._told_real(batch, num_new)
+        if real is not None:  # pads known from the mask: pads at 1 (as generate), never mistaken for a token
+            if position_ids is None:  # the real tokens continue each row's count
+                position_ids = self.real_seen[:, None] + real.long().cumsum(1) - 1
+            # the model's own positions for real tokens (checked against each row's count below)
+            position_ids = torch.where(real, position_ids.to(real.device).expand(batch, num_new), 1)
+        positions, padded = positions_and_padding(position_ids, self.real_seen, num_new, batch)
+        self.check_batch(batch, padded)
+        self.real_seen = self.real_seen + ((positions != PAD_POSITION).sum(1) if padded else num_new)
         self.cumulative_length += num_new
-        self._pending = (key_states, value_states, positions)
+        self._pending = (key_states, value_states, positions, padded)
         attn_kwargs[LAYER_KWARG] = self
         return key_states, value_states
 
-    def check_batch(self, batch: int) -> None:
-        """Hook for methods with batch limits (EM-LLM)."""
+    def _told_real(self, batch: int, num_new: int) -> torch.Tensor | None:
+        """``[b, q]`` bool real new tokens from the model's mask (:func:`attach_padding_hook`), when this forward has
+        pads and the hook saw it; ``None`` otherwise (the position ids decide)."""
+        cache = self.padding_source() if self.padding_source is not None else None
+        told = getattr(cache, "_forward_padding", None)
+        if told is None or told[0] != self.cumulative_length or told[1] is None or told[1].shape != (batch, num_new):
+            return None
+        return told[1].to(self.device)
+
+    def check_batch(self, batch: int, padded: bool = False) -> None:
+        """Hook for methods with batch limits (EM-LLM); ``padded``: some new token is a pad."""
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
     def get_stored_length(self) -> int:
-        """Tokens held: recent + initial + memory blocks (of row 0)."""
+        """Tokens held: recent + initial + memory blocks (the most of any row)."""
         if not self.is_initialized:
             return 0
-        memory = sum(self.store.block_sizes(0)) if self.store.batch_size else 0
-        return self.keys.shape[-2] + self.init_keys.shape[-2] + memory
+        recent = (self.positions != PAD_POSITION).sum(1)
+        initial = self.init_valid.sum(1) if self.init_valid is not None else torch.full_like(recent, self.init_keys.shape[-2])
+        memory = [sum(self.store.block_sizes(row)) for row in range(self.store.batch_size)] or [0] * recent.shape[0]
+        return int((recent + initial + torch.tensor(memory, device=recent.device)).max())
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # attend() builds its own masks; a [q, q] causal mask is all transformers needs to build
@@ -295,16 +403,24 @@ class InfLLMLayer(CacheLayerMixin):
         """
         if self._pending is None:
             raise RuntimeError(f"{type(self).__name__}.attend called without a preceding update()")
-        new_keys, new_values, positions = self._pending
+        new_keys, new_values, positions, padded = self._pending
         self._pending = None
         features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
         # the window + memory replace the model's attention span, and probabilities are merged by log-sum-exp
         features.refuse(type(self).__name__, module, sliding_window=True, dropout=True)
         if self.local_scores is None:
             self.local_scores = torch.zeros(query.shape[0], query.shape[1], 0, device=self.device)
+        real_counts = None
+        if padded:  # every row's real tokens first (in order), then its pads: execution blocks count real tokens
+            is_real = positions != PAD_POSITION
+            order = torch.sort((~is_real).to(torch.int8), dim=1, stable=True).indices  # [b, q]
+            query, new_keys, new_values = _take(query, order), _take(new_keys, order), _take(new_values, order)
+            positions = positions.gather(1, order)
+            real_counts = is_real.sum(1).tolist()
         outputs = []
         for start in range(0, query.shape[-2], self.exc_block_size):  # execution blocks of queries
             stop = min(start + self.exc_block_size, query.shape[-2])
+            chunk_pads = real_counts is not None and min(real_counts) < stop
             outputs.append(
                 self._attend_chunk(
                     query[:, :, start:stop],
@@ -312,15 +428,21 @@ class InfLLMLayer(CacheLayerMixin):
                     new_values[:, :, start:stop],
                     positions[:, start:stop],
                     features,
+                    chunk_pads,
                 )
             )
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        if padded:  # back to the forward's order (pad queries get zeros)
+            output = torch.empty_like(output).scatter_(2, order[:, None, :, None].expand_as(output), output)
         return output.transpose(1, 2).contiguous(), None
 
-    def _attend_chunk(self, query, keys, values, positions, features: AttentionFeatures) -> torch.Tensor:
+    def _attend_chunk(
+        self, query, keys, values, positions, features: AttentionFeatures, chunk_pads: bool = False
+    ) -> torch.Tensor:
         """One execution block: ``query [b, H, c, d]``, new ``keys``/``values`` ``[b, Hkv, c, d]``, ``positions [b, c]``.
 
-        The model's logit softcap applies to the local and memory logits alike (before the masks), its attention
+        With ``chunk_pads`` some rows have fewer than ``c`` real queries: their real ones come first, then pads
+        (``PAD_POSITION``), which are not stored, see nothing and get zeros. The model's logit softcap applies to the local and memory logits alike (before the masks), its attention
         sinks join the merged softmax (:meth:`AttentionFeatures.add_sinks`), as in its eager attention.
 
         Returns ``[b, H, c, dv]``.
@@ -336,8 +458,9 @@ class InfLLMLayer(CacheLayerMixin):
             or self.init_keys.shape[-2] > 0
             or self.keys.shape[-2] + num_q > self.n_local
         )
+        query_real = (positions != PAD_POSITION) if chunk_pads else None  # [b, c]
         memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
-        selected = self.select_blocks(memory_query) if has_memory else None
+        selected = self.select_blocks(memory_query, query_real) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
 
@@ -345,25 +468,41 @@ class InfLLMLayer(CacheLayerMixin):
         self.values = torch.cat((self.values, values), dim=-2)
         self.positions = torch.cat((self.positions, positions), dim=-1)
         self.local_scores = torch.cat((self.local_scores, self.local_scores.new_zeros(batch, q_heads, num_q)), dim=-1)
+        if chunk_pads:  # the pads of the chunk are not stored: right-align every row's tokens again
+            self._keep_recent(self.positions != PAD_POSITION)
+        general = chunk_pads or self._state_pads or self.init_valid is not None  # rows differ: masks by position
         recent = self.keys.shape[-2]
 
         # local part: the window of each query (itself + n_local - 1 before), true relative positions
-        window = min(recent - num_q, self.n_local - 1)
-        first = recent - num_q - window
+        span = min(recent, self.n_local - 1 + num_q)  # every row's window tokens are among its last slots
+        first = recent - span
+        window = span - num_q
         local_keys, local_values = self.keys[:, :, first:], self.values[:, :, first:]
-        q_index = torch.arange(num_q, device=query.device)[:, None]
-        k_index = torch.arange(window + num_q, device=query.device)[None, :]
-        allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
+        if general:
+            key_pos = self.positions[:, None, first:]  # [b, 1, span]
+            query_pos = positions[:, :, None]  # [b, c, 1]
+            allowed = (key_pos != PAD_POSITION) & (key_pos <= query_pos) & (key_pos > query_pos - self.n_local)
+            allowed = allowed[:, None, None]  # [b, 1, 1, c, span]
+        else:
+            q_index = torch.arange(num_q, device=query.device)[:, None]
+            k_index = torch.arange(span, device=query.device)[None, :]
+            allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
         probs = grouped_logits(query, local_keys, scale, softcap)  # [b, Hkv, g, c, w + c], capped before the mask
         probs = probs.masked_fill_(~allowed, float("-inf"))
-        local_lse = torch.logsumexp(probs, dim=-1)  # finite: a query always sees itself
-        probs = probs.sub_(local_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
+        local_lse = torch.logsumexp(probs, dim=-1)  # finite for a real query (it sees itself); -inf for a pad
+        safe_lse = local_lse.nan_to_num(neginf=0.0) if chunk_pads else local_lse
+        probs = probs.sub_(safe_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
         out = torch.einsum("bhgqn,bhnd->bhgqd", probs, local_values.float())
         out = out.reshape(batch, q_heads, num_q, -1).to(query.dtype)
         lse = local_lse.reshape(batch, q_heads, num_q)
 
         # memory part: [retrieved blocks | initial tokens | pad | remainder beyond the window], constant distance
-        memory = self._memory_states(selected, num_q) if has_memory else None
+        if not has_memory:
+            memory = None
+        elif general:
+            memory = self._memory_states_per_row(selected, query_real, num_q)
+        else:
+            memory = self._memory_states(selected, num_q)
         if memory is not None:
             mem_keys, mem_values, mem_valid = memory
             per_head = mem_keys.shape[0] != batch  # one unit per (row, query head): [b * H, 1, n, d]
@@ -385,9 +524,9 @@ class InfLLMLayer(CacheLayerMixin):
 
         # representative scores: window attention under the joint softmax (as the official single softmax):
         # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
-        weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q))
+        weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q).nan_to_num(neginf=0.0))
         received = torch.einsum("bhgqn,bhgq->bhgn", probs, weight)
-        self.local_scores[:, :, first:] += received.reshape(batch, q_heads, window + num_q)
+        self.local_scores[:, :, first:] += received.reshape(batch, q_heads, span)
         self.after_chunk()
         return out
 
@@ -446,6 +585,65 @@ class InfLLMLayer(CacheLayerMixin):
         valid.append(tail_ok)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(valid, dim=-1)
 
+    def _memory_states_per_row(self, selected, query_real: torch.Tensor | None, num_q: int):
+        """:meth:`_memory_states` when rows differ (left padding): each row's own initial tokens, remainder and real
+        query count.
+
+        Row ``r`` with ``n_r`` real queries (first in the chunk) and ``m_r`` remainder tokens is laid out
+        ``[blocks | initial | max(0, n_r - m_r) empty | remainder | c - n_r empty]``, right-aligned; ``causal_new``
+        (query ``i`` sees the last ``c`` slots up to ``i``) then hides from query ``i`` exactly the last
+        ``n_r - 1 - i`` remainder tokens (those inside its window), as in the equal-rows layout. Built with one
+        stable sort per call (no loop over rows, heads or tokens).
+
+        Returns ``keys``/``values`` ``[u, h, n, d]`` and ``valid [u, n]`` (``u = b``, ``h = kv_heads``; with a per-head
+        selection ``u = b * H``, ``h = 1``).
+        """
+        batch, kv_heads, recent, dim = self.keys.shape
+        device = self.device
+        n_real = query_real.sum(1) if query_real is not None else torch.full((batch,), num_q, device=device)
+        slots = torch.arange(num_q, device=device)[None, :]
+        rem_len = max(0, recent - self.n_local)  # every row's remainder lies in these first slots
+        rem_pos = self.positions[:, :rem_len]
+        rem_keep = rem_pos != PAD_POSITION
+        rem_count = rem_keep.sum(1)
+        zeros_k = self.keys.new_zeros(batch, kv_heads, num_q, dim)
+        zeros_v = self.values.new_zeros(batch, kv_heads, num_q, self.values.shape[-1])
+        never = torch.zeros(batch, num_q, dtype=torch.bool, device=device)
+        init_keep = self._init_mask()
+        # (keys, values, keep, valid) of the row-level parts after the blocks
+        parts = [
+            (self.init_keys, self.init_values, init_keep, init_keep),
+            (zeros_k, zeros_v, slots < (n_real - rem_count).clamp(min=0)[:, None], never),
+            (self.unrotate(self.keys[:, :, :rem_len], rem_pos.clamp(min=0)), self.values[:, :, :rem_len], rem_keep, rem_keep),
+            (zeros_k, zeros_v, slots < (num_q - n_real)[:, None], never),
+        ]
+        per_head = selected is not None and _is_per_head(selected)
+        q_heads = self.local_scores.shape[1]
+        group = q_heads // kv_heads
+        if per_head:  # the row-level parts, repeated for every query head of their KV head
+            parts = [
+                (
+                    k.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *k.shape[-2:]),
+                    v.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *v.shape[-2:]),
+                    keep.repeat_interleave(q_heads, dim=0),
+                    ok.repeat_interleave(q_heads, dim=0),
+                )
+                for k, v, keep, ok in parts
+            ]
+        if selected is not None:
+            block_keys, block_values, block_valid = (
+                self._gather_per_head(selected) if per_head else self.store.gather(selected)
+            )
+            if block_valid is None:
+                block_valid = torch.ones(block_keys.shape[0], block_keys.shape[-2], dtype=torch.bool, device=device)
+            parts.insert(0, (block_keys, block_values, block_valid, block_valid))
+        keys = torch.cat([part[0] for part in parts], dim=-2)
+        values = torch.cat([part[1] for part in parts], dim=-2)
+        keep = torch.cat([part[2] for part in parts], dim=-1)
+        valid = torch.cat([part[3] for part in parts], dim=-1)
+        index = _right_align(keep)
+        return _take(keys, index), _take(values, index), valid.gather(1, index) & keep.gather(1, index)
+
     def _gather_per_head(self, selected: list[list[list[int]]]):
         """``selected[row][head]`` block ids -> ``keys [b * H, 1, L, d]``, ``values``, ``valid [b * H, L]``.
 
@@ -471,6 +669,8 @@ class InfLLMLayer(CacheLayerMixin):
         for row, ids_of_row in enumerate(union_ids):  # loop over rows only
             union = torch.tensor(ids_of_row, dtype=torch.long, device=self.device)
             sizes = self.store.block_sizes_tensor(row)  # [n]
+            if sizes.numel() == 0:  # a row without blocks yet (left padding): every slot of it is invalid
+                sizes = torch.zeros(1, dtype=torch.long, device=self.device)
             union_sizes = sizes[union]
             where = torch.full_like(sizes, -1)
             where[union] = torch.cumsum(union_sizes, 0) - union_sizes  # block id -> its offset in the gather
@@ -495,7 +695,7 @@ class InfLLMLayer(CacheLayerMixin):
         return self.rotary.rotate(keys, -positions)
 
     # ------------------------------------------------------------------------------------ retrieval, memory
-    def select_blocks(self, memory_query: torch.Tensor) -> list | None:
+    def select_blocks(self, memory_query: torch.Tensor, query_real: torch.Tensor | None = None) -> list | None:
         """Blocks for this chunk: all blocks if at most ``topk``, else the ``topk`` best (ascending ids).
 
         Returns ``selected[row]`` block ids shared by the layer's heads (the official default), or with
@@ -503,13 +703,15 @@ class InfLLMLayer(CacheLayerMixin):
 
         Args:
             memory_query: ``[b, H, c, d]`` chunk queries rotated to position ``n_local - 1``.
+            query_real: ``[b, c]`` bool, False for pad queries (left padding: excluded from the mean query);
+                ``None``: every query is real.
         """
         counts = self.store.num_blocks() if self.store.batch_size else []
         if not counts or max(counts) == 0:
             return None
         if max(counts) <= self.topk:
             return [list(range(count)) for count in counts]
-        query_mean = memory_query.float().mean(dim=2)  # [b, H, d]
+        query_mean = self.mean_query(memory_query, query_real)  # [b, H, d]
         if not self.perhead:  # scored where the representatives live (the store's topk)
             index = self.store.topk(query_mean, self.topk, backend=self.kernel_backend)
             return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
@@ -518,41 +720,126 @@ class InfLLMLayer(CacheLayerMixin):
         units = index.tolist()
         return _PerHeadSelection([[[i for i in ids if i >= 0] for ids in heads] for heads in units], index)
 
+    @staticmethod
+    def mean_query(memory_query: torch.Tensor, query_real: torch.Tensor | None) -> torch.Tensor:
+        """``[b, H, d]`` float32 mean of ``memory_query [b, H, c, d]`` over each row's real queries."""
+        if query_real is None:
+            return memory_query.float().mean(dim=2)
+        weight = query_real.float()[:, None, :, None]
+        return (memory_query.float() * weight).sum(2) / weight.sum(2).clamp(min=1.0)
+
+    def recent_counts(self) -> list[int]:
+        """Recent tokens (window + remainder) each row holds (no device sync when the rows are equal)."""
+        if not self._state_pads:
+            return [self.keys.shape[-2]] * self.keys.shape[0]
+        return (self.positions != PAD_POSITION).sum(1).tolist()
+
+    def init_counts(self) -> list[int]:
+        """Initial tokens each row holds."""
+        if self.init_valid is None:
+            return [self.init_keys.shape[-2]] * self.init_keys.shape[0]
+        return self.init_valid.sum(1).tolist()
+
+    def first_slot(self, row: int) -> int:
+        """Slot of ``row``'s oldest recent token (its recent tokens are right-aligned in ``keys``)."""
+        return self.keys.shape[-2] - self.recent_counts()[row]
+
     def after_chunk(self) -> None:
-        """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size``."""
+        """Moves tokens that left the window to the initial tokens, then to blocks of ``block_size`` (per row)."""
         self.fill_initial()
-        blocks = (self.keys.shape[-2] - self.n_local) // self.block_size
-        if blocks > 0:
-            self.form_blocks([self.block_size] * blocks)
+        blocks = [(count - self.n_local) // self.block_size for count in self.recent_counts()]
+        if max(blocks) > 0:
+            self.form_row_blocks([[self.block_size] * max(0, count) for count in blocks])
 
     def fill_initial(self) -> None:
-        """The oldest tokens beyond the window fill the ``n_init`` initial tokens first."""
-        room = self.n_init - self.init_keys.shape[-2]
-        beyond = self.keys.shape[-2] - self.n_local
-        take = min(room, beyond)
-        if take <= 0:
+        """The oldest tokens beyond the window fill the ``n_init`` initial tokens first (per row)."""
+        if not self._state_pads and self.init_valid is None:  # equal rows: slices
+            take = min(self.n_init - self.init_keys.shape[-2], self.keys.shape[-2] - self.n_local)
+            if take <= 0:
+                return
+            unrotated = self.unrotate(self.keys[:, :, :take], self.positions[:, :take])
+            self.init_keys = torch.cat((self.init_keys, unrotated), -2)
+            self.init_values = torch.cat((self.init_values, self.values[:, :, :take]), dim=-2)
+            self._keep_recent(None, drop=take)
             return
-        self.init_keys = torch.cat((self.init_keys, self.unrotate(self.keys[:, :, :take], self.positions[:, :take])), -2)
-        self.init_values = torch.cat((self.init_values, self.values[:, :, :take]), dim=-2)
-        self._drop_oldest(take)
+        if self.init_valid is None and self.init_keys.shape[-2] == self.n_init:
+            return  # every row's initial tokens are complete
+        real = self.positions != PAD_POSITION  # [b, R]
+        held_mask = self._init_mask()  # [b, I]
+        take = torch.minimum(self.n_init - held_mask.sum(1), real.sum(1) - self.n_local).clamp(min=0)  # [b]
+        if int(take.max()) == 0:
+            return
+        move = real & (real.cumsum(1) <= take[:, None])  # each row's oldest `take` tokens
+        width = int(move.any(0).nonzero().max()) + 1
+        moved = self.unrotate(self.keys[:, :, :width], self.positions[:, :width].clamp(min=0))
+        keep = torch.cat((held_mask, move[:, :width]), 1)
+        index = _right_align(keep)
+        self.init_keys = _take(torch.cat((self.init_keys, moved), -2), index)
+        self.init_values = _take(torch.cat((self.init_values, self.values[:, :, :width]), -2), index)
+        valid = keep.gather(1, index)
+        self.init_valid = None if bool(valid.all()) else valid
+        self._keep_recent(real & ~move)
+
+    def _init_mask(self) -> torch.Tensor:
+        """``[b, I]`` bool: the initial-token slots each row holds."""
+        if self.init_valid is not None:
+            return self.init_valid
+        return torch.ones(self.init_keys.shape[0], self.init_keys.shape[-2], dtype=torch.bool, device=self.device)
 
     def form_blocks(self, sizes: list[int]) -> None:
-        """The oldest ``sum(sizes)`` recent tokens become memory blocks of ``sizes`` (in order)."""
-        total = sum(sizes)
-        keys = self.unrotate(self.keys[:, :, :total], self.positions[:, :total])
-        reprs = block_representatives(keys, self.local_scores[:, :, :total], sizes, self.repr_topk)
-        self.store.add_blocks(keys, self.values[:, :, :total], sizes, reprs)
-        self._drop_oldest(total)
+        """Every row's oldest ``sum(sizes)`` recent tokens become memory blocks of ``sizes`` (in order)."""
+        self.form_row_blocks([list(sizes)] * self.keys.shape[0])
 
-    def _drop_oldest(self, count: int) -> None:
-        self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
-        self.positions, self.local_scores = self.positions[:, count:], self.local_scores[:, :, count:]
+    def form_row_blocks(self, sizes: list[list[int]]) -> None:
+        """Row ``r``'s oldest ``sum(sizes[r])`` recent tokens become memory blocks of ``sizes[r]`` (in order).
+
+        Rows with the same sizes are formed together (one group when the rows are equal): a loop over the distinct
+        size lists, at block-formation time only.
+        """
+        batch, _, recent, _ = self.keys.shape
+        self.store.ensure_rows(batch)
+        counts = torch.tensor(self.recent_counts(), device=self.device)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, row_sizes in enumerate(sizes):
+            if row_sizes:
+                groups.setdefault(tuple(row_sizes), []).append(row)
+        totals = torch.tensor([sum(row_sizes) for row_sizes in sizes], device=self.device)
+        for group_sizes, rows in groups.items():  # loop over distinct size lists (block formation only)
+            total = sum(group_sizes)
+            rows_t = torch.tensor(rows, device=self.device)
+            index = (recent - counts[rows_t])[:, None] + torch.arange(total, device=self.device)  # oldest real slots
+            keys = self.unrotate(_take(self.keys[rows_t], index), self.positions[rows_t].gather(1, index))
+            values = _take(self.values[rows_t], index)
+            scores = _take(self.local_scores[rows_t], index)
+            reprs = block_representatives(keys, scores, list(group_sizes), self.repr_topk)
+            self.store.add_blocks(keys, values, list(group_sizes), reprs, rows=rows)
+        if len(groups) == 1 and len(next(iter(groups.values()))) == batch and not self._state_pads:
+            self._keep_recent(None, drop=int(totals[0]))
+            return
+        slot = torch.arange(recent, device=self.device)[None, :]
+        start = (recent - counts)[:, None]
+        self._keep_recent((self.positions != PAD_POSITION) & ~((slot >= start) & (slot < start + totals[:, None])))
+
+    def _keep_recent(self, keep: torch.Tensor | None, drop: int = 0) -> None:
+        """Keeps the recent slots ``keep [b, R]`` (right-aligned again), or drops the ``drop`` oldest of equal rows."""
+        names = ("keys", "values", "positions", "local_scores")
+        if keep is None:
+            for name in names:
+                tensor = getattr(self, name)
+                setattr(self, name, tensor[:, drop:] if tensor.dim() == 2 else tensor[:, :, drop:])
+            return
+        index = _right_align(keep)
+        valid = keep.gather(1, index)
+        for name in names:
+            setattr(self, name, _take(getattr(self, name), index))
+        self.positions = self.positions.masked_fill(~valid, PAD_POSITION)
+        self._state_pads = not bool(valid.all())
 
     # ------------------------------------------------------------------------------------- batch and bytes
     def _map_rows(self, fn, index) -> None:
         if not self.is_initialized:
             return
-        for name in ("keys", "values", "positions", "local_scores", "init_keys", "init_values", "real_seen"):
+        for name in ("keys", "values", "positions", "local_scores", "init_keys", "init_values", "init_valid", "real_seen"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -574,7 +861,8 @@ class InfLLMLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = self.local_scores = None
-        self.init_keys = self.init_values = self.real_seen = None
+        self.init_keys = self.init_values = self.real_seen = self.init_valid = None
+        self._state_pads = False
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -596,9 +884,10 @@ class InfLLMLayer(CacheLayerMixin):
         if not self.is_initialized:
             return {}
         window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen)
+        initial = (self.init_keys, self.init_values, self.init_valid)
         parts = {
             "window": ("resident", sum(map(_tensor_bytes, window))),
-            "initial": ("resident", _tensor_bytes(self.init_keys) + _tensor_bytes(self.init_values)),
+            "initial": ("resident", sum(map(_tensor_bytes, initial))),
         }
         parts.update(self.store.memory_parts())
         return parts
@@ -688,7 +977,7 @@ class InfLLMCache(LongMemCache):
             perhead=self.perhead,
             offload_representatives=self.offload_representatives,
         )
-        super().__init__(lambda layer_idx: InfLLMLayer(self.rotary.for_layer(layer_idx), **options), config=config)
+        super().__init__(lambda layer_idx: self._watched(InfLLMLayer(self.rotary.for_layer(layer_idx), **options)), config=config)
         refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     @classmethod
@@ -713,11 +1002,19 @@ class InfLLMCache(LongMemCache):
             "exc_block_size": min(512, n_local),
         }
 
+    def _watched(self, layer: InfLLMLayer) -> InfLLMLayer:
+        """``layer`` reading this cache's ``_forward_padding`` (see :func:`attach_padding_hook`)."""
+        layer.padding_source = weakref.ref(self)
+        return layer
+
     @classmethod
     def from_model(cls, model, **kwargs) -> InfLLMCache:
+        """Builds the cache for ``model`` and attaches :func:`attach_padding_hook` (pads told from the mask)."""
         if "rotary" not in kwargs:
             kwargs["rotary"] = rotary_for(cls.__name__, model=model)
-        return cls(config=model.config, **kwargs)
+        cache = cls(config=model.config, **kwargs)
+        attach_padding_hook(model, cache)
+        return cache
 
     def memory_parts(self) -> dict[str, tuple[str, int]]:
         """``{part: (where, bytes)}`` summed over layers (see :meth:`InfLLMLayer.memory_parts`); layers of other

@@ -18,8 +18,8 @@ per-query-head window scores): the query heads of one KV group pick different ke
   offloading) and :meth:`topk` scores them there: only the ``[b, H, d]`` query goes to the host and only the
   block ids come back, so the device holds a bounded amount of memory however long the context.
 * **Batches.** Each row of the batch has its own list of blocks, LRU and representatives (the official code keeps
-  one "unit" per row the same way), so rows may hold different numbers of blocks of different sizes. Rows are
-  always complete sequences: the caches that use the store refuse left-padded batches.
+  one "unit" per row the same way), so rows may hold different numbers of blocks of different sizes. Rows of a
+  left-padded batch hold only their real tokens, so one row may have no block yet while others have many.
 
 ``memory_breakdown()`` splits the bytes held into ``resident`` (on the compute device) and ``offloaded`` (in the CPU
 home; ``memory_bytes()`` is their sum, as for the caches); :meth:`memory_parts` names the parts (blocks, LRU copies, representatives) and where each one is. The split
@@ -142,6 +142,10 @@ class BlockStore:
         return list(self._resident[row])
 
     # ----------------------------------------------------------------------------------------------- adding
+    def ensure_rows(self, batch: int) -> None:
+        """Makes room for ``batch`` rows (no-op when the store already holds them; ``ValueError`` for another count)."""
+        self._ensure_rows(batch)
+
     def _ensure_rows(self, batch: int) -> None:
         if self.batch_size == 0:
             self._blocks = [[] for _ in range(batch)]

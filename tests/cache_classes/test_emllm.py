@@ -17,6 +17,7 @@ from hf_longmem.cache_classes.emllm import (
 )
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import VOCAB, random_ids, tiny_model
+from tests.kernels.common import needs_triton
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,8 +73,8 @@ def test_surprise_is_the_models_next_token_information():
     cache = emllm(model, n_init=4, n_local=64, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=8)
     model(ids[:, :13], cache=cache)
     model(ids[:, 13:], cache=cache)  # the first forward's last token is scored by the second one
-    assert cache._known == 29
-    torch.testing.assert_close(cache._history, expected, rtol=1e-4, atol=1e-4)
+    assert cache._known == [29]
+    torch.testing.assert_close(cache._history[0], expected, rtol=1e-4, atol=1e-4)
     cache.close()
 
 
@@ -105,10 +106,10 @@ def test_contiguity_buffer_holds_neighbours_of_retrieved_events():
     layer = cache.layers[1]
     count = layer.store.num_blocks(0)
     assert count > 6
-    layer.contiguity = []
+    layer.contiguity = [[]]
     query = torch.randn(1, 4, 1, 16)
     selected = layer.select_blocks(query)[0]
-    buffer = set(layer.contiguity)
+    buffer = set(layer.contiguity[0])
     similar = [b for b in selected if b not in buffer]
     assert buffer and len(selected) == len(set(selected)) < count
     assert all(b - 1 in similar or b + 1 in similar for b in buffer)
@@ -230,10 +231,121 @@ def test_refinement_moves_boundaries_to_the_best_split_and_keeps_their_count(met
 
 
 # ------------------------------------------------------------------------------------------- errors, API
-def test_batches_and_missing_hook_are_refused():
+def rows_alone(model, rows, total, options, chunk=None, max_new_tokens=8):
+    """Each row generated alone, fed the same real tokens per forward as inside a left-padded batch of width
+    ``total`` whose prompt ``generate`` splits in forwards of ``chunk`` (``None``: one forward)."""
+    results = []
+    for row_ids in rows:
+        cache = emllm(model, **options)
+        first = (chunk - (total - row_ids.shape[1]) % chunk) % chunk if chunk else 0
+        if first:  # the row's real tokens in the batch's first chunk
+            model(row_ids[:, :first], cache=cache)
+        results.append(greedy(model, row_ids, cache, max_new_tokens=max_new_tokens))
+        cache.close()
+    return results
+
+
+@pytest.mark.parametrize(
+    "lengths,chunk_prefill",
+    [
+        ((150, 146, 143), True),  # generate feeds execution blocks; rows of different events and block counts
+        ((150, 112, 97), True),  # the shorter rows' first forwards are only pads (told from the mask by the hook)
+        ((120, 80, 45), False),  # one prompt forward: fixed blocks beyond the bound, events after it (per row)
+    ],
+)
+def test_left_padded_batch_equals_rows_alone(lengths, chunk_prefill):
+    """Per-row surprise, boundaries, refinement, events, budgets and contiguity buffers: each row of a left-padded
+    batch gives the tokens it gives alone (fed the same real tokens per forward), its logits up to float rounding
+    (batched matmuls over padded widths: masked slots add exact zeros, the BLAS summation order changes: ~1e-5)
+    and the same event blocks."""
+    import warnings
+
+    from tests.cache_classes.test_infllm import left_padded
+
     model = tiny_model("llama_gqa")
-    with pytest.raises(ValueError, match="batch size 1"):
-        greedy(model, random_ids(2, 10), emllm(model, **SMALL))
+    rows = [random_ids(1, length, seed=i + 1) for i, length in enumerate(lengths)]
+    ids, mask = left_padded(rows)
+    options = dict(SMALL, chunk_prefill=chunk_prefill)
+    cache = emllm(model, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-forward case warns that it forms fixed blocks
+        seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=8)
+        alone = rows_alone(model, rows, ids.shape[1], options, SMALL["exc_block_size"] if chunk_prefill else None)
+    blocks = []
+    for row, (row_ids, (row_seq, row_logits)) in enumerate(zip(rows, alone)):
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+        blocks.append(cache.layers[0].store.block_sizes(row))
+        assert all(layer.store.block_sizes(row) == blocks[-1] for layer in cache.layers)
+    assert len({tuple(sizes) for sizes in blocks}) == len(rows) and min(map(len, blocks)) > 1  # events per row
+    cache.close()
+
+
+def test_equal_length_rows_equal_batch_one():
+    model = tiny_model("llama_gqa")
+    rows = [random_ids(1, 100, seed=1), random_ids(1, 100, seed=2)]
+    cache = emllm(model, **SMALL)
+    seq, logits = greedy(model, torch.cat(rows), cache, max_new_tokens=6)
+    for row, (row_seq, row_logits) in enumerate(rows_alone(model, rows, 100, SMALL, max_new_tokens=6)):
+        assert torch.equal(seq[row], row_seq[0])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+    assert cache.layers[0].store.block_sizes(0) != cache.layers[0].store.block_sizes(1)
+    cache.close()
+
+
+@needs_triton
+def test_triton_path_on_a_left_padded_batch_equals_rows_alone(monkeypatch):
+    """The Triton memory attention and top-k on a padded batch (under the interpreter): the torch rows alone."""
+    from hf_longmem.cache_classes.infllm import InfLLMLayer
+    from tests.cache_classes.test_infllm import left_padded
+
+    model = tiny_model("llama_gqa")
+    options = dict(SMALL, n_mem=8)
+    rows = [random_ids(1, 72, seed=1), random_ids(1, 67, seed=2)]
+    ids, mask = left_padded(rows)
+    alone = rows_alone(model, rows, ids.shape[1], options, SMALL["exc_block_size"], max_new_tokens=2)
+    monkeypatch.setattr(InfLLMLayer, "kernel_backend", "triton")
+    cache = emllm(model, **options)
+    seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+    for row, (row_seq, row_logits) in enumerate(alone):
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, rows[row].shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+    cache.close()
+
+
+def test_beam_search():
+    """Beams reorder the layers, the block store and the per-row segmentation state: at a large window they are
+    DynamicCache's beams; with events each row of a padded batch gets the beams it gets alone (one prompt forward,
+    so that the rows alone are fed the same tokens per forward)."""
+    import warnings
+
+    from tests.cache_classes.test_infllm import left_padded
+
+    model = tiny_model("llama_gqa")
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    ids = random_ids(1, 20)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    large = emllm(model, n_init=4, n_local=64, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=16)
+    assert torch.equal(model.generate(ids, cache=large, **kwargs), ref)
+    large.close()  # releases the prefill chunking it set
+    rows = [random_ids(1, 90, seed=1), random_ids(1, 61, seed=2)]
+    ids, mask = left_padded(rows)
+    options = dict(SMALL, chunk_prefill=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one prompt forward: fixed blocks beyond the bound
+        cache = emllm(model, **options)
+        out = model.generate(ids, cache=cache, attention_mask=mask, pad_token_id=0, **kwargs)
+        assert len(cache._known) == cache.layers[0].store.batch_size == len(cache.layers[0].contiguity) == 6
+        for row, row_ids in enumerate(rows):
+            alone = emllm(model, **options)
+            expected = model.generate(row_ids, cache=alone, **kwargs)
+            assert torch.equal(out[row, ids.shape[1] :], expected[0, row_ids.shape[1] :])
+            alone.close()
+    cache.close()
+
+
+def test_missing_hook_is_refused():
+    model = tiny_model("llama_gqa")
     manual = EMLLMCache(config=model.config, **SMALL)
     with pytest.raises(RuntimeError, match="make_cache"):
         model(random_ids(1, 5), cache=manual)
@@ -307,3 +419,20 @@ def test_options_for_budget():
         options = EMLLMCache.options_for_budget(budget)
         make_cache("emllm", model, **options).close()
         assert options["n_init"] + options["n_mem"] + options["n_local"] <= budget
+
+
+def test_padding_hook_sits_on_the_decoder_stack():
+    """The padding hook goes on the module that takes the cache; ModernBERT-decoder's ``get_decoder()`` is its LM head
+    (a ``Linear``), where it would never fire."""
+    from transformers import ModernBertDecoderConfig, ModernBertDecoderForCausalLM
+
+    from hf_longmem.cache_classes.infllm import decoder_stack
+
+    config = ModernBertDecoderConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, cls_token_id=1,
+    )
+    model = ModernBertDecoderForCausalLM(config)
+    assert isinstance(model.get_decoder(), torch.nn.Linear) and decoder_stack(model) is model.model
+    llama = tiny_model("llama_gqa")
+    assert decoder_stack(llama) is llama.get_decoder()

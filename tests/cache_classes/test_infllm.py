@@ -152,6 +152,51 @@ def test_all_blocks_retrieved_equals_brute_force(n_init, n_local, block_size, ex
     assert layer.keys.shape[-2] == total - n_init - block_size * layer.store.num_blocks(0)
 
 
+@pytest.mark.parametrize(
+    "n_init,n_local,block_size,exc,splits,pad",
+    [
+        (4, 12, 8, 5, [61, 1, 1, 1, 9, 1], 17),  # the padded row's real tokens end a chunk early
+        (0, 9, 4, 9, [30, 1, 17, 1], 12),
+        (5, 16, 3, 1, [40, 1, 1], 9),
+    ],
+)
+def test_left_padded_rows_equal_brute_force(n_init, n_local, block_size, exc, splits, pad):
+    """Layer level, every block retrieved: row 1 starts with ``pad`` pads (position 0, as generate fills them) and
+    gets exactly the brute-force attention of its real tokens; row 0 (no pads) its own; pads are never stored."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, total = 4, 2, 16, sum(splits)
+    rotary = RotaryShift(1.0 / (100.0 ** (torch.arange(0, dim, 2).float() / dim)))
+    rows = []
+    for length in (total, total - pad):
+        pos = torch.arange(length)[None]
+        rows.append((
+            rotary.rotate(torch.randn(1, heads, length, dim), pos),
+            rotary.rotate(torch.randn(1, kv_heads, length, dim), pos),
+            torch.randn(1, kv_heads, length, dim),
+        ))
+    padded = [  # row 1 left-padded with random states (they must not matter)
+        torch.cat((rows[0][i], torch.cat((torch.randn(1, rows[1][i].shape[1], pad, dim), rows[1][i]), 2)))
+        for i in range(3)
+    ]
+    position_ids = torch.stack((torch.arange(total), (torch.arange(total) - pad).clamp(min=0)))
+    layer = InfLLMLayer(rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc)
+    outputs, start = [], 0
+    for size in splits:
+        stop = start + size
+        layer.update(padded[1][:, :, start:stop], padded[2][:, :, start:stop], kwargs={"position_ids": position_ids[:, start:stop]})
+        out, _ = layer.attend(None, padded[0][:, :, start:stop], None, None, None, scaling=dim**-0.5)
+        outputs.append(out.transpose(1, 2))
+        start = stop
+    out = torch.cat(outputs, dim=2)
+    for row, (query, keys, values) in enumerate(rows):
+        expected = brute_force(query, keys, values, rotary, n_local, dim**-0.5)
+        torch.testing.assert_close(out[row : row + 1, :, total - query.shape[2] :], expected, rtol=1e-4, atol=1e-5)
+        length = query.shape[2]
+        assert layer.store.num_blocks(row) == (length - n_local - n_init) // block_size
+        assert int((layer.positions[row] >= 0).sum()) == length - n_init - block_size * layer.store.num_blocks(row)
+    assert layer.init_keys.shape[-2] == n_init and layer.get_seq_length() == total
+
+
 def test_local_scores_are_the_window_attention_under_the_joint_softmax():
     """Representative scores: the attention each token received while in a query's window (joint softmax)."""
     torch.manual_seed(1)
@@ -213,7 +258,7 @@ def test_needle_block_is_retrieved_first():
 def _forced(layer, pick):
     """Replaces ``layer.select_blocks`` by ``pick(num_blocks, head)`` (per head) or ``pick(num_blocks, None)``."""
 
-    def select(memory_query):
+    def select(memory_query, query_real=None):
         count = layer.store.num_blocks(0) if layer.store.batch_size else 0
         if count == 0:
             return None
@@ -375,11 +420,86 @@ def test_make_cache_registration_and_needs_attention():
         plain(random_ids(1, 1), cache=manual)
 
 
-def test_left_padding_is_refused():
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[1, n_i]`` left-padded with token 0 into ``ids [b, T]`` and ``attention_mask [b, T]``."""
+    total = max(row.shape[1] for row in rows)
+    ids = torch.cat([torch.nn.functional.pad(row, (total - row.shape[1], 0)) for row in rows])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(row), (total - row.shape[1], 0)) for row in rows])
+    return ids, mask
+
+
+PADDED_ROWS = (70, 45, 23)  # 7, 4 and 1 memory blocks at SMALL: retrieval among blocks in the first two rows
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"perhead": True}, {"offload": True, "offload_representatives": True}], ids=["shared", "perhead", "offload"]
+)
+def test_left_padded_batch_equals_rows_alone(extra):
+    """Each row of a left-padded batch forms its own initial tokens, blocks and retrievals: the tokens each row
+    gives alone, and its logits up to float rounding (the batched matmuls and softmax sums run over padded widths,
+    masked slots add exact zeros but the summation order of BLAS changes with the shapes: ~1e-6 here)."""
     model = tiny_model("llama_gqa")
-    batch = torch.cat((random_ids(1, 12, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 8)), 1)))
-    with pytest.raises(ValueError, match="equal-length rows"):
-        greedy(model, batch, infllm(model, **SMALL), attention_mask=(batch != 0).long(), pad_token_id=0)
+    rows = [random_ids(1, length, seed=i + 1) for i, length in enumerate(PADDED_ROWS)]
+    ids, mask = left_padded(rows)
+    cache = infllm(model, **SMALL, **extra)
+    seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=8)
+    layer = cache.layers[0]
+    for row, row_ids in enumerate(rows):
+        alone = infllm(model, **SMALL, **extra)
+        row_seq, row_logits = greedy(model, row_ids, alone, max_new_tokens=8)
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+        alone_layer = alone.layers[0]
+        assert layer.store.block_sizes(row) == alone_layer.store.block_sizes(0)  # no pad in any block
+        real = layer.positions[row] >= 0
+        assert torch.equal(layer.positions[row][real], alone_layer.positions[0])
+    assert layer.store.num_blocks(0) > SMALL["topk"] and layer.store.num_blocks(2) < layer.store.num_blocks(1)
+
+
+def test_left_padded_prompt_in_several_forwards_equals_the_rows_fed_the_same_tokens():
+    """Forwards that split rows unevenly (generate's prefill chunking of a padded prompt): each row gives what it
+    gives alone when fed the same real tokens per forward (execution blocks count each row's real tokens).
+
+    The short row is padded by more than two chunks: its first forwards are only pads, whose position ids (0) read
+    as one real token; ``from_model``'s decoder pre-hook tells them apart from the mask. A cache built without it
+    refuses such a forward (``ValueError``), never stores a pad."""
+    model = tiny_model("llama_gqa")
+    rows = [random_ids(1, 61, seed=1), random_ids(1, 38, seed=2)]
+    ids, mask = left_padded(rows)
+    cache = infllm(model, **SMALL)
+    seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6, prefill_chunk_size=8)
+    for row, row_ids in enumerate(rows):
+        alone = infllm(model, **SMALL)
+        first = (8 - (ids.shape[1] - row_ids.shape[1]) % 8) % 8  # real tokens of the row in its first padded chunk
+        if first:
+            model(row_ids[:, :first], cache=alone)
+        row_seq, row_logits = greedy(model, row_ids, alone, max_new_tokens=6, prefill_chunk_size=8)
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+    enable_longmem_attention(model)
+    unhooked = InfLLMCache(config=model.config, **SMALL)  # no decoder hook: position ids only
+    with pytest.raises(ValueError, match="left padding"):
+        greedy(model, ids, unhooked, attention_mask=mask, pad_token_id=0, max_new_tokens=2, prefill_chunk_size=8)
+
+
+def test_beam_search_on_a_left_padded_batch():
+    """Beams keep every per-row structure aligned (window, initial tokens, block store): at a large window they
+    are DynamicCache's beams; with memory blocks each row's beams are the beams of the row alone."""
+    model = tiny_model("llama_gqa")
+    rows = [random_ids(1, 40, seed=1), random_ids(1, 27, seed=2)]
+    ids, mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, attention_mask=mask, pad_token_id=0)
+    ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    large = infllm(model, n_init=4, n_local=64, block_size=8, topk=2, exc_block_size=16)
+    assert torch.equal(model.generate(ids, cache=large, **kwargs), ref)
+    cache = infllm(model, **SMALL)
+    out = model.generate(ids, cache=cache, **kwargs)
+    layer = cache.layers[0]
+    assert layer.keys.shape[0] == layer.store.batch_size == layer.init_keys.shape[0] == 6
+    assert layer.store.num_blocks(0) > layer.store.num_blocks(3) > 0
+    for row, row_ids in enumerate(rows):
+        alone = model.generate(row_ids, cache=infllm(model, **SMALL), max_new_tokens=6, num_beams=3, do_sample=False)
+        assert torch.equal(out[row, ids.shape[1] :], alone[0, row_ids.shape[1] :])
 
 
 @pytest.mark.parametrize(
@@ -436,6 +556,23 @@ def test_triton_kernels_give_the_torch_result(monkeypatch):
     assert cache.layers[0].store.num_blocks(0) > 1  # top-1 of several blocks
     assert torch.equal(seq, seq_triton)
     torch.testing.assert_close(logits_triton, logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("perhead", [False, True])
+def test_triton_path_on_a_left_padded_batch_equals_rows_alone(monkeypatch, perhead):
+    """The Triton memory attention (per-row valid slots, causal tail) and top-k, on a padded batch, under the
+    interpreter: each row gives the torch path's tokens alone (logits to kernel rounding)."""
+    model = tiny_model("llama_gqa")
+    options = dict(SMALL, topk=1, max_cached_blocks=2, perhead=perhead)
+    rows = [random_ids(1, 44, seed=1), random_ids(1, 29, seed=2)]
+    expected = [greedy(model, row, infllm(model, **options), max_new_tokens=2) for row in rows]
+    monkeypatch.setattr(InfLLMLayer, "kernel_backend", "triton")
+    ids, mask = left_padded(rows)
+    seq, logits = greedy(model, ids, infllm(model, **options), attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+    for row, (row_seq, row_logits) in enumerate(expected):
+        assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, rows[row].shape[1] :])
+        torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_perhead_gather_from_tensor_selection_equals_list_selection():

@@ -165,3 +165,24 @@ def test_block_sizes_follow_reorder_and_tensor_view_matches():
     assert copy.deepcopy(store).max_block_size(0) == 6
     store.clear()
     assert store.batch_size == 0 and store.max_block_size() == 0
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_rows_of_a_padded_batch_hold_their_own_blocks(offload):
+    """A left-padded batch: rows get blocks at different times (``ensure_rows`` then ``rows=``); a row without blocks
+    gathers nothing (invalid slots) and scores no block (``-1``)."""
+    torch.manual_seed(0)
+    store = BlockStore("cpu", max_cached_blocks=4, offload=offload)
+    store.ensure_rows(3)
+    keys, values = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    store.add_blocks(keys, values, [2, 3], torch.randn(1, 2, 4, 4), rows=[2])
+    store.add_blocks(keys[:, :, :2].expand(2, -1, -1, -1), values[:, :, :2].expand(2, -1, -1, -1), [2],
+                     torch.randn(2, 1, 4, 4), rows=[0, 2])  # fmt: skip
+    assert store.num_blocks() == [1, 0, 3] and store.block_sizes(2) == [2, 3, 2]
+    got_keys, _, valid = store.gather([[0], [], [1, 0]])
+    assert valid.tolist() == [[True, True, False, False, False], [False] * 5, [True] * 5]
+    torch.testing.assert_close(got_keys[2, :, :3], keys[0, :, 2:5])
+    index = store.topk(torch.randn(3, 4, 4), 2)
+    assert index[1].tolist() == [-1, -1] and (index[0] >= 0).sum() == 1 and (index[2] >= 0).all()
+    with pytest.raises(ValueError, match="holds 3 rows"):
+        store.ensure_rows(2)
