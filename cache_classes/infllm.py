@@ -930,6 +930,11 @@ class InfLLMCache(LongMemCache):
         >>> model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
     """
 
+    #: Why this cache holds as much as the full cache or more (shown next to benchmark rows where it does).
+    memory_note = "keeps every past token (offloaded blocks in CPU memory count too); the budget bounds what attention reads"
+    #: What the budget bounds: the bytes on the compute device with offloading on (architecture matrix, check (b)).
+    memory_saving = "resident"
+
     def __init__(
         self,
         n_init: int = 128,
