@@ -261,9 +261,9 @@ def test_rows_split_offloaded_memory_bytes(model, tokenizer):
 
 
 def test_peak_memory_and_profile_generation(model):
-    from hf_longmem.evals.profiling import PeakMemory, profile_generation
-
     import mmap
+
+    from hf_longmem.evals.profiling import PeakMemory, profile_generation
 
     size = 64 * 1024 * 1024
     with PeakMemory("cpu") as peak:
