@@ -67,9 +67,10 @@ from hf_longmem.memory.block_store import bytes_by_location
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.validation import check_int
 
 from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, _check_int, attach_padding_hook, refuse_sliding_layers, rotary_for
+from .infllm import InfLLMCache, InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -486,14 +487,14 @@ class EMLLMCache(LongMemCache):
         manual_surprise: bool = False,
         chunk_prefill: bool = True,
     ):
-        _check_int("n_init", n_init, 0)
-        _check_int("n_local", n_local, 1)
-        _check_int("n_mem", n_mem, 1)
-        _check_int("min_block_size", min_block_size, 1)
-        _check_int("max_block_size", max_block_size, 1)
-        _check_int("repr_topk", repr_topk, 1)
-        _check_int("max_cached_blocks", max_cached_blocks, 1)
-        _check_int("exc_block_size", exc_block_size, 1)
+        check_int("n_init", n_init, low=0)
+        check_int("n_local", n_local, low=1)
+        check_int("n_mem", n_mem, low=1)
+        check_int("min_block_size", min_block_size, low=1)
+        check_int("max_block_size", max_block_size, low=1)
+        check_int("repr_topk", repr_topk, low=1)
+        check_int("max_cached_blocks", max_cached_blocks, low=1)
+        check_int("exc_block_size", exc_block_size, low=1)
         if min_block_size > max_block_size:
             raise ValueError(f"`min_block_size` ({min_block_size}) must be at most `max_block_size` ({max_block_size})")
         if exc_block_size > n_local:
@@ -509,7 +510,7 @@ class EMLLMCache(LongMemCache):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if refine_from_layer is not None:
-            _check_int("refine_from_layer", refine_from_layer, 0)
+            check_int("refine_from_layer", refine_from_layer, low=0)
             if num_layers is not None and refine_from_layer >= num_layers:
                 raise ValueError(f"`refine_from_layer` ({refine_from_layer}) must be below the {num_layers} layers")
         self.n_init, self.n_local, self.n_mem = n_init, n_local, n_mem

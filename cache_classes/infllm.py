@@ -81,6 +81,7 @@ from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.validation import check_int
 
 from .base import LongMemCache, _tensor_bytes
 
@@ -88,12 +89,6 @@ NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
     "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
 )
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-    return value
 
 
 def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, model=None) -> RotaryShift:
@@ -951,13 +946,13 @@ class InfLLMCache(LongMemCache):
         config=None,
         rotary: RotaryShift | None = None,
     ):
-        _check_int("n_init", n_init, 0)
-        _check_int("n_local", n_local, 1)
-        _check_int("block_size", block_size, 1)
-        _check_int("topk", topk, 1)
-        _check_int("repr_topk", repr_topk, 1)
-        _check_int("max_cached_blocks", max_cached_blocks, 1)
-        _check_int("exc_block_size", exc_block_size, 1)
+        check_int("n_init", n_init, low=0)
+        check_int("n_local", n_local, low=1)
+        check_int("block_size", block_size, low=1)
+        check_int("topk", topk, low=1)
+        check_int("repr_topk", repr_topk, low=1)
+        check_int("max_cached_blocks", max_cached_blocks, low=1)
+        check_int("exc_block_size", exc_block_size, low=1)
         if repr_topk > block_size:
             raise ValueError(f"`repr_topk` ({repr_topk}) must be at most `block_size` ({block_size})")
         if max_cached_blocks < topk:

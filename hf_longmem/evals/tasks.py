@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from hf_longmem.validation import check_int
+
 from .haystack import FILLER_SENTENCES, Plant, count_tokens, fit_num_units, render_haystack
 from .schema import Sample, Turn
 
@@ -134,9 +136,7 @@ FactMaker = Callable[[random.Random, int], list[Fact]]
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    check_int(name, value, low=low, high=high)
 
 
 def _check_depth(depth: float | None) -> None:
