@@ -233,6 +233,17 @@ class EMLLMLayer(InfLLMLayer):
         """InfLLM's update; also tells the cache which new tokens are real (for the surprise of each row)."""
         result = super().update(key_states, value_states, *args, **kwargs)
         positions, padded = self._pending[2], self._pending[3]
+        if padded and key_states.shape[-2] == self.exc_block_size:
+            # chunked prefill (generate's prefill_chunk_size = exc_block_size): a row whose padding is not a whole
+            # number of chunks gets its real tokens in other groups than alone, hence other events: refuse it
+            pads = positions == PAD_POSITION
+            pads = pads[:, 0] if pads.dim() == 3 else pads
+            if bool((pads.any(-1) & (~pads).any(-1)).any()):
+                raise ValueError(
+                    "EMLLMCache: a left-padded row whose padding is not a multiple of prefill_chunk_size "
+                    f"({self.exc_block_size}) is segmented into other events than the row alone; pad the batch to a "
+                    "multiple of it (tokenizer(..., pad_to_multiple_of=...)) or run such rows one at a time"
+                )
         self.owner._forward_real = (positions != PAD_POSITION) if padded else None
         return result
 

@@ -248,8 +248,8 @@ def rows_alone(model, rows, total, options, chunk=None, max_new_tokens=8):
 @pytest.mark.parametrize(
     "lengths,chunk_prefill",
     [
-        ((150, 146, 143), True),  # generate feeds execution blocks; rows of different events and block counts
-        ((150, 112, 97), True),  # the shorter rows' first forwards are only pads (told from the mask by the hook)
+        ((152, 144, 136), True),  # generate feeds execution blocks (8); paddings of 0, 1 and 2 whole blocks
+        ((152, 112, 96), True),  # the shorter rows' first forwards are only pads (told from the mask by the hook)
         ((120, 80, 45), False),  # one prompt forward: fixed blocks beyond the bound, events after it (per row)
     ],
 )
@@ -281,6 +281,19 @@ def test_left_padded_batch_equals_rows_alone(lengths, chunk_prefill):
     cache.close()
 
 
+def test_padding_that_splits_an_execution_block_is_refused():
+    """generate feeds execution blocks from the batch's first column: a row padded by a part of a block would get
+    its real tokens in other groups than alone (other surprise, other events), so it is refused before any token."""
+    from tests.cache_classes.test_infllm import left_padded
+
+    model = tiny_model("llama_gqa")
+    ids, mask = left_padded([random_ids(1, 150, seed=1), random_ids(1, 143, seed=2)])  # 7 pads: not a multiple of 8
+    cache = emllm(model, **SMALL, chunk_prefill=True)
+    with pytest.raises(ValueError, match="multiple of prefill_chunk_size"):
+        greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+    cache.close()
+
+
 def test_equal_length_rows_equal_batch_one():
     model = tiny_model("llama_gqa")
     rows = [random_ids(1, 100, seed=1), random_ids(1, 100, seed=2)]
@@ -301,7 +314,7 @@ def test_triton_path_on_a_left_padded_batch_equals_rows_alone(monkeypatch):
 
     model = tiny_model("llama_gqa")
     options = dict(SMALL, n_mem=8)
-    rows = [random_ids(1, 72, seed=1), random_ids(1, 67, seed=2)]
+    rows = [random_ids(1, 72, seed=1), random_ids(1, 64, seed=2)]
     ids, mask = left_padded(rows)
     alone = rows_alone(model, rows, ids.shape[1], options, SMALL["exc_block_size"], max_new_tokens=2)
     monkeypatch.setattr(InfLLMLayer, "kernel_backend", "triton")

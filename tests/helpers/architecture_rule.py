@@ -144,22 +144,29 @@ def describe(error: BaseException) -> str:
 
 
 class ForwardCounter:
-    """Counts the forwards of ``model`` that completed before a ``ValueError`` (none: a refusal, no token produced).
+    """Whether a token was produced before a ``ValueError`` (none: a refusal).
 
-    Counted as forwards *started* minus the one that raised: a forward hook could run before a hook of the cache that
-    raises in the same forward (hooks run in registration order), and that forward produced no token.
+    A token is produced by the forward before the first decoding step: the error counts as a refusal while no
+    forward of one token per row has started (a prompt fed in chunks is several forwards before the first token).
+    Forwards are counted when they start: a forward hook could run before a cache hook that raises in the same
+    forward (hooks run in registration order).
     """
 
     def __init__(self, model):
         self.started = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
+        self.decoding = 0
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     @property
     def count(self) -> int:
-        return max(0, self.started - 1)
+        """Forwards completed before the error, when a token had been produced by then; else 0."""
+        return max(0, self.started - 1) if self.decoding else 0
 
-    def _hook(self, *args):
+    def _hook(self, module, args, kwargs):
         self.started += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.shape[-1] == 1:
+            self.decoding += 1
 
     def close(self):
         self._handle.remove()
