@@ -126,6 +126,8 @@ class SnapKVCache(LongMemCache):
     """
 
     compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
+    #: What the budget bounds: the prompt (generated tokens are appended; architecture matrix, check (b)).
+    memory_saving = "prompt"
 
     def __init__(
         self, budget: int = 256, window_size: int = 32, kernel_size: int = 5, pooling: str = "avg", config=None
@@ -146,6 +148,8 @@ class PyramidKVCache(LongMemCache):
     """
 
     compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
+    #: What the budget bounds: the prompt (generated tokens are appended; architecture matrix, check (b)).
+    memory_saving = "prompt"
 
     def __init__(
         self,

@@ -353,7 +353,9 @@ def memory_saving(cache_name: str) -> str:
     * ``"stored"``: every byte held (``memory_bytes()``) after the prompt and the answer;
     * ``"between_turns"``: the bytes held once a second turn arrives (SirLLM evicts only between turns);
     * ``"resident"``: the bytes on the compute device with offloading on (InfLLM, EM-LLM keep every block, in CPU
-      memory, and bound what attention reads and what stays on the device).
+      memory, and bound what attention reads and what stays on the device);
+    * ``"prompt"``: the bytes after the prompt (SnapKV, PyramidKV compress the prompt once and append what they
+      generate: on an all-sliding model, a long answer fills the window as the full cache does).
     """
     return getattr(get_cache_spec(cache_name).cls, "memory_saving", "stored")
 
@@ -369,7 +371,7 @@ def check_b(case: Case, cache_name: str) -> str:
         options.update(offload=True, offload_representatives=True, max_cached_blocks=options.get("topk", 2))
     cache = build_cache(cache_name, model, options)
     with cache_run(model):
-        seq, _ = run_greedy(model, case.prompt, cache, sizes.new)
+        seq, _ = run_greedy(model, case.prompt, cache, 1 if saving == "prompt" else sizes.new)
         if saving == "between_turns":  # the next turn: the tokens not yet cached, at their positions
             seen = cache.get_seq_length()
             turn = torch.cat((seq, random_ids(1, sizes.turn, seed=12)), dim=1)
@@ -385,6 +387,10 @@ def check_b(case: Case, cache_name: str) -> str:
         with torch.no_grad():
             model(turn, cache=reference)
         full_bytes, when = cache_memory_bytes(reference), " after a second turn"
+    elif saving == "prompt":
+        reference = DynamicCache(config=model.config)
+        run_greedy(model, case.prompt, reference, 1)
+        full_bytes, when = cache_memory_bytes(reference), " after the prompt"
     else:
         full_bytes, when = case.reference("bytes"), ""
     if held >= full_bytes:
