@@ -473,6 +473,8 @@ class EMLLMCache(LongMemCache):
     memory_note = "keeps every past token (offloaded blocks in CPU memory count too); the budget bounds what attention reads"
     #: What the budget bounds: the bytes on the compute device with offloading on (architecture matrix, check (b)).
     memory_saving = "resident"
+    #: Left padding is exact in whole execution blocks (chunked prefill): the option that sets the multiple.
+    padding_multiple_option = "exc_block_size"
 
     def __init__(
         self,

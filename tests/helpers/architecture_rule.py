@@ -408,6 +408,13 @@ def check_c(case: Case, cache_name: str) -> str:
         return f"n/a: the model's own DynamicCache output differs when left-padded ({baseline})"
     batch, mask, long_row, short_row = case.padded
     options = small_options(cache_name, sizes, model)
+    multiple_of = getattr(get_cache_spec(cache_name).cls, "padding_multiple_option", None)
+    if multiple_of is not None:  # a method exact on paddings of whole chunks only (EM-LLM): pad like that
+        p, m = long_row.shape[1], int(options[multiple_of])
+        short_row = short_row[:, -(p - short_row.shape[1]) % m :]  # drop tokens until the padding is whole chunks
+        s = short_row.shape[1]
+        batch = torch.cat((long_row, torch.cat((torch.zeros(1, p - s, dtype=torch.long), short_row), 1)))
+        mask = (torch.arange(p)[None] >= torch.tensor([[0], [p - s]])).long()
     caches = []
 
     def new_cache():
