@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio, check_real
 
 from .base import LongMemCache, gather_slots, keep_plan
@@ -422,3 +423,7 @@ def _uncompressed_layers(layers: Iterable[int] | None, num_layers: int) -> froze
 
 
 __all__ = ["D2OCache", "D2OLayer", "attention_density", "d2o_merge", "layer_ratios", "query_head_column_sums"]
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("d2o", D2OCache, needs_attention=True, summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones")

@@ -54,6 +54,7 @@ from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_att
 from hf_longmem.memory.attention_features import HeadSubsetModule
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.registry import register_cache
 
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
@@ -697,3 +698,7 @@ __all__ = [
     "save_head_pattern",
     "select_retrieval_heads",
 ]
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")

@@ -67,6 +67,7 @@ from hf_longmem.memory.block_store import bytes_by_location
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
 from .base import LongMemCache, _tensor_bytes
@@ -832,3 +833,7 @@ __all__ = [
     "refine_boundaries",
     "surprise_boundaries",
 ]
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("emllm", EMLLMCache, needs_attention=True, summary="EM-LLM: InfLLM memory with surprise-segmented, graph-refined events, similarity + contiguity retrieval")

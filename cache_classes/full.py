@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import DynamicCache
 
+from hf_longmem.registry import register_cache
+
 from .base import layer_memory_bytes
 
 
@@ -23,3 +25,7 @@ class FullCache(DynamicCache):
 
     def memory_bytes(self) -> int:
         return sum(layer_memory_bytes(layer) for layer in self.layers)
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("full", FullCache, summary="no compression (transformers DynamicCache)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio
 
 from .base import LongMemCache, SlidingWindowScoring
@@ -69,3 +70,7 @@ class H2OCache(LongMemCache):
         recent = min(budget - 1, max(1, round(budget * recent_ratio)))
         self.budget, self.recent_size = budget, recent
         super().__init__(lambda layer_idx: H2OLayer(budget, recent), config=config)
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window")

@@ -81,6 +81,7 @@ from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
 from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
 from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
 from .base import LongMemCache, _tensor_bytes
@@ -1041,3 +1042,7 @@ class InfLLMCache(LongMemCache):
 
 
 __all__ = ["InfLLMCache", "InfLLMLayer", "block_representatives"]
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("infllm", InfLLMCache, needs_attention=True, summary="InfLLM: initial tokens + top-k memory blocks by representative keys (constant distance) + local window, CPU offload")

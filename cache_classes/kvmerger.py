@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from hf_longmem.memory.merging import consecutive_merge_sets, merge_runs
 from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.registry import register_cache
 
 from .base import LongMemCache
 from .scored import ScoredLayer
@@ -204,3 +205,7 @@ class KVMergerCache(LongMemCache):
 
 
 __all__ = ["KVMergerCache", "KVMergerLayer", "kvmerger_compress"]
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("kvmerger", KVMergerCache, needs_attention=True, summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights")

@@ -37,6 +37,7 @@ import torch
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import LayerRotation, ModelRotary
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio
 
 from .base import LongMemCache, gather_slots, keep_plan
@@ -245,3 +246,7 @@ class SirLLMCache(LongMemCache):
     def memory_bytes(self) -> int:
         extra = 0 if self.scores is None else self.scores.numel() * self.scores.element_size()
         return super().memory_bytes() + extra
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("sirllm", SirLLMCache, summary="SirLLM: start + high token-entropy + recent tokens, decaying per turn")

@@ -22,6 +22,7 @@ import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import pool_scores
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
 from .base import LongMemCache, SlidingWindowScoring
@@ -185,3 +186,8 @@ def _check_snapkv(budget, window_size, kernel_size, pooling) -> None:
         raise ValueError(f"`kernel_size` must be a positive odd int, got {kernel_size!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}")
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window")
+register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer")

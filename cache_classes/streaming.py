@@ -23,6 +23,7 @@ import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import LayerRotation, ModelRotary, shift_to_cache_positions
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
 from .base import CompressedLayer, LongMemCache
@@ -155,3 +156,7 @@ class StreamingCache(LongMemCache):
         if kwargs.get("position_mode") == "shift" and "rotary" not in kwargs:
             kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
         return cls(config=model.config, **kwargs)
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("streaming", StreamingCache, summary="StreamingLLM: attention sinks + recent window")

@@ -31,6 +31,7 @@ from hf_longmem.kernels.channel_attention.reference import gather_query_channels
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio
 
 from .base import CompressedLayer, LongMemCache
@@ -317,3 +318,7 @@ def _base_layer_factory(base, budget, window_size, config):
         layers = list(base.layers)
         return lambda layer_idx: layers[layer_idx]
     return lambda layer_idx: base.layer_class_to_replicate()
+
+
+# The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
+register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-driven key-channel pruning over SnapKV")

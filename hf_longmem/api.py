@@ -16,21 +16,10 @@ from hf_longmem.cache_classes.sirllm import SirLLMCache
 from hf_longmem.cache_classes.snapkv import PyramidKVCache, SnapKVCache
 from hf_longmem.cache_classes.streaming import StreamingCache
 from hf_longmem.cache_classes.think import ThinKCache
-from hf_longmem.registry import available_caches, get_cache_spec, make_cache, register_cache
+from hf_longmem.registry import available_caches, get_cache_spec, import_cache_modules, make_cache, register_cache
 
 register_attention()
-register_cache("full", FullCache, summary="no compression (transformers DynamicCache)")
-register_cache("streaming", StreamingCache, summary="StreamingLLM: attention sinks + recent window")
-register_cache("h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window")
-register_cache("snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window")
-register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer")
-register_cache("sirllm", SirLLMCache, summary="SirLLM: start + high token-entropy + recent tokens, decaying per turn")
-register_cache("think", ThinKCache, needs_attention=True, summary="ThinK: query-driven key-channel pruning over SnapKV")
-register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
-register_cache("d2o", D2OCache, needs_attention=True, summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones")
-register_cache("kvmerger", KVMergerCache, needs_attention=True, summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights")
-register_cache("infllm", InfLLMCache, needs_attention=True, summary="InfLLM: initial tokens + top-k memory blocks by representative keys (constant distance) + local window, CPU offload")
-register_cache("emllm", EMLLMCache, needs_attention=True, summary="EM-LLM: InfLLM memory with surprise-segmented, graph-refined events, similarity + contiguity retrieval")
+import_cache_modules()  # each cache module registers its method where it is defined (full first, then by name)
 
 
 def load_default_model(*args, **kwargs):

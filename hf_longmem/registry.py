@@ -66,8 +66,17 @@ def register_cache(
 
 
 def available_caches() -> list[str]:
-    """Names of the finished cache methods, in registration order."""
-    return list(_REGISTRY)
+    """Names of the registered cache methods: the uncompressed baseline ``full`` first, then the package's methods by
+    module name (a module's methods in registration order), then methods registered by the user, in that order. The
+    order does not depend on which module was imported first."""
+    rank = {name: index for index, name in enumerate(_REGISTRY)}
+
+    def key(name: str):
+        module = _REGISTRY[name].cls.__module__
+        builtin = module.startswith("hf_longmem.cache_classes.")
+        return (name != "full", not builtin, module if builtin else "", rank[name])
+
+    return sorted(_REGISTRY, key=key)
 
 
 def get_cache_spec(name: str) -> CacheSpec:
@@ -115,3 +124,21 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
             f"`model_or_config` must be a transformers PreTrainedModel or PretrainedConfig, got {type(model_or_config).__name__}"
         )
     return spec.cls(config=model_or_config, **options)
+
+
+#: Modules of ``hf_longmem.cache_classes`` that hold shared machinery, not a method.
+SHARED_CACHE_MODULES = ("base", "scored")
+
+
+def import_cache_modules() -> None:
+    """Imports every method module of ``hf_longmem.cache_classes`` (each registers itself), the uncompressed baseline
+    first and then by module name: that is the order of :func:`available_caches`."""
+    import importlib
+    import pkgutil
+
+    from hf_longmem import cache_classes
+
+    names = sorted((info.name for info in pkgutil.iter_modules(cache_classes.__path__)), key=lambda n: (n != "full", n))
+    for name in names:
+        if name not in SHARED_CACHE_MODULES and not name.startswith("_"):
+            importlib.import_module(f"{cache_classes.__name__}.{name}")

@@ -14,9 +14,25 @@ from tests.helpers.tiny_models import tiny_config, tiny_model
 
 def test_available_caches_lists_the_finished_methods():
     names = available_caches()
-    assert names[:2] == ["full", "streaming"]
+    assert names[0] == "full" and {"streaming", "snapkv", "infllm", "emllm"} <= set(names)
     for name in names:
         assert hf_longmem.get_cache_spec(name).summary
+
+
+def test_every_method_module_registers_itself():
+    """A cache method is one module of hf_longmem.cache_classes that registers itself: every module (but the shared
+    machinery) has a registered method, and the order does not depend on what was imported first."""
+    import pkgutil
+
+    from hf_longmem import cache_classes
+    from hf_longmem.registry import SHARED_CACHE_MODULES
+
+    modules = {info.name for info in pkgutil.iter_modules(cache_classes.__path__)} - set(SHARED_CACHE_MODULES)
+    registered = {hf_longmem.get_cache_spec(name).cls.__module__.rsplit(".", 1)[-1] for name in available_caches()}
+    assert modules == registered
+    builtin = [n for n in available_caches() if hf_longmem.get_cache_spec(n).cls.__module__.startswith("hf_longmem.")]
+    modules_in_order = [hf_longmem.get_cache_spec(n).cls.__module__ for n in builtin[1:]]
+    assert modules_in_order == sorted(modules_in_order)
 
 
 def test_make_cache_from_model_config_or_nothing():
