@@ -17,28 +17,15 @@ import hf_longmem
 from hf_longmem import make_cache
 from hf_longmem.cache_classes.duo_attention import DuoAttentionCache
 from hf_longmem.cache_classes.think import ThinKCache
+from tests.helpers.tiny_models import TINY_DECODER
 
-VOCAB, PROMPT, NEW = 97, 12, 6
+VOCAB, PROMPT, NEW = TINY_DECODER["vocab_size"], 12, 6
 #: float32 logits: a few ulps of a 2-layer model's O(10) logits after a different summation order
 ATOL, RTOL = 2e-4, 1e-4
 
 
 def _common(**overrides):
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        layer_types=["sliding_attention", "full_attention"],
-    )
+    kwargs = dict(TINY_DECODER, intermediate_size=64, layer_types=["sliding_attention", "full_attention"])
     kwargs.update(overrides)
     return kwargs
 

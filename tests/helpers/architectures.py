@@ -33,7 +33,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from tests.helpers.tiny_models import VOCAB
+from tests.helpers.tiny_models import TINY_DECODER, VOCAB
 
 #: Sliding window of the tiny models (where the architecture has sliding layers): shorter than the prompts of the
 #: checks, so the sliding layers really drop tokens, and larger than the compressing budgets.
@@ -41,18 +41,8 @@ SLIDING_WINDOW = 12
 
 #: Generic small sizes, applied to every config field of these names (through ``attribute_map`` aliases too).
 GENERIC = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
+    TINY_DECODER,
     intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
     sliding_window=SLIDING_WINDOW,
     # MoE
     moe_intermediate_size=32,

@@ -11,22 +11,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.helpers.tiny_models import VOCAB
+from tests.helpers.tiny_models import TINY_DECODER
 
-BASE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-)
+BASE = dict(TINY_DECODER, intermediate_size=128)
 
 GEMMA3_ROPE = {
     "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},

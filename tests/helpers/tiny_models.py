@@ -7,6 +7,22 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 VOCAB = 97
 
+#: Sizes of a tiny decoder built from any transformers config (GQA: 4 query heads over 2 KV heads of width 16); the
+#: helpers that build other architectures start from these and set ``intermediate_size`` themselves.
+TINY_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
 MODEL_SHAPES = {
     "llama_mha": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
     "llama_gqa": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2)),
