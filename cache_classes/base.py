@@ -326,6 +326,11 @@ class CompressedLayer(CacheLayerMixin):
             plan = keep_plan(positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions))
         else:
             plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
+        return self.apply_plan(plan, keys, values, positions)
+
+    def apply_plan(self, plan, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        """Keeps the slots of a :func:`keep_plan` (``None``: everything) in ``keys``/``values``/``positions`` and
+        in every :attr:`slot_state` tensor; filler slots become pads."""
         if plan is None:
             return keys, values, positions
         index, filler = plan
@@ -371,15 +376,7 @@ class CompressedLayer(CacheLayerMixin):
         plan = keep_plan(
             positions, self.sliding_window - 1, lambda: self.windowed(positions.new_zeros(positions.shape, dtype=torch.float32), positions)
         )
-        if plan is None:
-            return keys, values, positions
-        index, filler = plan
-        for name in self.slot_state:
-            setattr(self, name, getattr(self, name).gather(2, index))
-        keys, values, positions = gather_slots(keys, values, positions, index)
-        if filler is not None:
-            positions = positions.masked_fill(filler, PAD_POSITION)
-        return keys, values, positions
+        return self.apply_plan(plan, keys, values, positions)
 
     def own_mask(self, num_new: int, additive_dtype: torch.dtype | None = None, query_heads: int | None = None):
         """This layer's attention mask from its slots (:func:`~hf_longmem.memory.masks.slot_mask`).
