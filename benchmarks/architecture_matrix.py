@@ -59,7 +59,9 @@ def matrix_rows(archs: list[str] | None) -> tuple[list[str], dict[str, str]]:
     return rows, skipped
 
 
-def run_matrix(rows, caches, checks, results: dict, out: Path, skipped: dict, meta: dict, recheck: bool = False) -> None:
+def run_matrix(
+    rows, caches, checks, results: dict, out: Path, skipped: dict, meta: dict, recheck: bool = False
+) -> None:
     """Fills ``results[arch][cache] = {"checks": {check: verdict}, "verdict": ..., "seconds": ...}``, saving as it goes.
 
     Cells that already hold every check are kept unless ``recheck`` (then ``checks`` run again, the others stay)."""
@@ -75,7 +77,11 @@ def run_matrix(rows, caches, checks, results: dict, out: Path, skipped: dict, me
         except Exception as error:  # noqa: BLE001 - the DynamicCache references themselves fail: report every cell
             for cache in cells:
                 verdicts = {check: f"FAIL: reference run failed: {type(error).__name__}: {error}" for check in checks}
-                results.setdefault(arch, {})[cache] = {"checks": verdicts, "verdict": cell_verdict(verdicts), "seconds": 0.0}
+                results.setdefault(arch, {})[cache] = {
+                    "checks": verdicts,
+                    "verdict": cell_verdict(verdicts),
+                    "seconds": 0.0,
+                }
                 bar.update(1)
             continue
         for cache in cells:
@@ -169,7 +175,8 @@ def write_table(path: Path, results: dict, skipped: dict, caches: list[str], che
         "letters are the checks, the numbers the notes below (exact messages: `benchmarks/results/architecture_matrix.json`).",
         "",
         f"transformers {meta['transformers']}, torch {meta['torch']}. Checks: "
-        + "; ".join(f"({c}) {CHECK_NAMES[c]}" for c in checks) + ".",
+        + "; ".join(f"({c}) {CHECK_NAMES[c]}" for c in checks)
+        + ".",
         "",
         "| cache | ✓ pass | refused | ✗ fail |",
         "|---|---|---|---|",

@@ -38,12 +38,30 @@ VOCAB = 512
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MoM of memory_mom_m4.yaml's shape (4 memories, top-2)
-    "mom": dict(model_type="mom_gdn", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_heads=2,
-                head_dim=16, num_memories=4, topk=2, shared_mem=False, conv_size=4),
+    "mom": dict(
+        model_type="mom_gdn",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_heads=2,
+        head_dim=16,
+        num_memories=4,
+        topk=2,
+        shared_mem=False,
+        conv_size=4,
+    ),
     # attention baseline of the same width and depth (full causal attention, KV cache grows with the context)
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=65536,
-                  attn_implementation="sdpa"),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=65536,
+        attn_implementation="sdpa",
+    ),
 }
 
 
@@ -140,17 +158,31 @@ def _run(args) -> dict:
         base = timings[contexts[0]]["ms_per_token"]
         for context in contexts:
             timing = timings[context]
-            row = {"model": name, "model_type": spec["model_type"], "context_length": context, **timing,
-                   "ratio_to_shortest": timing["ms_per_token"] / base}
+            row = {
+                "model": name,
+                "model_type": spec["model_type"],
+                "context_length": context,
+                **timing,
+                "ratio_to_shortest": timing["ms_per_token"] / base,
+            }
             rows.append(row)
-            print(f"{name:>16} ctx {context:>6}: {row['ms_per_token']:.3f} ms/token "
-                  f"(x{row['ratio_to_shortest']:.2f} of ctx {contexts[0]}), prefill {row['prefill_s']:.2f} s",
-                  flush=True)
+            print(
+                f"{name:>16} ctx {context:>6}: {row['ms_per_token']:.3f} ms/token "
+                f"(x{row['ratio_to_shortest']:.2f} of ctx {contexts[0]}), prefill {row['prefill_s']:.2f} s",
+                flush=True,
+            )
     result = {
-        "meta": {"benchmark": "decode_scaling", "new_tokens": args.new_tokens, "repeats": args.repeats,
-                 "threads": args.threads, "device": "cpu",
-                 "flush_denormal": not args.keep_denormals, "torch": torch.__version__,
-                 "platform": platform.platform(), "command": " ".join(["python", *sys.argv])},
+        "meta": {
+            "benchmark": "decode_scaling",
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "device": "cpu",
+            "flush_denormal": not args.keep_denormals,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "command": " ".join(["python", *sys.argv]),
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

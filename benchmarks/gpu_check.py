@@ -44,8 +44,20 @@ from hf_longmem.cache_classes.think import ThinKLayer
 from hf_longmem.kernels import triton_available
 
 #: Speed-section order: the most used first (a timeout cuts the tail).
-SPEED_ORDER = ["dynamic", "snapkv", "think", "duo_attention", "infllm", "emllm", "streaming", "h2o", "d2o", "kvmerger",
-               "pyramidkv", "sirllm"]
+SPEED_ORDER = [
+    "dynamic",
+    "snapkv",
+    "think",
+    "duo_attention",
+    "infllm",
+    "emllm",
+    "streaming",
+    "h2o",
+    "d2o",
+    "kvmerger",
+    "pyramidkv",
+    "sirllm",
+]
 #: Layer classes whose kernels follow a ``kernel_backend`` class attribute (``None``: Triton on CUDA).
 BACKEND_CLASSES = (ScoredLayer, ThinKLayer, InfLLMLayer)
 
@@ -93,9 +105,18 @@ def cache_options(name: str, budget: int, model) -> dict[str, Any]:
 
 def random_llama(device, dtype, *, hidden, layers, heads, kv_heads, intermediate, vocab, max_positions, std=None):
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        rope_theta=500000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rope_theta=500000.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 1B model's init on the CPU takes a while
@@ -111,16 +132,24 @@ def random_llama(device, dtype, *, hidden, layers, heads, kv_heads, intermediate
 
 def greedy(model, ids, cache, new_tokens, mask=None):
     out = model.generate(
-        ids, attention_mask=mask, cache=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits).float()
 
 
 def parity(device, smoke: bool, emit) -> None:
     """Triton vs torch kernels, and full budget vs DynamicCache, for every cache on a float32 model."""
-    size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
-        hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1024, vocab=512
+    size = (
+        dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
+        if smoke
+        else dict(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1024, vocab=512)
     )
     model = random_llama(device, torch.float32, max_positions=4096, std=0.2 * (64 / size["hidden"]) ** 0.5, **size)
     length, pad, new = (48, 6, 3) if smoke else (700, 60, 8)
@@ -179,17 +208,34 @@ def models(device, smoke: bool, emit) -> None:
 
     length = 40 if smoke else 512
     titans = dict(
-        vocab_size=97, hidden_size=32 if smoke else 256, intermediate_size=64 if smoke else 512, num_hidden_layers=2,
-        num_attention_heads=2 if smoke else 4, sliding_window=8 if smoke else 64, segment_size=16 if smoke else 128,
-        memory_chunk_size=8 if smoke else 32, memory_heads=2 if smoke else 4, num_persistent_tokens=2,
+        vocab_size=97,
+        hidden_size=32 if smoke else 256,
+        intermediate_size=64 if smoke else 512,
+        num_hidden_layers=2,
+        num_attention_heads=2 if smoke else 4,
+        sliding_window=8 if smoke else 64,
+        segment_size=16 if smoke else 128,
+        memory_chunk_size=8 if smoke else 32,
+        memory_heads=2 if smoke else 4,
+        num_persistent_tokens=2,
     )
     mom = dict(
-        vocab_size=97, hidden_size=32 if smoke else 256, num_hidden_layers=2, num_heads=2 if smoke else 4,
-        head_dim=8 if smoke else 64, num_memories=4, topk=2, shared_mem=True, intermediate_size=64 if smoke else 512,
-        chunk_size=8 if smoke else 64, pad_token_id=0,
+        vocab_size=97,
+        hidden_size=32 if smoke else 256,
+        num_hidden_layers=2,
+        num_heads=2 if smoke else 4,
+        head_dim=8 if smoke else 64,
+        num_memories=4,
+        topk=2,
+        shared_mem=True,
+        intermediate_size=64 if smoke else 512,
+        chunk_size=8 if smoke else 64,
+        pad_token_id=0,
     )
-    builds = [(f"titans_{v}", TitansConfig, TitansForCausalLM, "memory_backend", {**titans, "variant": v})
-              for v in ("mac", "mag", "mal")]
+    builds = [
+        (f"titans_{v}", TitansConfig, TitansForCausalLM, "memory_backend", {**titans, "variant": v})
+        for v in ("mac", "mag", "mal")
+    ]
     builds.append(("mom", MomConfig, MomForCausalLM, "kernel_backend", mom))
     ids = torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(2)).to(device)
     for name, config_cls, model_cls, option, kwargs in builds:
@@ -207,8 +253,10 @@ def models(device, smoke: bool, emit) -> None:
                     logits = model(ids).logits.float()
                     tokens = model.generate(ids[:, :32], max_new_tokens=8, do_sample=False, pad_token_id=0)
                 outputs[backend] = (logits, grads, tokens, float(loss))
-            (ref_logits, ref_grads, ref_tokens, ref_loss), (logits, grads, tokens, loss) = outputs["torch"], outputs[
-                "triton"]
+            (ref_logits, ref_grads, ref_tokens, ref_loss), (logits, grads, tokens, loss) = (
+                outputs["torch"],
+                outputs["triton"],
+            )
             row.update(
                 max_logit_diff=float((logits - ref_logits).abs().max()),
                 loss_torch=ref_loss,
@@ -245,8 +293,14 @@ def timed_generate(model, ids, make_cache, new_tokens, device) -> tuple[float, l
     cache = make_cache()
     _sync(device)
     start = time.perf_counter()
-    model.generate(ids, cache=cache, max_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0,
-                   stopping_criteria=StoppingCriteriaList([clock]))
+    model.generate(
+        ids,
+        cache=cache,
+        max_new_tokens=new_tokens + 1,
+        do_sample=False,
+        pad_token_id=0,
+        stopping_criteria=StoppingCriteriaList([clock]),
+    )
     steps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
     return clock.times[0] - start, steps, cache
 
@@ -257,8 +311,10 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
     Each (cache, backend) generates twice and the second, warm run is reported (the first compiles kernels and
     grows the allocator); ``dynamic`` is transformers' own ``DynamicCache``, the reference for every row.
     """
-    size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
-        hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000
+    size = (
+        dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
+        if smoke
+        else dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000)
     )
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = random_llama(device, dtype, max_positions=max(131072, context * 2), **size)
@@ -269,11 +325,17 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
         for backend in backends:
             if backend == "triton" and (device.type != "cuda" or not triton_available()):
                 continue
-            row: dict[str, Any] = {"section": "speed", "cache": name, "backend": backend, "context": context,
-                                   "budget": None if name in ("dynamic", "full") else budget,
-                                   "new_tokens": new_tokens}
+            row: dict[str, Any] = {
+                "section": "speed",
+                "cache": name,
+                "backend": backend,
+                "context": context,
+                "budget": None if name in ("dynamic", "full") else budget,
+                "new_tokens": new_tokens,
+            }
             try:
                 if name == "dynamic":
+
                     def make(model=model):
                         return DynamicCache(config=model.config)
                 else:
@@ -281,6 +343,7 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
 
                     def make(name=name, options=options):
                         return hf_longmem.make_cache(name, model, **options)
+
                 with torch.no_grad(), kernel_backend(backend):
                     timed_generate(model, ids, make, new_tokens, device)  # warm-up: compiles, grows the allocator
                     if device.type == "cuda":
@@ -291,9 +354,11 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
                     prefill_s=round(prefill, 4),
                     decode_ms_median=round(statistics.median(steps), 3),
                     decode_ms_max=round(max(steps), 3),
-                    cache_bytes=int(cache.memory_bytes() if hasattr(cache, "memory_bytes") else
-                                    cache_memory_bytes(cache)),
-                    peak_gpu_bytes_over_weights=(torch.cuda.max_memory_allocated() - base) if device.type == "cuda"
+                    cache_bytes=int(
+                        cache.memory_bytes() if hasattr(cache, "memory_bytes") else cache_memory_bytes(cache)
+                    ),
+                    peak_gpu_bytes_over_weights=(torch.cuda.max_memory_allocated() - base)
+                    if device.type == "cuda"
                     else None,
                 )
             except Exception as error:
@@ -308,8 +373,10 @@ def profile(device, smoke: bool, context: int, caches: list[str], emit) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    size = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97) if smoke else dict(
-        hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000
+    size = (
+        dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
+        if smoke
+        else dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000)
     )
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = random_llama(device, dtype, max_positions=max(131072, context * 2), **size)
@@ -341,8 +408,9 @@ def profile(device, smoke: bool, context: int, caches: list[str], emit) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["parity", "models", "speed"],
-                        choices=["parity", "models", "speed", "profile"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["parity", "models", "speed"], choices=["parity", "models", "speed", "profile"]
+    )
     parser.add_argument("--context", type=int, default=16384, help="prompt tokens of the speed section")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps of the speed section")
     parser.add_argument("--caches", nargs="+", default=None, help="caches of the speed section (default: all)")
@@ -376,8 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
         elif section == "models":
             models(device, args.smoke, emit)
         elif section == "profile":
-            profile(device, args.smoke, min(args.context, 512) if args.smoke else args.context, args.profile_caches,
-                    emit)
+            profile(
+                device, args.smoke, min(args.context, 512) if args.smoke else args.context, args.profile_caches, emit
+            )
         else:
             context = min(args.context, 512) if args.smoke else args.context
             new_tokens = min(args.new_tokens, 4) if args.smoke else args.new_tokens

@@ -56,7 +56,9 @@ def duo_attention(ratio, model, args):
 
 def streaming(ratio, model, args):
     budget = _budget(ratio, args)
-    return _method(lambda m: hf_longmem.make_cache("streaming", m, budget=budget, sink_size=4), f"budget={budget} sinks=4")
+    return _method(
+        lambda m: hf_longmem.make_cache("streaming", m, budget=budget, sink_size=4), f"budget={budget} sinks=4"
+    )
 
 
 METHODS = {

@@ -25,13 +25,27 @@ from datetime import datetime, timezone
 import torch
 
 INFLLM = dict(
-    n_init=64, n_local=256, block_size=2, topk=128, repr_topk=2, exc_block_size=64, max_cached_blocks=128,
-    offload=True, offload_representatives=True,
-)  # fmt: skip
+    n_init=64,
+    n_local=256,
+    block_size=2,
+    topk=128,
+    repr_topk=2,
+    exc_block_size=64,
+    max_cached_blocks=128,
+    offload=True,
+    offload_representatives=True,
+)
 EMLLM = dict(
-    n_init=64, n_local=256, n_mem=512, min_block_size=1, max_block_size=2, repr_topk=2, exc_block_size=64,
-    offload=True, offload_representatives=True,
-)  # fmt: skip
+    n_init=64,
+    n_local=256,
+    n_mem=512,
+    min_block_size=1,
+    max_block_size=2,
+    repr_topk=2,
+    exc_block_size=64,
+    offload=True,
+    offload_representatives=True,
+)
 
 
 def run(model, tokenizer, name: str, options: dict, sample, chunk: int) -> dict:
@@ -47,13 +61,20 @@ def run(model, tokenizer, name: str, options: dict, sample, chunk: int) -> dict:
         fed = (prompt.shape[1] - 1) // chunk * chunk  # the last piece goes with the first decoding step
         for begin in range(0, fed, chunk):
             model(
-                input_ids=prompt[:, begin : begin + chunk], cache=cache, use_cache=True,
-                position_ids=torch.arange(begin, begin + chunk)[None], logits_to_keep=1,
-            )  # fmt: skip
+                input_ids=prompt[:, begin : begin + chunk],
+                cache=cache,
+                use_cache=True,
+                position_ids=torch.arange(begin, begin + chunk)[None],
+                logits_to_keep=1,
+            )
         out = greedy_generate(
-            model, prompt[:, fed:], cache, max_new_tokens=sample.turns[0].max_new_tokens, past_length=fed,
+            model,
+            prompt[:, fed:],
+            cache,
+            max_new_tokens=sample.turns[0].max_new_tokens,
+            past_length=fed,
             eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+        )
     prefill = time.perf_counter() - start - out.decode_s
     text = tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True).strip()
     if hasattr(cache, "memory_parts"):

@@ -108,11 +108,21 @@ def _bench_shape(batch: int, n: int, args, device: torch.device, dtype: torch.dt
     rows = []
     for (op, provider), (fn, nbytes) in providers.items():
         ms = _time_ms(fn, device, args.warmup, args.iters)
-        rows.append({
-            "op": op, "provider": provider, "batch": batch, "n": n, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
-            "d_keep": d_keep if op == "channel" and provider != "sdpa_full_width" else d,
-            "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 4), "gb_per_s": round(nbytes / ms / 1e6, 1),
-        })  # fmt: skip
+        rows.append(
+            {
+                "op": op,
+                "provider": provider,
+                "batch": batch,
+                "n": n,
+                "q_heads": hq,
+                "kv_heads": hkv,
+                "head_dim": d,
+                "d_keep": d_keep if op == "channel" and provider != "sdpa_full_width" else d,
+                "dtype": str(dtype).removeprefix("torch."),
+                "ms": round(ms, 4),
+                "gb_per_s": round(nbytes / ms / 1e6, 1),
+            }
+        )
     return rows
 
 
@@ -149,11 +159,21 @@ def _bench_gated_delta(batch: int, n: int, args, device: torch.device, dtype: to
     for provider, op in ops.items():
         for kind, fn in (("gdn_fwd", lambda op=op: op(q, k, v, g, beta)), ("gdn_fwd_bwd", lambda op=op: fwd_bwd(op))):
             ms = _time_ms(fn, device, args.warmup, args.iters)
-            rows.append({
-                "op": kind, "provider": provider, "batch": batch, "n": n, "q_heads": heads, "kv_heads": heads,
-                "head_dim": d, "d_keep": d, "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 4),
-                "gb_per_s": round(nbytes / ms / 1e6, 1),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "op": kind,
+                    "provider": provider,
+                    "batch": batch,
+                    "n": n,
+                    "q_heads": heads,
+                    "kv_heads": heads,
+                    "head_dim": d,
+                    "d_keep": d,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms": round(ms, 4),
+                    "gb_per_s": round(nbytes / ms / 1e6, 1),
+                }
+            )
     return rows
 
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_name(config: Path) -> str:
     """``memory_mom_m4_grouped.yaml`` -> ``mom_m4_grouped`` (the recipe's own output-dir naming)."""
     stem = config.stem
-    return stem[len("memory_"):] if stem.startswith("memory_") else stem
+    return stem[len("memory_") :] if stem.startswith("memory_") else stem
 
 
 def column_label(row: dict) -> str:
@@ -64,14 +64,17 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]
             mean = sum(values) / n
             var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
             summary[name][label] = {
-                "mean": round(mean, 4), "sem": round(math.sqrt(var / n), 4), "n": n,
+                "mean": round(mean, 4),
+                "sem": round(math.sqrt(var / n), 4),
+                "n": n,
                 "per_seed": {str(s): v for s, v in per_seed.items()},
             }
     return summary
 
 
-def compare(summary: dict[str, dict[str, dict]], first: str, second: str, permutations: int = 100_000,
-            seed: int = 0) -> dict[str, dict]:
+def compare(
+    summary: dict[str, dict[str, dict]], first: str, second: str, permutations: int = 100_000, seed: int = 0
+) -> dict[str, dict]:
     """Per column shared by runs ``first`` and ``second``: ``difference`` (mean first - mean second), Welch's ``t``,
     a two-sided permutation ``p`` (how often relabelling the seeds gives a difference at least as large in size),
     and ``superiority``, the chance that a seed of first beats a seed of second (Mann-Whitney ``U / (n_a n_b)``, ties
@@ -89,7 +92,7 @@ def compare(summary: dict[str, dict[str, dict]], first: str, second: str, permut
         var = (a.var(ddof=1) / len(a) if len(a) > 1 else 0.0) + (b.var(ddof=1) / len(b) if len(b) > 1 else 0.0)
         pooled = np.concatenate([a, b])
         shuffled = generator.permuted(np.broadcast_to(pooled, (permutations, len(pooled))), axis=1)
-        null = shuffled[:, : len(a)].mean(1) - shuffled[:, len(a):].mean(1)
+        null = shuffled[:, : len(a)].mean(1) - shuffled[:, len(a) :].mean(1)
         out[label] = {
             "difference": round(float(difference), 4),
             "welch_t": round(float(difference / np.sqrt(var)), 2) if var > 0 else None,
@@ -107,8 +110,16 @@ def train_one(config: Path, seed: int, runs: Path, args) -> tuple[Path, int, flo
     if (out_dir / "results.json").exists() and not args.retrain:
         return out_dir, 0, 0.0
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "recipes" / "train_memory_model.py"), "--config", str(config),
-           "--seed", str(seed), "--output_dir", str(out_dir)]
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "train_memory_model.py"),
+        "--config",
+        str(config),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(out_dir),
+    ]
     if args.max_steps is not None:
         cmd += ["--max_steps", str(args.max_steps)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -130,8 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain", action="store_true", help="train again even where results.json exists")
     parser.add_argument("--device-visible", action="store_true", help="let runs see the GPU (default: CPU only)")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                        help="two run names (config stems without 'memory_') to test A against B per column")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="two run names (config stems without 'memory_') to test A against B per column",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -165,13 +181,18 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "summary": summarise(results),
         # each run's meta and evaluation rows (its training history stays in its own results.json)
-        "runs": {name: {str(s): {"meta": r["meta"], "rows": r["rows"]} for s, r in by_seed.items()}
-                 for name, by_seed in results.items()},
+        "runs": {
+            name: {str(s): {"meta": r["meta"], "rows": r["rows"]} for s, r in by_seed.items()}
+            for name, by_seed in results.items()
+        },
         "failed": failed,
     }
     if args.compare and all(name in report["summary"] for name in args.compare):
-        report["compare"] = {"a": args.compare[0], "b": args.compare[1],
-                             "columns": compare(report["summary"], *args.compare)}
+        report["compare"] = {
+            "a": args.compare[0],
+            "b": args.compare[1],
+            "columns": compare(report["summary"], *args.compare),
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
@@ -180,8 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         for label, stats in columns.items():
             print(f"{name:32s} {label:40s} {stats['mean']:.3f} ± {stats['sem']:.3f} (n={stats['n']})")
     for label, stats in report.get("compare", {}).get("columns", {}).items():
-        print(f"{args.compare[0]} - {args.compare[1]} {label:40s} {stats['difference']:+.3f}  t={stats['welch_t']}  "
-              f"p={stats['permutation_p']}  P(A>B)={stats['superiority']}")
+        print(
+            f"{args.compare[0]} - {args.compare[1]} {label:40s} {stats['difference']:+.3f}  t={stats['welch_t']}  "
+            f"p={stats['permutation_p']}  P(A>B)={stats['superiority']}"
+        )
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
         sys.exit(1)

@@ -30,8 +30,16 @@ from hf_longmem.evals.recall import RecallVocabulary, generate_recall
 def no_binding_level(vocab: RecallVocabulary, num_pairs: int, num_groups: int, num_samples: int) -> float:
     """Expected accuracy of guessing uniformly among the distinct values that occurred in the asked key's group."""
     total = 0.0
-    for sample in generate_recall("mqar", vocab, 1 + 2 * num_pairs + 2, num_samples, seed=99, num_pairs=num_pairs,
-                                  num_queries=1, num_groups=num_groups):  # fmt: skip
+    for sample in generate_recall(
+        "mqar",
+        vocab,
+        1 + 2 * num_pairs + 2,
+        num_samples,
+        seed=99,
+        num_pairs=num_pairs,
+        num_queries=1,
+        num_groups=num_groups,
+    ):
         ids = sample.input_ids
         pairs = list(zip(ids[1 : 1 + 2 * num_pairs : 2], ids[2 : 2 + 2 * num_pairs : 2]))
         group_of = {key: vocab.key_group(key, num_groups) for key, _ in pairs}
@@ -67,8 +75,9 @@ def group_purity(memory: torch.Tensor, groups: torch.Tensor, num_memories: int, 
 
 @torch.no_grad()
 def routing_stats(model, vocab: RecallVocabulary, num_pairs: int, num_groups: int, num_samples: int) -> list[dict]:
-    samples = generate_recall("mqar", vocab, 1 + 4 * num_pairs, num_samples, seed=7, num_pairs=num_pairs,
-                              num_groups=num_groups)  # fmt: skip
+    samples = generate_recall(
+        "mqar", vocab, 1 + 4 * num_pairs, num_samples, seed=7, num_pairs=num_pairs, num_groups=num_groups
+    )
     ids = torch.tensor([s.input_ids for s in samples])
     out = model(input_ids=ids)
     key_pos = torch.arange(1, 1 + 2 * num_pairs, 2)

@@ -109,31 +109,44 @@ def main(argv=None) -> None:
                 row[f"{key}_ours"], row[f"{key}_kvpress"] = median(a, key), median(b, key)
             row["errors"] = [r["error"] for r in a + b if "error" in r]
             table.append(row)
-    reference = {"ours": median(ours.get(("none", 0.0), []), "decode_tok_s"),
-                 "kvpress": median(theirs.get(("none", 0.0), []), "decode_tok_s")}
+    reference = {
+        "ours": median(ours.get(("none", 0.0), []), "decode_tok_s"),
+        "kvpress": median(theirs.get(("none", 0.0), []), "decode_tok_s"),
+    }
 
     mib = 1024 * 1024
-    print(f"\ncontext={args.context} new_tokens={args.new_tokens} layers={args.layers} hidden={args.hidden} "
-          f"heads={args.heads}/{args.kv_heads} dtype={args.dtype} threads={args.threads} runs={args.runs} (medians)")
-    print(f"uncompressed DynamicCache decode tok/s: hf_longmem env {reference['ours']:.1f}, "
-          f"kvpress env {reference['kvpress']:.1f}\n")
-    print("| method | ratio | prefill s (ours / kvpress) | decode tok/s (ours / kvpress) | decode ratio | "
-          "KV MiB (ours / kvpress) | bytes ratio |")
+    print(
+        f"\ncontext={args.context} new_tokens={args.new_tokens} layers={args.layers} hidden={args.hidden} "
+        f"heads={args.heads}/{args.kv_heads} dtype={args.dtype} threads={args.threads} runs={args.runs} (medians)"
+    )
+    print(
+        f"uncompressed DynamicCache decode tok/s: hf_longmem env {reference['ours']:.1f}, "
+        f"kvpress env {reference['kvpress']:.1f}\n"
+    )
+    print(
+        "| method | ratio | prefill s (ours / kvpress) | decode tok/s (ours / kvpress) | decode ratio | "
+        "KV MiB (ours / kvpress) | bytes ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in table:
         if r["errors"]:
             print(f"| {r['hf_longmem']} | {r['ratio']} | error: {r['errors'][0][:100]} |||||")
             continue
-        print(f"| {r['hf_longmem'].split(':')[1]} | {r['ratio']} | {r['prefill_s_ours']:.3f} / {r['prefill_s_kvpress']:.3f} | "
-              f"{r['decode_tok_s_ours']:.1f} / {r['decode_tok_s_kvpress']:.1f} | "
-              f"{r['decode_tok_s_ours'] / r['decode_tok_s_kvpress']:.2f}x | "
-              f"{r['cache_storage_bytes_after_prefill_ours'] / mib:.2f} / {r['cache_storage_bytes_after_prefill_kvpress'] / mib:.2f} | "
-              f"{r['cache_storage_bytes_after_prefill_ours'] / r['cache_storage_bytes_after_prefill_kvpress']:.2f} |")
+        print(
+            f"| {r['hf_longmem'].split(':')[1]} | {r['ratio']} | {r['prefill_s_ours']:.3f} / {r['prefill_s_kvpress']:.3f} | "
+            f"{r['decode_tok_s_ours']:.1f} / {r['decode_tok_s_kvpress']:.1f} | "
+            f"{r['decode_tok_s_ours'] / r['decode_tok_s_kvpress']:.2f}x | "
+            f"{r['cache_storage_bytes_after_prefill_ours'] / mib:.2f} / {r['cache_storage_bytes_after_prefill_kvpress'] / mib:.2f} | "
+            f"{r['cache_storage_bytes_after_prefill_ours'] / r['cache_storage_bytes_after_prefill_kvpress']:.2f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "reference": reference,
-                                   "rows": table}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "reference": reference, "rows": table}, indent=1
+            )
+        )
         tmp.replace(args.out)
 
 

@@ -44,8 +44,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.vs_kvpress import DEFAULT_HARNESS, PAIRS, REPO  # noqa: E402  (one pairing for both benchmarks)
 
 OVERLAY_PACKAGES = (  # kvpress and what it imports at import time; installed with --no-deps next to our environment
-    "kvpress==0.5.5", "cachetools", "requests", "urllib3", "certifi", "charset_normalizer", "idna", "datasets", "dill",
-    "multiprocess", "xxhash", "pyarrow", "fsspec", "pandas", "python-dateutil", "pytz", "tzdata", "six", "fire",
+    "kvpress==0.5.5",
+    "cachetools",
+    "requests",
+    "urllib3",
+    "certifi",
+    "charset_normalizer",
+    "idna",
+    "datasets",
+    "dill",
+    "multiprocess",
+    "xxhash",
+    "pyarrow",
+    "fsspec",
+    "pandas",
+    "python-dateutil",
+    "pytz",
+    "tzdata",
+    "six",
+    "fire",
     "termcolor",
 )
 
@@ -62,8 +79,10 @@ def reexec_with_overlay(overlay: Path) -> None:
     """Installs kvpress into ``overlay`` if needed, then runs this script again with the overlay on PYTHONPATH."""
     if not (overlay / "kvpress").is_dir():
         print(f"installing kvpress into {overlay} (no dependencies: our torch/transformers are used)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(overlay), "--no-deps",
-                        *OVERLAY_PACKAGES], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--target", str(overlay), "--no-deps", *OVERLAY_PACKAGES],
+            check=True,
+        )
     if os.environ.get("HF_LONGMEM_KVPRESS_OVERLAY") == str(overlay):
         raise SystemExit(f"kvpress is still not importable with {overlay} on PYTHONPATH")
     path = os.pathsep.join(p for p in (str(overlay), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -108,8 +127,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS)
-    parser.add_argument("--overlay", type=Path, default=REPO / ".venv-kvpress-overlay",
-                        help="folder with kvpress and its import-time modules (installed here on first use)")
+    parser.add_argument(
+        "--overlay",
+        type=Path,
+        default=REPO / ".venv-kvpress-overlay",
+        help="folder with kvpress and its import-time modules (installed here on first use)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.attn, args.decode_interval = "sdpa", 16
@@ -154,36 +177,54 @@ def main(argv=None) -> None:
         theirs = PAIRS[ours]
         decode_ratios = [b["ms_per_token"] / a["ms_per_token"] for a, b in zip(runs[ours], runs[theirs])]
         prefill_ratios = [b["prefill_s"] / a["prefill_s"] for a, b in zip(runs[ours], runs[theirs])]
-        table.append({
-            "hf_longmem": ours, "kvpress": theirs, "ratio": args.ratio,
-            "ms_per_token_ours": med(ours, "ms_per_token"), "ms_per_token_kvpress": med(theirs, "ms_per_token"),
-            "ms_per_token_dynamic_cache": med("none", "ms_per_token"),
-            "decode_speed_ours_over_kvpress": statistics.median(decode_ratios),
-            "decode_speed_per_round": decode_ratios,
-            "prefill_s_ours": med(ours, "prefill_s"), "prefill_s_kvpress": med(theirs, "prefill_s"),
-            "prefill_speed_ours_over_kvpress": statistics.median(prefill_ratios),
-            "bytes_ours": med(ours, "cache_storage_bytes_after_prefill"),
-            "bytes_kvpress": med(theirs, "cache_storage_bytes_after_prefill"),
-        })
+        table.append(
+            {
+                "hf_longmem": ours,
+                "kvpress": theirs,
+                "ratio": args.ratio,
+                "ms_per_token_ours": med(ours, "ms_per_token"),
+                "ms_per_token_kvpress": med(theirs, "ms_per_token"),
+                "ms_per_token_dynamic_cache": med("none", "ms_per_token"),
+                "decode_speed_ours_over_kvpress": statistics.median(decode_ratios),
+                "decode_speed_per_round": decode_ratios,
+                "prefill_s_ours": med(ours, "prefill_s"),
+                "prefill_s_kvpress": med(theirs, "prefill_s"),
+                "prefill_speed_ours_over_kvpress": statistics.median(prefill_ratios),
+                "bytes_ours": med(ours, "cache_storage_bytes_after_prefill"),
+                "bytes_kvpress": med(theirs, "cache_storage_bytes_after_prefill"),
+            }
+        )
 
     mib = 1024 * 1024
-    print(f"\ncontext={args.context} new_tokens={args.new_tokens} layers={args.layers} hidden={args.hidden} "
-          f"heads={args.heads}/{args.kv_heads} dtype={args.dtype} threads={args.threads} rounds={args.rounds}; "
-          f"DynamicCache {med('none', 'ms_per_token'):.2f} ms/token (median)\n")
-    print("| method | ratio | decode ms/token (ours / kvpress) | decode speed ours/kvpress | prefill s (ours / kvpress) "
-          "| KV MiB (ours / kvpress) | bytes ratio |")
+    print(
+        f"\ncontext={args.context} new_tokens={args.new_tokens} layers={args.layers} hidden={args.hidden} "
+        f"heads={args.heads}/{args.kv_heads} dtype={args.dtype} threads={args.threads} rounds={args.rounds}; "
+        f"DynamicCache {med('none', 'ms_per_token'):.2f} ms/token (median)\n"
+    )
+    print(
+        "| method | ratio | decode ms/token (ours / kvpress) | decode speed ours/kvpress | prefill s (ours / kvpress) "
+        "| KV MiB (ours / kvpress) | bytes ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['hf_longmem'].split(':')[1]} | {r['ratio']} | {r['ms_per_token_ours']:.2f} / "
-              f"{r['ms_per_token_kvpress']:.2f} | {r['decode_speed_ours_over_kvpress']:.2f}x | "
-              f"{r['prefill_s_ours']:.3f} / {r['prefill_s_kvpress']:.3f} | {r['bytes_ours'] / mib:.2f} / "
-              f"{r['bytes_kvpress'] / mib:.2f} | {r['bytes_ours'] / r['bytes_kvpress']:.2f} |")
+        print(
+            f"| {r['hf_longmem'].split(':')[1]} | {r['ratio']} | {r['ms_per_token_ours']:.2f} / "
+            f"{r['ms_per_token_kvpress']:.2f} | {r['decode_speed_ours_over_kvpress']:.2f}x | "
+            f"{r['prefill_s_ours']:.3f} / {r['prefill_s_kvpress']:.3f} | {r['bytes_ours'] / mib:.2f} / "
+            f"{r['bytes_kvpress'] / mib:.2f} | {r['bytes_ours'] / r['bytes_kvpress']:.2f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": table,
-                   "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                                "kvpress": __import__("importlib.metadata").metadata.version("kvpress")}}
+        payload = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "rows": table,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__,
+                "kvpress": __import__("importlib.metadata").metadata.version("kvpress"),
+            },
+        }
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(args.out)
 

@@ -49,13 +49,24 @@ def build(args):
     titans_pytorch, MemoryMLP, NeuralMemory = _import_titans_pytorch()
     torch.manual_seed(0)
     config = TitansConfig(
-        hidden_size=args.dim, num_attention_heads=args.heads, memory_heads=args.heads, memory_head_dim=args.dim_head,
-        memory_depth=2, memory_expansion=2, memory_chunk_size=args.chunk, memory_backend="torch",
+        hidden_size=args.dim,
+        num_attention_heads=args.heads,
+        memory_heads=args.heads,
+        memory_head_dim=args.dim_head,
+        memory_depth=2,
+        memory_expansion=2,
+        memory_chunk_size=args.chunk,
+        memory_backend="torch",
     )
     ours = OurMemory(config)
     theirs = NeuralMemory(
-        dim=args.dim, chunk_size=args.chunk, batch_size=args.chunk, heads=args.heads, dim_head=args.dim_head,
-        model=MemoryMLP(dim=args.dim_head, depth=2, expansion_factor=2.0), momentum=True,
+        dim=args.dim,
+        chunk_size=args.chunk,
+        batch_size=args.chunk,
+        heads=args.heads,
+        dim_head=args.dim_head,
+        model=MemoryMLP(dim=args.dim_head, depth=2, expansion_factor=2.0),
+        momentum=True,
     )
     x = torch.randn(args.batch, args.seq, args.dim)
     lengths = torch.full((args.batch,), args.seq)
@@ -125,9 +136,11 @@ def main(argv=None):
     temporary = args.output.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(temporary, args.output)
-    print(f"train step fwd+bwd, B{args.batch} T{args.seq} dim{args.dim} H{args.heads}x{args.dim_head} chunk{args.chunk}, "
-          f"{args.threads} thread(s): hf_longmem {median['hf_longmem'] * 1e3:.1f} ms, titans-pytorch "
-          f"{median['titans_pytorch'] * 1e3:.1f} ms -> {result['speedup_vs_titans_pytorch']:.2f}x")
+    print(
+        f"train step fwd+bwd, B{args.batch} T{args.seq} dim{args.dim} H{args.heads}x{args.dim_head} chunk{args.chunk}, "
+        f"{args.threads} thread(s): hf_longmem {median['hf_longmem'] * 1e3:.1f} ms, titans-pytorch "
+        f"{median['titans_pytorch'] * 1e3:.1f} ms -> {result['speedup_vs_titans_pytorch']:.2f}x"
+    )
     return result
 
 

@@ -323,7 +323,9 @@ class CompressedLayer(CacheLayerMixin):
         if isinstance(target, int) and target >= keys.shape[-2]:
             return keys, values, positions
         if self.sliding_window is not None and self.ranks_stale_last:
-            plan = keep_plan(positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions))
+            plan = keep_plan(
+                positions, target, lambda: self.windowed(self.priority(keys, values, positions), positions)
+            )
         else:
             plan = keep_plan(positions, target, lambda: self.priority(keys, values, positions))
         return self.apply_plan(plan, keys, values, positions)
@@ -374,7 +376,9 @@ class CompressedLayer(CacheLayerMixin):
         """On a sliding-window layer: keeps ``window - 1`` slots per head, the ones later queries can still see
         first (at most ``window - 1`` can be: positions are distinct). ``[batch, kv_heads, n, ...]`` in and out."""
         plan = keep_plan(
-            positions, self.sliding_window - 1, lambda: self.windowed(positions.new_zeros(positions.shape, dtype=torch.float32), positions)
+            positions,
+            self.sliding_window - 1,
+            lambda: self.windowed(positions.new_zeros(positions.shape, dtype=torch.float32), positions),
         )
         return self.apply_plan(plan, keys, values, positions)
 

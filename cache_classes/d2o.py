@@ -391,7 +391,6 @@ class D2OCache(LongMemCache):
         group = _D2OGroup(budget, float(recent_ratio), num_sink, float(alpha), float(beta))
         super().__init__(lambda layer_idx: D2OLayer(group, layer_idx, layer_idx in uncompressed), config=config)
 
-
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
         """``budget`` plus ``uncompressed_layers="auto"``: the paper's uncompressed layers where that leaves layers
@@ -426,4 +425,9 @@ __all__ = ["D2OCache", "D2OLayer", "attention_density", "d2o_merge", "layer_rati
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("d2o", D2OCache, needs_attention=True, summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones")
+register_cache(
+    "d2o",
+    D2OCache,
+    needs_attention=True,
+    summary="D2O: layer budgets from attention density, H2O eviction, evicted KVs merged into similar kept ones",
+)

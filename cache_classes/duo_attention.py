@@ -318,8 +318,14 @@ class DuoAttentionLayer(CompressedLayer):
     """
 
     batch_state = (
-        "keys", "values", "positions", "streaming_keys", "streaming_values", "streaming_positions", "real_seen",
-    )  # fmt: skip
+        "keys",
+        "values",
+        "positions",
+        "streaming_keys",
+        "streaming_values",
+        "streaming_positions",
+        "real_seen",
+    )
 
     def __init__(self, retrieval: torch.Tensor | bool, sink_size: int, recent_size: int, layer_idx: int = 0):
         super().__init__()
@@ -530,9 +536,12 @@ class DuoAttentionLayer(CompressedLayer):
             return False
         # The window is full and in token order: appending one slot makes the ring; slot S is the oldest recent token.
         batch, heads, _, head_dim = self.streaming_keys.shape
-        self.streaming_keys = torch.cat((self.streaming_keys, self.streaming_keys.new_empty(batch, heads, 1, head_dim)), 2)
+        self.streaming_keys = torch.cat(
+            (self.streaming_keys, self.streaming_keys.new_empty(batch, heads, 1, head_dim)), 2
+        )
         self.streaming_values = torch.cat(
-            (self.streaming_values, self.streaming_values.new_empty(batch, heads, 1, self.streaming_values.shape[-1])), 2
+            (self.streaming_values, self.streaming_values.new_empty(batch, heads, 1, self.streaming_values.shape[-1])),
+            2,
         )
         self.streaming_positions = torch.cat(
             (self.streaming_positions, self.streaming_positions.new_full((batch, 1, 1), PAD_POSITION)), 2
@@ -568,8 +577,9 @@ class DuoAttentionLayer(CompressedLayer):
         start = self._oldest - self.sink_size + 1  # the oldest token still in the window
         order = [*range(self.sink_size), *(self.sink_size + (start + j) % ring for j in range(self.recent_size))]
         index = torch.tensor(order, device=self.streaming_keys.device)
-        return tuple(t.index_select(2, index) for t in (self.streaming_keys, self.streaming_values,
-                                                         self.streaming_positions))
+        return tuple(
+            t.index_select(2, index) for t in (self.streaming_keys, self.streaming_values, self.streaming_positions)
+        )
 
     def _unroll_ring(self) -> None:
         """Puts the ring back in token order (sinks, then the ``R`` recent tokens oldest first) for a general step."""
@@ -701,4 +711,9 @@ __all__ = [
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("duo_attention", DuoAttentionCache, needs_attention=True, summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window")
+register_cache(
+    "duo_attention",
+    DuoAttentionCache,
+    needs_attention=True,
+    summary="DuoAttention: retrieval heads keep every token, streaming heads sinks + recent window",
+)

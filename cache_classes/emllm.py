@@ -471,7 +471,9 @@ class EMLLMCache(LongMemCache):
     """
 
     #: Why this cache holds as much as the full cache or more (shown next to benchmark rows where it does).
-    memory_note = "keeps every past token (offloaded blocks in CPU memory count too); the budget bounds what attention reads"
+    memory_note = (
+        "keeps every past token (offloaded blocks in CPU memory count too); the budget bounds what attention reads"
+    )
     #: What the budget bounds: the bytes on the compute device with offloading on (architecture matrix, check (b)).
     memory_saving = "resident"
     #: Left padding is exact in whole execution blocks (chunked prefill): the option that sets the multiple.
@@ -551,7 +553,9 @@ class EMLLMCache(LongMemCache):
             pin_memory=pin_memory,
             offload_representatives=bool(offload_representatives),
         )
-        super().__init__(lambda layer_idx: EMLLMLayer(self, self.rotary.for_layer(layer_idx), layer_idx, **options), config=config)
+        super().__init__(
+            lambda layer_idx: EMLLMLayer(self, self.rotary.for_layer(layer_idx), layer_idx, **options), config=config
+        )
         refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     def _init_surprise_state(self) -> None:
@@ -787,7 +791,10 @@ class EMLLMCache(LongMemCache):
         parts = InfLLMCache.memory_parts(self)
         device = next((layer.device for layer in self.layers if getattr(layer, "device", None) is not None), None)
         on_accelerator = device is not None and device.type != "cpu"
-        for name, tensors in (("segmentation", (*self._history, *self._flags)), ("last_logits", tuple(self._last_logits))):
+        for name, tensors in (
+            ("segmentation", (*self._history, *self._flags)),
+            ("last_logits", tuple(self._last_logits)),
+        ):
             host = all(t is None or t.device.type == "cpu" for t in tensors)
             parts[name] = ("offloaded" if host and on_accelerator else "resident", sum(map(_tensor_bytes, tensors)))
         return parts
@@ -836,4 +843,9 @@ __all__ = [
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("emllm", EMLLMCache, needs_attention=True, summary="EM-LLM: InfLLM memory with surprise-segmented, graph-refined events, similarity + contiguity retrieval")
+register_cache(
+    "emllm",
+    EMLLMCache,
+    needs_attention=True,
+    summary="EM-LLM: InfLLM memory with surprise-segmented, graph-refined events, similarity + contiguity retrieval",
+)

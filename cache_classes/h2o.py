@@ -73,4 +73,6 @@ class H2OCache(LongMemCache):
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window")
+register_cache(
+    "h2o", H2OCache, needs_attention=True, summary="H2O: heavy hitters by accumulated attention + recent window"
+)

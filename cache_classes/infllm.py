@@ -160,7 +160,12 @@ def attach_padding_hook(model, cache) -> RemovableHandle:
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         real = None
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and inputs is not None and mask.shape[-1] >= inputs.shape[1]:
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.ndim == 2
+            and inputs is not None
+            and mask.shape[-1] >= inputs.shape[1]
+        ):
             new = mask[:, -inputs.shape[1] :] != 0  # [b, q]
             real = None if bool(new.all()) else new
         observed._forward_padding = (observed.get_seq_length(), real)
@@ -171,9 +176,7 @@ def attach_padding_hook(model, cache) -> RemovableHandle:
     return handle
 
 
-def block_representatives(
-    keys: torch.Tensor, scores: torch.Tensor, sizes: list[int], repr_topk: int
-) -> torch.Tensor:
+def block_representatives(keys: torch.Tensor, scores: torch.Tensor, sizes: list[int], repr_topk: int) -> torch.Tensor:
     """Representative key of each block: the mean of its ``repr_topk`` best-scored keys, per query head.
 
     Args:
@@ -315,7 +318,9 @@ class InfLLMLayer(CacheLayerMixin):
         self._pending = None
         self._state_pads = False
         #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
-        self.padding_source: weakref.ref | None = None  # whether some row of keys/values holds fewer tokens than the others
+        self.padding_source: weakref.ref | None = (
+            None  # whether some row of keys/values holds fewer tokens than the others
+        )
 
     # ----------------------------------------------------------------------------------------------- contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -341,7 +346,9 @@ class InfLLMLayer(CacheLayerMixin):
             raise RuntimeError(NEEDS_ATTENTION_MESSAGE.format(name=name))
         attn_kwargs = kwargs.get("kwargs")
         if attn_kwargs is None:
-            raise RuntimeError(f"{name}: this model does not pass its attention kwargs to Cache.update (unsupported model)")
+            raise RuntimeError(
+                f"{name}: this model does not pass its attention kwargs to Cache.update (unsupported model)"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
@@ -380,7 +387,9 @@ class InfLLMLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         recent = (self.positions != PAD_POSITION).sum(1)
-        initial = self.init_valid.sum(1) if self.init_valid is not None else torch.full_like(recent, self.init_keys.shape[-2])
+        initial = (
+            self.init_valid.sum(1) if self.init_valid is not None else torch.full_like(recent, self.init_keys.shape[-2])
+        )
         memory = [sum(self.store.block_sizes(row)) for row in range(self.store.batch_size)] or [0] * recent.shape[0]
         return int((recent + initial + torch.tensor(memory, device=recent.device)).max())
 
@@ -450,9 +459,7 @@ class InfLLMLayer(CacheLayerMixin):
         # memory query: rotated to position n_local - 1 (memory keys sit at 0); retrieval starts early so the
         # host->device copies of the chosen blocks overlap the local attention
         has_memory = (
-            self.store.batch_size > 0
-            or self.init_keys.shape[-2] > 0
-            or self.keys.shape[-2] + num_q > self.n_local
+            self.store.batch_size > 0 or self.init_keys.shape[-2] > 0 or self.keys.shape[-2] + num_q > self.n_local
         )
         query_real = (positions != PAD_POSITION) if chunk_pads else None  # [b, c]
         memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
@@ -610,7 +617,12 @@ class InfLLMLayer(CacheLayerMixin):
         parts = [
             (self.init_keys, self.init_values, init_keep, init_keep),
             (zeros_k, zeros_v, slots < (n_real - rem_count).clamp(min=0)[:, None], never),
-            (self.unrotate(self.keys[:, :, :rem_len], rem_pos.clamp(min=0)), self.values[:, :, :rem_len], rem_keep, rem_keep),
+            (
+                self.unrotate(self.keys[:, :, :rem_len], rem_pos.clamp(min=0)),
+                self.values[:, :, :rem_len],
+                rem_keep,
+                rem_keep,
+            ),
             (zeros_k, zeros_v, slots < (num_q - n_real)[:, None], never),
         ]
         per_head = selected is not None and _is_per_head(selected)
@@ -835,7 +847,16 @@ class InfLLMLayer(CacheLayerMixin):
     def _map_rows(self, fn, index) -> None:
         if not self.is_initialized:
             return
-        for name in ("keys", "values", "positions", "local_scores", "init_keys", "init_values", "init_valid", "real_seen"):
+        for name in (
+            "keys",
+            "values",
+            "positions",
+            "local_scores",
+            "init_keys",
+            "init_values",
+            "init_valid",
+            "real_seen",
+        ):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -927,7 +948,9 @@ class InfLLMCache(LongMemCache):
     """
 
     #: Why this cache holds as much as the full cache or more (shown next to benchmark rows where it does).
-    memory_note = "keeps every past token (offloaded blocks in CPU memory count too); the budget bounds what attention reads"
+    memory_note = (
+        "keeps every past token (offloaded blocks in CPU memory count too); the budget bounds what attention reads"
+    )
     #: What the budget bounds: the bytes on the compute device with offloading on (architecture matrix, check (b)).
     memory_saving = "resident"
 
@@ -978,7 +1001,9 @@ class InfLLMCache(LongMemCache):
             perhead=self.perhead,
             offload_representatives=self.offload_representatives,
         )
-        super().__init__(lambda layer_idx: self._watched(InfLLMLayer(self.rotary.for_layer(layer_idx), **options)), config=config)
+        super().__init__(
+            lambda layer_idx: self._watched(InfLLMLayer(self.rotary.for_layer(layer_idx), **options)), config=config
+        )
         refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     @classmethod
@@ -1045,4 +1070,9 @@ __all__ = ["InfLLMCache", "InfLLMLayer", "block_representatives"]
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("infllm", InfLLMCache, needs_attention=True, summary="InfLLM: initial tokens + top-k memory blocks by representative keys (constant distance) + local window, CPU offload")
+register_cache(
+    "infllm",
+    InfLLMCache,
+    needs_attention=True,
+    summary="InfLLM: initial tokens + top-k memory blocks by representative keys (constant distance) + local window, CPU offload",
+)

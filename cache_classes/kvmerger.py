@@ -208,4 +208,9 @@ __all__ = ["KVMergerCache", "KVMergerLayer", "kvmerger_compress"]
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("kvmerger", KVMergerCache, needs_attention=True, summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights")
+register_cache(
+    "kvmerger",
+    KVMergerCache,
+    needs_attention=True,
+    summary="KVMerger: runs of consecutive similar prompt KVs merged with Gaussian-kernel weights",
+)

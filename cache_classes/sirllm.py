@@ -81,6 +81,7 @@ class SirLLMLayer(ShiftedLayer):
     def target_length(self, num_tokens: int) -> int:
         return num_tokens  # eviction happens before a turn, in update()
 
+
 def _record_turn(cache: SirLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
     cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
 

@@ -165,7 +165,9 @@ class PyramidKVCache(LongMemCache):
         if not isinstance(beta, int) or beta < 1:
             raise ValueError(f"`beta` must be a positive int, got {beta!r}")
         if config is None:
-            raise ValueError("PyramidKVCache needs `config=` (the number of layers sets the pyramid); or use make_cache")
+            raise ValueError(
+                "PyramidKVCache needs `config=` (the number of layers sets the pyramid); or use make_cache"
+            )
         num_layers = config.get_text_config(decoder=True).num_hidden_layers
         self.budget, self.window_size, self.beta = budget, window_size, beta
 
@@ -189,5 +191,9 @@ def _check_snapkv(budget, window_size, kernel_size, pooling) -> None:
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).
-register_cache("snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window")
-register_cache("pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer")
+register_cache(
+    "snapkv", SnapKVCache, needs_attention=True, summary="SnapKV: prompt tokens voted by an observation window"
+)
+register_cache(
+    "pyramidkv", PyramidKVCache, needs_attention=True, summary="PyramidKV: SnapKV with budgets decreasing by layer"
+)

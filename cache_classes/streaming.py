@@ -45,7 +45,9 @@ def shift_rotary(
         return None
     if rotary is None:
         if config is None:
-            raise ValueError("position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)")
+            raise ValueError(
+                "position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)"
+            )
         rotary = shift_rotation_of(config, ModelRotary.from_config)
     return rotary
 
@@ -103,8 +105,7 @@ class StreamingLayer(ShiftedLayer):
             recent = target - self.sink_size
             self._evicted = True
             return tuple(
-                torch.cat((t[..., : self.sink_size, :], t[..., n - recent :, :]), dim=-2)
-                for t in (keys, values)
+                torch.cat((t[..., : self.sink_size, :], t[..., n - recent :, :]), dim=-2) for t in (keys, values)
             ) + (torch.cat((positions[..., : self.sink_size], positions[..., n - recent :]), dim=-1),)
         return super().compress(keys, values, positions)
 
@@ -115,6 +116,7 @@ class StreamingLayer(ShiftedLayer):
         cols = torch.arange(n, device=keys.device, dtype=torch.float32).expand(positions.shape[0], 1, n)
         self._evicted = True
         return cols.masked_fill(cols < first_real + self.sink_size, float("inf"))
+
 
 class StreamingCache(LongMemCache):
     """StreamingLLM cache: ``sink_size`` attention sinks + the most recent tokens, ``budget`` tokens in all.
@@ -144,7 +146,9 @@ class StreamingCache(LongMemCache):
     ):
         check_int("sink_size", sink_size, low=0)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget <= sink_size:
-            raise ValueError(f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}")
+            raise ValueError(
+                f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}"
+            )
         shift = shift_rotary(position_mode, rotary, config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
         super().__init__(

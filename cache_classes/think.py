@@ -93,7 +93,9 @@ class ThinKLayer(CompressedLayer):
             raise RuntimeError(NEEDS_ATTENTION_MESSAGE.format(name=type(self).__name__))
         attn_kwargs = kwargs.get("kwargs")
         if attn_kwargs is None:
-            raise RuntimeError("ThinK: this model does not pass its attention kwargs to Cache.update (unsupported model)")
+            raise RuntimeError(
+                "ThinK: this model does not pass its attention kwargs to Cache.update (unsupported model)"
+            )
         holder = self.base if (self.base is not None and not self.is_pruned) else None
         if holder is not None:
             keys, values = holder.update(key_states, value_states, *args, **kwargs)
@@ -116,7 +118,9 @@ class ThinKLayer(CompressedLayer):
             features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
             return self._attend_pruned(query, features), None
         if self.base is not None:
-            output = self.base.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            output = self.base.attend(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
             keys, values, positions = self.base.keys, self.base.values, self.base.positions
         else:
             from hf_longmem.attention import fallback_attention
@@ -135,10 +139,17 @@ class ThinKLayer(CompressedLayer):
         d_keep = head_dim - int(head_dim * self.key_channel_ratio)
         recent = min(self.recent_size, keys.shape[-2])
         packed = keys.shape[-2] - recent
-        scores = channel_scores(query[:, :, -window:], keys[..., :packed, :], self._new_real[:, -window:], positions[..., :packed] != PAD_POSITION)
+        scores = channel_scores(
+            query[:, :, -window:],
+            keys[..., :packed, :],
+            self._new_real[:, -window:],
+            positions[..., :packed] != PAD_POSITION,
+        )
         index = scores.topk(d_keep, dim=-1).indices.sort(dim=-1).values  # [b, Hkv, d_keep]
         self.channel_index = index.to(torch.int16 if head_dim <= torch.iinfo(torch.int16).max else torch.int32)
-        self.pruned_keys = keys[..., :packed, :].gather(-1, index[:, :, None, :].expand(-1, -1, packed, -1)).contiguous()
+        self.pruned_keys = (
+            keys[..., :packed, :].gather(-1, index[:, :, None, :].expand(-1, -1, packed, -1)).contiguous()
+        )
         self.pruned_values = values[..., :packed, :] if recent == 0 else values[..., :packed, :].clone()
         self.pruned_positions = positions[..., :packed] if recent == 0 else positions[..., :packed].clone()
         if self.base is not None:

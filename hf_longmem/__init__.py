@@ -19,11 +19,30 @@ from hf_longmem.version import __version__
 
 #: The public names: those of :mod:`hf_longmem.api` and the version (a test keeps the two lists equal).
 _PUBLIC = (
-    "CompressedLayer", "D2OCache", "DuoAttentionCache", "EMLLMCache", "FullCache", "H2OCache", "InfLLMCache",
-    "KVMergerCache", "LongMemCache", "PyramidKVCache", "SirLLMCache", "SnapKVCache", "StreamingCache", "ThinKCache",
-    "available_caches", "cache_memory_bytes", "enable_longmem_attention", "get_cache_spec", "hub",
-    "load_default_model", "make_cache", "register_attention", "register_cache",
-)  # fmt: skip
+    "CompressedLayer",
+    "D2OCache",
+    "DuoAttentionCache",
+    "EMLLMCache",
+    "FullCache",
+    "H2OCache",
+    "InfLLMCache",
+    "KVMergerCache",
+    "LongMemCache",
+    "PyramidKVCache",
+    "SirLLMCache",
+    "SnapKVCache",
+    "StreamingCache",
+    "ThinKCache",
+    "available_caches",
+    "cache_memory_bytes",
+    "enable_longmem_attention",
+    "get_cache_spec",
+    "hub",
+    "load_default_model",
+    "make_cache",
+    "register_attention",
+    "register_cache",
+)
 __all__ = [*_PUBLIC, "__version__"]
 
 

@@ -1,7 +1,6 @@
 """The public API of :mod:`hf_longmem`: importing this module registers the attention functions, the caches and the
 architectures (``import hf_longmem`` imports it; see the package docstring)."""
 
-
 from hf_longmem import hub, modeling  # noqa: F401  (hub: publish(); modeling: registers the architectures)
 from hf_longmem.attention import enable_longmem_attention, register_attention
 from hf_longmem.cache_classes.base import CompressedLayer, LongMemCache, cache_memory_bytes

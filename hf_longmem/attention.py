@@ -78,9 +78,7 @@ def _make_attention(implementation: str):
             )
         if layer is not None:
             check_attention_kwargs(module, kwargs, type(layer).__name__)
-            return layer.attend(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-            )
+            return layer.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         fn = fallback_attention(module, implementation)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -152,12 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_BENCH,
     )
     add_model_args(bench)
-    bench.add_argument("--tasks", type=_csv(str, "--tasks"), default=list(DEFAULT_TASKS),
-                       help=f"comma-separated task generators (default: {','.join(DEFAULT_TASKS)})")  # fmt: skip
-    bench.add_argument("--lengths", type=_csv(int, "--lengths"), default=list(DEFAULT_LENGTHS),
-                       help=f"comma-separated context lengths in tokens (default: {','.join(map(str, DEFAULT_LENGTHS))})")  # fmt: skip
-    bench.add_argument("--caches", type=_csv(str, "--caches"), default=None,
-                       help="comma-separated cache names (default: every cache of `hf-longmem caches`)")  # fmt: skip
+    bench.add_argument(
+        "--tasks",
+        type=_csv(str, "--tasks"),
+        default=list(DEFAULT_TASKS),
+        help=f"comma-separated task generators (default: {','.join(DEFAULT_TASKS)})",
+    )
+    bench.add_argument(
+        "--lengths",
+        type=_csv(int, "--lengths"),
+        default=list(DEFAULT_LENGTHS),
+        help=f"comma-separated context lengths in tokens (default: {','.join(map(str, DEFAULT_LENGTHS))})",
+    )
+    bench.add_argument(
+        "--caches",
+        type=_csv(str, "--caches"),
+        default=None,
+        help="comma-separated cache names (default: every cache of `hf-longmem caches`)",
+    )
     budget = bench.add_mutually_exclusive_group()
     budget.add_argument(
         "--budget",
@@ -165,17 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens kept per layer by every cache that has a budget (see below)",
     )
-    budget.add_argument("--budget-ratio", type=_ratio, default=None,
-                        help=f"budget as a fraction of each context length (default: {DEFAULT_BUDGET_RATIO})")  # fmt: skip
-    bench.add_argument("--cache-option", action="append", default=[], metavar="[CACHE.]KEY=VALUE",
-                       help="extra cache option (repeatable); CACHE. limits it to one cache")  # fmt: skip
-    bench.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
-                       help="task generator option (repeatable), e.g. multikey_needle.num_needles=2")  # fmt: skip
-    bench.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES,
-                       help=f"samples per task and length (default: {DEFAULT_NUM_SAMPLES}; the table shows the 95%% interval)")  # fmt: skip
+    budget.add_argument(
+        "--budget-ratio",
+        type=_ratio,
+        default=None,
+        help=f"budget as a fraction of each context length (default: {DEFAULT_BUDGET_RATIO})",
+    )
+    bench.add_argument(
+        "--cache-option",
+        action="append",
+        default=[],
+        metavar="[CACHE.]KEY=VALUE",
+        help="extra cache option (repeatable); CACHE. limits it to one cache",
+    )
+    bench.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="TASK.KEY=VALUE",
+        help="task generator option (repeatable), e.g. multikey_needle.num_needles=2",
+    )
+    bench.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=DEFAULT_NUM_SAMPLES,
+        help=f"samples per task and length (default: {DEFAULT_NUM_SAMPLES}; the table shows the 95%% interval)",
+    )
     bench.add_argument("--seed", type=int, default=0, help="task generator seed (default: 0)")
-    bench.add_argument("--mode", choices=["auto", "single", "rollback", "append"], default="auto",
-                       help="how turns are answered (default: single for one-question tasks, rollback otherwise)")  # fmt: skip
+    bench.add_argument(
+        "--mode",
+        choices=["auto", "single", "rollback", "append"],
+        default="auto",
+        help="how turns are answered (default: single for one-question tasks, rollback otherwise)",
+    )
     bench.add_argument("--batch-size", type=_positive_int, default=1, help="prompts per forward in single mode")
     bench.add_argument("--fidelity", action="store_true", help="also measure top-1 agreement and KL vs the full cache")
     bench.add_argument("--out", metavar="FILE", help="write the results JSON here")
@@ -199,14 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-file", metavar="FILE", help="file holding the prompt ('-' for stdin)")
     prompt.add_argument("--prompt", help="the prompt text itself")
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
-                          help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
+    generate.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
 
-    sub.add_parser("caches", help="list the available caches and their options",
-                   description="List the registered cache methods, their summaries and options.")  # fmt: skip
+    sub.add_parser(
+        "caches",
+        help="list the available caches and their options",
+        description="List the registered cache methods, their summaries and options.",
+    )
 
-    report = sub.add_parser("report", help="print the table of a results file (and plot it)",
-                            description="Print the table of a results JSON written by `hf-longmem bench --out`.")  # fmt: skip
+    report = sub.add_parser(
+        "report",
+        help="print the table of a results file (and plot it)",
+        description="Print the table of a results JSON written by `hf-longmem bench --out`.",
+    )
     report.add_argument("results", metavar="RESULTS_JSON")
     report.add_argument("--plot", metavar="FILE", help="also write an accuracy vs KV bytes plot")
     report.add_argument(
@@ -216,9 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_longmem.editing.command import EPILOG as EDIT_EPILOG
     from hf_longmem.editing.command import add_edit_arguments
 
-    edit = sub.add_parser("edit", help="write WISE knowledge edits from a file and save the side memories",
-                          description="Edit facts into a model with WISE side memories and save them.",
-                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EDIT_EPILOG)  # fmt: skip
+    edit = sub.add_parser(
+        "edit",
+        help="write WISE knowledge edits from a file and save the side memories",
+        description="Edit facts into a model with WISE side memories and save them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EDIT_EPILOG,
+    )
     add_model_args(edit)
     add_edit_arguments(edit)
     return parser
@@ -410,8 +458,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if args.caches is not None or fixed[name]:
                     raise CLIError(f"bad options {opts} for cache {name!r} at length {length}: {error}") from None
                 # Implicit "every cache", no option given for it: one that cannot run on this model is skipped.
-                print(f"{PROG}: warning: skipping cache {name!r} (options {opts}, length {length}): {error}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"{PROG}: warning: skipping cache {name!r} (options {opts}, length {length}): {error}",
+                    file=sys.stderr,
+                )
                 del caches[name]
                 break
     if not caches:
@@ -429,17 +479,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def meta(**extra):
         return collect_meta(
-            model_name=model_name, device=str(model.device), seed=args.seed, tasks=task_options, lengths=args.lengths,
-            budget=args.budget, budget_ratio=ratio, num_samples=args.num_samples, fidelity=args.fidelity,
-            wall_time_s=round(time.perf_counter() - start, 3), **extra,
-        )  # fmt: skip
+            model_name=model_name,
+            device=str(model.device),
+            seed=args.seed,
+            tasks=task_options,
+            lengths=args.lengths,
+            budget=args.budget,
+            budget_ratio=ratio,
+            num_samples=args.num_samples,
+            fidelity=args.fidelity,
+            wall_time_s=round(time.perf_counter() - start, 3),
+            **extra,
+        )
 
     try:
         run_benchmark(
-            model, tokenizer, task_options, args.lengths, caches, num_samples=args.num_samples, seed=args.seed,
-            fidelity=args.fidelity, mode=None if args.mode == "auto" else args.mode, batch_size=args.batch_size,
-            model_name=model_name, records=records, progress=not args.no_progress, completed_rows=rows,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            task_options,
+            args.lengths,
+            caches,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            fidelity=args.fidelity,
+            mode=None if args.mode == "auto" else args.mode,
+            batch_size=args.batch_size,
+            model_name=model_name,
+            records=records,
+            progress=not args.no_progress,
+            completed_rows=rows,
+        )
     except KeyboardInterrupt:
         target = args.out or f"hf-longmem-bench-{time.strftime('%Y%m%d-%H%M%S')}.partial.json"
         where = _save_rows(target, rows, meta(interrupted=True), records) if rows else None
@@ -528,7 +597,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
-            raise CLIError(f"--prompt-file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+            raise CLIError(
+                f"--prompt-file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})"
+            ) from None
     if not text:
         raise CLIError("the prompt is empty")
     from transformers.utils import logging as hf_logging

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils.generic import can_return_tuple
 
-__all__ = ["MemoryModelMixin", "can_return_tuple", "causal_lm_logits", "last_hidden_state_last", "shifted_cross_entropy"]
+__all__ = [
+    "MemoryModelMixin",
+    "can_return_tuple",
+    "causal_lm_logits",
+    "last_hidden_state_last",
+    "shifted_cross_entropy",
+]
 
 #: Features a model may declare in ``_unsupported_features`` (what the conformance suite checks as refusals).
 KNOWN_FEATURES = ("output_attentions", "inputs_embeds", "padded_batches", "gradient_checkpointing")

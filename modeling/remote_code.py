@@ -49,7 +49,7 @@ def shim_source(module_name: str, class_names: Iterable[str]) -> str:
         f"    from {module_name} import {', '.join(names)}  # noqa: F401\n"
         "except ImportError as error:\n"
         "    raise ImportError(\n"
-        f"        \"this checkpoint was written with hf_longmem {__version__} and needs that package: \"\n"
+        f'        "this checkpoint was written with hf_longmem {__version__} and needs that package: "\n'
         f"        \"pip install 'hf-longmem>={__version__}' (CPU or CUDA torch first: see {INSTALL_URL})\"\n"
         "    ) from error\n"
     )

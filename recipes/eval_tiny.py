@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(rows))
     if args.card is not None:
-        write_card(args.card, Path(args.model), result, " ".join(["python recipes/eval_tiny.py", *(argv or sys.argv[1:])]))
+        write_card(
+            args.card, Path(args.model), result, " ".join(["python recipes/eval_tiny.py", *(argv or sys.argv[1:])])
+        )
     return result
 
 
@@ -149,9 +151,12 @@ def write_card(path: Path, model_dir: Path, result: dict[str, Any], eval_command
     config = meta["config"]
     train_lengths = [stage["max_length"] for stage in config["curriculum"]]
     card_data = ModelCardData(
-        language="en", license="apache-2.0", library_name="transformers", pipeline_tag="text-generation",
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="text-generation",
         tags=["hf-longmem", "synthetic", "long-context", "passkey"],
-    )  # fmt: skip
+    )
     body = f"""---
 {card_data.to_yaml()}
 ---

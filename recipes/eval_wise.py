@@ -38,15 +38,19 @@ DEFAULT_OPTIONS: dict[str, Any] = {"save_freq": 25, "merge_freq": 50}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="local causal LM folder, 'random' (tiny random Llama + the embedded model's tokenizer), "
-                        "or nothing for the embedded model")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local causal LM folder, 'random' (tiny random Llama + the embedded model's tokenizer), "
+        "or nothing for the embedded model",
+    )
     parser.add_argument("--edits", metavar="FILE", help="ZsRE-format edits (default: generated fictional facts)")
     parser.add_argument("--num-edits", type=int, default=100, help="edits in the stream (default 100)")
     parser.add_argument("--checkpoints", default="1,10,100", help="values of T (default 1,10,100)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="WISEConfig field (repeatable; JSON values)")  # fmt: skip
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="WISEConfig field (repeatable; JSON values)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="fact generator and WISE seed")
     parser.add_argument("--init-std", type=float, default=0.1, help="weight init std of --model random (0.1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -68,10 +72,18 @@ def random_model(seed: int = 0, init_std: float = 0.1) -> tuple[Any, Any]:
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=init_std,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.config._name_or_path = "random-tiny-llama"
@@ -152,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for method in methods:
         rows += run_sequential(
-            method, model, tokenizer, records, config=config, checkpoints=checkpoints, irrelevant=irrelevant,
+            method,
+            model,
+            tokenizer,
+            records,
+            config=config,
+            checkpoints=checkpoints,
+            irrelevant=irrelevant,
             progress=not args.no_progress,
             on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True),
-        )  # fmt: skip
+        )
     table = markdown_table(rows)
     meta = {
         "model": model_name,

@@ -93,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[CMTRecipeConfig, argparse
         CMTRecipeConfig, argv, __doc__.split("\n\n")[0], run_options, extra_overrides=("eval_lengths", "eval_tasks")
     )
     if not 0 < config.train_min_length <= config.train_max_length:
-        raise ValueError(f"need 0 < train_min_length <= train_max_length, got {config.train_min_length}, "
-                         f"{config.train_max_length}")  # fmt: skip
+        raise ValueError(
+            f"need 0 < train_min_length <= train_max_length, got {config.train_min_length}, {config.train_max_length}"
+        )
     if config.max_steps < 1 or config.batch_size < 1:
         raise ValueError(f"max_steps and batch_size must be >= 1, got {config.max_steps}, {config.batch_size}")
     return config, args
@@ -137,10 +138,16 @@ def make_batch(samples, tokenizer, max_document_tokens: int) -> dict[str, torch.
         qa_ids[row, : len(ids)], qa_mask[row, : len(ids)] = torch.tensor(ids), 1
         qa_labels[row, : len(lab)] = torch.tensor(lab)
     return {
-        "document_ids": document_ids, "document_mask": document_mask, "document_owner": torch.tensor(owners),
-        "gold_document": torch.tensor(golds), "question_ids": question_ids, "question_mask": question_mask,
-        "qa_ids": qa_ids, "qa_mask": qa_mask, "qa_labels": qa_labels,
-    }  # fmt: skip
+        "document_ids": document_ids,
+        "document_mask": document_mask,
+        "document_owner": torch.tensor(owners),
+        "gold_document": torch.tensor(golds),
+        "question_ids": question_ids,
+        "question_mask": question_mask,
+        "qa_ids": qa_ids,
+        "qa_mask": qa_mask,
+        "qa_labels": qa_labels,
+    }
 
 
 def sample_stream(config: CMTRecipeConfig, tokenizer, max_document_tokens: int):
@@ -172,9 +179,11 @@ def sample_stream(config: CMTRecipeConfig, tokenizer, max_document_tokens: int):
 @torch.no_grad()
 def greedy(model, ids: list[int], max_new_tokens: int, pad_id: int) -> list[int]:
     out = model.generate(
-        input_ids=torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
+        input_ids=torch.tensor([ids], device=model.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
         pad_token_id=pad_id,
-    )  # fmt: skip
+    )
     return out[0, len(ids) :].tolist()
 
 
@@ -195,9 +204,12 @@ def evaluate(model: CMTForCausalLM, tokenizer, config: CMTRecipeConfig) -> list[
                 model.forget()
                 names = model.memorize(pieces, doc_ids=[f"piece-{i}" for i in range(len(pieces))])
                 out = model.generate(
-                    input_ids=torch.tensor([question], device=model.device), max_new_tokens=turn.max_new_tokens,
-                    do_sample=False, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                )  # fmt: skip
+                    input_ids=torch.tensor([question], device=model.device),
+                    max_new_tokens=turn.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    return_dict_in_generate=True,
+                )
                 answer = tokenizer.decode(out.sequences[0, len(question) :], skip_special_tokens=True).strip()
                 hits["cmt"] += answer in turn.answers
                 retrieved = out.cache.retrieved_doc_ids[0] if out.cache.retrieved_doc_ids else []
@@ -212,35 +224,59 @@ def evaluate(model: CMTForCausalLM, tokenizer, config: CMTRecipeConfig) -> list[
                     seconds["backbone"] += time.time() - start
             n = len(samples)
             mean_tokens = sum(s.meta["num_tokens"] for s in samples) / n
-            rows.append({
-                "model": "tiny-longmem + CMT", "task": task, "cache": "cmt",
-                "cache_kwargs": {"memory_top_k": top_k, "num_memory_tokens": model.config.num_memory_tokens,
-                                 "max_document_tokens": model.config.max_document_tokens},
-                "options": {"method": "cmt", "memory_top_k": top_k}, "context_length": length, "num_samples": n,
-                "accuracy": hits["cmt"] / n, "retrieval_recall": retrieved_gold / n, "mean_num_tokens": mean_tokens,
-                "prompt_tokens_seen_by_llm": top_k * model.config.num_memory_tokens, "seconds": round(seconds["cmt"], 1),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": "tiny-longmem + CMT",
+                    "task": task,
+                    "cache": "cmt",
+                    "cache_kwargs": {
+                        "memory_top_k": top_k,
+                        "num_memory_tokens": model.config.num_memory_tokens,
+                        "max_document_tokens": model.config.max_document_tokens,
+                    },
+                    "options": {"method": "cmt", "memory_top_k": top_k},
+                    "context_length": length,
+                    "num_samples": n,
+                    "accuracy": hits["cmt"] / n,
+                    "retrieval_recall": retrieved_gold / n,
+                    "mean_num_tokens": mean_tokens,
+                    "prompt_tokens_seen_by_llm": top_k * model.config.num_memory_tokens,
+                    "seconds": round(seconds["cmt"], 1),
+                }
+            )
             if config.eval_baseline:
-                rows.append({
-                    "model": "tiny-longmem (backbone alone)", "task": task, "cache": "full", "cache_kwargs": {},
-                    "options": {"method": "backbone, whole prompt in context"}, "context_length": length,
-                    "num_samples": n, "accuracy": hits["backbone"] / n, "mean_num_tokens": mean_tokens,
-                    "seconds": round(seconds["backbone"], 1),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "model": "tiny-longmem (backbone alone)",
+                        "task": task,
+                        "cache": "full",
+                        "cache_kwargs": {},
+                        "options": {"method": "backbone, whole prompt in context"},
+                        "context_length": length,
+                        "num_samples": n,
+                        "accuracy": hits["backbone"] / n,
+                        "mean_num_tokens": mean_tokens,
+                        "seconds": round(seconds["backbone"], 1),
+                    }
+                )
             tqdm.write(json.dumps(rows[-2:] if config.eval_baseline else rows[-1:]))
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Accuracy (%) by task and length: backbone alone vs CMT (and CMT's retrieval recall)."""
-    lines = ["| task | context tokens | backbone alone (whole prompt) | CMT (memorized context) | CMT retrieval recall |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| task | context tokens | backbone alone (whole prompt) | CMT (memorized context) | CMT retrieval recall |",
+        "|---|---:|---:|---:|---:|",
+    ]
     keyed = {(r["task"], r["context_length"], r["cache"]): r for r in rows}
     for task, length in dict.fromkeys((r["task"], r["context_length"]) for r in rows):
         base, cmt = keyed.get((task, length, "full")), keyed[(task, length, "cmt")]
         base_cell = f"{100 * base['accuracy']:.0f}%" if base else "–"
-        lines.append(f"| {task} | {length:,} | {base_cell} | {100 * cmt['accuracy']:.0f}% | "
-                     f"{100 * cmt['retrieval_recall']:.0f}% |")  # fmt: skip
+        lines.append(
+            f"| {task} | {length:,} | {base_cell} | {100 * cmt['accuracy']:.0f}% | "
+            f"{100 * cmt['retrieval_recall']:.0f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -253,8 +289,9 @@ def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCaus
     """Train the compressor; returns ``(model, tokenizer, training record)``."""
     set_seed(config.seed)
     backbone, tokenizer = load_default_model()
-    model = CMTForCausalLM.from_backbone(backbone, backbone_name_or_path="hf_longmem/assets/tiny-longmem",
-                                         **config.model)  # fmt: skip
+    model = CMTForCausalLM.from_backbone(
+        backbone, backbone_name_or_path="hf_longmem/assets/tiny-longmem", **config.model
+    )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -271,10 +308,16 @@ def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCaus
     progress = tqdm(range(1, config.max_steps + 1), desc="train_cmt", disable=not accelerator.is_main_process)
     for step in progress:
         samples = [next(stream) for _ in range(config.batch_size)]
-        batch = {k: v.to(accelerator.device) for k, v in make_batch(samples, tokenizer, unwrapped.config.max_document_tokens).items()}
+        batch = {
+            k: v.to(accelerator.device)
+            for k, v in make_batch(samples, tokenizer, unwrapped.config.max_document_tokens).items()
+        }
         out = unwrapped.memory_training_loss(
-            **batch, retrieval_weight=config.retrieval_weight, document_weight=config.document_weight,
-            distill_weight=config.distill_weight, generator=generator,
+            **batch,
+            retrieval_weight=config.retrieval_weight,
+            document_weight=config.document_weight,
+            distill_weight=config.distill_weight,
+            generator=generator,
         )
         accelerator.backward(out["loss"])
         accelerator.clip_grad_norm_(parameters, config.grad_clip)
@@ -315,10 +358,17 @@ def publish_model(model, tokenizer, results_path: Path, repo_id: str, folder: Pa
         "backbone alone gets the whole prompt in its context."
     )
     return publish(
-        model, repo_id, tokenizer=tokenizer, eval_results=str(results_path), template="architecture",
-        description=description, base_model=None, tags=["cmt", "memory", "long-context"], license="apache-2.0",
+        model,
+        repo_id,
+        tokenizer=tokenizer,
+        eval_results=str(results_path),
+        template="architecture",
+        description=description,
+        base_model=None,
+        tags=["cmt", "memory", "long-context"],
+        license="apache-2.0",
         api=LocalFolderApi(folder) if folder is not None else None,
-    )  # fmt: skip
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -358,8 +408,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         temporary.replace(output_dir / "results.json")
         print(markdown_table(rows))
         if args.publish:
-            print("published:", publish_model(model, tokenizer, output_dir / "results.json", args.publish,
-                                              args.publish_folder))  # fmt: skip
+            print(
+                "published:",
+                publish_model(model, tokenizer, output_dir / "results.json", args.publish, args.publish_folder),
+            )
     return result
 
 

@@ -100,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     if not 0 < config.min_length <= config.max_length:
         raise ValueError(f"need 0 < min_length <= max_length, got {config.min_length}, {config.max_length}")
     if config.max_steps < 1 or config.tokens_per_batch < 1:
-        raise ValueError(f"max_steps and tokens_per_batch must be >= 1, got {config.max_steps}, {config.tokens_per_batch}")
+        raise ValueError(
+            f"max_steps and tokens_per_batch must be >= 1, got {config.max_steps}, {config.tokens_per_batch}"
+        )
     return config, args
 
 
@@ -129,7 +131,9 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
     backbone = AutoModelForCausalLM.from_pretrained(config.backbone, local_files_only=True, dtype=torch.float32)
     model = HMTForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.hmt)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
     )
@@ -137,11 +141,13 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
     stages = config.curriculum or [{"until": 1.0}]
     mixtures = [
         TaskMixture(
-            tokenizer, config.tasks, stage.get("task_options", config.task_options),
+            tokenizer,
+            config.tasks,
+            stage.get("task_options", config.task_options),
             seed=config.seed + 1000 * index + accelerator.process_index,
         )
         for index, stage in enumerate(stages)
-    ]  # fmt: skip
+    ]
     rng = random.Random(config.seed)
     history: list[dict[str, Any]] = []
     recent: list[bool] = []
@@ -153,7 +159,10 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
         if config.max_train_seconds:
             fraction = max(fraction, (time.time() - start) / config.max_train_seconds)
         index = next((i for i, stage in enumerate(stages) if fraction < stage["until"]), len(stages) - 1)
-        low, high = stages[index].get("min_length", config.min_length), stages[index].get("max_length", config.max_length)
+        low, high = (
+            stages[index].get("min_length", config.min_length),
+            stages[index].get("max_length", config.max_length),
+        )
         length = 16 * rng.randint(-(-low // 16), high // 16)
         samples = [mixtures[index].sample(length) for _ in range(max(1, config.tokens_per_batch // length))]
         batch = {

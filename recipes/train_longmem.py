@@ -98,7 +98,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     """``--config`` YAML, scalar ``--key value`` overrides and the run options."""
 
     def run_options(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--eval_only", type=Path, default=None, help="evaluate this saved LongMem folder, no training")
+        parser.add_argument(
+            "--eval_only", type=Path, default=None, help="evaluate this saved LongMem folder, no training"
+        )
         parser.add_argument("--publish", default=None, help="publish the trained model with its card to this repo id")
         parser.add_argument("--publish_root", type=Path, default=None, help="publish into this local folder (offline)")
         parser.add_argument("--results", type=Path, default=None, help="also copy the results JSON here")
@@ -272,8 +274,9 @@ def evaluate_all(models: dict[str, Any], tokenizer: Any, config: TrainConfig) ->
     spec, rows = config.eval, []
     for length in spec["lengths"]:
         for label, task in spec["tasks"].items():
-            samples = generate_task(task["generator"], tokenizer, length, config.eval_num_samples, spec["seed"],
-                                    **task.get("options", {}))  # fmt: skip
+            samples = generate_task(
+                task["generator"], tokenizer, length, config.eval_num_samples, spec["seed"], **task.get("options", {})
+            )
             for name, (model, cache_label) in models.items():
                 start = time.time()
                 exact, accuracy = score(model, tokenizer, samples, spec["tokens_per_batch"])

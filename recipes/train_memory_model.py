@@ -179,8 +179,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def save_checkpoint(model: Any, tokenizer: Any, output_dir: Path) -> None:
     """``save_pretrained`` model (safetensors) and tokenizer into ``output_dir``."""
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=16,
     )
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
@@ -192,15 +195,28 @@ def evaluate(model: Any, tokenizer: Any, config: MemoryTrainConfig, label: str) 
     for spec in config.eval.get("tasks", []):
         options = {k: v for k, v in spec.items() if k not in ("task", "length")}
         result = evaluate_recall(
-            model, tokenizer, spec["task"], length=int(spec["length"]),
-            num_samples=int(config.eval.get("num_samples", 256)), batch_size=int(config.eval.get("batch_size", 32)),
-            seed=int(config.eval.get("seed", 0)), **options,
+            model,
+            tokenizer,
+            spec["task"],
+            length=int(spec["length"]),
+            num_samples=int(config.eval.get("num_samples", 256)),
+            batch_size=int(config.eval.get("batch_size", 32)),
+            seed=int(config.eval.get("seed", 0)),
+            **options,
         )
-        rows.append({
-            "model": label, "task": result["task"], "cache": "own state", "cache_kwargs": {},
-            "context_length": result["length"], "num_samples": result["num_samples"],
-            "accuracy": round(result["accuracy"], 4), "exact": round(result["exact"], 4), "options": options,
-        })
+        rows.append(
+            {
+                "model": label,
+                "task": result["task"],
+                "cache": "own state",
+                "cache_kwargs": {},
+                "context_length": result["length"],
+                "num_samples": result["num_samples"],
+                "accuracy": round(result["accuracy"], 4),
+                "exact": round(result["exact"], 4),
+                "options": options,
+            }
+        )
     return rows
 
 
@@ -251,7 +267,9 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_memory_model")
     model.train()
     for step in range(1, config.max_steps + 1):
-        batch = {k: v.to(accelerator.device) for k, v in collate_recall(next(batches), config.answer_loss_weight).items()}
+        batch = {
+            k: v.to(accelerator.device) for k, v in collate_recall(next(batches), config.answer_loss_weight).items()
+        }
         training_tokens += batch["input_ids"].numel()
         output = model(input_ids=batch["input_ids"])
         loss, hits, answers = recall_loss(output, batch)
@@ -267,8 +285,11 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
         if step % config.log_every == 0 or step == config.max_steps:
             right, asked = map(sum, zip(*recent_hits))
             row = {
-                "step": step, "loss": round(loss.item(), 4), "aux_loss": None if aux is None else round(float(aux.detach()), 4),
-                "train_answer_accuracy": round(right / max(asked, 1), 4), "lr": scheduler.get_last_lr()[0],
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "aux_loss": None if aux is None else round(float(aux.detach()), 4),
+                "train_answer_accuracy": round(right / max(asked, 1), 4),
+                "lr": scheduler.get_last_lr()[0],
                 "elapsed_s": round(time.time() - start, 1),
             }
             history.append(row)
@@ -326,9 +347,16 @@ def publish_checkpoint(model: Any, tokenizer: Any, results: dict[str, Any], spec
 
     api = hub.LocalFolderApi(spec["local_root"]) if spec.get("local_root") else None
     return hub.publish(
-        model, spec["repo_id"], tokenizer=tokenizer, eval_results={"meta": results["meta"], "rows": results["rows"]},
-        template="architecture", api=api, private=bool(spec.get("private", False)), license=spec.get("license"),
-        tags=spec.get("tags"), description=spec.get("description"),
+        model,
+        spec["repo_id"],
+        tokenizer=tokenizer,
+        eval_results={"meta": results["meta"], "rows": results["rows"]},
+        template="architecture",
+        api=api,
+        private=bool(spec.get("private", False)),
+        license=spec.get("license"),
+        tags=spec.get("tags"),
+        description=spec.get("description"),
     )
 
 

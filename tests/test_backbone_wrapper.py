@@ -29,8 +29,16 @@ class _Wrapper(BackboneWrapperMixin, PreTrainedModel):
 
 def _backbone():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
 
 
 def test_from_backbone_copies_weights_and_freezes(tmp_path):
@@ -54,8 +62,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="model_type"):
         _WrapperConfig(backbone_config={"hidden_size": 4})
     other = _Wrapper(_WrapperConfig(backbone_config=_backbone().config))
-    big = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1))
+    big = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     from hf_longmem.modeling.backbone import check_backbone_matches
 
     with pytest.raises(ValueError, match="hidden_size"):

@@ -34,14 +34,38 @@ def model_dir(tmp_path_factory):
 
 
 def _bench_args(model_dir, *extra):
-    return ["bench", "--model", model_dir, "--tasks", "passkey,variable_tracking", "--lengths", "300,360",
-            "--num-samples", "1", "--no-progress", *extra]  # fmt: skip
+    return [
+        "bench",
+        "--model",
+        model_dir,
+        "--tasks",
+        "passkey,variable_tracking",
+        "--lengths",
+        "300,360",
+        "--num-samples",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_bench_writes_results_and_plot(model_dir, tmp_path, capsys):
     out, png = tmp_path / "results.json", tmp_path / "plot.png"
-    args = _bench_args(model_dir, "--caches", "full,streaming", "--budget", "64", "--fidelity", "--records",
-                       "--out", str(out), "--plot", str(png), "--cache-option", "streaming.sink_size=2")  # fmt: skip
+    args = _bench_args(
+        model_dir,
+        "--caches",
+        "full,streaming",
+        "--budget",
+        "64",
+        "--fidelity",
+        "--records",
+        "--out",
+        str(out),
+        "--plot",
+        str(png),
+        "--cache-option",
+        "streaming.sink_size=2",
+    )
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "streaming(budget=64,sink_size=2)" in printed and "KL" in printed
@@ -92,8 +116,19 @@ def test_bench_errors(model_dir, tmp_path, capsys):
 def test_generate(model_dir, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The grass is green. The pass key is")
-    args = ["generate", "--model", model_dir, "--cache", "streaming", "--cache-option", "budget=16",
-            "--prompt-file", str(prompt), "--max-new-tokens", "5"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        model_dir,
+        "--cache",
+        "streaming",
+        "--cache-option",
+        "budget=16",
+        "--prompt-file",
+        str(prompt),
+        "--max-new-tokens",
+        "5",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() != "" or "new" in captured.err
@@ -159,8 +194,20 @@ def test_public_names_are_the_api_module_names():
 
 
 def test_bench_skips_caches_that_cannot_run_when_none_are_named(model_dir, capsys):
-    args = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
-            "--no-progress", "--budget", "4"]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        model_dir,
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "300",
+        "--num-samples",
+        "1",
+        "--no-progress",
+        "--budget",
+        "4",
+    ]
     assert main(args) == 0  # streaming's budget must exceed its 4 sink tokens: that cache is skipped, with a warning
     captured = capsys.readouterr()
     assert "skipping cache 'streaming'" in captured.err
@@ -168,8 +215,18 @@ def test_bench_skips_caches_that_cannot_run_when_none_are_named(model_dir, capsy
 
 
 def test_explicit_cache_options_are_never_downgraded_to_warnings(model_dir, capsys):
-    base = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
-            "--no-progress"]  # fmt: skip
+    base = [
+        "bench",
+        "--model",
+        model_dir,
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "300",
+        "--num-samples",
+        "1",
+        "--no-progress",
+    ]
     assert main([*base, "--cache-option", "budget=-1"]) == 2
     assert "budget" in capsys.readouterr().err
     assert main([*base, "--budget", "64", "--cache-option", "streaming.sink_size=100"]) == 2
@@ -254,8 +311,20 @@ def test_bad_inputs_give_one_line_errors(model_dir, tmp_path, capsys):
 
 
 def test_bench_task_options(model_dir, tmp_path, capsys):
-    base = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
-            "--caches", "full", "--no-progress"]  # fmt: skip
+    base = [
+        "bench",
+        "--model",
+        model_dir,
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "300",
+        "--num-samples",
+        "1",
+        "--caches",
+        "full",
+        "--no-progress",
+    ]
     assert main([*base, "--task-option", "passkey.depth=0.5", "--out", str(tmp_path / "r.json")]) == 0
     capsys.readouterr()
     assert main([*base, "--task-option", "passkey.depth=2"]) == 2  # bad value
@@ -278,8 +347,24 @@ def test_budget_maps_onto_each_method_options(model_dir, tmp_path):
         pytest.skip("no registered cache maps a budget onto other options")
     name = mapped[0]
     out = tmp_path / "r.json"
-    args = ["bench", "--model", model_dir, "--tasks", "passkey", "--lengths", "300", "--num-samples", "1",
-            "--caches", f"full,{name}", "--budget", "64", "--no-progress", "--out", str(out)]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        model_dir,
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "300",
+        "--num-samples",
+        "1",
+        "--caches",
+        f"full,{name}",
+        "--budget",
+        "64",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     rows = {r["cache"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows[name]["cache_kwargs"] == get_cache_spec(name).options_for_budget(64)

@@ -324,8 +324,10 @@ def test_remote_code_files_and_auto_map_are_staged(tmp_path):
     # Same weights; the child may sum in another order (tests/helpers/fresh_process.py).
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert_float32_close(
-        torch.load(tmp_path / "got.pt"), _logits(model, IDS),
-        sequential_ops=2 * len(linears), width=max(m.in_features for m in linears),
+        torch.load(tmp_path / "got.pt"),
+        _logits(model, IDS),
+        sequential_ops=2 * len(linears),
+        width=max(m.in_features for m in linears),
     )
 
 

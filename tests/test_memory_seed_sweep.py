@@ -12,10 +12,12 @@ from benchmarks.memory_seed_sweep import column_label, compare, main, run_name, 
 
 
 def _result(accuracies: list[float]) -> dict:
-    return {"rows": [
-        {"task": "mqar", "context_length": 35 + 32 * i, "accuracy": a, "options": {"num_pairs": 16 * (i + 1)}}
-        for i, a in enumerate(accuracies)
-    ]}
+    return {
+        "rows": [
+            {"task": "mqar", "context_length": 35 + 32 * i, "accuracy": a, "options": {"num_pairs": 16 * (i + 1)}}
+            for i, a in enumerate(accuracies)
+        ]
+    }
 
 
 def test_summary_mean_and_standard_error_per_column():
@@ -51,17 +53,41 @@ def test_names_follow_the_recipe():
 
 def test_sweep_trains_every_seed_and_resumes(tmp_path):
     config = {
-        "max_steps": 2, "batch_size": 2, "seq_length": 24, "warmup_steps": 1, "log_every": 1, "num_threads": 1,
-        "model": {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 8},
+        "max_steps": 2,
+        "batch_size": 2,
+        "seq_length": 24,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "num_threads": 1,
+        "model": {
+            "model_type": "mistral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 8,
+        },
         "tasks": {"mqar": {"num_pairs": 2}},
         "eval": {"num_samples": 4, "batch_size": 2, "tasks": [{"task": "mqar", "length": 24, "num_pairs": 2}]},
     }
     path = tmp_path / "memory_tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "sweep.json"
-    args = ["--configs", str(path), "--seeds", "0", "1", "--jobs", "2", "--runs", str(tmp_path / "runs"),
-            "--out", str(out)]
+    args = [
+        "--configs",
+        str(path),
+        "--seeds",
+        "0",
+        "1",
+        "--jobs",
+        "2",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     main(args)
     report = json.loads(out.read_text())
     assert report["failed"] == [] and set(report["runs"]["tiny"]) == {"0", "1"}
@@ -80,9 +106,12 @@ def test_sweep_trains_every_seed_and_resumes(tmp_path):
 
 @pytest.mark.parametrize(
     ("config_name", "extra", "message"),
-    [("missing.yaml", [], "--configs: no such file"), ("ok.yaml", ["--seeds", "0", "0"], "--seeds has duplicates"),
-     ("ok.yaml", ["--jobs", "0"], "--jobs must be >= 1"),
-     ("ok.yaml", ["--configs", "ok.yaml", "sub/ok.yaml"], "--configs must have distinct file names")],
+    [
+        ("missing.yaml", [], "--configs: no such file"),
+        ("ok.yaml", ["--seeds", "0", "0"], "--seeds has duplicates"),
+        ("ok.yaml", ["--jobs", "0"], "--jobs must be >= 1"),
+        ("ok.yaml", ["--configs", "ok.yaml", "sub/ok.yaml"], "--configs must have distinct file names"),
+    ],
 )
 def test_bad_arguments_are_named(tmp_path, capsys, config_name, extra, message):
     (tmp_path / "ok.yaml").write_text("max_steps: 1\n")

@@ -45,7 +45,9 @@ def test_make_cache_from_model_config_or_nothing():
 
 
 def test_hybrid_models_keep_their_sliding_layers():
-    config = tiny_config("qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=8, use_sliding_window=True)
+    config = tiny_config(
+        "qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=8, use_sliding_window=True
+    )
     cache = make_cache("streaming", config, budget=32)
     assert isinstance(cache.layers[0], DynamicSlidingWindowLayer)
     assert isinstance(cache.layers[1], StreamingLayer)
@@ -86,15 +88,22 @@ def test_budgets_map_onto_each_method_s_own_options():
 
 @pytest.mark.parametrize(
     "name, options",
-    [("h2o", dict(budget=16, recent_ratio="x")), ("h2o", dict(budget=16, recent_ratio=None)),
-     ("snapkv", dict(budget="abc")), ("sirllm", dict(decay_ratio="x")), ("think", dict(key_channel_ratio=2.0))],
-)  # fmt: skip
+    [
+        ("h2o", dict(budget=16, recent_ratio="x")),
+        ("h2o", dict(budget=16, recent_ratio=None)),
+        ("snapkv", dict(budget="abc")),
+        ("sirllm", dict(decay_ratio="x")),
+        ("think", dict(key_channel_ratio=2.0)),
+    ],
+)
 def test_a_refused_option_is_a_value_error_and_leaves_the_model_unchanged(name, options):
     from tests.helpers.tiny_models import tiny_model
 
     model = tiny_model("llama_gqa", "sdpa")
     hooks = len(model.model._forward_pre_hooks)
-    with pytest.raises(ValueError, match=next(iter(k for k, v in options.items() if not isinstance(v, int) or k != "budget"))):
+    with pytest.raises(
+        ValueError, match=next(iter(k for k, v in options.items() if not isinstance(v, int) or k != "budget"))
+    ):
         make_cache(name, model, **options)
     assert model.config._attn_implementation == "sdpa"
     assert len(model.model._forward_pre_hooks) == hooks

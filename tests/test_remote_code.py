@@ -15,8 +15,13 @@ from tests.helpers.toy_architecture import ToyMemoryConfig, ToyMemoryForCausalLM
 
 def _toy(**kwargs):
     config = ToyMemoryConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, **kwargs,
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **kwargs,
     )
     torch.manual_seed(0)
     return ToyMemoryForCausalLM(config)

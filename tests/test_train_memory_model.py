@@ -19,15 +19,27 @@ sys.modules.setdefault("train_memory_model", recipe)
 _spec.loader.exec_module(recipe)
 
 TINY_MISTRAL = {
-    "model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 8,
+    "model_type": "mistral",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "sliding_window": 8,
 }
 
 
 def _config(tmp_path, **overrides):
     values = {
-        "output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 2, "seq_length": 48, "warmup_steps": 1,
-        "log_every": 1, "model": TINY_MISTRAL, "tasks": {"mqar": {"weight": 1, "num_pairs": [2, 3]}},
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 3,
+        "batch_size": 2,
+        "seq_length": 48,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "model": TINY_MISTRAL,
+        "tasks": {"mqar": {"weight": 1, "num_pairs": [2, 3]}},
         "eval": {"num_samples": 4, "batch_size": 2, "tasks": [{"task": "mqar", "length": 48, "num_pairs": 3}]},
     }
     values.update(overrides)
@@ -61,8 +73,12 @@ def test_eval_only_reevaluates_the_saved_checkpoint(tmp_path):
     results = recipe.train(again)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     (row,) = saved["rows"]
-    assert row["context_length"] == 40 and row["num_samples"] == 6 and row["options"] == {"num_pairs": 3, "num_queries": 1}
-    assert saved["history"] == trained["history"] and "eval_command" in saved["meta"] and results["rows"] == saved["rows"]
+    assert (
+        row["context_length"] == 40 and row["num_samples"] == 6 and row["options"] == {"num_pairs": 3, "num_queries": 1}
+    )
+    assert (
+        saved["history"] == trained["history"] and "eval_command" in saved["meta"] and results["rows"] == saved["rows"]
+    )
 
 
 def test_cli_overrides_and_bad_config(tmp_path):

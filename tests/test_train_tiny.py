@@ -175,7 +175,18 @@ def test_worker_stream_without_time_budget_ignores_the_published_progress():
 
 def test_time_budget_stops_and_saves(tmp_path):
     out = _run_shrunk_recipe(
-        tmp_path, 256, 96, 128, "--max_steps", "100000", "--max_time_s", "3", "--num_workers", "1", "--log_every", "1000"
+        tmp_path,
+        256,
+        96,
+        128,
+        "--max_steps",
+        "100000",
+        "--max_time_s",
+        "3",
+        "--num_workers",
+        "1",
+        "--log_every",
+        "1000",
     )
     metadata = json.loads((out / "training_metadata.json").read_text())
     assert metadata["stopped_by"] == "max_time_s" and 0 < metadata["steps"] < 100000

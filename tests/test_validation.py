@@ -29,9 +29,13 @@ def test_bounds_and_normalisation():
 
 @pytest.mark.parametrize(
     "options, name",
-    [(dict(hidden_size="abc"), "hidden_size"), (dict(memory_max_lr="x"), "memory_max_lr"),
-     (dict(num_attention_heads=None), "num_attention_heads"), (dict(variant="q"), "variant")],
-)  # fmt: skip
+    [
+        (dict(hidden_size="abc"), "hidden_size"),
+        (dict(memory_max_lr="x"), "memory_max_lr"),
+        (dict(num_attention_heads=None), "num_attention_heads"),
+        (dict(variant="q"), "variant"),
+    ],
+)
 def test_architecture_configs_name_the_bad_field(options, name):
     from hf_longmem.modeling.titans import TitansConfig
 

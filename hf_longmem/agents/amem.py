@@ -132,17 +132,22 @@ class AMemPolicy(MemoryPolicy):
         """Writes a note: analysis, then evolution against its nearest notes; returns its id."""
         self._check_store(store)
         seconds = to_seconds(timestamp)
-        content = text_or_messages if isinstance(text_or_messages, str) else "\n".join(
-            f"{m['role']}: {m['content']}" for m in text_or_messages
-        )  # fmt: skip
+        content = (
+            text_or_messages
+            if isinstance(text_or_messages, str)
+            else "\n".join(f"{m['role']}: {m['content']}" for m in text_or_messages)
+        )
         note = {**self.analyze(content), "links": [], "retrieval_count": 0, "evolution_history": []}
         neighbors = store.search(content, self.k_neighbors) if len(store) else []
         if neighbors:
             states = [store.get_state(n.id) for n in neighbors]
             prompt = EVOLUTION_PROMPT.format(
-                context=note["context"], content=content, keywords=note["keywords"], count=len(neighbors),
+                context=note["context"],
+                content=content,
+                keywords=note["keywords"],
+                count=len(neighbors),
                 neighbors="\n".join(self._describe(n, s) for n, s in zip(neighbors, states)),
-            )  # fmt: skip
+            )
             decision = parse_json_object(self.llm.generate(prompt, self.max_new_tokens)) or {}
             if decision.get("should_evolve") is True:
                 self.evolutions += 1

@@ -100,15 +100,25 @@ def evaluate_agent(
         policy = policy_factory()
         ingest_haystack(group[0], store, policy, granularity=granularity)
         agent = MemoryAgent(
-            model, tokenizer, store, policy, k=k, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-            write_back=False, abstain_below=abstain_below, **agent_kwargs,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            store,
+            policy,
+            k=k,
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            write_back=False,
+            abstain_below=abstain_below,
+            **agent_kwargs,
+        )
         for item in group:
             now = parse_date(item["question_date"])
             row = {
-                "question_id": item["question_id"], "question_type": item["question_type"],
-                "abstention": is_abstention(item), "answer": item["answer"],
-            }  # fmt: skip
+                "question_id": item["question_id"],
+                "question_type": item["question_type"],
+                "abstention": is_abstention(item),
+                "answer": item["answer"],
+            }
             if mode == "full_history":
                 lines = [t["content"] for s in item["haystack_sessions"] for t in s]
                 prompt = agent.prompt_template.format(
@@ -121,10 +131,13 @@ def evaluate_agent(
                 reply = agent.answer(item["question"], now=now)
                 ranking = session_ranking(h.session_id for h in store.search(item["question"], 50, as_of=reply.as_of))
                 row.update(
-                    prediction=reply.text, prompt_tokens=reply.prompt_tokens, abstained=reply.abstained,
-                    retrieved_sessions=ranking[: max(ks)], top_score=reply.retrieved[0].score if reply.retrieved else None,
+                    prediction=reply.text,
+                    prompt_tokens=reply.prompt_tokens,
+                    abstained=reply.abstained,
+                    retrieved_sessions=ranking[: max(ks)],
+                    top_score=reply.retrieved[0].score if reply.retrieved else None,
                     shown=[h.text for h in reply.shown],
-                )  # fmt: skip
+                )
                 if not row["abstention"] and item["answer_session_ids"]:
                     row["retrieval"] = retrieval_metrics(ranking, item["answer_session_ids"], ks)
             row["correct"] = answer_is_correct(row["prediction"], item["answer"], abstention=row["abstention"])
@@ -207,9 +220,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     if args.synthetic:
         items = synthetic_chat_history(
-            tokenizer, args.num_sessions, args.seed, update_fraction=args.update_fraction,
+            tokenizer,
+            args.num_sessions,
+            args.seed,
+            update_fraction=args.update_fraction,
             num_questions=args.num_questions,
-        )  # fmt: skip
+        )
     else:
         items = load_longmemeval(args.data)
     key = fact_subject if (args.reconcile == "supersede" and args.synthetic) else None
@@ -221,10 +237,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     reader = PASSKEY_READER if args.reader == "passkey" else {}
     result = evaluate_agent(
-        items, model, tokenizer, mode=args.mode, policy_factory=factory, k=args.k,
-        max_prompt_tokens=args.max_prompt_tokens, granularity=args.granularity, abstain_below=args.abstain_below,
-        embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder, **reader,
-    )  # fmt: skip
+        items,
+        model,
+        tokenizer,
+        mode=args.mode,
+        policy_factory=factory,
+        k=args.k,
+        max_prompt_tokens=args.max_prompt_tokens,
+        granularity=args.granularity,
+        abstain_below=args.abstain_below,
+        embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder,
+        **reader,
+    )
     result["config"] = vars(args)
     print(json.dumps(result["summary"], indent=2))
     if args.output:

@@ -158,9 +158,13 @@ class MemoryBankPolicy(MemoryPolicy):
         if not summary:
             return None
         return self.ingest(
-            store, summary, session_id=session_id, timestamp=now, user_id=records[0].user_id,
+            store,
+            summary,
+            session_id=session_id,
+            timestamp=now,
+            user_id=records[0].user_id,
             metadata={"kind": "summary", "summary_of": session_id},
-        )  # fmt: skip
+        )
 
     def summarize_overall(self, store: MemoryStore, llm: LLM, *, max_new_tokens: int = 128) -> str:
         """The global summary (the paper's "global summary of events") from the session summaries."""

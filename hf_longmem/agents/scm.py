@@ -126,9 +126,11 @@ class SCMPolicy(MemoryPolicy):
         """Stores the turn with its one-sentence summary (``metadata["summary"]``)."""
         metadata = dict(metadata or {})
         if "summary" not in metadata:
-            text = text_or_messages if isinstance(text_or_messages, str) else "\n".join(
-                f"{m['role']}: {m['content']}" for m in text_or_messages
-            )  # fmt: skip
+            text = (
+                text_or_messages
+                if isinstance(text_or_messages, str)
+                else "\n".join(f"{m['role']}: {m['content']}" for m in text_or_messages)
+            )
             metadata["summary"] = self.llm.generate(SUMMARY_PROMPT.format(input=text), self.summary_tokens).strip()
         return super().ingest(
             store, text_or_messages, session_id=session_id, timestamp=timestamp, user_id=user_id, metadata=metadata

@@ -205,10 +205,20 @@ class MemoryStore:
             row
         )
         return MemoryRecord(
-            id=mid, text=text, version=version, op=op, session_id=session_id, user_id=user_id, timestamp=timestamp,
-            valid_from=valid_from, valid_to=valid_to, metadata=json.loads(metadata), status=status or "active",
-            score=score, recorded_at=recorded,
-        )  # fmt: skip
+            id=mid,
+            text=text,
+            version=version,
+            op=op,
+            session_id=session_id,
+            user_id=user_id,
+            timestamp=timestamp,
+            valid_from=valid_from,
+            valid_to=valid_to,
+            metadata=json.loads(metadata),
+            status=status or "active",
+            score=score,
+            recorded_at=recorded,
+        )
 
     def _current_row(self, memory_id: str) -> tuple:
         row = self._conn.execute(
@@ -279,9 +289,19 @@ class MemoryStore:
         self._conn.execute(
             "INSERT INTO versions (id, version, op, text, session_id, user_id, timestamp, valid_from, valid_to,"
             " metadata, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-            (memory_id, current.version + 1, op, text, session_id or current.session_id, current.user_id, seconds, seconds,
-             json.dumps(new_metadata), blob),
-        )  # fmt: skip
+            (
+                memory_id,
+                current.version + 1,
+                op,
+                text,
+                session_id or current.session_id,
+                current.user_id,
+                seconds,
+                seconds,
+                json.dumps(new_metadata),
+                blob,
+            ),
+        )
         self._conn.execute("INSERT INTO events (id, op, timestamp) VALUES (?, ?, ?)", (memory_id, op, seconds))
 
     def update(

@@ -166,31 +166,56 @@ def synthetic_chat_history(
     items = []
 
     def item(qid: str, qtype: str, question: str, answer: str, evidence: tuple[str, str] | None, sids: list[str]):
-        items.append({
-            "question_id": qid, "question_type": qtype, "question": question, "answer": answer,
-            "question_date": question_date, "haystack_session_ids": list(session_ids),
-            "haystack_dates": [format_date(d) for d in dates], "haystack_sessions": haystack(evidence),
-            "answer_session_ids": sids,
-        })  # fmt: skip
+        items.append(
+            {
+                "question_id": qid,
+                "question_type": qtype,
+                "question": question,
+                "answer": answer,
+                "question_date": question_date,
+                "haystack_session_ids": list(session_ids),
+                "haystack_dates": [format_date(d) for d in dates],
+                "haystack_sessions": haystack(evidence),
+                "answer_session_ids": sids,
+            }
+        )
 
     for i, (where, new) in sorted(updates.items()):
         s = planted[i]
-        item(f"synth{seed}_ku_{s}", "knowledge-update", QUESTION_TEMPLATE.format(subject=s), new, ("update", s),
-             [session_ids[where]])  # fmt: skip
+        item(
+            f"synth{seed}_ku_{s}",
+            "knowledge-update",
+            QUESTION_TEMPLATE.format(subject=s),
+            new,
+            ("update", s),
+            [session_ids[where]],
+        )
     for i, (where, _) in sorted(updates.items()):
         s = planted[i]
         day = dates[i] + timedelta(days=rng.randrange(0, where - i))  # on or after the fact, before the update
         question = TEMPORAL_TEMPLATE.format(subject=s, date=day.strftime("%Y/%m/%d"))
         item(f"synth{seed}_temp_{s}", "temporal-reasoning", question, values[s], ("fact", s), [session_ids[i]])
     for s in unused:
-        item(f"synth{seed}_{s}_abs", "single-session-user", QUESTION_TEMPLATE.format(subject=s),
-             ABSTENTION_ANSWER.format(subject=s), None, [])  # fmt: skip
+        item(
+            f"synth{seed}_{s}_abs",
+            "single-session-user",
+            QUESTION_TEMPLATE.format(subject=s),
+            ABSTENTION_ANSWER.format(subject=s),
+            None,
+            [],
+        )
     stable = [i for i in range(num_sessions) if i not in updates]
     n = 0
     while len(items) < num_questions:
         i = stable[n % len(stable)]
         s = planted[i]
-        item(f"synth{seed}_ss_{s}_{n // len(stable)}", "single-session-user", QUESTION_TEMPLATE.format(subject=s),
-             values[s], ("fact", s), [session_ids[i]])  # fmt: skip
+        item(
+            f"synth{seed}_ss_{s}_{n // len(stable)}",
+            "single-session-user",
+            QUESTION_TEMPLATE.format(subject=s),
+            values[s],
+            ("fact", s),
+            [session_ids[i]],
+        )
         n += 1
     return items[:num_questions]

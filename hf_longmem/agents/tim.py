@@ -122,9 +122,11 @@ class TiMPolicy(MemoryPolicy):
     def ingest(self, store, text_or_messages, *, session_id, timestamp, user_id=None, metadata=None) -> str:
         """Post-thinks a turn (its text as the answer to an empty question); returns the last thought's id (or an
         empty string when the LLM wrote no triple)."""
-        text = text_or_messages if isinstance(text_or_messages, str) else "\n".join(
-            f"{m['role']}: {m['content']}" for m in text_or_messages
-        )  # fmt: skip
+        text = (
+            text_or_messages
+            if isinstance(text_or_messages, str)
+            else "\n".join(f"{m['role']}: {m['content']}" for m in text_or_messages)
+        )
         done = self.post_think(store, "", text, timestamp=timestamp, session_id=session_id, user_id=user_id)
         return done[-1][0] if done else ""
 

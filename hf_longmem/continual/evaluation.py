@@ -243,9 +243,14 @@ class ContinualEvaluator:
     def record_initial(self, results: dict[str, dict]) -> None:
         self.initial = [results[str(j)]["accuracy"] for j in range(len(self.tasks))]
         self.history.append(
-            {"step": 0, "task": -1, "boundary": True, "accuracy": {j: r["accuracy"] for j, r in results.items()},
-             "loss": {j: r["loss"] for j, r in results.items()}}
-        )  # fmt: skip
+            {
+                "step": 0,
+                "task": -1,
+                "boundary": True,
+                "accuracy": {j: r["accuracy"] for j, r in results.items()},
+                "loss": {j: r["loss"] for j, r in results.items()},
+            }
+        )
 
     def record_task_end(self, step: int, task: int, results: dict[str, dict]) -> None:
         self.matrix.append([results[str(j)]["accuracy"] for j in range(len(self.tasks))])

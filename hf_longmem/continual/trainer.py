@@ -152,9 +152,7 @@ def run_fingerprint(
     strategy's name and its scalar options, and the model's class and parameter layout (names, shapes, trainable).
     Call it before the strategies' ``setup`` (which may change the model).
     """
-    fingerprint: dict[str, Any] = {
-        f"train.{k}": v for k, v in asdict(config).items() if k not in _OUTPUT_ONLY_OPTIONS
-    }
+    fingerprint: dict[str, Any] = {f"train.{k}": v for k, v in asdict(config).items() if k not in _OUTPUT_ONLY_OPTIONS}
     fingerprint = json.loads(json.dumps(fingerprint, default=repr))  # tuples -> lists, as they come back from JSON
     for i, task in enumerate(tasks):
         ids = [task.prompt_ids, task.answer_ids, task.eval_prompt_ids, task.eval_answer_ids]
@@ -255,9 +253,13 @@ class ContinualTrainer:
 
     def position(self) -> Position:
         return Position(
-            self.global_step, self.task_index, self.step_in_task, self.steps[self.task_index], self.total_steps,
+            self.global_step,
+            self.task_index,
+            self.step_in_task,
+            self.steps[self.task_index],
+            self.total_steps,
             self.steps[0],
-        )  # fmt: skip
+        )
 
     def local_rows(self, rows: list[Row]) -> list[Row]:
         """This process's contiguous share of each row group of the global batch."""
@@ -366,7 +368,8 @@ class ContinualTrainer:
         differences = fingerprint_differences(saved, self.fingerprint)
         if differences:
             raise ValueError(
-                f"{path} belongs to another run; differing: " + "; ".join(differences)
+                f"{path} belongs to another run; differing: "
+                + "; ".join(differences)
                 + ". Resume with the checkpoint's settings, or start over with --overwrite (or another output_dir)"
             )
 
@@ -391,7 +394,9 @@ class ContinualTrainer:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by the kill
                 continue
-            if isinstance(row, dict) and (row.get("step", 0) < step or (row.get("step") == step and "task_end" not in row)):
+            if isinstance(row, dict) and (
+                row.get("step", 0) < step or (row.get("step") == step and "task_end" not in row)
+            ):
                 kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 

@@ -136,9 +136,14 @@ def generate_context_templates(
     for length in lengths:
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=int(length), min_new_tokens=int(length),
-                do_sample=False, num_beams=1, pad_token_id=pad,
-            )  # fmt: skip
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=int(length),
+                min_new_tokens=int(length),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+            )
         for text in tokenizer.batch_decode(out, skip_special_tokens=True):
             text = text.replace("{", "").replace("}", "")
             templates.append(text + " {}")

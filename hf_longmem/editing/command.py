@@ -35,7 +35,9 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for wise_config.json + safetensors")
     parser.add_argument("--limit", type=int, default=None, help="use the first N edits")
     parser.add_argument("--config", metavar="FILE", help="WISEConfig as JSON, or an EasyEdit WISE YAML file")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="WISEConfig field (repeatable)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="WISEConfig field (repeatable)"
+    )
     parser.add_argument("--merge", action="store_true", help="WISE-Merge instead of WISE-Retrieve")
     parser.add_argument("--layer", type=int, default=None, help="decoder layer whose FFN output projection is edited")
     parser.add_argument("--irrelevant", metavar="FILE", help="irrelevant texts trained against, one per line")
@@ -133,9 +135,10 @@ def run_edit(args: argparse.Namespace, load_model: Any, error: type[Exception]) 
         with editor.disable_adapter():
             before = [
                 predicted_tokens(model, tokenizer, [r.locality_prompt], [r.locality_answer or ""])[0]
-                if r.locality_prompt and r.locality_answer else None
+                if r.locality_prompt and r.locality_answer
+                else None
                 for r in records
-            ]  # fmt: skip
+            ]
     start = time.perf_counter()
     try:
         stats = []
@@ -147,9 +150,12 @@ def run_edit(args: argparse.Namespace, load_model: Any, error: type[Exception]) 
         for i in iterator:
             record = records[i]
             stats += editor.edit(
-                record.prompt, record.target, paraphrases=[record.paraphrases or None],
-                locality_prompts=None if localities[i] is None else [localities[i]], source=record.source,
-            )  # fmt: skip
+                record.prompt,
+                record.target,
+                paraphrases=[record.paraphrases or None],
+                locality_prompts=None if localities[i] is None else [localities[i]],
+                source=record.source,
+            )
     except ValueError as exc:
         raise error(f"edit {len(stats)}: {exc}") from None
     elapsed = time.perf_counter() - start
@@ -162,8 +168,10 @@ def run_edit(args: argparse.Namespace, load_model: Any, error: type[Exception]) 
         editor.save_pretrained(fallback, include_edit_log=not args.no_edit_log)
         print(f"hf-longmem: warning: could not write {str(out)!r} ({exc}); edits saved to {fallback}", file=sys.stderr)
         out = fallback
-    print(f"{len(stats)} edits ({config.variant}, {editor.target_module}) into {name} in {elapsed:.1f} s "
-          f"({elapsed / len(stats):.2f} s/edit); saved to {out}")  # fmt: skip
+    print(
+        f"{len(stats)} edits ({config.variant}, {editor.target_module}) into {name} in {elapsed:.1f} s "
+        f"({elapsed / len(stats):.2f} s/edit); saved to {out}"
+    )
     if args.evaluate:
         scores = evaluate_records(model, tokenizer, records, locality_before=before, separator=config.target_separator)
         gen = "-" if scores.generalization is None else f"{scores.generalization:.3f}"

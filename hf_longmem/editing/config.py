@@ -147,8 +147,10 @@ class WISEConfig:
     def validate(self) -> None:
         """Check every field; raises ``ValueError`` naming the first bad one."""
         if self.target_module is not None and (not isinstance(self.target_module, str) or not self.target_module):
-            raise ValueError(f"target_module must be a module name such as 'model.layers.27.mlp.down_proj' or None, "
-                             f"got {self.target_module!r}.")  # fmt: skip
+            raise ValueError(
+                f"target_module must be a module name such as 'model.layers.27.mlp.down_proj' or None, "
+                f"got {self.target_module!r}."
+            )
         if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
             raise ValueError(f"layer must be an int or None, got {self.layer!r}.")
         if self.target_module is not None and self.layer is not None:
@@ -166,16 +168,15 @@ class WISEConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if self.merge_freq % self.save_freq:
-            raise ValueError(
-                f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq})."
-            )
+            raise ValueError(f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq}).")
         if (
             not isinstance(self.act_margin, tuple)
             or len(self.act_margin) != 3
             or not all(_is_number(v) and v >= 0 for v in self.act_margin)
         ):
-            raise ValueError(f"act_margin must be three non-negative numbers (alpha, beta, gamma), got "
-                             f"{self.act_margin!r}.")  # fmt: skip
+            raise ValueError(
+                f"act_margin must be three non-negative numbers (alpha, beta, gamma), got {self.act_margin!r}."
+            )
         self.act_margin = tuple(float(v) for v in self.act_margin)
         if self.norm_constraint is not None and (not _is_number(self.norm_constraint) or self.norm_constraint <= 0):
             raise ValueError(f"norm_constraint must be a positive number or None, got {self.norm_constraint!r}.")
@@ -197,8 +198,10 @@ class WISEConfig:
             raise ValueError(f"max_pool_above must be a positive int or None, got {self.max_pool_above!r}.")
         if self.context_templates is not None:
             if isinstance(self.context_templates, str) or not isinstance(self.context_templates, list):
-                raise ValueError(f"context_templates must be a list of strings with one '{{}}' each, or None, got "
-                                 f"{self.context_templates!r}.")  # fmt: skip
+                raise ValueError(
+                    f"context_templates must be a list of strings with one '{{}}' each, or None, got "
+                    f"{self.context_templates!r}."
+                )
             for template in self.context_templates:
                 if not isinstance(template, str) or template.count("{}") != 1:
                     raise ValueError(f"context_templates: each template needs exactly one '{{}}', got {template!r}.")
@@ -299,8 +302,19 @@ class WISEConfig:
                 if name.endswith(suffix):
                     name = name[: -len(suffix)]
             kwargs["target_module"] = name
-        for key in ("edit_lr", "n_iter", "act_ratio", "mask_ratio", "save_freq", "merge_freq", "merge_alg",
-                    "densities", "weights", "retrieve", "replay"):  # fmt: skip
+        for key in (
+            "edit_lr",
+            "n_iter",
+            "act_ratio",
+            "mask_ratio",
+            "save_freq",
+            "merge_freq",
+            "merge_alg",
+            "densities",
+            "weights",
+            "retrieve",
+            "replay",
+        ):
             if data.get(key) is not None:
                 kwargs[key] = data[key]
         if data.get("act_margin") is not None:

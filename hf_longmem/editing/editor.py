@@ -316,8 +316,10 @@ class WISEEditor:
             paraphrase_lists: list[list[str]] = [[] for _ in range(count)]
         else:
             if isinstance(paraphrases, str) or not isinstance(paraphrases, Sequence) or len(paraphrases) != count:
-                raise ValueError(f"paraphrases must be a list with one entry (a string, a list or None) per prompt "
-                                 f"({count}), got {paraphrases!r}.")  # fmt: skip
+                raise ValueError(
+                    f"paraphrases must be a list with one entry (a string, a list or None) per prompt "
+                    f"({count}), got {paraphrases!r}."
+                )
             paraphrase_lists = [[] if p is None else _as_str_list(p, "paraphrases") for p in paraphrases]
         if locality_prompts is None:
             localities = [self._default_locality(self.num_edits + i) for i in range(count)]
@@ -333,9 +335,14 @@ class WISEEditor:
         templates = self.get_context_templates()
         batches = [
             build_edit_batch(
-                self.tokenizer, p, t, templates=templates, irrelevant=loc,
-                paraphrases=paras if config.train_on_paraphrases else (), separator=config.target_separator,
-            )  # fmt: skip
+                self.tokenizer,
+                p,
+                t,
+                templates=templates,
+                irrelevant=loc,
+                paraphrases=paras if config.train_on_paraphrases else (),
+                separator=config.target_separator,
+            )
             for p, t, paras, loc in zip(prompts, targets, paraphrase_lists, localities)
         ]
         iterator: Any = range(count)
@@ -356,7 +363,12 @@ class WISEEditor:
                 self._replay_current = []
             results.append(stats)
             self.edit_log.append(
-                {**asdict(stats), "paraphrases": paraphrase_lists[i], "locality_prompt": localities[i], "source": source}
+                {
+                    **asdict(stats),
+                    "paraphrases": paraphrase_lists[i],
+                    "locality_prompt": localities[i],
+                    "source": source,
+                }
             )
         return results
 
@@ -431,9 +443,13 @@ class WISEEditor:
         for index in sorted(i for i in logged if isinstance(i, int) and i < layer.num_edits):
             entry = logged[index]
             batch = build_edit_batch(
-                self.tokenizer, entry["prompt"], entry["target"], templates=templates,
-                irrelevant=entry.get("locality_prompt") or entry["prompt"], separator=config.target_separator,
-            )  # fmt: skip
+                self.tokenizer,
+                entry["prompt"],
+                entry["target"],
+                templates=templates,
+                irrelevant=entry.get("locality_prompt") or entry["prompt"],
+                separator=config.target_separator,
+            )
             groups.setdefault(index // config.merge_freq, []).append(edit_rows(batch))
         finished = layer.num_merges
         self._replay_groups = [groups[g] for g in range(finished) if g in groups]
@@ -509,9 +525,18 @@ class WISEEditor:
         events = layer.finish_edit(self._merge_generator())
         layer.memo.clear()
         return EditStats(
-            index=index, prompt=prompt, target=target, steps=steps, loss=float(loss.detach()), edit_loss=float(edit_loss.detach()),
-            act_loss=float(act_loss.detach()), score=score, seconds=time.perf_counter() - start, shard=shard, events=events,
-        )  # fmt: skip
+            index=index,
+            prompt=prompt,
+            target=target,
+            steps=steps,
+            loss=float(loss.detach()),
+            edit_loss=float(edit_loss.detach()),
+            act_loss=float(act_loss.detach()),
+            score=score,
+            seconds=time.perf_counter() - start,
+            shard=shard,
+            events=events,
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Inspection
@@ -556,13 +581,19 @@ class WISEEditor:
             directory / MEMORY_NAME,
             lambda p: save_file(tensors, str(p), metadata={"format": "pt", "hf_longmem": FORMAT}),
         )
-        files = {MEMORY_NAME: {"size": (directory / MEMORY_NAME).stat().st_size,
-                               "sha256": file_digest(directory / MEMORY_NAME)}}  # fmt: skip
+        files = {
+            MEMORY_NAME: {
+                "size": (directory / MEMORY_NAME).stat().st_size,
+                "sha256": file_digest(directory / MEMORY_NAME),
+            }
+        }
         if include_edit_log:
             text = "".join(json.dumps(entry, default=json_default) + "\n" for entry in self.edit_log)
             atomic_write(directory / EDIT_LOG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-            files[EDIT_LOG_NAME] = {"size": (directory / EDIT_LOG_NAME).stat().st_size,
-                                    "sha256": file_digest(directory / EDIT_LOG_NAME)}  # fmt: skip
+            files[EDIT_LOG_NAME] = {
+                "size": (directory / EDIT_LOG_NAME).stat().st_size,
+                "sha256": file_digest(directory / EDIT_LOG_NAME),
+            }
         elif (directory / EDIT_LOG_NAME).exists():
             (directory / EDIT_LOG_NAME).unlink()
         config = self.wise_config.to_dict()
@@ -689,7 +720,9 @@ class WISEEditor:
         try:
             tensors = load_file(str(directory / MEMORY_NAME))
         except (SafetensorError, OSError, RuntimeError) as error:
-            raise ValueError(f"cannot read {str(directory / MEMORY_NAME)!r} (truncated or corrupted?): {error}") from error
+            raise ValueError(
+                f"cannot read {str(directory / MEMORY_NAME)!r} (truncated or corrupted?): {error}"
+            ) from error
         state = meta["routing_state"]
         needed = ["shard", *(f"pending.{i}" for i in range(len(state["pending_scores"])))]
         needed += [f"memory.{i}" for i in range(len(state["memory_min_scores"]))]
@@ -698,8 +731,9 @@ class WISEEditor:
             if key not in tensors:
                 raise ValueError(f"{MEMORY_NAME} has no tensor {key!r} (keys: {sorted(tensors)}).")
             if list(tensors[key].shape) != list(weight.shape):
-                raise ValueError(f"{MEMORY_NAME}: {key!r} has shape {list(tensors[key].shape)}, expected "
-                                 f"{list(weight.shape)}.")  # fmt: skip
+                raise ValueError(
+                    f"{MEMORY_NAME}: {key!r} has shape {list(tensors[key].shape)}, expected {list(weight.shape)}."
+                )
         editor = cls(model, tokenizer, config)
         editor.layer.load_memories(tensors, state)
         log_path = directory / EDIT_LOG_NAME
@@ -759,7 +793,10 @@ class WISEEditor:
         """
         from hf_longmem import hub
 
-        metadata = {**self.card_metadata(max_listed_edits=max_listed_edits), **dict(publish_kwargs.pop("metadata", {}) or {})}
+        metadata = {
+            **self.card_metadata(max_listed_edits=max_listed_edits),
+            **dict(publish_kwargs.pop("metadata", {}) or {}),
+        }
         tags = list(publish_kwargs.pop("tags", None) or [])
         publish_kwargs.setdefault("template", "wise")
         if "base_model" not in publish_kwargs:
@@ -767,5 +804,9 @@ class WISEEditor:
             if isinstance(name, str) and name.count("/") == 1 and not os.path.exists(name):
                 publish_kwargs["base_model"] = name
         return hub.publish(
-            self, repo_id, metadata=metadata, tags=["model-editing", "wise", "continual-learning", *tags], **publish_kwargs
+            self,
+            repo_id,
+            metadata=metadata,
+            tags=["model-editing", "wise", "continual-learning", *tags],
+            **publish_kwargs,
         )

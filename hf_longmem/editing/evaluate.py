@@ -145,9 +145,13 @@ def evaluate_records(
     if not records:
         raise ValueError("records must hold at least one EditRecord.")
     reliability = token_accuracy(
-        model, tokenizer, [r.prompt for r in records], [r.target for r in records],
-        separator=separator, batch_size=batch_size,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        [r.prompt for r in records],
+        [r.target for r in records],
+        separator=separator,
+        batch_size=batch_size,
+    )
     para_prompts = [p for r in records for p in r.paraphrases]
     para_targets = [r.target for r in records for _ in r.paraphrases]
     generalization = (
@@ -162,9 +166,13 @@ def evaluate_records(
         chosen = [(r, b) for r, b in zip(records, locality_before) if r.locality_prompt and b is not None]
         if chosen:
             after = predicted_tokens(
-                model, tokenizer, [r.locality_prompt for r, _ in chosen], [r.locality_answer or "" for r, _ in chosen],
-                separator=separator, batch_size=batch_size,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                [r.locality_prompt for r, _ in chosen],
+                [r.locality_answer or "" for r, _ in chosen],
+                separator=separator,
+                batch_size=batch_size,
+            )
             for (_, before), now in zip(chosen, after):
                 locality.append(sum(int(a == b) for a, b in zip(before, now)) / len(before))
     return EditScores(
@@ -190,8 +198,13 @@ class FineTuneBaseline:
         context_templates: the templates of the rows (default: generated like WISE's).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: WISEConfig | None = None,
-                 context_templates: Sequence[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: WISEConfig | None = None,
+        context_templates: Sequence[str] | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.config = WISEConfig() if config is None else config
         self.target_module = resolve_target_module(model, self.config)
@@ -241,9 +254,13 @@ class FineTuneBaseline:
             for prompt, target in zip(prompts, targets):
                 start = time.perf_counter()
                 batch = build_edit_batch(
-                    self.tokenizer, prompt, target, templates=self.context_templates, irrelevant=prompt,
+                    self.tokenizer,
+                    prompt,
+                    target,
+                    templates=self.context_templates,
+                    irrelevant=prompt,
                     separator=config.target_separator,
-                )  # fmt: skip
+                )
                 ids, mask = batch["input_ids"][:-1].to(device), batch["attention_mask"][:-1].to(device)
                 target_mask = batch["target_mask"][:-1].to(device)
                 steps, previous, value = 0, None, float("nan")
@@ -252,7 +269,11 @@ class FineTuneBaseline:
                         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                         loss = target_cross_entropy(logits, ids, target_mask)
                     value = float(loss.detach())
-                    if previous is not None and value <= config.early_stop_loss and abs(value - previous) <= config.early_stop_tol:
+                    if (
+                        previous is not None
+                        and value <= config.early_stop_loss
+                        and abs(value - previous) <= config.early_stop_tol
+                    ):
                         break
                     (grad,) = torch.autograd.grad(loss, [self.weight])
                     with torch.no_grad():
@@ -265,9 +286,17 @@ class FineTuneBaseline:
                     previous = value
                 results.append(
                     EditStats(
-                        index=self.num_edits, prompt=prompt, target=target, steps=steps, loss=value, edit_loss=value,
-                        act_loss=0.0, score=0.0, seconds=time.perf_counter() - start, shard=0,
-                    )  # fmt: skip
+                        index=self.num_edits,
+                        prompt=prompt,
+                        target=target,
+                        steps=steps,
+                        loss=value,
+                        edit_loss=value,
+                        act_loss=0.0,
+                        score=0.0,
+                        seconds=time.perf_counter() - start,
+                        shard=0,
+                    )
                 )
                 self.num_edits += 1
         finally:
@@ -330,9 +359,13 @@ def run_sequential(
     records = list(records[:total])
     model.eval()
     before = predicted_tokens(
-        model, tokenizer, [r.locality_prompt or r.prompt for r in records],
-        [r.locality_answer or r.target for r in records], separator=separator, batch_size=batch_size,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        [r.locality_prompt or r.prompt for r in records],
+        [r.locality_answer or r.target for r in records],
+        separator=separator,
+        batch_size=batch_size,
+    )
     locality_before = [b if r.locality_prompt else None for r, b in zip(records, before)]
     editor: Any = FineTuneBaseline(model, tokenizer, config) if method == "FT" else WISEEditor(model, tokenizer, config)
     rows: list[dict[str, Any]] = []
@@ -346,14 +379,21 @@ def run_sequential(
         for i in iterator:
             record = records[i]
             stats += editor.edit(
-                record.prompt, record.target, paraphrases=[record.paraphrases or None],
-                locality_prompts=None if irrelevant is None else [irrelevant[i]], source=record.source,
-            )  # fmt: skip
+                record.prompt,
+                record.target,
+                paraphrases=[record.paraphrases or None],
+                locality_prompts=None if irrelevant is None else [irrelevant[i]],
+                source=record.source,
+            )
             if i + 1 in checkpoints:
                 scores = evaluate_records(
-                    model, tokenizer, records[: i + 1], locality_before=locality_before[: i + 1],
-                    separator=separator, batch_size=batch_size,
-                )  # fmt: skip
+                    model,
+                    tokenizer,
+                    records[: i + 1],
+                    locality_before=locality_before[: i + 1],
+                    separator=separator,
+                    batch_size=batch_size,
+                )
                 row = {
                     "method": method,
                     "T": i + 1,

@@ -38,7 +38,9 @@ ALGORITHMS: dict[str, tuple[str | None, str | None, bool]] = {
 }
 
 
-def sparsify(delta: torch.Tensor, density: float, method: str, generator: torch.Generator | None = None) -> torch.Tensor:
+def sparsify(
+    delta: torch.Tensor, density: float, method: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Keep a ``density`` fraction of the entries of ``delta`` (any shape); the others become 0.
 
     Args:

@@ -310,9 +310,13 @@ class WISELayer(nn.Module):
             self.has_merged = True
         else:
             merged = merge_task_vectors(
-                base, shards, [config.weights / k] * k, algorithm=config.merge_alg, density=config.densities,
+                base,
+                shards,
+                [config.weights / k] * k,
+                algorithm=config.merge_alg,
+                density=config.densities,
                 generator=generator,
-            )  # fmt: skip
+            )
             name = self._new_name("memory")
             self.register_buffer(name, merged, persistent=False)
             self.memory_names.append(name)

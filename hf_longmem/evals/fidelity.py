@@ -124,9 +124,13 @@ def reference_continuation(
     input_ids = _as_batch_of_one(input_ids)
     eos = eos_token_id if stop_at_eos else []
     out = greedy_generate(
-        model, input_ids, make_cache(reference_cache, model), max_new_tokens=max_new_tokens, eos_token_id=eos,
+        model,
+        input_ids,
+        make_cache(reference_cache, model),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
         return_logprobs=True,
-    )  # fmt: skip
+    )
     length = out.lengths[0]
     return Reference(input_ids=input_ids, tokens=out.sequences[0, :length], logprobs=out.logprobs[0, :length])
 
@@ -155,8 +159,16 @@ def compare_to_reference(
             raise ValueError(f"`context_length` must be in (0, {prompt.shape[1]}), got {context_length}")
         prefill(model, prompt[:, :context_length], cache)
         prompt, past = prompt[:, context_length:], context_length
-    out = greedy_generate(model, prompt, cache, max_new_tokens=forced.shape[1], forced_tokens=forced,
-                          eos_token_id=[], return_logprobs=True, past_length=past)  # fmt: skip
+    out = greedy_generate(
+        model,
+        prompt,
+        cache,
+        max_new_tokens=forced.shape[1],
+        forced_tokens=forced,
+        eos_token_id=[],
+        return_logprobs=True,
+        past_length=past,
+    )
     logprobs = out.logprobs[0].to(reference.logprobs.device)
     kl = kl_divergence(reference.logprobs, logprobs)
     agree = (logprobs.argmax(-1) == reference.logprobs.argmax(-1)).float()

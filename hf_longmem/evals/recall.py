@@ -91,8 +91,14 @@ def _check(length: int, needed: int, what: str) -> None:
 
 
 def mqar(
-    vocab: RecallVocabulary, length: int, rng: random.Random, *, num_pairs: int = 8, num_queries: int | None = None,
-    query_placement: str = "end", num_groups: int = 1,
+    vocab: RecallVocabulary,
+    length: int,
+    rng: random.Random,
+    *,
+    num_pairs: int = 8,
+    num_queries: int | None = None,
+    query_placement: str = "end",
+    num_groups: int = 1,
 ) -> RecallSample:
     """One multi-query associative recall sample of exactly ``length`` tokens.
 
@@ -179,7 +185,9 @@ def fact_recall(
         raise ValueError(f"num_queries must be in [1, num_facts={num_facts}], got {num_queries}")
     keys = rng.sample(range(len(KEY_WORDS)), num_facts)
     values = [rng.randrange(len(VALUE_WORDS)) for _ in keys]
-    facts = [vocab.encode(f" The {KEY_WORDS[k]} is") + [vocab.values[v]] + vocab.encode(".") for k, v in zip(keys, values)]
+    facts = [
+        vocab.encode(f" The {KEY_WORDS[k]} is") + [vocab.values[v]] + vocab.encode(".") for k, v in zip(keys, values)
+    ]
     questions, question_answer = [], []
     for i in rng.sample(range(num_facts), num_queries):
         q = vocab.encode(f" What is the {KEY_WORDS[keys[i]]}? The {KEY_WORDS[keys[i]]} is")
@@ -223,8 +231,12 @@ def generate_recall(
         raise ValueError(f"name must be one of {sorted(RECALL_TASKS)}, got {name!r}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, RecallVocabulary) else RecallVocabulary(tokenizer_or_vocab)
-    return [RECALL_TASKS[name](vocab, length, random.Random(f"{name}-{seed}-{i}"), **options) for i in range(num_samples)]
+    vocab = (
+        tokenizer_or_vocab if isinstance(tokenizer_or_vocab, RecallVocabulary) else RecallVocabulary(tokenizer_or_vocab)
+    )
+    return [
+        RECALL_TASKS[name](vocab, length, random.Random(f"{name}-{seed}-{i}"), **options) for i in range(num_samples)
+    ]
 
 
 def collate_recall(samples: list[RecallSample], answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
@@ -297,8 +309,15 @@ class RecallMixture:
 
 @torch.no_grad()
 def evaluate_recall(
-    model: Any, tokenizer: Any, name: str, *, length: int, num_samples: int = 256, batch_size: int = 32,
-    seed: int = 0, **options: Any,
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    *,
+    length: int,
+    num_samples: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    **options: Any,
 ) -> dict[str, Any]:
     """Teacher-forced recall accuracy of a causal LM on ``num_samples`` generated samples.
 
@@ -323,6 +342,10 @@ def evaluate_recall(
     if was_training:
         model.train()
     return {
-        "task": name, "length": length, "num_samples": num_samples, "options": dict(options),
-        "accuracy": correct / max(total, 1), "exact": exact / max(num_samples, 1),
+        "task": name,
+        "length": length,
+        "num_samples": num_samples,
+        "options": dict(options),
+        "accuracy": correct / max(total, 1),
+        "exact": exact / max(num_samples, 1),
     }

@@ -115,8 +115,10 @@ def save_results(
     """
     path = Path(path)
     if path.exists() and not path.is_file():
-        raise ValueError(f"`path` {str(path)!r} exists and is not a regular file; results are written atomically by "
-                         "replacing a regular file")  # fmt: skip
+        raise ValueError(
+            f"`path` {str(path)!r} exists and is not a regular file; results are written atomically by "
+            "replacing a regular file"
+        )
     payload: dict[str, Any] = {"meta": dict(meta or {}), "rows": [dict(r) for r in rows]}
     if records is not None:
         payload["records"] = [dict(r) for r in records]
@@ -174,9 +176,19 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 #: Row fields that must be numbers (or null) for the table and the plot.
 NUMERIC_ROW_KEYS = (
-    "accuracy", "accuracy_low", "accuracy_high", "kv_bytes", "prefill_s", "decode_tokens_per_s", "top1_agreement",
-    "kl", "context_length", "num_samples", "num_turns", "peak_memory_bytes",
-)  # fmt: skip
+    "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "kv_bytes",
+    "prefill_s",
+    "decode_tokens_per_s",
+    "top1_agreement",
+    "kl",
+    "context_length",
+    "num_samples",
+    "num_turns",
+    "peak_memory_bytes",
+)
 
 
 def format_bytes(num_bytes: float | None) -> str:
@@ -371,15 +383,25 @@ def plot(
         for index, group in enumerate(dict.fromkeys(r[line_key] for r in in_panel)):
             series = sorted((r for r in in_panel if r[line_key] == group), key=lambda r: r["kv_bytes"])
             color = f"C{index % 10}"
-            ax.plot([r["kv_bytes"] for r in series], [r["accuracy"] for r in series], "-", color=color, alpha=0.6,
-                    label=f"{line_key.replace('context_', '')} {group}")  # fmt: skip
+            ax.plot(
+                [r["kv_bytes"] for r in series],
+                [r["accuracy"] for r in series],
+                "-",
+                color=color,
+                alpha=0.6,
+                label=f"{line_key.replace('context_', '')} {group}",
+            )
             for r in series:
                 if r.get("accuracy_low") is not None and r.get("accuracy_high") is not None:
                     ax.errorbar(
-                        r["kv_bytes"], r["accuracy"],
+                        r["kv_bytes"],
+                        r["accuracy"],
                         yerr=[[r["accuracy"] - r["accuracy_low"]], [r["accuracy_high"] - r["accuracy"]]],
-                        color=color, alpha=0.5, capsize=3, linewidth=1,
-                    )  # fmt: skip
+                        color=color,
+                        alpha=0.5,
+                        capsize=3,
+                        linewidth=1,
+                    )
                 ax.plot(r["kv_bytes"], r["accuracy"], marker[str(r["cache"])], color=color, markersize=7)
         ax.set_xscale("log", base=2)  # ticks at powers of two: 128 KiB, 256 KiB, ...
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_bytes(value).replace(".0 ", " ")))

@@ -256,9 +256,13 @@ def answer_turns(
         work = cache if mode == "append" and history == "generated" else copy.deepcopy(cache)
         with PeakMemory(device) as peak:
             out = greedy_generate(
-                model, torch.tensor([fed], device=device), work, max_new_tokens=budget, eos_token_id=eos,
+                model,
+                torch.tensor([fed], device=device),
+                work,
+                max_new_tokens=budget,
+                eos_token_id=eos,
                 past_length=seen,
-            )  # fmt: skip
+            )
         tokens = out.tokens(0)
         turns.append(
             {
@@ -358,9 +362,14 @@ def evaluate(
             input_ids, mask = _left_pad(prompts, decoder.pad, decoder.device)
             with PeakMemory(decoder.device) as peak:
                 out = greedy_generate(
-                    model, input_ids, cache, max_new_tokens=budget, eos_token_id=decoder.eos,
-                    pad_token_id=decoder.pad, attention_mask=mask,
-                )  # fmt: skip
+                    model,
+                    input_ids,
+                    cache,
+                    max_new_tokens=budget,
+                    eos_token_id=decoder.eos,
+                    pad_token_id=decoder.pad,
+                    attention_mask=mask,
+                )
             kv_bytes = cache_memory_bytes(cache) / len(batch)
             split = _memory_split(cache, len(batch))
             for row, (si, ti) in enumerate(batch):
@@ -392,10 +401,16 @@ def evaluate(
             context_ids, query_ids = encoded[si]
             golden = [_encode(tokenizer, " " + t.answers[0], special=False) + decoder.eos[:1] for t in sample.turns]
             turns, context = answer_turns(
-                model, make_cache(cache_name, model, **options), context_ids, query_ids,
-                [t.max_new_tokens for t in sample.turns], mode=mode, history=history, golden_ids=golden,
+                model,
+                make_cache(cache_name, model, **options),
+                context_ids,
+                query_ids,
+                [t.max_new_tokens for t in sample.turns],
+                mode=mode,
+                history=history,
+                golden_ids=golden,
                 eos_token_id=decoder.eos,
-            )  # fmt: skip
+            )
             for ti, (turn, result) in enumerate(zip(sample.turns, turns)):
                 record = _turn_record(decoder, sample, ti, turn, result["tokens"], metric)
                 record.update(common)
@@ -614,16 +629,31 @@ def run_benchmark(
             outer.set_postfix_str(f"{task} {length} {label}")
             opts = resolve_cache_options(options, length)
             recs = evaluate(
-                model, tokenizer, samples, cache_name, opts, mode=task_mode, history=history,
-                batch_size=batch_size if task_mode == "single" else 1, cache_label=label, fidelity=fidelity,
-                references=references, progress=progress,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                samples,
+                cache_name,
+                opts,
+                mode=task_mode,
+                history=history,
+                batch_size=batch_size if task_mode == "single" else 1,
+                cache_label=label,
+                fidelity=fidelity,
+                references=references,
+                progress=progress,
+            )
             if records is not None:
                 records.extend({"model": name, **r} for r in recs)
             row = aggregate_records(
-                recs, model=name, task=task, cache=label, cache_name=cache_name, cache_kwargs=opts,
-                context_length=length, num_samples=len(samples),
-            )  # fmt: skip
+                recs,
+                model=name,
+                task=task,
+                cache=label,
+                cache_name=cache_name,
+                cache_kwargs=opts,
+                context_length=length,
+                num_samples=len(samples),
+            )
             note = getattr(get_cache_spec(cache_name).cls, "memory_note", None)
             if note:  # why this method may hold as much as the full cache (shown when it does)
                 row["memory_note"] = note

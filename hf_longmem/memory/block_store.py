@@ -280,9 +280,7 @@ class BlockStore:
             for block_id in missing[:room]:
                 lru[block_id] = self._load(row, block_id)
 
-    def gather(
-        self, blocks: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def gather(self, blocks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values of ``blocks[row]`` (in that order), on the device.
 
         Args:
@@ -411,9 +409,11 @@ class BlockStore:
         return {
             "blocks": ("offloaded" if self.offload else "resident", home),
             "lru": ("resident", cached),
-            "representatives": ("offloaded" if self.offload and self.offload_representatives else "resident",
-                                _nbytes(self.reprs)),
-        }  # fmt: skip
+            "representatives": (
+                "offloaded" if self.offload and self.offload_representatives else "resident",
+                _nbytes(self.reprs),
+            ),
+        }
 
     def memory_breakdown(self) -> dict[str, int]:
         """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (see :meth:`memory_parts`)."""

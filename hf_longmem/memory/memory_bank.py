@@ -115,9 +115,15 @@ class ChunkMemoryBank:
     def memory_bytes(self) -> int:
         """Bytes held by the bank's tensors (keys, values, chunk keys, masks, pending chunk, counters)."""
         tensors = (
-            self.keys, self.values, self.chunk_keys, self.token_mask, self.written,
-            self.pending_keys, self.pending_values, self.pending_count,
-        )  # fmt: skip
+            self.keys,
+            self.values,
+            self.chunk_keys,
+            self.token_mask,
+            self.written,
+            self.pending_keys,
+            self.pending_values,
+            self.pending_count,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ------------------------------------------------------------------------------------------------ write
@@ -283,8 +289,16 @@ class ChunkMemoryBank:
         """Keep (and reorder/repeat) the batch rows ``rows`` (``[b']`` int64), e.g. for beam search."""
         if self.written is None:
             return
-        for name in ("keys", "values", "chunk_keys", "token_mask", "written", "pending_keys", "pending_values",
-                     "pending_count"):  # fmt: skip
+        for name in (
+            "keys",
+            "values",
+            "chunk_keys",
+            "token_mask",
+            "written",
+            "pending_keys",
+            "pending_values",
+            "pending_count",
+        ):
             setattr(self, name, getattr(self, name).index_select(0, rows.to(self.written.device)))
 
     def repeat_rows(self, batch_size: int) -> None:
@@ -301,15 +315,26 @@ class ChunkMemoryBank:
         """Configuration and tensors (``None`` before the first write)."""
         return {
             "config": {
-                "num_heads": self.num_heads, "head_dim": self.head_dim, "chunk_size": self.chunk_size,
-                "max_tokens": self.max_tokens, "value_dim": self.value_dim,
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+                "chunk_size": self.chunk_size,
+                "max_tokens": self.max_tokens,
+                "value_dim": self.value_dim,
             },
             "tensors": {
                 name: getattr(self, name)
-                for name in ("keys", "values", "chunk_keys", "token_mask", "written", "pending_keys",
-                             "pending_values", "pending_count")
+                for name in (
+                    "keys",
+                    "values",
+                    "chunk_keys",
+                    "token_mask",
+                    "written",
+                    "pending_keys",
+                    "pending_values",
+                    "pending_count",
+                )
             },
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> ChunkMemoryBank:

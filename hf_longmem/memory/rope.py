@@ -161,7 +161,9 @@ class ModuleRotation(LayerRotation):
             that slice the rotary part before applying RoPE (Phi, StableLM, GPT-J's ``rotary_dim``).
     """
 
-    def __init__(self, rotary_emb: nn.Module, apply_fn: Callable, call_kwargs: dict | None = None, width: int | None = None):
+    def __init__(
+        self, rotary_emb: nn.Module, apply_fn: Callable, call_kwargs: dict | None = None, width: int | None = None
+    ):
         self.rotary_emb = rotary_emb
         self.apply_fn = apply_fn
         self.call_kwargs = dict(call_kwargs or {})
@@ -472,11 +474,14 @@ def _cached_keys(attention: nn.Module, position_embeddings, hidden: torch.Tensor
     params = inspect.signature(attention.forward).parameters
     cache_arg = next((name for name in _CACHE_ARGUMENTS if name in params), None)
     if cache_arg is None or "position_embeddings" not in params:
-        raise ValueError(
-            f"{type(attention).__name__}.forward takes no cache or no `position_embeddings` argument"
-        )
+        raise ValueError(f"{type(attention).__name__}.forward takes no cache or no `position_embeddings` argument")
     recorder = _RecordingCache()
-    kwargs = {"hidden_states": hidden, "position_embeddings": position_embeddings, "attention_mask": None, cache_arg: recorder}
+    kwargs = {
+        "hidden_states": hidden,
+        "position_embeddings": position_embeddings,
+        "attention_mask": None,
+        cache_arg: recorder,
+    }
     if "position_ids" in params:
         kwargs["position_ids"] = position_ids
     was_training = attention.training

@@ -68,9 +68,7 @@ def column_scores(
     return total
 
 
-def pool_scores(
-    scores: torch.Tensor, kernel_size: int, pooling: str, real: torch.Tensor | None = None
-) -> torch.Tensor:
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str, real: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV's 1-D pooling over the key axis (stride 1, same length), over each row's real slots only.
 
     A window reaching past the ends of the sequence, or onto pad slots, pools the real slots inside it only (as

@@ -99,9 +99,9 @@ class _Tracker:
         self.forward_params = list(inspect.signature(decoder.forward).parameters)
         self.handoff_modules = 0
         for module in decoder.modules():
-            if isinstance(getattr(module, "layer_idx", getattr(module, "layer_id", None)), int) and _update_takes_no_kwargs(
-                type(module)
-            ):
+            if isinstance(
+                getattr(module, "layer_idx", getattr(module, "layer_id", None)), int
+            ) and _update_takes_no_kwargs(type(module)):
                 self.handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                 self.handoff_modules += 1
 
@@ -148,9 +148,7 @@ def _update_takes_no_kwargs(cls: type) -> bool:
         except (OSError, TypeError, ValueError):
             source, takes_var_kwargs = "", False
         calls = re.findall(r"\.update\(([^()]*)\)", source)
-        _NO_KWARGS_CACHE[cls] = takes_var_kwargs and any(
-            "layer_id" in call and "kwargs" not in call for call in calls
-        )
+        _NO_KWARGS_CACHE[cls] = takes_var_kwargs and any("layer_id" in call and "kwargs" not in call for call in calls)
     return _NO_KWARGS_CACHE[cls]
 
 

@@ -107,5 +107,7 @@ class ReplayPrefixCache(Cache):
         if cache.get_seq_length() == 0:
             return cls(num_layers)
         return cls(
-            num_layers, torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])
+            num_layers,
+            torch.stack([layer.keys for layer in cache.layers]),
+            torch.stack([layer.values for layer in cache.layers]),
         )

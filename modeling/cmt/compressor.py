@@ -132,7 +132,9 @@ class CMTCompressor(nn.Module):
             raise ValueError(f"input_ids must be [n, T] (inputs_embeds [n, T, hidden]) with T >= 1, got {shape}")
         n, m = shape[0], self.num_memory_tokens
         if attention_mask is None:
-            attention_mask = torch.ones(shape, dtype=torch.long, device=(inputs_embeds if input_ids is None else input_ids).device)
+            attention_mask = torch.ones(
+                shape, dtype=torch.long, device=(inputs_embeds if input_ids is None else input_ids).device
+            )
         attention_mask = attention_mask.to(torch.long)
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("input_ids must be left-padded: the last position of every row must be a real token")

@@ -19,7 +19,6 @@ def _check_float(name: str, value: Any, low: float, high: float | None = None, *
     return float(value)
 
 
-
 def _int(name: str, value: Any, low: int) -> int:
     return check_int(name, value, low=low)
 
@@ -69,7 +68,9 @@ class CMTConfig(BackboneWrapperConfig):
         self.lora_alpha = _check_float("lora_alpha", lora_alpha, 0.0)
         targets = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
         if not targets or not all(isinstance(name, str) and name for name in targets):
-            raise ValueError(f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}")
+            raise ValueError(
+                f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}"
+            )
         self.lora_target_modules = targets
         self.retrieval_temperature = _check_float("retrieval_temperature", retrieval_temperature, 0.0)
         self.memory_top_k = _int("memory_top_k", memory_top_k, 0)

@@ -148,9 +148,11 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         from transformers.utils import cached_file
 
         bank_path = cached_file(
-            pretrained_model_name_or_path, BANK_FILE, _raise_exceptions_for_missing_entries=False,
+            pretrained_model_name_or_path,
+            BANK_FILE,
+            _raise_exceptions_for_missing_entries=False,
             **{k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs},
-        )  # fmt: skip
+        )
         if bank_path is not None:
             model.load_memory(bank_path)
         return loaded
@@ -171,9 +173,13 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         if is_first_iteration and next_sequence_length is not None and isinstance(cache, CMTCache):
             next_sequence_length += cache.prefix_length
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration, **kwargs,
-        )  # fmt: skip
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate`` builds a :class:`CMTCache` by default (and keeps a user's ``cache=``)."""
@@ -364,7 +370,9 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
             if attention_mask is not None:
                 if attention_mask.dim() != 2:
                     raise ValueError("attention_mask must be 2-D [batch, T] when a memory prefix is present")
-                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix), attention_mask], 1)
+                attention_mask = torch.cat(
+                    [attention_mask.new_ones(attention_mask.shape[0], prefix), attention_mask], 1
+                )
             if position_ids is not None:
                 position_ids = position_ids + prefix
         out = self.backbone(
@@ -461,27 +469,37 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         k = max(1, min(top_k, int(owned.sum(-1).min())))
         # gold + the (k-1) best other memories of the sample, in a random order
         others = logits.detach().scatter(1, gold_document.view(-1, 1), float("-inf"))
-        chosen = torch.cat([gold_document.view(-1, 1), others.topk(k - 1, dim=-1).indices], dim=1) if k > 1 else (
-            gold_document.view(-1, 1)
+        chosen = (
+            torch.cat([gold_document.view(-1, 1), others.topk(k - 1, dim=-1).indices], dim=1)
+            if k > 1
+            else (gold_document.view(-1, 1))
         )
         order = torch.rand(batch, k, generator=generator).argsort(-1).to(chosen.device)
         chosen = chosen.gather(1, order)
         keys, values = assemble_prefix(self.compressor.rotary, memories[chosen])
         cache = ReplayPrefixCache(self.config.backbone_config.num_hidden_layers, keys, values)  # one pass
         mask = torch.cat([qa_mask.new_ones(batch, keys.shape[-2]), qa_mask], dim=1)
-        out = self.backbone(input_ids=qa_ids, attention_mask=mask, cache=cache, labels=qa_labels, use_cache=True,
-                            output_hidden_states=bool(distill_weight))  # fmt: skip
+        out = self.backbone(
+            input_ids=qa_ids,
+            attention_mask=mask,
+            cache=cache,
+            labels=qa_labels,
+            use_cache=True,
+            output_hidden_states=bool(distill_weight),
+        )
         qa_loss = out.loss
         loss = qa_loss + retrieval_weight * retrieval_loss
         document_loss = torch.zeros((), device=loss.device)
         if document_weight:
-            document_loss = self._document_loss(memories[gold_document], document_ids[gold_document],
-                                                document_mask[gold_document])  # fmt: skip
+            document_loss = self._document_loss(
+                memories[gold_document], document_ids[gold_document], document_mask[gold_document]
+            )
             loss = loss + document_weight * document_loss
         distill_loss = torch.zeros((), device=loss.device)
         if distill_weight:
-            teacher = self._teacher_hidden_states(document_ids[gold_document], document_mask[gold_document], qa_ids,
-                                                  qa_mask)  # fmt: skip
+            teacher = self._teacher_hidden_states(
+                document_ids[gold_document], document_mask[gold_document], qa_ids, qa_mask
+            )
             student = torch.stack(out.hidden_states[1:])  # [layers, batch, Ta, hidden]
             weight = qa_mask.to(student.dtype).view(1, batch, -1, 1)
             error = ((student - teacher) ** 2 * weight).sum() / (teacher**2 * weight).sum().clamp_min(1e-6)
@@ -504,8 +522,14 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         ids = torch.cat([doc_ids, qa_ids], dim=1)
         mask = torch.cat([doc_mask, qa_mask], dim=1).to(torch.long)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
-                            use_cache=False, logits_to_keep=1)  # fmt: skip
+        out = self.backbone(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
         return torch.stack(out.hidden_states[1:])[:, :, doc_ids.shape[1] :]
 
     def _document_loss(self, memories: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -517,8 +541,14 @@ class CMTForCausalLM(CMTPreTrainedModel, GenerationMixin):
         position_ids = prefix + (mask.cumsum(-1) - 1).clamp(min=0)
         full_mask = torch.cat([mask.new_ones(mask.shape[0], prefix), mask], dim=1)
         labels = ids.masked_fill(mask == 0, -100)
-        out = self.backbone(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, cache=cache,
-                            labels=labels, use_cache=True)  # fmt: skip
+        out = self.backbone(
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            use_cache=True,
+        )
         return out.loss
 
 

@@ -13,7 +13,6 @@ from hf_longmem.validation import check_int
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-
 def _int(name: str, value: Any, low: int) -> int:
     return check_int(name, value, low=low)
 
@@ -101,8 +100,8 @@ class HMTConfig(BackboneWrapperConfig):
             )
         self.num_memories = _int("num_memories", num_memories, 1)
         self.num_memory_tokens = _int("num_memory_tokens", num_memory_tokens, 1)
-        self.recall_hidden_size = None if recall_hidden_size is None else _int(
-            "recall_hidden_size", recall_hidden_size, 1
+        self.recall_hidden_size = (
+            None if recall_hidden_size is None else _int("recall_hidden_size", recall_hidden_size, 1)
         )
         self.use_recall = bool(use_recall)
         self.lora_rank = _int("lora_rank", lora_rank, 0)
@@ -114,7 +113,9 @@ class HMTConfig(BackboneWrapperConfig):
         self.lora_dropout = float(lora_dropout)
         targets = list(DEFAULT_LORA_TARGETS if lora_target_modules is None else lora_target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}")
+            raise ValueError(
+                f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}"
+            )
         self.lora_target_modules = targets
         if isinstance(memory_scale, bool) or not isinstance(memory_scale, (int, float)) or memory_scale <= 0:
             raise ValueError(f"memory_scale must be a positive number, got {memory_scale!r}")

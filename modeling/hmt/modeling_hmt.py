@@ -121,7 +121,9 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         try:
             inject_adapter_in_model(lora, self.backbone)
         except ValueError as error:
-            raise ValueError(f"lora_target_modules {self.config.lora_target_modules} do not fit the backbone: {error}") from error
+            raise ValueError(
+                f"lora_target_modules {self.config.lora_target_modules} do not fit the backbone: {error}"
+            ) from error
         for name, module in self.backbone.named_modules():
             if "lora_" in name:  # peft initialised them (B = 0): keep transformers' init passes off them
                 module._is_hf_initialized = True
@@ -164,8 +166,11 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         model = cls(config)
         source = backbone.state_dict()
         target = model.backbone.state_dict()
-        mapped = {key: source[key.replace(".base_layer.", ".")] for key in target if "lora_" not in key
-                  and key.replace(".base_layer.", ".") in source}  # fmt: skip
+        mapped = {
+            key: source[key.replace(".base_layer.", ".")]
+            for key in target
+            if "lora_" not in key and key.replace(".base_layer.", ".") in source
+        }
         missing = [k for k in target if "lora_" not in k and k not in mapped and not k.endswith("lm_head.weight")]
         unexpected = sorted(set(source) - {k.replace(".base_layer.", ".") for k in target})
         if missing or unexpected:
@@ -189,9 +194,13 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         past = 0 if kv is None else kv.get_seq_length()
         positions = torch.arange(past, past + embeds.shape[1], device=embeds.device).unsqueeze(0)
         out = self.backbone.get_decoder()(
-            inputs_embeds=embeds, position_ids=positions.expand(embeds.shape[0], -1), cache=kv,
-            use_cache=kv is not None, output_hidden_states=output_hidden_states, return_dict=True,
-        )  # fmt: skip
+            inputs_embeds=embeds,
+            position_ids=positions.expand(embeds.shape[0], -1),
+            cache=kv,
+            use_cache=kv is not None,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         if output_hidden_states:
             return out.last_hidden_state, out.hidden_states
         return out.last_hidden_state
@@ -226,10 +235,14 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
             raise ValueError("input_ids must hold at least one token")
         if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError(f"attention_mask must be a 2-D [batch, seen + T] padding mask, got {attention_mask.ndim}-D")
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, seen + T] padding mask, got {attention_mask.ndim}-D"
+            )
         if cache is not None:
             if not isinstance(cache, HMTCache):
-                raise ValueError(f"cache must be an HMTCache (the model's own memory state), got {type(cache).__name__}")
+                raise ValueError(
+                    f"cache must be an HMTCache (the model's own memory state), got {type(cache).__name__}"
+                )
             cache_hidden = getattr(cache.backbone_config, "hidden_size", None)
             if cache_hidden != self.config.backbone_config.hidden_size or cache.hmt_config.segment_length != (
                 self.config.segment_length
@@ -281,7 +294,9 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
             if position == 0:
                 memory, state.summary_tokens = None, 0
             if state.num_segments == 0:
-                memory = memory if memory is not None else self.memory.memory_init.to(embeds.dtype).expand(batch, -1, -1)
+                memory = (
+                    memory if memory is not None else self.memory.memory_init.to(embeds.dtype).expand(batch, -1, -1)
+                )
             elif not config.use_recall:
                 memory = memory if memory is not None else state.bank[:, -1] * config.memory_scale
             elif index in summaries:
@@ -374,8 +389,10 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
             group_hidden, group_states = self.hmt_forward(embeds[rows, skip:], group, keep, output_hidden_states)
             hidden[rows, skip:] = group_hidden
             if output_hidden_states:
-                states = [scatter_rows(None if states is None else states[layer], rows, skip, part, embeds.shape)
-                          for layer, part in enumerate(group_states)]  # fmt: skip
+                states = [
+                    scatter_rows(None if states is None else states[layer], rows, skip, part, embeds.shape)
+                    for layer, part in enumerate(group_states)
+                ]
         state.seen_tokens += length
         if output_hidden_states and states is None:  # only padding in this call
             states = [embeds.new_zeros(embeds.shape) for _ in range(self.config.backbone_config.num_hidden_layers + 1)]
@@ -404,8 +421,9 @@ class HMTModel(HMTPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """Args as :meth:`HMTForCausalLM.forward`. Returns ``last_hidden_state`` ``[B, T, d]``, ``cache`` and
         ``hidden_states``."""
-        hidden, states, cache = self._run(input_ids, attention_mask, cache, inputs_embeds, use_cache,
-                                          output_attentions, output_hidden_states)  # fmt: skip
+        hidden, states, cache = self._run(
+            input_ids, attention_mask, cache, inputs_embeds, use_cache, output_attentions, output_hidden_states
+        )
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache, hidden_states=states)
 
 
@@ -445,8 +463,9 @@ class HMTForCausalLM(HMTPreTrainedModel, GenerationMixin):
         Returns:
             ``logits`` ``[B, T or logits_to_keep, vocab]``, ``loss`` when ``labels``, ``cache``, ``hidden_states``.
         """
-        hidden, states, cache = self._run(input_ids, attention_mask, cache, inputs_embeds, use_cache,
-                                          output_attentions, output_hidden_states)  # fmt: skip
+        hidden, states, cache = self._run(
+            input_ids, attention_mask, cache, inputs_embeds, use_cache, output_attentions, output_hidden_states
+        )
         logits = causal_lm_logits(self.backbone.get_output_embeddings(), hidden, logits_to_keep)
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=states)

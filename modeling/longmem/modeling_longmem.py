@@ -150,10 +150,11 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         bc = config.backbone_config
         source = self.backbone.model.layers
         self.layers = nn.ModuleList(
-            SideNetLayer(bc, source[config.sidenet_source_layer(i)], i == config.memory_layer_index,
-                         config.memory_gate_init)
+            SideNetLayer(
+                bc, source[config.sidenet_source_layer(i)], i == config.memory_layer_index, config.memory_gate_init
+            )
             for i in range(config.num_sidenet_layers)
-        )  # fmt: skip
+        )
         self.norm = SideNetRMSNorm(bc.hidden_size, getattr(bc, "rms_norm_eps", 1e-6))
         self.gradient_checkpointing = False
         self.post_init()
@@ -215,9 +216,14 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         positions = (before + mask.long().cumsum(dim=1) - 1).clamp(min=0)
         with self._backbone_context():
             hidden = backbone_hidden_states(
-                self.backbone, input_ids, inputs_embeds, attention_mask=full_mask.long(), position_ids=positions,
-                cache=cache.backbone_cache, use_cache=True,
-            )  # fmt: skip
+                self.backbone,
+                input_ids,
+                inputs_embeds,
+                attention_mask=full_mask.long(),
+                position_ids=positions,
+                cache=cache.backbone_cache,
+                use_cache=True,
+            )
             mem_keys, mem_values = self.retrieval_keys_values(hidden[self.config.retrieval_layer_index])
         r = self.config.layer_reduction_factor
         fill, t = full_mask.shape[1] - mask.shape[1], mask.shape[1]
@@ -316,7 +322,6 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
             hidden_states=last_hidden_state_last(states, hidden) if output_hidden_states else None,
         )
 
-
     def _forward_row_groups(self, input_ids, inputs_embeds, pads, cache, use_cache, output_hidden_states):
         """A left-padded batch (``pads [b]`` padding tokens per row): each group of rows with the same padding runs as
         an unpadded batch of its real tokens with its own cache (:mod:`hf_longmem.modeling.padding`), so every row is
@@ -335,18 +340,25 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
             out = self(
                 input_ids=None if input_ids is None else input_ids[rows, skip:],
                 inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows, skip:],
-                cache=group, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
-            )  # fmt: skip
+                cache=group,
+                use_cache=True,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
             hidden = scatter_rows(hidden, rows, skip, out.last_hidden_state, (batch, length))
             if output_hidden_states:
-                states = [scatter_rows(None if states is None else states[layer], rows, skip, part, (batch, length))
-                          for layer, part in enumerate(out.hidden_states)]  # fmt: skip
+                states = [
+                    scatter_rows(None if states is None else states[layer], rows, skip, part, (batch, length))
+                    for layer, part in enumerate(out.hidden_states)
+                ]
         cache.seen_tokens += length
         if hidden is None:  # only padding in this call
             hidden = self.norm.weight.new_zeros(batch, length, self.norm.weight.shape[0])
             states = [hidden.clone() for _ in range(len(self.layers) + 1)] if output_hidden_states else None
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=tuple(states) if states else None
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(states) if states else None,
         )
 
 
@@ -406,10 +418,15 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
     ) -> CausalLMOutputWithPast:
         """Logits ``[b, T, V]`` (see :meth:`LongMemModel.forward`); ``labels`` ``[b, T]`` give the shifted LM loss."""
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
-            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
-        )  # fmt: skip
+        )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.backbone.get_output_embeddings()(hidden[:, keep, :])

@@ -174,8 +174,17 @@ def check_supported_backbone(backbone) -> None:
             "it has no decoder layers at backbone.model.layers"
         )
     layer = layers[0]
-    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-              "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")  # fmt: skip
+    needed = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    )
     missing = [name for name in needed if not _has(layer, name)]
     extra = [name for name in ("self_attn.q_norm", "self_attn.k_norm") if _has(layer, name)]
     if missing or extra:

@@ -70,8 +70,13 @@ class MomConfig(RemoteCodeMixin, PretrainedConfig):
         **kwargs,
     ):
         for name, value in (
-            ("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
-            ("num_heads", num_heads), ("head_dim", head_dim), ("num_memories", num_memories), ("topk", topk),
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("num_memories", num_memories),
+            ("topk", topk),
             ("chunk_size", chunk_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

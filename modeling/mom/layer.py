@@ -131,11 +131,13 @@ class MomMixer(nn.Module):
             conv_state = cache.get_conv_state(self.layer_idx)
             recurrent_state = cache.get_recurrent_state(self.layer_idx)
         if hidden_states.shape[1] == 1:
-            o, conv_state, recurrent_state = self._step(hidden_states, index, weights, valid, conv_state,
-                                                        recurrent_state, cache is not None)
+            o, conv_state, recurrent_state = self._step(
+                hidden_states, index, weights, valid, conv_state, recurrent_state, cache is not None
+            )
         else:
-            o, conv_state, recurrent_state = self._packed(hidden_states, index, weights, valid, conv_state,
-                                                          recurrent_state, cache is not None)
+            o, conv_state, recurrent_state = self._packed(
+                hidden_states, index, weights, valid, conv_state, recurrent_state, cache is not None
+            )
         if cache is not None:
             # conv first: transformers' LinearAttentionLayer marks the layer as having a state on a conv update
             cache.update_conv_state(conv_state, self.layer_idx)
@@ -163,8 +165,14 @@ class MomMixer(nn.Module):
         beta = torch.where(real, beta, torch.zeros_like(beta)).flatten(0, 1)
         initial = None if recurrent_state is None else recurrent_state.flatten(0, 1)
         o, final = chunk_gated_delta_rule(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g.transpose(1, 2), beta.transpose(1, 2),
-            initial_state=initial, output_final_state=keep_state, chunk_size=self.chunk_size,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            g.transpose(1, 2),
+            beta.transpose(1, 2),
+            initial_state=initial,
+            output_final_state=keep_state,
+            chunk_size=self.chunk_size,
             backend=self.kernel_backend,
         )  # o [b*M', H, L, V]
         o = o.transpose(1, 2).unflatten(0, (batch, mems))  # [b, M', L, H, V]
@@ -193,8 +201,15 @@ class MomMixer(nn.Module):
         q, k, v = self._split(conv_out.unflatten(0, (batch, mems)))  # [b, M', H, .]
         g, beta = self._gates(beta_logits, decay_logits)  # [b, M', H]
         o, final = fused_recurrent_mom_gated_delta_rule(
-            q[:, :, :, None], k[:, :, :, None], v[:, :, :, None], g[..., None], beta[..., None],
-            dense, routed, initial_state=recurrent_state, output_final_state=keep_state,
+            q[:, :, :, None],
+            k[:, :, :, None],
+            v[:, :, :, None],
+            g[..., None],
+            beta[..., None],
+            dense,
+            routed,
+            initial_state=recurrent_state,
+            output_final_state=keep_state,
             backend=self.kernel_backend,
         )  # o [b, H, 1, V]
         return o.transpose(1, 2), new_conv.unflatten(0, (batch, mems)), final

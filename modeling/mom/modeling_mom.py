@@ -80,8 +80,10 @@ class MomPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel):
             std = self.config.initializer_range
             init.normal_(module.memory_proj, mean=0.0, std=std)
             init.copy_(module.A_log, torch.empty(module.num_heads).uniform_(1.0, 16.0).log())
-            dt = torch.exp(torch.rand(module.num_heads) * (torch.log(torch.tensor(0.1)) - torch.log(
-                torch.tensor(0.001))) + torch.log(torch.tensor(0.001))).clamp_min(1e-4)
+            dt = torch.exp(
+                torch.rand(module.num_heads) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(0.001)))
+                + torch.log(torch.tensor(0.001))
+            ).clamp_min(1e-4)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
             bound = module.conv_size**-0.5
             init.uniform_(module.conv_weight, -bound, bound)

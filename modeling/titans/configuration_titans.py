@@ -70,12 +70,20 @@ class TitansConfig(RemoteCodeMixin, PretrainedConfig):
         **kwargs,
     ):
         check_choice("variant", variant, VARIANTS)
-        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
-                            ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
-                            ("num_attention_heads", num_attention_heads), ("sliding_window", sliding_window),
-                            ("segment_size", segment_size), ("memory_heads", memory_heads),
-                            ("memory_chunk_size", memory_chunk_size), ("memory_conv_size", memory_conv_size),
-                            ("memory_expansion", memory_expansion), ("max_position_embeddings", max_position_embeddings)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("sliding_window", sliding_window),
+            ("segment_size", segment_size),
+            ("memory_heads", memory_heads),
+            ("memory_chunk_size", memory_chunk_size),
+            ("memory_conv_size", memory_conv_size),
+            ("memory_expansion", memory_expansion),
+            ("max_position_embeddings", max_position_embeddings),
+        ):
             check_int(name, value, low=1)
         check_optional_int("head_dim", head_dim, low=1)
         check_optional_int("memory_head_dim", memory_head_dim, low=1)

@@ -68,7 +68,11 @@ class NeuralMemory(nn.Module):
         super().__init__()
         hidden, self.heads, self.dim = config.hidden_size, config.memory_heads, config.memory_head_dim
         inner = self.heads * self.dim
-        self.chunk, self.conv_size, self.max_lr = config.memory_chunk_size, config.memory_conv_size, config.memory_max_lr
+        self.chunk, self.conv_size, self.max_lr = (
+            config.memory_chunk_size,
+            config.memory_conv_size,
+            config.memory_max_lr,
+        )
         self.backend = config.memory_backend
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         self.qkv = nn.Linear(hidden, 3 * inner, bias=False)
@@ -79,10 +83,12 @@ class NeuralMemory(nn.Module):
         self.o_proj = nn.Linear(inner, hidden, bias=False)
         if config.memory_depth == 2:
             width = self.dim * config.memory_expansion
-            self.init_w = nn.ParameterList([
-                nn.Parameter(torch.randn(self.heads, self.dim, width) * self.dim**-0.5),
-                nn.Parameter(torch.randn(self.heads, width, self.dim) * 0.1 * width**-0.5),
-            ])
+            self.init_w = nn.ParameterList(
+                [
+                    nn.Parameter(torch.randn(self.heads, self.dim, width) * self.dim**-0.5),
+                    nn.Parameter(torch.randn(self.heads, width, self.dim) * 0.1 * width**-0.5),
+                ]
+            )
         else:
             self.init_w = nn.ParameterList([nn.Parameter(torch.zeros(self.heads, self.dim, self.dim))])
         with torch.no_grad():  # theta ~ 0.12 max_lr, eta ~ 0.5, alpha ~ 0.05 at initialisation
@@ -130,9 +136,14 @@ class NeuralMemory(nn.Module):
         s["mem_w"] = self.initial_weights(batch)
         s["mem_s"] = tuple(torch.zeros_like(w) for w in s["mem_w"])
         zeros = ref.new_zeros(batch, self.heads, self.chunk)
-        s.update(buf_k=ref.new_zeros(batch, self.heads, self.chunk, self.dim), buf_lr=zeros, buf_eta=zeros,
-                 buf_v=ref.new_zeros(batch, self.heads, self.chunk, self.dim), buf_keep=zeros,
-                 buf_n=torch.zeros(batch, dtype=torch.long, device=ref.device))
+        s.update(
+            buf_k=ref.new_zeros(batch, self.heads, self.chunk, self.dim),
+            buf_lr=zeros,
+            buf_eta=zeros,
+            buf_v=ref.new_zeros(batch, self.heads, self.chunk, self.dim),
+            buf_keep=zeros,
+            buf_n=torch.zeros(batch, dtype=torch.long, device=ref.device),
+        )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, state: TitansLayerState) -> torch.Tensor:
         """Store the call's tokens and read the memory for each (``x [b, T, hidden]`` -> ``[b, T, hidden]``)."""
@@ -150,8 +161,9 @@ class NeuralMemory(nn.Module):
         self.init_state(state, b)
         buf_n = s["buf_n"]
         # the unfinished chunk, then the call's tokens, compacted per row
-        order = torch.argsort(~torch.cat((torch.arange(c, device=x.device) < buf_n[:, None], valid), 1).int(),
-                              dim=1, stable=True)
+        order = torch.argsort(
+            ~torch.cat((torch.arange(c, device=x.device) < buf_n[:, None], valid), 1).int(), dim=1, stable=True
+        )
         total = buf_n + lengths
 
         def combine(buffered, new):
@@ -211,8 +223,12 @@ class LocalAttention(nn.Module):
         q = rotary(self.q_proj(x).view(b, T, self.heads, self.dim).transpose(1, 2), positions, self.theta)
         k, v = self._kv(x, positions)
         if "attn_k" not in s:
-            s.update(attn_k=k[:, :, :0], attn_v=v[:, :, :0], attn_pos=positions[:, :0],
-                     attn_valid=torch.zeros(b, 0, dtype=torch.bool, device=x.device))
+            s.update(
+                attn_k=k[:, :, :0],
+                attn_v=v[:, :, :0],
+                attn_pos=positions[:, :0],
+                attn_valid=torch.zeros(b, 0, dtype=torch.bool, device=x.device),
+            )
             if retrieved is not None:
                 s.update(ret_k=k[:, :, :0], ret_v=v[:, :, :0])
         new_valid = torch.arange(T, device=x.device) < lengths[:, None]
@@ -236,8 +252,12 @@ class LocalAttention(nn.Module):
         masks.insert(0, torch.ones(b, T, n_p, dtype=torch.bool, device=x.device))
         mask = torch.cat(masks, 2)[:, None]
         if n_p == 0:  # a query whose row has no visible key (pad slots): let it see itself, output ignored
-            mask = mask | torch.eye(T, mask.shape[-1], dtype=torch.bool, device=x.device).roll(
-                mask.shape[-1] - T, 1)[None, None]
+            mask = (
+                mask
+                | torch.eye(T, mask.shape[-1], dtype=torch.bool, device=x.device).roll(mask.shape[-1] - T, 1)[
+                    None, None
+                ]
+            )
         out = F.scaled_dot_product_attention(q, torch.cat(keys_k, 2), torch.cat(keys_v, 2), attn_mask=mask)
         # keep the last ``span`` tokens
         s["attn_k"], valid = keep_last(s["attn_k"], s["attn_valid"], k, lengths, self.span, 2)

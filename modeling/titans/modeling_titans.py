@@ -191,9 +191,16 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """``logits [batch, T, vocab]``; ``labels`` (``-100`` ignored) give the shifted next-token loss;
         ``hidden_states`` as :meth:`TitansModel.forward`. ``return_dict=False``: ``(loss?, logits, cache?, ...)``."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-                         output_hidden_states=output_hidden_states, return_dict=True)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         logits = causal_lm_logits(self.lm_head, out.last_hidden_state, logits_to_keep)
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)

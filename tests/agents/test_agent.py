@@ -28,9 +28,15 @@ def agent(default_model):
     model, tokenizer = default_model
     store = MemoryStore()
     agent = MemoryAgent(
-        model, tokenizer, store, RetrievalPolicy(supersede_key=fact_subject), k=1, max_new_tokens=8,
-        write_back=False, **PASSKEY_READER,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        store,
+        RetrievalPolicy(supersede_key=fact_subject),
+        k=1,
+        max_new_tokens=8,
+        write_back=False,
+        **PASSKEY_READER,
+    )
     for day, (subject, value) in enumerate([("tiger", 48213), ("apple", 90417), ("river", 33508)], start=1):
         agent.remember(FACT_TEMPLATE.format(subject=subject, value=value), session_id=f"s{day}", timestamp=_day(day))
         agent.remember("The grass is green. The sky is blue.", session_id=f"s{day}", timestamp=_day(day))

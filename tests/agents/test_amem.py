@@ -75,8 +75,13 @@ def test_no_evolution_and_unparsable_replies_fall_back():
     silent = AMemPolicy(FunctionLLM(lambda p, n: "no json here"))
     c = silent.ingest(store, "a note", session_id="s", timestamp=2)
     assert store.get_state(c) == {
-        "keywords": [], "context": "General", "tags": [], "links": [], "retrieval_count": 0, "evolution_history": [],
-    }  # fmt: skip
+        "keywords": [],
+        "context": "General",
+        "tags": [],
+        "links": [],
+        "retrieval_count": 0,
+        "evolution_history": [],
+    }
     assert parse_json_object('x {"a": {"b": 1}} y {"c": 2}') == {"a": {"b": 1}}
     assert parse_json_object("{broken") is None
     with pytest.raises(ValueError, match="`k_neighbors`"):

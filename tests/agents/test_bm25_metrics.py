@@ -61,8 +61,13 @@ def test_retrieval_metrics_by_hand():
     assert ndcg_at_k(ranking, ["b", "c"], 3) == pytest.approx((1 / math.log2(3) + 1 / 2) / (1 + 1 / math.log2(3)))
     assert ndcg_at_k(ranking, ["a"], 10) == 1.0
     assert set(retrieval_metrics(ranking, ["a"], ks=(1, 5))) == {
-        "recall_any@1", "recall_all@1", "ndcg@1", "recall_any@5", "recall_all@5", "ndcg@5",
-    }  # fmt: skip
+        "recall_any@1",
+        "recall_all@1",
+        "ndcg@1",
+        "recall_any@5",
+        "recall_all@5",
+        "ndcg@5",
+    }
     assert session_ranking(["s2", "s1", "s2", "s3", "s1"]) == ["s2", "s1", "s3"]
     with pytest.raises(ValueError, match="`correct`"):
         recall_any_at_k(ranking, [], 1)

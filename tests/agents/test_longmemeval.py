@@ -21,9 +21,16 @@ from hf_longmem.agents.policy import RetrievalPolicy
 from hf_longmem.agents.synthetic import fact_subject, synthetic_chat_history
 
 OFFICIAL_FIELDS = {
-    "question_id", "question_type", "question", "answer", "question_date", "haystack_session_ids",
-    "haystack_dates", "haystack_sessions", "answer_session_ids",
-}  # fmt: skip
+    "question_id",
+    "question_type",
+    "question",
+    "answer",
+    "question_date",
+    "haystack_session_ids",
+    "haystack_dates",
+    "haystack_sessions",
+    "answer_session_ids",
+}
 
 
 def _official_item(qid="e47becba", qtype="single-session-user"):
@@ -133,8 +140,9 @@ def test_synthetic_history_has_the_official_schema_and_plants_what_it_says(defau
 
 def test_evaluation_supersede_beats_add_only_on_updates(default_model):
     model, tokenizer = default_model
-    items = synthetic_chat_history(tokenizer, 8, seed=0, update_fraction=0.25, num_questions=10, num_abstention=1,
-                                   session_tokens=64)  # fmt: skip
+    items = synthetic_chat_history(
+        tokenizer, 8, seed=0, update_fraction=0.25, num_questions=10, num_abstention=1, session_tokens=64
+    )
     kwargs = dict(k=1, progress=False, abstain_below=4.0, **PASSKEY_READER)
     supersede = evaluate_agent(
         items, model, tokenizer, policy_factory=lambda: RetrievalPolicy(supersede_key=fact_subject), **kwargs

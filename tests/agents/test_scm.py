@@ -35,8 +35,10 @@ def test_budget_loop_terminates_where_upstream_loops_forever():
     assert choices == ["drop", "drop", "drop"]
     # When summaries fit, raw turns become summaries least similar first and nothing more is dropped.
     assert select_under_budget([100, 100, 100], [10, 10, 10], ["raw", "raw", "raw"], budget=120) == [
-        "summary", "summary", "raw",
-    ]  # fmt: skip
+        "summary",
+        "summary",
+        "raw",
+    ]
     assert select_under_budget([100, 100], [10, 10], ["drop", "raw"], budget=100) == ["drop", "raw"]
     for budget in range(0, 400, 7):
         out = select_under_budget(raw, summary, first, budget)

@@ -40,8 +40,9 @@ def test_post_thinking_goes_through_the_llm():
     store = MemoryStore()
     policy = _policy("Tom | lives in | Lisbon\nTom | likes | fish")
     assert [op for _, op in policy.post_think(store, "Where does Tom live?", "In Lisbon.", timestamp=1)] == [
-        "insert", "merge",
-    ]  # fmt: skip
+        "insert",
+        "merge",
+    ]
     assert "Question: Where does Tom live?\nAnswer: In Lisbon." in policy.llm.calls[0][0]
     assert policy.ingest(store, "nothing to say", session_id="s", timestamp=2) != ""
 

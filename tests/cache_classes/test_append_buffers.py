@@ -41,7 +41,9 @@ def test_decoding_writes_in_place_and_equals_concatenation(monkeypatch):
         buffer, view = layer._append_buffers["keys"]
         assert layer.keys is view and layer.keys.data_ptr() == buffer.data_ptr()
         assert buffer.shape[2] > layer.keys.shape[2]  # spare slots behind the stored ones
-        assert layer.memory_bytes() > sum(t.nbytes for t in (layer.keys, layer.values, layer.positions, layer.real_seen))
+        assert layer.memory_bytes() > sum(
+            t.nbytes for t in (layer.keys, layer.values, layer.positions, layer.real_seen)
+        )
         assert layer.positions.shape == layer.keys.shape[:3]
 
     monkeypatch.setattr(CompressedLayer, "append_slots", _plain_append)

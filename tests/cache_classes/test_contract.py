@@ -87,7 +87,7 @@ def test_left_padded_batch_equals_rows_alone(label, budget_case, attn_impl):
     seq, logits = greedy(model, batch, build(label, model, options), attention_mask=mask, pad_token_id=0)
     for row, ids in enumerate((long_row, short_row)):
         row_seq, row_logits = greedy(model, ids, build(label, model, options))
-        assert torch.equal(seq[row, 30:], row_seq[0, ids.shape[1]:])
+        assert torch.equal(seq[row, 30:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
@@ -113,7 +113,9 @@ def kept_real_tokens(
 @pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
 def test_pads_are_never_kept_when_evicting(label):
     model = tiny_model("llama_gqa")
-    batch = torch.cat((random_ids(1, 30, seed=1), torch.cat((torch.zeros(1, 10, dtype=torch.long), random_ids(1, 20)), 1)))
+    batch = torch.cat(
+        (random_ids(1, 30, seed=1), torch.cat((torch.zeros(1, 10, dtype=torch.long), random_ids(1, 20)), 1))
+    )
     mask = (batch != 0).long()
     cache = build(label, model, SMALL_BUDGET[label])
     greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
@@ -161,7 +163,9 @@ def test_seen_vs_stored_and_memory_bytes(label):
     expected = sum(
         t.numel() * t.element_size()
         for layer in cache.layers
-        for t in (getattr(layer, "_append_buffers", {}).get(name, (getattr(layer, name),))[0] for name in layer.batch_state)
+        for t in (
+            getattr(layer, "_append_buffers", {}).get(name, (getattr(layer, name),))[0] for name in layer.batch_state
+        )
         if t is not None
     )
     assert cache.memory_bytes() == expected
@@ -229,5 +233,5 @@ def test_left_padded_batch_equals_rows_alone_at_the_pooling_cut_off(name, poolin
         row_cache = make_cache(name, model, **options)
         row_seq, row_logits = greedy(model, ids, row_cache, max_new_tokens=4)
         assert kept(batch_cache, row) == kept(row_cache, 0)
-        assert torch.equal(seq[row, 24:], row_seq[0, ids.shape[1]:])
+        assert torch.equal(seq[row, 24:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)

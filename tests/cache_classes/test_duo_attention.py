@@ -294,7 +294,12 @@ def test_decoding_ring_equals_append_and_truncate_across_a_later_chunk(monkeypat
         cache = duo(model, MIXED, sink_size=3, recent_size=5)
         logits = []
         with torch.no_grad():
-            for start, stop in ((0, 14), *((t, t + 1) for t in range(14, 25)), (25, 31), *((t, t + 1) for t in range(31, 40))):
+            for start, stop in (
+                (0, 14),
+                *((t, t + 1) for t in range(14, 25)),
+                (25, 31),
+                *((t, t + 1) for t in range(31, 40)),
+            ):
                 position_ids = torch.arange(start, stop)[None]
                 out = model(ids[:, start:stop], cache=cache, position_ids=position_ids)
                 logits.append(out.logits)

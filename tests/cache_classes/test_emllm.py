@@ -425,7 +425,12 @@ def test_options_for_budget():
 
     official = get_cache_spec("emllm").options_for_budget(8320)
     assert official == {
-        "n_init": 128, "n_local": 4096, "n_mem": 4096, "min_block_size": 8, "max_block_size": 128, "exc_block_size": 512
+        "n_init": 128,
+        "n_local": 4096,
+        "n_mem": 4096,
+        "min_block_size": 8,
+        "max_block_size": 128,
+        "exc_block_size": 512,
     }
     model = tiny_model("llama_gqa")
     for budget in (3, 24, 64):
@@ -442,8 +447,16 @@ def test_padding_hook_sits_on_the_decoder_stack():
     from hf_longmem.cache_classes.infllm import decoder_stack
 
     config = ModernBertDecoderConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, cls_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        sep_token_id=2,
+        cls_token_id=1,
     )
     model = ModernBertDecoderForCausalLM(config)
     assert isinstance(model.get_decoder(), torch.nn.Linear) and decoder_stack(model) is model.model

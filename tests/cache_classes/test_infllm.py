@@ -143,7 +143,9 @@ def test_all_blocks_retrieved_equals_brute_force(n_init, n_local, block_size, ex
     query = rotary.rotate(torch.randn(1, heads, total, dim), pos)
     keys = rotary.rotate(torch.randn(1, kv_heads, total, dim), pos)
     values = torch.randn(1, kv_heads, total, dim)
-    layer = InfLLMLayer(rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc)
+    layer = InfLLMLayer(
+        rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc
+    )
     out = run_layer(layer, query, keys, values, splits, dim**-0.5)
     expected = brute_force(query, keys, values, rotary, n_local, dim**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -169,21 +171,29 @@ def test_left_padded_rows_equal_brute_force(n_init, n_local, block_size, exc, sp
     rows = []
     for length in (total, total - pad):
         pos = torch.arange(length)[None]
-        rows.append((
-            rotary.rotate(torch.randn(1, heads, length, dim), pos),
-            rotary.rotate(torch.randn(1, kv_heads, length, dim), pos),
-            torch.randn(1, kv_heads, length, dim),
-        ))
+        rows.append(
+            (
+                rotary.rotate(torch.randn(1, heads, length, dim), pos),
+                rotary.rotate(torch.randn(1, kv_heads, length, dim), pos),
+                torch.randn(1, kv_heads, length, dim),
+            )
+        )
     padded = [  # row 1 left-padded with random states (they must not matter)
         torch.cat((rows[0][i], torch.cat((torch.randn(1, rows[1][i].shape[1], pad, dim), rows[1][i]), 2)))
         for i in range(3)
     ]
     position_ids = torch.stack((torch.arange(total), (torch.arange(total) - pad).clamp(min=0)))
-    layer = InfLLMLayer(rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc)
+    layer = InfLLMLayer(
+        rotary, n_init, n_local, block_size, topk=total, repr_topk=2, max_cached_blocks=total, exc_block_size=exc
+    )
     outputs, start = [], 0
     for size in splits:
         stop = start + size
-        layer.update(padded[1][:, :, start:stop], padded[2][:, :, start:stop], kwargs={"position_ids": position_ids[:, start:stop]})
+        layer.update(
+            padded[1][:, :, start:stop],
+            padded[2][:, :, start:stop],
+            kwargs={"position_ids": position_ids[:, start:stop]},
+        )
         out, _ = layer.attend(None, padded[0][:, :, start:stop], None, None, None, scaling=dim**-0.5)
         outputs.append(out.transpose(1, 2))
         start = stop
@@ -380,7 +390,9 @@ def test_offload_representatives_keeps_resident_bytes_constant(perhead):
         seq_host, logits_host = greedy(model, ids, cache, max_new_tokens=6)
         assert torch.equal(seq, seq_host) and torch.equal(logits, logits_host)
         parts = cache.memory_parts()
-        assert parts["representatives"][0] == "offloaded" and official.memory_parts()["representatives"][0] == "resident"
+        assert (
+            parts["representatives"][0] == "offloaded" and official.memory_parts()["representatives"][0] == "resident"
+        )
         assert parts["representatives"][1] == official.memory_parts()["representatives"][1] > 0
         for layer in cache.layers:
             assert layer.store.reprs.device == layer.store.home
@@ -432,7 +444,9 @@ PADDED_ROWS = (70, 45, 23)  # 7, 4 and 1 memory blocks at SMALL: retrieval among
 
 
 @pytest.mark.parametrize(
-    "extra", [{}, {"perhead": True}, {"offload": True, "offload_representatives": True}], ids=["shared", "perhead", "offload"]
+    "extra",
+    [{}, {"perhead": True}, {"offload": True, "offload_representatives": True}],
+    ids=["shared", "perhead", "offload"],
 )
 def test_left_padded_batch_equals_rows_alone(extra):
     """Each row of a left-padded batch forms its own initial tokens, blocks and retrievals: the tokens each row
@@ -533,7 +547,10 @@ def test_options_for_budget():
 
     official = get_cache_spec("infllm").options_for_budget(6272)
     assert {k: official[k] for k in ("n_init", "n_local", "block_size", "topk")} == {
-        "n_init": 128, "n_local": 4096, "block_size": 128, "topk": 16
+        "n_init": 128,
+        "n_local": 4096,
+        "block_size": 128,
+        "topk": 16,
     }
     model = tiny_model("llama_gqa")
     for budget in (3, 24, 64, 1000):

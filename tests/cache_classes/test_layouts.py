@@ -71,10 +71,12 @@ def test_compressed_sliding_layers_padded_batch_equals_rows_alone(name):
     batch = torch.cat((long_row, torch.cat((torch.zeros(1, 9, dtype=torch.long), short_row), dim=1)))
     mask = (batch != 0).long()
     options = {"budget": 5, **({"window_size": 2} if name == "snapkv" else {})}
-    seq, logits = greedy(model, batch, make_cache(name, model, **options), attention_mask=mask, pad_token_id=0, max_new_tokens=8)
+    seq, logits = greedy(
+        model, batch, make_cache(name, model, **options), attention_mask=mask, pad_token_id=0, max_new_tokens=8
+    )
     for row, ids in enumerate((long_row, short_row)):
         row_seq, row_logits = greedy(model, ids, make_cache(name, model, **options), max_new_tokens=8)
-        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1]:])
+        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
@@ -99,10 +101,17 @@ def test_streaming_on_sliding_layers_padded_batch_equals_rows_alone():
     long_row, short_row = random_ids(1, 20, seed=1), random_ids(1, 11, seed=2)
     batch = torch.cat((long_row, torch.cat((torch.zeros(1, 9, dtype=torch.long), short_row), dim=1)))
     options = {"budget": 5, "sink_size": 1}
-    seq, logits = greedy(model, batch, make_cache("streaming", model, **options), attention_mask=(batch != 0).long(), pad_token_id=0, max_new_tokens=8)
+    seq, logits = greedy(
+        model,
+        batch,
+        make_cache("streaming", model, **options),
+        attention_mask=(batch != 0).long(),
+        pad_token_id=0,
+        max_new_tokens=8,
+    )
     for row, ids in enumerate((long_row, short_row)):
         row_seq, row_logits = greedy(model, ids, make_cache("streaming", model, **options), max_new_tokens=8)
-        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1]:])
+        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
@@ -117,9 +126,13 @@ def test_a_compressed_sliding_layer_without_hf_longmem_attention_is_refused_befo
 
 @pytest.mark.parametrize(
     "name, options",
-    [("kvmerger", dict(budget=4, window_size=2)), ("d2o", dict(budget=6)), ("think", dict(budget=4, window_size=2)),
-     ("duo_attention", dict(head_pattern=False, sink_size=1, recent_size=3))],
-)  # fmt: skip
+    [
+        ("kvmerger", dict(budget=4, window_size=2)),
+        ("d2o", dict(budget=6)),
+        ("think", dict(budget=4, window_size=2)),
+        ("duo_attention", dict(head_pattern=False, sink_size=1, recent_size=3)),
+    ],
+)
 def test_methods_that_cannot_compress_sliding_layers_are_refused_on_all_sliding_models(name, options):
     """Their budget would not apply (the cache would hold what transformers' sliding cache holds): refused."""
     model = tiny_model("mistral", sliding_window=WINDOW)
@@ -132,23 +145,45 @@ def test_methods_that_cannot_compress_sliding_layers_are_refused_on_all_sliding_
 
 def test_hybrid_models_keep_their_sliding_layers_and_compress_the_full_ones():
     config = Gemma2Config(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=WINDOW,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cache = make_cache("h2o", config, budget=4)
     kinds = [type(layer).__name__ for layer in cache.layers]
-    assert kinds == ["DynamicSlidingWindowLayer" if t == "sliding_attention" else "H2OLayer" for t in config.layer_types]
+    assert kinds == [
+        "DynamicSlidingWindowLayer" if t == "sliding_attention" else "H2OLayer" for t in config.layer_types
+    ]
     assert "H2OLayer" in kinds and "DynamicSlidingWindowLayer" in kinds
 
 
-@pytest.mark.parametrize("name", ["streaming", "snapkv", "h2o", "d2o", "kvmerger", "sirllm", "think", "duo_attention", "infllm"])
+@pytest.mark.parametrize(
+    "name", ["streaming", "snapkv", "h2o", "d2o", "kvmerger", "sirllm", "think", "duo_attention", "infllm"]
+)
 def test_multi_head_latent_attention_is_refused_when_the_cache_is_built(name):
     config = DeepseekV3Config(
-        vocab_size=97, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
     )
     with pytest.raises(ValueError, match="multi-head latent attention"):
         make_cache(name, config)

@@ -149,7 +149,9 @@ def test_triton_score_kernel_keeps_the_same_tokens(name, options):
     from hf_longmem.cache_classes.scored import ScoredLayer
 
     model = tiny_model("llama_gqa")
-    batch = torch.cat((random_ids(1, 16, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 12)), 1)))
+    batch = torch.cat(
+        (random_ids(1, 16, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 12)), 1))
+    )
     mask = (batch != 0).long()
     ref = make_cache(name, model, **options)
     greedy(model, batch, ref, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
@@ -168,12 +170,18 @@ def test_triton_decode_attention_gives_the_same_generation():
     from hf_longmem.cache_classes.scored import ScoredLayer
 
     model = tiny_model("llama_gqa")
-    batch = torch.cat((random_ids(1, 16, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 12)), 1)))
+    batch = torch.cat(
+        (random_ids(1, 16, seed=1), torch.cat((torch.zeros(1, 4, dtype=torch.long), random_ids(1, 12)), 1))
+    )
     mask = (batch != 0).long()
-    ref_seq, ref_logits = greedy(model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3)
+    ref_seq, ref_logits = greedy(
+        model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3
+    )
     ScoredLayer.kernel_backend = "triton"
     try:
-        seq, logits = greedy(model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3)
+        seq, logits = greedy(
+            model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3
+        )
     finally:
         ScoredLayer.kernel_backend = None
     assert torch.equal(seq, ref_seq)
@@ -207,4 +215,6 @@ def test_pool_scores_of_a_padded_row_equal_the_row_alone(pooling):
     real = torch.arange(13)[None].expand(2, 13) >= 4
     pooled = pool_scores(padded, 5, pooling, real=real)
     assert torch.equal(pooled[..., 4:], pool_scores(alone, 5, pooling))
-    assert torch.equal(pool_scores(alone, 5, pooling), pool_scores(alone, 5, pooling, real=torch.ones(2, 9, dtype=torch.bool)))
+    assert torch.equal(
+        pool_scores(alone, 5, pooling), pool_scores(alone, 5, pooling, real=torch.ones(2, 9, dtype=torch.bool))
+    )

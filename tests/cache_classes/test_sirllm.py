@@ -115,7 +115,14 @@ def test_left_padded_batch_equals_rows_alone(attn_impl):
     cache = make_cache("sirllm", model, **options)
     seq, logits = greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
     turn = torch.cat((seq, random_ids(2, 4, seed=5)), 1)
-    seq2, logits2 = greedy(model, turn, cache, attention_mask=torch.cat((mask, torch.ones(2, 7, dtype=torch.long)), 1), pad_token_id=0, max_new_tokens=3)
+    seq2, logits2 = greedy(
+        model,
+        turn,
+        cache,
+        attention_mask=torch.cat((mask, torch.ones(2, 7, dtype=torch.long)), 1),
+        pad_token_id=0,
+        max_new_tokens=3,
+    )
     for row, ids in enumerate(rows):
         alone = make_cache("sirllm", model, **options)
         row_seq, row_logits = greedy(model, ids, alone, max_new_tokens=3)

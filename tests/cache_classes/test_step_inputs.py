@@ -12,12 +12,24 @@ from hf_longmem import make_cache
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import VOCAB, random_ids
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
-              bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=256,
+)
 CONFIGS = {
     "gpt_neox": lambda: GPTNeoXConfig(**COMMON, intermediate_size=128),
-    "falcon": lambda: FalconConfig(**{k: v for k, v in COMMON.items() if k != "max_position_embeddings"},
-                                   new_decoder_architecture=True, num_kv_heads=2, alibi=False),
+    "falcon": lambda: FalconConfig(
+        **{k: v for k, v in COMMON.items() if k != "max_position_embeddings"},
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        alibi=False,
+    ),
     "stablelm": lambda: StableLmConfig(**COMMON, intermediate_size=128, num_key_value_heads=2),
     "persimmon": lambda: PersimmonConfig(**COMMON, intermediate_size=128),  # position_ids named, as StableLM
 }
@@ -59,7 +71,7 @@ def test_left_padded_batch_equals_rows_alone(arch, name, attn_impl):
     seq, logits = greedy(model, batch, batch_cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6)
     for row, ids in enumerate((long_row, short_row)):
         row_seq, row_logits = greedy(model, ids, make_cache(name, model, **OPTIONS[name]), max_new_tokens=6)
-        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1]:])
+        assert torch.equal(seq[row, 20:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
     if name == "duo_attention":
         return

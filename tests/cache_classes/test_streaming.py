@@ -97,13 +97,33 @@ def test_shift_from_a_config_alone_uses_the_same_rotation_as_from_the_model():
     "model_type, overrides, match",
     [
         ("gpt2", dict(n_embd=64, n_head=4, n_layer=1), "no rotary embedding"),
-        ("deepseek_v3", dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "latent attention"),
+        (
+            "deepseek_v3",
+            dict(
+                kv_lora_rank=16,
+                q_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+            ),
+            "latent attention",
+        ),
     ],
 )
 def test_shift_refuses_what_it_cannot_rotate_exactly_when_the_cache_is_built(model_type, overrides, match):
-    config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2, **overrides)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **overrides,
+    )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=match):
         make_cache("streaming", model, budget=8, sink_size=2, position_mode="shift")

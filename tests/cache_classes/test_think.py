@@ -21,7 +21,12 @@ def test_channel_ranking_equals_brute_force_frobenius_norms():
         group = query[0, 2 * kv_head : 2 * kv_head + 2]  # [2, 6, 8]
         brute = torch.stack(
             [
-                torch.stack([torch.linalg.matrix_norm(torch.outer(group[g, :, c], keys[0, kv_head, :, c])) ** 2 for c in range(8)])
+                torch.stack(
+                    [
+                        torch.linalg.matrix_norm(torch.outer(group[g, :, c], keys[0, kv_head, :, c])) ** 2
+                        for c in range(8)
+                    ]
+                )
                 for g in range(2)
             ]
         ).mean(0)
@@ -95,7 +100,9 @@ def test_composes_with_a_base_cache_instance():
     enable_longmem_attention(model)
     ids = random_ids(1, 30)
     by_name = make_cache("think", model, base="snapkv", budget=12, window_size=4, key_channel_ratio=0.4)
-    by_instance = ThinKCache(base=SnapKVCache(budget=12, window_size=4, config=model.config), window_size=4, config=model.config)
+    by_instance = ThinKCache(
+        base=SnapKVCache(budget=12, window_size=4, config=model.config), window_size=4, config=model.config
+    )
     seq_a, logits_a = greedy(model, ids, by_name, max_new_tokens=4)
     seq_b, logits_b = greedy(model, ids, by_instance, max_new_tokens=4)
     assert torch.equal(seq_a, seq_b)

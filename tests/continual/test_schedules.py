@@ -46,9 +46,16 @@ def test_infinite_schedule_matches_its_formula():
 def test_infinite_inv_sqrt_cooldown_and_exponential_anneal():
     a = 10.0
     s = InfiniteSchedule(
-        1.0, 0.25, warmup=0, cooldown_steps=100, cooldown_shape="inv_sqrt", inv_sqrt_alpha=a,
-        anneal_steps=10, eta_min=0.01, anneal_shape="exponential",
-    )  # fmt: skip
+        1.0,
+        0.25,
+        warmup=0,
+        cooldown_steps=100,
+        cooldown_shape="inv_sqrt",
+        inv_sqrt_alpha=a,
+        anneal_steps=10,
+        eta_min=0.01,
+        anneal_shape="exponential",
+    )
     h = lambda x: 1 / math.sqrt(1 + a * x) - 1  # noqa: E731
     for t in (0, 37, 99):
         assert s(pos(t, total_steps=1000)) == pytest.approx(1.0 + (0.25 - 1.0) * h(t / 100) / h(1.0))

@@ -171,10 +171,23 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     exe = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
-        exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "29613",
-        str(ROOT / "recipes" / "continual_finetune.py"), "--config", str(tmp_path / "tiny.yaml"),
-    ]  # fmt: skip
+        exe,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29613",
+        str(ROOT / "recipes" / "continual_finetune.py"),
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -32,9 +32,12 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     tok = tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **TINY_MODEL,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_MODEL,
+    )
     return LlamaForCausalLM(cfg)
 
 

@@ -135,7 +135,9 @@ def test_context_from_call_reads_mask_and_cache():
 
     mask = torch.ones(2, 5, dtype=torch.long)
     cache = DynamicCache()
-    context = context_from_call(("input_ids", "attention_mask"), (torch.zeros(2, 5),), {"attention_mask": mask, "cache": cache})
+    context = context_from_call(
+        ("input_ids", "attention_mask"), (torch.zeros(2, 5),), {"attention_mask": mask, "cache": cache}
+    )
     assert context.attention_mask is mask and not context.continuation and context.cache() is cache
     cache.update(torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4), 0)
     assert context_from_call(("input_ids",), (), {"past_key_values": cache}).continuation

@@ -57,11 +57,18 @@ def test_encode_pair_finds_target_tokens(word_tokenizer):
 
 def test_load_zsre_json_and_jsonl(tmp_path):
     zsre = [
-        {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "pred": "Trinity College",
-         "rephrase": "What university did Watts Humphrey take part in?", "alt": "University of Michigan",
-         "answers": ["Illinois Institute of Technology"], "loc": "nq question: who played desmond doss father",
-         "loc_ans": "Hugo Weaving", "cond": "Trinity College >> University of Michigan || ..."},
-    ]  # fmt: skip
+        {
+            "subject": "Watts Humphrey",
+            "src": "What university did Watts Humphrey attend?",
+            "pred": "Trinity College",
+            "rephrase": "What university did Watts Humphrey take part in?",
+            "alt": "University of Michigan",
+            "answers": ["Illinois Institute of Technology"],
+            "loc": "nq question: who played desmond doss father",
+            "loc_ans": "Hugo Weaving",
+            "cond": "Trinity College >> University of Michigan || ...",
+        },
+    ]
     path = tmp_path / "zsre_mend_eval.json"
     path.write_text(json.dumps(zsre * 3))
     records = load_edits(path, limit=2)

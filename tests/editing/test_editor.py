@@ -30,8 +30,13 @@ def edited(word_tokenizer, facts):
 
 def _texts(facts):
     """Edited prompts interleaved with unrelated ones."""
-    return [facts[0].prompt, facts[0].locality_prompt, facts[1].prompt + " " + facts[1].target,
-            facts[3].locality_prompt, facts[2].prompt]  # fmt: skip
+    return [
+        facts[0].prompt,
+        facts[0].locality_prompt,
+        facts[1].prompt + " " + facts[1].target,
+        facts[3].locality_prompt,
+        facts[2].prompt,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

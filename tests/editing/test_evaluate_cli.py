@@ -64,9 +64,24 @@ def test_cli_edit(word_tokenizer, tmp_path, capsys):
     edits = tmp_path / "edits.jsonl"
     edits.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
     out = tmp_path / "out"
-    argv = ["edit", "--model", str(model_dir), "--edits", str(edits), "--out", str(out), "--threads", "1",
-            "--option", "n_iter=20", "--option", 'context_templates=["{}"]', "--merge", "--evaluate",
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "edit",
+        "--model",
+        str(model_dir),
+        "--edits",
+        str(edits),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--option",
+        "n_iter=20",
+        "--option",
+        'context_templates=["{}"]',
+        "--merge",
+        "--evaluate",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 edits (WISE-Merge, model.layers.1.mlp.down_proj)" in printed and "reliability 1.000" in printed

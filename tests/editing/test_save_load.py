@@ -19,8 +19,12 @@ def saved(word_tokenizer, tmp_path_factory):
     facts = fictional_facts(word_tokenizer, 4, seed=2)
     model = make_model(word_tokenizer)
     editor = WISEEditor(model, word_tokenizer, fast_config(save_freq=2, merge_freq=4, retrieve=False))
-    editor.edit([f.prompt for f in facts[:3]], [f.target for f in facts[:3]],
-                paraphrases=[f.paraphrases for f in facts[:3]], source="fictional(seed=2)")  # fmt: skip
+    editor.edit(
+        [f.prompt for f in facts[:3]],
+        [f.target for f in facts[:3]],
+        paraphrases=[f.paraphrases for f in facts[:3]],
+        source="fictional(seed=2)",
+    )
     path = tmp_path_factory.mktemp("wise") / "edits"
     editor.save_pretrained(path)
     return model, editor, facts, path
@@ -95,7 +99,7 @@ def test_publish_with_wise_card(saved, tmp_path):
     card = (tmp_path / "hub" / "me" / "tiny-wise" / "README.md").read_text()
     assert "WISE-Merge" in card and "model.layers.1.mlp.down_proj" in card and "base_model_relation: adapter" in card
     assert facts[0].prompt in card and "| fictional(seed=2) | 3 |" in card and "wise_edits.jsonl" in card
-    assert "WISEEditor.from_pretrained(model, tokenizer, \"me/tiny-wise\")" in card and "org/tiny-base" in card
+    assert 'WISEEditor.from_pretrained(model, tokenizer, "me/tiny-wise")' in card and "org/tiny-base" in card
     for tag in ("model-editing", "wise", "hf-longmem"):
         assert f"- {tag}" in card
     meta = json.loads((tmp_path / "hub" / "me" / "tiny-wise" / CONFIG_NAME).read_text())

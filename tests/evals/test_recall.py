@@ -67,8 +67,9 @@ def test_mqar_groups(tokenizer):
         (answer,) = [i for i, a in enumerate(sample.answer_mask) if a]
         assert dict(pairs)[ids[answer - 1]] == ids[answer]
     plain = generate_recall("mqar", vocab, 40, 3, seed=1, num_pairs=6)
-    assert [s.input_ids for s in plain] == [s.input_ids for s in generate_recall(
-        "mqar", vocab, 40, 3, seed=1, num_pairs=6, num_groups=1)]
+    assert [s.input_ids for s in plain] == [
+        s.input_ids for s in generate_recall("mqar", vocab, 40, 3, seed=1, num_pairs=6, num_groups=1)
+    ]
     with pytest.raises(ValueError, match="num_groups"):
         generate_recall("mqar", vocab, 40, 1, num_pairs=4, num_groups=0)
     with pytest.raises(ValueError, match="num_groups=3"):

@@ -89,9 +89,22 @@ def test_format_table():
     table = format_table(make_rows())
     lines = table.splitlines()
     assert lines[0].split() == [
-        "task", "length", "cache", "n", "accuracy", "95%", "CI", "KV", "vs", "full", "peak", "prefill", "ms",
-        "decode", "tok/s",
-    ]  # fmt: skip
+        "task",
+        "length",
+        "cache",
+        "n",
+        "accuracy",
+        "95%",
+        "CI",
+        "KV",
+        "vs",
+        "full",
+        "peak",
+        "prefill",
+        "ms",
+        "decode",
+        "tok/s",
+    ]
     assert "streaming(budget=64)" in lines[3]
     assert "39.1 KiB" in lines[2] and "12.3" in lines[2] and "456.7" in lines[2]
     assert "KL" not in table and "top-1" not in table
@@ -111,7 +124,9 @@ def test_table_shows_interval_and_marks_caches_that_hold_the_full_cache():
     rows = make_rows()
     rows[1].update(accuracy_low=0.2, accuracy_high=0.8, num_turns=20)
     # at length 512 the "streaming" row holds as much as the full one
-    rows[3].update(cache="sirllm", cache_name="sirllm", kv_bytes=rows[2]["kv_bytes"], memory_note="compresses between turns")
+    rows[3].update(
+        cache="sirllm", cache_name="sirllm", kv_bytes=rows[2]["kv_bytes"], memory_note="compresses between turns"
+    )
     lines = format_table(rows).splitlines()
     assert "[0.20, 0.80]" in lines[3] and lines[3].split()[3] == "20"
     assert "  0.25  " in lines[3] and "  1.00  " in lines[2]  # 10,000 of 40,000 bytes

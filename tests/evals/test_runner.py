@@ -65,9 +65,13 @@ def _answers(records):
 def test_decode_loop_matches_generate(model, name, options):
     ids = random_ids(1, 40, seed=5)
     expected = model.generate(
-        ids, cache=make_cache(name, model, **options), max_new_tokens=12, do_sample=False, eos_token_id=2,
+        ids,
+        cache=make_cache(name, model, **options),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=2,
         pad_token_id=0,
-    )[0, 40:].tolist()  # fmt: skip
+    )[0, 40:].tolist()
     out = greedy_generate(model, ids, make_cache(name, model, **options), max_new_tokens=12, eos_token_id=2)
     assert out.tokens(0) == expected
     assert out.prefill_s > 0 and out.decode_s >= 0
@@ -80,9 +84,14 @@ def test_chunked_prefill_matches_generate(model, name, options):
     changes what a bounded cache keeps, so the tokens tell whether the chunks were the same)."""
     ids = random_ids(1, 45, seed=6)
     expected = model.generate(
-        ids, cache=make_cache(name, model, **options), max_new_tokens=8, do_sample=False, eos_token_id=2,
-        pad_token_id=0, prefill_chunk_size=8,
-    )[0, 45:].tolist()  # fmt: skip
+        ids,
+        cache=make_cache(name, model, **options),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=2,
+        pad_token_id=0,
+        prefill_chunk_size=8,
+    )[0, 45:].tolist()
     out = greedy_generate(
         model, ids, make_cache(name, model, **options), max_new_tokens=8, eos_token_id=2, prefill_chunk_size=8
     )
@@ -220,13 +229,25 @@ def test_run_benchmark_rows(model, tokenizer):
     records = []
     caches = {"full": ("full", {}), "stream": ("streaming", lambda length: {"budget": length // 4})}
     rows = run_benchmark(
-        model, tokenizer, ["one", "multi"], [40, 64], caches, num_samples=2, fidelity=True,
-        task_generator=fake_generator, model_name="tiny", records=records, progress=False,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        ["one", "multi"],
+        [40, 64],
+        caches,
+        num_samples=2,
+        fidelity=True,
+        task_generator=fake_generator,
+        model_name="tiny",
+        records=records,
+        progress=False,
+    )
     assert len(rows) == 2 * 2 * 2
     assert [(r["task"], r["context_length"], r["cache"]) for r in rows[:4]] == [
-        ("one", 40, "full"), ("one", 40, "stream"), ("one", 64, "full"), ("one", 64, "stream"),
-    ]  # fmt: skip
+        ("one", 40, "full"),
+        ("one", 40, "stream"),
+        ("one", 64, "full"),
+        ("one", 64, "stream"),
+    ]
     for row in rows:
         assert set(ROW_KEYS) <= set(row)
         assert row["model"] == "tiny" and row["num_samples"] == 2
@@ -249,9 +270,15 @@ def test_rows_split_offloaded_memory_bytes(model, tokenizer):
     options = dict(n_init=4, n_local=16, block_size=8, topk=2, repr_topk=2, max_cached_blocks=2, exc_block_size=8)
     caches = {"full": ("full", {}), "infllm": ("infllm", {**options, "offload": True})}
     rows = run_benchmark(
-        model, tokenizer, ["one", "multi"], [64], caches, num_samples=1, task_generator=fake_generator,
+        model,
+        tokenizer,
+        ["one", "multi"],
+        [64],
+        caches,
+        num_samples=1,
+        task_generator=fake_generator,
         progress=False,
-    )  # fmt: skip
+    )
     for row in rows:
         if row["cache"] == "full":
             assert "kv_resident_bytes" not in row

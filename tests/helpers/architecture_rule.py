@@ -303,13 +303,18 @@ class Case:
             if key == "beam":
                 with torch.no_grad():
                     return model.generate(
-                        self.prompt, cache=DynamicCache(config=model.config), max_new_tokens=sizes.new,
-                        num_beams=2, do_sample=False,
+                        self.prompt,
+                        cache=DynamicCache(config=model.config),
+                        max_new_tokens=sizes.new,
+                        num_beams=2,
+                        do_sample=False,
                     )
             if key == "padding":  # does the model itself give padded rows == rows alone?
                 batch, mask, long_row, short_row = self.padded
                 try:
-                    check_padded_rows(model, lambda: DynamicCache(config=model.config), batch, mask, (long_row, short_row), sizes.new)
+                    check_padded_rows(
+                        model, lambda: DynamicCache(config=model.config), batch, mask, (long_row, short_row), sizes.new
+                    )
                 except Failed as error:
                     return str(error)
                 return None
@@ -330,7 +335,11 @@ def check_padded_rows(model, new_cache, batch, mask, rows, new: int) -> None:
     for row, ids in enumerate(rows):
         row_seq, row_logits = run_greedy(model, ids, new_cache(), new)
         compare_generations(
-            torch.cat((ids[0], seq[row, width:])), logits[:, row], row_seq[0], row_logits[:, 0], ids.shape[1],
+            torch.cat((ids[0], seq[row, width:])),
+            logits[:, row],
+            row_seq[0],
+            row_logits[:, 0],
+            ids.shape[1],
             f"padded row {row} (of {ids.shape[1]} real tokens)",
         )
 
@@ -438,7 +447,9 @@ def check_d(case: Case, cache_name: str) -> str:
         out = model.generate(case.prompt, cache=cache, max_new_tokens=sizes.new, num_beams=2, do_sample=False)
     close_cache(cache)
     if not torch.equal(out, ref):
-        raise Failed(f"beam search at full budget gives {out[0, sizes.prompt:].tolist()}, DynamicCache {ref[0, sizes.prompt:].tolist()}")
+        raise Failed(
+            f"beam search at full budget gives {out[0, sizes.prompt :].tolist()}, DynamicCache {ref[0, sizes.prompt :].tolist()}"
+        )
     return "pass"
 
 
@@ -448,8 +459,14 @@ def check_e(case: Case, cache_name: str) -> str:
     torch.manual_seed(0)
     with cache_run(model), torch.no_grad():
         out = model.generate(
-            case.prompt, cache=cache, max_new_tokens=sizes.new, do_sample=True, top_k=20,
-            temperature=1.0, output_logits=True, return_dict_in_generate=True,
+            case.prompt,
+            cache=cache,
+            max_new_tokens=sizes.new,
+            do_sample=True,
+            top_k=20,
+            temperature=1.0,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     close_cache(cache)
     if out.sequences.shape != (1, sizes.prompt + sizes.new):
@@ -575,7 +592,9 @@ def _check_g_one(case: Case, cache_name: str, model) -> str:
     sequence = torch.cat((ids[:, kept], turn), dim=1)
     start = p - kept.numel()
     with torch.no_grad():
-        fresh = model(sequence, position_ids=torch.arange(start, start + sequence.shape[1])[None]).logits[0, -sizes.turn :]
+        fresh = model(sequence, position_ids=torch.arange(start, start + sequence.shape[1])[None]).logits[
+            0, -sizes.turn :
+        ]
     tol = logits_tolerance(fresh)
     error = float((logits - fresh).abs().max())
     if error > tol + tol * float(fresh.abs().max()):
@@ -590,7 +609,8 @@ def g_models(case: Case) -> list:
         config = case.model.config
         layers = config.num_hidden_layers
         per_layer = {
-            key: value for key, value in config.to_dict().items()
+            key: value
+            for key, value in config.to_dict().items()
             if isinstance(value, list) and len(value) == layers and key not in ("architectures",)
         }
         overrides = {"num_hidden_layers": 1}
@@ -603,7 +623,9 @@ def g_models(case: Case) -> list:
             if signature in signatures:
                 continue
             signatures.append(signature)
-            label = f"layer {index} alone" + (f" ({layer_overrides['layer_types'][0]})" if "layer_types" in layer_overrides else "")
+            label = f"layer {index} alone" + (
+                f" ({layer_overrides['layer_types'][0]})" if "layer_types" in layer_overrides else ""
+            )
             try:
                 models.append((label, build_model(case.name, case.attn_impl, **overrides, **layer_overrides)))
             except Exception as error:  # noqa: BLE001 - reported as "n/a" by check_g

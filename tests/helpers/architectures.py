@@ -90,17 +90,25 @@ OVERRIDES: dict[str, dict] = {
     # per-layer embeddings, KV sharing, wide defaults the generic names do not reach
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16),
     "gemma3n_text": dict(
-        vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16, num_kv_shared_layers=0, laurel_rank=8,
-        layer_types=["sliding_attention", "full_attention"], altup_num_inputs=2,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=16,
+        num_kv_shared_layers=0,
+        laurel_rank=8,
+        layer_types=["sliding_attention", "full_attention"],
+        altup_num_inputs=2,
     ),
     "cpmant": dict(dim_head=16, dim_ff=96),
     "ergo": dict(first_dense_intermediate_size=96, shared_intermediate_size=32),
     "kimi_linear": dict(linear_head_dim=16, linear_num_heads=4),
-    "inkling2_text": dict(unpadded_vocab_size=VOCAB, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16),
+    "inkling2_text": dict(
+        unpadded_vocab_size=VOCAB, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16
+    ),
     "inkling2_loop_text": dict(
         unpadded_vocab_size=VOCAB, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16
     ),
-    "qwen4_exp_text": dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4),
+    "qwen4_exp_text": dict(
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4
+    ),
     "gpt_neo": dict(attention_types=[[["local", "global"], 1]], window_size=SLIDING_WINDOW),
     "zaya": dict(num_experts_per_tok=1),
     "lfm2_moe": dict(num_dense_layers=1),
@@ -270,7 +278,10 @@ def resolve_overrides(model_type: str, attn_impl: str = "eager") -> tuple[dict |
             reason = f"cannot be built from its config: {_error_line(error)}"
             continue
         if not model._supports_default_dynamic_cache():
-            return None, f"uses its own cache class ({type(model).__name__} is excluded from DynamicCache by transformers)"
+            return (
+                None,
+                f"uses its own cache class ({type(model).__name__} is excluded from DynamicCache by transformers)",
+            )
         kinds = kv_layer_kinds(model)
         if all(kind in STATE_ONLY_LAYER_NAMES for kind in kinds):
             reason = f"no attention KV layer (DynamicCache layers: {', '.join(sorted(set(kinds)))})"

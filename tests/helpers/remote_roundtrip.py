@@ -54,10 +54,19 @@ def assert_fresh_process_roundtrip(
     assert "AutoConfig" in config.get("auto_map", {}), "save_pretrained wrote no auto_map for the config"
     ids_file, out_file = folder / "_ids.pt", folder / "_logits.pt"
     torch.save(input_ids, ids_file)
-    env = {**same_threads_env(dict(os.environ)), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(folder / "_modules")}
+    env = {
+        **same_threads_env(dict(os.environ)),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(folder / "_modules"),
+    }
     result = subprocess.run(
         [sys.executable, "-c", _LOADER, str(folder), str(ids_file), str(out_file)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     model.eval()

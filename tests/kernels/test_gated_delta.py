@@ -56,10 +56,13 @@ CHUNK_CASES = [  # (batch, heads, seq, K, V, chunk, strong_decay)
 def test_chunk_torch_matches_recurrent_reference_fwd_bwd(case):
     b, h, t, kd, vd, chunk, strong = case
     tensors = inputs(b, h, t, kd, vd, strong_decay=strong)
-    ref = grads(lambda *x: naive_recurrent_gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True),
-                tensors)
-    got = grads(lambda *x: chunk_gated_delta_rule_torch(*x[:5], initial_state=x[5], output_final_state=True,
-                                                        chunk_size=chunk), tensors)
+    ref = grads(
+        lambda *x: naive_recurrent_gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True), tensors
+    )
+    got = grads(
+        lambda *x: chunk_gated_delta_rule_torch(*x[:5], initial_state=x[5], output_final_state=True, chunk_size=chunk),
+        tensors,
+    )
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
     for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), got[2], ref[2]):
@@ -69,10 +72,12 @@ def test_chunk_torch_matches_recurrent_reference_fwd_bwd(case):
 def test_zero_beta_and_gate_tokens_leave_state_unchanged():
     q, k, v, g, beta, h0 = inputs(1, 2, 12, 4, 4)
     g[..., 5:], beta[..., 5:] = 0.0, 0.0
-    _, early = naive_recurrent_gated_delta_rule(q[:, :, :5], k[:, :, :5], v[:, :, :5], g[:, :, :5], beta[:, :, :5],
-                                                initial_state=h0, output_final_state=True)
-    _, late = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=4,
-                                     backend="torch")
+    _, early = naive_recurrent_gated_delta_rule(
+        q[:, :, :5], k[:, :, :5], v[:, :, :5], g[:, :, :5], beta[:, :, :5], initial_state=h0, output_final_state=True
+    )
+    _, late = chunk_gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=4, backend="torch"
+    )
     torch.testing.assert_close(late, early, atol=1e-6, rtol=1e-5)
 
 
@@ -94,10 +99,12 @@ def test_fused_recurrent_mom_torch_matches_spec():
     q, k, v, g, beta, h0 = inputs(2, 2, 9, 4, 6, lead=(3,))
     gen = torch.Generator().manual_seed(3)
     weights, mask = torch.rand(2, 9, 3, generator=gen).to(DEVICE), (torch.rand(2, 9, 3, generator=gen) > 0.4).to(DEVICE)
-    ref = naive_recurrent_mom_gated_delta_rule(q, k, v, g, beta, weights, mask, initial_state=h0,
-                                               output_final_state=True)
-    got = fused_recurrent_mom_gated_delta_rule(q, k, v, g, beta, weights, mask, initial_state=h0,
-                                               output_final_state=True, backend="torch")
+    ref = naive_recurrent_mom_gated_delta_rule(
+        q, k, v, g, beta, weights, mask, initial_state=h0, output_final_state=True
+    )
+    got = fused_recurrent_mom_gated_delta_rule(
+        q, k, v, g, beta, weights, mask, initial_state=h0, output_final_state=True, backend="torch"
+    )
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
 
@@ -117,8 +124,9 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="`chunk_size`"):
         chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=0)
     with pytest.raises(ValueError, match="routing_mask"):
-        fused_recurrent_mom_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
-                                             torch.ones(1, 6, 1), torch.ones(1, 6, 1))
+        fused_recurrent_mom_gated_delta_rule(
+            q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], torch.ones(1, 6, 1), torch.ones(1, 6, 1)
+        )
 
 
 TRITON_CASES = [  # (batch, heads, seq, K, V, checkpoint_every, with h0)
@@ -136,11 +144,15 @@ def test_triton_matches_reference_fwd_bwd(case):
     tensors = inputs(b, h, t, kd, vd, seed=7)
     if not with_h0:
         tensors[5] = torch.zeros_like(tensors[5])
-    ref = grads(lambda *x: naive_recurrent_gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True),
-                tensors)
-    got = grads(lambda *x: triton_fused_recurrent_gated_delta_rule(
-        *x[:5], kd**-0.5, initial_state=x[5] if with_h0 else None, output_final_state=True,
-        checkpoint_every=every), tensors)
+    ref = grads(
+        lambda *x: naive_recurrent_gated_delta_rule(*x[:5], initial_state=x[5], output_final_state=True), tensors
+    )
+    got = grads(
+        lambda *x: triton_fused_recurrent_gated_delta_rule(
+            *x[:5], kd**-0.5, initial_state=x[5] if with_h0 else None, output_final_state=True, checkpoint_every=every
+        ),
+        tensors,
+    )
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
     names = ("dq", "dk", "dv", "dg", "dbeta", "dh0")[: 6 if with_h0 else 5]
@@ -154,10 +166,12 @@ def test_triton_public_dispatch_and_mom_step():
     gen = torch.Generator().manual_seed(4)
     weights = torch.rand(2, 3, 3, generator=gen).to(DEVICE)
     mask = (torch.rand(2, 3, 3, generator=gen) > 0.4).to(DEVICE)
-    ref = naive_recurrent_mom_gated_delta_rule(q, k, v, g, beta, weights, mask, initial_state=h0,
-                                               output_final_state=True)
-    got = fused_recurrent_mom_gated_delta_rule(q, k, v, g, beta, weights, mask, initial_state=h0,
-                                               output_final_state=True, backend="triton")
+    ref = naive_recurrent_mom_gated_delta_rule(
+        q, k, v, g, beta, weights, mask, initial_state=h0, output_final_state=True
+    )
+    got = fused_recurrent_mom_gated_delta_rule(
+        q, k, v, g, beta, weights, mask, initial_state=h0, output_final_state=True, backend="triton"
+    )
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
     flat = [x[:, 0] for x in (q, k, v, g, beta)]
@@ -175,8 +189,11 @@ CHUNK_TRITON_CASES = [  # (batch, heads, seq, K, V, chunk, block_v, with h0, out
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CHUNK_TRITON_CASES,
-                         ids=lambda c: f"B{c[0]}-H{c[1]}-T{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-bv{c[6]}-h0{c[7]:d}-ht{c[8]:d}")
+@pytest.mark.parametrize(
+    "case",
+    CHUNK_TRITON_CASES,
+    ids=lambda c: f"B{c[0]}-H{c[1]}-T{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-bv{c[6]}-h0{c[7]:d}-ht{c[8]:d}",
+)
 def test_triton_chunk_matches_reference_fwd_bwd(case):
     from hf_longmem.kernels.gated_delta.triton_chunk import triton_chunk_gated_delta_rule
 
@@ -212,8 +229,9 @@ def test_triton_chunk_dispatch_and_checks():
 
     assert [_triton_chunk_size(c) for c in (1, 16, 48, 64, 100)] == [16, 16, 32, 64, 64]
     q, k, v, g, beta, h0 = inputs(1, 2, 21, 8, 8, seed=17)
-    o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=24,
-                                      backend="triton")
+    o, state = chunk_gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=24, backend="triton"
+    )
     o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)
@@ -221,8 +239,9 @@ def test_triton_chunk_dispatch_and_checks():
     q, k, v, g, beta, h0 = inputs(1, 1, 70, 16, 20, seed=19, strong_decay=True)
     with torch.no_grad():
         o, state = triton_chunk_gated_delta_rule(q, k, v, g, beta, 0.3, initial_state=h0, output_final_state=True)
-    o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, 0.3, initial_state=h0,
-                                                        output_final_state=True)
+    o_ref, state_ref = naive_recurrent_gated_delta_rule(
+        q, k, v, g, beta, 0.3, initial_state=h0, output_final_state=True
+    )
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="`chunk_size`"):

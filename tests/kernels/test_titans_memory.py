@@ -90,8 +90,9 @@ def test_triton_step_equals_torch_forward_and_backward(shape):
     for backend in ("torch", "triton"):
         coefs = chunk_coefficients(lr, le, lk)
         args = [t.to(DEVICE) for t in (k, v, *coefs)]
-        new_w, new_s = memory_step(tuple(x.to(DEVICE) for x in w), tuple(x.to(DEVICE) for x in s), *args,
-                                   backend=backend)
+        new_w, new_s = memory_step(
+            tuple(x.to(DEVICE) for x in w), tuple(x.to(DEVICE) for x in s), *args, backend=backend
+        )
         outs = [*new_w, *new_s]
         cot = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i, o in enumerate(outs)]
         loss = sum((o * g).sum() for o, g in zip(outs, cot))

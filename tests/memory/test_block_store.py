@@ -176,8 +176,13 @@ def test_rows_of_a_padded_batch_hold_their_own_blocks(offload):
     store.ensure_rows(3)
     keys, values = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
     store.add_blocks(keys, values, [2, 3], torch.randn(1, 2, 4, 4), rows=[2])
-    store.add_blocks(keys[:, :, :2].expand(2, -1, -1, -1), values[:, :, :2].expand(2, -1, -1, -1), [2],
-                     torch.randn(2, 1, 4, 4), rows=[0, 2])  # fmt: skip
+    store.add_blocks(
+        keys[:, :, :2].expand(2, -1, -1, -1),
+        values[:, :, :2].expand(2, -1, -1, -1),
+        [2],
+        torch.randn(2, 1, 4, 4),
+        rows=[0, 2],
+    )
     assert store.num_blocks() == [1, 0, 3] and store.block_sizes(2) == [2, 3, 2]
     got_keys, _, valid = store.gather([[0], [], [1, 0]])
     assert valid.tolist() == [[True, True, False, False, False], [False] * 5, [True] * 5]

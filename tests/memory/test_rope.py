@@ -34,8 +34,21 @@ def cached_keys(model, ids: torch.Tensor, start: torch.Tensor) -> list[torch.Ten
 
 @pytest.mark.parametrize(
     "arch",
-    ["llama", "cohere", "glm", "glm4", "ernie4_5", "gptj", "phi", "stablelm", "gpt_neox", "gemma3", "smollm3",
-     "exaone4", "gpt_oss"],
+    [
+        "llama",
+        "cohere",
+        "glm",
+        "glm4",
+        "ernie4_5",
+        "gptj",
+        "phi",
+        "stablelm",
+        "gpt_neox",
+        "gemma3",
+        "smollm3",
+        "exaone4",
+        "gpt_oss",
+    ],
 )
 def test_rotation_equals_the_models_own_rope_at_the_new_position(arch):
     layers = LAYERS.get(arch, 2)
@@ -59,7 +72,9 @@ def test_rotation_equals_the_models_own_rope_at_the_new_position(arch):
         torch.testing.assert_close(rotation.rotate(k1, -per_slot), k0, **tol)  # back
         # composition: rotate(rotate(k at p, d), 5) == the model's keys at p + d + 5; per-head deltas
         per_head = (per_slot + 5)[:, None, :].expand(-1, k0.shape[1], -1)
-        torch.testing.assert_close(rotation.rotate(rotation.rotate(k0, per_slot), per_head - per_slot[:, None]), k2, **tol)
+        torch.testing.assert_close(
+            rotation.rotate(rotation.rotate(k0, per_slot), per_head - per_slot[:, None]), k2, **tol
+        )
         torch.testing.assert_close(from_config.for_layer(layer_idx).rotate(k0, per_slot), k1, **tol)
     if arch in NOPE:
         assert not torch.allclose(shifted[0], at_base[0])  # the RoPE layers do move
@@ -96,8 +111,15 @@ def test_rotate_without_a_layer_is_refused_where_layers_differ():
 
 
 def _refused(model_type: str, match: str, **overrides):
-    kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config)
@@ -109,8 +131,16 @@ def _refused(model_type: str, match: str, **overrides):
 
 def test_mla_is_refused():
     _refused(
-        "deepseek_v3", "multi-head latent attention", kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        "deepseek_v3",
+        "multi-head latent attention",
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
         first_k_dense_replace=1,
     )
 
@@ -120,8 +150,15 @@ def test_models_without_rope_are_refused():
 
 
 def test_complex_valued_rope_is_refused():
-    _refused("llama4_text", "apply_rotary_pos_emb", head_dim=16, no_rope_layers=[1, 0], attention_chunk_size=None,
-             num_local_experts=2, intermediate_size_mlp=128)
+    _refused(
+        "llama4_text",
+        "apply_rotary_pos_emb",
+        head_dim=16,
+        no_rope_layers=[1, 0],
+        attention_chunk_size=None,
+        num_local_experts=2,
+        intermediate_size_mlp=128,
+    )
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
@@ -151,14 +188,34 @@ def test_infllm_and_emllm_place_memory_with_each_layers_own_rotation():
     options = dict(n_init=4, n_local=16, block_size=8, topk=2, repr_topk=2, max_cached_blocks=2, exc_block_size=8)
     cache = make_cache("infllm", model, **options)
     assert [type(layer.rotary) for layer in cache.layers] == [ModuleRotation, NoRotation, ModuleRotation]
-    em = make_cache("emllm", model, n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=16, exc_block_size=8)
+    em = make_cache(
+        "emllm", model, n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=16, exc_block_size=8
+    )
     assert [type(layer.rotary) for layer in em.layers] == [ModuleRotation, NoRotation, ModuleRotation]
     with pytest.raises(ValueError, match="latent attention"):
-        make_cache("infllm", AutoModelForCausalLM.from_config(AutoConfig.for_model(
-            "deepseek_v3", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        )), **options)
+        make_cache(
+            "infllm",
+            AutoModelForCausalLM.from_config(
+                AutoConfig.for_model(
+                    "deepseek_v3",
+                    vocab_size=97,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    kv_lora_rank=16,
+                    q_lora_rank=16,
+                    qk_rope_head_dim=8,
+                    qk_nope_head_dim=8,
+                    v_head_dim=16,
+                    n_routed_experts=4,
+                    num_experts_per_tok=2,
+                    moe_intermediate_size=32,
+                )
+            ),
+            **options,
+        )
 
 
 def test_a_delta_broadcast_over_rows_rotates_every_row():
@@ -170,5 +227,11 @@ def test_a_delta_broadcast_over_rows_rotates_every_row():
 
 
 def test_layers_that_are_not_attention_layers_are_refused_with_their_type():
-    _refused("minimax", "'linear_attention' layer", head_dim=16, num_local_experts=2, num_experts_per_tok=1,
-             layer_types=["full_attention", "linear_attention"])
+    _refused(
+        "minimax",
+        "'linear_attention' layer",
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["full_attention", "linear_attention"],
+    )

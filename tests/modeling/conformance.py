@@ -302,8 +302,13 @@ class ConformanceSuite:
         ids = self.tester.input_ids()
         if not self.supports(model, "output_attentions"):
             self.expect_refusal(model, "output_attentions", lambda: model(input_ids=ids, output_attentions=True))
-            self.expect_refusal(model, "output_attentions", lambda: _generate(
-                model, input_ids=ids, max_new_tokens=2, return_dict_in_generate=True, output_attentions=True))
+            self.expect_refusal(
+                model,
+                "output_attentions",
+                lambda: _generate(
+                    model, input_ids=ids, max_new_tokens=2, return_dict_in_generate=True, output_attentions=True
+                ),
+            )
             if type(model)._supports_sdpa:  # transformers itself refuses the config flag under SDPA
                 model.set_attn_implementation("eager")
             model.config.output_attentions = True  # the config default is refused the same way
@@ -344,7 +349,9 @@ class ConformanceSuite:
         with torch.no_grad():
             embeds = model.get_input_embeddings()(ids)
         if not self.supports(model, "inputs_embeds"):
-            self.expect_refusal(model, "inputs_embeds", lambda: _generate(model, inputs_embeds=embeds, max_new_tokens=n))
+            self.expect_refusal(
+                model, "inputs_embeds", lambda: _generate(model, inputs_embeds=embeds, max_new_tokens=n)
+            )
             return
         from_ids = _generate(model, input_ids=ids, max_new_tokens=n)
         from_embeds = _generate(model, inputs_embeds=embeds, max_new_tokens=n)
@@ -453,9 +460,7 @@ class ConformanceSuite:
         for module in model.modules():
             function = module.__dict__.get("_gradient_checkpointing_func")
             if function is not None:
-                module._gradient_checkpointing_func = (
-                    lambda *a, _f=function, **k: (calls.append(1), _f(*a, **k))[1]
-                )
+                module._gradient_checkpointing_func = lambda *a, _f=function, **k: (calls.append(1), _f(*a, **k))[1]
         checkpointed_loss, checkpointed_grads = step()
         assert calls, "gradient checkpointing is enabled but nothing was checkpointed"
         _exact(checkpointed_loss, loss, "loss with gradient checkpointing")
@@ -473,8 +478,15 @@ class ConformanceSuite:
         model = self.model()
         ids = self.tester.input_ids()
         n = self.tester.max_new_tokens
-        out = _generate(model, input_ids=ids, max_new_tokens=n, return_dict_in_generate=True, output_scores=True,
-                        output_logits=True, output_hidden_states=True)  # fmt: skip
+        out = _generate(
+            model,
+            input_ids=ids,
+            max_new_tokens=n,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            output_hidden_states=True,
+        )
         assert out.sequences.shape == (ids.shape[0], ids.shape[1] + n)
         assert len(out.scores) == len(out.logits) == len(out.hidden_states) == n
         for step in range(n):
@@ -495,8 +507,17 @@ class ConformanceSuite:
         runs = []
         for _ in range(2):
             torch.manual_seed(7)
-            runs.append(_generate(model, input_ids=ids, max_new_tokens=n, do_sample=True, top_k=0,
-                                  return_dict_in_generate=True, output_scores=True))  # fmt: skip
+            runs.append(
+                _generate(
+                    model,
+                    input_ids=ids,
+                    max_new_tokens=n,
+                    do_sample=True,
+                    top_k=0,
+                    return_dict_in_generate=True,
+                    output_scores=True,
+                )
+            )
         _exact(runs[0].sequences, runs[1].sequences, "same seed, same samples")
         assert len(runs[0].scores) == n
         assert runs[0].sequences.shape == (ids.shape[0], ids.shape[1] + n)
@@ -510,9 +531,17 @@ class ConformanceSuite:
         model = self.model()
         ids = self.tester.input_ids()
         n = self.tester.max_new_tokens
-        out = _generate(model, input_ids=ids, max_new_tokens=n, num_beams=3, num_return_sequences=2,
-                        length_penalty=0.0, early_stopping=True, return_dict_in_generate=True,
-                        output_scores=True)  # fmt: skip
+        out = _generate(
+            model,
+            input_ids=ids,
+            max_new_tokens=n,
+            num_beams=3,
+            num_return_sequences=2,
+            length_penalty=0.0,
+            early_stopping=True,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
         assert out.sequences.shape == (ids.shape[0] * 2, ids.shape[1] + n)
         assert out.beam_indices is not None and len(out.scores) == n
         prompts = ids.repeat_interleave(2, dim=0)
@@ -560,8 +589,11 @@ class ConformanceSuite:
             return
         n = 2 * self.tester.max_new_tokens
         greedy = _generate(model, input_ids=ids, max_new_tokens=n)
-        _exact(_generate(model, input_ids=ids, max_new_tokens=n, prompt_lookup_num_tokens=3), greedy,
-               "assisted decoding vs greedy")  # fmt: skip
+        _exact(
+            _generate(model, input_ids=ids, max_new_tokens=n, prompt_lookup_num_tokens=3),
+            greedy,
+            "assisted decoding vs greedy",
+        )
 
 
 __all__ = ["ATOL", "RTOL", "ConformanceSuite", "ModelTester", "randomize_", "tiny_backbone_config"]

@@ -36,9 +36,17 @@ SHAPES = {
 def _backbone(kind: str = "llama", seed: int = 0):
     config_cls, model_cls, extra = SHAPES[kind]
     config = config_cls(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
@@ -71,8 +79,14 @@ def test_registered_and_config_validation():
     config = AutoConfig.for_model("cmt", backbone_config=_backbone().config.to_dict())
     assert isinstance(config, CMTConfig) and config.retrieval_dim == 32
     assert type(AutoModelForCausalLM.from_config(config)) is CMTForCausalLM
-    for bad in ({"num_memory_tokens": 0}, {"memory_top_k": -1}, {"retrieval_temperature": 0.0},
-                {"max_memories": 0}, {"freeze_backbone": False}, {"lora_target_modules": []}):  # fmt: skip
+    for bad in (
+        {"num_memory_tokens": 0},
+        {"memory_top_k": -1},
+        {"retrieval_temperature": 0.0},
+        {"max_memories": 0},
+        {"freeze_backbone": False},
+        {"lora_target_modules": []},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             CMTConfig(backbone_config=_backbone().config, **bad)
     with pytest.raises(ValueError, match="lora_target_modules"):
@@ -175,15 +189,25 @@ def test_memorize_in_pieces_equals_memorize_at_once_and_padding_is_invisible():
 
 def test_long_documents_are_split_at_sentence_ends():
     tokenizer = build_tokenizer()
-    text = "The grass is green. " * 3 + "The pass key is 71432. Remember it. 71432 is the pass key. " + "Here we go. " * 4
+    text = (
+        "The grass is green. " * 3 + "The pass key is 71432. Remember it. 71432 is the pass key. " + "Here we go. " * 4
+    )
     pieces = split_text(text, tokenizer, max_tokens=20)
     assert all(len(p) <= 20 and p[0] == tokenizer.bos_token_id for p in pieces)
     assert sum((p[1:] for p in pieces), []) == tokenizer(text, add_special_tokens=False)["input_ids"]
     decoded = [tokenizer.decode(p[1:]) for p in pieces]
     assert all(d.rstrip().endswith(".") for d in decoded)
     assert any("The pass key is 71432." in d for d in decoded)
-    backbone = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    backbone = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model = CMTForCausalLM.from_backbone(backbone, num_memory_tokens=2, max_document_tokens=20)
     names = model.memorize([text, "Short one."], tokenizer=tokenizer, doc_ids=["story", "short"])
     assert names[-1] == "short" and len(model.memory_bank) == len(names) == len(pieces) + 1
@@ -192,8 +216,13 @@ def test_long_documents_are_split_at_sentence_ends():
 
 def test_memorize_bad_inputs():
     model, _ = _cmt()
-    for documents, match in (([], "non-empty"), ([[]], r"documents\[0\] is empty"), (["  "], "tokenizer"),
-                             ([[1, -2]], "non-negative"), (torch.zeros(2, 3), "integer ids")):  # fmt: skip
+    for documents, match in (
+        ([], "non-empty"),
+        ([[]], r"documents\[0\] is empty"),
+        (["  "], "tokenizer"),
+        ([[1, -2]], "non-negative"),
+        (torch.zeros(2, 3), "integer ids"),
+    ):
         with pytest.raises(ValueError, match=match):
             model.memorize(documents)
     with pytest.raises(ValueError, match=r"documents\[1\] is empty"):
@@ -210,8 +239,9 @@ def test_memorize_bad_inputs():
 
 
 def _signature(**kw):
-    return BankSignature(**{"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "num_memory_tokens": 3,
-                            "retrieval_dim": 5, **kw})  # fmt: skip
+    return BankSignature(
+        **{"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "num_memory_tokens": 3, "retrieval_dim": 5, **kw}
+    )
 
 
 def test_bank_bounds_eviction_and_search():
@@ -272,8 +302,16 @@ def test_bank_of_another_backbone_is_refused(tmp_path):
     other = CMTForCausalLM.from_backbone(_backbone(), num_memory_tokens=4)
     with pytest.raises(ValueError, match="num_memory_tokens is 3, the model needs 4"):
         other.load_memory(tmp_path)
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(ValueError, match="hidden_size"):
         from hf_longmem.modeling.backbone import check_backbone_matches
 
@@ -315,11 +353,15 @@ def test_training_loss_trains_the_compressor_only():
     model.train()
     docs = torch.randint(3, VOCAB, (6, 8))
     batch = {
-        "document_ids": docs, "document_mask": torch.ones_like(docs), "document_owner": torch.tensor([0, 0, 0, 1, 1, 1]),
-        "gold_document": torch.tensor([1, 5]), "question_ids": torch.randint(3, VOCAB, (2, 4)),
-        "question_mask": torch.ones(2, 4, dtype=torch.long), "qa_ids": torch.randint(3, VOCAB, (2, 7)),
+        "document_ids": docs,
+        "document_mask": torch.ones_like(docs),
+        "document_owner": torch.tensor([0, 0, 0, 1, 1, 1]),
+        "gold_document": torch.tensor([1, 5]),
+        "question_ids": torch.randint(3, VOCAB, (2, 4)),
+        "question_mask": torch.ones(2, 4, dtype=torch.long),
+        "qa_ids": torch.randint(3, VOCAB, (2, 7)),
         "qa_mask": torch.ones(2, 7, dtype=torch.long),
-    }  # fmt: skip
+    }
     labels = batch["qa_ids"].clone()
     labels[:, :4] = -100
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -367,14 +409,12 @@ class CMTTester(ModelTester):
         model.memorize([torch.randint(4, vocab, (n,), generator=generator).tolist() for n in (5, 9, 12, 7, 10)])
         return model
 
-
     def reference_logits(self, model, prompt, sequences):
         """CMT continues a question with the memories retrieved for the question (the prompt), not for the whole
         sequence: one full forward over ``sequences`` after that prefix."""
         cache = model.prime_cache(CMTCache(config=model.config.backbone_config), prompt)
         with torch.no_grad():
             return model(input_ids=sequences, cache=cache).logits
-
 
     def training_loss(self, model, ids):
         """CMT's objective (the backbone is frozen; compressor, LoRA and key projection learn): 4 documents, two per
@@ -386,10 +426,19 @@ class CMTTester(ModelTester):
         qa_labels = ids.clone()
         qa_labels[:, :5] = -100
         return model.memory_training_loss(
-            documents, document_mask, torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2]), ids[:, :5],
-            torch.ones_like(ids[:, :5]), ids, torch.ones_like(ids), qa_labels, document_weight=0.5,
-            distill_weight=0.5, generator=torch.Generator().manual_seed(5),
-        )["loss"]  # fmt: skip
+            documents,
+            document_mask,
+            torch.tensor([0, 0, 1, 1]),
+            torch.tensor([1, 2]),
+            ids[:, :5],
+            torch.ones_like(ids[:, :5]),
+            ids,
+            torch.ones_like(ids),
+            qa_labels,
+            document_weight=0.5,
+            distill_weight=0.5,
+            generator=torch.Generator().manual_seed(5),
+        )["loss"]
 
 
 class TestCMTConformance(ConformanceSuite):

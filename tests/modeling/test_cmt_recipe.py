@@ -48,10 +48,25 @@ def test_recipe_trains_evaluates_and_publishes_offline(tmp_path):
     recipe = _recipe()
     output = tmp_path / "run"
     argv = [
-        "--config", str(ROOT / "recipes/configs/cmt.yaml"), "--max_steps", "2", "--batch_size", "2",
-        "--eval_num_samples", "1", "--eval_lengths", "384", "--train_max_length", "384", "--output_dir", str(output),
-        "--publish", "me/tiny-cmt", "--publish_folder", str(tmp_path / "hub"),
-    ]  # fmt: skip
+        "--config",
+        str(ROOT / "recipes/configs/cmt.yaml"),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--eval_num_samples",
+        "1",
+        "--eval_lengths",
+        "384",
+        "--train_max_length",
+        "384",
+        "--output_dir",
+        str(output),
+        "--publish",
+        "me/tiny-cmt",
+        "--publish_folder",
+        str(tmp_path / "hub"),
+    ]
     result = recipe.main(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     assert {row["cache"] for row in result["rows"]} == {"cmt", "full"}

@@ -100,8 +100,11 @@ def test_from_backbone_copies_weights_and_trains_only_memory():
         torch.testing.assert_close(a, b, msg=name)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        "memory.memory_init", "memory.summary_embedding", "memory.recall_query.weight", "memory.recall_key.weight"
-    }  # fmt: skip
+        "memory.memory_init",
+        "memory.summary_embedding",
+        "memory.recall_query.weight",
+        "memory.recall_key.weight",
+    }
     # official init: memory embeddings ~ N(0, std(input embeddings)^2)
     assert model.memory.memory_init.abs().max() > 0
     unfrozen = HMTForCausalLM.from_backbone(backbone, segment_length=8, freeze_backbone=False)
@@ -127,7 +130,9 @@ def test_lora_adapters_start_as_identity_and_train():
 
 @pytest.mark.parametrize("shape", ["llama_mha", "llama_gqa", "mistral", "qwen2"])
 def test_forward_equals_reference_recurrence(shape):
-    model = _hmt(shape, memory_scale=0.25 if shape == "qwen2" else 1.0, num_memory_tokens=3 if shape == "mistral" else 1)
+    model = _hmt(
+        shape, memory_scale=0.25 if shape == "qwen2" else 1.0, num_memory_tokens=3 if shape == "mistral" else 1
+    )
     ids = random_ids(2, 37)  # 4 full segments + 5 tokens: bank of 3 evicts the oldest, sensory memory used
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference_logits(model, ids), atol=ATOL, rtol=1e-4)
@@ -222,7 +227,11 @@ def test_bank_is_bounded_and_evicts_the_oldest():
     assert small.memory_bytes() > 0 and "memories=3/3" in repr(small)
     bank = torch.randn(2, 3, 1, 4)
     grown = append_to_bank(bank, torch.ones(2, 1, 4), capacity=3)
-    assert grown.shape == (2, 3, 1, 4) and torch.equal(grown[:, :2], bank[:, 1:]) and torch.equal(grown[:, 2], torch.ones(2, 1, 4))
+    assert (
+        grown.shape == (2, 3, 1, 4)
+        and torch.equal(grown[:, :2], bank[:, 1:])
+        and torch.equal(grown[:, 2], torch.ones(2, 1, 4))
+    )
     with pytest.raises(ValueError, match="capacity"):
         append_to_bank(bank, torch.ones(2, 1, 4), capacity=0)
     with pytest.raises(ValueError, match="num_memories"):
@@ -354,8 +363,15 @@ def test_left_padded_beam_search_equals_rows_alone():
     mask = torch.ones_like(ids)
     for row, pad in enumerate(pads):
         mask[row, :pad] = 0
-    options = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, num_return_sequences=2, pad_token_id=0,
-                   eos_token_id=None, do_sample=False)  # fmt: skip
+    options = dict(
+        max_new_tokens=5,
+        min_new_tokens=5,
+        num_beams=2,
+        num_return_sequences=2,
+        pad_token_id=0,
+        eos_token_id=None,
+        do_sample=False,
+    )
     with torch.no_grad():
         together = model.generate(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask, **options)
         for row, pad in enumerate(pads):

@@ -55,9 +55,17 @@ def test_weighted_loss_counts_answers_and_prompt(recipe):
 def test_tiny_run_evaluates_and_publishes_offline(recipe, tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
     config.update(
-        output_dir=str(tmp_path / "model"), results=str(tmp_path / "results.json"), max_steps=2, max_train_seconds=0,
-        tokens_per_batch=400, min_length=160, max_length=192, log_every=1, eval_lengths=[200], eval_num_samples=1,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "model"),
+        results=str(tmp_path / "results.json"),
+        max_steps=2,
+        max_train_seconds=0,
+        tokens_per_batch=400,
+        min_length=160,
+        max_length=192,
+        log_every=1,
+        eval_lengths=[200],
+        eval_num_samples=1,
+    )
     config["hmt"].update(segment_length=64, sensory_length=8, lora_rank=2, num_memory_tokens=2)
     config["eval_tasks"] = [{"label": "passkey_1digit", "task": "passkey", "options": {"num_digits": 1}}, "passkey"]
     path = tmp_path / "hmt.yaml"
@@ -72,7 +80,9 @@ def test_tiny_run_evaluates_and_publishes_offline(recipe, tmp_path):
     assert "| passkey_1digit | HMT (trained memory) |" in recipe.markdown_table(rows)
     assert results["meta"]["train_steps"] == 2 and results["meta"]["trainable_parameters"] > 0
     metadata = json.loads((tmp_path / "model" / "training_metadata.json").read_text())
-    assert metadata["trainable_parameters"] < sum(p.numel() for p in HMTForCausalLM.from_pretrained(tmp_path / "model").parameters())
+    assert metadata["trainable_parameters"] < sum(
+        p.numel() for p in HMTForCausalLM.from_pretrained(tmp_path / "model").parameters()
+    )
 
     repo = tmp_path / "hub" / "me" / "hmt-tiny"
     card = (repo / "README.md").read_text()

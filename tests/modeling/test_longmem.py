@@ -13,8 +13,9 @@ from hf_longmem.modeling.longmem.sidenet import joint_memory_attention
 from tests.helpers.tiny_models import random_ids, tiny_model
 from tests.modeling.conformance import ConformanceSuite, ModelTester, randomize_, tiny_backbone_config
 
-SMALL = dict(segment_length=16, chunk_size=4, memory_size=64, topk_chunks=3, layer_reduction_factor=1,
-             memory_layer_index=1)  # fmt: skip
+SMALL = dict(
+    segment_length=16, chunk_size=4, memory_size=64, topk_chunks=3, layer_reduction_factor=1, memory_layer_index=1
+)
 
 
 def _longmem(shape="llama_gqa", init="copy", seed=0, **overrides):
@@ -119,13 +120,21 @@ def test_left_padded_rows_equal_rows_alone_with_memory_beams_and_a_memorized_ban
             torch.testing.assert_close(out.logits[row : row + 1, pad:], alone.logits, rtol=0, atol=0)
             (group,) = [cache for rows, _, cache in out.cache.row_groups if row in rows.tolist()]
             assert group.bank.num_tokens().tolist() == alone.cache.bank.num_tokens().tolist()
-    options = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False,
-                   pad_token_id=0, eos_token_id=None)  # fmt: skip
+    options = dict(
+        max_new_tokens=4,
+        min_new_tokens=4,
+        num_beams=2,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     document = random_ids(1, 20, seed=8)[0]
     with torch.no_grad():
         # a user cache has the rows generate runs: batch x beams
-        together = model.generate(padded, attention_mask=mask, cache=model.memorize([document], batch_size=6),
-                                   **options)  # fmt: skip
+        together = model.generate(
+            padded, attention_mask=mask, cache=model.memorize([document], batch_size=6), **options
+        )
         for row, pad in enumerate(pads):
             alone = model.generate(ids[row : row + 1, pad:], cache=model.memorize([document], batch_size=2), **options)
             torch.testing.assert_close(together[2 * row : 2 * row + 2, pad:], alone, rtol=0, atol=0)
@@ -212,8 +221,15 @@ class LongMemTester(ModelTester):
 
     def get_config(self, **overrides):
         backbone = tiny_backbone_config(tie_word_embeddings=overrides.pop("tie_word_embeddings", False))
-        fields = dict(segment_length=8, chunk_size=2, memory_size=16, topk_chunks=2, layer_reduction_factor=1,
-                      memory_layer_index=1, sidenet_init="copy")  # fmt: skip
+        fields = dict(
+            segment_length=8,
+            chunk_size=2,
+            memory_size=16,
+            topk_chunks=2,
+            layer_reduction_factor=1,
+            memory_layer_index=1,
+            sidenet_init="copy",
+        )
         fields.update(overrides)
         return LongMemConfig(backbone_config=backbone, **fields)
 

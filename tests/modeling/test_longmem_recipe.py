@@ -38,10 +38,25 @@ def test_shipped_config_parses():
 def test_recipe_trains_evaluates_and_publishes(tmp_path):
     recipe = _recipe()
     args = [
-        "--config", str(CONFIG), "--max_steps", "2", "--min_length", "192", "--max_length", "256",
-        "--tokens_per_batch", "512", "--eval_num_samples", "2", "--output_dir", str(tmp_path / "run"),
-        "--publish", "me/longmem-tiny", "--publish_root", str(tmp_path / "hub"),
-    ]  # fmt: skip
+        "--config",
+        str(CONFIG),
+        "--max_steps",
+        "2",
+        "--min_length",
+        "192",
+        "--max_length",
+        "256",
+        "--tokens_per_batch",
+        "512",
+        "--eval_num_samples",
+        "2",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--publish",
+        "me/longmem-tiny",
+        "--publish_root",
+        str(tmp_path / "hub"),
+    ]
     config_file = tmp_path / "config.yaml"
     overrides = {"lengths": [320], "tokens_per_batch": 2048, "untrained": True}
     raw = yaml.safe_load(CONFIG.read_text())
@@ -64,12 +79,18 @@ def test_recipe_trains_evaluates_and_publishes(tmp_path):
 def test_publish_round_trip_with_local_folder_api(tmp_path):
     backbone = tiny_model("llama_gqa", num_hidden_layers=2)
     model = LongMemForCausalLM.from_backbone(
-        backbone, segment_length=16, chunk_size=4, memory_size=64, topk_chunks=2, layer_reduction_factor=1,
+        backbone,
+        segment_length=16,
+        chunk_size=4,
+        memory_size=64,
+        topk_chunks=2,
+        layer_reduction_factor=1,
         sidenet_init="copy",
-    ).eval()  # fmt: skip
+    ).eval()
     rows = [{"task": "passkey", "cache": "longmem", "context_length": 4096, "accuracy": 0.5, "num_samples": 2}]
-    path = publish(model, "me/longmem", eval_results={"rows": rows}, template="architecture",
-                   api=LocalFolderApi(tmp_path))  # fmt: skip
+    path = publish(
+        model, "me/longmem", eval_results={"rows": rows}, template="architecture", api=LocalFolderApi(tmp_path)
+    )
     loaded = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     ids = random_ids(1, 40)
     with torch.no_grad():

@@ -19,9 +19,21 @@ VOCAB = 61
 
 def tiny(seed: int = 0, **overrides) -> MomForCausalLM:
     kwargs = dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.5,
-        num_memories=4, topk=2, shared_mem=True, conv_size=3, intermediate_size=48, chunk_size=8,
-        initializer_range=0.2, pad_token_id=0, kernel_backend="torch",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_heads=2,
+        head_dim=8,
+        expand_v=1.5,
+        num_memories=4,
+        topk=2,
+        shared_mem=True,
+        conv_size=3,
+        intermediate_size=48,
+        chunk_size=8,
+        initializer_range=0.2,
+        pad_token_id=0,
+        kernel_backend="torch",
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -57,16 +69,21 @@ def test_config_rejects_bad_arguments():
 
 
 def test_registered_with_auto_classes():
-    config = AutoConfig.for_model("mom_gdn", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_heads=2,
-                                  head_dim=8, intermediate_size=32)
+    config = AutoConfig.for_model(
+        "mom_gdn", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=8, intermediate_size=32
+    )
     assert isinstance(config, MomConfig)
     assert type(AutoModelForCausalLM.from_config(config)) is MomForCausalLM
 
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"shared_mem": False, "topk": 1}, {"shared_mem": False, "topk": 1, "norm_topk_prob": False},
-     {"num_memories": 1, "topk": 1}],
+    [
+        {},
+        {"shared_mem": False, "topk": 1},
+        {"shared_mem": False, "topk": 1, "norm_topk_prob": False},
+        {"num_memories": 1, "topk": 1},
+    ],
     ids=["M4-top2-shared", "M4-top1", "M4-top1-unnormalised", "M1"],
 )
 def test_full_forward_equals_prefill_plus_decode(overrides):
@@ -89,7 +106,9 @@ def test_chunked_prefill_in_pieces_equals_full_forward():
     with torch.no_grad():
         full = model(input_ids).logits
         cache = MomCache(model.config)
-        pieces = [model(input_ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 11), (11, 30), (30, 45))]
+        pieces = [
+            model(input_ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 11), (11, 30), (30, 45))
+        ]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
     assert cache.get_seq_length() == 45
     # constant state: [M', H, K, V] float32 + conv [M', C, W-1] per layer, whatever the length
@@ -125,8 +144,7 @@ def test_generate_builds_mom_cache_and_honours_user_cache():
         assert isinstance(out.cache, MomCache)
         assert out.cache.get_seq_length() == 12 + 4  # the last generated token is never fed back
         user = DynamicCache(config=model.config)  # transformers' LinearAttentionLayer per layer
-        out_user = model.generate(prompt, max_new_tokens=5, do_sample=False, cache=user,
-                                  return_dict_in_generate=True)
+        out_user = model.generate(prompt, max_new_tokens=5, do_sample=False, cache=user, return_dict_in_generate=True)
         assert out_user.cache is user
         assert user.layers[0].recurrent_states[0].shape == (2, 5, 2, 8, 12)
         no_cache = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
@@ -198,8 +216,13 @@ def test_layer_matches_mixture_of_memories_spec():
         q, k, v = layer._split(conv)
         g, beta = layer._gates(b_log, a_log)
         o, _ = naive_recurrent_mom_gated_delta_rule(
-            q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), g.transpose(2, 3), beta.transpose(2, 3),
-            dense, routed,
+            q.transpose(2, 3),
+            k.transpose(2, 3),
+            v.transpose(2, 3),
+            g.transpose(2, 3),
+            beta.transpose(2, 3),
+            dense,
+            routed,
         )
         expected = layer._output(o.transpose(1, 2), x)
         got, _ = layer(x)
@@ -215,8 +238,21 @@ def test_bad_attention_mask_raises():
 def test_decode_scaling_benchmark_runs(tmp_path):
     from benchmarks.decode_scaling import main
 
-    result = main(["--models", "mom", "--contexts", "16", "40", "--new_tokens", "2", "--repeats", "1",
-                   "--out", str(tmp_path / "scaling.json")])
+    result = main(
+        [
+            "--models",
+            "mom",
+            "--contexts",
+            "16",
+            "40",
+            "--new_tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path / "scaling.json"),
+        ]
+    )
     assert [row["context_length"] for row in result["rows"]] == [16, 40]
     assert all(row["ms_per_token"] > 0 for row in result["rows"]) and (tmp_path / "scaling.json").exists()
 
@@ -247,10 +283,22 @@ class MomTester(ModelTester):
 
     def get_config(self, **overrides):
         fields = dict(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.5,
-            num_memories=4, topk=2, shared_mem=True, conv_size=3, intermediate_size=48, chunk_size=8,
-            initializer_range=0.2, pad_token_id=0, kernel_backend="torch",
-        )  # fmt: skip
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_heads=2,
+            head_dim=8,
+            expand_v=1.5,
+            num_memories=4,
+            topk=2,
+            shared_mem=True,
+            conv_size=3,
+            intermediate_size=48,
+            chunk_size=8,
+            initializer_range=0.2,
+            pad_token_id=0,
+            kernel_backend="torch",
+        )
         fields.update(overrides)
         return MomConfig(**fields)
 

@@ -16,9 +16,18 @@ VARIANTS = ["mac", "mag", "mal"]
 
 def _model(variant, **kwargs):
     options = dict(
-        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        variant=variant, sliding_window=6, segment_size=8, memory_chunk_size=4, memory_heads=2,
-        num_persistent_tokens=2, memory_max_lr=0.5,
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        variant=variant,
+        sliding_window=6,
+        segment_size=8,
+        memory_chunk_size=4,
+        memory_heads=2,
+        num_persistent_tokens=2,
+        memory_max_lr=0.5,
     )
     options.update(kwargs)
     torch.manual_seed(0)
@@ -59,7 +68,9 @@ def test_triton_memory_matches_torch_end_to_end():
     tri.eval()
     with torch.no_grad():
         cache = TitansCache(tri.config)
-        pieces = [tri(ids[:, :9], cache=cache).logits] + [tri(ids[:, t : t + 1], cache=cache).logits for t in range(9, 19)]
+        pieces = [tri(ids[:, :9], cache=cache).logits] + [
+            tri(ids[:, t : t + 1], cache=cache).logits for t in range(9, 19)
+        ]
     torch.testing.assert_close(torch.cat(pieces, 1), reference_logits, atol=2e-5, rtol=1e-4)
 
 
@@ -77,7 +88,9 @@ def test_padded_equals_unpadded(variant):
         # and decoding on after a padded prefill
         cache = TitansCache(model.config)
         model(padded[:, :12], attention_mask=mask[:, :12], cache=cache)
-        steps = [model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(12, 19)]
+        steps = [
+            model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(12, 19)
+        ]
     torch.testing.assert_close(both[1, 5:], alone[0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(both[0], first[0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat(steps, 1), both[:, 12:], atol=2e-5, rtol=1e-4)
@@ -119,8 +132,17 @@ def test_training_step_reaches_every_parameter(variant):
 
 def test_auto_classes():
     """(The fresh-process round trip is the conformance suite's ``test_fresh_process_trust_remote_code``.)"""
-    config = AutoConfig.for_model("titans", vocab_size=40, hidden_size=32, num_attention_heads=2, variant="mac",
-                                  segment_size=8, memory_chunk_size=4, num_hidden_layers=1, memory_layers=[0])
+    config = AutoConfig.for_model(
+        "titans",
+        vocab_size=40,
+        hidden_size=32,
+        num_attention_heads=2,
+        variant="mac",
+        segment_size=8,
+        memory_chunk_size=4,
+        num_hidden_layers=1,
+        memory_layers=[0],
+    )
     assert isinstance(config, TitansConfig)
     assert type(AutoModelForCausalLM.from_config(config)) is TitansForCausalLM
 
@@ -155,10 +177,22 @@ class TitansTester(ModelTester):
 
     def get_config(self, **overrides):
         fields = dict(
-            vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1, memory_layers=[0],
-            num_attention_heads=2, variant="mac", sliding_window=6, segment_size=8, memory_chunk_size=4,
-            memory_heads=2, num_persistent_tokens=2, memory_max_lr=0.5, memory_backend="torch", pad_token_id=0,
-        )  # fmt: skip
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            memory_layers=[0],
+            num_attention_heads=2,
+            variant="mac",
+            sliding_window=6,
+            segment_size=8,
+            memory_chunk_size=4,
+            memory_heads=2,
+            num_persistent_tokens=2,
+            memory_max_lr=0.5,
+            memory_backend="torch",
+            pad_token_id=0,
+        )
         fields.update(overrides)
         return TitansConfig(**fields)
 

@@ -247,12 +247,39 @@ def triton_attention_column_scores(
     scores = torch.empty(batch, kv_heads, num_keys, device=query.device, dtype=torch.float32)
     with device_guard(query):
         _row_lse_kernel[(batch * kv_heads, triton.cdiv(rows, block_m))](
-            query, keys, valid_arg, lse2, *query.stride(), *keys.stride(), *valid_strides,
-            scaling, causal_offset, kv_heads, num_q, num_keys, head_dim, **common,
-        )  # fmt: skip
+            query,
+            keys,
+            valid_arg,
+            lse2,
+            *query.stride(),
+            *keys.stride(),
+            *valid_strides,
+            scaling,
+            causal_offset,
+            kv_heads,
+            num_q,
+            num_keys,
+            head_dim,
+            **common,
+        )
         _column_scores_kernel[(batch * kv_heads, triton.cdiv(num_keys, block_n))](
-            query, keys, valid_arg, qvalid_arg, lse2, scores, *query.stride(), *keys.stride(), *valid_strides,
-            *qvalid_strides, scaling, causal_offset, kv_heads, num_q, num_keys, head_dim,
-            HAS_QUERY_VALID=query_valid is not None, **common,
-        )  # fmt: skip
+            query,
+            keys,
+            valid_arg,
+            qvalid_arg,
+            lse2,
+            scores,
+            *query.stride(),
+            *keys.stride(),
+            *valid_strides,
+            *qvalid_strides,
+            scaling,
+            causal_offset,
+            kv_heads,
+            num_q,
+            num_keys,
+            head_dim,
+            HAS_QUERY_VALID=query_valid is not None,
+            **common,
+        )
     return scores

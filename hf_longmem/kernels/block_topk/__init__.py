@@ -58,9 +58,7 @@ def block_topk(
     reprs = _flatten("reprs", reprs, 2)
     batch, dim = query.shape
     if reprs.shape[0] != batch or reprs.shape[2] != dim:
-        raise ValueError(
-            f"`reprs` {tuple(reprs.shape)} must be [b, n, D] with b = {batch} and D = {dim} of `query`"
-        )
+        raise ValueError(f"`reprs` {tuple(reprs.shape)} must be [b, n, D] with b = {batch} and D = {dim} of `query`")
     if reprs.device != query.device:
         raise ValueError(f"`reprs` is on {reprs.device}, `query` on {query.device}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -121,9 +121,18 @@ def channel_attention(
     check_causal(causal_new, num_q, num_pruned + num_full)
     softcap = check_softcap(softcap)
     args = (
-        query, keys_pruned, channel_index, values, scaling, valid, causal_new, keys_full, values_full, valid_full,
+        query,
+        keys_pruned,
+        channel_index,
+        values,
+        scaling,
+        valid,
+        causal_new,
+        keys_full,
+        values_full,
+        valid_full,
         softcap,
-    )  # fmt: skip
+    )
     tensors = [t for t in (query, keys_pruned, values, keys_full, values_full) if t is not None]
     if resolve_backend(backend, *tensors) == "torch":
         return naive_channel_attention(*args)

@@ -143,8 +143,9 @@ def chunk_gated_delta_rule(
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
     from .triton_chunk import triton_chunk_gated_delta_rule
 
-    return triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                         _triton_chunk_size(chunk_size))
+    return triton_chunk_gated_delta_rule(
+        q, k, v, g, beta, scale, initial_state, output_final_state, _triton_chunk_size(chunk_size)
+    )
 
 
 def _triton_chunk_size(chunk_size: int) -> int:

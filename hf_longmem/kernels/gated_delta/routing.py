@@ -115,7 +115,8 @@ def unpack_mix(streams: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
 def dense_routing(plan: RoutingPlan, num_memories: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [batch, seq, M], mask [batch, seq, M])``: the plan's routing as dense per-memory tensors."""
-    dense = torch.zeros(*plan.memory_index.shape[:2], num_memories, dtype=plan.weights.dtype,
-                        device=plan.weights.device)
+    dense = torch.zeros(
+        *plan.memory_index.shape[:2], num_memories, dtype=plan.weights.dtype, device=plan.weights.device
+    )
     dense = dense.scatter(2, plan.memory_index, plan.weights)
     return dense, plan.routed

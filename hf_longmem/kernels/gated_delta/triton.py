@@ -28,10 +28,26 @@ CHECKPOINT_EVERY = 64
 
 @triton.jit
 def _gdr_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, ckpt_ptr,
-    T, NC, scale,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CKPT: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    ckpt_ptr,
+    T,
+    NC,
+    scale,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
 ):
     i_nh = tl.cast(tl.program_id(0), tl.int64)
     offs_k = tl.arange(0, BK)
@@ -66,11 +82,31 @@ def _gdr_fwd_kernel(
 
 @triton.jit
 def _gdr_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ckpt_ptr, do_ptr, dht_ptr, scratch_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dh0_ptr,
-    T, NC, scale,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    ckpt_ptr,
+    do_ptr,
+    dht_ptr,
+    scratch_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dg_ptr,
+    dbeta_ptr,
+    dh0_ptr,
+    T,
+    NC,
+    scale,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
 ):
     i_nh = tl.cast(tl.program_id(0), tl.int64)
     offs_k = tl.arange(0, BK)
@@ -138,10 +174,26 @@ def _gdr_bwd_kernel(
 
 @triton.jit
 def _mom_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, m_ptr, h0_ptr, o_ptr, ht_ptr,
-    T, M, H, scale,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    w_ptr,
+    m_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    T,
+    M,
+    H,
+    scale,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
 ):
     pid = tl.cast(tl.program_id(0), tl.int64)
     b = pid // H
@@ -181,8 +233,9 @@ def _mom_fwd_kernel(
 
 def _blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
     if key_dim > 256 or value_dim > 256:
-        raise ValueError(f"the Triton gated delta kernels hold a [K, V] state tile: K, V <= 256, got {key_dim}, "
-                         f"{value_dim}")
+        raise ValueError(
+            f"the Triton gated delta kernels hold a [K, V] state tile: K, V <= 256, got {key_dim}, {value_dim}"
+        )
     return max(triton.next_power_of_2(key_dim), 2), max(triton.next_power_of_2(value_dim), 2)
 
 
@@ -204,14 +257,37 @@ class _GatedDeltaFunction(torch.autograd.Function):
         ckpt = q.new_empty(rows, chunks, key_dim, value_dim, dtype=torch.float32) if need_grad else o
         h0 = initial_state.float().contiguous() if initial_state is not None else o
         _gdr_fwd_kernel[(rows,)](
-            q, k, v, g, beta, h0, o, ht, ckpt, padded, chunks, scale,
-            K=key_dim, V=value_dim, BK=bk, BV=bv, BT=every,
-            USE_H0=initial_state is not None, STORE_HT=output_final_state, STORE_CKPT=need_grad,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            h0,
+            o,
+            ht,
+            ckpt,
+            padded,
+            chunks,
+            scale,
+            K=key_dim,
+            V=value_dim,
+            BK=bk,
+            BV=bv,
+            BT=every,
+            USE_H0=initial_state is not None,
+            STORE_HT=output_final_state,
+            STORE_CKPT=need_grad,
         )
         if need_grad:
             ctx.save_for_backward(q, k, v, g, beta, ckpt)
-            ctx.meta = (scale, every, chunks, seq, initial_state is not None,
-                        initial_state.dtype if initial_state is not None else None)
+            ctx.meta = (
+                scale,
+                every,
+                chunks,
+                seq,
+                initial_state is not None,
+                initial_state.dtype if initial_state is not None else None,
+            )
         return o[:, :, :seq], (ht if output_final_state else None)
 
     @staticmethod
@@ -231,24 +307,58 @@ class _GatedDeltaFunction(torch.autograd.Function):
         scratch = torch.empty(rows, every, key_dim, value_dim, **f32)
         dht_arg = dht.float().contiguous() if dht is not None else dq
         _gdr_bwd_kernel[(rows,)](
-            q, k, v, g, beta, ckpt, do, dht_arg, scratch, dq, dk, dv, dg, dbeta, dh0, padded, chunks, scale,
-            K=key_dim, V=value_dim, BK=bk, BV=bv, BT=every, USE_DHT=dht is not None, STORE_DH0=has_h0,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            ckpt,
+            do,
+            dht_arg,
+            scratch,
+            dq,
+            dk,
+            dv,
+            dg,
+            dbeta,
+            dh0,
+            padded,
+            chunks,
+            scale,
+            K=key_dim,
+            V=value_dim,
+            BK=bk,
+            BV=bv,
+            BT=every,
+            USE_DHT=dht is not None,
+            STORE_DH0=has_h0,
         )
         dq, dk, dv, dg, dbeta = (x[:, :, :seq] for x in (dq, dk, dv, dg, dbeta))
-        grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None,
-                 dh0.to(h0_dtype) if has_h0 else None, None, None]
+        grads = [
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dg.to(g.dtype),
+            dbeta.to(beta.dtype),
+            None,
+            dh0.to(h0_dtype) if has_h0 else None,
+            None,
+            None,
+        ]
         return tuple(grads)
 
 
-def triton_fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                                            checkpoint_every: int = CHECKPOINT_EVERY):
+def triton_fused_recurrent_gated_delta_rule(
+    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, checkpoint_every: int = CHECKPOINT_EVERY
+):
     """Triton gated delta rule, forward and backward (see the module docstring); arguments as
     :func:`~hf_longmem.kernels.gated_delta.fused_recurrent_gated_delta_rule`."""
     return _GatedDeltaFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, checkpoint_every)
 
 
-def triton_fused_recurrent_mom_gated_delta_rule(q, k, v, g, beta, routing_weights, routing_mask, scale,
-                                                initial_state=None, output_final_state=False):
+def triton_fused_recurrent_mom_gated_delta_rule(
+    q, k, v, g, beta, routing_weights, routing_mask, scale, initial_state=None, output_final_state=False
+):
     """Triton MoM recurrent step (forward only: it serves decoding); arguments as
     :func:`~hf_longmem.kernels.gated_delta.fused_recurrent_mom_gated_delta_rule`."""
     batch, memories, heads, seq, key_dim = q.shape
@@ -261,7 +371,25 @@ def triton_fused_recurrent_mom_gated_delta_rule(q, k, v, g, beta, routing_weight
     ht = q.new_empty(batch, memories, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else o
     h0 = initial_state.float().contiguous() if initial_state is not None else o
     _mom_fwd_kernel[(batch * heads,)](
-        q, k, v, g, beta, weights, mask, h0, o, ht, seq, memories, heads, scale,
-        K=key_dim, V=value_dim, BK=bk, BV=bv, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        weights,
+        mask,
+        h0,
+        o,
+        ht,
+        seq,
+        memories,
+        heads,
+        scale,
+        K=key_dim,
+        V=value_dim,
+        BK=bk,
+        BV=bv,
+        USE_H0=initial_state is not None,
+        STORE_HT=output_final_state,
     )
     return o.to(v.dtype), (ht if output_final_state else None)

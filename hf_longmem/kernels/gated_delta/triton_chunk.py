@@ -59,8 +59,22 @@ CHUNK_SIZES = (16, 32, 64)
 
 
 @triton.jit
-def _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T,
-                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, i_v):
+def _load_chunk(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    i_nh,
+    t0,
+    T,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    i_v,
+):
     """The chunk's ``q, k [BT, BK]``, ``v [BT, BV]`` (value block ``i_v``), ``g, beta [BT]`` in float32; rows past
     ``T`` and padded columns read 0."""
     offs_t = t0 + tl.arange(0, BT)
@@ -101,10 +115,27 @@ def _chunk_factors(b_k, b_v, b_g, b_beta, BT: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, ckpt_ptr,
-    T, NC, scale,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CKPT: tl.constexpr, IEEE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    ckpt_ptr,
+    T,
+    NC,
+    scale,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     i_nh = tl.cast(tl.program_id(0), tl.int64)
     i_v = tl.program_id(1)
@@ -121,16 +152,18 @@ def _chunk_fwd_kernel(
         t0 = c64 * BT
         if STORE_CKPT:
             tl.store(ckpt_ptr + (i_nh * NC + c64) * K * V + kv_offs, b_S, mask=mask_kv)
-        b_q, b_k, b_v, b_g, b_beta = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T, K, V, BT, BK, BV,
-                                                 i_v)
+        b_q, b_k, b_v, b_g, b_beta = _load_chunk(
+            q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T, K, V, BT, BK, BV, i_v
+        )
         b_G, b_D, b_A, b_T, b_w, b_ut = _chunk_factors(b_k, b_v, b_g, b_beta, BT, IEEE)
         b_u = b_ut - _dot(b_w, b_S, IEEE)
         b_P = _dot(b_q, tl.trans(b_k), IEEE) * b_D
         b_o = (_dot(b_q * tl.exp(b_G)[:, None], b_S, IEEE) + _dot(b_P, b_u, IEEE)) * scale
         offs_tt = t0 + offs_t
         mask_tv = (offs_tt < T)[:, None] & (offs_v < V)[None, :]
-        tl.store(o_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], b_o.to(o_ptr.dtype.element_ty),
-                 mask=mask_tv)
+        tl.store(
+            o_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], b_o.to(o_ptr.dtype.element_ty), mask=mask_tv
+        )
         b_gl = tl.sum(tl.where(offs_t == BT - 1, b_G, 0.0), 0)
         b_kd = b_k * tl.exp(b_gl - b_G)[:, None]
         b_S = b_S * tl.exp(b_gl) + _dot(tl.trans(b_kd), b_u, IEEE)
@@ -140,11 +173,31 @@ def _chunk_fwd_kernel(
 
 @triton.jit
 def _chunk_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ckpt_ptr, do_ptr, dht_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dh0_ptr,
-    T, NC, scale,
-    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    ckpt_ptr,
+    do_ptr,
+    dht_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dg_ptr,
+    dbeta_ptr,
+    dh0_ptr,
+    T,
+    NC,
+    scale,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     i_nh = tl.cast(tl.program_id(0), tl.int64)
     i_v = tl.program_id(1)
@@ -169,10 +222,12 @@ def _chunk_bwd_kernel(
         mask_tv = mask_t[:, None] & (offs_v < V)[None, :]
         # recompute the chunk's forward from the state checkpointed at its start
         b_S = tl.load(ckpt_ptr + (i_nh * NC + c64) * K * V + kv_offs, mask=mask_kv, other=0.0)
-        b_q, b_k, b_v, b_g, b_beta = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T, K, V, BT, BK, BV,
-                                                 i_v)
-        b_do = tl.load(do_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], mask=mask_tv,
-                       other=0.0).to(tl.float32)
+        b_q, b_k, b_v, b_g, b_beta = _load_chunk(
+            q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, i_nh, t0, T, K, V, BT, BK, BV, i_v
+        )
+        b_do = tl.load(do_ptr + (i_nh * T + offs_tt[:, None]) * V + offs_v[None, :], mask=mask_tv, other=0.0).to(
+            tl.float32
+        )
         b_G, b_D, b_A, b_T, b_w, b_ut = _chunk_factors(b_k, b_v, b_g, b_beta, BT, IEEE)
         b_eG = tl.exp(b_G)
         b_u = b_ut - _dot(b_w, b_S, IEEE)
@@ -197,20 +252,34 @@ def _chunk_bwd_kernel(
         b_dAD = b_dA * b_D
         b_dkb = _dot(b_dAD, b_k, IEEE)
         b_dq = b_dqg * b_eG[:, None] + _dot(b_dPD, b_k, IEEE)
-        b_dk = (_dot(tl.trans(b_dPD), b_q, IEEE) + _dot(tl.trans(b_dAD), b_kb, IEEE) + b_dkb * b_beta[:, None]
-                + b_dkbg * (b_beta * b_eG)[:, None] + b_dkd * b_tail[:, None])
+        b_dk = (
+            _dot(tl.trans(b_dPD), b_q, IEEE)
+            + _dot(tl.trans(b_dAD), b_kb, IEEE)
+            + b_dkb * b_beta[:, None]
+            + b_dkbg * (b_beta * b_eG)[:, None]
+            + b_dkd * b_tail[:, None]
+        )
         b_dv = b_dvb * b_beta[:, None]
         b_dbeta = tl.sum(b_dkb * b_k, 1) + tl.sum(b_dkbg * b_k, 1) * b_eG + tl.sum(b_dvb * b_v, 1)
         # d/dG: through exp(G) (Qg, Kbg), exp(G_L - G) (Kd), D_ij = exp(G_i - G_j) (in P and A), exp(G_L) S
         b_E = b_dP * b_P + b_dA * b_A
         b_kd_dot = tl.sum(b_dkd * b_kd, 1)
         b_dgl = tl.sum(b_kd_dot, 0) + tl.exp(b_gl) * tl.sum(tl.sum(b_dS * b_S, 1), 0)
-        b_dG = (tl.sum(b_dqg * b_q, 1) * b_eG + tl.sum(b_dkbg * b_kbg, 1) - b_kd_dot + tl.sum(b_E, 1)
-                - tl.sum(b_E, 0) + tl.where(last, b_dgl, 0.0))
+        b_dG = (
+            tl.sum(b_dqg * b_q, 1) * b_eG
+            + tl.sum(b_dkbg * b_kbg, 1)
+            - b_kd_dot
+            + tl.sum(b_E, 1)
+            - tl.sum(b_E, 0)
+            + tl.where(last, b_dgl, 0.0)
+        )
         b_dg = tl.cumsum(b_dG, 0, reverse=True)  # G = cumsum(g)
         # gradient of the chunk-start state, carried to the previous chunk
-        b_dS = (_dot(tl.trans(b_q * b_eG[:, None]), b_do, IEEE) * scale + tl.exp(b_gl) * b_dS
-                - _dot(tl.trans(b_w), b_du, IEEE))
+        b_dS = (
+            _dot(tl.trans(b_q * b_eG[:, None]), b_do, IEEE) * scale
+            + tl.exp(b_gl) * b_dS
+            - _dot(tl.trans(b_w), b_du, IEEE)
+        )
         tk_offs = (part * T + offs_tt[:, None]) * K + offs_k[None, :]
         tl.store(dq_ptr + tk_offs, b_dq, mask=mask_tk)
         tl.store(dk_ptr + tk_offs, b_dk, mask=mask_tk)
@@ -234,8 +303,10 @@ def _tiles(key_dim: int, value_dim: int, chunk_size, block_v, need_grad: bool) -
     not depend on ``BT``. Register use is not tuned on a GPU (ptxas reports spills at these tiles).
     """
     if key_dim > 256 or value_dim > 256:
-        raise ValueError(f"the chunked Triton gated delta kernel holds [K, V] state tiles: K, V <= 256, got K = "
-                         f"{key_dim}, V = {value_dim}")
+        raise ValueError(
+            f"the chunked Triton gated delta kernel holds [K, V] state tiles: K, V <= 256, got K = "
+            f"{key_dim}, V = {value_dim}"
+        )
     if isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
         raise ValueError(f"`chunk_size` of the chunked Triton kernel must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     bk = max(16, triton.next_power_of_2(key_dim))
@@ -269,9 +340,27 @@ class _ChunkGatedDeltaFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else o
         ieee = all(x.dtype == torch.float32 for x in (q, k, v))
         _chunk_fwd_kernel[(rows, triton.cdiv(value_dim, bv))](
-            q, k, v, g, beta, h0, o, ht, ckpt, seq, chunks, scale,
-            K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv,
-            USE_H0=initial_state is not None, STORE_HT=output_final_state, STORE_CKPT=need_grad, IEEE=ieee,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            h0,
+            o,
+            ht,
+            ckpt,
+            seq,
+            chunks,
+            scale,
+            K=key_dim,
+            V=value_dim,
+            BT=bt,
+            BK=bk,
+            BV=bv,
+            USE_H0=initial_state is not None,
+            STORE_HT=output_final_state,
+            STORE_CKPT=need_grad,
+            IEEE=ieee,
             num_warps=_num_warps(bk),
         )
         if need_grad:
@@ -296,17 +385,60 @@ class _ChunkGatedDeltaFunction(torch.autograd.Function):
         dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if h0_dtype is not None else dv
         dht_arg = dht.float().contiguous() if dht is not None else dv
         _chunk_bwd_kernel[(rows, blocks)](
-            q, k, v, g, beta, ckpt, do.contiguous(), dht_arg, dq, dk, dv, dg, dbeta, dh0, seq, chunks, scale,
-            K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv, USE_DHT=dht is not None, STORE_DH0=h0_dtype is not None,
-            IEEE=ctx.ieee, num_warps=_num_warps(bk),
+            q,
+            k,
+            v,
+            g,
+            beta,
+            ckpt,
+            do.contiguous(),
+            dht_arg,
+            dq,
+            dk,
+            dv,
+            dg,
+            dbeta,
+            dh0,
+            seq,
+            chunks,
+            scale,
+            K=key_dim,
+            V=value_dim,
+            BT=bt,
+            BK=bk,
+            BV=bv,
+            USE_DHT=dht is not None,
+            STORE_DH0=h0_dtype is not None,
+            IEEE=ctx.ieee,
+            num_warps=_num_warps(bk),
         )
         dq, dk, dg, dbeta = (x[0] if blocks == 1 else x.sum(0) for x in (dq, dk, dg, dbeta))
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None,
-                dh0.to(h0_dtype) if h0_dtype is not None else None, None, None, None)
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dg.to(g.dtype),
+            dbeta.to(beta.dtype),
+            None,
+            dh0.to(h0_dtype) if h0_dtype is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
-def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                                  chunk_size: int = 64, block_v: int | None = None):
+def triton_chunk_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale,
+    initial_state=None,
+    output_final_state=False,
+    chunk_size: int = 64,
+    block_v: int | None = None,
+):
     """Chunked Triton gated delta rule, forward and backward (see the module docstring).
 
     Args:
@@ -326,5 +458,6 @@ def triton_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, o
     if not torch.is_grad_enabled():  # no checkpoints and the forward-only chunk size under no_grad / inference
         q, k, v, g, beta = (x.detach() for x in (q, k, v, g, beta))
         initial_state = initial_state.detach() if initial_state is not None else None
-    return _ChunkGatedDeltaFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size,
-                                          block_v)
+    return _ChunkGatedDeltaFunction.apply(
+        q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, block_v
+    )

@@ -129,8 +129,16 @@ def chunk_titans_memory(
     w_fin, s_fin = w_cur, s_cur
     for n in range(num_updates):
         w_cur, s_cur = memory_step(
-            w_cur, s_cur, kc[:, :, n], vc[:, :, n], coef_w[:, :, n], coef_s[:, :, n],
-            decay_w[:, :, n], decay_s[:, :, n], mix_s[:, :, n], backend=backend,
+            w_cur,
+            s_cur,
+            kc[:, :, n],
+            vc[:, :, n],
+            coef_w[:, :, n],
+            coef_s[:, :, n],
+            decay_w[:, :, n],
+            decay_s[:, :, n],
+            mix_s[:, :, n],
+            backend=backend,
         )
         if num_chunks_row is None:
             w_fin, s_fin = w_cur, s_cur

@@ -47,8 +47,27 @@ def _silu_parts(z):
 
 @triton.jit
 def _memory_step_fwd_kernel(
-    W1, W2, S1, S2, K, V, CW, CS, DW, DS, MX, W1o, W2o, S1o, S2o,
-    C, D, HID, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    W1,
+    W2,
+    S1,
+    S2,
+    K,
+    V,
+    CW,
+    CS,
+    DW,
+    DS,
+    MX,
+    W1o,
+    W2o,
+    S1o,
+    S2o,
+    C,
+    D,
+    HID,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.cast(tl.program_id(0), tl.int64)
     rc = tl.arange(0, BLOCK_C)
@@ -81,10 +100,38 @@ def _memory_step_fwd_kernel(
 
 @triton.jit
 def _memory_step_bwd_kernel(
-    W1, W2, S1, S2, K, V, CW, CS, DW, DS, MX,
-    GW1, GW2, GS1, GS2,  # incoming gradients of W1', W2', S1', S2'
-    dW1, dW2, dS1, dS2, dK, dV, dCW, dCS, dDW, dDS, dMX,
-    C, D, HID, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    W1,
+    W2,
+    S1,
+    S2,
+    K,
+    V,
+    CW,
+    CS,
+    DW,
+    DS,
+    MX,
+    GW1,
+    GW2,
+    GS1,
+    GS2,  # incoming gradients of W1', W2', S1', S2'
+    dW1,
+    dW2,
+    dS1,
+    dS2,
+    dK,
+    dV,
+    dCW,
+    dCS,
+    dDW,
+    dDS,
+    dMX,
+    C,
+    D,
+    HID,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.cast(tl.program_id(0), tl.int64)
     rc = tl.arange(0, BLOCK_C)
@@ -171,8 +218,10 @@ class _MemoryStep(torch.autograd.Function):
         ins = ctx.saved_tensors
         b, h, c, d = ins[4].shape
         hid = ins[0].shape[-1]
-        grads_in = [torch.zeros_like(ins[i]) if g is None else g.float().contiguous() for i, g in
-                    enumerate((gw1, gw2, gs1, gs2))]
+        grads_in = [
+            torch.zeros_like(ins[i]) if g is None else g.float().contiguous()
+            for i, g in enumerate((gw1, gw2, gs1, gs2))
+        ]
         outs = [torch.empty_like(t) for t in ins]  # dW1, dW2, dS1, dS2, dK, dV, dCW, dCS, dDW, dDS, dMX
         _memory_step_bwd_kernel[(b * h,)](*ins, *grads_in, *outs, c, d, hid, **_blocks(c, d, hid))
         return tuple(o.to(dt) for o, dt in zip(outs, ctx.dtypes))
