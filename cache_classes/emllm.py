@@ -68,7 +68,7 @@ from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_int
+from hf_longmem.validation import check_choice, check_int, check_real
 
 from .base import LongMemCache
 from .infllm import InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
@@ -478,14 +478,11 @@ class EMLLMCache(LongMemCache):
             raise ValueError(f"`min_block_size` ({min_block_size}) must be at most `max_block_size` ({max_block_size})")
         if exc_block_size > n_local:
             raise ValueError(f"`exc_block_size` ({exc_block_size}) must be at most `n_local` ({n_local})")
-        if isinstance(surprise_gamma, bool) or not isinstance(surprise_gamma, (int, float)):
-            raise ValueError(f"`surprise_gamma` must be a number, got {surprise_gamma!r}")
-        if similarity_metric not in METRICS:
-            raise ValueError(f"`similarity_metric` must be one of {METRICS}, got {similarity_metric!r}")
-        if isinstance(contiguity_buffer_size, bool) or not (
-            isinstance(contiguity_buffer_size, (int, float)) and contiguity_buffer_size > 0
-        ):
-            raise ValueError(f"`contiguity_buffer_size` must be a positive number, got {contiguity_buffer_size!r}")
+        check_real("surprise_gamma", surprise_gamma)
+        check_choice("similarity_metric", similarity_metric, METRICS)
+        check_real(
+            "contiguity_buffer_size", contiguity_buffer_size, low=0.0, strict_low=True, hint="share or token count"
+        )
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if refine_from_layer is not None:
