@@ -12,6 +12,19 @@ from . import ilora, kfpf, lora_constraints, migu, refresh, regularizers, replay
 from .base import STRATEGIES, Strategy, build_strategy, register_strategy
 from .data import ContinualTask, Example, fact_domains, tokenize_task
 from .evaluation import ContinualEvaluator, matrix_metrics, plot_results, stability_metrics
+from .probes import (
+    CopyingProbe,
+    LogProbProbe,
+    Probe,
+    RecallProbe,
+    RecognitionProbe,
+    fit_forgetting_curve,
+    injection_metrics,
+    knowledge_accumulation,
+    probe_series,
+    repeated_data_task,
+    scole_stream,
+)
 from .schedules import ConstantSchedule, InfiniteSchedule, Position, RewarmCosineSchedule, build_schedule
 from .trainer import ContinualTrainer, TrainerConfig, latest_checkpoint
 
@@ -21,19 +34,30 @@ __all__ = [
     "ContinualEvaluator",
     "ContinualTask",
     "ContinualTrainer",
+    "CopyingProbe",
     "Example",
     "InfiniteSchedule",
+    "LogProbProbe",
     "Position",
+    "Probe",
+    "RecallProbe",
+    "RecognitionProbe",
     "RewarmCosineSchedule",
     "Strategy",
     "TrainerConfig",
     "build_schedule",
     "build_strategy",
     "fact_domains",
+    "fit_forgetting_curve",
+    "injection_metrics",
+    "knowledge_accumulation",
     "latest_checkpoint",
     "matrix_metrics",
     "plot_results",
+    "probe_series",
     "register_strategy",
+    "repeated_data_task",
+    "scole_stream",
     "stability_metrics",
     "tokenize_task",
 ]
