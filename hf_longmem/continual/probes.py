@@ -628,7 +628,11 @@ def knowledge_accumulation(
         knows more than its last task) and ``acc_all_slope`` (least-squares slope of ``acc_all`` per task).
     """
     if isinstance(correct, dict):
-        rows = [r for r in correct["history"] if r.get("boundary") and r.get("task", -1) >= 0 and probe in r.get("probes", {})]
+        rows = [
+            r
+            for r in correct["history"]
+            if r.get("boundary") and r.get("task", -1) >= 0 and probe in r.get("probes", {})
+        ]
         correct = [r["probes"][probe]["correct"] for r in rows]
     if len(correct) == 0 or len(correct) > len(stream.tasks):
         raise ValueError(f"need one outcome row per finished task (1..{len(stream.tasks)}), got {len(correct)}")
