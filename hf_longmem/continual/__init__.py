@@ -8,7 +8,7 @@
 Recipes: ``recipes/continual_pretrain.py`` and ``recipes/continual_finetune.py``; see ``docs/continual.md``.
 """
 
-from . import ilora, kfpf, lora_constraints, migu, refresh, regularizers, replay, subspace  # noqa: F401 (registry)
+from . import asd, ilora, kfpf, lora_constraints, migu, refresh, regularizers, replay, subspace  # noqa: F401 (registry)
 from .base import STRATEGIES, Strategy, build_strategy, register_strategy
 from .data import ContinualTask, Example, fact_domains, tokenize_task
 from .evaluation import ContinualEvaluator, matrix_metrics, plot_results, stability_metrics

@@ -446,7 +446,9 @@ class ContinualTrainer:
         for s in self.strategies:
             s.before_forward(batch)
         outputs = self.forward(batch, output_hidden_states=self.needs_hidden_states)
-        loss = self.grouped_loss(outputs.logits, batch)
+        loss = next((v for v in (s.task_loss(batch, outputs) for s in self.strategies) if v is not None), None)
+        if loss is None:
+            loss = self.grouped_loss(outputs.logits, batch)
         for s in self.strategies:
             extra = s.extra_loss(batch, outputs)
             if extra is not None:
