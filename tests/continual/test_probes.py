@@ -181,3 +181,18 @@ def test_probe_options_are_validated():
         make_trainer(probes=[CopyingProbe(), CopyingProbe()])
     with pytest.raises(ValueError, match="groups_per_task"):
         scole_stream(num_groups=3, groups_per_task=3)
+
+
+def test_reoccurring_recipe_runs_and_reports_accumulation(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "continual_reoccurring.py"
+    spec = importlib.util.spec_from_file_location("continual_reoccurring", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = ["--methods", "naive", "--groups", "3", "--tasks", "2", "--steps-per-task", "2", "--eval-every", "0"]
+    summary = recipe.main([*args, "--output-dir", str(tmp_path), "--plot", str(tmp_path / "curves.png")])
+    ka = summary["methods"]["naive"]["knowledge_accumulation"]
+    assert len(ka["acc_all"]) == 2 and ka["coverage"] == [2 / 3, 2 / 3]
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "curves.png").stat().st_size > 0
