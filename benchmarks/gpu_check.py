@@ -15,7 +15,7 @@ reference; this script checks what the kernels are used for, on CUDA:
   greedy steps per cache (default: every registered one) at a quarter of the context as budget, Triton vs torch path in the same process, against
   transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU memory and the cache's bytes.
 
-    TRITON_INTERPRET=0 python benchmarks/gpu_check.py --out runs/gpu_check.json            # GPU
+    TRITON_INTERPRET=0 python benchmarks/gpu_check.py                                       # GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json      # CPU smoke test
 
 Random weights: the figures are about speed, memory and agreement between the two paths, not about accuracy.
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--profile-caches", nargs="+", default=["snapkv"], help="caches of the profile section")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu_check.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():  # as tests/conftest.py: no autotune timing
         from triton.runtime.autotuner import Autotuner

@@ -1,4 +1,4 @@
-"""Issue 4: passkey accuracy and memory parts of InfLLM / EM-LLM / full cache by length, prompts fed in chunks.
+"""Passkey accuracy, prefill time and memory parts of InfLLM / EM-LLM / full cache by length, prompts fed in chunks.
 
 ``hf-longmem bench`` feeds each prompt in ONE forward. EM-LLM segments events from the surprise of each execution
 block before the next one (the official code asserts chunked input; ``make_cache('emllm', model)`` sets the
