@@ -63,15 +63,15 @@ import weakref
 
 import torch
 
-from hf_longmem.memory.block_store import bytes_by_location
+from hf_longmem.memory.accounting import OFFLOADED, RESIDENT, MemoryParts, tensor_bytes
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
-from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
+from .base import LongMemCache
+from .infllm import InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -784,11 +784,11 @@ class EMLLMCache(LongMemCache):
         super().reset()
         self._init_surprise_state()
 
-    def memory_parts(self) -> dict[str, tuple[str, int]]:
-        """``{part: (where, bytes)}`` as :meth:`InfLLMCache.memory_parts`, plus ``segmentation`` (surprise history
-        and pending boundary flags, kept in CPU memory: offloaded when the model runs on an accelerator) and
-        ``last_logits`` (the last token's logits, on the compute device)."""
-        parts = InfLLMCache.memory_parts(self)
+    def extra_memory_parts(self) -> MemoryParts:
+        """``segmentation`` (surprise history and pending boundary flags, kept in CPU memory: offloaded when the model
+        runs on an accelerator) and ``last_logits`` (the last token's logits, on the compute device), besides the
+        layers' parts (:meth:`InfLLMLayer.memory_parts`)."""
+        parts: MemoryParts = {}
         device = next((layer.device for layer in self.layers if getattr(layer, "device", None) is not None), None)
         on_accelerator = device is not None and device.type != "cpu"
         for name, tensors in (
@@ -796,15 +796,8 @@ class EMLLMCache(LongMemCache):
             ("last_logits", tuple(self._last_logits)),
         ):
             host = all(t is None or t.device.type == "cpu" for t in tensors)
-            parts[name] = ("offloaded" if host and on_accelerator else "resident", sum(map(_tensor_bytes, tensors)))
+            parts[name] = (OFFLOADED if host and on_accelerator else RESIDENT, tensor_bytes(*tensors))
         return parts
-
-    def memory_breakdown(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
-        return bytes_by_location(self.memory_parts())
-
-    def memory_bytes(self) -> int:
-        return sum(self.memory_breakdown().values())
 
     # -------------------------------------------------------------------------- rows (beams, batch selection)
     def _reindex_rows(self, index: list[int]) -> None:
