@@ -3,17 +3,17 @@
 The kernel tests (``TRITON_INTERPRET=0 pytest tests/kernels`` on a GPU machine) compare each kernel with its torch
 reference; this script checks what the kernels are used for, on CUDA:
 
-* ``parity``: every registered cache generates with the Triton kernels (the default on CUDA) and with the torch path
-  forced (:func:`with_kernel_backend`: per cache instance, nothing global) on a small random Llama in float32,
-  batch 2 with left padding: the greedy tokens must be equal and the logits close. At a budget above the sequence
+* ``parity``: every registered cache generates with the Triton kernels (the default on CUDA) and with the torch
+  path forced (:func:`hf_longmem.kernels.set_kernel_backend`: per cache, nothing global) on a small random Llama in
+  float32, batch 2 with left padding: the greedy tokens must be equal and the logits close. At a budget above the sequence
   each must also give :class:`~transformers.DynamicCache`'s tokens (the "full budget is exact" contract, on the GPU
   path). Options come from the registry (``options_for_budget``) plus the few this check needs
   (:data:`CHECK_OPTIONS`, :data:`FULL_BUDGET_OPTIONS`).
 * ``models``: Titans (MAC/MAG/MAL) and MoM with ``memory_backend``/``kernel_backend`` ``"triton"`` vs ``"torch"``:
   logits and the gradients of one training step.
 * ``speed``: a random model of Llama-3.2-1B's shape in bfloat16, a ``--context``-token prompt and ``--new-tokens``
-  greedy steps per cache (default: every registered one) at a quarter of the context as budget, Triton vs torch path in the same process, against
-  transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU memory and the cache's bytes.
+  greedy steps per cache (default: every registered one) at a quarter of the context as budget, Triton vs torch
+  path in the same process, against transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU memory and the cache's bytes.
 
     TRITON_INTERPRET=0 python benchmarks/gpu_check.py                                       # GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json      # CPU smoke test
@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Stoppi
 
 import hf_longmem
 from hf_longmem.cache_classes.base import cache_memory_bytes
-from hf_longmem.kernels import triton_available
+from hf_longmem.kernels import set_kernel_backend, triton_available
 
 #: Reference of the speed section: transformers' own cache (hf_longmem's ``full`` is the same, so it is left out).
 DYNAMIC = "dynamic"
@@ -48,22 +48,6 @@ DYNAMIC = "dynamic"
 def speed_caches() -> list[str]:
     """The speed section's default: ``dynamic`` and every registered compressing cache (registry order)."""
     return [DYNAMIC, *(name for name in hf_longmem.available_caches() if name != "full")]
-
-
-def with_kernel_backend(cache, backend: str | None):
-    """Sets the kernels of this cache's layers to ``backend`` ("torch", "triton" or None = Triton on CUDA).
-
-    Per instance, so nothing global changes: ``kernel_backend`` is a class default (``None``) that a layer's own
-    attribute overrides. A layer that already set its own (compressed sliding-window layers force ``"torch"``: the
-    kernels apply no window) keeps it. Layers must exist (``make_cache`` with a model lays them out).
-    """
-    layers = list(getattr(cache, "layers", ()))
-    if getattr(cache, "layer_class_to_replicate", None) is not None and not layers:
-        raise ValueError(f"{type(cache).__name__} creates its layers on first use: build it from the model")
-    for layer in layers:
-        if hasattr(layer, "kernel_backend") and "kernel_backend" not in vars(layer):
-            layer.kernel_backend = backend
-    return cache
 
 
 def _window(budget: int) -> int:
@@ -186,9 +170,9 @@ def parity(device, smoke: bool, emit) -> None:
             else:
                 ids, mask, dense = full_ids, full_mask, (dense_tokens, dense_logits)
             with torch.no_grad():
-                cache = with_kernel_backend(hf_longmem.make_cache(name, model, **options), "torch")
+                cache = set_kernel_backend(hf_longmem.make_cache(name, model, **options), "torch")
                 ref_tokens, ref_logits = greedy(model, ids, cache, new, mask)
-                cache = with_kernel_backend(hf_longmem.make_cache(name, model, **options), "triton")  # CPU: interpreter
+                cache = set_kernel_backend(hf_longmem.make_cache(name, model, **options), "triton")  # CPU: interpreter
                 tokens, logits = greedy(model, ids, cache, new, mask)
             row.update(
                 tokens_equal=bool(torch.equal(tokens, ref_tokens)),
@@ -357,7 +341,7 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
                     options = cache_options(name, budget, model)
 
                     def make(name=name, options=options, backend=backend):
-                        return with_kernel_backend(hf_longmem.make_cache(name, model, **options), backend)
+                        return set_kernel_backend(hf_longmem.make_cache(name, model, **options), backend)
 
                 with torch.no_grad():
                     timed_generate(model, ids, make, new_tokens, device)  # warm-up: compiles, grows the allocator
@@ -405,7 +389,7 @@ def profile(device, smoke: bool, context: int, caches: list[str], emit) -> None:
                 options = cache_options(name, context // 4, model)
                 with torch.no_grad():
                     for _ in range(2):  # second pass: warm
-                        cache = with_kernel_backend(hf_longmem.make_cache(name, model, **options), backend)
+                        cache = set_kernel_backend(hf_longmem.make_cache(name, model, **options), backend)
                         out = model(ids, cache=cache)
                         token = out.logits[:, -1:].argmax(-1)
                         _sync(device)
