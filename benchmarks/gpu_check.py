@@ -89,18 +89,16 @@ def _head_dim(model) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def cache_options(name: str, budget: int, model, extra: dict | None = None) -> dict[str, Any]:
+def cache_options(name: str, budget: int, model) -> dict[str, Any]:
     """Options of cache ``name`` attending to about ``budget`` tokens per step: the registry's
-    ``options_for_budget``, then :data:`GENERIC_OPTIONS` the method takes, then ``extra`` (default
-    :data:`CHECK_OPTIONS`)."""
+    ``options_for_budget``, then the :data:`GENERIC_OPTIONS` the method takes, then its :data:`CHECK_OPTIONS`."""
     from hf_longmem.evals.runner import cache_accepts
 
     options = dict(hf_longmem.get_cache_spec(name).options_for_budget(budget))
     if options:  # a method with a budget
         options.update({k: fn(budget, model) for k, fn in GENERIC_OPTIONS.items() if cache_accepts(name, k)})
-    table = CHECK_OPTIONS if extra is None else extra
-    if name in table:
-        options.update(table[name](budget, model))
+    if name in CHECK_OPTIONS:
+        options.update(CHECK_OPTIONS[name](budget, model))
     return options
 
 
