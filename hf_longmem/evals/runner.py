@@ -571,7 +571,8 @@ def run_benchmark(
             finished rows when the run is interrupted (Ctrl-C).
 
     Returns:
-        One row per (task, length, cache) in that nesting order, with the keys of :data:`~hf_longmem.evals.schema.ROW_KEYS` (see
+        One row per (task, length, cache) in that nesting order, with the keys of
+        :data:`~hf_longmem.evals.schema.ROW_KEYS` (the fields: :data:`~hf_longmem.evals.schema.ROW_FIELDS`; see
         :func:`aggregate_records`).
     """
     if not lengths:
