@@ -4,16 +4,17 @@ The kernel tests (``TRITON_INTERPRET=0 pytest tests/kernels`` on a GPU machine) 
 reference; this script checks what the kernels are used for, on CUDA:
 
 * ``parity``: every registered cache generates with the Triton kernels (the default on CUDA) and with the torch
-  path forced (:func:`hf_longmem.kernels.set_kernel_backend`: per cache, nothing global) on a small random Llama in
-  float32, batch 2 with left padding: the greedy tokens must be equal and the logits close. At a budget above the sequence
-  each must also give :class:`~transformers.DynamicCache`'s tokens (the "full budget is exact" contract, on the GPU
-  path). Options come from the registry (``options_for_budget``) plus the few this check needs
-  (:data:`CHECK_OPTIONS`, :data:`FULL_BUDGET_OPTIONS`).
+  path forced (:func:`hf_longmem.kernels.set_kernel_backend`: per cache, nothing global) on a small random Llama
+  in float32, batch 2 with left padding: the greedy tokens must be equal and the logits close. At a budget above
+  the sequence each must also give :class:`~transformers.DynamicCache`'s tokens (the "full budget is exact"
+  contract, on the GPU path). Options come from the registry (``options_for_budget``) plus the few this check
+  needs (:data:`CHECK_OPTIONS`, :data:`FULL_BUDGET_OPTIONS`).
 * ``models``: Titans (MAC/MAG/MAL) and MoM with ``memory_backend``/``kernel_backend`` ``"triton"`` vs ``"torch"``:
   logits and the gradients of one training step.
 * ``speed``: a random model of Llama-3.2-1B's shape in bfloat16, a ``--context``-token prompt and ``--new-tokens``
   greedy steps per cache (default: every registered one) at a quarter of the context as budget, Triton vs torch
-  path in the same process, against transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU memory and the cache's bytes.
+  path in the same process, against transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU
+  memory and the cache's bytes.
 
     TRITON_INTERPRET=0 python benchmarks/gpu_check.py                                       # GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json      # CPU smoke test
