@@ -541,6 +541,13 @@ class LongMemCache(CacheMemoryReport, Cache):
     #: keeps transformers' layers.
     compresses_sliding_layers: bool | None = None
 
+    @property
+    def generate_kwargs(self) -> dict:
+        """Arguments ``generate`` needs with this cache: ``model.generate(ids, cache=cache, **cache.generate_kwargs)``
+        (none for most methods; EM-LLM's prefill in execution blocks). A cache never changes the model's
+        ``generation_config`` itself."""
+        return {}
+
     def __init__(self, layer_factory: Callable[[int], CacheLayerMixin], config=None):
         if config is None:
             super().__init__(layer_class_to_replicate=_CountingFactory(layer_factory))
