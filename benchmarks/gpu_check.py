@@ -140,6 +140,7 @@ def greedy(model, ids, cache, new_tokens, mask=None):
         pad_token_id=0,
         output_logits=True,
         return_dict_in_generate=True,
+        **getattr(cache, "generate_kwargs", {}),  # EM-LLM: prompts fed in execution blocks
     )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits).float()
 
@@ -297,6 +298,7 @@ def timed_generate(model, ids, make_cache, new_tokens, device) -> tuple[float, l
         do_sample=False,
         pad_token_id=0,
         stopping_criteria=StoppingCriteriaList([clock]),
+        **getattr(cache, "generate_kwargs", {}),  # EM-LLM: prompts fed in execution blocks
     )
     steps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
     return clock.times[0] - start, steps, cache
