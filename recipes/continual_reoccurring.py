@@ -20,16 +20,18 @@ from accelerate import Accelerator
 
 from hf_longmem.continual import (
     ContinualTrainer,
+    LogProbProbe,
     RecallProbe,
     RecognitionProbe,
     TrainerConfig,
     build_strategy,
+    fit_forgetting_curve,
     knowledge_accumulation,
     probe_series,
     scole_stream,
 )
 from hf_longmem.continual.evaluation import write_json_atomic
-from hf_longmem.continual.probes import fact_foils
+from hf_longmem.continual.probes import fact_foils, occurrence_forgetting
 from hf_longmem.default_model import load_default_model
 
 LORA = {
@@ -62,6 +64,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         RecallProbe("pool", stream.pool),
         RecognitionProbe("recognition", stream.pool, fact_foils(stream.pool, seed=args.seed)),
         RecallProbe("first_task", first),
+        LogProbProbe("pool_logprob", stream.pool),
     ]
     config = TrainerConfig(
         steps_per_task=args.steps_per_task,
@@ -86,6 +89,10 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     seconds = time.time() - start
     ka = knowledge_accumulation(stream, results, probe="pool")
     retention = probe_series(results["history"], "first_task", "exact_match", after=results["task_end_steps"][0])
+    # forgetting between a group's first occurrence and its next one, pooled over the groups, with the fitted laws
+    by_group = occurrence_forgetting(stream, results)
+    points = sorted(p for g in by_group.values() for p in g["retainability"])
+    fit = fit_forgetting_curve(*zip(*points)) if len(points) >= 3 else None
     return {
         "seconds": round(seconds, 1),
         "task_groups": stream.task_groups,
@@ -93,6 +100,13 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         "knowledge_accumulation": ka,
         "recognition": probe_series(results["history"], "recognition", "accuracy"),
         "first_task_retention": retention,
+        "forgetting_between_occurrences": {
+            "groups": {
+                g: {k: m[k] for k in ("first_task", "next_task", "effectivity", "fit")} for g, m in by_group.items()
+            },
+            "points": points,
+            "fit": fit,
+        },
         "acc": results["metrics"]["acc"],
         "forgetting": results["metrics"].get("forgetting"),
     }
@@ -103,8 +117,9 @@ def plot(summary: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(15, 3.6))
     coverage = None
     for name, res in summary["methods"].items():
         ka = res["knowledge_accumulation"]
@@ -115,6 +130,14 @@ def plot(summary: dict, path: Path) -> None:
         coverage = (tasks, ka["seen"])
         steps, values = res["first_task_retention"]
         right.plot(steps, values, color=line.get_color(), label=name)
+        forgetting = res["forgetting_between_occurrences"]
+        if forgetting["fit"]:
+            t, r = zip(*forgetting["points"])
+            third.scatter(t, r, s=6, alpha=0.4, color=line.get_color())
+            law = forgetting["fit"]["log"]
+            grid = np.geomspace(min(t), max(t), 50)
+            label = f"{name}: R = {law['b']:.2f} - {law['a']:.2f} log10 t"
+            third.plot(grid, law["b"] - law["a"] * np.log10(grid), color=line.get_color(), label=label)
     if coverage:
         left.plot(*coverage, color="gray", ls="--", lw=0.8, label="pool share seen so far")
     left.set_xlabel("task")
@@ -128,6 +151,11 @@ def plot(summary: dict, path: Path) -> None:
     right.set_title("retention of the first task's facts (recall)", fontsize=9)
     right.set_ylim(-0.02, 1.02)
     right.legend(fontsize=7)
+    third.set_xscale("log")
+    third.set_xlabel("steps t after the acquisition maximum (until the group re-occurs)")
+    third.set_ylabel("retainability R(t)")
+    third.set_title("forgetting of injected facts (Chang et al. 2024 fit)", fontsize=9)
+    third.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

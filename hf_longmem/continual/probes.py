@@ -71,6 +71,7 @@ __all__ = [
     "fit_forgetting_curve",
     "injection_metrics",
     "knowledge_accumulation",
+    "occurrence_forgetting",
     "probe_series",
     "repeated_data_task",
     "scole_stream",
@@ -654,4 +655,40 @@ def knowledge_accumulation(
     out["accumulation"] = out["acc_all"][-1] - out["coverage"][-1]
     k = len(out["acc_all"])
     out["acc_all_slope"] = float(np.polyfit(np.arange(k), out["acc_all"], 1)[0]) if k > 1 else 0.0
+    return out
+
+
+def occurrence_forgetting(stream: ScoleStream, results: dict[str, Any], probe: str = "pool_logprob") -> dict[int, Any]:
+    """Acquisition and forgetting of each group's facts between its first occurrence and its next one.
+
+    A group first trained in task ``i`` is knowledge injected during task ``i`` (Chang et al.'s injection); until the
+    group re-occurs, the later tasks only interfere. For each group with at least three evaluations in that window
+    after its acquisition maximum, :func:`injection_metrics` of the group's mean target log-probability.
+
+    Args:
+        stream: the stream the run trained on.
+        results: the trainer's results; ``probe`` must be a :class:`LogProbProbe` over ``stream.pool``.
+        probe: that probe's name.
+
+    Returns:
+        ``{group: {"first_task", "next_task" (None if it never re-occurs), **injection_metrics}}``.
+    """
+    ends = results["task_end_steps"]
+    rows = [r for r in results["history"] if probe in r.get("probes", {})]
+    if not rows:
+        raise ValueError(f"no evaluation holds probe {probe!r}")
+    out: dict[int, Any] = {}
+    for g, items in enumerate(stream.groups):
+        tasks = [i for i, groups in enumerate(stream.task_groups[: len(ends)]) if g in groups]
+        if not tasks:
+            continue
+        first = tasks[0]
+        nxt = tasks[1] if len(tasks) > 1 else None
+        start = ends[first - 1] if first > 0 else 0
+        stop = ends[nxt - 1] if nxt is not None else ends[-1]
+        steps = [r["step"] for r in rows if r["step"] <= stop]
+        values = [sum(r["probes"][probe]["logprobs"][j] for j in items) / len(items) for r in rows if r["step"] <= stop]
+        metrics = injection_metrics(steps, values, start, ends[first])
+        if metrics["fit"] is not None:
+            out[g] = {"first_task": first, "next_task": nxt, **metrics}
     return out

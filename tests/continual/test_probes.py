@@ -196,3 +196,22 @@ def test_reoccurring_recipe_runs_and_reports_accumulation(tmp_path):
     ka = summary["methods"]["naive"]["knowledge_accumulation"]
     assert len(ka["acc_all"]) == 2 and ka["coverage"] == [2 / 3, 2 / 3]
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_occurrence_forgetting_windows_each_group_until_it_reoccurs():
+    from hf_longmem.continual.probes import ContinualTask, ScoleStream, occurrence_forgetting
+
+    pool = [Example(f"The special magic number for {k} is", "12") for k in ("apple", "river", "stone")]
+    tasks = [ContinualTask(f"t{i}", [pool[g]]) for i, g in enumerate([0, 1, 2, 0])]
+    stream = ScoleStream(tasks, pool, [[0], [1], [2]], [[0], [1], [2], [0]])
+    group0 = [-10, -6, -4, -5, -6, -7, -7.5, -1, -1]  # learned in task 0 (steps 0-10), re-occurs in task 3 (after 30)
+    group1 = [-9, -9, -9, -8, -3, -4, -5, -6, -6.5]  # learned in task 1 (steps 10-20), never re-occurs
+    steps = list(range(0, 45, 5))
+    history = [
+        {"step": s, "probes": {"pool_logprob": {"logprobs": [a, b, -9.0]}}} for s, a, b in zip(steps, group0, group1)
+    ]
+    out = occurrence_forgetting(stream, {"history": history, "task_end_steps": [10, 20, 30, 40]})
+    assert out[0]["next_task"] == 3 and out[0]["retainability"] == [(5, 5 / 6), (10, 4 / 6), (15, 3 / 6), (20, 2.5 / 6)]
+    assert out[0] == {"first_task": 0, "next_task": 3, **injection_metrics(steps[:7], group0[:7], 0, 10)}
+    assert out[1]["next_task"] is None and out[1]["t_lam"] == 20 and out[1]["effectivity"] == 6.0
+    assert 2 not in out  # never learned: no positive effectivity
