@@ -396,7 +396,8 @@ def fit_forgetting_curve(t: Sequence[float], retention: Sequence[float]) -> dict
         ``{"log": {"a", "b", "r2", "rmse", "t_zero"}, "exponential": {"A", "k", "rmse"}, "power": {"A", "alpha",
         "rmse"}, "best": name}``: ``R = b - a log10(t)`` (Chang et al.'s fit; ``a`` the decay constant, ``t_zero =
         10^(b/a)`` the step where the acquired improvement is gone), ``R = A exp(-k t)`` and ``R = A t^(-alpha)``
-        (both fitted in log space on the points with ``R > 0``; ``None`` with fewer than two such points). ``best``
+        (both fitted in log space on the points with ``R > 0``; ``None`` with fewer than two such points); ``t_zero``
+        is ``None`` when the fit shows no forgetting (``a <= 0``) or puts it beyond ``1e300`` steps. ``best``
         has the smallest RMSE in ``R`` over all points.
     """
     t_arr, r_arr = np.asarray(t, dtype=np.float64), np.asarray(retention, dtype=np.float64)
@@ -418,7 +419,7 @@ def fit_forgetting_curve(t: Sequence[float], retention: Sequence[float]) -> dict
             "b": b,
             "r2": r2,
             "rmse": rmse(b - a * np.log10(t_arr)),
-            "t_zero": float(10 ** (b / a)) if a > 0 else None,
+            "t_zero": float(10 ** (b / a)) if a > 0 and b / a < 300 else None,
         }
     }
     positive = r_arr > 0
