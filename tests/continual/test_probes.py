@@ -215,3 +215,16 @@ def test_occurrence_forgetting_windows_each_group_until_it_reoccurs():
     assert out[0] == {"first_task": 0, "next_task": 3, **injection_metrics(steps[:7], group0[:7], 0, 10)}
     assert out[1]["next_task"] is None and out[1]["t_lam"] == 20 and out[1]["effectivity"] == 6.0
     assert 2 not in out  # never learned: no positive effectivity
+
+
+def test_probe_results_survive_a_killed_and_resumed_run(tmp_path):
+    def trainer(out):
+        facts = [e for task in fact_domains(3, 4, num_digits=2) for e in task.examples]
+        probes = [RecallProbe("recall", facts), RecognitionProbe("recognition", facts, fact_foils(facts))]
+        return make_trainer(tmp_path=out, probes=probes, checkpoint_every=2, keep_checkpoints=1, plot=False)
+
+    full = trainer(tmp_path / "a").train()
+    assert trainer(tmp_path / "b").train(stop_after_steps=5) is None
+    resumed = trainer(tmp_path / "b").train(resume_from="latest")
+    assert resumed["history"] == full["history"]
+    assert all("recall" in row["probes"] and "recognition" in row["probes"] for row in full["history"])
