@@ -18,11 +18,11 @@ Option values may be callables of the model (``lambda model: ...``), resolved wh
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.helpers.coverage import Exempt, declarations, import_test_modules
 
 #: Token budget of the contract's full-budget tests: holds every token (prompts <= 40, + 12 generated).
 FULL = 64
@@ -94,18 +94,6 @@ class CacheCase:
         return {**budget, **self.options, **small}
 
 
-@dataclass(frozen=True)
-class Exempt:
-    """A registered method the shared contract cannot apply to, and why."""
-
-    name: str
-    reason: str
-
-    def __post_init__(self):
-        if not self.reason.strip():
-            raise ValueError(f"Exempt({self.name!r}) needs a reason")
-
-
 def registry_options(name: str, budget: int) -> dict[str, Any]:
     from hf_longmem import get_cache_spec
 
@@ -117,14 +105,6 @@ def resolve(options: dict[str, Any], model) -> dict[str, Any]:
     return {key: value(model) if callable(value) else value for key, value in options.items()}
 
 
-def _declarations(module) -> list:
-    found = []
-    for value in vars(module).values():
-        values = value if isinstance(value, (list, tuple)) else (value,)
-        found.extend(v for v in values if isinstance(v, (CacheCase, Exempt)))
-    return found
-
-
 @functools.cache
 def declared_cases() -> tuple[dict[str, CacheCase], dict[str, Exempt]]:
     """``({label: CacheCase}, {name: Exempt})`` from every test module of ``tests/cache_classes``."""
@@ -132,16 +112,12 @@ def declared_cases() -> tuple[dict[str, CacheCase], dict[str, Exempt]]:
 
     cases: dict[str, CacheCase] = {}
     exempt: dict[str, Exempt] = {}
-    for info in sorted(pkgutil.iter_modules(cache_classes.__path__), key=lambda i: i.name):
-        if not info.name.startswith("test_") or info.name in SHARED_SUITES:
-            continue
-        module = importlib.import_module(f"{cache_classes.__name__}.{info.name}")
-        for item in _declarations(module):
-            target = cases if isinstance(item, CacheCase) else exempt
-            key = item.id if isinstance(item, CacheCase) else item.name
-            if key in target:
-                raise ValueError(f"{key!r} is declared twice (again in {module.__name__})")
-            target[key] = item
+    for item, module in declarations(import_test_modules(cache_classes, skip=SHARED_SUITES), (CacheCase, Exempt)):
+        target = cases if isinstance(item, CacheCase) else exempt
+        key = item.id if isinstance(item, CacheCase) else item.name
+        if key in target:
+            raise ValueError(f"{key!r} is declared twice (again in {module})")
+        target[key] = item
     return cases, exempt
 
 
