@@ -1,4 +1,8 @@
-"""The cache contract of DESIGN.md, checked on every shipped compressing cache (full budget, padding, beams...)."""
+"""The cache contract of DESIGN.md, checked on every registered cache (full budget, padding, beams...).
+
+The methods come from the registry (``available_caches``), each as its own test module declares it
+(:class:`tests.helpers.cache_cases.CacheCase`); :func:`test_every_registered_cache_is_covered` fails for a
+registered method with neither a case nor an ``Exempt``."""
 
 from __future__ import annotations
 
@@ -61,8 +65,10 @@ def test_every_registered_cache_is_covered():
     assert not missing, (
         f"registered cache(s) {missing} are not covered by the shared cache suites: declare "
         "`CASE = CacheCase(name, ...)` (tests/helpers/cache_cases.py) in the method's test module "
-        "tests/cache_classes/test_<module>.py, or `Exempt(name, reason=...)` if the contract cannot apply"
+        "tests/cache_classes/test_<module>.py, or `Exempt(name, reason=...)` (tests/helpers/coverage.py) if the "
+        "contract cannot apply"
     )
+    assert all(callable(globals().get(name)) for name in CONTRACT_TESTS)
     cases, _ = declared_cases()
     for case in cases.values():
         unknown = set(case.skip) - CONTRACT_TESTS
