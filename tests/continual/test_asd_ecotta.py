@@ -11,8 +11,16 @@ from hf_longmem.continual.data import collate, epoch_rows
 from hf_longmem.continual.regularizers import EcoTTA
 from hf_longmem.evals.tasks import vocabulary_texts
 from hf_longmem.evals.vocab import build_tokenizer
+from tests.helpers.coverage import Exempt
 
 from .util import TINY_MODEL, make_trainer, tiny_lora, tiny_tasks
+
+EXEMPT = Exempt(
+    "asd",
+    reason="its answer-style templates (yes, no, Options, ...) are outside the shared suite's closed tiny tokenizer, "
+    "so it refuses to start there; test_asd_strategy_rewrites_training_data_only_and_needs_a_covering_tokenizer "
+    "trains it with a tokenizer that covers them (it has no state to round-trip)",
+)
 
 
 def _style(example: Example) -> str:
