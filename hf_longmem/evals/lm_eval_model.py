@@ -1,8 +1,8 @@
 """lm-evaluation-harness model ``hf_longmem``: lm-eval's ``HFLM`` with a compressed KV cache on every path.
 
     pip install "hf-longmem[lm-eval]"
-    python -m hf_longmem.evals.lm_eval_model run --model hf_longmem \\
-        --model_args pretrained=PATH,cache=snapkv,budget=512,device=cpu --tasks hellaswag
+    python -m hf_longmem.evals.lm_eval_cli run --model hf_longmem \\
+        --model_args pretrained=PATH,cache=snapkv,budget=512 --device cpu --tasks hellaswag
 
 lm-eval's own ``HFLM`` scores a multiple-choice answer with **one full forward** over context + continuation, so a
 compressed cache never touches the log-likelihood tasks ("the KV cache size changed but accuracy did not"). This
@@ -23,7 +23,7 @@ when the model is built, before any request runs.
 
 Registration: the class is registered with ``lm_eval.api.registry.register_model("hf_longmem")`` when this module is
 imported, the way lm-eval documents external models. lm-eval 0.4.13's ``lm_eval`` command only knows its built-in
-model table (it has no plugin discovery), so run it through ``python -m hf_longmem.evals.lm_eval_model`` (the same
+model table (it has no plugin discovery), so run it through ``python -m hf_longmem.evals.lm_eval_cli`` (the same
 command line, with this model registered) or from Python: ``import hf_longmem.evals.lm_eval_model`` then
 ``lm_eval.simple_evaluate(model="hf_longmem", model_args=...)``.
 
@@ -34,7 +34,6 @@ compressed cache); the context is truncated from the left to ``max_length`` like
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Any
 
 import torch
@@ -50,7 +49,7 @@ from tqdm.auto import tqdm
 
 from hf_longmem.registry import get_cache_spec, make_cache
 
-__all__ = ["LongMemLM", "main"]
+__all__ = ["LongMemLM"]
 
 _PREFIX = "cache_"
 
@@ -133,16 +132,3 @@ class LongMemLM(HFLM):
         cache = self.new_cache()
         extra = dict(getattr(cache, "generate_kwargs", None) or {})
         return super()._model_generate(context, max_length, stop, cache=cache, **extra, **generation_kwargs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``hf_longmem`` model registered (``python -m hf_longmem.evals.lm_eval_model``)."""
-    from lm_eval.__main__ import cli_evaluate
-
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

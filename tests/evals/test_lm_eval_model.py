@@ -23,9 +23,9 @@ def _docs(num: int = 4):
     _, tokenizer = load_default_model()
     rng = random.Random(0)
     docs = []
-    for sample in passkey(tokenizer, 160, num, seed=1, num_digits=3):
+    for sample in passkey(tokenizer, 160, num, seed=1, num_digits=5):
         answer = sample.turns[0].answers[0]
-        wrong = [str(rng.randrange(100, 1000)) for _ in range(3)]
+        wrong = [str(rng.randrange(10000, 100000)) for _ in range(3)]
         docs.append(
             {
                 "text": sample.context + sample.turns[0].query,
@@ -47,7 +47,7 @@ def _write_tasks(tmp_path):
     )
     (tmp_path / "gen.yaml").write_text(
         "task: hfl_passkey_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{text}}'\n"
-        "doc_to_target: ' {{answer}}'\ngeneration_kwargs:\n  until: ['.']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "doc_to_target: ' {{answer}}'\ngeneration_kwargs:\n  until: ['.']\n  max_gen_toks: 5\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n"
     )
     return TaskManager(include_path=str(tmp_path))
@@ -103,6 +103,7 @@ def test_local_task_end_to_end_through_the_compressed_cache(tmp_path, monkeypatc
     )
     assert set(out["results"]) == {"hfl_passkey_mc", "hfl_passkey_gen"}
     assert 0.0 <= out["results"]["hfl_passkey_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= out["results"]["hfl_passkey_gen"]["exact_match,none"] <= 1.0
     used = [c for c in caches[1:] if c.get_seq_length() > 0]  # caches[0]: the validation cache built at init
     assert len(used) == 4 + 4  # one per multiple-choice context (choices share it) + one per generation
     for cache in used:
@@ -110,3 +111,11 @@ def test_local_task_end_to_end_through_the_compressed_cache(tmp_path, monkeypatc
         assert layer.keys.shape[-2] <= 32 + 8 < cache.get_seq_length()  # compressed: stored < seen
     with pytest.raises(ValueError, match="unknown cache"):
         LongMemLM(pretrained=str(DEFAULT_MODEL_PATH), device="cpu", cache="nope")
+
+
+def test_the_cli_entry_point_registers_the_model():
+    from lm_eval.api.registry import get_model
+
+    from hf_longmem.evals import lm_eval_cli
+
+    assert get_model("hf_longmem") is LongMemLM and callable(lm_eval_cli.main)
