@@ -1,0 +1,126 @@
+"""Static layouts (``static=True``): the decode step compiles with ``fullgraph=True`` and equals the dynamic layout.
+
+Compiled runs use ``backend="aot_eager"`` (the whole dynamo + AOT-autograd trace, no C++ codegen), which keeps the
+file fast on a busy 2-core machine; one test runs inductor (its first compile takes 25-60 s there).
+
+Tolerances: the static layout attends to the same tokens in ring order instead of position order, so only the order
+of the float32 softmax sums differs: logits within 1e-4 (values of order 1-10, float32 eps 1.2e-7 per addition).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.configuration_utils import CompileConfig
+
+from hf_longmem import StreamingCache, make_cache
+from tests.helpers.reference import greedy
+from tests.helpers.tiny_models import random_ids, tiny_model
+
+PROMPT, PADS, NEW = 24, 5, 8
+
+#: (method, options of both layouts, options of the static one)
+CASES = {
+    "streaming": ("streaming", dict(budget=10, sink_size=2), dict(static=True)),
+    "streaming_shift": ("streaming", dict(budget=10, sink_size=2, position_mode="shift"), dict(static=True)),
+    "h2o": ("h2o", dict(budget=10), dict(static=True)),
+    "snapkv": ("snapkv", dict(budget=12, window_size=4), dict(static=True, max_new_tokens=NEW)),
+    "pyramidkv": ("pyramidkv", dict(budget=12, window_size=4), dict(static=True, max_new_tokens=NEW)),
+}
+
+
+def _padded_batch():
+    ids = random_ids(2, PROMPT)
+    mask = torch.ones_like(ids)
+    ids[1, :PADS], mask[1, :PADS] = 0, 0  # left padding: row 1 has PROMPT - PADS real tokens
+    return ids, mask
+
+
+def _compile_config(backend: str = "aot_eager") -> CompileConfig:
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # generate compiles on CUDA only unless asked
+    return config
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_generate_equals_the_dynamic_layout(case):
+    """A padded batch: same greedy tokens, logits within float tolerance, one graph for every decode step."""
+    name, options, static = CASES[case]
+    model = tiny_model("llama_gqa")
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW)
+    ref_seq, ref_logits = greedy(model, ids, make_cache(name, model, **options), **kwargs)
+    cache = make_cache(name, model, **options, **static)
+    assert cache.is_compileable and not make_cache(name, model, **options).is_compileable
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    seq, logits = greedy(model, ids, cache, compile_config=_compile_config(), **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation from step to step
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["streaming", "h2o"])
+def test_static_layout_evicts_what_the_dynamic_layout_evicts(case):
+    """Eager, past many evictions: the set of (row, head, position) kept equals the dynamic layout's, plus the
+    slot the next step overwrites."""
+    name, options, static = CASES[case]
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=12)
+    dynamic, frozen = make_cache(name, model, **options), make_cache(name, model, **options, **static)
+    greedy(model, ids, dynamic, **kwargs)
+    greedy(model, ids, frozen, **kwargs)
+    want, got = dynamic.layers[0].positions, frozen.layers[0].positions
+    for row in range(2):
+        for head in range(want.shape[1]):
+            kept = {p for p in want[row, head].tolist() if p >= 0}
+            held = {p for p in got[row, head].tolist() if p >= 0}
+            assert kept <= held and len(held) == len(kept) + 1
+
+
+def test_inductor_decode_equals_eager():
+    """The inductor backend (C++ codegen on CPU): fullgraph decode steps equal the dynamic layout's."""
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    ids = random_ids(1, PROMPT)
+    budget = dict(budget=10, sink_size=2)
+    ref_seq, ref_logits = greedy(model, ids, make_cache("streaming", model, **budget), max_new_tokens=4)
+    cache = make_cache("streaming", model, **budget, static=True)
+    torch._dynamo.reset()
+    seq, logits = greedy(model, ids, cache, max_new_tokens=4, compile_config=_compile_config("inductor"))
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_snapkv_refuses_more_tokens_than_reserved():
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    cache = make_cache("snapkv", model, budget=12, window_size=4, static=True, max_new_tokens=3)
+    with pytest.raises(RuntimeError, match="capacity exceeded"):
+        greedy(model, random_ids(1, PROMPT), cache, max_new_tokens=5)
+
+
+def test_bad_static_options_are_refused():
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        make_cache("snapkv", model, budget=12, window_size=4, static=True)
+    with pytest.raises(ValueError, match="static=True"):
+        make_cache("snapkv", model, budget=12, window_size=4, max_new_tokens=4)
+    with pytest.raises(ValueError, match="static"):
+        make_cache("h2o", model, budget=12, static="yes")
+
+
+def test_multi_token_step_after_prefill_is_refused():
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    cache = make_cache("h2o", model, budget=10, static=True)
+    with torch.no_grad():
+        model(random_ids(1, PROMPT), cache=cache)
+        with pytest.raises(ValueError, match="one token per step"):
+            model(random_ids(1, 2, seed=1), cache=cache)
+
+
+def test_static_layer_without_longmem_attention_is_refused():
+    """A cache built by hand for a model left on SDPA: its slot mask would not apply, so the next step raises."""
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    cache = StreamingCache(budget=10, sink_size=2, config=model.config, static=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hf_longmem attention"):
+        greedy(model, random_ids(1, PROMPT), cache, max_new_tokens=3)
