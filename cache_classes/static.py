@@ -166,7 +166,9 @@ class StaticSlots:
 
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if not self._frozen:
-            output = super().attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            output = super().attend(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
             if not self.freezes_in_update:
                 self.freeze()
             return output
