@@ -23,11 +23,11 @@ import torch
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import pool_scores
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_choice, check_int, check_optional_int
+from hf_longmem.validation import check_int
 
 from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
-from .static import KEEP, StaticSlots, check_static_layers
+from .static import AppendSlots, append_static_options, check_static_layers
 
 POOLINGS = ("avg", "max")
 
@@ -111,32 +111,8 @@ class SnapKVLayer(SlidingWindowScoring, ScoredLayer):
         return self._scores.masked_fill(torch.arange(n, device=keys.device) >= n - window, float("inf"))
 
 
-class StaticSnapKVLayer(StaticSlots, SnapKVLayer):
-    """:class:`SnapKVLayer` with a static layout (``static=True``): the compressed prompt plus ``max_new_tokens``
-    slots, which generated tokens fill in place (nothing is evicted; one more token raises)."""
-
-    freezes_in_update = False  # SnapKV compresses in the attention call
-    evicts = False
-
-    def __init__(self, *args, max_new_tokens: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_new_tokens = max_new_tokens
-
-    def capacity(self, stored: int) -> int:
-        return stored + self.max_new_tokens
-
-    def slot_priority(self, positions: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(positions[:, :1], KEEP, dtype=torch.long)
-
-
-def _static_options(static, max_new_tokens) -> bool:
-    static = check_choice("static", static, (False, True))
-    max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, low=1)
-    if static and max_new_tokens is None:
-        raise ValueError("static=True needs `max_new_tokens` (the slots reserved for generated tokens)")
-    if not static and max_new_tokens is not None:
-        raise ValueError("`max_new_tokens` sizes the static layout: pass static=True with it, or leave it out")
-    return static
+class StaticSnapKVLayer(AppendSlots, SnapKVLayer):
+    """:class:`SnapKVLayer` with a static layout (``static=True``, :class:`~hf_longmem.cache_classes.static.AppendSlots`)."""
 
 
 class SnapKVCache(LongMemCache):
@@ -175,7 +151,7 @@ class SnapKVCache(LongMemCache):
     ):
         _check_snapkv(budget, window_size, kernel_size, pooling)
         self.budget, self.window_size = budget, window_size
-        self.static = _static_options(static, max_new_tokens)
+        self.static = append_static_options(static, max_new_tokens)
 
         def factory(layer_idx: int) -> SnapKVLayer:
             if self.static:
@@ -222,7 +198,7 @@ class PyramidKVCache(LongMemCache):
             )
         num_layers = config.get_text_config(decoder=True).num_hidden_layers
         self.budget, self.window_size, self.beta = budget, window_size, beta
-        self.static = _static_options(static, max_new_tokens)
+        self.static = append_static_options(static, max_new_tokens)
 
         def factory(layer_idx: int) -> SnapKVLayer:
             def layer_budget(prompt_length: int) -> int:

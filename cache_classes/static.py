@@ -25,6 +25,7 @@ import torch
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.validation import check_choice, check_optional_int
 
 #: Priority of a slot that must never be overwritten (a kept sink, a token of a method that never evicts).
 KEEP = torch.iinfo(torch.int64).max
@@ -198,6 +199,36 @@ class StaticSlots:
         super().reset()
         self._frozen = False
         self._static_pending = False
+
+
+class AppendSlots(StaticSlots):
+    """Static layout of a method that compresses the prompt, then appends every generated token (SnapKV, PyramidKV,
+    KVMerger): the compressed prompt plus ``max_new_tokens`` slots, filled in place; nothing is evicted, and
+    generating more than ``max_new_tokens`` raises."""
+
+    freezes_in_update = False  # these methods compress in the attention call
+    evicts = False
+
+    def __init__(self, *args, max_new_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_new_tokens = max_new_tokens
+
+    def capacity(self, stored: int) -> int:
+        return stored + self.max_new_tokens
+
+    def slot_priority(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(positions[:, :1], KEEP, dtype=torch.long)
+
+
+def append_static_options(static, max_new_tokens) -> bool:
+    """Validates ``static`` / ``max_new_tokens`` of an :class:`AppendSlots` method; returns ``static``."""
+    static = check_choice("static", static, (False, True))
+    max_new_tokens = check_optional_int("max_new_tokens", max_new_tokens, low=1)
+    if static and max_new_tokens is None:
+        raise ValueError("static=True needs `max_new_tokens` (the slots reserved for generated tokens)")
+    if not static and max_new_tokens is not None:
+        raise ValueError("`max_new_tokens` sizes the static layout: pass static=True with it, or leave it out")
+    return static
 
 
 def check_static_layers(cache, static: bool) -> None:

@@ -27,6 +27,7 @@ CASES = {
     "h2o": ("h2o", dict(budget=10), dict(static=True)),
     "snapkv": ("snapkv", dict(budget=12, window_size=4), dict(static=True, max_new_tokens=NEW)),
     "pyramidkv": ("pyramidkv", dict(budget=12, window_size=4), dict(static=True, max_new_tokens=NEW)),
+    "kvmerger": ("kvmerger", dict(budget=12, window_size=4, sim_threshold=0.2), dict(static=True, max_new_tokens=NEW)),
 }
 
 
