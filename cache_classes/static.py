@@ -231,12 +231,12 @@ def append_static_options(static, max_new_tokens) -> bool:
     return static
 
 
-def check_static_layers(cache, static: bool) -> None:
+def check_static_layers(cache, static: bool, layer_cls: type = StaticSlots) -> None:
     """Raises ``ValueError`` when ``static=True`` but some layer of ``cache`` is not a static one (a hybrid model's
     sliding-window layers stay transformers' dynamic layers)."""
     if not static:
         return
-    others = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, StaticSlots)})
+    others = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, layer_cls)})
     if others:
         raise ValueError(
             f"static=True needs every attention layer to be a static hf_longmem layer; this model keeps {others} "

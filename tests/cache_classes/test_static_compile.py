@@ -27,6 +27,11 @@ CASES = {
     "h2o": ("h2o", dict(budget=10), dict(static=True)),
     "snapkv": ("snapkv", dict(budget=12, window_size=4), dict(static=True, max_new_tokens=NEW)),
     "pyramidkv": ("pyramidkv", dict(budget=12, window_size=4), dict(static=True, max_new_tokens=NEW)),
+    "duo_attention": (
+        "duo_attention",
+        dict(head_pattern=torch.tensor([[True, False], [False, True]]), sink_size=2, recent_size=6),
+        dict(static=True, max_new_tokens=NEW),
+    ),
     "kvmerger": ("kvmerger", dict(budget=12, window_size=4, sim_threshold=0.2), dict(static=True, max_new_tokens=NEW)),
 }
 
@@ -44,11 +49,14 @@ def _compile_config(backend: str = "aot_eager") -> CompileConfig:
     return config
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_compiled_generate_equals_the_dynamic_layout(case):
-    """A padded batch: same greedy tokens, logits within float tolerance, one graph for every decode step."""
+@pytest.mark.parametrize(
+    "case, attn_impl", [(case, "sdpa") for case in sorted(CASES)] + [("h2o", "eager"), ("duo_attention", "eager")]
+)
+def test_compiled_generate_equals_the_dynamic_layout(case, attn_impl):
+    """A padded batch: same greedy tokens, logits within float tolerance, one graph for every decode step (eager
+    attention: the additive slot mask)."""
     name, options, static = CASES[case]
-    model = tiny_model("llama_gqa")
+    model = tiny_model("llama_gqa", attn_impl)
     ids, mask = _padded_batch()
     kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW)
     ref_seq, ref_logits = greedy(model, ids, make_cache(name, model, **options), **kwargs)
