@@ -32,6 +32,7 @@ CASES = {
         dict(head_pattern=torch.tensor([[True, False], [False, True]]), sink_size=2, recent_size=6),
         dict(static=True, max_new_tokens=NEW),
     ),
+    "think": ("think", dict(budget=12, window_size=4, key_channel_ratio=0.5), dict(static=True, max_new_tokens=NEW)),
     "kvmerger": ("kvmerger", dict(budget=12, window_size=4, sim_threshold=0.2), dict(static=True, max_new_tokens=NEW)),
 }
 
@@ -142,6 +143,9 @@ def test_bad_static_options_are_refused():
         make_cache("snapkv", model, budget=12, window_size=4, max_new_tokens=4)
     with pytest.raises(ValueError, match="static"):
         make_cache("h2o", model, budget=12, static="yes")
+    base = make_cache("snapkv", model, budget=12, window_size=4, static=True, max_new_tokens=4)
+    with pytest.raises(ValueError, match="dynamic layout"):
+        make_cache("think", model, base=base, static=True, max_new_tokens=4)
 
 
 def test_multi_token_step_after_prefill_is_refused():
