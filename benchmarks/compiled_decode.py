@@ -10,8 +10,9 @@ over the dynamic layout's eager step (eager / compiled).
     python benchmarks/compiled_decode.py                       # streaming, h2o, snapkv; 1k prompt, budget 256
     python benchmarks/compiled_decode.py --methods streaming --backend aot_eager --out results.json
 
-Static SnapKV attends over its whole capacity (compressed prompt + ``max_new_tokens`` slots, the unused ones
-masked), the dynamic one over what it holds; ``max_new_tokens`` here is what the run decodes.
+The methods that append generated tokens (SnapKV, PyramidKV, KVMerger, ThinK's tail, DuoAttention's retrieval
+heads) attend over their whole static capacity (compressed prompt + ``max_new_tokens`` slots, the unused ones
+masked), the dynamic layout over what it holds; ``max_new_tokens`` here is what the run decodes.
 """
 
 from __future__ import annotations
@@ -31,13 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_longmem import make_cache  # noqa: E402
 
-#: method -> options of both layouts
+#: method -> options of both layouts, from the arguments (DuoAttention: half of the KV heads of every layer stream
+#: ``budget`` tokens, the others keep everything)
 METHODS = {
-    "streaming": lambda budget: dict(budget=budget, sink_size=4),
-    "h2o": lambda budget: dict(budget=budget),
-    "snapkv": lambda budget: dict(budget=budget, window_size=32),
-    "pyramidkv": lambda budget: dict(budget=budget, window_size=32),
+    "streaming": lambda args: dict(budget=args.budget, sink_size=4),
+    "h2o": lambda args: dict(budget=args.budget),
+    "snapkv": lambda args: dict(budget=args.budget, window_size=32),
+    "pyramidkv": lambda args: dict(budget=args.budget, window_size=32),
+    "kvmerger": lambda args: dict(budget=args.budget, window_size=32),
+    "think": lambda args: dict(budget=args.budget, window_size=32),
+    "duo_attention": lambda args: dict(
+        head_pattern=torch.arange(args.kv_heads).remainder(2).eq(0).expand(args.layers, -1).clone(),
+        sink_size=16,
+        recent_size=args.budget - 16,
+    ),
 }
+#: Methods that evict while decoding (a ring of ``budget + 1`` slots); the others reserve ``max_new_tokens`` slots.
+EVICTING = ("streaming", "h2o")
 
 
 def build_model(args) -> torch.nn.Module:
@@ -98,9 +109,8 @@ def main(argv=None) -> dict:
     total_steps = args.steps * (args.rounds + 1)
     results = {}
     for method in args.methods:
-        options = METHODS[method](args.budget)
-        static = dict(static=True, max_new_tokens=total_steps) if method in ("snapkv", "pyramidkv") else {}
-        static.setdefault("static", True)
+        options = METHODS[method](args)
+        static = dict(static=True) if method in EVICTING else dict(static=True, max_new_tokens=total_steps)
         torch._dynamo.reset()
         compiled = torch.compile(model.forward, backend=args.backend, fullgraph=True)
         runners = {
