@@ -90,6 +90,18 @@ def test_static_layout_evicts_what_the_dynamic_layout_evicts(case):
             assert kept <= held and len(held) == len(kept) + 1
 
 
+def test_beam_search_equals_the_dynamic_layout():
+    """Beam search reorders the static buffers (eager): the same beams as the dynamic layout."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(2, 20)
+    for case in ("h2o", "duo_attention"):
+        name, options, static = CASES[case]
+        kwargs = dict(max_new_tokens=NEW, num_beams=3, do_sample=False)
+        want = model.generate(ids, cache=make_cache(name, model, **options), **kwargs)
+        got = model.generate(ids, cache=make_cache(name, model, **options, **static), **kwargs)
+        assert torch.equal(got, want)
+
+
 def _decode_steps(model, cache, step_fn, steps: int = 6):
     """Prefills ``cache`` through ``model``, then runs ``steps`` decode steps of layer 0 on seeded random states;
     returns the attention outputs ``[steps, batch, 1, q_heads, head_dim]``."""
