@@ -14,9 +14,10 @@ ones plus the new one); slots are in ring order instead of position order, which
 softmax sums (float rounding). Evicting lazily, at the next step, chooses with the same information as evicting
 right after the attention (the scores of the previous step).
 
-Limits, checked up front: one token per step after the prefill (a second multi-token step raises), full-attention
-layers only (a sliding-window layer would need the window in the slot mask), and models that pass their attention
-kwargs to ``Cache.update`` (Llama and most others).
+A later multi-token step (a new turn, a prefill chunk) *thaws* the layer back to the dynamic layout (eager, with a
+host sync), runs the method's own step and freezes again. Limits, checked up front: full-attention layers only (a
+sliding-window layer would need the window in the slot mask), and models that pass their attention kwargs to
+``Cache.update`` (Llama and most others).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.validation import check_choice, check_optional_int
+
+from .base import gather_slots
 
 #: Priority of a slot that must never be overwritten (a kept sink, a token of a method that never evicts).
 KEEP = torch.iinfo(torch.int64).max
@@ -118,7 +121,33 @@ class StaticSlots:
         self._frozen = True
 
     # ------------------------------------------------------------------------------------------- contract
+    def thaw(self) -> None:
+        """Back to the dynamic layout (eager; before a multi-token step: a new turn, a prefill chunk).
+
+        First the eviction the next decode step would make (the slot the dynamic layout dropped after the previous
+        step), then the slots in position order with pads first, less the columns that are free in every row.
+        """
+        positions = self._positions.clone()
+        if self.evicts:
+            free = positions == PAD_POSITION
+            priority = self.slot_priority(positions).expand_as(positions)
+            low = torch.finfo(priority.dtype).min if priority.is_floating_point() else PAD_POSITION - 1
+            victim = lowest_priority_slot(priority.masked_fill(free, low), positions)[..., None]
+            positions.scatter_(2, victim, PAD_POSITION)
+        order = positions.sort(dim=-1, stable=True).indices  # PAD_POSITION (-1) first, then by position
+        common = int((positions == PAD_POSITION).sum(-1).min())
+        order = order[..., common:]
+        for name in self.slot_state:
+            setattr(self, name, getattr(self, name).gather(2, order))
+        keys, values, positions = gather_slots(self.keys, self.values, positions, order)
+        self.store(keys, values, positions)
+        self.real_seen = self.real_seen.clone()
+        self.cumulative_length = int(self.cumulative_length)
+        self._frozen = False
+
     def update(self, key_states, value_states, *args, **kwargs):
+        if self._frozen and key_states.shape[-2] > 1:
+            self.thaw()
         if not self._frozen:
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             if self.freezes_in_update:
@@ -129,11 +158,6 @@ class StaticSlots:
     def static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, attn_kwargs: dict | None):
         """Writes one new token ``[batch, kv_heads, 1, head_dim]`` into its slot; returns the whole buffers."""
         name = type(self).__name__
-        if key_states.shape[-2] != 1:
-            raise ValueError(
-                f"{name} (static=True) decodes one token per step after the prefill; got a step of "
-                f"{key_states.shape[-2]} tokens (prefill the whole prompt in one forward, or use static=False)"
-            )
         if attn_kwargs is None:
             raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
         if self._static_pending:
@@ -187,6 +211,8 @@ class StaticSlots:
         return output
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self._frozen and query_length > 1:  # transformers sizes the mask of a new turn before the update
+            self.thaw()
         if not self._frozen:
             return super().get_mask_sizes(query_length)
         # unused by this layer (it masks its own slots); sized so transformers' mask matches the K/V length

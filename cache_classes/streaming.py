@@ -134,6 +134,10 @@ class StaticStreamingLayer(StaticSlots, StreamingLayer):
         row = positions[:, :1].long()  # the same slots in every head
         return row.masked_fill((row >= 0) & (row < self.sink_size), KEEP)
 
+    def thaw(self) -> None:
+        super().thaw()
+        self._evicted = True  # static steps may have evicted: the dynamic layer must shift (zero deltas otherwise)
+
     def attention_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """Position shift: the recent window already ends right before the query; only the sinks move, forward by
         the number of tokens evicted (the real tokens seen minus those held)."""

@@ -160,9 +160,35 @@ def test_bad_static_options_are_refused():
         make_cache("think", model, base=base, static=True, max_new_tokens=4)
 
 
-def test_multi_token_step_after_prefill_is_refused():
-    model = tiny_model("llama_gqa", num_hidden_layers=1)
-    cache = make_cache("h2o", model, budget=10, static=True)
+def _two_turns(model, cache, **kwargs):
+    """Two generate calls on one cache (a padded batch; the second turn adds 6 tokens to the first's output):
+    the final sequences and every step's logits."""
+    ids, mask = _padded_batch()
+    first = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6, **kwargs)
+    turn = torch.cat((first[0], random_ids(2, 6, seed=3)), dim=1)
+    mask = torch.cat((mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)), dim=1)
+    second = greedy(model, turn, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=6, **kwargs)
+    return second[0], torch.cat((first[1], second[1]))
+
+
+@pytest.mark.parametrize("case", ["streaming_shift", "h2o", "snapkv", "kvmerger"])
+def test_a_new_turn_thaws_and_equals_the_dynamic_layout(case):
+    """A multi-token step after decoding goes back to the dynamic layout (with the eviction pending), then freezes
+    again: eager, the same tokens and logits as the dynamic layout over both turns."""
+    name, options, static = CASES[case]
+    model = tiny_model("llama_gqa")
+    want_seq, want_logits = _two_turns(model, make_cache(name, model, **options))
+    got_seq, got_logits = _two_turns(model, make_cache(name, model, **options, **static))
+    assert torch.equal(got_seq, want_seq)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["duo_attention", "think"])
+def test_multi_token_step_after_prefill_is_refused(case):
+    """DuoAttention and ThinK keep no way back to their dynamic layout: a second multi-token step is refused."""
+    name, options, static = CASES[case]
+    model = tiny_model("llama_gqa")
+    cache = make_cache(name, model, **options, **static)
     with torch.no_grad():
         model(random_ids(1, PROMPT), cache=cache)
         with pytest.raises(ValueError, match="one token per step"):
