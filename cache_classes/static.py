@@ -86,8 +86,14 @@ class StaticSlots:
     def on_write(self, slot: torch.Tensor) -> None:
         """Resets per-slot state of the slots ``[batch, heads, 1]`` a step overwrites (H2O's scores)."""
 
-    def after_attention(self, query, key, mask, features_kwargs) -> None:
-        """Reads this step's attention (H2O accumulates scores). ``mask`` ``[batch, 1, 1, capacity]`` bool."""
+    def after_attention(self, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, call: tuple) -> None:
+        """Reads this step's attention (H2O accumulates scores).
+
+        Args:
+            query: ``[batch, q_heads, 1, head_dim]``; key: ``[batch, kv_heads, capacity, head_dim]`` (attended).
+            valid: ``[batch, 1, 1, capacity]`` bool, the slots attended.
+            call: ``(module, scaling, dropout, kwargs)`` of the attention call.
+        """
 
     def freeze_state(self, stored: int, capacity: int) -> None:
         """Moves per-slot state other than keys/values/positions into ``capacity`` slots."""
@@ -120,6 +126,12 @@ class StaticSlots:
             torch._dynamo.mark_static_address(tensor)
         self._frozen = True
 
+    def next_slot(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[batch, heads, 1]``: the slot the next token goes to, a free one first, else the lowest priority."""
+        priority = self.slot_priority(positions).expand_as(positions)
+        low = torch.finfo(priority.dtype).min if priority.is_floating_point() else PAD_POSITION - 1
+        return lowest_priority_slot(priority.masked_fill(positions == PAD_POSITION, low), positions)[..., None]
+
     # ------------------------------------------------------------------------------------------- contract
     def thaw(self) -> None:
         """Back to the dynamic layout (eager; before a multi-token step: a new turn, a prefill chunk).
@@ -129,11 +141,7 @@ class StaticSlots:
         """
         positions = self._positions.clone()
         if self.evicts:
-            free = positions == PAD_POSITION
-            priority = self.slot_priority(positions).expand_as(positions)
-            low = torch.finfo(priority.dtype).min if priority.is_floating_point() else PAD_POSITION - 1
-            victim = lowest_priority_slot(priority.masked_fill(free, low), positions)[..., None]
-            positions.scatter_(2, victim, PAD_POSITION)
+            positions.scatter_(2, self.next_slot(positions), PAD_POSITION)
         order = positions.sort(dim=-1, stable=True).indices  # PAD_POSITION (-1) first, then by position
         common = int((positions == PAD_POSITION).sum(-1).min())
         order = order[..., common:]
@@ -164,16 +172,12 @@ class StaticSlots:
             raise RuntimeError(NOT_ROUTED.format(name=name))
         batch, heads, _, head_dim = key_states.shape
         positions = self._positions
-        free = positions == PAD_POSITION
-        priority = self.slot_priority(positions).expand(batch, heads, -1)
-        low = torch.finfo(priority.dtype).min if priority.is_floating_point() else PAD_POSITION - 1
-        priority = priority.masked_fill(free, low)
         if not self.evicts:
             torch._assert_async(
-                free.any(dim=-1).all(),
+                (positions == PAD_POSITION).any(dim=-1).all(),
                 f"{name} (static=True): capacity exceeded, more tokens generated than max_new_tokens",
             )
-        slot = lowest_priority_slot(priority, positions)[..., None]  # [b, h, 1]
+        slot = self.next_slot(positions)  # [b, h, 1]
         self.keys.scatter_(2, slot[..., None].expand(-1, -1, 1, head_dim), key_states)
         self.values.scatter_(2, slot[..., None].expand(-1, -1, 1, value_states.shape[-1]), value_states)
         new_position = self.real_seen.to(positions.dtype)[:, None, None].expand(batch, heads, 1)
