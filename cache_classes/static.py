@@ -62,6 +62,9 @@ class StaticSlots:
     """
 
     is_compileable = True
+    #: Built on sliding-window layers as the dynamic layer is, so that :func:`check_static_layers` refuses them
+    #: with its own message.
+    supports_sliding_window = True
     #: Whether the layer compresses in ``update`` (freeze there) or in the attention call (scored layers).
     freezes_in_update = True
     evicts = True
@@ -263,7 +266,8 @@ def append_static_options(static, max_new_tokens) -> bool:
 
 def check_static_layers(cache, static: bool, layer_cls: type = StaticSlots) -> None:
     """Raises ``ValueError`` when ``static=True`` but some layer of ``cache`` is not a static one (a hybrid model's
-    sliding-window layers stay transformers' dynamic layers)."""
+    sliding-window layers stay transformers' dynamic layers) or replaces a sliding-window layer (all-sliding models:
+    the slot mask applies no window)."""
     if not static:
         return
     others = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, layer_cls)})
@@ -271,4 +275,9 @@ def check_static_layers(cache, static: bool, layer_cls: type = StaticSlots) -> N
         raise ValueError(
             f"static=True needs every attention layer to be a static hf_longmem layer; this model keeps {others} "
             "(sliding-window layers of a hybrid model): use static=False"
+        )
+    if any(getattr(layer, "sliding_window", None) is not None for layer in cache.layers):
+        raise ValueError(
+            "static=True supports full-attention layers only; this model's layers use a sliding window smaller "
+            "than the budget would need (use static=False)"
         )

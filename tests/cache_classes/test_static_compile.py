@@ -155,6 +155,9 @@ def test_bad_static_options_are_refused():
         make_cache("snapkv", model, budget=12, window_size=4, max_new_tokens=4)
     with pytest.raises(ValueError, match="static"):
         make_cache("h2o", model, budget=12, static="yes")
+    sliding = tiny_model("mistral", num_hidden_layers=1, sliding_window=8)  # every layer sliding: compressed by ours
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        make_cache("streaming", sliding, budget=4, sink_size=1, static=True)
     base = make_cache("snapkv", model, budget=12, window_size=4, static=True, max_new_tokens=4)
     with pytest.raises(ValueError, match="dynamic layout"):
         make_cache("think", model, base=base, static=True, max_new_tokens=4)
