@@ -1,7 +1,8 @@
 """Static layouts (``static=True``): the decode step compiles with ``fullgraph=True`` and equals the dynamic layout.
 
 Compiled runs use ``backend="aot_eager"`` (the whole dynamo + AOT-autograd trace, no C++ codegen), which keeps the
-file fast on a busy 2-core machine; one test runs inductor (its first compile takes 25-60 s there).
+file fast on a busy 2-core machine; one test runs inductor on one layer's decode step (its first compile costs
+about 25 s of CPU, 60-100 s of wall time on that machine when busy).
 
 Tolerances: the static layout attends to the same tokens in ring order instead of position order, so only the order
 of the float32 softmax sums differs: logits within 1e-4 (values of order 1-10, float32 eps 1.2e-7 per addition).
