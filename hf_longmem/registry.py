@@ -135,11 +135,9 @@ def import_cache_modules() -> None:
     """Imports every method module of ``hf_longmem.cache_classes`` (each registers itself), the uncompressed baseline
     first and then by module name: that is the order of :func:`available_caches`."""
     import importlib
-    import pkgutil
 
     from hf_longmem import cache_classes
+    from hf_longmem.registration import import_submodules
 
-    names = sorted((info.name for info in pkgutil.iter_modules(cache_classes.__path__)), key=lambda n: (n != "full", n))
-    for name in names:
-        if name not in SHARED_CACHE_MODULES and not name.startswith("_"):
-            importlib.import_module(f"{cache_classes.__name__}.{name}")
+    importlib.import_module(f"{cache_classes.__name__}.full")
+    import_submodules(cache_classes.__name__, cache_classes.__path__, skip=SHARED_CACHE_MODULES)

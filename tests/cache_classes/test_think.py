@@ -9,8 +9,42 @@ from transformers import DynamicCache
 from hf_longmem import SnapKVCache, ThinKCache, enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.think import channel_scores
 from hf_longmem.memory.attention_features import AttentionFeatures
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
+
+
+def widest_head(model) -> int:
+    """The largest ``head_dim`` of the model's attention modules (the config's where no module says)."""
+    widths = [m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)]
+    if not widths:
+        config = model.config.get_text_config(decoder=True)
+        widths = [config.hidden_size // config.num_attention_heads]
+    return max(widths)
+
+
+def prunes_no_channel(model) -> float:
+    """A ``key_channel_ratio`` in (0, 1) that prunes none: half a channel of the widest head (Gemma-4's global layers
+    have wider heads), so the full budget is exact and runs ThinK's own attention path."""
+    return 0.5 / widest_head(model)
+
+
+_PACKED = (
+    "the prompt is packed per head in pruned_keys / pruned_positions (layer.positions hold only later tokens); "
+    "test_think checks padded rows and beam reordering of the packed state"
+)
+
+# The shared cache suites (tests/helpers/cache_cases.py). ThinK prunes int(head_dim * ratio) key channels of every
+# prompt token whatever the budget; the token budget is SnapKV's (prompt compressed once, generated tokens appended).
+CASE = CacheCase(
+    "think",
+    options={"window_size": 4},
+    full={"key_channel_ratio": prunes_no_channel},
+    kept=lambda options, decoded, **_: options["budget"] + decoded,
+    skip={"test_pads_are_never_kept_when_evicting": _PACKED, "test_beam_search_reorders_all_per_row_state": _PACKED},
+    matrix_full={"key_channel_ratio": prunes_no_channel},
+    matrix_small={"window_size": 4},
+)
 
 
 def test_channel_ranking_equals_brute_force_frobenius_norms():
