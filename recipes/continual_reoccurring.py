@@ -155,7 +155,8 @@ def plot(summary: dict, path: Path) -> None:
     third.set_xlabel("steps t after the acquisition maximum (until the group re-occurs)")
     third.set_ylabel("retainability R(t)")
     third.set_title("forgetting of injected facts (Chang et al. 2024 fit)", fontsize=9)
-    third.legend(fontsize=7)
+    if third.get_legend_handles_labels()[0]:
+        third.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

@@ -117,7 +117,7 @@ def test_ecotta_entropy_mode_is_the_filtered_prompt_entropy_and_never_sees_answe
         grads = torch.autograd.grad(loss, [p for _, p in eco.trainable()], allow_unused=True)
         outs.append((loss.detach(), [g for g in grads if g is not None]))
         # by hand: the mean entropy of the next-token distributions at the prompt positions (margin 1: all kept)
-        logp = torch.log_softmax(out.logits[0, : len(prompt)].float(), -1)
+        logp = torch.log_softmax(out.logits[0, : len(prompt)].detach().float(), -1)
         assert eco.task_loss(batch, out).detach().item() == pytest.approx(
             float(-(logp.exp() * logp).sum(-1).mean()), rel=1e-6
         )
