@@ -6,7 +6,7 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 - :class:`BM25Embedder` (default), :class:`HashingEmbedder`, :class:`LMEmbedder` — texts to vectors, scored by top-k.
 - :class:`TransformersLLM` / :class:`FunctionLLM` — the one ``generate(prompt, max_new_tokens)`` interface.
 - Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`,
-  :class:`AMemPolicy`, :class:`TiMPolicy`; working memory for multi-step loops: :class:`HiAgentPolicy`, :class:`TMEPolicy`.
+  :class:`AMemPolicy`, :class:`TiMPolicy`, :class:`RMMPolicy`; working memory for multi-step loops: :class:`HiAgentPolicy`, :class:`TMEPolicy`.
 - :class:`MemoryAgent` — ``chat(message, now=...)``: retrieve, prompt under a token budget, generate.
 - LongMemEval: :func:`load_longmemeval`, :func:`synthetic_chat_history`, metrics in :mod:`.metrics`,
   :func:`hf_longmem.agents.evaluate.evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
@@ -21,6 +21,7 @@ from .longmemeval import ingest_haystack, is_abstention, load_longmemeval
 from .memorybank import MemoryBankPolicy, retention
 from .policy import MemoryPolicy, RetrievalPolicy
 from .records import MemoryRecord
+from .rmm import CitationReranker, RMMPolicy
 from .scm import SCMPolicy
 from .store import MemoryStore
 from .synthetic import fact_subject, synthetic_chat_history
@@ -32,6 +33,7 @@ __all__ = [
     "AMemPolicy",
     "AgentReply",
     "BM25Embedder",
+    "CitationReranker",
     "Embedder",
     "FunctionLLM",
     "HashingEmbedder",
@@ -42,6 +44,7 @@ __all__ = [
     "MemoryPolicy",
     "MemoryRecord",
     "MemoryStore",
+    "RMMPolicy",
     "RetrievalPolicy",
     "SCMPolicy",
     "TMEPolicy",

@@ -69,7 +69,8 @@ class MemoryAgent:
         max_new_tokens: reply length.
         system: text before the memories.
         prompt_template: ``str.format`` template with ``{system}``, ``{memories}`` and ``{question}``.
-        memory_template: how one memory is shown: fields ``{text}``, ``{date}`` (``YYYY-MM-DD``), ``{session_id}``.
+        memory_template: how one memory is shown: fields ``{text}``, ``{date}`` (``YYYY-MM-DD``), ``{session_id}``,
+            ``{index}`` (its position in the prompt, for readers that cite memories as ``[index]``).
         write_back: store each user message (and the reply) as memories of ``session_id``.
         time_aware: search ``as_of`` a date named in the question.
         abstain_below: if the best retrieval score is below this, reply ``abstain_text`` without generating.
@@ -125,12 +126,17 @@ class MemoryAgent:
         """Writes a memory through the policy; returns its id."""
         return self.policy.ingest(self.store, text_or_messages, session_id=session_id, timestamp=timestamp, **kwargs)
 
+    @staticmethod
+    def _in_prompt_order(memories: list[MemoryRecord]) -> list[MemoryRecord]:
+        return sorted(memories, key=lambda r: (r.timestamp, r.valid_from))
+
     def _render(self, memories: list[MemoryRecord], question: str) -> str:
-        shown = sorted(memories, key=lambda r: (r.timestamp, r.valid_from))
         lines = []
-        for r in shown:
+        for index, r in enumerate(self._in_prompt_order(memories)):
             date = datetime.fromtimestamp(r.timestamp, tz=timezone.utc).strftime("%Y-%m-%d")
-            lines.append(self.memory_template.format(text=r.text, date=date, session_id=r.session_id or ""))
+            lines.append(
+                self.memory_template.format(text=r.text, date=date, session_id=r.session_id or "", index=index)
+            )
         return self.prompt_template.format(system=self.system, memories="\n".join(lines), question=question)
 
     def build_prompt(self, question: str, memories: list[MemoryRecord]) -> tuple[str, list[MemoryRecord]]:
@@ -160,6 +166,8 @@ class MemoryAgent:
             return AgentReply(self.abstain_text, retrieved, [], "", 0, abstained=True, as_of=as_of_seconds)
         prompt, shown = self.build_prompt(question, retrieved)
         text = self.llm.generate(prompt, self.max_new_tokens).strip()
+        shown = self._in_prompt_order(shown)
+        self.policy.after_answer(self.store, question, shown, text, now=seconds)
         return AgentReply(text, retrieved, shown, prompt, self.llm.last_prompt_tokens, as_of=as_of_seconds)
 
     def chat(self, message: str, *, now: Any, session_id: str | None = None, user_id: str | None = None) -> str:

@@ -27,6 +27,7 @@ from .longmemeval import ingest_haystack, is_abstention, load_longmemeval, parse
 from .memorybank import MemoryBankPolicy
 from .metrics import answer_is_correct, qa_accuracy_by_type, retrieval_metrics, session_ranking
 from .policy import MemoryPolicy, RetrievalPolicy
+from .rmm import RMMPolicy
 from .store import MemoryStore
 from .synthetic import fact_subject, synthetic_chat_history
 
@@ -129,7 +130,9 @@ def evaluate_agent(
                 row.update(prediction=prediction, prompt_tokens=llm.last_prompt_tokens, retrieved_sessions=[])
             else:
                 reply = agent.answer(item["question"], now=now)
-                ranking = session_ranking(h.session_id for h in store.search(item["question"], 50, as_of=reply.as_of))
+                # The policy's own top-k first (RMM reranks, MemoryBank forgets), then the store's search order.
+                searched = store.search(item["question"], 50, as_of=reply.as_of)
+                ranking = session_ranking(h.session_id for h in [*reply.retrieved, *searched])
                 row.update(
                     prediction=reply.text,
                     prompt_tokens=reply.prompt_tokens,
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--update-fraction", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["retrieval", "full_history"], default="retrieval")
-    parser.add_argument("--policy", choices=["retrieval", "memorybank"], default="retrieval")
+    parser.add_argument("--policy", choices=["retrieval", "memorybank", "rmm"], default="retrieval")
     parser.add_argument("--forget", action="store_true", help="memorybank: forget (archive) before each retrieval")
     parser.add_argument("--reconcile", choices=["supersede", "add-only"], default="supersede")
     parser.add_argument("--embedder", choices=["bm25", "hashing"], default="bm25")
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def factory() -> MemoryPolicy:
         if args.policy == "memorybank":
             return MemoryBankPolicy(supersede_key=key, auto_forget=args.forget, seed=args.seed)
+        if args.policy == "rmm":
+            return RMMPolicy(supersede_key=key, seed=args.seed, cite="overlap")
         return RetrievalPolicy(supersede_key=key)
 
     reader = PASSKEY_READER if args.reader == "passkey" else {}
