@@ -67,6 +67,7 @@ def evaluate_agent(
     abstain_below: float | None = None,
     ks: tuple[int, ...] = (1, 5, 10),
     progress: bool = True,
+    kv: bool = False,
 ) -> dict[str, Any]:
     """Scores ``items`` (LongMemEval schema).
 
@@ -79,6 +80,8 @@ def evaluate_agent(
         system / prompt_template: the reader's prompt (defaults: :class:`MemoryAgent`'s).
         abstain_below: the agent abstains when its best score is below this.
         ks: cut-offs of the retrieval metrics.
+        kv: answer from the memories' stored KV states (:class:`~hf_longmem.agents.kv.KVMemory`): only the text
+            after the memories is prefilled; rows also get ``reprefill_tokens`` (the prompt's tokens).
 
     Returns:
         ``{"summary": {"qa": {type: {accuracy, count}}, "retrieval": {metric: mean}, "mean_prompt_tokens"},
@@ -91,6 +94,12 @@ def evaluate_agent(
         agent_kwargs["system"] = system
     if prompt_template is not None:
         agent_kwargs["prompt_template"] = prompt_template
+    kv_memory = None
+    if kv:
+        check_choice("mode", mode, ("retrieval",))
+        from .kv import KVMemory
+
+        kv_memory = KVMemory(model, tokenizer)
     groups: dict[str, list[dict[str, Any]]] = {}
     for item in items:
         groups.setdefault(_fingerprint(item), []).append(item)
@@ -110,6 +119,7 @@ def evaluate_agent(
             max_new_tokens=max_new_tokens,
             write_back=False,
             abstain_below=abstain_below,
+            kv=kv_memory,
             **agent_kwargs,
         )
         for item in group:
@@ -140,6 +150,7 @@ def evaluate_agent(
                     retrieved_sessions=ranking[: max(ks)],
                     top_score=reply.retrieved[0].score if reply.retrieved else None,
                     shown=[h.text for h in reply.shown],
+                    reprefill_tokens=reply.extra.get("reprefill_tokens", reply.prompt_tokens),
                 )
                 if not row["abstention"] and item["answer_session_ids"]:
                     row["retrieval"] = retrieval_metrics(ranking, item["answer_session_ids"], ks)
@@ -157,6 +168,9 @@ def evaluate_agent(
         "max_prompt_tokens": max((r["prompt_tokens"] for r in rows), default=0),
         "num_questions": len(rows),
     }
+    if kv_memory is not None:
+        summary["mean_reprefill_tokens"] = sum(r["reprefill_tokens"] for r in rows) / max(len(rows), 1)
+        summary["memory_encode_tokens"] = kv_memory.encoded_tokens
     return {"summary": summary, "questions": rows}
 
 
@@ -202,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--abstain-below", type=float, default=None)
     parser.add_argument("--reader", choices=["passkey", "default"], default="passkey")
     parser.add_argument("--model", default=None, help="a local model folder (default: the embedded tiny model)")
+    parser.add_argument("--rmm-greedy", action="store_true", help="rmm: rerank without Gumbel exploration")
+    parser.add_argument("--kv", action="store_true", help="answer from the memories' stored KV states")
     parser.add_argument("--output", default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
     if args.table:
@@ -237,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.policy == "memorybank":
             return MemoryBankPolicy(supersede_key=key, auto_forget=args.forget, seed=args.seed)
         if args.policy == "rmm":
-            return RMMPolicy(supersede_key=key, seed=args.seed, cite="overlap")
+            return RMMPolicy(supersede_key=key, seed=args.seed, cite="overlap", explore=not args.rmm_greedy)
         return RetrievalPolicy(supersede_key=key)
 
     reader = PASSKEY_READER if args.reader == "passkey" else {}
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         granularity=args.granularity,
         abstain_below=args.abstain_below,
         embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder,
+        kv=args.kv,
         **reader,
     )
     result["config"] = vars(args)

@@ -84,7 +84,7 @@ def test_online_learning_uncited_memories_sink_until_the_cited_one_leads():
     for i in range(6):
         store.add(f"user{i} has code {(i + 3) * 7919 % 100000:05d}", session_id=f"s{i}", timestamp=i)
         store.add(f"what is the code of user{i} asked the guard", session_id=f"d{i}", timestamp=i)
-    policy = RMMPolicy(candidates=12, explore=False, learning_rate=0.1)
+    policy = RMMPolicy(candidates=12, explore=False, learning_rate=0.1, prior_weight=0.0)
     query, code = "what is the code of user2", f"{5 * 7919 % 100000:05d}"
     trace = []
     for _ in range(20):
