@@ -180,7 +180,13 @@ def test_the_command_parses_and_fails_without_importing_torch():
         "    heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
         "    print('HEAVY', heavy, 'CODE', exit.code)\n"
     )
-    for args in (["--help"], ["bench", "--help"], ["edit", "--help"], ["bench", "--lengths", "abc"]):
+    for args in (
+        ["--help"],
+        ["bench", "--help"],
+        ["edit", "--help"],
+        ["agent-eval", "--help"],
+        ["bench", "--lengths", "abc"],
+    ):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
         assert "HEAVY [] CODE" in result.stdout, (args, result.stdout[-500:], result.stderr[-2000:])
 
