@@ -328,6 +328,9 @@ def add_agent_eval_arguments(parser: argparse.ArgumentParser, *, table: bool = F
         help="passkey: the embedded model's training query after the memories; default: MemoryAgent's prompt",
     )
     parser.add_argument("--kv", action="store_true", help="answer from the memories' stored KV states")
+    parser.add_argument(
+        "--kv-context", action="store_true", help="--kv, with each memory encoded after the prompt's prefix"
+    )
     parser.add_argument("--output", default=None, metavar="JSON", help="write the JSON results here (atomic)")
 
 
@@ -747,7 +750,7 @@ def cmd_agent_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if not 0.0 <= value < 1.0:
             raise CLIError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if args.kv and args.mode != "retrieval":
+    if (args.kv or args.kv_context) and args.mode != "retrieval":
         raise CLIError("--kv answers from retrieved memories: use it with --mode retrieval")
     items = None
     if args.data is not None:

@@ -79,6 +79,8 @@ class MemoryAgent:
         kv: a :class:`hf_longmem.agents.kv.KVMemory` of the same model: memories are read as stored model state
             (encoded once, kept in the store) and only the text after them is prefilled (``prompt_tokens`` then counts
             the tokens prefilled; ``extra["reprefill_tokens"]`` what re-prefilling the prompt would have cost).
+        kv_context: encode each memory after the prompt's prefix (``KVMemory.encode(context=...)``): with one
+            memory shown the answer equals the plain prompt's; the states are then tied to that prefix.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class MemoryAgent:
         abstain_below: float | None = None,
         abstain_text: str = "I don't know.",
         kv=None,
+        kv_context: bool = False,
     ):
         if not isinstance(store, MemoryStore):
             raise ValueError(f"`store` must be a MemoryStore, got {type(store).__name__}")
@@ -130,6 +133,7 @@ class MemoryAgent:
             if not isinstance(kv, KVMemory) or kv.model is not model:
                 raise ValueError("`kv` must be a KVMemory built on the agent's model")
         self.kv = kv
+        self.kv_context = bool(kv_context)
         #: The :class:`AgentReply` of the last :meth:`chat` turn (retrieved memories, prompt, token count).
         self.last_reply: AgentReply | None = None
 
@@ -198,10 +202,12 @@ class MemoryAgent:
         for index, r in enumerate(shown):
             date = datetime.fromtimestamp(r.timestamp, tz=timezone.utc).strftime("%Y-%m-%d")
             line = self.memory_template.format(text=r.text, date=date, session_id=r.session_id or "", index=index)
-            encoder = f"{self.kv.fingerprint}:{hashlib.sha256(line.encode()).hexdigest()[:16]}"
+            context = prefix if self.kv_context else None
+            text = line if context is None else context + "\x00" + line
+            encoder = f"{self.kv.fingerprint}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
             blob = self.store.get_kv(r.id, r.version, encoder)
             if blob is None:
-                state = self.kv.encode(line + "\n")
+                state = self.kv.encode(line + "\n", context=context)
                 self.store.set_kv(r.id, r.version, encoder, self.kv.to_bytes(state))
             else:
                 state = self.kv.from_bytes(blob)

@@ -71,6 +71,7 @@ def evaluate_agent(
     ks: tuple[int, ...] = (1, 5, 10),
     progress: bool = True,
     kv: bool = False,
+    kv_context: bool = False,
 ) -> dict[str, Any]:
     """Scores ``items`` (LongMemEval schema).
 
@@ -85,6 +86,7 @@ def evaluate_agent(
         ks: cut-offs of the retrieval metrics.
         kv: answer from the memories' stored KV states (:class:`~hf_longmem.agents.kv.KVMemory`): only the text
             after the memories is prefilled; rows also get ``reprefill_tokens`` (the prompt's tokens).
+        kv_context: with ``kv``, encode each memory after the prompt's prefix (``MemoryAgent(kv_context=True)``).
 
     Returns:
         ``{"summary": {"qa": {type: {accuracy, count}}, "retrieval": {metric: mean}, "mean_prompt_tokens"},
@@ -123,6 +125,7 @@ def evaluate_agent(
             write_back=False,
             abstain_below=abstain_below,
             kv=kv_memory,
+            kv_context=kv_context,
             **agent_kwargs,
         )
         for item in group:
@@ -243,7 +246,8 @@ def run_agent_eval(args, model, tokenizer, items: list[dict[str, Any]] | None = 
         granularity=args.granularity,
         abstain_below=args.abstain_below,
         embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder,
-        kv=args.kv,
+        kv=args.kv or args.kv_context,
+        kv_context=args.kv_context,
         **reader,
     )
     config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}

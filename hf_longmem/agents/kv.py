@@ -16,6 +16,11 @@ everything (:meth:`KVMemory.reference_logits`, the block-attention of Prompt Cac
 "re-prefilling the same text" with memories encoded independently. The prefix (system prompt) is an ordinary causal
 block at positions ``0..P-1`` and is cached once per text.
 
+``encode(text, context=prefix)`` encodes a memory *after* the prompt's prefix instead (positions ``P..P+n-1``,
+attending to it, as in a plain prompt). Spliced first after that prefix it needs no rotation, and the answer equals
+re-prefilling the plain causal prompt (tested); a second memory is moved by the rotation but still sees the prefix at
+the distance it was encoded with, which the plain prompt does not have (an approximation, no equality claimed).
+
 ``compress="snapkv"`` (any registered cache name, with its options) encodes a memory through that cache and keeps
 only what it retains; the kept slots are moved to contiguous positions when spliced (StreamingLLM's position
 shift). That is an approximation by the method's own rule, not an exact equality.
@@ -51,13 +56,16 @@ class KVState:
     Attributes:
         input_ids: ``[n]`` the memory's tokens.
         keys / values: per decoder layer ``[kv_heads, stored, head_dim]`` (``stored == n`` unless compressed).
-        positions: per decoder layer ``[kv_heads, stored]`` int64 position of each slot within the memory.
+        positions: per decoder layer ``[kv_heads, stored]`` int64 position of each slot (``0..n-1``, or
+            ``P..P+n-1`` after a ``P``-token context).
     """
 
     input_ids: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: list[torch.Tensor]
+    #: ``""``, or the hash of the prefix the memory was encoded after (:meth:`KVMemory.encode` ``context=``).
+    context: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -156,30 +164,49 @@ class KVMemory:
             raise ValueError("cannot encode an empty text")
         self.model(input_ids=ids[None].to(self._device()), cache=cache, use_cache=True)
 
+    @staticmethod
+    def context_hash(prefix: str) -> str:
+        return hashlib.sha256(prefix.encode()).hexdigest()[:16]
+
     @torch.no_grad()
-    def encode(self, text: str) -> KVState:
-        """The KV states of ``text`` on its own at positions ``0..n-1`` (through ``compress`` if set)."""
+    def encode(self, text: str, *, context: str | None = None) -> KVState:
+        """The KV states of ``text`` on its own at positions ``0..n-1`` (through ``compress`` if set), or, with
+        ``context`` (the prefix it will be spliced after), as it continues that prefix at positions ``P..P+n-1``.
+
+        A memory encoded after the prefix attends to it, as in a plain prompt: spliced first after that prefix, it
+        needs no rotation and the answer equals re-prefilling the plain causal prompt; memories spliced after it are
+        moved by the re-rotation but keep the prefix as they saw it (an approximation, see the module docstring).
+        """
         ids = self._ids(text, special=False)
+        skip = 0
+        if context is not None:
+            if self.compress is not None:
+                raise ValueError("`context` cannot be combined with `compress` (the cache would compress the prefix)")
+            context_ids = self._ids(context, special=True)
+            skip = context_ids.numel()
+            ids_run = torch.cat([context_ids, ids])
+        else:
+            ids_run = ids
         if self.compress is None:
             cache = DynamicCache(config=self.model.config)
         else:
             from hf_longmem.registry import make_cache
 
             cache = make_cache(self.compress, self.model, **self.compress_options)
-        self._prefill(ids, cache)
-        self.encoded_tokens += ids.numel()
+        self._prefill(ids_run, cache)
+        self.encoded_tokens += ids_run.numel()
         keys, values, positions = [], [], []
         for layer in cache.layers[: self.num_layers]:
-            k, v = layer.keys[0], layer.values[0]  # [kv_heads, stored, head_dim]
+            k, v = layer.keys[0][:, skip:], layer.values[0][:, skip:]  # [kv_heads, stored, head_dim]
             pos = getattr(layer, "positions", None)
             if pos is None:
-                pos = torch.arange(k.shape[-2], device=k.device).expand(k.shape[0], -1)
+                pos = torch.arange(skip, skip + k.shape[-2], device=k.device).expand(k.shape[0], -1)
             else:
                 pos = pos[0].to(torch.long)  # [kv_heads, stored]
             keys.append(k.detach().cpu().contiguous())
             values.append(v.detach().cpu().contiguous())
             positions.append(pos.expand(k.shape[0], -1).cpu().contiguous())
-        return KVState(ids, keys, values, positions)
+        return KVState(ids, keys, values, positions, "" if context is None else self.context_hash(context))
 
     def to_bytes(self, state: KVState) -> bytes:
         """``state`` as safetensors bytes, tagged with :attr:`fingerprint`."""
@@ -190,6 +217,7 @@ class KVMemory:
             tensors[f"positions.{i}"] = state.positions[i]
         # safetensors.torch.save takes no metadata on bytes; the fingerprint travels as a uint8 tensor.
         tensors["fingerprint"] = torch.tensor(list(self.fingerprint.encode()), dtype=torch.uint8)
+        tensors["context"] = torch.tensor(list(state.context.encode()), dtype=torch.uint8)
         return st_save(tensors)
 
     def from_bytes(self, data: bytes) -> KVState:
@@ -207,6 +235,7 @@ class KVMemory:
             [tensors[f"keys.{i}"] for i in range(n)],
             [tensors[f"values.{i}"] for i in range(n)],
             [tensors[f"positions.{i}"] for i in range(n)],
+            bytes(tensors.get("context", torch.zeros(0, dtype=torch.uint8)).tolist()).decode(),
         )
 
     def _prefix_state(self, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], bool]:
@@ -228,6 +257,8 @@ class KVMemory:
         it -> ``(cache, ids of the cached slots [L], prefix tokens computed now)``."""
         if not all(isinstance(s, KVState) and len(s.keys) == self.num_layers for s in states):
             raise ValueError(f"`states` must be KVStates of this model ({self.num_layers} layers)")
+        if any(s.context and s.context != self.context_hash(prefix) for s in states):
+            raise ValueError("a memory was encoded after another prefix (`context`) than the one it is spliced after")
         ids, pre_keys, pre_values, fresh = self._prefix_state(prefix)
         device, dtype = self._device(), pre_keys[0].dtype
         cache = DynamicCache(config=self.model.config)
@@ -245,7 +276,8 @@ class KVMemory:
                 keys.append(rotation.rotate(k, delta)[0])
                 values.append(state.values[layer].to(device=device, dtype=dtype))
             cache.update(torch.cat(keys, dim=-2)[None], torch.cat(values, dim=-2)[None], layer)
-        kept_ids = [ids] + [s.input_ids[s.positions[0][0].clamp(min=0)] for s in states]
+        # The tokens of the kept slots (positions count from the context's length for a memory encoded after one).
+        kept_ids = [ids] + [s.input_ids[s.positions[0][0] - (s.positions[0][0][0] if s.context else 0)] for s in states]
         return cache, torch.cat(kept_ids), ids.numel() if fresh else 0
 
     @torch.no_grad()

@@ -163,3 +163,23 @@ def test_agent_answers_from_stored_state(embedded):
     assert kv.encoded_tokens == encoded  # read from the store, not encoded again
     with pytest.raises(ValueError, match="KVMemory"):
         MemoryAgent(model, tokenizer, store, kv=object())
+
+
+def test_memory_encoded_after_the_prefix_equals_the_plain_prompt(embedded):
+    model, tokenizer = embedded
+    kv = KVMemory(model, tokenizer)
+    state = kv.encode(MEMORIES[0], context=PREFIX)
+    spliced = kv.logits(PREFIX, [state], SUFFIX)
+    assert kv.last_prefill_tokens == len(tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]) + len(
+        tokenizer(PREFIX)["input_ids"]
+    )
+    ids = torch.cat(
+        [kv._ids(PREFIX, special=True), kv._ids(MEMORIES[0], special=False), kv._ids(SUFFIX, special=False)]
+    )
+    with torch.no_grad():
+        plain = model(input_ids=ids[None]).logits[0, -spliced.shape[0] :]
+    assert (spliced - plain).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="another prefix"):
+        kv.logits("Another prefix\n", [state], SUFFIX)
+    with pytest.raises(ValueError, match="compress"):
+        KVMemory(model, tokenizer, compress="streaming", budget=8).encode(MEMORIES[0], context=PREFIX)
