@@ -315,6 +315,9 @@ def add_agent_eval_arguments(parser: argparse.ArgumentParser, *, table: bool = F
     parser.add_argument("--policy", choices=["retrieval", "memorybank", "rmm"], default="retrieval")
     parser.add_argument("--forget", action="store_true", help="memorybank: forget (archive) before each retrieval")
     parser.add_argument("--rmm-greedy", action="store_true", help="rmm: rerank without Gumbel exploration")
+    parser.add_argument(
+        "--rmm-prior-weight", type=float, default=1.0, help="rmm: weight of the retriever's score (0: the paper's)"
+    )
     parser.add_argument("--reconcile", choices=["supersede", "add-only"], default="supersede")
     parser.add_argument("--embedder", choices=["bm25", "hashing"], default="bm25")
     parser.add_argument("--granularity", choices=["turn", "session"], default="turn")

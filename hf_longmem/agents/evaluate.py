@@ -202,7 +202,13 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def policy_factory(
-    name: str, *, supersede_key=None, forget: bool = False, seed: int = 0, rmm_greedy: bool = False
+    name: str,
+    *,
+    supersede_key=None,
+    forget: bool = False,
+    seed: int = 0,
+    rmm_greedy: bool = False,
+    rmm_prior_weight: float = 1.0,
 ) -> Callable[[], MemoryPolicy]:
     """A function building a fresh policy ``name`` (``retrieval``, ``memorybank`` or ``rmm``) per haystack."""
     check_choice("policy", name, POLICIES)
@@ -211,7 +217,13 @@ def policy_factory(
         if name == "memorybank":
             return MemoryBankPolicy(supersede_key=supersede_key, auto_forget=forget, seed=seed)
         if name == "rmm":
-            return RMMPolicy(supersede_key=supersede_key, seed=seed, cite="overlap", explore=not rmm_greedy)
+            return RMMPolicy(
+                supersede_key=supersede_key,
+                seed=seed,
+                cite="overlap",
+                explore=not rmm_greedy,
+                prior_weight=rmm_prior_weight,
+            )
         return RetrievalPolicy(supersede_key=supersede_key)
 
     return factory
@@ -239,7 +251,12 @@ def run_agent_eval(args, model, tokenizer, items: list[dict[str, Any]] | None = 
         tokenizer,
         mode=args.mode,
         policy_factory=policy_factory(
-            args.policy, supersede_key=key, forget=args.forget, seed=args.seed, rmm_greedy=args.rmm_greedy
+            args.policy,
+            supersede_key=key,
+            forget=args.forget,
+            seed=args.seed,
+            rmm_greedy=args.rmm_greedy,
+            rmm_prior_weight=args.rmm_prior_weight,
         ),
         k=args.k,
         max_prompt_tokens=args.max_prompt_tokens,
