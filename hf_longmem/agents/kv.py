@@ -28,7 +28,9 @@ shift). That is an approximation by the method's own rule, not an exact equality
 Refused with ``ValueError`` (checked when :class:`KVMemory` is built): caches that are not per-head keys/values
 (ALiBi, multi-head latent attention; ``hf_longmem.cache_classes.base.check_cache_layout``), bidirectional or position-bias
 attention (``check_model_attention``), RoPE that cannot be re-rotated (absolute positions, dynamic/longrope scaling;
-``ModelRotary.from_model``) and sliding-window layers (a spliced memory could fall out of the window).
+``ModelRotary.from_model``), sliding-window layers (a spliced memory could fall out of the window), and compressing
+caches whose state is more than one set of keys/values/positions per layer (DuoAttention's streaming heads, ThinK's
+pruned channels, InfLLM/EM-LLM block stores).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from hf_longmem.cache_classes.base import check_cache_layout, check_model_attention
+from hf_longmem.cache_classes.base import CompressedLayer, check_cache_layout, check_model_attention
 from hf_longmem.memory.rope import ModelRotary
 from hf_longmem.validation import check_int
 
@@ -89,6 +92,25 @@ def block_attention_mask(blocks: list[int], dtype: torch.dtype = torch.float32) 
     return mask[None, None]
 
 
+def _check_compressor(name: str, cache) -> None:
+    """A cache whose retained state is exactly each layer's ``keys`` / ``values`` / ``positions`` (else ValueError:
+    a memory read from them would silently lose what the method keeps elsewhere)."""
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, DynamicLayer) and not isinstance(layer, CompressedLayer):
+            continue
+        extra = [
+            n
+            for n in getattr(layer, "batch_state", ())
+            if n not in ("keys", "values") and ("keys" in n or "values" in n)
+        ]
+        if not isinstance(layer, CompressedLayer) or extra:
+            raise ValueError(
+                f"compress={name!r}: its {type(layer).__name__} keeps state beyond one set of keys/values/positions "
+                f"({', '.join(extra) or 'a block store or separate memory'}), which a stored memory cannot hold; use "
+                "a method that evicts or merges slots (e.g. streaming, snapkv, h2o, sirllm, kvmerger, d2o)"
+            )
+
+
 class KVMemory:
     """Encodes memories into KV states and answers from them without re-prefilling.
 
@@ -121,7 +143,7 @@ class KVMemory:
         if compress is not None:
             from hf_longmem.registry import make_cache
 
-            make_cache(compress, model, **compress_options)  # validates the name and options now
+            _check_compressor(compress, make_cache(compress, model, **compress_options))
         self.model = model
         self.tokenizer = tokenizer
         self.config = config

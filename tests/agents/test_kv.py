@@ -122,6 +122,9 @@ def test_compressed_memories_through_a_registered_cache(embedded):
     )
     with pytest.raises(ValueError, match="another model or compression"):
         plain.from_bytes(small.to_bytes(state))
+    for name in ("duo_attention", "infllm"):  # state beyond keys/values/positions: refused, not silently dropped
+        with pytest.raises(ValueError, match="keeps state beyond"):
+            KVMemory(model, tokenizer, compress=name)
 
 
 def test_refuses_models_whose_keys_cannot_be_rerotated():
