@@ -8,6 +8,7 @@ Everything runs offline: SQLite (standard library) for records, safetensors for 
 - Policies: :class:`RetrievalPolicy` (plain; supersede or ADD-only), :class:`MemoryBankPolicy`, :class:`SCMPolicy`,
   :class:`AMemPolicy`, :class:`TiMPolicy`, :class:`RMMPolicy`; working memory for multi-step loops: :class:`HiAgentPolicy`, :class:`TMEPolicy`.
 - :class:`MemoryAgent` — ``chat(message, now=...)``: retrieve, prompt under a token budget, generate.
+- :class:`KVMemory` — memories as model state: KV states encoded once, stored, re-rotated and spliced into the cache.
 - LongMemEval: :func:`load_longmemeval`, :func:`synthetic_chat_history`, metrics in :mod:`.metrics`,
   :func:`hf_longmem.agents.evaluate.evaluate_agent` (``python -m hf_longmem.agents.evaluate``).
 """
@@ -16,6 +17,7 @@ from .agent import AgentReply, MemoryAgent
 from .amem import AMemPolicy
 from .embedders import BM25Embedder, Embedder, HashingEmbedder, LMEmbedder, top_k
 from .hiagent import HiAgentPolicy
+from .kv import KVMemory, KVState
 from .llm import LLM, FunctionLLM, TransformersLLM
 from .longmemeval import ingest_haystack, is_abstention, load_longmemeval
 from .memorybank import MemoryBankPolicy, retention
@@ -38,6 +40,8 @@ __all__ = [
     "FunctionLLM",
     "HashingEmbedder",
     "HiAgentPolicy",
+    "KVMemory",
+    "KVState",
     "LMEmbedder",
     "MemoryAgent",
     "MemoryBankPolicy",
