@@ -21,23 +21,20 @@ def test_agents_run_offline_without_sockets(tmp_path):
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
 
-        import hf_longmem
-        from hf_longmem.agents import MemoryAgent, MemoryStore, RMMPolicy
-        from hf_longmem.agents.evaluate import PASSKEY_READER
-        from hf_longmem.agents.kv import KVMemory
+        import json
+
+        from hf_longmem.agents import MemoryStore
         from hf_longmem.cli import main
 
-        model, tokenizer = hf_longmem.load_default_model()
         store = MemoryStore({str(tmp_path / "m.sqlite")!r})
-        agent = MemoryAgent(
-            model, tokenizer, store, RMMPolicy(), k=1, kv=KVMemory(model, tokenizer), max_new_tokens=8,
-            write_back=False, **PASSKEY_READER
-        )
-        agent.remember("tiger : The pass key is 48213. Remember it.", session_id="s1", timestamp=1)
-        assert "48213" in agent.answer("What was the pass key of tiger?", now=2).text
+        store.add("tiger : The pass key is 48213.", session_id="s1", timestamp=1)
         store.save_pretrained({str(tmp_path / "saved")!r})
         out = {str(tmp_path / "r.json")!r}
-        assert main(["agent-eval", "--synthetic", "--num-sessions", "3", "--num-questions", "4", "--output", out]) == 0
+        # One run covers the embedded model, the store, RMM's reranker and KV memories.
+        args = ["--synthetic", "--num-sessions", "3", "--num-questions", "4", "--policy", "rmm", "--kv-context"]
+        assert main(["agent-eval", *args, "--output", out]) == 0
+        summary = json.load(open(out))["summary"]
+        assert summary["memory_encode_tokens"] > 0 and summary["mean_reprefill_tokens"] > summary["mean_prompt_tokens"]
         print("OFFLINE-OK")
         """
     )
