@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .choices import ChoiceScores, choice_kl, score_choices
 from .fidelity import (
     FidelityResult,
     Reference,
@@ -45,6 +46,7 @@ __all__ = [
     "ROW_KEYS",
     "TASKS",
     "TASK_METRICS",
+    "ChoiceScores",
     "FidelityResult",
     "GenerationOutput",
     "PeakMemory",
@@ -53,6 +55,7 @@ __all__ = [
     "Turn",
     "aggregate_records",
     "answer_turns",
+    "choice_kl",
     "collect_meta",
     "compare_to_reference",
     "evaluate",
@@ -73,6 +76,7 @@ __all__ = [
     "run_benchmark",
     "save_results",
     "score",
+    "score_choices",
     "shared_context",
     "string_match_all",
 ]
