@@ -28,6 +28,7 @@ __all__ = [
     "metric_for",
     "score",
     "string_match_all",
+    "string_match_part",
 ]
 
 _INT_PATTERN = re.compile(r"[-+]?\d+")
@@ -83,6 +84,13 @@ def string_match_all(prediction: str, answers: Sequence[str], *, whole_words: bo
     return sum(answer.lower() in text for answer in answers) / len(answers)
 
 
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's ``string_match_part`` (its QA metric): 1.0 when any reference is a substring of the prediction
+    (case-insensitive), else 0.0."""
+    text = prediction.lower()
+    return float(any(answer.lower() in text for answer in _check_answers(answers)))
+
+
 def first_int(text: str) -> int | None:
     """The first integer written in ``text`` (optional sign, decimal digits), or ``None``."""
     match = _INT_PATTERN.search(text)
@@ -110,6 +118,7 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "exact_match": exact_match,
     "string_match_all": string_match_all,
     "string_match_all_words": _string_match_all_words,
+    "string_match_part": string_match_part,
     "first_int": first_int_match,
 }
 
