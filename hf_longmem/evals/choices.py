@@ -32,11 +32,14 @@ from typing import Any
 import torch
 from transformers import Cache
 
+from hf_longmem.cache_classes.base import cache_memory_bytes
 from hf_longmem.registry import make_cache
 
-from .profiling import model_device, prefill
+from .metrics import metric_for, score
+from .profiling import PeakMemory, model_device, prefill
+from .schema import Sample
 
-__all__ = ["ChoiceScores", "choice_kl", "choice_logprobs", "score_choices"]
+__all__ = ["ChoiceScores", "choice_kl", "choice_logprobs", "evaluate_choices", "is_choice_task", "score_choices"]
 
 
 @dataclass
@@ -48,12 +51,14 @@ class ChoiceScores:
         num_tokens: token count of each choice.
         greedy: whether each choice is the greedy continuation (every token the argmax), as lm-eval's ``is_greedy``.
         context_tokens: tokens of the context (special tokens included).
+        prefill_s: seconds of the context prefill (the forward that fills and compresses the cache).
     """
 
     logprobs: list[float]
     num_tokens: list[int]
     greedy: list[bool]
     context_tokens: int
+    prefill_s: float = 0.0
 
     @property
     def best(self) -> int:
@@ -181,7 +186,7 @@ def score_choices(
     if empty:
         raise ValueError(f"choice(s) {empty} encode to no tokens: {[choices[i] for i in empty]}")
     ids = torch.tensor([context_ids], dtype=torch.long, device=model_device(model))
-    last_logits, _ = prefill(model, ids, cache)
+    last_logits, prefill_s = prefill(model, ids, cache)
     past = len(context_ids)
     results = []
     for choice_ids in encoded:
@@ -197,4 +202,93 @@ def score_choices(
         num_tokens=[len(c) for c in encoded],
         greedy=[r[1] for r in results],
         context_tokens=len(context_ids),
+        prefill_s=prefill_s,
     )
+
+
+def is_choice_task(samples: Sequence[Sample]) -> bool:
+    """Whether ``samples`` are scored by choice (every sample has ``meta["choices"]``); ``ValueError`` if mixed."""
+    flags = {isinstance(s.meta.get("choices"), list) for s in samples}
+    if len(flags) > 1:
+        raise ValueError("some samples have meta['choices'] and others do not; evaluate them separately")
+    return flags == {True}
+
+
+def evaluate_choices(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    cache_name: str,
+    cache_options: Mapping[str, Any] | None = None,
+    *,
+    metric: str | None = None,
+    cache_label: str | None = None,
+    fidelity: bool = False,
+    references: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Scores samples whose turns are answered by choice (``meta["choices"]``, e.g. SORT's ``[" A", " B"]``).
+
+    Every turn is :func:`score_choices` of ``sample.context`` (prefilled and compressed first) and ``turn.query``
+    (fed after compression) through a fresh ``make_cache(cache_name, model, **cache_options)``; the prediction is
+    the most likely choice, stripped, scored against ``turn.answers``.
+
+    Args:
+        model, tokenizer, samples, cache_name, cache_options, metric, cache_label: as in
+            :func:`hf_longmem.evals.runner.evaluate`.
+        fidelity: also score with the full cache: ``top1_agreement`` is 1.0 when both caches pick the same choice,
+            ``kl`` is :func:`choice_kl` (full vs this cache), on every turn.
+        references: memo of the full cache's scores, keyed ``"choices:<sample id>:<turn>"`` (shared between caches).
+
+    Returns:
+        One record per (sample, turn) with the keys of :func:`hf_longmem.evals.runner.evaluate`'s records
+        (``mode`` is ``"choices"``, ``decode_*`` are ``None``), plus ``choice_logprobs``.
+    """
+    options = dict(cache_options or {})
+    make_cache(cache_name, model, **options)  # fail fast on bad options
+    memo = references if references is not None else {}
+    records = []
+    for sample in samples:
+        choices = sample.meta["choices"]
+        for index, turn in enumerate(sample.turns):
+            cache = make_cache(cache_name, model, **options)
+            with PeakMemory(model_device(model)) as peak:
+                result = score_choices(model, tokenizer, sample.context, choices, cache, query=turn.query)
+            prediction = choices[result.best].strip()
+            name = metric or metric_for(sample.task, sample.meta, turn)
+            record = {
+                "sample_id": sample.id,
+                "task": sample.task,
+                "turn": index,
+                "context_length": sample.meta.get("length"),
+                "prediction": prediction,
+                "answers": list(turn.answers),
+                "metric": name,
+                "score": score(prediction, turn.answers, name),
+                "num_new_tokens": result.num_tokens[result.best],
+                "stopped_at_eos": False,
+                "mode": "choices",
+                "cache": cache_label or cache_name,
+                "cache_name": cache_name,
+                "cache_kwargs": options,
+                "num_prompt_tokens": result.context_tokens,
+                "num_cached_tokens": 0,
+                "prefill_s": result.prefill_s,
+                "decode_s": None,
+                "decode_tokens_per_s": None,
+                "context_prefill_s": None,
+                "kv_bytes": cache_memory_bytes(cache),
+                "peak_memory_bytes": peak.peak_bytes,
+                "peak_memory_kind": peak.kind,
+                "batch_size": 1,
+                "top1_agreement": None,
+                "kl": None,
+                "choice_logprobs": result.logprobs,
+            }
+            if fidelity:
+                key = f"choices:{sample.id}:{index}"
+                if key not in memo:
+                    memo[key] = score_choices(model, tokenizer, sample.context, choices, "full", query=turn.query)
+                full = memo[key]
+                record.update(top1_agreement=float(full.best == result.best), kl=choice_kl(full, result))
+            records.append(record)
+    return records

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from hf_longmem.cache_classes.base import cache_memory_bytes
 from hf_longmem.registry import get_cache_spec, make_cache
 
+from .choices import evaluate_choices, is_choice_task
 from .fidelity import Reference, compare_to_reference, reference_continuation
 from .metrics import metric_for, score, wilson_interval
 from .profiling import PeakMemory, eos_token_ids, greedy_generate, model_device, prefill
@@ -339,6 +340,19 @@ def evaluate(
         ``fidelity``, else ``None``).
     """
     _check_mode(mode, history, batch_size)
+    samples = list(samples)
+    if is_choice_task(samples):  # ranking tasks (SORT): scored by log-likelihood through the cache, not generated
+        return evaluate_choices(
+            model,
+            tokenizer,
+            samples,
+            cache_name,
+            cache_options,
+            metric=metric,
+            cache_label=cache_label,
+            fidelity=fidelity,
+            references=references,
+        )
     options = dict(cache_options or {})
     make_cache(cache_name, model, **options)  # fail fast on bad options, before any work
     decoder = _Decoder(model, tokenizer)

@@ -451,7 +451,7 @@ TASKS: dict[str, Callable[..., list[Sample]]] = {
 }
 
 #: Modules of further task families; each registers its generators with :func:`register_task` on import.
-TASK_MODULES: tuple[str, ...] = ("ruler",)
+TASK_MODULES: tuple[str, ...] = ("ruler", "sort")
 
 
 def register_task(
