@@ -490,9 +490,10 @@ def _add_fidelity(
 
 
 def _memory_split(cache: Any, rows: int = 1) -> dict[str, int]:
-    """``kv_resident_bytes``/``kv_offloaded_bytes`` of a cache that splits its bytes (``memory_breakdown()``:
-    InfLLM/EM-LLM memory blocks offloaded to CPU vs held on the compute device), per row; ``{}`` for other caches."""
-    if not hasattr(cache, "memory_breakdown"):
+    """``kv_resident_bytes``/``kv_offloaded_bytes`` of a cache whose budget bounds the bytes on the compute device
+    (``memory_saving = "resident"``: InfLLM/EM-LLM memory blocks offloaded to CPU), per row, from its
+    ``memory_breakdown()``; ``{}`` for other caches (every byte they hold is resident)."""
+    if getattr(cache, "memory_saving", None) != "resident" or not hasattr(cache, "memory_breakdown"):
         return {}
     split = cache.memory_breakdown()
     return {
