@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.caches.split(","):
         for budget in (int(b) for b in args.budgets.split(",")):
             kls, scores = [], []
+            try:
+                from hf_longmem import make_cache
+
+                make_cache(name, model, budget=budget)
+            except ValueError as error:  # e.g. SnapKV needs a budget larger than its observation window
+                print(f"{name:10s} budget={budget:5d}  refused: {error}")
+                rows.append({"cache": name, "budget": budget, "refused": str(error)})
+                continue
             for sample, choices, full in cases:
                 result = score_choices(
                     model,

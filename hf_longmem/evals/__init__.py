@@ -7,12 +7,10 @@
 ...                      {"full": ("full", {}), "streaming": ("streaming", {"budget": 128})}, num_samples=4)
 >>> print(format_table(rows))
 
-The task generators (:mod:`hf_longmem.evals.tasks`) are imported on first use.
+Task generators are registered in :data:`hf_longmem.evals.tasks.TASKS` (see ``docs/evals.md``).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from .choices import ChoiceScores, choice_kl, score_choices
 from .fidelity import (
@@ -29,16 +27,10 @@ from .report import collect_meta, format_bytes, format_table, load_results, plot
 from .runner import MODES, ROW_KEYS, aggregate_records, answer_turns, evaluate, run_benchmark
 from .schema import Sample, Turn
 
-_LAZY = {"TASKS": "tasks", "generate_task": "tasks", "shared_context": "tasks"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# Eager, and after the modules above: importing any task-family module (``hf_longmem.evals.ruler``, ...) first runs
+# this package, so ``tasks`` always imports the families (its last statement) in their declared order, never from
+# inside a half-imported family module.
+from .tasks import TASKS, generate_task, shared_context  # noqa: E402
 
 __all__ = [
     "METRICS",

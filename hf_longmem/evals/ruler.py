@@ -131,7 +131,9 @@ def known_words(tokenizer: Any, words: Sequence[str] = WORDS) -> list[str]:
     return [w for w in words if unk not in tokenizer(" " + w, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
-def _pool(tokenizer: Any, words: Sequence[str] | None, need: int, what: str) -> list[str]:
+def word_pool(tokenizer: Any, words: Sequence[str] | None, need: int, what: str) -> list[str]:
+    """The distinct words of ``words`` (default :data:`WORDS`) the tokenizer knows; ``ValueError`` if fewer than
+    ``need`` (``what`` names the task in the message)."""
     if words is not None:
         if isinstance(words, str) or not all(isinstance(w, str) and w.strip() and " " not in w for w in words):
             raise ValueError("`words` must be a list of single words")
@@ -300,7 +302,7 @@ def _niah(
     words: Sequence[str] | None,
 ) -> list[Sample]:
     _check_common(tokenizer, length, num_samples, seed)
-    pool = _pool(tokenizer, words, 2, "a needle task")
+    pool = word_pool(tokenizer, words, 2, "a needle task")
     opt = _niah_options(num_keys, num_values, num_queries, haystack, value_type, depth, num_digits, len(pool))
     return [_niah_sample(task, tokenizer, length, seed, i, opt, pool) for i in range(num_samples)]
 
@@ -488,7 +490,7 @@ def common_words(
     check_int("num_fewshot", num_fewshot, low=0)
     shot_words, shot_common, shot_uncommon = (40, 10, 3) if long else (20, 3, 1)
     shot_words = max(shot_words, num_common + 1)
-    pool = _pool(tokenizer, words, max(num_common + 1, shot_words), "common_words")
+    pool = word_pool(tokenizer, words, max(num_common + 1, shot_words), "common_words")
     query = CWE_QUERY.format(num=num_common)
     samples = []
     for index in range(num_samples):
@@ -550,7 +552,7 @@ def _coded_words(
     if words is None and _unknown_id(tokenizer) is None:
         letters = string.ascii_lowercase
         return _distinct(rng, lambda: "".join(rng.choices(letters, k=word_length)), count, set())
-    pool = _pool(tokenizer, words, count, "frequent_words")
+    pool = word_pool(tokenizer, words, count, "frequent_words")
     return rng.sample(pool, count)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from hf_longmem.validation import check_int
 
 from .haystack import count_tokens, fit_num_units
-from .ruler import _pool
+from .ruler import word_pool
 from .schema import Sample, Turn
 from .tasks import _check_common, register_task
 
@@ -162,7 +162,7 @@ def sort(
     if title is None:
         title = Path(path).stem if path is not None else (SYNTHETIC_TITLE if text is None else "Untitled")
     book = split_sentences(source) if source is not None else None
-    words = None if book is not None else _pool(tokenizer, None, 2, "a synthetic SORT story")
+    words = None if book is not None else word_pool(tokenizer, None, 2, "a synthetic SORT story")
     if book is not None and len(book) < 2:
         raise ValueError("the text has fewer than two sentences; SORT needs two segments from it")
     samples = []
