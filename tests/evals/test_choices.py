@@ -135,3 +135,20 @@ def test_bad_arguments(tiny):
         score_choices(model, tok, "abc", [" a"], used)
     with pytest.raises(ValueError, match="registry name or a transformers Cache"):
         score_choices(model, tok, "abc", [" a"], 3)
+
+
+def test_prefill_in_the_cache_chunks(tiny):
+    """A cache that asks for chunked prefill (``generate_kwargs``, e.g. EM-LLM) gets it; with the full cache the
+    scores do not change."""
+    model, tok = tiny
+    context, choices = _random_case(2, length=50)
+    cache = make_cache("full", model)
+    cache.generate_kwargs = {"prefill_chunk_size": 16}
+    calls = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    try:
+        chunked = score_choices(model, tok, context, choices[:1], cache)
+    finally:
+        handle.remove()
+    assert calls[:4] == [16, 16, 16, 3]  # 51 context tokens (BOS included), then the choice
+    assert chunked.logprobs == pytest.approx(score_choices(model, tok, context, choices[:1]).logprobs, abs=1e-5)

@@ -76,3 +76,15 @@ def test_registering_twice_is_refused():
         tasks.register_task("passkey")(lambda tokenizer, length, num_samples, seed=0: [])
     with pytest.raises(ValueError, match="unknown metric"):
         tasks.register_task("new_task", metric="f1")
+
+
+def test_a_task_family_module_imported_first_registers_every_family():
+    """Importing a family module before anything else must not hit a half-imported sibling (``longgenbench`` first
+    used to fail: ``tasks`` imported ``alr2``, which needs a name ``longgenbench`` had not defined yet)."""
+    import subprocess
+    import sys
+
+    code = "import hf_longmem.evals.longgenbench; from hf_longmem.evals.tasks import TASKS; print(len(TASKS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == len(tasks.TASKS)
