@@ -795,10 +795,6 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             return self.init_valid
         return torch.ones(self.init_keys.shape[0], self.init_keys.shape[-2], dtype=torch.bool, device=self.device)
 
-    def form_blocks(self, sizes: list[int]) -> None:
-        """Every row's oldest ``sum(sizes)`` recent tokens become memory blocks of ``sizes`` (in order)."""
-        self.form_row_blocks([list(sizes)] * self.keys.shape[0])
-
     def form_row_blocks(self, sizes: list[list[int]]) -> None:
         """Row ``r``'s oldest ``sum(sizes[r])`` recent tokens become memory blocks of ``sizes[r]`` (in order).
 

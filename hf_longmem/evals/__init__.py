@@ -25,7 +25,7 @@ from .metrics import METRICS, TASK_METRICS, exact_match, first_int_match, metric
 from .profiling import GenerationOutput, PeakMemory, greedy_generate, prefill, profile_generation
 from .report import collect_meta, format_bytes, format_table, load_results, plot, save_results
 from .runner import MODES, ROW_KEYS, aggregate_records, answer_turns, evaluate, run_benchmark
-from .schema import Sample, Turn
+from .schema import ROW_FIELDS, RowField, Sample, Turn
 
 # Eager, and after the modules above: importing any task-family module (``hf_longmem.evals.ruler``, ...) first runs
 # this package, so ``tasks`` always imports the families (its last statement) in their declared order, never from
@@ -35,6 +35,7 @@ from .tasks import TASKS, generate_task, shared_context  # noqa: E402
 __all__ = [
     "METRICS",
     "MODES",
+    "ROW_FIELDS",
     "ROW_KEYS",
     "TASKS",
     "TASK_METRICS",
@@ -43,6 +44,7 @@ __all__ = [
     "GenerationOutput",
     "PeakMemory",
     "Reference",
+    "RowField",
     "Sample",
     "Turn",
     "aggregate_records",

@@ -46,7 +46,7 @@ from .choices import evaluate_choices, is_choice_task
 from .fidelity import Reference, compare_to_reference, reference_continuation
 from .metrics import metric_for, score, wilson_interval
 from .profiling import PeakMemory, eos_token_ids, greedy_generate, model_device, prefill
-from .schema import Sample, Turn
+from .schema import ROW_KEYS, Sample, Turn
 
 __all__ = [
     "HISTORY_MODES",
@@ -63,26 +63,6 @@ __all__ = [
 
 MODES = ("single", "rollback", "append")
 HISTORY_MODES = ("generated", "golden")
-
-#: Keys of every :func:`run_benchmark` row (consumed by ``hf_longmem.hub``); rows may carry a few more.
-ROW_KEYS = (
-    "model",
-    "task",
-    "cache",
-    "cache_name",
-    "cache_kwargs",
-    "context_length",
-    "num_samples",
-    "accuracy",
-    "accuracy_low",
-    "accuracy_high",
-    "kv_bytes",
-    "prefill_s",
-    "decode_tokens_per_s",
-    "peak_memory_bytes",
-    "top1_agreement",
-    "kl",
-)
 
 CacheOptions = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]
 
@@ -605,7 +585,8 @@ def run_benchmark(
             finished rows when the run is interrupted (Ctrl-C).
 
     Returns:
-        One row per (task, length, cache) in that nesting order, with the keys of :data:`ROW_KEYS` (see
+        One row per (task, length, cache) in that nesting order, with the keys of
+        :data:`~hf_longmem.evals.schema.ROW_KEYS` (the fields: :data:`~hf_longmem.evals.schema.ROW_FIELDS`; see
         :func:`aggregate_records`).
     """
     if not lengths:
