@@ -27,9 +27,8 @@ from typing import Any
 
 from hf_longmem.validation import check_int
 
-from .haystack import count_tokens, fit_num_units
 from .metrics import METRICS
-from .ruler import WORDS, known_words
+from .ruler import WORDS, fit_prompt, known_words
 from .schema import Sample, Turn
 from .tasks import _check_common, _max_new_tokens, register_task
 
@@ -143,15 +142,10 @@ def path_traversal(tokenizer: Any, length: int, num_samples: int, seed: int = 0,
             shown = sorted(order[: num_steps + 1 + n], key=key.__getitem__)  # the route's cities, then n others
             return TASK_PROMPT + "\n".join(lines[c] for c in shown)
 
-        def count(n: int, render=render, query: str = query, limit: int = len(names) - num_steps - 1) -> int:
-            return length + 1 if n > limit else count_tokens(tokenizer, render(n) + query)
-
-        extra, num_tokens = fit_num_units(count, length)
-        if extra == len(names) - num_steps - 1 and count(extra) < length - 40:
-            raise ValueError(
-                f"length={length} needs more than the {len(names)} city names this tokenizer allows; use a shorter "
-                "length"
-            )
+        limit = len(names) - num_steps - 1
+        extra, num_tokens = fit_prompt(
+            lambda n, render=render, query=query: (render(n), query), tokenizer, length, limit=limit
+        )
         reference = "\n".join(
             STEP_LINE.format(src=src, transit=transit[src], dst=dst) for src, dst in zip(route, route[1:])
         )

@@ -147,10 +147,15 @@ def word_pool(tokenizer: Any, words: Sequence[str] | None, need: int, what: str)
     return pool
 
 
-def _fit(
+def fit_prompt(
     build: Callable[[int], tuple[str, str]], tokenizer: Any, length: int, *, limit: int | None = None
 ) -> tuple[int, int]:
-    """Largest unit count ``n`` (``<= limit``) with ``build(n)`` (context, query) fitting in ``length`` tokens."""
+    """Largest unit count ``n <= limit`` whose ``build(n)`` (context, query) fits in ``length`` tokens.
+
+    Raises:
+        ValueError: when the units run out (``n == limit``) while one more unit of the last one's size would still fit,
+            so the prompt would fall short of ``length`` by more than a unit.
+    """
 
     def count(n: int) -> int:
         if limit is not None and n > limit:
@@ -159,7 +164,7 @@ def _fit(
         return count_tokens(tokenizer, context + query)
 
     n, num_tokens = fit_num_units(count, length)
-    if limit is not None and n == limit:
+    if limit is not None and n == limit and n > 0 and 2 * num_tokens - count(n - 1) <= length:
         raise ValueError(
             f"length={length} needs more than the {limit} units this task can draw (the prompt stops at "
             f"{num_tokens} tokens); pass a larger word pool or use a shorter length"
@@ -519,7 +524,7 @@ def common_words(
             )
             return prefix + CWE_INTRO + _numbered(listed), query
 
-        num_uncommon, num_tokens = _fit(build, tokenizer, length, limit=len(pool) - num_common)
+        num_uncommon, num_tokens = fit_prompt(build, tokenizer, length, limit=len(pool) - num_common)
         context, _ = build(num_uncommon)
         answers = order[:num_common]
         meta = {
@@ -600,7 +605,7 @@ def frequent_words(
             random.Random(f"frequent_words:{seed}:{index}:{n}").shuffle(text)
             return FWE_INTRO + " ".join(text), FWE_QUERY
 
-        num_words, num_tokens = _fit(build, tokenizer, length)
+        num_words, num_tokens = fit_prompt(build, tokenizer, length)
         context, query = build(num_words)
         answers = vocab[1:4]
         meta = {
@@ -801,7 +806,7 @@ def qa(
             body = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(chosen))
             return QA_INTRO + body, query
 
-        num_extra, num_tokens = _fit(build, tokenizer, length)
+        num_extra, num_tokens = fit_prompt(build, tokenizer, length)
         context, _ = build(num_extra)
         meta = {
             "length": length,
