@@ -23,6 +23,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
+from hf_longmem.registry import make_cache
 from hf_longmem.validation import check_int
 
 from .haystack import count_tokens, fit_num_units
@@ -179,3 +182,68 @@ def accuracy_by_index(records: Sequence[Mapping[str, Any]]) -> list[float | None
         hits = [r[i] for r in rows if len(r) > i]
         accuracy.append(sum(hits) / len(hits) if hits else None)
     return accuracy
+
+
+def gold_response(answers: Sequence[str]) -> str:
+    """The response a solver writes after the query ``"Answer_1:"``: ``" The answer is a1. Answer_2: The answer is
+    a2. ..."``."""
+    rest = "".join(f" Answer_{i + 2}: The answer is {a}." for i, a in enumerate(answers[1:]))
+    return f" The answer is {answers[0]}.{rest}"
+
+
+@torch.inference_mode()
+def kl_by_index(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sample: Sample,
+    cache: str,
+    cache_options: Mapping[str, Any] | None = None,
+) -> list[float]:
+    """Mean ``KL(p_full || p_cache)`` over the tokens of each answer of the gold response, teacher-forced.
+
+    The gold response (:func:`gold_response`) is fed token by token after ``context + query`` through the full cache
+    and through ``cache``, so both predict the same positions and decode-time eviction shows up where it happens:
+    by question index. It needs no model that can solve the questions, unlike :func:`accuracy_by_index`.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer.
+        sample: a :func:`long_generation` sample.
+        cache: registry name of the cache under test.
+        cache_options: its options.
+
+    Returns:
+        ``K`` mean KL values (nats), question ``i + 1`` at index ``i``.
+    """
+    from .fidelity import Reference, compare_to_reference
+    from .profiling import greedy_generate, model_device
+
+    answers = sample.turns[0].answers
+    pieces = [f" The answer is {answers[0]}."] + [
+        f" Answer_{i + 2}: The answer is {a}." for i, a in enumerate(answers[1:])
+    ]
+    forced_ids, owner = [], []
+    for index, piece in enumerate(pieces):
+        ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        forced_ids += ids
+        owner += [index] * len(ids)
+    prompt = tokenizer(sample.context, add_special_tokens=True)["input_ids"]
+    prompt += tokenizer(sample.turns[0].query, add_special_tokens=False)["input_ids"]
+    device = model_device(model)
+    input_ids = torch.tensor([prompt], device=device)
+    forced = torch.tensor([forced_ids], device=device)
+    full = greedy_generate(
+        model,
+        input_ids,
+        make_cache("full", model),
+        max_new_tokens=forced.shape[1],
+        forced_tokens=forced,
+        eos_token_id=[],
+        return_logprobs=True,
+    )
+    reference = Reference(input_ids=input_ids, tokens=forced[0], logprobs=full.logprobs[0])
+    result = compare_to_reference(model, reference, make_cache(cache, model, **dict(cache_options or {})))
+    per_index = [[] for _ in pieces]
+    for position, kl in enumerate(result.kl_per_position):
+        per_index[owner[position]].append(kl)
+    return [sum(values) / len(values) for values in per_index]

@@ -141,3 +141,18 @@ def test_retrieval_scores():
 def test_bad_arguments(call, match, word_tok):
     with pytest.raises(ValueError, match=match):
         call(word_tok)
+
+
+def test_kl_by_index_is_zero_for_full_and_positive_when_evicting():
+    from tests.helpers.tiny_models import tiny_model
+    from tests.helpers.tiny_tokenizer import tiny_tokenizer
+
+    model, tok = tiny_model("llama_gqa", "sdpa"), tiny_tokenizer()
+    (s,) = longgenbench.long_generation(tok, 500, 1, max_questions=3)
+    answers = s.turns[0].answers
+    assert len(answers) >= 2 and s.meta["num_questions"] == len(answers)
+    assert longgenbench.parse_answers(longgenbench.gold_response(answers), len(answers)) == [int(a) for a in answers]
+    full = longgenbench.kl_by_index(model, tok, s, "full")
+    assert len(full) == len(answers) and max(full) < 1e-6
+    small = longgenbench.kl_by_index(model, tok, s, "streaming", {"budget": 32})
+    assert len(small) == len(answers) and min(small) > 0
