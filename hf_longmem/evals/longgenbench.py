@@ -10,7 +10,8 @@ Here the questions are seeded one-step arithmetic word problems (GSM8K-like in f
 :func:`long_generation` fits as many of them as ``length`` tokens hold (the questions are the prompt's units, up to
 ``max_questions``). The sample's single turn lists the answers in question order and is scored with the
 ``"answer_by_index"`` metric (the fraction of questions answered right); :func:`accuracy_by_index` turns the
-runner's records into per-index accuracy.
+runner's records into per-index accuracy, and :func:`kl_by_index` measures the divergence from the full cache per
+question index with the gold response teacher-forced (for models that cannot answer the questions).
 
 Deviations, and why: generated arithmetic questions instead of GSM8K/MMLU/CSQA (no downloads; exact answers); the
 length sets the number of questions (LongGenBench fixes K per run; pass ``max_questions`` to cap it).
