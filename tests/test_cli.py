@@ -377,6 +377,6 @@ def test_bench_scores_choice_tasks_through_the_cache(model_dir, tmp_path, capsys
     args += ["--lengths", "700", "--num-samples", "2", "--caches", "full,streaming", "--budget", "64"]
     assert main([*args, "--fidelity", "--no-progress", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["cache"] for r in rows] == ["full", "streaming"] and all(r["mode"] == "choices" for r in rows)
+    assert [r["cache"] for r in rows] == ["full", "streaming"] and all(r["mode"] == "rollback" for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kl"] > 0
     assert "sort" in capsys.readouterr().out

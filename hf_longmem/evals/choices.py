@@ -50,7 +50,8 @@ class ChoiceScores:
         logprobs: summed log-probability (nats) of each choice's tokens after the context.
         num_tokens: token count of each choice.
         greedy: whether each choice is the greedy continuation (every token the argmax), as lm-eval's ``is_greedy``.
-        context_tokens: tokens of the context (special tokens included).
+        context_tokens: tokens prefilled before the choices' copies (the context, special tokens included, and the
+            query with ``query_in_prefill``).
         prefill_s: seconds of the context prefill (the forward that fills and compresses the cache).
     """
 
@@ -142,13 +143,15 @@ def score_choices(
     cache: str | Cache = "full",
     *,
     query: str = "",
+    query_in_prefill: bool = False,
     cache_options: Mapping[str, Any] | None = None,
 ) -> ChoiceScores:
-    """Summed log-probability of each choice's tokens after ``context``, read through ``cache``.
+    """Summed log-probability of each choice's tokens after ``context`` (and ``query``), read through ``cache``.
 
-    The context is prefilled once (in one forward, or in the model's ``generation_config.prefill_chunk_size``
-    chunks, as ``generate`` does) into ``cache``, which compresses it; each choice is then fed from a deep copy of
-    that cache, so the base cache ends holding the context only.
+    The context is prefilled once (in one forward, or in chunks where the cache's ``generate_kwargs`` or the model's
+    ``generation_config`` set ``prefill_chunk_size``, as ``generate`` does) into ``cache``, which compresses it;
+    the query and each choice are then fed from a deep copy of that cache, so the base cache ends holding the
+    context only.
 
     Args:
         model: a Hugging Face causal LM.
@@ -156,6 +159,10 @@ def score_choices(
         context: the text before the choices (encoded with special tokens).
         choices: candidate continuations (encoded without special tokens), usually starting with a space.
         cache: a registry name (built with ``cache_options``) or a fresh, empty ``Cache``.
+        query: text between the context and the choices (encoded without special tokens), e.g. the question and an
+            answer prefix; by default fed *after* the context is compressed (the runner's rollback mode).
+        query_in_prefill: prefill context and query in one forward instead, so that a query-aware cache (SnapKV)
+            compresses with the question in view (the runner's single mode).
         cache_options: options of a cache given by name, e.g. ``{"budget": 64}``.
 
     Returns:
@@ -185,6 +192,8 @@ def score_choices(
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"choice(s) {empty} encode to no tokens: {[choices[i] for i in empty]}")
+    if query_in_prefill:
+        context_ids, query_ids = context_ids + query_ids, []
     ids = torch.tensor([context_ids], dtype=torch.long, device=model_device(model))
     last_logits, prefill_s = prefill(model, ids, cache)
     past = len(context_ids)
@@ -221,6 +230,7 @@ def evaluate_choices(
     cache_name: str,
     cache_options: Mapping[str, Any] | None = None,
     *,
+    mode: str = "rollback",
     metric: str | None = None,
     cache_label: str | None = None,
     fidelity: bool = False,
@@ -228,21 +238,27 @@ def evaluate_choices(
 ) -> list[dict[str, Any]]:
     """Scores samples whose turns are answered by choice (``meta["choices"]``, e.g. SORT's ``[" A", " B"]``).
 
-    Every turn is :func:`score_choices` of ``sample.context`` (prefilled and compressed first) and ``turn.query``
-    (fed after compression) through a fresh ``make_cache(cache_name, model, **cache_options)``; the prediction is
-    the most likely choice, stripped, scored against ``turn.answers``.
+    Every turn is :func:`score_choices` of ``sample.context`` and ``turn.query`` through a fresh
+    ``make_cache(cache_name, model, **cache_options)``; the prediction is the most likely choice, stripped, scored
+    against ``turn.answers``.
 
     Args:
         model, tokenizer, samples, cache_name, cache_options, metric, cache_label: as in
             :func:`hf_longmem.evals.runner.evaluate`.
+        mode: ``"rollback"``: the context is compressed before the question is seen, each turn from a copy;
+            ``"single"``: context and question are prefilled (and compressed) together. Ranking has no ``"append"``
+            mode (there is no generated answer to append).
         fidelity: also score with the full cache: ``top1_agreement`` is 1.0 when both caches pick the same choice,
             ``kl`` is :func:`choice_kl` (full vs this cache), on every turn.
         references: memo of the full cache's scores, keyed ``"choices:<sample id>:<turn>"`` (shared between caches).
 
     Returns:
         One record per (sample, turn) with the keys of :func:`hf_longmem.evals.runner.evaluate`'s records
-        (``mode`` is ``"choices"``, ``decode_*`` are ``None``), plus ``choice_logprobs``.
+        (``decode_*`` are ``None``), plus ``choice_logprobs`` and ``scored_by = "choices"``.
     """
+    if mode not in ("single", "rollback"):
+        raise ValueError(f"choice-scored samples are answered in mode 'single' or 'rollback', got mode={mode!r}")
+    in_prefill = mode == "single"
     options = dict(cache_options or {})
     make_cache(cache_name, model, **options)  # fail fast on bad options
     memo = references if references is not None else {}
@@ -252,8 +268,11 @@ def evaluate_choices(
         for index, turn in enumerate(sample.turns):
             cache = make_cache(cache_name, model, **options)
             with PeakMemory(model_device(model)) as peak:
-                result = score_choices(model, tokenizer, sample.context, choices, cache, query=turn.query)
+                result = score_choices(
+                    model, tokenizer, sample.context, choices, cache, query=turn.query, query_in_prefill=in_prefill
+                )
             prediction = choices[result.best].strip()
+            query_tokens = len(_encode(tokenizer, turn.query, special=False)) if turn.query else 0
             name = metric or metric_for(sample.task, sample.meta, turn)
             record = {
                 "sample_id": sample.id,
@@ -266,12 +285,13 @@ def evaluate_choices(
                 "score": score(prediction, turn.answers, name),
                 "num_new_tokens": result.num_tokens[result.best],
                 "stopped_at_eos": False,
-                "mode": "choices",
+                "mode": mode,
                 "cache": cache_label or cache_name,
                 "cache_name": cache_name,
                 "cache_kwargs": options,
-                "num_prompt_tokens": result.context_tokens,
-                "num_cached_tokens": 0,
+                # As the runner counts them: tokens fed this turn, and tokens the cache saw before it.
+                "num_prompt_tokens": result.context_tokens if in_prefill else query_tokens,
+                "num_cached_tokens": 0 if in_prefill else result.context_tokens,
                 "prefill_s": result.prefill_s,
                 "decode_s": None,
                 "decode_tokens_per_s": None,
@@ -283,11 +303,14 @@ def evaluate_choices(
                 "top1_agreement": None,
                 "kl": None,
                 "choice_logprobs": result.logprobs,
+                "scored_by": "choices",
             }
             if fidelity:
-                key = f"choices:{sample.id}:{index}"
+                key = f"choices:{mode}:{sample.id}:{index}"
                 if key not in memo:
-                    memo[key] = score_choices(model, tokenizer, sample.context, choices, "full", query=turn.query)
+                    memo[key] = score_choices(
+                        model, tokenizer, sample.context, choices, "full", query=turn.query, query_in_prefill=in_prefill
+                    )
                 full = memo[key]
                 record.update(top1_agreement=float(full.best == result.best), kl=choice_kl(full, result))
             records.append(record)

@@ -328,6 +328,7 @@ def evaluate(
             samples,
             cache_name,
             cache_options,
+            mode=mode,
             metric=metric,
             cache_label=cache_label,
             fidelity=fidelity,
@@ -619,7 +620,10 @@ def run_benchmark(
         samples = task_generator(task, tokenizer, length, num_samples, seed, **dict(task_options[task]))
         if not samples:
             raise ValueError(f"task {task!r} produced no samples at length {length}")
-        task_mode = mode or ("single" if all(len(s.turns) == 1 for s in samples) else "rollback")
+        # Auto: single for one-question tasks, rollback for several and for ranking tasks (their context is compressed
+        # before the question, the realistic setting; SCBench / kvpress).
+        single = all(len(s.turns) == 1 for s in samples) and not is_choice_task(samples)
+        task_mode = mode or ("single" if single else "rollback")
         references: dict[str, Reference] = {}
         for label, (cache_name, options) in caches.items():
             outer.set_postfix_str(f"{task} {length} {label}")

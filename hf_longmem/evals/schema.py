@@ -106,7 +106,7 @@ ROW_FIELDS: tuple[RowField, ...] = (
         True,
         "KL to the full cache's next-token (or choice) distributions (``--fidelity``)",
     ),
-    RowField("mode", "text", False, False, False, "``single``, ``rollback``, ``append`` or ``choices`` (ranked)"),
+    RowField("mode", "text", False, False, False, "``single``, ``rollback`` or ``append``"),
     RowField("num_turns", "int", False, False, True, "answers scored (the interval's sample size)"),
     RowField("mean_prompt_tokens", "number", False, False, True, "mean prompt + cached tokens per answer"),
     RowField("context_prefill_s", "number", False, False, True, "mean seconds of the shared context's prefill"),

@@ -4,8 +4,8 @@ recall tasks"), from any text or from local Book-SORT CSV files.
 An excerpt of a text is the context; the question shows two segments of it, labelled A and B in a random order, and
 asks which one appeared first. As in the official evaluation (bridge-ai-neuro/SORT ``sort/evaluation``), the answer
 is read from the log-likelihoods of the two labels after the answer prefix ``"Answer: Segment"`` — here through
-:func:`hf_longmem.evals.choices.score_choices`, i.e. *from the cache under test*: the excerpt is prefilled and
-compressed before the question is seen. A sample carries ``meta["choices"] = [" A", " B"]``; the runner scores such
+:func:`hf_longmem.evals.choices.score_choices`, i.e. *from the cache under test*: by default (the runner's rollback
+mode) the excerpt is prefilled and compressed before the question is seen. A sample carries ``meta["choices"] = [" A", " B"]``; the runner scores such
 samples by choice (:func:`hf_longmem.evals.choices.evaluate_choices`) instead of generating. Chance is 50%.
 
 Prompts are the official ``prompt_0`` (``pre_excerpt`` + ``post_excerpt`` + ``model_answer_prefix``), without a chat

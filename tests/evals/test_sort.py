@@ -131,17 +131,26 @@ def test_load_booksort_rejects_malformed_files(tmp_path):
 def test_scored_by_choice_through_the_cache(embedded):
     model, tok = embedded
     samples = sort.sort(tok, 400, 4, seed=1)
-    full = evaluate(model, tok, samples, "full", fidelity=True, progress=False)
-    assert all(r["mode"] == "choices" and r["kl"] < 1e-9 and r["top1_agreement"] == 1.0 for r in full)
+    full = evaluate(model, tok, samples, "full", mode="rollback", fidelity=True, progress=False)
+    assert all(r["mode"] == "rollback" and r["scored_by"] == "choices" for r in full)
+    assert all(r["kl"] < 1e-9 and r["top1_agreement"] == 1.0 for r in full)
     assert all(r["prediction"] in ("A", "B") and r["score"] == float(r["prediction"] == r["answers"][0]) for r in full)
-    small = evaluate(model, tok, samples, "streaming", {"budget": 16}, fidelity=True, progress=False)
+    assert all(r["num_cached_tokens"] > r["num_prompt_tokens"] > 0 for r in full)  # context cached, query fed
+    small = evaluate(model, tok, samples, "streaming", {"budget": 16}, mode="rollback", fidelity=True, progress=False)
     assert sum(r["kl"] for r in small) / len(small) > 0.01
     assert all(s["kv_bytes"] < f["kv_bytes"] for s, f in zip(small, full))
+    # Single mode: context and question in one prefill; with the full cache the scores are the same.
+    single = evaluate(model, tok, samples, "full", mode="single", progress=False)
+    assert all(r["mode"] == "single" and r["num_cached_tokens"] == 0 for r in single)
+    for a, b in zip(single, full):
+        assert a["choice_logprobs"] == pytest.approx(b["choice_logprobs"], abs=1e-5)
+    with pytest.raises(ValueError, match="'single' or 'rollback'"):
+        evaluate(model, tok, samples, "full", mode="append", progress=False)
 
 
 def test_run_benchmark_takes_sort(embedded):
     model, tok = embedded
     caches = {"full": ("full", {}), "streaming": ("streaming", {"budget": 32})}
     rows = run_benchmark(model, tok, ["sort"], [300], caches, num_samples=2, fidelity=True, progress=False)
-    assert [r["cache"] for r in rows] == ["full", "streaming"] and all(r["mode"] == "choices" for r in rows)
+    assert [r["cache"] for r in rows] == ["full", "streaming"] and all(r["mode"] == "rollback" for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
