@@ -21,6 +21,7 @@ from .fidelity import (
     prompt_fidelity,
     reference_continuation,
 )
+from .loaders import load_infinitebench, load_longbench, load_scbench
 from .metrics import METRICS, TASK_METRICS, exact_match, first_int_match, metric_for, score, string_match_all
 from .profiling import GenerationOutput, PeakMemory, greedy_generate, prefill, profile_generation
 from .report import collect_meta, format_bytes, format_table, load_results, plot, save_results
@@ -60,7 +61,10 @@ __all__ = [
     "generate_task",
     "greedy_generate",
     "kl_divergence",
+    "load_infinitebench",
+    "load_longbench",
     "load_results",
+    "load_scbench",
     "metric_for",
     "plot",
     "prefill",
