@@ -79,6 +79,7 @@ class ThinKLayer(CompressedLayer):
     def __init__(self, base: CompressedLayer | None, key_channel_ratio: float, window_size: int, recent_size: int):
         super().__init__()
         self.base = base
+        self._initial_base = base  # handed its tokens over at pruning (``base`` -> None); back on reset()
         self.key_channel_ratio, self.window_size, self.recent_size = key_channel_ratio, window_size, recent_size
         self.pruned_keys = self.pruned_values = self.pruned_positions = self.channel_index = None
         self._pending = False
@@ -88,6 +89,17 @@ class ThinKLayer(CompressedLayer):
     @property
     def is_pruned(self) -> bool:
         return self.pruned_keys is not None
+
+    def reset(self) -> None:
+        """Forget everything: the base layer, the packed prompt and its channel choice (``cache.reset()``)."""
+        super().reset()
+        self.base = self._initial_base
+        if self.base is not None:
+            self.base.reset()
+        self.pruned_keys = self.pruned_values = self.pruned_positions = self.channel_index = None
+        self._pending = False
+        self._new_real = None
+        self._packed_has_pads = None
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, key_states, value_states, *args, **kwargs):
@@ -157,6 +169,7 @@ class ThinKLayer(CompressedLayer):
         if self.base is not None:
             self.cumulative_length, self.real_seen = self.base.cumulative_length, self.base.real_seen
             self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+            self.base.reset()  # its tokens are ours now: release its buffers (kept for reuse after reset())
             self.base = None
         # clone: a (possibly empty) view would keep the whole full-width prompt storage alive
         self.keys = keys[..., packed:, :].clone()

@@ -31,6 +31,7 @@ CONTRACT_TESTS = {
     "test_beam_search_at_full_budget_equals_dynamic",
     "test_beam_search_reorders_all_per_row_state",
     "test_seen_vs_stored_and_memory_bytes",
+    "test_reset_then_reuse_equals_a_fresh_cache",
 }
 SMALL_BUDGET_TESTS = {
     "test_pads_are_never_kept_when_evicting",
@@ -253,3 +254,20 @@ def test_left_padded_batch_equals_rows_alone_at_the_pooling_cut_off(name, poolin
         assert kept(batch_cache, row) == kept(row_cache, 0)
         assert torch.equal(seq[row, 24:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", cases_for("test_reset_then_reuse_equals_a_fresh_cache"))
+def test_reset_then_reuse_equals_a_fresh_cache(case):
+    """``cache.reset()`` forgets every per-sequence state: the next prompt decodes as with a fresh cache, at an
+    evicting budget where the method has one (what it kept, scored or pruned must not leak into the next prompt)."""
+    model = tiny_model("llama_gqa")
+    options = case.small_options() if case.small is not None else case.full_options()
+    cache = build(case, model, options)
+    greedy(model, random_ids(1, 30, seed=1), cache, max_new_tokens=4)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    ids = random_ids(1, 26, seed=2)
+    seq, logits = greedy(model, ids, cache, max_new_tokens=5)
+    fresh_seq, fresh_logits = greedy(model, ids, build(case, model, options), max_new_tokens=5)
+    assert torch.equal(seq, fresh_seq)
+    torch.testing.assert_close(logits, fresh_logits, rtol=0, atol=0)

@@ -197,3 +197,19 @@ def test_triton_channel_attention_matches_the_torch_path():
     layer.kernel_backend = "triton"  # this layer only
     triton_out = layer._attend_pruned(query, features)
     torch.testing.assert_close(triton_out, torch_out, rtol=1e-4, atol=1e-4)
+
+
+def test_reset_forgets_the_packed_prompt():
+    """``cache.reset()`` then a new prompt gives what a fresh cache gives (the packed prompt and channels are gone)."""
+    model = tiny_model("llama_gqa")
+    options = dict(budget=24, window_size=4, key_channel_ratio=0.5)
+    cache = make_cache("think", model, **options)
+    greedy(model, random_ids(1, 40, seed=1), cache, max_new_tokens=3)
+    assert all(layer.is_pruned for layer in cache.layers)
+    cache.reset()
+    assert not any(layer.is_pruned for layer in cache.layers) and cache.get_seq_length() == 0
+    ids = random_ids(1, 36, seed=2)
+    seq, logits = greedy(model, ids, cache, max_new_tokens=4)
+    fresh_seq, fresh_logits = greedy(model, ids, make_cache("think", model, **options), max_new_tokens=4)
+    assert torch.equal(seq, fresh_seq)
+    torch.testing.assert_close(logits, fresh_logits, rtol=0, atol=0)
