@@ -12,7 +12,8 @@ class overrides both request paths:
   fresh cache of the chosen method (which compresses it as it would a prompt; in chunks when the cache asks for it,
   e.g. EM-LLM's execution blocks), the next-token distribution after the context scores the first continuation
   token, and the remaining continuation tokens are fed **through that cache** (they attend the compressed context)
-  to score the rest. Requests sharing a context prefill it once and score each continuation from a copy of the cache.
+  to score the rest — the computation of :func:`hf_longmem.evals.score_choices`, on lm-eval's token ids. Requests
+  sharing a context prefill it once and score each continuation from a copy of the cache.
   With ``cache=full`` this equals lm-eval's one-forward scores (up to float rounding).
 - **generation** (``generate_until``): ``model.generate(..., cache=<fresh cache>, **cache.generate_kwargs)``.
 
@@ -47,6 +48,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 from tqdm.auto import tqdm
 
+from hf_longmem.evals.choices import choice_logprobs
+from hf_longmem.evals.profiling import prefill
 from hf_longmem.registry import get_cache_spec, make_cache
 
 __all__ = ["LongMemLM"]
@@ -81,22 +84,10 @@ class LongMemLM(HFLM):
         return make_cache(self.cache_name, self.model, **self.cache_options)
 
     # ------------------------------------------------------------------------------------------- log-likelihood
-    def _forward(self, ids: list[int], cache, past: int) -> torch.Tensor:
-        """Feed ``ids`` at positions ``past..`` through ``cache``; logits ``[len(ids), vocab]`` (float32)."""
-        tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(past, past + len(ids), device=self.device)[None]
-        return self.model(input_ids=tensor, position_ids=positions, cache=cache, use_cache=True).logits[0].float()
-
-    def _prefill(self, context: list[int], cache) -> torch.Tensor:
-        """Prefill ``context`` (in the cache's chunks if it asks for them); the logits after its last token."""
-        chunk = (getattr(cache, "generate_kwargs", None) or {}).get("prefill_chunk_size") or len(context)
-        for begin in range(0, len(context), chunk):
-            logits = self._forward(context[begin : begin + chunk], cache, begin)
-        return logits[-1]
-
-    @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        """``(sum of continuation log-probs, continuation is greedy)`` per request, through a compressed cache."""
+        """``(sum of continuation log-probs, continuation is greedy)`` per request, through a compressed cache
+        (:func:`hf_longmem.evals.profiling.prefill` of the context, then
+        :func:`hf_longmem.evals.choices.choice_logprobs` of each continuation from the cache, as ``score_choices``)."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         by_context: dict[tuple[int, ...], list[int]] = {}
         for index, (_, context, continuation) in enumerate(requests):
@@ -109,20 +100,13 @@ class LongMemLM(HFLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood (hf_longmem)")
         for context, indices in by_context.items():
             base = self.new_cache()
-            first = torch.log_softmax(self._prefill(list(context), base), -1)
+            last_logits, _ = prefill(self.model, torch.tensor([context], dtype=torch.long), base)
             for k, index in enumerate(indices):
-                continuation = requests[index][2]
-                logp = [first]
-                if len(continuation) > 1:
-                    cache = base if k == len(indices) - 1 else copy.deepcopy(base)
-                    logp.append(torch.log_softmax(self._forward(continuation[:-1], cache, len(context)), -1))
-                logp = torch.cat([row.reshape(-1, row.shape[-1]) for row in logp])
-                target = torch.tensor(continuation, device=logp.device)
-                answer = (float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+                cache = base if k == len(indices) - 1 else copy.deepcopy(base)  # the last one may extend the base
+                answer = choice_logprobs(self.model, cache, last_logits, len(context), list(requests[index][2]))
                 results[index] = answer
-                request = requests[index][0]
-                if request is not None:
-                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                if requests[index][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
                 bar.update(1)
         bar.close()
         return results
