@@ -24,8 +24,8 @@ random numbers of the same length for numeric answers (the paper has an LLM writ
 
 Deviations (and why): the paper's brief and detailed explanations are written by an LLM from the image and question
 (``CoIN-ASD/prompts/*/brief.txt``, ``detail.txt``); without an LLM and for generated facts, the explanations here are
-templated restatements of the fact. ``ratio`` defaults to 0.2 (the released ``train_x20.json`` annotations; the paper
-sweeps X). The words of these templates (``yes``, ``no``, ``Options``, ...) are not in the embedded tiny model's closed
+templated restatements of the fact. ``ratio`` defaults to 0.2, the ``X = 20`` of the SEFE README's example
+(``train_x20.json``; annotations are released for several ``X``). The words of these templates (``yes``, ``no``, ``Options``, ...) are not in the embedded tiny model's closed
 vocabulary: with such a tokenizer the strategy refuses to start and names the missing words (build the tokenizer with
 ``hf_longmem.evals.vocab.build_tokenizer(texts)`` over the rewritten texts, or use a BPE tokenizer).
 """
