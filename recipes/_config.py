@@ -10,13 +10,34 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from hf_longmem.training import LongSequenceOptions
+
 ConfigT = TypeVar("ConfigT")
+
+
+@dataclass
+class LongSequenceConfig:
+    """Long-sequence memory options a recipe config inherits (YAML keys / ``--key value``; all off by default).
+
+    ``activation_checkpointing``: recompute each layer in backward; ``activation_offload``: keep the activations saved
+    for backward in host memory; ``chunked_ce``: positions per chunk of a cross entropy that never holds
+    ``[batch, seq, vocab]`` logits (``0``: off). Gradients equal the plain path's
+    (:mod:`hf_longmem.training.long_sequence`).
+    """
+
+    activation_checkpointing: bool = False
+    activation_offload: bool = False
+    chunked_ce: int = 0
+
+    def long_sequence_options(self) -> LongSequenceOptions:
+        """The validated options (``ValueError`` naming a bad one)."""
+        return LongSequenceOptions(self.activation_checkpointing, self.activation_offload, self.chunked_ce)
 
 
 def _parse_bool(text: str) -> bool:

@@ -40,6 +40,7 @@ output has an ``aux_loss`` (e.g. a router's load-balancing loss, already scaled 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -52,7 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _config import parse_recipe_config
+from _config import LongSequenceConfig, parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -62,11 +63,14 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from hf_longmem.evals.recall import RECALL_TASKS, RecallMixture, collate_recall, evaluate_recall
 from hf_longmem.evals.vocab import build_tokenizer
+from hf_longmem.training import chunked_token_cross_entropy, lm_head_bypassed
 
 
 @dataclass
-class MemoryTrainConfig:
-    """Recipe configuration (YAML keys; scalars can be overridden with ``--key value``)."""
+class MemoryTrainConfig(LongSequenceConfig):
+    """Recipe configuration (YAML keys; scalars can be overridden with ``--key value``); the long-sequence options
+    ``activation_checkpointing``, ``activation_offload``, ``chunked_ce`` come from
+    :class:`_config.LongSequenceConfig`."""
 
     output_dir: str = "runs/memory"
     seed: int = 0
@@ -114,6 +118,7 @@ def validate(config: MemoryTrainConfig) -> None:
             raise ValueError(f"eval.tasks entries need a task in {sorted(RECALL_TASKS)} and a length, got {spec}")
     if config.publish is not None and not config.publish.get("repo_id"):
         raise ValueError(f"publish needs a repo_id, got {config.publish!r}")
+    config.long_sequence_options()
 
 
 def ensure_registered(model_type: str) -> None:
@@ -149,22 +154,33 @@ def build_model(model_spec: dict[str, Any], tokenizer: Any, seed: int) -> Any:
     return AutoModelForCausalLM.from_config(config)
 
 
-def recall_loss(output: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def recall_loss(
+    output: Any, batch: dict[str, torch.Tensor], head: torch.nn.Linear | None = None, chunk_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted next-token cross entropy and, per sample, answer hits and answer counts.
 
     Args:
-        output: model output with ``logits`` ``[batch, seq, vocab]``.
+        output: model output with ``logits`` ``[batch, seq, vocab]``, or (``chunk_size > 0``, the head bypassed by
+            :func:`hf_longmem.training.lm_head_bypassed`) the final hidden states ``[batch, seq, hidden]``.
         batch: :func:`hf_longmem.evals.recall.collate_recall` output.
+        head: the LM head (``chunk_size > 0``).
+        chunk_size: positions per chunk of the chunked cross entropy (``0``: from full logits).
 
     Returns:
         ``(loss, hits [batch], answers [batch])``.
     """
-    logits = output.logits[:, :-1].float()
     targets = batch["input_ids"][:, 1:]
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    if chunk_size:
+        ce, predictions = chunked_token_cross_entropy(
+            output.logits[:, :-1], head.weight, targets, chunk_size, head.bias
+        )
+    else:
+        logits = output.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        predictions = logits.argmax(-1)
     weights, answer = batch["loss_weights"], batch["answer_mask"]
     loss = (ce * weights).sum() / weights.sum().clamp_min(1e-9)
-    hits = ((logits.argmax(-1) == targets) & answer).sum(-1)
+    hits = ((predictions == targets) & answer).sum(-1)
     return loss, hits, answer.sum(-1)
 
 
@@ -250,6 +266,8 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     set_seed(config.seed)
     tokenizer = build_tokenizer()
     model = build_model(config.model, tokenizer, config.seed)
+    long_sequence = config.long_sequence_options()
+    long_sequence.prepare(model)
     num_parameters = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
@@ -271,8 +289,14 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
             k: v.to(accelerator.device) for k, v in collate_recall(next(batches), config.answer_loss_weight).items()
         }
         training_tokens += batch["input_ids"].numel()
-        output = model(input_ids=batch["input_ids"])
-        loss, hits, answers = recall_loss(output, batch)
+        with long_sequence.offload(model), contextlib.ExitStack() as stack:
+            head = (
+                stack.enter_context(lm_head_bypassed(accelerator.unwrap_model(model)))
+                if long_sequence.chunked_ce
+                else None
+            )
+            output = model(input_ids=batch["input_ids"])
+            loss, hits, answers = recall_loss(output, batch, head, long_sequence.chunked_ce)
         aux = getattr(output, "aux_loss", None)
         total = loss if aux is None or not config.aux_loss_weight else loss + config.aux_loss_weight * aux
         accelerator.backward(total)

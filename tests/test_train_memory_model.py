@@ -101,3 +101,21 @@ def test_cli_overrides_and_bad_config(tmp_path):
 def test_shipped_configs_parse(path):
     config = recipe.parse_config(["--config", str(path)])
     assert config.model["model_type"] and config.eval["tasks"]
+
+
+def test_long_sequence_options_train_the_same_model(tmp_path):
+    """Checkpointing + offload + chunked CE: the same gradients, so the same losses step after step (float32
+    summation order of the chunked head only: ~1e-6 per step, compounded over 3 Adam steps)."""
+    common = dict(save_checkpoint=False, eval={})
+    for name in ("plain", "optimised", "bad", "bad2"):
+        (tmp_path / name).mkdir()
+    plain = recipe.train(_config(tmp_path / "plain", **common))
+    options = dict(activation_checkpointing=True, activation_offload=True, chunked_ce=5)
+    optimised = recipe.train(_config(tmp_path / "optimised", **common, **options))
+    assert [row["loss"] for row in optimised["history"]] == pytest.approx(
+        [row["loss"] for row in plain["history"]], abs=1e-4
+    )
+    with pytest.raises(ValueError, match="chunked_ce"):
+        _config(tmp_path / "bad", chunked_ce=-3)
+    with pytest.raises(ValueError, match="activation_offload"):
+        _config(tmp_path / "bad2", activation_offload="sometimes")
