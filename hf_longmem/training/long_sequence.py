@@ -99,7 +99,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     Attributes:
         moved_bytes: bytes copied to host (per saved tensor; a storage saved twice is copied twice).
-        kept_bytes: bytes of saved tensors left in place (already on the CPU), per saved tensor.
+        kept_bytes: bytes of the distinct storages left in place (already on the CPU; ``keep`` excluded).
     """
 
     def __init__(self, pin_memory: bool | None = None, keep: Iterable[torch.Tensor] = ()):
@@ -110,9 +110,16 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self.kept_bytes = 0
         keep_keys = {_storage_key(t) for t in keep}
 
+        kept: set[tuple[str, int]] = set()
+
         def pack(tensor: torch.Tensor) -> Any:
-            if tensor.device.type == "cpu" or _storage_key(tensor) in keep_keys:
-                self.kept_bytes += tensor.numel() * tensor.element_size()
+            key = _storage_key(tensor)
+            if key in keep_keys:
+                return (None, tensor)
+            if tensor.device.type == "cpu":
+                if key not in kept:
+                    kept.add(key)
+                    self.kept_bytes += tensor.untyped_storage().nbytes()
                 return (None, tensor)
             host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
             host.copy_(tensor, non_blocking=pin)
