@@ -78,7 +78,7 @@ def _allowed(qpos, kpos, KIND: tl.constexpr, SINK, WINDOW, BLOCK_SIZE, LOCAL, ST
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QP, KP, LAYOUT, O, LSE,
+    Q, K, V, QP, KP, LAYOUT, OUT, LSE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     num_heads, groups, num_q, num_k, q_tiles, k_tiles, scaling,
     SINK, WINDOW, BLOCK_SIZE, LOCAL, STRIDE,
@@ -133,8 +133,8 @@ def _fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(
-        O + b * sob + h * soh + rows[:, None] * som + vdims[None, :],
-        out.to(O.dtype.element_ty),
+        OUT + b * sob + h * soh + rows[:, None] * som + vdims[None, :],
+        out.to(OUT.dtype.element_ty),
         mask=row_ok[:, None] & (vdims[None, :] < HEAD_DV),
     )
     tl.store(LSE + (b * num_heads + h) * num_q + rows, lse, mask=row_ok)
