@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -35,7 +36,12 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from hf_longmem.kernels.sparse_attention import naive_sparse_attention, sparse_attention
-from hf_longmem.modeling.causal_lm import MemoryModelMixin
+from hf_longmem.modeling.causal_lm import (
+    MemoryModelMixin,
+    can_return_tuple,
+    causal_lm_logits,
+    shifted_cross_entropy,
+)
 from hf_longmem.modeling.longgen.cache import LongGenCache
 from hf_longmem.modeling.longgen.configuration_longgen import LongGenConfig
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
@@ -182,6 +188,7 @@ class LongGenModel(LongGenPreTrainedModel, LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -191,7 +198,7 @@ class LongGenModel(LongGenPreTrainedModel, LlamaModel):
         inputs_embeds=None,
         use_cache=None,
         **kwargs,
-    ):
+    ) -> BaseModelOutputWithPast:
         """As ``LlamaModel.forward``; builds a :class:`LongGenCache` when a cache is wanted and none is given, and
         passes each token's position among its row's real tokens to the sparse layers."""
         if "past_key_values" in kwargs:
@@ -203,6 +210,15 @@ class LongGenModel(LongGenPreTrainedModel, LlamaModel):
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        output_attentions = kwargs.get("output_attentions")
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs attn_implementation='eager' (the model runs "
+                f"{self.config._attn_implementation!r}, which computes no attention weights): "
+                "call model.set_attn_implementation('eager')"
+            )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = LongGenCache(self.config)
@@ -217,6 +233,7 @@ class LongGenModel(LongGenPreTrainedModel, LlamaModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
 
@@ -242,6 +259,41 @@ class LongGenForCausalLM(LongGenPreTrainedModel, LlamaForCausalLM):
         if generation_config.use_cache is False:
             return
         model_kwargs["cache"] = LongGenCache(self.config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``logits [batch, T, vocab]``; ``labels`` (``-100`` ignored) give the shifted next-token loss;
+        ``return_dict=False`` (or ``config.return_dict=False``): ``(loss?, logits, cache?, ...)``."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = causal_lm_logits(self.lm_head, out.last_hidden_state, logits_to_keep)
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
 
     @classmethod
     def from_pretrained_base(
