@@ -6,12 +6,21 @@ public function that checks its arguments and dispatches (``backend="torch"|"tri
 * :func:`decode_attention` — flash-decoding (split-K) attention of a few queries over a cache, GQA-aware, with LSE;
 * :func:`merge_attention` — exact merge of attention over two disjoint slot sets by their LSE;
 * :func:`channel_attention` — attention over ThinK's channel-pruned keys (plus an optional full-width tail);
-* :func:`attention_column_scores` — attention each key receives (H2O/SnapKV scores) without a ``[q, n]`` matrix.
+* :func:`attention_column_scores` — attention each key receives (H2O/SnapKV scores) without a ``[q, n]`` matrix;
+* :func:`sparse_attention` — LongGen's sparse attention (sinks + window, or block-sparse strided), forward and backward.
 """
 
 from hf_longmem.kernels.attention_scores import attention_column_scores
 from hf_longmem.kernels.channel_attention import channel_attention
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
+from hf_longmem.kernels.sparse_attention import sparse_attention
 from hf_longmem.kernels.utils import triton_available
 
-__all__ = ["attention_column_scores", "channel_attention", "decode_attention", "merge_attention", "triton_available"]
+__all__ = [
+    "attention_column_scores",
+    "channel_attention",
+    "decode_attention",
+    "merge_attention",
+    "sparse_attention",
+    "triton_available",
+]
