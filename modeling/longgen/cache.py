@@ -7,9 +7,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from hf_longmem.kernels.sparse_attention import SparsePattern
+from hf_longmem.memory.accounting import RESIDENT, CacheMemoryReport, MemoryParts, MemoryReport, tensor_bytes
 
 
-class LongGenSparseLayer(CacheLayerMixin):
+class LongGenSparseLayer(MemoryReport, CacheLayerMixin):
     """KV of one sparse layer with each slot's position (index among its row's real tokens; ``-1``: empty slot).
 
     A step attends to the stored slots plus its new tokens (:meth:`append`); afterwards only the slots that a query at
@@ -83,6 +84,13 @@ class LongGenSparseLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def memory_parts(self) -> MemoryParts:
+        """``{"sparse_kv": keys and values, "positions": the slots' int64 positions}`` (resident)."""
+        return {
+            "sparse_kv": (RESIDENT, tensor_bytes(self.keys, self.values)),
+            "positions": (RESIDENT, tensor_bytes(self.positions)),
+        }
+
     def stored_length(self) -> int:
         return 0 if self.positions is None else self.positions.shape[-1]
 
@@ -118,7 +126,7 @@ class LongGenSparseLayer(CacheLayerMixin):
             self.positions = self.positions.to(self.device, non_blocking=True)
 
 
-class LongGenCache(Cache):
+class LongGenCache(CacheMemoryReport, Cache):
     """The cache ``generate`` builds for a :class:`~hf_longmem.modeling.longgen.LongGenForCausalLM`.
 
     Args:
@@ -163,18 +171,9 @@ class LongGenCache(Cache):
         return layer.append(key_states, value_states, positions)
 
     def kv_bytes(self) -> int:
-        """Bytes of the keys and values held (every layer)."""
-        held = [t for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)]
-        return sum(t.numel() * t.element_size() for t in held)
-
-    def memory_bytes(self) -> int:
-        """Bytes really held: keys, values and the sparse layers' slot positions."""
-        positions = sum(
-            layer.positions.numel() * layer.positions.element_size()
-            for layer in self.layers
-            if isinstance(layer, LongGenSparseLayer) and layer.is_initialized
-        )
-        return self.kv_bytes() + positions
+        """Bytes of the keys and values held (every layer); ``memory_bytes()`` adds the sparse layers' positions."""
+        parts = self.memory_parts()
+        return sum(size for name, (_, size) in parts.items() if name != "positions")
 
     def crop(self, max_length: int) -> None:
         raise ValueError("LongGenCache cannot be cropped: its sparse layers evicted tokens that cannot come back")
