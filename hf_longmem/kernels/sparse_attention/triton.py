@@ -11,7 +11,9 @@ kernel serves training (positions ``0..T-1``), left-padded rows and a cache that
   ``dK, dV`` with one program per ``(key tile, batch x KV head)`` looping over the GQA group's heads and the query
   tiles (no atomics).
 
-Deviation from a production kernel: the layout is a dense ``[b, q tiles, k tiles]`` flag table whose zero entries are
+Tiles are loaded in their dtype and multiplied in float32 with IEEE products (``input_precision="ieee"``): exact
+against the float32 reference, but without tensor-core speed for half-precision inputs. Deviation from a production
+kernel: the layout is a dense ``[b, q tiles, k tiles]`` flag table whose zero entries are
 skipped by a branch, not a compacted index list, so a program still loops over (and skips) every key tile.
 """
 
