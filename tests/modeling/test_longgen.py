@@ -230,3 +230,30 @@ class LongGenTester(ModelTester):
 
 class TestLongGenConformance(ConformanceSuite):
     tester = LongGenTester()
+
+
+def test_sparse_layers_call_the_attention_interface_entry():
+    """The sparse layers look their attention up in transformers' AttentionInterface (``"longgen_sparse"``): a
+    function registered there under that name is what they run."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from hf_longmem.modeling.longgen import longgen_sparse_attention
+
+    assert ALL_ATTENTION_FUNCTIONS["longgen_sparse"] is longgen_sparse_attention
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return longgen_sparse_attention(module, *args, **kwargs)
+
+    model, ids = _model(), _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        AttentionInterface.register("longgen_sparse", counting)
+        try:
+            got = model(ids).logits
+        finally:
+            AttentionInterface.register("longgen_sparse", longgen_sparse_attention)
+    assert calls == [0, 2]  # the sparse layers, once each
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
