@@ -365,15 +365,11 @@ def _cache_options(names: Sequence[str], raw: Sequence[str]) -> dict[str, dict[s
 
 
 def _budget_options(name: str, budget: int) -> dict[str, Any]:
-    """The options that give cache ``name`` a budget of ``budget`` tokens per layer (``{}``: it has no budget)."""
+    """The options that give cache ``name`` a budget of ``budget`` tokens per layer (``{}``: it has no budget): the
+    registry's ``options_for_budget``, the one mapping every harness uses."""
     from hf_longmem import get_cache_spec
 
-    spec = get_cache_spec(name)
-    if hasattr(spec, "options_for_budget"):
-        return dict(spec.options_for_budget(budget))
-    from hf_longmem.evals.runner import cache_accepts
-
-    return {"budget": budget} if cache_accepts(name, "budget") else {}
+    return dict(get_cache_spec(name).options_for_budget(budget))
 
 
 def _has_budget(name: str) -> bool:

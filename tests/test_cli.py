@@ -152,6 +152,23 @@ def test_caches_and_report_errors(tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
 
 
+def test_caches_lists_every_registered_cache_with_the_registry_budget_mapping(capsys):
+    from hf_longmem import get_cache_spec
+
+    assert main(["caches"]) == 0
+    blocks: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith(" "):
+            blocks[next(reversed(blocks))].append(line.strip())
+        else:
+            blocks[line.split(":")[0]] = []
+    assert list(blocks) == available_caches()
+    for name, lines in blocks.items():
+        mapped = get_cache_spec(name).options_for_budget(256)
+        expected = [f"--budget 256 sets: {', '.join(f'{k}={v}' for k, v in mapped.items())}"] if mapped else []
+        assert [line for line in lines if line.startswith("--budget")] == expected, name
+
+
 def test_parse_option():
     assert parse_option("budget=256") == (None, "budget", 256)
     assert parse_option("streaming.position_mode=shift") == ("streaming", "position_mode", "shift")
