@@ -197,7 +197,13 @@ def test_the_command_parses_and_fails_without_importing_torch():
         "    heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
         "    print('HEAVY', heavy, 'CODE', exit.code)\n"
     )
-    for args in (["--help"], ["bench", "--help"], ["edit", "--help"], ["bench", "--lengths", "abc"]):
+    for args in (
+        ["--help"],
+        ["bench", "--help"],
+        ["edit", "--help"],
+        ["agent-eval", "--help"],
+        ["bench", "--lengths", "abc"],
+    ):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
         assert "HEAVY [] CODE" in result.stdout, (args, result.stdout[-500:], result.stderr[-2000:])
 
@@ -386,3 +392,14 @@ def test_budget_maps_onto_each_method_options(model_dir, tmp_path):
     rows = {r["cache"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows[name]["cache_kwargs"] == get_cache_spec(name).options_for_budget(64)
     assert rows["full"]["cache_kwargs"] == {}
+
+
+def test_bench_scores_choice_tasks_through_the_cache(model_dir, tmp_path, capsys):
+    out = tmp_path / "sort.json"
+    args = ["bench", "--model", model_dir, "--tasks", "sort", "--task-option", "sort.segment_words=3"]
+    args += ["--lengths", "700", "--num-samples", "2", "--caches", "full,streaming", "--budget", "64"]
+    assert main([*args, "--fidelity", "--no-progress", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cache"] for r in rows] == ["full", "streaming"] and all(r["mode"] == "rollback" for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kl"] > 0
+    assert "sort" in capsys.readouterr().out
