@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from _config import parse_recipe_config
+from _config import LongSequenceConfig, parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -41,11 +40,13 @@ from hf_longmem.default_model import DEFAULT_MODEL_PATH
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.hmt import HMTForCausalLM
+from hf_longmem.training import next_token_cross_entropy
 
 
 @dataclass
-class TrainConfig:
-    """Recipe configuration (YAML keys; scalars can be overridden with ``--key value``).
+class TrainConfig(LongSequenceConfig):
+    """Recipe configuration (YAML keys; scalars can be overridden with ``--key value``; the long-sequence options
+    ``activation_checkpointing``, ``activation_offload``, ``chunked_ce`` come from :class:`_config.LongSequenceConfig`).
 
     Training draws, per step, a length uniformly in ``[min_length, max_length]`` (multiples of 16) and
     ``max(1, tokens_per_batch // length)`` samples of that length from ``tasks`` (weights) with ``task_options``.
@@ -97,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         parser.add_argument("--publish_root", type=Path, default=None, help="publish into this local folder instead")
 
     config, args = parse_recipe_config(TrainConfig, argv, __doc__.split("\n\n")[0], run_options)
+    config.long_sequence_options()
     if not 0 < config.min_length <= config.max_length:
         raise ValueError(f"need 0 < min_length <= max_length, got {config.min_length}, {config.max_length}")
     if config.max_steps < 1 or config.tokens_per_batch < 1:
@@ -107,19 +109,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 
 def weighted_loss(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], answer_weight: float, prompt_weight: float
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    answer_weight: float,
+    prompt_weight: float,
+    head: torch.nn.Linear | None = None,
+    chunk_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross entropy weighted ``answer_weight`` on answer targets and ``prompt_weight`` on the other
-    (non-pad) targets, and per-row answer exactness.
+    (non-pad) targets, and per-row answer exactness. With ``chunk_size > 0`` ``logits`` are the final hidden states
+    (head bypassed) and the chunked cross entropy of ``head`` is used
+    (:func:`hf_longmem.training.next_token_cross_entropy`).
 
     Rows are right-padded: HMT is causal, so the pads after a row's end never change that row's outputs.
     """
-    logits = logits[:, :-1].float()
     targets = batch["input_ids"][:, 1:]
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ce, predictions = next_token_cross_entropy(logits, targets, head, chunk_size)
     answer = batch["answer_mask"].float()
     weights = answer_weight * answer + prompt_weight * (batch["loss_weights"] > 0).float() * (1 - answer)
-    exact = ((logits.argmax(-1) == targets) | ~batch["answer_mask"]).all(-1)
+    exact = ((predictions == targets) | ~batch["answer_mask"]).all(-1)
     return (ce * weights).sum() / weights.sum(), exact
 
 
@@ -130,6 +138,8 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(config.backbone, local_files_only=True)
     backbone = AutoModelForCausalLM.from_pretrained(config.backbone, local_files_only=True, dtype=torch.float32)
     model = HMTForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.hmt)
+    long_sequence = config.long_sequence_options()
+    long_sequence.prepare(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
@@ -169,8 +179,11 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
             k: v.to(accelerator.device)
             for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
         }
-        logits = model(input_ids=batch["input_ids"]).logits
-        loss, exact = weighted_loss(logits, batch, config.answer_loss_weight, config.prompt_loss_weight)
+        with long_sequence.step(model) as head:
+            logits = model(input_ids=batch["input_ids"]).logits
+            loss, exact = weighted_loss(
+                logits, batch, config.answer_loss_weight, config.prompt_loss_weight, head, long_sequence.chunked_ce
+            )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()

@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from _config import parse_recipe_config
+from _config import LongSequenceConfig, parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -44,13 +43,15 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.longmem import LongMemForCausalLM
+from hf_longmem.training import next_token_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class TrainConfig:
-    """Recipe configuration (YAML keys; scalars can be overridden with ``--key value``).
+class TrainConfig(LongSequenceConfig):
+    """Recipe configuration (YAML keys; scalars can be overridden with ``--key value``; the long-sequence options
+    ``activation_checkpointing``, ``activation_offload``, ``chunked_ce`` come from :class:`_config.LongSequenceConfig`).
 
     ``longmem``: :class:`LongMemConfig` fields (segment length, chunk size, bank size, top-k, SideNet layout).
     Training lengths are drawn uniformly in ``[min_length, max_length]`` (multiples of ``length_multiple``); a batch
@@ -106,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         parser.add_argument("--results", type=Path, default=None, help="also copy the results JSON here")
 
     config, args = parse_recipe_config(TrainConfig, argv, __doc__.split("\n\n")[0], run_options)
+    config.long_sequence_options()
     if not 0 < config.min_length <= config.max_length:
         raise ValueError(f"need 0 < min_length <= max_length, got {config.min_length}, {config.max_length}")
     if config.max_steps < 1 or config.tokens_per_batch < 1:
@@ -127,13 +129,16 @@ def length_schedule(config: TrainConfig) -> Iterator[tuple[int, int]]:
         yield length, max(1, config.tokens_per_batch // length)
 
 
-def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted next-token cross entropy (weights of :func:`collate`) and per-row answer exactness ``[b]``."""
-    logits = logits[:, :-1].float()
+def weighted_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], head: torch.nn.Linear | None = None, chunk_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted next-token cross entropy (weights of :func:`collate`) and per-row answer exactness ``[b]``; with
+    ``chunk_size > 0`` ``logits`` are the final hidden states and ``head``'s chunked cross entropy is used
+    (:func:`hf_longmem.training.next_token_cross_entropy`)."""
     targets = batch["input_ids"][:, 1:]
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ce, predictions = next_token_cross_entropy(logits, targets, head, chunk_size)
     weights = batch["loss_weights"]
-    exact = ((logits.argmax(-1) == targets) | ~batch["answer_mask"]).all(-1)
+    exact = ((predictions == targets) | ~batch["answer_mask"]).all(-1)
     return (ce * weights).sum() / weights.sum(), exact
 
 
@@ -149,6 +154,8 @@ def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]
     set_seed(config.seed)
     backbone, tokenizer = load_backbone(config.backbone)
     model = LongMemForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.longmem)
+    long_sequence = config.long_sequence_options()
+    long_sequence.prepare(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, betas=(0.9, 0.98), weight_decay=config.weight_decay
@@ -169,8 +176,9 @@ def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]
             for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
         }
         mask = (batch["input_ids"] != tokenizer.pad_token_id).long()  # right padding; pads never enter the bank
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
-        loss, exact = weighted_loss(logits, batch)
+        with long_sequence.step(model) as head:
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
+            loss, exact = weighted_loss(logits, batch, head, long_sequence.chunked_ce)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()

@@ -40,7 +40,6 @@ output has an ``aux_loss`` (e.g. a router's load-balancing loss, already scaled 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -52,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _config import LongSequenceConfig, parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -63,7 +61,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from hf_longmem.evals.recall import RECALL_TASKS, RecallMixture, collate_recall, evaluate_recall
 from hf_longmem.evals.vocab import build_tokenizer
-from hf_longmem.training import chunked_token_cross_entropy, lm_head_bypassed
+from hf_longmem.training import next_token_cross_entropy
 
 
 @dataclass
@@ -170,14 +168,7 @@ def recall_loss(
         ``(loss, hits [batch], answers [batch])``.
     """
     targets = batch["input_ids"][:, 1:]
-    if chunk_size:
-        ce, predictions = chunked_token_cross_entropy(
-            output.logits[:, :-1], head.weight, targets, chunk_size, head.bias
-        )
-    else:
-        logits = output.logits[:, :-1].float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        predictions = logits.argmax(-1)
+    ce, predictions = next_token_cross_entropy(output.logits, targets, head, chunk_size)
     weights, answer = batch["loss_weights"], batch["answer_mask"]
     loss = (ce * weights).sum() / weights.sum().clamp_min(1e-9)
     hits = ((predictions == targets) & answer).sum(-1)
@@ -289,12 +280,7 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
             k: v.to(accelerator.device) for k, v in collate_recall(next(batches), config.answer_loss_weight).items()
         }
         training_tokens += batch["input_ids"].numel()
-        with long_sequence.offload(model), contextlib.ExitStack() as stack:
-            head = (
-                stack.enter_context(lm_head_bypassed(accelerator.unwrap_model(model)))
-                if long_sequence.chunked_ce
-                else None
-            )
+        with long_sequence.step(model) as head:
             output = model(input_ids=batch["input_ids"])
             loss, hits, answers = recall_loss(output, batch, head, long_sequence.chunked_ce)
         aux = getattr(output, "aux_loss", None)

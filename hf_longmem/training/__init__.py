@@ -8,6 +8,7 @@ from hf_longmem.training.long_sequence import (
     chunked_token_cross_entropy,
     enable_activation_checkpointing,
     lm_head_bypassed,
+    next_token_cross_entropy,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "chunked_token_cross_entropy",
     "enable_activation_checkpointing",
     "lm_head_bypassed",
+    "next_token_cross_entropy",
 ]

@@ -218,6 +218,30 @@ def chunked_causal_lm_loss(
     return ce.sum() / (targets != ignore_index).sum()
 
 
+def next_token_cross_entropy(
+    output: torch.Tensor, targets: torch.Tensor, head: nn.Linear | None = None, chunk_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token cross entropy and argmax predictions, from logits or (chunked) from hidden states.
+
+    Args:
+        output: ``model(...).logits``: logits ``[batch, seq, vocab]``, or with the head bypassed
+            (:func:`lm_head_bypassed`, ``chunk_size > 0``) final hidden states ``[batch, seq, hidden]``.
+        targets: ``[batch, seq - 1]`` (the ids shifted by one).
+        head: the LM head (``chunk_size > 0``).
+        chunk_size: ``0``: from full logits (cast to float32); ``> 0``: :func:`chunked_token_cross_entropy`.
+
+    Returns:
+        ``(ce [batch, seq - 1] float32, predictions [batch, seq - 1])``.
+    """
+    if chunk_size:
+        if head is None:
+            raise ValueError("chunked cross entropy needs the LM head (from lm_head_bypassed)")
+        return chunked_token_cross_entropy(output[:, :-1], head.weight, targets, chunk_size, head.bias)
+    logits = output[:, :-1].float()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return ce, logits.argmax(-1)
+
+
 @contextlib.contextmanager
 def lm_head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the context the model's output embeddings are the identity: ``model(...).logits`` holds the final
@@ -275,6 +299,15 @@ class LongSequenceOptions:
         if self.chunked_ce:
             with lm_head_bypassed(model):
                 pass
+
+    @contextlib.contextmanager
+    def step(self, model: nn.Module) -> Iterator[nn.Linear | None]:
+        """Context of one forward + loss: the offload hooks and, with ``chunked_ce``, the head bypassed (yields the
+        head for :func:`next_token_cross_entropy`; ``None`` without ``chunked_ce``). ``model`` may be wrapped
+        (DDP): the head is looked up on ``model.module`` when there is one."""
+        with self.offload(model), contextlib.ExitStack() as stack:
+            inner = getattr(model, "module", model)
+            yield stack.enter_context(lm_head_bypassed(inner)) if self.chunked_ce else None
 
     def offload(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context to run forward (and loss) in: :class:`ActivationOffload` or a no-op."""

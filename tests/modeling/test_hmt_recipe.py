@@ -52,6 +52,23 @@ def test_weighted_loss_counts_answers_and_prompt(recipe):
     assert exact.tolist() == [False] and loss.item() > 5
 
 
+def test_weighted_loss_chunked_equals_logits(recipe):
+    """``chunked_ce``: the loss from hidden states + head equals the loss from logits (float32 matmul order only)."""
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 9, 8), torch.nn.Linear(8, 11)
+    batch = {
+        "input_ids": torch.randint(0, 11, (2, 9)),
+        "loss_weights": torch.rand(2, 8),
+        "answer_mask": torch.rand(2, 8) > 0.5,
+    }
+    loss, exact = recipe.weighted_loss(head(hidden), batch, 2.0, 0.5)
+    chunked, chunked_exact = recipe.weighted_loss(hidden, batch, 2.0, 0.5, head, 3)
+    torch.testing.assert_close(chunked, loss, atol=1e-6, rtol=0)
+    assert torch.equal(chunked_exact, exact)
+    with pytest.raises(ValueError, match="chunked_ce"):
+        recipe.parse_args(["--config", str(CONFIG), "--chunked_ce", "-1"])
+
+
 def test_tiny_run_evaluates_and_publishes_offline(recipe, tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
     config.update(

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
@@ -33,6 +34,24 @@ def test_shipped_config_parses():
     config, _ = _recipe().parse_args(["--config", str(CONFIG), "--max_steps", "5"])
     assert config.max_steps == 5 and config.longmem["memory_layer_index"] == 1
     assert config.eval["lengths"] == [4096, 8192] and config.eval["backbone"]
+
+
+def test_weighted_loss_chunked_equals_logits():
+    """``chunked_ce``: the loss from hidden states + head equals the loss from logits (float32 matmul order only)."""
+    recipe = _recipe()
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 9, 8), torch.nn.Linear(8, 11, bias=False)
+    batch = {
+        "input_ids": torch.randint(0, 11, (2, 9)),
+        "loss_weights": torch.rand(2, 8),
+        "answer_mask": torch.rand(2, 8) > 0.5,
+    }
+    loss, exact = recipe.weighted_loss(head(hidden), batch)
+    chunked, chunked_exact = recipe.weighted_loss(hidden, batch, head, 4)
+    torch.testing.assert_close(chunked, loss, atol=1e-6, rtol=0)
+    assert torch.equal(chunked_exact, exact)
+    with pytest.raises(ValueError, match="chunked_ce"):
+        recipe.parse_args(["--config", str(CONFIG), "--chunked_ce", "-2"])
 
 
 def test_recipe_trains_evaluates_and_publishes(tmp_path):
