@@ -37,7 +37,13 @@ from hf_longmem.validation import check_int
 
 IGNORE_INDEX = -100
 # Config attributes that post-process the head's output; a bypassed head would silently drop them.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling")
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
