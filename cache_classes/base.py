@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
 from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 
 #: Spare slots allocated behind the stored states once a layer decodes without compressing (1/32 of the stored
@@ -195,7 +195,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
         self.values = value_states.new_zeros(batch, value_states.shape[1], 0, value_states.shape[-1])
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.int32, device=self.device)
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.real_seen = zero_seen(batch, self.device)
         self.is_initialized = True
 
     def update(
@@ -206,9 +206,8 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
         attn_kwargs = kwargs.get("kwargs") or {}
-        new_positions, new_pads = positions_and_padding(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
         real_before = self.real_seen
-        self.real_seen = real_before + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
+        new_positions, new_pads, self.real_seen = advance_seen(attn_kwargs.get("position_ids"), real_before, num_new, batch)
         self.cumulative_length += num_new
 
         # a sliding-window layer without an attention path of its own: the attention call comes to attend()

@@ -79,7 +79,7 @@ from hf_longmem.kernels.decode_attention import decode_attention, merge_attentio
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore, bytes_by_location
-from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
 from hf_longmem.memory.rope import RotaryShift
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
@@ -333,7 +333,7 @@ class InfLLMLayer(CacheLayerMixin):
         self._state_pads = False
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.real_seen = zero_seen(batch, self.device)
         self.store = BlockStore(
             self.device, self.max_cached_blocks, self.offload, self.pin_memory, self.offload_representatives
         )
@@ -359,9 +359,9 @@ class InfLLMLayer(CacheLayerMixin):
                 position_ids = self.real_seen[:, None] + real.long().cumsum(1) - 1
             # the model's own positions for real tokens (checked against each row's count below)
             position_ids = torch.where(real, position_ids.to(real.device).expand(batch, num_new), 1)
-        positions, padded = positions_and_padding(position_ids, self.real_seen, num_new, batch)
+        positions, padded, real_seen = advance_seen(position_ids, self.real_seen, num_new, batch)
         self.check_batch(batch, padded)
-        self.real_seen = self.real_seen + ((positions != PAD_POSITION).sum(1) if padded else num_new)
+        self.real_seen = real_seen
         self.cumulative_length += num_new
         self._pending = (key_states, value_states, positions, padded)
         attn_kwargs[LAYER_KWARG] = self

@@ -71,3 +71,67 @@ def positions_and_padding(
     if bool(bad_pad.any()):
         raise ValueError(_NOT_LEFT_PADDED)
     return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION)), not bool(is_real.all())
+
+
+class _SeenStep:
+    """One memoised :func:`advance_seen` result (the inputs held, so that identity means the same tensors)."""
+
+    __slots__ = ("position_ids", "position_version", "real_seen", "seen_version", "num_new", "result")
+
+    def __init__(self, position_ids, real_seen, num_new, result):
+        self.position_ids, self.real_seen, self.num_new, self.result = position_ids, real_seen, num_new, result
+        self.position_version = None if position_ids is None else position_ids._version
+        self.seen_version = real_seen._version
+
+    def matches(self, position_ids, real_seen, num_new) -> bool:
+        return (
+            self.position_ids is position_ids
+            and self.real_seen is real_seen
+            and self.num_new == num_new
+            and (position_ids is None or position_ids._version == self.position_version)
+            and real_seen._version == self.seen_version
+        )
+
+
+#: Results of the latest :func:`advance_seen` calls: the layers of one forward pass the same ``position_ids`` with the
+#: same ``real_seen`` (the tensor the previous step handed to all of them), so only the first layer checks.
+_SEEN_MEMO: list[_SeenStep] = []
+_SEEN_MEMO_SIZE = 4
+
+
+def advance_seen(
+    position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
+) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """:func:`positions_and_padding` plus the real tokens seen after this step, ``[batch]``.
+
+    Memoised on the input tensors (by identity and version; they are never modified in place here): every layer of a
+    forward gets the same ``position_ids``, and a layer that stored the ``real_seen`` returned here for the previous
+    step passes that same tensor, so the check and the addition run once per step, not once per layer, and the
+    layers share the result. Raises what :func:`positions_and_padding` raises.
+    """
+    for entry in _SEEN_MEMO:
+        if entry.matches(position_ids, real_seen, num_new):
+            return entry.result
+    positions, pads = positions_and_padding(position_ids, real_seen, num_new, batch_size)
+    after = real_seen + ((positions != PAD_POSITION).sum(1) if pads else num_new)
+    result = (positions, pads, after)
+    _SEEN_MEMO.insert(0, _SeenStep(position_ids, real_seen, num_new, result))
+    del _SEEN_MEMO[_SEEN_MEMO_SIZE:]
+    return result
+
+
+_ZERO_SEEN: list[torch.Tensor] = []
+
+
+def zero_seen(batch_size: int, device) -> torch.Tensor:
+    """``[batch]`` int64 zeros, the same tensor for every layer that starts with this batch size and device, so that
+    :func:`advance_seen`'s memo serves all of them from the first step on (``real_seen`` is never modified in place;
+    a modified one is not reused)."""
+    device = torch.device(device)
+    if _ZERO_SEEN:
+        zeros = _ZERO_SEEN[0]
+        if zeros.shape == (batch_size,) and zeros.device == device and zeros._version == 0:
+            return zeros
+    zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+    _ZERO_SEEN[:] = [zeros]
+    return zeros
