@@ -47,6 +47,7 @@ MODEL = dict(
     tie_word_embeddings=False,
 )
 
+
 def half_retrieval_heads(model) -> list[list[bool]]:
     """DuoAttention pattern ``[layers][kv_heads]``: every other (layer, KV head) a retrieval head (no pattern is
     shipped for a random model; the paper streams half the heads of GQA models)."""
@@ -197,7 +198,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown cache(s) {unknown}; available: {hf_longmem.available_caches()}")
     model = tiny_llama(args.layers)
-    prompt = torch.randint(3, MODEL["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        3, MODEL["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)
+    )
     rows = []
     for name in ["dynamic", *names]:
         rows.append(measure(name, model, prompt, args.budget, args.warmup, args.steps, args.timed))

@@ -207,7 +207,9 @@ class CompressedLayer(CacheLayerMixin):
         batch, _, num_new, _ = key_states.shape
         attn_kwargs = kwargs.get("kwargs") or {}
         real_before = self.real_seen
-        new_positions, new_pads, self.real_seen = advance_seen(attn_kwargs.get("position_ids"), real_before, num_new, batch)
+        new_positions, new_pads, self.real_seen = advance_seen(
+            attn_kwargs.get("position_ids"), real_before, num_new, batch
+        )
         self.cumulative_length += num_new
 
         # a sliding-window layer without an attention path of its own: the attention call comes to attend()
