@@ -143,6 +143,9 @@ class KVMergerLayer(ScoredLayer):
         queries = query[:, :, -self._window :]
         self._scores = self.received_attention(queries, keys, attention_mask[..., -self._window :, :], scaling)
 
+    def compresses_now(self) -> bool:
+        return self._scores is not None  # only a scored forward that exceeds the budget merges
+
     def compress(self, keys, values, positions):
         if self._deferring or self._scores is None:
             return keys, values, positions

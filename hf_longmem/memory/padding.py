@@ -135,3 +135,20 @@ def zero_seen(batch_size: int, device) -> torch.Tensor:
     zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
     _ZERO_SEEN[:] = [zeros]
     return zeros
+
+
+_SLOT_POSITIONS: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+
+
+def slot_positions(positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[batch, q]`` positions as the int32 per-head slot positions ``[batch, heads, q]`` a layer stores (a view).
+
+    Memoised on the input tensor (identity and version): the layers of a forward convert the same positions that
+    :func:`advance_seen` handed to all of them once. The result must not be modified in place.
+    """
+    for source, version, count, converted in _SLOT_POSITIONS:
+        if source is positions and version == positions._version and count == heads:
+            return converted
+    converted = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1)
+    _SLOT_POSITIONS[:] = [(positions, positions._version, heads, converted), *_SLOT_POSITIONS[:1]]
+    return converted
