@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, causal_head_column_sums
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio, check_real
 
@@ -226,7 +226,10 @@ class D2OLayer(H2OLayer):
         num_new, num_keys = query.shape[-2], keys.shape[-2]
         if self.layer_budget is None:
             if num_new > 1 or num_keys == num_new:  # prefill (or a chunk of it): statistics only
-                sums = query_head_column_sums(query, keys, attention_mask, scaling)
+                if self.scoring_is_causal():  # the flash-style sums, no mask tensor
+                    sums = causal_head_column_sums(query, keys, scaling)
+                else:
+                    sums = query_head_column_sums(query, keys, attention_mask, scaling)
                 previous = self.prefill_sums if self.prefill_sums is not None else sums.new_zeros(*sums.shape[:2], 0)
                 self.prefill_sums = F.pad(previous, (0, num_keys - previous.shape[-1])) + sums
                 return

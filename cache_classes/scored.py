@@ -25,7 +25,7 @@ from hf_longmem.kernels.utils import resolve_backend
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, column_scores
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, causal_column_scores, column_scores
 
 from .base import CompressedLayer
 
@@ -147,11 +147,13 @@ class ScoredLayer(CompressedLayer):
         if not self.compresses_now():
             return output, weights
         current = (self.keys, self.values, self.positions)
+        no_pads = self._no_pads
         stored = self.compress(*current)
         if stored[0] is not current[0]:
             self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation
         if any(new is not old for new, old in zip(stored, current)):
-            self.store(*stored)
+            # pad-free slots stay pad-free: rows then hold the same number of real tokens, so none gets fillers
+            self.store(*stored, no_pads=True if no_pads else None)
         return output, weights
 
     def mask_for_this_layer(
@@ -211,7 +213,16 @@ class ScoredLayer(CompressedLayer):
                 query_valid=self.positions[:, 0, -num_q:] != PAD_POSITION,
                 backend="triton",
             )
+        if self.scoring_is_causal():  # score only what the queries see, no mask tensor
+            return causal_column_scores(query, keys, scaling)
         return column_scores(query, keys, attention_mask, scaling)
+
+    def scoring_is_causal(self) -> bool:
+        """Whether this step's scoring mask is plain causal (no pad slot, no window): the queries, the last of the
+        slots, see every slot up to their own."""
+        features = getattr(self, "_features", None)
+        windowed = self.sliding_window is not None or (features is not None and features.sliding_window is not None)
+        return not windowed and not self.has_pad_slots()
 
     def reset(self) -> None:
         super().reset()
