@@ -3,17 +3,20 @@
 The kernel tests (``TRITON_INTERPRET=0 pytest tests/kernels`` on a GPU machine) compare each kernel with its torch
 reference; this script checks what the kernels are used for, on CUDA:
 
-* ``parity``: each cache generates with the Triton kernels (the default on CUDA) and with the torch path forced
-  (``kernel_backend = "torch"``) on a small random Llama in float32, batch 2 with left padding: the greedy tokens
-  must be equal and the logits close. Caches at a budget above the prompt must also give
-  :class:`~transformers.DynamicCache`'s tokens (the "full budget is exact" contract, on the GPU path).
+* ``parity``: every registered cache generates with the Triton kernels (the default on CUDA) and with the torch
+  path forced (:func:`hf_longmem.kernels.set_kernel_backend`: per cache, nothing global) on a small random Llama
+  in float32, batch 2 with left padding: the greedy tokens must be equal and the logits close. At a budget above
+  the sequence each must also give :class:`~transformers.DynamicCache`'s tokens (the "full budget is exact"
+  contract, on the GPU path). Options come from the registry (``options_for_budget``) plus the few this check
+  needs (:data:`CHECK_OPTIONS`, :data:`FULL_BUDGET_OPTIONS`).
 * ``models``: Titans (MAC/MAG/MAL) and MoM with ``memory_backend``/``kernel_backend`` ``"triton"`` vs ``"torch"``:
   logits and the gradients of one training step.
 * ``speed``: a random model of Llama-3.2-1B's shape in bfloat16, a ``--context``-token prompt and ``--new-tokens``
-  greedy steps per cache at a quarter of the context as budget, Triton vs torch path in the same process, against
-  transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU memory and the cache's bytes.
+  greedy steps per cache (default: every registered one) at a quarter of the context as budget, Triton vs torch
+  path in the same process, against transformers' ``DynamicCache``: prefill seconds, median decode step, peak GPU
+  memory and the cache's bytes.
 
-    TRITON_INTERPRET=0 python benchmarks/gpu_check.py --out runs/gpu_check.json            # GPU
+    TRITON_INTERPRET=0 python benchmarks/gpu_check.py                                       # GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json      # CPU smoke test
 
 Random weights: the figures are about speed, memory and agreement between the two paths, not about accuracy.
@@ -22,7 +25,6 @@ Random weights: the figures are about speed, memory and agreement between the tw
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -38,69 +40,67 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Stoppi
 
 import hf_longmem
 from hf_longmem.cache_classes.base import cache_memory_bytes
-from hf_longmem.cache_classes.infllm import InfLLMLayer
-from hf_longmem.cache_classes.scored import ScoredLayer
-from hf_longmem.cache_classes.think import ThinKLayer
-from hf_longmem.kernels import triton_available
+from hf_longmem.kernels import set_kernel_backend, triton_available
 
-#: Speed-section order: the most used first (a timeout cuts the tail).
-SPEED_ORDER = [
-    "dynamic",
-    "snapkv",
-    "think",
-    "duo_attention",
-    "infllm",
-    "emllm",
-    "streaming",
-    "h2o",
-    "d2o",
-    "kvmerger",
-    "pyramidkv",
-    "sirllm",
-]
-#: Layer classes whose kernels follow a ``kernel_backend`` class attribute (``None``: Triton on CUDA).
-BACKEND_CLASSES = (ScoredLayer, ThinKLayer, InfLLMLayer)
+#: Reference of the speed section: transformers' own cache (hf_longmem's ``full`` is the same, so it is left out).
+DYNAMIC = "dynamic"
 
 
-@contextlib.contextmanager
-def kernel_backend(name: str | None):
-    """Forces the kernels of every cache layer class to ``name`` ("torch", "triton" or None = automatic)."""
-    saved = [cls.__dict__.get("kernel_backend") for cls in BACKEND_CLASSES]
-    for cls in BACKEND_CLASSES:
-        cls.kernel_backend = name
-    try:
-        yield
-    finally:
-        for cls, value in zip(BACKEND_CLASSES, saved):
-            cls.kernel_backend = value
+def speed_caches() -> list[str]:
+    """The speed section's default: ``dynamic`` and every registered compressing cache (registry order)."""
+    return [DYNAMIC, *(name for name in hf_longmem.available_caches() if name != "full")]
+
+
+def _window(budget: int) -> int:
+    return max(4, min(64, budget // 8))
+
+
+#: What these checks add to the registry's ``options_for_budget(budget)`` (the budget-to-options map of each method),
+#: as ``fn(budget, model) -> options``. Applied to every cache that takes the option:
+#: * ``window_size``: the observation window scales with the budget (the default, 32, exceeds small budgets).
+GENERIC_OPTIONS = {"window_size": lambda budget, model: _window(budget)}
+#: Per cache, with the reason.
+CHECK_OPTIONS = {
+    # a random model has no trained head pattern: random gates, half the KV heads streaming
+    "duo_attention": lambda budget, model: {"head_pattern": _random_gates(model), "sparsity": 0.5},
+    # ThinK after SnapKV, half the key channels pruned (the figures of docs/gpu.md)
+    "think": lambda budget, model: {"base": "snapkv", "key_channel_ratio": 0.5},
+}
+#: Per cache, what makes a budget above the sequence hold every token (the "full budget is exact" check) where the
+#: budget alone does not, with the reason.
+FULL_BUDGET_OPTIONS = {
+    # ThinK prunes int(head_dim * ratio) channels whatever the budget: half a channel prunes none
+    "think": lambda budget, model: {"key_channel_ratio": 0.5 / _head_dim(model)},
+    # every head a retrieval head (keeps every token)
+    "duo_attention": lambda budget, model: {"head_pattern": True, "sparsity": None},
+    # retrieved blocks attend at a constant distance, not at their own positions: only a local window that holds
+    # every token is exact
+    "infllm": lambda budget, model: {"n_local": budget},
+    "emllm": lambda budget, model: {"n_local": budget},
+}
+
+
+def _random_gates(model) -> torch.Tensor:
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    return torch.tensor(np.random.default_rng(0).random((layers, kv_heads)))
+
+
+def _head_dim(model) -> int:
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def cache_options(name: str, budget: int, model) -> dict[str, Any]:
-    """Options of cache ``name`` attending to about ``budget`` tokens per step."""
-    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
-    window = max(4, min(64, budget // 8))
-    if name == "full":
-        return {}
-    if name in ("streaming",):
-        return {"budget": budget, "sink_size": 4}
-    if name in ("h2o", "d2o"):
-        return {"budget": budget}
-    if name in ("snapkv", "pyramidkv"):
-        return {"budget": budget, "window_size": window}
-    if name == "kvmerger":
-        return {"budget": budget, "window_size": window}
-    if name == "sirllm":
-        return {"entropy_size": budget - 4, "start_size": 4}
-    if name == "think":
-        return {"base": "snapkv", "budget": budget, "window_size": window, "key_channel_ratio": 0.5}
-    if name == "duo_attention":
-        gates = torch.tensor(np.random.default_rng(0).random((layers, kv_heads)))
-        return {"head_pattern": gates, "sparsity": 0.5, **hf_longmem.DuoAttentionCache.options_for_budget(budget)}
-    if name == "infllm":
-        return hf_longmem.InfLLMCache.options_for_budget(budget)
-    if name == "emllm":
-        return hf_longmem.EMLLMCache.options_for_budget(budget)
-    raise ValueError(f"no options for cache {name!r}")
+    """Options of cache ``name`` attending to about ``budget`` tokens per step: the registry's
+    ``options_for_budget``, then the :data:`GENERIC_OPTIONS` the method takes, then its :data:`CHECK_OPTIONS`."""
+    from hf_longmem.evals.runner import cache_accepts
+
+    options = dict(hf_longmem.get_cache_spec(name).options_for_budget(budget))
+    if options:  # a method with a budget
+        options.update({k: fn(budget, model) for k, fn in GENERIC_OPTIONS.items() if cache_accepts(name, k)})
+    if name in CHECK_OPTIONS:
+        options.update(CHECK_OPTIONS[name](budget, model))
+    return options
 
 
 def random_llama(device, dtype, *, hidden, layers, heads, kv_heads, intermediate, vocab, max_positions, std=None):
@@ -140,6 +140,7 @@ def greedy(model, ids, cache, new_tokens, mask=None):
         pad_token_id=0,
         output_logits=True,
         return_dict_in_generate=True,
+        **getattr(cache, "generate_kwargs", {}),  # EM-LLM: prompts fed in execution blocks
     )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits).float()
 
@@ -168,37 +169,34 @@ def parity(device, smoke: bool, emit) -> None:
                 ids, mask, dense = full_ids[:1], full_mask[:1], (dense_tokens[:1], dense_logits[:, :1])
             else:
                 ids, mask, dense = full_ids, full_mask, (dense_tokens, dense_logits)
-            with torch.no_grad(), kernel_backend("torch"):
-                ref_tokens, ref_logits = greedy(model, ids, hf_longmem.make_cache(name, model, **options), new, mask)
-            with torch.no_grad(), kernel_backend("triton"):  # CPU: interpreter
-                tokens, logits = greedy(model, ids, hf_longmem.make_cache(name, model, **options), new, mask)
+            with torch.no_grad():
+                cache = set_kernel_backend(hf_longmem.make_cache(name, model, **options), "torch")
+                ref_tokens, ref_logits = greedy(model, ids, cache, new, mask)
+                cache = set_kernel_backend(hf_longmem.make_cache(name, model, **options), "triton")  # CPU: interpreter
+                tokens, logits = greedy(model, ids, cache, new, mask)
             row.update(
                 tokens_equal=bool(torch.equal(tokens, ref_tokens)),
                 max_logit_diff=float((logits - ref_logits).abs().max()),
             )
             full = full_budget_options(name, length + new, model)
-            if full is not None:
-                with torch.no_grad():
-                    tokens, logits = greedy(model, ids, hf_longmem.make_cache(name, model, **full), new, mask)
-                row.update(
-                    full_budget_tokens_equal=bool(torch.equal(tokens, dense[0])),
-                    full_budget_max_logit_diff=float((logits - dense[1]).abs().max()),
-                )
+            with torch.no_grad():
+                tokens, logits = greedy(model, ids, hf_longmem.make_cache(name, model, **full), new, mask)
+            row.update(
+                full_budget_tokens_equal=bool(torch.equal(tokens, dense[0])),
+                full_budget_max_logit_diff=float((logits - dense[1]).abs().max()),
+            )
         except Exception as error:  # one broken method must not hide the others' results
             row["error"] = f"{type(error).__name__}: {error}"
             row["traceback"] = traceback.format_exc(limit=6)
         emit(row)
 
 
-def full_budget_options(name: str, total: int, model) -> dict | None:
-    """Options under which cache ``name`` keeps every token (``None`` where no such setting is exact)."""
-    if name in ("streaming", "h2o", "d2o", "snapkv", "kvmerger"):
-        return {**cache_options(name, total + 8, model), "budget": total + 8}
-    if name == "duo_attention":
-        return {"head_pattern": True, "sparsity": None}  # every head retrieval
-    if name == "full":
-        return {}
-    return None
+def full_budget_options(name: str, total: int, model) -> dict:
+    """Options under which cache ``name`` keeps every one of ``total`` tokens."""
+    options = cache_options(name, total + 8, model)
+    if name in FULL_BUDGET_OPTIONS:
+        options.update(FULL_BUDGET_OPTIONS[name](total + 8, model))
+    return options
 
 
 def models(device, smoke: bool, emit) -> None:
@@ -300,6 +298,7 @@ def timed_generate(model, ids, make_cache, new_tokens, device) -> tuple[float, l
         do_sample=False,
         pad_token_id=0,
         stopping_criteria=StoppingCriteriaList([clock]),
+        **getattr(cache, "generate_kwargs", {}),  # EM-LLM: prompts fed in execution blocks
     )
     steps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
     return clock.times[0] - start, steps, cache
@@ -321,7 +320,8 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
     ids = torch.randint(3, size["vocab"], (1, context), generator=torch.Generator().manual_seed(3)).to(device)
     budget = context // 4
     for name in caches:
-        backends = ("torch",) if name in ("dynamic", "full") else ("triton", "torch")
+        uncompressed = name in (DYNAMIC, "full")
+        backends = ("torch",) if uncompressed else ("triton", "torch")
         for backend in backends:
             if backend == "triton" and (device.type != "cuda" or not triton_available()):
                 continue
@@ -330,21 +330,21 @@ def speed(device, smoke: bool, context: int, new_tokens: int, caches: list[str],
                 "cache": name,
                 "backend": backend,
                 "context": context,
-                "budget": None if name in ("dynamic", "full") else budget,
+                "budget": None if uncompressed else budget,
                 "new_tokens": new_tokens,
             }
             try:
-                if name == "dynamic":
+                if name == DYNAMIC:
 
                     def make(model=model):
                         return DynamicCache(config=model.config)
                 else:
                     options = cache_options(name, budget, model)
 
-                    def make(name=name, options=options):
-                        return hf_longmem.make_cache(name, model, **options)
+                    def make(name=name, options=options, backend=backend):
+                        return set_kernel_backend(hf_longmem.make_cache(name, model, **options), backend)
 
-                with torch.no_grad(), kernel_backend(backend):
+                with torch.no_grad():
                     timed_generate(model, ids, make, new_tokens, device)  # warm-up: compiles, grows the allocator
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
@@ -388,9 +388,9 @@ def profile(device, smoke: bool, context: int, caches: list[str], emit) -> None:
             row: dict[str, Any] = {"section": "profile", "cache": name, "backend": backend, "context": context}
             try:
                 options = cache_options(name, context // 4, model)
-                with torch.no_grad(), kernel_backend(backend):
+                with torch.no_grad():
                     for _ in range(2):  # second pass: warm
-                        cache = hf_longmem.make_cache(name, model, **options)
+                        cache = set_kernel_backend(hf_longmem.make_cache(name, model, **options), backend)
                         out = model(ids, cache=cache)
                         token = out.logits[:, -1:].argmax(-1)
                         _sync(device)
@@ -413,10 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--context", type=int, default=16384, help="prompt tokens of the speed section")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps of the speed section")
-    parser.add_argument("--caches", nargs="+", default=None, help="caches of the speed section (default: all)")
+    parser.add_argument(
+        "--caches", nargs="+", default=None, help="caches of the speed section (default: dynamic + every registered)"
+    )
     parser.add_argument("--profile-caches", nargs="+", default=["snapkv"], help="caches of the profile section")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu_check.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():  # as tests/conftest.py: no autotune timing
         from triton.runtime.autotuner import Autotuner
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    caches = args.caches or SPEED_ORDER
+    caches = args.caches or speed_caches()
 
     def emit(row: dict) -> None:  # written after every row: a timeout keeps what was done
         print(json.dumps({k: v for k, v in row.items() if k not in ("traceback", "table")}), flush=True)

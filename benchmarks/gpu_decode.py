@@ -6,7 +6,7 @@ of a compileable cache on CUDA), every registered hf_longmem cache eager (``disa
 cache declares ``is_compileable``, compiled, and kvpress's presses of the same methods when kvpress is installed.
 Rows are written as they finish; a ``--deadline`` (seconds) skips what is left, so a time limit keeps the rows done.
 
-    python benchmarks/gpu_decode.py --out runs/gpu_decode.json                   # on the GPU (gpu_decode.sh)
+    python benchmarks/gpu_decode.py --out runs/gpu_decode.json                   # on the GPU (gpu_decode.sh OUT)
     python benchmarks/gpu_decode.py --smoke --out runs/gpu_decode_smoke.json     # CPU dry run, tiny sizes
 
 Reported: ``decode_ms`` (median step after the first ``--skip`` steps, which include compilation), ``prefill_s``.
@@ -44,6 +44,7 @@ def timed(model, ids, cache, new_tokens: int, skip: int, device, press=None, com
     kwargs: dict[str, Any] = {} if compiled else {"disable_compile": True}
     if cache is not None:
         kwargs["cache"] = cache
+        kwargs.update(getattr(cache, "generate_kwargs", {}))  # EM-LLM: prompts fed in execution blocks
     _sync(device)
     start = time.perf_counter()
     context = press(model) if press is not None else _null()
@@ -164,7 +165,9 @@ def table(rows: list[dict]) -> str:
     labels = list(dict.fromkeys(r["cache"] for r in rows))
     cells = {(r["cache"], r["context"], r["batch"]): r for r in rows}
     lines = [
-        "| cache | " + " | ".join(f"{c // 1024}k, batch {b}" for c, b in settings) + " |",
+        "| cache | "
+        + " | ".join(f"{c // 1024 if c >= 1024 else c}{'k' if c >= 1024 else ''}, batch {b}" for c, b in settings)
+        + " |",
         "|---|" + "---:|" * len(settings),
     ]
     for label in labels:

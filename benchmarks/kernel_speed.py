@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gated-delta", action="store_true", help="also time the gated delta rule kernels")
     parser.add_argument("--gdn-heads", type=int, default=8)
     parser.add_argument("--gdn-head-dim", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/kernel_speed.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel_speed.json"))
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

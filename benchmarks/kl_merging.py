@@ -15,10 +15,10 @@ see docs/merging_caches.md); KVMerger with merging switched off (``sim_threshold
 alone, the ablation of the merge); SnapKV (pooled window votes) as a non-merging reference.
 
     python benchmarks/kl_merging.py --tasks passkey,variable_tracking,multikey_needle --num-samples 50 \\
-        --out benchmarks/results/issue4_kl.json
+        --out benchmarks/results/kl_merging.json
     # threshold selection (held-out seed, never the evaluation samples):
     python benchmarks/kl_merging.py --seed 1 --num-samples 20 --sweep 0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1,0.0 \\
-        --out benchmarks/results/issue4_kl_sweep_seed1.json
+        --out benchmarks/results/kl_merging_sweep_seed1.json
 """
 
 from __future__ import annotations

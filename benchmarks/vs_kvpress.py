@@ -10,7 +10,8 @@ head-wise presses keep masked keys in place, so their key/value tensors are not 
 
 Example::
 
-    python benchmarks/vs_kvpress.py --ratios 0.5 0.75 --runs 3 --out benchmarks/results/vs_kvpress.json
+    python benchmarks/vs_kvpress.py --harness PATH/kvpress_baseline.py --ratios 0.5 0.75 --runs 3 \\
+        --out benchmarks/results/vs_kvpress.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,22 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_HARNESS = REPO.parent / "shared" / "tools" / "kvpress_baseline.py"
+HARNESS_HELP = (
+    "path of the kvpress baseline harness `kvpress_baseline.py` (not part of this repository): the script that "
+    "builds the tiny model, runs each method and measures it (`build_registry`, `build_model`, `run_once`, "
+    "`--plugin`); both sides are measured by it"
+)
+
+
+def add_harness_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--harness", type=Path, required=True, help=HARNESS_HELP)
+
+
+def check_harness(parser: argparse.ArgumentParser, path: Path) -> None:
+    """A clear error, before any work, when ``--harness`` is not a file."""
+    if not path.is_file():
+        parser.error(f"--harness {path} is not a file; pass the {HARNESS_HELP}")
+
 
 PAIRS = {  # hf_longmem method -> kvpress press
     "hf_longmem:snapkv": "kvpress:snapkv",
@@ -83,13 +99,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-bg-load", type=float, default=0.5)
-    parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS)
+    add_harness_argument(parser)
     parser.add_argument("--kvpress-venv", type=Path, default=REPO / ".venv-kvpress")
     parser.add_argument("--kvpress-version", default="==0.5.5")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not args.harness.exists():
-        parser.error(f"--harness {args.harness} does not exist")
+    check_harness(parser, args.harness)
 
     kvpress_python = ensure_kvpress_venv(args.kvpress_venv, args.kvpress_version)
     ours, theirs = {}, {}

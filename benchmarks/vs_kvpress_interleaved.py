@@ -18,8 +18,8 @@ kwargs; :func:`alias_cache_kwarg` passes them on kvpress's model copy (nothing e
 
 Example::
 
-    python benchmarks/vs_kvpress_interleaved.py --context 2048 --ratio 0.5 --rounds 11 \\
-        --out benchmarks/results/vs_kvpress_interleaved.json
+    python benchmarks/vs_kvpress_interleaved.py --harness PATH/kvpress_baseline.py --context 2048 --ratio 0.5 \\
+        --rounds 11 --out benchmarks/results/vs_kvpress_interleaved.json
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import transformers  # noqa: F401  (import transformers fully before kvpress pat
 import hf_longmem  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
-from benchmarks.vs_kvpress import DEFAULT_HARNESS, PAIRS, REPO  # noqa: E402  (one pairing for both benchmarks)
+from benchmarks.vs_kvpress import PAIRS, REPO, add_harness_argument, check_harness  # noqa: E402  (one pairing for both benchmarks)
 
 OVERLAY_PACKAGES = (  # kvpress and what it imports at import time; installed with --no-deps next to our environment
     "kvpress==0.5.5",
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS)
+    add_harness_argument(parser)
     parser.add_argument(
         "--overlay",
         type=Path,
@@ -136,6 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.attn, args.decode_interval = "sdpa", 16
+    check_harness(parser, args.harness)
     if importlib.util.find_spec("kvpress") is None:
         reexec_with_overlay(args.overlay)
     if not 0 < args.ratio < 1:

@@ -26,6 +26,14 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
+from hf_longmem.memory.accounting import (
+    RESIDENT,
+    CacheMemoryReport,
+    MemoryParts,
+    MemoryReport,
+    memory_bytes_of,
+    tensor_bytes,
+)
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, advance_seen, slot_positions, zero_seen
 from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
@@ -36,11 +44,7 @@ from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 APPEND_HEADROOM = (8, 256)
 
 
-def _tensor_bytes(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
-
-
-class CompressedLayer(CacheLayerMixin):
+class CompressedLayer(MemoryReport, CacheLayerMixin):
     """One attention layer of a cache that may hold fewer tokens than it has seen.
 
     Stored state (all per row, so beam search and batch selection keep them aligned):
@@ -310,11 +314,11 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def memory_bytes(self) -> int:
-        """Bytes really held: keys, values and per-slot metadata (append buffers with their spare slots)."""
-        return sum(
-            _tensor_bytes(self._append_buffers.get(name, (getattr(self, name, None),))[0]) for name in self.batch_state
-        )
+    def memory_parts(self) -> MemoryParts:
+        """``{"kv": ("resident", bytes)}``: keys, values and per-slot metadata (append buffers with their spare
+        slots)."""
+        held = (self._append_buffers.get(name, (getattr(self, name, None),))[0] for name in self.batch_state)
+        return {"kv": (RESIDENT, tensor_bytes(*held))}
 
     # ------------------------------------------------------------------------------------------ compression
     def keys_for_attention(
@@ -536,7 +540,7 @@ def gather_slots(
     return keys.gather(2, key_index), values.gather(2, value_index), positions.gather(2, index)
 
 
-class LongMemCache(Cache):
+class LongMemCache(CacheMemoryReport, Cache):
     """A transformers ``Cache`` whose attention layers are hf_longmem layers.
 
     Args:
@@ -558,6 +562,13 @@ class LongMemCache(Cache):
     #: ``None`` asks a layer (``supports_sliding_window``; the factory must then have no side effects), ``False``
     #: keeps transformers' layers.
     compresses_sliding_layers: bool | None = None
+
+    @property
+    def generate_kwargs(self) -> dict:
+        """Arguments ``generate`` needs with this cache: ``model.generate(ids, cache=cache, **cache.generate_kwargs)``
+        (none for most methods; EM-LLM's prefill in execution blocks). A cache never changes the model's
+        ``generation_config`` itself."""
+        return {}
 
     def __init__(self, layer_factory: Callable[[int], CacheLayerMixin], config=None):
         if config is None:
@@ -628,10 +639,6 @@ class LongMemCache(Cache):
         finally:
             attn_kwargs.pop("position_ids", None)
 
-    def memory_bytes(self) -> int:
-        """Bytes held by every layer (keys, values, indices and metadata)."""
-        return sum(layer_memory_bytes(layer) for layer in self.layers)
-
     def get_stored_length(self, layer_idx: int = 0) -> int:
         """Tokens stored (not seen) in ``layer_idx``."""
         if layer_idx >= len(self.layers):
@@ -658,14 +665,6 @@ class _CountingFactory:
         layer = self.layer_factory(self.count)
         self.count += 1
         return layer
-
-
-def layer_memory_bytes(layer) -> int:
-    if hasattr(layer, "memory_bytes"):
-        return layer.memory_bytes()
-    if not getattr(layer, "is_initialized", False):
-        return 0
-    return _tensor_bytes(getattr(layer, "keys", None)) + _tensor_bytes(getattr(layer, "values", None))
 
 
 def build_layers(
@@ -825,9 +824,7 @@ def check_model_attention(model, needs_attention: bool) -> None:
 
 def cache_memory_bytes(cache: Cache) -> int:
     """Bytes held by any transformers cache (ours report their own, others are summed from their tensors)."""
-    if hasattr(cache, "memory_bytes"):
-        return cache.memory_bytes()
-    return sum(layer_memory_bytes(layer) for layer in cache.layers)
+    return memory_bytes_of(cache)
 
 
 def check_options(cls: type, options: dict) -> None:

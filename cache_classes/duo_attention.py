@@ -55,6 +55,7 @@ from hf_longmem.memory.attention_features import HeadSubsetModule
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
 from hf_longmem.registry import register_cache
+from hf_longmem.validation import check_int, check_real
 
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
@@ -243,8 +244,7 @@ def select_retrieval_heads(gates: torch.Tensor, sparsity: float | None = 0.5) ->
 def _check_sparsity(sparsity) -> None:
     if sparsity is None:
         return
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"`sparsity` (fraction of streaming heads) must be in [0, 1) or None, got {sparsity!r}")
+    check_real("sparsity", sparsity, low=0.0, high=1.0, strict_high=True, hint="fraction of streaming heads, or None")
 
 
 def resolve_head_pattern(head_pattern: HeadPattern, sparsity: float | None, config=None) -> torch.Tensor | bool:
@@ -669,10 +669,8 @@ class DuoAttentionCache(LongMemCache):
         recent_size: int = 256,
         config=None,
     ):
-        if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
-            raise ValueError(f"`sink_size` must be a non-negative int, got {sink_size!r}")
-        if isinstance(recent_size, bool) or not isinstance(recent_size, int) or recent_size < 1:
-            raise ValueError(f"`recent_size` must be a positive int, got {recent_size!r}")
+        check_int("sink_size", sink_size, low=0)
+        check_int("recent_size", recent_size, low=1)
         pattern = resolve_head_pattern(head_pattern, sparsity, config)
         self.retrieval_pattern = pattern
         self.sparsity, self.sink_size, self.recent_size = sparsity, sink_size, recent_size

@@ -25,9 +25,9 @@ The surprise needs the model's logits over each new input, which ``generate`` do
 last position). :meth:`EMLLMCache.from_model` (used by ``make_cache``) attaches a forward hook to the decoder that
 projects its last hidden states with the LM head in chunks of ``exc_block_size`` and forms the events of every layer
 after each forward. Events can only form between forwards, so long prompts must be fed in execution blocks (the
-official code asserts it): ``from_model`` sets ``model.generation_config.prefill_chunk_size = exc_block_size`` when it
-is unset (restored by :meth:`EMLLMCache.close` or when the cache is garbage-collected; pass ``chunk_prefill=False`` to leave
-it alone). A longer forward still
+official code asserts it): pass ``cache.generate_kwargs`` (``{"prefill_chunk_size": exc_block_size}``) to
+``generate`` — ``model.generate(ids, cache=cache, **cache.generate_kwargs)`` — as the harness does. The cache never
+changes the model's ``generation_config``. A longer forward still
 works (its queries are processed in execution blocks), but the surprise of its tokens is known only when it ends:
 tokens that leave the window during it wait in the remainder (seen at the constant distance) up to
 ``exc_block_size + max_block_size`` tokens, beyond which the oldest form fixed blocks of ``max_block_size`` (as
@@ -63,15 +63,15 @@ import weakref
 
 import torch
 
-from hf_longmem.memory.block_store import bytes_by_location
+from hf_longmem.memory.accounting import OFFLOADED, RESIDENT, MemoryParts, tensor_bytes
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import RotaryShift
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_int
+from hf_longmem.validation import check_choice, check_int, check_real
 
-from .base import LongMemCache, _tensor_bytes
-from .infllm import InfLLMCache, InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
+from .base import LongMemCache
+from .infllm import InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
 
 METRICS = ("modularity", "conductance")
 
@@ -277,8 +277,8 @@ class EMLLMLayer(InfLLMLayer):
             warnings.warn(
                 "EMLLMCache got a forward longer than exc_block_size: events need the surprise of each execution "
                 "block before the next one, so tokens that left the window during this forward form fixed blocks of "
-                "max_block_size. Feed prompts in execution blocks (generate(..., prefill_chunk_size=exc_block_size), "
-                "which make_cache('emllm', model) sets as the model's default) to segment them into events.",
+                "max_block_size. Feed prompts in execution blocks (model.generate(..., cache=cache, **cache.generate_kwargs), "
+                "i.e. prefill_chunk_size=exc_block_size) to segment them into events.",
                 stacklevel=2,
             )
         self.form_row_blocks(sizes)
@@ -397,47 +397,6 @@ class EMLLMLayer(InfLLMLayer):
 
 
 # ------------------------------------------------------------------------------------------------- cache
-#: ``id(generation_config) -> [weakref to it, chunk size, live caches using it]``: the ``prefill_chunk_size`` that
-#: EM-LLM caches set on a model stays while any of them lives (a runner builds the next cache before the last one
-#: is collected; unsetting on the first one's collection would leave the next one without chunking). Each cache
-#: releases the entry it joined: a newer entry under the same key (the value was unset and set again, or the id
-#: was reused by another config) is not counted down by older caches.
-_CHUNKING_USERS: dict[int, list] = {}
-
-
-def _acquire_prefill_chunking(generation_config, chunk_size: int) -> list | None:
-    """Sets ``generation_config.prefill_chunk_size = chunk_size`` (when unset) or joins the EM-LLM caches that set
-    it; returns the entry joined (for :func:`_release_prefill_chunking`), ``None`` when someone else chose another
-    value (left alone)."""
-    key = id(generation_config)
-    entry = _CHUNKING_USERS.get(key)
-    if entry is not None and entry[0]() is generation_config and generation_config.prefill_chunk_size == entry[1]:
-        if entry[1] != chunk_size:
-            return None
-        entry[2] += 1
-        return entry
-    if generation_config.prefill_chunk_size is not None:
-        return None
-    generation_config.prefill_chunk_size = chunk_size
-    entry = [weakref.ref(generation_config), chunk_size, 1]
-    _CHUNKING_USERS[key] = entry
-    return entry
-
-
-def _release_prefill_chunking(key: int, entry: list) -> None:
-    """One EM-LLM cache is done with ``entry``; the last one unsets the ``prefill_chunk_size`` (if nobody changed it
-    since)."""
-    if _CHUNKING_USERS.get(key) is not entry:  # replaced by a newer entry: not ours to count down
-        return
-    entry[2] -= 1
-    if entry[2] > 0:
-        return
-    del _CHUNKING_USERS[key]
-    generation_config = entry[0]()
-    if generation_config is not None and generation_config.prefill_chunk_size == entry[1]:
-        generation_config.prefill_chunk_size = None
-
-
 def _observe(cache: EMLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
     cache.observe(input_ids, hidden, lm_head)
 
@@ -464,10 +423,9 @@ class EMLLMCache(LongMemCache):
         rotary: the model's RoPE (``from_model`` reads it).
         manual_surprise: feed surprise yourself with :meth:`record_surprise` instead of the model hook (tests,
             custom segmentations).
-        chunk_prefill: let :meth:`attach` set ``model.generation_config.prefill_chunk_size = exc_block_size`` when
-            it is unset, so that ``generate`` feeds prompts in execution blocks (see the module notes).
 
-    Build it with ``make_cache("emllm", model, ...)`` (or :meth:`from_model`), which attaches the surprise hook.
+    Build it with ``make_cache("emllm", model, ...)`` (or :meth:`from_model`), which attaches the surprise hook, and
+    generate with ``model.generate(ids, cache=cache, **cache.generate_kwargs)`` (prompts fed in execution blocks).
     """
 
     #: Why this cache holds as much as the full cache or more (shown next to benchmark rows where it does).
@@ -478,6 +436,12 @@ class EMLLMCache(LongMemCache):
     memory_saving = "resident"
     #: Left padding is exact in whole execution blocks (chunked prefill): the option that sets the multiple.
     padding_multiple_option = "exc_block_size"
+
+    @property
+    def generate_kwargs(self) -> dict:
+        """``{"prefill_chunk_size": exc_block_size}``: ``generate`` feeds prompts in execution blocks, so that events
+        form from each block's surprise before the next block (see the module notes)."""
+        return {"prefill_chunk_size": self.exc_block_size}
 
     def __init__(
         self,
@@ -501,7 +465,6 @@ class EMLLMCache(LongMemCache):
         config=None,
         rotary: RotaryShift | None = None,
         manual_surprise: bool = False,
-        chunk_prefill: bool = True,
     ):
         check_int("n_init", n_init, low=0)
         check_int("n_local", n_local, low=1)
@@ -515,14 +478,11 @@ class EMLLMCache(LongMemCache):
             raise ValueError(f"`min_block_size` ({min_block_size}) must be at most `max_block_size` ({max_block_size})")
         if exc_block_size > n_local:
             raise ValueError(f"`exc_block_size` ({exc_block_size}) must be at most `n_local` ({n_local})")
-        if isinstance(surprise_gamma, bool) or not isinstance(surprise_gamma, (int, float)):
-            raise ValueError(f"`surprise_gamma` must be a number, got {surprise_gamma!r}")
-        if similarity_metric not in METRICS:
-            raise ValueError(f"`similarity_metric` must be one of {METRICS}, got {similarity_metric!r}")
-        if isinstance(contiguity_buffer_size, bool) or not (
-            isinstance(contiguity_buffer_size, (int, float)) and contiguity_buffer_size > 0
-        ):
-            raise ValueError(f"`contiguity_buffer_size` must be a positive number, got {contiguity_buffer_size!r}")
+        check_real("surprise_gamma", surprise_gamma)
+        check_choice("similarity_metric", similarity_metric, METRICS)
+        check_real(
+            "contiguity_buffer_size", contiguity_buffer_size, low=0.0, strict_low=True, hint="share or token count"
+        )
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if refine_from_layer is not None:
@@ -535,11 +495,10 @@ class EMLLMCache(LongMemCache):
         self.similarity_refinement, self.similarity_metric = bool(similarity_refinement), similarity_metric
         self.refine_from_layer = refine_from_layer
         self.use_contiguity_buffer, self.contiguity_buffer_size = bool(use_contiguity_buffer), contiguity_buffer_size
-        self.manual_surprise, self.chunk_prefill = manual_surprise, bool(chunk_prefill)
+        self.manual_surprise = manual_surprise
         self.rotary = rotary_for(type(self).__name__, config, rotary)
         self._hook = None
         self._padding_hook = None  # attach_padding_hook: pads told from the model's 2-D mask
-        self._restore_chunking = None
         self._init_surprise_state()
         options = dict(
             n_init=n_init,
@@ -616,26 +575,15 @@ class EMLLMCache(LongMemCache):
         self.close()
         self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
         self._padding_hook = attach_padding_hook(model, self)
-        generation_config = getattr(model, "generation_config", None)
-        entry = (
-            _acquire_prefill_chunking(generation_config, self.exc_block_size)
-            if self.chunk_prefill and generation_config is not None
-            else None
-        )
-        if entry is not None:
-            self._restore_chunking = weakref.finalize(self, _release_prefill_chunking, id(generation_config), entry)
 
     def close(self) -> None:
-        """Removes the surprise hook (and the prefill chunking ``from_model`` set)."""
+        """Removes the surprise and padding hooks from the model."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         if self._padding_hook is not None:
             self._padding_hook.remove()
             self._padding_hook = None
-        if self._restore_chunking is not None:
-            self._restore_chunking()  # a finalizer runs once: calling it now releases this cache's share
-        self._restore_chunking = None
 
     def observe(self, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
         """Surprise of each row's tokens whose next token is now known, from ``hidden`` ``[b, q, hidden]``, then
@@ -784,11 +732,11 @@ class EMLLMCache(LongMemCache):
         super().reset()
         self._init_surprise_state()
 
-    def memory_parts(self) -> dict[str, tuple[str, int]]:
-        """``{part: (where, bytes)}`` as :meth:`InfLLMCache.memory_parts`, plus ``segmentation`` (surprise history
-        and pending boundary flags, kept in CPU memory: offloaded when the model runs on an accelerator) and
-        ``last_logits`` (the last token's logits, on the compute device)."""
-        parts = InfLLMCache.memory_parts(self)
+    def extra_memory_parts(self) -> MemoryParts:
+        """``segmentation`` (surprise history and pending boundary flags, kept in CPU memory: offloaded when the model
+        runs on an accelerator) and ``last_logits`` (the last token's logits, on the compute device), besides the
+        layers' parts (:meth:`InfLLMLayer.memory_parts`)."""
+        parts: MemoryParts = {}
         device = next((layer.device for layer in self.layers if getattr(layer, "device", None) is not None), None)
         on_accelerator = device is not None and device.type != "cpu"
         for name, tensors in (
@@ -796,15 +744,8 @@ class EMLLMCache(LongMemCache):
             ("last_logits", tuple(self._last_logits)),
         ):
             host = all(t is None or t.device.type == "cpu" for t in tensors)
-            parts[name] = ("offloaded" if host and on_accelerator else "resident", sum(map(_tensor_bytes, tensors)))
+            parts[name] = (OFFLOADED if host and on_accelerator else RESIDENT, tensor_bytes(*tensors))
         return parts
-
-    def memory_breakdown(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
-        return bytes_by_location(self.memory_parts())
-
-    def memory_bytes(self) -> int:
-        return sum(self.memory_breakdown().values())
 
     # -------------------------------------------------------------------------- rows (beams, batch selection)
     def _reindex_rows(self, index: list[int]) -> None:

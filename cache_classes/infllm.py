@@ -77,14 +77,15 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
 from hf_longmem.kernels.decode_attention.reference import grouped_logits
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.attention_features import AttentionFeatures
-from hf_longmem.memory.block_store import BlockStore, bytes_by_location
+from hf_longmem.memory.block_store import BlockStore
 from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
 from hf_longmem.memory.rope import RotaryShift
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
-from .base import LongMemCache, _tensor_bytes
+from .base import LongMemCache
 
 NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
@@ -257,7 +258,7 @@ def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, expanded)
 
 
-class InfLLMLayer(CacheLayerMixin):
+class InfLLMLayer(MemoryReport, CacheLayerMixin):
     """One attention layer of an :class:`InfLLMCache`.
 
     State (per row of the batch; rows may hold different numbers of tokens in every part):
@@ -794,10 +795,6 @@ class InfLLMLayer(CacheLayerMixin):
             return self.init_valid
         return torch.ones(self.init_keys.shape[0], self.init_keys.shape[-2], dtype=torch.bool, device=self.device)
 
-    def form_blocks(self, sizes: list[int]) -> None:
-        """Every row's oldest ``sum(sizes)`` recent tokens become memory blocks of ``sizes`` (in order)."""
-        self.form_row_blocks([list(sizes)] * self.keys.shape[0])
-
     def form_row_blocks(self, sizes: list[list[int]]) -> None:
         """Row ``r``'s oldest ``sum(sizes[r])`` recent tokens become memory blocks of ``sizes[r]`` (in order).
 
@@ -892,7 +889,7 @@ class InfLLMLayer(CacheLayerMixin):
             f"{type(self).__name__} moves tokens to memory and cannot be cropped; copy the cache (copy.deepcopy) to roll back"
         )
 
-    def memory_parts(self) -> dict[str, tuple[str, int]]:
+    def memory_parts(self) -> MemoryParts:
         """``{part: (where, bytes)}``, ``where`` ``"resident"`` (compute device) or ``"offloaded"`` (CPU home).
 
         ``window``: the recent tokens (window + remainder) with their positions and scores; ``initial``: the initial
@@ -902,19 +899,9 @@ class InfLLMLayer(CacheLayerMixin):
             return {}
         window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen)
         initial = (self.init_keys, self.init_values, self.init_valid)
-        parts = {
-            "window": ("resident", sum(map(_tensor_bytes, window))),
-            "initial": ("resident", sum(map(_tensor_bytes, initial))),
-        }
+        parts = {"window": (RESIDENT, tensor_bytes(*window)), "initial": (RESIDENT, tensor_bytes(*initial))}
         parts.update(self.store.memory_parts())
         return parts
-
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes held: ``resident`` (on the compute device) and ``offloaded`` (in CPU memory)."""
-        return bytes_by_location(self.memory_parts())
-
-    def memory_bytes(self) -> int:
-        return sum(self.memory_breakdown().values())
 
 
 class InfLLMCache(LongMemCache):
@@ -1041,29 +1028,6 @@ class InfLLMCache(LongMemCache):
         cache = cls(config=model.config, **kwargs)
         attach_padding_hook(model, cache)
         return cache
-
-    def memory_parts(self) -> dict[str, tuple[str, int]]:
-        """``{part: (where, bytes)}`` summed over layers (see :meth:`InfLLMLayer.memory_parts`); layers of other
-        kinds (a model mixing attention types) are counted as ``other_layers``, resident."""
-        parts: dict[str, tuple[str, int]] = {}
-        for layer in self.layers:
-            if hasattr(layer, "memory_parts"):
-                items = layer.memory_parts().items()
-            elif getattr(layer, "is_initialized", False):
-                items = [("other_layers", ("resident", _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)))]
-            else:
-                items = []
-            for name, (where, size) in items:
-                parts[name] = (where, parts.get(name, (where, 0))[1] + size)
-        return parts
-
-    def memory_breakdown(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}``."""
-        return bytes_by_location(self.memory_parts())
-
-    def memory_bytes(self) -> int:
-        """Every byte held (resident + offloaded)."""
-        return sum(self.memory_breakdown().values())
 
 
 __all__ = ["InfLLMCache", "InfLLMLayer", "block_representatives"]

@@ -37,14 +37,13 @@ forward's last queries as the window (stored merged slots may merge again).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from hf_longmem.memory.merging import consecutive_merge_sets, merge_runs
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.registry import register_cache
+from hf_longmem.validation import check_int, check_optional_int, check_real
 
 from .base import LongMemCache
 from .scored import ScoredLayer
@@ -188,18 +187,10 @@ class KVMergerCache(LongMemCache):
         max_set_size: int | None = 64,
         config=None,
     ):
-        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
-            raise ValueError(f"`window_size` must be a positive int, got {window_size!r}")
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= window_size:
-            raise ValueError(f"`budget` must be an int larger than window_size={window_size}, got {budget!r}")
-        if isinstance(sim_threshold, bool) or not isinstance(sim_threshold, (int, float)) or math.isnan(sim_threshold):
-            raise ValueError(
-                f"`sim_threshold` must be a number (cosine similarity; > 1 disables merging), got {sim_threshold!r}"
-            )
-        if max_set_size is not None and (
-            not isinstance(max_set_size, int) or isinstance(max_set_size, bool) or max_set_size < 1
-        ):
-            raise ValueError(f"`max_set_size` must be a positive int or None, got {max_set_size!r}")
+        check_int("window_size", window_size, low=1)
+        check_int("budget", budget, low=window_size + 1, hint=f"larger than window_size={window_size}")
+        check_real("sim_threshold", sim_threshold, finite=False, hint="cosine similarity; > 1 disables merging")
+        check_optional_int("max_set_size", max_set_size, low=1)
         self.budget, self.sim_threshold = budget, float(sim_threshold)
         self.window_size, self.max_set_size = window_size, max_set_size
         super().__init__(

@@ -34,6 +34,7 @@ import weakref
 
 import torch
 
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, tensor_bytes
 from hf_longmem.memory.output_hook import attach_output_hook
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import LayerRotation, ModelRotary
@@ -245,9 +246,9 @@ class SirLLMCache(LongMemCache):
         if self._last_logprobs is not None:
             self._last_logprobs = fn(self._last_logprobs)
 
-    def memory_bytes(self) -> int:
-        extra = 0 if self.scores is None else self.scores.numel() * self.scores.element_size()
-        return super().memory_bytes() + extra
+    def extra_memory_parts(self) -> MemoryParts:
+        """``scores``: the per-token entropy scores shared by every layer."""
+        return {"scores": (RESIDENT, tensor_bytes(self.scores))}
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).

@@ -23,7 +23,7 @@ import torch
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import pool_scores
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_int
+from hf_longmem.validation import check_choice, check_int
 
 from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
@@ -182,12 +182,10 @@ class PyramidKVCache(LongMemCache):
 
 def _check_snapkv(budget, window_size, kernel_size, pooling) -> None:
     check_int("window_size", window_size, low=1)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= window_size:
-        raise ValueError(f"`budget` must be an int larger than window_size={window_size}, got {budget!r}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"`kernel_size` must be a positive odd int, got {kernel_size!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}")
+    check_int("budget", budget, low=window_size + 1, hint=f"larger than window_size={window_size}")
+    if check_int("kernel_size", kernel_size, low=1, hint="odd") % 2 == 0:
+        raise ValueError(f"`kernel_size` must be a positive odd integer, got {kernel_size!r}")
+    check_choice("pooling", pooling, POOLINGS)
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).

@@ -189,10 +189,9 @@ class StreamingCache(LongMemCache):
         rotary: LayerRotation | ModelRotary | None = None,
     ):
         check_int("sink_size", sink_size, low=0)
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= sink_size:
-            raise ValueError(
-                f"`budget` must be an int larger than sink_size={sink_size} (room for a recent window), got {budget!r}"
-            )
+        check_int(
+            "budget", budget, low=sink_size + 1, hint=f"larger than sink_size={sink_size}: room for a recent window"
+        )
         shift = shift_rotary(position_mode, rotary, config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
         super().__init__(

@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels import channel_attention
 from hf_longmem.kernels.channel_attention.reference import gather_query_channels
+from hf_longmem.memory.accounting import MemoryParts
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
@@ -244,8 +245,8 @@ class ThinKLayer(CompressedLayer):
         pruned = 0 if self.pruned_keys is None else self.pruned_keys.shape[-2]
         return pruned + super().get_stored_length()
 
-    def memory_bytes(self) -> int:
-        return self.base.memory_bytes() if self.base is not None else super().memory_bytes()
+    def memory_parts(self) -> MemoryParts:
+        return self.base.memory_parts() if self.base is not None else super().memory_parts()
 
     def reorder_cache(self, beam_idx):
         (self.base.reorder_cache if self.base is not None else super().reorder_cache)(beam_idx)

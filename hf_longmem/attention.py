@@ -45,13 +45,6 @@ def fallback_attention(module: torch.nn.Module, implementation: str):
     return ALL_ATTENTION_FUNCTIONS[fallback]
 
 
-def boolean_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``[batch, 1, q, kv]`` True where attention is allowed, from a boolean or an additive float mask."""
-    if attention_mask is None or attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask == 0
-
-
 def _make_attention(implementation: str):
     def longmem_attention_forward(
         module: torch.nn.Module,

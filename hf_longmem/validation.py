@@ -25,15 +25,22 @@ def _bounds(low, high, strict_low: bool, strict_high: bool) -> str:
     return " and ".join(parts)
 
 
-def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
-    """An integer in ``[low, high]`` (``low``/``high`` optional); ``ValueError`` naming ``name`` otherwise."""
+def _why(hint: str | None) -> str:
+    return f" ({hint})" if hint else ""
+
+
+def check_int(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, hint: str | None = None
+) -> int:
+    """An integer in ``[low, high]`` (``low``/``high`` optional); ``ValueError`` naming ``name`` otherwise (``hint``:
+    why the bound, e.g. ``"larger than window_size=32"``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
-            raise ValueError(f"`{name}` must be an integer, got the float {value!r}")
+            raise ValueError(f"`{name}` must be an integer{_why(hint)}, got the float {value!r}")
         bounds = _bounds(low, high, False, False)
-        raise ValueError(f"`{name}` must be an integer{' ' + bounds if bounds else ''}, got {value!r}")
+        raise ValueError(f"`{name}` must be an integer{' ' + bounds if bounds else ''}{_why(hint)}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"`{name}` must be {_bounds(low, high, False, False)}, got {value!r}")
+        raise ValueError(f"`{name}` must be {_bounds(low, high, False, False)}{_why(hint)}, got {value!r}")
     return int(value)
 
 
@@ -50,14 +57,19 @@ def check_real(
     high: float | None = None,
     strict_low: bool = False,
     strict_high: bool = False,
+    finite: bool = True,
+    hint: str | None = None,
 ) -> float:
-    """A finite real number in the given bounds (``strict_*``: the bound itself is excluded)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    """A real number in the given bounds (``strict_*``: the bound itself is excluded); finite unless ``finite=False``
+    (then only NaN is refused), ``hint``: what the value means."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"`{name}` must be a {'finite ' if finite else ''}number{_why(hint)}, got {value!r}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number{_why(hint)}, got {value!r}")
     too_low = low is not None and (value < low or (strict_low and value == low))
     too_high = high is not None and (value > high or (strict_high and value == high))
     if too_low or too_high:
-        raise ValueError(f"`{name}` must be {_bounds(low, high, strict_low, strict_high)}, got {value!r}")
+        raise ValueError(f"`{name}` must be {_bounds(low, high, strict_low, strict_high)}{_why(hint)}, got {value!r}")
     return float(value)
 
 

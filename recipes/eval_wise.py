@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="fact generator and WISE seed")
     parser.add_argument("--init-std", type=float, default=0.1, help="weight init std of --model random (0.1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", default="results/wise_eval", help="output path without extension")
+    parser.add_argument(
+        "--out", default="recipes/results/wise_eval", help="output path without extension (git-ignored folder)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 

@@ -26,7 +26,7 @@ from .metrics import METRICS, TASK_METRICS, exact_match, first_int_match, metric
 from .profiling import GenerationOutput, PeakMemory, greedy_generate, prefill, profile_generation
 from .report import collect_meta, format_bytes, format_table, load_results, plot, save_results
 from .runner import MODES, ROW_KEYS, aggregate_records, answer_turns, evaluate, run_benchmark
-from .schema import Sample, Turn
+from .schema import ROW_FIELDS, RowField, Sample, Turn
 
 _LAZY = {"TASKS": "tasks", "generate_task": "tasks", "shared_context": "tasks"}
 
@@ -42,6 +42,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "METRICS",
     "MODES",
+    "ROW_FIELDS",
     "ROW_KEYS",
     "TASKS",
     "TASK_METRICS",
@@ -49,6 +50,7 @@ __all__ = [
     "GenerationOutput",
     "PeakMemory",
     "Reference",
+    "RowField",
     "Sample",
     "Turn",
     "aggregate_records",

@@ -224,8 +224,11 @@ class _Forward:
         return self.model(input_ids=ids, **kwargs).logits[:, -1, :].float()
 
 
-def _chunk_size(model: torch.nn.Module, prefill_chunk_size: int | None) -> int | None:
-    """``prefill_chunk_size``, else the model's ``generation_config.prefill_chunk_size`` (checked)."""
+def _chunk_size(model: torch.nn.Module, prefill_chunk_size: int | None, cache=None) -> int | None:
+    """``prefill_chunk_size``, else the cache's (``cache.generate_kwargs``, e.g. EM-LLM's execution blocks), else the
+    model's ``generation_config.prefill_chunk_size`` (checked)."""
+    if prefill_chunk_size is None:
+        prefill_chunk_size = (getattr(cache, "generate_kwargs", None) or {}).get("prefill_chunk_size")
     if prefill_chunk_size is None:
         prefill_chunk_size = getattr(getattr(model, "generation_config", None), "prefill_chunk_size", None)
     if prefill_chunk_size is not None and (
@@ -317,8 +320,8 @@ def greedy_generate(
             choices, so ``sequences == forced_tokens`` measures agreement.
         return_logprobs: also return the next-token log-probabilities of every generated position.
         prefill_chunk_size: feed the prompt in chunks of this many tokens, as ``generate`` does (``None``: the
-            model's ``generation_config.prefill_chunk_size``, which some caches set, e.g. EM-LLM; unset: one
-            forward).
+            cache's ``generate_kwargs`` value, e.g. EM-LLM's execution blocks, else the model's
+            ``generation_config.prefill_chunk_size``; unset: one forward).
 
     Returns:
         A :class:`GenerationOutput`.
@@ -335,7 +338,7 @@ def greedy_generate(
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
     if past_length < 0:
         raise ValueError(f"`past_length` must be >= 0, got {past_length}")
-    prefill_chunk_size = _chunk_size(model, prefill_chunk_size)
+    prefill_chunk_size = _chunk_size(model, prefill_chunk_size, cache)
     device = model_device(model)
     batch, num_prompt = input_ids.shape
     input_ids = input_ids.to(device)

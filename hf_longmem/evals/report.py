@@ -29,6 +29,8 @@ from typing import Any
 
 from hf_longmem.files import atomic_write_text
 
+from .schema import NUMERIC_ROW_KEYS, ROW_FIELDS, is_number
+
 __all__ = [
     "collect_meta",
     "format_bytes",
@@ -167,28 +169,12 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"results file {str(path)!r}: row {index} must be an object, got {row!r}")
         for key in NUMERIC_ROW_KEYS:
             value = row.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and not is_number(value):
                 raise ValueError(f"results file {str(path)!r}: row {index} has a non-numeric {key!r}: {value!r}")
-        if row.get("cache_kwargs") is not None and not isinstance(row["cache_kwargs"], dict):
-            raise ValueError(f"results file {str(path)!r}: row {index} has a 'cache_kwargs' that is not an object")
+        for key in (f.name for f in ROW_FIELDS if f.kind == "object"):
+            if row.get(key) is not None and not isinstance(row[key], dict):
+                raise ValueError(f"results file {str(path)!r}: row {index} has a {key!r} that is not an object")
     return data
-
-
-#: Row fields that must be numbers (or null) for the table and the plot.
-NUMERIC_ROW_KEYS = (
-    "accuracy",
-    "accuracy_low",
-    "accuracy_high",
-    "kv_bytes",
-    "prefill_s",
-    "decode_tokens_per_s",
-    "top1_agreement",
-    "kl",
-    "context_length",
-    "num_samples",
-    "num_turns",
-    "peak_memory_bytes",
-)
 
 
 def format_bytes(num_bytes: float | None) -> str:

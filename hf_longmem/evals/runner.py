@@ -45,7 +45,7 @@ from hf_longmem.registry import get_cache_spec, make_cache
 from .fidelity import Reference, compare_to_reference, reference_continuation
 from .metrics import metric_for, score, wilson_interval
 from .profiling import PeakMemory, eos_token_ids, greedy_generate, model_device, prefill
-from .schema import Sample, Turn
+from .schema import ROW_KEYS, Sample, Turn
 
 __all__ = [
     "HISTORY_MODES",
@@ -62,26 +62,6 @@ __all__ = [
 
 MODES = ("single", "rollback", "append")
 HISTORY_MODES = ("generated", "golden")
-
-#: Keys of every :func:`run_benchmark` row (consumed by ``hf_longmem.hub``); rows may carry a few more.
-ROW_KEYS = (
-    "model",
-    "task",
-    "cache",
-    "cache_name",
-    "cache_kwargs",
-    "context_length",
-    "num_samples",
-    "accuracy",
-    "accuracy_low",
-    "accuracy_high",
-    "kv_bytes",
-    "prefill_s",
-    "decode_tokens_per_s",
-    "peak_memory_bytes",
-    "top1_agreement",
-    "kl",
-)
 
 CacheOptions = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]
 
@@ -476,9 +456,10 @@ def _add_fidelity(
 
 
 def _memory_split(cache: Any, rows: int = 1) -> dict[str, int]:
-    """``kv_resident_bytes``/``kv_offloaded_bytes`` of a cache that splits its bytes (``memory_breakdown()``:
-    InfLLM/EM-LLM memory blocks offloaded to CPU vs held on the compute device), per row; ``{}`` for other caches."""
-    if not hasattr(cache, "memory_breakdown"):
+    """``kv_resident_bytes``/``kv_offloaded_bytes`` of a cache whose budget bounds the bytes on the compute device
+    (``memory_saving = "resident"``: InfLLM/EM-LLM memory blocks offloaded to CPU), per row, from its
+    ``memory_breakdown()``; ``{}`` for other caches (every byte they hold is resident)."""
+    if getattr(cache, "memory_saving", None) != "resident" or not hasattr(cache, "memory_breakdown"):
         return {}
     split = cache.memory_breakdown()
     return {
@@ -590,7 +571,8 @@ def run_benchmark(
             finished rows when the run is interrupted (Ctrl-C).
 
     Returns:
-        One row per (task, length, cache) in that nesting order, with the keys of :data:`ROW_KEYS` (see
+        One row per (task, length, cache) in that nesting order, with the keys of
+        :data:`~hf_longmem.evals.schema.ROW_KEYS` (the fields: :data:`~hf_longmem.evals.schema.ROW_FIELDS`; see
         :func:`aggregate_records`).
     """
     if not lengths:

@@ -13,20 +13,13 @@ from typing import Any
 from huggingface_hub import EvalResult
 
 from hf_longmem.evals.report import format_bytes
+from hf_longmem.evals.schema import METRIC_ROW_KEYS, NUMERIC_ROW_KEYS, REQUIRED_ROW_KEYS, is_number
 
 #: Harness row keys that become ``EvalResult`` metrics by default (skipped where the row holds ``null``).
 DEFAULT_EVAL_METRICS: tuple[str, ...] = ("accuracy", "top1_agreement", "kl")
 
-_REQUIRED_ROW_KEYS = ("task", "cache", "context_length", "accuracy")
-_OPTIONAL_NUMBER_KEYS = (
-    "num_samples",
-    "kv_bytes",
-    "prefill_s",
-    "decode_tokens_per_s",
-    "peak_memory_bytes",
-    "top1_agreement",
-    "kl",
-)
+#: Numeric row keys checked as finite numbers or null (``context_length`` and ``accuracy`` have their own checks).
+_OPTIONAL_NUMBER_KEYS = tuple(key for key in NUMERIC_ROW_KEYS if key not in REQUIRED_ROW_KEYS)
 
 
 @dataclass
@@ -45,14 +38,14 @@ class HarnessResults:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _validate_row(row: Any, index: int) -> dict[str, Any]:
     where = f"eval_results row {index}"
     if not isinstance(row, Mapping):
         raise ValueError(f"{where} must be a dict, got {type(row).__name__}.")
-    for key in _REQUIRED_ROW_KEYS:
+    for key in REQUIRED_ROW_KEYS:
         if key not in row:
             raise ValueError(f"{where} is missing the required key {key!r} (keys: {sorted(row)}).")
     out = dict(row)
@@ -176,10 +169,11 @@ def eval_results_from_harness(
     """
     if isinstance(metrics, str) or not metrics:
         raise ValueError(f"metrics must be a non-empty sequence of row keys, got {metrics!r}.")
-    numeric_keys = {"accuracy", *_OPTIONAL_NUMBER_KEYS}
     for metric in metrics:
-        if metric not in numeric_keys:
-            raise ValueError(f"metrics: {metric!r} is not a numeric harness row key (one of {sorted(numeric_keys)}).")
+        if metric not in METRIC_ROW_KEYS:
+            raise ValueError(
+                f"metrics: {metric!r} is not a numeric harness row key (one of {sorted(METRIC_ROW_KEYS)})."
+            )
     if not isinstance(results, HarnessResults):
         results = load_harness_results(results, model=model)
     elif model is not None:

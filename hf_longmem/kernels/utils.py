@@ -149,3 +149,36 @@ def check_causal(causal_new: bool, num_queries: int, num_keys: int) -> None:
         raise ValueError(
             f"causal_new=True takes the {num_queries} queries as the last slots, but there are only {num_keys} keys"
         )
+
+
+def set_kernel_backend(cache, backend: str | None):
+    """Chooses the kernels of one cache's layers: ``"torch"``, ``"triton"`` or ``None`` (the layer class's default).
+
+    Per cache instance, so nothing global changes: a layer's ``kernel_backend`` attribute overrides its class's
+    default. Layers without kernels (StreamingLLM, SirLLM, DuoAttention, the full cache) are left as they are, and so
+    is a layer that set its own (compressed sliding-window layers keep ``"torch"``: the kernels apply no window).
+
+    Args:
+        cache: a cache built with the model or its config (``make_cache(name, model, ...)``), whose layers exist.
+        backend: ``"torch"``, ``"triton"`` or ``None``.
+
+    Returns:
+        ``cache``.
+
+    Raises:
+        ValueError: an unknown backend, or a cache that creates its layers on first use (built without a config).
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS} or None, got {backend!r}")
+    layers = list(getattr(cache, "layers", ()))
+    if getattr(cache, "layer_class_to_replicate", None) is not None and not layers:
+        raise ValueError(
+            f"{type(cache).__name__} creates its layers on first use: build it with the model "
+            "(make_cache(name, model, ...)) to choose their kernels"
+        )
+    for layer in layers:
+        if "kernel_backend" in vars(layer):  # the layer's own choice (sliding-window layers)
+            continue
+        if hasattr(type(layer), "kernel_backend"):
+            layer.kernel_backend = backend
+    return cache

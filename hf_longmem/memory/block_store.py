@@ -34,21 +34,14 @@ from collections import OrderedDict
 import torch
 
 from hf_longmem.kernels.block_topk import block_topk
+from hf_longmem.memory.accounting import MemoryReport
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
-def bytes_by_location(parts: dict[str, tuple[str, int]]) -> dict[str, int]:
-    """Sums ``{part: (where, bytes)}`` (a ``memory_parts()`` result) into ``{"resident": ..., "offloaded": ...}``."""
-    total = {"resident": 0, "offloaded": 0}
-    for where, size in parts.values():
-        total[where] += size
-    return total
-
-
-class BlockStore:
+class BlockStore(MemoryReport):
     """Blocks of one layer, per row of the batch.
 
     Args:
@@ -414,15 +407,6 @@ class BlockStore:
                 _nbytes(self.reprs),
             ),
         }
-
-    def memory_breakdown(self) -> dict[str, int]:
-        """``{"resident": bytes on the compute device, "offloaded": bytes in CPU memory}`` (see :meth:`memory_parts`)."""
-        return bytes_by_location(self.memory_parts())
-
-    def memory_bytes(self) -> int:
-        """All bytes the store holds, resident and offloaded (as every cache's ``memory_bytes``; the split is
-        :meth:`memory_breakdown`)."""
-        return sum(self.memory_breakdown().values())
 
     def __deepcopy__(self, memo):
         import copy

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from hf_longmem.kernels.block_topk import select_topk
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 
 __all__ = ["ChunkMemoryBank"]
 
@@ -46,7 +47,7 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-class ChunkMemoryBank:
+class ChunkMemoryBank(MemoryReport):
     """FIFO memory of past keys/values in chunks, per batch row, with chunk-mean keys for exact top-k retrieval.
 
     Args:
@@ -112,8 +113,8 @@ class ChunkMemoryBank:
         """True when no row holds a stored chunk."""
         return self.written is None or not bool((self.written > 0).any())
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the bank's tensors (keys, values, chunk keys, masks, pending chunk, counters)."""
+    def memory_parts(self) -> MemoryParts:
+        """``{"bank": ("resident", bytes)}``: keys, values, chunk keys, masks, pending chunk, counters."""
         tensors = (
             self.keys,
             self.values,
@@ -124,7 +125,7 @@ class ChunkMemoryBank:
             self.pending_values,
             self.pending_count,
         )
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return {"bank": (RESIDENT, tensor_bytes(*tensors))}
 
     # ------------------------------------------------------------------------------------------------ write
     def _allocate(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:

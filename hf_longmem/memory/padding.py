@@ -18,13 +18,6 @@ _NOT_LEFT_PADDED = (
 )
 
 
-def new_token_positions(
-    position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
-) -> torch.Tensor:
-    """Returns the true position of each new token, ``PAD_POSITION`` for pads (see :func:`positions_and_padding`)."""
-    return positions_and_padding(position_ids, real_seen, num_new, batch_size)[0]
-
-
 def positions_and_padding(
     position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
 ) -> tuple[torch.Tensor, bool]:

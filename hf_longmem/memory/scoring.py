@@ -144,17 +144,3 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str, real: torc
         weights.reshape(batch * heads * 2, 1, n), kernel_size, stride=1, padding=pad, count_include_pad=True
     )[..., :n].reshape(batch, heads, 2, n)
     return (sums[:, :, 0] / sums[:, :, 1].clamp(min=1.0 / kernel_size)).masked_fill(~real, 0.0)
-
-
-def top_slots(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best candidate slots, ascending.
-
-    Args:
-        scores: ``[batch, heads, n]``.
-        candidates: ``[batch, 1 or heads, n]`` bool, at least ``k`` True per row.
-
-    Returns:
-        ``[batch, heads, k]`` int64.
-    """
-    masked = scores.masked_fill(~candidates, float("-inf"))
-    return masked.topk(k, dim=-1).indices.sort(dim=-1).values

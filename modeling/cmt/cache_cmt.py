@@ -6,8 +6,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 
-class CMTCache(DynamicCache):
+
+class CMTCache(MemoryReport, DynamicCache):
     """A ``DynamicCache`` whose first ``prefix_length`` positions hold the retrieved memories' keys/values.
 
     The first forward call of a :class:`CMTForCausalLM` on a fresh cache is the question: the model retrieves the
@@ -49,15 +51,14 @@ class CMTCache(DynamicCache):
             self.prefix_length = keys.shape[-2]
         self.primed = True
 
-    def memory_bytes(self) -> int:
-        """Bytes of the keys/values held (memory prefix included)."""
-        total = 0
-        for layer in self.layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+    def memory_parts(self) -> MemoryParts:
+        """``{"kv": ("resident", bytes of the keys/values held, memory prefix included)}``."""
+        return {
+            "kv": (
+                RESIDENT,
+                tensor_bytes(*(getattr(layer, n, None) for layer in self.layers for n in ("keys", "values"))),
+            )
+        }
 
 
 class ReplayLayer(DynamicLayer):

@@ -7,16 +7,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from hf_longmem.modeling.backbone import BackboneWrapperConfig
-from hf_longmem.validation import check_int
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None, *, open_low: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"> {low}" if open_low else f">= {low}"
-        raise ValueError(f"{name} must be a number {bound}{'' if high is None else f' and <= {high}'}, got {value!r}")
-    return float(value)
+from hf_longmem.validation import check_int, check_real
 
 
 def _int(name: str, value: Any, low: int) -> int:
@@ -65,14 +56,16 @@ class CMTConfig(BackboneWrapperConfig):
             raise ValueError("freeze_backbone must be True for CMT: the LLM's own weights never change")
         self.num_memory_tokens = _int("num_memory_tokens", num_memory_tokens, 1)
         self.lora_rank = _int("lora_rank", lora_rank, 1)
-        self.lora_alpha = _check_float("lora_alpha", lora_alpha, 0.0)
+        self.lora_alpha = check_real("lora_alpha", lora_alpha, low=0.0, strict_low=True)
         targets = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
         if not targets or not all(isinstance(name, str) and name for name in targets):
             raise ValueError(
                 f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}"
             )
         self.lora_target_modules = targets
-        self.retrieval_temperature = _check_float("retrieval_temperature", retrieval_temperature, 0.0)
+        self.retrieval_temperature = check_real(
+            "retrieval_temperature", retrieval_temperature, low=0.0, strict_low=True
+        )
         self.memory_top_k = _int("memory_top_k", memory_top_k, 0)
         self.max_memories = _int("max_memories", max_memories, 1)
         self.max_document_tokens = _int("max_document_tokens", max_document_tokens, 1)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_longmem.kernels.block_topk import block_topk
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 
 BANK_FILE = "cmt_memory_bank.safetensors"
 
@@ -55,7 +56,7 @@ class BankSignature:
                 raise ValueError(f"{what} does not match the model: {name} is {got}, the model needs {want}")
 
 
-class DocumentMemoryBank:
+class DocumentMemoryBank(MemoryReport):
     """Compressed document memories, at most ``capacity`` of them (first in, first out).
 
     Args:
@@ -101,9 +102,9 @@ class DocumentMemoryBank:
         self.keys = self.keys.to(device=device, dtype=dtype)
         return self
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the memories and keys."""
-        return sum(t.numel() * t.element_size() for t in (self.memories, self.keys))
+    def memory_parts(self) -> MemoryParts:
+        """``{"documents": ("resident", bytes of the memories and their keys)}``."""
+        return {"documents": (RESIDENT, tensor_bytes(self.memories, self.keys))}
 
     def clear(self) -> None:
         """Forget every memory (the counters keep counting)."""

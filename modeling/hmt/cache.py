@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from transformers import Cache, DynamicCache, PretrainedConfig
 
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.modeling.hmt.configuration_hmt import HMTConfig
 from hf_longmem.modeling.padding import RowGroupsMixin
 
 
-class HMTCache(RowGroupsMixin, Cache):
+class HMTCache(MemoryReport, RowGroupsMixin, Cache):
     """Memory bank, sensory memory and the current segment's backbone key/values.
 
     State (all per batch row; ``None`` where empty):
@@ -105,18 +106,21 @@ class HMTCache(RowGroupsMixin, Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
-    def memory_bytes(self) -> int:
-        """Bytes really held: bank, sensory and segment embeddings, ``P_n`` and the segment's key/values."""
-        total = sum(group.memory_bytes() for _, _, group in self.row_groups or ())
-        for tensor in (self.bank, self.sensory_embeds, self.segment_embeds, self.segment_memory):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-        if self.segment_cache is not None:
-            for layer in self.segment_cache.layers:
-                for tensor in (layer.keys, layer.values):
-                    if tensor is not None:
-                        total += tensor.numel() * tensor.element_size()
-        return total
+    def memory_parts(self) -> MemoryParts:
+        """Bytes really held: ``memory`` (bank, sensory and segment embeddings, ``P_n``), ``segment_kv`` (the
+        segment's keys/values) and ``row_groups`` (the caches of row groups, padded batches)."""
+        segment_layers = self.segment_cache.layers if self.segment_cache is not None else ()
+        return {
+            "memory": (
+                RESIDENT,
+                tensor_bytes(self.bank, self.sensory_embeds, self.segment_embeds, self.segment_memory),
+            ),
+            "segment_kv": (
+                RESIDENT,
+                tensor_bytes(*(t for layer in segment_layers for t in (layer.keys, layer.values))),
+            ),
+            "row_groups": (RESIDENT, sum(group.memory_bytes() for _, _, group in self.row_groups or ())),
+        }
 
     # ---- generate helpers ------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from hf_longmem.modeling.backbone import BackboneWrapperConfig
-from hf_longmem.validation import check_int
+from hf_longmem.validation import check_int, check_real
 
 #: LoRA targets of the official recipe (``hmt_src/main.py``) minus ``embed_tokens`` (see :class:`HMTConfig`).
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,11 +87,7 @@ class HMTConfig(BackboneWrapperConfig):
         **kwargs,
     ):
         self.segment_length = _int("segment_length", segment_length, 1)
-        if isinstance(summary_fraction, bool) or not isinstance(summary_fraction, (int, float)):
-            raise ValueError(f"summary_fraction must be a number in (0, 1], got {summary_fraction!r}")
-        if not 0 < summary_fraction <= 1:
-            raise ValueError(f"summary_fraction must be in (0, 1], got {summary_fraction!r}")
-        self.summary_fraction = float(summary_fraction)
+        self.summary_fraction = check_real("summary_fraction", summary_fraction, low=0.0, high=1.0, strict_low=True)
         self.sensory_length = _int("sensory_length", sensory_length, 0)
         if self.sensory_length > self.segment_length:
             raise ValueError(
@@ -105,23 +101,17 @@ class HMTConfig(BackboneWrapperConfig):
         )
         self.use_recall = bool(use_recall)
         self.lora_rank = _int("lora_rank", lora_rank, 0)
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-        self.lora_alpha = float(lora_alpha)
-        if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        self.lora_dropout = float(lora_dropout)
+        self.lora_alpha = check_real("lora_alpha", lora_alpha, low=0.0, strict_low=True)
+        self.lora_dropout = check_real("lora_dropout", lora_dropout, low=0.0, high=1.0, strict_high=True)
         targets = list(DEFAULT_LORA_TARGETS if lora_target_modules is None else lora_target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(
                 f"lora_target_modules must be a non-empty list of module names, got {lora_target_modules!r}"
             )
         self.lora_target_modules = targets
-        if isinstance(memory_scale, bool) or not isinstance(memory_scale, (int, float)) or memory_scale <= 0:
-            raise ValueError(f"memory_scale must be a positive number, got {memory_scale!r}")
-        self.memory_scale = float(memory_scale)
-        if memory_init_std is not None and (not isinstance(memory_init_std, (int, float)) or memory_init_std <= 0):
-            raise ValueError(f"memory_init_std must be a positive number or None, got {memory_init_std!r}")
+        self.memory_scale = check_real("memory_scale", memory_scale, low=0.0, strict_low=True)
+        if memory_init_std is not None:
+            check_real("memory_init_std", memory_init_std, low=0.0, strict_low=True, hint="or None")
         self.memory_init_std = memory_init_std
         super().__init__(
             backbone_config=backbone_config,

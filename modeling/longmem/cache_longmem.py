@@ -21,11 +21,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.memory_bank import ChunkMemoryBank
 from hf_longmem.modeling.padding import RowGroupsMixin
 
 
-class LongMemBankCache(RowGroupsMixin, Cache):
+class LongMemBankCache(MemoryReport, RowGroupsMixin, Cache):
     """LongMem's generation state (see the module docstring).
 
     Args:
@@ -136,15 +137,18 @@ class LongMemBankCache(RowGroupsMixin, Cache):
         self.row_groups = None
         self._new_segment()
 
-    def memory_bytes(self) -> int:
-        """Bytes held: the bank plus the current segment's backbone, SideNet and retrieval-layer keys/values."""
+    def memory_parts(self) -> MemoryParts:
+        """Bytes held: ``bank`` (the memory bank), ``segment_kv`` (the current segment's backbone, SideNet and
+        retrieval-layer keys/values) and ``row_groups`` (the caches of row groups, padded batches)."""
         tensors = [self.segment_keys, self.segment_values, self.segment_mask]
         tensors += [t for kv in self.sidenet_kv if kv is not None for t in kv]
         for layer in self.backbone_cache.layers:
             tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        held = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        held += sum(group.memory_bytes() for _, _, group in self.row_groups or ())
-        return held + self.bank.memory_bytes()
+        return {
+            "bank": (RESIDENT, self.bank.memory_bytes()),
+            "segment_kv": (RESIDENT, tensor_bytes(*tensors)),
+            "row_groups": (RESIDENT, sum(group.memory_bytes() for _, _, group in self.row_groups or ())),
+        }
 
     def _select(self, rows: torch.Tensor) -> None:
         if self.row_groups is not None:

@@ -11,14 +11,13 @@ query token and head, mixed per head by a learned gate ``sigmoid(g)``.
 from __future__ import annotations
 
 from hf_longmem.modeling.backbone import BackboneWrapperConfig
+from hf_longmem.validation import check_int
 
 SIDENET_INITS = ("zero_output", "copy")
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(name, value, low=1)
 
 
 class LongMemConfig(BackboneWrapperConfig):

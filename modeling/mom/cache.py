@@ -12,22 +12,21 @@ from __future__ import annotations
 
 from transformers.cache_utils import Cache, LinearAttentionLayer
 
+from hf_longmem.memory.accounting import RESIDENT, CacheMemoryReport, MemoryParts, MemoryReport, tensor_bytes
 
-class MomCacheLayer(LinearAttentionLayer):
+
+class MomCacheLayer(MemoryReport, LinearAttentionLayer):
     """One layer's MoM state: ``recurrent_states[0] [batch, M', H, K, V]``, ``conv_states[0] [batch, M', C, W-1]``."""
 
     def __init__(self):
         super().__init__(number_of_states=1)
 
-    def memory_bytes(self) -> int:
-        total = 0
-        for tensor in (self.conv_states[0], self.recurrent_states[0]):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-        return total
+    def memory_parts(self) -> MemoryParts:
+        """``{"state": ("resident", bytes of the conv and recurrent states)}``."""
+        return {"state": (RESIDENT, tensor_bytes(self.conv_states[0], self.recurrent_states[0]))}
 
 
-class MomCache(Cache):
+class MomCache(CacheMemoryReport, Cache):
     """Cache holding every MoM layer's memory states; built by ``MomForCausalLM.generate`` unless one is passed.
 
     Args:
@@ -49,7 +48,3 @@ class MomCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.seen_tokens = 0
-
-    def memory_bytes(self) -> int:
-        """Bytes of state held by all layers."""
-        return sum(layer.memory_bytes() for layer in self.layers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from hf_longmem.modeling.remote_code import RemoteCodeMixin
+from hf_longmem.validation import check_choice, check_int, check_real
 
 KERNEL_BACKENDS = (None, "torch", "triton")
 
@@ -79,18 +80,14 @@ class MomConfig(RemoteCodeMixin, PretrainedConfig):
             ("topk", topk),
             ("chunk_size", chunk_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            check_int(name, value, low=1)
         if topk > num_memories:
             raise ValueError(f"`topk` ({topk}) must be at most `num_memories` ({num_memories})")
-        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 2:
-            raise ValueError(f"`conv_size` must be an int >= 2 (the short conv is part of MoM), got {conv_size!r}")
+        check_int("conv_size", conv_size, low=2, hint="the short conv is part of MoM")
         if not expand_v > 0 or int(head_dim * expand_v) != head_dim * expand_v:
             raise ValueError(f"`expand_v` must make head_dim * expand_v a positive int, got {expand_v!r}")
-        if kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"`kernel_backend` must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
-        if not aux_loss_scale >= 0:
-            raise ValueError(f"`aux_loss_scale` must be >= 0, got {aux_loss_scale!r}")
+        check_choice("kernel_backend", kernel_backend, KERNEL_BACKENDS)
+        check_real("aux_loss_scale", aux_loss_scale, low=0.0)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from hf_longmem.memory.accounting import RESIDENT, CacheMemoryReport, MemoryParts, MemoryReport, tensor_bytes
 
-class TitansLayerState:
+
+class TitansLayerState(MemoryReport):
     """State of one layer: a dict of tensors (or tuples of tensors) with the batch as first dimension."""
 
     is_sliding = False
@@ -47,16 +49,13 @@ class TitansLayerState:
     def reset(self) -> None:
         self.values.clear()
 
-    def memory_bytes(self) -> int:
-        total = 0
-        for value in self.values.values():
-            for t in value if isinstance(value, tuple) else (value,):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+    def memory_parts(self) -> MemoryParts:
+        """``{"state": ("resident", bytes)}``: memory weights, momentum, chunk buffer, window keys/values."""
+        held = (t for value in self.values.values() for t in (value if isinstance(value, tuple) else (value,)))
+        return {"state": (RESIDENT, tensor_bytes(*held))}
 
 
-class TitansCache(Cache):
+class TitansCache(CacheMemoryReport, Cache):
     """The model's own cache: built by ``generate`` (and by ``forward(use_cache=True)``) when none is given.
 
     Args:
@@ -81,10 +80,6 @@ class TitansCache(Cache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
-
-    def memory_bytes(self) -> int:
-        """Bytes of state really held (memory weights, momentum, chunk buffer, window KV)."""
-        return sum(layer.memory_bytes() for layer in self.layers)
 
     def _map(self, fn) -> None:
         for layer in self.layers:

@@ -19,17 +19,17 @@ LAYERS, PROMPT, BUDGET, WARMUP, STEPS = 2, 160, 64, 3, 6
 #: Ops per decode step above DynamicCache's (2 layers, 160-token prompt, budget 64, largest of 6 steps after 3).
 PINNED_EXCESS = {
     "full": 0,
-    "d2o": 440,
+    "d2o": 430,
     "duo_attention": 48,
     "emllm": 783,
-    "h2o": 204,
+    "h2o": 194,
     "infllm": 714,
-    "kvmerger": 20,
-    "sirllm": 32,
+    "kvmerger": 6,
+    "sirllm": 17,
     "snapkv": 6,
     "pyramidkv": 6,
-    "streaming": 42,
-    "think": 102,
+    "streaming": 10,
+    "think": 99,
 }
 
 

@@ -140,7 +140,7 @@ def test_long_forward_keeps_the_remainder_bounded():
     chunked = emllm(model, **SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        greedy(model, ids, chunked, max_new_tokens=3)  # generate feeds execution blocks (prefill_chunk_size)
+        greedy(model, ids, chunked, max_new_tokens=3, **chunked.generate_kwargs)  # fed in execution blocks
     assert chunked.layers[0].store.num_blocks(0) > 0
     parts = chunked.memory_parts()  # on a CPU model everything is on the compute device
     assert parts["segmentation"][0] == parts["last_logits"][0] == "resident"
@@ -231,16 +231,18 @@ def test_refinement_moves_boundaries_to_the_best_split_and_keeps_their_count(met
 
 
 # ------------------------------------------------------------------------------------------- errors, API
-def rows_alone(model, rows, total, options, chunk=None, max_new_tokens=8):
+def rows_alone(model, rows, total, options, chunk=None, max_new_tokens=8, chunked=True):
     """Each row generated alone, fed the same real tokens per forward as inside a left-padded batch of width
-    ``total`` whose prompt ``generate`` splits in forwards of ``chunk`` (``None``: one forward)."""
+    ``total`` whose prompt ``generate`` splits in forwards of ``chunk`` (``None``: no partial first forward);
+    ``chunked``: the rest of the prompt in execution blocks (the cache's ``generate_kwargs``), else one forward."""
     results = []
     for row_ids in rows:
         cache = emllm(model, **options)
         first = (chunk - (total - row_ids.shape[1]) % chunk) % chunk if chunk else 0
         if first:  # the row's real tokens in the batch's first chunk
             model(row_ids[:, :first], cache=cache)
-        results.append(greedy(model, row_ids, cache, max_new_tokens=max_new_tokens))
+        chunking = {} if chunked else {"prefill_chunk_size": None}
+        results.append(greedy(model, row_ids, cache, max_new_tokens=max_new_tokens, **chunking))
         cache.close()
     return results
 
@@ -265,12 +267,14 @@ def test_left_padded_batch_equals_rows_alone(lengths, chunk_prefill):
     model = tiny_model("llama_gqa")
     rows = [random_ids(1, length, seed=i + 1) for i, length in enumerate(lengths)]
     ids, mask = left_padded(rows)
-    options = dict(SMALL, chunk_prefill=chunk_prefill)
+    options = dict(SMALL)
     cache = emllm(model, **options)
+    chunking = cache.generate_kwargs if chunk_prefill else {"prefill_chunk_size": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the one-forward case warns that it forms fixed blocks
-        seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=8)
-        alone = rows_alone(model, rows, ids.shape[1], options, SMALL["exc_block_size"] if chunk_prefill else None)
+        seq, logits = greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=8, **chunking)
+        chunk = SMALL["exc_block_size"] if chunk_prefill else None
+        alone = rows_alone(model, rows, ids.shape[1], options, chunk, chunked=chunk_prefill)
     blocks = []
     for row, (row_ids, (row_seq, row_logits)) in enumerate(zip(rows, alone)):
         assert torch.equal(seq[row, ids.shape[1] :], row_seq[0, row_ids.shape[1] :])
@@ -288,9 +292,9 @@ def test_padding_that_splits_an_execution_block_is_refused():
 
     model = tiny_model("llama_gqa")
     ids, mask = left_padded([random_ids(1, 150, seed=1), random_ids(1, 143, seed=2)])  # 7 pads: not a multiple of 8
-    cache = emllm(model, **SMALL, chunk_prefill=True)
+    cache = emllm(model, **SMALL)
     with pytest.raises(ValueError, match="multiple of prefill_chunk_size"):
-        greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
+        greedy(model, ids, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2, **cache.generate_kwargs)
     cache.close()
 
 
@@ -339,11 +343,11 @@ def test_beam_search():
     ids = random_ids(1, 20)
     ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
     large = emllm(model, n_init=4, n_local=64, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=16)
-    assert torch.equal(model.generate(ids, cache=large, **kwargs), ref)
-    large.close()  # releases the prefill chunking it set
+    assert torch.equal(model.generate(ids, cache=large, **kwargs, **large.generate_kwargs), ref)
+    large.close()
     rows = [random_ids(1, 90, seed=1), random_ids(1, 61, seed=2)]
     ids, mask = left_padded(rows)
-    options = dict(SMALL, chunk_prefill=False)
+    options = dict(SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one prompt forward: fixed blocks beyond the bound
         cache = emllm(model, **options)
@@ -364,43 +368,18 @@ def test_missing_hook_is_refused():
         model(random_ids(1, 5), cache=manual)
 
 
-def test_registration_and_prefill_chunking_is_restored():
+def test_registration_and_the_model_config_is_left_alone():
+    """The cache asks for execution-block prefill through ``generate_kwargs``; it never edits the model's
+    ``generation_config`` (no state changed behind the user)."""
     assert "emllm" in available_caches()
     model = tiny_model("llama_gqa")
+    before = model.generation_config.to_dict()
     cache = make_cache("emllm", model, **SMALL)
-    assert isinstance(cache, EMLLMCache) and model.generation_config.prefill_chunk_size == SMALL["exc_block_size"]
+    assert isinstance(cache, EMLLMCache) and cache.generate_kwargs == {"prefill_chunk_size": SMALL["exc_block_size"]}
+    greedy(model, random_ids(1, 40), cache, max_new_tokens=2, **cache.generate_kwargs)
     cache.close()
-    assert model.generation_config.prefill_chunk_size is None
-    kept = make_cache("emllm", model, chunk_prefill=False, **SMALL)
-    assert model.generation_config.prefill_chunk_size is None
-    kept.close()
-
-
-def test_prefill_chunking_stays_while_any_cache_lives():
-    """A runner builds the next cache before the previous one is collected: the chunking must outlive the first."""
-    import gc
-
-    model = tiny_model("llama_gqa")
-    first = make_cache("emllm", model, **SMALL)
-    second = make_cache("emllm", model, **SMALL)
-    del first
-    gc.collect()
-    assert model.generation_config.prefill_chunk_size == SMALL["exc_block_size"]
-    del second
-    gc.collect()
-    assert model.generation_config.prefill_chunk_size is None
-
-
-def test_an_older_cache_does_not_release_a_newer_chunking():
-    """Chunking unset by hand, then set again by a new cache: closing the older cache must leave the new one's."""
-    model = tiny_model("llama_gqa")
-    first = make_cache("emllm", model, **SMALL)
-    model.generation_config.prefill_chunk_size = None  # the user turns it off; the next cache sets it again
-    second = make_cache("emllm", model, **SMALL)
-    first.close()
-    assert model.generation_config.prefill_chunk_size == SMALL["exc_block_size"]
-    second.close()
-    assert model.generation_config.prefill_chunk_size is None
+    assert model.generation_config.to_dict() == before and model.generation_config.prefill_chunk_size is None
+    assert make_cache("streaming", model, budget=16).generate_kwargs == {}
 
 
 @pytest.mark.parametrize(

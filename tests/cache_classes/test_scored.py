@@ -146,7 +146,7 @@ def test_bad_arguments_name_the_argument(factory, match):
 @pytest.mark.parametrize("name, options", [("h2o", {"budget": 10}), ("snapkv", {"budget": 10, "window_size": 3})])
 def test_triton_score_kernel_keeps_the_same_tokens(name, options):
     pytest.importorskip("triton")
-    from hf_longmem.cache_classes.scored import ScoredLayer
+    from hf_longmem.kernels import set_kernel_backend
 
     model = tiny_model("llama_gqa")
     batch = torch.cat(
@@ -155,19 +155,15 @@ def test_triton_score_kernel_keeps_the_same_tokens(name, options):
     mask = (batch != 0).long()
     ref = make_cache(name, model, **options)
     greedy(model, batch, ref, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
-    ScoredLayer.kernel_backend = "triton"
-    try:
-        cache = make_cache(name, model, **options)
-        greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
-    finally:
-        ScoredLayer.kernel_backend = None
+    cache = set_kernel_backend(make_cache(name, model, **options), "triton")
+    greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=2)
     for layer, ref_layer in zip(cache.layers, ref.layers):
         assert torch.equal(layer.positions, ref_layer.positions)
 
 
 def test_triton_decode_attention_gives_the_same_generation():
     pytest.importorskip("triton")
-    from hf_longmem.cache_classes.scored import ScoredLayer
+    from hf_longmem.kernels import set_kernel_backend
 
     model = tiny_model("llama_gqa")
     batch = torch.cat(
@@ -177,13 +173,8 @@ def test_triton_decode_attention_gives_the_same_generation():
     ref_seq, ref_logits = greedy(
         model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3
     )
-    ScoredLayer.kernel_backend = "triton"
-    try:
-        seq, logits = greedy(
-            model, batch, make_cache("h2o", model, budget=10), attention_mask=mask, pad_token_id=0, max_new_tokens=3
-        )
-    finally:
-        ScoredLayer.kernel_backend = None
+    cache = set_kernel_backend(make_cache("h2o", model, budget=10), "triton")
+    seq, logits = greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
@@ -191,17 +182,13 @@ def test_triton_decode_attention_gives_the_same_generation():
 def test_triton_decode_without_pads_skips_the_mask_and_gives_the_same_generation():
     """An unpadded batch decodes through the kernel with no mask (``valid=None``): same tokens as the torch path."""
     pytest.importorskip("triton")
-    from hf_longmem.cache_classes.scored import ScoredLayer
+    from hf_longmem.kernels import set_kernel_backend
 
     model = tiny_model("llama_gqa")
     batch = random_ids(2, 16, seed=3)
     ref_seq, ref_logits = greedy(model, batch, make_cache("snapkv", model, budget=10, window_size=3), max_new_tokens=3)
-    ScoredLayer.kernel_backend = "triton"
-    try:
-        cache = make_cache("snapkv", model, budget=10, window_size=3)
-        seq, logits = greedy(model, batch, cache, max_new_tokens=3)
-    finally:
-        ScoredLayer.kernel_backend = None
+    cache = set_kernel_backend(make_cache("snapkv", model, budget=10, window_size=3), "triton")
+    seq, logits = greedy(model, batch, cache, max_new_tokens=3)
     assert not any(layer.has_pad_slots() for layer in cache.layers)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)

@@ -150,8 +150,6 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 
 def test_triton_channel_attention_matches_the_torch_path():
     pytest.importorskip("triton")
-    from hf_longmem.cache_classes.think import ThinKLayer
-
     model = tiny_model("llama_gqa")
     ids = random_ids(2, 20)
     mask = torch.ones(2, 20, dtype=torch.long)
@@ -162,9 +160,6 @@ def test_triton_channel_attention_matches_the_torch_path():
     query = torch.randn(2, 4, 1, 16)
     features = AttentionFeatures(scaling=0.25)
     torch_out = layer._attend_pruned(query, features)
-    ThinKLayer.kernel_backend = "triton"
-    try:
-        triton_out = layer._attend_pruned(query, features)
-    finally:
-        ThinKLayer.kernel_backend = None
+    layer.kernel_backend = "triton"  # this layer only
+    triton_out = layer._attend_pruned(query, features)
     torch.testing.assert_close(triton_out, torch_out, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from hf_longmem import make_cache
 from hf_longmem.evals.profiling import greedy_generate, prefill
 from hf_longmem.evals.runner import ROW_KEYS, answer_turns, evaluate, run_benchmark
-from hf_longmem.evals.schema import Sample, Turn
+from hf_longmem.evals.schema import ROW_FIELDS, Sample, Turn
 from tests.helpers.tiny_models import random_ids, tiny_model
 from tests.helpers.tiny_tokenizer import tiny_tokenizer
 
@@ -248,8 +248,12 @@ def test_run_benchmark_rows(model, tokenizer):
         ("one", 64, "full"),
         ("one", 64, "stream"),
     ]
+    kinds = {"text": str, "int": int, "number": (int, float), "object": dict}
     for row in rows:
         assert set(ROW_KEYS) <= set(row)
+        # every key the runner writes is declared in the one row schema, with a value of its kind (or null)
+        assert set(row) <= {f.name for f in ROW_FIELDS}
+        assert all(row.get(f.name) is None or isinstance(row[f.name], kinds[f.kind]) for f in ROW_FIELDS)
         assert row["model"] == "tiny" and row["num_samples"] == 2
         assert 0.0 <= row["accuracy"] <= 1.0
         assert isinstance(row["kv_bytes"], int) and row["kv_bytes"] > 0

@@ -311,11 +311,6 @@ def build_skip_reason(model_type: str, attn_impl: str = "eager") -> str | None:
     return resolve_overrides(model_type, attn_impl)[1]
 
 
-def buildable_architectures(attn_impl: str = "eager") -> list[str]:
-    """The model types :func:`build_skip_reason` keeps."""
-    return [name for name in architecture_names() if build_skip_reason(name, attn_impl) is None]
-
-
 # ------------------------------------------------------------------------------------------------ hard features
 def _softcapped_gemma2(attn_impl: str, **overrides):
     # Attention logits q.k / sqrt(16) of these N(0, 0.2^2) weights reach several units: a cap of 2 clips them.

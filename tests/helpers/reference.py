@@ -23,7 +23,9 @@ def streaming_visibility(total: int, prompt: int, budget: int, sink: int) -> tor
 
 
 def greedy(model, input_ids, cache, max_new_tokens=12, **kwargs):
-    """Greedy generation returning (sequences, stacked logits ``[steps, batch, vocab]``)."""
+    """Greedy generation returning (sequences, stacked logits ``[steps, batch, vocab]``), with the cache's
+    ``generate_kwargs`` (EM-LLM's execution-block prefill) unless given."""
+    kwargs = {**(getattr(cache, "generate_kwargs", None) or {}), **kwargs}
     out = model.generate(
         input_ids,
         cache=cache,

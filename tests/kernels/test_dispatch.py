@@ -127,3 +127,23 @@ def test_column_scores_errors(qkv):
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):
             attention_column_scores(**{**base, **overrides})
+
+
+def test_set_kernel_backend_is_per_cache_and_changes_no_class():
+    from hf_longmem import make_cache
+    from hf_longmem.cache_classes.scored import ScoredLayer
+    from hf_longmem.kernels import set_kernel_backend
+    from tests.helpers.tiny_models import tiny_model
+
+    model = tiny_model("llama_gqa")
+    forced = set_kernel_backend(make_cache("snapkv", model, budget=16, window_size=4), "torch")
+    other = make_cache("snapkv", model, budget=16, window_size=4)
+    assert [layer.kernel_backend for layer in forced.layers] == ["torch"] * len(forced.layers)
+    assert [layer.kernel_backend for layer in other.layers] == [None] * len(other.layers)
+    assert ScoredLayer.kernel_backend is None
+    streaming = set_kernel_backend(make_cache("streaming", model, budget=16), "torch")  # no kernels: unchanged
+    assert all("kernel_backend" not in vars(layer) for layer in streaming.layers)
+    with pytest.raises(ValueError, match="backend"):
+        set_kernel_backend(other, "cuda")
+    with pytest.raises(ValueError, match="first use"):
+        set_kernel_backend(make_cache("snapkv", None, budget=16, window_size=4), "torch")

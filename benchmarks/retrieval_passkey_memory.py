@@ -1,4 +1,4 @@
-"""Issue 4: passkey accuracy and memory parts of InfLLM / EM-LLM / full cache by length, prompts fed in chunks.
+"""Passkey accuracy, prefill time and memory parts of InfLLM / EM-LLM / full cache by length, prompts fed in chunks.
 
 ``hf-longmem bench`` feeds each prompt in ONE forward. EM-LLM segments events from the surprise of each execution
 block before the next one (the official code asserts chunked input; ``make_cache('emllm', model)`` sets the
@@ -8,8 +8,8 @@ and then decodes greedily, and records per length and cache: accuracy, prefill s
 memory part (``memory_parts()``: window, initial tokens, blocks, LRU, representatives, segmentation) with where each
 part lives (resident on the compute device / offloaded to CPU).
 
-    python benchmarks/issue4_retrieval.py --lengths 1024,4096,16384 --num-samples 10 \\
-        --out benchmarks/results/issue4_chunked_memory.json
+    python benchmarks/retrieval_passkey_memory.py --lengths 1024,4096,16384 --num-samples 10 \\
+        --out benchmarks/results/retrieval_passkey_memory.json
 """
 
 from __future__ import annotations
