@@ -212,6 +212,7 @@ class D2OLayer(H2OLayer):
     def _clear_state(self) -> None:
         self.scores = self.prefill_sums = self.density = None
         self.ratio = self.layer_budget = self.recent_budget = self.tau = None
+        self._compresses: tuple[torch.Tensor, int, bool] | None = None  # (layer_budget, its version, the answer)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -269,7 +270,13 @@ class D2OLayer(H2OLayer):
 
     def compresses(self) -> bool:
         """Whether some row of this layer evicts (budgets fixed, not an uncompressed layer, a ratio below 1)."""
-        return self.layer_budget is not None and bool((self.layer_budget != UNLIMITED).any())
+        budget = self.layer_budget
+        if budget is None:
+            return False
+        # asked several times a step: one device sync per budget tensor (fixed once set; a batch reorder replaces it)
+        if self._compresses is None or self._compresses[0] is not budget or self._compresses[1] != budget._version:
+            self._compresses = (budget, budget._version, bool((budget != UNLIMITED).any()))
+        return self._compresses[2]
 
     # ------------------------------------------------------------------------------------------ compression
     def target_length(self, num_tokens: int) -> int | torch.Tensor:

@@ -136,9 +136,15 @@ class ScoredLayer(CompressedLayer):
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         if self.wants_scores(query.shape[-2]):
-            mask = slot_mask(self.positions[:, 0], query.shape[-2], sliding_window=features.sliding_window)
             self._features = features  # received_attention() scores with the model's softcap and sinks
             try:
+                # no [q, n] mask tensor where it is plain causal: the scoring functions take None as causal
+                causal = self.scoring_is_causal()
+                mask = (
+                    None
+                    if causal
+                    else slot_mask(self.positions[:, 0], query.shape[-2], sliding_window=features.sliding_window)
+                )
                 self.observe(query, key, mask, scale)
             finally:
                 self._features = None  # holds the model's sink parameter: not kept in the cache
@@ -183,6 +189,7 @@ class ScoredLayer(CompressedLayer):
             query: ``[batch, q_heads, q, head_dim]``.
             keys: ``[batch, kv_heads, n, head_dim]`` (stored + new).
             attention_mask: ``[batch, 1, q, n]`` bool; a pad query sees only itself (it adds no score to real keys).
+                ``None`` when it is plain causal (no pad slot, no window: :meth:`scoring_is_causal`).
         """
         raise NotImplementedError
 
