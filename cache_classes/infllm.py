@@ -76,7 +76,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
-from hf_longmem.kernels.decode_attention.reference import grouped_logits
+from hf_longmem.kernels.decode_attention.reference import grouped_logits, grouped_values
 from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore
@@ -496,7 +496,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         local_lse = torch.logsumexp(probs, dim=-1)  # finite for a real query (it sees itself); -inf for a pad
         safe_lse = local_lse.nan_to_num(neginf=0.0) if chunk_pads else local_lse
         probs = probs.sub_(safe_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
-        out = torch.einsum("bhgqn,bhnd->bhgqd", probs, local_values.float())
+        out = grouped_values(probs, local_values)
         out = out.reshape(batch, q_heads, num_q, -1).to(query.dtype)
         lse = local_lse.reshape(batch, q_heads, num_q)
 
@@ -529,8 +529,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         # representative scores: window attention under the joint softmax (as the official single softmax):
         # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
         weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q).nan_to_num(neginf=0.0))
-        received = torch.einsum("bhgqn,bhgq->bhgn", probs, weight)
-        self.local_scores[:, :, first:] += received.reshape(batch, q_heads, span)
+        # sum over the chunk's queries of probs * weight: one batched matmul (einsum's plan, fewer ops)
+        received = torch.bmm(weight.reshape(batch * q_heads, 1, num_q), probs.view(batch * q_heads, num_q, span))
+        self.local_scores[:, :, first:] += received.view(batch, q_heads, span)
         self.after_chunk()
         return out
 
