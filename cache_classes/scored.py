@@ -153,13 +153,12 @@ class ScoredLayer(CompressedLayer):
         if not self.compresses_now():
             return output, weights
         current = (self.keys, self.values, self.positions)
-        no_pads = self._no_pads
+        self._kept_no_pads = None  # compress() may say its result holds no pad (else rescanned on demand)
         stored = self.compress(*current)
         if stored[0] is not current[0]:
             self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation
         if any(new is not old for new, old in zip(stored, current)):
-            # pad-free slots stay pad-free: rows then hold the same number of real tokens, so none gets fillers
-            self.store(*stored, no_pads=True if no_pads else None)
+            self.store(*stored, no_pads=self._kept_no_pads)
         return output, weights
 
     def mask_for_this_layer(
