@@ -59,6 +59,7 @@ from hf_longmem.validation import check_int, check_real
 
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
+from .static import KEEP, NOT_ROUTED, append_static_options, check_static_layers, lowest_priority_slot
 
 #: ``format`` field of our JSON / safetensors pattern files.
 PATTERN_FORMAT = "hf_longmem.duo_attention.head_pattern"
@@ -626,6 +627,125 @@ class DuoAttentionLayer(CompressedLayer):
         self._oldest = None
 
 
+class StaticDuoAttentionLayer(DuoAttentionLayer):
+    """:class:`DuoAttentionLayer` with a static layout (``static=True``; :mod:`~hf_longmem.cache_classes.static`).
+
+    After the prefill, the retrieval heads hold the prompt plus ``max_new_tokens`` slots, filled in place (one more
+    token raises), and the streaming heads ``sink_size + recent_size + 1`` slots, a ring where each step overwrites
+    the oldest non-sink token (the one the dynamic layer dropped after the previous step). Each group's mask comes
+    from its slots' validity.
+    """
+
+    is_compileable = True
+
+    def __init__(self, *args, max_new_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_new_tokens = max_new_tokens
+        self._frozen = False
+
+    def freeze(self) -> None:
+        """Moves both groups into fixed buffers (eager, once, after the prefill)."""
+        if self.sliding_window is not None:
+            raise ValueError("DuoAttention (static=True) supports full-attention layers only")
+        static = []
+        if self.keys is not None:
+            self.keys, self.values, positions = _padded(self.keys, self.values, self.positions, self.max_new_tokens)
+            self.store(self.keys, self.values, positions, no_pads=False)
+            static += [self.keys, self.values, self._positions]
+        if self.streaming_keys is not None:
+            extra = self.sink_size + self.recent_size + 1 - self.streaming_keys.shape[-2]
+            self.streaming_keys, self.streaming_values, self.streaming_positions = _padded(
+                self.streaming_keys, self.streaming_values, self.streaming_positions, extra
+            )
+            self._streaming_padded = True
+            static += [self.streaming_keys, self.streaming_values, self.streaming_positions]
+        self._append_buffers.clear()
+        self.real_seen = self.real_seen.clone()
+        self.cumulative_length = torch.tensor(int(self.cumulative_length), device=self.real_seen.device)
+        for tensor in (*static, self.real_seen, self.cumulative_length):
+            torch._dynamo.mark_static_address(tensor)
+        self._frozen = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self._frozen:
+            return super().update(key_states, value_states, *args, **kwargs)
+        name = type(self).__name__
+        attn_kwargs = kwargs.get("kwargs")
+        if key_states.shape[-2] != 1:
+            raise ValueError(
+                f"{name} (static=True) decodes one token per step after the prefill; got a step of "
+                f"{key_states.shape[-2]} tokens (prefill the whole prompt in one forward, or use static=False)"
+            )
+        if attn_kwargs is None:
+            raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
+        if self._pending:
+            raise RuntimeError(NOT_ROUTED.format(name=name))
+        new_position = self.real_seen.to(torch.int32)[:, None, None]  # [b, 1, 1]
+        if self.keys is not None:  # retrieval heads: the first free slot
+            free = self._positions[:, 0] == PAD_POSITION  # [b, capacity]
+            torch._assert_async(
+                free.any(dim=-1).all(), f"{name} (static=True): capacity exceeded, more tokens than max_new_tokens"
+            )
+            slot = free.to(torch.int32).argmax(dim=-1)[:, None, None]  # [b, 1, 1]
+            keys, values = self._heads(key_states, value_states, self.retrieval_heads)
+            _write(self.keys, self.values, self._positions, slot, keys, values, new_position)
+        if self.streaming_keys is not None:  # streaming heads: a free slot, else the oldest non-sink token
+            positions = self.streaming_positions
+            priority = positions.long().masked_fill((positions >= 0) & (positions < self.sink_size), KEEP)
+            priority = priority.masked_fill(positions == PAD_POSITION, PAD_POSITION - 1)
+            slot = lowest_priority_slot(priority, positions)[..., None]  # [b, 1, 1]
+            keys, values = self._heads(key_states, value_states, self.streaming_heads)
+            _write(self.streaming_keys, self.streaming_values, positions, slot, keys, values, new_position)
+        self.real_seen.add_(1)
+        self.cumulative_length.add_(1)
+        attn_kwargs[LAYER_KWARG] = self
+        self._pending = True
+        if self.keys is not None:
+            return self.keys, self.values
+        return self.streaming_keys, self.streaming_values
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        output = super().attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if not self._frozen:
+            self.freeze()
+        return output
+
+    def _mask(self, positions, num_new, num_keys, dtype, eager, padded, sliding_window=None):
+        if not self._frozen:
+            return DuoAttentionLayer._mask(positions, num_new, num_keys, dtype, eager, padded, sliding_window)
+        valid = (positions[:, :1] != PAD_POSITION)[:, :, None, :]  # [b, 1, 1, capacity]
+        if not eager:
+            return valid
+        return torch.zeros_like(valid, dtype=dtype).masked_fill(~valid, torch.finfo(dtype).min)
+
+    def _truncate_streaming(self) -> None:
+        if not self._frozen:  # frozen: the ring overwrites in place at the next step
+            super()._truncate_streaming()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self._frozen:
+            return super().get_mask_sizes(query_length)
+        return self.get_stored_length(), 0  # unused by this layer (it masks its own slots)
+
+    def reset(self) -> None:
+        super().reset()
+        self._frozen = False
+
+
+def _padded(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, extra: int):
+    """``keys``/``values`` ``[b, h, n, d]`` and ``positions`` ``[b, 1, n]`` followed by ``extra`` free slots."""
+    keys = torch.nn.functional.pad(keys, (0, 0, 0, extra))
+    values = torch.nn.functional.pad(values, (0, 0, 0, extra))
+    return keys, values, torch.nn.functional.pad(positions, (0, extra), value=PAD_POSITION)
+
+
+def _write(keys, values, positions, slot, new_keys, new_values, new_position) -> None:
+    """Writes one token ``[b, h, 1, d]`` into slot ``[b, 1, 1]`` of each row, in place."""
+    keys.scatter_(2, slot[..., None].expand(-1, keys.shape[1], 1, keys.shape[-1]), new_keys)
+    values.scatter_(2, slot[..., None].expand(-1, values.shape[1], 1, values.shape[-1]), new_values)
+    positions.scatter_(2, slot, new_position)
+
+
 # --------------------------------------------------------------------------------------------------------- cache
 class DuoAttentionCache(LongMemCache):
     """DuoAttention: retrieval heads keep the full KV cache, streaming heads keep sinks + a recent window.
@@ -642,6 +762,10 @@ class DuoAttentionCache(LongMemCache):
         sink_size: initial tokens a streaming head keeps (official eval default 64).
         recent_size: most recent tokens a streaming head keeps (official default 256).
         config: the model config: checks the pattern's shape and lays out sliding-window layers.
+        static, max_new_tokens: after the prefill, fixed slots written in place (:class:`StaticDuoAttentionLayer`;
+            ``is_compileable``): the retrieval heads reserve ``max_new_tokens`` slots (generating more raises), the
+            streaming heads decode into a ring. Same attention as ``static=False`` (float rounding aside);
+            full-attention models, the prompt prefilled in one forward.
 
     Memory: at a context of ``T`` tokens, a layer holds ``Hr * T + Hs * (S + R)`` token slots instead of
     ``(Hr + Hs) * T`` (plus 4 bytes of position per slot and group).
@@ -668,21 +792,28 @@ class DuoAttentionCache(LongMemCache):
         sink_size: int = 64,
         recent_size: int = 256,
         config=None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
     ):
         check_int("sink_size", sink_size, low=0)
         check_int("recent_size", recent_size, low=1)
         pattern = resolve_head_pattern(head_pattern, sparsity, config)
         self.retrieval_pattern = pattern
         self.sparsity, self.sink_size, self.recent_size = sparsity, sink_size, recent_size
+        self.static = append_static_options(static, max_new_tokens)
 
         def factory(layer_idx: int) -> DuoAttentionLayer:
-            if isinstance(pattern, bool):
-                return DuoAttentionLayer(pattern, sink_size, recent_size, layer_idx)
-            if layer_idx >= pattern.shape[0]:
+            if not isinstance(pattern, bool) and layer_idx >= pattern.shape[0]:
                 raise ValueError(f"`head_pattern` has {pattern.shape[0]} layers, the model has more")
-            return DuoAttentionLayer(pattern[layer_idx], sink_size, recent_size, layer_idx)
+            retrieval = pattern if isinstance(pattern, bool) else pattern[layer_idx]
+            if self.static:
+                return StaticDuoAttentionLayer(
+                    retrieval, sink_size, recent_size, layer_idx, max_new_tokens=max_new_tokens
+                )
+            return DuoAttentionLayer(retrieval, sink_size, recent_size, layer_idx)
 
         super().__init__(factory, config=config)
+        check_static_layers(self, self.static, StaticDuoAttentionLayer)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> DuoAttentionCache:

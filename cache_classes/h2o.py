@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from hf_longmem.memory.attention_features import AttentionFeatures
+from hf_longmem.memory.scoring import column_scores
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_int, check_ratio
+from hf_longmem.validation import check_choice, check_int, check_ratio
 
 from .base import LongMemCache, SlidingWindowScoring
-from .scored import ScoredLayer
+from .scored import ScoredLayer, feature_column_scores
+from .static import StaticSlots, check_static_layers
 
 
 class H2OLayer(SlidingWindowScoring, ScoredLayer):
@@ -75,6 +78,41 @@ class H2OLayer(SlidingWindowScoring, ScoredLayer):
         self.scores = None
 
 
+class StaticH2OLayer(StaticSlots, H2OLayer):
+    """:class:`H2OLayer` with a static layout (``static=True``): ``budget + 1`` slots per KV head.
+
+    A step overwrites, per KV head, the lowest accumulated score outside the recent window (the slot the dynamic
+    layer evicted after the previous step, ties to the latest position as there), and its score restarts at zero.
+    Scores come from the torch reference (:func:`~hf_longmem.memory.scoring.column_scores`) on every device.
+    """
+
+    freezes_in_update = False  # H2O compresses in the attention call
+
+    def capacity(self, stored: int) -> int:
+        return self.budget + 1
+
+    def freeze_state(self, stored: int, capacity: int) -> None:
+        self.scores = torch.nn.functional.pad(self.scores, (0, capacity - stored))
+        torch._dynamo.mark_static_address(self.scores)
+
+    def slot_priority(self, positions: torch.Tensor) -> torch.Tensor:
+        """Accumulated attention; the ``recent_size`` newest positions are never overwritten. ``[b, h, capacity]``."""
+        recent = positions >= (self.real_seen - self.recent_size)[:, None, None]
+        return self.scores.masked_fill(recent, float("inf"))
+
+    def on_write(self, slot: torch.Tensor) -> None:
+        self.scores.scatter_(2, slot, 0.0)
+
+    def after_attention(self, query, key, valid, call) -> None:
+        module, scaling, dropout, kwargs = call
+        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+        if features.softcap is not None or features.sinks is not None:
+            received = feature_column_scores(query, key, valid, features)
+        else:
+            received = column_scores(query, key, valid, features.scaling)
+        self.scores.add_(received)
+
+
 class H2OCache(LongMemCache):
     """H2O: keep the tokens with the largest accumulated attention, plus a recent window.
 
@@ -82,16 +120,22 @@ class H2OCache(LongMemCache):
         budget: tokens kept per layer and KV head between steps.
         recent_ratio: share of the budget given to the most recent tokens (paper: half, ``heavy == recent``).
         config: the model config (layer layout).
+        static: decode into ``budget + 1`` fixed slots per KV head overwritten in place
+            (:mod:`~hf_longmem.cache_classes.static`): ``is_compileable``, the same tokens kept as ``static=False``
+            (float rounding aside); full-attention models, the prompt prefilled in one forward.
     """
 
     compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
 
-    def __init__(self, budget: int = 256, recent_ratio: float = 0.5, config=None):
+    def __init__(self, budget: int = 256, recent_ratio: float = 0.5, config=None, static: bool = False):
         check_int("budget", budget, low=2)
         check_ratio("recent_ratio", recent_ratio)
         recent = min(budget - 1, max(1, round(budget * recent_ratio)))
         self.budget, self.recent_size = budget, recent
-        super().__init__(lambda layer_idx: H2OLayer(budget, recent), config=config)
+        self.static = check_choice("static", static, (False, True))
+        layer_cls = StaticH2OLayer if self.static else H2OLayer
+        super().__init__(lambda layer_idx: layer_cls(budget, recent), config=config)
+        check_static_layers(self, self.static)
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).

@@ -47,6 +47,7 @@ from hf_longmem.validation import check_int, check_optional_int, check_real
 
 from .base import LongMemCache
 from .scored import ScoredLayer
+from .static import AppendSlots, append_static_options, check_static_layers
 
 
 def _ranks(priority: torch.Tensor) -> torch.Tensor:
@@ -160,6 +161,10 @@ class KVMergerLayer(ScoredLayer):
         self._scores = None
 
 
+class StaticKVMergerLayer(AppendSlots, KVMergerLayer):
+    """:class:`KVMergerLayer` with a static layout (``static=True``, :class:`~hf_longmem.cache_classes.static.AppendSlots`)."""
+
+
 class KVMergerCache(LongMemCache):
     """KVMerger: merge runs of consecutive, similar prompt KVs into one KV each (reconstructed, see module doc).
 
@@ -171,6 +176,8 @@ class KVMergerCache(LongMemCache):
             and the tokens kept unmerged.
         max_set_size: the largest merging set (bounds the cost; ``None`` = unbounded).
         config: the model config (layer layout).
+        static, max_new_tokens: after the prefill, hold the merged prompt plus ``max_new_tokens`` fixed slots
+            written in place (``is_compileable``; see :class:`~hf_longmem.cache_classes.snapkv.SnapKVCache`).
 
     Example::
 
@@ -187,6 +194,8 @@ class KVMergerCache(LongMemCache):
         window_size: int = 32,
         max_set_size: int | None = 64,
         config=None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
     ):
         check_int("window_size", window_size, low=1)
         check_int("budget", budget, low=window_size + 1, hint=f"larger than window_size={window_size}")
@@ -194,9 +203,16 @@ class KVMergerCache(LongMemCache):
         check_optional_int("max_set_size", max_set_size, low=1)
         self.budget, self.sim_threshold = budget, float(sim_threshold)
         self.window_size, self.max_set_size = window_size, max_set_size
-        super().__init__(
-            lambda layer_idx: KVMergerLayer(budget, float(sim_threshold), window_size, max_set_size), config=config
-        )
+        self.static = append_static_options(static, max_new_tokens)
+
+        def factory(layer_idx: int) -> KVMergerLayer:
+            args = (budget, float(sim_threshold), window_size, max_set_size)
+            if self.static:
+                return StaticKVMergerLayer(*args, max_new_tokens=max_new_tokens)
+            return KVMergerLayer(*args)
+
+        super().__init__(factory, config=config)
+        check_static_layers(self, self.static)
 
 
 __all__ = ["KVMergerCache", "KVMergerLayer", "kvmerger_compress"]

@@ -27,6 +27,7 @@ from hf_longmem.validation import check_choice, check_int
 
 from .base import LongMemCache, SlidingWindowScoring
 from .scored import ScoredLayer
+from .static import AppendSlots, append_static_options, check_static_layers
 
 POOLINGS = ("avg", "max")
 
@@ -111,6 +112,10 @@ class SnapKVLayer(SlidingWindowScoring, ScoredLayer):
         return self._scores.masked_fill(torch.arange(n, device=keys.device) >= n - window, float("inf"))
 
 
+class StaticSnapKVLayer(AppendSlots, SnapKVLayer):
+    """:class:`SnapKVLayer` with a static layout (``static=True``, :class:`~hf_longmem.cache_classes.static.AppendSlots`)."""
+
+
 class SnapKVCache(LongMemCache):
     """SnapKV: keep the prompt tokens the last queries attend to.
 
@@ -120,6 +125,10 @@ class SnapKVCache(LongMemCache):
         kernel_size: pooling width along the sequence (code default 5; the LongBench configs use 7).
         pooling: ``"avg"`` (code default) or ``"max"``.
         config: the model config (layer layout).
+        static: after the prefill, hold the compressed prompt plus ``max_new_tokens`` fixed slots written in place
+            (:mod:`~hf_longmem.cache_classes.static`): ``is_compileable``, the same attention as ``static=False``
+            (float rounding aside); full-attention models, the prompt prefilled in one forward.
+        max_new_tokens: slots reserved for generated tokens (``static=True`` only); generating more raises.
 
     Example::
 
@@ -132,11 +141,26 @@ class SnapKVCache(LongMemCache):
     memory_saving = "prompt"
 
     def __init__(
-        self, budget: int = 256, window_size: int = 32, kernel_size: int = 5, pooling: str = "avg", config=None
+        self,
+        budget: int = 256,
+        window_size: int = 32,
+        kernel_size: int = 5,
+        pooling: str = "avg",
+        config=None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
     ):
         _check_snapkv(budget, window_size, kernel_size, pooling)
         self.budget, self.window_size = budget, window_size
-        super().__init__(lambda layer_idx: SnapKVLayer(budget, window_size, kernel_size, pooling), config=config)
+        self.static = append_static_options(static, max_new_tokens)
+
+        def factory(layer_idx: int) -> SnapKVLayer:
+            if self.static:
+                return StaticSnapKVLayer(budget, window_size, kernel_size, pooling, max_new_tokens=max_new_tokens)
+            return SnapKVLayer(budget, window_size, kernel_size, pooling)
+
+        super().__init__(factory, config=config)
+        check_static_layers(self, self.static)
 
 
 class PyramidKVCache(LongMemCache):
@@ -147,6 +171,8 @@ class PyramidKVCache(LongMemCache):
         window_size, kernel_size, pooling: as in :class:`SnapKVCache`.
         beta: ratio between the top and bottom layer's non-window budgets (paper: 20).
         config: the model config (required: the number of layers sets the pyramid).
+        static, max_new_tokens: as in :class:`SnapKVCache` (each layer's capacity is its own compressed prompt
+            plus ``max_new_tokens``).
     """
 
     compresses_sliding_layers = True  # on an all-sliding model, a budget below the window compresses them
@@ -161,6 +187,8 @@ class PyramidKVCache(LongMemCache):
         pooling: str = "avg",
         beta: int = 20,
         config=None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
     ):
         _check_snapkv(budget, window_size, kernel_size, pooling)
         if not isinstance(beta, int) or beta < 1:
@@ -171,14 +199,20 @@ class PyramidKVCache(LongMemCache):
             )
         num_layers = config.get_text_config(decoder=True).num_hidden_layers
         self.budget, self.window_size, self.beta = budget, window_size, beta
+        self.static = append_static_options(static, max_new_tokens)
 
         def factory(layer_idx: int) -> SnapKVLayer:
             def layer_budget(prompt_length: int) -> int:
                 return pyramid_budgets(budget, window_size, num_layers, prompt_length, beta)[layer_idx]
 
+            if self.static:
+                return StaticSnapKVLayer(
+                    budget, window_size, kernel_size, pooling, layer_budget, max_new_tokens=max_new_tokens
+                )
             return SnapKVLayer(budget, window_size, kernel_size, pooling, layer_budget)
 
         super().__init__(factory, config=config)
+        check_static_layers(self, self.static)
 
 
 def _check_snapkv(budget, window_size, kernel_size, pooling) -> None:

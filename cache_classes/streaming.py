@@ -24,9 +24,10 @@ import torch
 from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.rope import LayerRotation, ModelRotary, shift_to_cache_positions
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_int
+from hf_longmem.validation import check_choice, check_int
 
 from .base import CompressedLayer, LongMemCache
+from .static import KEEP, StaticSlots, check_static_layers
 
 POSITION_MODES = ("true", "shift")
 
@@ -162,6 +163,37 @@ class StreamingLayer(ShiftedLayer):
         return cols.masked_fill(cols < first_real + self.sink_size, float("inf"))
 
 
+class StaticStreamingLayer(StaticSlots, StreamingLayer):
+    """:class:`StreamingLayer` with a static layout (``static=True``): ``budget + 1`` slots, a ring over the window.
+
+    A step overwrites the oldest non-sink token (what the dynamic layer dropped after the previous step), or a free
+    slot while fewer than ``budget + 1`` tokens were seen. Sinks are the row's first ``sink_size`` real positions.
+    """
+
+    def capacity(self, stored: int) -> int:
+        return self.budget + 1
+
+    def slot_priority(self, positions: torch.Tensor) -> torch.Tensor:
+        """Recency (the true position); sinks are never overwritten. ``[batch, 1, capacity]`` int64."""
+        row = positions[:, :1].long()  # the same slots in every head
+        return row.masked_fill((row >= 0) & (row < self.sink_size), KEEP)
+
+    def thaw(self) -> None:
+        super().thaw()
+        self._evicted = True  # static steps may have evicted: the dynamic layer must shift (zero deltas otherwise)
+
+    def attention_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Position shift: the recent window already ends right before the query; only the sinks move, forward by
+        the number of tokens evicted (the real tokens seen minus those held)."""
+        if self.rotary is None:
+            return keys
+        row = self._positions[:, :1]  # [b, 1, capacity]
+        held = (row != PAD_POSITION).sum(-1, keepdim=True)  # this step's token included
+        evicted = self.real_seen[:, None, None] - held
+        sink = (row >= 0) & (row < self.sink_size)
+        return self.rotary.rotate(keys, torch.where(sink, evicted, torch.zeros_like(evicted)).squeeze(1))
+
+
 class StreamingCache(LongMemCache):
     """StreamingLLM cache: ``sink_size`` attention sinks + the most recent tokens, ``budget`` tokens in all.
 
@@ -173,6 +205,10 @@ class StreamingCache(LongMemCache):
         config: the model config; lays out sliding-window layers and provides RoPE for ``"shift"``.
         rotary: the model's rotations, a :class:`~hf_longmem.memory.rope.ModelRotary` (``make_cache`` derives it
             from the model) or one :class:`~hf_longmem.memory.rope.LayerRotation` for every layer.
+        static: decode into ``budget + 1`` fixed slots overwritten in place (:mod:`~hf_longmem.cache_classes.static`):
+            ``is_compileable``, so ``torch.compile(model.forward, fullgraph=True)`` or ``generate(...,
+            compile_config=...)`` can compile the decode step. Same tokens attended as ``static=False`` (float
+            rounding aside); the prompt is prefilled in one forward, then one token per step.
 
     Example::
 
@@ -187,6 +223,7 @@ class StreamingCache(LongMemCache):
         position_mode: str = "true",
         config=None,
         rotary: LayerRotation | ModelRotary | None = None,
+        static: bool = False,
     ):
         check_int("sink_size", sink_size, low=0)
         check_int(
@@ -194,9 +231,12 @@ class StreamingCache(LongMemCache):
         )
         shift = shift_rotary(position_mode, rotary, config)
         self.budget, self.sink_size, self.position_mode = budget, sink_size, position_mode
+        self.static = check_choice("static", static, (False, True))
+        layer_cls = StaticStreamingLayer if self.static else StreamingLayer
         super().__init__(
-            lambda layer_idx: StreamingLayer(budget, sink_size, layer_rotation(shift, layer_idx)), config=config
+            lambda layer_idx: layer_cls(budget, sink_size, layer_rotation(shift, layer_idx)), config=config
         )
+        check_static_layers(self, self.static)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> StreamingCache:

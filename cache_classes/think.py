@@ -38,6 +38,7 @@ from hf_longmem.validation import check_int, check_ratio
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
 from .snapkv import PyramidKVCache, SnapKVCache
+from .static import NOT_ROUTED, append_static_options, check_static_layers
 
 BASES = ("full", "snapkv", "pyramidkv")
 
@@ -78,6 +79,7 @@ class ThinKLayer(CompressedLayer):
     def __init__(self, base: CompressedLayer | None, key_channel_ratio: float, window_size: int, recent_size: int):
         super().__init__()
         self.base = base
+        self._initial_base = base  # handed its tokens over at pruning (``base`` -> None); back on reset()
         self.key_channel_ratio, self.window_size, self.recent_size = key_channel_ratio, window_size, recent_size
         self.pruned_keys = self.pruned_values = self.pruned_positions = self.channel_index = None
         self._pending = False
@@ -87,6 +89,17 @@ class ThinKLayer(CompressedLayer):
     @property
     def is_pruned(self) -> bool:
         return self.pruned_keys is not None
+
+    def reset(self) -> None:
+        """Forget everything: the base layer, the packed prompt and its channel choice (``cache.reset()``)."""
+        super().reset()
+        self.base = self._initial_base
+        if self.base is not None:
+            self.base.reset()
+        self.pruned_keys = self.pruned_values = self.pruned_positions = self.channel_index = None
+        self._pending = False
+        self._new_real = None
+        self._packed_has_pads = None
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, key_states, value_states, *args, **kwargs):
@@ -156,6 +169,7 @@ class ThinKLayer(CompressedLayer):
         if self.base is not None:
             self.cumulative_length, self.real_seen = self.base.cumulative_length, self.base.real_seen
             self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+            self.base.reset()  # its tokens are ours now: release its buffers (kept for reuse after reset())
             self.base = None
         # clone: a (possibly empty) view would keep the whole full-width prompt storage alive
         self.keys = keys[..., packed:, :].clone()
@@ -207,8 +221,8 @@ class ThinKLayer(CompressedLayer):
         if self._packed_pads():
             packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query
             logits_packed = logits_packed.masked_fill(~packed_real, float("-inf"))
-        if num_q > 1 or self.has_pad_slots():
-            tail_allowed = slot_mask(self.positions[:, 0], num_q)  # [b, 1, q, R] -> one row per (group head, query)
+        tail_allowed = self.tail_mask(num_q)  # [b, 1, q, R] -> one row per (group head, query)
+        if tail_allowed is not None:
             tail_allowed = tail_allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, -1)
             logits_tail = logits_tail.masked_fill(~tail_allowed, float("-inf"))
         if features.sliding_window is not None:  # by true positions, per KV head: [b, h, q, n] -> [b, h, rows, n]
@@ -225,6 +239,12 @@ class ThinKLayer(CompressedLayer):
         split = self.pruned_keys.shape[-2]
         out = probs[..., :split] @ self.pruned_values.to(dtype) + probs[..., split:] @ self.values.to(dtype)
         return out.reshape(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+
+    def tail_mask(self, num_q: int) -> torch.Tensor | None:
+        """``[batch, 1, q, R]`` bool mask of the full-width tail for ``num_q`` queries (``None``: all visible)."""
+        if num_q > 1 or self.has_pad_slots():
+            return slot_mask(self.positions[:, 0], num_q)
+        return None
 
     def _packed_pads(self) -> bool:
         if self._packed_has_pads is None:
@@ -258,6 +278,87 @@ class ThinKLayer(CompressedLayer):
         (self.base.batch_select_indices if self.base is not None else super().batch_select_indices)(indices)
 
 
+class StaticThinKLayer(ThinKLayer):
+    """:class:`ThinKLayer` with a static layout (``static=True``; :mod:`~hf_longmem.cache_classes.static`).
+
+    After the prefill (token compression by the base, then channel pruning), the packed prompt keeps its shape and
+    the full-width tail gets ``max_new_tokens`` more slots, filled in place (one more token raises); the tail's
+    mask comes from its slots' validity.
+    """
+
+    is_compileable = True
+
+    def __init__(self, *args, max_new_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_new_tokens = max_new_tokens
+        self._frozen = False
+
+    def freeze(self) -> None:
+        """Moves the full-width tail into fixed buffers (eager, once, after the prefill)."""
+        if self.sliding_window is not None:
+            raise ValueError("ThinK (static=True) supports full-attention layers only")
+        if not self.is_pruned:
+            raise ValueError("ThinK (static=True) prunes at the prefill: prefill a prompt of at least 2 tokens")
+        extra = self.max_new_tokens
+        keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
+        values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
+        positions = torch.nn.functional.pad(self.positions, (0, extra), value=PAD_POSITION)
+        self._append_buffers.clear()
+        self.store(keys, values, positions, no_pads=False)
+        self._packed_pads()  # known from now on: no device sync while decoding
+        self.real_seen = self.real_seen.clone()
+        self.cumulative_length = torch.tensor(int(self.cumulative_length), device=keys.device)
+        for tensor in (self.keys, self.values, self._positions, self.real_seen, self.cumulative_length):
+            torch._dynamo.mark_static_address(tensor)
+        self._frozen = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self._frozen:
+            return super().update(key_states, value_states, *args, **kwargs)
+        name = type(self).__name__
+        attn_kwargs = kwargs.get("kwargs")
+        if key_states.shape[-2] != 1:
+            raise ValueError(
+                f"{name} (static=True) decodes one token per step after the prefill; got a step of "
+                f"{key_states.shape[-2]} tokens (prefill the whole prompt in one forward, or use static=False)"
+            )
+        if attn_kwargs is None:
+            raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
+        if self._pending:
+            raise RuntimeError(NOT_ROUTED.format(name=name))
+        free = self._positions[:, 0] == PAD_POSITION  # [b, tail capacity]
+        torch._assert_async(
+            free.any(dim=-1).all(), f"{name} (static=True): capacity exceeded, more tokens than max_new_tokens"
+        )
+        slot = free.to(torch.int32).argmax(dim=-1)[:, None, None]  # [b, 1, 1]: the first free slot
+        batch, heads, _, head_dim = key_states.shape
+        self.keys.scatter_(2, slot[..., None].expand(-1, heads, 1, head_dim), key_states)
+        self.values.scatter_(2, slot[..., None].expand(-1, heads, 1, value_states.shape[-1]), value_states)
+        new_position = self.real_seen.to(torch.int32)[:, None, None].expand(batch, heads, 1)
+        self._positions.scatter_(2, slot.expand(-1, heads, -1), new_position)
+        self.real_seen.add_(1)
+        self.cumulative_length.add_(1)
+        attn_kwargs[LAYER_KWARG] = self
+        self._pending = True
+        return self.keys, self.values
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        output = super().attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if not self._frozen:
+            self.freeze()
+        return output
+
+    def tail_mask(self, num_q: int) -> torch.Tensor | None:
+        if not self._frozen:
+            return super().tail_mask(num_q)
+        return (self._positions[:, :1] != PAD_POSITION)[:, :, None, :]  # [b, 1, 1, capacity]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self._frozen:
+            return super().get_mask_sizes(query_length)
+        return self.keys.shape[-2], 0  # unused by this layer (it computes its own attention)
+
+
 class ThinKCache(LongMemCache):
     """ThinK key-channel pruning on top of a token cache.
 
@@ -269,6 +370,9 @@ class ThinKCache(LongMemCache):
         window_size: queries that score the channels (and the base's observation window; official 32).
         recent_size: newest prompt keys kept full width (official code 32; default 0 prunes them all).
         config: the model config.
+        static, max_new_tokens: after the prefill, the pruned prompt plus ``max_new_tokens`` full-width slots
+            written in place (:class:`StaticThinKLayer`; ``is_compileable``). Same attention as ``static=False``
+            (float rounding aside); full-attention models, the prompt prefilled in one forward.
 
     Example::
 
@@ -285,6 +389,8 @@ class ThinKCache(LongMemCache):
         window_size: int = 32,
         recent_size: int = 0,
         config=None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
     ):
         check_ratio("key_channel_ratio", key_channel_ratio)
         check_int("window_size", window_size, low=1)
@@ -299,9 +405,16 @@ class ThinKCache(LongMemCache):
             )
         base_factory = _base_layer_factory(base, budget, window_size, config)
         self.key_channel_ratio = key_channel_ratio
-        super().__init__(
-            lambda layer_idx: ThinKLayer(base_factory(layer_idx), key_channel_ratio, window_size, recent_size), config
-        )
+        self.static = append_static_options(static, max_new_tokens)
+
+        def factory(layer_idx: int) -> ThinKLayer:
+            args = (base_factory(layer_idx), key_channel_ratio, window_size, recent_size)
+            if self.static:
+                return StaticThinKLayer(*args, max_new_tokens=max_new_tokens)
+            return ThinKLayer(*args)
+
+        super().__init__(factory, config)
+        check_static_layers(self, self.static, StaticThinKLayer)
 
 
 def _base_layer_factory(base, budget, window_size, config):
@@ -319,6 +432,8 @@ def _base_layer_factory(base, budget, window_size, config):
         base = cls(**options)
     elif budget is not None:
         raise ValueError("`budget` is for a base given by name; set it on the base cache instance instead")
+    if getattr(base, "static", False):
+        raise ValueError("`base` must use the dynamic layout: pass static=True to ThinKCache itself")
     if not isinstance(base, (SnapKVCache, PyramidKVCache)):
         raise ValueError(
             f"`base` must be one of {BASES} or a SnapKVCache/PyramidKVCache instance (prefill-time token caches), "

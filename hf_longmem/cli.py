@@ -1,4 +1,5 @@
-"""The ``hf-longmem`` command: benchmark caches, generate through a cache, list caches, print result tables, edit.
+"""The ``hf-longmem`` command: benchmark caches, generate through a cache, list caches, print result tables, edit,
+evaluate long-term memory policies (``agent-eval``).
 
 Everything runs offline (``HF_HUB_OFFLINE=1``); models load from local folders only (``local_files_only=True``).
 Without ``--model`` the embedded tiny model (``hf_longmem.load_default_model``) is used. Errors in the arguments
@@ -114,8 +115,21 @@ examples:
 """
 
 
+AGENT_EVAL_EPILOG = """\
+examples:
+  hf-longmem agent-eval --synthetic --update-fraction 0.2 --k 1 --abstain-below 8.3 --output top1.json
+  hf-longmem agent-eval --synthetic --update-fraction 0.2 --policy rmm --output rmm.json
+  hf-longmem agent-eval --synthetic --kv --output kv.json          # memories read as stored KV states
+  hf-longmem agent-eval --data longmemeval_s.json --model ./llama --reader default --k 5 --output s.json
+
+The table shows QA accuracy (%) per question type, recall_any@1 and the prompt tokens; the JSON file holds every
+question's prediction, retrieved sessions and metrics.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``hf-longmem`` (subcommands ``bench``, ``generate``, ``caches``, ``report``, ``edit``)."""
+    """The argument parser of ``hf-longmem`` (subcommands ``bench``, ``generate``, ``caches``, ``report``, ``edit``,
+    ``agent-eval``)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="hf_longmem: memory methods (compressed KV caches, ...) for Hugging Face transformers.",
@@ -269,7 +283,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(edit)
     add_edit_arguments(edit)
+
+    agent_eval = sub.add_parser(
+        "agent-eval",
+        help="run a long-term memory policy over a chat-history dataset",
+        description="Replay a LongMemEval-style dataset (synthetic, or a local JSON file) through a memory policy "
+        "and score retrieval (recall@k, NDCG@k) and QA accuracy per question type.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=AGENT_EVAL_EPILOG,
+    )
+    add_model_args(agent_eval)
+    add_agent_eval_arguments(agent_eval)
     return parser
+
+
+def add_agent_eval_arguments(parser: argparse.ArgumentParser, *, table: bool = False) -> None:
+    """The options of ``hf-longmem agent-eval`` (also ``python -m hf_longmem.agents.evaluate``, which adds
+    ``--table``); defined here so that ``--help`` needs no torch."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    if table:
+        source.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of result files")
+    source.add_argument("--synthetic", action="store_true", help="generate synthetic_chat_history (offline)")
+    source.add_argument("--data", metavar="JSON", help="a local LongMemEval JSON file (longmemeval_s.json, ...)")
+    parser.add_argument("--num-sessions", type=_positive_int, default=32, help="synthetic: sessions (default 32)")
+    parser.add_argument("--num-questions", type=_positive_int, default=50, help="synthetic: questions (default 50)")
+    parser.add_argument(
+        "--update-fraction", type=float, default=0.0, help="synthetic: share of facts re-assigned later (default 0)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=["retrieval", "full_history"], default="retrieval")
+    parser.add_argument("--policy", choices=["retrieval", "memorybank", "rmm"], default="retrieval")
+    parser.add_argument("--forget", action="store_true", help="memorybank: forget (archive) before each retrieval")
+    parser.add_argument("--rmm-greedy", action="store_true", help="rmm: rerank without Gumbel exploration")
+    parser.add_argument(
+        "--rmm-prior-weight", type=float, default=1.0, help="rmm: weight of the retriever's score (0: the paper's)"
+    )
+    parser.add_argument("--reconcile", choices=["supersede", "add-only"], default="supersede")
+    parser.add_argument("--embedder", choices=["bm25", "hashing"], default="bm25")
+    parser.add_argument("--granularity", choices=["turn", "session"], default="turn")
+    parser.add_argument("--k", type=_positive_int, default=1, help="memories retrieved per question (default 1)")
+    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
+    parser.add_argument("--abstain-below", type=float, default=None, help="abstain when the best score is below")
+    parser.add_argument(
+        "--reader",
+        choices=["passkey", "default"],
+        default="passkey",
+        help="passkey: the embedded model's training query after the memories; default: MemoryAgent's prompt",
+    )
+    parser.add_argument("--kv", action="store_true", help="answer from the memories' stored KV states")
+    parser.add_argument(
+        "--kv-context", action="store_true", help="--kv, with each memory encoded after the prompt's prefix"
+    )
+    parser.add_argument("--output", default=None, metavar="JSON", help="write the JSON results here (atomic)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -365,15 +430,11 @@ def _cache_options(names: Sequence[str], raw: Sequence[str]) -> dict[str, dict[s
 
 
 def _budget_options(name: str, budget: int) -> dict[str, Any]:
-    """The options that give cache ``name`` a budget of ``budget`` tokens per layer (``{}``: it has no budget)."""
+    """The options that give cache ``name`` a budget of ``budget`` tokens per layer (``{}``: it has no budget): the
+    registry's ``options_for_budget``, the one mapping every harness uses."""
     from hf_longmem import get_cache_spec
 
-    spec = get_cache_spec(name)
-    if hasattr(spec, "options_for_budget"):
-        return dict(spec.options_for_budget(budget))
-    from hf_longmem.evals.runner import cache_accepts
-
-    return {"budget": budget} if cache_accepts(name, "budget") else {}
+    return dict(get_cache_spec(name).options_for_budget(budget))
 
 
 def _has_budget(name: str) -> bool:
@@ -682,13 +743,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_eval(args: argparse.Namespace) -> int:
+    _check_output(args.output, "--output")
+    for name in ("update_fraction",):
+        value = getattr(args, name)
+        if not 0.0 <= value < 1.0:
+            raise CLIError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if (args.kv or args.kv_context) and args.mode != "retrieval":
+        raise CLIError("--kv answers from retrieved memories: use it with --mode retrieval")
+    items = None
+    if args.data is not None:
+        from hf_longmem.agents.longmemeval import load_longmemeval
+
+        try:
+            items = load_longmemeval(args.data)
+        except (ValueError, OSError) as error:
+            raise CLIError(f"--data: {error}") from None
+    model, tokenizer, _ = load_model(args)
+    from hf_longmem.agents.evaluate import run_agent_eval
+
+    try:
+        run_agent_eval(args, model, tokenizer, items)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from hf_longmem.editing.command import run_edit
 
     return run_edit(args, load_model, CLIError)
 
 
-COMMANDS = {"bench": cmd_bench, "generate": cmd_generate, "caches": cmd_caches, "report": cmd_report, "edit": cmd_edit}
+COMMANDS = {
+    "bench": cmd_bench,
+    "generate": cmd_generate,
+    "caches": cmd_caches,
+    "report": cmd_report,
+    "edit": cmd_edit,
+    "agent-eval": cmd_agent_eval,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

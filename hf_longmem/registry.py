@@ -115,7 +115,8 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
         else:
             cache = spec.cls(config=model_or_config.config, **options)
         windowed = any(getattr(layer, "sliding_window", None) is not None for layer in getattr(cache, "layers", ()))
-        if spec.needs_attention or windowed:  # windowed: compressed sliding-window layers apply the window themselves
+        # windowed: compressed sliding-window layers apply the window themselves; static layers mask their own slots
+        if spec.needs_attention or windowed or getattr(cache, "static", False):
             enable_longmem_attention(model_or_config)
         track_step_inputs(model_or_config)  # position ids / mask for models whose attention keeps them from the cache
         return cache
@@ -127,18 +128,16 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
 
 
 #: Modules of ``hf_longmem.cache_classes`` that hold shared machinery, not a method.
-SHARED_CACHE_MODULES = ("base", "scored")
+SHARED_CACHE_MODULES = ("base", "scored", "static")
 
 
 def import_cache_modules() -> None:
     """Imports every method module of ``hf_longmem.cache_classes`` (each registers itself), the uncompressed baseline
     first and then by module name: that is the order of :func:`available_caches`."""
     import importlib
-    import pkgutil
 
     from hf_longmem import cache_classes
+    from hf_longmem.registration import import_submodules
 
-    names = sorted((info.name for info in pkgutil.iter_modules(cache_classes.__path__)), key=lambda n: (n != "full", n))
-    for name in names:
-        if name not in SHARED_CACHE_MODULES and not name.startswith("_"):
-            importlib.import_module(f"{cache_classes.__name__}.{name}")
+    importlib.import_module(f"{cache_classes.__name__}.full")
+    import_submodules(cache_classes.__name__, cache_classes.__path__, skip=SHARED_CACHE_MODULES)

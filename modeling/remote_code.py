@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -112,12 +113,27 @@ class RemoteCodeMixin:
         return result
 
 
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """A registered architecture: its ``model_type`` and the classes the Auto classes build."""
+
+    model_type: str
+    config_class: type[PretrainedConfig]
+    base_model_class: type[PreTrainedModel] | None = None
+    causal_lm_class: type[PreTrainedModel] | None = None
+
+
+_ARCHITECTURES: dict[str, ArchitectureSpec] = {}
+
+
 def register_architecture(
     config_class: type[PretrainedConfig],
     base_model_class: type[PreTrainedModel] | None = None,
     causal_lm_class: type[PreTrainedModel] | None = None,
 ) -> None:
     """Register an architecture with the Auto classes, and for ``auto_map`` on ``save_pretrained``.
+
+    Called in the architecture package's ``__init__`` (``hf_longmem.modeling`` imports every package of its folder).
 
     Args:
         config_class: the config, with a unique ``model_type``.
@@ -135,3 +151,22 @@ def register_architecture(
     if causal_lm_class is not None:
         AutoModelForCausalLM.register(config_class, causal_lm_class, exist_ok=True)
         causal_lm_class.register_for_auto_class("AutoModelForCausalLM")
+    _ARCHITECTURES[model_type] = ArchitectureSpec(model_type, config_class, base_model_class, causal_lm_class)
+
+
+def available_architectures() -> list[str]:
+    """``model_type`` of every registered architecture: hf_longmem's own by name, then those registered by the user."""
+    return sorted(_ARCHITECTURES, key=lambda t: (not _is_builtin(_ARCHITECTURES[t]), t))
+
+
+def get_architecture_spec(model_type: str) -> ArchitectureSpec:
+    """The registered architecture of ``model_type`` (``ValueError`` naming the available ones otherwise)."""
+    try:
+        return _ARCHITECTURES[model_type]
+    except KeyError:
+        available = ", ".join(available_architectures())
+        raise ValueError(f"unknown architecture {model_type!r}; available: {available}") from None
+
+
+def _is_builtin(spec: ArchitectureSpec) -> bool:
+    return spec.config_class.__module__.startswith("hf_longmem.modeling.")

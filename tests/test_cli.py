@@ -152,6 +152,23 @@ def test_caches_and_report_errors(tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
 
 
+def test_caches_lists_every_registered_cache_with_the_registry_budget_mapping(capsys):
+    from hf_longmem import get_cache_spec
+
+    assert main(["caches"]) == 0
+    blocks: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith(" "):
+            blocks[next(reversed(blocks))].append(line.strip())
+        else:
+            blocks[line.split(":")[0]] = []
+    assert list(blocks) == available_caches()
+    for name, lines in blocks.items():
+        mapped = get_cache_spec(name).options_for_budget(256)
+        expected = [f"--budget 256 sets: {', '.join(f'{k}={v}' for k, v in mapped.items())}"] if mapped else []
+        assert [line for line in lines if line.startswith("--budget")] == expected, name
+
+
 def test_parse_option():
     assert parse_option("budget=256") == (None, "budget", 256)
     assert parse_option("streaming.position_mode=shift") == ("streaming", "position_mode", "shift")
@@ -180,7 +197,13 @@ def test_the_command_parses_and_fails_without_importing_torch():
         "    heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
         "    print('HEAVY', heavy, 'CODE', exit.code)\n"
     )
-    for args in (["--help"], ["bench", "--help"], ["edit", "--help"], ["bench", "--lengths", "abc"]):
+    for args in (
+        ["--help"],
+        ["bench", "--help"],
+        ["edit", "--help"],
+        ["agent-eval", "--help"],
+        ["bench", "--lengths", "abc"],
+    ):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
         assert "HEAVY [] CODE" in result.stdout, (args, result.stdout[-500:], result.stderr[-2000:])
 
@@ -369,3 +392,14 @@ def test_budget_maps_onto_each_method_options(model_dir, tmp_path):
     rows = {r["cache"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows[name]["cache_kwargs"] == get_cache_spec(name).options_for_budget(64)
     assert rows["full"]["cache_kwargs"] == {}
+
+
+def test_bench_scores_choice_tasks_through_the_cache(model_dir, tmp_path, capsys):
+    out = tmp_path / "sort.json"
+    args = ["bench", "--model", model_dir, "--tasks", "sort", "--task-option", "sort.segment_words=3"]
+    args += ["--lengths", "700", "--num-samples", "2", "--caches", "full,streaming", "--budget", "64"]
+    assert main([*args, "--fidelity", "--no-progress", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cache"] for r in rows] == ["full", "streaming"] and all(r["mode"] == "rollback" for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[1]["kl"] > 0
+    assert "sort" in capsys.readouterr().out

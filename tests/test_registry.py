@@ -107,3 +107,29 @@ def test_a_refused_option_is_a_value_error_and_leaves_the_model_unchanged(name, 
         make_cache(name, model, **options)
     assert model.config._attn_implementation == "sdpa"
     assert len(model.model._forward_pre_hooks) == hooks
+
+
+def test_import_submodules_imports_methods_and_skips_shared_private_and_plain_modules(tmp_path, monkeypatch):
+    import sys
+
+    from hf_longmem.registration import import_submodules
+
+    package = tmp_path / "toy_methods"
+    (package / "arch").mkdir(parents=True)
+    for name in ("__init__.py", "b_method.py", "a_method.py", "shared.py", "_private.py", "arch/__init__.py"):
+        (package / name).write_text(f"LOADED = {name!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import toy_methods
+
+    try:
+        assert import_submodules("toy_methods", toy_methods.__path__, skip=("shared",)) == [
+            "a_method",
+            "arch",
+            "b_method",
+        ]
+        assert "toy_methods.shared" not in sys.modules and "toy_methods._private" not in sys.modules
+        assert sys.modules["toy_methods.b_method"].LOADED == "b_method.py"
+        assert import_submodules("toy_methods", toy_methods.__path__, packages_only=True) == ["arch"]
+    finally:
+        for name in [m for m in sys.modules if m == "toy_methods" or m.startswith("toy_methods.")]:
+            del sys.modules[name]

@@ -12,6 +12,7 @@ that day (LongMemEval's time-aware query expansion, done by a pattern instead of
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -69,11 +70,17 @@ class MemoryAgent:
         max_new_tokens: reply length.
         system: text before the memories.
         prompt_template: ``str.format`` template with ``{system}``, ``{memories}`` and ``{question}``.
-        memory_template: how one memory is shown: fields ``{text}``, ``{date}`` (``YYYY-MM-DD``), ``{session_id}``.
+        memory_template: how one memory is shown: fields ``{text}``, ``{date}`` (``YYYY-MM-DD``), ``{session_id}``,
+            ``{index}`` (its position in the prompt, for readers that cite memories as ``[index]``).
         write_back: store each user message (and the reply) as memories of ``session_id``.
         time_aware: search ``as_of`` a date named in the question.
         abstain_below: if the best retrieval score is below this, reply ``abstain_text`` without generating.
         abstain_text: the abstention reply.
+        kv: a :class:`hf_longmem.agents.kv.KVMemory` of the same model: memories are read as stored model state
+            (encoded once, kept in the store) and only the text after them is prefilled (``prompt_tokens`` then counts
+            the tokens prefilled; ``extra["reprefill_tokens"]`` what re-prefilling the prompt would have cost).
+        kv_context: encode each memory after the prompt's prefix (``KVMemory.encode(context=...)``): with one
+            memory shown the answer equals the plain prompt's; the states are then tied to that prefix.
     """
 
     def __init__(
@@ -93,6 +100,8 @@ class MemoryAgent:
         time_aware: bool = True,
         abstain_below: float | None = None,
         abstain_text: str = "I don't know.",
+        kv=None,
+        kv_context: bool = False,
     ):
         if not isinstance(store, MemoryStore):
             raise ValueError(f"`store` must be a MemoryStore, got {type(store).__name__}")
@@ -118,6 +127,13 @@ class MemoryAgent:
         self.time_aware = bool(time_aware)
         self.abstain_below = None if abstain_below is None else check_real("abstain_below", abstain_below)
         self.abstain_text = abstain_text
+        if kv is not None:
+            from .kv import KVMemory
+
+            if not isinstance(kv, KVMemory) or kv.model is not model:
+                raise ValueError("`kv` must be a KVMemory built on the agent's model")
+        self.kv = kv
+        self.kv_context = bool(kv_context)
         #: The :class:`AgentReply` of the last :meth:`chat` turn (retrieved memories, prompt, token count).
         self.last_reply: AgentReply | None = None
 
@@ -125,12 +141,17 @@ class MemoryAgent:
         """Writes a memory through the policy; returns its id."""
         return self.policy.ingest(self.store, text_or_messages, session_id=session_id, timestamp=timestamp, **kwargs)
 
+    @staticmethod
+    def _in_prompt_order(memories: list[MemoryRecord]) -> list[MemoryRecord]:
+        return sorted(memories, key=lambda r: (r.timestamp, r.valid_from))
+
     def _render(self, memories: list[MemoryRecord], question: str) -> str:
-        shown = sorted(memories, key=lambda r: (r.timestamp, r.valid_from))
         lines = []
-        for r in shown:
+        for index, r in enumerate(self._in_prompt_order(memories)):
             date = datetime.fromtimestamp(r.timestamp, tz=timezone.utc).strftime("%Y-%m-%d")
-            lines.append(self.memory_template.format(text=r.text, date=date, session_id=r.session_id or ""))
+            lines.append(
+                self.memory_template.format(text=r.text, date=date, session_id=r.session_id or "", index=index)
+            )
         return self.prompt_template.format(system=self.system, memories="\n".join(lines), question=question)
 
     def build_prompt(self, question: str, memories: list[MemoryRecord]) -> tuple[str, list[MemoryRecord]]:
@@ -159,8 +180,41 @@ class MemoryAgent:
         if self.abstain_below is not None and (not retrieved or retrieved[0].score < self.abstain_below):
             return AgentReply(self.abstain_text, retrieved, [], "", 0, abstained=True, as_of=as_of_seconds)
         prompt, shown = self.build_prompt(question, retrieved)
-        text = self.llm.generate(prompt, self.max_new_tokens).strip()
-        return AgentReply(text, retrieved, shown, prompt, self.llm.last_prompt_tokens, as_of=as_of_seconds)
+        shown = self._in_prompt_order(shown)
+        extra: dict[str, Any] = {}
+        if self.kv is not None and shown:
+            text, prompt_tokens = self._generate_from_state(question, shown)
+            extra["reprefill_tokens"] = self.llm.count_tokens(prompt) + 1
+        else:
+            text = self.llm.generate(prompt, self.max_new_tokens)
+            prompt_tokens = self.llm.last_prompt_tokens
+        text = text.strip()
+        self.policy.after_answer(self.store, question, shown, text, now=seconds)
+        return AgentReply(text, retrieved, shown, prompt, prompt_tokens, as_of=as_of_seconds, extra=extra)
+
+    def _generate_from_state(self, question: str, shown: list[MemoryRecord]) -> tuple[str, int]:
+        """Generates over the shown memories' stored KV states (encoded and stored on first use)."""
+        sentinel = "\x00MEMORIES\x00"
+        prefix, suffix = self.prompt_template.format(system=self.system, memories=sentinel, question=question).split(
+            sentinel
+        )
+        states = []
+        for index, r in enumerate(shown):
+            date = datetime.fromtimestamp(r.timestamp, tz=timezone.utc).strftime("%Y-%m-%d")
+            line = self.memory_template.format(text=r.text, date=date, session_id=r.session_id or "", index=index)
+            context = prefix if self.kv_context else None
+            text = line if context is None else context + "\x00" + line
+            encoder = f"{self.kv.fingerprint}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+            blob = self.store.get_kv(r.id, r.version, encoder)
+            if blob is None:
+                state = self.kv.encode(line + "\n", context=context)
+                self.store.set_kv(r.id, r.version, encoder, self.kv.to_bytes(state))
+            else:
+                state = self.kv.from_bytes(blob)
+            states.append(state)
+        # The memories are encoded as ``line + "\n"``: the newline that joins the last one to the suffix moves there.
+        suffix = suffix[1:] if suffix.startswith("\n") else suffix
+        return self.kv.generate(prefix, states, suffix, self.max_new_tokens)
 
     def chat(self, message: str, *, now: Any, session_id: str | None = None, user_id: str | None = None) -> str:
         """One turn: answer ``message`` from memory at ``now``; with ``write_back`` store the message and reply."""

@@ -27,10 +27,14 @@ from .longmemeval import ingest_haystack, is_abstention, load_longmemeval, parse
 from .memorybank import MemoryBankPolicy
 from .metrics import answer_is_correct, qa_accuracy_by_type, retrieval_metrics, session_ranking
 from .policy import MemoryPolicy, RetrievalPolicy
+from .rmm import RMMPolicy
 from .store import MemoryStore
 from .synthetic import fact_subject, synthetic_chat_history
 
-__all__ = ["PASSKEY_READER", "evaluate_agent", "results_table"]
+__all__ = ["PASSKEY_READER", "POLICIES", "evaluate_agent", "policy_factory", "results_table", "run_agent_eval"]
+
+#: Policies ``agent-eval`` can run over a dataset (the others need an LLM that writes summaries or notes).
+POLICIES = ("retrieval", "memorybank", "rmm")
 
 #: A reader prompt fitted to the embedded tiny model, which was trained on pass-key prompts only: the question
 #: reaches the retriever, and the model reads the retrieved memories followed by its training query.
@@ -66,6 +70,8 @@ def evaluate_agent(
     abstain_below: float | None = None,
     ks: tuple[int, ...] = (1, 5, 10),
     progress: bool = True,
+    kv: bool = False,
+    kv_context: bool = False,
 ) -> dict[str, Any]:
     """Scores ``items`` (LongMemEval schema).
 
@@ -78,6 +84,9 @@ def evaluate_agent(
         system / prompt_template: the reader's prompt (defaults: :class:`MemoryAgent`'s).
         abstain_below: the agent abstains when its best score is below this.
         ks: cut-offs of the retrieval metrics.
+        kv: answer from the memories' stored KV states (:class:`~hf_longmem.agents.kv.KVMemory`): only the text
+            after the memories is prefilled; rows also get ``reprefill_tokens`` (the prompt's tokens).
+        kv_context: with ``kv``, encode each memory after the prompt's prefix (``MemoryAgent(kv_context=True)``).
 
     Returns:
         ``{"summary": {"qa": {type: {accuracy, count}}, "retrieval": {metric: mean}, "mean_prompt_tokens"},
@@ -90,6 +99,12 @@ def evaluate_agent(
         agent_kwargs["system"] = system
     if prompt_template is not None:
         agent_kwargs["prompt_template"] = prompt_template
+    kv_memory = None
+    if kv:
+        check_choice("mode", mode, ("retrieval",))
+        from .kv import KVMemory
+
+        kv_memory = KVMemory(model, tokenizer)
     groups: dict[str, list[dict[str, Any]]] = {}
     for item in items:
         groups.setdefault(_fingerprint(item), []).append(item)
@@ -109,6 +124,8 @@ def evaluate_agent(
             max_new_tokens=max_new_tokens,
             write_back=False,
             abstain_below=abstain_below,
+            kv=kv_memory,
+            kv_context=kv_context,
             **agent_kwargs,
         )
         for item in group:
@@ -129,7 +146,9 @@ def evaluate_agent(
                 row.update(prediction=prediction, prompt_tokens=llm.last_prompt_tokens, retrieved_sessions=[])
             else:
                 reply = agent.answer(item["question"], now=now)
-                ranking = session_ranking(h.session_id for h in store.search(item["question"], 50, as_of=reply.as_of))
+                # The policy's own top-k first (RMM reranks, MemoryBank forgets), then the store's search order.
+                searched = store.search(item["question"], 50, as_of=reply.as_of)
+                ranking = session_ranking(h.session_id for h in [*reply.retrieved, *searched])
                 row.update(
                     prediction=reply.text,
                     prompt_tokens=reply.prompt_tokens,
@@ -137,6 +156,7 @@ def evaluate_agent(
                     retrieved_sessions=ranking[: max(ks)],
                     top_score=reply.retrieved[0].score if reply.retrieved else None,
                     shown=[h.text for h in reply.shown],
+                    reprefill_tokens=reply.extra.get("reprefill_tokens", reply.prompt_tokens),
                 )
                 if not row["abstention"] and item["answer_session_ids"]:
                     row["retrieval"] = retrieval_metrics(ranking, item["answer_session_ids"], ks)
@@ -154,6 +174,9 @@ def evaluate_agent(
         "max_prompt_tokens": max((r["prompt_tokens"] for r in rows), default=0),
         "num_questions": len(rows),
     }
+    if kv_memory is not None:
+        summary["mean_reprefill_tokens"] = sum(r["reprefill_tokens"] for r in rows) / max(len(rows), 1)
+        summary["memory_encode_tokens"] = kv_memory.encoded_tokens
     return {"summary": summary, "questions": rows}
 
 
@@ -178,28 +201,88 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def policy_factory(
+    name: str,
+    *,
+    supersede_key=None,
+    forget: bool = False,
+    seed: int = 0,
+    rmm_greedy: bool = False,
+    rmm_prior_weight: float = 1.0,
+) -> Callable[[], MemoryPolicy]:
+    """A function building a fresh policy ``name`` (``retrieval``, ``memorybank`` or ``rmm``) per haystack."""
+    check_choice("policy", name, POLICIES)
+
+    def factory() -> MemoryPolicy:
+        if name == "memorybank":
+            return MemoryBankPolicy(supersede_key=supersede_key, auto_forget=forget, seed=seed)
+        if name == "rmm":
+            return RMMPolicy(
+                supersede_key=supersede_key,
+                seed=seed,
+                cite="overlap",
+                explore=not rmm_greedy,
+                prior_weight=rmm_prior_weight,
+            )
+        return RetrievalPolicy(supersede_key=supersede_key)
+
+    return factory
+
+
+def run_agent_eval(args, model, tokenizer, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Runs the options of ``hf-longmem agent-eval`` (``args``, an ``argparse.Namespace``) with a loaded model:
+    prints the markdown table and writes the JSON results atomically to ``args.output`` when set."""
+    if items is None:
+        if args.synthetic:
+            items = synthetic_chat_history(
+                tokenizer,
+                args.num_sessions,
+                args.seed,
+                update_fraction=args.update_fraction,
+                num_questions=args.num_questions,
+            )
+        else:
+            items = load_longmemeval(args.data)
+    key = fact_subject if (args.reconcile == "supersede" and args.synthetic) else None
+    reader = PASSKEY_READER if args.reader == "passkey" else {}
+    result = evaluate_agent(
+        items,
+        model,
+        tokenizer,
+        mode=args.mode,
+        policy_factory=policy_factory(
+            args.policy,
+            supersede_key=key,
+            forget=args.forget,
+            seed=args.seed,
+            rmm_greedy=args.rmm_greedy,
+            rmm_prior_weight=args.rmm_prior_weight,
+        ),
+        k=args.k,
+        max_prompt_tokens=args.max_prompt_tokens,
+        granularity=args.granularity,
+        abstain_below=args.abstain_below,
+        embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder,
+        kv=args.kv or args.kv_context,
+        kv_context=args.kv_context,
+        **reader,
+    )
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    result["config"] = config
+    name = args.output.rsplit("/", 1)[-1].removesuffix(".json") if args.output else args.policy
+    print(results_table({name: result}))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from hf_longmem.cli import add_agent_eval_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of result files")
-    source.add_argument("--synthetic", action="store_true", help="generate synthetic_chat_history")
-    source.add_argument("--data", help="a local LongMemEval JSON file")
-    parser.add_argument("--num-sessions", type=int, default=32)
-    parser.add_argument("--num-questions", type=int, default=50)
-    parser.add_argument("--update-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", choices=["retrieval", "full_history"], default="retrieval")
-    parser.add_argument("--policy", choices=["retrieval", "memorybank"], default="retrieval")
-    parser.add_argument("--forget", action="store_true", help="memorybank: forget (archive) before each retrieval")
-    parser.add_argument("--reconcile", choices=["supersede", "add-only"], default="supersede")
-    parser.add_argument("--embedder", choices=["bm25", "hashing"], default="bm25")
-    parser.add_argument("--granularity", choices=["turn", "session"], default="turn")
-    parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--max-prompt-tokens", type=int, default=512)
-    parser.add_argument("--abstain-below", type=float, default=None)
-    parser.add_argument("--reader", choices=["passkey", "default"], default="passkey")
+    add_agent_eval_arguments(parser, table=True)
     parser.add_argument("--model", default=None, help="a local model folder (default: the embedded tiny model)")
-    parser.add_argument("--output", default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
     if args.table:
         loaded = {}
@@ -208,7 +291,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loaded[path.rsplit("/", 1)[-1].removesuffix(".json")] = json.load(handle)
         print(results_table(loaded))
         return loaded
-
     if args.model is None:
         from hf_longmem import load_default_model
 
@@ -218,42 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-    if args.synthetic:
-        items = synthetic_chat_history(
-            tokenizer,
-            args.num_sessions,
-            args.seed,
-            update_fraction=args.update_fraction,
-            num_questions=args.num_questions,
-        )
-    else:
-        items = load_longmemeval(args.data)
-    key = fact_subject if (args.reconcile == "supersede" and args.synthetic) else None
-
-    def factory() -> MemoryPolicy:
-        if args.policy == "memorybank":
-            return MemoryBankPolicy(supersede_key=key, auto_forget=args.forget, seed=args.seed)
-        return RetrievalPolicy(supersede_key=key)
-
-    reader = PASSKEY_READER if args.reader == "passkey" else {}
-    result = evaluate_agent(
-        items,
-        model,
-        tokenizer,
-        mode=args.mode,
-        policy_factory=factory,
-        k=args.k,
-        max_prompt_tokens=args.max_prompt_tokens,
-        granularity=args.granularity,
-        abstain_below=args.abstain_below,
-        embedder_factory=BM25Embedder if args.embedder == "bm25" else HashingEmbedder,
-        **reader,
-    )
-    result["config"] = vars(args)
-    print(json.dumps(result["summary"], indent=2))
-    if args.output:
-        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
-    return result
+    return run_agent_eval(args, model, tokenizer)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ class MemoryPolicy:
     def before_retrieve(self, store: MemoryStore, now: float) -> None:
         """Hook before a retrieval at time ``now`` (MemoryBank forgets here)."""
 
+    def after_answer(self, store: MemoryStore, query: str, shown: list[MemoryRecord], answer: str, *, now) -> None:
+        """Hook after an answer was generated from the ``shown`` memories (in prompt order; RMM learns here)."""
+
     def retrieve(
         self,
         store: MemoryStore,

@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS state (
     status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'archived')),
     data TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS kv_states (
+    id TEXT NOT NULL, version INTEGER NOT NULL, encoder TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (id, version, encoder)
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, op TEXT NOT NULL, timestamp REAL NOT NULL,
     recorded_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
@@ -370,6 +374,30 @@ class MemoryStore:
         if row is None:
             raise KeyError(f"no memory with id {id!r}")
         return json.loads(row[0])
+
+    def set_kv(self, id: str, version: int, encoder: str, data: bytes) -> None:
+        """Stores the model state of version ``version`` of memory ``id`` (safetensors bytes from
+        :meth:`hf_longmem.agents.kv.KVMemory.to_bytes`) under ``encoder`` (the encoder's fingerprint)."""
+        memory_id = self._check_id(id)
+        if not isinstance(data, (bytes, bytearray)) or not isinstance(encoder, str):
+            raise ValueError("`data` must be bytes and `encoder` a string")
+        with self._write():
+            known = self._conn.execute(
+                "SELECT 1 FROM versions WHERE id = ? AND version = ?", (memory_id, int(version))
+            ).fetchone()
+            if known is None:
+                raise KeyError(f"no version {version} of memory {memory_id!r}")
+            self._conn.execute(
+                "INSERT OR REPLACE INTO kv_states VALUES (?, ?, ?, ?)", (memory_id, int(version), encoder, bytes(data))
+            )
+
+    def get_kv(self, id: str, version: int, encoder: str) -> bytes | None:
+        """The model state stored by :meth:`set_kv` (``None`` if none)."""
+        row = self._conn.execute(
+            "SELECT data FROM kv_states WHERE id = ? AND version = ? AND encoder = ?",
+            (self._check_id(id), int(version), encoder),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
 
     # ----------------------------------------------------------------------------------------------- reads
     def _select(self, as_of: Any, include_archived: bool) -> list[tuple]:

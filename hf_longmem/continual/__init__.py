@@ -8,12 +8,19 @@
 Recipes: ``recipes/continual_pretrain.py`` and ``recipes/continual_finetune.py``; see ``docs/continual.md``.
 """
 
-from . import ilora, kfpf, lora_constraints, migu, refresh, regularizers, replay, subspace  # noqa: F401 (registry)
+from hf_longmem.registration import import_submodules
+
 from .base import STRATEGIES, Strategy, build_strategy, register_strategy
 from .data import ContinualTask, Example, fact_domains, tokenize_task
 from .evaluation import ContinualEvaluator, matrix_metrics, plot_results, stability_metrics
 from .schedules import ConstantSchedule, InfiniteSchedule, Position, RewarmCosineSchedule, build_schedule
 from .trainer import ContinualTrainer, TrainerConfig, latest_checkpoint
+
+#: Modules of this package that hold the trainer and its machinery, not a strategy.
+SHARED_MODULES = ("base", "data", "evaluation", "recipe", "schedules", "state_io", "trainer")
+
+# Every other module defines strategies that register themselves (@register_strategy) when imported.
+import_submodules(__name__, __path__, skip=SHARED_MODULES)
 
 __all__ = [
     "STRATEGIES",

@@ -7,13 +7,12 @@
 ...                      {"full": ("full", {}), "streaming": ("streaming", {"budget": 128})}, num_samples=4)
 >>> print(format_table(rows))
 
-The task generators (:mod:`hf_longmem.evals.tasks`) are imported on first use.
+Task generators are registered in :data:`hf_longmem.evals.tasks.TASKS` (see ``docs/evals.md``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from .choices import ChoiceScores, choice_kl, score_choices
 from .fidelity import (
     FidelityResult,
     Reference,
@@ -22,22 +21,17 @@ from .fidelity import (
     prompt_fidelity,
     reference_continuation,
 )
+from .loaders import load_infinitebench, load_longbench, load_scbench
 from .metrics import METRICS, TASK_METRICS, exact_match, first_int_match, metric_for, score, string_match_all
 from .profiling import GenerationOutput, PeakMemory, greedy_generate, prefill, profile_generation
 from .report import collect_meta, format_bytes, format_table, load_results, plot, save_results
 from .runner import MODES, ROW_KEYS, aggregate_records, answer_turns, evaluate, run_benchmark
 from .schema import ROW_FIELDS, RowField, Sample, Turn
 
-_LAZY = {"TASKS": "tasks", "generate_task": "tasks", "shared_context": "tasks"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# Eager, and after the modules above: importing any task-family module (``hf_longmem.evals.ruler``, ...) first runs
+# this package, so ``tasks`` always imports the families (its last statement) in their declared order, never from
+# inside a half-imported family module.
+from .tasks import TASKS, generate_task, shared_context  # noqa: E402
 
 __all__ = [
     "METRICS",
@@ -46,6 +40,7 @@ __all__ = [
     "ROW_KEYS",
     "TASKS",
     "TASK_METRICS",
+    "ChoiceScores",
     "FidelityResult",
     "GenerationOutput",
     "PeakMemory",
@@ -55,6 +50,7 @@ __all__ = [
     "Turn",
     "aggregate_records",
     "answer_turns",
+    "choice_kl",
     "collect_meta",
     "compare_to_reference",
     "evaluate",
@@ -65,7 +61,10 @@ __all__ = [
     "generate_task",
     "greedy_generate",
     "kl_divergence",
+    "load_infinitebench",
+    "load_longbench",
     "load_results",
+    "load_scbench",
     "metric_for",
     "plot",
     "prefill",
@@ -75,6 +74,7 @@ __all__ = [
     "run_benchmark",
     "save_results",
     "score",
+    "score_choices",
     "shared_context",
     "string_match_all",
 ]

@@ -39,7 +39,9 @@ class Plant:
     text: str
 
 
-def render_haystack(prefix: str, plants: Sequence[Plant], num_units: int) -> str:
+def render_haystack(
+    prefix: str, plants: Sequence[Plant], num_units: int, filler: Sequence[str] = FILLER_SENTENCES
+) -> str:
     """Join ``prefix``, ``num_units`` filler sentences and the planted statements with single spaces.
 
     A plant at depth ``d`` goes into slot ``round(d * num_units)`` (before filler sentence of that index).
@@ -50,6 +52,7 @@ def render_haystack(prefix: str, plants: Sequence[Plant], num_units: int) -> str
         prefix: task instruction placed first (may be empty).
         plants: statements to insert.
         num_units: number of filler sentences, ``>= 0``.
+        filler: the filler sentences, cycled (default: :data:`FILLER_SENTENCES`).
 
     Returns:
         The context string.
@@ -61,7 +64,7 @@ def render_haystack(prefix: str, plants: Sequence[Plant], num_units: int) -> str
     for index, slot in enumerate(slots):
         pieces.extend(slot)
         if index < num_units:
-            pieces.append(FILLER_SENTENCES[index % len(FILLER_SENTENCES)])
+            pieces.append(filler[index % len(filler)])
     return " ".join(pieces)
 
 

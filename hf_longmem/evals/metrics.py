@@ -14,8 +14,10 @@ canonical). :func:`score` looks a metric up by name and :func:`metric_for` picks
 
 from __future__ import annotations
 
+import collections
 import math
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,12 +28,16 @@ __all__ = [
     "first_int",
     "first_int_match",
     "metric_for",
+    "qa_f1",
     "score",
     "string_match_all",
+    "string_match_part",
 ]
 
 _INT_PATTERN = re.compile(r"[-+]?\d+")
 _WORD_PATTERN = re.compile(r"\w+")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def _check_answers(answers: Sequence[str]) -> list[str]:
@@ -83,6 +89,32 @@ def string_match_all(prediction: str, answers: Sequence[str], *, whole_words: bo
     return sum(answer.lower() in text for answer in answers) / len(answers)
 
 
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's ``string_match_part`` (its QA metric): 1.0 when any reference is a substring of the prediction
+    (case-insensitive), else 0.0."""
+    text = prediction.lower()
+    return float(any(answer.lower() in text for answer in _check_answers(answers)))
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD / LongBench answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def qa_f1(prediction: str, answers: Sequence[str]) -> float:
+    """LongBench's ``qa_f1_score``: the best token F1 between the normalised prediction and an accepted answer."""
+    predicted = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in _check_answers(answers):
+        truth = normalize_answer(answer).split()
+        same = sum((collections.Counter(predicted) & collections.Counter(truth)).values())
+        if same:
+            precision, recall = same / len(predicted), same / len(truth)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
 def first_int(text: str) -> int | None:
     """The first integer written in ``text`` (optional sign, decimal digits), or ``None``."""
     match = _INT_PATTERN.search(text)
@@ -110,6 +142,8 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "exact_match": exact_match,
     "string_match_all": string_match_all,
     "string_match_all_words": _string_match_all_words,
+    "string_match_part": string_match_part,
+    "qa_f1": qa_f1,
     "first_int": first_int_match,
 }
 

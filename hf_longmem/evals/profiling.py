@@ -261,8 +261,9 @@ def _prefill_in_chunks(
 def prefill(
     model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, *, past_length: int = 0
 ) -> tuple[torch.Tensor, float]:
-    """Feeds ``input_ids`` (``[1, n]``) through ``cache`` without generating (in chunks when the model's
-    ``generation_config.prefill_chunk_size`` is set, as ``generate`` does).
+    """Feeds ``input_ids`` (``[1, n]``) through ``cache`` without generating (in chunks when the cache's
+    ``generate_kwargs`` or the model's ``generation_config`` set ``prefill_chunk_size``, as :func:`greedy_generate`
+    does).
 
     Args:
         model: the causal LM.
@@ -279,7 +280,7 @@ def prefill(
     positions = torch.arange(past_length, past_length + input_ids.shape[1], device=device)[None]
     synchronize(device)
     start = time.perf_counter()
-    step, chunk = _Forward(model, cache), _chunk_size(model, None)
+    step, chunk = _Forward(model, cache), _chunk_size(model, None, cache)
     logits = _prefill_in_chunks(step, input_ids.to(device), positions, None, past_length, chunk)
     synchronize(device)
     return logits, time.perf_counter() - start

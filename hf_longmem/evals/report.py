@@ -251,8 +251,8 @@ COLUMN_LEGEND = {
     "peak": "peak memory during the answer (CUDA: allocator peak; CPU: growth of the resident set, a lower bound)",
     "prefill ms": "time to prefill the context, mean",
     "decode tok/s": "greedy decoding speed, mean",
-    "top-1": "share of next-token predictions equal to the full cache's",
-    "KL": "KL divergence of the next-token distribution from the full cache's",
+    "top-1": "share of next-token predictions equal to the full cache's (choice tasks, e.g. sort: of the top choice)",
+    "KL": "KL divergence of the next-token distribution from the full cache's (choice tasks: of the choice distribution)",
 }
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from hf_longmem.cache_classes.base import cache_memory_bytes
 from hf_longmem.registry import get_cache_spec, make_cache
 
+from .choices import evaluate_choices, is_choice_task
 from .fidelity import Reference, compare_to_reference, reference_continuation
 from .metrics import metric_for, score, wilson_interval
 from .profiling import PeakMemory, eos_token_ids, greedy_generate, model_device, prefill
@@ -319,6 +320,20 @@ def evaluate(
         ``fidelity``, else ``None``).
     """
     _check_mode(mode, history, batch_size)
+    samples = list(samples)
+    if is_choice_task(samples):  # ranking tasks (SORT): scored by log-likelihood through the cache, not generated
+        return evaluate_choices(
+            model,
+            tokenizer,
+            samples,
+            cache_name,
+            cache_options,
+            mode=mode,
+            metric=metric,
+            cache_label=cache_label,
+            fidelity=fidelity,
+            references=references,
+        )
     options = dict(cache_options or {})
     make_cache(cache_name, model, **options)  # fail fast on bad options, before any work
     decoder = _Decoder(model, tokenizer)
@@ -605,7 +620,10 @@ def run_benchmark(
         samples = task_generator(task, tokenizer, length, num_samples, seed, **dict(task_options[task]))
         if not samples:
             raise ValueError(f"task {task!r} produced no samples at length {length}")
-        task_mode = mode or ("single" if all(len(s.turns) == 1 for s in samples) else "rollback")
+        # Auto: single for one-question tasks, rollback for several and for ranking tasks (their context is compressed
+        # before the question, the realistic setting; SCBench / kvpress).
+        single = all(len(s.turns) == 1 for s in samples) and not is_choice_task(samples)
+        task_mode = mode or ("single" if single else "rollback")
         references: dict[str, Reference] = {}
         for label, (cache_name, options) in caches.items():
             outer.set_postfix_str(f"{task} {length} {label}")

@@ -450,6 +450,34 @@ TASKS: dict[str, Callable[..., list[Sample]]] = {
     "shared_context": shared_context,
 }
 
+#: Modules of further task families; each registers its generators with :func:`register_task` on import.
+TASK_MODULES: tuple[str, ...] = ("ruler", "sort", "longgenbench", "longproc", "alr2")
+
+
+def register_task(
+    name: str, metric: str | None = None
+) -> Callable[[Callable[..., list[Sample]]], Callable[..., list[Sample]]]:
+    """Decorator registering a generator ``(tokenizer, length, num_samples, seed=0, **options)`` as ``name``.
+
+    Args:
+        name: the task name (unique).
+        metric: name of its default metric in :data:`hf_longmem.evals.metrics.METRICS` (else ``"exact_match"``).
+    """
+    from .metrics import METRICS, TASK_METRICS
+
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r} for task {name!r}; available: {sorted(METRICS)}")
+
+    def register(generator: Callable[..., list[Sample]]) -> Callable[..., list[Sample]]:
+        if TASKS.get(name, generator) is not generator:
+            raise ValueError(f"task name {name!r} is already registered by {TASKS[name].__module__}")
+        TASKS[name] = generator
+        if metric is not None:
+            TASK_METRICS[name] = metric
+        return generator
+
+    return register
+
 
 def generate_task(
     name: str, tokenizer: Any, length: int, num_samples: int, seed: int = 0, **options: Any
@@ -480,3 +508,13 @@ def vocabulary_texts() -> list[str]:
         texts += [VARIABLE_FIRST.format(name=name, value=digits), VARIABLE_NEXT.format(name=name, previous=name), name]
     texts.append(VARIABLE_QUERY.format(value=digits))
     return texts
+
+
+def _import_task_modules() -> None:
+    from importlib import import_module
+
+    for module in TASK_MODULES:
+        import_module(f"{__package__}.{module}")
+
+
+_import_task_modules()

@@ -1,4 +1,8 @@
-"""The cache contract of DESIGN.md, checked on every shipped compressing cache (full budget, padding, beams...)."""
+"""The cache contract of DESIGN.md, checked on every registered cache (full budget, padding, beams...).
+
+The methods come from the registry (``available_caches``), each as its own test module declares it
+(:class:`tests.helpers.cache_cases.CacheCase`); :func:`test_every_registered_cache_is_covered` fails for a
+registered method with neither a case nor an ``Exempt``."""
 
 from __future__ import annotations
 
@@ -8,61 +12,94 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_longmem import available_caches, make_cache
-from hf_longmem.cache_classes.snapkv import pyramid_budgets
+from hf_longmem import make_cache
+from tests.helpers.cache_cases import CacheCase, cache_cases, declared_cases, resolve, uncovered_caches
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
-# name -> options at a budget that holds every token of these tests (prompt <= 40, + 12 new)
-FULL_BUDGET = {
-    "full": {},
-    "streaming": {"budget": 64, "sink_size": 4},
-    "streaming_shift": {"budget": 64, "sink_size": 4, "position_mode": "shift"},
-    "h2o": {"budget": 64},
-    "snapkv": {"budget": 64, "window_size": 4},
-    "pyramidkv": {"budget": 64, "window_size": 4},
-    "duo_attention": {"head_pattern": False, "sink_size": 4, "recent_size": 60},  # every head streams, S + R >= 52
-    # D2O's budget is a layer average: on 2 layers each gets >= 0.54 x budget / length of the prompt, clamped to 1
-    "d2o": {"budget": 128, "uncompressed_layers": []},
-    "kvmerger": {"budget": 64, "window_size": 4, "sim_threshold": 0.5},  # merges only to meet the budget
+# Every registered method, as its own test module declares it (tests/helpers/cache_cases.py): options from the
+# registry's options_for_budget, plus what the method needs to be tested.
+CASES = {case.id: case for case in cache_cases()}
+
+
+#: The tests that run every case, and those of them that need an evicting configuration (``CacheCase.small``).
+CONTRACT_TESTS = {
+    "test_full_budget_equals_dynamic_cache",
+    "test_chunked_prefill_and_continuation_at_full_budget",
+    "test_left_padded_batch_equals_rows_alone",
+    "test_pads_are_never_kept_when_evicting",
+    "test_beam_search_at_full_budget_equals_dynamic",
+    "test_beam_search_reorders_all_per_row_state",
+    "test_seen_vs_stored_and_memory_bytes",
+    "test_reset_then_reuse_equals_a_fresh_cache",
 }
-SMALL_BUDGET = {
-    "h2o": {"budget": 12},
-    "snapkv": {"budget": 12, "window_size": 4},
-    "pyramidkv": {"budget": 12, "window_size": 4},
-    "streaming": {"budget": 12, "sink_size": 4},
-    "streaming_shift": {"budget": 12, "sink_size": 4, "position_mode": "shift"},
-    # half the KV heads stream (one per layer of llama_gqa); `keys`/`positions` are the retrieval heads
-    "duo_attention": {"head_pattern": [[True, False], [False, True]], "sink_size": 4, "recent_size": 8},
-    "d2o": {"budget": 12, "uncompressed_layers": []},  # by default layers 0, 1 and L-1 (all of these models) keep all
-    "kvmerger": {"budget": 12, "window_size": 4, "sim_threshold": 0.5},
+SMALL_BUDGET_TESTS = {
+    "test_pads_are_never_kept_when_evicting",
+    "test_beam_search_reorders_all_per_row_state",
+    "test_seen_vs_stored_and_memory_bytes",
 }
 
 
-def build(label: str, model, options: dict):
-    name = label if label in available_caches() else label.rsplit("_", 1)[0]  # "streaming_shift" -> "streaming"
-    return make_cache(name, model, **options)
+def cases_for(test: str) -> list:
+    """Every case, as parameters of ``test``; a case that declares the test does not apply to it is skipped with
+    its reason."""
+    params = []
+    for case in CASES.values():
+        marks = [pytest.mark.skip(reason=case.skip[test])] if test in case.skip else []
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
 
 
-@pytest.mark.parametrize("label", sorted(FULL_BUDGET))
-def test_full_budget_equals_dynamic_cache(label, shape_name, attn_impl):
+def build(case: CacheCase, model, options: dict):
+    return make_cache(case.name, model, **resolve(options, model))
+
+
+def kept_real_tokens(case: CacheCase, layer_idx: int, prompt: int, decoded: int, cache, row: int = 0) -> int:
+    """How many real tokens a row of ``prompt`` tokens keeps after ``decoded`` decoding steps (the case says)."""
+    options = case.small_options()
+    return case.kept(options=options, layer=layer_idx, prompt=prompt, decoded=decoded, cache=cache, row=row)
+
+
+def test_every_registered_cache_is_covered():
+    """A registered method runs in this suite, or its test module says why it cannot (``Exempt``)."""
+    missing = uncovered_caches()
+    assert not missing, (
+        f"registered cache(s) {missing} are not covered by the shared cache suites: declare "
+        "`CASE = CacheCase(name, ...)` (tests/helpers/cache_cases.py) in the method's test module "
+        "tests/cache_classes/test_<module>.py, or `Exempt(name, reason=...)` (tests/helpers/coverage.py) if the "
+        "contract cannot apply"
+    )
+    assert all(callable(globals().get(name)) for name in CONTRACT_TESTS)
+    cases, _ = declared_cases()
+    for case in cases.values():
+        unknown = set(case.skip) - CONTRACT_TESTS
+        assert not unknown, f"{case.id}: `skip` names no contract test: {sorted(unknown)}"
+        if case.small is None:
+            missing = sorted(SMALL_BUDGET_TESTS - set(case.skip))
+            assert not missing, (
+                f"{case.id}: no evicting configuration (small=None), so `skip` must say why for {missing}"
+            )
+
+
+@pytest.mark.parametrize("case", cases_for("test_full_budget_equals_dynamic_cache"))
+def test_full_budget_equals_dynamic_cache(case, shape_name, attn_impl):
     model = tiny_model(shape_name, attn_impl)
     ids = random_ids(1, 40)
     ref_seq, ref_logits = greedy(model, ids, DynamicCache(config=model.config))
-    cache = build(label, model, FULL_BUDGET[label])
+    cache = build(case, model, case.full_options())
     seq, logits = greedy(model, ids, cache)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == seq.shape[1] - 1
 
 
-@pytest.mark.parametrize("label", sorted(FULL_BUDGET))
-def test_chunked_prefill_and_continuation_at_full_budget(label):
+@pytest.mark.parametrize("case", cases_for("test_chunked_prefill_and_continuation_at_full_budget"))
+def test_chunked_prefill_and_continuation_at_full_budget(case):
     model = tiny_model("llama_gqa")
     ids = random_ids(1, 30)
     ref_cache = DynamicCache(config=model.config)
     ref_seq, ref_logits = greedy(model, ids, ref_cache, prefill_chunk_size=8)
-    cache = build(label, model, FULL_BUDGET[label])
+    cache = build(case, model, case.full_options())
     seq, logits = greedy(model, ids, cache, prefill_chunk_size=8)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
@@ -73,90 +110,72 @@ def test_chunked_prefill_and_continuation_at_full_budget(label):
     assert torch.equal(seq2, ref2)
 
 
-@pytest.mark.parametrize("label", sorted(SMALL_BUDGET) + ["full"])
+@pytest.mark.parametrize("case", cases_for("test_left_padded_batch_equals_rows_alone"))
 @pytest.mark.parametrize("budget_case", ["evicting", "holding"])
-def test_left_padded_batch_equals_rows_alone(label, budget_case, attn_impl):
+def test_left_padded_batch_equals_rows_alone(case, budget_case, attn_impl):
     model = tiny_model("llama_gqa", attn_impl)
     long_row, short_row = random_ids(1, 30, seed=1), random_ids(1, 9, seed=2)
     pad = torch.zeros(1, 21, dtype=torch.long)
     batch = torch.cat((long_row, torch.cat((pad, short_row), dim=1)))
     mask = torch.cat((torch.ones(1, 30), torch.cat((torch.zeros(1, 21), torch.ones(1, 9)), dim=1))).long()
-    options = dict(SMALL_BUDGET.get(label, {}))
-    if budget_case == "holding" and options:
-        options.update({"recent_size": 64} if "recent_size" in options else {"budget": 64})
-    seq, logits = greedy(model, batch, build(label, model, options), attention_mask=mask, pad_token_id=0)
+    if case.small is None:  # a method without an evicting configuration: its full-budget one
+        options = case.full_options()
+    else:
+        options = case.small_options() if budget_case == "evicting" else case.holding_options()
+    seq, logits = greedy(model, batch, build(case, model, options), attention_mask=mask, pad_token_id=0)
     for row, ids in enumerate((long_row, short_row)):
-        row_seq, row_logits = greedy(model, ids, build(label, model, options))
+        row_seq, row_logits = greedy(model, ids, build(case, model, options))
         assert torch.equal(seq[row, 30:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
-def kept_real_tokens(
-    label: str, layer_idx: int, num_layers: int, prompt: int, decoded: int, cache=None, row: int = 0
-) -> int:
-    """How many real tokens a row of ``prompt`` tokens keeps after ``decoded`` decoding steps."""
-    options = SMALL_BUDGET[label]
-    if label == "kvmerger":
-        return options["budget"] + decoded  # prompt merged once, generated tokens appended
-    if label == "d2o":  # per layer and row, fixed at the first decoding step from every layer's prefill density
-        return min(prompt + decoded, int(cache.layers[layer_idx].layer_budget[row]))
-    if label == "snapkv":
-        return options["budget"] + decoded  # prompt compressed once, generated tokens appended
-    if label == "pyramidkv":
-        budgets = pyramid_budgets(options["budget"], options["window_size"], num_layers, prompt, beta=20)
-        return budgets[layer_idx] + decoded
-    if label == "duo_attention":
-        return prompt + decoded  # retrieval heads keep every token (streaming heads are checked in test_duo_attention)
-    return options["budget"]
-
-
-@pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
-def test_pads_are_never_kept_when_evicting(label):
+@pytest.mark.parametrize("case", cases_for("test_pads_are_never_kept_when_evicting"))
+def test_pads_are_never_kept_when_evicting(case):
     model = tiny_model("llama_gqa")
     batch = torch.cat(
         (random_ids(1, 30, seed=1), torch.cat((torch.zeros(1, 10, dtype=torch.long), random_ids(1, 20)), 1))
     )
     mask = (batch != 0).long()
-    cache = build(label, model, SMALL_BUDGET[label])
+    cache = build(case, model, case.small_options())
     greedy(model, batch, cache, attention_mask=mask, pad_token_id=0, max_new_tokens=3)
     for layer_idx, layer in enumerate(cache.layers):
         real_slots = (layer.positions >= 0).sum(-1)  # [batch, kv_heads]
         for row, prompt in enumerate((30, 20)):
-            expected = kept_real_tokens(label, layer_idx, len(cache.layers), prompt, decoded=2, cache=cache, row=row)
+            expected = kept_real_tokens(case, layer_idx, prompt, decoded=2, cache=cache, row=row)
             assert (real_slots[row] == expected).all()
         # the shorter row's kept positions are its own tokens: 0..prompt+1, never one of the 10 pads
         assert layer.positions[1].max() <= 21
 
 
-@pytest.mark.parametrize("label", sorted(FULL_BUDGET))
-def test_beam_search_at_full_budget_equals_dynamic(label):
+@pytest.mark.parametrize("case", cases_for("test_beam_search_at_full_budget_equals_dynamic"))
+def test_beam_search_at_full_budget_equals_dynamic(case):
     model = tiny_model("llama_gqa")
     ids = random_ids(1, 20)
     kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False)
     ref = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
-    out = model.generate(ids, cache=build(label, model, FULL_BUDGET[label]), **kwargs)
+    out = model.generate(ids, cache=build(case, model, case.full_options()), **kwargs)
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
-def test_beam_search_reorders_all_per_row_state(label):
+@pytest.mark.parametrize("case", cases_for("test_beam_search_reorders_all_per_row_state"))
+def test_beam_search_reorders_all_per_row_state(case):
     model = tiny_model("llama_gqa")
     ids = random_ids(1, 20)
-    cache = build(label, model, SMALL_BUDGET[label])
+    cache = build(case, model, case.small_options())
     out = model.generate(ids, cache=cache, max_new_tokens=8, num_beams=3, do_sample=False)
     assert out.shape == (1, 28)
     layer = cache.layers[0]
     assert layer.keys.shape[0] == layer.positions.shape[0] == layer.real_seen.shape[0] == 3
-    assert layer.keys.shape[-2] == kept_real_tokens(label, 0, len(cache.layers), 20, decoded=7, cache=cache)
+    assert layer.keys.shape[-2] == kept_real_tokens(case, 0, 20, decoded=7, cache=cache)
 
 
-@pytest.mark.parametrize("label", sorted(SMALL_BUDGET))
-def test_seen_vs_stored_and_memory_bytes(label):
+@pytest.mark.parametrize("case", cases_for("test_seen_vs_stored_and_memory_bytes"))
+def test_seen_vs_stored_and_memory_bytes(case):
     model = tiny_model("llama_gqa")
-    cache = build(label, model, SMALL_BUDGET[label])
+    cache = build(case, model, case.small_options())
     seq, _ = greedy(model, random_ids(1, 30), cache, max_new_tokens=5)
     assert cache.get_seq_length() == seq.shape[1] - 1
-    stored = kept_real_tokens(label, 0, len(cache.layers), 30, decoded=4, cache=cache)
+    stored = kept_real_tokens(case, 0, 30, decoded=4, cache=cache)
     assert cache.get_stored_length() == stored
     assert cache.get_mask_sizes(1, 0) == (stored + 1, cache.get_seq_length() - stored)
     # decoding appends into buffers with spare slots: those bytes are held too
@@ -235,3 +254,20 @@ def test_left_padded_batch_equals_rows_alone_at_the_pooling_cut_off(name, poolin
         assert kept(batch_cache, row) == kept(row_cache, 0)
         assert torch.equal(seq[row, 24:], row_seq[0, ids.shape[1] :])
         torch.testing.assert_close(logits[:, row], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", cases_for("test_reset_then_reuse_equals_a_fresh_cache"))
+def test_reset_then_reuse_equals_a_fresh_cache(case):
+    """``cache.reset()`` forgets every per-sequence state: the next prompt decodes as with a fresh cache, at an
+    evicting budget where the method has one (what it kept, scored or pruned must not leak into the next prompt)."""
+    model = tiny_model("llama_gqa")
+    options = case.small_options() if case.small is not None else case.full_options()
+    cache = build(case, model, options)
+    greedy(model, random_ids(1, 30, seed=1), cache, max_new_tokens=4)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    ids = random_ids(1, 26, seed=2)
+    seq, logits = greedy(model, ids, cache, max_new_tokens=5)
+    fresh_seq, fresh_logits = greedy(model, ids, build(case, model, options), max_new_tokens=5)
+    assert torch.equal(seq, fresh_seq)
+    torch.testing.assert_close(logits, fresh_logits, rtol=0, atol=0)

@@ -16,8 +16,20 @@ from hf_longmem.cache_classes.d2o import (
     layer_ratios,
     query_head_column_sums,
 )
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
+
+
+def _layer_budget_kept(options, prompt, decoded, layer, cache, row):
+    """Per layer and row, fixed at the first decoding step from every layer's prefill density."""
+    return min(prompt + decoded, int(cache.layers[layer].layer_budget[row]))
+
+
+# The shared cache suites (tests/helpers/cache_cases.py). By default layers 0, 1 and L-1 (all of the tiny models) keep
+# everything: none is left uncompressed here. The budget is a layer average: on 2 layers each gets >= 0.54 x budget /
+# length of the prompt, clamped to 1, so the full budget is twice the tokens.
+CASE = CacheCase("d2o", options={"uncompressed_layers": []}, full_budget=128, kept=_layer_budget_kept)
 
 
 def test_layer_statistic_equals_eager_attention_variance():

@@ -20,8 +20,30 @@ from hf_longmem.cache_classes.duo_attention import (
     select_retrieval_heads,
 )
 from hf_longmem.memory.padding import PAD_POSITION
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy, streaming_visibility
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
+
+
+def half_retrieval_heads(model) -> list[list[bool]]:
+    """DuoAttention pattern ``[layers][kv_heads]``: every other (layer, KV head) is a retrieval head, the rest stream
+    (with one KV head, as in multi-query attention, every other layer streams)."""
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return [[(layer + head) % 2 == 0 for head in range(heads)] for layer in range(config.num_hidden_layers)]
+
+
+# The shared cache suites (tests/helpers/cache_cases.py). No pattern is shipped for random models: at full budget
+# every head streams with S + R >= 52; at a small one half the KV heads stream (one per layer of llama_gqa).
+CASE = CacheCase(
+    "duo_attention",
+    full={"head_pattern": False, "sink_size": 4, "recent_size": 60},
+    small={"head_pattern": [[True, False], [False, True]], "sink_size": 4, "recent_size": 8},
+    # retrieval heads keep every token (streaming heads are checked in this module)
+    kept=lambda prompt, decoded, **_: prompt + decoded,
+    matrix_full={"head_pattern": False},
+    matrix_small={"head_pattern": half_retrieval_heads},
+)
 
 MIXED = torch.tensor([[True, False], [False, True]])  # llama_gqa: 2 layers x 2 KV heads, half streaming
 

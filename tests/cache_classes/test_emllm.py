@@ -15,9 +15,36 @@ from hf_longmem.cache_classes.emllm import (
     refine_boundaries,
     surprise_boundaries,
 )
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import VOCAB, random_ids, tiny_model
 from tests.kernels.common import needs_triton
+
+_KEEPS_EVERYTHING = (
+    "keeps every token (older ones in event blocks, offloaded in deployment), so stored == seen and memory_bytes() "
+    "exceeds the full cache's; the budget bounds the device-resident bytes (memory_saving = 'resident', the "
+    "architecture matrix's check (b))"
+)
+_WHOLE_CHUNKS = (
+    "exact on paddings of whole exc_block_size chunks only (others are refused with a ValueError up front); "
+    "test_emllm and the architecture matrix's check (c) pad whole chunks"
+)
+
+# The shared cache suites (tests/helpers/cache_cases.py). At full budget the local window holds every token; evicting,
+# layer.positions are the local window's (older tokens live in the event blocks).
+CASE = CacheCase(
+    "emllm",
+    full={"n_local": 64, "n_mem": 16, "min_block_size": 2, "max_block_size": 8, "exc_block_size": 16},
+    kept=lambda options, prompt, decoded, **_: min(prompt + decoded, options["n_local"]),
+    skip={
+        "test_seen_vs_stored_and_memory_bytes": _KEEPS_EVERYTHING,
+        "test_left_padded_batch_equals_rows_alone": _WHOLE_CHUNKS,
+        "test_pads_are_never_kept_when_evicting": _WHOLE_CHUNKS,
+        "test_beam_search_reorders_all_per_row_state": "its local window holds n_local or n_local + 1 tokens between "
+        "steps (trimmed as events form); test_beam_search checks the reordering of the layers, the block store and "
+        "the segmentation state",
+    },
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,9 +9,25 @@ from transformers import DynamicCache
 from hf_longmem import available_caches, enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.infllm import InfLLMCache, InfLLMLayer, block_representatives
 from hf_longmem.memory.rope import RotaryShift
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 from tests.kernels.common import needs_triton
+
+_KEEPS_EVERYTHING = (
+    "keeps every token (older ones in memory blocks, offloaded in deployment), so stored == seen and memory_bytes() "
+    "exceeds the full cache's; the budget bounds the device-resident bytes (memory_saving = 'resident', the "
+    "architecture matrix's check (b))"
+)
+
+# The shared cache suites (tests/helpers/cache_cases.py). At full budget the local window holds every token; evicting,
+# layer.positions are the local window's (older tokens live in the memory blocks of `store`).
+CASE = CacheCase(
+    "infllm",
+    full={"n_local": 64, "block_size": 8, "topk": 2, "exc_block_size": 16},
+    kept=lambda options, prompt, decoded, **_: min(prompt + decoded, options["n_local"]),
+    skip={"test_seen_vs_stored_and_memory_bytes": _KEEPS_EVERYTHING},
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

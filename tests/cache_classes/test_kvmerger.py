@@ -7,8 +7,18 @@ import torch
 
 from hf_longmem import KVMergerCache, make_cache
 from hf_longmem.cache_classes.kvmerger import kvmerger_compress
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
+
+# The shared cache suites (tests/helpers/cache_cases.py): a threshold that merges only to meet the budget; the prompt
+# is merged once to the budget and generated tokens are appended.
+CASE = CacheCase(
+    "kvmerger",
+    options={"window_size": 4, "sim_threshold": 0.5},
+    kept=lambda options, decoded, **_: options["budget"] + decoded,
+    matrix_small={"window_size": 4},
+)
 
 
 def orthogonal_keys(n: int, dim: int = 16, seed: int = 0) -> torch.Tensor:

@@ -8,8 +8,28 @@ import torch
 from hf_longmem import H2OCache, PyramidKVCache, SnapKVCache, make_cache
 from hf_longmem.cache_classes.snapkv import pyramid_budgets
 from hf_longmem.memory.scoring import column_scores, pool_scores
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
+
+
+def _prompt_compressed_once(options, prompt, decoded, layer, cache, row):
+    """SnapKV: the prompt is compressed once to the budget; generated tokens are appended."""
+    return options["budget"] + decoded
+
+
+def _pyramid_kept(options, prompt, decoded, layer, cache, row):
+    """PyramidKV: the prompt is compressed once to the layer's share of the pyramid; generated tokens are appended."""
+    budgets = pyramid_budgets(options["budget"], options["window_size"], len(cache.layers), prompt, beta=20)
+    return budgets[layer] + decoded
+
+
+# The shared cache suites (tests/helpers/cache_cases.py): an observation window shorter than the tiny prompts.
+CACHE_CASES = [
+    CacheCase("h2o"),
+    CacheCase("snapkv", options={"window_size": 4}, kept=_prompt_compressed_once, matrix_small={"window_size": 4}),
+    CacheCase("pyramidkv", options={"window_size": 4}, kept=_pyramid_kept, matrix_small={"window_size": 4}),
+]
 
 
 def eager_column_sums(model, ids, layer_idx, num_queries=None):

@@ -9,9 +9,21 @@ import torch
 from transformers import DynamicCache
 
 from hf_longmem import SirLLMCache, make_cache
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.rope_models import SHIFT_ARCHS, arch_model
 from tests.helpers.tiny_models import random_ids, tiny_model
+
+# The shared cache suites (tests/helpers/cache_cases.py). SirLLM evicts only between turns: within one prompt and its
+# answer it holds every token.
+CASE = CacheCase(
+    "sirllm",
+    kept=lambda prompt, decoded, **_: prompt + decoded,
+    skip={
+        "test_seen_vs_stored_and_memory_bytes": "evicts between turns only: one prompt and its answer hold what the "
+        "full cache holds (memory_saving = 'between_turns'; the architecture matrix's check (b) measures a second turn)"
+    },
+)
 
 
 def test_under_capacity_equals_dynamic_cache_and_scores_are_self_information():

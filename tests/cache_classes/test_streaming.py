@@ -7,9 +7,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_longmem import StreamingCache, make_cache
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy, masked_logits, streaming_visibility
 from tests.helpers.rope_models import SHIFT_ARCHS, arch_model
 from tests.helpers.tiny_models import random_ids, tiny_config, tiny_model
+
+# The shared cache suites (tests/helpers/cache_cases.py): true positions, and the re-rotating variant.
+CACHE_CASES = [
+    CacheCase("streaming", options={"sink_size": 4}, matrix_shift={"position_mode": "shift"}),
+    CacheCase("streaming", label="streaming_shift", options={"sink_size": 4, "position_mode": "shift"}),
+]
 
 
 @pytest.mark.parametrize("shape", ["llama_mha", "qwen2"])

@@ -9,8 +9,42 @@ from transformers import DynamicCache
 from hf_longmem import SnapKVCache, ThinKCache, enable_longmem_attention, make_cache
 from hf_longmem.cache_classes.think import channel_scores
 from hf_longmem.memory.attention_features import AttentionFeatures
+from tests.helpers.cache_cases import CacheCase
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
+
+
+def widest_head(model) -> int:
+    """The largest ``head_dim`` of the model's attention modules (the config's where no module says)."""
+    widths = [m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)]
+    if not widths:
+        config = model.config.get_text_config(decoder=True)
+        widths = [config.hidden_size // config.num_attention_heads]
+    return max(widths)
+
+
+def prunes_no_channel(model) -> float:
+    """A ``key_channel_ratio`` in (0, 1) that prunes none: half a channel of the widest head (Gemma-4's global layers
+    have wider heads), so the full budget is exact and runs ThinK's own attention path."""
+    return 0.5 / widest_head(model)
+
+
+_PACKED = (
+    "the prompt is packed per head in pruned_keys / pruned_positions (layer.positions hold only later tokens); "
+    "test_think checks padded rows and beam reordering of the packed state"
+)
+
+# The shared cache suites (tests/helpers/cache_cases.py). ThinK prunes int(head_dim * ratio) key channels of every
+# prompt token whatever the budget; the token budget is SnapKV's (prompt compressed once, generated tokens appended).
+CASE = CacheCase(
+    "think",
+    options={"window_size": 4},
+    full={"key_channel_ratio": prunes_no_channel},
+    kept=lambda options, decoded, **_: options["budget"] + decoded,
+    skip={"test_pads_are_never_kept_when_evicting": _PACKED, "test_beam_search_reorders_all_per_row_state": _PACKED},
+    matrix_full={"key_channel_ratio": prunes_no_channel},
+    matrix_small={"window_size": 4},
+)
 
 
 def test_channel_ranking_equals_brute_force_frobenius_norms():
@@ -163,3 +197,19 @@ def test_triton_channel_attention_matches_the_torch_path():
     layer.kernel_backend = "triton"  # this layer only
     triton_out = layer._attend_pruned(query, features)
     torch.testing.assert_close(triton_out, torch_out, rtol=1e-4, atol=1e-4)
+
+
+def test_reset_forgets_the_packed_prompt():
+    """``cache.reset()`` then a new prompt gives what a fresh cache gives (the packed prompt and channels are gone)."""
+    model = tiny_model("llama_gqa")
+    options = dict(budget=24, window_size=4, key_channel_ratio=0.5)
+    cache = make_cache("think", model, **options)
+    greedy(model, random_ids(1, 40, seed=1), cache, max_new_tokens=3)
+    assert all(layer.is_pruned for layer in cache.layers)
+    cache.reset()
+    assert not any(layer.is_pruned for layer in cache.layers) and cache.get_seq_length() == 0
+    ids = random_ids(1, 36, seed=2)
+    seq, logits = greedy(model, ids, cache, max_new_tokens=4)
+    fresh_seq, fresh_logits = greedy(model, ids, make_cache("think", model, **options), max_new_tokens=4)
+    assert torch.equal(seq, fresh_seq)
+    torch.testing.assert_close(logits, fresh_logits, rtol=0, atol=0)

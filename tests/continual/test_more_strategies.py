@@ -6,7 +6,17 @@ from hf_longmem.continual.lora_constraints import OLoRA
 from hf_longmem.continual.refresh import Refresh
 from hf_longmem.continual.subspace import SubspaceFT, adaptive_rank, project
 
-from .util import make_trainer, tiny_lora, tiny_model
+from .util import StrategyCase, make_trainer, tiny_lora, tiny_model
+
+# The shared strategy test (test_strategy_contract.py): tiny buffers and sample counts; O-LoRA and RegLoRA need a LoRA
+# rank that leaves room for every task's subspace.
+STRATEGY_CASES = [
+    StrategyCase("subspace"),
+    StrategyCase("olora", {"lambda_orth": 0.5}, lora_rank=6),
+    StrategyCase("reglora", {"top_p": 0.1, "lam": 10.0}, lora_rank=6),
+    StrategyCase("kfpf", {"fpf_every": 2, "fpf_steps": 2, "fpf_batch_size": 4}),
+    StrategyCase("refresh", {"fisher_samples": 4}),
+]
 
 
 def test_subspace_update_is_orthogonal_to_the_protected_directions():

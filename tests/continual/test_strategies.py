@@ -8,7 +8,18 @@ from hf_longmem.continual.migu import MIGU
 from hf_longmem.continual.regularizers import EWC, EcoTTA, L2Anchor
 from hf_longmem.continual.replay import Replay, ReservoirBuffer, ViewBatchReplay, replay_count
 
-from .util import make_trainer, tiny_lora
+from .util import StrategyCase, make_trainer, tiny_lora
+
+# The shared strategy test (test_strategy_contract.py): tiny buffers and sample counts.
+STRATEGY_CASES = [
+    StrategyCase("migu", {"threshold": 0.5}),
+    StrategyCase("ewc", {"lam": 10.0, "fisher_samples": 2}),
+    StrategyCase("l2", {"lam": 0.1}),
+    StrategyCase("ilora", {"buffer_size": 6}, lora_rank=4),
+    StrategyCase("replay", {"ratio": 0.25, "source": "reservoir", "buffer_size": 6}),
+    StrategyCase("view_batch", {"num_views": 2}),
+    StrategyCase("ecotta", {"partitions": 2}, lora_rank=4),
+]
 
 
 def _sgd(trainer, lr=0.5):

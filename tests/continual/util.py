@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,14 +44,16 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def tiny_lora(seed: int = 0):
+def tiny_lora(seed: int = 0, rank: int = 4):
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model(seed)
     torch.manual_seed(seed)
     return get_peft_model(
         model,
-        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+        LoraConfig(
+            task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        ),
     )
 
 
@@ -69,3 +74,21 @@ def make_trainer(strategies=(), model=None, tmp_path=None, **config) -> Continua
         TrainerConfig(**defaults),
         accelerator=Accelerator(cpu=True),
     )
+
+
+@dataclass(frozen=True)
+class StrategyCase:
+    """How the shared strategy test (``test_strategy_contract.py``) runs one registered strategy; declared in the
+    strategy's own test module.
+
+    Attributes:
+        name: the registry name (``hf_longmem.continual.STRATEGIES``).
+        options: its config besides ``name`` (small buffers and sample counts for tiny runs).
+        lora_rank: train a LoRA adapter of this rank (strategies that need one); 0: the full model.
+        trainer: ``TrainerConfig`` fields for the run.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int = 0
+    trainer: dict[str, Any] = field(default_factory=dict)

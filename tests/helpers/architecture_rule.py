@@ -42,6 +42,7 @@ from hf_longmem.cache_classes.base import cache_memory_bytes
 from hf_longmem.cache_classes.streaming import ShiftedLayer
 from hf_longmem.registry import get_cache_spec
 from tests.helpers.architectures import build_model
+from tests.helpers.cache_cases import matrix_case, resolve
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids
 
@@ -59,47 +60,10 @@ CHECK_NAMES = {
 #: Float32 tolerance relative to the logits' scale (see the module docstring for the derivation).
 REL_TOL = 1e-4
 
-#: Per cache: options merged over ``options_for_budget`` for the re-rotation check (g) (methods that can re-rotate but
-#: do not by default). Caches whose layers have no ``rotary`` after this are "n/a" for (g).
-SHIFT_OPTIONS = {"streaming": {"position_mode": "shift"}}
-#: Per cache: options merged over ``options_for_budget(full)`` where that alone does not hold every token. A value may
-#: be a function of the model.
-FULL_OVERRIDES: dict[str, dict] = {
-    # ThinK prunes int(head_dim * ratio) key channels of every prompt token whatever the budget; the ratio must be
-    # in (0, 1): half a channel of the widest head prunes none (Gemma-4's global layers have wider heads), so the full
-    # budget is exact and runs ThinK's own attention path
-    "think": {"key_channel_ratio": lambda model: 0.5 / _widest_head(model)},
-    # no pattern is shipped for random models: every head a streaming head, sinks + recent window >= every sequence
-    "duo_attention": {"head_pattern": False},
-}
-
-
-def _widest_head(model) -> int:
-    """The largest ``head_dim`` of the model's attention modules (the config's where no module says)."""
-    widths = [m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)]
-    if not widths:
-        config = model.config.get_text_config(decoder=True)
-        widths = [config.hidden_size // config.num_attention_heads]
-    return max(widths)
-
-
-def _half_retrieval_heads(model) -> list[list[bool]]:
-    """DuoAttention pattern ``[layers][kv_heads]``: every other (layer, KV head) is a retrieval head, the rest stream
-    (with one KV head, as in multi-query attention, every other layer streams)."""
-    config = model.config.get_text_config(decoder=True)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return [[(layer + head) % 2 == 0 for head in range(heads)] for layer in range(config.num_hidden_layers)]
-
-
-#: Per cache: options merged over ``options_for_budget(small)`` where that alone is refused or does not compress.
-SMALL_OVERRIDES: dict[str, dict] = {
-    # their default observation window (32) exceeds the small budget: options_for_budget(8) alone is refused
-    "snapkv": {"window_size": 4},
-    "pyramidkv": {"window_size": 4},
-    "think": {"window_size": 4},
-    "kvmerger": {"window_size": 4},
-    "duo_attention": {"head_pattern": _half_retrieval_heads},
-}
+# Options: the registry's ``options_for_budget``, with what a method needs on these tiny random models (a head pattern,
+# an observation window shorter than the prompt, a channel ratio that prunes nothing at full budget, re-rotation for
+# (g)) declared in the method's own test module (``matrix_full`` / ``matrix_small`` / ``matrix_shift`` of its
+# :class:`tests.helpers.cache_cases.CacheCase`).
 
 
 @dataclass(frozen=True)
@@ -203,22 +167,18 @@ def close_cache(cache) -> None:
         cache.close()
 
 
-def _resolve(options: dict, model) -> dict:
-    return {key: value(model) if callable(value) else value for key, value in options.items()}
-
-
 def full_options(cache_name: str, sizes: Sizes, model) -> dict:
     """Options that hold every token of the checks (``sizes.full_budget`` > prompt + new)."""
     options = dict(get_cache_spec(cache_name).options_for_budget(sizes.full_budget))
-    options.update(FULL_OVERRIDES.get(cache_name, {}))
-    return _resolve(options, model)
+    options.update(matrix_case(cache_name).matrix_full)
+    return resolve(options, model)
 
 
 def small_options(cache_name: str, sizes: Sizes, model) -> dict:
     """Options of the compressing budget ``sizes.small_budget``."""
     options = dict(get_cache_spec(cache_name).options_for_budget(sizes.small_budget))
-    options.update(SMALL_OVERRIDES.get(cache_name, {}))
-    return _resolve(options, model)
+    options.update(matrix_case(cache_name).matrix_small)
+    return resolve(options, model)
 
 
 def logits_tolerance(reference: torch.Tensor) -> float:
@@ -524,7 +484,7 @@ def rerotates_keys(cache_name: str) -> bool:
     from tests.helpers.tiny_models import tiny_model
 
     model = tiny_model("llama_gqa", "eager", num_hidden_layers=1)
-    options = {**small_options(cache_name, FULL_SIZES, model), **SHIFT_OPTIONS.get(cache_name, {})}
+    options = {**small_options(cache_name, FULL_SIZES, model), **resolve(matrix_case(cache_name).matrix_shift, model)}
     try:
         cache = build_cache(cache_name, model, options)
     except Refused:
@@ -566,7 +526,7 @@ def check_g(case: Case, cache_name: str) -> str:
 
 def _check_g_one(case: Case, cache_name: str, model) -> str:
     sizes = case.sizes
-    options = {**small_options(cache_name, sizes, model), **SHIFT_OPTIONS.get(cache_name, {})}
+    options = {**small_options(cache_name, sizes, model), **resolve(matrix_case(cache_name).matrix_shift, model)}
     cache = build_cache(cache_name, model, options)
     seen = _wrap_attention_positions(cache)
     ids, turn = case.prompt, random_ids(1, sizes.turn, seed=14)

@@ -8,6 +8,7 @@ import torch
 from hf_longmem import available_caches, make_cache
 from hf_longmem.memory.accounting import LOCATIONS, bytes_by_location, layer_memory_parts, merge_parts, tensor_bytes
 from hf_longmem.registry import get_cache_spec
+from tests.helpers.cache_cases import matrix_case, resolve
 from tests.helpers.reference import greedy
 from tests.helpers.tiny_models import random_ids, tiny_model
 
@@ -21,17 +22,14 @@ def test_bytes_by_location_and_merge():
     assert tensor_bytes(torch.zeros(3, dtype=torch.float16), None, "not a tensor") == 6
 
 
-#: Options a method needs besides its budget (DuoAttention's head pattern comes from a calibration file).
-NEEDED_OPTIONS = {"duo_attention": {"head_pattern": False}}
-
-
 @pytest.mark.parametrize("name", available_caches())
 def test_every_cache_reports_by_the_protocol(name):
     """Every registered cache: parts at known locations, breakdown = parts by location, bytes = their sum, and the
     keys/values of every layer counted (a cache holding the whole short prompt holds at least the full cache's)."""
     model = tiny_model("llama_gqa")
     ids = random_ids(1, 96)
-    options = {**get_cache_spec(name).options_for_budget(48), **NEEDED_OPTIONS.get(name, {})}
+    # the registry's options plus what the method's CacheCase adds to compress on tiny models (e.g. a head pattern)
+    options = resolve({**get_cache_spec(name).options_for_budget(48), **matrix_case(name).matrix_small}, model)
     cache = make_cache(name, model, **options)
     greedy(model, ids, cache, max_new_tokens=3)
     parts = cache.memory_parts()
