@@ -2,8 +2,9 @@
 
 A random model of Llama-3.2-1B's shape in bfloat16; for each context (16k, 32k) and batch (1, 8), a random prompt is
 generated from greedily with: transformers' DynamicCache (eager), StaticCache (``generate`` compiles the decode step
-of a compileable cache on CUDA), every registered hf_longmem cache eager (``disable_compile=True``) and, where the
-cache declares ``is_compileable``, compiled, and kvpress's presses of the same methods when kvpress is installed.
+of a compileable cache on CUDA), every registered hf_longmem cache eager (``disable_compile=True``) and compiled with
+its static layout (``static=True``, where the method has one and it is ``is_compileable``), and kvpress's presses of
+the same methods when kvpress is installed.
 Rows are written as they finish; a ``--deadline`` (seconds) skips what is left, so a time limit keeps the rows done.
 
     python benchmarks/gpu_decode.py --out runs/gpu_decode.json                   # on the GPU (gpu_decode.sh OUT)
@@ -15,6 +16,7 @@ Reported: ``decode_ms`` (median step after the first ``--skip`` steps, which inc
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -100,8 +102,14 @@ def entries(model, context: int, new_tokens: int, budget: int, caches: list[str]
         options = cache_options(name, budget, model)
         make = lambda name=name, options=options: hf_longmem.make_cache(name, model, **options)  # noqa: E731
         yield name, make, False, None
-        if make().is_compileable:  # an instance's: transformers' Cache.is_compileable asks every layer
-            yield f"{name}_compiled", make, True, None
+        # compiled: the static layout where the method has one (static=True), else the cache as it is if compileable
+        params = inspect.signature(hf_longmem.get_cache_spec(name).cls.__init__).parameters
+        static = dict(options, static=True) if "static" in params else options
+        if "max_new_tokens" in params and "static" in static:
+            static["max_new_tokens"] = new_tokens + 64  # more than any run here decodes
+        make_static = lambda name=name, options=static: hf_longmem.make_cache(name, model, **options)  # noqa: E731
+        if make_static().is_compileable:  # an instance's: transformers' Cache.is_compileable asks every layer
+            yield f"{name}_compiled", make_static, True, None
         press = kvpress_press(name, 1 - budget / context)
         if press is not None:
             yield f"kvpress_{name}", lambda: None, False, press
