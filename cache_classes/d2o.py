@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
-from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.memory.padding import PAD_POSITION, tensor_version
 from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, causal_head_column_sums
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio, check_real
@@ -212,7 +212,7 @@ class D2OLayer(H2OLayer):
     def _clear_state(self) -> None:
         self.scores = self.prefill_sums = self.density = None
         self.ratio = self.layer_budget = self.recent_budget = self.tau = None
-        self._compresses: tuple[torch.Tensor, int, bool] | None = None  # (layer_budget, its version, the answer)
+        self._compresses: tuple[torch.Tensor, int | None, bool] | None = None  # (layer_budget, its version, the answer)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -274,8 +274,9 @@ class D2OLayer(H2OLayer):
         if budget is None:
             return False
         # asked several times a step: one device sync per budget tensor (fixed once set; a batch reorder replaces it)
-        if self._compresses is None or self._compresses[0] is not budget or self._compresses[1] != budget._version:
-            self._compresses = (budget, budget._version, bool((budget != UNLIMITED).any()))
+        version = tensor_version(budget)
+        if self._compresses is None or self._compresses[0] is not budget or self._compresses[1] != version:
+            self._compresses = (budget, version, bool((budget != UNLIMITED).any()))
         return self._compresses[2]
 
     # ------------------------------------------------------------------------------------------ compression

@@ -66,6 +66,11 @@ def positions_and_padding(
     return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION)), not bool(is_real.all())
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """``tensor._version`` (bumped by every in-place change), ``None`` for an inference tensor (it has none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class _SeenStep:
     """One memoised :func:`advance_seen` result (the inputs held, so that identity means the same tensors)."""
 
@@ -73,16 +78,16 @@ class _SeenStep:
 
     def __init__(self, position_ids, real_seen, num_new, result):
         self.position_ids, self.real_seen, self.num_new, self.result = position_ids, real_seen, num_new, result
-        self.position_version = None if position_ids is None else position_ids._version
-        self.seen_version = real_seen._version
+        self.position_version = None if position_ids is None else tensor_version(position_ids)
+        self.seen_version = tensor_version(real_seen)
 
     def matches(self, position_ids, real_seen, num_new) -> bool:
         return (
             self.position_ids is position_ids
             and self.real_seen is real_seen
             and self.num_new == num_new
-            and (position_ids is None or position_ids._version == self.position_version)
-            and real_seen._version == self.seen_version
+            and (position_ids is None or tensor_version(position_ids) == self.position_version)
+            and tensor_version(real_seen) == self.seen_version
         )
 
 
@@ -121,9 +126,13 @@ def zero_seen(batch_size: int, device) -> torch.Tensor:
     :func:`advance_seen`'s memo serves all of them from the first step on (``real_seen`` is never modified in place;
     a modified one is not reused)."""
     device = torch.device(device)
+    if torch.is_inference_mode_enabled():
+        # an inference tensor has no version counter: an in-place change of a shared one could not be seen, so
+        # every layer starts from its own zeros (the memo then serves no other layer: correct, only slower)
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
     if _ZERO_SEEN:
         zeros = _ZERO_SEEN[0]
-        if zeros.shape == (batch_size,) and zeros.device == device and zeros._version == 0:
+        if zeros.shape == (batch_size,) and zeros.device == device and tensor_version(zeros) == 0:
             return zeros
     zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
     _ZERO_SEEN[:] = [zeros]
@@ -140,8 +149,8 @@ def slot_positions(positions: torch.Tensor, heads: int) -> torch.Tensor:
     :func:`advance_seen` handed to all of them once. The result must not be modified in place.
     """
     for source, version, count, converted in _SLOT_POSITIONS:
-        if source is positions and version == positions._version and count == heads:
+        if source is positions and version == tensor_version(positions) and count == heads:
             return converted
     converted = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1)
-    _SLOT_POSITIONS[:] = [(positions, positions._version, heads, converted), *_SLOT_POSITIONS[:1]]
+    _SLOT_POSITIONS[:] = [(positions, tensor_version(positions), heads, converted), *_SLOT_POSITIONS[:1]]
     return converted
