@@ -1,8 +1,8 @@
 """hf_longmem: memory methods for LLMs as Hugging Face transformers components.
 
 Importing the package registers the ``hf_longmem`` attention functions with transformers (cheap, idempotent), the
-caches with :func:`make_cache`, and the memory architectures (Titans, MoM, LongMem, HMT, CMT) with the transformers
-Auto classes.
+caches with :func:`make_cache`, and the memory architectures (Titans, MoM, LongMem, HMT, CMT, LongGen) with the
+transformers Auto classes.
 
 One exception keeps the command line fast: inside the ``hf-longmem`` command the package defers these imports to
 the first use of one of its names (PEP 562), so that ``hf-longmem --help`` and argument errors answer without

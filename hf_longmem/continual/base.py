@@ -92,6 +92,10 @@ class Strategy:
     def before_forward(self, batch: dict[str, torch.Tensor]) -> None:
         """Before the training forward of ``batch``."""
 
+    def task_loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        """A scalar replacing the task's cross entropy (e.g. an unlabeled objective), or ``None`` (keep it)."""
+        return None
+
     def extra_loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
         """A term added to the loss (scalar tensor) or ``None``."""
         return None

@@ -229,7 +229,10 @@ class ContinualEvaluator:
         finally:
             model.train(was_training)
 
-    def record(self, step: int, task: int, results: dict[str, dict], boundary: bool = False) -> dict[str, Any]:
+    def record(
+        self, step: int, task: int, results: dict[str, dict], boundary: bool = False, probes: dict | None = None
+    ) -> dict[str, Any]:
+        """Append an evaluation row (``probes``: the memory probes' results at this step, see :mod:`.probes`)."""
         row = {
             "step": step,
             "task": task,
@@ -237,27 +240,21 @@ class ContinualEvaluator:
             "accuracy": {j: r["accuracy"] for j, r in results.items()},
             "loss": {j: r["loss"] for j, r in results.items()},
         }
+        if probes is not None:
+            row["probes"] = probes
         self.history.append(row)
         return row
 
-    def record_initial(self, results: dict[str, dict]) -> None:
+    def record_initial(self, results: dict[str, dict], probes: dict | None = None) -> None:
         self.initial = [results[str(j)]["accuracy"] for j in range(len(self.tasks))]
-        self.history.append(
-            {
-                "step": 0,
-                "task": -1,
-                "boundary": True,
-                "accuracy": {j: r["accuracy"] for j, r in results.items()},
-                "loss": {j: r["loss"] for j, r in results.items()},
-            }
-        )
+        self.record(0, -1, results, boundary=True, probes=probes)
 
-    def record_task_end(self, step: int, task: int, results: dict[str, dict]) -> None:
+    def record_task_end(self, step: int, task: int, results: dict[str, dict], probes: dict | None = None) -> None:
         self.matrix.append([results[str(j)]["accuracy"] for j in range(len(self.tasks))])
         self.loss_matrix.append([results[str(j)]["loss"] for j in range(len(self.tasks))])
         self.task_end_steps.append(step)
         # the boundary row counts as an evaluation of the seen tasks at this step
-        self.record(step, task, {j: r for j, r in results.items() if int(j) <= task}, boundary=True)
+        self.record(step, task, {j: r for j, r in results.items() if int(j) <= task}, boundary=True, probes=probes)
 
     def metrics(self) -> dict[str, Any]:
         out = matrix_metrics(self.matrix, self.initial)

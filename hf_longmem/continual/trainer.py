@@ -48,6 +48,7 @@ from hf_longmem.files import atomic_write_text
 from .base import Row, Strategy
 from .data import ContinualTask, collate, epoch_rows, tokenize_task
 from .evaluation import ContinualEvaluator, plot_results, write_json_atomic
+from .probes import Probe
 from .schedules import Position, build_schedule
 from .state_io import load_tree, save_tree
 
@@ -191,6 +192,9 @@ class ContinualTrainer:
         strategies: strategies, applied in list order at every hook.
         config: :class:`TrainerConfig`.
         accelerator: an ``Accelerator`` (default: a new one).
+        probes: memory probes (:mod:`.probes`) measured at every evaluation (initial, periodic, task end) in the
+            strategies' ``eval_context``; their results go into each ``history`` row under ``"probes"``. Every process
+            measures the whole probe set (probes are small).
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class ContinualTrainer:
         strategies: Sequence[Strategy] = (),
         config: TrainerConfig | None = None,
         accelerator: Accelerator | None = None,
+        probes: Sequence[Probe] = (),
     ):
         self.config = config or TrainerConfig()
         self.config.validate()
@@ -209,6 +214,10 @@ class ContinualTrainer:
         for s in strategies:
             if not isinstance(s, Strategy):
                 raise ValueError(f"strategies must be Strategy instances, got {type(s).__name__}")
+        names = [getattr(p, "name", None) for p in probes]
+        if not all(isinstance(p, Probe) for p in probes) or len(set(names)) != len(names):
+            raise ValueError(f"probes must be Probe instances with distinct names, got {names}")
+        self.probes = list(probes)
         self.tokenizer = tokenizer
         self.pad_token_id = tokenizer.pad_token_id
         self.tasks = [t if t.prompt_ids else tokenize_task(t, tokenizer) for t in tasks]
@@ -305,6 +314,21 @@ class ContinualTrainer:
             for s in self.strategies:
                 stack.enter_context(s.eval_context())
             return self.evaluator.evaluate(self.unwrapped, task_indices, self.accelerator, self.pad_token_id)
+
+    def measure_probes(self) -> dict[str, dict[str, Any]] | None:
+        """``{probe name: results}`` of every probe now (``None`` without probes), in the strategies' eval context."""
+        if not self.probes:
+            return None
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()
+        try:
+            with contextlib.ExitStack() as stack:
+                for s in self.strategies:
+                    stack.enter_context(s.eval_context())
+                return {p.name: p(model, self.tokenizer) for p in self.probes}
+        finally:
+            model.train(was_training)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -422,7 +446,9 @@ class ContinualTrainer:
         for s in self.strategies:
             s.before_forward(batch)
         outputs = self.forward(batch, output_hidden_states=self.needs_hidden_states)
-        loss = self.grouped_loss(outputs.logits, batch)
+        loss = next((v for v in (s.task_loss(batch, outputs) for s in self.strategies) if v is not None), None)
+        if loss is None:
+            loss = self.grouped_loss(outputs.logits, batch)
         for s in self.strategies:
             extra = s.extra_loss(batch, outputs)
             if extra is not None:
@@ -493,7 +519,7 @@ class ContinualTrainer:
             resumed = True
         start = time.time()
         if not resumed:
-            self.evaluator.record_initial(self.evaluate(range(len(self.tasks))))
+            self.evaluator.record_initial(self.evaluate(range(len(self.tasks))), self.measure_probes())
         for s in self.strategies:
             s.on_stream_start()
         progress = tqdm(
@@ -514,7 +540,9 @@ class ContinualTrainer:
                 self.train_log.append({"step": self.global_step, "loss": round(loss, 5), "lr": self.last_lr})
                 cfg = self.config
                 if cfg.eval_every and self.global_step % cfg.eval_every == 0 and self.step_in_task < self.steps[task]:
-                    row = self.evaluator.record(self.global_step, task, self.evaluate(range(task + 1)))
+                    row = self.evaluator.record(
+                        self.global_step, task, self.evaluate(range(task + 1)), probes=self.measure_probes()
+                    )
                     self._log({**row, "train_loss": loss, "lr": self.last_lr})
                 if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -525,7 +553,7 @@ class ContinualTrainer:
                 s.on_task_end(task)
             self.task_done = True
             results = self.evaluate(range(len(self.tasks)))
-            self.evaluator.record_task_end(self.global_step, task, results)
+            self.evaluator.record_task_end(self.global_step, task, results, self.measure_probes())
             self._log(
                 {"step": self.global_step, "task_end": task, "accuracy": {j: r["accuracy"] for j, r in results.items()}}
             )

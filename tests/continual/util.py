@@ -61,7 +61,7 @@ def tiny_tasks(num_tasks: int = 3, facts: int = 4):
     return [tokenize_task(t, tokenizer()) for t in fact_domains(num_tasks, facts, num_digits=2)]
 
 
-def make_trainer(strategies=(), model=None, tmp_path=None, **config) -> ContinualTrainer:
+def make_trainer(strategies=(), model=None, tmp_path=None, tasks=None, probes=(), **config) -> ContinualTrainer:
     defaults = {"steps_per_task": 3, "batch_size": 4, "learning_rate": 1e-2, "eval_every": 2}
     defaults.update(config)
     if tmp_path is not None:
@@ -69,10 +69,11 @@ def make_trainer(strategies=(), model=None, tmp_path=None, **config) -> Continua
     return ContinualTrainer(
         model if model is not None else tiny_model(),
         tokenizer(),
-        tiny_tasks(),
+        tiny_tasks() if tasks is None else tasks,
         list(strategies),
         TrainerConfig(**defaults),
         accelerator=Accelerator(cpu=True),
+        probes=probes,
     )
 
 

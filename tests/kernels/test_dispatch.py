@@ -7,7 +7,8 @@ import importlib
 import pytest
 import torch
 
-from hf_longmem.kernels import attention_column_scores, channel_attention, decode_attention, utils
+from hf_longmem.kernels import attention_column_scores, channel_attention, decode_attention, sparse_attention, utils
+from hf_longmem.kernels.sparse_attention import SparsePattern
 
 from .common import DEVICE, rand
 
@@ -28,6 +29,7 @@ def test_cpu_dispatches_to_torch_by_default(qkv, monkeypatch):
         ("decode_attention", "naive_decode_attention"),
         ("channel_attention", "naive_channel_attention"),
         ("attention_scores", "naive_attention_column_scores"),
+        ("sparse_attention", "naive_sparse_attention"),
     ):
         # the op folders are shadowed by their functions on `hf_longmem.kernels`: import them by name
         module = importlib.import_module(f"hf_longmem.kernels.{module}")
@@ -37,7 +39,14 @@ def test_cpu_dispatches_to_torch_by_default(qkv, monkeypatch):
     decode_attention(query, keys, values, D**-0.5)
     channel_attention(query, keys[..., :4], torch.arange(4, device=DEVICE).expand(B, HKV, 4), values, D**-0.5)
     attention_column_scores(query, keys, D**-0.5)
-    assert calls == ["naive_decode_attention", "naive_channel_attention", "naive_attention_column_scores"]
+    positions = torch.arange(N, device=DEVICE).expand(B, N)
+    sparse_attention(query, keys, values, positions[:, -Q:], positions, D**-0.5, SparsePattern(window=4))
+    assert calls == [
+        "naive_decode_attention",
+        "naive_channel_attention",
+        "naive_attention_column_scores",
+        "naive_sparse_attention",
+    ]
 
 
 def test_resolve_backend_errors(qkv, monkeypatch):
