@@ -35,7 +35,7 @@ from hf_longmem.memory.accounting import (
     tensor_bytes,
 )
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, slot_positions, zero_seen
 from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 
 #: Spare slots allocated behind the stored states once a layer decodes without compressing (1/32 of the stored
@@ -80,6 +80,10 @@ class CompressedLayer(MemoryReport, CacheLayerMixin):
         #: The model's attention window when this layer replaces a sliding-window layer (``None``: full attention).
         self.sliding_window: int | None = None
         self._attend_positions: torch.Tensor | None = None  # [b, h, n] of the K/V handed to the pending attention
+        # during update(): whether the slots handed to compress() hold no pad (None: unknown), and whether its
+        # result holds none (set by a compress() that knows; None: rescanned on demand)
+        self._step_no_pads: bool | None = None
+        self._kept_no_pads: bool | None = None
 
     # ``positions`` is materialised on read. Decoding steps of a layer that only appends (see :meth:`appends_only`)
     # record the new tokens' positions as a count from ``_tail_start`` (each row's first one, ``[batch]``): their
@@ -199,7 +203,7 @@ class CompressedLayer(MemoryReport, CacheLayerMixin):
         self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
         self.values = value_states.new_zeros(batch, value_states.shape[1], 0, value_states.shape[-1])
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.int32, device=self.device)
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.real_seen = zero_seen(batch, self.device)
         self.is_initialized = True
 
     def update(
@@ -210,9 +214,10 @@ class CompressedLayer(MemoryReport, CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
         attn_kwargs = kwargs.get("kwargs") or {}
-        new_positions, new_pads = positions_and_padding(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
         real_before = self.real_seen
-        self.real_seen = real_before + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
+        new_positions, new_pads, self.real_seen = advance_seen(
+            attn_kwargs.get("position_ids"), real_before, num_new, batch
+        )
         self.cumulative_length += num_new
 
         # a sliding-window layer without an attention path of its own: the attention call comes to attend()
@@ -228,6 +233,10 @@ class CompressedLayer(MemoryReport, CacheLayerMixin):
             self._tail_count += 1
             self._steady_appends += 1
             return self.keys, self.values
+        if num_new == 1 and not new_pads and self._no_pads and not routed:
+            stepped = self.decode_step(key_states, value_states, real_before)
+            if stepped is not None:
+                return stepped
 
         keys_view = self.keys_for_attention(self.keys, self.positions, real_before)
         if keys_view is self.keys:
@@ -236,17 +245,30 @@ class CompressedLayer(MemoryReport, CacheLayerMixin):
             attend_keys = torch.cat((keys_view, key_states), dim=-2)
             all_keys = self.append_slots("keys", key_states)
         all_values = self.append_slots("values", value_states)
-        new_positions = new_positions.to(torch.int32)[:, None, :].expand(-1, key_states.shape[1], -1)
+        new_positions = slot_positions(new_positions, key_states.shape[1])
         all_positions = self.append_slots("positions", new_positions)
         if routed:
             self._attend_positions = all_positions
+        # what is known of pads in all_positions (None: unknown); compress() may say its result has none
+        self._step_no_pads, self._kept_no_pads = (False if new_pads else self._no_pads), None
         stored = self.compress(all_keys, all_values, all_positions)
         unchanged = stored[2] is all_positions
         self._steady_appends = self._steady_appends + 1 if unchanged and stored[0] is all_keys else 0
         # appending real tokens to pad-free slots keeps them pad-free; anything compress() changed is rescanned
-        no_pads = (False if new_pads else self._no_pads) if unchanged else None
+        no_pads = self._step_no_pads if unchanged else self._kept_no_pads
         self.store(*stored, no_pads=no_pads)
         return attend_keys, all_values
+
+    def decode_step(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, real_before: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A layer's own fast path for one real token decoded into pad-free slots (``None``: take the general path).
+
+        Called by :meth:`update` after the counts were advanced; returns what the step attends to, having stored what
+        the general path would store. ``key_states``/``value_states`` ``[batch, kv_heads, 1, head_dim]``;
+        ``real_before`` ``[batch]``, each row's new position.
+        """
+        return None
 
     def _route_attention(self, attn_kwargs: dict | None) -> None:
         """Puts this layer into the attention kwargs, so that :meth:`attend` applies the window on true positions."""

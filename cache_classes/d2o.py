@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
-from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs
+from hf_longmem.memory.padding import PAD_POSITION, tensor_version
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, causal_head_column_sums
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio, check_real
 
@@ -212,6 +212,7 @@ class D2OLayer(H2OLayer):
     def _clear_state(self) -> None:
         self.scores = self.prefill_sums = self.density = None
         self.ratio = self.layer_budget = self.recent_budget = self.tau = None
+        self._compresses: tuple[torch.Tensor, int | None, bool] | None = None  # (layer_budget, its version, the answer)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -226,7 +227,10 @@ class D2OLayer(H2OLayer):
         num_new, num_keys = query.shape[-2], keys.shape[-2]
         if self.layer_budget is None:
             if num_new > 1 or num_keys == num_new:  # prefill (or a chunk of it): statistics only
-                sums = query_head_column_sums(query, keys, attention_mask, scaling)
+                if self.scoring_is_causal():  # the flash-style sums, no mask tensor
+                    sums = causal_head_column_sums(query, keys, scaling)
+                else:
+                    sums = query_head_column_sums(query, keys, attention_mask, scaling)
                 previous = self.prefill_sums if self.prefill_sums is not None else sums.new_zeros(*sums.shape[:2], 0)
                 self.prefill_sums = F.pad(previous, (0, num_keys - previous.shape[-1])) + sums
                 return
@@ -266,7 +270,14 @@ class D2OLayer(H2OLayer):
 
     def compresses(self) -> bool:
         """Whether some row of this layer evicts (budgets fixed, not an uncompressed layer, a ratio below 1)."""
-        return self.layer_budget is not None and bool((self.layer_budget != UNLIMITED).any())
+        budget = self.layer_budget
+        if budget is None:
+            return False
+        # asked several times a step: one device sync per budget tensor (fixed once set; a batch reorder replaces it)
+        version = tensor_version(budget)
+        if self._compresses is None or self._compresses[0] is not budget or self._compresses[1] != version:
+            self._compresses = (budget, version, bool((budget != UNLIMITED).any()))
+        return self._compresses[2]
 
     # ------------------------------------------------------------------------------------------ compression
     def target_length(self, num_tokens: int) -> int | torch.Tensor:

@@ -53,7 +53,7 @@ import torch
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.attention_features import HeadSubsetModule
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_real
 
@@ -377,7 +377,7 @@ class DuoAttentionLayer(CompressedLayer):
             self.streaming_keys = empty(key_states, self.streaming_heads.numel())
             self.streaming_values = empty(value_states, self.streaming_heads.numel())
             self.streaming_positions = positions.clone()
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.real_seen = zero_seen(batch, self.device)
         self.is_initialized = True
 
     def update(
@@ -400,8 +400,8 @@ class DuoAttentionLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         batch, _, num_new, _ = key_states.shape
         first_step = self.get_stored_length() == 0
-        new_positions, new_pads = positions_and_padding(attn_kwargs.get("position_ids"), self.real_seen, num_new, batch)
-        self.real_seen = self.real_seen + (num_new if not new_pads else (new_positions != PAD_POSITION).sum(1))
+        position_ids = attn_kwargs.get("position_ids")
+        new_positions, new_pads, self.real_seen = advance_seen(position_ids, self.real_seen, num_new, batch)
         self.cumulative_length += num_new
         new_positions = new_positions.to(torch.int32)[:, None, :]
         if self.keys is not None:  # retrieval heads never drop a token: append into spare capacity (base class)

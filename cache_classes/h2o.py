@@ -34,6 +34,7 @@ class H2OLayer(SlidingWindowScoring, ScoredLayer):
         super().__init__()
         self.budget, self.recent_size = budget, recent_size
         self.scores: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None  # arange(budget), cached for _evict_one
 
     def observe(self, query, keys, attention_mask, scaling):
         num_keys = keys.shape[-2]
@@ -45,6 +46,27 @@ class H2OLayer(SlidingWindowScoring, ScoredLayer):
 
     def target_length(self, num_tokens: int) -> int:
         return min(self.budget, num_tokens)
+
+    def compress(self, keys, values, positions):
+        n = keys.shape[-2]
+        steady = n == self.budget + 1 and self.recent_size < n and self.sliding_window is None
+        if steady and not self._deferring and self._no_pads and self.scores is not None and self.scores.shape[-1] == n:
+            self._kept_no_pads = True  # pad-free slots, one slot out of each row and head: still pad-free
+            return self.apply_plan((self._evict_one(n), None), keys, values, positions)
+        return super().compress(keys, values, positions)
+
+    def _evict_one(self, n: int) -> torch.Tensor:
+        """Decoding past the budget without pads: every row and head drops exactly one slot, the lowest-scored one
+        outside the recent window, the latest of equal ones (what :func:`keep_plan`'s stable ranking drops).
+
+        Returns the kept slots ``[batch, kv_heads, n - 1]`` in order (a top-k and two sorts replaced by an argmin).
+        """
+        heavy = n - self.recent_size
+        dropped = (heavy - 1) - self.scores[..., :heavy].flip(-1).argmin(dim=-1, keepdim=True)  # [b, h, 1]
+        slots = self._slots
+        if slots is None or slots.shape[0] != n - 1 or slots.device != self.scores.device:
+            slots = self._slots = torch.arange(n - 1, device=self.scores.device)
+        return slots + (slots >= dropped)
 
     def priority(self, keys, values, positions):
         """Accumulated attention; the ``recent_size`` newest slots are always kept."""

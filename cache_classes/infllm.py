@@ -76,11 +76,11 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
-from hf_longmem.kernels.decode_attention.reference import grouped_logits
+from hf_longmem.kernels.decode_attention.reference import grouped_logits, grouped_values
 from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore
-from hf_longmem.memory.padding import PAD_POSITION, positions_and_padding
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
 from hf_longmem.memory.rope import RotaryShift
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
@@ -334,7 +334,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self._state_pads = False
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.real_seen = zero_seen(batch, self.device)
         self.store = BlockStore(
             self.device, self.max_cached_blocks, self.offload, self.pin_memory, self.offload_representatives
         )
@@ -360,9 +360,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
                 position_ids = self.real_seen[:, None] + real.long().cumsum(1) - 1
             # the model's own positions for real tokens (checked against each row's count below)
             position_ids = torch.where(real, position_ids.to(real.device).expand(batch, num_new), 1)
-        positions, padded = positions_and_padding(position_ids, self.real_seen, num_new, batch)
+        positions, padded, real_seen = advance_seen(position_ids, self.real_seen, num_new, batch)
         self.check_batch(batch, padded)
-        self.real_seen = self.real_seen + ((positions != PAD_POSITION).sum(1) if padded else num_new)
+        self.real_seen = real_seen
         self.cumulative_length += num_new
         self._pending = (key_states, value_states, positions, padded)
         attn_kwargs[LAYER_KWARG] = self
@@ -496,7 +496,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         local_lse = torch.logsumexp(probs, dim=-1)  # finite for a real query (it sees itself); -inf for a pad
         safe_lse = local_lse.nan_to_num(neginf=0.0) if chunk_pads else local_lse
         probs = probs.sub_(safe_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
-        out = torch.einsum("bhgqn,bhnd->bhgqd", probs, local_values.float())
+        out = grouped_values(probs, local_values)
         out = out.reshape(batch, q_heads, num_q, -1).to(query.dtype)
         lse = local_lse.reshape(batch, q_heads, num_q)
 
@@ -529,8 +529,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         # representative scores: window attention under the joint softmax (as the official single softmax):
         # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
         weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q).nan_to_num(neginf=0.0))
-        received = torch.einsum("bhgqn,bhgq->bhgn", probs, weight)
-        self.local_scores[:, :, first:] += received.reshape(batch, q_heads, span)
+        # sum over the chunk's queries of probs * weight: one batched matmul (einsum's plan, fewer ops)
+        received = torch.bmm(weight.reshape(batch * q_heads, 1, num_q), probs.view(batch * q_heads, num_q, span))
+        self.local_scores[:, :, first:] += received.view(batch, q_heads, span)
         self.after_chunk()
         return out
 

@@ -141,7 +141,11 @@ class KVMergerLayer(ScoredLayer):
             return  # nothing to compress
         self._window = min(self.window_size, num_new)
         queries = query[:, :, -self._window :]
-        self._scores = self.received_attention(queries, keys, attention_mask[..., -self._window :, :], scaling)
+        window_mask = None if attention_mask is None else attention_mask[..., -self._window :, :]
+        self._scores = self.received_attention(queries, keys, window_mask, scaling)
+
+    def compresses_now(self) -> bool:
+        return self._scores is not None  # only a scored forward that exceeds the budget merges
 
     def compress(self, keys, values, positions):
         if self._deferring or self._scores is None:

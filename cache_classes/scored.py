@@ -25,7 +25,7 @@ from hf_longmem.kernels.utils import resolve_backend
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, column_scores
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, causal_column_scores, column_scores
 
 from .base import CompressedLayer
 
@@ -136,9 +136,15 @@ class ScoredLayer(CompressedLayer):
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         if self.wants_scores(query.shape[-2]):
-            mask = slot_mask(self.positions[:, 0], query.shape[-2], sliding_window=features.sliding_window)
             self._features = features  # received_attention() scores with the model's softcap and sinks
             try:
+                # no [q, n] mask tensor where it is plain causal: the scoring functions take None as causal
+                causal = self.scoring_is_causal()
+                mask = (
+                    None
+                    if causal
+                    else slot_mask(self.positions[:, 0], query.shape[-2], sliding_window=features.sliding_window)
+                )
                 self.observe(query, key, mask, scale)
             finally:
                 self._features = None  # holds the model's sink parameter: not kept in the cache
@@ -147,11 +153,12 @@ class ScoredLayer(CompressedLayer):
         if not self.compresses_now():
             return output, weights
         current = (self.keys, self.values, self.positions)
+        self._kept_no_pads = None  # compress() may say its result holds no pad (else rescanned on demand)
         stored = self.compress(*current)
         if stored[0] is not current[0]:
             self._steady_appends = 0  # compressing (H2O every step): appends go back to plain concatenation
         if any(new is not old for new, old in zip(stored, current)):
-            self.store(*stored)
+            self.store(*stored, no_pads=self._kept_no_pads)
         return output, weights
 
     def mask_for_this_layer(
@@ -181,6 +188,7 @@ class ScoredLayer(CompressedLayer):
             query: ``[batch, q_heads, q, head_dim]``.
             keys: ``[batch, kv_heads, n, head_dim]`` (stored + new).
             attention_mask: ``[batch, 1, q, n]`` bool; a pad query sees only itself (it adds no score to real keys).
+                ``None`` when it is plain causal (no pad slot, no window: :meth:`scoring_is_causal`).
         """
         raise NotImplementedError
 
@@ -211,7 +219,16 @@ class ScoredLayer(CompressedLayer):
                 query_valid=self.positions[:, 0, -num_q:] != PAD_POSITION,
                 backend="triton",
             )
+        if self.scoring_is_causal():  # score only what the queries see, no mask tensor
+            return causal_column_scores(query, keys, scaling)
         return column_scores(query, keys, attention_mask, scaling)
+
+    def scoring_is_causal(self) -> bool:
+        """Whether this step's scoring mask is plain causal (no pad slot, no window): the queries, the last of the
+        slots, see every slot up to their own."""
+        features = getattr(self, "_features", None)
+        windowed = self.sliding_window is not None or (features is not None and features.sliding_window is not None)
+        return not windowed and not self.has_pad_slots()
 
     def reset(self) -> None:
         super().reset()

@@ -167,17 +167,18 @@ class SirLLMCache(LongMemCache):
         """Appends the self-information of ``input_ids`` ``[batch, q]`` given ``logprobs`` ``[batch, q, vocab]``."""
         batch, num_new = input_ids.shape
         ids = input_ids.to(logprobs.device)
-        within = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, q-1]: token i from logits i-1
         if num_new == 1 and self._last_logprobs is not None:
-            first = -self._last_logprobs.gather(-1, ids[:, :1])  # a decoded token: its own probability
-        elif num_new > 1:
-            first = within.max(dim=-1, keepdim=True).values  # official: the turn's max
+            new_scores = -self._last_logprobs.gather(-1, ids)  # a decoded token: its own probability
         else:
-            first = logprobs.new_zeros(batch, 1)
-        new_scores = torch.cat((first, within), dim=-1)
+            within = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, q-1]: token i from logits i-1
+            if num_new > 1:
+                first = within.max(dim=-1, keepdim=True).values  # official: the turn's max
+            else:
+                first = logprobs.new_zeros(batch, 1)
+            new_scores = torch.cat((first, within), dim=-1)
         # pads from the first SirLLM layer: transformers' sliding layers (e.g. layer 0 of Gemma-2/3) keep no positions
         layer = next((layer for layer in self.layers if isinstance(layer, SirLLMLayer) and layer.is_initialized), None)
-        if layer is not None:
+        if layer is not None and layer.has_pad_slots():  # no pad slot: none of the new tokens is a pad
             pad = layer.positions[:, 0, -num_new:] == PAD_POSITION
             new_scores = new_scores.masked_fill(pad, float("-inf"))
         self.scores = new_scores if self.scores is None else torch.cat((self.scores, new_scores), dim=-1)

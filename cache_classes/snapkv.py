@@ -75,7 +75,8 @@ class SnapKVLayer(SlidingWindowScoring, ScoredLayer):
         num_new = query.shape[-2]
         window = min(self.window_size, num_new)
         attention_mask = self.scoring_mask(attention_mask, num_new)
-        scores = self.received_attention(query[:, :, -window:], keys, attention_mask[..., -window:, :], scaling)
+        window_mask = None if attention_mask is None else attention_mask[..., -window:, :]
+        scores = self.received_attention(query[:, :, -window:], keys, window_mask, scaling)
         real = self.positions[:, 0] != PAD_POSITION if self.has_pad_slots() else None  # [b, n]
         self._scores = pool_scores(scores, self.kernel_size, self.pooling, real=real)
 

@@ -95,16 +95,60 @@ class StreamingLayer(ShiftedLayer):
         super().__init__(rotary)
         self.budget = budget
         self.sink_size = sink_size
+        self._kept_slots: torch.Tensor | None = None  # [budget] slots decode_step keeps out of budget + 1
+
+    # Decoding steps of the fast path (:meth:`decode_step`) drop the oldest recent slot and append the new token
+    # without touching ``positions``: ``_evictions`` such steps since, the first of them at each row's position
+    # ``_evict_start`` ``[batch]``. Reading ``positions`` applies them (the new positions are consecutive and real).
+    @property
+    def positions(self) -> torch.Tensor | None:
+        if getattr(self, "_evictions", 0):
+            count, start = self._evictions, self._evict_start
+            stored = CompressedLayer.positions.fget(self)  # [b, h, budget]: sinks, then the recent window
+            heads, recent = stored.shape[1], stored.shape[-1] - self.sink_size
+            tail = (start[:, None] + torch.arange(count, device=start.device)).to(torch.int32)  # [b, count]
+            window = torch.cat((stored[..., self.sink_size :], tail[:, None, :].expand(-1, heads, -1)), dim=-1)
+            self.positions = torch.cat((stored[..., : self.sink_size], window[..., -recent:]), dim=-1)
+            self._no_pads = True  # only pad-free steps take the fast path
+        return CompressedLayer.positions.fget(self)
+
+    @positions.setter
+    def positions(self, value: torch.Tensor | None) -> None:
+        self._evictions, self._evict_start = 0, None
+        CompressedLayer.positions.fset(self, value)
+
+    def decode_step(self, key_states, value_states, real_before):
+        """Steady decoding in true positions: sinks + the recent window without the oldest slot + the new token, as
+        :meth:`compress` keeps them, with the positions kept lazily (no per-step position tensors)."""
+        if self.rotary is not None or self.keys.shape[-2] < self.budget:
+            return None
+        keys = torch.cat((self.keys, key_states), dim=-2)  # [b, h, budget + 1, d]: what this step attends to
+        values = torch.cat((self.values, value_states), dim=-2)
+        kept = self._kept_slots
+        if kept is None or kept.device != keys.device or kept.shape[0] != self.budget:
+            # every slot but the oldest of the recent window (one gather per tensor instead of two slices and a cat)
+            slots = torch.arange(self.budget + 1, device=keys.device)
+            kept = self._kept_slots = slots[slots != self.sink_size]
+        self.keys, self.values = keys.index_select(2, kept), values.index_select(2, kept)
+        if not self._evictions:
+            self._evict_start = real_before
+        self._evictions += 1
+        self._evicted = True
+        self._steady_appends = 0
+        self._drop_stale_buffers()
+        return keys, values
 
     def target_length(self, num_tokens: int) -> int:
         return min(self.budget, num_tokens)
 
     def compress(self, keys, values, positions):
         n, target = keys.shape[-2], self.target_length(keys.shape[-2])
-        if target < n and bool((positions[:, 0, 0] != PAD_POSITION).all()):
+        no_pads = self._step_no_pads  # known while decoding real tokens: no scan, no device sync
+        if target < n and (no_pads or (no_pads is None and bool((positions[:, 0, 0] != PAD_POSITION).all()))):
             # No row has pads: sinks + recent window are two slices (the decode hot path, no top-k or gather).
             recent = target - self.sink_size
             self._evicted = True
+            self._kept_no_pads = True
             return tuple(
                 torch.cat((t[..., : self.sink_size, :], t[..., n - recent :, :]), dim=-2) for t in (keys, values)
             ) + (torch.cat((positions[..., : self.sink_size], positions[..., n - recent :]), dim=-1),)

@@ -64,3 +64,93 @@ def positions_and_padding(
     if bool(bad_pad.any()):
         raise ValueError(_NOT_LEFT_PADDED)
     return torch.where(is_real, pos, torch.full_like(pos, PAD_POSITION)), not bool(is_real.all())
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """``tensor._version`` (bumped by every in-place change), ``None`` for an inference tensor (it has none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+class _SeenStep:
+    """One memoised :func:`advance_seen` result (the inputs held, so that identity means the same tensors)."""
+
+    __slots__ = ("position_ids", "position_version", "real_seen", "seen_version", "num_new", "result")
+
+    def __init__(self, position_ids, real_seen, num_new, result):
+        self.position_ids, self.real_seen, self.num_new, self.result = position_ids, real_seen, num_new, result
+        self.position_version = None if position_ids is None else tensor_version(position_ids)
+        self.seen_version = tensor_version(real_seen)
+
+    def matches(self, position_ids, real_seen, num_new) -> bool:
+        return (
+            self.position_ids is position_ids
+            and self.real_seen is real_seen
+            and self.num_new == num_new
+            and (position_ids is None or tensor_version(position_ids) == self.position_version)
+            and tensor_version(real_seen) == self.seen_version
+        )
+
+
+#: Results of the latest :func:`advance_seen` calls: the layers of one forward pass the same ``position_ids`` with the
+#: same ``real_seen`` (the tensor the previous step handed to all of them), so only the first layer checks.
+_SEEN_MEMO: list[_SeenStep] = []
+_SEEN_MEMO_SIZE = 4
+
+
+def advance_seen(
+    position_ids: torch.Tensor | None, real_seen: torch.Tensor, num_new: int, batch_size: int
+) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """:func:`positions_and_padding` plus the real tokens seen after this step, ``[batch]``.
+
+    Memoised on the input tensors (by identity and version; they are never modified in place here): every layer of a
+    forward gets the same ``position_ids``, and a layer that stored the ``real_seen`` returned here for the previous
+    step passes that same tensor, so the check and the addition run once per step, not once per layer, and the
+    layers share the result. Raises what :func:`positions_and_padding` raises.
+    """
+    for entry in _SEEN_MEMO:
+        if entry.matches(position_ids, real_seen, num_new):
+            return entry.result
+    positions, pads = positions_and_padding(position_ids, real_seen, num_new, batch_size)
+    after = real_seen + ((positions != PAD_POSITION).sum(1) if pads else num_new)
+    result = (positions, pads, after)
+    _SEEN_MEMO.insert(0, _SeenStep(position_ids, real_seen, num_new, result))
+    del _SEEN_MEMO[_SEEN_MEMO_SIZE:]
+    return result
+
+
+_ZERO_SEEN: list[torch.Tensor] = []
+
+
+def zero_seen(batch_size: int, device) -> torch.Tensor:
+    """``[batch]`` int64 zeros, the same tensor for every layer that starts with this batch size and device, so that
+    :func:`advance_seen`'s memo serves all of them from the first step on (``real_seen`` is never modified in place;
+    a modified one is not reused)."""
+    device = torch.device(device)
+    if torch.is_inference_mode_enabled():
+        # an inference tensor has no version counter: an in-place change of a shared one could not be seen, so
+        # every layer starts from its own zeros (the memo then serves no other layer: correct, only slower)
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    if _ZERO_SEEN:
+        zeros = _ZERO_SEEN[0]
+        if zeros.shape == (batch_size,) and zeros.device == device and tensor_version(zeros) == 0:
+            return zeros
+    zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+    _ZERO_SEEN[:] = [zeros]
+    return zeros
+
+
+_SLOT_POSITIONS: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+
+
+def slot_positions(positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[batch, q]`` positions as the int32 per-head slot positions ``[batch, heads, q]`` a layer stores (a view).
+
+    Memoised on the input tensor (identity and version): the layers of a forward convert the same positions that
+    :func:`advance_seen` handed to all of them once. The result must not be modified in place.
+    """
+    for source, version, count, converted in _SLOT_POSITIONS:
+        if source is positions and version == tensor_version(positions) and count == heads:
+            return converted
+    converted = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1)
+    _SLOT_POSITIONS[:] = [(positions, tensor_version(positions), heads, converted), *_SLOT_POSITIONS[:1]]
+    return converted

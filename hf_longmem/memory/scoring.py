@@ -68,6 +68,49 @@ def column_scores(
     return total
 
 
+#: Queries per block of :func:`causal_head_column_sums` (``[block, n]`` logits per head stay cache-sized).
+CAUSAL_QUERY_BLOCK = 128
+
+
+def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention each key receives from causal queries, summed over the queries, per query head.
+
+    The queries are the last ``q`` of the ``n`` keys, nothing else is masked (no pad slot, no window). Per block of
+    queries only the keys the block can see are scored (a prefix of ``n - q + stop`` keys: about half the ``[q, n]``
+    matrix in all), with no mask tensor and no ``nan_to_num`` (every query sees itself): the float32 arithmetic of
+    :func:`column_scores` on the unmasked half only.
+
+    Args:
+        query: ``[batch, q_heads, q, head_dim]``.
+        keys: ``[batch, kv_heads, n, head_dim]`` (not repeated for GQA).
+
+    Returns:
+        ``[batch, q_heads, n]`` float32.
+    """
+    batch, q_heads, num_q, head_dim = query.shape
+    kv_heads, num_k = keys.shape[1], keys.shape[-2]
+    group, offset = q_heads // kv_heads, num_k - num_q
+    q = query.float().view(batch, kv_heads, group, num_q, head_dim)
+    k = keys.float()
+    total = q.new_zeros(batch, kv_heads, group, num_k)
+    for start in range(0, num_q, CAUSAL_QUERY_BLOCK):
+        stop = min(start + CAUSAL_QUERY_BLOCK, num_q)
+        size, seen = stop - start, offset + stop  # the block's last query sees `seen` keys
+        block = q[:, :, :, start:stop].reshape(batch, kv_heads, group * size, head_dim) * scaling
+        logits = torch.matmul(block, k[:, :, :seen].transpose(-1, -2)).view(batch, kv_heads, group, size, seen)
+        future = torch.ones(size, size, dtype=torch.bool, device=query.device).triu_(1)
+        logits[..., offset + start :].masked_fill_(future, float("-inf"))  # the block's own keys: causal
+        total[..., :seen] += torch.softmax(logits, dim=-1).sum(dim=3)
+    return total.view(batch, q_heads, num_k)
+
+
+def causal_column_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """:func:`column_scores` of causal queries (the last ``q`` of the keys, nothing else masked), flash-style
+    (:func:`causal_head_column_sums`): ``[batch, kv_heads, n]`` float32, group-averaged."""
+    sums = causal_head_column_sums(query, keys, scaling)
+    return sums.view(sums.shape[0], keys.shape[1], -1, sums.shape[-1]).mean(dim=2)
+
+
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str, real: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV's 1-D pooling over the key axis (stride 1, same length), over each row's real slots only.
 

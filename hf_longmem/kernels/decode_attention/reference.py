@@ -41,9 +41,18 @@ def softmax_attend(
     logits = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # -inf for fully masked rows
     probs = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None])  # masked -> exp(-inf) = 0
-    out = torch.einsum("bhgqn,bhnd->bhgqd", probs, values.float())
+    out = grouped_values(probs, values)  # [b, Hkv, group, q, dv]
     q_heads = kv_heads * group
     return out.reshape(batch, q_heads, num_q, -1).to(out_dtype), lse.reshape(batch, q_heads, num_q)
+
+
+def grouped_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[b, Hkv, group, q, n] x [b, Hkv, n, dv] -> [b, Hkv, group, q, dv]`` float32 (one batched matmul over the
+    ``b * Hkv`` KV heads, the group's queries stacked: what ``einsum`` does, in fewer dispatched ops)."""
+    batch, kv_heads, group, num_q, num_keys = probs.shape
+    stacked = probs.reshape(batch * kv_heads, group * num_q, num_keys)
+    out = torch.bmm(stacked, values.float().reshape(batch * kv_heads, num_keys, -1))
+    return out.view(batch, kv_heads, group, num_q, -1)
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -58,8 +67,11 @@ def grouped_logits(
     not repeated."""
     batch, q_heads, num_q, head_dim = query.shape
     kv_heads = keys.shape[1]
-    grouped = query.float().view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
-    return softcap_logits(torch.einsum("bhgqd,bhnd->bhgqn", grouped, keys.float()) * scaling, softcap)
+    group, num_keys = q_heads // kv_heads, keys.shape[-2]
+    # one batched matmul over the b * Hkv KV heads, the group's queries stacked (einsum's plan, fewer ops)
+    stacked = query.float().reshape(batch * kv_heads, group * num_q, head_dim)
+    logits = torch.bmm(stacked, keys.float().reshape(batch * kv_heads, num_keys, head_dim).transpose(1, 2))
+    return softcap_logits(logits.view(batch, kv_heads, group, num_q, num_keys) * scaling, softcap)
 
 
 def naive_decode_attention(
