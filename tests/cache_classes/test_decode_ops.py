@@ -22,7 +22,7 @@ LAYERS, PROMPT, BUDGET, WARMUP, STEPS = 2, 160, 64, 3, 6
 PINNED_EXCESS = {
     "full": 0,
     "d2o": 394,
-    "duo_attention": 48,
+    "duo_attention": 38,
     "emllm": 693,
     "h2o": 104,
     "infllm": 624,
