@@ -71,7 +71,8 @@ from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_choice, check_int, check_real
 
 from .base import LongMemCache
-from .infllm import InfLLMLayer, attach_padding_hook, refuse_sliding_layers, rotary_for
+from .infllm import InfLLMLayer, attach_padding_hook, refuse_sliding_layers
+from .rotation import rotary_for
 
 METRICS = ("modularity", "conductance")
 

@@ -86,27 +86,12 @@ from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
 from .base import LongMemCache
+from .rotation import rotary_for
 
 NEEDS_ATTENTION_MESSAGE = (
     "{name} needs hf_longmem attention to see the queries: build the cache with "
     "hf_longmem.make_cache(name, model, ...) or call hf_longmem.enable_longmem_attention(model) first"
 )
-
-
-def rotary_for(cls_name: str, config=None, rotary: RotaryShift | None = None, model=None) -> RotaryShift:
-    """The model's RoPE as a :class:`RotaryShift` (InfLLM/EM-LLM place memory at a constant distance)."""
-    if rotary is not None:
-        return rotary
-    try:
-        if model is not None:
-            return RotaryShift.from_model(model)
-        if config is not None:
-            return RotaryShift.from_config(config)
-    except ValueError as error:
-        raise ValueError(
-            f"unsupported model: {cls_name} re-rotates keys, which needs a RoPE it can reproduce exactly ({error})"
-        ) from None
-    raise ValueError(f"{cls_name} needs the model's RoPE: pass `config=` (or `rotary=`), or use make_cache(..., model)")
 
 
 def refuse_sliding_layers(cls_name: str, layers, config) -> None:

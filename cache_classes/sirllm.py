@@ -42,7 +42,7 @@ from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio
 
 from .base import LongMemCache, gather_slots, keep_plan
-from .streaming import ShiftedLayer, layer_rotation, shift_rotary, shift_rotation_of
+from .rotation import ShiftedLayer, layer_rotation, shift_rotary
 
 
 class SirLLMLayer(ShiftedLayer):
@@ -146,7 +146,7 @@ class SirLLMCache(LongMemCache):
     @classmethod
     def from_model(cls, model, **kwargs) -> SirLLMCache:
         if kwargs.get("position_mode", "shift") == "shift" and "rotary" not in kwargs:
-            kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
+            kwargs["rotary"] = shift_rotary("shift", None, model=model)
         cache = cls(config=model.config, **kwargs)
         cache.attach(model)
         return cache

@@ -22,70 +22,13 @@ from __future__ import annotations
 import torch
 
 from hf_longmem.memory.padding import PAD_POSITION
-from hf_longmem.memory.rope import LayerRotation, ModelRotary, shift_to_cache_positions
+from hf_longmem.memory.rope import LayerRotation, ModelRotary
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_choice, check_int
 
 from .base import CompressedLayer, LongMemCache
+from .rotation import ShiftedLayer, layer_rotation, shift_rotary
 from .static import KEEP, StaticSlots, check_static_layers
-
-POSITION_MODES = ("true", "shift")
-
-
-def shift_rotary(
-    position_mode: str, rotary: LayerRotation | ModelRotary | None, config
-) -> LayerRotation | ModelRotary | None:
-    """The rotation a pos-shift cache applies (``None`` for true positions); validates ``position_mode``.
-
-    Without an explicit ``rotary``, the rotation is derived from ``config`` (:meth:`ModelRotary.from_config`, exact:
-    the model is built on the meta device and probed); ``ValueError`` where it cannot be done exactly.
-    """
-    if position_mode not in POSITION_MODES:
-        raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {position_mode!r}")
-    if position_mode != "shift":
-        return None
-    if rotary is None:
-        if config is None:
-            raise ValueError(
-                "position_mode='shift' needs the model's RoPE: pass `config=` or use make_cache(..., model)"
-            )
-        rotary = shift_rotation_of(config, ModelRotary.from_config)
-    return rotary
-
-
-def shift_rotation_of(model_or_config, derive) -> ModelRotary:
-    """``derive(model_or_config)``, with a refusal that says what to do instead."""
-    try:
-        return derive(model_or_config)
-    except ValueError as error:
-        raise ValueError(f"position_mode='shift': {error}. position_mode='true' needs no re-rotation") from None
-
-
-def layer_rotation(shift: LayerRotation | ModelRotary | None, layer_idx: int) -> LayerRotation | None:
-    """Decoder layer ``layer_idx``'s rotation (``None``: true positions, or a NoPE layer, where a shift is a no-op)."""
-    if shift is None:
-        return None
-    rotation = shift.for_layer(layer_idx)
-    return None if rotation.is_identity else rotation
-
-
-class ShiftedLayer(CompressedLayer):
-    """A layer whose kept keys may be moved to contiguous positions inside the cache (StreamingLLM, SirLLM)."""
-
-    def __init__(self, rotary: LayerRotation | None):
-        super().__init__()
-        self.rotary = rotary  # set => position shift (this layer's rotation)
-        self._evicted = False
-
-    def keys_for_attention(self, keys, positions, real_before):
-        if self.rotary is None or not self._evicted or keys.shape[-2] == 0:
-            return keys  # nothing evicted yet: positions are already contiguous
-        # the same slots in every head (StreamingLLM and SirLLM decide per row): one rotary table per row
-        return shift_to_cache_positions(self.rotary, keys, positions[:, :1], real_before)
-
-    def reset(self) -> None:
-        super().reset()
-        self._evicted = False
 
 
 class StreamingLayer(ShiftedLayer):
@@ -241,7 +184,7 @@ class StreamingCache(LongMemCache):
     @classmethod
     def from_model(cls, model, **kwargs) -> StreamingCache:
         if kwargs.get("position_mode") == "shift" and "rotary" not in kwargs:
-            kwargs["rotary"] = shift_rotation_of(model, ModelRotary.from_model)
+            kwargs["rotary"] = shift_rotary("shift", None, model=model)
         return cls(config=model.config, **kwargs)
 
 

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from hf_longmem import make_cache
 from hf_longmem.cache_classes.base import cache_memory_bytes
-from hf_longmem.cache_classes.streaming import ShiftedLayer
+from hf_longmem.cache_classes.rotation import ShiftedLayer
 from hf_longmem.registry import get_cache_spec
 from tests.helpers.architectures import build_model
 from tests.helpers.cache_cases import matrix_case, resolve
