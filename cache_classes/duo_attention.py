@@ -53,7 +53,7 @@ import torch
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.memory.attention_features import HeadSubsetModule
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, slot_positions, zero_seen
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_real
 
@@ -339,6 +339,9 @@ class DuoAttentionLayer(CompressedLayer):
         self.streaming_heads: torch.Tensor | None = None  # [Hs]
         self.num_kv_heads = 0
         self._query_index: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        # When both groups are contiguous head ranges: their sizes in head order and whether retrieval comes first,
+        # so that one ``split`` (a view) separates the groups instead of an ``index_select`` per group and tensor.
+        self._contiguous: tuple[list[int], bool] | None = None
         self._pending = False
         # Whether the streaming group holds pad slots (then attention needs a mask), kept from the padding checks
         # update() runs anyway (the retrieval group uses the base class's ``has_pad_slots``).
@@ -364,6 +367,7 @@ class DuoAttentionLayer(CompressedLayer):
         self.num_kv_heads = heads
         self.retrieval_heads = retrieval.nonzero().flatten()
         self.streaming_heads = (~retrieval).nonzero().flatten()
+        self._contiguous = _contiguous_groups(retrieval.tolist())
         positions = torch.zeros(batch, 1, 0, dtype=torch.int32, device=self.device)
 
         def empty(states: torch.Tensor, count: int) -> torch.Tensor:
@@ -403,9 +407,10 @@ class DuoAttentionLayer(CompressedLayer):
         position_ids = attn_kwargs.get("position_ids")
         new_positions, new_pads, self.real_seen = advance_seen(position_ids, self.real_seen, num_new, batch)
         self.cumulative_length += num_new
-        new_positions = new_positions.to(torch.int32)[:, None, :]
+        new_positions = slot_positions(new_positions, 1)  # [b, 1, q] int32, once per step for every layer
+        retrieval_states, streaming_states = self._split_heads(key_states, value_states)
         if self.keys is not None:  # retrieval heads never drop a token: append into spare capacity (base class)
-            keys, values = self._heads(key_states, value_states, self.retrieval_heads)
+            keys, values = retrieval_states
             self._steady_appends = 0 if first_step else self._steady_appends + 1
             self.keys = self.append_slots("keys", keys)
             self.values = self.append_slots("values", values)
@@ -413,7 +418,7 @@ class DuoAttentionLayer(CompressedLayer):
             self.positions = self.append_slots("positions", new_positions)
             self._no_pads = False if new_pads else known
         if self.streaming_keys is not None:
-            keys, values = self._heads(key_states, value_states, self.streaming_heads)
+            keys, values = streaming_states
             if num_new == 1 and not new_pads and not self._streaming_padded and self._ring_ready():
                 self._ring_write(keys, values, new_positions)
             else:
@@ -454,6 +459,12 @@ class DuoAttentionLayer(CompressedLayer):
         window = kwargs.get("sliding_window")
         sinks = kwargs.get("s_aux") is not None or isinstance(getattr(module, "sinks", None), torch.Tensor)
         retrieval_q, streaming_q, order = self._query_heads(query.shape[1])
+        split = self._contiguous
+        if split is not None:  # both groups present, contiguous: one split view each, outputs cat'ed in head order
+            sizes, retrieval_first = split
+            group = query.shape[1] // self.num_kv_heads
+            parts = query.split([size * group for size in sizes], dim=1)
+            retrieval_part, streaming_part = parts if retrieval_first else parts[::-1]
         groups = (
             (self.keys, self.values, self.positions, retrieval_q),
             (self.streaming_keys, self.streaming_values, self.streaming_positions, streaming_q),
@@ -463,7 +474,12 @@ class DuoAttentionLayer(CompressedLayer):
             if keys is None:
                 continue
             whole = query_heads.numel() == query.shape[1]
-            group_query = query if whole else query.index_select(1, query_heads)
+            if whole:
+                group_query = query
+            elif split is not None:
+                group_query = retrieval_part if query_heads is retrieval_q else streaming_part
+            else:
+                group_query = query.index_select(1, query_heads)
             group_module, group_kwargs = module, kwargs
             if sinks and not whole:  # per-query-head sinks (GPT-OSS): the model's attention sees this group's own
                 group_module = HeadSubsetModule(module, query_heads)
@@ -476,12 +492,14 @@ class DuoAttentionLayer(CompressedLayer):
                 group_module, group_query, keys, values, mask, scaling=scaling, dropout=dropout, **group_kwargs
             )
             outputs.append(output)  # [batch, q, group_q_heads, head_dim]
+        if split is not None and not split[1]:  # streaming heads first: cat in head order
+            outputs.reverse()
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-        if order is not None and len(outputs) > 1:
+        if order is not None and len(outputs) > 1 and split is None:
             output = output.index_select(2, order)
         self._pending = False
         if self._oldest is not None:  # the ring's oldest token leaves the window now that this step has seen it
-            self.streaming_positions[:, :, self._oldest] = PAD_POSITION
+            self.streaming_positions.select(2, self._oldest).fill_(PAD_POSITION)
         else:
             self._truncate_streaming()
         return output, None
@@ -521,6 +539,20 @@ class DuoAttentionLayer(CompressedLayer):
         if plain and not padded and sliding_window is None:
             return None
         return slot_mask(positions[:, 0], num_new, dtype if eager else None, sliding_window)
+
+    def _split_heads(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """``((keys, values), (keys, values))`` of the retrieval and streaming heads ``[batch, H*, q, head_dim]``
+        (a group the layer lacks: ``None``), as views when the groups are contiguous head ranges."""
+        if self._contiguous is None:
+            retrieval = None if self.keys is None else self._heads(key_states, value_states, self.retrieval_heads)
+            streaming = (
+                None if self.streaming_keys is None else self._heads(key_states, value_states, self.streaming_heads)
+            )
+            return retrieval, streaming
+        sizes, retrieval_first = self._contiguous
+        keys, values = key_states.split(sizes, dim=1), value_states.split(sizes, dim=1)
+        first, second = (keys[0], values[0]), (keys[1], values[1])
+        return (first, second) if retrieval_first else (second, first)
 
     @staticmethod
     def _heads(key_states: torch.Tensor, value_states: torch.Tensor, heads: torch.Tensor):
@@ -730,6 +762,16 @@ class StaticDuoAttentionLayer(DuoAttentionLayer):
     def reset(self) -> None:
         super().reset()
         self._frozen = False
+
+
+def _contiguous_groups(retrieval: list[bool]) -> tuple[list[int], bool] | None:
+    """``(sizes in head order, retrieval first)`` when the retrieval and the streaming heads are two non-empty
+    contiguous ranges (``[r, r, s]`` or ``[s, r, r]``), else ``None``."""
+    switches = sum(a != b for a, b in zip(retrieval, retrieval[1:]))
+    if switches != 1:
+        return None
+    first = retrieval.index(not retrieval[0])
+    return [first, len(retrieval) - first], retrieval[0]
 
 
 def _padded(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, extra: int):

@@ -27,11 +27,10 @@ from transformers.cache_utils import Cache
 
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels import channel_attention
-from hf_longmem.kernels.channel_attention.reference import gather_query_channels
 from hf_longmem.memory.accounting import MemoryParts
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION
+from hf_longmem.memory.padding import PAD_POSITION, tensor_version
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio
 
@@ -85,6 +84,8 @@ class ThinKLayer(CompressedLayer):
         self._pending = False
         self._new_real: torch.Tensor | None = None
         self._packed_has_pads: bool | None = None
+        # (channel_index, its version, q_heads, q, gather index): the query-channel index, built once per pruning
+        self._channel_gather: tuple | None = None
 
     @property
     def is_pruned(self) -> bool:
@@ -100,6 +101,7 @@ class ThinKLayer(CompressedLayer):
         self._pending = False
         self._new_real = None
         self._packed_has_pads = None
+        self._channel_gather = None
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, key_states, value_states, *args, **kwargs):
@@ -117,7 +119,9 @@ class ThinKLayer(CompressedLayer):
         else:
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             positions = self.positions
-        self._new_real = positions[:, 0, -key_states.shape[-2] :] != PAD_POSITION  # [b, q]
+        # [b, q]: which new tokens are real, for the pruning of a prefill (a decoded token prunes nothing)
+        num_new = key_states.shape[-2]
+        self._new_real = None if num_new == 1 else positions[:, 0, -num_new:] != PAD_POSITION
         attn_kwargs[LAYER_KWARG] = self  # take the attention call (the base layer gets it from us)
         self._pending = True
         return keys, values
@@ -212,12 +216,12 @@ class ThinKLayer(CompressedLayer):
         kv_heads = self.keys.shape[1]
         group = q_heads // kv_heads
         rows = group * num_q  # a KV head's query group folded into the query axis: plain batched matmuls
-        dtype = torch.promote_types(query.dtype, torch.float32)
+        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # promote_types(dtype, float32)
         scaling = features.scaling
         q_full = query.reshape(batch, kv_heads, rows, head_dim).to(dtype)
-        q_packed = gather_query_channels(query, self.channel_index).reshape(batch, kv_heads, rows, -1).to(dtype)
-        logits_packed = features.cap((q_packed @ self.pruned_keys.to(dtype).transpose(-1, -2)) * scaling)
-        logits_tail = features.cap((q_full @ self.keys.to(dtype).transpose(-1, -2)) * scaling)  # [b, h, rows, R]
+        q_packed = self._query_channels(query).reshape(batch, kv_heads, rows, -1).to(dtype)
+        logits_packed = features.cap(_batched_logits(q_packed, self.pruned_keys.to(dtype)) * scaling)
+        logits_tail = features.cap(_batched_logits(q_full, self.keys.to(dtype)) * scaling)  # [b, h, rows, R]
         if self._packed_pads():
             packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query
             logits_packed = logits_packed.masked_fill(~packed_real, float("-inf"))
@@ -237,8 +241,24 @@ class ThinKLayer(CompressedLayer):
         sink_rows = None if features.sinks is None else features.sink_logits(kv_heads, num_q, dtype)
         probs = features.softmax(torch.cat((logits_packed, logits_tail), dim=-1), sink_rows)
         split = self.pruned_keys.shape[-2]
-        out = probs[..., :split] @ self.pruned_values.to(dtype) + probs[..., split:] @ self.values.to(dtype)
+        out = _batched_mix(probs[..., :split], self.pruned_values.to(dtype)) + _batched_mix(
+            probs[..., split:], self.values.to(dtype)
+        )
         return out.reshape(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+
+    def _query_channels(self, query: torch.Tensor) -> torch.Tensor:
+        """``gather_query_channels(query, channel_index)``: ``[b, Hq, q, d]`` -> ``[b, Hkv, group, q, d_keep]``,
+        with the expanded int64 gather index built once per channel choice and query shape, not at every step."""
+        batch, q_heads, num_q, head_dim = query.shape
+        index, kv_heads = self.channel_index, self.channel_index.shape[1]
+        grouped = query.view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
+        if torch.compiler.is_compiling():  # a traced graph builds it once anyway; no tensor kept across calls
+            return grouped.gather(-1, index.long()[:, :, None, None, :].expand(-1, -1, grouped.shape[2], num_q, -1))
+        memo = self._channel_gather
+        if memo is None or memo[0] is not index or memo[1:4] != (tensor_version(index), q_heads, num_q):
+            expanded = index.long()[:, :, None, None, :].expand(-1, -1, grouped.shape[2], num_q, -1)
+            memo = self._channel_gather = (index, tensor_version(index), q_heads, num_q, expanded)
+        return grouped.gather(-1, memo[4])
 
     def tail_mask(self, num_q: int) -> torch.Tensor | None:
         """``[batch, 1, q, R]`` bool mask of the full-width tail for ``num_q`` queries (``None``: all visible)."""
@@ -445,6 +465,21 @@ def _base_layer_factory(base, budget, window_size, config):
         layers = list(base.layers)
         return lambda layer_idx: layers[layer_idx]
     return lambda layer_idx: base.layer_class_to_replicate()
+
+
+def _batched_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``query @ keys.transpose(-1, -2)`` for ``[b, h, rows, d]`` and ``[b, h, n, d]`` -> ``[b, h, rows, n]``: the
+    ``bmm`` that ``matmul`` runs on the same (reshaped) operands, without its broadcasting ops (issue 20)."""
+    batch, heads, rows, _ = query.shape
+    flat_query = query.reshape(batch * heads, rows, -1)
+    flat_keys = keys.reshape(batch * heads, keys.shape[-2], -1)
+    return torch.bmm(flat_query, flat_keys.transpose(1, 2)).view(batch, heads, rows, -1)
+
+
+def _batched_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs @ values`` for ``[b, h, rows, n]`` and ``[b, h, n, d]`` -> ``[b * h, rows, d]`` (one ``bmm``)."""
+    batch, heads, rows, n = probs.shape
+    return torch.bmm(probs.reshape(batch * heads, rows, n), values.reshape(batch * heads, n, -1))
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).

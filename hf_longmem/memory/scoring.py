@@ -92,6 +92,10 @@ def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: fl
     group, offset = q_heads // kv_heads, num_k - num_q
     q = query.float().view(batch, kv_heads, group, num_q, head_dim)
     k = keys.float()
+    if num_q == 1:  # a decoded query sees every key: the block below without its mask, loop and running sum
+        block = q.reshape(batch * kv_heads, group, head_dim) * scaling
+        logits = torch.bmm(block, k.reshape(batch * kv_heads, num_k, head_dim).transpose(1, 2))
+        return torch.softmax(logits, dim=-1).view(batch, q_heads, num_k)
     total = q.new_zeros(batch, kv_heads, group, num_k)
     for start in range(0, num_q, CAUSAL_QUERY_BLOCK):
         stop = min(start + CAUSAL_QUERY_BLOCK, num_q)

@@ -21,17 +21,17 @@ LAYERS, PROMPT, BUDGET, WARMUP, STEPS = 2, 160, 64, 3, 6
 #: Ops per decode step above DynamicCache's (2 layers, 160-token prompt, budget 64, largest of 6 steps after 3).
 PINNED_EXCESS = {
     "full": 0,
-    "d2o": 394,
-    "duo_attention": 48,
+    "d2o": 362,
+    "duo_attention": 38,
     "emllm": 693,
-    "h2o": 104,
+    "h2o": 72,
     "infllm": 624,
     "kvmerger": 6,
     "sirllm": 17,
     "snapkv": 6,
     "pyramidkv": 6,
     "streaming": 10,
-    "think": 99,
+    "think": 63,
 }
 
 

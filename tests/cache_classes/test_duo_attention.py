@@ -124,11 +124,25 @@ def per_head_reference_logits(model, sequence, prompt, pattern, sink, recent):
         model.set_attn_implementation(previous)
 
 
-@pytest.mark.parametrize("shape, attn_impl", [("llama_gqa", "sdpa"), ("llama_gqa", "eager"), ("llama_mha", "sdpa")])
-def test_mixed_pattern_equals_a_per_head_masked_reference(shape, attn_impl):
+# llama_mha (4 KV heads): groups scattered over the heads (index_select), or contiguous ranges in either order (split)
+MHA_PATTERNS = {
+    "scattered": [[True, False, False, True], [False, True, False, False]],
+    "contiguous": [[True, True, True, False], [False, False, True, True]],
+}
+
+
+@pytest.mark.parametrize(
+    "shape, attn_impl, layout",
+    [
+        ("llama_gqa", "sdpa", None),
+        ("llama_gqa", "eager", None),
+        ("llama_mha", "sdpa", "scattered"),
+        ("llama_mha", "eager", "contiguous"),
+    ],
+)
+def test_mixed_pattern_equals_a_per_head_masked_reference(shape, attn_impl, layout):
     model = tiny_model(shape, attn_impl)
-    kv_heads = model.config.num_key_value_heads
-    pattern = MIXED if kv_heads == 2 else torch.tensor([[True, False, False, True], [False, True, False, False]])
+    pattern = MIXED if layout is None else torch.tensor(MHA_PATTERNS[layout])
     sink, recent, prompt = 3, 6, 24
     seq, logits = greedy(model, random_ids(1, prompt), duo(model, pattern, sink_size=sink, recent_size=recent))
     reference = per_head_reference_logits(model, seq[:, :-1], prompt, pattern, sink, recent)
@@ -136,6 +150,15 @@ def test_mixed_pattern_equals_a_per_head_masked_reference(shape, attn_impl):
     # the reference really differs from full attention (the window is short enough to matter)
     full = per_head_reference_logits(model, seq[:, :-1], prompt, torch.ones_like(pattern), sink, recent)
     assert not torch.allclose(full[prompt:], reference[prompt:], atol=1e-3)
+
+
+def test_contiguous_groups():
+    from hf_longmem.cache_classes.duo_attention import _contiguous_groups
+
+    assert _contiguous_groups([True, True, False]) == ([2, 1], True)
+    assert _contiguous_groups([False, True, True, True]) == ([1, 3], False)
+    assert _contiguous_groups([True, False, True]) is None  # scattered: index_select per group
+    assert _contiguous_groups([True, True]) is None and _contiguous_groups([False]) is None  # one group only
 
 
 # ------------------------------------------------------------------------------------- storage and padding

@@ -166,6 +166,24 @@ def test_beam_search_reorders_the_packed_state():
     assert layer.pruned_keys.shape[0] == layer.channel_index.shape[0] == layer.keys.shape[0] == 3
 
 
+def test_query_channel_index_memo_follows_the_channel_choice():
+    """The decode path's memoised gather index (built once per channel choice) gives what the reference gather
+    gives, also after a batch reorder replaced ``channel_index`` (rows with different kept channels)."""
+    from hf_longmem.kernels.channel_attention.reference import gather_query_channels
+
+    model = tiny_model("llama_gqa")
+    batch = torch.cat((random_ids(1, 30, seed=1), random_ids(1, 30, seed=2)))
+    cache = make_cache("think", model, base="snapkv", budget=12, window_size=4, key_channel_ratio=0.4)
+    greedy(model, batch, cache, max_new_tokens=3)
+    layer = cache.layers[0]
+    assert not torch.equal(layer.channel_index[0], layer.channel_index[1])
+    query = torch.randn(2, model.config.num_attention_heads, 1, layer.keys.shape[-1])
+    for _ in range(2):  # the first call may build the memo, the second uses it
+        assert torch.equal(layer._query_channels(query), gather_query_channels(query, layer.channel_index))
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer._query_channels(query), gather_query_channels(query, layer.channel_index))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -9,7 +9,9 @@ from hf_longmem.memory import scoring
 from hf_longmem.memory.scoring import causal_column_scores, causal_head_column_sums, column_scores
 
 
-@pytest.mark.parametrize("num_q, num_k, block", [(1, 40, 128), (7, 7, 4), (33, 70, 8), (50, 50, 128), (20, 90, 6)])
+@pytest.mark.parametrize(
+    "num_q, num_k, block", [(1, 40, 128), (1, 1, 128), (7, 7, 4), (33, 70, 8), (50, 50, 128), (20, 90, 6)]
+)
 def test_causal_column_sums_equal_the_masked_reference(monkeypatch, num_q, num_k, block):
     monkeypatch.setattr(scoring, "CAUSAL_QUERY_BLOCK", block)  # several blocks, a ragged last one
     generator = torch.Generator().manual_seed(num_q + num_k)
