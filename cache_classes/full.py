@@ -19,6 +19,11 @@ class FullCache(MemoryReport, DynamicCache):
     def __init__(self, config=None):
         super().__init__(config=config)
 
+    @property
+    def generate_kwargs(self) -> dict:
+        """Arguments ``generate`` needs with this cache (none), as every hf_longmem cache has."""
+        return {}
+
     @classmethod
     def from_model(cls, model, **kwargs) -> FullCache:
         return cls(config=model.config, **kwargs)

@@ -36,6 +36,7 @@ def test_every_cache_reports_by_the_protocol(name):
     assert parts and all(where in LOCATIONS and size >= 0 for where, size in parts.values())
     assert cache.memory_breakdown() == bytes_by_location(parts)
     assert cache.memory_bytes() == sum(size for _, size in parts.values()) > 0
+    assert isinstance(cache.generate_kwargs, dict)  # model.generate(..., **cache.generate_kwargs) works for every cache
 
 
 def test_full_cache_counts_keys_and_values_exactly():
