@@ -59,7 +59,14 @@ from hf_longmem.validation import check_int, check_real
 
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
-from .static import KEEP, NOT_ROUTED, append_static_options, check_static_layers, lowest_priority_slot
+from .static import (
+    KEEP,
+    append_static_options,
+    check_static_layers,
+    check_static_step,
+    finish_freeze,
+    lowest_priority_slot,
+)
 
 #: ``format`` field of our JSON / safetensors pattern files.
 PATTERN_FORMAT = "hf_longmem.duo_attention.head_pattern"
@@ -692,26 +699,14 @@ class StaticDuoAttentionLayer(DuoAttentionLayer):
             self._streaming_padded = True
             static += [self.streaming_keys, self.streaming_values, self.streaming_positions]
         self._append_buffers.clear()
-        self.real_seen = self.real_seen.clone()
-        self.cumulative_length = torch.tensor(int(self.cumulative_length), device=self.real_seen.device)
-        for tensor in (*static, self.real_seen, self.cumulative_length):
-            torch._dynamo.mark_static_address(tensor)
-        self._frozen = True
+        finish_freeze(self, static)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self._frozen:
             return super().update(key_states, value_states, *args, **kwargs)
         name = type(self).__name__
         attn_kwargs = kwargs.get("kwargs")
-        if key_states.shape[-2] != 1:
-            raise ValueError(
-                f"{name} (static=True) decodes one token per step after the prefill; got a step of "
-                f"{key_states.shape[-2]} tokens (prefill the whole prompt in one forward, or use static=False)"
-            )
-        if attn_kwargs is None:
-            raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
-        if self._pending:
-            raise RuntimeError(NOT_ROUTED.format(name=name))
+        check_static_step(self, key_states.shape[-2], attn_kwargs, self._pending)
         new_position = self.real_seen.to(torch.int32)[:, None, None]  # [b, 1, 1]
         if self.keys is not None:  # retrieval heads: the first free slot
             free = self._positions[:, 0] == PAD_POSITION  # [b, capacity]

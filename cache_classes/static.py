@@ -39,6 +39,31 @@ NOT_ROUTED = (
 )
 
 
+def finish_freeze(layer, buffers) -> None:
+    """The end of every freeze: the row counters become device tensors (no host sync while decoding), the fixed
+    ``buffers`` and the counters get static addresses (CUDA graphs), and ``layer`` decodes in the static layout."""
+    layer.real_seen = layer.real_seen.clone()
+    layer.cumulative_length = torch.tensor(int(layer.cumulative_length), device=layer.real_seen.device)
+    for tensor in (*buffers, layer.real_seen, layer.cumulative_length):
+        torch._dynamo.mark_static_address(tensor)
+    layer._frozen = True
+
+
+def check_static_step(layer, num_new: int | None, attn_kwargs: dict | None, pending: bool) -> None:
+    """Refuses a static decode step the layout cannot take: more than one new token (``num_new``; ``None``: the
+    layer thaws for those itself), a model whose attention passes no kwargs, or an attention call not routed to us."""
+    name = type(layer).__name__
+    if num_new is not None and num_new != 1:
+        raise ValueError(
+            f"{name} (static=True) decodes one token per step after the prefill; got a step of "
+            f"{num_new} tokens (prefill the whole prompt in one forward, or use static=False)"
+        )
+    if attn_kwargs is None:
+        raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
+    if pending:
+        raise RuntimeError(NOT_ROUTED.format(name=name))
+
+
 def lowest_priority_slot(priority: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Index of the slot to overwrite, ``[batch, heads]``: the lowest priority, ties to the latest position.
 
@@ -123,11 +148,7 @@ class StaticSlots:
         self.freeze_state(stored, capacity)
         self._append_buffers.clear()
         self.store(new_keys, new_values, new_positions, no_pads=False)
-        self.real_seen = self.real_seen.clone()
-        self.cumulative_length = torch.tensor(int(self.cumulative_length), device=keys.device)
-        for tensor in (self.keys, self.values, self._positions, self.real_seen, self.cumulative_length):
-            torch._dynamo.mark_static_address(tensor)
-        self._frozen = True
+        finish_freeze(self, (self.keys, self.values, self._positions))
 
     def next_slot(self, positions: torch.Tensor) -> torch.Tensor:
         """``[batch, heads, 1]``: the slot the next token goes to, a free one first, else the lowest priority."""
@@ -169,10 +190,7 @@ class StaticSlots:
     def static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, attn_kwargs: dict | None):
         """Writes one new token ``[batch, kv_heads, 1, head_dim]`` into its slot; returns the whole buffers."""
         name = type(self).__name__
-        if attn_kwargs is None:
-            raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
-        if self._static_pending:
-            raise RuntimeError(NOT_ROUTED.format(name=name))
+        check_static_step(self, None, attn_kwargs, self._static_pending)
         batch, heads, _, head_dim = key_states.shape
         positions = self._positions
         if not self.evicts:

@@ -37,7 +37,7 @@ from hf_longmem.validation import check_int, check_ratio
 from .base import CompressedLayer, LongMemCache
 from .scored import NEEDS_ATTENTION_MESSAGE
 from .snapkv import PyramidKVCache, SnapKVCache
-from .static import NOT_ROUTED, append_static_options, check_static_layers
+from .static import append_static_options, check_static_layers, check_static_step, finish_freeze
 
 BASES = ("full", "snapkv", "pyramidkv")
 
@@ -326,26 +326,14 @@ class StaticThinKLayer(ThinKLayer):
         self._append_buffers.clear()
         self.store(keys, values, positions, no_pads=False)
         self._packed_pads()  # known from now on: no device sync while decoding
-        self.real_seen = self.real_seen.clone()
-        self.cumulative_length = torch.tensor(int(self.cumulative_length), device=keys.device)
-        for tensor in (self.keys, self.values, self._positions, self.real_seen, self.cumulative_length):
-            torch._dynamo.mark_static_address(tensor)
-        self._frozen = True
+        finish_freeze(self, (self.keys, self.values, self._positions))
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self._frozen:
             return super().update(key_states, value_states, *args, **kwargs)
         name = type(self).__name__
         attn_kwargs = kwargs.get("kwargs")
-        if key_states.shape[-2] != 1:
-            raise ValueError(
-                f"{name} (static=True) decodes one token per step after the prefill; got a step of "
-                f"{key_states.shape[-2]} tokens (prefill the whole prompt in one forward, or use static=False)"
-            )
-        if attn_kwargs is None:
-            raise ValueError(f"unsupported model for {name} (static=True): its attention passes no kwargs")
-        if self._pending:
-            raise RuntimeError(NOT_ROUTED.format(name=name))
+        check_static_step(self, key_states.shape[-2], attn_kwargs, self._pending)
         free = self._positions[:, 0] == PAD_POSITION  # [b, tail capacity]
         torch._assert_async(
             free.any(dim=-1).all(), f"{name} (static=True): capacity exceeded, more tokens than max_new_tokens"
