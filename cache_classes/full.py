@@ -18,11 +18,8 @@ class FullCache(MemoryReport, DynamicCache):
 
     def __init__(self, config=None):
         super().__init__(config=config)
-
-    @property
-    def generate_kwargs(self) -> dict:
-        """Arguments ``generate`` needs with this cache (none), as every hf_longmem cache has."""
-        return {}
+        #: Arguments ``generate`` needs with this cache (none), as every hf_longmem cache has.
+        self.generate_kwargs: dict = {}
 
     @classmethod
     def from_model(cls, model, **kwargs) -> FullCache:
