@@ -16,6 +16,12 @@ On a GPU set ``num_workers`` (batches are generated and collated in background p
 curriculum follow ``progress = max(step / max_steps, elapsed / max_time_s)``, so a run stopped by the clock has
 fully decayed its learning rate and visited every curriculum stage). ``recipes/device_train_tiny.sh`` is the GPU run.
 
+A long CPU run can be split over several processes: ``--checkpoint_every N`` writes a resumable checkpoint
+(``output_dir/checkpoints/step-N``: weights and optimizer state as safetensors + JSON, nothing pickled),
+``--session_time_s S`` checkpoints and exits after ``S`` seconds of this process, and ``--resume auto`` continues
+from the latest checkpoint. The batch of step ``s`` depends on ``(seed, s)`` only, so a resumed run trains on
+exactly the batches an uninterrupted run would have seen.
+
 The log shows, per task, the fraction of recent training samples whose answer tokens are all predicted
 (argmax, teacher forced): that equals greedy exact match on these fresh samples.
 """
@@ -26,6 +32,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -40,10 +48,12 @@ import torch.nn.functional as F
 from _config import parse_recipe_config
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from hf_longmem.continual.state_io import load_tree, save_tree
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.vocab import build_tokenizer
 
@@ -83,6 +93,14 @@ class TrainConfig:
     the curriculum follow ``progress = max(step / max_steps, elapsed / max_time_s)`` instead of ``step / max_steps``,
     so whichever budget ends first ends the schedule; with ``max_time_s = 0`` this is the step-based schedule.
 
+    ``checkpoint_every``: steps between resumable checkpoints in ``output_dir/checkpoints`` (0: only when
+    ``session_time_s`` ends the process); the last ``keep_checkpoints`` are kept. ``session_time_s``: wall time of
+    this process's training loop (0 = none); when it has passed, the run writes a checkpoint and exits without the
+    final save (``stopped_by = "session_time_s"``); ``max_time_s`` still counts the time of every session.
+    ``resume``: ``"auto"`` continues from the latest checkpoint of ``output_dir`` if there is one, a path continues
+    from that checkpoint, ``""`` starts fresh. A checkpoint whose training options differ from the config (anything
+    but the output and speed options of :data:`RUNTIME_OPTIONS`) is refused with a ``ValueError`` naming them.
+
     ``init_from``: a saved model directory (e.g. the v1 embedded model) to fine-tune instead of a fresh
     ``model`` (whose keys are then ignored); its vocabulary must be the tokenizer's.
     """
@@ -113,6 +131,10 @@ class TrainConfig:
     prefetch_batches: int = 4
     mixed_precision: str = "no"
     max_time_s: float = 0.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    session_time_s: float = 0.0
+    resume: str = ""
     init_from: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=lambda: {"passkey": 1.0})
@@ -138,6 +160,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         )
     if config.max_time_s < 0:
         raise ValueError(f"max_time_s must be >= 0 (0 = no time budget), got {config.max_time_s}")
+    if config.checkpoint_every < 0 or config.keep_checkpoints < 1 or config.session_time_s < 0:
+        raise ValueError(
+            "checkpoint_every and session_time_s must be >= 0 and keep_checkpoints >= 1, got "
+            f"{config.checkpoint_every}, {config.session_time_s}, {config.keep_checkpoints}"
+        )
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     return config
@@ -200,54 +227,72 @@ def stage_length(config: TrainConfig, progress: float, rng: random.Random) -> tu
     return length, max(1, config.tokens_per_batch // length)
 
 
+RUNTIME_OPTIONS = frozenset(
+    {"output_dir", "num_threads", "num_workers", "prefetch_batches", "log_every", "save_every", "checkpoint_every"}
+    | {"keep_checkpoints", "session_time_s", "resume"}
+)
+"""Config keys that change how a run is executed or saved but not what it trains: free to differ on resume."""
+
+
+def step_seed(config: TrainConfig, process_index: int, step: int) -> int:
+    """The seed of everything step ``step`` (0-based) draws: its length, its samples, its copy and recall batches."""
+    return ((config.seed * 1_000_003 + process_index) << 32) + step
+
+
 def length_schedule(config: TrainConfig) -> Iterator[tuple[int, int]]:
-    """``(length, batch_size)`` per step, following the curriculum (seeded)."""
-    rng = random.Random(config.seed)
+    """``(length, batch_size)`` per step, following the curriculum (seeded by :func:`step_seed`)."""
     for step in range(config.max_steps):
-        yield stage_length(config, step / config.max_steps, rng)
+        yield stage_length(config, step / config.max_steps, random.Random(step_seed(config, 0, step)))
 
 
 class BatchStream(IterableDataset):
     """Infinite stream of collated task batches (``dict`` of tensors plus ``"tasks"``: the samples' task names).
 
-    Without a DataLoader worker it is the historical in-process stream: lengths drawn with
-    ``random.Random(seed)``, samples from ``TaskMixture(seed=seed + process_index)``. In DataLoader worker ``w`` of
-    ``n`` it yields the batches of steps ``w, w + n, ...`` from seeds ``1000 * (w + 1) + seed + process_index``;
-    the DataLoader interleaves workers round-robin, so step order is preserved. The curriculum of step ``s``
-    follows ``s / max_steps``, or with a time budget ``max(s / max_steps, progress.value)`` (the shared progress
-    the training loop published last; workers run up to ``n * prefetch_batches`` steps ahead of it). Without a
-    time budget the stream thus depends on the seeds and ``n`` only, not on how fast the loop consumes it.
+    The batch of step ``s`` is drawn from :func:`step_seed` ``(config, process_index, s)`` alone: its length from
+    ``random.Random(seed)``, its samples from ``TaskMixture(seed=seed)``. The stream therefore does not depend on
+    ``num_workers`` and a run resumed at step ``s`` (``start_step``) sees the batches an uninterrupted run would. In
+    DataLoader worker ``w`` of ``n`` it yields the batches of steps ``start_step + w, start_step + w + n, ...``; the
+    DataLoader interleaves workers round-robin, so step order is preserved. The curriculum of step ``s`` follows
+    ``s / max_steps``, or with a time budget ``max(s / max_steps, progress.value)`` (the shared progress the training
+    loop published last; workers run up to ``n * prefetch_batches`` steps ahead of it).
     """
 
-    def __init__(self, config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress) -> None:
+    def __init__(
+        self, config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress, start_step: int = 0
+    ) -> None:
         self.config, self.tokenizer, self.process_index, self.progress = config, tokenizer, process_index, progress
+        self.start_step = start_step
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """The collated batch of step ``step`` (0-based)."""
+        config = self.config
+        seed = step_seed(config, self.process_index, step)
+        progress = step / config.max_steps  # the step this batch is for: reproducible
+        if config.max_time_s:  # the clock, as the training loop last published it
+            progress = max(progress, self.progress.value)
+        length, batch_size = stage_length(config, progress, random.Random(seed))
+        mixture = TaskMixture(self.tokenizer, config.tasks, config.task_options, seed=seed)
+        samples = [mixture.sample(length) for _ in range(batch_size)]
+        batch = collate(samples, self.tokenizer.pad_token_id, config.answer_loss_weight)
+        batch["tasks"] = [sample.task for sample in samples]
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        config, info = self.config, get_worker_info()
+        info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if info is None:
-            length_seed, mixture_seed = config.seed, config.seed + self.process_index
-        else:
+        if info is not None:
             torch.set_num_threads(1)
-            length_seed = mixture_seed = 1000 * (worker + 1) + config.seed + self.process_index
-        rng = random.Random(length_seed)
-        mixture = TaskMixture(self.tokenizer, config.tasks, config.task_options, seed=mixture_seed)
-        step = worker
+        step = self.start_step + worker
         while True:
-            progress = step / config.max_steps  # the step this batch is for: reproducible
-            if config.max_time_s:  # the clock, as the training loop last published it
-                progress = max(progress, self.progress.value)
-            length, batch_size = stage_length(config, progress, rng)
-            samples = [mixture.sample(length) for _ in range(batch_size)]
-            batch = collate(samples, self.tokenizer.pad_token_id, config.answer_loss_weight)
-            batch["tasks"] = [sample.task for sample in samples]
-            yield batch
+            yield self.batch(step)
             step += num_workers
 
 
-def batch_loader(config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress, pin: bool) -> Any:
-    """The batches of :class:`BatchStream`: in process (``num_workers = 0``) or from a ``DataLoader``."""
-    stream = BatchStream(config, tokenizer, process_index, progress)
+def batch_loader(
+    config: TrainConfig, tokenizer: Any, process_index: int, progress: Progress, pin: bool, start_step: int = 0
+) -> Any:
+    """The batches of :class:`BatchStream` from ``start_step``: in process (``num_workers = 0``) or from a ``DataLoader``."""
+    stream = BatchStream(config, tokenizer, process_index, progress, start_step)
     if config.num_workers == 0:
         return iter(stream)
     loader = DataLoader(
@@ -330,6 +375,70 @@ def save(model: Any, tokenizer: Any, output_dir: Path, metadata: dict[str, Any])
             os.replace(path, output_dir / path.name)
 
 
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the largest step in ``output_dir/checkpoints`` (``None`` if none)."""
+    root = Path(output_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(model: Any, optimizer: Any, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write a resumable checkpoint ``output_dir/checkpoints/step-<step>`` and prune all but the last ``keep``.
+
+    Holds ``model.safetensors`` (the weights), ``optimizer.json`` + ``optimizer.safetensors`` (the optimizer's
+    ``state_dict``, :func:`hf_longmem.continual.state_io.save_tree`: nothing pickled) and ``trainer_state.json``
+    (``state``: step, tokens, elapsed time, config, log). The folder is written under a temporary name and renamed,
+    so a checkpoint that exists is complete.
+    """
+    root = output_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:09d}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".saving-"))
+    try:
+        save_model(model, str(staging / "model.safetensors"))
+        save_tree(optimizer.state_dict(), staging, "optimizer")
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        if final.exists():  # the same step again (a resumed run that stops at once): replace it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    found = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name)))
+    for _, old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, config: TrainConfig, model: Any, optimizer: Any) -> dict[str, Any]:
+    """Load weights and optimizer state from a :func:`save_checkpoint` folder; returns its trainer state.
+
+    Raises:
+        ValueError: the folder is not a checkpoint, or it was trained with other options than ``config`` (the
+            message names them; :data:`RUNTIME_OPTIONS` may differ).
+    """
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise ValueError(f"{path} is not a train_tiny checkpoint (no trainer_state.json)")
+    state = json.loads(state_file.read_text())
+    saved, current = state["config"], json.loads(json.dumps(asdict(config)))
+    differing = sorted(
+        k for k in saved.keys() | current.keys() if k not in RUNTIME_OPTIONS and saved.get(k) != current.get(k)
+    )
+    if differing:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in differing)
+        raise ValueError(
+            f"{path} was trained with other options ({details}). Resume with the checkpoint's options, or start "
+            "fresh in another output_dir"
+        )
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(load_tree(path, "optimizer"))
+    return state
+
+
 def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device) -> torch.Tensor:
     """Cross entropy of repeating ``copy_length`` random (non-special) tokens, on the repeat only."""
     special = set(tokenizer.all_special_ids)
@@ -368,7 +477,8 @@ def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torc
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run the recipe; returns the metadata written next to the model."""
+    """Run the recipe; returns the metadata written next to the model (or, when ``session_time_s`` ends this process,
+    the metadata of the checkpoint it wrote)."""
     torch.set_num_threads(config.num_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers fork after the tokenizer was used
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -379,50 +489,70 @@ def train(config: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay, **fused
     )
+    output_dir = Path(config.output_dir)
+    resume_from = latest_checkpoint(output_dir) if config.resume == "auto" else Path(config.resume or ".")
+    resumed = load_checkpoint(resume_from, config, model, optimizer) if config.resume and resume_from else None
+    step = resumed["step"] if resumed else 0
+    tokens_seen = resumed["tokens_seen"] if resumed else 0
+    history: list[dict[str, Any]] = resumed["history"] if resumed else []
     progress = Progress(config, shared=config.num_workers > 0)
-    state = {"step": 0}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(state["step"], progress.value, config))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     recent: dict[str, deque[bool]] = {name: deque(maxlen=200) for name in config.tasks}
     pending: list[tuple[list[str], torch.Tensor]] = []  # (tasks, exact) not yet read back (no per-step sync)
-    copy_generator = torch.Generator().manual_seed(config.seed + 1)
-    recall_generator = torch.Generator().manual_seed(config.seed + 2)
-    history: list[dict[str, Any]] = []
     pin = accelerator.device.type == "cuda"
-    batches = batch_loader(config, tokenizer, accelerator.process_index, progress, pin)
-    tokens_seen, stopped_by = 0, "max_steps"
-    bar = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_tiny", mininterval=5)
-    progress.start = time.time()
-    last_log = (0, 0, progress.start)  # step, tokens, time
+    stopped_by = "max_steps"
+    bar = tqdm(
+        total=config.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train_tiny", mininterval=5
+    )
+    session_start = time.time()
+    progress.start = session_start - (resumed["elapsed_s"] if resumed else 0.0)
+    progress.update(step)
+    batches = batch_loader(config, tokenizer, accelerator.process_index, progress, pin, start_step=step)
+    last_log = (step, tokens_seen, session_start)  # step, tokens, time
+    if resumed and accelerator.is_main_process:
+        tqdm.write(json.dumps({"resumed_from": str(resume_from), "step": step}), file=sys.stdout)
+
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed_s": progress.elapsed(),
+            "config": asdict(config),
+            "history": history,
+        }
+
     model.train()
-    step = 0
     while step < config.max_steps:
         host = next(batches)
+        seed = step_seed(config, accelerator.process_index, step)
+        lr = config.learning_rate * lr_factor(step, progress.value, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         step += 1
         tasks = host.pop("tasks")
         batch = {k: v.to(accelerator.device, non_blocking=pin) for k, v in host.items()}
         loss, exact, answer_loss = weighted_loss(model(input_ids=batch["input_ids"]).logits, batch)
-        copy = (
-            copy_loss(model, config, tokenizer, copy_generator, accelerator.device) if config.copy_loss_weight else None
-        )
-        recall = (
-            recall_loss(model, config, tokenizer, recall_generator, accelerator.device)
-            if config.recall_loss_weight
-            else None
-        )
-        total = loss if copy is None else loss + config.copy_loss_weight * copy
-        accelerator.backward(total if recall is None else total + config.recall_loss_weight * recall)
+        total = loss
+        copy = recall = None
+        if config.copy_loss_weight:
+            generator = torch.Generator().manual_seed(seed + 1)
+            copy = copy_loss(model, config, tokenizer, generator, accelerator.device)
+            total = total + config.copy_loss_weight * copy
+        if config.recall_loss_weight:
+            generator = torch.Generator().manual_seed(seed + 2)
+            recall = recall_loss(model, config, tokenizer, generator, accelerator.device)
+            total = total + config.recall_loss_weight * recall
+        accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        state["step"] = step
         progress.update(step)
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += int(batch["input_ids"].numel())
         pending.append((tasks, exact))
         bar.update(1)
         out_of_time = bool(config.max_time_s) and progress.elapsed() >= config.max_time_s
-        if step % config.log_every == 0 or step == config.max_steps or out_of_time:
+        end_of_session = bool(config.session_time_s) and time.time() - session_start >= config.session_time_s
+        if step % config.log_every == 0 or step == config.max_steps or out_of_time or end_of_session:
             for names, flags in pending:
                 for name, ok in zip(names, flags.tolist()):
                     recent[name].append(ok)
@@ -435,10 +565,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "answer_loss": round(answer_loss.item(), 4),
                 "copy_loss": None if copy is None else round(copy.item(), 4),
                 "recall_loss": None if recall is None else round(recall.item(), 4),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "progress": round(progress.value, 4),
                 "length": batch["input_ids"].shape[1],
-                "elapsed_s": round(now - progress.start, 1),
+                "elapsed_s": round(progress.elapsed(), 1),
                 "steps_per_s": round(rate, 2),
                 "tokens_per_s": round((tokens_seen - last_log[1]) / max(now - last_log[2], 1e-9)),
                 "answer_exact": {k: round(sum(v) / len(v), 3) for k, v in recent.items() if v},
@@ -449,11 +579,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if accelerator.is_main_process:
                 tqdm.write(json.dumps(row), file=sys.stdout)
                 sys.stdout.flush()
+        checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+        if (checkpoint_due or (end_of_session and not out_of_time)) and accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            save_checkpoint(unwrapped, optimizer, output_dir, trainer_state(), config.keep_checkpoints)
         if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
-            save(accelerator.unwrap_model(model), tokenizer, Path(config.output_dir), {"step": step, "partial": True})
+            save(accelerator.unwrap_model(model), tokenizer, output_dir, {"step": step, "partial": True})
         if out_of_time:
             stopped_by = "max_time_s"
             break
+        if end_of_session and step < config.max_steps:
+            bar.close()
+            del batches  # stops the DataLoader workers
+            accelerator.wait_for_everyone()
+            return {**trainer_state(), "stopped_by": "session_time_s"}
     bar.close()
     del batches  # stops the DataLoader workers
     metadata = {
@@ -461,7 +600,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "steps": step,
         "stopped_by": stopped_by,
         "tokens_seen": tokens_seen * accelerator.num_processes,
-        "wall_time_s": round(time.time() - progress.start, 1),
+        "wall_time_s": round(progress.elapsed(), 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "command": " ".join(sys.argv),
         "device": str(accelerator.device) + ("" if not pin else f" ({torch.cuda.get_device_name()})"),
@@ -470,7 +609,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save(accelerator.unwrap_model(model), tokenizer, Path(config.output_dir), metadata)
+        save(accelerator.unwrap_model(model), tokenizer, output_dir, metadata)
     return metadata
 
 

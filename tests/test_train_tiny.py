@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,7 @@ def _run_shrunk_recipe(tmp_path, tokens_per_batch: int, min_length: int, max_len
         tokens_per_batch=tokens_per_batch,
         curriculum=[{"until": 1.0, "min_length": min_length, "max_length": max_length}],
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "model"
@@ -217,3 +220,74 @@ def test_save_is_atomic_per_file(tmp_path, monkeypatch):
         train_tiny.save(model, tokenizer, out, {"step": 2})
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_stream_depends_on_the_step_only_not_on_the_workers():
+    """The batch of step ``s`` is the same in process and from any number of workers, and a stream started at ``s``
+    continues the full stream: what makes a resumed run see the batches of an uninterrupted one."""
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--tokens_per_batch", "256", "--max_steps", "50"])
+    tokenizer = train_tiny.build_tokenizer()
+    streams = {}
+    for workers, start in ((0, 0), (2, 0), (0, 3)):
+        config.num_workers, config.prefetch_batches = workers, 1
+        progress = train_tiny.Progress(config, shared=workers > 0)
+        batches = train_tiny.batch_loader(config, tokenizer, 0, progress, pin=False, start_step=start)
+        streams[workers, start] = [next(batches)["input_ids"] for _ in range(6 - start)]
+        del batches
+    assert all(torch.equal(a, b) for a, b in zip(streams[0, 0], streams[2, 0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(streams[0, 0][3:], streams[0, 3], strict=True))
+    assert not torch.equal(streams[0, 0][0][:1, :32], streams[0, 0][1][:1, :32])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    """Checkpoint at step 2 of 4, resume from it: the final weights equal those of one uninterrupted run."""
+    whole = _run_shrunk_recipe(tmp_path / "whole", 256, 64, 96, "--max_steps", "4", "--num_threads", "1")
+    split = _run_shrunk_recipe(
+        tmp_path / "split", 256, 64, 96, "--max_steps", "4", "--num_threads", "1", "--checkpoint_every", "2"
+    )
+    checkpoints = sorted(p.name for p in (split / "checkpoints").iterdir())
+    assert checkpoints == ["step-000000002", "step-000000004"]
+    shutil.rmtree(split / "checkpoints" / "step-000000004")  # as if the run had been stopped after step 2
+    (split / "model.safetensors").unlink()
+    _run_shrunk_recipe(tmp_path / "split", 256, 64, 96, "--max_steps", "4", "--num_threads", "1", "--resume", "auto")
+    expected, resumed = _weights(whole), _weights(split)
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
+    history = json.loads((split / "training_metadata.json").read_text())["history"]
+    assert [row["step"] for row in history] == [4]  # log_every 25: the final step only, logged once
+
+
+def test_session_time_checkpoints_and_exits_then_resume_finishes(tmp_path):
+    out = _run_shrunk_recipe(tmp_path, 256, 64, 96, "--max_steps", "3", "--session_time_s", "0.001", "--log_every", "1")
+    assert not (out / "model.safetensors").exists()  # no final save: the run is not finished
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert checkpoint.name == "step-000000001" and state["step"] == 1 and state["tokens_seen"] > 0
+    assert {"optimizer.json", "optimizer.safetensors", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    _run_shrunk_recipe(tmp_path, 256, 64, 96, "--max_steps", "3", "--resume", "auto", "--log_every", "1")
+    metadata = json.loads((out / "training_metadata.json").read_text())
+    assert metadata["steps"] == 3 and [row["step"] for row in metadata["history"]] == [1, 2, 3]
+    assert metadata["wall_time_s"] >= state["elapsed_s"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_training_options(tmp_path):
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--output_dir", str(tmp_path)])
+    config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    tokenizer = train_tiny.build_tokenizer()
+    model = train_tiny.build_model(config, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"step": 5, "tokens_seen": 0, "elapsed_s": 1.0, "config": dataclasses.asdict(config), "history": []}
+    path = train_tiny.save_checkpoint(model, optimizer, tmp_path, state, keep=1)
+    assert train_tiny.latest_checkpoint(tmp_path) == path
+    config.num_workers, config.learning_rate = 3, 1.0  # a speed option may differ, a training option may not
+    with pytest.raises(ValueError, match="learning_rate: checkpoint 0.002, config 1.0"):
+        train_tiny.load_checkpoint(path, config, model, optimizer)
+    with pytest.raises(ValueError, match="not a train_tiny checkpoint"):
+        train_tiny.load_checkpoint(tmp_path, config, model, optimizer)
