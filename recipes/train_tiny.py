@@ -70,13 +70,21 @@ class TrainConfig:
     (loss on the repeat only, weighted ``copy_loss_weight``; 0 turns it off). Dense copy targets grow the
     induction heads retrieval needs within ~100 steps; without them the needle tasks sat on a loss plateau for
     1000+ steps in our pilots (their answers are a few tokens in hundreds of predictable filler tokens).
+    With a fixed offset between a token and its repeat, the copy can be learned by a head that attends ``copy_length``
+    positions back, which helps no retrieval task: ``copy_gap > 0`` puts ``0..copy_gap`` random tokens (drawn per
+    row) between the two copies, so only content-based induction (find the earlier occurrence of the current token,
+    predict what followed it) solves it; the loss is then on the repeat after its first token.
+    ``copy_digit_fraction`` of the copy rows draw their tokens from the ten digits only: there one previous token does
+    not say what comes next, so they train the multi-token prefix matching that continuing a 7-digit value needs.
 
     ``recall_*``: every step also trains on ``recall_batch_size`` dense multi-key recall sequences (0 weight turns it
     off, the default): ``recall_pairs`` records ``key v_1..v_L`` (distinct random keys, ``L = recall_value_length``
     random value tokens), then every key once more in shuffled order as a query ``key g_1..g_G v_1..v_L`` with the
     same ``G = recall_gap`` random gap tokens after each key (loss on the queried values only, weighted
     ``recall_loss_weight``). Plain induction cannot answer the first value (the key is ``G`` tokens back), which is
-    what the multi-key needle asks ("... for KEY mentioned in the provided text is").
+    what the multi-key needle asks ("... for KEY mentioned in the provided text is"). ``recall_record_gap`` random
+    tokens (the same in every record of a row) sit between each record's key and its values, as " is:" does in the
+    needle "for KEY is: VALUE".
 
     ``num_workers``: background processes generating and collating the task batches (``torch.utils.data``
     ``DataLoader`` over :class:`BatchStream`; ``prefetch_batches`` each); 0 generates them in the training process
@@ -120,10 +128,13 @@ class TrainConfig:
     copy_batch_size: int = 16
     copy_length: int = 24
     copy_loss_weight: float = 1.0
+    copy_digit_fraction: float = 0.0
+    copy_gap: int = 0
     recall_batch_size: int = 8
     recall_pairs: int = 8
     recall_value_length: int = 4
     recall_gap: int = 3
+    recall_record_gap: int = 0
     recall_loss_weight: float = 0.0
     log_every: int = 25
     save_every: int = 0
@@ -165,6 +176,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             "checkpoint_every and session_time_s must be >= 0 and keep_checkpoints >= 1, got "
             f"{config.checkpoint_every}, {config.session_time_s}, {config.keep_checkpoints}"
         )
+    if not 0 <= config.copy_digit_fraction <= 1:
+        raise ValueError(f"copy_digit_fraction must be in [0, 1], got {config.copy_digit_fraction}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
     return config
@@ -444,10 +457,27 @@ def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.
     special = set(tokenizer.all_special_ids)
     choices = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     x = choices[torch.randint(len(choices), (config.copy_batch_size, config.copy_length), generator=generator)]
-    bos = torch.full((config.copy_batch_size, 1), tokenizer.bos_token_id)
-    ids = torch.cat((bos, x, x), dim=1).to(device)
-    logits = model(input_ids=ids).logits[:, config.copy_length : -1].float()  # predicts the repeat
-    return F.cross_entropy(logits.flatten(0, 1), ids[:, config.copy_length + 1 :].flatten())
+    num_digit_rows = round(config.copy_digit_fraction * config.copy_batch_size)
+    if num_digit_rows:
+        digits = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
+        x[:num_digit_rows] = digits[torch.randint(10, (num_digit_rows, config.copy_length), generator=generator)]
+    b, n = config.copy_batch_size, config.copy_length
+    bos = torch.full((b, 1), tokenizer.bos_token_id)
+    if not config.copy_gap:
+        ids = torch.cat((bos, x, x), dim=1).to(device)
+        logits = model(input_ids=ids).logits[:, n:-1].float()  # predicts the repeat
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, n + 1 :].flatten())
+    # [BOS, x, g_b random tokens, x, padding]: the repeat starts at a different offset in every row.
+    gap_lengths = torch.randint(config.copy_gap + 1, (b, 1), generator=generator)
+    width = 1 + 2 * n + config.copy_gap
+    ids = torch.cat((bos, x, choices[torch.randint(len(choices), (b, width - 1 - n), generator=generator)]), dim=1)
+    repeat = 1 + n + gap_lengths + torch.arange(n)  # [b, n] columns of the repeat
+    ids.scatter_(1, repeat, x)
+    ids[torch.arange(width) >= repeat[:, -1:] + 1] = tokenizer.pad_token_id
+    ids = ids.to(device)
+    logits = model(input_ids=ids).logits.float()
+    predicted = logits.gather(1, repeat[:, :-1, None].to(device).expand(-1, -1, logits.shape[-1]))
+    return F.cross_entropy(predicted.flatten(0, 1), x[:, 1:].flatten().to(device))
 
 
 def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device) -> torch.Tensor:
@@ -455,6 +485,7 @@ def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torc
     special = set(tokenizer.all_special_ids)
     choices = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     b, n, v, g = config.recall_batch_size, config.recall_pairs, config.recall_value_length, config.recall_gap
+    r = config.recall_record_gap
 
     def draw(*shape: int) -> torch.Tensor:
         return choices[torch.randint(len(choices), shape, generator=generator)]
@@ -464,7 +495,8 @@ def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torc
     order = torch.rand(b, n, generator=generator).argsort(-1)
     query_keys, query_values = keys.gather(1, order), values.gather(1, order[..., None].expand(b, n, v))
     gaps = draw(b, 1, g).expand(b, n, g)
-    records = torch.cat((keys[..., None], values), dim=-1).flatten(1)
+    record_gaps = draw(b, 1, r).expand(b, n, r)
+    records = torch.cat((keys[..., None], record_gaps, values), dim=-1).flatten(1)
     queries = torch.cat((query_keys[..., None], gaps, query_values), dim=-1)
     bos = torch.full((b, 1), tokenizer.bos_token_id)
     ids = torch.cat((bos, records, queries.flatten(1)), dim=1).to(device)

@@ -291,3 +291,59 @@ def test_resume_refuses_a_checkpoint_of_other_training_options(tmp_path):
         train_tiny.load_checkpoint(path, config, model, optimizer)
     with pytest.raises(ValueError, match="not a train_tiny checkpoint"):
         train_tiny.load_checkpoint(tmp_path, config, model, optimizer)
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that put all mass on the true next token: every loss the recipe computes from them is 0."""
+
+    def __init__(self, vocab_size: int, seen: dict) -> None:
+        super().__init__()
+        self.vocab_size, self.seen = vocab_size, seen
+
+    def forward(self, input_ids):
+        self.seen["ids"] = input_ids
+        logits = torch.full((*input_ids.shape, self.vocab_size), -1e4)
+        logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1e4)
+        return type("Out", (), {"logits": logits})
+
+
+def test_copy_gap_puts_the_repeat_at_a_random_offset_per_row():
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--copy_batch_size", "64", "--copy_length", "6"])
+    config.copy_gap, config.copy_digit_fraction = 5, 0.5
+    tokenizer = train_tiny.build_tokenizer()
+    seen: dict = {}
+    loss = train_tiny.copy_loss(
+        _Oracle(len(tokenizer), seen), config, tokenizer, torch.Generator().manual_seed(0), "cpu"
+    )
+    assert loss.item() == 0.0  # the targets are the repeat's tokens
+    ids, pad = seen["ids"], tokenizer.pad_token_id
+    assert ids.shape == (64, 1 + 2 * 6 + 5) and (ids[:, 0] == tokenizer.bos_token_id).all()
+    gaps = set()
+    digits = set(tokenizer.convert_tokens_to_ids(list("0123456789")))
+    for row in ids.tolist():
+        body = row[1:]
+        end = len(body) - next(i for i, t in enumerate(reversed(body)) if t != pad)
+        x, tail = body[:6], body[:end][-6:]
+        assert x == tail and pad not in x
+        gaps.add(end - 12)
+    assert gaps == set(range(6))  # every gap length 0..5 occurs: no fixed offset solves the copy
+    assert sum(set(row[1:7]) <= digits for row in ids.tolist()) >= 32  # half the rows are digits only
+
+
+def test_recall_record_gap_sits_between_key_and_values():
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--recall_loss_weight", "1"])
+    config.recall_batch_size, config.recall_pairs, config.recall_value_length = 4, 3, 2
+    config.recall_gap, config.recall_record_gap = 2, 1
+    tokenizer = train_tiny.build_tokenizer()
+    seen: dict = {}
+    oracle = _Oracle(len(tokenizer), seen)
+    assert train_tiny.recall_loss(oracle, config, tokenizer, torch.Generator().manual_seed(1), "cpu").item() == 0.0
+    ids = seen["ids"]
+    records = ids[:, 1 : 1 + 3 * 4].view(4, 3, 4)  # key, gap, v1, v2
+    queries = ids[:, 1 + 3 * 4 :].view(4, 3, 5)  # key, g1, g2, v1, v2
+    for row in range(4):
+        assert len(set(records[row, :, 1].tolist())) == 1  # the same record gap token in every record of a row
+        table = {int(r[0]): r[2:].tolist() for r in records[row]}
+        assert all(table[int(q[0])] == q[3:].tolist() for q in queries[row])

@@ -63,7 +63,9 @@ class TaskMixture:
     Attributes:
         tokenizer: tokenizer used for fitting and encoding.
         weights: task name (a key of :data:`hf_longmem.evals.tasks.TASKS`) -> sampling weight.
-        options: task name -> generator options; a list value is sampled uniformly per sample.
+        options: task name -> generator options; a list value is sampled uniformly per sample. A task's options
+            may also be a list of such mappings (option sets), one drawn uniformly per sample, for options that
+            must go together (``[{"num_needles": 2, "num_questions": 2}, {"num_needles": 8, "num_questions": 8}]``).
         seed: stream seed; sample seeds start at ``10**6 * (seed + 1)`` so they never collide with small
             evaluation seeds.
     """
@@ -79,6 +81,12 @@ class TaskMixture:
             raise ValueError(f"weights must name tasks among {sorted(TASKS)}, got {sorted(self.weights)}")
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ValueError(f"weights must be non-negative with a positive sum, got {dict(self.weights)}")
+        for name, chosen in self.options.items():
+            sets = chosen if isinstance(chosen, list) else [chosen]
+            if not sets or not all(isinstance(option_set, Mapping) for option_set in sets):
+                raise ValueError(
+                    f"options[{name!r}] must be a mapping of generator options or a non-empty list of them, got {chosen!r}"
+                )
         self._rng = random.Random(self.seed)
         self._counter = 0
 
@@ -91,9 +99,11 @@ class TaskMixture:
         names = list(self.weights)
         for _ in range(max_tries):
             name = self._rng.choices(names, weights=[self.weights[n] for n in names])[0]
+            chosen = self.options.get(name, {})
+            if isinstance(chosen, list):
+                chosen = self._rng.choice(chosen)
             options = {
-                key: self._rng.choice(value) if isinstance(value, list) else value
-                for key, value in self.options.get(name, {}).items()
+                key: self._rng.choice(value) if isinstance(value, list) else value for key, value in chosen.items()
             }
             sample_seed = 10**6 * (self.seed + 1) + self._counter
             self._counter += 1

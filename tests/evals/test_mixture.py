@@ -51,3 +51,16 @@ def test_mixture_is_seeded_and_redraws_what_does_not_fit(tok):
 def test_bad_weights(tok, weights):
     with pytest.raises(ValueError, match="weights"):
         TaskMixture(tok, weights)
+
+
+def test_option_sets_keep_options_together(tok):
+    """A list of option mappings draws one whole set per sample: every needle asked, for 2 and for 5 needles."""
+    sets = [{"num_needles": 2, "num_questions": 2}, {"num_needles": 5, "num_questions": 5}]
+    mixture = TaskMixture(tok, {"shared_context": 1.0}, {"shared_context": sets}, seed=0)
+    eos = tok.eos_token_id
+    counts = {mixture.sample(256).input_ids.count(eos) for _ in range(12)}
+    assert counts == {2, 5}  # one EOS per answered question
+    with pytest.raises(ValueError, match="non-empty list"):
+        TaskMixture(tok, {"shared_context": 1.0}, {"shared_context": []})
+    with pytest.raises(ValueError, match="mapping of generator options"):
+        TaskMixture(tok, {"passkey": 1.0}, {"passkey": ["depth"]})
