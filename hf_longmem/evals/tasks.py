@@ -451,7 +451,7 @@ TASKS: dict[str, Callable[..., list[Sample]]] = {
 }
 
 #: Modules of further task families; each registers its generators with :func:`register_task` on import.
-TASK_MODULES: tuple[str, ...] = ("ruler", "sort", "longgenbench", "longproc", "alr2")
+TASK_MODULES: tuple[str, ...] = ("ruler", "sort", "longgenbench", "longproc", "alr2", "facts")
 
 
 def register_task(

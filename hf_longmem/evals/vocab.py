@@ -48,17 +48,42 @@ def build_vocab(texts: Iterable[str] | None = None) -> dict[str, int]:
     return {piece: index for index, piece in enumerate(ordered)}
 
 
-def build_tokenizer(texts: Iterable[str] | None = None, model_max_length: int = 1 << 20) -> PreTrainedTokenizerFast:
+def extended_vocabulary_texts() -> list[str]:
+    """The task generators' texts plus RULER's multi-value / multi-query needle phrasing and the fictional facts.
+
+    The vocabulary of these texts (``build_tokenizer(extended=True)``) also covers
+    :func:`hf_longmem.evals.ruler.niah_multivalue`, :func:`~hf_longmem.evals.ruler.niah_multiquery` (", and"),
+    :func:`hf_longmem.evals.facts.fact_qa` and the WISE fictional facts of :mod:`hf_longmem.editing.data`.
+    """
+    from hf_longmem.editing.data import UNRELATED_TEMPLATES
+
+    from . import facts, ruler
+
+    texts = vocabulary_texts() + facts.vocabulary_texts()
+    for kind in ("numbers", "number"):
+        keys = ruler._join_keys(["apple", "river", "candle"])
+        texts += [ruler.NIAH_INTRO.format(kind=kind), ruler.NIAH_QUERY.format(kind=kind, query=keys)]
+    texts.append(ruler._singular(ruler.NIAH_QUERY.format(kind="numbers", query="apple"), "numbers"))
+    texts += [f"{prompt} {answer}" for prompt, answer in UNRELATED_TEMPLATES]
+    return texts
+
+
+def build_tokenizer(
+    texts: Iterable[str] | None = None, model_max_length: int = 1 << 20, extended: bool = False
+) -> PreTrainedTokenizerFast:
     """A Hugging Face fast tokenizer over :func:`build_vocab` (left padding, BOS prepended).
 
     Args:
-        texts: texts whose pieces form the vocabulary; defaults to the task generators' texts.
+        texts: texts whose pieces form the vocabulary; defaults to the task generators' texts
+            (:func:`extended_vocabulary_texts` with ``extended``).
         model_max_length: stored in the tokenizer config (the tiny model itself is limited by RoPE quality,
             not by a hard maximum).
 
     Returns:
         A ``PreTrainedTokenizerFast`` that ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip.
     """
+    if texts is None and extended:
+        texts = extended_vocabulary_texts()
     vocab = build_vocab(texts)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")

@@ -30,7 +30,7 @@ def perfect_answer(sample, turn) -> str:
 
 @pytest.fixture(scope="module")
 def toks():
-    return {"word": build_tokenizer(), "bpe": bpe_tokenizer()}
+    return {"word": build_tokenizer(extended=True), "bpe": bpe_tokenizer()}  # extended: fact_qa needs it
 
 
 @pytest.fixture(scope="module")
