@@ -109,6 +109,9 @@ class TrainConfig:
     from that checkpoint, ``""`` starts fresh. A checkpoint whose training options differ from the config (anything
     but the output and speed options of :data:`RUNTIME_OPTIONS`) is refused with a ``ValueError`` naming them.
 
+    ``extended_vocabulary``: build the tokenizer with ``build_tokenizer(extended=True)`` (RULER's multi-value and
+    multi-query phrasing, ``fact_qa`` and the WISE fictional facts; a superset of the v1 vocabulary).
+
     ``init_from``: a saved model directory (e.g. the v1 embedded model) to fine-tune instead of a fresh
     ``model`` (whose keys are then ignored); its vocabulary must be the tokenizer's.
     """
@@ -147,6 +150,7 @@ class TrainConfig:
     session_time_s: float = 0.0
     resume: str = ""
     init_from: str = ""
+    extended_vocabulary: bool = False
     model: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=lambda: {"passkey": 1.0})
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -515,7 +519,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers fork after the tokenizer was used
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(extended=config.extended_vocabulary)
     model = build_model(config, tokenizer)
     fused = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel per step on a GPU
     optimizer = torch.optim.AdamW(

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from .haystack import PromptTooLongError
-from .schema import Sample
+from .metrics import metric_for
+from .schema import Sample, Turn
 from .tasks import TASKS, generate_task
 
 
@@ -33,8 +34,16 @@ class EncodedSample:
     task: str
 
 
+def training_answer(sample: Sample, turn: Turn) -> str:
+    """The answer text a turn is trained on: every answer joined by ``", "`` where all of them must be recalled
+    (``string_match_all``: RULER's multi-value and multi-query needles), else the canonical first answer."""
+    if metric_for(sample.task, sample.meta, turn) == "string_match_all":
+        return ", ".join(turn.answers)
+    return turn.answers[0]
+
+
 def encode_sample(tokenizer: Any, sample: Sample) -> EncodedSample:
-    """Tokenize a sample as ``context + query_1 + " " + answer_1 + EOS + query_2 + ...``.
+    """Tokenize a sample as ``context + query_1 + " " + answer_1 + EOS + query_2 + ...`` (:func:`training_answer`).
 
     The first piece is tokenized with special tokens, the others without, so the ids equal those of the
     concatenated text for tokenizers that split at the ``"\\n"`` / ``" "`` boundaries (word-level and most BPE).
@@ -49,7 +58,7 @@ def encode_sample(tokenizer: Any, sample: Sample) -> EncodedSample:
     for index, turn in enumerate(sample.turns):
         prompt = (sample.context if index == 0 else "") + turn.query
         prompt_ids = tokenizer(prompt, add_special_tokens=index == 0, verbose=False)["input_ids"]
-        answer_ids = tokenizer(" " + turn.answers[0], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + training_answer(sample, turn), add_special_tokens=False)["input_ids"]
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
         ids += [*prompt_ids, *answer_ids]
         mask += [False] * len(prompt_ids) + [True] * len(answer_ids)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hf_longmem.evals import tasks
-from hf_longmem.evals.mixture import TaskMixture, collate, encode_sample
+from hf_longmem.evals.mixture import TaskMixture, collate, encode_sample, training_answer
+from hf_longmem.evals.tasks import generate_task
 from hf_longmem.evals.vocab import build_tokenizer
 
 
@@ -64,3 +65,16 @@ def test_option_sets_keep_options_together(tok):
         TaskMixture(tok, {"shared_context": 1.0}, {"shared_context": []})
     with pytest.raises(ValueError, match="mapping of generator options"):
         TaskMixture(tok, {"passkey": 1.0}, {"passkey": ["depth"]})
+
+
+def test_recall_all_tasks_train_on_every_answer():
+    """A multi-value needle is trained on all its values (scored with string_match_all), a passkey on its one."""
+    extended = build_tokenizer(extended=True)
+    (sample,) = generate_task("niah_multivalue", extended, 256, 1, num_values=3)
+    encoded = encode_sample(extended, sample)
+    answer = [i for i, flag in zip(encoded.input_ids, encoded.answer_mask) if flag]
+    assert (
+        extended.decode(answer[:-1]) == " " + ", ".join(sample.turns[0].answers) and answer[-1] == extended.eos_token_id
+    )
+    (single,) = generate_task("passkey", extended, 128, 1)
+    assert training_answer(single, single.turns[0]) == single.turns[0].answers[0]
