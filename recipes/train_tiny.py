@@ -109,6 +109,9 @@ class TrainConfig:
     from that checkpoint, ``""`` starts fresh. A checkpoint whose training options differ from the config (anything
     but the output and speed options of :data:`RUNTIME_OPTIONS`) is refused with a ``ValueError`` naming them.
 
+    ``first_answer_loss_weight``: weight of each answer's first token (0: ``answer_loss_weight``), where a
+    retrieval task selects its fact.
+
     ``extended_vocabulary``: build the tokenizer with ``build_tokenizer(extended=True)`` (RULER's multi-value and
     multi-query phrasing, ``fact_qa`` and the WISE fictional facts; a superset of the v1 vocabulary).
 
@@ -128,6 +131,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     answer_loss_weight: float = 5.0
+    first_answer_loss_weight: float = 0.0
     copy_batch_size: int = 16
     copy_length: int = 24
     copy_loss_weight: float = 1.0
@@ -290,7 +294,8 @@ class BatchStream(IterableDataset):
         length, batch_size = stage_length(config, progress, random.Random(seed))
         mixture = TaskMixture(self.tokenizer, config.tasks, config.task_options, seed=seed)
         samples = [mixture.sample(length) for _ in range(batch_size)]
-        batch = collate(samples, self.tokenizer.pad_token_id, config.answer_loss_weight)
+        first = config.first_answer_loss_weight or None
+        batch = collate(samples, self.tokenizer.pad_token_id, config.answer_loss_weight, first)
         batch["tasks"] = [sample.task for sample in samples]
         return batch
 

@@ -129,8 +129,14 @@ class TaskMixture:
             yield [self.sample(length) for _ in range(batch_size)]
 
 
-def collate(batch: Sequence[EncodedSample], pad_id: int, answer_weight: float) -> dict[str, torch.Tensor]:
+def collate(
+    batch: Sequence[EncodedSample], pad_id: int, answer_weight: float, first_answer_weight: float | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad a batch.
+
+    Args:
+        first_answer_weight: weight of the first token of each answer (``None``: ``answer_weight``). In retrieval
+            tasks that token is where the model must select the right fact; the rest of the answer is mostly copied.
 
     Returns:
         ``input_ids`` ``(B, T)`` long; ``loss_weights`` ``(B, T - 1)`` float weights of the targets
@@ -146,4 +152,7 @@ def collate(batch: Sequence[EncodedSample], pad_id: int, answer_weight: float) -
         answer[row, : len(s.answer_mask)] = torch.tensor(s.answer_mask)
         valid[row, : len(s.input_ids)] = True
     weights = valid[:, 1:].float() + (answer_weight - 1.0) * answer[:, 1:].float()
+    if first_answer_weight is not None:
+        first = answer[:, 1:] & ~answer[:, :-1]  # answer targets whose previous target was not an answer
+        weights[first] = first_answer_weight
     return {"input_ids": ids, "loss_weights": weights, "answer_mask": answer[:, 1:]}

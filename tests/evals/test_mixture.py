@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hf_longmem.evals import tasks
-from hf_longmem.evals.mixture import TaskMixture, collate, encode_sample, training_answer
+from hf_longmem.evals.mixture import EncodedSample, TaskMixture, collate, encode_sample, training_answer
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.evals.vocab import build_tokenizer
 
@@ -78,3 +78,10 @@ def test_recall_all_tasks_train_on_every_answer():
     )
     (single,) = generate_task("passkey", extended, 128, 1)
     assert training_answer(single, single.turns[0]) == single.turns[0].answers[0]
+
+
+def test_first_answer_weight_marks_each_answer_start(tok):
+    a = EncodedSample([1, 5, 6, 7, 8, 9, 10], [False, False, True, True, False, True, True], "x")
+    batch = collate([a], tok.pad_token_id, 5.0, first_answer_weight=20.0)
+    assert batch["loss_weights"].tolist() == [[1.0, 20.0, 5.0, 1.0, 20.0, 5.0]]
+    assert collate([a], tok.pad_token_id, 5.0)["loss_weights"].tolist() == [[1.0, 5.0, 5.0, 1.0, 5.0, 5.0]]
