@@ -35,7 +35,7 @@ from hf_longmem.memory.accounting import (
     tensor_bytes,
 )
 from hf_longmem.memory.masks import slot_mask
-from hf_longmem.memory.padding import PAD_POSITION, advance_seen, slot_positions, zero_seen
+from hf_longmem.memory.padding import PAD_POSITION, advance_seen, slot_positions, tail_positions, zero_seen
 from hf_longmem.memory.step_inputs import AttentionHandoff, StepInputs
 
 #: Spare slots allocated behind the stored states once a layer decodes without compressing (1/32 of the stored
@@ -95,9 +95,8 @@ class CompressedLayer(MemoryReport, CacheLayerMixin):
         if self._tail_count:
             count, start = self._tail_count, self._tail_start
             self._tail_count, self._tail_start = 0, None
-            tail = (start[:, None] + torch.arange(count, device=start.device)).to(torch.int32)  # [b, count]
-            heads = self._positions.shape[1]
-            self._positions = torch.cat((self._positions, tail[:, None, :].expand(-1, heads, -1)), dim=-1)
+            tail = tail_positions(start, count, self._positions.shape[1])  # [b, h, count], once per forward
+            self._positions = torch.cat((self._positions, tail), dim=-1)
         return self._positions
 
     @positions.setter
@@ -536,7 +535,8 @@ def gather_slots(
     if index.ndim == 2:
         index = index[:, None, :].expand(batch, heads, -1)
     key_index = index[..., None].expand(-1, -1, -1, keys.shape[-1])
-    value_index = index[..., None].expand(-1, -1, -1, values.shape[-1])
+    same = values.shape[-1] == keys.shape[-1]
+    value_index = key_index if same else index[..., None].expand(-1, -1, -1, values.shape[-1])
     return keys.gather(2, key_index), values.gather(2, value_index), positions.gather(2, index)
 
 

@@ -154,3 +154,26 @@ def slot_positions(positions: torch.Tensor, heads: int) -> torch.Tensor:
     converted = positions.to(torch.int32)[:, None, :].expand(-1, heads, -1)
     _SLOT_POSITIONS[:] = [(positions, tensor_version(positions), heads, converted), *_SLOT_POSITIONS[:1]]
     return converted
+
+
+_TAIL_POSITIONS: list[tuple[torch.Tensor, int | None, int, int, torch.Tensor]] = []
+
+
+def tail_positions(start: torch.Tensor, count: int, heads: int) -> torch.Tensor:
+    """The int32 slot positions ``[batch, heads, count]`` of ``count`` real tokens decoded from ``start`` on (``[batch]``,
+    each row's first position): ``start + 0, ..., start + count - 1`` (a broadcast view).
+
+    Memoised on ``start`` (identity and version), like :func:`slot_positions`: the layers that keep their decoding
+    positions lazily all start from the ``real_seen`` tensor :func:`advance_seen` handed to each of them, so the
+    layers of a forward build the tail once. The result must not be modified in place.
+    """
+    version = tensor_version(start)
+    for source, source_version, source_count, source_heads, tail in _TAIL_POSITIONS:
+        if source is start and source_version == version and source_count == count and source_heads == heads:
+            return tail
+    first = start.view(-1, 1, 1).to(torch.int32)
+    tail = (first if count == 1 else first + torch.arange(count, device=start.device, dtype=torch.int32)).expand(
+        -1, heads, -1
+    )
+    _TAIL_POSITIONS[:] = [(start, version, count, heads, tail), *_TAIL_POSITIONS[:1]]
+    return tail

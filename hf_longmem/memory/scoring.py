@@ -90,12 +90,10 @@ def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: fl
     batch, q_heads, num_q, head_dim = query.shape
     kv_heads, num_k = keys.shape[1], keys.shape[-2]
     group, offset = q_heads // kv_heads, num_k - num_q
+    if num_q == 1:
+        return _decoded_query_probs(query, keys, scaling).view(batch, q_heads, num_k)
     q = query.float().view(batch, kv_heads, group, num_q, head_dim)
     k = keys.float()
-    if num_q == 1:  # a decoded query sees every key: the block below without its mask, loop and running sum
-        block = q.reshape(batch * kv_heads, group, head_dim) * scaling
-        logits = torch.bmm(block, k.reshape(batch * kv_heads, num_k, head_dim).transpose(1, 2))
-        return torch.softmax(logits, dim=-1).view(batch, q_heads, num_k)
     total = q.new_zeros(batch, kv_heads, group, num_k)
     for start in range(0, num_q, CAUSAL_QUERY_BLOCK):
         stop = min(start + CAUSAL_QUERY_BLOCK, num_q)
@@ -111,8 +109,28 @@ def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: fl
 def causal_column_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """:func:`column_scores` of causal queries (the last ``q`` of the keys, nothing else masked), flash-style
     (:func:`causal_head_column_sums`): ``[batch, kv_heads, n]`` float32, group-averaged."""
+    batch, kv_heads, num_k = keys.shape[0], keys.shape[1], keys.shape[-2]
+    if query.shape[-2] == 1:  # what the general path computes, with fewer views
+        return _decoded_query_probs(query, keys, scaling).view(batch, kv_heads, -1, num_k).mean(dim=2)
     sums = causal_head_column_sums(query, keys, scaling)
-    return sums.view(sums.shape[0], keys.shape[1], -1, sums.shape[-1]).mean(dim=2)
+    return sums.view(batch, kv_heads, -1, num_k).mean(dim=2)
+
+
+def _decoded_query_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention probabilities of one decoded query (it sees every key: no mask, loop or running sum).
+
+    Args:
+        query: ``[batch, q_heads, 1, head_dim]``.
+        keys: ``[batch, kv_heads, n, head_dim]``.
+
+    Returns:
+        ``[batch * kv_heads, group, n]`` float32 (the query heads of a KV head's group in order).
+    """
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads, num_k = keys.shape[1], keys.shape[-2]
+    block = query.float().reshape(batch * kv_heads, q_heads // kv_heads, head_dim) * scaling
+    logits = torch.bmm(block, keys.float().reshape(batch * kv_heads, num_k, head_dim).transpose(1, 2))
+    return torch.softmax(logits, dim=-1)
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str, real: torch.Tensor | None = None) -> torch.Tensor:
