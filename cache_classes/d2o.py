@@ -52,6 +52,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from hf_longmem.memory.merging import _EPS as MERGE_EPS
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION, tensor_version
 from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, causal_head_column_sums
@@ -168,6 +169,50 @@ def d2o_merge(
     return keys, values, tau, merged
 
 
+def merge_one(
+    kept_keys: torch.Tensor,
+    kept_values: torch.Tensor,
+    evicted_keys: torch.Tensor,
+    evicted_values: torch.Tensor,
+    tau: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`d2o_merge` of exactly one evicted KV per (row, head) into pad-free kept slots (a decoding step).
+
+    The same float32 arithmetic as :func:`d2o_merge` for finite keys (every evicted token valid, every kept slot a
+    target), without its masks and scatters: the best match of each evicted key is updated in place,
+    ``x_c <- (x_c + w x_e) / (1 + w)`` (``w = 0`` leaves it as it is).
+
+    Args:
+        kept_keys, kept_values: ``[batch, heads, S, d]``, modified in place (fresh tensors of this step).
+        evicted_keys, evicted_values: ``[batch, heads, 1, d]``.
+        tau: ``[batch]`` float32 threshold, NaN before a row's first eviction.
+
+    Returns:
+        ``(keys, values, tau)``.
+    """
+    batch, heads, num_kept, head_dim = kept_keys.shape
+    targets = F.normalize(kept_keys.float(), dim=-1, eps=MERGE_EPS).view(batch * heads, num_kept, head_dim)
+    sources = F.normalize(evicted_keys.float(), dim=-1, eps=MERGE_EPS).view(batch * heads, 1, head_dim)
+    # the bmm that cosine_best_match's broadcast matmul runs, on the 3-D views it would make
+    sim, match = torch.bmm(sources, targets.transpose(1, 2)).clamp(-1.0, 1.0).max(dim=-1)  # [b * h, 1]
+    sim = sim.view(batch, heads, 1)
+    mean = sim.sum(dim=(1, 2)) / heads
+    tau = torch.where(torch.isnan(tau), mean, alpha * tau + beta * mean)
+    # sim where it merges, else 0 (finite keys: sim is finite)
+    weight = (sim * ((sim >= tau.view(batch, 1, 1)) & (sim > 0))).view(batch, heads, 1, 1)
+    total = 1.0 + weight
+    index = match.view(batch, heads, 1, 1).expand(-1, -1, -1, head_dim)
+    merged = (kept_keys.gather(2, index).float() + evicted_keys.float() * weight) / total
+    kept_keys.scatter_(2, index, merged.to(kept_keys.dtype))
+    if kept_values.shape[-1] != head_dim:
+        index = match.view(batch, heads, 1, 1).expand(-1, -1, -1, kept_values.shape[-1])
+    merged = (kept_values.gather(2, index).float() + evicted_values.float() * weight) / total
+    kept_values.scatter_(2, index, merged.to(kept_values.dtype))
+    return kept_keys, kept_values, tau
+
+
 class _D2OGroup:
     """Cache-level state: the D2O layers (in order) and the options every layer needs to size itself."""
 
@@ -213,6 +258,9 @@ class D2OLayer(H2OLayer):
         self.scores = self.prefill_sums = self.density = None
         self.ratio = self.layer_budget = self.recent_budget = self.tau = None
         self._compresses: tuple[torch.Tensor, int | None, bool] | None = None  # (layer_budget, its version, the answer)
+        # (layer_budget, recent_budget, their versions, (budget, recent) shared by every row or None)
+        self._uniform: tuple | None = None
+        self._recent_mask: tuple | None = None  # ((n, recent, device), [n] bool recent window of a steady step)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -300,6 +348,9 @@ class D2OLayer(H2OLayer):
         """
         if self._deferring or self.scores is None or not self.compresses():
             return keys, values, positions
+        if self._steady(keys.shape[-2]):
+            self._kept_no_pads = True  # pad-free slots, one slot out of each row and head: still pad-free
+            return self._evict_and_merge_one(keys, values, positions)
         plan = keep_plan(positions, self.target_length(keys.shape[-2]), lambda: self.priority(keys, values, positions))
         if plan is None:
             return keys, values, positions
@@ -327,6 +378,67 @@ class D2OLayer(H2OLayer):
                 self.group.alpha,
                 self.group.beta,
             )
+        return kept_keys, kept_values, kept_positions
+
+    # ------------------------------------------------------------------------------------ the decoding fast path
+    def uniform_budgets(self) -> tuple[int, int] | None:
+        """``(layer_budget, recent_budget)`` as ints when every row has the same ones and evicts, else ``None``.
+
+        One device sync per budget tensor (fixed once set; a batch reorder replaces it), like :meth:`compresses`.
+        """
+        budget, recent = self.layer_budget, self.recent_budget
+        if budget is None:
+            return None
+        key = (budget, recent, tensor_version(budget), tensor_version(recent))
+        cached = self._uniform
+        if cached is None or any(a is not b if i < 2 else a != b for i, (a, b) in enumerate(zip(cached[0], key))):
+            first, first_recent = int(budget[0]), int(recent[0])
+            same = bool((budget == first).all()) and bool((recent == first_recent).all())
+            self._uniform = cached = (key, (first, first_recent) if same and first != UNLIMITED else None)
+        return cached[1]
+
+    def _steady(self, n: int) -> bool:
+        """Whether this step drops exactly one slot of every row and head, from pad-free slots: every row holds one
+        token over its budget (:meth:`_evict_and_merge_one` then gives what the general path gives)."""
+        if not self._no_pads or self.scores is None or self.scores.shape[-1] != n or self.sliding_window is not None:
+            return False
+        budgets = self.uniform_budgets()
+        return budgets is not None and n == budgets[0] + 1
+
+    def _evict_and_merge_one(self, keys, values, positions):
+        """:meth:`compress` of a steady decoding step: every row and head drops one slot and merges it.
+
+        The dropped slot is the lowest accumulated score outside the sinks and the recent window, the latest of
+        equal ones (what :func:`keep_plan`'s stable ranking drops); kept slots are gathered in order, and the
+        dropped KV is merged as :func:`d2o_merge` merges one evicted token per (row, head) into pad-free slots
+        (the same float32 arithmetic on the one slot it changes; equal to the general path for finite keys).
+
+        Args:
+            keys, values: ``[batch, kv_heads, n, head_dim]``; positions: ``[batch, kv_heads, n]``, no pad.
+        """
+        n = keys.shape[-2]
+        recent = self.uniform_budgets()[1]
+        cached = self._recent_mask
+        if cached is None or cached[0] != (n, recent, keys.device):
+            cached = self._recent_mask = ((n, recent, keys.device), torch.arange(n, device=keys.device) >= n - recent)
+        mask = cached[1]
+        # sinks are forced by position (no pad: every position is >= 0), the recent window by slot
+        priority = self.scores.masked_fill((positions < self.group.num_sink) | mask, float("inf"))
+        dropped = (n - 1) - priority.flip(-1).argmin(dim=-1, keepdim=True)  # [b, h, 1]
+        slots = self._slots
+        if slots is None or slots.shape[0] != n - 1 or slots.device != keys.device:
+            slots = self._slots = torch.arange(n - 1, device=keys.device)
+        index = slots + (slots >= dropped)  # [b, h, n - 1] kept slots in order
+        self.scores = self.scores.gather(2, index)
+        kept_keys, kept_values, kept_positions = gather_slots(keys, values, positions, index)
+        evicted = dropped[..., None].expand(-1, -1, -1, keys.shape[-1])
+        evicted_keys = keys.gather(2, evicted)
+        if values.shape[-1] != keys.shape[-1]:
+            evicted = dropped[..., None].expand(-1, -1, -1, values.shape[-1])
+        evicted_values = values.gather(2, evicted)
+        kept_keys, kept_values, self.tau = merge_one(
+            kept_keys, kept_values, evicted_keys, evicted_values, self.tau, self.group.alpha, self.group.beta
+        )
         return kept_keys, kept_values, kept_positions
 
     def reset(self) -> None:

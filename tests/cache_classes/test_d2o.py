@@ -241,3 +241,61 @@ def test_options_for_budget_reach_the_budget_on_shallow_and_keep_the_paper_on_de
     assert cache_memory_bytes(cache) < cache_memory_bytes(reference)
     deep = make_cache("d2o", tiny_config("llama_gqa", num_hidden_layers=5), **options)
     assert deep.uncompressed_layers == frozenset({0, 1, 4})
+
+
+def _steady_layer(batch, heads, n, budget, recent, num_sink, scores, positions, tau, generator, dtype):
+    """A D2O layer in the state of a decoding step that holds one token over its (per-row equal) budget."""
+    from hf_longmem.cache_classes.d2o import D2OLayer, _D2OGroup
+
+    layer = D2OLayer(_D2OGroup(budget, 0.5, num_sink, 0.4, 0.7), 0, uncompressed=False)
+    layer.layer_budget = torch.full((batch,), budget)
+    layer.recent_budget = torch.full((batch,), recent)
+    layer.scores, layer.tau, layer._deferring = scores.clone(), tau.clone(), False
+    layer.positions = positions
+    assert not layer.has_pad_slots()  # the fast path needs it known
+    return layer
+
+
+def test_steady_decoding_fast_path_equals_the_general_eviction_and_merge_ties_included():
+    """One token over the budget in every row and head, no pad: the decoding fast path (argmin eviction, one merge
+    per row and head, in place) keeps, merges and updates the threshold exactly as the general path (keep_plan's
+    stable ranking, d2o_merge), on quantised scores and keys so that equal scores and equal similarities are
+    common, with the threshold before (NaN) and after the first eviction, and a row whose first positions are not
+    the sinks'."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        batch, heads, head_dim = 3, 2, 4
+        budget, recent, num_sink = 8 + trial % 3, 1 + trial % 3, trial % 4
+        n = budget + 1
+        dtype = torch.bfloat16 if trial % 6 == 5 else torch.float32
+        # distinct increasing positions per head (heads keep different tokens); row 2 starts past the sinks
+        gaps = torch.randint(1, 3, (batch, heads, n), generator=generator)
+        gaps[:2, :, : num_sink + 1] = 1
+        positions = (gaps.cumsum(-1) - 1 + 2 * (torch.arange(batch) == 2)[:, None, None]).to(torch.int32)
+        scores = torch.randint(0, 3, (batch, heads, n), generator=generator).float()
+        keys = torch.randint(-1, 2, (batch, heads, n, head_dim), generator=generator).to(dtype)
+        values = torch.randn(batch, heads, n, head_dim + trial % 2, generator=generator).to(dtype)
+        tau = torch.tensor([float("nan"), 0.2, -0.1]) if trial % 2 else torch.full((batch,), float("nan"))
+        args = (batch, heads, n, budget, recent, num_sink, scores, positions, tau, generator, dtype)
+        fast, general = _steady_layer(*args), _steady_layer(*args)
+        general._steady = lambda n: False
+        assert fast._steady(n) and not general._steady(n)
+        out_fast = fast.compress(keys, values, positions)
+        out_general = general.compress(keys, values, positions)
+        for a, b in zip(out_fast, out_general):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert torch.equal(fast.scores, general.scores)
+        torch.testing.assert_close(fast.tau, general.tau, rtol=0, atol=0, equal_nan=True)
+        assert fast._kept_no_pads
+
+
+def test_fast_path_is_taken_while_decoding_and_only_at_one_token_over_the_budget():
+    model = tiny_model("llama_gqa")
+    cache = make_cache("d2o", model, budget=10, uncompressed_layers=[])
+    calls = []
+    for layer in cache.layers:
+        original = layer._evict_and_merge_one
+        layer._evict_and_merge_one = lambda *a, _f=original: calls.append(1) or _f(*a)
+    greedy(model, random_ids(1, 30), cache, max_new_tokens=5)  # a prefill and 4 decoding steps
+    # every decoding step but the first (which sizes the layers and evicts many at once)
+    assert len(calls) == 3 * len(cache.layers)
