@@ -63,6 +63,8 @@ from .base import LongMemCache, gather_slots, keep_plan
 from .h2o import H2OLayer
 from .scored import ScoredLayer
 
+#: The least positive float32 (a subnormal): ``s > 0`` iff ``s >= SMALLEST_POSITIVE``.
+SMALLEST_POSITIVE = 2.0**-149
 #: ``layer_budget`` of a row that keeps every token.
 UNLIMITED = torch.iinfo(torch.int64).max
 MIN_RATIO, MAX_RATIO = 0.01, 1.0
@@ -193,15 +195,16 @@ def merge_one(
         ``(keys, values, tau)``.
     """
     batch, heads, num_kept, head_dim = kept_keys.shape
-    targets = F.normalize(kept_keys.float(), dim=-1, eps=MERGE_EPS).view(batch * heads, num_kept, head_dim)
-    sources = F.normalize(evicted_keys.float(), dim=-1, eps=MERGE_EPS).view(batch * heads, 1, head_dim)
+    targets = _unit(kept_keys.view(batch * heads, num_kept, head_dim))
+    sources = _unit(evicted_keys.view(batch * heads, 1, head_dim))
     # the bmm that cosine_best_match's broadcast matmul runs, on the 3-D views it would make
     sim, match = torch.bmm(sources, targets.transpose(1, 2)).clamp(-1.0, 1.0).max(dim=-1)  # [b * h, 1]
-    sim = sim.view(batch, heads, 1)
-    mean = sim.sum(dim=(1, 2)) / heads
+    sim = sim.view(batch, heads, 1, 1)
+    mean = sim.sum(dim=(1, 2, 3)) / heads
     tau = torch.where(torch.isnan(tau), mean, alpha * tau + beta * mean)
-    # sim where it merges, else 0 (finite keys: sim is finite)
-    weight = (sim * ((sim >= tau.view(batch, 1, 1)) & (sim > 0))).view(batch, heads, 1, 1)
+    # sim where it merges (sim >= tau and sim > 0, i.e. sim >= max(tau, the least positive float32)), else 0; keys
+    # are finite, so is sim
+    weight = sim * (sim >= tau.clamp(min=SMALLEST_POSITIVE).view(batch, 1, 1, 1))  # [b, h, 1, 1]
     total = 1.0 + weight
     index = match.view(batch, heads, 1, 1).expand(-1, -1, -1, head_dim)
     merged = (kept_keys.gather(2, index).float() + evicted_keys.float() * weight) / total
@@ -211,6 +214,13 @@ def merge_one(
     merged = (kept_values.gather(2, index).float() + evicted_values.float() * weight) / total
     kept_values.scatter_(2, index, merged.to(kept_values.dtype))
     return kept_keys, kept_values, tau
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x.float(), dim=-1)`` with the eps of :func:`cosine_best_match` (the same arithmetic, without
+    the ``expand``)."""
+    x = x.float()
+    return x / x.norm(2, -1, keepdim=True).clamp_min(MERGE_EPS)
 
 
 class _D2OGroup:

@@ -260,11 +260,11 @@ def test_steady_decoding_fast_path_equals_the_general_eviction_and_merge_ties_in
     """One token over the budget in every row and head, no pad: the decoding fast path (argmin eviction, one merge
     per row and head, in place) keeps, merges and updates the threshold exactly as the general path (keep_plan's
     stable ranking, d2o_merge), on quantised scores and keys so that equal scores and equal similarities are
-    common, with the threshold before (NaN) and after the first eviction, and a row whose first positions are not
-    the sinks'."""
+    common (and on generic keys), with the threshold before (NaN) and after the first eviction, and a row whose
+    first positions are not the sinks'."""
     generator = torch.Generator().manual_seed(0)
     for trial in range(24):
-        batch, heads, head_dim = 3, 2, 4
+        batch, heads, head_dim = 3, 2, 4 if trial % 3 else 16
         budget, recent, num_sink = 8 + trial % 3, 1 + trial % 3, trial % 4
         n = budget + 1
         dtype = torch.bfloat16 if trial % 6 == 5 else torch.float32
@@ -274,6 +274,8 @@ def test_steady_decoding_fast_path_equals_the_general_eviction_and_merge_ties_in
         positions = (gaps.cumsum(-1) - 1 + 2 * (torch.arange(batch) == 2)[:, None, None]).to(torch.int32)
         scores = torch.randint(0, 3, (batch, heads, n), generator=generator).float()
         keys = torch.randint(-1, 2, (batch, heads, n, head_dim), generator=generator).to(dtype)
+        if head_dim == 16:  # generic keys too (the quantised ones tie)
+            keys = torch.randn(batch, heads, n, head_dim, generator=generator).to(dtype)
         values = torch.randn(batch, heads, n, head_dim + trial % 2, generator=generator).to(dtype)
         tau = torch.tensor([float("nan"), 0.2, -0.1]) if trial % 2 else torch.full((batch,), float("nan"))
         args = (batch, heads, n, budget, recent, num_sink, scores, positions, tau, generator, dtype)
