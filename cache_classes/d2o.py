@@ -270,6 +270,7 @@ class D2OLayer(H2OLayer):
         self._compresses: tuple[torch.Tensor, int | None, bool] | None = None  # (layer_budget, its version, the answer)
         # (layer_budget, recent_budget, their versions, (budget, recent) shared by every row or None)
         self._uniform: tuple | None = None
+        self._steady_slots: torch.Tensor | None = None  # arange(n - 1) of a steady step (cached)
         self._recent_mask: tuple | None = None  # ((n, recent, device), [n] bool recent window of a steady step)
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -280,6 +281,11 @@ class D2OLayer(H2OLayer):
     def wants_scores(self, num_new: int) -> bool:
         """Prefill statistics, the first decoding step, then only while some row of this layer evicts."""
         return self.layer_budget is None or self.compresses()
+
+    def compresses_now(self) -> bool:
+        """Only where some row evicts (not at the prefill, nor ever in a layer that keeps every token): the others
+        need not materialise their positions every step."""
+        return self.compresses()
 
     def observe(self, query, keys, attention_mask, scaling):
         num_new, num_keys = query.shape[-2], keys.shape[-2]
@@ -435,9 +441,9 @@ class D2OLayer(H2OLayer):
         # sinks are forced by position (no pad: every position is >= 0), the recent window by slot
         priority = self.scores.masked_fill((positions < self.group.num_sink) | mask, float("inf"))
         dropped = (n - 1) - priority.flip(-1).argmin(dim=-1, keepdim=True)  # [b, h, 1]
-        slots = self._slots
+        slots = self._steady_slots
         if slots is None or slots.shape[0] != n - 1 or slots.device != keys.device:
-            slots = self._slots = torch.arange(n - 1, device=keys.device)
+            slots = self._steady_slots = torch.arange(n - 1, device=keys.device)
         index = slots + (slots >= dropped)  # [b, h, n - 1] kept slots in order
         self.scores = self.scores.gather(2, index)
         kept_keys, kept_values, kept_positions = gather_slots(keys, values, positions, index)

@@ -34,7 +34,8 @@ class H2OLayer(SlidingWindowScoring, ScoredLayer):
         super().__init__()
         self.budget, self.recent_size = budget, recent_size
         self.scores: torch.Tensor | None = None
-        self._slots: torch.Tensor | None = None  # arange(budget), cached for _evict_one
+        # ((n, heavy, device), arange(n - 1), heavy - 1 - arange(n - 1)), cached for _evict_one
+        self._slots: tuple | None = None
 
     def observe(self, query, keys, attention_mask, scaling):
         num_keys = keys.shape[-2]
@@ -62,11 +63,14 @@ class H2OLayer(SlidingWindowScoring, ScoredLayer):
         Returns the kept slots ``[batch, kv_heads, n - 1]`` in order (a top-k and two sorts replaced by an argmin).
         """
         heavy = n - self.recent_size
-        dropped = (heavy - 1) - self.scores[..., :heavy].flip(-1).argmin(dim=-1, keepdim=True)  # [b, h, 1]
-        slots = self._slots
-        if slots is None or slots.shape[0] != n - 1 or slots.device != self.scores.device:
-            slots = self._slots = torch.arange(n - 1, device=self.scores.device)
-        return slots + (slots >= dropped)
+        # distance of the dropped slot from slot heavy - 1: the last minimum is the first one of the flipped scores
+        back = self.scores[..., :heavy].flip(-1).argmin(dim=-1, keepdim=True)  # [b, h, 1]
+        cached = self._slots
+        if cached is None or cached[0] != (n, heavy, self.scores.device):
+            slots = torch.arange(n - 1, device=self.scores.device)
+            cached = self._slots = ((n, heavy, self.scores.device), slots, (heavy - 1) - slots)
+        _, slots, distance = cached
+        return slots + (distance <= back)  # slots at or past the dropped one shift by one
 
     def priority(self, keys, values, positions):
         """Accumulated attention; the ``recent_size`` newest slots are always kept."""
