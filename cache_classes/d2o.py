@@ -179,6 +179,7 @@ def merge_one(
     tau: torch.Tensor,
     alpha: float,
     beta: float,
+    tau_set: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`d2o_merge` of exactly one evicted KV per (row, head) into pad-free kept slots (a decoding step).
 
@@ -190,6 +191,7 @@ def merge_one(
         kept_keys, kept_values: ``[batch, heads, S, d]``, modified in place (fresh tensors of this step).
         evicted_keys, evicted_values: ``[batch, heads, 1, d]``.
         tau: ``[batch]`` float32 threshold, NaN before a row's first eviction.
+        tau_set: ``tau`` is known to be set in every row (no NaN): its EMA needs no NaN test.
 
     Returns:
         ``(keys, values, tau)``.
@@ -201,7 +203,8 @@ def merge_one(
     sim, match = torch.bmm(sources, targets.transpose(1, 2)).clamp(-1.0, 1.0).max(dim=-1)  # [b * h, 1]
     sim = sim.view(batch, heads, 1, 1)
     mean = sim.sum(dim=(1, 2, 3)) / heads
-    tau = torch.where(torch.isnan(tau), mean, alpha * tau + beta * mean)
+    updated = alpha * tau + beta * mean
+    tau = updated if tau_set else torch.where(torch.isnan(tau), mean, updated)
     # sim where it merges (sim >= tau and sim > 0, i.e. sim >= max(tau, the least positive float32)), else 0; keys
     # are finite, so is sim
     weight = sim * (sim >= tau.clamp(min=SMALLEST_POSITIVE).view(batch, 1, 1, 1))  # [b, h, 1, 1]
@@ -270,6 +273,7 @@ class D2OLayer(H2OLayer):
         self._compresses: tuple[torch.Tensor, int | None, bool] | None = None  # (layer_budget, its version, the answer)
         # (layer_budget, recent_budget, their versions, (budget, recent) shared by every row or None)
         self._uniform: tuple | None = None
+        self._tau_set: torch.Tensor | None = None  # the tau the fast path set last (any other: NaN-tested again)
         self._steady_slots: torch.Tensor | None = None  # arange(n - 1) of a steady step (cached)
         self._recent_mask: tuple | None = None  # ((n, recent, device), [n] bool recent window of a steady step)
 
@@ -452,9 +456,13 @@ class D2OLayer(H2OLayer):
         if values.shape[-1] != keys.shape[-1]:
             evicted = dropped[..., None].expand(-1, -1, -1, values.shape[-1])
         evicted_values = values.gather(2, evicted)
+        group = self.group
+        # the threshold this path set last step (finite keys: every row's, no NaN left) needs no NaN test
+        tau_set = self._tau_set is self.tau
         kept_keys, kept_values, self.tau = merge_one(
-            kept_keys, kept_values, evicted_keys, evicted_values, self.tau, self.group.alpha, self.group.beta
+            kept_keys, kept_values, evicted_keys, evicted_values, self.tau, group.alpha, group.beta, tau_set
         )
+        self._tau_set = self.tau
         return kept_keys, kept_values, kept_positions
 
     def reset(self) -> None:

@@ -281,14 +281,29 @@ def test_steady_decoding_fast_path_equals_the_general_eviction_and_merge_ties_in
         args = (batch, heads, n, budget, recent, num_sink, scores, positions, tau, generator, dtype)
         fast, general = _steady_layer(*args), _steady_layer(*args)
         general._steady = lambda n: False
-        assert fast._steady(n) and not general._steady(n)
-        out_fast = fast.compress(keys, values, positions)
-        out_general = general.compress(keys, values, positions)
-        for a, b in zip(out_fast, out_general):
-            assert a.dtype == b.dtype and torch.equal(a, b)
-        assert torch.equal(fast.scores, general.scores)
-        torch.testing.assert_close(fast.tau, general.tau, rtol=0, atol=0, equal_nan=True)
-        assert fast._kept_no_pads
+        for step in range(3):  # later steps: the threshold the fast path set itself (no NaN test)
+            assert fast._steady(n) and not general._steady(n)
+            out_fast = fast.compress(keys, values, positions)
+            out_general = general.compress(keys, values, positions)
+            for a, b in zip(out_fast, out_general):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+            assert torch.equal(fast.scores, general.scores)
+            torch.testing.assert_close(fast.tau, general.tau, rtol=0, atol=0, equal_nan=True)
+            assert fast._kept_no_pads and (step == 0 or fast._tau_set is fast.tau)
+            # the next token: stored + new slot, its position next in each row, its score added to all
+            new_keys = (
+                keys[:, :, -1:] if trial % 4 == 0 else torch.randn(batch, heads, 1, head_dim, generator=generator)
+            )
+            keys = torch.cat((out_fast[0], new_keys.to(dtype)), dim=2)
+            values = torch.cat((out_fast[1], torch.randn(*values[:, :, -1:].shape, generator=generator).to(dtype)), 2)
+            positions = torch.cat(
+                (out_fast[2], out_fast[2].amax((1, 2), keepdim=True).expand(-1, heads, 1) + 1), dim=-1
+            )
+            received = torch.randint(0, 3, (batch, heads, n), generator=generator).float()
+            for layer in (fast, general):
+                layer.positions = positions
+                assert not layer.has_pad_slots()
+                layer.scores = torch.nn.functional.pad(layer.scores, (0, 1)) + received
 
 
 def test_fast_path_is_taken_while_decoding_and_only_at_one_token_over_the_budget():
