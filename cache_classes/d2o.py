@@ -246,6 +246,11 @@ class D2OLayer(H2OLayer):
     * ``ratio`` ``[batch]`` float64, ``layer_budget`` ``[batch]`` int64 (heavy + recent slots, ``UNLIMITED`` if the
       row keeps everything), ``recent_budget`` ``[batch]``: fixed at the first decoding step;
     * ``tau`` ``[batch]``: the merge threshold (NaN before the first eviction).
+
+    A decoding step that holds one token over the budget in every row and head (pad-free slots, the same budget in
+    every row: batch-1 decoding) evicts and merges on a fast path (:meth:`_evict_and_merge_one`, :func:`merge_one`):
+    an argmin instead of the ranking, one in-place merge per (row, head) instead of scatters over every slot; it
+    keeps and merges what the general path does (tested against it, ties included).
     """
 
     batch_state = (

@@ -21,10 +21,10 @@ LAYERS, PROMPT, BUDGET, WARMUP, STEPS = 2, 160, 64, 3, 6
 #: Ops per decode step above DynamicCache's (2 layers, 160-token prompt, budget 64, largest of 6 steps after 3).
 PINNED_EXCESS = {
     "full": 0,
-    "d2o": 362,
+    "d2o": 137,
     "duo_attention": 38,
     "emllm": 693,
-    "h2o": 72,
+    "h2o": 53,
     "infllm": 624,
     "kvmerger": 6,
     "sirllm": 17,
