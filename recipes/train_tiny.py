@@ -55,6 +55,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from hf_longmem.continual.state_io import load_tree, save_tree
 from hf_longmem.evals.mixture import TaskMixture, collate
+from hf_longmem.evals.tasks import KEY_WORDS
 from hf_longmem.evals.vocab import build_tokenizer
 
 
@@ -84,7 +85,14 @@ class TrainConfig:
     ``recall_loss_weight``). Plain induction cannot answer the first value (the key is ``G`` tokens back), which is
     what the multi-key needle asks ("... for KEY mentioned in the provided text is"). ``recall_record_gap`` random
     tokens (the same in every record of a row) sit between each record's key and its values, as " is:" does in the
-    needle "for KEY is: VALUE".
+    needle "for KEY is: VALUE". ``recall_keys = "keywords"`` builds the records like the needles instead: keys are
+    the needle key words (:data:`hf_longmem.evals.tasks.KEY_WORDS`), values digits (``" 4" "0" "9"``, as a needle
+    value tokenizes), and each record and each query gets its own number of gap words, uniform in
+    ``[0, recall_record_gap]`` and ``[0, recall_gap]`` (random words that are neither keys nor digits). With the
+    distance varying per record no fixed-offset head finds the key: the model has to find "the last key word" by
+    content, which is the circuit the needle needs (its key is 3 tokens before the value and 6 before the answer).
+    A curriculum stage may set ``recall_gap`` / ``recall_record_gap`` (a distance curriculum: 0 first, where
+    recall is plain induction, then growing).
 
     ``num_workers``: background processes generating and collating the task batches (``torch.utils.data``
     ``DataLoader`` over :class:`BatchStream`; ``prefetch_batches`` each); 0 generates them in the training process
@@ -142,6 +150,7 @@ class TrainConfig:
     recall_value_length: int = 4
     recall_gap: int = 3
     recall_record_gap: int = 0
+    recall_keys: str = "random"
     recall_loss_weight: float = 0.0
     log_every: int = 25
     save_every: int = 0
@@ -184,6 +193,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             "checkpoint_every and session_time_s must be >= 0 and keep_checkpoints >= 1, got "
             f"{config.checkpoint_every}, {config.session_time_s}, {config.keep_checkpoints}"
         )
+    if config.recall_keys not in ("random", "keywords"):
+        raise ValueError(f"recall_keys must be 'random' or 'keywords', got {config.recall_keys!r}")
     if not 0 <= config.copy_digit_fraction <= 1:
         raise ValueError(f"copy_digit_fraction must be in [0, 1], got {config.copy_digit_fraction}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
@@ -489,12 +500,22 @@ def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.
     return F.cross_entropy(predicted.flatten(0, 1), x[:, 1:].flatten().to(device))
 
 
-def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device) -> torch.Tensor:
+def recall_gaps(config: TrainConfig, progress: float) -> tuple[int, int]:
+    """``(recall_record_gap, recall_gap)`` at ``progress``: the curriculum stage's if it sets them, else the config's."""
+    stage = next((s for s in config.curriculum if progress < s["until"]), config.curriculum[-1])
+    return stage.get("recall_record_gap", config.recall_record_gap), stage.get("recall_gap", config.recall_gap)
+
+
+def recall_loss(
+    model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device, progress: float = 0.0
+) -> torch.Tensor:
     """Cross entropy of the queried values of dense multi-key recall sequences (see :class:`TrainConfig`)."""
+    if config.recall_keys == "keywords":
+        return keyword_recall_loss(model, config, tokenizer, generator, device, progress)
     special = set(tokenizer.all_special_ids)
     choices = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
-    b, n, v, g = config.recall_batch_size, config.recall_pairs, config.recall_value_length, config.recall_gap
-    r = config.recall_record_gap
+    b, n, v = config.recall_batch_size, config.recall_pairs, config.recall_value_length
+    r, g = recall_gaps(config, progress)
 
     def draw(*shape: int) -> torch.Tensor:
         return choices[torch.randint(len(choices), shape, generator=generator)]
@@ -515,6 +536,58 @@ def recall_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torc
     positions = target.nonzero()[:, 0].to(device)  # index on the host: no device synchronization
     logits = model(input_ids=ids).logits[:, :-1][:, positions].float()
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:][:, positions].flatten())
+
+
+def keyword_recall_loss(
+    model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device, progress: float
+) -> torch.Tensor:
+    """:func:`recall_loss` with needle-like records: key words, digit values, a random gap per record and query.
+
+    Row layout: ``BOS, (key, gap_i, v_1..v_L) x n, (key, gap_j, v_1..v_L) x n`` (queries in shuffled order), right
+    padded; the loss is on the queried values.
+    """
+    vocab = tokenizer.get_vocab()
+    keys = torch.tensor([vocab[" " + word] for word in KEY_WORDS])
+    spaced_digits = torch.tensor([vocab[" " + d] for d in "0123456789"])
+    digits = torch.tensor([vocab[d] for d in "0123456789"])
+    key_words = set(KEY_WORDS)
+    words = torch.tensor(
+        sorted(
+            i for piece, i in vocab.items() if piece[:1] == " " and piece[1:].isalpha() and piece[1:] not in key_words
+        )
+    )
+    b, n, v = config.recall_batch_size, config.recall_pairs, config.recall_value_length
+    record_gap, query_gap = recall_gaps(config, progress)
+
+    def randint(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(high, shape, generator=generator)
+
+    row_keys = keys[torch.rand(b, len(keys), generator=generator).argsort(-1)[:, :n]]  # distinct per row
+    values = torch.cat((spaced_digits[randint(10, b, n, 1)], digits[randint(10, b, n, v - 1)]), dim=-1)
+    order = torch.rand(b, n, generator=generator).argsort(-1)
+    record_lengths, query_lengths = randint(record_gap + 1, b, n), randint(query_gap + 1, b, n)
+    rows: list[list[int]] = []
+    targets: list[list[bool]] = []
+    for row in range(b):
+        ids, target = [tokenizer.bos_token_id], [False]
+        for pair in range(n):
+            gap = words[randint(len(words), int(record_lengths[row, pair]))].tolist()
+            ids += [int(row_keys[row, pair]), *gap, *values[row, pair].tolist()]
+        target += [False] * (len(ids) - 1)
+        for pair in order[row].tolist():
+            gap = words[randint(len(words), int(query_lengths[row, pair]))].tolist()
+            ids += [int(row_keys[row, pair]), *gap, *values[row, pair].tolist()]
+            target += [False] * (1 + len(gap)) + [True] * v
+        rows.append(ids)
+        targets.append(target)
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((b, width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.bool)
+    for row, (ids, target) in enumerate(zip(rows, targets)):
+        input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), torch.tensor(target)
+    logits = model(input_ids=input_ids.to(device)).logits[:, :-1].float()
+    mask, input_ids = mask[:, 1:].to(device), input_ids[:, 1:].to(device)
+    return F.cross_entropy(logits[mask], input_ids[mask])
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -581,7 +654,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             total = total + config.copy_loss_weight * copy
         if config.recall_loss_weight:
             generator = torch.Generator().manual_seed(seed + 2)
-            recall = recall_loss(model, config, tokenizer, generator, accelerator.device)
+            recall = recall_loss(model, config, tokenizer, generator, accelerator.device, progress.value)
             total = total + config.recall_loss_weight * recall
         accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -347,3 +347,34 @@ def test_recall_record_gap_sits_between_key_and_values():
         assert len(set(records[row, :, 1].tolist())) == 1  # the same record gap token in every record of a row
         table = {int(r[0]): r[2:].tolist() for r in records[row]}
         assert all(table[int(q[0])] == q[3:].tolist() for q in queries[row])
+
+
+def test_keyword_recall_builds_needle_like_records_with_a_gap_curriculum():
+    train_tiny = _recipe()
+    config = train_tiny.parse_config(["--config", str(CONFIG), "--recall_loss_weight", "1"])
+    config.recall_keys, config.recall_batch_size, config.recall_pairs, config.recall_value_length = "keywords", 8, 4, 3
+    config.curriculum = [
+        {"until": 0.5, "min_length": 64, "max_length": 64, "recall_record_gap": 0, "recall_gap": 0},
+        {"until": 1.0, "min_length": 64, "max_length": 64, "recall_record_gap": 2, "recall_gap": 5},
+    ]
+    assert train_tiny.recall_gaps(config, 0.2) == (0, 0) and train_tiny.recall_gaps(config, 0.7) == (2, 5)
+    tokenizer = train_tiny.build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    keys = {vocab[" " + w] for w in train_tiny.KEY_WORDS}
+    digits = {vocab[d] for d in "0123456789"} | {vocab[" " + d] for d in "0123456789"}
+    for progress, widths in ((0.2, {1 + 2 * 4 * 4}), (0.7, set(range(1 + 2 * 4 * 4, 1 + 2 * 4 * 4 + 4 * 7 + 1)))):
+        seen: dict = {}
+        oracle = _Oracle(len(tokenizer), seen)
+        loss = train_tiny.recall_loss(oracle, config, tokenizer, torch.Generator().manual_seed(2), "cpu", progress)
+        assert loss.item() == 0.0
+        for row in seen["ids"].tolist():
+            row = [t for t in row if t != tokenizer.pad_token_id]
+            assert len(row) in widths
+            found = [i for i, t in enumerate(row) if t in keys]
+            assert len(found) == 8 and len({row[i] for i in found}) == 4  # each key: one record, one query
+            for i in found:  # after each key: gap words (no key, no digit), then the value's 3 digits
+                j = i + 1
+                while row[j] not in digits:
+                    assert row[j] not in keys
+                    j += 1
+                assert all(t in digits for t in row[j : j + 3])
