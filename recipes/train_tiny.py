@@ -92,7 +92,10 @@ class TrainConfig:
     distance varying per record no fixed-offset head finds the key: the model has to find "the last key word" by
     content, which is the circuit the needle needs (its key is 3 tokens before the value and 6 before the answer).
     A curriculum stage may set ``recall_gap`` / ``recall_record_gap`` (a distance curriculum: 0 first, where
-    recall is plain induction, then growing).
+    recall is plain induction, then growing). ``recall_advance_below > 0`` makes that curriculum follow competence
+    instead of the clock: the gaps start at 0 and grow one level (of ``max(recall_record_gap, 1)``, both gaps in
+    proportion) whenever the mean recall loss between two log steps is below it (the level is checkpointed; keep
+    ``checkpoint_every`` a multiple of ``log_every`` for a resume that equals the uninterrupted run).
 
     ``num_workers``: background processes generating and collating the task batches (``torch.utils.data``
     ``DataLoader`` over :class:`BatchStream`; ``prefetch_batches`` each); 0 generates them in the training process
@@ -151,6 +154,7 @@ class TrainConfig:
     recall_gap: int = 3
     recall_record_gap: int = 0
     recall_keys: str = "random"
+    recall_advance_below: float = 0.0
     recall_loss_weight: float = 0.0
     log_every: int = 25
     save_every: int = 0
@@ -193,6 +197,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             "checkpoint_every and session_time_s must be >= 0 and keep_checkpoints >= 1, got "
             f"{config.checkpoint_every}, {config.session_time_s}, {config.keep_checkpoints}"
         )
+    if config.recall_advance_below < 0:
+        raise ValueError(f"recall_advance_below must be >= 0 (0 = off), got {config.recall_advance_below}")
     if config.recall_keys not in ("random", "keywords"):
         raise ValueError(f"recall_keys must be 'random' or 'keywords', got {config.recall_keys!r}")
     if not 0 <= config.copy_digit_fraction <= 1:
@@ -500,22 +506,37 @@ def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.
     return F.cross_entropy(predicted.flatten(0, 1), x[:, 1:].flatten().to(device))
 
 
-def recall_gaps(config: TrainConfig, progress: float) -> tuple[int, int]:
-    """``(recall_record_gap, recall_gap)`` at ``progress``: the curriculum stage's if it sets them, else the config's."""
+def recall_levels(config: TrainConfig) -> int:
+    """Number of gap levels above 0 of the competence-driven recall curriculum (``recall_advance_below``)."""
+    return max(config.recall_record_gap, 1)
+
+
+def recall_gaps(config: TrainConfig, progress: float, level: int | None = None) -> tuple[int, int]:
+    """``(recall_record_gap, recall_gap)`` at ``progress``: the curriculum stage's if it sets them, else the config's;
+    with ``recall_advance_below`` those of gap ``level`` (``0..recall_levels``)."""
+    if config.recall_advance_below and level is not None:
+        levels = recall_levels(config)
+        return round(config.recall_record_gap * level / levels), round(config.recall_gap * level / levels)
     stage = next((s for s in config.curriculum if progress < s["until"]), config.curriculum[-1])
     return stage.get("recall_record_gap", config.recall_record_gap), stage.get("recall_gap", config.recall_gap)
 
 
 def recall_loss(
-    model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device, progress: float = 0.0
+    model: Any,
+    config: TrainConfig,
+    tokenizer: Any,
+    generator: torch.Generator,
+    device,
+    progress: float = 0.0,
+    level: int | None = None,
 ) -> torch.Tensor:
     """Cross entropy of the queried values of dense multi-key recall sequences (see :class:`TrainConfig`)."""
     if config.recall_keys == "keywords":
-        return keyword_recall_loss(model, config, tokenizer, generator, device, progress)
+        return keyword_recall_loss(model, config, tokenizer, generator, device, progress, level)
     special = set(tokenizer.all_special_ids)
     choices = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     b, n, v = config.recall_batch_size, config.recall_pairs, config.recall_value_length
-    r, g = recall_gaps(config, progress)
+    r, g = recall_gaps(config, progress, level)
 
     def draw(*shape: int) -> torch.Tensor:
         return choices[torch.randint(len(choices), shape, generator=generator)]
@@ -539,7 +560,7 @@ def recall_loss(
 
 
 def keyword_recall_loss(
-    model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device, progress: float
+    model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device, progress: float, level=None
 ) -> torch.Tensor:
     """:func:`recall_loss` with needle-like records: key words, digit values, a random gap per record and query.
 
@@ -557,7 +578,7 @@ def keyword_recall_loss(
         )
     )
     b, n, v = config.recall_batch_size, config.recall_pairs, config.recall_value_length
-    record_gap, query_gap = recall_gaps(config, progress)
+    record_gap, query_gap = recall_gaps(config, progress, level)
 
     def randint(high: int, *shape: int) -> torch.Tensor:
         return torch.randint(high, shape, generator=generator)
@@ -609,6 +630,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step = resumed["step"] if resumed else 0
     tokens_seen = resumed["tokens_seen"] if resumed else 0
     history: list[dict[str, Any]] = resumed["history"] if resumed else []
+    recall_level = resumed.get("recall_level", 0) if resumed else 0
+    recall_window: list[torch.Tensor] = []  # recall losses since the last log step (read back there only)
     progress = Progress(config, shared=config.num_workers > 0)
     model, optimizer = accelerator.prepare(model, optimizer)
     recent: dict[str, deque[bool]] = {name: deque(maxlen=200) for name in config.tasks}
@@ -633,6 +656,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "elapsed_s": progress.elapsed(),
             "config": asdict(config),
             "history": history,
+            "recall_level": recall_level,
         }
 
     model.train()
@@ -654,8 +678,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             total = total + config.copy_loss_weight * copy
         if config.recall_loss_weight:
             generator = torch.Generator().manual_seed(seed + 2)
-            recall = recall_loss(model, config, tokenizer, generator, accelerator.device, progress.value)
+            recall = recall_loss(model, config, tokenizer, generator, accelerator.device, progress.value, recall_level)
             total = total + config.recall_loss_weight * recall
+            recall_window.append(recall.detach())
         accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -687,6 +712,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "tokens_per_s": round((tokens_seen - last_log[1]) / max(now - last_log[2], 1e-9)),
                 "answer_exact": {k: round(sum(v) / len(v), 3) for k, v in recent.items() if v},
             }
+            if config.recall_advance_below and recall_window:
+                mean_recall = torch.stack(recall_window).mean().item()
+                row["recall_gaps"] = list(recall_gaps(config, progress.value, recall_level))
+                if mean_recall < config.recall_advance_below and recall_level < recall_levels(config):
+                    recall_level += 1
+            recall_window.clear()
             last_log = (step, tokens_seen, now)
             history.append(row)
             bar.set_postfix(loss=row["loss"])
