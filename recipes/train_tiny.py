@@ -424,20 +424,27 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(model: Any, optimizer: Any, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    model: Any, optimizer: Any, output_dir: Path, state: dict[str, Any], keep: int, tokenizer: Any = None
+) -> Path:
     """Write a resumable checkpoint ``output_dir/checkpoints/step-<step>`` and prune all but the last ``keep``.
 
     Holds ``model.safetensors`` (the weights), ``optimizer.json`` + ``optimizer.safetensors`` (the optimizer's
     ``state_dict``, :func:`hf_longmem.continual.state_io.save_tree`: nothing pickled) and ``trainer_state.json``
-    (``state``: step, tokens, elapsed time, config, log). The folder is written under a temporary name and renamed,
-    so a checkpoint that exists is complete.
+    (``state``: step, tokens, elapsed time, config, log), plus the model's ``config.json`` and the ``tokenizer``'s
+    files, so that the checkpoint also loads with ``AutoModelForCausalLM.from_pretrained`` (``recipes/eval_tiny.py
+    --model <checkpoint>``, or ``init_from``). The folder is written under a temporary name and renamed, so a
+    checkpoint that exists is complete.
     """
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:09d}"
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".saving-"))
     try:
-        save_model(model, str(staging / "model.safetensors"))
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         save_tree(optimizer.state_dict(), staging, "optimizer")
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():  # the same step again (a resumed run that stops at once): replace it
@@ -727,7 +734,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
         if (checkpoint_due or (end_of_session and not out_of_time)) and accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(unwrapped, optimizer, output_dir, trainer_state(), config.keep_checkpoints)
+            save_checkpoint(unwrapped, optimizer, output_dir, trainer_state(), config.keep_checkpoints, tokenizer)
         if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
             save(accelerator.unwrap_model(model), tokenizer, output_dir, {"step": step, "partial": True})
         if out_of_time:

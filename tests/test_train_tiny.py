@@ -270,6 +270,11 @@ def test_session_time_checkpoints_and_exits_then_resume_finishes(tmp_path):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert checkpoint.name == "step-000000001" and state["step"] == 1 and state["tokens_seen"] > 0
     assert {"optimizer.json", "optimizer.safetensors", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)  # also a model folder
+    weights = _weights(checkpoint)
+    assert all(torch.equal(weights[k], loaded.state_dict()[k]) for k in weights)
+    assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)  # tied, as trained
+    assert len(AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)) == loaded.config.vocab_size
     _run_shrunk_recipe(tmp_path, 256, 64, 96, "--max_steps", "3", "--resume", "auto", "--log_every", "1")
     metadata = json.loads((out / "training_metadata.json").read_text())
     assert metadata["steps"] == 3 and [row["step"] for row in metadata["history"]] == [1, 2, 3]
