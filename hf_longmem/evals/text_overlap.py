@@ -14,8 +14,8 @@
 Deviation, and why: pltrdy's ROUGE-L rebuilds the longest common subsequence recursively, so a sentence pair of more
 than ~1000 words exceeds Python's recursion limit there and LongBench's bare ``except`` scores it 0.0 (this happens
 mostly on the Chinese summaries, whose sentences are never split because they end in "。", not "."); here the
-reconstruction is iterative and such pairs get their real score (checked: two 800-word one-sentence texts score 0.0
-with the package, 1.0 here when identical).
+reconstruction is iterative and such pairs get their real score (checked: two random 800-word one-sentence texts over
+8 letters score 0.0 with the package and 0.999999995 here).
 """
 
 from __future__ import annotations
