@@ -21,9 +21,10 @@ A dataset outside those tables, or SCBench repoqa (its tree-sitter + BLEU scorer
 explicit ``metric=``. LongBench's Chinese datasets need jieba (``pip install 'hf-longmem[zh]'``): loading them without
 it raises a ``ValueError`` before any work.
 
-Deviations, and why: prompts are a plain ``context`` + ``"\\n\\n"`` + question layout (the benchmarks' per-task chat
-templates are model-specific; pass ``query_template`` to use one); the scorers' own deviations are listed in
-:mod:`hf_longmem.evals.official_metrics`.
+Deviations, and why: prompts are a plain ``context`` + ``"\\n\\n"`` + question layout by default (pass
+``query_template``, or ``official_prompt=True`` for LongBench's ``dataset2prompt``; InfiniteBench's and SCBench's
+templates are per model and not built in); no chat template and no middle truncation (model-specific, left to the
+caller); the scorers' own deviations are listed in :mod:`hf_longmem.evals.official_metrics`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .official_metrics import (
     SCBENCH_METRICS,
     longbench_length_bucket,
 )
+from .official_prompts import LONGBENCH_PROMPTS
 from .schema import Sample, Turn
 from .text_overlap import JIEBA_MISSING, jieba_available
 
@@ -220,6 +222,7 @@ def load_longbench(
     query_template: str = DEFAULT_QUERY,
     max_new_tokens: int | None = None,
     metric: str | None = None,
+    official_prompt: bool = False,
 ) -> list[Sample]:
     """LongBench samples from a local JSONL file (e.g. ``hotpotqa.jsonl`` or ``hotpotqa_e.jsonl``).
 
@@ -230,6 +233,9 @@ def load_longbench(
         max_new_tokens: the least generation budget, raised for long answers (default: LongBench's
             ``dataset2maxlen`` of the dataset).
         metric: score every row with this metric of :data:`~hf_longmem.evals.metrics.METRICS` instead of LongBench's.
+        official_prompt: use LongBench's ``dataset2prompt`` template of the dataset
+            (:data:`~hf_longmem.evals.official_prompts.LONGBENCH_PROMPTS`): the sample's context is the template up
+            to and including the row's context, the query the rest with the question (not with ``query_template``).
 
     Returns:
         One single-turn sample per row. ``meta["metric"]`` is LongBench's ``dataset2metric`` of the row's dataset
@@ -239,12 +245,16 @@ def load_longbench(
     """
     path = Path(path)
     metric = _checked_metric(metric)
+    if official_prompt and query_template != DEFAULT_QUERY:
+        raise ValueError("pass either `official_prompt=True` or a `query_template`, not both")
     samples = []
     for line, row in read_jsonl(path):
         context = _field(row, "context", str, path, line)
         text = _field(row, "input", str, path, line)
         answers = _answers(_field(row, "answers", list, path, line), path, line, "answers")
         dataset = _field(row, "dataset", str, path, line, required=False) or path.stem.removesuffix("_e")
+        if official_prompt and dataset not in LONGBENCH_PROMPTS:
+            raise ValueError(f"{os.fspath(path)!r} line {line}: LongBench has no official prompt for {dataset!r}")
         name = task or dataset
         all_classes = _field(row, "all_classes", list, path, line, required=False)
         length = _field(row, "length", int, path, line, required=False)
@@ -285,7 +295,12 @@ def load_longbench(
         if options:
             meta["metric_options"] = options
         budget = _budget(max_new_tokens, LONGBENCH_MAX_NEW_TOKENS.get(dataset), answers)
-        turn = Turn(query_template.format(input=text), answers, budget)
+        if official_prompt:
+            before, after = LONGBENCH_PROMPTS[dataset].split("{context}", 1)
+            context, query = before.format(input=text) + context, after.format(input=text)
+        else:
+            query = query_template.format(input=text)
+        turn = Turn(query, answers, budget)
         samples.append(Sample(f"{name}-{row.get('_id', line)}", name, context, [turn], meta))
     return samples
 

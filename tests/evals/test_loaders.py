@@ -206,6 +206,14 @@ def test_longbench_rows_the_official_scorer_cannot_score(tmp_path, row, name, ma
         loaders.load_longbench(_write(tmp_path, f"{name}.jsonl", [row]))
 
 
+def test_longbench_official_prompt_errors(tmp_path):
+    path = _write(tmp_path, "x.jsonl", [_longbench_row("mine")])
+    with pytest.raises(ValueError, match="no official prompt for 'mine'"):
+        loaders.load_longbench(path, metric="exact_match", official_prompt=True)
+    with pytest.raises(ValueError, match="not both"):
+        loaders.load_longbench(path, official_prompt=True, query_template="{input}")
+
+
 def test_loader_metric_override(tmp_path):
     (sample,) = loaders.load_longbench(_write(tmp_path, "x.jsonl", [_longbench_row("mine")]), metric="exact_match")
     assert sample.meta["metric"] == "exact_match" and "metric_options" not in sample.meta
