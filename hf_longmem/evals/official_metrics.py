@@ -40,7 +40,8 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .text_overlap import fuzz_ratio, jieba_words, rouge_l_f, rouge_lsum_f
 
@@ -55,6 +56,7 @@ __all__ = [
     "SCBENCH_MAX_NEW_TOKENS",
     "SCBENCH_METRICS",
     "longbench_length_bucket",
+    "longbench_report",
 ]
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -515,3 +517,42 @@ SCBENCH_MAX_NEW_TOKENS: dict[str, int] = {
 def longbench_length_bucket(length: int) -> str:
     """LongBench-E's length bucket of a row's ``length``: ``"0-4k"`` (< 4000), ``"4-8k"`` (< 8000) or ``"8k+"``."""
     return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+def longbench_report(
+    samples: Iterable[Any], records: Iterable[Mapping[str, Any]], *, by_length: bool = False
+) -> dict[str, Any]:
+    """LongBench's ``eval.py`` result from the runner's records of :func:`~hf_longmem.evals.loaders.load_longbench`
+    samples: ``{dataset: round(100 * mean score, 2)}`` (``scorer``), or with ``by_length`` LongBench-E's
+    ``{dataset: {"0-4k": ..., "4-8k": ..., "8k+": ...}}`` over the rows' ``length`` (``scorer_e``; an empty bucket is
+    NaN, as ``np.mean`` of nothing).
+
+    Args:
+        samples: the loaded samples (their ``meta`` has ``dataset`` and ``original_length``).
+        records: the records of one cache (``evaluate(...)``), each with ``sample_id`` and ``score``.
+        by_length: report the LongBench-E length buckets.
+    """
+    meta = {sample.id: sample.meta for sample in samples}
+    records = list(records)
+    caches = {record.get("cache") for record in records}
+    if len(caches) > 1:
+        raise ValueError(f"records of several caches {sorted(map(str, caches))}; pass the records of one cache")
+    groups: dict[str, Any] = {}
+    for record in records:
+        row = meta.get(record["sample_id"])
+        if row is None or "dataset" not in row:
+            raise ValueError(f"record of sample {record['sample_id']!r} has no LongBench sample among `samples`")
+        if not by_length:
+            groups.setdefault(row["dataset"], []).append(record["score"])
+            continue
+        if row.get("original_length") is None:
+            raise ValueError(f"sample {record['sample_id']!r} has no `length`; LongBench-E buckets need it")
+        buckets = groups.setdefault(row["dataset"], {"0-4k": [], "4-8k": [], "8k+": []})
+        buckets[longbench_length_bucket(row["original_length"])].append(record["score"])
+
+    def mean(scores: list[float]) -> float:
+        return round(100 * sum(scores) / len(scores), 2) if scores else float("nan")
+
+    if by_length:
+        return {name: {key: mean(values) for key, values in buckets.items()} for name, buckets in groups.items()}
+    return {name: mean(scores) for name, scores in groups.items()}

@@ -15,6 +15,7 @@ from hf_longmem.evals.official_metrics import (
     LONGBENCH_METRICS,
     SCBENCH_MAX_NEW_TOKENS,
     SCBENCH_METRICS,
+    longbench_report,
 )
 from hf_longmem.evals.schema import Sample
 
@@ -273,3 +274,19 @@ def test_scbench_mixed_tasks_and_repoqa(tmp_path):
         loaders.load_scbench(_write(tmp_path, "scbench_repoqa.jsonl", [repoqa]))
     (explicit,) = loaders.load_scbench(_write(tmp_path, "scbench_repoqa.jsonl", [repoqa]), metric="exact_match")
     assert explicit.meta["metric"] == "exact_match"
+
+
+def test_longbench_report(tmp_path):
+    """eval.py's scorer (round(100 * mean, 2) per dataset) and scorer_e (length buckets, NaN when empty)."""
+    rows = [_longbench_row("hotpotqa", _id=str(i), length=n) for i, n in enumerate((100, 5000, 6000))]
+    rows.append(_longbench_row("trec", _id="t", length=9000))
+    samples = loaders.load_longbench(_write(tmp_path, "mixed.jsonl", rows))
+    records = [{"sample_id": s.id, "score": v, "cache": "full"} for s, v in zip(samples, (1.0, 0.5, 0.0, 1 / 3))]
+    assert longbench_report(samples, records) == {"hotpotqa": 50.0, "trec": 33.33}
+    buckets = longbench_report(samples, records, by_length=True)
+    assert buckets["hotpotqa"] == {"0-4k": 100.0, "4-8k": 25.0, "8k+": pytest.approx(float("nan"), nan_ok=True)}
+    assert buckets["trec"]["8k+"] == 33.33
+    with pytest.raises(ValueError, match="several caches"):
+        longbench_report(samples, records + [{**records[0], "cache": "snapkv"}])
+    with pytest.raises(ValueError, match="no LongBench sample"):
+        longbench_report(samples[:1], records)
