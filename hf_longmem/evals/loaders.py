@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .metrics import METRICS
 from .official_metrics import (
     INFINITEBENCH_MAX_NEW_TOKENS,
     INFINITEBENCH_METRICS,
@@ -126,8 +127,6 @@ def _budget(requested: int | None, official: int | None, answers: list[str]) -> 
 
 
 def _checked_metric(metric: str | None) -> str | None:
-    from .metrics import METRICS
-
     if metric is not None and metric not in METRICS:
         raise ValueError(f"unknown `metric` {metric!r}; available: {', '.join(sorted(METRICS))}")
     return metric
