@@ -188,12 +188,12 @@ class ScoredLayer(CompressedLayer):
         """
         num_q, num_k = query.shape[-2], key.shape[-2]
         return (
-            self.scores_every_query
+            1 < num_q == num_k  # first: a decoding step stops here
+            and self.scores_every_query
             and attention is _SDPA_ATTENTION
             and query.device.type == "cpu"
             and query.dtype == key.dtype == value.dtype == torch.float32
             and attention_mask is None
-            and 1 < num_q == num_k
             and query.shape[-1] == key.shape[-1] == value.shape[-1] <= 256  # transformers' enable_gqa condition
             and query.shape[1] % key.shape[1] == 0
             and not (query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1)  # SDPA's flash check
