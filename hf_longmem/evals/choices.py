@@ -35,7 +35,7 @@ from transformers import Cache
 from hf_longmem.cache_classes.base import cache_memory_bytes
 from hf_longmem.registry import make_cache
 
-from .metrics import metric_for, score
+from .metrics import metric_for, metric_options, score
 from .profiling import PeakMemory, model_device, prefill
 from .schema import Sample
 
@@ -282,7 +282,7 @@ def evaluate_choices(
                 "prediction": prediction,
                 "answers": list(turn.answers),
                 "metric": name,
-                "score": score(prediction, turn.answers, name),
+                "score": score(prediction, turn.answers, name, **metric_options(sample.meta, name)),
                 "num_new_tokens": result.num_tokens[result.best],
                 "stopped_at_eos": False,
                 "mode": mode,

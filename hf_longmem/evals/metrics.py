@@ -3,6 +3,9 @@
 Every metric has the signature ``metric(prediction: str, answers: Sequence[str]) -> float`` with a score in
 ``[0, 1]``, where ``answers`` are the accepted answers of a :class:`~hf_longmem.evals.schema.Turn` (the first one is
 canonical). :func:`score` looks a metric up by name and :func:`metric_for` picks the one a task is scored with.
+Some metrics take keyword options (LongBench's classification needs ``all_classes``): a sample carries them in
+``meta["metric_options"]`` for its ``meta["metric"]`` (:func:`metric_options`). The official LongBench, InfiniteBench
+and SCBench scorers (:mod:`hf_longmem.evals.official_metrics`) are registered here too.
 
 >>> exact_match(" 71432\\n", ["71432"])
 1.0
@@ -21,6 +24,8 @@ import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .official_metrics import OFFICIAL_METRICS
+
 __all__ = [
     "METRICS",
     "TASK_METRICS",
@@ -28,6 +33,7 @@ __all__ = [
     "first_int",
     "first_int_match",
     "metric_for",
+    "metric_options",
     "qa_f1",
     "score",
     "string_match_all",
@@ -137,14 +143,15 @@ def _string_match_all_words(prediction: str, answers: Sequence[str]) -> float:
     return string_match_all(prediction, answers, whole_words=True)
 
 
-#: Metric name -> ``metric(prediction, answers) -> float``.
-METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
+#: Metric name -> ``metric(prediction, answers, **options) -> float``.
+METRICS: dict[str, Callable[..., float]] = {
     "exact_match": exact_match,
     "string_match_all": string_match_all,
     "string_match_all_words": _string_match_all_words,
     "string_match_part": string_match_part,
     "qa_f1": qa_f1,
     "first_int": first_int_match,
+    **OFFICIAL_METRICS,
 }
 
 #: Default metric of each task generator of :mod:`hf_longmem.evals.tasks` (others use ``"exact_match"``).
@@ -172,11 +179,21 @@ def metric_for(task: str, meta: Mapping[str, Any] | None = None, turn: Any = Non
     return TASK_METRICS.get(task, "exact_match")
 
 
-def score(prediction: str, answers: Sequence[str], metric: str = "exact_match") -> float:
-    """Scores ``prediction`` against ``answers`` with the metric named ``metric`` (a key of :data:`METRICS`)."""
+def metric_options(meta: Mapping[str, Any] | None, metric: str) -> dict[str, Any]:
+    """The keyword options of ``metric`` for a sample: ``meta["metric_options"]`` when ``metric`` is the sample's own
+    ``meta["metric"]``, else none (a metric chosen by the caller gets no options meant for another one)."""
+    meta = meta or {}
+    if metric != meta.get("metric"):
+        return {}
+    return dict(meta.get("metric_options") or {})
+
+
+def score(prediction: str, answers: Sequence[str], metric: str = "exact_match", **options: Any) -> float:
+    """Scores ``prediction`` against ``answers`` with the metric named ``metric`` (a key of :data:`METRICS`);
+    ``options`` are passed to the metric (see :func:`metric_options`)."""
     if metric not in METRICS:
         raise ValueError(f"unknown `metric` {metric!r}; available: {', '.join(METRICS)}")
-    return float(METRICS[metric](prediction, answers))
+    return float(METRICS[metric](prediction, answers, **options))
 
 
 def wilson_interval(mean_score: float, n: int, z: float = 1.959964) -> tuple[float, float]:

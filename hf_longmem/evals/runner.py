@@ -44,7 +44,7 @@ from hf_longmem.registry import get_cache_spec, make_cache
 
 from .choices import evaluate_choices, is_choice_task
 from .fidelity import Reference, compare_to_reference, reference_continuation
-from .metrics import metric_for, score, wilson_interval
+from .metrics import metric_for, metric_options, score, wilson_interval
 from .profiling import PeakMemory, eos_token_ids, greedy_generate, model_device, prefill
 from .schema import ROW_KEYS, Sample, Turn
 
@@ -159,7 +159,7 @@ def _turn_record(
         "prediction": prediction,
         "answers": list(turn.answers),
         "metric": name,
-        "score": score(prediction, turn.answers, name),
+        "score": score(prediction, turn.answers, name, **metric_options(sample.meta, name)),
         "num_new_tokens": len(tokens),
         "stopped_at_eos": bool(tokens) and tokens[-1] in decoder.eos,
     }

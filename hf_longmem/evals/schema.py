@@ -14,11 +14,14 @@ class Turn:
         query: text appended after the context (or the previous turn), ending where the answer starts.
         answers: accepted answers; the first is the canonical one.
         max_new_tokens: generation budget for the answer.
+        metric: the metric of this turn when it differs from the sample's (turns of mixed-task SCBench files);
+            ``None``: the sample's (see :func:`hf_longmem.evals.metrics.metric_for`).
     """
 
     query: str
     answers: list[str]
     max_new_tokens: int = 16
+    metric: str | None = None
 
 
 @dataclass

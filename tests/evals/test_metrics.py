@@ -100,10 +100,8 @@ def test_metric_for():
     assert metric_for("something_else") == "exact_match"
     assert metric_for("passkey", {"metric": "exact_match"}) == "exact_match"
 
-    class TurnWithMetric(Turn):
-        metric = "first_int"
-
-    assert metric_for("multikey_needle", {}, TurnWithMetric("q", ["1"])) == "first_int"
+    assert metric_for("multikey_needle", {"metric": "exact_match"}, Turn("q", ["1"], metric="first_int")) == "first_int"
+    assert Turn("q", ["1"]).metric is None  # the sample's metric
 
 
 def test_wilson_interval():

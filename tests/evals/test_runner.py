@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_longmem import make_cache
+from hf_longmem.evals.metrics import score
 from hf_longmem.evals.profiling import greedy_generate, prefill
 from hf_longmem.evals.runner import ROW_KEYS, answer_turns, evaluate, run_benchmark
 from hf_longmem.evals.schema import ROW_FIELDS, Sample, Turn
@@ -311,3 +312,16 @@ def test_peak_memory_and_profile_generation(model):
     assert stats["num_new_tokens"] == 4 and len(stats["tokens"]) == 4
     assert stats["kv_bytes"] == cache.memory_bytes() > 0
     assert stats["prefill_s"] > 0 and stats["decode_tokens_per_s"] > 0
+
+
+def test_metric_options_reach_the_scorer(model, tokenizer):
+    """A LongBench classification sample: the runner scores with meta["metric_options"] (all_classes, first line)."""
+    (sample,) = fake_task("trec", tokenizer, 40, 1)
+    options = {"first_line": True, "all_classes": list("abcdefgh")}
+    sample.meta.update(metric="longbench_classification", metric_options=options)
+    sample.turns[0].answers = ["a"]
+    (record,) = evaluate(model, tokenizer, [sample], "full", progress=False)
+    assert record["metric"] == "longbench_classification"
+    assert record["score"] == score(record["prediction"], ["a"], "longbench_classification", **options)
+    with pytest.raises(ValueError, match="all_classes"):
+        score(record["prediction"], ["a"], "longbench_classification")
