@@ -301,7 +301,7 @@ class D2OLayer(H2OLayer):
         if self.layer_budget is None:
             if num_new > 1 or num_keys == num_new:  # prefill (or a chunk of it): statistics only
                 if self.scoring_is_causal():  # the flash-style sums, no mask tensor
-                    sums = causal_head_column_sums(query, keys, scaling)
+                    sums = causal_head_column_sums(query, keys, scaling, self._lse)
                 else:
                     sums = query_head_column_sums(query, keys, attention_mask, scaling)
                 previous = self.prefill_sums if self.prefill_sums is not None else sums.new_zeros(*sums.shape[:2], 0)

@@ -29,6 +29,7 @@ class H2OLayer(SlidingWindowScoring, ScoredLayer):
 
     batch_state = (*ScoredLayer.batch_state, "scores")
     slot_state = ("scores",)
+    scores_every_query = True  # a float32 CPU prefill scores from SDPA's log-sum-exp
 
     def __init__(self, budget: int, recent_size: int):
         super().__init__()

@@ -17,6 +17,7 @@ share in the denominator, the window in the mask (no dropout: a score, not an ou
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_longmem.attention import EAGER_ATTENTION_NAME, LAYER_KWARG, fallback_attention
 from hf_longmem.kernels import attention_column_scores, decode_attention
@@ -28,6 +29,9 @@ from hf_longmem.memory.padding import PAD_POSITION
 from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, causal_column_scores, column_scores
 
 from .base import CompressedLayer
+
+#: transformers' SDPA attention function (``ALL_ATTENTION_FUNCTIONS["sdpa"]`` unless a user replaced it).
+_SDPA_ATTENTION = sdpa_attention_forward
 
 #: Steps with at most this many new queries use the flash-decoding kernel on CUDA (prefills use the fallback).
 DECODE_KERNEL_MAX_QUERIES = 16
@@ -78,12 +82,16 @@ class ScoredLayer(CompressedLayer):
     #: Triton. Decode defaults to SDPA because it measured faster end to end on an H200 (1B-shape bfloat16 model,
     #: 16k context, batch 1, ``benchmarks/gpu_check.py``: SnapKV 14.9 ms per token vs 21.0 with the kernel).
     kernel_backend: str | None = None
+    #: Whether :meth:`observe` scores every query of a prefill (H2O, D2O), not only a last window: a float32 CPU
+    #: prefill then takes SDPA's log-sum-exp along with the output (:meth:`_flash_prefill`).
+    scores_every_query: bool = False
 
     def __init__(self):
         super().__init__()
         self._pending = False
         self._deferring = True
         self._features: AttentionFeatures | None = None
+        self._lse: torch.Tensor | None = None  # [batch, q_heads, q] of this step's flash prefill (else None)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self._pending:
@@ -132,9 +140,17 @@ class ScoredLayer(CompressedLayer):
             # SDPA applies causality only if the module says it is causal (BERT-style decoders may not)
             eager = implementation == EAGER_ATTENTION_NAME or not getattr(module, "is_causal", True)
             attention_mask = self.mask_for_this_layer(query, key, eager, features.sliding_window)
-            output, weights = fallback_attention(module, implementation)(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-            )
+            attention = fallback_attention(module, implementation)
+            if self._flash_prefill(attention, query, key, value, attention_mask, features):
+                # the call SDPA makes here, with the log-sum-exp it computes anyway: the column sums need no softmax
+                output, self._lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    query, key, value, 0.0, True, scale=scaling
+                )
+                output, weights = output.transpose(1, 2).contiguous(), None
+            else:
+                output, weights = attention(
+                    module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+                )
         if self.wants_scores(query.shape[-2]):
             self._features = features  # received_attention() scores with the model's softcap and sinks
             try:
@@ -148,6 +164,7 @@ class ScoredLayer(CompressedLayer):
                 self.observe(query, key, mask, scale)
             finally:
                 self._features = None  # holds the model's sink parameter: not kept in the cache
+                self._lse = None  # this step's only
         self._pending = False
         self._deferring = False
         if not self.compresses_now():
@@ -160,6 +177,34 @@ class ScoredLayer(CompressedLayer):
         if any(new is not old for new, old in zip(stored, current)):
             self.store(*stored, no_pads=self._kept_no_pads)
         return output, weights
+
+    def _flash_prefill(self, attention, query, key, value, attention_mask, features: AttentionFeatures) -> bool:
+        """Whether this step's attention is SDPA's CPU flash kernel over a plain causal prefill that
+        :meth:`observe` scores with every query (:attr:`scores_every_query`): then :meth:`attend` calls that kernel
+        itself, for the per-query log-sum-exp it returns with the output (the same call, the same output bits, as
+        transformers' ``sdpa_attention_forward`` with ``enable_gqa``; ``tests/cache_classes/test_scored.py``).
+
+        Float32 only: in lower precision SDPA's logits are not the float32 logits the scores are computed from.
+        """
+        num_q, num_k = query.shape[-2], key.shape[-2]
+        return (
+            1 < num_q == num_k  # first: a decoding step stops here
+            and self.scores_every_query
+            and attention is _SDPA_ATTENTION
+            and query.device.type == "cpu"
+            and query.dtype == key.dtype == value.dtype == torch.float32
+            and attention_mask is None
+            and query.shape[-1] == key.shape[-1] == value.shape[-1] <= 256  # transformers' enable_gqa condition
+            and query.shape[1] % key.shape[1] == 0
+            and not (query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1)  # SDPA's flash check
+            and torch.backends.cuda.flash_sdp_enabled()  # not disabled by `sdpa_kernel` (the flag is CPU's too)
+            and features.softcap is None
+            and features.sinks is None
+            and features.sliding_window is None
+            and not features.dropout
+            and self.wants_scores(num_q)
+            and self.scoring_is_causal()
+        )
 
     def mask_for_this_layer(
         self, query: torch.Tensor, key: torch.Tensor, eager: bool, sliding_window: int | None = None
@@ -220,7 +265,7 @@ class ScoredLayer(CompressedLayer):
                 backend="triton",
             )
         if self.scoring_is_causal():  # score only what the queries see, no mask tensor
-            return causal_column_scores(query, keys, scaling)
+            return causal_column_scores(query, keys, scaling, self._lse)
         return column_scores(query, keys, attention_mask, scaling)
 
     def scoring_is_causal(self) -> bool:

@@ -72,7 +72,9 @@ def column_scores(
 CAUSAL_QUERY_BLOCK = 128
 
 
-def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+def causal_head_column_sums(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, lse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention each key receives from causal queries, summed over the queries, per query head.
 
     The queries are the last ``q`` of the ``n`` keys, nothing else is masked (no pad slot, no window). Per block of
@@ -83,6 +85,9 @@ def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: fl
     Args:
         query: ``[batch, q_heads, q, head_dim]``.
         keys: ``[batch, kv_heads, n, head_dim]`` (not repeated for GQA).
+        lse: ``[batch, q_heads, q]`` float32 log-sum-exp of each query's scaled logits, when the attention already
+            computed it (SDPA's CPU flash kernel returns it): the probabilities are then ``exp(logit - lse)``, one
+            matmul and one ``exp`` per block (:func:`causal_head_column_sums_from_lse`) instead of a softmax.
 
     Returns:
         ``[batch, q_heads, n]`` float32.
@@ -92,6 +97,8 @@ def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: fl
     group, offset = q_heads // kv_heads, num_k - num_q
     if num_q == 1:
         return _decoded_query_probs(query, keys, scaling).view(batch, q_heads, num_k)
+    if lse is not None:
+        return causal_head_column_sums_from_lse(query, keys, scaling, lse)
     q = query.float().view(batch, kv_heads, group, num_q, head_dim)
     k = keys.float()
     total = q.new_zeros(batch, kv_heads, group, num_k)
@@ -106,13 +113,56 @@ def causal_head_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: fl
     return total.view(batch, q_heads, num_k)
 
 
-def causal_column_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+#: Queries per block of :func:`causal_head_column_sums_from_lse` (measured fastest on a 4k CPU prefill).
+LSE_QUERY_BLOCK = 64
+
+
+def causal_head_column_sums_from_lse(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, lse: torch.Tensor
+) -> torch.Tensor:
+    """:func:`causal_head_column_sums` given each query's log-sum-exp: ``p = exp(scaling * q.k - lse)``.
+
+    ``-lse`` rides in the matmul as one more feature (queries ``[scaling * q, -lse]``, keys ``[k, 1]``), so a block
+    of queries costs one matmul, one in-place ``exp`` and one sum over its rows: no max, no normalisation pass.
+    Equal to the softmax path to float32 rounding (``|lse|`` ulps in each logit: about ``1e-6`` relative).
+
+    Args:
+        query: ``[batch, q_heads, q, head_dim]`` (the last ``q`` of the keys, plain causal).
+        keys: ``[batch, kv_heads, n, head_dim]`` (not repeated for GQA).
+        lse: ``[batch, q_heads, q]``: ``logsumexp`` over the keys each query sees of ``scaling * q.k``.
+
+    Returns:
+        ``[batch, q_heads, n]`` float32.
+    """
+    batch, q_heads, num_q, head_dim = query.shape
+    kv_heads, num_k = keys.shape[1], keys.shape[-2]
+    group, offset = q_heads // kv_heads, num_k - num_q
+    q = torch.cat((query.float() * scaling, -lse.float()[..., None]), dim=-1)
+    q = q.view(batch, kv_heads, group, num_q, head_dim + 1)
+    k = torch.cat((keys.float(), keys.new_ones(batch, kv_heads, num_k, 1, dtype=torch.float32)), dim=-1)
+    k = k.transpose(-1, -2)  # [b, hkv, d + 1, n]
+    total = q.new_zeros(batch, kv_heads, group, 1, num_k)
+    ones = q.new_ones(1, 1, 1, 1, LSE_QUERY_BLOCK)  # the sum over a block's queries as a (batched) matrix-vector
+    for start in range(0, num_q, LSE_QUERY_BLOCK):
+        stop = min(start + LSE_QUERY_BLOCK, num_q)
+        size, seen = stop - start, offset + stop  # the block's last query sees `seen` keys
+        block = q[:, :, :, start:stop].reshape(batch, kv_heads, group * size, head_dim + 1)
+        probs = torch.matmul(block, k[..., :seen]).view(batch, kv_heads, group, size, seen)
+        future = torch.ones(size, size, dtype=torch.bool, device=query.device).triu_(1)
+        probs[..., offset + start :].masked_fill_(future, float("-inf"))  # the block's own keys: causal
+        total[..., :seen] += torch.matmul(ones[..., :size], probs.exp_())
+    return total.view(batch, q_heads, num_k)
+
+
+def causal_column_scores(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, lse: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`column_scores` of causal queries (the last ``q`` of the keys, nothing else masked), flash-style
-    (:func:`causal_head_column_sums`): ``[batch, kv_heads, n]`` float32, group-averaged."""
+    (:func:`causal_head_column_sums`, ``lse`` as there): ``[batch, kv_heads, n]`` float32, group-averaged."""
     batch, kv_heads, num_k = keys.shape[0], keys.shape[1], keys.shape[-2]
     if query.shape[-2] == 1:  # what the general path computes, with fewer views
         return _decoded_query_probs(query, keys, scaling).view(batch, kv_heads, -1, num_k).mean(dim=2)
-    sums = causal_head_column_sums(query, keys, scaling)
+    sums = causal_head_column_sums(query, keys, scaling, lse)
     return sums.view(batch, kv_heads, -1, num_k).mean(dim=2)
 
 

@@ -225,3 +225,36 @@ def test_pool_scores_of_a_padded_row_equal_the_row_alone(pooling):
     assert torch.equal(
         pool_scores(alone, 5, pooling), pool_scores(alone, 5, pooling, real=torch.ones(2, 9, dtype=torch.bool))
     )
+
+
+@pytest.mark.parametrize("name", ["h2o", "d2o"])
+def test_float32_cpu_prefill_scores_from_sdpa_log_sum_exp(monkeypatch, name):
+    """H2O/D2O's float32 CPU prefill calls SDPA's flash kernel itself for its log-sum-exp: the output bits are the
+    model's SDPA's, the scores those of the softmax path (float32 rounding), the kept tokens the same."""
+    from hf_longmem.cache_classes.h2o import H2OLayer
+    from hf_longmem.memory import scoring
+
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 40)
+    options = {"budget": 12} if name == "h2o" else {"budget": 12, "uncompressed_layers": []}
+    calls = []
+    from_lse = scoring.causal_head_column_sums_from_lse
+    monkeypatch.setattr(scoring, "causal_head_column_sums_from_lse", lambda *a: calls.append(1) or from_lse(*a))
+
+    def run(every_query: bool):
+        monkeypatch.setattr(H2OLayer, "scores_every_query", every_query)
+        cache = make_cache(name, model, **options)
+        with torch.no_grad():
+            logits = model(ids, cache=cache).logits
+            following = model(ids[:, -1:], cache=cache).logits  # D2O evicts from the first decoding step
+        return logits, following, cache
+
+    reference_logits, reference_next, reference = run(False)
+    assert not calls
+    logits, following, cache = run(True)
+    assert len(calls) == len(cache.layers)  # every layer took the log-sum-exp path
+    torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)  # the same SDPA call
+    for layer, expected in zip(cache.layers, reference.layers):
+        torch.testing.assert_close(layer.scores, expected.scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(layer.positions, expected.positions)  # the same tokens kept
+    torch.testing.assert_close(following, reference_next, rtol=1e-5, atol=1e-5)
