@@ -632,6 +632,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay, **fused
     )
     output_dir = Path(config.output_dir)
+    if not config.resume and latest_checkpoint(output_dir) is not None:
+        raise ValueError(
+            f"{output_dir} holds checkpoints of an earlier run ({latest_checkpoint(output_dir).name}); continue it "
+            "with --resume auto, or start fresh in another output_dir (a fresh run there would mix its checkpoints "
+            "with the old ones)"
+        )
     resume_from = latest_checkpoint(output_dir) if config.resume == "auto" else Path(config.resume or ".")
     resumed = load_checkpoint(resume_from, config, model, optimizer) if config.resume and resume_from else None
     step = resumed["step"] if resumed else 0

@@ -275,6 +275,9 @@ def test_session_time_checkpoints_and_exits_then_resume_finishes(tmp_path):
     assert all(torch.equal(weights[k], loaded.state_dict()[k]) for k in weights)
     assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)  # tied, as trained
     assert len(AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)) == loaded.config.vocab_size
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # a fresh run would mix with the checkpoint
+        _run_shrunk_recipe(tmp_path, 256, 64, 96, "--max_steps", "3", "--log_every", "1")
+    assert b"--resume auto" in refused.value.stderr
     _run_shrunk_recipe(tmp_path, 256, 64, 96, "--max_steps", "3", "--resume", "auto", "--log_every", "1")
     metadata = json.loads((out / "training_metadata.json").read_text())
     assert metadata["steps"] == 3 and [row["step"] for row in metadata["history"]] == [1, 2, 3]
