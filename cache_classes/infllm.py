@@ -218,6 +218,25 @@ def _row_union(selected: list) -> list[list[int]]:
     return [sorted({block for ids in heads for block in ids}) for heads in selected]
 
 
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` that returns a single tensor as is (one op less per decoding step)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _cat_valid(parts: list[tuple[int, torch.Tensor | None]], units: int, device) -> torch.Tensor | None:
+    """``[units, sum of slots]`` bool of consecutive parts ``(slots, [units, slots] bool or None = all real)``;
+    ``None`` when every slot is real (the attention then builds no mask)."""
+    if all(mask is None for _, mask in parts):
+        return None
+    return _cat(
+        [
+            mask if mask is not None else torch.ones(units, slots, dtype=torch.bool, device=device)
+            for slots, mask in parts
+        ],
+        -1,
+    )
+
+
 def _right_align(keep: torch.Tensor) -> torch.Tensor:
     """Slots to gather so that the kept slots of every unit are right-aligned, in order.
 
@@ -408,21 +427,27 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             query, new_keys, new_values = _take(query, order), _take(new_keys, order), _take(new_values, order)
             positions = positions.gather(1, order)
             real_counts = is_real.sum(1).tolist()
-        outputs = []
-        for start in range(0, query.shape[-2], self.exc_block_size):  # execution blocks of queries
-            stop = min(start + self.exc_block_size, query.shape[-2])
-            chunk_pads = real_counts is not None and min(real_counts) < stop
-            outputs.append(
-                self._attend_chunk(
-                    query[:, :, start:stop],
-                    new_keys[:, :, start:stop],
-                    new_values[:, :, start:stop],
-                    positions[:, start:stop],
-                    features,
-                    chunk_pads,
-                )
+        num_q = query.shape[-2]
+        if num_q <= self.exc_block_size:  # one execution block (every decoding step): no slicing
+            output = self._attend_chunk(
+                query, new_keys, new_values, positions, features, real_counts is not None and min(real_counts) < num_q
             )
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        else:
+            outputs = []
+            for start in range(0, num_q, self.exc_block_size):  # execution blocks of queries
+                stop = min(start + self.exc_block_size, num_q)
+                chunk_pads = real_counts is not None and min(real_counts) < stop
+                outputs.append(
+                    self._attend_chunk(
+                        query[:, :, start:stop],
+                        new_keys[:, :, start:stop],
+                        new_values[:, :, start:stop],
+                        positions[:, start:stop],
+                        features,
+                        chunk_pads,
+                    )
+                )
+            output = torch.cat(outputs, dim=2)
         if padded:  # back to the forward's order (pad queries get zeros)
             output = torch.empty_like(output).scatter_(2, order[:, None, :, None].expand_as(output), output)
         return output.transpose(1, 2).contiguous(), None
@@ -472,12 +497,15 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             query_pos = positions[:, :, None]  # [b, c, 1]
             allowed = (key_pos != PAD_POSITION) & (key_pos <= query_pos) & (key_pos > query_pos - self.n_local)
             allowed = allowed[:, None, None]  # [b, 1, 1, c, span]
+        elif num_q == 1:  # a decoding step: its window is the last span <= n_local slots, all of them real
+            allowed = None
         else:
             q_index = torch.arange(num_q, device=query.device)[:, None]
             k_index = torch.arange(span, device=query.device)[None, :]
             allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
         probs = grouped_logits(query, local_keys, scale, softcap)  # [b, Hkv, g, c, w + c], capped before the mask
-        probs = probs.masked_fill_(~allowed, float("-inf"))
+        if allowed is not None:
+            probs = probs.masked_fill_(~allowed, float("-inf"))
         local_lse = torch.logsumexp(probs, dim=-1)  # finite for a real query (it sees itself); -inf for a pad
         safe_lse = local_lse.nan_to_num(neginf=0.0) if chunk_pads else local_lse
         probs = probs.sub_(safe_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
@@ -513,7 +541,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
         # representative scores: window attention under the joint softmax (as the official single softmax):
         # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
-        weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q).nan_to_num(neginf=0.0))
+        joint_lse = lse.view(batch, kv_heads, group, num_q)
+        weight = torch.exp(local_lse - (joint_lse.nan_to_num(neginf=0.0) if chunk_pads else joint_lse))
         # sum over the chunk's queries of probs * weight: one batched matmul (einsum's plan, fewer ops)
         received = torch.bmm(weight.reshape(batch * q_heads, 1, num_q), probs.view(batch * q_heads, num_q, span))
         self.local_scores[:, :, first:] += received.view(batch, q_heads, span)
@@ -523,7 +552,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
     def _memory_states(self, selected, num_q: int):
         """Keys/values/valid of the memory part, or ``None`` when it is empty.
 
-        Layout ``[retrieved blocks | initial tokens | pad | remainder]``, ``[b, Hkv, n, d]`` with valid ``[b, n]``;
+        Layout ``[retrieved blocks | initial tokens | pad | remainder]``, ``[b, Hkv, n, d]`` with valid ``[b, n]``
+        (``None`` when every slot is real: no mask to build, as at most decoding steps);
         with a per-head selection (``perhead``) every query head is a unit of its own: ``[b * H, 1, n, d]`` and
         ``[b * H, n]`` (unit ``r * H + h`` reads KV head ``h // group`` of row ``r``).
 
@@ -534,7 +564,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         batch = self.keys.shape[0]
         device = self.device
         remainder = max(0, self.keys.shape[-2] - self.n_local)
-        keys, values, valid = [], [], []
+        keys, values, valid = [], [], []  # valid: (slots, [u, slots] bool or None when all of them are real)
         per_head = selected is not None and _is_per_head(selected)
         if selected is not None:
             block_keys, block_values, block_valid = (
@@ -542,38 +572,35 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             )
             keys.append(block_keys)
             values.append(block_values)
-            valid.append(
-                block_valid
-                if block_valid is not None
-                else torch.ones(block_keys.shape[0], block_keys.shape[-2], dtype=torch.bool, device=device)
-            )
+            valid.append((block_keys.shape[-2], block_valid))
         tail_keys, tail_values, tail_valid = [], [], []
         if self.init_keys.shape[-2]:
             tail_keys.append(self.init_keys)
             tail_values.append(self.init_values)
-            tail_valid.append(torch.ones(batch, self.init_keys.shape[-2], dtype=torch.bool, device=device))
+            tail_valid.append((self.init_keys.shape[-2], None))
         if not keys and not tail_keys and remainder == 0:
             return None
         pad = max(0, num_q - remainder)
         if pad:
             tail_keys.append(self.keys.new_zeros(batch, self.keys.shape[1], pad, self.keys.shape[-1]))
             tail_values.append(self.values.new_zeros(batch, self.values.shape[1], pad, self.values.shape[-1]))
-            tail_valid.append(torch.zeros(batch, pad, dtype=torch.bool, device=device))
+            tail_valid.append((pad, torch.zeros(batch, pad, dtype=torch.bool, device=device)))
         if remainder:
             tail_keys.append(self.unrotate(self.keys[:, :, :remainder], self.positions[:, :remainder]))
             tail_values.append(self.values[:, :, :remainder])
-            tail_valid.append(torch.ones(batch, remainder, dtype=torch.bool, device=device))
-        tail_k, tail_v, tail_ok = torch.cat(tail_keys, -2), torch.cat(tail_values, -2), torch.cat(tail_valid, -1)
+            tail_valid.append((remainder, None))
+        tail_k, tail_v = _cat(tail_keys, -2), _cat(tail_values, -2)
+        tail_ok = _cat_valid(tail_valid, batch, device)
         if per_head:  # the shared tail, repeated for every query head of its KV head
             q_heads = self.local_scores.shape[1]
             group = q_heads // tail_k.shape[1]
             tail_k = tail_k.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *tail_k.shape[-2:])
             tail_v = tail_v.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *tail_v.shape[-2:])
-            tail_ok = tail_ok.repeat_interleave(q_heads, dim=0)
+            tail_ok = tail_ok.repeat_interleave(q_heads, dim=0) if tail_ok is not None else None
         keys.append(tail_k)
         values.append(tail_v)
-        valid.append(tail_ok)
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(valid, dim=-1)
+        valid.append((tail_k.shape[-2], tail_ok))
+        return _cat(keys, -2), _cat(values, -2), _cat_valid(valid, keys[0].shape[0], device)
 
     def _memory_states_per_row(self, selected, query_real: torch.Tensor | None, num_q: int):
         """:meth:`_memory_states` when rows differ (left padding): each row's own initial tokens, remainder and real
