@@ -81,7 +81,7 @@ from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, te
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore
 from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
-from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.memory.rope import LayerRotation, RotaryShift
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
@@ -473,7 +473,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             self.store.batch_size > 0 or self.init_keys.shape[-2] > 0 or self.keys.shape[-2] + num_q > self.n_local
         )
         query_real = (positions != PAD_POSITION) if chunk_pads else None  # [b, c]
-        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
+        memory_query = self.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
         selected = self.select_blocks(memory_query, query_real) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
@@ -714,7 +714,16 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
-        return self.rotary.rotate(keys, -positions)
+        return self.rotate(keys, -positions)
+
+    def rotate(self, states: torch.Tensor, delta: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """``states`` rotated by ``delta`` with the layer's RoPE, telling it the bound on ``|delta|`` known here
+        (every position is a real one ``< cumulative_length`` or ``PAD_POSITION``), so that it can read its tables
+        from a cache (:meth:`~hf_longmem.memory.rope.LayerRotation.rotate`)."""
+        if not isinstance(self.rotary, LayerRotation):  # a duck-typed rotation: the plain call
+            return self.rotary.rotate(states, delta, query=query)
+        bound = max(self.n_local, self.cumulative_length) + 1
+        return self.rotary.rotate(states, delta, query=query, max_delta=bound)
 
     # ------------------------------------------------------------------------------------ retrieval, memory
     def select_blocks(self, memory_query: torch.Tensor, query_real: torch.Tensor | None = None) -> list | None:
