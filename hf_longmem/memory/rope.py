@@ -63,9 +63,6 @@ PROBE_POSITIONS = (0, 1, 5, 37)
 _CACHE_ARGUMENTS = ("cache", "layer_past", "past_key_values", "past_key_value")
 
 
-#: ``rope_type`` of rotary modules whose tables depend on the position alone (cacheable, see ``max_delta``).
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
 #: The largest ``|delta|`` a cached table covers: ``2 * (2N + 1) * head_dim`` float32 (32 MiB at ``head_dim`` 128),
 #: one table per rotation and device, shared by the layers; larger deltas recompute their tables per call.
 TABLE_POSITIONS = 1 << 14
@@ -216,7 +213,10 @@ class ModuleRotation(LayerRotation):
         self._inv_scale_on: dict[torch.device, torch.Tensor] = {}
         # tables of every delta in [-N, N] per device (see `_signed_tables`); only for RoPE whose tables depend on
         # the position alone (a dynamic RoPE re-scales with the largest position it is called with)
-        self._static = getattr(rotary_emb, "rope_type", None) in STATIC_ROPE_TYPES
+        rope_type = getattr(rotary_emb, "rope_type", None)
+        if isinstance(rope_type, dict):  # per layer type (Gemma-3)
+            rope_type = rope_type.get(self.call_kwargs.get("layer_type"))
+        self._static = rope_type in SHIFTABLE_ROPE_TYPES
         self._signed: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self):
