@@ -322,6 +322,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.store: BlockStore | None = None
         self._pending = None
         self._state_pads = False
+        #: ``[b, Hkv, u, d]`` the oldest ``u`` recent keys unrotated (rows equal), ahead of need: see `_unrotated_prefix`
+        self._unrotated: torch.Tensor | None = None
         #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
         self.padding_source: weakref.ref | None = (
             None  # whether some row of keys/values holds fewer tokens than the others
@@ -586,7 +588,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             tail_values.append(self.values.new_zeros(batch, self.values.shape[1], pad, self.values.shape[-1]))
             tail_valid.append((pad, torch.zeros(batch, pad, dtype=torch.bool, device=device)))
         if remainder:
-            tail_keys.append(self.unrotate(self.keys[:, :, :remainder], self.positions[:, :remainder]))
+            tail_keys.append(self._unrotated_prefix(remainder))
             tail_values.append(self.values[:, :, :remainder])
             tail_valid.append((remainder, None))
         tail_k, tail_v = _cat(tail_keys, -2), _cat(tail_values, -2)
@@ -712,6 +714,19 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         take_values = per_head_values.gather(1, slot[..., None].expand(-1, -1, values.shape[-1]))
         return take_keys[:, None], take_values[:, None], ok
 
+    def _unrotated_prefix(self, count: int) -> torch.Tensor:
+        """The oldest ``count`` recent keys unrotated, ``[b, Hkv, count, d]``, when every row holds the same slots.
+
+        The remainder is attended at every decoding step and grows by one token per step: its keys are unrotated
+        ``block_size`` tokens ahead of need (the oldest recent keys, window included) and kept, so that most steps
+        slice them instead of re-rotating the whole remainder (the same values: a rotation is per token).
+        """
+        cached = self._unrotated
+        if cached is None or cached.shape[-2] < count:
+            cover = min(self.keys.shape[-2], count + self.block_size)
+            cached = self._unrotated = self.unrotate(self.keys[:, :, :cover], self.positions[:, :cover])
+        return cached if cached.shape[-2] == count else cached[:, :, :count]
+
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
         return self.rotate(keys, -positions)
@@ -831,16 +846,21 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             if row_sizes:
                 groups.setdefault(tuple(row_sizes), []).append(row)
         totals = torch.tensor([sum(row_sizes) for row_sizes in sizes], device=self.device)
+        every_row = len(groups) == 1 and len(next(iter(groups.values()))) == batch and not self._state_pads
         for group_sizes, rows in groups.items():  # loop over distinct size lists (block formation only)
             total = sum(group_sizes)
-            rows_t = torch.tensor(rows, device=self.device)
-            index = (recent - counts[rows_t])[:, None] + torch.arange(total, device=self.device)  # oldest real slots
-            keys = self.unrotate(_take(self.keys[rows_t], index), self.positions[rows_t].gather(1, index))
-            values = _take(self.values[rows_t], index)
-            scores = _take(self.local_scores[rows_t], index)
+            if every_row:  # equal rows: the oldest slots, their keys unrotated already (decoding)
+                keys = self._unrotated_prefix(total)
+                values, scores = self.values[:, :, :total], self.local_scores[:, :, :total]
+            else:
+                rows_t = torch.tensor(rows, device=self.device)
+                index = (recent - counts[rows_t])[:, None] + torch.arange(total, device=self.device)  # oldest slots
+                keys = self.unrotate(_take(self.keys[rows_t], index), self.positions[rows_t].gather(1, index))
+                values = _take(self.values[rows_t], index)
+                scores = _take(self.local_scores[rows_t], index)
             reprs = block_representatives(keys, scores, list(group_sizes), self.repr_topk)
             self.store.add_blocks(keys, values, list(group_sizes), reprs, rows=rows)
-        if len(groups) == 1 and len(next(iter(groups.values()))) == batch and not self._state_pads:
+        if every_row:
             self._keep_recent(None, drop=int(totals[0]))
             return
         slot = torch.arange(recent, device=self.device)[None, :]
@@ -854,7 +874,10 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             for name in names:
                 tensor = getattr(self, name)
                 setattr(self, name, tensor[:, drop:] if tensor.dim() == 2 else tensor[:, :, drop:])
+            if self._unrotated is not None:
+                self._unrotated = self._unrotated[:, :, drop:] if self._unrotated.shape[-2] > drop else None
             return
+        self._unrotated = None
         index = _right_align(keep)
         valid = keep.gather(1, index)
         for name in names:
@@ -864,6 +887,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------- batch and bytes
     def _map_rows(self, fn, index) -> None:
+        self._unrotated = None
         if not self.is_initialized:
             return
         for name in (
@@ -899,6 +923,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.keys = self.values = self.positions = self.local_scores = None
         self.init_keys = self.init_values = self.real_seen = self.init_valid = None
         self._state_pads = False
+        self._unrotated = None
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -919,7 +944,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         """
         if not self.is_initialized:
             return {}
-        window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen)
+        window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen, self._unrotated)
         initial = (self.init_keys, self.init_values, self.init_valid)
         parts = {"window": (RESIDENT, tensor_bytes(*window)), "initial": (RESIDENT, tensor_bytes(*initial))}
         parts.update(self.store.memory_parts())
