@@ -58,6 +58,7 @@ Deviations from the official code (em-llm/EM-LLM-model ``context_manager.py``, `
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 
@@ -315,30 +316,30 @@ class EMLLMLayer(InfLLMLayer):
                 ratio = owner.contiguity_buffer_size
                 contiguity_cap = int(ratio * budget + 1) if ratio < 1 else int(ratio)
             cap = budget - contiguity_cap
-            sizes = self.store.block_sizes_tensor(row, "cpu")  # host: the selection below is host logic
-            if int(sizes.sum()) <= cap:
+            sizes = self.store.block_sizes(row)  # host list: the selection below is host logic (no tensor ops)
+            if sum(sizes) <= cap:
                 plans.append(count)
                 continue
-            plans.append((cap, contiguity_cap, sizes, min(count, max(cap, 0) // max(int(sizes.min()), 1) + 1)))
+            plans.append((cap, contiguity_cap, sizes, min(count, max(cap, 0) // max(min(sizes), 1) + 1)))
         ranked = [plan for plan in plans if isinstance(plan, tuple)]
         orders = None
         if ranked:
             query_mean = self.mean_query(memory_query, query_real)  # [b, H, d]
             k_most = max(plan[3] for plan in ranked)
-            orders = self.store.topk(query_mean, k_most, backend=self.kernel_backend).cpu()  # where the reprs live
+            orders = self.store.topk(query_mean, k_most, backend=self.kernel_backend).tolist()  # one host copy
         selected: list[list[int]] = []
         for row, plan in enumerate(plans):
             if plan is None or isinstance(plan, int):
                 selected.append([] if plan is None else list(range(plan)))
                 continue
             cap, contiguity_cap, sizes, k = plan
-            order = orders[row, :k]
-            chosen = sizes[order]
-            total = chosen.cumsum(0)
-            full = int((total < cap).sum())
-            if full < k and abs(cap - int(total[full] - chosen[full])) > abs(int(total[full]) - cap):
+            order = orders[row][:k]
+            chosen = [sizes[block] for block in order]
+            total = list(itertools.accumulate(chosen))
+            full = sum(1 for tokens in total if tokens < cap)
+            if full < k and abs(cap - (total[full] - chosen[full])) > abs(total[full] - cap):
                 full += 1  # the block crossing the budget, when that lands closer to it (official)
-            similar = order[:full].tolist()
+            similar = order[:full]
             if owner.use_contiguity_buffer:
                 self._update_contiguity(similar, contiguity_cap, row)
                 taken = set(similar)

@@ -81,7 +81,7 @@ from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, te
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore
 from hf_longmem.memory.padding import PAD_POSITION, advance_seen, zero_seen
-from hf_longmem.memory.rope import RotaryShift
+from hf_longmem.memory.rope import LayerRotation, RotaryShift
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
@@ -218,6 +218,25 @@ def _row_union(selected: list) -> list[list[int]]:
     return [sorted({block for ids in heads for block in ids}) for heads in selected]
 
 
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` that returns a single tensor as is (one op less per decoding step)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _cat_valid(parts: list[tuple[int, torch.Tensor | None]], units: int, device) -> torch.Tensor | None:
+    """``[units, sum of slots]`` bool of consecutive parts ``(slots, [units, slots] bool or None = all real)``;
+    ``None`` when every slot is real (the attention then builds no mask)."""
+    if all(mask is None for _, mask in parts):
+        return None
+    return _cat(
+        [
+            mask if mask is not None else torch.ones(units, slots, dtype=torch.bool, device=device)
+            for slots, mask in parts
+        ],
+        -1,
+    )
+
+
 def _right_align(keep: torch.Tensor) -> torch.Tensor:
     """Slots to gather so that the kept slots of every unit are right-aligned, in order.
 
@@ -303,6 +322,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.store: BlockStore | None = None
         self._pending = None
         self._state_pads = False
+        #: ``[b, Hkv, u, d]`` the oldest ``u`` recent keys unrotated (rows equal), ahead of need: see `_unrotated_prefix`
+        self._unrotated: torch.Tensor | None = None
         #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
         self.padding_source: weakref.ref | None = (
             None  # whether some row of keys/values holds fewer tokens than the others
@@ -408,21 +429,27 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             query, new_keys, new_values = _take(query, order), _take(new_keys, order), _take(new_values, order)
             positions = positions.gather(1, order)
             real_counts = is_real.sum(1).tolist()
-        outputs = []
-        for start in range(0, query.shape[-2], self.exc_block_size):  # execution blocks of queries
-            stop = min(start + self.exc_block_size, query.shape[-2])
-            chunk_pads = real_counts is not None and min(real_counts) < stop
-            outputs.append(
-                self._attend_chunk(
-                    query[:, :, start:stop],
-                    new_keys[:, :, start:stop],
-                    new_values[:, :, start:stop],
-                    positions[:, start:stop],
-                    features,
-                    chunk_pads,
-                )
+        num_q = query.shape[-2]
+        if num_q <= self.exc_block_size:  # one execution block (every decoding step): no slicing
+            output = self._attend_chunk(
+                query, new_keys, new_values, positions, features, real_counts is not None and min(real_counts) < num_q
             )
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        else:
+            outputs = []
+            for start in range(0, num_q, self.exc_block_size):  # execution blocks of queries
+                stop = min(start + self.exc_block_size, num_q)
+                chunk_pads = real_counts is not None and min(real_counts) < stop
+                outputs.append(
+                    self._attend_chunk(
+                        query[:, :, start:stop],
+                        new_keys[:, :, start:stop],
+                        new_values[:, :, start:stop],
+                        positions[:, start:stop],
+                        features,
+                        chunk_pads,
+                    )
+                )
+            output = torch.cat(outputs, dim=2)
         if padded:  # back to the forward's order (pad queries get zeros)
             output = torch.empty_like(output).scatter_(2, order[:, None, :, None].expand_as(output), output)
         return output.transpose(1, 2).contiguous(), None
@@ -448,7 +475,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             self.store.batch_size > 0 or self.init_keys.shape[-2] > 0 or self.keys.shape[-2] + num_q > self.n_local
         )
         query_real = (positions != PAD_POSITION) if chunk_pads else None  # [b, c]
-        memory_query = self.rotary.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
+        memory_query = self.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
         selected = self.select_blocks(memory_query, query_real) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
@@ -472,12 +499,15 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             query_pos = positions[:, :, None]  # [b, c, 1]
             allowed = (key_pos != PAD_POSITION) & (key_pos <= query_pos) & (key_pos > query_pos - self.n_local)
             allowed = allowed[:, None, None]  # [b, 1, 1, c, span]
+        elif num_q == 1:  # a decoding step: its window is the last span <= n_local slots, all of them real
+            allowed = None
         else:
             q_index = torch.arange(num_q, device=query.device)[:, None]
             k_index = torch.arange(span, device=query.device)[None, :]
             allowed = (k_index <= window + q_index) & (k_index > window + q_index - self.n_local)  # [c, w + c]
         probs = grouped_logits(query, local_keys, scale, softcap)  # [b, Hkv, g, c, w + c], capped before the mask
-        probs = probs.masked_fill_(~allowed, float("-inf"))
+        if allowed is not None:
+            probs = probs.masked_fill_(~allowed, float("-inf"))
         local_lse = torch.logsumexp(probs, dim=-1)  # finite for a real query (it sees itself); -inf for a pad
         safe_lse = local_lse.nan_to_num(neginf=0.0) if chunk_pads else local_lse
         probs = probs.sub_(safe_lse[..., None]).exp_()  # in place: one [c, w + c] buffer per head
@@ -513,7 +543,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
         # representative scores: window attention under the joint softmax (as the official single softmax):
         # p_joint = p_local * exp(lse_local - lse_joint), summed over the chunk's queries
-        weight = torch.exp(local_lse - lse.view(batch, kv_heads, group, num_q).nan_to_num(neginf=0.0))
+        joint_lse = lse.view(batch, kv_heads, group, num_q)
+        weight = torch.exp(local_lse - (joint_lse.nan_to_num(neginf=0.0) if chunk_pads else joint_lse))
         # sum over the chunk's queries of probs * weight: one batched matmul (einsum's plan, fewer ops)
         received = torch.bmm(weight.reshape(batch * q_heads, 1, num_q), probs.view(batch * q_heads, num_q, span))
         self.local_scores[:, :, first:] += received.view(batch, q_heads, span)
@@ -523,7 +554,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
     def _memory_states(self, selected, num_q: int):
         """Keys/values/valid of the memory part, or ``None`` when it is empty.
 
-        Layout ``[retrieved blocks | initial tokens | pad | remainder]``, ``[b, Hkv, n, d]`` with valid ``[b, n]``;
+        Layout ``[retrieved blocks | initial tokens | pad | remainder]``, ``[b, Hkv, n, d]`` with valid ``[b, n]``
+        (``None`` when every slot is real: no mask to build, as at most decoding steps);
         with a per-head selection (``perhead``) every query head is a unit of its own: ``[b * H, 1, n, d]`` and
         ``[b * H, n]`` (unit ``r * H + h`` reads KV head ``h // group`` of row ``r``).
 
@@ -534,7 +566,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         batch = self.keys.shape[0]
         device = self.device
         remainder = max(0, self.keys.shape[-2] - self.n_local)
-        keys, values, valid = [], [], []
+        keys, values, valid = [], [], []  # valid: (slots, [u, slots] bool or None when all of them are real)
         per_head = selected is not None and _is_per_head(selected)
         if selected is not None:
             block_keys, block_values, block_valid = (
@@ -542,38 +574,35 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             )
             keys.append(block_keys)
             values.append(block_values)
-            valid.append(
-                block_valid
-                if block_valid is not None
-                else torch.ones(block_keys.shape[0], block_keys.shape[-2], dtype=torch.bool, device=device)
-            )
+            valid.append((block_keys.shape[-2], block_valid))
         tail_keys, tail_values, tail_valid = [], [], []
         if self.init_keys.shape[-2]:
             tail_keys.append(self.init_keys)
             tail_values.append(self.init_values)
-            tail_valid.append(torch.ones(batch, self.init_keys.shape[-2], dtype=torch.bool, device=device))
+            tail_valid.append((self.init_keys.shape[-2], None))
         if not keys and not tail_keys and remainder == 0:
             return None
         pad = max(0, num_q - remainder)
         if pad:
             tail_keys.append(self.keys.new_zeros(batch, self.keys.shape[1], pad, self.keys.shape[-1]))
             tail_values.append(self.values.new_zeros(batch, self.values.shape[1], pad, self.values.shape[-1]))
-            tail_valid.append(torch.zeros(batch, pad, dtype=torch.bool, device=device))
+            tail_valid.append((pad, torch.zeros(batch, pad, dtype=torch.bool, device=device)))
         if remainder:
-            tail_keys.append(self.unrotate(self.keys[:, :, :remainder], self.positions[:, :remainder]))
+            tail_keys.append(self._unrotated_prefix(remainder))
             tail_values.append(self.values[:, :, :remainder])
-            tail_valid.append(torch.ones(batch, remainder, dtype=torch.bool, device=device))
-        tail_k, tail_v, tail_ok = torch.cat(tail_keys, -2), torch.cat(tail_values, -2), torch.cat(tail_valid, -1)
+            tail_valid.append((remainder, None))
+        tail_k, tail_v = _cat(tail_keys, -2), _cat(tail_values, -2)
+        tail_ok = _cat_valid(tail_valid, batch, device)
         if per_head:  # the shared tail, repeated for every query head of its KV head
             q_heads = self.local_scores.shape[1]
             group = q_heads // tail_k.shape[1]
             tail_k = tail_k.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *tail_k.shape[-2:])
             tail_v = tail_v.repeat_interleave(group, dim=1).reshape(batch * q_heads, 1, *tail_v.shape[-2:])
-            tail_ok = tail_ok.repeat_interleave(q_heads, dim=0)
+            tail_ok = tail_ok.repeat_interleave(q_heads, dim=0) if tail_ok is not None else None
         keys.append(tail_k)
         values.append(tail_v)
-        valid.append(tail_ok)
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(valid, dim=-1)
+        valid.append((tail_k.shape[-2], tail_ok))
+        return _cat(keys, -2), _cat(values, -2), _cat_valid(valid, keys[0].shape[0], device)
 
     def _memory_states_per_row(self, selected, query_real: torch.Tensor | None, num_q: int):
         """:meth:`_memory_states` when rows differ (left padding): each row's own initial tokens, remainder and real
@@ -685,9 +714,31 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         take_values = per_head_values.gather(1, slot[..., None].expand(-1, -1, values.shape[-1]))
         return take_keys[:, None], take_values[:, None], ok
 
+    def _unrotated_prefix(self, count: int) -> torch.Tensor:
+        """The oldest ``count`` recent keys unrotated, ``[b, Hkv, count, d]``, when every row holds the same slots.
+
+        The remainder is attended at every decoding step and grows by one token per step: its keys are unrotated
+        ``block_size`` tokens ahead of need (the oldest recent keys, window included) and kept, so that most steps
+        slice them instead of re-rotating the whole remainder (the same values: a rotation is per token).
+        """
+        cached = self._unrotated
+        if cached is None or cached.shape[-2] < count:
+            cover = min(self.keys.shape[-2], count + self.block_size)
+            cached = self._unrotated = self.unrotate(self.keys[:, :, :cover], self.positions[:, :cover])
+        return cached if cached.shape[-2] == count else cached[:, :, :count]
+
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
-        return self.rotary.rotate(keys, -positions)
+        return self.rotate(keys, -positions)
+
+    def rotate(self, states: torch.Tensor, delta: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """``states`` rotated by ``delta`` with the layer's RoPE, telling it the bound on ``|delta|`` known here
+        (every position is a real one ``< cumulative_length`` or ``PAD_POSITION``), so that it can read its tables
+        from a cache (:meth:`~hf_longmem.memory.rope.LayerRotation.rotate`)."""
+        if not isinstance(self.rotary, LayerRotation):  # a duck-typed rotation: the plain call
+            return self.rotary.rotate(states, delta, query=query)
+        bound = max(self.n_local, self.cumulative_length) + 1
+        return self.rotary.rotate(states, delta, query=query, max_delta=bound)
 
     # ------------------------------------------------------------------------------------ retrieval, memory
     def select_blocks(self, memory_query: torch.Tensor, query_real: torch.Tensor | None = None) -> list | None:
@@ -795,16 +846,21 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             if row_sizes:
                 groups.setdefault(tuple(row_sizes), []).append(row)
         totals = torch.tensor([sum(row_sizes) for row_sizes in sizes], device=self.device)
+        every_row = len(groups) == 1 and len(next(iter(groups.values()))) == batch and not self._state_pads
         for group_sizes, rows in groups.items():  # loop over distinct size lists (block formation only)
             total = sum(group_sizes)
-            rows_t = torch.tensor(rows, device=self.device)
-            index = (recent - counts[rows_t])[:, None] + torch.arange(total, device=self.device)  # oldest real slots
-            keys = self.unrotate(_take(self.keys[rows_t], index), self.positions[rows_t].gather(1, index))
-            values = _take(self.values[rows_t], index)
-            scores = _take(self.local_scores[rows_t], index)
+            if every_row:  # equal rows: the oldest slots, their keys unrotated already (decoding)
+                keys = self._unrotated_prefix(total)
+                values, scores = self.values[:, :, :total], self.local_scores[:, :, :total]
+            else:
+                rows_t = torch.tensor(rows, device=self.device)
+                index = (recent - counts[rows_t])[:, None] + torch.arange(total, device=self.device)  # oldest slots
+                keys = self.unrotate(_take(self.keys[rows_t], index), self.positions[rows_t].gather(1, index))
+                values = _take(self.values[rows_t], index)
+                scores = _take(self.local_scores[rows_t], index)
             reprs = block_representatives(keys, scores, list(group_sizes), self.repr_topk)
             self.store.add_blocks(keys, values, list(group_sizes), reprs, rows=rows)
-        if len(groups) == 1 and len(next(iter(groups.values()))) == batch and not self._state_pads:
+        if every_row:
             self._keep_recent(None, drop=int(totals[0]))
             return
         slot = torch.arange(recent, device=self.device)[None, :]
@@ -818,7 +874,10 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             for name in names:
                 tensor = getattr(self, name)
                 setattr(self, name, tensor[:, drop:] if tensor.dim() == 2 else tensor[:, :, drop:])
+            if self._unrotated is not None:
+                self._unrotated = self._unrotated[:, :, drop:] if self._unrotated.shape[-2] > drop else None
             return
+        self._unrotated = None
         index = _right_align(keep)
         valid = keep.gather(1, index)
         for name in names:
@@ -828,6 +887,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------- batch and bytes
     def _map_rows(self, fn, index) -> None:
+        self._unrotated = None
         if not self.is_initialized:
             return
         for name in (
@@ -863,6 +923,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.keys = self.values = self.positions = self.local_scores = None
         self.init_keys = self.init_values = self.real_seen = self.init_valid = None
         self._state_pads = False
+        self._unrotated = None
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -883,7 +944,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         """
         if not self.is_initialized:
             return {}
-        window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen)
+        window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen, self._unrotated)
         initial = (self.init_keys, self.init_values, self.init_valid)
         parts = {"window": (RESIDENT, tensor_bytes(*window)), "initial": (RESIDENT, tensor_bytes(*initial))}
         parts.update(self.store.memory_parts())

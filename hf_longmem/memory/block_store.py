@@ -243,12 +243,15 @@ class BlockStore(MemoryReport):
         if reprs.device != self.device:
             backend = None  # host scoring: the kernels run on the compute device
         query = query.to(reprs.device)
-        counts = self.counts(reprs.device)
+        # rows with the same number of blocks (the usual case) need no mask of the blocks beyond a row's count
+        equal = len(set(self.num_blocks())) == 1
+        counts = None if equal else self.counts(reprs.device)
         if not per_head:
             return block_topk(query, reprs, k, counts, backend=backend)
         batch, heads, dim = query.shape
         flat = reprs.transpose(1, 2).reshape(batch * heads, -1, dim)  # [b * H, n, d]
-        index = block_topk(query.reshape(batch * heads, dim), flat, k, counts.repeat_interleave(heads), backend=backend)
+        counts = None if equal else counts.repeat_interleave(heads)
+        index = block_topk(query.reshape(batch * heads, dim), flat, k, counts, backend=backend)
         return index.view(batch, heads, -1)
 
     def prefetch(self, blocks: list[list[int]]) -> None:

@@ -63,6 +63,11 @@ PROBE_POSITIONS = (0, 1, 5, 37)
 _CACHE_ARGUMENTS = ("cache", "layer_past", "past_key_values", "past_key_value")
 
 
+#: The largest ``|delta|`` a cached table covers: ``2 * (2N + 1) * head_dim`` float32 (32 MiB at ``head_dim`` 128),
+#: one table per rotation and device, shared by the layers; larger deltas recompute their tables per call.
+TABLE_POSITIONS = 1 << 14
+
+
 class LayerRotation:
     """The rotation of one decoder layer's post-RoPE states by position deltas.
 
@@ -73,7 +78,9 @@ class LayerRotation:
     #: ``True`` when the layer has no RoPE: :meth:`rotate` returns its input.
     is_identity = False
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False) -> torch.Tensor:
+    def rotate(
+        self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False, max_delta: int | None = None
+    ) -> torch.Tensor:
         """Rotates ``keys`` by ``delta`` positions.
 
         Args:
@@ -81,6 +88,8 @@ class LayerRotation:
             delta: ``[batch, seq]`` (same for every head) or ``[batch, heads, seq]`` integer position offsets, of
                 either sign (0 leaves a key unchanged).
             query: rotate as the model rotates queries (the ``q`` output of ``apply_rotary_pos_emb``).
+            max_delta: a bound the caller knows on ``|delta|`` (no device sync to find it): a rotation may then read
+                its tables from a cache instead of recomputing them (fewer ops per decoding step, same values).
 
         Returns:
             ``[batch, heads, seq, head_dim]`` states as if RoPE had been applied at ``position + delta``.
@@ -97,7 +106,9 @@ class NoRotation(LayerRotation):
 
     is_identity = True
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False) -> torch.Tensor:
+    def rotate(
+        self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False, max_delta: int | None = None
+    ) -> torch.Tensor:
         return keys
 
 
@@ -131,7 +142,9 @@ class RotaryShift(LayerRotation):
         """The per-layer rotations of the model a transformers config describes (see :class:`ModelRotary`)."""
         return ModelRotary.from_config(config)
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False) -> torch.Tensor:
+    def rotate(
+        self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False, max_delta: int | None = None
+    ) -> torch.Tensor:
         rot = self.rotary_dim
         if rot > keys.shape[-1]:
             raise ValueError(f"rotary dim {rot} exceeds head_dim {keys.shape[-1]}")
@@ -198,6 +211,36 @@ class ModuleRotation(LayerRotation):
         self._inv_scale = (1.0 / cos0.reshape(-1)).to(torch.float32)  # [dim]
         self._unscaled = bool((self._inv_scale == 1).all())
         self._inv_scale_on: dict[torch.device, torch.Tensor] = {}
+        # tables of every delta in [-N, N] per device (see `_signed_tables`); only for RoPE whose tables depend on
+        # the position alone (a dynamic RoPE re-scales with the largest position it is called with)
+        rope_type = getattr(rotary_emb, "rope_type", None)
+        if isinstance(rope_type, dict):  # per layer type (Gemma-3)
+            rope_type = rope_type.get(self.call_kwargs.get("layer_type"))
+        self._static = rope_type in SHIFTABLE_ROPE_TYPES
+        self._signed: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_signed"] = {}  # a cache: deep copies and pickles start without it
+        return state
+
+    def _signed_tables(self, max_delta: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """``(N, cos, sin)``: ``[2N + 1, dim]`` float32 tables of the deltas ``-N..N`` (row ``delta + N``), exactly
+        the values :meth:`rotate` computes per call (sin carries the sign of the delta); ``None`` when the RoPE is
+        not static or ``max_delta`` exceeds :data:`TABLE_POSITIONS`. Grown by doubling, shared by the layers that
+        share this rotation."""
+        if not self._static or max_delta > TABLE_POSITIONS:
+            return None
+        cached = self._signed.get(device)
+        if cached is not None and cached[0] >= max_delta:
+            return cached
+        size = min(TABLE_POSITIONS, max(max_delta, 1024, 2 * cached[0] if cached is not None else 0))
+        with torch.no_grad():
+            delta = torch.arange(-size, size + 1, device=device)
+            tables = self._tables(delta.abs()[None], device)
+            sin = tables[self._sin_index][0] * delta.sign().to(torch.float32)[:, None]
+            self._signed[device] = (size, tables[1 - self._sin_index][0], sin)
+        return self._signed[device]
 
     def _module_on(self, device: torch.device) -> nn.Module:
         buffers = list(self.rotary_emb.buffers())
@@ -221,7 +264,9 @@ class ModuleRotation(LayerRotation):
             tables = [t * self._inv_scale_on[device] for t in tables]
         return tables
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False) -> torch.Tensor:
+    def rotate(
+        self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False, max_delta: int | None = None
+    ) -> torch.Tensor:
         batch, heads, seq, head_dim = keys.shape
         if delta.ndim == 2:
             delta = delta[:, None, :]
@@ -232,10 +277,16 @@ class ModuleRotation(LayerRotation):
         else:  # per-head deltas: every (row, head) is its own "batch" of the rotary call
             positions = delta.reshape(batch * heads, seq)
             states = keys.reshape(batch * heads, 1, seq, head_dim)
-        magnitude = positions.abs()
-        tables = self._tables(magnitude, keys.device)
-        sin = tables[self._sin_index] * positions.sign().to(torch.float32)[..., None]  # sin(-d) = -sin(d)
-        cos = tables[1 - self._sin_index]
+        signed = self._signed_tables(max_delta, keys.device) if max_delta is not None else None
+        if signed is not None:  # rows of the cached tables: 3 ops instead of the rotary module's call
+            size, cos_table, sin_table = signed
+            row = positions + size
+            cos, sin = cos_table[row], sin_table[row]
+        else:
+            magnitude = positions.abs()
+            tables = self._tables(magnitude, keys.device)
+            sin = tables[self._sin_index] * positions.sign().to(torch.float32)[..., None]  # sin(-d) = -sin(d)
+            cos = tables[1 - self._sin_index]
         width = self.width or head_dim
         part = states[..., :width].to(torch.float32)
         if self.style == "qk":
@@ -267,7 +318,9 @@ class ModelRotary:
             raise ValueError(f"{self.description} has {len(self.layers)} decoder layers, no layer {layer_idx}")
         return self.layers[layer_idx]
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False) -> torch.Tensor:
+    def rotate(
+        self, keys: torch.Tensor, delta: torch.Tensor, *, query: bool = False, max_delta: int | None = None
+    ) -> torch.Tensor:
         """Rotates with the rotation all layers share; refused where layers differ (use :meth:`for_layer`)."""
         first = self.layers[0]
         if any(not _same_rotation(first, other) for other in self.layers[1:]):
@@ -275,7 +328,7 @@ class ModelRotary:
                 f"{self.description}: the decoder layers rotate differently (per-layer-type RoPE or NoPE layers); "
                 "rotate with `for_layer(layer_idx)`"
             )
-        return first.rotate(keys, delta, query=query)
+        return first.rotate(keys, delta, query=query, max_delta=max_delta)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelRotary:

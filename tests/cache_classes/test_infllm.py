@@ -630,3 +630,33 @@ def test_perhead_gather_from_tensor_selection_equals_list_selection():
             )
     head2 = by_tensor[0][2, 0][by_tensor[2][2]]  # head 2 reads KV head 1: blocks 0 and 3
     torch.testing.assert_close(head2, torch.cat((keys[0, 1, 0:3], keys[0, 1, 9:12])))
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("infllm", SMALL),
+        ("emllm", dict(n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=8, exc_block_size=8)),
+    ],
+)
+def test_decoding_fast_paths_give_the_same_bits_as_the_general_computation(name, options, monkeypatch):
+    """Decoding reads cached RoPE tables (``max_delta``) and the remainder's keys unrotated ahead of need (blocks
+    form from them too): with both off (tables per call, the remainder unrotated at every step) the tokens and logits
+    are the same bits, over steps that form and retrieve blocks."""
+    from hf_longmem.memory import rope
+
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 40)
+    fast_cache = make_cache(name, model, **options)
+    fast = greedy(model, ids, fast_cache, max_new_tokens=24)
+    assert fast_cache.layers[0].store.num_blocks()[0] > 2  # more blocks than topk: retrieval chooses
+    assert isinstance(fast_cache.layers[0].rotary, rope.ModuleRotation) and fast_cache.layers[0].rotary._signed
+    monkeypatch.setattr(rope.ModuleRotation, "_signed_tables", lambda self, max_delta, device: None)
+    monkeypatch.setattr(
+        InfLLMLayer,
+        "_unrotated_prefix",
+        lambda self, count: self.unrotate(self.keys[:, :, :count], self.positions[:, :count]),
+    )
+    slow = greedy(model, ids, make_cache(name, model, **options), max_new_tokens=24)
+    assert torch.equal(fast[0], slow[0])
+    assert torch.equal(fast[1], slow[1])

@@ -235,3 +235,27 @@ def test_layers_that_are_not_attention_layers_are_refused_with_their_type():
         num_experts_per_tok=1,
         layer_types=["full_attention", "linear_attention"],
     )
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm", "cohere"])
+def test_cached_tables_give_exactly_the_per_call_rotation(arch):
+    """``max_delta`` lets a RoPE read its tables from a cache (InfLLM/EM-LLM decoding): the same values, per head
+    and per row deltas, grown as the bound grows; beyond ``TABLE_POSITIONS``, no cache."""
+    from hf_longmem.memory import rope
+
+    rotation = ModelRotary.from_model(arch_model(arch, 1)).for_layer(0)
+    assert isinstance(rotation, ModuleRotation) and rotation._static
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 4, 7, 16, generator=generator)
+    for bound in (60, 3000):  # the second grows the table past its first size
+        for delta in (
+            torch.randint(-bound, bound + 1, (2, 7), generator=generator),
+            torch.randint(-bound, bound + 1, (2, 4, 7), generator=generator),
+        ):
+            for query in (False, True):
+                expected = rotation.rotate(keys, delta, query=query)
+                assert torch.equal(rotation.rotate(keys, delta, query=query, max_delta=bound), expected)
+        assert rotation._signed[keys.device][0] >= bound
+    assert rotation._signed_tables(rope.TABLE_POSITIONS + 1, keys.device) is None
+    rotation._static = False  # a rotary module of another kind: no cache, the per-call tables
+    assert rotation._signed_tables(10, torch.device("cpu")) is None

@@ -30,7 +30,7 @@ def softmax_attend(
 
     Args:
         logits: ``[b, Hkv, group, q, n]`` float32 (already scaled).
-        allowed: broadcastable to ``logits``, bool.
+        allowed: broadcastable to ``logits``, bool; ``None``: every slot is visible.
         values: ``[b, Hkv, n, dv]``.
 
     Returns:
@@ -38,9 +38,13 @@ def softmax_attend(
         zero output and ``lse = -inf`` (so it merges away).
     """
     batch, kv_heads, group, num_q, _ = logits.shape
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # -inf for fully masked rows
-    probs = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None])  # masked -> exp(-inf) = 0
+    if allowed is None:  # nothing masked: every lse is finite
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse[..., None])
+    else:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # -inf for fully masked rows
+        probs = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None])  # masked -> exp(-inf) = 0
     out = grouped_values(probs, values)  # [b, Hkv, group, q, dv]
     q_heads = kv_heads * group
     return out.reshape(batch, q_heads, num_q, -1).to(out_dtype), lse.reshape(batch, q_heads, num_q)
@@ -99,7 +103,10 @@ def naive_decode_attention(
     """
     num_q, num_keys = query.shape[-2], keys.shape[-2]
     valid = valid[:, None] if valid is not None and valid.dim() == 2 else valid
-    allowed = allowed_slots(valid, num_q, num_keys, num_keys - num_q if causal_new else None, query.device)
+    if valid is None and (not causal_new or num_q == 1):  # every slot visible (a decode step's query): no mask
+        allowed = None
+    else:
+        allowed = allowed_slots(valid, num_q, num_keys, num_keys - num_q if causal_new else None, query.device)
     return softmax_attend(grouped_logits(query, keys, scaling, softcap), allowed, values, query.dtype)
 
 
