@@ -69,11 +69,16 @@ def select_chunks(
     return index, weights.masked_fill(~valid, 0.0), valid
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or wider when it already is (float64 stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _detail_gathered(q, chosen_keys, chosen_values, weights):
     """``q [b, T, H, d]``, the chosen chunks' ``keys/values [b, T, k, C, H, d]``, ``weights [b, T, k]`` ->
     ``[b, T, H, d]``: one softmax per chunk, then the weighted sum over the chunks."""
     scores = torch.einsum("bthd,btkchd->bthkc", q, chosen_keys) * q.shape[-1] ** -0.5
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(_wide(scores), dim=-1).to(q.dtype)
     per_chunk = torch.einsum("bthkc,btkchd->btkhd", probs, chosen_values)
     return torch.einsum("btk,btkhd->bthd", weights.to(q.dtype), per_chunk)
 
@@ -85,7 +90,7 @@ def _detail_dense(q, keys, values, index, weights):
     n, c = keys.shape[1], keys.shape[2]
     dense = weights.new_zeros(b, t, n).scatter_add(2, index, weights).to(q.dtype)  # [b, T, N]
     scores = torch.einsum("bthd,bnchd->bhtnc", q, keys) * d**-0.5
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype) * dense[:, None, :, :, None]
+    probs = torch.softmax(_wide(scores), dim=-1).to(q.dtype) * dense[:, None, :, :, None]
     out = torch.matmul(probs.reshape(b, h, t, n * c), values.permute(0, 3, 1, 2, 4).reshape(b, h, n * c, d))
     return out.transpose(1, 2)  # [b, T, H, d]
 
@@ -140,9 +145,9 @@ class HCAMBranch(nn.Module):
         self.gate.fill_(self.gate_init)
 
     def summary_logits(self, x: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        """``x [b, T, D]``, ``summaries [b, N, D]`` -> ``[b, T, N]`` float32 logits ``(x W_q).(s W_k) / sqrt(S)``."""
-        q = self.summary_query(x).float()
-        k = self.summary_key(summaries).float()
+        """``x [b, T, D]``, ``summaries [b, N, D]`` -> ``[b, T, N]`` logits (float32 at least) ``(x W_q).(s W_k) / sqrt(S)``."""
+        q = _wide(self.summary_query(x))
+        k = _wide(self.summary_key(summaries))
         return torch.einsum("bts,bns->btn", q, k) / math.sqrt(q.shape[-1])
 
     def forward(
