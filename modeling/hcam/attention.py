@@ -146,9 +146,10 @@ class HCAMBranch(nn.Module):
 
     def summary_logits(self, x: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         """``x [b, T, D]``, ``summaries [b, N, D]`` -> ``[b, T, N]`` logits (float32 at least) ``(x W_q).(s W_k) / sqrt(S)``."""
-        q = _wide(self.summary_query(x))
-        k = _wide(self.summary_key(summaries))
-        return torch.einsum("bts,bns->btn", q, k) / math.sqrt(q.shape[-1])
+        # (x W_q) . (s W_k) = ((x W_q) W_k^T) . s: the query side is projected back to width D, so the N summaries
+        # (all of the memory) are never projected (O(N D) per query instead of O(N D S) per call)
+        q = _wide(self.summary_query(x)) @ _wide(self.summary_key.weight)  # [b, T, D]
+        return torch.einsum("btd,bnd->btn", q, _wide(summaries)) / math.sqrt(self.summary_key.out_features)
 
     def forward(
         self, x: torch.Tensor, contents: torch.Tensor, summaries: torch.Tensor, visible: torch.Tensor

@@ -75,13 +75,15 @@ def read_set(
     """Contents ``[b, N, C, D]``, summaries ``[b, N, D]`` and stream indices ``[b, N]`` of every chunk a query of this
     call may read (stored chunks first, then the ones the call completes); ``None`` when there is none.
 
-    The stored tensors are copied (the store is written in place later; autograd keeps what it read)."""
+    With gradients enabled the stored tensors are copied (the store is written in place later, and autograd keeps
+    what the branch read); without, they are views of the store (decoding reads only the chunks it chooses)."""
     parts = []
     stored = stored_chunk_index(store)
     if stored is not None:
         n = stored.shape[1]
-        contents = store.keys[:, 0, :n].to(x.device, x.dtype, copy=True)
-        summaries = store.chunk_keys[:, 0, :n].to(x.device, x.dtype, copy=True)
+        copy = torch.is_grad_enabled()
+        contents = store.keys[:, 0, :n].to(x.device, x.dtype, copy=copy)
+        summaries = store.chunk_keys[:, 0, :n].to(x.device, x.dtype, copy=copy)
         parts.append((contents, summaries, stored.to(x.device)))
     fresh = new_chunks(store, x, mask)
     if fresh is not None:
@@ -90,6 +92,8 @@ def read_set(
         parts.append((contents, (contents * 1.0).sum(dim=2) / store.chunk_size, index))
     if not parts:
         return None
+    if len(parts) == 1:
+        return parts[0]
     return tuple(torch.cat(items, dim=1) for items in zip(*parts))
 
 
