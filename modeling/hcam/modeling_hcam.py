@@ -139,6 +139,16 @@ class HCAMPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, PreTrainedModel):
         if isinstance(module, HCAMBranch):
             module.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then the backbone frozen again when ``config.freeze_backbone`` (loading
+        resets ``requires_grad``); returns ``(model, loading_info)`` with ``output_loading_info=True``."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.freeze_backbone:
+            freeze_backbone(model.backbone)
+        return loaded
+
 
 class HCAMModel(BackboneEmbeddingsMixin, HCAMPreTrainedModel):
     """The backbone with HCAM branches at ``config.memory_layers``; returns the backbone's final-normed features.

@@ -119,8 +119,10 @@ def test_right_padding_real_tokens_equal_rows_alone():
     assert out.cache.stores[0].written.tolist() == [10, 7]
 
 
-def test_only_the_branches_train_and_the_gate_moves_first():
+def test_only_the_branches_train_and_the_gate_moves_first(tmp_path):
     _, model = _hcam(gate=0.0)
+    model.save_pretrained(tmp_path)
+    model = HCAMForCausalLM.from_pretrained(tmp_path).eval()  # loading must not unfreeze the backbone
     model.train()
     ids = random_ids(2, 21, seed=6)
     model(ids, labels=ids).loss.backward()
