@@ -158,7 +158,8 @@ class HCAMBranch(nn.Module):
 
         Args:
             x: ``[b, T, D]`` queries (the layer's normalised inputs).
-            contents: ``[b, N, C, D]`` chunk contents (constants).
+            contents: ``[b, N, C, D]`` chunk contents (constants; may live on another device, e.g. offloaded to the
+                CPU: only what the attention reads is copied to ``x``'s device).
             summaries: ``[b, N, D]`` chunk summaries (mean of the contents).
             visible: ``[b, T, N]`` bool, the chunks each query may see.
 
@@ -168,18 +169,21 @@ class HCAMBranch(nn.Module):
         b, t, _ = x.shape
         n, c = contents.shape[1], contents.shape[2]
         index, weights, _ = select_chunks(self.summary_logits(x, summaries), visible, self.topk)
+        pe = 0.0
         if self.position_encoding:
-            contents = contents + sinusoid_position_encoding(c, contents.shape[-1], contents.dtype, contents.device)
+            pe = sinusoid_position_encoding(c, contents.shape[-1], x.dtype, x.device)
         h = self.num_heads
         q = self.query(x).view(b, t, h, -1)
         k = index.shape[-1]
-        if t * k < n:  # few queries (decoding): project only the chosen chunks
-            rows = torch.arange(b, device=x.device)[:, None, None]
-            chosen = contents[rows, index]  # [b, T, k, C, D]
+        if t * k < n:  # few queries (decoding): only the chosen chunks are copied (from the CPU when offloaded)
+            home = contents.device
+            rows = torch.arange(b, device=home)[:, None, None]
+            chosen = contents[rows, index.to(home)].to(x.device, non_blocking=True) + pe  # [b, T, k, C, D]
             keys = self.key(chosen).view(b, t, k, c, h, -1)
             values = self.value(chosen).view(b, t, k, c, h, -1)
             out = _detail_gathered(q, keys, values, weights)
         else:
+            contents = contents.to(x.device, non_blocking=True) + pe
             keys = self.key(contents).view(b, n, c, h, -1)
             values = self.value(contents).view(b, n, c, h, -1)
             out = _detail_dense(q, keys, values, index, weights)

@@ -11,6 +11,10 @@
 * ``real_tokens`` ``[b]``: real tokens seen per row (the position of a query in its row's token stream, which decides
   which chunks it sees).
 
+With ``offload=True`` the stores live in CPU memory (pinned when CUDA is available) and ``summaries`` keeps a copy of
+each store's chunk summaries ``[b, max_chunks, D]`` on the compute device, updated slot by slot as chunks are written:
+scoring reads only those, and a step copies to the device only the chunks it attends to in detail.
+
 ``get_seq_length()`` counts every token processed (padding included). Segment boundaries and chunk visibility depend
 only on token counts, so one call, pieces and token-by-token decoding compute the same thing.
 """
@@ -21,7 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
+from hf_longmem.memory.accounting import OFFLOADED, RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.memory_bank import ChunkMemoryBank
 from hf_longmem.modeling.padding import RowGroupsMixin
 
@@ -31,10 +35,13 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
 
     Args:
         config: the model's :class:`~hf_longmem.modeling.hcam.configuration_hcam.HCAMConfig`.
+        offload: keep the chunk contents in CPU memory (default ``config.memory_offload``).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, offload: bool | None = None):
         super().__init__(layers=[])
+        self.offload = bool(config.memory_offload if offload is None else offload)
+        self.summaries: list[torch.Tensor | None] = [None] * len(config.memory_layers)
         backbone_config = config.require_backbone_config()
         self.backbone_config = backbone_config
         self.memory_layers = list(config.memory_layers)
@@ -49,6 +56,40 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
         self.real_tokens: torch.Tensor | None = None
         self.row_groups = None
         self._new_segment()
+
+    # ------------------------------------------------------------------------------------------------ chunk stores
+    def write(self, index: int, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append memory layer ``index``'s normalised inputs ``x [b, T, D]`` (real tokens: ``mask [b, T]``) to its
+        store (in CPU memory when offloading) and bring the device copy of its summaries up to date."""
+        store = self.stores[index]
+        home = torch.device("cpu") if self.offload else x.device
+        before = None if store.written is None else store.written.clone()
+        keys = x[:, None].to(home)
+        if self.offload and torch.cuda.is_available() and x.device.type == "cuda":
+            keys = keys.pin_memory()
+        store.write(keys, keys.new_zeros(*keys.shape[:3], 1), mask.to(home))
+        if self.offload:
+            self._mirror(index, before, x.device)
+
+    def _mirror(self, index: int, before: torch.Tensor | None, device: torch.device) -> None:
+        """Copy the summaries of the chunks written since ``before`` (``[b]`` chunk counts) to ``device``."""
+        store = self.stores[index]
+        if store.chunk_keys is None:
+            return
+        if self.summaries[index] is None:
+            self.summaries[index] = store.chunk_keys[:, 0].to(device, copy=True)
+            return
+        new = store.written - (0 if before is None else before)
+        count = int(new.clamp(max=store.max_chunks).max())
+        if count == 0:
+            return
+        step = torch.arange(count)[None, :]
+        keep = step < new[:, None]
+        slots = (store.written[:, None] - count + step) % store.max_chunks  # the last `count` chunks of each row
+        keep = keep.flip(1)  # the newest `new[r]` of them are the ones written now
+        rows = torch.arange(store.batch_size)[:, None].expand_as(slots)
+        rows, slots = rows[keep], slots[keep]
+        self.summaries[index][rows.to(device), slots.to(device)] = store.chunk_keys[rows, 0, slots].to(device)
 
     def _new_segment(self) -> None:
         self.backbone_cache = DynamicCache(config=self.backbone_config)
@@ -114,19 +155,23 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
         """Forget the memory and the current segment."""
         for store in self.stores:
             store.reset()
+        self.summaries = [None] * len(self.stores)
         self.seen_tokens = 0
         self.real_tokens = None
         self.row_groups = None
         self._new_segment()
 
     def memory_parts(self) -> MemoryParts:
-        """Bytes held: ``chunk_store`` (every layer's chunk contents, summaries and accumulator), ``segment_kv`` (the
+        """Bytes held: ``chunk_store`` (every layer's chunk contents, summaries and accumulator; offloaded with
+        ``offload``), ``summaries`` (their device copies when offloading), ``segment_kv`` (the
         backbone's keys/values of the current segment) and ``row_groups`` (the caches of a padded batch's groups)."""
         tensors = [self.segment_mask, self.real_tokens]
         for layer in self.backbone_cache.layers:
             tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        where = OFFLOADED if self.offload else RESIDENT
         return {
-            "chunk_store": (RESIDENT, sum(store.memory_bytes() for store in self.stores)),
+            "chunk_store": (where, sum(store.memory_bytes() for store in self.stores)),
+            "summaries": (RESIDENT, tensor_bytes(*self.summaries)),
             "segment_kv": (RESIDENT, tensor_bytes(*tensors)),
             "row_groups": (RESIDENT, sum(group.memory_bytes() for _, _, group in self.row_groups or ())),
         }
@@ -135,7 +180,8 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
         if self.row_groups is not None:
             return self.regroup_rows(rows)
         for store in self.stores:
-            store.index_select(rows)
+            store.index_select(rows.to(store.written.device) if store.written is not None else rows)
+        self.summaries = [None if s is None else s.index_select(0, rows.to(s.device)) for s in self.summaries]
         if self.real_tokens is not None:
             rows = rows.to(self.real_tokens.device)
             self.real_tokens = self.real_tokens.index_select(0, rows)

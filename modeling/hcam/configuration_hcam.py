@@ -38,6 +38,8 @@ class HCAMConfig(BackboneWrapperConfig):
             within-chunk attention (needs an even hidden size).
         init_scale: scale of the variance-scaling init of the branch's projections (official ``init_scale=2``).
         gate_init: initial gate logit ``g`` (branch output scaled by ``tanh(g)``; 0: the model starts as the backbone).
+        memory_offload: keep the chunk contents in CPU memory (the summaries, ``1 / chunk_size`` of the bytes, stay on
+            the compute device); a step copies only the chunks it attends to (all of them for a long prefill).
         use_cache: return the :class:`HCAMCache` from ``forward`` by default.
     """
 
@@ -56,6 +58,7 @@ class HCAMConfig(BackboneWrapperConfig):
         memory_position_encoding: bool = True,
         init_scale: float = 2.0,
         gate_init: float = 0.0,
+        memory_offload: bool = False,
         use_cache: bool = True,
         **kwargs,
     ):
@@ -82,6 +85,9 @@ class HCAMConfig(BackboneWrapperConfig):
         self.memory_position_encoding = memory_position_encoding
         self.init_scale = check_real("init_scale", init_scale, low=0.0, strict_low=True)
         self.gate_init = check_real("gate_init", gate_init)
+        if not isinstance(memory_offload, bool):
+            raise ValueError(f"`memory_offload` must be a bool, got {memory_offload!r}")
+        self.memory_offload = memory_offload
         self.use_cache = bool(use_cache)
         super().__init__(backbone_config=backbone_config, **kwargs)
         if self.backbone_config is not None:

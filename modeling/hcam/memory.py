@@ -70,26 +70,30 @@ def new_chunks(store: ChunkMemoryBank, x: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def read_set(
-    store: ChunkMemoryBank, x: torch.Tensor, mask: torch.Tensor
+    store: ChunkMemoryBank, x: torch.Tensor, mask: torch.Tensor, summaries: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Contents ``[b, N, C, D]``, summaries ``[b, N, D]`` and stream indices ``[b, N]`` of every chunk a query of this
     call may read (stored chunks first, then the ones the call completes); ``None`` when there is none.
 
-    With gradients enabled the stored tensors are copied (the store is written in place later, and autograd keeps
-    what the branch read); without, they are views of the store (decoding reads only the chunks it chooses)."""
+    Contents stay where the store keeps them (the CPU when offloaded); summaries and indices are on ``x``'s device
+    (``summaries``: a copy of the store's chunk summaries kept there, ``[b, max_chunks, D]``; ``None``: the store's
+    own). With gradients enabled the stored tensors are copied (the store is written in place later, and autograd
+    keeps what the branch read); without, they are views of the store (decoding reads only the chunks it chooses)."""
     parts = []
     stored = stored_chunk_index(store)
+    home = x.device if store.keys is None else store.keys.device
+    copy = torch.is_grad_enabled()
     if stored is not None:
         n = stored.shape[1]
-        copy = torch.is_grad_enabled()
-        contents = store.keys[:, 0, :n].to(x.device, x.dtype, copy=copy)
-        summaries = store.chunk_keys[:, 0, :n].to(x.device, x.dtype, copy=copy)
-        parts.append((contents, summaries, stored.to(x.device)))
+        contents = store.keys[:, 0, :n].to(dtype=x.dtype, copy=copy)
+        source = store.chunk_keys[:, 0, :n] if summaries is None else summaries[:, :n]
+        parts.append((contents, source.to(x.device, x.dtype, copy=copy), stored.to(x.device)))
     fresh = new_chunks(store, x, mask)
     if fresh is not None:
         contents, index = fresh
         # the mean as the store computes it when it writes the chunk
-        parts.append((contents, (contents * 1.0).sum(dim=2) / store.chunk_size, index))
+        mean = (contents * 1.0).sum(dim=2) / store.chunk_size
+        parts.append((contents.to(home), mean, index))
     if not parts:
         return None
     if len(parts) == 1:

@@ -71,7 +71,7 @@ class _PieceState:
         config = self.model.config
         x = rms_normalize(hidden, getattr(config.backbone_config, "rms_norm_eps", 1e-6))
         self.inputs[index] = x.detach()  # the memory is a constant (stop-gradient, as officially)
-        memory = read_set(self.cache.stores[index], self.inputs[index], self.mask)
+        memory = read_set(self.cache.stores[index], self.inputs[index], self.mask, self.cache.summaries[index])
         if memory is None:
             return None
         contents, summaries, chunk_index = memory
@@ -219,9 +219,8 @@ class HCAMModel(BackboneEmbeddingsMixin, HCAMPreTrainedModel):
                 f"unsupported backbone {type(self.backbone).__name__}: its model does not pass keyword arguments down "
                 "to its decoder layers, where the HCAM branches read their state"
             )
-        for index, store in enumerate(cache.stores):
-            x = state.inputs[index]
-            store.write(x[:, None], x.new_zeros(b, 1, t, 1), mask)
+        for index in range(len(cache.stores)):
+            cache.write(index, state.inputs[index], mask)
         cache.advance(mask)
         states = [inputs_embeds, *states] if keep_states else None
         return out.last_hidden_state, states
@@ -313,7 +312,7 @@ class HCAMModel(BackboneEmbeddingsMixin, HCAMPreTrainedModel):
         batch, length = reference.shape[:2]
         seen = cache.seen_tokens
         if cache.row_groups is None:
-            cache.make_row_groups(pads, lambda rows: HCAMCache(self.config))
+            cache.make_row_groups(pads, lambda rows: HCAMCache(self.config, offload=cache.offload))
         hidden = states = None
         for rows, pad, group in cache.row_groups:
             skip = min(length, max(0, pad - seen))  # padding columns of this call for these rows

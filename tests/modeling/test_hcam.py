@@ -106,6 +106,32 @@ def test_generate_equals_greedy_full_forwards_and_honours_a_user_cache():
     assert torch.equal(again, sequence) and user_cache.get_seq_length() == 18
 
 
+def test_offloaded_memory_gives_the_same_logits_and_keeps_summaries_in_step():
+    """``memory_offload``: chunk contents in CPU memory, a device copy of the summaries updated slot by slot (FIFO
+    wrap-around, rows writing different numbers of chunks); the logits are those of the resident memory, one call,
+    pieces, token by token and beam search alike."""
+    _, model = _hcam(gate=0.8)
+    ids = random_ids(2, 37, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # right padding: row 1 writes fewer chunks
+    with torch.no_grad():
+        resident = model(ids, attention_mask=mask).logits
+        cache = HCAMCache(model.config, offload=True)
+        pieces = [model(ids[:, :13], attention_mask=mask[:, :13], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(13, 37)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[0], resident[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[1, :30], resident[1, :30], atol=ATOL, rtol=RTOL)
+    for store, summaries in zip(cache.stores, cache.summaries):
+        assert store.written.tolist() == [18, 15]  # 4 chunk slots: wrapped around several times
+        torch.testing.assert_close(summaries, store.chunk_keys[:, 0], rtol=0, atol=0)
+    assert cache.memory_breakdown()["offloaded"] == sum(store.memory_bytes() for store in cache.stores) > 0
+    model.config.memory_offload = True  # generate builds an offloading cache from the config
+    options = dict(max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=0)
+    offloaded = model.generate(ids[:, :20], **options)
+    model.config.memory_offload = False
+    assert torch.equal(offloaded, model.generate(ids[:, :20], **options))
+
+
 def test_right_padding_real_tokens_equal_rows_alone():
     """Training batches padded on the right: pads never enter the memory, real tokens give what the row gives alone."""
     _, model = _hcam(gate=0.8)
@@ -283,6 +309,7 @@ def test_read_set_and_visibility_against_the_stream():
         (dict(init_scale=0.0), "init_scale"),
         (dict(gate_init=float("nan")), "gate_init"),
         (dict(memory_position_encoding="yes"), "memory_position_encoding"),
+        (dict(memory_offload=1), "memory_offload"),
         (dict(segment_length=2.5), "segment_length"),
     ],
 )
