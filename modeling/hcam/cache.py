@@ -11,7 +11,7 @@
 * ``real_tokens`` ``[b]``: real tokens seen per row (the position of a query in its row's token stream, which decides
   which chunks it sees).
 
-With ``offload=True`` the stores live in CPU memory (pinned when CUDA is available) and ``summaries`` keeps a copy of
+With ``offload=True`` the stores live in CPU memory and ``summaries`` keeps a copy of
 each store's chunk summaries ``[b, max_chunks, D]`` on the compute device, updated slot by slot as chunks are written:
 scoring reads only those, and a step copies to the device only the chunks it attends to in detail.
 
@@ -65,8 +65,6 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
         home = torch.device("cpu") if self.offload else x.device
         before = None if store.written is None else store.written.clone()
         keys = x[:, None].to(home)
-        if self.offload and torch.cuda.is_available() and x.device.type == "cuda":
-            keys = keys.pin_memory()
         store.write(keys, keys.new_zeros(*keys.shape[:3], 1), mask.to(home))
         if self.offload:
             self._mirror(index, before, x.device)
