@@ -55,6 +55,7 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
         self.seen_tokens = 0
         self.real_tokens: torch.Tensor | None = None
         self.row_groups = None
+        self.missing_segment_kv = False  # set by a gradient-checkpointed forward that ended inside a segment
         self._new_segment()
 
     # ------------------------------------------------------------------------------------------------ chunk stores
@@ -157,6 +158,7 @@ class HCAMCache(MemoryReport, RowGroupsMixin, Cache):
         self.seen_tokens = 0
         self.real_tokens = None
         self.row_groups = None
+        self.missing_segment_kv = False
         self._new_segment()
 
     def memory_parts(self) -> MemoryParts:

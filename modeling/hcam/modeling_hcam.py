@@ -271,6 +271,11 @@ class HCAMModel(BackboneEmbeddingsMixin, HCAMPreTrainedModel):
             cache = self.make_cache()
         elif not isinstance(cache, HCAMCache):
             raise ValueError(f"cache must be an HCAMCache (model.make_cache()), got {type(cache).__name__}")
+        elif cache.missing_segment_kv:
+            raise ValueError(
+                "this HCAMCache was filled under gradient checkpointing, which runs without the backbone's KV cache: "
+                "its last segment cannot be continued; start from a new cache (model.make_cache())"
+            )
         if attention_mask is not None and (
             attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
         ):
@@ -296,6 +301,8 @@ class HCAMModel(BackboneEmbeddingsMixin, HCAMPreTrainedModel):
             hidden.append(last)
             states.append(piece_states)
             start = stop
+        if checkpointing and cache.segment_fill:
+            cache.missing_segment_kv = True  # the unfinished segment's backbone keys/values were not kept
         hidden = torch.cat(hidden, dim=1)
         all_states = None
         if output_hidden_states:

@@ -171,6 +171,11 @@ def test_gradient_checkpointing_refuses_a_filled_cache():
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(random_ids(1, 3), cache=cache)
     assert model(random_ids(1, 11), labels=random_ids(1, 11)).cache is None  # trains without returning a cache
+    fresh = model.make_cache()
+    model(random_ids(1, 11), cache=fresh)  # ends 3 tokens into a segment whose backbone keys/values are not kept
+    model.eval()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(random_ids(1, 1), cache=fresh)
 
 
 # ---- the attention against brute force -----------------------------------------------------------------------------
