@@ -144,6 +144,34 @@ class HCAMBranch(nn.Module):
                 nn.init.zeros_(linear.bias)
         self.gate.fill_(self.gate_init)
 
+    @torch.no_grad()
+    def init_from_attention(self, attention: nn.Module, norm_weight: torch.Tensor) -> None:
+        """Start from a decoder layer's attention (``q/k/v/o_proj``, GQA) whose input is ``norm_weight * x``: the
+        within-chunk attention becomes that attention without RoPE, the summary logits the sum over heads of
+        ``q . mean(k)``; the gate is untouched."""
+        heads = self.num_heads
+        q, k, v, o = (getattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        kv_heads = k.out_features * heads // q.out_features
+
+        def repeat(weight: torch.Tensor) -> torch.Tensor:  # [kv_heads * d, ...] -> [heads * d, ...]
+            return weight.unflatten(0, (kv_heads, -1)).repeat_interleave(heads // kv_heads, dim=0).flatten(0, 1)
+
+        scale = norm_weight.to(q.weight.dtype)[None, :]
+        pairs = [(self.summary_query, q.weight * scale, None), (self.query, q.weight * scale, q.bias)]
+        pairs += [(self.summary_key, repeat(k.weight) * scale, None), (self.key, repeat(k.weight) * scale, k.bias)]
+        pairs += [(self.value, repeat(v.weight) * scale, v.bias), (self.output, o.weight, o.bias)]
+        for linear, weight, bias in pairs:
+            if linear.weight.shape != weight.shape:
+                raise ValueError(
+                    f"the layer's attention does not fit the branch: {tuple(weight.shape)} vs {tuple(linear.weight.shape)}"
+                )
+            linear.weight.copy_(weight)
+            if linear.bias is not None:
+                if bias is None:
+                    linear.bias.zero_()
+                else:
+                    linear.bias.copy_(repeat(bias[:, None])[:, 0] if bias.shape[0] != linear.bias.shape[0] else bias)
+
     def summary_logits(self, x: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         """``x [b, T, D]``, ``summaries [b, N, D]`` -> ``[b, T, N]`` logits (float32 at least) ``(x W_q).(s W_k) / sqrt(S)``."""
         # (x W_q) . (s W_k) = ((x W_q) W_k^T) . s: the query side is projected back to width D, so the N summaries

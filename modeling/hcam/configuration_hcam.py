@@ -12,7 +12,9 @@ attention. The branch output is added to the layer's output through a gate ``tan
 from __future__ import annotations
 
 from hf_longmem.modeling.backbone import BackboneWrapperConfig
-from hf_longmem.validation import check_int, check_real
+from hf_longmem.validation import check_choice, check_int, check_real
+
+BRANCH_INITS = ("random", "attention")
 
 
 class HCAMConfig(BackboneWrapperConfig):
@@ -37,6 +39,12 @@ class HCAMConfig(BackboneWrapperConfig):
         memory_position_encoding: add the official sinusoidal position encoding to a chunk's contents before the
             within-chunk attention (needs an even hidden size).
         init_scale: scale of the variance-scaling init of the branch's projections (official ``init_scale=2``).
+        branch_init: ``"random"`` (official variance-scaling init) or ``"attention"``: each branch's projections
+            start from its decoder layer's attention (``from_backbone`` copies them: summary and within-chunk query /
+            key from ``q_proj`` / ``k_proj``, value from ``v_proj``, output from ``o_proj``, the layer's input-norm
+            weight folded in, KV heads repeated for GQA), so the branch starts as the layer's own attention within
+            the chosen chunks (without RoPE). Needs ``memory_hidden_size = num_attention_heads * head_dim`` and
+            ``num_memory_heads = num_attention_heads`` (the defaults then follow them).
         gate_init: initial gate logit ``g`` (branch output scaled by ``tanh(g)``; 0: the model starts as the backbone).
         memory_offload: keep the chunk contents in CPU memory (the summaries, ``1 / chunk_size`` of the bytes, stay on
             the compute device); a step copies only the chunks it attends to (all of them for a long prefill).
@@ -58,6 +66,7 @@ class HCAMConfig(BackboneWrapperConfig):
         memory_position_encoding: bool = True,
         init_scale: float = 2.0,
         gate_init: float = 0.0,
+        branch_init: str = "random",
         memory_offload: bool = False,
         use_cache: bool = True,
         **kwargs,
@@ -85,6 +94,7 @@ class HCAMConfig(BackboneWrapperConfig):
         self.memory_position_encoding = memory_position_encoding
         self.init_scale = check_real("init_scale", init_scale, low=0.0, strict_low=True)
         self.gate_init = check_real("gate_init", gate_init)
+        self.branch_init = check_choice("branch_init", branch_init, BRANCH_INITS)
         if not isinstance(memory_offload, bool):
             raise ValueError(f"`memory_offload` must be a bool, got {memory_offload!r}")
         self.memory_offload = memory_offload
@@ -110,10 +120,20 @@ class HCAMConfig(BackboneWrapperConfig):
                 f"`memory_layers` must be a non-empty list of distinct layer indices in [0, {depth}), got {layers!r}"
             )
         self.memory_layers = sorted(layers)
+        heads = backbone.num_attention_heads
+        attention_width = heads * (getattr(backbone, "head_dim", None) or hidden // heads)
         if self.memory_hidden_size is None:
-            self.memory_hidden_size = hidden
+            self.memory_hidden_size = attention_width if self.branch_init == "attention" else hidden
         if self.num_memory_heads is None:
-            self.num_memory_heads = backbone.num_attention_heads
+            self.num_memory_heads = heads
+        if self.branch_init == "attention" and (self.memory_hidden_size, self.num_memory_heads) != (
+            attention_width,
+            heads,
+        ):
+            raise ValueError(
+                f"`branch_init='attention'` copies the layer's attention: it needs memory_hidden_size={attention_width} "
+                f"and num_memory_heads={heads}, got {self.memory_hidden_size} and {self.num_memory_heads}"
+            )
         if self.memory_hidden_size % self.num_memory_heads:
             raise ValueError(
                 f"`num_memory_heads` ({self.num_memory_heads}) must divide `memory_hidden_size` "

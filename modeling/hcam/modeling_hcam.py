@@ -182,6 +182,23 @@ class HCAMModel(BackboneEmbeddingsMixin, HCAMPreTrainedModel):
         if config.freeze_backbone:
             freeze_backbone(self.backbone)
 
+    @torch.no_grad()
+    def init_branches_from_backbone(self) -> None:
+        """``branch_init="attention"``: each branch starts from its decoder layer's attention projections (see
+        :meth:`HCAMBranch.init_from_attention`); ``"random"``: nothing to do."""
+        if self.config.branch_init != "attention":
+            return
+        layers = self.backbone.model.layers
+        for branch, layer_index in zip(self.branches, self.config.memory_layers):
+            layer = layers[layer_index]
+            norm = getattr(layer, "input_layernorm", None)
+            if getattr(layer, "self_attn", None) is None or getattr(norm, "weight", None) is None:
+                raise ValueError(
+                    "branch_init='attention' needs Llama-family decoder layers (self_attn with q/k/v/o_proj and an "
+                    "input_layernorm with a weight)"
+                )
+            branch.init_from_attention(layer.self_attn, norm.weight)
+
     def make_cache(self) -> HCAMCache:
         """A fresh, empty :class:`HCAMCache`."""
         return HCAMCache(self.config)
@@ -369,6 +386,14 @@ class HCAMForCausalLM(BackboneWrapperMixin, HCAMPreTrainedModel, GenerationMixin
     @property
     def backbone(self):
         return self.model.backbone
+
+    @classmethod
+    def from_backbone(cls, backbone, **config_kwargs):
+        """Wrap ``backbone`` (a model, path or repo id); with ``branch_init="attention"`` the branches start from
+        their layers' attention."""
+        model = super().from_backbone(backbone, **config_kwargs)
+        model.model.init_branches_from_backbone()
+        return model
 
     def make_cache(self) -> HCAMCache:
         """A fresh, empty :class:`HCAMCache` (what ``generate`` uses when no cache is passed)."""

@@ -233,6 +233,32 @@ def test_branch_equals_brute_force_top_k_chunk_attention(queries):
     assert float(got[1, 0].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("shape", ["llama_gqa", "qwen2"])
+def test_attention_init_is_the_layers_attention_within_a_chunk(shape):
+    """``branch_init="attention"``: with one visible chunk and no position encoding, the branch computes its decoder
+    layer's attention (GQA heads, biases, input norm) of the query over that chunk's tokens, without RoPE."""
+    backbone, model = _hcam(shape, branch_init="attention", memory_position_encoding=False)
+    layer = backbone.model.layers[1]
+    branch = model.model.branches[1]
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 3, 64, generator=g)
+    chunk = torch.randn(1, 1, 2, 64, generator=g)
+    x = hidden / hidden.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    contents = chunk / chunk.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    with torch.no_grad():
+        got = branch(x, contents, contents.mean(dim=2), torch.ones(1, 3, 1, dtype=torch.bool))
+        attention, norm = layer.self_attn, layer.input_layernorm
+        q = attention.q_proj(norm.weight * x).view(1, 3, 4, 16).transpose(1, 2)
+        k = attention.k_proj(norm.weight * contents[:, 0]).view(1, 2, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+        v = attention.v_proj(norm.weight * contents[:, 0]).view(1, 2, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+        expected = attention.o_proj((probs @ v).transpose(1, 2).reshape(1, 3, 64))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the gate is still 0: the model is still the backbone
+        ids = random_ids(1, 8)
+        torch.testing.assert_close(model(ids).logits, backbone(ids).logits, rtol=0, atol=0)
+
+
 def test_top_k_selection_against_sorting():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 5, 11, generator=g)
@@ -315,6 +341,8 @@ def test_read_set_and_visibility_against_the_stream():
         (dict(gate_init=float("nan")), "gate_init"),
         (dict(memory_position_encoding="yes"), "memory_position_encoding"),
         (dict(memory_offload=1), "memory_offload"),
+        (dict(branch_init="copy"), "branch_init"),
+        (dict(branch_init="attention", memory_hidden_size=16), "branch_init"),
         (dict(segment_length=2.5), "segment_length"),
     ],
 )
