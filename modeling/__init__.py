@@ -3,9 +3,8 @@
 Each architecture is a package of this folder that registers itself with :func:`register_architecture` in its
 ``__init__`` (``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM``, and :func:`available_architectures`).
 Importing this package imports every architecture package (``import hf_longmem`` does it): Titans (``titans``), MoM
-(``mom_gdn``), LongMem (``longmem``), HMT (``hmt``), CMT (``cmt``), LongGen (``longgen``) and HCAM (``hcam``)
-today. The modules
-``remote_code``, ``backbone``, ``causal_lm`` and ``padding`` hold the plumbing they share.
+(``mom_gdn``), LongMem (``longmem``), HMT (``hmt``), CMT (``cmt``), LongGen (``longgen``) and HCAM (``hcam``) today.
+The modules ``remote_code``, ``backbone``, ``causal_lm`` and ``padding`` hold the plumbing they share.
 """
 
 from hf_longmem.modeling.remote_code import (
