@@ -475,7 +475,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             self.store.batch_size > 0 or self.init_keys.shape[-2] > 0 or self.keys.shape[-2] + num_q > self.n_local
         )
         query_real = (positions != PAD_POSITION) if chunk_pads else None  # [b, c]
-        memory_query = self.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
+        memory_query = self.rotate_to_window_end(query, positions) if has_memory else None
         selected = self.select_blocks(memory_query, query_real) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
@@ -726,6 +726,14 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             cover = min(self.keys.shape[-2], count + self.block_size)
             cached = self._unrotated = self.unrotate(self.keys[:, :, :cover], self.positions[:, :cover])
         return cached if cached.shape[-2] == count else cached[:, :, :count]
+
+    def rotate_to_window_end(self, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``query [b, H, c, d]`` at ``positions [b, c]`` rotated to position ``n_local - 1`` (the memory query; the
+        layers of a forward share the rotation tables, :meth:`~hf_longmem.memory.rope.LayerRotation.rotate_to`)."""
+        if not isinstance(self.rotary, LayerRotation):  # a duck-typed rotation: the plain call
+            return self.rotary.rotate(query, (self.n_local - 1) - positions, query=True)
+        bound = max(self.n_local, self.cumulative_length) + 1
+        return self.rotary.rotate_to(query, positions, self.n_local - 1, query=True, max_delta=bound)
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
