@@ -76,7 +76,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
-from hf_longmem.kernels.decode_attention.reference import grouped_logits, grouped_values
+from hf_longmem.kernels.decode_attention.reference import grouped_logits, grouped_values, softcap_logits
 from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore
@@ -288,6 +288,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
     is_compileable = False
     #: ``None`` dispatches kernels by device (Triton on CUDA); tests force a backend.
     kernel_backend: str | None = None
+    #: decoding steps of alike rows in one softmax (:meth:`_decode_step`); tests turn it off to compare
+    joint_decode: bool = True
 
     def __init__(
         self,
@@ -324,6 +326,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self._state_pads = False
         #: ``[b, Hkv, u, d]`` the oldest ``u`` recent keys unrotated (rows equal), ahead of need: see `_unrotated_prefix`
         self._unrotated: torch.Tensor | None = None
+        #: ``(selection, init_keys, (keys, values))``: the memory prefix of the latest decoding step, see `_memory_prefix`
+        self._prefix: tuple | None = None
         #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
         self.padding_source: weakref.ref | None = (
             None  # whether some row of keys/values holds fewer tokens than the others
@@ -338,6 +342,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.init_keys, self.init_values = self.keys.clone(), self.values.clone()
         self.init_valid = None
         self._state_pads = False
+        self._unrotated = self._prefix = None
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
         self.real_seen = zero_seen(batch, self.device)
@@ -479,6 +484,16 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         selected = self.select_blocks(memory_query, query_real) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
+        if (
+            self.joint_decode
+            and num_q == 1
+            and not (chunk_pads or self._state_pads or self.init_valid is not None)
+            and features.sinks is None
+            and not (selected is not None and _is_per_head(selected))
+        ):
+            prefix = self._memory_prefix(selected)
+            if prefix is not None:  # None: the rows' blocks differ in length (masks by position, below)
+                return self._decode_step(query, keys, values, positions, memory_query, prefix, scale, softcap)
 
         self.keys = torch.cat((self.keys, keys), dim=-2)
         self.values = torch.cat((self.values, values), dim=-2)
@@ -550,6 +565,85 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.local_scores[:, :, first:] += received.view(batch, q_heads, span)
         self.after_chunk()
         return out
+
+    def _decode_step(self, query, keys, values, positions, memory_query, prefix, scale, softcap) -> torch.Tensor:
+        """A decoding step (one query per row) when the rows are alike (no pad, initial tokens complete, the same
+        number of retrieved tokens in every row, no attention sinks): window and memory in ONE softmax.
+
+        The general path attends the window and the memory separately, merges them by log-sum-exp and weighs the
+        window probabilities by ``exp(lse_local - lse_joint)`` for the representative scores. One softmax over
+        ``[memory | window]`` is the same mathematics (equal to float32 rounding, tested) and gives the joint
+        window probabilities directly. The memory is ``[retrieved blocks | initial tokens]`` (``prefix``, see
+        :meth:`_memory_prefix`) then the remainder, whose values are stored right before the window's: all values
+        are one ``cat``. Every memory slot is visible to a decoding query (no pad slot, no mask).
+
+        Args:
+            query: ``[b, H, 1, d]``; ``keys``/``values``: the new ``[b, Hkv, 1, d]``; ``positions`` ``[b, 1]``.
+            memory_query: ``query`` rotated to position ``n_local - 1`` (``None`` without memory).
+            prefix: ``(keys, values)`` ``[b, Hkv, P, d]`` of the retrieved blocks and initial tokens (``None``s
+                when there are neither).
+
+        Returns:
+            ``[b, H, 1, dv]``.
+        """
+        batch, q_heads, _, dim = query.shape
+        kv_heads = keys.shape[1]
+        group, units = q_heads // kv_heads, batch * kv_heads
+        self.keys = torch.cat((self.keys, keys), dim=-2)
+        self.values = torch.cat((self.values, values), dim=-2)
+        self.positions = torch.cat((self.positions, positions), dim=-1)
+        recent = self.keys.shape[-2]
+        span = min(recent, self.n_local)
+        remainder = recent - span  # the window is the last `span` slots; the slots before are the remainder
+        window_keys = self.keys[:, :, remainder:].float().reshape(units, span, dim)
+        logits = torch.bmm(query.float().reshape(units, group, dim), window_keys.transpose(1, 2))  # [u, g, span]
+        prefix_keys, prefix_values = prefix
+        memory_keys = [prefix_keys] if prefix_keys is not None else []
+        if remainder:
+            memory_keys.append(self._unrotated_prefix(remainder))
+        if memory_keys:  # [memory | window] logits
+            memory_keys = _cat(memory_keys, -2).float()
+            memory_logits = torch.bmm(
+                memory_query.float().reshape(units, group, dim),
+                memory_keys.reshape(units, memory_keys.shape[-2], dim).transpose(1, 2),
+            )
+            logits = torch.cat((memory_logits, logits), dim=-1)
+        probs = softcap_logits(logits * scale, softcap).softmax(dim=-1)  # [u, g, memory + span]
+        all_values = self.values if prefix_values is None else torch.cat((prefix_values, self.values), dim=-2)
+        out = torch.bmm(probs, all_values.float().reshape(units, all_values.shape[-2], -1))  # [u, g, dv]
+        # representative scores: the window's probabilities under the joint softmax (a new slot for the new token)
+        self.local_scores = torch.nn.functional.pad(self.local_scores, (0, 1))
+        self.local_scores[:, :, remainder:].add_(probs[..., -span:].view(batch, q_heads, span))
+        self.after_chunk()
+        return out.view(batch, q_heads, 1, -1).to(query.dtype)
+
+    def _memory_prefix(self, selected):
+        """``(keys, values)`` ``[b, Hkv, P, d]`` of ``[retrieved blocks | initial tokens]`` for :meth:`_decode_step`
+        (``(None, None)`` when both are empty), or ``None`` when the rows' retrieved blocks differ in length.
+
+        Kept while the selection and the initial tokens stay the same (most decoding steps; blocks are only
+        appended, never changed, and reordering the rows drops it), so that a step reuses it instead of gathering
+        and concatenating the blocks again. Not kept when a selection exceeds the offloaded store's device LRU
+        (those blocks are streamed per step)."""
+        key = None if selected is None else tuple(tuple(ids) for ids in selected)
+        kept = self._prefix
+        if kept is not None and kept[0] == key and kept[1] is self.init_keys:
+            return kept[2]
+        keys, values = [], []
+        if selected is not None:
+            lengths = {sum(self.store._sizes[row][block] for block in ids) for row, ids in enumerate(selected)}
+            if len(lengths) > 1:
+                return None
+            block_keys, block_values, _ = self.store.gather(selected)
+            keys.append(block_keys)
+            values.append(block_values)
+        if self.init_keys.shape[-2]:
+            keys.append(self.init_keys)
+            values.append(self.init_values)
+        prefix = (_cat(keys, -2), _cat(values, -2)) if keys else (None, None)
+        streamed = selected is not None and self.store.offload and max(map(len, selected)) > self.max_cached_blocks
+        self._prefix = None if streamed else (key, self.init_keys, prefix)
+        return prefix
 
     def _memory_states(self, selected, num_q: int):
         """Keys/values/valid of the memory part, or ``None`` when it is empty.
@@ -768,7 +862,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         query_mean = self.mean_query(memory_query, query_real)  # [b, H, d]
         if not self.perhead:  # scored where the representatives live (the store's topk)
             index = self.store.topk(query_mean, self.topk, backend=self.kernel_backend)
-            return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
+            return [sorted(i for i in row if i >= 0) for row in index.tolist()]  # ascending ids, sorted on the host
         index = self.store.topk(query_mean, self.topk, per_head=True, backend=self.kernel_backend)  # [b, H, k]
         index = index.sort(dim=-1).values  # -1 (fewer blocks than topk) first
         units = index.tolist()
@@ -778,6 +872,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
     def mean_query(memory_query: torch.Tensor, query_real: torch.Tensor | None) -> torch.Tensor:
         """``[b, H, d]`` float32 mean of ``memory_query [b, H, c, d]`` over each row's real queries."""
         if query_real is None:
+            # one query (decoding): itself (the mean of one value is that value), one view instead of a reduction
+            if memory_query.shape[2] == 1:
+                return memory_query.float().reshape(*memory_query.shape[:2], -1)
             return memory_query.float().mean(dim=2)
         weight = query_real.float()[:, None, :, None]
         return (memory_query.float() * weight).sum(2) / weight.sum(2).clamp(min=1.0)
@@ -895,7 +992,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------- batch and bytes
     def _map_rows(self, fn, index) -> None:
-        self._unrotated = None
+        self._unrotated = self._prefix = None
         if not self.is_initialized:
             return
         for name in (
@@ -931,7 +1028,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.keys = self.values = self.positions = self.local_scores = None
         self.init_keys = self.init_values = self.real_seen = self.init_valid = None
         self._state_pads = False
-        self._unrotated = None
+        self._unrotated = self._prefix = None
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -954,7 +1051,13 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             return {}
         window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen, self._unrotated)
         initial = (self.init_keys, self.init_values, self.init_valid)
-        parts = {"window": (RESIDENT, tensor_bytes(*window)), "initial": (RESIDENT, tensor_bytes(*initial))}
+        held = self._prefix[2] if self._prefix is not None else ()  # the initial tokens alone are not a copy
+        retrieved = [t for t in held if t is not None and t is not self.init_keys and t is not self.init_values]
+        parts = {
+            "window": (RESIDENT, tensor_bytes(*window)),
+            "initial": (RESIDENT, tensor_bytes(*initial)),
+            "retrieved": (RESIDENT, tensor_bytes(*retrieved)),
+        }
         parts.update(self.store.memory_parts())
         return parts
 

@@ -660,3 +660,38 @@ def test_decoding_fast_paths_give_the_same_bits_as_the_general_computation(name,
     slow = greedy(model, ids, make_cache(name, model, **options), max_new_tokens=24)
     assert torch.equal(fast[0], slow[0])
     assert torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("infllm", SMALL),
+        ("infllm", dict(SMALL, offload=True)),
+        ("emllm", dict(n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=8, exc_block_size=8)),
+    ],
+)
+def test_joint_decode_step_equals_the_merged_general_computation(name, options, monkeypatch):
+    """A decoding step of alike rows attends the window and the memory in one softmax (the joint probabilities are
+    the representative scores), with the retrieved blocks and initial tokens kept between steps while the selection
+    is the same: equal to float32 rounding to the general path (window and memory apart, merged by log-sum-exp,
+    blocks gathered at every step), over steps that form, score and retrieve blocks (the same blocks, the same
+    tokens); a reordered cache drops what it kept."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 40)
+    fast_cache = make_cache(name, model, **options)
+    fast = greedy(model, ids, fast_cache, max_new_tokens=24)
+    layer = fast_cache.layers[0]
+    assert layer.store.num_blocks()[0] > 3 and layer._prefix is not None  # retrieval chose; the prefix is kept
+    assert fast_cache.memory_parts()["retrieved"][1] > 0
+    monkeypatch.setattr(InfLLMLayer, "joint_decode", False)
+    slow_cache = make_cache(name, model, **options)
+    slow = greedy(model, ids, slow_cache, max_new_tokens=24)
+    assert torch.equal(fast[0], slow[0])
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+    for mine, general in zip(fast_cache.layers, slow_cache.layers):
+        assert mine.store.block_sizes(0) == general.store.block_sizes(0)
+        torch.testing.assert_close(mine.local_scores, general.local_scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.store.representatives(), general.store.representatives())
+    assert slow_cache.layers[0]._prefix is None
+    fast_cache.reorder_cache(torch.tensor([0]))
+    assert fast_cache.layers[0]._prefix is None
