@@ -326,8 +326,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self._state_pads = False
         #: ``[b, Hkv, u, d]`` the oldest ``u`` recent keys unrotated (rows equal), ahead of need: see `_unrotated_prefix`
         self._unrotated: torch.Tensor | None = None
-        #: ``(selection, init_keys, (keys, values))``: the memory prefix of the latest decoding step, see `_memory_prefix`
-        self._prefix: tuple | None = None
+        #: ``(selection, (keys, values))``: the blocks retrieved at the latest decoding step, see `_retrieved_blocks`
+        self._retrieved: tuple | None = None
         #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
         self.padding_source: weakref.ref | None = (
             None  # whether some row of keys/values holds fewer tokens than the others
@@ -342,7 +342,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.init_keys, self.init_values = self.keys.clone(), self.values.clone()
         self.init_valid = None
         self._state_pads = False
-        self._unrotated = self._prefix = None
+        self._unrotated = self._retrieved = None
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
         self.real_seen = zero_seen(batch, self.device)
@@ -491,9 +491,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             and features.sinks is None
             and not (selected is not None and _is_per_head(selected))
         ):
-            prefix = self._memory_prefix(selected)
-            if prefix is not None:  # None: the rows' blocks differ in length (masks by position, below)
-                return self._decode_step(query, keys, values, positions, memory_query, prefix, scale, softcap)
+            blocks = self._retrieved_blocks(selected)
+            if blocks is not None:  # None: the rows' blocks differ in length (masks by position, below)
+                return self._decode_step(query, keys, values, positions, memory_query, blocks, scale, softcap)
 
         self.keys = torch.cat((self.keys, keys), dim=-2)
         self.values = torch.cat((self.values, values), dim=-2)
@@ -566,22 +566,22 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.after_chunk()
         return out
 
-    def _decode_step(self, query, keys, values, positions, memory_query, prefix, scale, softcap) -> torch.Tensor:
+    def _decode_step(self, query, keys, values, positions, memory_query, blocks, scale, softcap) -> torch.Tensor:
         """A decoding step (one query per row) when the rows are alike (no pad, initial tokens complete, the same
         number of retrieved tokens in every row, no attention sinks): window and memory in ONE softmax.
 
         The general path attends the window and the memory separately, merges them by log-sum-exp and weighs the
         window probabilities by ``exp(lse_local - lse_joint)`` for the representative scores. One softmax over
         ``[memory | window]`` is the same mathematics (equal to float32 rounding, tested) and gives the joint
-        window probabilities directly. The memory is ``[retrieved blocks | initial tokens]`` (``prefix``, see
-        :meth:`_memory_prefix`) then the remainder, whose values are stored right before the window's: all values
-        are one ``cat``. Every memory slot is visible to a decoding query (no pad slot, no mask).
+        window probabilities directly. The memory is ``[retrieved blocks | initial tokens | remainder]`` (the
+        blocks kept between steps, :meth:`_retrieved_blocks`), and the remainder's values are stored right before
+        the window's: keys and values are one ``cat`` each. Every memory slot is visible to a decoding query (no pad
+        slot, no mask).
 
         Args:
             query: ``[b, H, 1, d]``; ``keys``/``values``: the new ``[b, Hkv, 1, d]``; ``positions`` ``[b, 1]``.
             memory_query: ``query`` rotated to position ``n_local - 1`` (``None`` without memory).
-            prefix: ``(keys, values)`` ``[b, Hkv, P, d]`` of the retrieved blocks and initial tokens (``None``s
-                when there are neither).
+            blocks: ``(keys, values)`` ``[b, Hkv, L, d]`` of the retrieved blocks (``None``s without).
 
         Returns:
             ``[b, H, 1, dv]``.
@@ -597,8 +597,12 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         remainder = recent - span  # the window is the last `span` slots; the slots before are the remainder
         window_keys = self.keys[:, :, remainder:].float().reshape(units, span, dim)
         logits = torch.bmm(query.float().reshape(units, group, dim), window_keys.transpose(1, 2))  # [u, g, span]
-        prefix_keys, prefix_values = prefix
-        memory_keys = [prefix_keys] if prefix_keys is not None else []
+        block_keys, block_values = blocks
+        memory_keys = [block_keys] if block_keys is not None else []
+        memory_values = [block_values] if block_values is not None else []
+        if self.init_keys.shape[-2]:
+            memory_keys.append(self.init_keys)
+            memory_values.append(self.init_values)
         if remainder:
             memory_keys.append(self._unrotated_prefix(remainder))
         if memory_keys:  # [memory | window] logits
@@ -609,7 +613,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             )
             logits = torch.cat((memory_logits, logits), dim=-1)
         probs = softcap_logits(logits * scale, softcap).softmax(dim=-1)  # [u, g, memory + span]
-        all_values = self.values if prefix_values is None else torch.cat((prefix_values, self.values), dim=-2)
+        all_values = _cat([*memory_values, self.values], -2)  # the remainder's values precede the window's
         out = torch.bmm(probs, all_values.float().reshape(units, all_values.shape[-2], -1))  # [u, g, dv]
         # representative scores: the window's probabilities under the joint softmax (a new slot for the new token)
         self.local_scores = torch.nn.functional.pad(self.local_scores, (0, 1))
@@ -617,33 +621,25 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.after_chunk()
         return out.view(batch, q_heads, 1, -1).to(query.dtype)
 
-    def _memory_prefix(self, selected):
-        """``(keys, values)`` ``[b, Hkv, P, d]`` of ``[retrieved blocks | initial tokens]`` for :meth:`_decode_step`
-        (``(None, None)`` when both are empty), or ``None`` when the rows' retrieved blocks differ in length.
+    def _retrieved_blocks(self, selected):
+        """``(keys, values)`` ``[b, Hkv, L, d]`` of the retrieved blocks for :meth:`_decode_step` (``(None, None)``
+        without a selection), or ``None`` when the rows' blocks differ in length (the general path masks them).
 
-        Kept while the selection and the initial tokens stay the same (most decoding steps; blocks are only
-        appended, never changed, and reordering the rows drops it), so that a step reuses it instead of gathering
-        and concatenating the blocks again. Not kept when a selection exceeds the offloaded store's device LRU
-        (those blocks are streamed per step)."""
-        key = None if selected is None else tuple(tuple(ids) for ids in selected)
-        kept = self._prefix
-        if kept is not None and kept[0] == key and kept[1] is self.init_keys:
-            return kept[2]
-        keys, values = [], []
-        if selected is not None:
-            lengths = {sum(self.store._sizes[row][block] for block in ids) for row, ids in enumerate(selected)}
-            if len(lengths) > 1:
-                return None
-            block_keys, block_values, _ = self.store.gather(selected)
-            keys.append(block_keys)
-            values.append(block_values)
-        if self.init_keys.shape[-2]:
-            keys.append(self.init_keys)
-            values.append(self.init_values)
-        prefix = (_cat(keys, -2), _cat(values, -2)) if keys else (None, None)
-        streamed = selected is not None and self.store.offload and max(map(len, selected)) > self.max_cached_blocks
-        self._prefix = None if streamed else (key, self.init_keys, prefix)
-        return prefix
+        Kept while the selection stays the same (blocks are only appended, never changed; reordering the rows drops
+        it), so that such a step reuses them instead of gathering and concatenating the blocks again. Not kept when
+        a selection exceeds the offloaded store's device LRU (those blocks are streamed per step)."""
+        if selected is None:
+            return None, None
+        key = tuple(tuple(ids) for ids in selected)
+        kept = self._retrieved
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        if len({sum(self.store._sizes[row][block] for block in ids) for row, ids in enumerate(selected)}) > 1:
+            return None
+        block_keys, block_values, _ = self.store.gather(selected)
+        streamed = self.store.offload and max(map(len, selected)) > self.max_cached_blocks
+        self._retrieved = None if streamed else (key, (block_keys, block_values))
+        return block_keys, block_values
 
     def _memory_states(self, selected, num_q: int):
         """Keys/values/valid of the memory part, or ``None`` when it is empty.
@@ -992,7 +988,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------- batch and bytes
     def _map_rows(self, fn, index) -> None:
-        self._unrotated = self._prefix = None
+        self._unrotated = self._retrieved = None
         if not self.is_initialized:
             return
         for name in (
@@ -1028,7 +1024,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.keys = self.values = self.positions = self.local_scores = None
         self.init_keys = self.init_values = self.real_seen = self.init_valid = None
         self._state_pads = False
-        self._unrotated = self._prefix = None
+        self._unrotated = self._retrieved = None
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -1051,8 +1047,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             return {}
         window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen, self._unrotated)
         initial = (self.init_keys, self.init_values, self.init_valid)
-        held = self._prefix[2] if self._prefix is not None else ()  # the initial tokens alone are not a copy
-        retrieved = [t for t in held if t is not None and t is not self.init_keys and t is not self.init_values]
+        retrieved = self._retrieved[1] if self._retrieved is not None else ()
         parts = {
             "window": (RESIDENT, tensor_bytes(*window)),
             "initial": (RESIDENT, tensor_bytes(*initial)),

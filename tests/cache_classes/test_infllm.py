@@ -681,7 +681,7 @@ def test_joint_decode_step_equals_the_merged_general_computation(name, options, 
     fast_cache = make_cache(name, model, **options)
     fast = greedy(model, ids, fast_cache, max_new_tokens=24)
     layer = fast_cache.layers[0]
-    assert layer.store.num_blocks()[0] > 3 and layer._prefix is not None  # retrieval chose; the prefix is kept
+    assert layer.store.num_blocks()[0] > 3 and layer._retrieved is not None  # retrieval chose; blocks are kept
     assert fast_cache.memory_parts()["retrieved"][1] > 0
     monkeypatch.setattr(InfLLMLayer, "joint_decode", False)
     slow_cache = make_cache(name, model, **options)
@@ -692,6 +692,6 @@ def test_joint_decode_step_equals_the_merged_general_computation(name, options, 
         assert mine.store.block_sizes(0) == general.store.block_sizes(0)
         torch.testing.assert_close(mine.local_scores, general.local_scores, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mine.store.representatives(), general.store.representatives())
-    assert slow_cache.layers[0]._prefix is None
+    assert slow_cache.layers[0]._retrieved is None
     fast_cache.reorder_cache(torch.tensor([0]))
-    assert fast_cache.layers[0]._prefix is None
+    assert fast_cache.layers[0]._retrieved is None
