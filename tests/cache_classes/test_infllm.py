@@ -695,3 +695,24 @@ def test_joint_decode_step_equals_the_merged_general_computation(name, options, 
     assert slow_cache.layers[0]._retrieved is None
     fast_cache.reorder_cache(torch.tensor([0]))
     assert fast_cache.layers[0]._retrieved is None
+
+
+def test_equal_block_representatives_give_the_same_bits_as_the_ragged_path():
+    """Blocks of one size (InfLLM's, formed while decoding) take their representatives through views of the token
+    axis: the same keys chosen (ties included) and averaged to the same bits as the general ragged path, GQA and
+    ``repr_topk`` at or above the block size included, on strided (sliced) inputs as the layer passes them."""
+    from hf_longmem.cache_classes.infllm import _equal_block_representatives, _ragged_block_representatives
+
+    generator = torch.Generator().manual_seed(0)
+    for blocks, size, repr_topk, kv_heads in ((3, 4, 2, 2), (2, 5, 5, 1), (4, 2, 4, 4)):
+        total = blocks * size
+        keys = torch.randn(2, kv_heads, total + 3, 8, generator=generator)[:, :, :total]
+        scores = torch.randint(0, 3, (2, 4, total + 3), generator=generator).float()[:, :, :total]  # ties
+        expected = _ragged_block_representatives(keys, scores, [size] * blocks, repr_topk)
+        assert torch.equal(_equal_block_representatives(keys, scores, blocks, size, repr_topk), expected)
+        assert torch.equal(block_representatives(keys, scores, [size] * blocks, repr_topk), expected)
+        half = keys.to(torch.bfloat16)
+        assert torch.equal(
+            _equal_block_representatives(half, scores, blocks, size, repr_topk),
+            _ragged_block_representatives(half, scores, [size] * blocks, repr_topk),
+        )
