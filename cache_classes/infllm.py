@@ -1070,7 +1070,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         """``{part: (where, bytes)}``, ``where`` ``"resident"`` (compute device) or ``"offloaded"`` (CPU home).
 
         ``window``: the recent tokens (window + remainder) with their positions and scores; ``initial``: the initial
-        tokens; ``blocks``, ``lru``, ``representatives``: the store's (:meth:`BlockStore.memory_parts`).
+        tokens; ``retrieved``: the blocks gathered at the latest decoding step, kept for the next one (at most
+        ``topk`` blocks, see :meth:`_retrieved_blocks`); ``blocks``, ``lru``, ``representatives``: the store's
+        (:meth:`BlockStore.memory_parts`).
         """
         if not self.is_initialized:
             return {}
