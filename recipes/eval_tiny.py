@@ -5,7 +5,9 @@
         --lengths 256 512 1024 2048 4096 --num_samples 50 --output runs/eval_tiny.json
 
 Fresh seeded samples (``--seed``, distinct from the training stream's seeds) are generated at each length,
-answered with ``model.generate(do_sample=False)`` and scored by exact match after stripping whitespace.
+answered with ``model.generate(do_sample=False)`` and scored with the task's metric (``hf_longmem.evals.metrics``:
+RULER's ``string_match_all`` for needles and variable tracking, first integer for pass keys, exact match for facts)
+and by exact match after stripping whitespace; each row carries the 95% Wilson interval of the score.
 Shared-context samples are scored per question in two modes: ``rollback`` (each question right after the
 context) and ``append`` (earlier questions with their golden answers and EOS kept in the prompt).
 Writes a JSON with one row per (task, length) and prints a markdown table.
@@ -24,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_longmem.evals.metrics import exact_match, metric_for, metric_options, score, wilson_interval
 from hf_longmem.evals.schema import Sample
 from hf_longmem.evals.tasks import generate_task
 
@@ -31,7 +34,10 @@ from hf_longmem.evals.tasks import generate_task
 SETTINGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "passkey": ("passkey", {}, None),
     "multikey_needle": ("multikey_needle", {}, None),
-    "variable_tracking": ("variable_tracking", {}, None),
+    "niah_multivalue": ("niah_multivalue", {}, None),
+    "niah_multiquery": ("niah_multiquery", {}, None),
+    "variable_tracking": ("variable_tracking", {"num_chains": 2, "num_hops": 2}, None),
+    "fact_qa": ("fact_qa", {"num_facts": 4, "num_questions": 4}, None),
     "shared_rollback": ("shared_context", {"generator": "multikey_needle", "num_questions": 4}, "rollback"),
     "shared_append": ("shared_context", {"generator": "multikey_needle", "num_questions": 4}, "append"),
 }
@@ -75,28 +81,38 @@ def evaluate(
     samples = generate_task(name, tokenizer, length, num_samples, seed, **options)
     items = [(s, t) for s in samples for t in range(len(s.turns))]
     batch_size = max(1, tokens_per_batch // length)
-    correct, start = 0, time.time()
+    correct, total, start = 0, 0.0, time.time()
+    metric = None
     for begin in range(0, len(items), batch_size):
         chunk = items[begin : begin + batch_size]
         prompts = [prompt_ids(tokenizer, s, t, mode) for s, t in chunk]
         budget = max(s.turns[t].max_new_tokens for s, t in chunk)
         for (s, t), text in zip(chunk, greedy_answers(model, tokenizer, prompts, budget)):
-            correct += text.strip() in [a.strip() for a in s.turns[t].answers]
+            turn = s.turns[t]
+            metric = metric_for(name, s.meta, turn)
+            total += score(text, turn.answers, metric, **metric_options(s.meta, metric))
+            correct += exact_match(text, turn.answers)
+    mean = total / len(items)
+    low, high = wilson_interval(mean, len(items))
     return {
         "task": setting,
         "length": length,
-        "accuracy": correct / len(items),
+        "metric": metric,
+        "score": mean,
+        "interval": [round(low, 4), round(high, 4)],
+        "accuracy": correct / len(items),  # exact match
         "num_questions": len(items),
         "mean_num_tokens": sum(s.meta["num_tokens"] for s in samples) / len(samples),
         "seconds": round(time.time() - start, 1),
     }
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Accuracy (%) with tasks as rows and lengths as columns."""
+def markdown_table(rows: list[dict[str, Any]], key: str = "score") -> str:
+    """``key`` (the task metric's ``score`` or exact-match ``accuracy``) in % with tasks as rows and lengths as
+    columns."""
     lengths = sorted({r["length"] for r in rows})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    cell = {(r["task"], r["length"]): r["accuracy"] for r in rows}
+    cell = {(r["task"], r["length"]): r.get(key, r["accuracy"]) for r in rows}
     lines = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for task in tasks:
         values = [f"{100 * cell[task, n]:.0f}" if (task, n) in cell else "" for n in lengths]
