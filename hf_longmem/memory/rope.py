@@ -280,7 +280,7 @@ class ModuleRotation(LayerRotation):
         if max_delta is None or not self._is_rotate_half(head_dim, query):
             return None
         signed = self._signed_tables(max_delta, device)
-        if signed is None:
+        if signed is None or signed[1].shape[-1] != head_dim:  # tables narrower than the head: partial rotary
             return None
         size, cos_table, sin_table = signed
         row = delta + size

@@ -261,14 +261,22 @@ def test_cached_tables_give_exactly_the_per_call_rotation(arch):
     assert rotation._signed_tables(10, torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("arch", ["llama", "glm", "cohere"])
+@pytest.mark.parametrize("arch", ["llama", "glm", "cohere", "gpt_neox", "phi", "glm4_moe"])
 def test_rotate_to_and_the_rotate_half_formula_give_exactly_the_models_rotation(arch):
     """Llama's layout is rotated with the 4-op rotate-half formula (checked bit for bit against its apply function),
-    interleaved ones keep the apply function; ``rotate_to`` (InfLLM's memory query, tables shared by the layers of a
-    forward) equals ``rotate`` by ``target - positions``, also for a new positions tensor or one changed in place."""
-    rotation = ModelRotary.from_model(arch_model(arch, 1)).for_layer(0)
-    assert rotation._is_rotate_half(16, query=True) == (arch == "llama")
-    assert rotation._is_rotate_half(16, query=False) == (arch == "llama")
+    interleaved ones and partial rotary (sliced by the attention, or inside the apply function as GPT-NeoX's and
+    GLM-4-MoE's: tables narrower than the head) keep the apply function; ``rotate_to`` (InfLLM's memory query, tables
+    shared by the layers of a forward) equals ``rotate`` by ``target - positions``, also for a new positions tensor
+    or one changed in place."""
+    from tests.helpers.architectures import build_model
+
+    model = build_model(arch) if arch == "glm4_moe" else arch_model(arch, 1)  # GLM-4-MoE: rotate-half, partial
+    rotation = ModelRotary.from_model(model).for_layer(0)
+    if arch in ("llama", "glm", "cohere", "glm4_moe"):
+        assert rotation._is_rotate_half(16, query=True) == (arch in ("llama", "glm4_moe"))
+        assert rotation._is_rotate_half(16, query=False) == (arch in ("llama", "glm4_moe"))
+    formula = rotation._half_tables(torch.zeros(1, 1, dtype=torch.long), 10, 16, True, torch.device("cpu"))
+    assert (formula is not None) == (arch == "llama")
     generator = torch.Generator().manual_seed(1)
     states = torch.randn(2, 4, 3, 16, generator=generator)
     for query in (False, True):
