@@ -601,6 +601,18 @@ class EMLLMCache(LongMemCache):
         self._forward_real = None
         counts = real.sum(1).tolist() if real is not None and real.shape == input_ids.shape else [num_new] * batch
         ids = input_ids.to(hidden.device)
+        if num_new == 1 and min(counts) == 1:  # decoding: only the previous token's surprise becomes known
+            last = lm_head(hidden).float()[:, 0]  # [b, vocab]
+            for row in range(batch):  # per-row segmentation (host logic, once per forward)
+                previous = self._last_logits[row]
+                if previous is None:  # the row's first token: nothing known yet
+                    surprise = hidden.new_zeros(0, dtype=torch.float32)
+                else:  # -log p(token | previous), as below
+                    surprise = torch.logsumexp(previous, -1, keepdim=True) - previous.gather(0, ids[row])
+                self._last_logits[row] = last[row]
+                self.record_surprise(surprise, row=row, form=False)
+            self.form_events()
+            return
         parts = []
         for start in range(0, num_new - 1, self.exc_block_size):  # LM head in chunks of queries, every row
             stop = min(start + self.exc_block_size, num_new - 1)
@@ -632,10 +644,12 @@ class EMLLMCache(LongMemCache):
         start = self._known[row]
         flags = []
         for begin in range(0, surprise.numel(), self.exc_block_size):  # statistics per execution block
-            group = surprise[begin : begin + self.exc_block_size]
+            whole = begin == 0 and surprise.numel() <= self.exc_block_size  # one block (decoding): no slice
+            group = surprise if whole else surprise[begin : begin + self.exc_block_size]
             flags.append(surprise_boundaries(group, self._history[row], self.surprise_gamma))
-            self._history[row] = torch.cat((self._history[row], group))[-self.n_local :]
-        new_flags = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+            history = torch.cat((self._history[row], group))
+            self._history[row] = history if history.numel() <= self.n_local else history[-self.n_local :]
+        new_flags = (flags[0] if len(flags) == 1 else torch.cat(flags)) if flags else torch.zeros(0, dtype=torch.bool)
         self._known[row] += surprise.numel()
         self._flags[row] = torch.cat((self._flags[row], new_flags))
         if self.similarity_refinement and bool(new_flags.any()):

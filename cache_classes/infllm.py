@@ -76,7 +76,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hf_longmem.attention import LAYER_KWARG
 from hf_longmem.kernels.decode_attention import decode_attention, merge_attention
-from hf_longmem.kernels.decode_attention.reference import grouped_logits, grouped_values
+from hf_longmem.kernels.decode_attention.reference import grouped_logits, grouped_values, softcap_logits
 from hf_longmem.memory.accounting import RESIDENT, MemoryParts, MemoryReport, tensor_bytes
 from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.block_store import BlockStore
@@ -174,6 +174,16 @@ def block_representatives(keys: torch.Tensor, scores: torch.Tensor, sizes: list[
     Returns:
         ``[b, len(sizes), q_heads, d]`` in the keys' dtype (computed in float32).
     """
+    if len(set(sizes)) == 1:  # blocks of one size (InfLLM's): every slot is inside its block, no ragged index
+        return _equal_block_representatives(keys, scores, len(sizes), sizes[0], repr_topk)
+    return _ragged_block_representatives(keys, scores, sizes, repr_topk)
+
+
+def _ragged_block_representatives(
+    keys: torch.Tensor, scores: torch.Tensor, sizes: list[int], repr_topk: int
+) -> torch.Tensor:
+    """:func:`block_representatives` of blocks of any sizes (a ``[blocks, largest]`` index, slots past a block's
+    size masked)."""
     batch, kv_heads, total, dim = keys.shape
     q_heads = scores.shape[1]
     group = q_heads // kv_heads
@@ -196,6 +206,24 @@ def block_representatives(keys: torch.Tensor, scores: torch.Tensor, sizes: list[
     weight = chosen_ok.float()[..., None]
     reprs = (picked * weight).sum(-2) / weight.sum(-2).clamp(min=1.0)  # [b, H, blocks, d]
     return reprs.permute(0, 2, 1, 3).to(keys.dtype)
+
+
+def _equal_block_representatives(
+    keys: torch.Tensor, scores: torch.Tensor, blocks: int, size: int, repr_topk: int
+) -> torch.Tensor:
+    """:func:`block_representatives` of ``blocks`` blocks of ``size`` tokens each, as views of the token axis: the same
+    top-k (the same scores in the same order), the same keys averaged in the same order (sum, then divided by the
+    count: the general path's weights are all 1), in about a third of the ops (InfLLM forms blocks while decoding)."""
+    batch, kv_heads, _, dim = keys.shape
+    q_heads = scores.shape[1]
+    group = q_heads // kv_heads
+    take = min(repr_topk, size)
+    best = scores.float().reshape(batch, q_heads, blocks, size).topk(take, dim=-1).indices  # [b, H, blocks, take]
+    index = best.view(batch, kv_heads, group, blocks, take, 1).expand(-1, -1, -1, -1, -1, dim)
+    grouped = keys.reshape(batch, kv_heads, 1, blocks, size, dim).expand(-1, -1, group, -1, -1, -1)
+    picked = grouped.gather(4, index).float()  # [b, Hkv, g, blocks, take, d], head h = kv_head * group + j
+    reprs = picked.sum(-2) / float(take)
+    return reprs.view(batch, q_heads, blocks, dim).permute(0, 2, 1, 3).to(keys.dtype)
 
 
 class _PerHeadSelection(list):
@@ -288,6 +316,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
     is_compileable = False
     #: ``None`` dispatches kernels by device (Triton on CUDA); tests force a backend.
     kernel_backend: str | None = None
+    #: decoding steps of alike rows in one softmax (:meth:`_decode_step`); tests turn it off to compare
+    joint_decode: bool = True
 
     def __init__(
         self,
@@ -324,6 +354,8 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self._state_pads = False
         #: ``[b, Hkv, u, d]`` the oldest ``u`` recent keys unrotated (rows equal), ahead of need: see `_unrotated_prefix`
         self._unrotated: torch.Tensor | None = None
+        #: ``(selection, (keys, values))``: the blocks retrieved at the latest decoding step, see `_retrieved_blocks`
+        self._retrieved: tuple | None = None
         #: the cache whose ``_forward_padding`` (:func:`attach_padding_hook`) tells pads from tokens, held weakly
         self.padding_source: weakref.ref | None = (
             None  # whether some row of keys/values holds fewer tokens than the others
@@ -338,6 +370,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.init_keys, self.init_values = self.keys.clone(), self.values.clone()
         self.init_valid = None
         self._state_pads = False
+        self._unrotated = self._retrieved = None
         self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.local_scores = None  # [b, q_heads, R], created at the first attend (needs the query heads)
         self.real_seen = zero_seen(batch, self.device)
@@ -475,10 +508,20 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             self.store.batch_size > 0 or self.init_keys.shape[-2] > 0 or self.keys.shape[-2] + num_q > self.n_local
         )
         query_real = (positions != PAD_POSITION) if chunk_pads else None  # [b, c]
-        memory_query = self.rotate(query, (self.n_local - 1) - positions, query=True) if has_memory else None
+        memory_query = self.rotate_to_window_end(query, positions) if has_memory else None
         selected = self.select_blocks(memory_query, query_real) if has_memory else None
         if selected is not None:
             self.store.prefetch(_row_union(selected))
+        if (
+            self.joint_decode
+            and num_q == 1
+            and not (chunk_pads or self._state_pads or self.init_valid is not None)
+            and features.sinks is None
+            and not (selected is not None and _is_per_head(selected))
+        ):
+            blocks = self._retrieved_blocks(selected)
+            if blocks is not None:  # None: the rows' blocks differ in length (masks by position, below)
+                return self._decode_step(query, keys, values, positions, memory_query, blocks, scale, softcap)
 
         self.keys = torch.cat((self.keys, keys), dim=-2)
         self.values = torch.cat((self.values, values), dim=-2)
@@ -550,6 +593,81 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.local_scores[:, :, first:] += received.view(batch, q_heads, span)
         self.after_chunk()
         return out
+
+    def _decode_step(self, query, keys, values, positions, memory_query, blocks, scale, softcap) -> torch.Tensor:
+        """A decoding step (one query per row) when the rows are alike (no pad, initial tokens complete, the same
+        number of retrieved tokens in every row, no attention sinks): window and memory in ONE softmax.
+
+        The general path attends the window and the memory separately, merges them by log-sum-exp and weighs the
+        window probabilities by ``exp(lse_local - lse_joint)`` for the representative scores. One softmax over
+        ``[memory | window]`` is the same mathematics (equal to float32 rounding, tested) and gives the joint
+        window probabilities directly. The memory is ``[retrieved blocks | initial tokens | remainder]`` (the
+        blocks kept between steps, :meth:`_retrieved_blocks`), and the remainder's values are stored right before
+        the window's: keys and values are one ``cat`` each. Every memory slot is visible to a decoding query (no pad
+        slot, no mask).
+
+        Args:
+            query: ``[b, H, 1, d]``; ``keys``/``values``: the new ``[b, Hkv, 1, d]``; ``positions`` ``[b, 1]``.
+            memory_query: ``query`` rotated to position ``n_local - 1`` (``None`` without memory).
+            blocks: ``(keys, values)`` ``[b, Hkv, L, d]`` of the retrieved blocks (``None``s without).
+
+        Returns:
+            ``[b, H, 1, dv]``.
+        """
+        batch, q_heads, _, dim = query.shape
+        kv_heads = keys.shape[1]
+        group, units = q_heads // kv_heads, batch * kv_heads
+        self.keys = torch.cat((self.keys, keys), dim=-2)
+        self.values = torch.cat((self.values, values), dim=-2)
+        self.positions = torch.cat((self.positions, positions), dim=-1)
+        recent = self.keys.shape[-2]
+        span = min(recent, self.n_local)
+        remainder = recent - span  # the window is the last `span` slots; the slots before are the remainder
+        window_keys = self.keys[:, :, remainder:].float().reshape(units, span, dim)
+        logits = torch.bmm(query.float().reshape(units, group, dim), window_keys.transpose(1, 2))  # [u, g, span]
+        block_keys, block_values = blocks
+        memory_keys = [block_keys] if block_keys is not None else []
+        memory_values = [block_values] if block_values is not None else []
+        if self.init_keys.shape[-2]:
+            memory_keys.append(self.init_keys)
+            memory_values.append(self.init_values)
+        if remainder:
+            memory_keys.append(self._unrotated_prefix(remainder))
+        if memory_keys:  # [memory | window] logits
+            memory_keys = _cat(memory_keys, -2).float()
+            memory_logits = torch.bmm(
+                memory_query.float().reshape(units, group, dim),
+                memory_keys.reshape(units, memory_keys.shape[-2], dim).transpose(1, 2),
+            )
+            logits = torch.cat((memory_logits, logits), dim=-1)
+        probs = softcap_logits(logits * scale, softcap).softmax(dim=-1)  # [u, g, memory + span]
+        all_values = _cat([*memory_values, self.values], -2)  # the remainder's values precede the window's
+        out = torch.bmm(probs, all_values.float().reshape(units, all_values.shape[-2], -1))  # [u, g, dv]
+        # representative scores: the window's probabilities under the joint softmax (a new slot for the new token)
+        self.local_scores = torch.nn.functional.pad(self.local_scores, (0, 1))
+        self.local_scores[:, :, remainder:].add_(probs[..., -span:].view(batch, q_heads, span))
+        self.after_chunk()
+        return out.view(batch, q_heads, 1, -1).to(query.dtype)
+
+    def _retrieved_blocks(self, selected):
+        """``(keys, values)`` ``[b, Hkv, L, d]`` of the retrieved blocks for :meth:`_decode_step` (``(None, None)``
+        without a selection), or ``None`` when the rows' blocks differ in length (the general path masks them).
+
+        Kept while the selection stays the same (blocks are only appended, never changed; reordering the rows drops
+        it), so that such a step reuses them instead of gathering and concatenating the blocks again. Not kept when
+        a selection exceeds the offloaded store's device LRU (those blocks are streamed per step)."""
+        if selected is None:
+            return None, None
+        key = tuple(tuple(ids) for ids in selected)
+        kept = self._retrieved
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        if len({sum(self.store._sizes[row][block] for block in ids) for row, ids in enumerate(selected)}) > 1:
+            return None
+        block_keys, block_values, _ = self.store.gather(selected)
+        streamed = self.store.offload and max(map(len, selected)) > self.max_cached_blocks
+        self._retrieved = None if streamed else (key, (block_keys, block_values))
+        return block_keys, block_values
 
     def _memory_states(self, selected, num_q: int):
         """Keys/values/valid of the memory part, or ``None`` when it is empty.
@@ -727,6 +845,14 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             cached = self._unrotated = self.unrotate(self.keys[:, :, :cover], self.positions[:, :cover])
         return cached if cached.shape[-2] == count else cached[:, :, :count]
 
+    def rotate_to_window_end(self, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``query [b, H, c, d]`` at ``positions [b, c]`` rotated to position ``n_local - 1`` (the memory query; the
+        layers of a forward share the rotation tables, :meth:`~hf_longmem.memory.rope.LayerRotation.rotate_to`)."""
+        if not isinstance(self.rotary, LayerRotation):  # a duck-typed rotation: the plain call
+            return self.rotary.rotate(query, (self.n_local - 1) - positions, query=True)
+        bound = max(self.n_local, self.cumulative_length) + 1
+        return self.rotary.rotate_to(query, positions, self.n_local - 1, query=True, max_delta=bound)
+
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE ``keys [b, Hkv, n, d]`` at ``positions [b, n]`` -> keys at position 0."""
         return self.rotate(keys, -positions)
@@ -760,7 +886,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         query_mean = self.mean_query(memory_query, query_real)  # [b, H, d]
         if not self.perhead:  # scored where the representatives live (the store's topk)
             index = self.store.topk(query_mean, self.topk, backend=self.kernel_backend)
-            return [[i for i in row if i >= 0] for row in index.sort(dim=-1).values.tolist()]
+            return [sorted(i for i in row if i >= 0) for row in index.tolist()]  # ascending ids, sorted on the host
         index = self.store.topk(query_mean, self.topk, per_head=True, backend=self.kernel_backend)  # [b, H, k]
         index = index.sort(dim=-1).values  # -1 (fewer blocks than topk) first
         units = index.tolist()
@@ -770,6 +896,9 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
     def mean_query(memory_query: torch.Tensor, query_real: torch.Tensor | None) -> torch.Tensor:
         """``[b, H, d]`` float32 mean of ``memory_query [b, H, c, d]`` over each row's real queries."""
         if query_real is None:
+            # one query (decoding): itself (the mean of one value is that value), one view instead of a reduction
+            if memory_query.shape[2] == 1:
+                return memory_query.float().reshape(*memory_query.shape[:2], -1)
             return memory_query.float().mean(dim=2)
         weight = query_real.float()[:, None, :, None]
         return (memory_query.float() * weight).sum(2) / weight.sum(2).clamp(min=1.0)
@@ -840,13 +969,14 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         """
         batch, _, recent, _ = self.keys.shape
         self.store.ensure_rows(batch)
-        counts = torch.tensor(self.recent_counts(), device=self.device)
         groups: dict[tuple[int, ...], list[int]] = {}
         for row, row_sizes in enumerate(sizes):
             if row_sizes:
                 groups.setdefault(tuple(row_sizes), []).append(row)
-        totals = torch.tensor([sum(row_sizes) for row_sizes in sizes], device=self.device)
         every_row = len(groups) == 1 and len(next(iter(groups.values()))) == batch and not self._state_pads
+        if not every_row:  # rows differ: the slots of each row's blocks, by tensor ops
+            counts = torch.tensor(self.recent_counts(), device=self.device)
+            totals = torch.tensor([sum(row_sizes) for row_sizes in sizes], device=self.device)
         for group_sizes, rows in groups.items():  # loop over distinct size lists (block formation only)
             total = sum(group_sizes)
             if every_row:  # equal rows: the oldest slots, their keys unrotated already (decoding)
@@ -861,7 +991,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
             reprs = block_representatives(keys, scores, list(group_sizes), self.repr_topk)
             self.store.add_blocks(keys, values, list(group_sizes), reprs, rows=rows)
         if every_row:
-            self._keep_recent(None, drop=int(totals[0]))
+            self._keep_recent(None, drop=sum(sizes[0]))
             return
         slot = torch.arange(recent, device=self.device)[None, :]
         start = (recent - counts)[:, None]
@@ -887,7 +1017,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------- batch and bytes
     def _map_rows(self, fn, index) -> None:
-        self._unrotated = None
+        self._unrotated = self._retrieved = None
         if not self.is_initialized:
             return
         for name in (
@@ -923,7 +1053,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         self.keys = self.values = self.positions = self.local_scores = None
         self.init_keys = self.init_values = self.real_seen = self.init_valid = None
         self._state_pads = False
-        self._unrotated = None
+        self._unrotated = self._retrieved = None
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -940,13 +1070,20 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         """``{part: (where, bytes)}``, ``where`` ``"resident"`` (compute device) or ``"offloaded"`` (CPU home).
 
         ``window``: the recent tokens (window + remainder) with their positions and scores; ``initial``: the initial
-        tokens; ``blocks``, ``lru``, ``representatives``: the store's (:meth:`BlockStore.memory_parts`).
+        tokens; ``retrieved``: the blocks gathered at the latest decoding step, kept for the next one (at most
+        ``topk`` blocks, see :meth:`_retrieved_blocks`); ``blocks``, ``lru``, ``representatives``: the store's
+        (:meth:`BlockStore.memory_parts`).
         """
         if not self.is_initialized:
             return {}
         window = (self.keys, self.values, self.positions, self.local_scores, self.real_seen, self._unrotated)
         initial = (self.init_keys, self.init_values, self.init_valid)
-        parts = {"window": (RESIDENT, tensor_bytes(*window)), "initial": (RESIDENT, tensor_bytes(*initial))}
+        retrieved = self._retrieved[1] if self._retrieved is not None else ()
+        parts = {
+            "window": (RESIDENT, tensor_bytes(*window)),
+            "initial": (RESIDENT, tensor_bytes(*initial)),
+            "retrieved": (RESIDENT, tensor_bytes(*retrieved)),
+        }
         parts.update(self.store.memory_parts())
         return parts
 

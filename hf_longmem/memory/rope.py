@@ -96,6 +96,20 @@ class LayerRotation:
         """
         raise NotImplementedError
 
+    def rotate_to(
+        self,
+        states: torch.Tensor,
+        positions: torch.Tensor,
+        target: int,
+        *,
+        query: bool = False,
+        max_delta: int | None = None,
+    ) -> torch.Tensor:
+        """``states [batch, heads, seq, head_dim]`` at ``positions [batch, seq]`` rotated to the one position
+        ``target`` (a delta of ``target - positions``, see :meth:`rotate`). A rotation may share the work between
+        the layers of a forward that rotate the same ``positions`` tensor (InfLLM's memory query)."""
+        return self.rotate(states, target - positions, query=query, max_delta=max_delta)
+
     def for_layer(self, layer_idx: int) -> LayerRotation:
         """The rotation of decoder layer ``layer_idx`` (this one, for a rotation shared by all layers)."""
         return self
@@ -218,11 +232,89 @@ class ModuleRotation(LayerRotation):
             rope_type = rope_type.get(self.call_kwargs.get("layer_type"))
         self._static = rope_type in SHIFTABLE_ROPE_TYPES
         self._signed: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._half_formula: dict[tuple[int, bool], bool] = {}  # (head_dim, query) -> see `_is_rotate_half`
+        self._flip: dict[tuple[torch.device, int], torch.Tensor] = {}  # [head_dim] -1 (first half) / +1 (second)
+        self._step: tuple | None = None  # the latest `rotate_to` tables, see there
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_signed"] = {}  # a cache: deep copies and pickles start without it
+        state["_flip"], state["_step"] = {}, None
         return state
+
+    def _is_rotate_half(self, head_dim: int, query: bool) -> bool:
+        """Whether ``apply_fn`` on all ``head_dim`` channels is Llama's rotate-half,
+        ``x * cos + cat(-x2, x1) * sin``, bit for bit: then ``x * cos + roll(x, d / 2) * (sin * [-1.., +1..])`` gives
+        the same values in 4 ops (no second state rotated, no ``cat``). Checked once per head size on random float32
+        inputs; any other layout (interleaved pairs, partial rotary, half-width tables) keeps ``apply_fn``."""
+        key = (head_dim, query)
+        if key not in self._half_formula:
+            ok = self.style == "qk" and self.width in (None, head_dim) and head_dim % 2 == 0
+            if ok:
+                generator = torch.Generator().manual_seed(0)
+                x = torch.randn(2, 3, 5, head_dim, generator=generator)
+                cos, sin = torch.randn(2, 2, 5, head_dim, generator=generator)
+                try:
+                    with torch.no_grad():
+                        out = self.apply_fn(x, x, cos, sin)[0 if query else 1]
+                    flip = self._flip_on(torch.device("cpu"), head_dim)
+                    ok = torch.equal(out, x * cos[:, None] + x.roll(head_dim // 2, -1) * (sin * flip)[:, None])
+                except Exception:  # an apply function that takes other inputs: keep calling it
+                    ok = False
+            self._half_formula[key] = ok
+        return self._half_formula[key]
+
+    def _flip_on(self, device: torch.device, head_dim: int) -> torch.Tensor:
+        flip = self._flip.get((device, head_dim))
+        if flip is None:
+            flip = torch.ones(head_dim, device=device)
+            flip[: head_dim // 2] = -1.0
+            self._flip[(device, head_dim)] = flip
+        return flip
+
+    def _half_tables(
+        self, delta: torch.Tensor, max_delta: int | None, head_dim: int, query: bool, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(cos, sin * flip)`` ``[b, 1, s, d]`` of the deltas ``[b, s]`` from the cached tables, or ``None`` where
+        the rotate-half formula or the cached tables do not apply."""
+        if max_delta is None or not self._is_rotate_half(head_dim, query):
+            return None
+        signed = self._signed_tables(max_delta, device)
+        if signed is None or signed[1].shape[-1] != head_dim:  # tables narrower than the head: partial rotary
+            return None
+        size, cos_table, sin_table = signed
+        row = delta + size
+        return cos_table[row][:, None], (sin_table[row] * self._flip_on(device, head_dim))[:, None]
+
+    def rotate_to(
+        self,
+        states: torch.Tensor,
+        positions: torch.Tensor,
+        target: int,
+        *,
+        query: bool = False,
+        max_delta: int | None = None,
+    ) -> torch.Tensor:
+        """:meth:`LayerRotation.rotate_to`; the tables of the latest ``positions`` (by identity and version) are
+        kept, so that the layers sharing this rotation read them once per forward (InfLLM's memory query)."""
+        head_dim = states.shape[-1]
+        step = self._step
+        # an inference tensor has no version counter (an in-place change could not be seen): not kept
+        version = None if positions.is_inference() else positions._version
+        key = (target, max_delta, head_dim, query, states.device, version)
+        if version is not None and step is not None and step[0] is positions and step[1] == key:
+            tables = step[2]
+        else:
+            tables = self._half_tables(target - positions, max_delta, head_dim, query, states.device)
+            if tables is None:
+                return self.rotate(states, target - positions, query=query, max_delta=max_delta)
+            self._step = (positions, key, tables)
+        return self._rotate_half(states, *tables)
+
+    @staticmethod
+    def _rotate_half(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        part = states.to(torch.float32)
+        return (part * cos + part.roll(states.shape[-1] // 2, -1) * sin).to(states.dtype)
 
     def _signed_tables(self, max_delta: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """``(N, cos, sin)``: ``[2N + 1, dim]`` float32 tables of the deltas ``-N..N`` (row ``delta + N``), exactly
@@ -277,6 +369,10 @@ class ModuleRotation(LayerRotation):
         else:  # per-head deltas: every (row, head) is its own "batch" of the rotary call
             positions = delta.reshape(batch * heads, seq)
             states = keys.reshape(batch * heads, 1, seq, head_dim)
+        if delta.shape[1] == 1:  # Llama's rotate-half from the cached tables: 4 ops (see `_is_rotate_half`)
+            tables = self._half_tables(positions, max_delta, head_dim, query, keys.device)
+            if tables is not None:
+                return self._rotate_half(keys, *tables)
         signed = self._signed_tables(max_delta, keys.device) if max_delta is not None else None
         if signed is not None:  # rows of the cached tables: 3 ops instead of the rotary module's call
             size, cos_table, sin_table = signed

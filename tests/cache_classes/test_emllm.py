@@ -105,6 +105,27 @@ def test_surprise_is_the_models_next_token_information():
     cache.close()
 
 
+def test_decoded_tokens_surprise_is_the_general_paths():
+    """Decoding (one token per forward) scores the previous token from its kept logits without the general path's
+    empty slices and concatenations: the surprise recorded is exactly ``logsumexp(l) - l[token]`` of the logits
+    ``generate`` returned for that step (the same LM head on the same hidden state), and the boundary flags are
+    the threshold test against the history before each token."""
+    model = tiny_model("llama_gqa")
+    options = dict(n_init=4, n_local=64, n_mem=16, min_block_size=2, max_block_size=8, exc_block_size=8)
+    cache = emllm(model, **options, similarity_refinement=False)  # flags as the threshold set them
+    seq, logits = greedy(model, random_ids(1, 16), cache, max_new_tokens=8)
+    logits = logits[:, 0].float()  # [steps, vocab]: step s predicts token 16 + s, fed by the next step
+    expected = torch.logsumexp(logits[:-1], -1) - logits[:-1].gather(-1, seq[0, 16:-1, None]).squeeze(-1)
+    assert cache._known == [seq.shape[1] - 2]  # the last token is never fed, the one before waits for its next
+    assert torch.equal(cache._history[0][-7:], expected)
+    history = cache._history[0]
+    assert cache._flags_start == [0] and len(cache._flags[0]) == len(history)  # nothing left the window
+    for t in range(len(history) - 7, len(history)):  # each decoded token's flag: its threshold test
+        flag = surprise_boundaries(history[t : t + 1], history[:t], cache.surprise_gamma)
+        assert bool(flag) == bool(cache._flags[0][t])
+    cache.close()
+
+
 def test_planted_surprising_tokens_start_events():
     model = tiny_model("llama_gqa")
     model.lm_head = ExpectTokenHead(5)

@@ -660,3 +660,59 @@ def test_decoding_fast_paths_give_the_same_bits_as_the_general_computation(name,
     slow = greedy(model, ids, make_cache(name, model, **options), max_new_tokens=24)
     assert torch.equal(fast[0], slow[0])
     assert torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("infllm", SMALL),
+        ("infllm", dict(SMALL, offload=True)),
+        ("emllm", dict(n_init=4, n_local=16, n_mem=24, min_block_size=2, max_block_size=8, exc_block_size=8)),
+    ],
+)
+def test_joint_decode_step_equals_the_merged_general_computation(name, options, monkeypatch):
+    """A decoding step of alike rows attends the window and the memory in one softmax (the joint probabilities are
+    the representative scores), with the retrieved blocks and initial tokens kept between steps while the selection
+    is the same: equal to float32 rounding to the general path (window and memory apart, merged by log-sum-exp,
+    blocks gathered at every step), over steps that form, score and retrieve blocks (the same blocks, the same
+    tokens); a reordered cache drops what it kept."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 40)
+    fast_cache = make_cache(name, model, **options)
+    fast = greedy(model, ids, fast_cache, max_new_tokens=24)
+    layer = fast_cache.layers[0]
+    assert layer.store.num_blocks()[0] > 3 and layer._retrieved is not None  # retrieval chose; blocks are kept
+    assert fast_cache.memory_parts()["retrieved"][1] > 0
+    monkeypatch.setattr(InfLLMLayer, "joint_decode", False)
+    slow_cache = make_cache(name, model, **options)
+    slow = greedy(model, ids, slow_cache, max_new_tokens=24)
+    assert torch.equal(fast[0], slow[0])
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+    for mine, general in zip(fast_cache.layers, slow_cache.layers):
+        assert mine.store.block_sizes(0) == general.store.block_sizes(0)
+        torch.testing.assert_close(mine.local_scores, general.local_scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.store.representatives(), general.store.representatives())
+    assert slow_cache.layers[0]._retrieved is None
+    fast_cache.reorder_cache(torch.tensor([0]))
+    assert fast_cache.layers[0]._retrieved is None
+
+
+def test_equal_block_representatives_give_the_same_bits_as_the_ragged_path():
+    """Blocks of one size (InfLLM's, formed while decoding) take their representatives through views of the token
+    axis: the same keys chosen (ties included) and averaged to the same bits as the general ragged path, GQA and
+    ``repr_topk`` at or above the block size included, on strided (sliced) inputs as the layer passes them."""
+    from hf_longmem.cache_classes.infllm import _equal_block_representatives, _ragged_block_representatives
+
+    generator = torch.Generator().manual_seed(0)
+    for blocks, size, repr_topk, kv_heads in ((3, 4, 2, 2), (2, 5, 5, 1), (4, 2, 4, 4)):
+        total = blocks * size
+        keys = torch.randn(2, kv_heads, total + 3, 8, generator=generator)[:, :, :total]
+        scores = torch.randint(0, 3, (2, 4, total + 3), generator=generator).float()[:, :, :total]  # ties
+        expected = _ragged_block_representatives(keys, scores, [size] * blocks, repr_topk)
+        assert torch.equal(_equal_block_representatives(keys, scores, blocks, size, repr_topk), expected)
+        assert torch.equal(block_representatives(keys, scores, [size] * blocks, repr_topk), expected)
+        half = keys.to(torch.bfloat16)
+        assert torch.equal(
+            _equal_block_representatives(half, scores, blocks, size, repr_topk),
+            _ragged_block_representatives(half, scores, [size] * blocks, repr_topk),
+        )

@@ -191,3 +191,24 @@ def test_rows_of_a_padded_batch_hold_their_own_blocks(offload):
     assert index[1].tolist() == [-1, -1] and (index[0] >= 0).sum() == 1 and (index[2] >= 0).all()
     with pytest.raises(ValueError, match="holds 3 rows"):
         store.ensure_rows(2)
+
+
+def test_kept_scoring_view_gives_the_reference_topk_ties_included():
+    """Equal rows, ``k`` within the blocks: ``topk`` scores with the transposed representatives kept between block
+    additions (``_torch_topk``); the ids equal the reference's, ties included, as blocks are added and rows reordered."""
+    from hf_longmem.kernels.block_topk import naive_block_topk
+
+    generator = torch.Generator().manual_seed(2)
+    store = BlockStore("cpu", offload=False)
+    for step in range(3):
+        keys, values, reprs = blocks(2, [2] * 6, seed=step)
+        reprs = reprs.round()  # small integers: equal scores are common
+        store.add_blocks(keys, values, [2] * 6, reprs)
+        if step == 2:
+            store.reorder([1, 0])
+        query = torch.randint(-2, 3, (2, H, D), generator=generator).float()
+        for k in (1, 4, store.num_blocks()[0]):
+            expected = naive_block_topk(query.flatten(1), store.representatives().flatten(2), k)[0]
+            assert torch.equal(store.topk(query, k), expected)
+        assert store._scoring is not None and store._scoring[1] == store.num_blocks()[0]
+    assert copy.deepcopy(store)._scoring is None

@@ -259,3 +259,40 @@ def test_cached_tables_give_exactly_the_per_call_rotation(arch):
     assert rotation._signed_tables(rope.TABLE_POSITIONS + 1, keys.device) is None
     rotation._static = False  # a rotary module of another kind: no cache, the per-call tables
     assert rotation._signed_tables(10, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm", "cohere", "gpt_neox", "phi", "glm4_moe"])
+def test_rotate_to_and_the_rotate_half_formula_give_exactly_the_models_rotation(arch):
+    """Llama's layout is rotated with the 4-op rotate-half formula (checked bit for bit against its apply function),
+    interleaved ones and partial rotary (sliced by the attention, or inside the apply function as GPT-NeoX's and
+    GLM-4-MoE's: tables narrower than the head) keep the apply function; ``rotate_to`` (InfLLM's memory query, tables
+    shared by the layers of a forward) equals ``rotate`` by ``target - positions``, also for a new positions tensor
+    or one changed in place."""
+    from tests.helpers.architectures import build_model
+
+    model = build_model(arch) if arch == "glm4_moe" else arch_model(arch, 1)  # GLM-4-MoE: rotate-half, partial
+    rotation = ModelRotary.from_model(model).for_layer(0)
+    if arch in ("llama", "glm", "cohere", "glm4_moe"):
+        assert rotation._is_rotate_half(16, query=True) == (arch in ("llama", "glm4_moe"))
+        assert rotation._is_rotate_half(16, query=False) == (arch in ("llama", "glm4_moe"))
+    formula = rotation._half_tables(torch.zeros(1, 1, dtype=torch.long), 10, 16, True, torch.device("cpu"))
+    assert (formula is not None) == (arch == "llama")
+    generator = torch.Generator().manual_seed(1)
+    states = torch.randn(2, 4, 3, 16, generator=generator)
+    for query in (False, True):
+        positions = torch.randint(-1, 900, (2, 3), generator=generator)
+        for max_delta in (None, 1000):
+            reference = rotation.rotate(states, 99 - positions, query=query)  # the apply function, per-call tables
+            assert torch.equal(rotation.rotate(states, 99 - positions, query=query, max_delta=max_delta), reference)
+            for _ in range(2):  # the second call reads the kept tables
+                assert torch.equal(
+                    rotation.rotate_to(states, positions, 99, query=query, max_delta=max_delta), reference
+                )
+        positions.add_(1)  # changed in place: not the kept tables
+        expected = rotation.rotate(states, 99 - positions, query=query)
+        assert torch.equal(rotation.rotate_to(states, positions, 99, query=query, max_delta=1000), expected)
+        bf16 = states.to(torch.bfloat16)
+        assert torch.equal(
+            rotation.rotate_to(bf16, positions, 99, query=query, max_delta=1000),
+            rotation.rotate(bf16, 99 - positions, query=query),
+        )
