@@ -1,0 +1,109 @@
+"""Distributed engines for the recipes: accelerate's FSDP plugin (also on CPU with gloo), full state dicts, and the
+strategies that must refuse sharded parameters.
+
+``accelerate launch --config_file recipes/configs/accelerate/fsdp2.yaml --num_processes N recipe.py`` sets
+``ACCELERATE_USE_FSDP=true`` and starts N processes through torchrun. On a machine without a GPU, accelerate 1.16's
+``Accelerator()`` then silently builds a *non-distributed* state in every process (``DistributedType.NO``, each one
+rank 0 of 1) and ``Accelerator(cpu=True)`` builds DDP over gloo and ignores the plugin. :func:`build_accelerator`
+closes both gaps: on CPU it starts the gloo process group (``cpu=True``) and switches the state to FSDP with the
+plugin read from the launcher's environment, so ``accelerator.prepare`` shards the model with FSDP2's
+``fully_shard`` exactly as on GPUs (torch supports ``fully_shard`` on CPU meshes with gloo); and it refuses a
+multi-process launch that would otherwise train N unsynchronised copies.
+
+FSDP1 (``fsdp_version: 1``) cannot run on CPU: torch's ``FullyShardedDataParallel`` raises
+``ValueError: Inconsistent compute device and `device_id` on rank 0: cpu vs cpu:0`` for the device accelerate
+passes, and accelerate's plugin raises ``FSDP parameter initialization with `sync_module_states=True` is not
+supported on cpu``; :func:`build_accelerator` says so up front. On GPUs both versions go through accelerate unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+__all__ = ["build_accelerator", "full_state_dict", "is_sharded", "refuse_sharded"]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def build_accelerator(**kwargs: Any) -> Accelerator:
+    """An ``Accelerator`` for the current launch (``kwargs`` go to ``Accelerator``).
+
+    - GPU machines: ``Accelerator(**kwargs)`` (accelerate picks DDP / FSDP / DeepSpeed from the launch).
+    - CPU, launched with the FSDP plugin and several processes: gloo process group, FSDP2 state (see module doc).
+    - CPU, several processes otherwise: DDP over gloo (``cpu=True``).
+
+    Raises:
+        ValueError: FSDP1 requested on CPU; or several processes were launched but accelerate built a single-process
+            state (each process would train its own copy and write the same files).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_fsdp = _env_flag("ACCELERATE_USE_FSDP")
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and world > 1:
+        plugin = None
+        if use_fsdp:
+            version = int(os.environ.get("FSDP_VERSION", "1"))
+            if version != 2:
+                raise ValueError(
+                    f"FSDP version {version} cannot run on CPU (torch's FullyShardedDataParallel rejects the CPU "
+                    "device accelerate passes); set `fsdp_version: 2` (recipes/configs/accelerate/fsdp2.yaml) or use "
+                    "a GPU"
+                )
+            # sync_module_states broadcasts rank 0's weights, which accelerate only allows on GPUs; every recipe
+            # builds its model from a seeded config or a checkpoint, so all ranks hold the same weights anyway.
+            os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+            plugin = FullyShardedDataParallelPlugin()
+        kwargs.setdefault("cpu", True)
+        accelerator = Accelerator(**kwargs)
+        if plugin is not None:
+            accelerator.state.distributed_type = DistributedType.FSDP
+            accelerator.state.fsdp_plugin = plugin
+    else:
+        accelerator = Accelerator(**kwargs)
+    if world > 1 and accelerator.num_processes != world:
+        raise ValueError(
+            f"{world} processes were launched but accelerate built a {accelerator.num_processes}-process state "
+            f"({accelerator.distributed_type}); every process would train alone. Launch with a config from "
+            "recipes/configs/accelerate/ (ddp.yaml or fsdp2.yaml)"
+        )
+    return accelerator
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether ``accelerator.prepare`` shards parameters (FSDP or DeepSpeed ZeRO)."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def refuse_sharded(accelerator: Accelerator, what: str) -> None:
+    """``ValueError`` when ``what`` (a strategy reading whole parameters or gradients per shape) would see shards."""
+    if is_sharded(accelerator):
+        raise ValueError(
+            f"{what} reads whole weight matrices and their gradients per parameter, which "
+            f"{accelerator.distributed_type.value} shards across processes; run it with DDP instead "
+            "(accelerate launch --config_file recipes/configs/accelerate/ddp.yaml ...) or in one process"
+        )
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict as CPU tensors (``{}`` on processes other than the main one).
+
+    Under FSDP every process must call this (it all-gathers the shards); otherwise it is the unwrapped model's
+    ``state_dict()`` moved to CPU.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(accelerator.unwrap_model(model), options=options)
+        return state if accelerator.is_main_process else {}
+    if not accelerator.is_main_process:
+        return {}
+    return {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
