@@ -41,6 +41,7 @@ from hf_longmem.default_model import DEFAULT_MODEL_PATH
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.longgen import LongGenCache, LongGenForCausalLM
+from hf_longmem.training.distributed import build_accelerator, is_sharded, unsharded_model
 
 
 @dataclass
@@ -100,22 +101,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 
 def weighted_loss(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], answer_weight: float, prompt_weight: float
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    answer_weight: float,
+    prompt_weight: float,
+    accelerator: Accelerator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross entropy weighted ``answer_weight`` on answer targets and ``prompt_weight`` on the other
-    (non-pad) targets, and per-row answer exactness (rows are right-padded; the model is causal)."""
+    (non-pad) targets, and per-row answer exactness (rows are right-padded; the model is causal).
+
+    With ``accelerator`` of ``N`` processes, the loss is normalised by the weight summed over all processes (times
+    ``N``), so the gradient DDP / FSDP average equals one process's gradient on the whole global batch.
+    """
     logits = logits[:, :-1].float()
     targets = batch["input_ids"][:, 1:]
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     answer = batch["answer_mask"].float()
     weights = answer_weight * answer + prompt_weight * (batch["loss_weights"] > 0).float() * (1 - answer)
     exact = ((logits.argmax(-1) == targets) | ~batch["answer_mask"]).all(-1)
-    return (ce * weights).sum() / weights.sum(), exact
+    total = weights.sum()
+    if accelerator is not None and accelerator.num_processes > 1:
+        total = accelerator.reduce(total.detach(), reduction="sum") / accelerator.num_processes
+    return (ce * weights).sum() / total, exact
 
 
 def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]:
     """Convert the base model and fine-tune it; returns ``(model, tokenizer, metadata)``."""
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
     base = AutoModelForCausalLM.from_pretrained(config.base, local_files_only=True, dtype=torch.float32)
@@ -126,8 +138,10 @@ def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
+    # the scheduler stays outside `prepare` (accelerate would step it once per process): one step per global batch
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # one global batch drawn alike on every process, each taking its contiguous share (as one process would see it)
+    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed)
     rng = random.Random(config.seed)
     history: list[dict[str, Any]] = []
     recent: list[bool] = []
@@ -136,13 +150,15 @@ def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]
     model.train()
     for step in range(1, config.max_steps + 1):
         length = 16 * rng.randint(-(-config.min_length // 16), config.max_length // 16)
-        samples = [mixture.sample(length) for _ in range(max(1, config.tokens_per_batch // length))]
+        per_process = max(1, config.tokens_per_batch // length)
+        samples = [mixture.sample(length) for _ in range(per_process * accelerator.num_processes)]
+        samples = samples[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
         batch = {
             k: v.to(accelerator.device)
             for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
         }
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        loss, exact = weighted_loss(logits, batch, config.answer_loss_weight, config.prompt_loss_weight)
+        loss, exact = weighted_loss(logits, batch, config.answer_loss_weight, config.prompt_loss_weight, accelerator)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -156,7 +172,7 @@ def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]
         if step % config.log_every == 0 or step == config.max_steps:
             row = {
                 "step": step,
-                "loss": round(loss.item(), 4),
+                "loss": round(accelerator.reduce(loss.detach(), reduction="mean").item(), 6),
                 "answer_exact_recent": round(sum(recent) / len(recent), 3),
                 "length": batch["input_ids"].shape[1],
                 "lr": scheduler.get_last_lr()[0],
@@ -168,7 +184,8 @@ def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]
         if config.max_train_seconds and elapsed > config.max_train_seconds:
             break
     progress.close()
-    model = accelerator.unwrap_model(model)
+    # every process takes part (FSDP gathers the shards); the main process gets the whole model
+    model = unsharded_model(accelerator, model)
     metadata = {
         "config": asdict(config),
         "steps": steps,
@@ -179,12 +196,18 @@ def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "history": history,
     }
+    out = Path(config.output_dir)
     if accelerator.is_main_process:
-        out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    if is_sharded(accelerator) and not accelerator.is_main_process:
+        # the sharded model's forward is collective: the other processes evaluate the saved whole model
+        accelerator.wait_for_everyone()
+        model = LongGenForCausalLM.from_pretrained(out)
+    elif is_sharded(accelerator):
+        accelerator.wait_for_everyone()
     return model, tokenizer, metadata
 
 

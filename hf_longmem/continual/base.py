@@ -70,10 +70,14 @@ class Strategy:
         trainer: set by :meth:`setup`; gives access to ``accelerator``, ``model`` (prepared), ``unwrapped``,
             ``tasks``, ``task_index``, ``global_step`` and ``config``.
         needs_hidden_states: the trainer then runs the forward with ``output_hidden_states=True``.
+        reads_parameters: the strategy reads or rewrites whole parameters or gradients per parameter shape (masks,
+            projections, Fisher, anchors, EMA copies), which FSDP / ZeRO shard; the trainer then refuses sharded
+            engines up front, naming it.
     """
 
     name: str = ""
     needs_hidden_states: bool = False
+    reads_parameters: bool = False
 
     def setup(self, trainer: ContinualTrainer) -> None:
         """Called once before the optimizer is built (the model is already wrapped by peft if configured)."""

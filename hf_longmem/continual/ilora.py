@@ -55,6 +55,7 @@ class ILoRA(Strategy):
     """
 
     name = "ilora"
+    reads_parameters = True
     needs_hidden_states = True
 
     def __init__(

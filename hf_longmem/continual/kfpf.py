@@ -40,6 +40,7 @@ class KFPF(Strategy):
     """
 
     name = "kfpf"
+    reads_parameters = True
 
     def __init__(
         self,

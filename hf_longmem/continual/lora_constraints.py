@@ -35,6 +35,7 @@ class OLoRA(Strategy):
     """
 
     name = "olora"
+    reads_parameters = True
 
     def __init__(self, lambda_orth: float = 0.5, lambda_l2: float = 0.0):
         self.lambda_orth = check_number("lambda_orth", lambda_orth, low=0.0)
@@ -129,6 +130,7 @@ class RegLoRA(OLoRA):
     """
 
     name = "reglora"
+    reads_parameters = True
 
     def __init__(self, top_p: float = 0.02, lam: float = 2.5e3, lambda_orth: float = 0.0):
         super().__init__(lambda_orth=lambda_orth, lambda_l2=0.0)

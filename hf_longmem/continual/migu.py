@@ -45,6 +45,7 @@ class MIGU(Strategy):
     """
 
     name = "migu"
+    reads_parameters = True
 
     def __init__(self, threshold: float = 0.7, skip_first_task: bool = True, exclude: str | None = None):
         self.threshold = check_number("threshold", threshold, low=0.0, high=1.0)

@@ -30,6 +30,8 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 
+from hf_longmem.training.distributed import build_accelerator
+
 from .base import build_strategy
 from .data import fact_domains, tokenize_task
 from .trainer import ContinualTrainer, TrainerConfig
@@ -256,9 +258,9 @@ def run(
         raise ValueError(f"bad train options: {error}") from error
     strategies = [build_strategy(s) for s in config.get("strategies") or []]
     if accelerator is None:
-        # cpu=True on CPU-only hosts: under `accelerate launch --multi_gpu --num_processes N` (torchrun) this gives
-        # DistributedType.MULTI_CPU with the gloo backend instead of N independent single-process runs
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # on CPU-only hosts under `accelerate launch --num_processes N` this is gloo DDP (or FSDP2 with the FSDP
+        # plugin, which the trainer refuses), never N independent single-process runs
+        accelerator = build_accelerator()
     trainer = ContinualTrainer(model, tokenizer, tasks, strategies, trainer_config, accelerator=accelerator)
     start = time.time()
     results = trainer.train(

@@ -43,6 +43,7 @@ class Refresh(Strategy):
     """
 
     name = "refresh"
+    reads_parameters = True
 
     def __init__(
         self,

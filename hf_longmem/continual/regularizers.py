@@ -55,6 +55,7 @@ class L2Anchor(Strategy):
     """
 
     name = "l2"
+    reads_parameters = True
 
     def __init__(self, lam: float = 0.1, param_regex: str | None = None):
         self.lam = check_number("lam", lam, low=0.0)
@@ -95,6 +96,7 @@ class EWC(Strategy):
     """
 
     name = "ewc"
+    reads_parameters = True
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ class SubspaceFT(Strategy):
     """
 
     name = "subspace"
+    reads_parameters = True
 
     def __init__(
         self,

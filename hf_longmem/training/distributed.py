@@ -18,14 +18,15 @@ supported on cpu``; :func:`build_accelerator` says so up front. On GPUs both ver
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-__all__ = ["build_accelerator", "full_state_dict", "is_sharded", "refuse_sharded"]
+__all__ = ["build_accelerator", "full_state_dict", "is_sharded", "refuse_sharded", "unsharded_model"]
 
 
 def _env_flag(name: str) -> bool:
@@ -64,8 +65,11 @@ def build_accelerator(**kwargs: Any) -> Accelerator:
         kwargs.setdefault("cpu", True)
         accelerator = Accelerator(**kwargs)
         if plugin is not None:
+            # what AcceleratorState.__init__ does for FSDP on GPUs (the partial state too: every later
+            # AcceleratorState() call copies the partial state's distributed_type back)
             accelerator.state.distributed_type = DistributedType.FSDP
             accelerator.state.fsdp_plugin = plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     else:
         accelerator = Accelerator(**kwargs)
     if world > 1 and accelerator.num_processes != world:
@@ -107,3 +111,30 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     if not accelerator.is_main_process:
         return {}
     return {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def unsharded_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The trained model as a plain module on the main process (``None`` elsewhere), ready for ``save_pretrained``.
+
+    Without FSDP this is the unwrapped model itself. Under FSDP (every process must call it) the shards are gathered
+    into a new instance of the model's class built from its ``config`` on CPU: transformers' ``save_pretrained``
+    cannot save the sharded module (its tied-weight check reads the DTensor parameters' storage).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrapped if accelerator.is_main_process else None
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    if not hasattr(unwrapped, "config"):
+        raise ValueError(f"{type(unwrapped).__name__} has no `config`; cannot rebuild it unsharded")
+    from torch.distributed.fsdp import FSDPModule
+
+    # fully_shard swaps the class for a subclass `FSDP<Name>(FSDPModule, Name)`: rebuild the original class
+    cls = next(c for c in type(unwrapped).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("cpu"):
+        plain = cls(copy.deepcopy(unwrapped.config))
+    plain.load_state_dict(state, strict=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    return plain.train(unwrapped.training)
