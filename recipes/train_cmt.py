@@ -47,6 +47,7 @@ from hf_longmem.evals.haystack import PromptTooLongError
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.cmt import CMTForCausalLM
 from hf_longmem.modeling.cmt.documents import left_pad, split_text
+from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
 
 
 @dataclass
@@ -374,7 +375,8 @@ def publish_model(model, tokenizer, results_path: Path, repo_id: str, folder: Pa
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config, args = parse_args(argv)
     torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
+    refuse_sharded(accelerator, "recipes/train_cmt.py", WHOLE_MODEL_RECIPE)
     output_dir = Path(config.output_dir)
     if args.eval_only is not None:
         model = AutoModelForCausalLM.from_pretrained(args.eval_only).eval()

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import train_longmem as shared
 from _config import parse_recipe_config
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -36,6 +35,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.modeling.hcam import HCAMForCausalLM
+from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
 
 ROOT = shared.ROOT
 
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 def train(config: TrainConfig) -> tuple[HCAMForCausalLM, Any, dict[str, Any]]:
     """Train the branches; returns ``(model, tokenizer, metadata)``."""
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
+    refuse_sharded(accelerator, "recipes/train_hcam.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     backbone, tokenizer = shared.load_backbone(config.backbone)
     model = HCAMForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.hcam)

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from _config import LongSequenceConfig, parse_recipe_config
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -41,6 +40,7 @@ from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.hmt import HMTForCausalLM
 from hf_longmem.training import next_token_cross_entropy
+from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
 
 
 @dataclass
@@ -133,7 +133,8 @@ def weighted_loss(
 
 def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
     """Wrap the backbone in HMT and train the memory parts; returns ``(model, tokenizer, metadata)``."""
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
+    refuse_sharded(accelerator, "recipes/train_hmt.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.backbone, local_files_only=True)
     backbone = AutoModelForCausalLM.from_pretrained(config.backbone, local_files_only=True, dtype=torch.float32)

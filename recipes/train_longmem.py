@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from _config import LongSequenceConfig, parse_recipe_config
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -44,6 +43,7 @@ from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.longmem import LongMemForCausalLM
 from hf_longmem.training import next_token_cross_entropy
+from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,8 @@ def load_backbone(path: str) -> tuple[Any, Any]:
 
 def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]:
     """Train the SideNet; returns ``(model, tokenizer, metadata)``."""
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
+    refuse_sharded(accelerator, "recipes/train_longmem.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     backbone, tokenizer = load_backbone(config.backbone)
     model = LongMemForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.longmem)

@@ -52,7 +52,6 @@ from typing import Any
 
 import torch
 from _config import LongSequenceConfig, parse_recipe_config
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -62,6 +61,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from hf_longmem.evals.recall import RECALL_TASKS, RecallMixture, collate_recall, evaluate_recall
 from hf_longmem.evals.vocab import build_tokenizer
 from hf_longmem.training import next_token_cross_entropy
+from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
 
 
 @dataclass
@@ -253,7 +253,8 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     if config.eval_only:
         return reevaluate(config)
     torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
+    refuse_sharded(accelerator, "recipes/train_memory_model.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     tokenizer = build_tokenizer()
     model = build_model(config.model, tokenizer, config.seed)

@@ -46,7 +46,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _config import parse_recipe_config
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -57,6 +56,7 @@ from hf_longmem.continual.state_io import load_tree, save_tree
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import KEY_WORDS
 from hf_longmem.evals.vocab import build_tokenizer
+from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
 
 
 @dataclass
@@ -623,7 +623,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     the metadata of the checkpoint it wrote)."""
     torch.set_num_threads(config.num_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers fork after the tokenizer was used
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = build_accelerator(mixed_precision=config.mixed_precision)
+    refuse_sharded(accelerator, "recipes/train_tiny.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     tokenizer = build_tokenizer(extended=config.extended_vocabulary)
     model = build_model(config, tokenizer)

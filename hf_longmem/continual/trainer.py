@@ -44,7 +44,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_longmem.files import atomic_write_text
-from hf_longmem.training.distributed import build_accelerator, is_sharded
+from hf_longmem.training.distributed import build_accelerator, refuse_sharded
 
 from .base import Row, Strategy
 from .data import ContinualTask, collate, epoch_rows, tokenize_task
@@ -227,18 +227,15 @@ class ContinualTrainer:
         self.schedule = build_schedule(self.config.schedule, self.config.learning_rate)
         self.strategies = list(strategies)
         self.accelerator = accelerator or build_accelerator()
-        if is_sharded(self.accelerator):
-            readers = [s.name for s in self.strategies if s.reads_parameters]
-            because = (
-                f"the strategies {readers} read or rewrite whole parameters / gradients per shape, which are sharded"
-                if readers
-                else "its evaluation splits examples unevenly over processes (each runs its own generate calls), "
-                "which deadlocks on sharded parameters"
-            )
-            raise ValueError(
-                f"ContinualTrainer cannot run under {self.accelerator.distributed_type.value}: {because}. Use DDP "
-                "(accelerate launch --config_file recipes/configs/accelerate/ddp.yaml) or one process"
-            )
+        readers = [s.name for s in self.strategies if s.reads_parameters]
+        refuse_sharded(
+            self.accelerator,
+            "ContinualTrainer",
+            f"the strategies {readers} read or rewrite whole parameters / gradients per shape, which are sharded"
+            if readers
+            else "its evaluation splits examples unevenly over processes (each runs its own generate calls), "
+            "which deadlocks on sharded parameters",
+        )
         self.evaluator = ContinualEvaluator(
             self.tasks, self.config.eval_every, self.config.eval_max_examples, self.config.eval_batch_size
         )

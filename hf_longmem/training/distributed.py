@@ -26,7 +26,21 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-__all__ = ["build_accelerator", "full_state_dict", "is_sharded", "refuse_sharded", "unsharded_model"]
+__all__ = [
+    "WHOLE_MODEL_RECIPE",
+    "build_accelerator",
+    "full_state_dict",
+    "is_sharded",
+    "refuse_sharded",
+    "unsharded_model",
+]
+
+
+#: why a recipe that saves and evaluates the whole model on the main process refuses FSDP (see ``refuse_sharded``)
+WHOLE_MODEL_RECIPE = (
+    "it saves and evaluates the whole model on the main process (recipes/train_longgen.py shows the FSDP port: "
+    "shared global batch, unsharded_model before saving)"
+)
 
 
 def _env_flag(name: str) -> bool:
@@ -86,13 +100,12 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def refuse_sharded(accelerator: Accelerator, what: str) -> None:
-    """``ValueError`` when ``what`` (a strategy reading whole parameters or gradients per shape) would see shards."""
+def refuse_sharded(accelerator: Accelerator, what: str, why: str) -> None:
+    """``ValueError`` (before any training) when ``what`` cannot run on sharded parameters, saying ``why``."""
     if is_sharded(accelerator):
         raise ValueError(
-            f"{what} reads whole weight matrices and their gradients per parameter, which "
-            f"{accelerator.distributed_type.value} shards across processes; run it with DDP instead "
-            "(accelerate launch --config_file recipes/configs/accelerate/ddp.yaml ...) or in one process"
+            f"{what} cannot run under {accelerator.distributed_type.value}: {why}. Use DDP "
+            "(accelerate launch --config_file recipes/configs/accelerate/ddp.yaml ...) or one process"
         )
 
 
