@@ -190,6 +190,7 @@ def train(config: TrainConfig) -> tuple[LongGenForCausalLM, Any, dict[str, Any]]
         "config": asdict(config),
         "steps": steps,
         "tokens_seen": tokens_seen * accelerator.num_processes,
+        "distributed": {"type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes},
         "train_time_s": round(time.time() - start, 1),
         "num_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),

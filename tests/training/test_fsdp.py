@@ -83,7 +83,10 @@ def test_longgen_recipe_fsdp2_two_processes_matches_one(tmp_path):
     _run([*launch, "--num_processes", "2", "--main_process_port", "0", str(RECIPE), *common, "--tokens_per_batch",
           "256", "--output_dir", str(two), "--results", str(two / "r.json")], ROOT)  # fmt: skip
 
-    seen = [json.loads((d / "training_metadata.json").read_text())["tokens_seen"] for d in (one, two)]
+    meta = [json.loads((d / "training_metadata.json").read_text()) for d in (one, two)]
+    assert meta[0]["distributed"] == {"type": "NO", "num_processes": 1}
+    assert meta[1]["distributed"] == {"type": "FSDP", "num_processes": 2}
+    seen = [m["tokens_seen"] for m in meta]
     assert seen[0] == seen[1] > 3 * 4 * 128  # the same 4 samples (prompt + answer) per step
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 3
