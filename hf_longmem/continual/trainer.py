@@ -192,7 +192,7 @@ class ContinualTrainer:
         tasks: the task sequence.
         strategies: strategies, applied in list order at every hook.
         config: :class:`TrainerConfig`.
-        accelerator: an ``Accelerator`` (default: a new one).
+        accelerator: an ``Accelerator`` (default: :func:`~hf_longmem.training.distributed.build_accelerator`).
         probes: memory probes (:mod:`.probes`) measured at every evaluation (initial, periodic, task end) in the
             strategies' ``eval_context``; their results go into each ``history`` row under ``"probes"``. Every process
             measures the whole probe set (probes are small).
