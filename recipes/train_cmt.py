@@ -298,7 +298,9 @@ def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCaus
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
+    # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     stream = sample_stream(config, tokenizer, unwrapped.config.max_document_tokens)
     generator = torch.Generator().manual_seed(config.seed)

@@ -164,7 +164,9 @@ def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
+    # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
     mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
     recent: dict[str, deque[bool]] = {name: deque(maxlen=100) for name in config.tasks}
     history: list[dict[str, Any]] = []

@@ -267,7 +267,9 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
+    # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
     mixture = RecallMixture(tokenizer, config.tasks, seed=config.seed + accelerator.process_index)
     batches = mixture.batches(config.batch_size, config.seq_length)
     recent_hits: deque[tuple[int, int]] = deque(maxlen=max(1, config.log_every))

@@ -119,3 +119,50 @@ def test_long_sequence_options_train_the_same_model(tmp_path):
         _config(tmp_path / "bad", chunked_ce=-3)
     with pytest.raises(ValueError, match="activation_offload"):
         _config(tmp_path / "bad2", activation_offload="sometimes")
+
+
+def test_two_process_ddp_follows_the_one_process_lr_schedule(tmp_path):
+    """Every process runs all ``max_steps`` steps, so the cosine schedule must advance once per step, not once per
+    process per step (what accelerate does to a scheduler passed through ``prepare``): the logged learning rates of a
+    two-process gloo DDP run equal the schedule's own values at every step."""
+    import os
+    import subprocess
+
+    import torch
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not built in")
+    steps = 5
+    values = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": steps,
+        "batch_size": 2,
+        "seq_length": 32,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "save_checkpoint": False,
+        "model": TINY_MISTRAL,
+        "tasks": {"mqar": {"weight": 1, "num_pairs": [2]}},
+        "eval": {},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += [str(ROOT / "recipes/configs/accelerate/ddp.yaml"), "--num_processes", "2"]
+    command += [str(ROOT / "recipes/train_memory_model.py"), "--config", str(tmp_path / "config.yaml")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = json.loads((tmp_path / "run" / "results.json").read_text())["history"]
+    config = recipe.parse_config(["--config", str(tmp_path / "config.yaml")])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
+    )
+    expected = []
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+        expected.append(schedule.get_last_lr()[0])
+    assert [row["step"] for row in history] == list(range(1, steps + 1))
+    assert [row["lr"] for row in history] == pytest.approx(expected, rel=1e-12)
