@@ -159,13 +159,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def training_lineage(model_dir: Path) -> list[dict[str, Any]]:
+    """The training runs behind ``model_dir``, oldest first: its ``training_metadata.json`` and, while the run's
+    ``init_from`` folder holds one too, the runs it was fine-tuned from (a run whose ``init_from`` is missing on disk
+    ends the chain and is named by it)."""
+    runs: list[dict[str, Any]] = []
+    folder: Path | None = model_dir
+    seen: set[Path] = set()
+    while folder is not None and (folder / "training_metadata.json").is_file() and folder.resolve() not in seen:
+        seen.add(folder.resolve())
+        meta = json.loads((folder / "training_metadata.json").read_text())
+        runs.append(meta)
+        init_from = meta["config"].get("init_from") or ""
+        folder = Path(init_from) if init_from else None
+    return runs[::-1]
+
+
+def _run_line(meta: dict[str, Any]) -> str:
+    config = meta["config"]
+    start = f"fine-tuned from `{config['init_from']}`" if config.get("init_from") else "from scratch"
+    curriculum = "; ".join(
+        f"to {int(100 * s['until'])}% of steps {s['min_length']}-{s['max_length']} tokens" for s in config["curriculum"]
+    )
+    return (
+        f"- `{meta['command']}` ({start}, seed {config['seed']}): {meta['steps']:,} steps, {meta['tokens_seen']:,} "
+        f"tokens, {meta['wall_time_s'] / 60:.0f} minutes of training loop on {meta.get('device', 'cpu')}; tasks "
+        f"{', '.join(f'{k} ({v})' for k, v in config['tasks'].items())}; answer tokens weighted "
+        f"{config['answer_loss_weight']}x (first answer token {config.get('first_answer_loss_weight') or config['answer_loss_weight']}x); "
+        f"copy warm-up {config['copy_batch_size']} x {config['copy_length']} tokens (random offset "
+        f"{config.get('copy_gap', 0)}); lr {config['learning_rate']} cosine to {config['min_lr_rate']}x; lengths {curriculum}."
+    )
+
+
+def accuracy_summary(rows: list[dict[str, Any]], trained_length: int, bar: float = 0.9) -> str:
+    """One sentence per outcome, derived from ``rows``: the tasks at or above ``bar`` at the longest evaluated length
+    within ``trained_length``, those below it, and how every task fares beyond the training length."""
+    key = "score"
+    inside = [r["length"] for r in rows if r["length"] <= trained_length]
+    outside = [r for r in rows if r["length"] > trained_length]
+    lines = []
+    if inside:
+        at = max(inside)
+        cells = {r["task"]: r.get(key, r["accuracy"]) for r in rows if r["length"] == at}
+        good = [t for t, v in cells.items() if v >= bar]
+        weak = [t for t, v in cells.items() if v < bar]
+        if good:
+            lines.append(f"At {at} tokens it scores at least {100 * bar:.0f}% on {', '.join(good)}.")
+        if weak:
+            lines.append(
+                f"Below {100 * bar:.0f}% at {at} tokens: "
+                + ", ".join(f"{t} ({100 * cells[t]:.0f}%)" for t in weak)
+                + "."
+            )
+    if outside:
+        best = max(r.get(key, r["accuracy"]) for r in outside)
+        lines.append(
+            f"Beyond its training length ({trained_length} tokens) no task scores above {100 * best:.0f}% with the "
+            "full cache: RoPE positions it never saw break retrieval, which is where memory methods have to help."
+        )
+    return " ".join(lines)
+
+
 def write_card(path: Path, model_dir: Path, result: dict[str, Any], eval_command: str) -> None:
-    """The embedded model's card: how it was trained and its measured accuracy by length (atomic write)."""
+    """The embedded model's card: every training run behind it (see :func:`training_lineage`) and its measured
+    accuracy by length, the summary derived from the measured rows (atomic write)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    meta = json.loads((model_dir / "training_metadata.json").read_text())
-    config = meta["config"]
-    train_lengths = [stage["max_length"] for stage in config["curriculum"]]
+    lineage = training_lineage(model_dir)
+    if not lineage:
+        raise ValueError(f"{model_dir} has no training_metadata.json (a model trained by recipes/train_tiny.py)")
+    meta = lineage[-1]
+    model = meta["config"]["model"]
+    heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
+    attention = "MHA" if heads == kv_heads else f"GQA: {heads} query / {kv_heads} KV heads"
+    trained_length = max(s["max_length"] for run in lineage for s in run["config"]["curriculum"])
     card_data = ModelCardData(
         language="en",
         license="apache-2.0",
@@ -173,6 +240,7 @@ def write_card(path: Path, model_dir: Path, result: dict[str, Any], eval_command
         pipeline_tag="text-generation",
         tags=["hf-longmem", "synthetic", "long-context", "passkey"],
     )
+    runs = "\n".join(_run_line(run) for run in lineage)
     body = f"""---
 {card_data.to_yaml()}
 ---
@@ -180,32 +248,28 @@ def write_card(path: Path, model_dir: Path, result: dict[str, Any], eval_command
 # tiny-longmem
 
 The embedded default model of `hf_longmem` (`hf_longmem.load_default_model()`): a {meta["num_parameters"]:,}-parameter
-Llama (GQA: {config["model"]["num_attention_heads"]} query / {config["model"]["num_key_value_heads"]} KV heads, RoPE,
-{config["model"]["num_hidden_layers"]} layers, hidden {config["model"]["hidden_size"]}) with a closed word-level tokenizer,
-trained from scratch on the generated long-context tasks of `hf_longmem.evals.tasks`. It exists so that cache methods
-can be compared on real accuracy without downloading anything: it retrieves pass keys reliably up to its training
-length ({max(train_lengths)} tokens) and fails beyond it — where memory methods have to help.
+Llama ({attention}, {heads} heads of {model.get("head_dim", model["hidden_size"] // heads)}, RoPE,
+{model["num_hidden_layers"]} layers, hidden {model["hidden_size"]}) with a closed word-level tokenizer, trained{" from scratch" if not lineage[0]["config"].get("init_from") else ""}
+on the generated long-context tasks of `hf_longmem.evals.tasks` up to {trained_length} tokens. It exists
+so that cache methods can be compared on real accuracy without downloading anything.
 
 ## Training
 
-- Recipe: `{meta["command"]}` (seed {config["seed"]}), {meta["steps"]} steps, {meta["tokens_seen"]:,} tokens,
-  {meta["wall_time_s"] / 60:.0f} minutes on a 2-core CPU (torch {meta["versions"]["torch"]}, transformers {meta["versions"]["transformers"]}).
-- Data: an infinite seeded stream of {", ".join(f"{k} ({v})" for k, v in config["tasks"].items())}; answers weighted
-  {config["answer_loss_weight"]}x; plus a dense copy warm-up ({config["copy_batch_size"]} random sequences of
-  {config["copy_length"]} tokens repeated, weight {config["copy_loss_weight"]}) that grows the induction heads retrieval needs.
-- Length curriculum: {"; ".join(f"until {int(100 * s['until'])}% of steps {s['min_length']}-{s['max_length']} tokens" for s in config["curriculum"])}.
-- AdamW lr {config["learning_rate"]} (cosine to {config["min_lr_rate"]}x, {config["warmup_steps"]} warm-up steps), weight decay {config["weight_decay"]}.
+{sum(run["tokens_seen"] for run in lineage):,} tokens in {len(lineage)} run(s), in order (torch {meta["versions"]["torch"]},
+transformers {meta["versions"]["transformers"]}):
 
-## Accuracy by context length (full cache, greedy, exact match, %)
+{runs}
 
-{result["num_samples"]} fresh samples per task and length (seed {result["seed"]}); `shared_rollback` asks 4 questions per
-context, each right after the context. Command: `{eval_command}`.
+## Accuracy by context length (full cache, greedy, %)
+
+Each task scored with its own metric (`hf_longmem.evals.metrics`: RULER's `string_match_all` for the needles and
+variable tracking, the first integer for pass keys, exact match for facts). {result["num_samples"]} fresh samples per
+task and length (seed {result["seed"]}); `fact_qa` and `shared_*` ask 4 questions per context. Intervals (95% Wilson)
+are in `eval_results.json`. Command: `{eval_command}`.
 
 {markdown_table(result["rows"])}
 
-Pass keys are retrieved at every length up to the training length; beyond it RoPE positions the model never saw
-break retrieval. Multi-key needles and variable tracking were not learned in this CPU budget (near 0): use the
-pass-key task to compare methods, and treat the other tasks as stress tests.
+{accuracy_summary(result["rows"], trained_length)}
 
 ## Use
 
