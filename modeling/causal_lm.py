@@ -68,6 +68,28 @@ class MemoryModelMixin:
             self.refuse("output_attentions")
         return bool(output_attentions), bool(output_hidden_states)
 
+    #: The memory cache class ``generate`` builds (with ``make_cache()``) and accepts from the user; ``None``: the
+    #: model prepares its caches itself (or as transformers does).
+    memory_cache_class: ClassVar[type | None] = None
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """With :attr:`memory_cache_class` set: honour a user-supplied cache of that class (another one is refused
+        with a ``ValueError``), else build ``self.make_cache()`` unless ``use_cache=False``."""
+        if self.memory_cache_class is None:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:
+            if not isinstance(user_cache, self.memory_cache_class):
+                raise ValueError(
+                    f"cache must be a {self.memory_cache_class.__name__} for {type(self).__name__}, "
+                    f"got {type(user_cache).__name__}"
+                )
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = self.make_cache()
+
     def _assisted_decoding(self, *args, **kwargs):
         """Refused for stateful models (``_is_stateful``): assisted decoding rolls rejected candidate tokens back out
         of the cache, and a recurrent memory cannot be rolled back."""

@@ -395,20 +395,11 @@ class HCAMForCausalLM(BackboneWrapperMixin, HCAMPreTrainedModel, GenerationMixin
         model.model.init_branches_from_backbone()
         return model
 
+    memory_cache_class = HCAMCache
+
     def make_cache(self) -> HCAMCache:
         """A fresh, empty :class:`HCAMCache` (what ``generate`` uses when no cache is passed)."""
         return self.model.make_cache()
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        user_cache = model_kwargs.get("cache")
-        if user_cache is not None:
-            if not isinstance(user_cache, HCAMCache):
-                raise ValueError(f"cache must be an HCAMCache, got {type(user_cache).__name__}")
-            user_cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["cache"] = self.make_cache()
 
     @can_return_tuple
     def forward(

@@ -386,20 +386,11 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
         model.model.init_sidenet_from_backbone()
         return model
 
+    memory_cache_class = LongMemBankCache
+
     def make_cache(self) -> LongMemBankCache:
         """A fresh, empty :class:`LongMemBankCache` (what ``generate`` uses when no cache is passed)."""
         return self.model.make_cache()
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        user_cache = model_kwargs.get("cache")
-        if user_cache is not None:
-            if not isinstance(user_cache, LongMemBankCache):
-                raise ValueError(f"cache must be a LongMemBankCache, got {type(user_cache).__name__}")
-            user_cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["cache"] = self.make_cache()
 
     @can_return_tuple
     def forward(

@@ -104,6 +104,10 @@ def test_generate_equals_greedy_full_forwards_and_honours_a_user_cache():
     user_cache = model.make_cache()
     again = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, cache=user_cache)
     assert torch.equal(again, sequence) and user_cache.get_seq_length() == 18
+    from transformers import DynamicCache
+
+    with pytest.raises(ValueError, match="cache must be a HCAMCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache=DynamicCache())
 
 
 def test_offloaded_memory_gives_the_same_logits_and_keeps_summaries_in_step():
