@@ -1,4 +1,4 @@
-"""Passkey accuracy, prefill time and memory parts of InfLLM / EM-LLM / full cache by length, prompts fed in chunks.
+"""Pass-key (or multi-key needle) accuracy, prefill time and memory parts of InfLLM / EM-LLM / full cache by length, prompts fed in chunks.
 
 ``hf-longmem bench`` feeds each prompt in ONE forward. EM-LLM segments events from the surprise of each execution
 block before the next one (the official code asserts chunked input; ``make_cache('emllm', model)`` sets the
@@ -99,9 +99,11 @@ def main(argv=None) -> None:
     parser.add_argument("--num-samples", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", default="passkey", choices=["passkey", "multikey_needle"])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from hf_longmem.default_model import load_default_model
     from hf_longmem.evals.tasks import generate_task
 
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
     began = time.perf_counter()
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
-        samples = generate_task("passkey", tokenizer, length, args.num_samples, args.seed)
+        samples = generate_task(args.task, tokenizer, length, args.num_samples, args.seed)
         for name in args.caches.split(","):
             results = [run(model, tokenizer, name, options[name], sample, args.chunk) for sample in samples]
             parts = {}
@@ -118,6 +120,7 @@ def main(argv=None) -> None:
                 for key, (where, size) in result["parts"].items():
                     parts.setdefault(key, [where, []])[1].append(size)
             row = {
+                "task": args.task,
                 "context_length": length,
                 "cache": name,
                 "cache_kwargs": options[name],
@@ -130,12 +133,12 @@ def main(argv=None) -> None:
             for where in ("resident", "offloaded"):
                 row[f"kv_{where}_bytes"] = sum(size for place, size in row["parts"].values() if place == where)
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("context_length", "cache", "accuracy", "prefill_s")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("task", "context_length", "cache", "accuracy", "prefill_s")}), flush=True)
     meta = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "machine": {"device": "cpu", "torch_threads": 1, "cpu_count": __import__("os").cpu_count()},
+        "machine": {"device": "cpu", "torch_threads": args.threads, "cpu_count": __import__("os").cpu_count()},
         "prefill": f"chunks of {args.chunk} tokens (as generate(prefill_chunk_size={args.chunk}))",
         "wall_time_s": round(time.perf_counter() - began, 1),
     }

@@ -1,8 +1,9 @@
 """The embedded default model: a small Llama trained by ``recipes/train_tiny.py`` on the synthetic tasks.
 
-It ships in ``hf_longmem/assets/tiny-longmem`` and loads offline. It answers passkey / multi-key needle /
-variable-tracking prompts of :mod:`hf_longmem.evals.tasks` up to its training length (about 1k tokens);
-see the model card (``README.md`` in that folder) for accuracy by length.
+It ships in ``hf_longmem/assets/tiny-longmem`` and loads offline. It answers the pass-key, multi-key / multi-value /
+multi-query needle, fictional-fact and shared-context prompts of :mod:`hf_longmem.evals.tasks` up to its training
+length (1k tokens) and fails beyond it; variable tracking is learned only in part. See the model card
+(``README.md`` in that folder) for accuracy by task and length, with n and intervals.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def _check_assets(path: Path) -> None:
     if missing:
         raise FileNotFoundError(
             f"the default model assets are missing from {path}: {missing}. Reinstall hf_longmem, or train them "
-            "with `python recipes/train_tiny.py --config recipes/configs/train_tiny.yaml` and copy the output there."
+            "with `python recipes/train_tiny.py --config recipes/configs/train_tiny_v4.yaml` followed by "
+            "`--config recipes/configs/train_tiny_v4_stage2.yaml`, and copy the second run's output there."
         )
     with open(path / "model.safetensors", "rb") as handle:
         if handle.read(24).startswith(b"version https://git-lfs"):

@@ -1,4 +1,4 @@
-"""The embedded default model loads offline and answers short passkey prompts."""
+"""The embedded default model loads offline and answers short pass-key and multi-key needle prompts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from hf_longmem import default_model
 from hf_longmem.default_model import DEFAULT_MODEL_PATH, load_default_model
-from hf_longmem.evals.tasks import passkey
+from hf_longmem.evals.tasks import multikey_needle, passkey
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,11 @@ def test_tokenizer_round_trips_a_passkey_prompt(loaded):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-def test_answers_short_passkeys(loaded):
+@pytest.mark.parametrize("task", [passkey, multikey_needle])
+def test_answers_short_prompts(loaded, task):
     model, tokenizer = loaded
-    assert not model.training and model.config.num_key_value_heads < model.config.num_attention_heads
-    samples = passkey(tokenizer, 256, 4, seed=99)
+    assert not model.training
+    samples = task(tokenizer, 256, 4, seed=99)
     batch = tokenizer([s.context + s.turns[0].query for s in samples], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)

@@ -157,7 +157,10 @@ def test_agent_answers_from_stored_state(embedded):
     memory_id = agent.remember("tiger : The pass key is 48213. Remember it.", session_id="s1", timestamp=1)
     agent.remember("lion : The grass is green.", session_id="s2", timestamp=2)
     reply = agent.answer("What was the pass key of tiger?", now=3)
-    assert "48213" in reply.text and reply.text == plain.answer("What was the pass key of tiger?", now=3).text
+    # Both answer the pass key; past it they may differ: stored states are encoded one memory at a time (block
+    # attention, see block_attention_mask), the plain prompt attends across the whole text.
+    assert reply.text.split()[0] == "48213"
+    assert plain.answer("What was the pass key of tiger?", now=3).text.startswith("48213")
     assert reply.prompt_tokens < reply.extra["reprefill_tokens"]
     (encoder,) = store._conn.execute("SELECT encoder FROM kv_states WHERE id = ?", (memory_id,)).fetchone()
     assert kv.from_bytes(store.get_kv(memory_id, 1, encoder)).num_tokens > 0
