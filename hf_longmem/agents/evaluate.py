@@ -40,7 +40,7 @@ POLICIES = ("retrieval", "memorybank", "rmm")
 #: A reader prompt fitted to the embedded tiny model (trained up to 1024 tokens on pass keys, RULER needles, variable
 #: tracking, fact QA and shared-context questions; see its model card): the question reaches the retriever, and the
 #: model reads the retrieved memories followed by its pass-key query. The intro is its multi-key needle task's: after
-#: the pass-key intro, on prompts of ~65 tokens (it trained on 128+), the model often runs past the key without EOS
+#: the pass-key intro, on prompts of ~60 tokens (it trained on 96+), the model often runs past the key without EOS
 #: ("24605555"); with this intro it stops. Top-1 QA on the synthetic set, seeds 1 and 2 (50 questions each): 78% and
 #: 74% of answerable questions with the pass-key intro, 100% and 100% with this one.
 PASSKEY_READER = {"system": NEEDLE_INTRO, "prompt_template": "{system}\n{memories}" + PASSKEY_QUERY}
