@@ -329,7 +329,8 @@ def add_agent_eval_arguments(parser: argparse.ArgumentParser, *, table: bool = F
         "--reader",
         choices=["passkey", "default"],
         default="passkey",
-        help="passkey: the embedded model's training query after the memories; default: MemoryAgent's prompt",
+        help="passkey: the embedded model's needle intro, the memories, then its pass-key query (PASSKEY_READER); "
+        "default: MemoryAgent's prompt",
     )
     parser.add_argument("--kv", action="store_true", help="answer from the memories' stored KV states")
     parser.add_argument(
