@@ -133,7 +133,10 @@ def main(argv=None) -> None:
             for where in ("resident", "offloaded"):
                 row[f"kv_{where}_bytes"] = sum(size for place, size in row["parts"].values() if place == where)
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("task", "context_length", "cache", "accuracy", "prefill_s")}), flush=True)
+            print(
+                json.dumps({k: row[k] for k in ("task", "context_length", "cache", "accuracy", "prefill_s")}),
+                flush=True,
+            )
     meta = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

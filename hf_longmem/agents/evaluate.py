@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from hf_longmem.evals.tasks import NEEDLE_INTRO, PASSKEY_QUERY
 from hf_longmem.files import atomic_write_text
 from hf_longmem.validation import check_choice, check_int
 
@@ -36,15 +37,13 @@ __all__ = ["PASSKEY_READER", "POLICIES", "evaluate_agent", "policy_factory", "re
 #: Policies ``agent-eval`` can run over a dataset (the others need an LLM that writes summaries or notes).
 POLICIES = ("retrieval", "memorybank", "rmm")
 
-#: A reader prompt fitted to the embedded tiny model, which was trained on pass-key prompts only: the question
-#: reaches the retriever, and the model reads the retrieved memories followed by its training query.
-PASSKEY_READER = {
-    "system": (
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there."
-    ),
-    "prompt_template": "{system}\n{memories}\nWhat is the pass key? The pass key is",
-}
+#: A reader prompt fitted to the embedded tiny model (trained up to 1024 tokens on pass keys, RULER needles, variable
+#: tracking, fact QA and shared-context questions; see its model card): the question reaches the retriever, and the
+#: model reads the retrieved memories followed by its pass-key query. The intro is its multi-key needle task's: after
+#: the pass-key intro, on prompts of ~60 tokens (it trained on 96+), the model often runs past the key without EOS
+#: ("24605555"); with this intro it stops. Top-1 QA on the synthetic set, seeds 1 and 2 (50 questions each): 78% and
+#: 74% of answerable questions with the pass-key intro, 100% and 100% with this one.
+PASSKEY_READER = {"system": NEEDLE_INTRO, "prompt_template": "{system}\n{memories}" + PASSKEY_QUERY}
 
 
 def _fingerprint(item: dict[str, Any]) -> str:

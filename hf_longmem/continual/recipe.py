@@ -97,7 +97,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), defaults: di
 
 def build_model(spec: dict[str, Any] | None, seed: int = 0):
     """``(model, tokenizer, base_name)`` for ``{source: embedded}`` or ``{config: {...}}`` (a seeded random Llama
-    with the embedded tokenizer's vocabulary)."""
+    over :func:`~hf_longmem.evals.vocab.build_tokenizer`'s default 354-word vocabulary, a subset of the embedded
+    model's 474 words)."""
     from hf_longmem.default_model import DEFAULT_MODEL_PATH, load_default_model
     from hf_longmem.evals.vocab import build_tokenizer
 

@@ -47,7 +47,19 @@ def test_the_retrieved_memory_answers_the_question(agent):
     for subject, value in [("tiger", "48213"), ("apple", "90417"), ("river", "33508")]:
         reply = agent.answer(f"What is the pass key of {subject}?", now=_day(9))
         assert [m.session_id for m in reply.shown] == [f"s{['tiger', 'apple', 'river'].index(subject) + 1}"]
-        assert reply.text.startswith(value), reply.text
+        assert reply.text.strip() == value, reply.text  # PASSKEY_READER's intro: the model stops after the key
+
+
+def test_the_passkey_reader_stops_after_the_key(default_model):
+    # Keys the model ran past ("24605555") with the pass-key task's own intro on these short prompts (synthetic set,
+    # seed 1); PASSKEY_READER's needle intro makes it stop.
+    model, tokenizer = default_model
+    agent = MemoryAgent(model, tokenizer, MemoryStore(), k=1, max_new_tokens=8, write_back=False, **PASSKEY_READER)
+    facts = [("rabbit", "24605"), ("engine", "26007"), ("zebra", "81998"), ("lantern", "13913")]
+    for day, (subject, value) in enumerate(facts, start=1):
+        agent.remember(FACT_TEMPLATE.format(subject=subject, value=value), session_id=f"s{day}", timestamp=_day(day))
+    for subject, value in facts:
+        assert agent.answer(f"What is the pass key of {subject}?", now=_day(9)).text.strip() == value
 
 
 def test_an_update_supersedes_and_a_dated_question_reads_the_past(agent):

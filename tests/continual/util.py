@@ -1,4 +1,4 @@
-"""Helpers of the continual tests: a tiny random Llama over the embedded tokenizer and tiny task sequences."""
+"""Helpers of the continual tests: a tiny random Llama over ``build_tokenizer()`` and tiny task sequences."""
 
 from __future__ import annotations
 
