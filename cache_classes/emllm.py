@@ -72,6 +72,7 @@ from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_choice, check_int, check_real
 
 from .base import LongMemCache
+from .hooked import ModelHookedCache
 from .infllm import InfLLMLayer, attach_padding_hook, refuse_sliding_layers
 from .rotation import rotary_for
 
@@ -403,7 +404,7 @@ def _observe(cache: EMLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, l
     cache.observe(input_ids, hidden, lm_head)
 
 
-class EMLLMCache(LongMemCache):
+class EMLLMCache(ModelHookedCache, LongMemCache):
     """EM-LLM: InfLLM's memory with surprise-segmented, graph-refined events and two-stage retrieval.
 
     Args:
@@ -429,6 +430,8 @@ class EMLLMCache(LongMemCache):
     Build it with ``make_cache("emllm", model, ...)`` (or :meth:`from_model`), which attaches the surprise hook, and
     generate with ``model.generate(ids, cache=cache, **cache.generate_kwargs)`` (prompts fed in execution blocks).
     """
+
+    hook_attributes = ("_hook", "_padding_hook")
 
     #: Why this cache holds as much as the full cache or more (shown next to benchmark rows where it does).
     memory_note = (
@@ -514,10 +517,13 @@ class EMLLMCache(LongMemCache):
             pin_memory=pin_memory,
             offload_representatives=bool(offload_representatives),
         )
-        super().__init__(
-            lambda layer_idx: EMLLMLayer(self, self.rotary.for_layer(layer_idx), layer_idx, **options), config=config
-        )
+        self._layer_options = options
+        super().__init__(self._new_layer, config=config)
         refuse_sliding_layers(type(self).__name__, self.layers, config)
+
+    def _new_layer(self, layer_idx: int) -> EMLLMLayer:
+        # a bound method, not a closure: a deep copy builds its later layers for itself (cache_classes/hooked.py)
+        return EMLLMLayer(self, self.rotary.for_layer(layer_idx), layer_idx, **self._layer_options)
 
     def _init_surprise_state(self) -> None:
         # per row of the batch (lists sized at the first forward, see _ensure_rows)
@@ -577,6 +583,7 @@ class EMLLMCache(LongMemCache):
         self.close()
         self._hook = attach_output_hook(model, self, _observe, "EM-LLM")
         self._padding_hook = attach_padding_hook(model, self)
+        self.remember_model(model)
 
     def close(self) -> None:
         """Removes the surprise and padding hooks from the model."""

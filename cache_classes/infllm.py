@@ -86,6 +86,7 @@ from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int
 
 from .base import LongMemCache
+from .hooked import ModelHookedCache
 from .rotation import rotary_for
 
 NEEDS_ATTENTION_MESSAGE = (
@@ -1088,7 +1089,7 @@ class InfLLMLayer(MemoryReport, CacheLayerMixin):
         return parts
 
 
-class InfLLMCache(LongMemCache):
+class InfLLMCache(ModelHookedCache, LongMemCache):
     """InfLLM: initial tokens + retrieved memory blocks (constant distance) + local window, per layer.
 
     Args:
@@ -1117,6 +1118,8 @@ class InfLLMCache(LongMemCache):
         >>> cache = make_cache("infllm", model, n_local=2048, topk=8)  # doctest: +SKIP
         >>> model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
     """
+
+    hook_attributes = ("_padding_hook",)
 
     #: Why this cache holds as much as the full cache or more (shown next to benchmark rows where it does).
     memory_note = (
@@ -1172,9 +1175,9 @@ class InfLLMCache(LongMemCache):
             perhead=self.perhead,
             offload_representatives=self.offload_representatives,
         )
-        super().__init__(
-            lambda layer_idx: self._watched(InfLLMLayer(self.rotary.for_layer(layer_idx), **options)), config=config
-        )
+        self._layer_options = options
+        self._padding_hook = None  # attach_padding_hook, by attach()
+        super().__init__(self._new_layer, config=config)
         refuse_sliding_layers(type(self).__name__, self.layers, config)
 
     @classmethod
@@ -1199,8 +1202,10 @@ class InfLLMCache(LongMemCache):
             "exc_block_size": min(512, n_local),
         }
 
-    def _watched(self, layer: InfLLMLayer) -> InfLLMLayer:
-        """``layer`` reading this cache's ``_forward_padding`` (see :func:`attach_padding_hook`)."""
+    def _new_layer(self, layer_idx: int) -> InfLLMLayer:
+        """A layer reading this cache's ``_forward_padding`` (see :func:`attach_padding_hook`); a bound method, not a
+        closure, so that a deep copy builds its later layers for itself (``cache_classes/hooked.py``)."""
+        layer = InfLLMLayer(self.rotary.for_layer(layer_idx), **self._layer_options)
         layer.padding_source = weakref.ref(self)
         return layer
 
@@ -1210,8 +1215,15 @@ class InfLLMCache(LongMemCache):
         if "rotary" not in kwargs:
             kwargs["rotary"] = rotary_for(cls.__name__, model=model)
         cache = cls(config=model.config, **kwargs)
-        attach_padding_hook(model, cache)
+        cache.attach(model)
         return cache
+
+    def attach(self, model) -> None:
+        """Tells pads from tokens by the model's 2-D mask in every forward that uses this cache."""
+        if self._padding_hook is not None:
+            self._padding_hook.remove()
+        self._padding_hook = attach_padding_hook(model, self)
+        self.remember_model(model)
 
 
 __all__ = ["InfLLMCache", "InfLLMLayer", "block_representatives"]

@@ -42,6 +42,7 @@ from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_int, check_ratio
 
 from .base import LongMemCache, gather_slots, keep_plan
+from .hooked import ModelHookedCache
 from .rotation import ShiftedLayer, layer_rotation, shift_rotary
 
 
@@ -87,7 +88,7 @@ def _record_turn(cache: SirLLMCache, input_ids: torch.Tensor, hidden: torch.Tens
     cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
 
 
-class SirLLMCache(LongMemCache):
+class SirLLMCache(ModelHookedCache, LongMemCache):
     """SirLLM: keep start tokens, high self-information tokens (decaying per turn) and recent tokens.
 
     Args:
@@ -110,6 +111,7 @@ class SirLLMCache(LongMemCache):
     memory_note = "evicts between turns only; one prompt and its answer are held whole"
     #: What the budget bounds: the tokens kept once the next turn arrives (see the architecture matrix, check (b)).
     memory_saving = "between_turns"
+    hook_attributes = ("_hook",)
 
     def __init__(
         self,
@@ -134,7 +136,12 @@ class SirLLMCache(LongMemCache):
         self._plan_key: tuple[int, int] | None = None
         self._plan = None
         self._hook = None
-        super().__init__(lambda layer_idx: SirLLMLayer(self, layer_rotation(shift, layer_idx)), config=config)
+        self._shift = shift
+        super().__init__(self._new_layer, config=config)
+
+    def _new_layer(self, layer_idx: int) -> SirLLMLayer:
+        # a bound method, not a closure: a deep copy builds its later layers for itself (cache_classes/hooked.py)
+        return SirLLMLayer(self, layer_rotation(self._shift, layer_idx))
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
@@ -155,6 +162,7 @@ class SirLLMCache(LongMemCache):
         """Scores every forward of ``model`` that uses this cache (hook on the decoder's last hidden states)."""
         self.close()
         self._hook = attach_output_hook(model, self, _record_turn, "SirLLM")
+        self.remember_model(model)
 
     def close(self) -> None:
         """Removes the scoring hook from the model."""

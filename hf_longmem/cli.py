@@ -572,12 +572,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             completed_rows=rows,
         )
-    except KeyboardInterrupt:
+    except BaseException as error:  # interrupted or failed: the finished rows are kept, then the error goes on
+        interrupted = isinstance(error, KeyboardInterrupt)
         target = args.out or f"hf-longmem-bench-{time.strftime('%Y%m%d-%H%M%S')}.partial.json"
-        where = _save_rows(target, rows, meta(interrupted=True), records) if rows else None
+        failure = {"interrupted": True} if interrupted else {"failed": f"{type(error).__name__}: {error}"}
+        where = _save_rows(target, rows, meta(**failure), records) if rows else None
         kept = f"{len(rows)} finished rows saved to {where}" if where else "no row had finished"
-        print(f"\n{PROG}: interrupted; {kept}", file=sys.stderr)
-        return 130
+        print(f"\n{PROG}: {'interrupted' if interrupted else 'failed'}; {kept}", file=sys.stderr)
+        if interrupted:
+            return 130
+        raise
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     print(f"\n{len(rows)} rows in {elapsed:.1f} s; model: {model_name}; device: {model.device}")

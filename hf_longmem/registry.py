@@ -128,7 +128,7 @@ def make_cache(name: str, model_or_config: PreTrainedModel | PretrainedConfig | 
 
 
 #: Modules of ``hf_longmem.cache_classes`` that hold shared machinery, not a method.
-SHARED_CACHE_MODULES = ("base", "rotation", "scored", "static")
+SHARED_CACHE_MODULES = ("base", "hooked", "rotation", "scored", "static")
 
 
 def import_cache_modules() -> None:

@@ -107,15 +107,23 @@ def evaluate(
     }
 
 
-def markdown_table(rows: list[dict[str, Any]], key: str = "score") -> str:
+def markdown_table(rows: list[dict[str, Any]], key: str = "score", intervals: bool = False) -> str:
     """``key`` (the task metric's ``score`` or exact-match ``accuracy``) in % with tasks as rows and lengths as
-    columns."""
+    columns; ``intervals``: each score followed by its 95% Wilson interval, e.g. ``92 (81–97)``."""
     lengths = sorted({r["length"] for r in rows})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    cell = {(r["task"], r["length"]): r.get(key, r["accuracy"]) for r in rows}
+    by = {(r["task"], r["length"]): r for r in rows}
+
+    def cell(row: dict[str, Any]) -> str:
+        text = f"{100 * row.get(key, row['accuracy']):.0f}"
+        if intervals and key == "score" and "interval" in row:
+            low, high = row["interval"]
+            text += f" ({100 * low:.0f}–{100 * high:.0f})"
+        return text
+
     lines = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for task in tasks:
-        values = [f"{100 * cell[task, n]:.0f}" if (task, n) in cell else "" for n in lengths]
+        values = [cell(by[task, n]) if (task, n) in by else "" for n in lengths]
         lines.append(f"| {task} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -264,10 +272,10 @@ transformers {meta["versions"]["transformers"]}):
 
 Each task scored with its own metric (`hf_longmem.evals.metrics`: RULER's `string_match_all` for the needles and
 variable tracking, the first integer for pass keys, exact match for facts). {result["num_samples"]} fresh samples per
-task and length (seed {result["seed"]}); `fact_qa` and `shared_*` ask 4 questions per context. Intervals (95% Wilson)
-are in `eval_results.json`. Command: `{eval_command}`.
+task and length (seed {result["seed"]}); `fact_qa` and `shared_*` ask 4 questions per context, so their n is 4x. In
+parentheses: the 95% Wilson interval. Every row, with n, is in `eval_results.json`. Command: `{eval_command}`.
 
-{markdown_table(result["rows"])}
+{markdown_table(result["rows"], intervals=True)}
 
 {accuracy_summary(result["rows"], trained_length)}
 

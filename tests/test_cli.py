@@ -299,6 +299,26 @@ def test_ctrl_c_keeps_the_finished_rows(model_dir, tmp_path, capsys, monkeypatch
     assert len(saved["rows"]) == 2 and saved["meta"]["interrupted"] is True
 
 
+def test_a_failing_run_keeps_the_finished_rows(model_dir, tmp_path, capsys, monkeypatch):
+    import hf_longmem.evals.runner as runner
+
+    real_evaluate, calls = runner.evaluate, []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a cache failed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", fail_third)
+    out = tmp_path / "partial.json"
+    with pytest.raises(RuntimeError, match="a cache failed"):
+        main(_bench_args(model_dir, "--caches", "full,streaming", "--budget", "64", "--out", str(out)))
+    assert "failed; 2 finished rows saved to" in capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == 2 and saved["meta"]["failed"] == "RuntimeError: a cache failed"
+
+
 def test_result_files_respect_the_umask(tmp_path):
     from hf_longmem.evals.report import save_results
 

@@ -52,7 +52,14 @@ def _run(folder: Path, init_from: str, steps: int, kv_heads: int, max_length: in
 def _rows() -> list[dict]:
     cells = {("passkey", 512): 1.0, ("variable_tracking", 512): 0.4, ("passkey", 2048): 0.02}
     return [
-        {"task": task, "length": length, "score": score, "accuracy": score, "num_questions": 50}
+        {
+            "task": task,
+            "length": length,
+            "score": score,
+            "accuracy": score,
+            "num_questions": 50,
+            "interval": list(eval_tiny.wilson_interval(score, 50)),
+        }
         for (task, length), score in cells.items()
     ]
 
@@ -70,6 +77,7 @@ def test_card_names_every_run_in_order_and_derives_the_summary(tmp_path):
     assert "At 512 tokens it scores at least 90% on passkey." in text
     assert "Below 90% at 512 tokens: variable_tracking (40%)." in text
     assert "Beyond its training length (512 tokens) no task scores above 2%" in text
+    assert "| variable_tracking | 40 (28–54) |  |" in text  # each score with its 95% Wilson interval
 
 
 def test_card_refuses_a_folder_without_training_metadata(tmp_path):

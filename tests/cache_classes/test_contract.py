@@ -32,6 +32,7 @@ CONTRACT_TESTS = {
     "test_beam_search_reorders_all_per_row_state",
     "test_seen_vs_stored_and_memory_bytes",
     "test_reset_then_reuse_equals_a_fresh_cache",
+    "test_a_deep_copy_is_a_cache_of_its_own",
 }
 SMALL_BUDGET_TESTS = {
     "test_pads_are_never_kept_when_evicting",
@@ -271,3 +272,33 @@ def test_reset_then_reuse_equals_a_fresh_cache(case):
     fresh_seq, fresh_logits = greedy(model, ids, build(case, model, options), max_new_tokens=5)
     assert torch.equal(seq, fresh_seq)
     torch.testing.assert_close(logits, fresh_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", cases_for("test_a_deep_copy_is_a_cache_of_its_own"))
+def test_a_deep_copy_is_a_cache_of_its_own(case):
+    """Rolling back by copy (the harness's shared-context and choice modes): copies of one prefilled cache answer
+    their questions as caches prefilled alone do, at an evicting budget where the method has one, whatever the other
+    copies did before. A copy whose layers or model hooks still pointed at the original (SirLLM, EM-LLM, InfLLM
+    before cache_classes/hooked.py) fails here."""
+    model = tiny_model("llama_gqa")
+    options = case.small_options() if case.small is not None else case.full_options()
+    context = random_ids(1, 30, seed=1)
+    questions = [random_ids(1, 6, seed=3), random_ids(1, 9, seed=4)]
+
+    def prefilled():
+        cache = build(case, model, options)
+        seq, _ = greedy(model, context, cache, max_new_tokens=1)  # the context is in the cache, not its next token
+        return cache, seq
+
+    cache, seq = prefilled()
+    copies = [copy.deepcopy(cache) for _ in questions]
+    answers = [
+        greedy(model, torch.cat((seq, question), dim=-1), work, max_new_tokens=4)
+        for question, work in zip(questions, copies)
+    ]
+    answers.append(greedy(model, torch.cat((seq, questions[0]), dim=-1), cache, max_new_tokens=4))  # the original
+    for question, (answer, logits) in zip([*questions, questions[0]], answers):
+        alone, alone_seq = prefilled()
+        ref, ref_logits = greedy(model, torch.cat((alone_seq, question), dim=-1), alone, max_new_tokens=4)
+        assert torch.equal(answer, ref)
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
