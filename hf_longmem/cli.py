@@ -574,6 +574,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     except BaseException as error:  # interrupted or failed: the finished rows are kept, then the error goes on
         interrupted = isinstance(error, KeyboardInterrupt)
+        if not (interrupted or rows):
+            raise  # nothing to keep: the error alone (e.g. a bad option refused before any work)
         target = args.out or f"hf-longmem-bench-{time.strftime('%Y%m%d-%H%M%S')}.partial.json"
         failure = {"interrupted": True} if interrupted else {"failed": f"{type(error).__name__}: {error}"}
         where = _save_rows(target, rows, meta(**failure), records) if rows else None
