@@ -223,7 +223,7 @@ def accuracy_summary(rows: list[dict[str, Any]], trained_length: int, bar: float
         best = max(r.get(key, r["accuracy"]) for r in outside)
         lines.append(
             f"Beyond its training length ({trained_length} tokens) no task scores above {100 * best:.0f}% with the "
-            "full cache: RoPE positions it never saw break retrieval, which is where memory methods have to help."
+            "full cache (positions it was never trained on), which is where memory methods have to help."
         )
     return " ".join(lines)
 
