@@ -334,17 +334,7 @@ class HMTPreTrainedModel(MemoryModelMixin, RemoteCodeMixin, BackboneWrapperMixin
         all_states = tuple(torch.cat(layer, dim=1) for layer in zip(*states)) if output_hidden_states else None
         return torch.cat(outputs, dim=1), all_states
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """``generate`` builds an :class:`HMTCache` by default and honours a user-supplied one."""
-        user_cache = model_kwargs.get("cache")
-        if user_cache is not None:
-            if not isinstance(user_cache, HMTCache):
-                raise ValueError(f"cache must be an HMTCache for an HMT model, got {type(user_cache).__name__}")
-            user_cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["cache"] = HMTCache(self.config)
+    memory_cache_class = HMTCache  # generate builds make_cache() by default and honours a user-supplied one
 
     def _run(self, input_ids, attention_mask, cache, inputs_embeds, use_cache, output_attentions, output_hidden_states):
         """The shared body of both forwards: ``(hidden [B, T, d], hidden_states or None, cache or None)``."""

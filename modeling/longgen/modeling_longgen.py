@@ -249,16 +249,11 @@ class LongGenForCausalLM(LongGenPreTrainedModel, LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Give ``generate`` a :class:`LongGenCache` unless the user passed one."""
-        if model_kwargs.get("cache") is not None:
-            if not isinstance(model_kwargs["cache"], LongGenCache):
-                raise ValueError(f"cache must be a LongGenCache, got {type(model_kwargs['cache']).__name__}")
-            model_kwargs["cache"]._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["cache"] = LongGenCache(self.config)
+    memory_cache_class = LongGenCache  # generate builds make_cache() by default and honours a user-supplied one
+
+    def make_cache(self) -> LongGenCache:
+        """A fresh, empty :class:`LongGenCache` (what ``generate`` uses when no cache is passed)."""
+        return LongGenCache(self.config)
 
     @can_return_tuple
     def forward(
