@@ -11,7 +11,7 @@ over the dynamic layout's eager step (eager / compiled).
     python benchmarks/compiled_decode.py --methods streaming --backend aot_eager --out results.json
 
 The methods that append generated tokens (SnapKV, PyramidKV, KVMerger, ThinK's tail, DuoAttention's retrieval
-heads) attend over their whole static capacity (compressed prompt + ``max_new_tokens`` slots, the unused ones
+heads, SirLLM within a turn) attend over their whole static capacity (compressed prompt + ``max_new_tokens`` slots, the unused ones
 masked), the dynamic layout over what it holds; ``max_new_tokens`` here is what the run decodes.
 """
 
@@ -41,6 +41,7 @@ METHODS = {
     "pyramidkv": lambda args: dict(budget=args.budget, window_size=32),
     "kvmerger": lambda args: dict(budget=args.budget, window_size=32),
     "think": lambda args: dict(budget=args.budget, window_size=32),
+    "sirllm": lambda args: dict(entropy_size=args.budget - 4, start_size=4),
     "duo_attention": lambda args: dict(
         head_pattern=torch.arange(args.kv_heads).remainder(2).eq(0).expand(args.layers, -1).clone(),
         sink_size=16,

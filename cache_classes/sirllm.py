@@ -23,6 +23,12 @@ last position). :meth:`SirLLMCache.from_model` (used by ``make_cache``) therefor
 decoder that projects its last hidden states with the model's LM head; the hook ignores forwards that use another
 cache and is removed by :meth:`SirLLMCache.close` or when the cache is garbage-collected.
 
+``static=True`` (with ``max_new_tokens``) decodes into fixed buffers (:mod:`~hf_longmem.cache_classes.static`): after
+a turn's prefill each layer holds the kept tokens plus ``max_new_tokens`` slots, written in place in decoding order,
+and the scores sit in slots of the same buffers, so the decode step is ``torch.compile``-able (``fullgraph=True``) and
+attends to the same tokens at the same (shifted) positions as ``static=False``. The next turn thaws the layers (eager)
+and evicts as above.
+
 Deviations from the official code: per-row scores for batches (the official code is batch-1); a turn longer than
 ``entropy_size`` keeps only start + recent tokens instead of tripping an assertion; a turn longer than the whole
 capacity keeps the start tokens.
@@ -44,6 +50,7 @@ from hf_longmem.validation import check_int, check_ratio
 from .base import LongMemCache, gather_slots, keep_plan
 from .hooked import ModelHookedCache
 from .rotation import ShiftedLayer, layer_rotation, shift_rotary
+from .static import AppendSlots, append_static_options, check_static_layers
 
 
 class SirLLMLayer(ShiftedLayer):
@@ -84,6 +91,48 @@ class SirLLMLayer(ShiftedLayer):
         return num_tokens  # eviction happens before a turn, in update()
 
 
+class StaticSirLLMLayer(AppendSlots, SirLLMLayer):
+    """:class:`SirLLMLayer` with a static layout (``static=True``): the tokens kept after a turn's prefill plus
+    ``max_new_tokens`` slots, filled in decoding order (slot ``stored + t`` for the ``t``-th decoded token, in every
+    row: left-pad slots are never reused), so slots stay in position order as in the dynamic layer and the position
+    shift is the same formula."""
+
+    freezes_in_update = True  # SirLLM evicts in update(), before a turn; the attention is the model's own
+
+    def freeze_state(self, stored: int, capacity: int) -> None:
+        # the next free slot, the same in every row (a device counter: no host sync while decoding)
+        self._tail = torch.full((1,), stored, dtype=torch.long, device=self.device)
+        torch._dynamo.mark_static_address(self._tail)
+
+    def next_slot(self, positions: torch.Tensor) -> torch.Tensor:
+        torch._assert_async(
+            self._tail < positions.shape[-1],
+            "SirLLMCache (static=True): capacity exceeded, more tokens generated than max_new_tokens",
+        )
+        return self._tail.view(1, 1, 1).expand(positions.shape[0], positions.shape[1], 1)
+
+    def on_write(self, slot: torch.Tensor) -> None:
+        self._tail.add_(1)
+
+    def attention_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Position shift (after an eviction): slot ``j`` before the new token's slot ``k`` moves to
+        ``real_before - k + j``, as the dynamic layer moves slot ``j`` of ``k`` stored ones; the new token and free
+        slots are not moved."""
+        if self.rotary is None or not self._evicted:
+            return keys
+        row = self._positions[:, :1]  # [b, 1, capacity], the same slots in every head
+        new_slot = self._tail - 1  # on_write already advanced it
+        real_before = (self.real_seen - 1)[:, None, None]
+        target = real_before - new_slot + torch.arange(row.shape[-1], device=keys.device)
+        delta = torch.where(row < 0, torch.zeros_like(target), target - row.long())
+        return self.rotary.rotate(keys, delta)
+
+    def thaw(self) -> None:
+        # the shared scores follow the slots (the same in every layer); the first layer to thaw moves them
+        self.owner.thaw_scores(self._positions[:, :1])
+        super().thaw()
+
+
 def _record_turn(cache: SirLLMCache, input_ids: torch.Tensor, hidden: torch.Tensor, lm_head) -> None:
     cache.record_turn(input_ids, torch.log_softmax(lm_head(hidden).float(), dim=-1))
 
@@ -100,6 +149,10 @@ class SirLLMCache(ModelHookedCache, LongMemCache):
         config: the model config (layer layout, RoPE for ``"shift"``).
         rotary: the model's rotations, a :class:`~hf_longmem.memory.rope.ModelRotary` (``from_model`` derives it
             from the model) or one :class:`~hf_longmem.memory.rope.LayerRotation` for every layer.
+        static: after each turn's prefill, hold the kept tokens plus ``max_new_tokens`` fixed slots written in place
+            (:mod:`~hf_longmem.cache_classes.static`): ``is_compileable``, the same attention as ``static=False``
+            (float rounding aside); full-attention models.
+        max_new_tokens: slots reserved for the tokens decoded in a turn (``static=True`` only); more raises.
 
     Build it with ``make_cache("sirllm", model, ...)`` (or :meth:`from_model`), which attaches the scoring hook.
 
@@ -122,11 +175,15 @@ class SirLLMCache(ModelHookedCache, LongMemCache):
         position_mode: str = "shift",
         config=None,
         rotary: LayerRotation | ModelRotary | None = None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
     ):
         check_int("entropy_size", entropy_size, low=1)
         check_int("start_size", start_size, low=0)
         check_int("recent_size", recent_size, low=0)
         check_ratio("decay_ratio", decay_ratio, include_one=True)
+        self.static = append_static_options(static, max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         shift = shift_rotary(position_mode, rotary, config)
         self.entropy_size, self.start_size, self.recent_size = entropy_size, start_size, recent_size
         self.capacity = start_size + recent_size + entropy_size
@@ -137,11 +194,16 @@ class SirLLMCache(ModelHookedCache, LongMemCache):
         self._plan = None
         self._hook = None
         self._shift = shift
+        self._static_scores = False  # scores held in the static layers' slots (see thaw_scores)
         super().__init__(self._new_layer, config=config)
+        check_static_layers(self, self.static)
 
     def _new_layer(self, layer_idx: int) -> SirLLMLayer:
         # a bound method, not a closure: a deep copy builds its later layers for itself (cache_classes/hooked.py)
-        return SirLLMLayer(self, layer_rotation(self._shift, layer_idx))
+        rotation = layer_rotation(self._shift, layer_idx)
+        if self.static:
+            return StaticSirLLMLayer(self, rotation, max_new_tokens=self.max_new_tokens)
+        return SirLLMLayer(self, rotation)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
@@ -175,6 +237,11 @@ class SirLLMCache(ModelHookedCache, LongMemCache):
         """Appends the self-information of ``input_ids`` ``[batch, q]`` given ``logprobs`` ``[batch, q, vocab]``."""
         batch, num_new = input_ids.shape
         ids = input_ids.to(logprobs.device)
+        if self._static_scores:  # a static decoding step: the token's score goes to the slot its layers wrote
+            layer = next(layer for layer in self.layers if isinstance(layer, StaticSirLLMLayer))
+            self.scores.index_copy_(1, layer._tail - 1, -self._last_logprobs.gather(-1, ids))
+            self._last_logprobs.copy_(logprobs[:, -1])
+            return
         if num_new == 1 and self._last_logprobs is not None:
             new_scores = -self._last_logprobs.gather(-1, ids)  # a decoded token: its own probability
         else:
@@ -187,10 +254,30 @@ class SirLLMCache(ModelHookedCache, LongMemCache):
         # pads from the first SirLLM layer: transformers' sliding layers (e.g. layer 0 of Gemma-2/3) keep no positions
         layer = next((layer for layer in self.layers if isinstance(layer, SirLLMLayer) and layer.is_initialized), None)
         if layer is not None and layer.has_pad_slots():  # no pad slot: none of the new tokens is a pad
-            pad = layer.positions[:, 0, -num_new:] == PAD_POSITION
+            # a layer that froze in this forward holds the new tokens right before its free slots
+            end = int(layer._tail) if getattr(layer, "_frozen", False) else layer.positions.shape[-1]
+            pad = layer.positions[:, 0, end - num_new : end] == PAD_POSITION
             new_scores = new_scores.masked_fill(pad, float("-inf"))
         self.scores = new_scores if self.scores is None else torch.cat((self.scores, new_scores), dim=-1)
         self._last_logprobs = logprobs[:, -1]
+        frozen = next((layer for layer in self.layers if getattr(layer, "_frozen", False)), None)
+        if frozen is not None:  # the layers froze in this forward: the scores move into slots of their buffers
+            free = frozen.keys.shape[-2] - self.scores.shape[-1]
+            self.scores = torch.nn.functional.pad(self.scores, (0, free), value=float("-inf"))
+            self._last_logprobs = self._last_logprobs.clone()
+            for tensor in (self.scores, self._last_logprobs):
+                torch._dynamo.mark_static_address(tensor)
+            self._static_scores = True
+
+    def thaw_scores(self, positions: torch.Tensor) -> None:
+        """Back to one score per stored slot, in the order :meth:`StaticSlots.thaw` gives the slots
+        (``positions`` ``[batch, 1, capacity]`` of a static layer; a no-op once done)."""
+        if not self._static_scores:
+            return
+        order = positions[:, 0].sort(dim=-1, stable=True).indices  # pads and free slots first, then by position
+        common = int((positions[:, 0] == PAD_POSITION).sum(-1).min())
+        self.scores = self.scores.gather(1, order[:, common:])
+        self._static_scores = False
 
     def eviction_plan(self, seen: int, num_new: int, positions: torch.Tensor):
         """The slots every layer keeps before a forward of ``num_new`` tokens (memoised per forward)."""
@@ -235,6 +322,7 @@ class SirLLMCache(ModelHookedCache, LongMemCache):
     def reset(self):
         super().reset()
         self.scores = self._last_logprobs = self._plan_key = self._plan = None
+        self._static_scores = False
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)

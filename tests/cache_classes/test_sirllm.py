@@ -177,3 +177,34 @@ def test_forwards_of_other_caches_are_not_scored():
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SirLLMCache(**kwargs)
+
+
+@pytest.mark.parametrize("position_mode", ["shift", "true"])
+def test_static_layout_equals_the_dynamic_one_over_turns_with_a_padded_batch(position_mode):
+    """static=True: the same tokens and logits as static=False over two turns (the second one evicts, then shifts
+    the kept keys), the same kept slots and scores once thawed, and capacity overflow refused."""
+    model = tiny_model("llama_gqa")
+    ids, mask = random_ids(2, 30), torch.ones(2, 30, dtype=torch.long)
+    ids[1, :5], mask[1, :5] = 0, 0
+    options = dict(entropy_size=12, start_size=2, recent_size=3, position_mode=position_mode)
+    dynamic = make_cache("sirllm", model, **options)
+    static = make_cache("sirllm", model, static=True, max_new_tokens=6, **options)
+    assert static.is_compileable and not dynamic.is_compileable
+    turn, turn_mask = ids, mask
+    for _ in range(2):
+        kwargs = dict(attention_mask=turn_mask, pad_token_id=0, max_new_tokens=6)
+        want_seq, want_logits = greedy(model, turn, dynamic, **kwargs)
+        got_seq, got_logits = greedy(model, turn, static, **kwargs)
+        assert torch.equal(got_seq, want_seq)
+        # the same attended tokens in ring order vs position order: float32 softmax sums in another order
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        turn = torch.cat((want_seq, random_ids(2, 7, seed=9)), dim=1)
+        turn_mask = torch.cat((turn_mask, torch.ones(2, turn.shape[1] - turn_mask.shape[1], dtype=torch.long)), 1)
+    assert dynamic.layers[0]._evicted  # the second turn evicted
+    static.layers[0].thaw()  # back to the dynamic layout: the same slots and scores
+    assert torch.equal(static.layers[0].positions, dynamic.layers[0].positions)
+    torch.testing.assert_close(static.scores, dynamic.scores, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        make_cache("sirllm", model, static=True)
+    with pytest.raises(RuntimeError, match="capacity exceeded"):
+        greedy(model, ids, make_cache("sirllm", model, static=True, max_new_tokens=2, **options), max_new_tokens=4)
