@@ -37,6 +37,8 @@ from hf_longmem import make_cache  # noqa: E402
 METHODS = {
     "streaming": lambda args: dict(budget=args.budget, sink_size=4),
     "h2o": lambda args: dict(budget=args.budget),
+    # every layer evicts and merges; the static layout needs the first eviction at the end of the prefill
+    "d2o": lambda args: dict(budget=args.budget, uncompressed_layers=[], first_eviction="prefill"),
     "snapkv": lambda args: dict(budget=args.budget, window_size=32),
     "pyramidkv": lambda args: dict(budget=args.budget, window_size=32),
     "kvmerger": lambda args: dict(budget=args.budget, window_size=32),

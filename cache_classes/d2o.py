@@ -52,16 +52,24 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.merging import _EPS as MERGE_EPS
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION, tensor_version
-from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, causal_head_column_sums
+from hf_longmem.memory.scoring import (
+    QUERY_CHUNK,
+    allowed_mask,
+    attention_probs,
+    causal_head_column_sums,
+    column_scores,
+)
 from hf_longmem.registry import register_cache
-from hf_longmem.validation import check_int, check_ratio, check_real
+from hf_longmem.validation import check_choice, check_int, check_ratio, check_real
 
 from .base import LongMemCache, gather_slots, keep_plan
 from .h2o import H2OLayer
-from .scored import ScoredLayer
+from .scored import ScoredLayer, feature_column_scores
+from .static import StaticSlots, append_static_options, check_static_layers, lowest_priority_slot
 
 #: The least positive float32 (a subnormal): ``s > 0`` iff ``s >= SMALLEST_POSITIVE``.
 SMALLEST_POSITIVE = 2.0**-149
@@ -229,10 +237,30 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class _D2OGroup:
     """Cache-level state: the D2O layers (in order) and the options every layer needs to size itself."""
 
-    def __init__(self, budget: int, recent_ratio: float, num_sink: int, alpha: float, beta: float):
+    def __init__(
+        self,
+        budget: int,
+        recent_ratio: float,
+        num_sink: int,
+        alpha: float,
+        beta: float,
+        first_eviction: str = "decode",
+    ):
         self.budget, self.recent_ratio, self.num_sink = budget, recent_ratio, num_sink
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.first_eviction = alpha, beta, first_eviction
         self.layers: list[D2OLayer] = []
+
+    def evict_after_prefill(self) -> None:
+        """``first_eviction="prefill"``: once the last layer has its prefill statistic, every layer fixes its budget
+        (``N`` = prompt + 1, as at the first decoding step) and evicts and merges down to it from the prefill scores."""
+        for layer in self.layers:
+            layer.fix_budget(extra=1)
+            if layer.compresses():
+                current = (layer.keys, layer.values, layer.positions)
+                layer._kept_no_pads = None
+                stored = layer.compress(*current)
+                if any(new is not old for new, old in zip(stored, current)):
+                    layer.store(*stored, no_pads=layer._kept_no_pads)
 
 
 class D2OLayer(H2OLayer):
@@ -323,11 +351,12 @@ class D2OLayer(H2OLayer):
             self.density = attention_density(self.prefill_sums, real)
         return self.density
 
-    def fix_budget(self) -> None:
-        """Sizes this layer at the first decoding step, from every layer's prefill statistic."""
+    def fix_budget(self, extra: int = 0) -> None:
+        """Sizes this layer at the first decoding step (or at the end of the prefill, counting ``extra`` more tokens),
+        from every layer's prefill statistic."""
         group = self.group
         density = torch.stack([layer.prefill_density().to(self.device) for layer in group.layers], dim=-1)
-        held = self.real_seen.double()  # [b] tokens at the first decoding step (prompt + 1), as the official N
+        held = self.real_seen.double() + extra  # [b] tokens at the first decoding step (prompt + 1), the official N
         ratio = layer_ratios(density, group.budget / held.clamp(min=1))[:, self.group_index]
         heavy = torch.floor(held * ratio * (1 - group.recent_ratio)).long().clamp(min=group.num_sink)
         recent = torch.floor(held * ratio * group.recent_ratio).long().clamp(min=1)
@@ -351,6 +380,14 @@ class D2OLayer(H2OLayer):
         if self._compresses is None or self._compresses[0] is not budget or self._compresses[1] != version:
             self._compresses = (budget, version, bool((budget != UNLIMITED).any()))
         return self._compresses[2]
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        prefill = self.layer_budget is None
+        output = super().attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        group = self.group
+        if prefill and group.first_eviction == "prefill" and self is group.layers[-1]:
+            group.evict_after_prefill()
+        return output
 
     # ------------------------------------------------------------------------------------------ compression
     def target_length(self, num_tokens: int) -> int | torch.Tensor:
@@ -475,6 +512,132 @@ class D2OLayer(H2OLayer):
         self._clear_state()
 
 
+class StaticD2OLayer(StaticSlots, D2OLayer):
+    """:class:`D2OLayer` with a static layout (``static=True``, which needs ``first_eviction="prefill"``).
+
+    The layers freeze together once the last one has evicted after the prefill (:meth:`_D2OGroup.evict_after_prefill`).
+    A layer that evicts holds ``max(budget) + 1`` slots (each row its own budget; ``stored + max_new_tokens`` where
+    some row keeps every token), a layer that keeps every token ``stored + max_new_tokens``. A step of a row holding
+    ``budget + 1`` tokens overwrites, per KV head, the lowest accumulated score outside the sinks and the recent window
+    (the slot the dynamic layer evicted after the previous step, ties to the latest position as there), after merging
+    its KV into the most similar other slot with the EMA threshold of :func:`merge_one`; a row below its budget takes a
+    free slot. The same tokens, merges and thresholds as the dynamic layer (float rounding aside).
+    """
+
+    freezes_in_update = False  # D2O compresses in the attention call
+
+    def __init__(self, *args, max_new_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_new_tokens = max_new_tokens
+        self._evicting = False  # fixed at the freeze: whether some row of this layer evicts
+
+    def freeze(self) -> None:
+        """All layers together, once the budgets are fixed (after the last layer's prefill); a layer thawed for a
+        multi-token step freezes again after its attention."""
+        if self.layer_budget is None:
+            return
+        for layer in self.group.layers:
+            if not layer._frozen:
+                StaticSlots.freeze(layer)
+
+    def capacity(self, stored: int) -> int:
+        if not self.compresses():
+            return stored + self.max_new_tokens
+        budget = self.layer_budget
+        finite = budget[budget != UNLIMITED]
+        capacity = int(finite.max()) + 1
+        if finite.numel() < budget.numel():  # rows that keep every token append
+            capacity = max(capacity, stored + self.max_new_tokens)
+        return capacity
+
+    def freeze_state(self, stored: int, capacity: int) -> None:
+        self._evicting = self.evicts = self.compresses()  # a layer that keeps every token appends (StaticSlots)
+        if self._evicting:
+            self.scores = F.pad(self.scores, (0, capacity - stored))
+            self.tau = self.tau.clone()
+            for tensor in (self.scores, self.tau):
+                torch._dynamo.mark_static_address(tensor)
+        else:
+            self.scores = None
+        self._must_evict: torch.Tensor | None = None
+
+    def next_slot(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[batch, heads, 1]``: the lowest score outside sinks and recent window in a row holding ``budget + 1``
+        tokens, else a free slot (a layer that keeps every token: ``StaticSlots.static_update`` checks there is one)."""
+        free = positions == PAD_POSITION
+        if not self._evicting:
+            return lowest_priority_slot(free.logical_not().long(), positions)[..., None]
+        held = (~free[:, :1]).sum(-1, keepdim=True)  # [b, 1, 1]
+        must = held > self.layer_budget[:, None, None]  # [b, 1, 1]
+        recent = positions >= (self.real_seen - self.recent_budget)[:, None, None]
+        sink = (positions >= 0) & (positions < self.group.num_sink)
+        priority = self.scores.masked_fill(recent | sink, float("inf"))
+        # a row at its budget must evict: its free slots (rows keeping every token) are never chosen then
+        priority = torch.where(free, torch.where(must, float("inf"), float("-inf")), priority)
+        self._must_evict = must
+        return lowest_priority_slot(priority, positions)[..., None]
+
+    def static_update(self, key_states, value_states, attn_kwargs):
+        if self._evicting:  # rows that keep every token need a free slot
+            free = (self._positions[:, :1] == PAD_POSITION).any(dim=-1)
+            torch._assert_async((free | (self.layer_budget[:, None] != UNLIMITED)).all(), CAPACITY_EXCEEDED)
+        return super().static_update(key_states, value_states, attn_kwargs)
+
+    def before_write(self, slot: torch.Tensor) -> None:
+        """Merges the KV of the slot evicted in rows that must evict into its most similar other slot (see
+        :func:`merge_one`: the same arithmetic on the slots of the static buffers)."""
+        if not self._evicting:
+            return
+        keys, values, positions = self.keys, self.values, self._positions
+        head_dim = keys.shape[-1]
+        evicted_keys = keys.gather(2, slot[..., None].expand(-1, -1, 1, head_dim))  # [b, h, 1, d]
+        value_index = slot[..., None].expand(-1, -1, 1, values.shape[-1])
+        evicted_values = values.gather(2, value_index)
+        sim = (_unit(evicted_keys) @ _unit(keys).transpose(-1, -2)).clamp(-1.0, 1.0)[..., 0, :]  # [b, h, capacity]
+        others = positions != PAD_POSITION
+        others = others.scatter(2, slot, False)
+        sim, match = sim.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True)  # [b, h, 1]
+        must = self._must_evict  # [b, 1, 1]
+        batch, heads = slot.shape[:2]
+        mean = sim.sum(dim=(1, 2)) / heads  # [b]
+        tau = torch.where(torch.isnan(self.tau), mean, self.group.alpha * self.tau + self.group.beta * mean)
+        tau = torch.where(must.view(batch), tau, self.tau)
+        self.tau.copy_(tau)
+        merges = must & (sim >= tau.clamp(min=SMALLEST_POSITIVE).view(batch, 1, 1))
+        weight = torch.where(merges, sim, torch.zeros_like(sim))[..., None]  # [b, h, 1, 1]
+        total = 1.0 + weight
+        index = match[..., None].expand(-1, -1, 1, head_dim)
+        merged = (keys.gather(2, index).float() + evicted_keys.float() * weight) / total
+        keys.scatter_(2, index, merged.to(keys.dtype))
+        index = match[..., None].expand(-1, -1, 1, values.shape[-1])
+        merged = (values.gather(2, index).float() + evicted_values.float() * weight) / total
+        values.scatter_(2, index, merged.to(values.dtype))
+
+    def on_write(self, slot: torch.Tensor) -> None:
+        if self._evicting:
+            self.scores.scatter_(2, slot, 0.0)
+
+    def after_attention(self, query, key, valid, call) -> None:
+        if not self._evicting:
+            return
+        module, scaling, dropout, kwargs = call
+        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+        if features.softcap is not None or features.sinks is not None:
+            received = feature_column_scores(query, key, valid, features)
+        else:
+            received = column_scores(query, key, valid, features.scaling)
+        self.scores.add_(received)
+
+    def thaw(self) -> None:
+        # the eviction the dynamic layer made after the previous step merges first (StaticSlots.thaw drops the slot)
+        if self._evicting:
+            self.before_write(self.next_slot(self._positions))
+        super().thaw()
+
+
+CAPACITY_EXCEEDED = "D2OCache (static=True): capacity exceeded, more tokens generated than max_new_tokens"
+
+
 class D2OCache(LongMemCache):
     """D2O: per-layer budgets from prefill attention density, H2O eviction, merging of evicted KVs.
 
@@ -490,6 +653,16 @@ class D2OCache(LongMemCache):
             ``None`` = the paper's ``(0, 1, L - 1)``; ``"auto"`` = the paper's unless that leaves no full-attention
             layer to compress (models of at most 3 layers), then none (what :meth:`options_for_budget` gives). A
             setting that leaves nothing to compress warns: the cache then holds every token, whatever the budget.
+        first_eviction: ``"decode"`` (the paper): budgets are fixed and the cache first evicts at the first decoding
+            step, after it attended to the whole prompt; ``"prefill"``: at the end of the prefill, from the prefill
+            scores alone (the first decoded token attends to the compressed cache; a chunked prefill fixes the
+            budgets after its first chunk). ``None``: ``"prefill"`` with ``static=True``, else ``"decode"``.
+        static: decode into fixed slots overwritten in place (:class:`StaticD2OLayer`,
+            :mod:`~hf_longmem.cache_classes.static`): ``is_compileable``, the same tokens and merges as
+            ``static=False`` with ``first_eviction="prefill"`` (float rounding aside), which it needs: the budgets
+            and the first eviction must be fixed before the compiled decoding steps. Full-attention models.
+        max_new_tokens: slots reserved for generated tokens in the layers (and rows) that keep every token
+            (``static=True`` only); more raises.
         config: the model config (required: every layer's statistic enters every layer's budget).
 
     Example::
@@ -511,8 +684,20 @@ class D2OCache(LongMemCache):
         beta: float = 0.5,
         num_sink: int = 4,
         uncompressed_layers: Iterable[int] | str | None = None,
+        first_eviction: str | None = None,
+        static: bool = False,
+        max_new_tokens: int | None = None,
         config=None,
     ):
+        self.static = append_static_options(static, max_new_tokens)
+        if first_eviction is None:
+            first_eviction = "prefill" if self.static else "decode"
+        first_eviction = check_choice("first_eviction", first_eviction, ("decode", "prefill"))
+        if self.static and first_eviction != "prefill":
+            raise ValueError(
+                "D2OCache(static=True) needs first_eviction='prefill' (the budgets and the first eviction are fixed "
+                "before the compiled decoding steps); the paper's first_eviction='decode' needs static=False"
+            )
         check_int("num_sink", num_sink, low=0)
         if check_int("budget", budget, low=1) <= num_sink:
             raise ValueError(f"`budget` must be an int larger than num_sink={num_sink}, got {budget!r}")
@@ -540,8 +725,16 @@ class D2OCache(LongMemCache):
             )
         self.budget, self.recent_ratio, self.num_sink = budget, recent_ratio, num_sink
         self.alpha, self.beta, self.uncompressed_layers = alpha, beta, uncompressed
-        group = _D2OGroup(budget, float(recent_ratio), num_sink, float(alpha), float(beta))
-        super().__init__(lambda layer_idx: D2OLayer(group, layer_idx, layer_idx in uncompressed), config=config)
+        self.first_eviction, self.max_new_tokens = first_eviction, max_new_tokens
+        group = _D2OGroup(budget, float(recent_ratio), num_sink, float(alpha), float(beta), first_eviction)
+
+        def layer(layer_idx: int) -> D2OLayer:
+            if self.static:
+                return StaticD2OLayer(group, layer_idx, layer_idx in uncompressed, max_new_tokens=max_new_tokens)
+            return D2OLayer(group, layer_idx, layer_idx in uncompressed)
+
+        super().__init__(layer, config=config)
+        check_static_layers(self, self.static)
 
     @classmethod
     def options_for_budget(cls, budget: int) -> dict:
@@ -573,7 +766,15 @@ def _uncompressed_layers(layers: Iterable[int] | None, num_layers: int) -> froze
     return frozenset(idx % num_layers for idx in items)
 
 
-__all__ = ["D2OCache", "D2OLayer", "attention_density", "d2o_merge", "layer_ratios", "query_head_column_sums"]
+__all__ = [
+    "D2OCache",
+    "D2OLayer",
+    "StaticD2OLayer",
+    "attention_density",
+    "d2o_merge",
+    "layer_ratios",
+    "query_head_column_sums",
+]
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).

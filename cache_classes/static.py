@@ -111,6 +111,9 @@ class StaticSlots:
         """
         raise NotImplementedError
 
+    def before_write(self, slot: torch.Tensor) -> None:
+        """Reads the slots ``[batch, heads, 1]`` a step is about to overwrite (D2O merges the evicted KV)."""
+
     def on_write(self, slot: torch.Tensor) -> None:
         """Resets per-slot state of the slots ``[batch, heads, 1]`` a step overwrites (H2O's scores)."""
 
@@ -170,7 +173,8 @@ class StaticSlots:
         common = int((positions == PAD_POSITION).sum(-1).min())
         order = order[..., common:]
         for name in self.slot_state:
-            setattr(self, name, getattr(self, name).gather(2, order))
+            if getattr(self, name) is not None:  # D2O's layers that keep every token keep no scores
+                setattr(self, name, getattr(self, name).gather(2, order))
         keys, values, positions = gather_slots(self.keys, self.values, positions, order)
         self.store(keys, values, positions)
         self.real_seen = self.real_seen.clone()
@@ -199,6 +203,7 @@ class StaticSlots:
                 f"{name} (static=True): capacity exceeded, more tokens generated than max_new_tokens",
             )
         slot = self.next_slot(positions)  # [b, h, 1]
+        self.before_write(slot)
         self.keys.scatter_(2, slot[..., None].expand(-1, -1, 1, head_dim), key_states)
         self.values.scatter_(2, slot[..., None].expand(-1, -1, 1, value_states.shape[-1]), value_states)
         new_position = self.real_seen.to(positions.dtype)[:, None, None].expand(batch, heads, 1)

@@ -200,6 +200,10 @@ def test_chunked_prefill_gives_the_same_statistics_and_budgets():
         (dict(budget=12, num_sink=-1), "num_sink"),
         (dict(budget=12, uncompressed_layers=[2]), "uncompressed_layers"),
         (dict(budget=12, uncompressed_layers=3), "uncompressed_layers"),
+        (dict(budget=12, first_eviction="later"), "first_eviction"),
+        (dict(budget=12, static=True), "max_new_tokens"),
+        (dict(budget=12, max_new_tokens=8), "static=True"),
+        (dict(budget=12, static=True, max_new_tokens=8, first_eviction="decode"), "first_eviction='prefill'"),
     ],
 )
 def test_bad_arguments_name_the_argument(options, match):
@@ -316,3 +320,53 @@ def test_fast_path_is_taken_while_decoding_and_only_at_one_token_over_the_budget
     greedy(model, random_ids(1, 30), cache, max_new_tokens=5)  # a prefill and 4 decoding steps
     # every decoding step but the first (which sizes the layers and evicts many at once)
     assert len(calls) == 3 * len(cache.layers)
+
+
+def test_first_eviction_at_the_prefill_fixes_the_same_budgets_and_evicts_at_once():
+    """first_eviction='prefill': the budgets the paper fixes at the first decoding step (N = prompt + 1), fixed and
+    applied when the prefill ends, from the prefill scores."""
+    model = tiny_model("llama_gqa", num_hidden_layers=4)
+    ids = random_ids(1, 30)
+    paper = make_cache("d2o", model, budget=10)
+    greedy(model, ids, paper, max_new_tokens=2)
+    early = make_cache("d2o", model, budget=10, first_eviction="prefill")
+    with torch.no_grad():
+        model(ids, cache=early)
+    for want, got in zip(paper.layers, early.layers):
+        assert torch.equal(got.layer_budget, want.layer_budget)
+        budget = int(got.layer_budget[0])
+        assert got.keys.shape[-2] == (30 if budget == UNLIMITED else budget)
+    assert early.layers[2].keys.shape[-2] < 30  # layer 2 (the compressed one) evicted in the prefill forward
+
+
+def test_static_layout_equals_the_dynamic_one_with_a_padded_batch():
+    """static=True: the same greedy tokens and logits as static=False (first_eviction='prefill'), per-row budgets and
+    a layer that keeps every token included; thawed, the same kept slots, merged keys and values, scores and merge
+    thresholds; generating past max_new_tokens in a layer that keeps every token raises."""
+    model = tiny_model("llama_gqa", num_hidden_layers=4)
+    ids, mask = random_ids(2, 40), torch.ones(2, 40, dtype=torch.long)
+    ids[1, :6], mask[1, :6] = 0, 0
+    options = dict(budget=12, num_sink=2, uncompressed_layers=[0])
+    kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=10)
+    dynamic = make_cache("d2o", model, first_eviction="prefill", **options)
+    static = make_cache("d2o", model, static=True, max_new_tokens=10, **options)
+    assert static.is_compileable and not dynamic.is_compileable
+    want_seq, want_logits = greedy(model, ids, dynamic, **kwargs)
+    got_seq, got_logits = greedy(model, ids, static, **kwargs)
+    assert torch.equal(got_seq, want_seq)
+    # the same tokens attended in ring order instead of position order: float32 sums in another order
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    budgets = [layer.layer_budget.tolist() for layer in dynamic.layers]
+    assert budgets[0] == [UNLIMITED, UNLIMITED] and any(b[0] != b[1] for b in budgets[1:])  # per-row budgets
+    for want, got in zip(dynamic.layers, static.layers):
+        got.thaw()  # makes the eviction and merge the dynamic layer made after the last step
+        assert torch.equal(got.positions, want.positions)
+        real = want.positions != -1
+        for name in ("keys", "values"):
+            torch.testing.assert_close(getattr(got, name)[real], getattr(want, name)[real], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.tau, want.tau, equal_nan=True)
+        if want.scores is not None:
+            torch.testing.assert_close(got.scores[real], want.scores[real], rtol=1e-4, atol=1e-4)
+    assert dynamic.layers[1].tau.isfinite().all()  # merges happened
+    with pytest.raises(RuntimeError, match="capacity exceeded"):
+        greedy(model, ids, make_cache("d2o", model, static=True, max_new_tokens=4, **options), **kwargs)

@@ -35,6 +35,11 @@ CASES = {
     ),
     "think": ("think", dict(budget=12, window_size=4, key_channel_ratio=0.5), dict(static=True, max_new_tokens=NEW)),
     "kvmerger": ("kvmerger", dict(budget=12, window_size=4, sim_threshold=0.2), dict(static=True, max_new_tokens=NEW)),
+    "d2o": (
+        "d2o",
+        dict(budget=10, num_sink=2, uncompressed_layers=[], first_eviction="prefill"),
+        dict(static=True, max_new_tokens=NEW),
+    ),
     "sirllm": ("sirllm", dict(entropy_size=12, start_size=2, recent_size=3), dict(static=True, max_new_tokens=NEW)),
 }
 
