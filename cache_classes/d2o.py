@@ -20,6 +20,11 @@ Faithful to the official code (AIoT-MLSys-Lab/d2o ``12c99d8``, ``modeling_llama3
 ``budget`` is the average tokens kept per layer, in tokens: at the first decoding step it becomes the paper's ratio
 ``rho = budget / N`` of each row's length.
 
+``first_eviction="prefill"`` fixes the budgets (with the same ``N`` = prompt + 1) and makes the first eviction when the
+prefill ends, from the prefill scores alone, so the first decoded token attends to the compressed cache; the static,
+compileable layout (``static=True``, :class:`StaticD2OLayer`) needs it, since nothing may be sized while the compiled
+decoding steps run.
+
 Deviations from the official code, on purpose:
 
 * merge weights sum to one: ``x_c <- (x_c + sum_e s_e x_e) / (1 + sum_e s_e)``. The official
