@@ -44,7 +44,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +341,10 @@ class DuoAttentionLayer(CompressedLayer):
         self.sink_size, self.recent_size, self.layer_idx = sink_size, recent_size, layer_idx
         self.streaming_keys: torch.Tensor | None = None
         self.streaming_values: torch.Tensor | None = None
-        self.streaming_positions: torch.Tensor | None = None
+        # ring writes whose positions are not stored yet: (last slot written, writes since the positions were
+        # stored), or None (see the ``streaming_positions`` property)
+        self._ring_lazy: tuple[int, int] | None = None
+        self._streaming_positions: torch.Tensor | None = None
         self.retrieval_heads: torch.Tensor | None = None  # [Hr] kv-head indices
         self.streaming_heads: torch.Tensor | None = None  # [Hs]
         self.num_kv_heads = 0
@@ -359,6 +362,32 @@ class DuoAttentionLayer(CompressedLayer):
         self._oldest: int | None = None
 
     # ----------------------------------------------------------------------------------------------- contract
+    @property
+    def streaming_positions(self) -> torch.Tensor | None:
+        """``[batch, 1, m]`` int32 positions of the streaming heads' slots.
+
+        While the ring decodes pad-free rows, its writes do not store positions (nothing reads them: the attention
+        needs no mask); they are stored here when first asked: the ``k``-th latest write holds position
+        ``real_seen - 1 - k`` in every row (one real token per row and step), and the slot the next token overwrites
+        is free once its step has attended.
+        """
+        if self._ring_lazy is not None:
+            last, writes = self._ring_lazy
+            self._ring_lazy = None
+            ring = self.recent_size + 1
+            back = torch.arange(min(writes, ring), device=self._streaming_positions.device)
+            slots = self.sink_size + (last - self.sink_size - back) % ring  # [k]
+            values = (self.real_seen[:, None] - 1 - back).to(torch.int32)  # [b, k]
+            self._streaming_positions[:, 0, slots] = values
+            if not self._pending:
+                self._streaming_positions.select(2, self._oldest).fill_(PAD_POSITION)
+        return self._streaming_positions
+
+    @streaming_positions.setter
+    def streaming_positions(self, value: torch.Tensor | None) -> None:
+        self._streaming_positions = value
+        self._ring_lazy = None
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -412,7 +441,8 @@ class DuoAttentionLayer(CompressedLayer):
         batch, _, num_new, _ = key_states.shape
         first_step = self.get_stored_length() == 0
         position_ids = attn_kwargs.get("position_ids")
-        new_positions, new_pads, self.real_seen = advance_seen(position_ids, self.real_seen, num_new, batch)
+        real_before = self.real_seen
+        new_positions, new_pads, self.real_seen = advance_seen(position_ids, real_before, num_new, batch)
         self.cumulative_length += num_new
         new_positions = slot_positions(new_positions, 1)  # [b, 1, q] int32, once per step for every layer
         retrieval_states, streaming_states = self._split_heads(key_states, value_states)
@@ -421,13 +451,19 @@ class DuoAttentionLayer(CompressedLayer):
             self._steady_appends = 0 if first_step else self._steady_appends + 1
             self.keys = self.append_slots("keys", keys)
             self.values = self.append_slots("values", values)
-            known = self._no_pads  # retrieval heads never drop a slot: appending real tokens keeps what is known
-            self.positions = self.append_slots("positions", new_positions)
-            self._no_pads = False if new_pads else known
+            if num_new == 1 and not new_pads and self._positions is not None:
+                # a real decoded token: its position is the row's count, kept lazily (the base class's tail)
+                if not self._tail_count:
+                    self._tail_start = real_before
+                self._tail_count += 1
+            else:
+                known = self._no_pads  # retrieval heads never drop a slot: appending real tokens keeps what is known
+                self.positions = self.append_slots("positions", new_positions)
+                self._no_pads = False if new_pads else known
         if self.streaming_keys is not None:
             keys, values = streaming_states
             if num_new == 1 and not new_pads and not self._streaming_padded and self._ring_ready():
-                self._ring_write(keys, values, new_positions)
+                self._ring_write(keys, values)
             else:
                 self._unroll_ring()
                 self.streaming_keys = torch.cat((self.streaming_keys, keys), dim=-2)
@@ -472,9 +508,9 @@ class DuoAttentionLayer(CompressedLayer):
             group = query.shape[1] // self.num_kv_heads
             parts = query.split([size * group for size in sizes], dim=1)
             retrieval_part, streaming_part = parts if retrieval_first else parts[::-1]
-        groups = (
-            (self.keys, self.values, self.positions, retrieval_q),
-            (self.streaming_keys, self.streaming_values, self.streaming_positions, streaming_q),
+        groups = (  # positions are read only where a mask is built (both are kept lazily while decoding)
+            (self.keys, self.values, lambda: self.positions, retrieval_q),
+            (self.streaming_keys, self.streaming_values, lambda: self.streaming_positions, streaming_q),
         )
         outputs = []
         for keys, values, positions, query_heads in groups:  # two head groups, not a loop over heads
@@ -506,7 +542,8 @@ class DuoAttentionLayer(CompressedLayer):
             output = output.index_select(2, order)
         self._pending = False
         if self._oldest is not None:  # the ring's oldest token leaves the window now that this step has seen it
-            self.streaming_positions.select(2, self._oldest).fill_(PAD_POSITION)
+            if self._ring_lazy is None:  # else the positions property frees it when asked
+                self._streaming_positions.select(2, self._oldest).fill_(PAD_POSITION)
         else:
             self._truncate_streaming()
         return output, None
@@ -530,7 +567,7 @@ class DuoAttentionLayer(CompressedLayer):
 
     @staticmethod
     def _mask(
-        positions: torch.Tensor,
+        positions: Callable[[], torch.Tensor],
         num_new: int,
         num_keys: int,
         dtype: torch.dtype,
@@ -539,13 +576,14 @@ class DuoAttentionLayer(CompressedLayer):
         sliding_window: int | None = None,
     ):
         """The group's own mask ``[batch, 1, q, n]`` (``None`` where the kernel's causal default is exact), with the
-        model's sliding window by true positions (attention functions take the window from the mask)."""
+        model's sliding window by true positions (attention functions take the window from the mask); ``positions``
+        gives the group's ``[batch, 1, n]`` positions."""
         # no mask where SDPA's own causal default is exact (the caller passes eager=True for a module that is not
         # causal); an eager attention always gets one (some add the mask unconditionally, e.g. ModernBERT)
         plain = not eager and (num_new == 1 or num_new == num_keys)
         if plain and not padded and sliding_window is None:
             return None
-        return slot_mask(positions[:, 0], num_new, dtype if eager else None, sliding_window)
+        return slot_mask(positions()[:, 0], num_new, dtype if eager else None, sliding_window)
 
     def _split_heads(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """``((keys, values), (keys, values))`` of the retrieval and streaming heads ``[batch, H*, q, head_dim]``
@@ -587,9 +625,11 @@ class DuoAttentionLayer(CompressedLayer):
             (self.streaming_positions, self.streaming_positions.new_full((batch, 1, 1), PAD_POSITION)), 2
         )
         self._oldest = self.sink_size + self.recent_size  # the new, free slot
+        ring = torch.arange(self.sink_size, self._oldest + 1, device=self.streaming_keys.device)
+        self._ring_slots = ring[:, None].unbind(0)  # the [1] index of each ring slot, made once
         return True
 
-    def _ring_write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def _ring_write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Writes one decoding token ``[batch, Hs, 1, head_dim]`` over the ring's free slot, in place.
 
         The step then attends to all ``S + R + 1`` slots: the sinks, the ``R`` previous recent tokens and this one,
@@ -597,9 +637,12 @@ class DuoAttentionLayer(CompressedLayer):
         positions were applied by RoPE before the cache).
         """
         slot = self._oldest
-        self.streaming_keys[:, :, slot : slot + 1] = keys
-        self.streaming_values[:, :, slot : slot + 1] = values
-        self.streaming_positions[:, :, slot : slot + 1] = positions
+        index = self._ring_slots[slot - self.sink_size]  # one op per tensor (index_copy_), not a slice and a copy
+        self.streaming_keys.index_copy_(2, index, keys)
+        self.streaming_values.index_copy_(2, index, values)
+        # the position (the row's count) is stored when first asked (the streaming_positions property)
+        lazy = self._ring_lazy
+        self._ring_lazy = (slot, 1 if lazy is None else lazy[1] + 1)
         ring = self.recent_size + 1
         self._oldest = self.sink_size + (slot - self.sink_size + 1) % ring
 
@@ -740,7 +783,7 @@ class StaticDuoAttentionLayer(DuoAttentionLayer):
     def _mask(self, positions, num_new, num_keys, dtype, eager, padded, sliding_window=None):
         if not self._frozen:
             return DuoAttentionLayer._mask(positions, num_new, num_keys, dtype, eager, padded, sliding_window)
-        valid = (positions[:, :1] != PAD_POSITION)[:, :, None, :]  # [b, 1, 1, capacity]
+        valid = (positions()[:, :1] != PAD_POSITION)[:, :, None, :]  # [b, 1, 1, capacity]
         if not eager:
             return valid
         return torch.zeros_like(valid, dtype=dtype).masked_fill(~valid, torch.finfo(dtype).min)
