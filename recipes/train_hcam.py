@@ -20,22 +20,17 @@ import json
 import os
 import sys
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import train_longmem as shared
 from _config import parse_recipe_config
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
-from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.modeling.hcam import HCAMForCausalLM
-from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import full_tensor
 
 ROOT = shared.ROOT
 
@@ -73,85 +68,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     return config, args
 
 
-def train(config: TrainConfig) -> tuple[HCAMForCausalLM, Any, dict[str, Any]]:
-    """Train the branches; returns ``(model, tokenizer, metadata)``."""
-    accelerator = build_accelerator()
-    refuse_sharded(accelerator, "recipes/train_hcam.py", WHOLE_MODEL_RECIPE)
-    set_seed(config.seed)
-    backbone, tokenizer = shared.load_backbone(config.backbone)
-    model = HCAMForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.hcam)
-    long_sequence = config.long_sequence_options()
-    long_sequence.prepare(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, betas=(0.9, 0.98), weight_decay=config.weight_decay
-    )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_rate
-    )
-    # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
-    # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
-    recent: dict[str, deque[bool]] = {name: deque(maxlen=100) for name in config.tasks}
-    history: list[dict[str, Any]] = []
-    tokens_seen, start, cpu_start, steps = 0, time.time(), time.process_time(), 0
-    progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_hcam")
-    model.train()
-    for step, samples in enumerate(mixture.batches(shared.length_schedule(config)), start=1):
-        batch = {
-            k: v.to(accelerator.device)
-            for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
-        }
-        mask = (batch["input_ids"] != tokenizer.pad_token_id).long()  # right padding; pads never enter the memory
-        with long_sequence.step(model) as head:
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
-            loss, exact = shared.weighted_loss(logits, batch, head, long_sequence.chunked_ce)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += int(mask.sum())
-        steps = step
-        for sample, ok in zip(samples, exact.tolist()):
-            recent[sample.task].append(ok)
-        progress.update(1)
-        elapsed, cpu = time.time() - start, time.process_time() - cpu_start
-        out_of_time = cpu > 60 * config.max_cpu_minutes
-        if step % config.log_every == 0 or step == config.max_steps or out_of_time:
-            branches = accelerator.unwrap_model(model).model.branches
-            row = {
-                "step": step,
-                "loss": round(loss.item(), 4),
-                "lr": scheduler.get_last_lr()[0],
-                "length": batch["input_ids"].shape[1],
-                "elapsed_s": round(elapsed, 1),
-                "cpu_s": round(cpu, 1),
-                "answer_exact": {k: round(sum(v) / len(v), 3) for k, v in recent.items() if v},
-                "gates": [round(float(torch.tanh(branch.gate.detach())), 4) for branch in branches],
-            }
-            history.append(row)
-            if accelerator.is_main_process:
-                tqdm.write(json.dumps(row))
-        if out_of_time:
-            break
-    progress.close()
-    unwrapped = accelerator.unwrap_model(model).eval()
-    metadata = {
-        "config": asdict(config),
-        "steps": steps,
-        "tokens_seen": tokens_seen * accelerator.num_processes,
-        "wall_time_s": round(time.time() - start, 1),
-        "cpu_time_s": round(time.process_time() - cpu_start, 1),
-        "trainable_parameters": unwrapped.trainable_parameter_count(),
-        "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
-        "command": " ".join(sys.argv),
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "history": history,
-    }
-    return unwrapped, tokenizer, metadata
+def train(config: TrainConfig) -> tuple[HCAMForCausalLM | None, Any, dict[str, Any]]:
+    """Train the branches; returns ``(model, tokenizer, metadata)`` (LongMem's loop, ``train_longmem.train_wrapper``:
+    ``model`` is ``None`` on processes other than the main one)."""
+
+    def build(backbone):
+        return HCAMForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.hcam)
+
+    def gates(model) -> dict[str, Any]:
+        return {"gates": [round(float(torch.tanh(full_tensor(b.gate.detach()))), 4) for b in model.model.branches]}
+
+    return shared.train_wrapper(config, build, gates, "train_hcam")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -165,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     else:
         model, tokenizer, metadata = train(config)
+        if model is None:  # another process of a distributed run: the main one saves and evaluates
+            return {}
         shared.save(model, tokenizer, output_dir, metadata)
     models: dict[str, tuple[Any, str]] = {"hcam (trained branches)": (model, "hcam")}
     if config.eval["untrained"]:

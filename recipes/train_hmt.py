@@ -40,7 +40,7 @@ from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.hmt import HMTForCausalLM
 from hf_longmem.training import next_token_cross_entropy
-from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import build_accelerator, global_share, global_weight_total, unsharded_model
 
 
 @dataclass
@@ -115,26 +115,34 @@ def weighted_loss(
     prompt_weight: float,
     head: torch.nn.Linear | None = None,
     chunk_size: int = 0,
+    accelerator: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross entropy weighted ``answer_weight`` on answer targets and ``prompt_weight`` on the other
     (non-pad) targets, and per-row answer exactness. With ``chunk_size > 0`` ``logits`` are the final hidden states
     (head bypassed) and the chunked cross entropy of ``head`` is used
     (:func:`hf_longmem.training.next_token_cross_entropy`).
 
-    Rows are right-padded: HMT is causal, so the pads after a row's end never change that row's outputs.
+    Rows are right-padded: HMT is causal, so the pads after a row's end never change that row's outputs. With
+    several processes the weights are normalised over the global batch
+    (:func:`~hf_longmem.training.distributed.global_weight_total`).
     """
     targets = batch["input_ids"][:, 1:]
     ce, predictions = next_token_cross_entropy(logits, targets, head, chunk_size)
     answer = batch["answer_mask"].float()
     weights = answer_weight * answer + prompt_weight * (batch["loss_weights"] > 0).float() * (1 - answer)
     exact = ((predictions == targets) | ~batch["answer_mask"]).all(-1)
-    return (ce * weights).sum() / weights.sum(), exact
+    total = weights.sum() if accelerator is None else global_weight_total(weights.sum(), accelerator)
+    return (ce * weights).sum() / total, exact
 
 
-def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
-    """Wrap the backbone in HMT and train the memory parts; returns ``(model, tokenizer, metadata)``."""
+def train(config: TrainConfig) -> tuple[HMTForCausalLM | None, Any, dict[str, Any]]:
+    """Wrap the backbone in HMT and train the memory parts; returns ``(model, tokenizer, metadata)``, saved to
+    ``output_dir`` (``model`` is ``None`` on processes other than the main one: they take part in training only).
+
+    Under several processes (DDP or FSDP, ``accelerate launch``) every process draws the same global batch of
+    ``tokens_per_batch // length`` samples per process and trains on its share, so a run is the single-process run
+    on the same global batch (``tests/training/test_fsdp.py``)."""
     accelerator = build_accelerator()
-    refuse_sharded(accelerator, "recipes/train_hmt.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.backbone, local_files_only=True)
     backbone = AutoModelForCausalLM.from_pretrained(config.backbone, local_files_only=True, dtype=torch.float32)
@@ -151,13 +159,15 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
     # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
     # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
     model, optimizer = accelerator.prepare(model, optimizer)
+    parameters = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them (clipping reads these)
+    processes = accelerator.num_processes
     stages = config.curriculum or [{"until": 1.0}]
     mixtures = [
         TaskMixture(
             tokenizer,
             config.tasks,
             stage.get("task_options", config.task_options),
-            seed=config.seed + 1000 * index + accelerator.process_index,
+            seed=config.seed + 1000 * index,
         )
         for index, stage in enumerate(stages)
     ]
@@ -170,14 +180,16 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
     for step in range(1, config.max_steps + 1):
         fraction = (step - 1) / config.max_steps
         if config.max_train_seconds:
-            fraction = max(fraction, (time.time() - start) / config.max_train_seconds)
+            fraction = max(fraction, synced_elapsed(accelerator, start) / config.max_train_seconds)
         index = next((i for i, stage in enumerate(stages) if fraction < stage["until"]), len(stages) - 1)
         low, high = (
             stages[index].get("min_length", config.min_length),
             stages[index].get("max_length", config.max_length),
         )
         length = 16 * rng.randint(-(-low // 16), high // 16)
-        samples = [mixtures[index].sample(length) for _ in range(max(1, config.tokens_per_batch // length))]
+        per_process = max(1, config.tokens_per_batch // length)
+        samples = [mixtures[index].sample(length) for _ in range(per_process * processes)]  # the global batch
+        samples = global_share(samples, accelerator)
         batch = {
             k: v.to(accelerator.device)
             for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
@@ -185,22 +197,29 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
         with long_sequence.step(model) as head:
             logits = model(input_ids=batch["input_ids"]).logits
             loss, exact = weighted_loss(
-                logits, batch, config.answer_loss_weight, config.prompt_loss_weight, head, long_sequence.chunked_ce
+                logits,
+                batch,
+                config.answer_loss_weight,
+                config.prompt_loss_weight,
+                head,
+                long_sequence.chunked_ce,
+                accelerator,
             )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_seen += int(batch["input_ids"].numel())
+        real = batch["input_ids"] != tokenizer.pad_token_id
+        tokens_seen += int(accelerator.reduce(real.sum(), reduction="sum"))
         recent = (recent + exact.tolist())[-100:]
         steps = step
         progress.update(1)
-        elapsed = time.time() - start
+        elapsed = synced_elapsed(accelerator, start) if config.max_train_seconds else time.time() - start
         if step % config.log_every == 0 or step == config.max_steps:
             row = {
                 "step": step,
-                "loss": round(loss.item(), 4),
+                "loss": round(accelerator.reduce(loss.detach(), reduction="mean").item(), 6),
                 "answer_exact_recent": round(sum(recent) / len(recent), 3),
                 "length": batch["input_ids"].shape[1],
                 "stage": index,
@@ -213,11 +232,15 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
         if config.max_train_seconds and elapsed > config.max_train_seconds:
             break
     progress.close()
-    model = accelerator.unwrap_model(model)
+    # every process takes part (FSDP gathers the shards); the main process gets the whole model
+    model = unsharded_model(accelerator, model)
+    if model is None:
+        return None, tokenizer, {}
     metadata = {
         "config": asdict(config),
         "steps": steps,
-        "tokens_seen": tokens_seen * accelerator.num_processes,
+        "distributed": {"type": accelerator.distributed_type.value, "num_processes": processes},
+        "tokens_seen": tokens_seen,
         "train_time_s": round(time.time() - start, 1),
         "trainable_parameters": model.trainable_parameter_count(),
         "num_threads": torch.get_num_threads(),
@@ -225,13 +248,21 @@ def train(config: TrainConfig) -> tuple[HMTForCausalLM, Any, dict[str, Any]]:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "history": history,
     }
-    if accelerator.is_main_process:
-        out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return model, tokenizer, metadata
+
+
+def synced_elapsed(accelerator: Any, start: float) -> float:
+    """Seconds since ``start``, the largest over the processes (so that every process picks the same curriculum
+    stage and stops at the same step)."""
+    elapsed = time.time() - start
+    if accelerator.num_processes > 1:
+        elapsed = float(accelerator.gather(torch.tensor([elapsed], device=accelerator.device)).max())
+    return elapsed
 
 
 @torch.no_grad()
@@ -343,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     else:
         model, tokenizer, metadata = train(config)
+        if model is None:  # another process of a distributed run: the main one evaluates
+            return {}
     backbone = None
     if config.eval_backbone:
         backbone = AutoModelForCausalLM.from_pretrained(config.backbone, local_files_only=True, dtype=torch.float32)

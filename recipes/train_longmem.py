@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,13 @@ from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.longmem import LongMemForCausalLM
 from hf_longmem.training import next_token_cross_entropy
-from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import (
+    build_accelerator,
+    full_tensor,
+    global_share,
+    global_weight_total,
+    unsharded_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,16 +136,22 @@ def length_schedule(config: TrainConfig) -> Iterator[tuple[int, int]]:
 
 
 def weighted_loss(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], head: torch.nn.Linear | None = None, chunk_size: int = 0
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    head: torch.nn.Linear | None = None,
+    chunk_size: int = 0,
+    accelerator: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted next-token cross entropy (weights of :func:`collate`) and per-row answer exactness ``[b]``; with
     ``chunk_size > 0`` ``logits`` are the final hidden states and ``head``'s chunked cross entropy is used
-    (:func:`hf_longmem.training.next_token_cross_entropy`)."""
+    (:func:`hf_longmem.training.next_token_cross_entropy`). With several processes the weights are normalised over
+    the global batch (:func:`~hf_longmem.training.distributed.global_weight_total`)."""
     targets = batch["input_ids"][:, 1:]
     ce, predictions = next_token_cross_entropy(logits, targets, head, chunk_size)
     weights = batch["loss_weights"]
     exact = ((predictions == targets) | ~batch["answer_mask"]).all(-1)
-    return (ce * weights).sum() / weights.sum(), exact
+    total = weights.sum() if accelerator is None else global_weight_total(weights.sum(), accelerator)
+    return (ce * weights).sum() / total, exact
 
 
 def load_backbone(path: str) -> tuple[Any, Any]:
@@ -148,13 +160,38 @@ def load_backbone(path: str) -> tuple[Any, Any]:
     return backbone, tokenizer
 
 
-def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]:
-    """Train the SideNet; returns ``(model, tokenizer, metadata)``."""
+def train(config: TrainConfig) -> tuple[LongMemForCausalLM | None, Any, dict[str, Any]]:
+    """Train the SideNet; returns ``(model, tokenizer, metadata)`` (see :func:`train_wrapper`)."""
+
+    def build(backbone):
+        return LongMemForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.longmem)
+
+    def gate(model) -> dict[str, Any]:
+        return {"gate": torch.sigmoid(full_tensor(model.model.memory_gate_logits())).tolist()}
+
+    return train_wrapper(config, build, gate, "train_longmem")
+
+
+def train_wrapper(
+    config: TrainConfig, build: Callable[[Any], Any], gate: Callable[[Any], dict[str, Any]], name: str
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train the memory branch of a wrapper around the frozen backbone (LongMem's SideNet, HCAM's branches).
+
+    Args:
+        build: the wrapper model from the loaded backbone.
+        gate: the logged gate values of the (unwrapped, possibly sharded) model; every process calls it.
+        name: the progress bar's name.
+
+    Returns:
+        ``(model, tokenizer, metadata)``; ``model`` is ``None`` on processes other than the main one (they take part
+        in training only). Under several processes (DDP or FSDP, ``accelerate launch``) every process draws the same
+        global batch of ``tokens_per_batch // length`` samples per process and trains on its share, so a run is the
+        single-process run on the same global batch (``tests/training/test_fsdp.py``).
+    """
     accelerator = build_accelerator()
-    refuse_sharded(accelerator, "recipes/train_longmem.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     backbone, tokenizer = load_backbone(config.backbone)
-    model = LongMemForCausalLM.from_backbone(backbone, backbone_name_or_path=config.backbone, **config.longmem)
+    model = build(backbone)
     long_sequence = config.long_sequence_options()
     long_sequence.prepare(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -167,43 +204,52 @@ def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]
     # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
     # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
     model, optimizer = accelerator.prepare(model, optimizer)
-    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed + accelerator.process_index)
+    trainable = [
+        p for p in model.parameters() if p.requires_grad
+    ]  # FSDP replaces the parameters (clipping reads these)
+    mixture = TaskMixture(tokenizer, config.tasks, config.task_options, seed=config.seed)
+    processes = accelerator.num_processes
+    schedule = ((length, size * processes) for length, size in length_schedule(config))  # global batches
     recent: dict[str, deque[bool]] = {name: deque(maxlen=100) for name in config.tasks}
     history: list[dict[str, Any]] = []
     tokens_seen, start, cpu_start, steps = 0, time.time(), time.process_time(), 0
-    progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_longmem")
+    progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc=name)
     model.train()
-    for step, samples in enumerate(mixture.batches(length_schedule(config)), start=1):
+    for step, samples in enumerate(mixture.batches(schedule), start=1):
+        samples = global_share(samples, accelerator)
         batch = {
             k: v.to(accelerator.device)
             for k, v in collate(samples, tokenizer.pad_token_id, config.answer_loss_weight).items()
         }
-        mask = (batch["input_ids"] != tokenizer.pad_token_id).long()  # right padding; pads never enter the bank
+        mask = (batch["input_ids"] != tokenizer.pad_token_id).long()  # right padding; pads never enter the memory
         with long_sequence.step(model) as head:
             logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
-            loss, exact = weighted_loss(logits, batch, head, long_sequence.chunked_ce)
+            loss, exact = weighted_loss(logits, batch, head, long_sequence.chunked_ce, accelerator)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_seen += int(mask.sum())
+        tokens_seen += int(accelerator.reduce(mask.sum(), reduction="sum"))
         steps = step
         for sample, ok in zip(samples, exact.tolist()):
             recent[sample.task].append(ok)
         progress.update(1)
         elapsed, cpu = time.time() - start, time.process_time() - cpu_start
         out_of_time = cpu > 60 * config.max_cpu_minutes
+        if processes > 1:  # every process stops at the same step (any one out of CPU time stops them all)
+            flag = torch.tensor(float(out_of_time), device=accelerator.device)
+            out_of_time = bool(accelerator.reduce(flag, reduction="sum") > 0)
         if step % config.log_every == 0 or step == config.max_steps or out_of_time:
             row = {
                 "step": step,
-                "loss": round(loss.item(), 4),
+                "loss": round(accelerator.reduce(loss.detach(), reduction="mean").item(), 6),
                 "lr": scheduler.get_last_lr()[0],
                 "length": batch["input_ids"].shape[1],
                 "elapsed_s": round(elapsed, 1),
                 "cpu_s": round(cpu, 1),
                 "answer_exact": {k: round(sum(v) / len(v), 3) for k, v in recent.items() if v},
-                "gate": torch.sigmoid(accelerator.unwrap_model(model).model.memory_gate_logits()).tolist(),
+                **gate(accelerator.unwrap_model(model)),
             }
             history.append(row)
             if accelerator.is_main_process:
@@ -211,11 +257,16 @@ def train(config: TrainConfig) -> tuple[LongMemForCausalLM, Any, dict[str, Any]]
         if out_of_time:
             break
     progress.close()
-    unwrapped = accelerator.unwrap_model(model).eval()
+    # every process takes part (FSDP gathers the shards); the main process gets the whole model
+    unwrapped = unsharded_model(accelerator, model)
+    if unwrapped is None:
+        return None, tokenizer, {}
+    unwrapped.eval()
     metadata = {
         "config": asdict(config),
         "steps": steps,
-        "tokens_seen": tokens_seen * accelerator.num_processes,
+        "distributed": {"type": accelerator.distributed_type.value, "num_processes": processes},
+        "tokens_seen": tokens_seen,
         "wall_time_s": round(time.time() - start, 1),
         "cpu_time_s": round(time.process_time() - cpu_start, 1),
         "trainable_parameters": unwrapped.trainable_parameter_count(),
@@ -356,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     else:
         model, tokenizer, metadata = train(config)
+        if model is None:  # another process of a distributed run: the main one saves and evaluates
+            return {}
         save(model, tokenizer, output_dir, metadata)
     models: dict[str, tuple[Any, str]] = {"longmem (trained SideNet)": (model, "longmem")}
     if config.eval["untrained"]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -30,11 +31,16 @@ __all__ = [
     "WHOLE_MODEL_RECIPE",
     "build_accelerator",
     "full_state_dict",
+    "full_tensor",
+    "global_share",
+    "global_weight_total",
     "is_sharded",
     "refuse_sharded",
     "unsharded_model",
 ]
 
+
+T = TypeVar("T")
 
 #: why a recipe that saves and evaluates the whole model on the main process refuses FSDP (see ``refuse_sharded``)
 WHOLE_MODEL_RECIPE = (
@@ -107,6 +113,36 @@ def refuse_sharded(accelerator: Accelerator, what: str, why: str) -> None:
             f"{what} cannot run under {accelerator.distributed_type.value}: {why}. Use DDP "
             "(accelerate launch --config_file recipes/configs/accelerate/ddp.yaml ...) or one process"
         )
+
+
+def global_share(samples: Sequence[T], accelerator: Accelerator) -> list[T]:
+    """This process's contiguous share of a global batch that every process drew alike (the same seed).
+
+    Drawing the whole global batch everywhere and splitting it makes ``N`` processes with ``B / N`` samples each see
+    exactly what one process with ``B`` samples sees, so a sharded run can be checked against a single-process one.
+    """
+    count, index = accelerator.num_processes, accelerator.process_index
+    if len(samples) % count:
+        raise ValueError(f"a global batch of {len(samples)} samples does not split over {count} processes")
+    share = len(samples) // count
+    return list(samples[index * share : (index + 1) * share])
+
+
+def global_weight_total(total: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """The denominator of a per-process weighted loss that makes DDP's / FSDP's gradient *mean* over processes the
+    gradient of the whole global batch's weighted mean: the processes' weight totals summed, divided by their count.
+    (Every process must call it.)"""
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total.detach(), reduction="sum") / accelerator.num_processes
+    return total
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter (FSDP2's ``DTensor``) gathered whole, for logging; any other tensor as it is. Under FSDP
+    every process must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -130,7 +130,8 @@ class HCAMBranch(nn.Module):
         self.key = nn.Linear(hidden_size, memory_hidden_size)
         self.value = nn.Linear(hidden_size, memory_hidden_size)
         self.output = nn.Linear(memory_hidden_size, hidden_size)
-        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        # one element, not a 0-dim scalar: FSDP2 (fully_shard) shards only parameters of at least one dimension
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.reset_parameters()
 
     @torch.no_grad()

@@ -41,33 +41,53 @@ from hf_longmem.modeling.remote_code import RemoteCodeMixin
 
 
 @contextmanager
-def _capture_layer_outputs(backbone):
-    """Collect the output of every decoder layer (``h_1 .. h_L``, before the final norm) during a forward."""
+def _capture_layer_outputs(backbone, retrieval_layer: int | None = None):
+    """Collect the output of every decoder layer (``h_1 .. h_L``, before the final norm) during a forward, and the
+    ``k_proj`` / ``v_proj`` outputs of decoder layer ``retrieval_layer`` (``{"k_proj": .., "v_proj": ..}``)."""
     states: list[torch.Tensor] = []
+    projections: dict[str, torch.Tensor] = {}
 
     def keep(module, args, output):
         states.append(output[0] if isinstance(output, tuple) else output)
 
+    def projection(name: str):
+        def hook(module, args, output):
+            projections[name] = output
+
+        return hook
+
     hooks = [layer.register_forward_hook(keep) for layer in backbone.model.layers]
+    if retrieval_layer is not None:
+        attention = backbone.model.layers[retrieval_layer].self_attn
+        hooks += [getattr(attention, name).register_forward_hook(projection(name)) for name in ("k_proj", "v_proj")]
     try:
-        yield states
+        yield states, projections
     finally:
         for hook in hooks:
             hook.remove()
 
 
-def backbone_hidden_states(backbone, input_ids, inputs_embeds, **kwargs) -> list[torch.Tensor]:
-    """``[h_0, h_1, ..., h_L]``: the embeddings and every decoder layer's output, each ``[b, T, D]``.
+def backbone_hidden_states(
+    backbone, input_ids, inputs_embeds, retrieval_layer: int | None = None, head_dim: int = 0, **kwargs
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """``([h_0, h_1, ..., h_L], memory)``: the embeddings and every decoder layer's output, each ``[b, T, D]``, and
+    with ``retrieval_layer`` its un-rotated keys and values ``[b, Hkv, T, head_dim]`` (the memory LongMem stores).
 
-    ``kwargs`` go to ``backbone.model`` (mask, positions, cache).
+    The keys and values are the layer's own ``k_proj`` / ``v_proj`` outputs of this forward (captured, not
+    recomputed: under FSDP a decoder layer's weights are whole only inside its forward). ``kwargs`` go to
+    ``backbone.model`` (mask, positions, cache).
     """
     if inputs_embeds is None:
         inputs_embeds = backbone.get_input_embeddings()(input_ids)
-    with _capture_layer_outputs(backbone) as states:
+    with _capture_layer_outputs(backbone, retrieval_layer) as (states, projections):
         backbone.model(inputs_embeds=inputs_embeds, **kwargs)
     if len(states) != len(backbone.model.layers):
         raise ValueError(f"captured {len(states)} layer outputs for {len(backbone.model.layers)} backbone layers")
-    return [inputs_embeds, *states]
+    memory = None
+    if retrieval_layer is not None:
+        b, t, _ = inputs_embeds.shape
+        memory = tuple(projections[name].view(b, t, -1, head_dim).transpose(1, 2) for name in ("k_proj", "v_proj"))
+    return [inputs_embeds, *states], memory
 
 
 class _RetrievedChunks:
@@ -193,15 +213,6 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         return LongMemBankCache(self.config)
 
     # ------------------------------------------------------------------------------------------------ internals
-    def retrieval_keys_values(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-rotated keys/values ``[b, Hkv, T, d]`` of the retrieval layer for its input ``hidden [b, T, D]``."""
-        layer = self.backbone.model.layers[self.config.retrieval_layer_index]
-        normed = layer.input_layernorm(hidden)
-        b, t, _ = hidden.shape
-        keys = layer.self_attn.k_proj(normed).view(b, t, -1, self.layers[0].self_attn.head_dim).transpose(1, 2)
-        values = layer.self_attn.v_proj(normed).view(b, t, -1, self.layers[0].self_attn.head_dim).transpose(1, 2)
-        return keys, values
-
     def _backbone_context(self):
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         return torch.no_grad() if frozen else nullcontext()
@@ -215,16 +226,17 @@ class LongMemModel(BackboneEmbeddingsMixin, LongMemPreTrainedModel):
         before = 0 if past_mask is None else past_mask.long().sum(dim=1, keepdim=True)
         positions = (before + mask.long().cumsum(dim=1) - 1).clamp(min=0)
         with self._backbone_context():
-            hidden = backbone_hidden_states(
+            hidden, (mem_keys, mem_values) = backbone_hidden_states(
                 self.backbone,
                 input_ids,
                 inputs_embeds,
+                retrieval_layer=self.config.retrieval_layer_index,
+                head_dim=self.layers[0].self_attn.head_dim,
                 attention_mask=full_mask.long(),
                 position_ids=positions,
                 cache=cache.backbone_cache,
                 use_cache=True,
             )
-            mem_keys, mem_values = self.retrieval_keys_values(hidden[self.config.retrieval_layer_index])
         r = self.config.layer_reduction_factor
         fill, t = full_mask.shape[1] - mask.shape[1], mask.shape[1]
         # Local causal mask over the segment so far; a query may always see itself (padding rows stay finite).
@@ -479,8 +491,15 @@ class LongMemForCausalLM(BackboneWrapperMixin, LongMemPreTrainedModel, Generatio
             for start in range(0, ids.shape[1], self.config.segment_length):
                 piece = ids[:, start : start + self.config.segment_length]
                 positions = torch.arange(piece.shape[1], device=device)[None]
-                states = backbone_hidden_states(self.backbone, piece, None, position_ids=positions, use_cache=False)
-                keys, values = self.model.retrieval_keys_values(states[self.config.retrieval_layer_index])
+                _, (keys, values) = backbone_hidden_states(
+                    self.backbone,
+                    piece,
+                    None,
+                    retrieval_layer=self.config.retrieval_layer_index,
+                    head_dim=self.model.layers[0].self_attn.head_dim,
+                    position_ids=positions,
+                    use_cache=False,
+                )
                 bank.write(keys, values)
         bank.flush()
         if batch_size > 1:
