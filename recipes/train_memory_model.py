@@ -61,7 +61,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from hf_longmem.evals.recall import RECALL_TASKS, RecallMixture, collate_recall, evaluate_recall
 from hf_longmem.evals.vocab import build_tokenizer
 from hf_longmem.training import next_token_cross_entropy
-from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import build_accelerator, global_share, global_weight_total, unsharded_model
 
 
 @dataclass
@@ -153,7 +153,11 @@ def build_model(model_spec: dict[str, Any], tokenizer: Any, seed: int) -> Any:
 
 
 def recall_loss(
-    output: Any, batch: dict[str, torch.Tensor], head: torch.nn.Linear | None = None, chunk_size: int = 0
+    output: Any,
+    batch: dict[str, torch.Tensor],
+    head: torch.nn.Linear | None = None,
+    chunk_size: int = 0,
+    accelerator: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted next-token cross entropy and, per sample, answer hits and answer counts.
 
@@ -163,6 +167,8 @@ def recall_loss(
         batch: :func:`hf_longmem.evals.recall.collate_recall` output.
         head: the LM head (``chunk_size > 0``).
         chunk_size: positions per chunk of the chunked cross entropy (``0``: from full logits).
+        accelerator: with several processes, the weights are normalised over the global batch
+            (:func:`~hf_longmem.training.distributed.global_weight_total`).
 
     Returns:
         ``(loss, hits [batch], answers [batch])``.
@@ -170,7 +176,8 @@ def recall_loss(
     targets = batch["input_ids"][:, 1:]
     ce, predictions = next_token_cross_entropy(output.logits, targets, head, chunk_size)
     weights, answer = batch["loss_weights"], batch["answer_mask"]
-    loss = (ce * weights).sum() / weights.sum().clamp_min(1e-9)
+    total = weights.sum() if accelerator is None else global_weight_total(weights.sum(), accelerator)
+    loss = (ce * weights).sum() / total.clamp_min(1e-9)
     hits = ((predictions == targets) & answer).sum(-1)
     return loss, hits, answer.sum(-1)
 
@@ -248,13 +255,16 @@ def reevaluate(config: MemoryTrainConfig) -> dict[str, Any]:
 
 
 def train(config: MemoryTrainConfig) -> dict[str, Any]:
-    """Run the recipe (or only its evaluation, ``eval_only``); returns the ``results.json`` content."""
+    """Run the recipe (or only its evaluation, ``eval_only``); returns the ``results.json`` content (``{}`` on the
+    processes of a distributed run other than the main one, which evaluates and saves).
+
+    Every process draws the same global batch of ``batch_size`` samples per process and trains on its share, so a run
+    of N processes is the one-process run on the same global batch (``tests/training/test_fsdp.py``)."""
     validate(config)
     if config.eval_only:
         return reevaluate(config)
     torch.set_num_threads(config.num_threads)
     accelerator = build_accelerator()
-    refuse_sharded(accelerator, "recipes/train_memory_model.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     tokenizer = build_tokenizer()
     model = build_model(config.model, tokenizer, config.seed)
@@ -270,8 +280,11 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
     # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
     model, optimizer = accelerator.prepare(model, optimizer)
-    mixture = RecallMixture(tokenizer, config.tasks, seed=config.seed + accelerator.process_index)
-    batches = mixture.batches(config.batch_size, config.seq_length)
+    # every process draws the same global batch and trains on its share (a run of N processes is the one-process run
+    # on the same global batch; MoM's auxiliary load-balancing loss is each share's own, as under any data parallelism)
+    processes = accelerator.num_processes
+    mixture = RecallMixture(tokenizer, config.tasks, seed=config.seed)
+    batches = mixture.batches(config.batch_size * processes, config.seq_length)
     recent_hits: deque[tuple[int, int]] = deque(maxlen=max(1, config.log_every))
     training_tokens = 0
     history: list[dict[str, Any]] = []
@@ -279,13 +292,12 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
     progress = tqdm(total=config.max_steps, disable=not accelerator.is_main_process, desc="train_memory_model")
     model.train()
     for step in range(1, config.max_steps + 1):
-        batch = {
-            k: v.to(accelerator.device) for k, v in collate_recall(next(batches), config.answer_loss_weight).items()
-        }
-        training_tokens += batch["input_ids"].numel()
+        samples = global_share(next(batches), accelerator)
+        batch = {k: v.to(accelerator.device) for k, v in collate_recall(samples, config.answer_loss_weight).items()}
+        training_tokens += batch["input_ids"].numel() * processes
         with long_sequence.step(model) as head:
             output = model(input_ids=batch["input_ids"])
-            loss, hits, answers = recall_loss(output, batch, head, long_sequence.chunked_ce)
+            loss, hits, answers = recall_loss(output, batch, head, long_sequence.chunked_ce, accelerator)
         aux = getattr(output, "aux_loss", None)
         total = loss if aux is None or not config.aux_loss_weight else loss + config.aux_loss_weight * aux
         accelerator.backward(total)
@@ -299,8 +311,8 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
             right, asked = map(sum, zip(*recent_hits))
             row = {
                 "step": step,
-                "loss": round(loss.item(), 4),
-                "aux_loss": None if aux is None else round(float(aux.detach()), 4),
+                "loss": round(accelerator.reduce(loss.detach(), reduction="mean").item(), 6),
+                "aux_loss": None if aux is None else round(float(accelerator.reduce(aux.detach(), "mean")), 4),
                 "train_answer_accuracy": round(right / max(asked, 1), 4),
                 "lr": scheduler.get_last_lr()[0],
                 "elapsed_s": round(time.time() - start, 1),
@@ -311,7 +323,10 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
                 tqdm.write(json.dumps(row))
     progress.close()
     train_time = time.time() - start
-    unwrapped = accelerator.unwrap_model(model)
+    # every process takes part (FSDP gathers the shards); the main process evaluates and saves the whole model
+    unwrapped = unsharded_model(accelerator, model)
+    if unwrapped is None:
+        return {}
     label = config.eval.get("label") or Path(config.output_dir).name
     eval_start = time.time()
     rows = evaluate(unwrapped, tokenizer, config, label)
@@ -323,7 +338,8 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
             "training_data": "generated recall tasks (hf_longmem.evals.recall): "
             + ", ".join(f"{name} {json.dumps(spec, sort_keys=True)}" for name, spec in config.tasks.items()),
             "training_steps": config.max_steps,
-            "training_tokens": training_tokens * accelerator.num_processes,
+            "training_tokens": training_tokens,
+            "distributed": {"type": accelerator.distributed_type.value, "num_processes": processes},
             "seq_length": config.seq_length,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,
@@ -341,16 +357,14 @@ def train(config: MemoryTrainConfig) -> dict[str, Any]:
         "history": history,
     }
     output_dir = Path(config.output_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if config.save_checkpoint:
-            save_checkpoint(unwrapped, tokenizer, output_dir)
+    if config.save_checkpoint:
+        save_checkpoint(unwrapped, tokenizer, output_dir)
+    write_json_atomic(output_dir / "results.json", results)
+    for row in rows:
+        tqdm.write(json.dumps({k: row[k] for k in ("task", "context_length", "accuracy", "exact", "options")}))
+    if config.publish:
+        results["published"] = publish_checkpoint(unwrapped, tokenizer, results, config.publish)
         write_json_atomic(output_dir / "results.json", results)
-        for row in rows:
-            tqdm.write(json.dumps({k: row[k] for k in ("task", "context_length", "accuracy", "exact", "options")}))
-        if config.publish:
-            results["published"] = publish_checkpoint(unwrapped, tokenizer, results, config.publish)
-            write_json_atomic(output_dir / "results.json", results)
     return results
 
 

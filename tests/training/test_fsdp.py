@@ -1,8 +1,9 @@
 """accelerate's FSDP plugin on CPU: the recipes under two gloo processes with FSDP2 (parameters, gradients and
 optimizer state sharded) reach the losses and weights of one process on the same global batch (the fine-tune of every
 weight in ``recipes/train_longgen.py``; a frozen backbone with LongMem's SideNet, HCAM's branches, HMT's memory and
-LoRA adapters in ``train_longmem.py``, ``train_hcam.py``, ``train_hmt.py``); the continual trainer refuses sharded
-engines naming the strategies that read whole parameters.
+LoRA adapters in ``train_longmem.py``, ``train_hcam.py``, ``train_hmt.py``; Titans trained from scratch in
+``train_memory_model.py``); the continual trainer refuses sharded engines naming the strategies that read whole
+parameters.
 
 Tolerance (float32, eps = 1.19e-7): the two runs differ only in summation order (two half-batch gradients
 reduce-scattered over gloo vs one whole-batch gradient), a relative error of a few eps per gradient entry. AdamW maps
@@ -98,12 +99,43 @@ HMT = {
     "tasks": {"passkey": 1.0},
 }
 
-#: recipe -> (its tiny config, the options of both runs, tokens_per_batch of one process / of each of two processes)
+TITANS = {
+    "seed": 0,
+    "num_threads": 1,
+    "max_steps": 3,
+    "seq_length": 33,
+    "learning_rate": 1.0e-3,
+    "warmup_steps": 1,
+    "log_every": 1,
+    "eval": {"num_samples": 4, "batch_size": 4, "tasks": [{"task": "mqar", "length": 33, "num_pairs": 4}]},
+    "model": {
+        "model_type": "titans",
+        "variant": "mag",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "num_persistent_tokens": 2,
+        "memory_heads": 2,
+        "memory_head_dim": 16,
+        "memory_depth": 2,
+        "memory_expansion": 2,
+        "memory_chunk_size": 8,
+        "tie_word_embeddings": True,
+    },
+    "tasks": {"mqar": {"weight": 1.0, "num_pairs": 4, "length": 33}},
+}
+
+#: recipe -> (its tiny config, the options of both runs, the batch-size option, its value for one process / for each
+#: of two processes)
 RECIPES = {
-    "train_longgen": (LONGGEN, ["--min_length", "128", "--max_length", "128"], 512, 256),
-    "train_longmem": (LONGMEM, [], 512, 256),
-    "train_hcam": (HCAM, [], 512, 256),
-    "train_hmt": (HMT, [], 640, 320),
+    "train_longgen": (LONGGEN, ["--min_length", "128", "--max_length", "128"], "tokens_per_batch", 512, 256),
+    "train_longmem": (LONGMEM, [], "tokens_per_batch", 512, 256),
+    "train_hcam": (HCAM, [], "tokens_per_batch", 512, 256),
+    "train_hmt": (HMT, [], "tokens_per_batch", 640, 320),
+    "train_memory_model": (TITANS, [], "batch_size", 4, 2),  # Titans (MAG), its memory updated inside the forward
 }
 #: Parameters whose gradient is zero in exact arithmetic: an attention key bias adds the same ``q . b`` to every
 #: logit of a query, which the softmax cancels. Their float gradient is rounding noise, which AdamW's update
@@ -132,38 +164,45 @@ def _run(command: list[str], cwd: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def _losses(folder: Path) -> list[float]:
-    return [row["loss"] for row in json.loads((folder / "training_metadata.json").read_text())["history"]]
+def _record(folder: Path) -> tuple[dict, int, list[dict]]:
+    """``(distributed, tokens seen, history)`` of a run (``train_memory_model.py`` keeps them in results.json)."""
+    if (folder / "training_metadata.json").is_file():
+        meta = json.loads((folder / "training_metadata.json").read_text())
+        return meta["distributed"], meta["tokens_seen"], meta["history"]
+    results = json.loads((folder / "results.json").read_text())
+    return results["meta"]["distributed"], results["meta"]["training_tokens"], results["history"]
 
 
 @pytest.mark.skipif(_fsdp2_on_gloo_available() is not None, reason=str(_fsdp2_on_gloo_available()))
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_under_fsdp2_with_two_processes_matches_one(tmp_path, recipe):
-    options, common, one_batch, two_batch = RECIPES[recipe]
+    options, common, batch_option, one_batch, two_batch = RECIPES[recipe]
     script = ROOT / "recipes" / f"{recipe}.py"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(options))
     one, two = tmp_path / "one", tmp_path / "two"
-    # the same global batch: one process with all of it, or two with half each
-    common = ["--config", str(config), *common]
-    _run([sys.executable, str(script), *common, "--tokens_per_batch", str(one_batch), "--output_dir", str(one),
-          "--results", str(one / "r.json")], ROOT)  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG)]
-    _run([*launch, "--num_processes", "2", "--main_process_port", "0", str(script), *common, "--tokens_per_batch",
-          str(two_batch), "--output_dir", str(two), "--results", str(two / "r.json")], ROOT)  # fmt: skip
 
-    meta = [json.loads((d / "training_metadata.json").read_text()) for d in (one, two)]
-    assert meta[0]["distributed"] == {"type": "NO", "num_processes": 1}
-    assert meta[1]["distributed"] == {"type": "FSDP", "num_processes": 2}
-    seen = [m["tokens_seen"] for m in meta]
-    assert seen[0] == seen[1] > 0  # the same samples in both runs
-    a, b = _losses(one), _losses(two)
+    # the same global batch: one process with all of it, or two with half each
+    def options_for(folder: Path, batch: int) -> list[str]:
+        found = ["--config", str(config), *common, f"--{batch_option}", str(batch), "--output_dir", str(folder)]
+        # train_memory_model.py writes its results.json into output_dir; the others also to --results
+        return found if recipe == "train_memory_model" else [*found, "--results", str(folder / "r.json")]
+
+    _run([sys.executable, str(script), *options_for(one, one_batch)], ROOT)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG)]
+    _run([*launch, "--num_processes", "2", "--main_process_port", "0", str(script), *options_for(two, two_batch)], ROOT)
+
+    (engine_one, seen_one, history_one), (engine_two, seen_two, history_two) = _record(one), _record(two)
+    assert engine_one == {"type": "NO", "num_processes": 1}
+    assert engine_two == {"type": "FSDP", "num_processes": 2}
+    assert seen_one == seen_two > 0  # the same samples in both runs
+    a, b = [row["loss"] for row in history_one], [row["loss"] for row in history_two]
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x) + 1e-6, (a, b)
     first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert sorted(first) == sorted(second)
-    noise = 5 * sum(row["lr"] for row in meta[0]["history"])
+    noise = 5 * sum(row["lr"] for row in history_one)
     for name, tensor in first.items():
         atol = noise if ZERO_GRADIENT.search(name) else 1e-5
         torch.testing.assert_close(second[name], tensor, rtol=0, atol=atol, msg=name)
