@@ -84,8 +84,14 @@ def evaluate_task(
     device = device or next(model.parameters()).device
     mine = list(range(process_index, n, num_processes))
     results: list[tuple[int, bool, float, int]] = []
-    for start in range(0, len(mine), batch_size):
+    # every process runs the same number of forwards (a sharded model's forward is collective): the processes with
+    # fewer examples score example 0 once more in their last rounds and drop the result
+    rounds = math.ceil(math.ceil(n / num_processes) / batch_size)
+    for start in range(0, rounds * batch_size, batch_size):
         idx = mine[start : start + batch_size]
+        padding = not idx
+        if padding:
+            idx = [0]
         batch = collate([(task.eval_prompt_ids[i], task.eval_answer_ids[i]) for i in idx], pad_token_id, "answer")
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
@@ -95,6 +101,8 @@ def evaluate_task(
         mask = batch["answer_mask"][:, 1:]
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         correct = ((logits.argmax(-1) == targets) | ~mask).all(-1)
+        if padding:
+            continue
         for row, i in enumerate(idx):
             results.append((i, bool(correct[row]), float(ce[row][mask[row]].sum()), int(mask[row].sum())))
     if num_processes > 1:

@@ -30,7 +30,7 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 
-from hf_longmem.training.distributed import build_accelerator
+from hf_longmem.training.distributed import build_accelerator, is_sharded, unsharded_model
 
 from .base import build_strategy
 from .data import fact_domains, tokenize_task
@@ -166,29 +166,33 @@ def card_description(results: dict[str, Any], config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_final(trainer: ContinualTrainer, path: Path) -> Path:
+def save_final(trainer: ContinualTrainer, path: Path, model: Any = None) -> Path:
     """``save_pretrained`` of the final model (the evaluated weights; a LoRA model saves its adapter) and tokenizer,
-    written to ``path.tmp`` and renamed."""
+    written to ``path.tmp`` and renamed. ``model``: the whole model (:func:`unsharded_model`; default: the trainer's
+    unwrapped model)."""
     import shutil
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with contextlib_exit([s for s in trainer.strategies if s.name == "ilora"]):
-        trainer.unwrapped.save_pretrained(tmp, safe_serialization=True)
+        (trainer.unwrapped if model is None else model).save_pretrained(tmp, safe_serialization=True)
     trainer.tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
 
 
-def publish_result(trainer: ContinualTrainer, results: dict[str, Any], config: dict[str, Any], base_name: str) -> str:
-    """Publish the trained model (or LoRA adapter) with a card stating the task sequence and accuracy matrix."""
+def publish_result(
+    trainer: ContinualTrainer, results: dict[str, Any], config: dict[str, Any], base_name: str, model: Any = None
+) -> str:
+    """Publish the trained model (or LoRA adapter) with a card stating the task sequence and accuracy matrix
+    (``model``: the whole model, default the trainer's unwrapped one)."""
     from hf_longmem.hub import LocalFolderApi, publish
 
     spec = dict(config["publish"])
     if "repo_id" not in spec:
         raise ValueError("publish.repo_id is required")
-    model = trainer.unwrapped
+    model = trainer.unwrapped if model is None else model
     with_ema = [s for s in trainer.strategies if s.name == "ilora" and s.infer_with == "ema"]
     with contextlib_exit(with_ema):
         if config.get("peft") and spec.get("merge_lora", False):
@@ -260,8 +264,13 @@ def run(
     strategies = [build_strategy(s) for s in config.get("strategies") or []]
     if accelerator is None:
         # on CPU-only hosts under `accelerate launch --num_processes N` this is gloo DDP (or FSDP2 with the FSDP
-        # plugin, which the trainer refuses), never N independent single-process runs
+        # plugin), never N independent single-process runs
         accelerator = build_accelerator()
+    if config.get("peft") and is_sharded(accelerator):
+        raise ValueError(
+            "a LoRA (peft) model cannot be gathered from FSDP shards for saving here (unsharded_model rebuilds "
+            "a transformers model from its config): train it with DDP (recipes/configs/accelerate/ddp.yaml)"
+        )
     trainer = ContinualTrainer(model, tokenizer, tasks, strategies, trainer_config, accelerator=accelerator)
     start = time.time()
     results = trainer.train(
@@ -274,13 +283,14 @@ def run(
     results["meta"]["command"] = " ".join(sys.argv)
     results["meta"]["base_model"] = base_name
     results["meta"]["recipe_config"] = config
+    final = unsharded_model(trainer.accelerator, trainer.model)  # every process (FSDP gathers); None off the main
     if trainer.accelerator.is_main_process:
         from .evaluation import write_json_atomic
 
         write_json_atomic(Path(trainer_config.output_dir) / "results.json", results)
-        save_final(trainer, Path(trainer_config.output_dir) / "final")
+        save_final(trainer, Path(trainer_config.output_dir) / "final", final)
     if config.get("publish") and trainer.accelerator.is_main_process:
-        results["published_to"] = publish_result(trainer, results, config, base_name)
+        results["published_to"] = publish_result(trainer, results, config, base_name, final)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return results

@@ -44,7 +44,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_longmem.files import atomic_write_text
-from hf_longmem.training.distributed import build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import build_accelerator, is_sharded, refuse_sharded
 
 from .base import Row, Strategy
 from .data import ContinualTask, collate, epoch_rows, tokenize_task
@@ -228,14 +228,12 @@ class ContinualTrainer:
         self.strategies = list(strategies)
         self.accelerator = accelerator or build_accelerator()
         readers = [s.name for s in self.strategies if s.reads_parameters]
-        refuse_sharded(
-            self.accelerator,
-            "ContinualTrainer",
-            f"the strategies {readers} read or rewrite whole parameters / gradients per shape, which are sharded"
-            if readers
-            else "its evaluation splits examples unevenly over processes (each runs its own generate calls), "
-            "which deadlocks on sharded parameters",
-        )
+        if readers:
+            refuse_sharded(
+                self.accelerator,
+                "ContinualTrainer",
+                f"the strategies {readers} read or rewrite whole parameters / gradients per shape, which are sharded",
+            )
         self.evaluator = ContinualEvaluator(
             self.tasks, self.config.eval_every, self.config.eval_max_examples, self.config.eval_batch_size
         )
@@ -574,11 +572,13 @@ class ContinualTrainer:
         return self.finish(time.time() - start)
 
     @torch.no_grad()
-    def replicas_in_sync(self) -> bool:
+    def replicas_in_sync(self) -> bool | None:
         """Whether every process holds the same weights (strategies that update parameters outside the optimizer
         must do it identically on all processes); compares a float64 checksum of all parameters."""
         if self.accelerator.num_processes == 1:
             return True
+        if is_sharded(self.accelerator):  # one sharded copy, no replicas (reported as None)
+            return None
         total = torch.zeros(1, dtype=torch.float64, device=self.accelerator.device)
         for i, p in enumerate(self.unwrapped.parameters()):
             total += (i + 1) * p.detach().double().sum()

@@ -87,3 +87,28 @@ def test_evaluate_task_exact_match_agrees_with_greedy():
         greedy.append(out[0, len(p) :].tolist() == a[:-1])
     assert 0 < res["accuracy"] < 1 and res["num_examples"] == 8 and res["loss"] > 0
     assert res["accuracy"] == sum(greedy) / len(greedy)
+
+
+def test_evaluate_task_runs_the_same_forwards_on_every_process(monkeypatch):
+    """A sharded model's forward is collective: with 2 processes and 3 examples in batches of 1, the process holding 1
+    example still runs 2 forwards (the extra one discarded), and the gathered results are those of one process."""
+    from hf_longmem.continual import evaluation
+    from tests.continual.util import tiny_model, tiny_tasks, tokenizer
+
+    tok = tokenizer()
+    task = tiny_tasks(1, facts=3)[0]
+    assert len(task.eval_prompt_ids) == 3
+    model = tiny_model()
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    shares = []
+    monkeypatch.setattr(evaluation, "gather_object", lambda results: shares.append(results) or results)
+    for index in range(2):
+        calls.clear()
+        evaluation.evaluate_task(model, task, tok.pad_token_id, batch_size=1, process_index=index, num_processes=2)
+        assert len(calls) == 2, index
+    handle.remove()
+    alone = evaluation.evaluate_task(model, task, tok.pad_token_id, batch_size=1)
+    assert [i for i, *_ in shares[0] + shares[1]] == [0, 2, 1]  # each example once, the padding forward dropped
+    gathered = sorted(set(shares[0] + shares[1]))
+    assert alone["num_examples"] == len(gathered) == 3

@@ -231,9 +231,57 @@ def test_continual_trainer_refuses_fsdp_naming_strategy(fsdp_state, strategy):
         make_trainer([build_strategy({"name": strategy})])
 
 
-def test_continual_trainer_refuses_fsdp_without_strategies(fsdp_state):
-    with pytest.raises(ValueError, match="evaluation splits examples unevenly"):
-        make_trainer([])
+CONTINUAL = {
+    "num_threads": 1,
+    "model": {
+        "config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+        }
+    },
+    "tasks": {"num_tasks": 3, "facts_per_task": 5, "num_digits": 2},
+    "train": {"steps_per_task": 2, "batch_size": 2, "learning_rate": 1.0e-2, "eval_every": 1, "checkpoint_every": 3},
+    "strategies": [{"name": "replay", "ratio": 0.25, "source": "reservoir", "buffer_size": 6}],
+}
+
+
+@pytest.mark.skipif(_fsdp2_on_gloo_available() is not None, reason=str(_fsdp2_on_gloo_available()))
+def test_continual_recipe_under_fsdp2_equals_ddp_and_resumes(tmp_path):
+    """``recipes/continual_finetune.py`` (replay) with two processes: FSDP2 gives DDP's losses, evaluation matrices
+    and final weights (both average the two processes' gradients; 5 evaluation examples split 3 / 2 over the
+    processes, the second one padding its forwards); killed after 4 steps and resumed from its step-3 checkpoint
+    (accelerate's ``save_state`` / ``load_state`` of the shards), it ends where the uninterrupted run ends."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONTINUAL))
+    script = str(ROOT / "recipes" / "continual_finetune.py")
+
+    def launch(engine: str, folder: Path, *extra: str) -> None:
+        config_file = str(ROOT / "recipes" / "configs" / "accelerate" / f"{engine}.yaml")
+        _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--num_processes",
+              "2", "--main_process_port", "0", script, "--config", str(config), "--output_dir", str(folder),
+              *extra], ROOT)  # fmt: skip
+
+    launch("ddp", tmp_path / "ddp")
+    launch("fsdp2", tmp_path / "fsdp", "--stop_after_steps", "4")
+    assert not (tmp_path / "fsdp" / "results.json").exists()
+    launch("fsdp2", tmp_path / "fsdp", "--resume")
+    ddp, fsdp = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("ddp", "fsdp"))
+    assert ddp["meta"]["replicas_in_sync"] is True and fsdp["meta"]["replicas_in_sync"] is None  # one sharded copy
+    a, b = [row["loss"] for row in ddp["train_log"]], [row["loss"] for row in fsdp["train_log"]]
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):  # logged to 5 decimals
+        assert abs(x - y) <= 1e-5 * abs(x) + 1e-5, (a, b)
+    assert fsdp["accuracy_matrix"] == ddp["accuracy_matrix"]
+    torch.testing.assert_close(torch.tensor(fsdp["loss_matrix"]), torch.tensor(ddp["loss_matrix"]), rtol=1e-5, atol=0)
+    first = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    second = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert sorted(first) == sorted(second)
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
 def test_build_accelerator_refuses_fsdp1_on_cpu(monkeypatch):
@@ -244,3 +292,12 @@ def test_build_accelerator_refuses_fsdp1_on_cpu(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="FSDP version 1 cannot run on CPU.*fsdp2.yaml"):
         build_accelerator()
+
+
+def test_continual_lora_run_refuses_fsdp_before_training(fsdp_state, tmp_path):
+    from hf_longmem.continual.recipe import run
+
+    config = {**CONTINUAL, "output_dir": str(tmp_path / "run"), "peft": {"r": 4, "target_modules": ["q_proj"]}}
+    with pytest.raises(ValueError, match="LoRA.*FSDP.*ddp.yaml"):
+        run(config, loss_on="answer", accelerator=fsdp_state)
+    assert not (tmp_path / "run").exists()
