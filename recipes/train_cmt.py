@@ -47,7 +47,7 @@ from hf_longmem.evals.haystack import PromptTooLongError
 from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.cmt import CMTForCausalLM
 from hf_longmem.modeling.cmt.documents import left_pad, split_text
-from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import build_accelerator, global_share, unsharded_model
 
 
 @dataclass
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CMTRecipeConfig, argparse
         )
     if config.max_steps < 1 or config.batch_size < 1:
         raise ValueError(f"max_steps and batch_size must be >= 1, got {config.max_steps}, {config.batch_size}")
+    if config.eval_num_samples < 0:
+        raise ValueError(f"eval_num_samples must be >= 0 (0: no evaluation), got {config.eval_num_samples}")
     return config, args
 
 
@@ -286,13 +288,35 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCausalLM, Any, dict[str, Any]]:
-    """Train the compressor; returns ``(model, tokenizer, training record)``."""
+class MemoryTrainingStep(torch.nn.Module):
+    """:meth:`CMTForCausalLM.memory_training_loss` as a module's ``forward``.
+
+    DDP and FSDP act in the forward of the module they wrap: DDP arms its gradient all-reduce there (a method of the
+    unwrapped model called directly leaves every process with its own gradients) and FSDP gathers the root's
+    parameters there. Wrapping this module makes the recipe's training step that forward.
+    """
+
+    def __init__(self, model: CMTForCausalLM):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's auto-wrap reads the root's
+
+    def forward(self, **kwargs) -> dict[str, torch.Tensor]:
+        return self.model.memory_training_loss(**kwargs)
+
+
+def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCausalLM | None, Any, dict[str, Any]]:
+    """Train the compressor; returns ``(model, tokenizer, training record)`` (``model`` is ``None`` on processes other
+    than the main one).
+
+    Every process draws the same global batch of ``batch_size`` samples per process and trains on its share (under
+    DDP or FSDP, through :class:`MemoryTrainingStep`)."""
     set_seed(config.seed)
     backbone, tokenizer = load_default_model()
     model = CMTForCausalLM.from_backbone(
         backbone, backbone_name_or_path="hf_longmem/assets/tiny-longmem", **config.model
     )
+    step_module = MemoryTrainingStep(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -300,8 +324,10 @@ def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCaus
     )
     # the scheduler stays outside `prepare`: accelerate would step it once per process at every optimizer step,
     # while every process here runs all `max_steps` steps (the schedule would end after max_steps / processes)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    parameters = [p for p in step_module.parameters() if p.requires_grad]  # FSDP replaces them (clipping reads these)
+    unwrapped = accelerator.unwrap_model(step_module).model
+    processes = accelerator.num_processes
     stream = sample_stream(config, tokenizer, unwrapped.config.max_document_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     history, window = [], []
@@ -310,12 +336,12 @@ def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCaus
     unwrapped.backbone.eval()  # frozen: no dropout either
     progress = tqdm(range(1, config.max_steps + 1), desc="train_cmt", disable=not accelerator.is_main_process)
     for step in progress:
-        samples = [next(stream) for _ in range(config.batch_size)]
+        samples = global_share([next(stream) for _ in range(config.batch_size * processes)], accelerator)
         batch = {
             k: v.to(accelerator.device)
             for k, v in make_batch(samples, tokenizer, unwrapped.config.max_document_tokens).items()
         }
-        out = unwrapped.memory_training_loss(
+        out = step_module(
             **batch,
             retrieval_weight=config.retrieval_weight,
             document_weight=config.document_weight,
@@ -327,17 +353,23 @@ def train(config: CMTRecipeConfig, accelerator: Accelerator) -> tuple[CMTForCaus
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append({k: float(v.detach()) for k, v in out.items()})
+        window.append({k: float(accelerator.reduce(v.detach(), reduction="mean")) for k, v in out.items()})
         if step % config.log_every == 0 or step == config.max_steps:
-            row = {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]}
+            row = {k: round(sum(w[k] for w in window) / len(window), 6) for k in window[0]}
             row.update(step=step, lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - start, 1))
             history.append(row)
             window = []
             progress.set_postfix(qa=row["qa_loss"], ret=row["retrieval_accuracy"])
             if accelerator.is_main_process:
                 tqdm.write(json.dumps(row))
+    # every process takes part (FSDP gathers the shards); the main process gets the whole model
+    unwrapped = unsharded_model(accelerator, accelerator.unwrap_model(step_module).model)
+    if unwrapped is None:
+        return None, tokenizer, {}
     record = {
         "steps": config.max_steps,
+        "distributed": {"type": accelerator.distributed_type.value, "num_processes": processes},
+        "samples_seen": config.max_steps * config.batch_size * processes,
         "train_wall_time_s": round(time.time() - start, 1),
         "trainable_parameters": unwrapped.trainable_parameter_count(),
         "total_parameters": sum(p.numel() for p in unwrapped.parameters()),
@@ -378,7 +410,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config, args = parse_args(argv)
     torch.set_num_threads(config.num_threads)
     accelerator = build_accelerator()
-    refuse_sharded(accelerator, "recipes/train_cmt.py", WHOLE_MODEL_RECIPE)
     output_dir = Path(config.output_dir)
     if args.eval_only is not None:
         model = AutoModelForCausalLM.from_pretrained(args.eval_only).eval()
@@ -386,9 +417,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record = json.loads((args.eval_only / "results.json").read_text()).get("meta", {}).get("training", {})
     else:
         model, tokenizer, record = train(config, accelerator)
+        if model is None:  # another process of a distributed run: the main one evaluates and saves
+            return {}
     rows = []
     start = time.time()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and config.eval_num_samples > 0:
         rows = evaluate(model, tokenizer, config)
     meta = {
         "recipe": "recipes/train_cmt.py",
@@ -410,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         temporary = output_dir / "results.json.tmp"
         temporary.write_text(json.dumps(result, indent=2) + "\n")
         temporary.replace(output_dir / "results.json")
-        print(markdown_table(rows))
+        if rows:
+            print(markdown_table(rows))
         if args.publish:
             print(
                 "published:",

@@ -2,7 +2,8 @@
 optimizer state sharded) reach the losses and weights of one process on the same global batch (the fine-tune of every
 weight in ``recipes/train_longgen.py``; a frozen backbone with LongMem's SideNet, HCAM's branches, HMT's memory and
 LoRA adapters in ``train_longmem.py``, ``train_hcam.py``, ``train_hmt.py``; Titans trained from scratch in
-``train_memory_model.py``); the continual trainer refuses sharded engines naming the strategies that read whole
+``train_memory_model.py``; CMT's compressor in ``train_cmt.py``); the continual recipes under FSDP give DDP's run
+and resume from sharded checkpoints; the continual trainer refuses sharded engines naming the strategies that read whole
 parameters.
 
 Tolerance (float32, eps = 1.19e-7): the two runs differ only in summation order (two half-batch gradients
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -128,14 +130,34 @@ TITANS = {
     "tasks": {"mqar": {"weight": 1.0, "num_pairs": 4, "length": 33}},
 }
 
-#: recipe -> (its tiny config, the options of both runs, the batch-size option, its value for one process / for each
-#: of two processes)
+CMT = {
+    **yaml.safe_load((ROOT / "recipes" / "configs" / "cmt.yaml").read_text()),
+    "max_steps": 3,
+    "eval_num_samples": 0,
+    "train_max_length": 384,
+    "log_every": 1,
+}
+
+
+class Recipe(NamedTuple):
+    config: dict  # the tiny config
+    options: list[str]  # command-line options of both runs
+    batch_option: str  # the per-process batch size option
+    one: int  # its value for one process
+    two: int  # its value for each of two processes
+    results_option: bool = True  # the recipe takes --results (the others write results.json into output_dir)
+
+
 RECIPES = {
-    "train_longgen": (LONGGEN, ["--min_length", "128", "--max_length", "128"], "tokens_per_batch", 512, 256),
-    "train_longmem": (LONGMEM, [], "tokens_per_batch", 512, 256),
-    "train_hcam": (HCAM, [], "tokens_per_batch", 512, 256),
-    "train_hmt": (HMT, [], "tokens_per_batch", 640, 320),
-    "train_memory_model": (TITANS, [], "batch_size", 4, 2),  # Titans (MAG), its memory updated inside the forward
+    "train_longgen": Recipe(LONGGEN, ["--min_length", "128", "--max_length", "128"], "tokens_per_batch", 512, 256),
+    "train_longmem": Recipe(LONGMEM, [], "tokens_per_batch", 512, 256),
+    "train_hcam": Recipe(HCAM, [], "tokens_per_batch", 512, 256),
+    "train_hmt": Recipe(HMT, [], "tokens_per_batch", 640, 320),
+    # Titans (MAG), its memory updated inside the forward
+    "train_memory_model": Recipe(TITANS, [], "batch_size", 4, 2, results_option=False),
+    # CMT's step is its memory_training_loss, run as the forward of MemoryTrainingStep. Its QA loss is a token mean
+    # per process, so the two runs agree because the two samples' answers have as many tokens (5-digit pass keys)
+    "train_cmt": Recipe(CMT, [], "batch_size", 2, 1, results_option=False),
 }
 #: Parameters whose gradient is zero in exact arithmetic: an attention key bias adds the same ``q . b`` to every
 #: logit of a query, which the softmax cancels. Their float gradient is rounding noise, which AdamW's update
@@ -165,32 +187,36 @@ def _run(command: list[str], cwd: Path) -> None:
 
 
 def _record(folder: Path) -> tuple[dict, int, list[dict]]:
-    """``(distributed, tokens seen, history)`` of a run (``train_memory_model.py`` keeps them in results.json)."""
+    """``(distributed, tokens or samples seen, history)`` of a run (``train_memory_model.py`` and ``train_cmt.py``
+    keep them in results.json)."""
     if (folder / "training_metadata.json").is_file():
         meta = json.loads((folder / "training_metadata.json").read_text())
         return meta["distributed"], meta["tokens_seen"], meta["history"]
     results = json.loads((folder / "results.json").read_text())
+    if "training" in results["meta"]:  # train_cmt.py
+        training = results["meta"]["training"]
+        return training["distributed"], training["samples_seen"], training["history"]
     return results["meta"]["distributed"], results["meta"]["training_tokens"], results["history"]
 
 
 @pytest.mark.skipif(_fsdp2_on_gloo_available() is not None, reason=str(_fsdp2_on_gloo_available()))
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_under_fsdp2_with_two_processes_matches_one(tmp_path, recipe):
-    options, common, batch_option, one_batch, two_batch = RECIPES[recipe]
+    spec = RECIPES[recipe]
     script = ROOT / "recipes" / f"{recipe}.py"
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(options))
+    config.write_text(yaml.safe_dump(spec.config))
     one, two = tmp_path / "one", tmp_path / "two"
 
     # the same global batch: one process with all of it, or two with half each
     def options_for(folder: Path, batch: int) -> list[str]:
-        found = ["--config", str(config), *common, f"--{batch_option}", str(batch), "--output_dir", str(folder)]
-        # train_memory_model.py writes its results.json into output_dir; the others also to --results
-        return found if recipe == "train_memory_model" else [*found, "--results", str(folder / "r.json")]
+        found = ["--config", str(config), *spec.options, f"--{spec.batch_option}", str(batch), "--output_dir"]
+        found.append(str(folder))
+        return [*found, "--results", str(folder / "r.json")] if spec.results_option else found
 
-    _run([sys.executable, str(script), *options_for(one, one_batch)], ROOT)
+    _run([sys.executable, str(script), *options_for(one, spec.one)], ROOT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG)]
-    _run([*launch, "--num_processes", "2", "--main_process_port", "0", str(script), *options_for(two, two_batch)], ROOT)
+    _run([*launch, "--num_processes", "2", "--main_process_port", "0", str(script), *options_for(two, spec.two)], ROOT)
 
     (engine_one, seen_one, history_one), (engine_two, seen_two, history_two) = _record(one), _record(two)
     assert engine_one == {"type": "NO", "num_processes": 1}
