@@ -56,7 +56,7 @@ from hf_longmem.continual.state_io import load_tree, save_tree
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import KEY_WORDS
 from hf_longmem.evals.vocab import build_tokenizer
-from hf_longmem.training.distributed import WHOLE_MODEL_RECIPE, build_accelerator, refuse_sharded
+from hf_longmem.training.distributed import build_accelerator, unsharded_model
 
 
 @dataclass
@@ -425,12 +425,18 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(
-    model: Any, optimizer: Any, output_dir: Path, state: dict[str, Any], keep: int, tokenizer: Any = None
+    model: Any,
+    optimizer_state: dict[str, Any],
+    output_dir: Path,
+    state: dict[str, Any],
+    keep: int,
+    tokenizer: Any = None,
 ) -> Path:
     """Write a resumable checkpoint ``output_dir/checkpoints/step-<step>`` and prune all but the last ``keep``.
 
-    Holds ``model.safetensors`` (the weights), ``optimizer.json`` + ``optimizer.safetensors`` (the optimizer's
-    ``state_dict``, :func:`hf_longmem.continual.state_io.save_tree`: nothing pickled) and ``trainer_state.json``
+    Holds ``model.safetensors`` (the weights of the whole ``model``), ``optimizer.json`` + ``optimizer.safetensors``
+    (``optimizer_state``: the optimizer's full state keyed by parameter name, :func:`optimizer_state`;
+    :func:`hf_longmem.continual.state_io.save_tree`: nothing pickled) and ``trainer_state.json``
     (``state``: step, tokens, elapsed time, config, log), plus the model's ``config.json`` and the ``tokenizer``'s
     files, so that the checkpoint also loads with ``AutoModelForCausalLM.from_pretrained`` (``recipes/eval_tiny.py
     --model <checkpoint>``, or ``init_from``). The folder is written under a temporary name and renamed, so a
@@ -445,7 +451,7 @@ def save_checkpoint(
         model.config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        save_tree(optimizer.state_dict(), staging, "optimizer")
+        save_tree(optimizer_state, staging, "optimizer")
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():  # the same step again (a resumed run that stops at once): replace it
             shutil.rmtree(final)
@@ -459,8 +465,41 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, config: TrainConfig, model: Any, optimizer: Any) -> dict[str, Any]:
-    """Load weights and optimizer state from a :func:`save_checkpoint` folder; returns its trainer state.
+def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The optimizer's whole state keyed by parameter name (``torch.distributed.checkpoint``'s full optimizer state
+    dict, on CPU): the same for a plain and an FSDP-sharded model (every process of a sharded run must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load :func:`optimizer_state`'s dict into ``optimizer`` (after ``accelerator.prepare``: a sharded run keeps its
+    own shards of it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state, options=options)
+
+
+def by_parameter_name(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """An ``optimizer.state_dict()`` of a checkpoint written before optimizer states were keyed by name (its
+    parameters are numbered in ``model.parameters()`` order, the order the optimizer was built with) in the form of
+    :func:`optimizer_state`."""
+    names = [name for name, _ in model.named_parameters()]
+    numbered = [str(i).isdigit() for g in state["param_groups"] for i in g["params"]]
+    if not any(numbered):
+        return state
+    return {
+        "state": {names[int(k)]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def load_checkpoint(path: Path, config: TrainConfig, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the weights of a :func:`save_checkpoint` folder into ``model`` (before ``accelerator.prepare``); returns
+    its trainer state and its optimizer state (:func:`optimizer_state`'s form, for :func:`load_optimizer_state`).
 
     Raises:
         ValueError: the folder is not a checkpoint, or it was trained with other options than ``config`` (the
@@ -481,8 +520,7 @@ def load_checkpoint(path: Path, config: TrainConfig, model: Any, optimizer: Any)
             "fresh in another output_dir"
         )
     load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(load_tree(path, "optimizer"))
-    return state
+    return state, by_parameter_name(model, load_tree(path, "optimizer"))
 
 
 def copy_loss(model: Any, config: TrainConfig, tokenizer: Any, generator: torch.Generator, device) -> torch.Tensor:
@@ -624,7 +662,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(config.num_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers fork after the tokenizer was used
     accelerator = build_accelerator(mixed_precision=config.mixed_precision)
-    refuse_sharded(accelerator, "recipes/train_tiny.py", WHOLE_MODEL_RECIPE)
     set_seed(config.seed)
     tokenizer = build_tokenizer(extended=config.extended_vocabulary)
     model = build_model(config, tokenizer)
@@ -640,7 +677,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "with the old ones)"
         )
     resume_from = latest_checkpoint(output_dir) if config.resume == "auto" else Path(config.resume or ".")
-    resumed = load_checkpoint(resume_from, config, model, optimizer) if config.resume and resume_from else None
+    resumed, resumed_optimizer = (
+        load_checkpoint(resume_from, config, model) if config.resume and resume_from else (None, None)
+    )
     step = resumed["step"] if resumed else 0
     tokens_seen = resumed["tokens_seen"] if resumed else 0
     history: list[dict[str, Any]] = resumed["history"] if resumed else []
@@ -648,6 +687,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     recall_window: list[torch.Tensor] = []  # recall losses since the last log step (read back there only)
     progress = Progress(config, shared=config.num_workers > 0)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resumed_optimizer is not None:  # after prepare: a sharded run takes its own shards of it
+        load_optimizer_state(accelerator.unwrap_model(model), optimizer, resumed_optimizer)
+        del resumed_optimizer
+    processes = accelerator.num_processes
+
+    def anywhere(flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (clocks differ: every process must stop at the same step)."""
+        if processes == 1:
+            return flag
+        return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
+
+    def whole_model() -> Any:
+        """The model on the main process (``None`` elsewhere); every process calls it (FSDP gathers the shards)."""
+        return unsharded_model(accelerator, model)
+
     recent: dict[str, deque[bool]] = {name: deque(maxlen=200) for name in config.tasks}
     pending: list[tuple[list[str], torch.Tensor]] = []  # (tasks, exact) not yet read back (no per-step sync)
     pin = accelerator.device.type == "cuda"
@@ -703,8 +757,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tokens_seen += int(batch["input_ids"].numel())
         pending.append((tasks, exact))
         bar.update(1)
-        out_of_time = bool(config.max_time_s) and progress.elapsed() >= config.max_time_s
-        end_of_session = bool(config.session_time_s) and time.time() - session_start >= config.session_time_s
+        out_of_time = anywhere(bool(config.max_time_s) and progress.elapsed() >= config.max_time_s)
+        end_of_session = anywhere(bool(config.session_time_s) and time.time() - session_start >= config.session_time_s)
         if step % config.log_every == 0 or step == config.max_steps or out_of_time or end_of_session:
             for names, flags in pending:
                 for name, ok in zip(names, flags.tolist()):
@@ -727,7 +781,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "answer_exact": {k: round(sum(v) / len(v), 3) for k, v in recent.items() if v},
             }
             if config.recall_advance_below and recall_window:
-                mean_recall = torch.stack(recall_window).mean().item()
+                # the mean over processes: every process advances at the same step
+                mean_recall = accelerator.reduce(torch.stack(recall_window).mean(), reduction="mean").item()
                 row["recall_gaps"] = list(recall_gaps(config, progress.value, recall_level))
                 if mean_recall < config.recall_advance_below and recall_level < recall_levels(config):
                     recall_level += 1
@@ -739,11 +794,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 tqdm.write(json.dumps(row), file=sys.stdout)
                 sys.stdout.flush()
         checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
-        if (checkpoint_due or (end_of_session and not out_of_time)) and accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(unwrapped, optimizer, output_dir, trainer_state(), config.keep_checkpoints, tokenizer)
-        if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
-            save(accelerator.unwrap_model(model), tokenizer, output_dir, {"step": step, "partial": True})
+        if checkpoint_due or (end_of_session and not out_of_time):
+            states = optimizer_state(accelerator.unwrap_model(model), optimizer)  # every process
+            whole = whole_model()
+            if accelerator.is_main_process:
+                save_checkpoint(whole, states, output_dir, trainer_state(), config.keep_checkpoints, tokenizer)
+            del states, whole
+            accelerator.wait_for_everyone()
+        if config.save_every and step % config.save_every == 0:
+            whole = whole_model()
+            if accelerator.is_main_process:
+                save(whole, tokenizer, output_dir, {"step": step, "partial": True})
+            del whole
         if out_of_time:
             stopped_by = "max_time_s"
             break
@@ -758,7 +820,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "config": asdict(config),
         "steps": step,
         "stopped_by": stopped_by,
-        "tokens_seen": tokens_seen * accelerator.num_processes,
+        "tokens_seen": tokens_seen * processes,
+        "distributed": {"type": accelerator.distributed_type.value, "num_processes": processes},
         "wall_time_s": round(progress.elapsed(), 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "command": " ".join(sys.argv),
@@ -766,9 +829,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "history": history,
     }
-    accelerator.wait_for_everyone()
+    whole = whole_model()
     if accelerator.is_main_process:
-        save(accelerator.unwrap_model(model), tokenizer, output_dir, metadata)
+        save(whole, tokenizer, output_dir, metadata)
+    accelerator.wait_for_everyone()
     return metadata
 
 

@@ -292,13 +292,31 @@ def test_resume_refuses_a_checkpoint_of_other_training_options(tmp_path):
     model = train_tiny.build_model(config, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters())
     state = {"step": 5, "tokens_seen": 0, "elapsed_s": 1.0, "config": dataclasses.asdict(config), "history": []}
-    path = train_tiny.save_checkpoint(model, optimizer, tmp_path, state, keep=1)
+    path = train_tiny.save_checkpoint(model, train_tiny.optimizer_state(model, optimizer), tmp_path, state, keep=1)
     assert train_tiny.latest_checkpoint(tmp_path) == path
     config.num_workers, config.learning_rate = 3, 1.0  # a speed option may differ, a training option may not
     with pytest.raises(ValueError, match="learning_rate: checkpoint 0.002, config 1.0"):
-        train_tiny.load_checkpoint(path, config, model, optimizer)
+        train_tiny.load_checkpoint(path, config, model)
     with pytest.raises(ValueError, match="not a train_tiny checkpoint"):
-        train_tiny.load_checkpoint(tmp_path, config, model, optimizer)
+        train_tiny.load_checkpoint(tmp_path, config, model)
+
+
+def test_checkpoints_of_the_optimizer_state_by_number_still_resume(tmp_path):
+    """Checkpoints written before optimizer states were keyed by parameter name hold ``optimizer.state_dict()``
+    (parameters numbered in ``model.parameters()`` order): they load into the same moments."""
+    from hf_longmem.continual.state_io import load_tree, save_tree
+
+    train_tiny = _recipe()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    save_tree(optimizer.state_dict(), tmp_path, "optimizer")  # what save_checkpoint wrote before
+    model.zero_grad(set_to_none=True)  # as in a resumed run: no gradients yet
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_tiny.load_optimizer_state(model, fresh, train_tiny.by_parameter_name(model, load_tree(tmp_path, "optimizer")))
+    for want, got in zip(optimizer.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
+        assert all(torch.equal(want[k], got[k]) for k in ("exp_avg", "exp_avg_sq"))
 
 
 class _Oracle(torch.nn.Module):

@@ -28,7 +28,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 __all__ = [
-    "WHOLE_MODEL_RECIPE",
     "build_accelerator",
     "full_state_dict",
     "full_tensor",
@@ -41,12 +40,6 @@ __all__ = [
 
 
 T = TypeVar("T")
-
-#: why a recipe that saves and evaluates the whole model on the main process refuses FSDP (see ``refuse_sharded``)
-WHOLE_MODEL_RECIPE = (
-    "it saves and evaluates the whole model on the main process (recipes/train_longgen.py shows the FSDP port: "
-    "shared global batch, unsharded_model before saving)"
-)
 
 
 def _env_flag(name: str) -> bool:

@@ -2,9 +2,9 @@
 optimizer state sharded) reach the losses and weights of one process on the same global batch (the fine-tune of every
 weight in ``recipes/train_longgen.py``; a frozen backbone with LongMem's SideNet, HCAM's branches, HMT's memory and
 LoRA adapters in ``train_longmem.py``, ``train_hcam.py``, ``train_hmt.py``; Titans trained from scratch in
-``train_memory_model.py``; CMT's compressor in ``train_cmt.py``); the continual recipes under FSDP give DDP's run
-and resume from sharded checkpoints; the continual trainer refuses sharded engines naming the strategies that read whole
-parameters.
+``train_memory_model.py``; CMT's compressor in ``train_cmt.py``); ``train_tiny.py`` and the continual recipes, whose
+processes draw their own data, give DDP's run under FSDP and resume from a sharded run's checkpoints; the continual
+trainer refuses sharded engines naming the strategies that read whole parameters.
 
 Tolerance (float32, eps = 1.19e-7): the two runs differ only in summation order (two half-batch gradients
 reduce-scattered over gloo vs one whole-batch gradient), a relative error of a few eps per gradient entry. AdamW maps
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -327,3 +328,47 @@ def test_continual_lora_run_refuses_fsdp_before_training(fsdp_state, tmp_path):
     with pytest.raises(ValueError, match="LoRA.*FSDP.*ddp.yaml"):
         run(config, loss_on="answer", accelerator=fsdp_state)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(_fsdp2_on_gloo_available() is not None, reason=str(_fsdp2_on_gloo_available()))
+def test_train_tiny_under_fsdp2_equals_ddp_and_resumes_from_its_checkpoint(tmp_path):
+    """``recipes/train_tiny.py`` draws each process's batches from its own seeds, so two FSDP processes train what two
+    DDP processes train (both average the gradients): the same final weights. A sharded run's checkpoint holds the
+    whole weights and the optimizer's whole state by parameter name; resumed from step 2 of 4, the run ends with
+    the weights of the uninterrupted sharded run."""
+    config = yaml.safe_load((ROOT / "recipes" / "configs" / "train_tiny.yaml").read_text())
+    config["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config.update(
+        tokens_per_batch=256,
+        curriculum=[{"until": 1.0, "min_length": 64, "max_length": 96}],
+        max_steps=4,
+        num_threads=1,
+        save_every=0,
+        log_every=1,
+    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def launch(engine: str, folder: Path, *extra: str) -> None:
+        config_file = str(ROOT / "recipes" / "configs" / "accelerate" / f"{engine}.yaml")
+        _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--num_processes",
+              "2", "--main_process_port", "0", str(ROOT / "recipes" / "train_tiny.py"), "--config", str(path),
+              "--output_dir", str(folder), *extra], ROOT)  # fmt: skip
+
+    launch("ddp", tmp_path / "ddp")
+    launch("fsdp2", tmp_path / "fsdp", "--checkpoint_every", "2")
+    whole = load_file(tmp_path / "fsdp" / "model.safetensors")
+    meta = json.loads((tmp_path / "fsdp" / "training_metadata.json").read_text())
+    assert meta["distributed"] == {"type": "FSDP", "num_processes": 2} and meta["steps"] == 4
+    ddp = load_file(tmp_path / "ddp" / "model.safetensors")
+    assert sorted(ddp) == sorted(whole)
+    for name, tensor in ddp.items():
+        torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-5, msg=name)
+    checkpoints = tmp_path / "fsdp" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000002", "step-000000004"]
+    shutil.rmtree(checkpoints / "step-000000004")  # as if the run had been stopped after step 2
+    (tmp_path / "fsdp" / "model.safetensors").unlink()
+    launch("fsdp2", tmp_path / "fsdp", "--checkpoint_every", "2", "--resume", "auto")
+    resumed = load_file(tmp_path / "fsdp" / "model.safetensors")
+    for name, tensor in whole.items():  # the same arithmetic in the same order
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
