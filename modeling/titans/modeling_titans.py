@@ -163,16 +163,12 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Give ``generate`` our own cache (memory state + bounded KV) unless the user passed one."""
-        if model_kwargs.get("cache") is not None:
-            if not isinstance(model_kwargs["cache"], TitansCache):
-                raise ValueError(f"cache must be a TitansCache, got {type(model_kwargs['cache']).__name__}")
-            model_kwargs["cache"]._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["cache"] = TitansCache(self.config)
+    #: ``generate`` builds our own cache (memory state + bounded KV) unless the user passed one (MemoryModelMixin)
+    memory_cache_class = TitansCache
+
+    def make_cache(self) -> TitansCache:
+        """A fresh, empty :class:`TitansCache` for this model."""
+        return TitansCache(self.config)
 
     @can_return_tuple
     def forward(
