@@ -57,23 +57,16 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from hf_longmem.memory.attention_features import AttentionFeatures
 from hf_longmem.memory.merging import _EPS as MERGE_EPS
 from hf_longmem.memory.merging import cosine_best_match, weighted_merge_into
 from hf_longmem.memory.padding import PAD_POSITION, tensor_version
-from hf_longmem.memory.scoring import (
-    QUERY_CHUNK,
-    allowed_mask,
-    attention_probs,
-    causal_head_column_sums,
-    column_scores,
-)
+from hf_longmem.memory.scoring import QUERY_CHUNK, allowed_mask, attention_probs, causal_head_column_sums
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_choice, check_int, check_ratio, check_real
 
 from .base import LongMemCache, gather_slots, keep_plan
 from .h2o import H2OLayer
-from .scored import ScoredLayer, feature_column_scores
+from .scored import ScoredLayer, static_step_column_scores
 from .static import StaticSlots, append_static_options, check_static_layers, lowest_priority_slot
 
 #: The least positive float32 (a subnormal): ``s > 0`` iff ``s >= SMALLEST_POSITIVE``.
@@ -623,15 +616,8 @@ class StaticD2OLayer(StaticSlots, D2OLayer):
             self.scores.scatter_(2, slot, 0.0)
 
     def after_attention(self, query, key, valid, call) -> None:
-        if not self._evicting:
-            return
-        module, scaling, dropout, kwargs = call
-        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
-        if features.softcap is not None or features.sinks is not None:
-            received = feature_column_scores(query, key, valid, features)
-        else:
-            received = column_scores(query, key, valid, features.scaling)
-        self.scores.add_(received)
+        if self._evicting:
+            self.scores.add_(static_step_column_scores(query, key, valid, call))
 
     def thaw(self) -> None:
         # the eviction the dynamic layer made after the previous step merges first (StaticSlots.thaw drops the slot)

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from hf_longmem.memory.attention_features import AttentionFeatures
-from hf_longmem.memory.scoring import column_scores
 from hf_longmem.registry import register_cache
 from hf_longmem.validation import check_choice, check_int, check_ratio
 
 from .base import LongMemCache, SlidingWindowScoring
-from .scored import ScoredLayer, feature_column_scores
+from .scored import ScoredLayer, static_step_column_scores
 from .static import StaticSlots, check_static_layers
 
 
@@ -109,13 +107,7 @@ class StaticH2OLayer(StaticSlots, H2OLayer):
         self.scores.scatter_(2, slot, 0.0)
 
     def after_attention(self, query, key, valid, call) -> None:
-        module, scaling, dropout, kwargs = call
-        features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
-        if features.softcap is not None or features.sinks is not None:
-            received = feature_column_scores(query, key, valid, features)
-        else:
-            received = column_scores(query, key, valid, features.scaling)
-        self.scores.add_(received)
+        self.scores.add_(static_step_column_scores(query, key, valid, call))
 
 
 class H2OCache(LongMemCache):

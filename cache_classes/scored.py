@@ -74,6 +74,27 @@ def feature_column_scores(
     return total
 
 
+def static_step_column_scores(
+    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, call: tuple
+) -> torch.Tensor:
+    """The attention each slot receives from a static decoding step (the arguments of
+    :meth:`~hf_longmem.cache_classes.static.StaticSlots.after_attention`), with the model's scaling, softcap and sinks.
+
+    Args:
+        query: ``[batch, q_heads, 1, head_dim]``; keys: ``[batch, kv_heads, capacity, head_dim]``.
+        valid: ``[batch, 1, 1, capacity]`` bool, the slots attended.
+        call: ``(module, scaling, dropout, kwargs)`` of the attention call.
+
+    Returns:
+        ``[batch, kv_heads, capacity]`` float32.
+    """
+    module, scaling, dropout, kwargs = call
+    features = AttentionFeatures.of_call(module, query, scaling, dropout, kwargs)
+    if features.softcap is not None or features.sinks is not None:
+        return feature_column_scores(query, keys, valid, features)
+    return column_scores(query, keys, valid, features.scaling)
+
+
 class ScoredLayer(CompressedLayer):
     """Base of the attention-scored layers: defers compression to :meth:`attend`."""
 

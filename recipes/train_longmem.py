@@ -44,6 +44,7 @@ from hf_longmem.evals.tasks import generate_task
 from hf_longmem.modeling.longmem import LongMemForCausalLM
 from hf_longmem.training import next_token_cross_entropy
 from hf_longmem.training.distributed import (
+    any_process,
     build_accelerator,
     full_tensor,
     global_share,
@@ -236,10 +237,8 @@ def train_wrapper(
             recent[sample.task].append(ok)
         progress.update(1)
         elapsed, cpu = time.time() - start, time.process_time() - cpu_start
-        out_of_time = cpu > 60 * config.max_cpu_minutes
-        if processes > 1:  # every process stops at the same step (any one out of CPU time stops them all)
-            flag = torch.tensor(float(out_of_time), device=accelerator.device)
-            out_of_time = bool(accelerator.reduce(flag, reduction="sum") > 0)
+        # every process stops at the same step (any one out of CPU time stops them all)
+        out_of_time = any_process(cpu > 60 * config.max_cpu_minutes, accelerator)
         if step % config.log_every == 0 or step == config.max_steps or out_of_time:
             row = {
                 "step": step,

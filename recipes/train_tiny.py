@@ -56,7 +56,7 @@ from hf_longmem.continual.state_io import load_tree, save_tree
 from hf_longmem.evals.mixture import TaskMixture, collate
 from hf_longmem.evals.tasks import KEY_WORDS
 from hf_longmem.evals.vocab import build_tokenizer
-from hf_longmem.training.distributed import build_accelerator, unsharded_model
+from hf_longmem.training.distributed import any_process, build_accelerator, unsharded_model
 
 
 @dataclass
@@ -692,12 +692,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         del resumed_optimizer
     processes = accelerator.num_processes
 
-    def anywhere(flag: bool) -> bool:
-        """Whether ``flag`` holds on any process (clocks differ: every process must stop at the same step)."""
-        if processes == 1:
-            return flag
-        return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
-
     def whole_model() -> Any:
         """The model on the main process (``None`` elsewhere); every process calls it (FSDP gathers the shards)."""
         return unsharded_model(accelerator, model)
@@ -757,8 +751,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tokens_seen += int(batch["input_ids"].numel())
         pending.append((tasks, exact))
         bar.update(1)
-        out_of_time = anywhere(bool(config.max_time_s) and progress.elapsed() >= config.max_time_s)
-        end_of_session = anywhere(bool(config.session_time_s) and time.time() - session_start >= config.session_time_s)
+        # clocks differ between processes: any one out of time stops them all at this step
+        out_of_time = any_process(bool(config.max_time_s) and progress.elapsed() >= config.max_time_s, accelerator)
+        session_over = bool(config.session_time_s) and time.time() - session_start >= config.session_time_s
+        end_of_session = any_process(session_over, accelerator)
         if step % config.log_every == 0 or step == config.max_steps or out_of_time or end_of_session:
             for names, flags in pending:
                 for name, ok in zip(names, flags.tolist()):

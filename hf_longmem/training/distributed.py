@@ -28,6 +28,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 __all__ = [
+    "any_process",
     "build_accelerator",
     "full_state_dict",
     "full_tensor",
@@ -128,6 +129,15 @@ def global_weight_total(total: torch.Tensor, accelerator: Accelerator) -> torch.
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total.detach(), reduction="sum") / accelerator.num_processes
     return total
+
+
+def any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """Whether ``flag`` holds on any process: a decision every process must take alike, e.g. stopping on a clock
+    (each process reads its own). Every process must call it."""
+    if accelerator.num_processes == 1:
+        return flag
+    votes = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(votes, reduction="sum") > 0)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from hf_longmem.training.distributed import build_accelerator, is_sharded
-from tests.continual.util import make_trainer
+from tests.continual.util import TINY_MODEL, make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDP2_CONFIG = ROOT / "recipes" / "configs" / "accelerate" / "fsdp2.yaml"
@@ -260,16 +260,7 @@ def test_continual_trainer_refuses_fsdp_naming_strategy(fsdp_state, strategy):
 
 CONTINUAL = {
     "num_threads": 1,
-    "model": {
-        "config": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-        }
-    },
+    "model": {"config": TINY_MODEL},
     "tasks": {"num_tasks": 3, "facts_per_task": 5, "num_digits": 2},
     "train": {"steps_per_task": 2, "batch_size": 2, "learning_rate": 1.0e-2, "eval_every": 1, "checkpoint_every": 3},
     "strategies": [{"name": "replay", "ratio": 0.25, "source": "reservoir", "buffer_size": 6}],
