@@ -363,3 +363,16 @@ def test_train_tiny_under_fsdp2_equals_ddp_and_resumes_from_its_checkpoint(tmp_p
     resumed = load_file(tmp_path / "fsdp" / "model.safetensors")
     for name, tensor in whole.items():  # the same arithmetic in the same order
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_global_share_splits_a_global_batch_contiguously_and_refuses_uneven_ones():
+    from types import SimpleNamespace
+
+    from hf_longmem.training.distributed import any_process, global_share
+
+    shares = [global_share(list(range(6)), SimpleNamespace(num_processes=3, process_index=i)) for i in range(3)]
+    assert shares == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="7 samples does not split over 3 processes"):
+        global_share(list(range(7)), SimpleNamespace(num_processes=3, process_index=0))
+    alone = SimpleNamespace(num_processes=1)
+    assert any_process(True, alone) is True and any_process(False, alone) is False
