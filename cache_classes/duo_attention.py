@@ -444,7 +444,6 @@ class DuoAttentionLayer(CompressedLayer):
         real_before = self.real_seen
         new_positions, new_pads, self.real_seen = advance_seen(position_ids, real_before, num_new, batch)
         self.cumulative_length += num_new
-        new_positions = slot_positions(new_positions, 1)  # [b, 1, q] int32, once per step for every layer
         retrieval_states, streaming_states = self._split_heads(key_states, value_states)
         if self.keys is not None:  # retrieval heads never drop a token: append into spare capacity (base class)
             keys, values = retrieval_states
@@ -458,7 +457,8 @@ class DuoAttentionLayer(CompressedLayer):
                 self._tail_count += 1
             else:
                 known = self._no_pads  # retrieval heads never drop a slot: appending real tokens keeps what is known
-                self.positions = self.append_slots("positions", new_positions)
+                # [b, 1, q] int32, converted once per step for every layer (a lazy decoding step needs none)
+                self.positions = self.append_slots("positions", slot_positions(new_positions, 1))
                 self._no_pads = False if new_pads else known
         if self.streaming_keys is not None:
             keys, values = streaming_states
@@ -468,7 +468,9 @@ class DuoAttentionLayer(CompressedLayer):
                 self._unroll_ring()
                 self.streaming_keys = torch.cat((self.streaming_keys, keys), dim=-2)
                 self.streaming_values = torch.cat((self.streaming_values, values), dim=-2)
-                self.streaming_positions = torch.cat((self.streaming_positions, new_positions), dim=-1)
+                self.streaming_positions = torch.cat(
+                    (self.streaming_positions, slot_positions(new_positions, 1)), dim=-1
+                )
                 self._streaming_padded |= new_pads
         self._pending = True
         attn_kwargs[LAYER_KWARG] = self

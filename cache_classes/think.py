@@ -86,6 +86,7 @@ class ThinKLayer(CompressedLayer):
         self._packed_has_pads: bool | None = None
         # (channel_index, its version, q_heads, q, gather index): the query-channel index, built once per pruning
         self._channel_gather: tuple | None = None
+        self._flat_views: dict[str, tuple] = {}  # name -> (packed tensor, its version, dtype, flat view)
 
     @property
     def is_pruned(self) -> bool:
@@ -102,6 +103,7 @@ class ThinKLayer(CompressedLayer):
         self._new_real = None
         self._packed_has_pads = None
         self._channel_gather = None
+        self._flat_views = {}
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, key_states, value_states, *args, **kwargs):
@@ -115,19 +117,27 @@ class ThinKLayer(CompressedLayer):
         holder = self.base if (self.base is not None and not self.is_pruned) else None
         if holder is not None:
             keys, values = holder.update(key_states, value_states, *args, **kwargs)
-            positions = holder.positions
         else:
             keys, values = super().update(key_states, value_states, *args, **kwargs)
-            positions = self.positions
-        # [b, q]: which new tokens are real, for the pruning of a prefill (a decoded token prunes nothing)
+        # [b, q]: which new tokens are real, for the pruning of a prefill (a decoded token prunes nothing, and its
+        # position stays lazy: see appends_only)
         num_new = key_states.shape[-2]
-        self._new_real = None if num_new == 1 else positions[:, 0, -num_new:] != PAD_POSITION
+        if num_new == 1:
+            self._new_real = None
+        else:
+            positions = (self if holder is None else holder).positions
+            self._new_real = positions[:, 0, -num_new:] != PAD_POSITION
         attn_kwargs[LAYER_KWARG] = self  # take the attention call (the base layer gets it from us)
         self._pending = True
         return keys, values
 
     def target_length(self, num_tokens: int) -> int:
         return num_tokens  # ThinK drops channels, not tokens; the base layer drops tokens
+
+    def appends_only(self) -> bool:
+        # once pruned, a step appends full-width keys to the tail and nothing else: decoded positions are kept
+        # lazily (the base class's tail), not concatenated at every step
+        return self.is_pruned
 
     # ------------------------------------------------------------------------------------------------ attend
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -216,49 +226,67 @@ class ThinKLayer(CompressedLayer):
         kv_heads = self.keys.shape[1]
         group = q_heads // kv_heads
         rows = group * num_q  # a KV head's query group folded into the query axis: plain batched matmuls
+        flat = batch * kv_heads  # logits and probabilities are [b * Hkv, rows, n]; [b, Hkv, rows, n] views mask them
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # promote_types(dtype, float32)
-        scaling = features.scaling
-        q_full = query.reshape(batch, kv_heads, rows, head_dim).to(dtype)
-        q_packed = self._query_channels(query).reshape(batch, kv_heads, rows, -1).to(dtype)
-        logits_packed = features.cap(_batched_logits(q_packed, self.pruned_keys.to(dtype)) * scaling)
-        logits_tail = features.cap(_batched_logits(q_full, self.keys.to(dtype)) * scaling)  # [b, h, rows, R]
+        q_full = (query.to(dtype) * features.scaling).reshape(flat, rows, head_dim)  # scaled once for both key sets
+        q_packed = self._query_channels(q_full)  # [b * Hkv, rows, d_keep]
+        logits_packed = features.cap(torch.bmm(q_packed, self._flat_packed("keys", self.pruned_keys, dtype)))
+        tail_keys = self.keys.to(dtype).reshape(flat, -1, head_dim).transpose(1, 2)
+        logits_tail = features.cap(torch.bmm(q_full, tail_keys))  # [b * Hkv, rows, R]
+        masks = []  # (logits, allowed [b, Hkv or 1, rows, n]): the rare masked steps work on 4-D views
         if self._packed_pads():
-            packed_real = (self.pruned_positions != PAD_POSITION)[:, :, None, :]  # older than every query
-            logits_packed = logits_packed.masked_fill(~packed_real, float("-inf"))
+            masks.append((0, (self.pruned_positions != PAD_POSITION)[:, :, None, :]))  # older than every query
         tail_allowed = self.tail_mask(num_q)  # [b, 1, q, R] -> one row per (group head, query)
         if tail_allowed is not None:
-            tail_allowed = tail_allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, -1)
-            logits_tail = logits_tail.masked_fill(~tail_allowed, float("-inf"))
+            masks.append((1, tail_allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, 1, rows, -1)))
         if features.sliding_window is not None:  # by true positions, per KV head: [b, h, q, n] -> [b, h, rows, n]
             query_positions = self.positions[:, :, -num_q:]
-
-            def in_window(key_positions: torch.Tensor) -> torch.Tensor:
+            for which, key_positions in ((0, self.pruned_positions), (1, self.positions)):
                 allowed = features.window_allows(query_positions, key_positions)
-                return allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, rows, -1)
-
-            logits_packed = logits_packed.masked_fill(~in_window(self.pruned_positions), float("-inf"))
-            logits_tail = logits_tail.masked_fill(~in_window(self.positions), float("-inf"))
-        sink_rows = None if features.sinks is None else features.sink_logits(kv_heads, num_q, dtype)
-        probs = features.softmax(torch.cat((logits_packed, logits_tail), dim=-1), sink_rows)
+                masks.append(
+                    (which, allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, rows, -1))
+                )
+        logits = [logits_packed, logits_tail]
+        for which, allowed in masks:
+            grouped = logits[which].view(batch, kv_heads, rows, -1)
+            logits[which] = grouped.masked_fill(~allowed, float("-inf")).view(flat, rows, -1)
+        sink_rows = None
+        if features.sinks is not None:  # [1, Hkv, rows, 1] -> [b * Hkv, rows, 1]
+            sink_rows = features.sink_logits(kv_heads, num_q, dtype).expand(batch, -1, -1, -1).reshape(flat, rows, 1)
+        probs = features.softmax(torch.cat(logits, dim=-1), sink_rows)
         split = self.pruned_keys.shape[-2]
-        out = _batched_mix(probs[..., :split], self.pruned_values.to(dtype)) + _batched_mix(
-            probs[..., split:], self.values.to(dtype)
-        )
-        return out.reshape(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+        out = torch.bmm(probs[..., :split], self._flat_packed("values", self.pruned_values, dtype))
+        out = torch.baddbmm(out, probs[..., split:], self.values.to(dtype).reshape(flat, -1, self.values.shape[-1]))
+        return out.view(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+
+    def _flat_packed(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The packed prompt's keys as ``[b * Hkv, d_keep, P]`` (transposed for the logits) or values as
+        ``[b * Hkv, P, dv]``, in ``dtype``; the views are kept while the packed tensor is the same (it never changes
+        in place), so a decoding step makes none."""
+        memo = self._flat_views.get(name)
+        compiling = torch.compiler.is_compiling()
+        if memo is not None and not compiling and memo[0] is tensor and memo[1:3] == (tensor_version(tensor), dtype):
+            return memo[3]
+        converted = tensor.to(dtype)
+        flat = converted.reshape(-1, *converted.shape[2:])
+        view = flat.transpose(1, 2) if name == "keys" else flat
+        if converted is tensor and not compiling:  # a converted copy is not kept (memory)
+            self._flat_views[name] = (tensor, tensor_version(tensor), dtype, view)
+        return view
 
     def _query_channels(self, query: torch.Tensor) -> torch.Tensor:
-        """``gather_query_channels(query, channel_index)``: ``[b, Hq, q, d]`` -> ``[b, Hkv, group, q, d_keep]``,
-        with the expanded int64 gather index built once per channel choice and query shape, not at every step."""
-        batch, q_heads, num_q, head_dim = query.shape
-        index, kv_heads = self.channel_index, self.channel_index.shape[1]
-        grouped = query.view(batch, kv_heads, q_heads // kv_heads, num_q, head_dim)
+        """The kept key channels of flat queries: ``[b * Hkv, rows, d]`` -> ``[b * Hkv, rows, d_keep]`` (what
+        ``gather_query_channels`` gives, flattened), with the expanded int64 gather index built once per channel
+        choice and query shape, not at every step."""
+        flat, rows, _ = query.shape
+        index = self.channel_index
         if torch.compiler.is_compiling():  # a traced graph builds it once anyway; no tensor kept across calls
-            return grouped.gather(-1, index.long()[:, :, None, None, :].expand(-1, -1, grouped.shape[2], num_q, -1))
+            return query.gather(-1, index.long().view(flat, 1, -1).expand(-1, rows, -1))
         memo = self._channel_gather
-        if memo is None or memo[0] is not index or memo[1:4] != (tensor_version(index), q_heads, num_q):
-            expanded = index.long()[:, :, None, None, :].expand(-1, -1, grouped.shape[2], num_q, -1)
-            memo = self._channel_gather = (index, tensor_version(index), q_heads, num_q, expanded)
-        return grouped.gather(-1, memo[4])
+        if memo is None or memo[0] is not index or memo[1:3] != (tensor_version(index), rows):
+            expanded = index.long().view(flat, 1, -1).expand(-1, rows, -1)
+            memo = self._channel_gather = (index, tensor_version(index), rows, expanded)
+        return query.gather(-1, memo[3])
 
     def tail_mask(self, num_q: int) -> torch.Tensor | None:
         """``[batch, 1, q, R]`` bool mask of the full-width tail for ``num_q`` queries (``None``: all visible)."""
@@ -453,21 +481,6 @@ def _base_layer_factory(base, budget, window_size, config):
         layers = list(base.layers)
         return lambda layer_idx: layers[layer_idx]
     return lambda layer_idx: base.layer_class_to_replicate()
-
-
-def _batched_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``query @ keys.transpose(-1, -2)`` for ``[b, h, rows, d]`` and ``[b, h, n, d]`` -> ``[b, h, rows, n]``: the
-    ``bmm`` that ``matmul`` runs on the same (reshaped) operands, without its broadcasting ops (issue 20)."""
-    batch, heads, rows, _ = query.shape
-    flat_query = query.reshape(batch * heads, rows, -1)
-    flat_keys = keys.reshape(batch * heads, keys.shape[-2], -1)
-    return torch.bmm(flat_query, flat_keys.transpose(1, 2)).view(batch, heads, rows, -1)
-
-
-def _batched_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``probs @ values`` for ``[b, h, rows, n]`` and ``[b, h, n, d]`` -> ``[b * h, rows, d]`` (one ``bmm``)."""
-    batch, heads, rows, n = probs.shape
-    return torch.bmm(probs.reshape(batch * heads, rows, n), values.reshape(batch * heads, n, -1))
 
 
 # The method registers itself where it is defined (make_cache, the CLI, the bench and the tests enumerate the registry).

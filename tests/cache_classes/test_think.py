@@ -178,10 +178,16 @@ def test_query_channel_index_memo_follows_the_channel_choice():
     layer = cache.layers[0]
     assert not torch.equal(layer.channel_index[0], layer.channel_index[1])
     query = torch.randn(2, model.config.num_attention_heads, 1, layer.keys.shape[-1])
+    kv_heads = layer.keys.shape[1]
+    flat = query.view(2 * kv_heads, -1, query.shape[-1])  # [b * Hkv, group * q, d], as the decode path folds it
+
+    def reference() -> torch.Tensor:
+        return gather_query_channels(query, layer.channel_index).reshape(2 * kv_heads, flat.shape[1], -1)
+
     for _ in range(2):  # the first call may build the memo, the second uses it
-        assert torch.equal(layer._query_channels(query), gather_query_channels(query, layer.channel_index))
+        assert torch.equal(layer._query_channels(flat), reference())
     cache.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(layer._query_channels(query), gather_query_channels(query, layer.channel_index))
+    assert torch.equal(layer._query_channels(flat), reference())
 
 
 @pytest.mark.parametrize(
