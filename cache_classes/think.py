@@ -86,7 +86,8 @@ class ThinKLayer(CompressedLayer):
         self._packed_has_pads: bool | None = None
         # (channel_index, its version, q_heads, q, gather index): the query-channel index, built once per pruning
         self._channel_gather: tuple | None = None
-        self._flat_views: dict[str, tuple] = {}  # name -> (packed tensor, its version, dtype, flat view)
+        # name -> (packed tensor, its version, dtype, flat view); "zero" -> the logits' 0-d zero
+        self._flat_views: dict = {}
 
     @property
     def is_pruned(self) -> bool:
@@ -228,11 +229,15 @@ class ThinKLayer(CompressedLayer):
         rows = group * num_q  # a KV head's query group folded into the query axis: plain batched matmuls
         flat = batch * kv_heads  # logits and probabilities are [b * Hkv, rows, n]; [b, Hkv, rows, n] views mask them
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # promote_types(dtype, float32)
-        q_full = (query.to(dtype) * features.scaling).reshape(flat, rows, head_dim)  # scaled once for both key sets
+        q_full = query.to(dtype).reshape(flat, rows, head_dim)
         q_packed = self._query_channels(q_full)  # [b * Hkv, rows, d_keep]
-        logits_packed = features.cap(torch.bmm(q_packed, self._flat_packed("keys", self.pruned_keys, dtype)))
-        tail_keys = self.keys.to(dtype).reshape(flat, -1, head_dim).transpose(1, 2)
-        logits_tail = features.cap(torch.bmm(q_full, tail_keys))  # [b * Hkv, rows, R]
+        zero, scaling = self._zero(dtype, query.device), features.scaling  # logits scaled by baddbmm's alpha
+
+        def scaled_logits(queries: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+            return features.cap(torch.baddbmm(zero, queries, keys_t, beta=0, alpha=scaling))
+
+        logits_packed = scaled_logits(q_packed, self._flat_packed("keys", self.pruned_keys, dtype))
+        logits_tail = scaled_logits(q_full, self.keys.to(dtype).reshape(flat, -1, head_dim).transpose(1, 2))
         masks = []  # (logits, allowed [b, Hkv or 1, rows, n]): the rare masked steps work on 4-D views
         if self._packed_pads():
             masks.append((0, (self.pruned_positions != PAD_POSITION)[:, :, None, :]))  # older than every query
@@ -254,10 +259,19 @@ class ThinKLayer(CompressedLayer):
         if features.sinks is not None:  # [1, Hkv, rows, 1] -> [b * Hkv, rows, 1]
             sink_rows = features.sink_logits(kv_heads, num_q, dtype).expand(batch, -1, -1, -1).reshape(flat, rows, 1)
         probs = features.softmax(torch.cat(logits, dim=-1), sink_rows)
-        split = self.pruned_keys.shape[-2]
-        out = torch.bmm(probs[..., :split], self._flat_packed("values", self.pruned_values, dtype))
-        out = torch.baddbmm(out, probs[..., split:], self.values.to(dtype).reshape(flat, -1, self.values.shape[-1]))
+        probs_packed, probs_tail = probs.split((self.pruned_keys.shape[-2], self.keys.shape[-2]), dim=-1)
+        out = torch.bmm(probs_packed, self._flat_packed("values", self.pruned_values, dtype))
+        out = torch.baddbmm(out, probs_tail, self.values.to(dtype).reshape(flat, -1, self.values.shape[-1]))
         return out.view(batch, q_heads, num_q, -1).transpose(1, 2).to(query.dtype).contiguous()
+
+    def _zero(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 0-d zero, the ignored input of the logits' ``baddbmm`` (made once per dtype and device)."""
+        found = self._flat_views.get("zero")
+        if torch.compiler.is_compiling() or found is None or found.dtype != dtype or found.device != device:
+            found = torch.zeros((), dtype=dtype, device=device)
+            if not torch.compiler.is_compiling():
+                self._flat_views["zero"] = found
+        return found
 
     def _flat_packed(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The packed prompt's keys as ``[b * Hkv, d_keep, P]`` (transposed for the logits) or values as

@@ -31,7 +31,7 @@ PINNED_EXCESS = {
     "snapkv": 6,
     "pyramidkv": 6,
     "streaming": 10,
-    "think": 32,
+    "think": 28,
 }
 
 
