@@ -6,6 +6,14 @@ DynamicCache's time in the same round. The tiny Llama of ``decode_overhead.py`` 
 
     python benchmarks/prefill_overhead.py                                  # 4k, budget 1k, 5 rounds
     python benchmarks/prefill_overhead.py --contexts 4096 16384 --rounds 3 --out runs/prefill_overhead.json
+    python benchmarks/prefill_overhead.py --caches h2o d2o --floor   # also what exact column sums cost at least
+
+``--floor`` times two more things in the same rounds, at the model's attention shapes (every layer): the causal SDPA
+calls alone (``(sdpa alone)``: the attention's share of the prefill) and one pass of ``q.k`` products and ``exp``
+over the causal half, in the blocks of queries the library scores by, with no mask, sum or softmax
+(``(q.k + exp pass)``). Exact column sums of the attention probabilities (H2O, D2O) need each query's final
+log-sum-exp before any of its probabilities, so they take a second pass over the keys with at least these products
+and exponentials: ``1 + (q.k + exp pass)`` is a lower bound on the H2O / D2O ratio for an implementation in torch ops.
 """
 
 from __future__ import annotations
@@ -36,6 +44,42 @@ def prefill_seconds(name: str, model, prompt: torch.Tensor, budget: int) -> floa
     return time.perf_counter() - start
 
 
+def floor_timers(model, context: int):
+    """``{"(sdpa alone)": fn, "(q.k + exp pass)": fn}`` at ``model``'s attention shapes, every layer (see the
+    module docstring); random float32 inputs."""
+    from hf_longmem.memory.scoring import LSE_QUERY_BLOCK
+
+    config = model.config
+    layers, q_heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    head_dim, group = config.head_dim, q_heads // kv_heads
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, q_heads, context, head_dim, generator=generator)
+    keys, values = (torch.randn(1, kv_heads, context, head_dim, generator=generator) for _ in range(2))
+    scale = head_dim**-0.5
+
+    def sdpa() -> None:
+        for _ in range(layers):
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, True, scale=scale)
+
+    grouped = query.view(1, kv_heads, group, context, head_dim)
+    keys_t = keys.transpose(-1, -2)
+
+    def products_and_exp() -> None:
+        for _ in range(layers):
+            for start in range(0, context, LSE_QUERY_BLOCK):
+                stop = min(start + LSE_QUERY_BLOCK, context)
+                block = grouped[:, :, :, start:stop].reshape(1, kv_heads, group * (stop - start), head_dim)
+                torch.matmul(block, keys_t[..., :stop]).exp_()
+
+    return {"(sdpa alone)": sdpa, "(q.k + exp pass)": products_and_exp}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--caches", nargs="*", default=list(DEFAULT_CACHES))
@@ -44,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--floor", action="store_true", help="also time SDPA alone and one q.k + exp pass")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -54,11 +99,16 @@ def main(argv=None) -> int:
         names = ["dynamic", *args.caches]
         for name in names:  # warm-up (allocator, lazy imports)
             prefill_seconds(name, model, prompt[:, :512], min(args.budget, 256))
-        times = {name: [] for name in names}
+        extra = floor_timers(model, context) if args.floor else {}
+        for fn in extra.values():  # warm-up
+            fn()
+        times = {name: [] for name in [*names, *extra]}
         for _ in range(args.rounds):
             for name in names:
                 times[name].append(prefill_seconds(name, model, prompt, args.budget))
-        for name in names:
+            for name, fn in extra.items():
+                times[name].append(timed(fn))
+        for name in times:
             ratios = [t / base for t, base in zip(times[name], times["dynamic"])]
             rows.append(
                 {
