@@ -277,14 +277,16 @@ class ThinKLayer(CompressedLayer):
         """The packed prompt's keys as ``[b * Hkv, d_keep, P]`` (transposed for the logits) or values as
         ``[b * Hkv, P, dv]``, in ``dtype``; the views are kept while the packed tensor is the same (it never changes
         in place), so a decoding step makes none."""
+        # kept only for a tensor autograd does not track: a view made under no_grad would cut the graph later
+        keep = not torch.compiler.is_compiling() and not tensor.requires_grad
         memo = self._flat_views.get(name)
-        compiling = torch.compiler.is_compiling()
-        if memo is not None and not compiling and memo[0] is tensor and memo[1:3] == (tensor_version(tensor), dtype):
+        if keep and memo is not None and memo[0] is tensor and memo[1:3] == (tensor_version(tensor), dtype):
             return memo[3]
         converted = tensor.to(dtype)
-        flat = converted.reshape(-1, *converted.shape[2:])
+        batch, heads, length = converted.shape[:3]
+        flat = converted.reshape(batch * heads, length, converted.shape[-1])  # sizes given: the span may be empty
         view = flat.transpose(1, 2) if name == "keys" else flat
-        if converted is tensor and not compiling:  # a converted copy is not kept (memory)
+        if keep and converted is tensor:  # a converted copy is not kept (memory)
             self._flat_views[name] = (tensor, tensor_version(tensor), dtype, view)
         return view
 
@@ -316,6 +318,7 @@ class ThinKLayer(CompressedLayer):
     def _map_batch_state(self, fn) -> None:
         super()._map_batch_state(fn)
         self._packed_has_pads = None
+        self._flat_views = {}  # views of the replaced tensors: not kept alive
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def get_seq_length(self) -> int:

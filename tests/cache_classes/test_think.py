@@ -110,6 +110,38 @@ def test_prefill_step_is_exact_and_generated_keys_stay_full_width():
     assert cache.get_stored_length() == 19 and cache.get_seq_length() == 33
 
 
+def test_a_recent_window_holding_the_whole_prompt_leaves_nothing_packed_and_equals_the_base():
+    """``recent_size`` >= the kept prompt: nothing is packed (an empty span), every key stays full width, and the
+    decode equals the base cache (it used to fail reshaping the empty span at the first decoded token)."""
+    model = tiny_model("llama_gqa")
+    ids = random_ids(1, 30)
+    ref_seq, ref_logits = greedy(model, ids, make_cache("snapkv", model, budget=16, window_size=4), max_new_tokens=5)
+    cache = make_cache("think", model, base="snapkv", budget=16, window_size=4, recent_size=32)
+    seq, logits = greedy(model, ids, cache, max_new_tokens=5)
+    assert cache.layers[0].pruned_keys.shape[-2] == 0 and cache.layers[0].keys.shape[-2] == 16 + 4
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_view_kept_between_steps_does_not_cut_the_autograd_graph():
+    """The decode path keeps flat views of the packed prompt between steps, but not of a tensor autograd tracks: a
+    view made under ``no_grad`` and reused with gradients on would detach the packed keys and values."""
+    model = tiny_model("llama_gqa")
+    cache = make_cache("think", model, base="full", key_channel_ratio=0.4, window_size=4)
+    greedy(model, random_ids(1, 12), cache, max_new_tokens=2)
+    layer = cache.layers[0]
+    source_keys = layer.pruned_keys.clone().requires_grad_(True)
+    source_values = layer.pruned_values.clone().requires_grad_(True)
+    layer.pruned_keys, layer.pruned_values = source_keys * 1.0, source_values * 1.0
+    query = torch.randn(1, model.config.num_attention_heads, 1, layer.keys.shape[-1])
+    features = AttentionFeatures(scaling=0.25)
+    with torch.no_grad():
+        layer._attend_pruned(query, features)
+    layer._attend_pruned(query, features).sum().backward()
+    assert source_keys.grad is not None and source_values.grad is not None
+    assert source_keys.grad.abs().sum() > 0 and source_values.grad.abs().sum() > 0
+
+
 def test_key_bytes_at_ratio_0_4_are_at_most_62_percent_of_the_token_cache():
     model = tiny_model("llama_gqa", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
     ids = random_ids(1, 120)
