@@ -22,7 +22,7 @@ LAYERS, PROMPT, BUDGET, WARMUP, STEPS = 2, 160, 64, 3, 6
 PINNED_EXCESS = {
     "full": 0,
     "d2o": 137,
-    "duo_attention": 21,
+    "duo_attention": 15,
     "emllm": 205,
     "h2o": 53,
     "infllm": 145,

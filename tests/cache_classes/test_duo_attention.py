@@ -358,3 +358,26 @@ def test_decoding_ring_equals_append_and_truncate_across_a_later_chunk(monkeypat
     for ring_layer, plain_layer in zip(ring_cache.layers, plain_cache.layers):
         for ring_state, plain_state in zip(ring_layer.streaming_state(), plain_layer.streaming_state()):
             torch.testing.assert_close(ring_state, plain_state)
+
+
+@pytest.mark.parametrize("shape, layout", [("llama_gqa", None), ("llama_mha", "contiguous")])
+def test_decoding_through_sdpa_itself_gives_the_bits_of_the_models_attention_function(monkeypatch, shape, layout):
+    """With transformers' SDPA function and no mask, a decoding step makes that function's SDPA calls for both groups
+    itself (one transpose for both, fewer ops): the same tokens and logits, bit for bit, as calling the function once
+    per group. GQA (``enable_gqa``) and MHA."""
+    model = tiny_model(shape, "sdpa")
+    pattern = MIXED if layout is None else torch.tensor(MHA_PATTERNS[layout])
+    ids = random_ids(1, 24)
+    taken = []
+    plain = DuoAttentionLayer._plain_sdpa_decode
+
+    def spy(*args, **kwargs):
+        taken.append(plain(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(DuoAttentionLayer, "_plain_sdpa_decode", staticmethod(spy))
+    seq, logits = greedy(model, ids, duo(model, pattern, sink_size=3, recent_size=6))
+    assert any(taken) and not taken[0]  # decoding steps take it, the prefill does not
+    monkeypatch.setattr(DuoAttentionLayer, "_plain_sdpa_decode", staticmethod(lambda *args, **kwargs: False))
+    ref_seq, ref_logits = greedy(model, ids, duo(model, pattern, sink_size=3, recent_size=6))
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
