@@ -35,7 +35,9 @@ Deviations from the official code (mit-han-lab/duo-attention), on purpose:
 Model attention features: each group runs the model's own attention function (softcap, scaling, dropout as the
 model applies them); per-query-head state (GPT-OSS's ``module.sinks`` / ``s_aux``) is sliced to the group's query
 heads (:class:`~hf_longmem.memory.attention_features.HeadSubsetModule`), and a sliding window goes into the group's
-own mask.
+own mask. Where that function is transformers' ``sdpa_attention_forward`` and a decoding step needs no mask, the layer
+makes the function's ``scaled_dot_product_attention`` calls itself (the same arguments and output bits, one
+transpose for both groups: fewer ops per step).
 """
 
 from __future__ import annotations
