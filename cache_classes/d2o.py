@@ -214,15 +214,34 @@ def merge_one(
     # sim where it merges (sim >= tau and sim > 0, i.e. sim >= max(tau, the least positive float32)), else 0; keys
     # are finite, so is sim
     weight = sim * (sim >= tau.clamp(min=SMALLEST_POSITIVE).view(batch, 1, 1, 1))  # [b, h, 1, 1]
-    total = 1.0 + weight
-    index = match.view(batch, heads, 1, 1).expand(-1, -1, -1, head_dim)
-    merged = (kept_keys.gather(2, index).float() + evicted_keys.float() * weight) / total
-    kept_keys.scatter_(2, index, merged.to(kept_keys.dtype))
-    if kept_values.shape[-1] != head_dim:
-        index = match.view(batch, heads, 1, 1).expand(-1, -1, -1, kept_values.shape[-1])
-    merged = (kept_values.gather(2, index).float() + evicted_values.float() * weight) / total
-    kept_values.scatter_(2, index, merged.to(kept_values.dtype))
+    _merge_into_match(kept_keys, kept_values, evicted_keys, evicted_values, match.view(batch, heads, 1, 1), weight)
     return kept_keys, kept_values, tau
+
+
+def _merge_into_match(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    evicted_keys: torch.Tensor,
+    evicted_values: torch.Tensor,
+    match: torch.Tensor,
+    weight: torch.Tensor,
+) -> None:
+    """``x_c <- (x_c + w x_e) / (1 + w)`` in place at slot ``c = match`` of each (row, head), in float32.
+
+    Args:
+        keys, values: ``[batch, heads, S, d]``, modified in place.
+        evicted_keys, evicted_values: ``[batch, heads, 1, d]``.
+        match: ``[batch, heads, 1, 1]`` slot index; weight: ``[batch, heads, 1, 1]`` (``0`` leaves the slot as it is).
+    """
+    head_dim = keys.shape[-1]
+    total = 1.0 + weight
+    index = match.expand(-1, -1, -1, head_dim)
+    merged = (keys.gather(2, index).float() + evicted_keys.float() * weight) / total
+    keys.scatter_(2, index, merged.to(keys.dtype))
+    if values.shape[-1] != head_dim:
+        index = match.expand(-1, -1, -1, values.shape[-1])
+    merged = (values.gather(2, index).float() + evicted_values.float() * weight) / total
+    values.scatter_(2, index, merged.to(values.dtype))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -603,13 +622,7 @@ class StaticD2OLayer(StaticSlots, D2OLayer):
         self.tau.copy_(tau)
         merges = must & (sim >= tau.clamp(min=SMALLEST_POSITIVE).view(batch, 1, 1))
         weight = torch.where(merges, sim, torch.zeros_like(sim))[..., None]  # [b, h, 1, 1]
-        total = 1.0 + weight
-        index = match[..., None].expand(-1, -1, 1, head_dim)
-        merged = (keys.gather(2, index).float() + evicted_keys.float() * weight) / total
-        keys.scatter_(2, index, merged.to(keys.dtype))
-        index = match[..., None].expand(-1, -1, 1, values.shape[-1])
-        merged = (values.gather(2, index).float() + evicted_values.float() * weight) / total
-        values.scatter_(2, index, merged.to(values.dtype))
+        _merge_into_match(keys, values, evicted_keys, evicted_values, match[..., None], weight)
 
     def on_write(self, slot: torch.Tensor) -> None:
         if self._evicting:
